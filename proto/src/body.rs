@@ -1,0 +1,249 @@
+//! Message kinds and their bodies: the one place a body is judged valid or not.
+//!
+//! Every entry (REST, terminal `send`) calls [`validate`]; errors name the field path
+//! (`body.text`, `body.duration_ms`, …) so a business developer sees what to fix.
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest `text` body, in bytes.
+pub const TEXT_BYTES_MAX: usize = 16 * 1024;
+/// Longest `custom` body (its JSON encoding), in bytes.
+pub const CUSTOM_BYTES_MAX: usize = 32 * 1024;
+/// Longest url, name or mime string in a media body, in bytes.
+pub const MEDIA_STRING_BYTES_MAX: usize = 2048;
+
+/// The kind of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Text,
+    Image,
+    File,
+    Voice,
+    Custom,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Text => "text",
+            Kind::Image => "image",
+            Kind::File => "file",
+            Kind::Voice => "voice",
+            Kind::Custom => "custom",
+        }
+    }
+}
+
+/// Why a body is not valid, with the JSON path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct BodyError {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextBody {
+    text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImageBody {
+    url: String,
+    #[allow(dead_code)]
+    width: Option<u32>,
+    #[allow(dead_code)]
+    height: Option<u32>,
+    #[allow(dead_code)]
+    size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBody {
+    url: String,
+    name: String,
+    #[allow(dead_code)]
+    size: Option<u64>,
+    mime: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VoiceBody {
+    url: String,
+    #[allow(dead_code)]
+    duration_ms: u64,
+    #[allow(dead_code)]
+    size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomBody {
+    data: Value,
+}
+
+fn shape<'de, T: Deserialize<'de>>(prefix: &str, body: &'de Value) -> Result<T, BodyError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let inner = e.path().to_string();
+        let path = if inner == "." || inner.is_empty() {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}.{inner}")
+        };
+        BodyError {
+            path,
+            reason: e.into_inner().to_string(),
+        }
+    })
+}
+
+fn bounded(path: String, s: &str, max: usize) -> Result<(), BodyError> {
+    if s.len() > max {
+        return Err(BodyError {
+            path,
+            reason: format!("longer than {max} bytes"),
+        });
+    }
+    Ok(())
+}
+
+fn url(prefix: &str, s: &str) -> Result<(), BodyError> {
+    let path = format!("{prefix}.url");
+    bounded(path.clone(), s, MEDIA_STRING_BYTES_MAX)?;
+    if s.is_empty() {
+        return Err(BodyError {
+            path,
+            reason: "must not be empty".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Validates `body` for `kind`. `prefix` is the path of the body in its request (`body`,
+/// `messages[3].body`).
+pub fn validate(prefix: &str, kind: Kind, body: &Value) -> Result<(), BodyError> {
+    if !body.is_object() {
+        return Err(BodyError {
+            path: prefix.to_owned(),
+            reason: "must be an object".into(),
+        });
+    }
+    match kind {
+        Kind::Text => {
+            let b: TextBody = shape(prefix, body)?;
+            bounded(format!("{prefix}.text"), &b.text, TEXT_BYTES_MAX)?;
+            if b.text.is_empty() {
+                return Err(BodyError {
+                    path: format!("{prefix}.text"),
+                    reason: "must not be empty".into(),
+                });
+            }
+        }
+        Kind::Image => {
+            let b: ImageBody = shape(prefix, body)?;
+            url(prefix, &b.url)?;
+        }
+        Kind::File => {
+            let b: FileBody = shape(prefix, body)?;
+            url(prefix, &b.url)?;
+            bounded(format!("{prefix}.name"), &b.name, MEDIA_STRING_BYTES_MAX)?;
+            if b.name.is_empty() {
+                return Err(BodyError {
+                    path: format!("{prefix}.name"),
+                    reason: "must not be empty".into(),
+                });
+            }
+            if let Some(m) = &b.mime {
+                bounded(format!("{prefix}.mime"), m, MEDIA_STRING_BYTES_MAX)?;
+            }
+        }
+        Kind::Voice => {
+            let b: VoiceBody = shape(prefix, body)?;
+            url(prefix, &b.url)?;
+        }
+        Kind::Custom => {
+            let b: CustomBody = shape(prefix, body)?;
+            let len = serde_json::to_vec(&b.data)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
+            if len > CUSTOM_BYTES_MAX {
+                return Err(BodyError {
+                    path: format!("{prefix}.data"),
+                    reason: format!("longer than {CUSTOM_BYTES_MAX} bytes"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(kind: Kind, body: Value) -> BodyError {
+        validate("body", kind, &body).unwrap_err()
+    }
+
+    #[test]
+    fn valid_bodies() {
+        validate("body", Kind::Text, &json!({"text": "hi"})).unwrap();
+        validate(
+            "body",
+            Kind::Image,
+            &json!({"url": "https://x/y.png", "width": 10, "height": 5}),
+        )
+        .unwrap();
+        validate(
+            "body",
+            Kind::File,
+            &json!({"url": "https://x/f", "name": "f.pdf", "mime": "application/pdf"}),
+        )
+        .unwrap();
+        validate(
+            "body",
+            Kind::Voice,
+            &json!({"url": "https://x/v", "duration_ms": 1200}),
+        )
+        .unwrap();
+        validate("body", Kind::Custom, &json!({"data": {"any": [1, 2]}})).unwrap();
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(err(Kind::Text, json!({})).path, "body");
+        assert!(err(Kind::Text, json!({})).reason.contains("text"));
+        assert_eq!(err(Kind::Text, json!({"text": 5})).path, "body.text");
+        assert_eq!(err(Kind::Text, json!({"text": ""})).path, "body.text");
+        assert_eq!(
+            err(Kind::Text, json!({"text": "x".repeat(TEXT_BYTES_MAX + 1)})).path,
+            "body.text"
+        );
+        assert_eq!(
+            err(Kind::Voice, json!({"url": "u", "duration_ms": -1})).path,
+            "body.duration_ms"
+        );
+        assert_eq!(err(Kind::Image, json!({"url": ""})).path, "body.url");
+        assert_eq!(err(Kind::File, json!({"url": "u"})).path, "body");
+        assert_eq!(err(Kind::Text, json!("hi")).path, "body");
+        assert_eq!(
+            err(Kind::Custom, json!({"data": "x".repeat(CUSTOM_BYTES_MAX)})).path,
+            "body.data"
+        );
+        let e = validate("messages[2].body", Kind::Image, &json!({"url": 1})).unwrap_err();
+        assert_eq!(e.path, "messages[2].body.url");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(err(Kind::Text, json!({"text": "a", "txt": "b"}))
+            .reason
+            .contains("txt"));
+    }
+}
