@@ -1,1 +1,36 @@
-//! placeholder
+//! The Ether-IM engine: one node of the push platform.
+//!
+//! Layout (how data moves: terminal → `conn` → `shard` → `mesh` → other shards → `session`
+//! queues → sockets; business system → `api` → `shard`):
+//! - [`config`], [`secrets`], [`cli`]: raw configuration (file, env, flags) validated once into
+//!   a [`config::Config`]; generated secrets and `ports.json` in the data dir.
+//! - [`node`]: starts a node: listeners (SO_REUSEPORT per shard), the mesh, one pinned glommio
+//!   executor per shard; stops it.
+//! - [`shard`]: one core's state: sessions, the per-user index, inbox sequences, the timer
+//!   wheel; delivery, presence, kick, broadcast; terminal frames.
+//! - [`mesh`]: `FanoutMesh`, bounded lock-free queues between shards, and `ShardMsg`.
+//! - [`conn`]: client-port sockets: accept, WebSocket upgrade and token check, hand-over to
+//!   the home shard, the connection task (reads frames, writes the session queue).
+//! - [`session`]: a live terminal: identity, bounded outbound queue, close reason.
+//! - [`ws`]: WebSocket frame reader and frame encoding (tungstenite's codec).
+//! - [`wheel`]: the per-shard timer wheel.
+//! - [`message`]: messages, ids, and their encoding into frame bytes (once per inbox).
+//! - [`api`]: the business REST API routes; [`admin_view`]: what the admin port sees.
+//! - [`auth`]: terminal JWTs. [`error`]: the engine error, mapped once to API codes.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod admin_view;
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod error;
+pub mod mesh;
+pub mod message;
+pub mod node;
+pub mod secrets;
+pub mod session;
+pub mod shard;
+pub mod wheel;
+pub mod ws;

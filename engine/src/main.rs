@@ -1,1 +1,105 @@
-fn main() {}
+//! `ether`: the node binary. Thin: parses the command line and calls the engine library.
+use std::process::ExitCode;
+
+use clap::Parser;
+use ether_engine::cli::{Cli, Command, ServeArgs, TokenArgs};
+use ether_engine::config::{Config, LogFormat};
+use ether_engine::node;
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::Token(args) => token(&args),
+        Command::Admin(_) => {
+            eprintln!("ether admin: the admin commands are not built yet; the admin port answers GET /healthz and /readyz");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load(args: &ServeArgs) -> Result<Config, ExitCode> {
+    Config::load(args, |k| std::env::var(k).ok()).map_err(|e| {
+        eprintln!("ether: configuration error: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn init_logs(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ETHER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match load(args) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logs(&config);
+    let generated = config.secrets_generated;
+    let data_dir = config.node.data_dir.clone();
+    let api_key = config.auth.api_key.expose().to_owned();
+    let signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ether: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = match node::start(config) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("ether: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let p = handle.ports;
+    println!(
+        "ether: node up. client ws://{}/ws  api http://{}  admin http://{}",
+        p.client, p.api, p.admin
+    );
+    println!(
+        "ether: data dir {} (ports in ports.json)",
+        data_dir.display()
+    );
+    if generated {
+        println!(
+            "\nSecrets were generated and saved to {}/secrets.toml (mode 0600). They are shown once:\n  api_key = {api_key}\n\nTry it:\n  ether token --user bob --data {}\n  curl -s -H 'Authorization: Bearer {api_key}' -d '{{\"from\":\"alice\",\"to\":\"bob\",\"kind\":\"text\",\"body\":{{\"text\":\"hello\"}}}}' http://{}/v1/messages\n",
+            data_dir.display(),
+            data_dir.display(),
+            p.api
+        );
+    }
+    let mut signals = signals;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "stopping");
+    }
+    handle.stop();
+    ExitCode::SUCCESS
+}
+
+fn token(args: &TokenArgs) -> ExitCode {
+    let config = match load(&args.serve_args()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let keys = ether_engine::auth::TokenKeys::new(config.auth.jwt_secret.expose());
+    match keys.mint(&args.user, args.ttl, args.device.as_deref()) {
+        Ok((token, _)) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ether token: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

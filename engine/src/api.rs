@@ -1,0 +1,242 @@
+//! The business REST API on the api port (API.md section 3): routing, bearer auth, request
+//! validation and answers. Thin: the work is done by the `Shard`; this module only turns
+//! requests into shard calls and results into JSON.
+use std::rc::Rc;
+use std::time::Duration;
+
+use ether_http::request::{Method, Request};
+use ether_http::response::Response;
+use ether_proto::api::{
+    self, BatchResult, BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendBatch,
+    SendMessage, SentMessage, TokenRequest, TokenResponse,
+};
+use ether_proto::error::ErrorDetail;
+use ether_proto::frame::{Msg, ServerFrame};
+use ether_proto::ids::check_id;
+use ether_proto::{ApiError, ErrorCode};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::error::EngineError;
+use crate::message::{encode_text_frame, unix_now_ms, NewMessage};
+use crate::shard::Shard;
+
+/// Token lifetime when a request names none.
+pub const TOKEN_TTL_DEFAULT: Duration = Duration::from_secs(3600);
+
+fn json<T: Serialize>(status: u16, value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => Response::json(status, body),
+        Err(e) => error(&ApiError::new(ErrorCode::Internal, e.to_string())),
+    }
+}
+
+fn error(e: &ApiError) -> Response {
+    Response::json(e.code.http_status(), e.to_json())
+}
+
+fn fail(code: ErrorCode, message: impl Into<String>) -> Response {
+    error(&ApiError::new(code, message))
+}
+
+/// Answers one API request.
+pub async fn handle(shard: Rc<Shard>, req: Request) -> Response {
+    let expected = shard.config.auth.api_key.as_bytes();
+    let authorized = req
+        .bearer_token()
+        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected)));
+    if !authorized {
+        return fail(
+            ErrorCode::Unauthorized,
+            "missing or wrong API key: send Authorization: Bearer <api_key>",
+        );
+    }
+    let segments: Vec<&str> = req.path_segments().collect();
+    let result = match (&req.method, segments.as_slice()) {
+        (Method::Post, ["v1", "messages"]) => send_message(&shard, &req).await,
+        (Method::Post, ["v1", "messages", "batch"]) => send_batch(&shard, &req).await,
+        (Method::Post, ["v1", "broadcast"]) => broadcast(&shard, &req).await,
+        (Method::Post, ["v1", "tokens"]) => token(&shard, &req),
+        (Method::Get, ["v1", "users", uid, "presence"]) => presence(&shard, uid).await,
+        (Method::Post, ["v1", "users", uid, "kick"]) => kick(&shard, uid, &req).await,
+        (Method::Get, ["v1", "users", _, "messages" | "unread"]) => Err(EngineError::NotAvailable(
+            "history and unread counts arrive with the durable store (not yet on this node)",
+        )),
+        (_, ["v1", "groups", ..]) => Err(EngineError::NotAvailable(
+            "groups are not yet available on this node",
+        )),
+        (
+            _,
+            ["v1", "messages"]
+            | ["v1", "messages", "batch"]
+            | ["v1", "broadcast"]
+            | ["v1", "tokens"],
+        )
+        | (_, ["v1", "users", _, "presence" | "kick"]) => {
+            return fail(
+                ErrorCode::MethodNotAllowed,
+                format!("{} is not allowed on {}", req.method, req.path),
+            );
+        }
+        _ => {
+            return fail(
+                ErrorCode::NotFound,
+                format!("no route {} {}", req.method, req.path),
+            )
+        }
+    };
+    result.unwrap_or_else(|e| error(&e.to_api()))
+}
+
+fn raw_body(body: &serde_json::Value) -> Result<Box<RawValue>, EngineError> {
+    serde_json::value::to_raw_value(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("body: {e}")).into())
+}
+
+async fn send_message(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
+    let m: SendMessage = api::parse_request(&req.body)?;
+    m.validate("")?;
+    let body = raw_body(&m.body)?;
+    let new = NewMessage {
+        from: m.from.into(),
+        to: m.to.into(),
+        kind: m.kind,
+        body,
+        cid: m.cid.map(Into::into),
+    };
+    let (msg, _) = shard.send_single(new).await?;
+    Ok(json(
+        200,
+        &SentMessage {
+            id: msg.id.to_string(),
+            ts: msg.ts,
+        },
+    ))
+}
+
+async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
+    let batch: SendBatch = api::parse_request(&req.body)?;
+    if batch.messages.len() > api::BATCH_MESSAGES_MAX {
+        return Err(ApiError::new(
+            ErrorCode::InvalidBody,
+            format!(
+                "messages: at most {} per batch, got {}",
+                api::BATCH_MESSAGES_MAX,
+                batch.messages.len()
+            ),
+        )
+        .into());
+    }
+    let mut results: Vec<Option<BatchResult>> = Vec::with_capacity(batch.messages.len());
+    let mut accepted = Vec::new();
+    for (i, value) in batch.messages.iter().enumerate() {
+        let prefix = format!("messages[{i}].");
+        let checked = serde_json::from_value::<SendMessage>(value.clone())
+            .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("messages[{i}]: {e}")))
+            .and_then(|m| m.validate(&prefix).map(|()| m))
+            .and_then(|m| {
+                serde_json::value::to_raw_value(&m.body)
+                    .map(|b| (m, b))
+                    .map_err(|e| {
+                        ApiError::new(ErrorCode::InvalidBody, format!("{prefix}body: {e}"))
+                    })
+            });
+        match checked {
+            Ok((m, body)) => {
+                accepted.push((
+                    i,
+                    NewMessage {
+                        from: m.from.into(),
+                        to: m.to.into(),
+                        kind: m.kind,
+                        body,
+                        cid: m.cid.map(Into::into),
+                    },
+                ));
+                results.push(None);
+            }
+            Err(e) => results.push(Some(BatchResult::Failed {
+                error: ErrorDetail {
+                    code: e.code,
+                    message: e.message,
+                },
+            })),
+        }
+    }
+    let (positions, msgs): (Vec<usize>, Vec<_>) = accepted.into_iter().unzip();
+    let sent = shard.send_many(msgs).await?;
+    for (pos, msg) in positions.into_iter().zip(sent) {
+        results[pos] = Some(BatchResult::Sent(SentMessage {
+            id: msg.id.to_string(),
+            ts: msg.ts,
+        }));
+    }
+    let results = results.into_iter().flatten().collect();
+    Ok(json(200, &BatchResults { results }))
+}
+
+async fn broadcast(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
+    let b: Broadcast = api::parse_request(&req.body)?;
+    ether_proto::body::validate("body", b.kind, &b.body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))?;
+    let frame = encode_text_frame(
+        &ServerFrame::Msg(Msg {
+            id: "0".into(),
+            cid: None,
+            chat: "broadcast".into(),
+            from: "system".into(),
+            seq: 0,
+            kind: b.kind,
+            body: b.body,
+            ts: unix_now_ms(),
+        }),
+        256,
+    );
+    let terminals = shard.broadcast(frame).await?;
+    Ok(json(200, &BroadcastResult { terminals }))
+}
+
+fn token(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
+    let t: TokenRequest = api::parse_request(&req.body)?;
+    check_id("user", &t.user)?;
+    if let Some(d) = &t.device {
+        check_id("device", d)?;
+    }
+    let ttl = t.ttl_s.map_or(TOKEN_TTL_DEFAULT, Duration::from_secs);
+    let (token, expires_at) = shard
+        .keys
+        .mint(&t.user, ttl, t.device.as_deref())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("ttl_s: {e}")))?;
+    Ok(json(200, &TokenResponse { token, expires_at }))
+}
+
+async fn presence(shard: &Rc<Shard>, uid: &str) -> Result<Response, EngineError> {
+    check_id("uid", uid)?;
+    let terminals = shard.presence(uid).await?;
+    Ok(json(
+        200,
+        &Presence {
+            online: !terminals.is_empty(),
+            terminals,
+        },
+    ))
+}
+
+async fn kick(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response, EngineError> {
+    check_id("uid", uid)?;
+    let k: Kick = if req.body.iter().all(u8::is_ascii_whitespace) {
+        Kick::default()
+    } else {
+        api::parse_request(&req.body)?
+    };
+    if let Some(d) = &k.device {
+        check_id("device", d)?;
+    }
+    let reason = k.reason.as_deref().unwrap_or("kicked");
+    if reason.len() > 256 {
+        return Err(ApiError::new(ErrorCode::InvalidBody, "reason: at most 256 bytes").into());
+    }
+    let kicked = shard.kick(uid, k.device.as_deref(), reason).await?;
+    Ok(json(200, &Kicked { kicked }))
+}

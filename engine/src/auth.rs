@@ -1,0 +1,160 @@
+//! Terminal tokens: HS256 JWTs with `sub` (user id) and `exp`, minted and verified with the
+//! node's `auth.jwt_secret`. Owns the keys; knows nothing of connections.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Longest token lifetime `mint` accepts.
+pub const TOKEN_TTL_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The claims of a terminal token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+    /// Issued at, Unix seconds.
+    #[serde(default)]
+    pub iat: u64,
+    /// When set, the token is only good for this device id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token: pass ?token= or Authorization: Bearer")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("token subject is not a valid user id")]
+    BadSubject,
+    #[error("ttl must be 1 s to {} s", TOKEN_TTL_MAX.as_secs())]
+    BadTtl,
+}
+
+/// Signs and checks terminal tokens.
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys(***)")
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl TokenKeys {
+    pub fn new(secret: &str) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        TokenKeys {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
+    }
+
+    /// A token for `user`, good for `ttl`; returns it with its expiry (Unix seconds).
+    pub fn mint(
+        &self,
+        user: &str,
+        ttl: Duration,
+        device: Option<&str>,
+    ) -> Result<(String, u64), AuthError> {
+        if !ether_proto::ids::is_valid_id(user) {
+            return Err(AuthError::BadSubject);
+        }
+        if ttl.is_zero() || ttl > TOKEN_TTL_MAX {
+            return Err(AuthError::BadTtl);
+        }
+        let now = unix_now_s();
+        let claims = Claims {
+            sub: user.to_owned(),
+            exp: now + ttl.as_secs(),
+            iat: now,
+            device: device.map(str::to_owned),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+        Ok((token, claims.exp))
+    }
+
+    /// Checks signature, algorithm, expiry and subject.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(e.to_string()),
+            })?;
+        if !ether_proto::ids::is_valid_id(&data.claims.sub) {
+            return Err(AuthError::BadSubject);
+        }
+        Ok(data.claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mint_and_verify() {
+        let keys = TokenKeys::new("0123456789abcdef0123456789abcdef");
+        let (t, exp) = keys
+            .mint("alice", Duration::from_secs(60), Some("phone"))
+            .unwrap();
+        let c = keys.verify(&t).unwrap();
+        assert_eq!(
+            (c.sub.as_str(), c.exp, c.device.as_deref()),
+            ("alice", exp, Some("phone"))
+        );
+    }
+
+    #[test]
+    fn refuses_bad_tokens() {
+        let keys = TokenKeys::new("0123456789abcdef0123456789abcdef");
+        let other = TokenKeys::new("another-secret-another-secret-xx");
+        let (t, _) = other.mint("alice", Duration::from_secs(60), None).unwrap();
+        assert!(matches!(keys.verify(&t), Err(AuthError::Invalid(_))));
+        assert!(matches!(keys.verify("garbage"), Err(AuthError::Invalid(_))));
+        let expired = Claims {
+            sub: "a".into(),
+            exp: unix_now_s() - 3600,
+            iat: 0,
+            device: None,
+        };
+        let t =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).unwrap();
+        assert_eq!(keys.verify(&t), Err(AuthError::Expired));
+        let bad_sub = Claims {
+            sub: "a b".into(),
+            exp: unix_now_s() + 60,
+            iat: 0,
+            device: None,
+        };
+        let t =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &bad_sub, &keys.encoding).unwrap();
+        assert_eq!(keys.verify(&t), Err(AuthError::BadSubject));
+        let hs512 =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS512), &bad_sub, &keys.encoding).unwrap();
+        assert!(matches!(keys.verify(&hs512), Err(AuthError::Invalid(_))));
+        assert_eq!(keys.mint("x", Duration::ZERO, None), Err(AuthError::BadTtl));
+    }
+}

@@ -1,0 +1,2243 @@
+//! Configuration: raw layers (default < file < env < flags) validated once into a typed `Config`;
+//! owns key names, defaults and limits, and must not open sockets, start threads or touch the store.
+//!
+//! Every key `section.key` of the TOML file is also the env var `ETHER_SECTION_KEY` (an empty
+//! value counts as unset); some have a `serve` flag (see [`FLAGS`]). Errors name the key and
+//! where its value came from, e.g. `node.shards (from env ETHER_NODE_SHARDS): must be 1..=256`.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::cli::{AdminArgs, ServeArgs, TokenArgs};
+use crate::secrets::{validate_secret, AuthSecrets, DataFileError, PortsFile, Secret, Secrets};
+
+/// Env var naming the config file when `--config` is not given.
+pub const CONFIG_ENV: &str = "ETHER_CONFIG";
+/// Env var giving `ether admin` its default `--addr`.
+pub const ADMIN_ADDR_ENV: &str = "ETHER_ADMIN_ADDR";
+/// Prefix of every env var we read.
+pub const ENV_PREFIX: &str = "ETHER_";
+/// `serve` flags and the key each one sets.
+pub const FLAGS: &[(&str, &str)] = &[
+    ("listen.client", "--listen-client"),
+    ("listen.api", "--listen-api"),
+    ("listen.admin", "--listen-admin"),
+    ("node.shards", "--shards"),
+    ("node.data_dir", "--data"),
+    ("node.id", "--node-id"),
+    ("cluster.redis_url", "--redis"),
+    ("log.format", "--log-format"),
+    ("log.level", "--log-level"),
+];
+/// Largest config file we agree to read.
+const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
+/// Most shard threads a node may run.
+pub const SHARDS_MAX: usize = 256;
+/// Longest URL accepted for `cluster.redis_url` and `events.webhook_url`.
+const URL_BYTES_MAX: usize = 2048;
+/// Longest node id.
+const NODE_ID_BYTES_MAX: usize = 64;
+/// Longest `log.level` filter.
+const LOG_LEVEL_BYTES_MAX: usize = 1024;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+/// The process environment, for [`Config::load`] outside tests.
+pub fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+/// The env var of a dotted key: `listen.client` → `ETHER_LISTEN_CLIENT`.
+pub fn env_var(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw layer: what one source said, every key optional.
+
+/// A value an env var can hold: how to parse it and what to say when it does not parse.
+trait EnvValue: Sized {
+    const EXPECTED: &'static str;
+    fn parse_env(text: &str) -> Option<Self>;
+}
+
+impl EnvValue for String {
+    const EXPECTED: &'static str = "a string";
+    fn parse_env(text: &str) -> Option<Self> {
+        Some(text.to_owned())
+    }
+}
+
+impl EnvValue for PathBuf {
+    const EXPECTED: &'static str = "a path";
+    fn parse_env(text: &str) -> Option<Self> {
+        Some(PathBuf::from(text))
+    }
+}
+
+impl EnvValue for Secret {
+    const EXPECTED: &'static str = "a secret";
+    fn parse_env(text: &str) -> Option<Self> {
+        Some(Secret::new(text))
+    }
+}
+
+impl EnvValue for bool {
+    const EXPECTED: &'static str = "true or false";
+    fn parse_env(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Some(true),
+            "false" | "0" | "no" | "off" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! env_integer {
+    ($($ty:ty),*) => {$(
+        impl EnvValue for $ty {
+            const EXPECTED: &'static str = "a positive integer";
+            fn parse_env(text: &str) -> Option<Self> {
+                text.trim().parse().ok()
+            }
+        }
+    )*};
+}
+env_integer!(u32, u64, usize);
+
+fn env_value<T: EnvValue>(
+    lookup: &dyn Fn(&str) -> Option<String>,
+    key: &str,
+) -> Result<Option<T>, ConfigError> {
+    let var = env_var(key);
+    match lookup(&var) {
+        None => Ok(None),
+        Some(text) if text.is_empty() => Ok(None),
+        Some(text) => match T::parse_env(&text) {
+            Some(value) => Ok(Some(value)),
+            None => Err(ConfigError::Env {
+                var,
+                expected: T::EXPECTED,
+                got: text,
+            }),
+        },
+    }
+}
+
+/// Declares the raw sections once; generates the structs, overlay, env reading and key lists.
+macro_rules! raw_config {
+    ($(
+        $(#[$section_doc:meta])*
+        $section:ident: $Section:ident {
+            $( $(#[$key_doc:meta])* $key:ident: $ty:ty, )*
+        }
+    )*) => {
+        $(
+            $(#[$section_doc])*
+            #[derive(Debug, Clone, Default, Deserialize)]
+            #[serde(deny_unknown_fields)]
+            pub struct $Section {
+                $( $(#[$key_doc])* pub $key: Option<$ty>, )*
+            }
+
+            impl $Section {
+                const KEYS: &'static [&'static str] = &[$(stringify!($key)),*];
+
+                fn overlay(self, other: $Section) -> $Section {
+                    $Section { $( $key: other.$key.or(self.$key), )* }
+                }
+
+                fn from_env(lookup: &dyn Fn(&str) -> Option<String>) -> Result<$Section, ConfigError> {
+                    Ok($Section {
+                        $( $key: env_value(lookup, concat!(stringify!($section), ".", stringify!($key)))?, )*
+                    })
+                }
+
+                fn is_set(&self, key: &str) -> bool {
+                    match key {
+                        $( stringify!($key) => self.$key.is_some(), )*
+                        _ => false,
+                    }
+                }
+
+                fn check_toml(key: &str, value: &toml::Value) -> Option<Result<(), String>> {
+                    match key {
+                        $( stringify!($key) => Some(
+                            value.clone().try_into::<$ty>().map(drop).map_err(|e| e.message().to_owned())
+                        ), )*
+                        _ => None,
+                    }
+                }
+            }
+        )*
+
+        /// What one source (file, env, flags) says; every key optional, unknown TOML keys rejected.
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RawConfig {
+            $(
+                #[doc = concat!("The `[", stringify!($section), "]` section.")]
+                #[serde(default)]
+                pub $section: $Section,
+            )*
+        }
+
+        impl RawConfig {
+            /// Every key, dotted (`listen.client`, …), in declaration order.
+            pub const KEYS: &'static [&'static str] = &[
+                $( $( concat!(stringify!($section), ".", stringify!($key)), )* )*
+            ];
+            const SECTIONS: &'static [&'static str] = &[$(stringify!($section)),*];
+
+            /// `self` with every key `other` sets replaced by `other`'s value.
+            pub fn overlay(self, other: RawConfig) -> RawConfig {
+                RawConfig { $( $section: self.$section.overlay(other.$section), )* }
+            }
+
+            fn from_env_dyn(lookup: &dyn Fn(&str) -> Option<String>) -> Result<RawConfig, ConfigError> {
+                Ok(RawConfig { $( $section: $Section::from_env(lookup)?, )* })
+            }
+
+            /// Whether this source sets the dotted `key`.
+            pub fn is_set(&self, key: &str) -> bool {
+                let Some((section, key)) = key.split_once('.') else { return false };
+                match section {
+                    $( stringify!($section) => self.$section.is_set(key), )*
+                    _ => false,
+                }
+            }
+
+            fn section_keys(section: &str) -> Option<&'static [&'static str]> {
+                match section {
+                    $( stringify!($section) => Some($Section::KEYS), )*
+                    _ => None,
+                }
+            }
+
+            fn check_toml(section: &str, key: &str, value: &toml::Value) -> Option<Result<(), String>> {
+                match section {
+                    $( stringify!($section) => $Section::check_toml(key, value), )*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+raw_config! {
+    /// Raw `[listen]`: listener socket addresses.
+    listen: RawListen {
+        /// `listen.client`: terminal WebSocket listener.
+        client: String,
+        /// `listen.api`: business REST listener.
+        api: String,
+        /// `listen.admin`: admin/metrics listener.
+        admin: String,
+    }
+    /// Raw `[node]`: this process.
+    node: RawNode {
+        /// `node.shards`: shard threads.
+        shards: usize,
+        /// `node.data_dir`: store, secrets, ports.json.
+        data_dir: PathBuf,
+        /// `node.id`: node id (alias `cluster.node_id`).
+        id: String,
+    }
+    /// Raw `[auth]`: secrets; missing ones come from `<data_dir>/secrets.toml`.
+    auth: RawAuth {
+        /// `auth.jwt_secret`: HS256 key for terminal tokens.
+        jwt_secret: Secret,
+        /// `auth.api_key`: business API bearer key.
+        api_key: Secret,
+        /// `auth.admin_token`: admin bearer token.
+        admin_token: Secret,
+    }
+    /// Raw `[cluster]`: cluster mode.
+    cluster: RawCluster {
+        /// `cluster.redis_url`: Redis URL; set means cluster mode.
+        redis_url: String,
+        /// `cluster.node_id`: alias of `node.id`.
+        node_id: String,
+    }
+    /// Raw `[events]`: webhook delivery.
+    events: RawEvents {
+        /// `events.webhook_url`: where event batches are POSTed.
+        webhook_url: String,
+        /// `events.webhook_secret`: HMAC-SHA256 key of `X-Ether-Signature`.
+        webhook_secret: Secret,
+    }
+    /// Raw `[retention]`: how long messages are kept.
+    retention: RawRetention {
+        /// `retention.days`: days messages are kept.
+        days: u32,
+    }
+    /// Raw `[limits]`: every bound of the node; units are in the names.
+    limits: RawLimits {
+        /// `limits.frame_bytes_max`: largest terminal WebSocket message.
+        frame_bytes_max: usize,
+        /// `limits.terminals_per_user_max`: live connections per user.
+        terminals_per_user_max: usize,
+        /// `limits.outbound_queue_bytes_max`: unsent bytes per connection before it is closed.
+        outbound_queue_bytes_max: usize,
+        /// `limits.connections_per_shard_max`: terminal connections per shard.
+        connections_per_shard_max: usize,
+        /// `limits.handshake_timeout_ms`: time from accept to a completed upgrade.
+        handshake_timeout_ms: u64,
+        /// `limits.idle_timeout_s`: silence after which a terminal is dropped.
+        idle_timeout_s: u64,
+        /// `limits.heartbeat_s`: heartbeat interval announced to terminals.
+        heartbeat_s: u64,
+        /// `limits.http_header_bytes_max`: request line plus headers, any port.
+        http_header_bytes_max: usize,
+        /// `limits.http_body_bytes_max`: request body on the API and admin ports.
+        http_body_bytes_max: usize,
+        /// `limits.api_connections_max`: concurrent API port connections.
+        api_connections_max: usize,
+        /// `limits.protocol_violations_max`: bad frames tolerated before a terminal is closed.
+        protocol_violations_max: u32,
+        /// `limits.sync_page_max`: messages per `sync` answer page.
+        sync_page_max: usize,
+    }
+    /// Raw `[terminal]`: what terminals may do.
+    terminal: RawTerminal {
+        /// `terminal.send_enabled`: terminals may `send` messages themselves.
+        send_enabled: bool,
+    }
+    /// Raw `[log]`: logging.
+    log: RawLog {
+        /// `log.format`: `human` or `json`.
+        format: String,
+        /// `log.level`: filter such as `info` or `info,ether_engine=debug`.
+        level: String,
+    }
+}
+
+impl RawConfig {
+    /// Reads a TOML file; unknown sections and keys are errors naming the dotted key.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let read_error = |source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_error)?;
+        let mut text = String::new();
+        file.take(CONFIG_FILE_BYTES_MAX + 1)
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        if text.len() as u64 > CONFIG_FILE_BYTES_MAX {
+            let message = format!("larger than {CONFIG_FILE_BYTES_MAX} bytes");
+            return Err(ConfigError::ParseFile {
+                path: path.to_path_buf(),
+                message,
+            });
+        }
+        RawConfig::from_toml(&text).map_err(|message| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses TOML text; the error names the dotted key when there is one.
+    pub fn from_toml(text: &str) -> Result<RawConfig, String> {
+        toml::from_str(text).map_err(|e| describe_toml_error(text, &e))
+    }
+
+    /// Reads every `ETHER_<SECTION>_<KEY>` through `lookup`; a value that does not parse is an
+    /// error naming the variable, an empty value counts as unset.
+    pub fn from_env(lookup: impl Fn(&str) -> Option<String>) -> Result<RawConfig, ConfigError> {
+        RawConfig::from_env_dyn(&lookup)
+    }
+
+    /// The keys `ether serve` flags set (see [`FLAGS`]); `--config` is not a key.
+    pub fn from_serve_args(args: &ServeArgs) -> RawConfig {
+        let mut raw = RawConfig::default();
+        raw.listen.client = args.listen_client.map(|a| a.to_string());
+        raw.listen.api = args.listen_api.map(|a| a.to_string());
+        raw.listen.admin = args.listen_admin.map(|a| a.to_string());
+        raw.node.shards = args.shards;
+        raw.node.data_dir = args.data.clone();
+        raw.node.id = args.node_id.clone();
+        raw.cluster.redis_url = args.redis.clone();
+        raw.log.format = args.log_format.clone();
+        raw.log.level = args.log_level.clone();
+        raw
+    }
+
+    /// The `ETHER_*` names among `names` that this version does not read (likely typos).
+    pub fn unknown_env_vars<I, S>(names: I) -> Vec<String>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        names
+            .into_iter()
+            .map(|n| n.as_ref().to_owned())
+            .filter(|n| n.starts_with(ENV_PREFIX))
+            .filter(|n| n != CONFIG_ENV && n != ADMIN_ADDR_ENV)
+            .filter(|n| !RawConfig::KEYS.iter().any(|k| env_var(k) == *n))
+            .collect()
+    }
+}
+
+/// Finds which dotted key a TOML error is about (our own walk over the table); falls back to
+/// the parser's message, which shows the line, for syntax errors.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return error.to_string().trim_end().to_owned();
+    };
+    for (section, value) in &table {
+        let Some(keys) = RawConfig::section_keys(section) else {
+            return format!(
+                "{section}: unknown section; sections are {}{}",
+                RawConfig::SECTIONS.join(", "),
+                did_you_mean(section, RawConfig::SECTIONS)
+            );
+        };
+        let Some(entries) = value.as_table() else {
+            return format!(
+                "{section}: expected a table [{section}], got a {}",
+                value.type_str()
+            );
+        };
+        for (key, value) in entries {
+            match RawConfig::check_toml(section, key, value) {
+                None => {
+                    return format!(
+                        "{section}.{key}: unknown key; [{section}] has {}{}",
+                        keys.join(", "),
+                        did_you_mean(key, keys)
+                    )
+                }
+                Some(Err(problem)) => return format!("{section}.{key}: {problem}"),
+                Some(Ok(())) => {}
+            }
+        }
+    }
+    error.to_string().trim_end().to_owned()
+}
+
+/// `" (did you mean `x`?)"` for the closest candidate within a small edit distance.
+fn did_you_mean(word: &str, candidates: &[&str]) -> String {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
+        .min()
+        .map(|(_, c)| format!(" (did you mean `{c}`?)"))
+        .unwrap_or_default()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(above + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where a value came from.
+
+/// Where a configuration value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Nobody set it: the built-in default.
+    Default,
+    /// The TOML file at this path.
+    File(PathBuf),
+    /// This env var.
+    Env(String),
+    /// This `serve` flag.
+    Flag(&'static str),
+    /// Set in code, e.g. `Config::test_min`.
+    Code(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::File(path) => write!(f, "file {}", path.display()),
+            Source::Env(var) => write!(f, "env {var}"),
+            Source::Flag(flag) => write!(f, "flag {flag}"),
+            Source::Code(name) => f.write_str(name),
+        }
+    }
+}
+
+enum LayerKind {
+    File(PathBuf),
+    Env,
+    Flags,
+    Code(&'static str),
+}
+
+struct Layer {
+    kind: LayerKind,
+    raw: RawConfig,
+}
+
+impl Layer {
+    fn source_of(&self, key: &str) -> Source {
+        match &self.kind {
+            LayerKind::File(path) => Source::File(path.clone()),
+            LayerKind::Env => Source::Env(env_var(key)),
+            LayerKind::Flags => Source::Flag(
+                FLAGS
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map_or("(flag)", |(_, flag)| *flag),
+            ),
+            LayerKind::Code(name) => Source::Code(name),
+        }
+    }
+}
+
+/// The sources in increasing precedence.
+struct Layers(Vec<Layer>);
+
+impl Layers {
+    /// file (from `--config`, else `ETHER_CONFIG`) < env < flags.
+    fn gather(
+        args: &ServeArgs,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Layers, ConfigError> {
+        let mut layers = Vec::with_capacity(3);
+        let file = args
+            .config
+            .clone()
+            .or_else(|| env(CONFIG_ENV).filter(|p| !p.is_empty()).map(PathBuf::from));
+        if let Some(path) = file {
+            let raw = RawConfig::from_file(&path)?;
+            layers.push(Layer {
+                kind: LayerKind::File(path),
+                raw,
+            });
+        }
+        layers.push(Layer {
+            kind: LayerKind::Env,
+            raw: RawConfig::from_env_dyn(env)?,
+        });
+        layers.push(Layer {
+            kind: LayerKind::Flags,
+            raw: RawConfig::from_serve_args(args),
+        });
+        Ok(Layers(layers))
+    }
+
+    fn merged(&self) -> RawConfig {
+        self.0.iter().fold(RawConfig::default(), |acc, layer| {
+            acc.overlay(layer.raw.clone())
+        })
+    }
+
+    /// The source whose value of `key` won.
+    fn origin(&self, key: &str) -> Source {
+        self.0
+            .iter()
+            .rev()
+            .find(|layer| layer.raw.is_set(key))
+            .map_or(Source::Default, |layer| layer.source_of(key))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+
+/// Why the configuration was refused; every message names the key or variable and its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("config file {}: cannot read: {source}", path.display())]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The config file is not valid TOML or has unknown or mistyped keys.
+    #[error("config file {}: {message}", path.display())]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, starting with the dotted key when there is one.
+        message: String,
+    },
+    /// An env var does not parse.
+    #[error("{var}: expected {expected}, got {got:?}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What it should hold.
+        expected: &'static str,
+        /// What it holds.
+        got: String,
+    },
+    /// A value parsed but is out of range or inconsistent.
+    #[error("{key} (from {origin}): {message}")]
+    Invalid {
+        /// The dotted key.
+        key: &'static str,
+        /// Where the refused value came from.
+        origin: Source,
+        /// What is wrong.
+        message: String,
+    },
+    /// A secret is neither configured nor stored (commands that do not generate secrets).
+    #[error("{key}: not configured and not in {}; start `ether serve` once or set {}", path.display(), env_var(key))]
+    MissingSecret {
+        /// The dotted key.
+        key: &'static str,
+        /// The secrets file looked at.
+        path: PathBuf,
+    },
+    /// `secrets.toml` or `ports.json` could not be read or written.
+    #[error(transparent)]
+    DataFile(#[from] DataFileError),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration.
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The config spelling: `human` or `json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Listener addresses (port 0 = any free port; see `PortsFile` for the bound ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    /// Terminal WebSocket listener (default 0.0.0.0:9000).
+    pub client: SocketAddr,
+    /// Business REST listener (default 127.0.0.1:9001).
+    pub api: SocketAddr,
+    /// Admin/metrics listener (default 127.0.0.1:9002).
+    pub admin: SocketAddr,
+}
+
+/// This process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// Shard threads, 1..=256 (default: online CPUs).
+    pub shards: usize,
+    /// Store, secrets.toml and ports.json (default ./ether-data).
+    pub data_dir: PathBuf,
+    /// Node id in the cluster (default: the host name, else `node-1`).
+    pub id: String,
+}
+
+/// Cluster membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// Redis URL; `Some` means cluster mode, `None` standalone with SQLite.
+    pub redis_url: Option<String>,
+}
+
+/// Event delivery to business systems.
+#[derive(Debug, Clone)]
+pub struct Events {
+    /// Where to POST event batches, if anywhere.
+    pub webhook: Option<Webhook>,
+}
+
+/// A webhook target and its signing key.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// HMAC-SHA256 key of `X-Ether-Signature`.
+    pub secret: Secret,
+}
+
+/// Message retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Days messages are kept, 1..=3650 (default 30).
+    pub days: u32,
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    /// Line format (default human).
+    pub format: LogFormat,
+    /// Filter directive (default `info`).
+    pub level: String,
+}
+
+/// Every bound of the node; units are in the names. Bounds accepted are in [`LIMIT_BOUNDS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest terminal WebSocket message, bytes (64 KiB; a 32 KiB custom body plus envelope).
+    pub frame_bytes_max: usize,
+    /// Live connections per user (10).
+    pub terminals_per_user_max: usize,
+    /// Unsent bytes per connection before it is closed as slow (1 MiB; >= frame_bytes_max).
+    pub outbound_queue_bytes_max: usize,
+    /// Terminal connections per shard (100 000).
+    pub connections_per_shard_max: usize,
+    /// From accept to a completed upgrade (5 s).
+    pub handshake_timeout: Duration,
+    /// Silence after which a terminal is dropped (90 s; must exceed heartbeat_s).
+    pub idle_timeout: Duration,
+    /// Heartbeat interval announced in `welcome`, seconds (30).
+    pub heartbeat_s: u64,
+    /// Request line plus headers on any HTTP port, bytes (8 KiB).
+    pub http_header_bytes_max: usize,
+    /// Request body on the API and admin ports, bytes (4 MiB).
+    pub http_body_bytes_max: usize,
+    /// Concurrent connections on the API port (10 000).
+    pub api_connections_max: usize,
+    /// Bad frames tolerated before a terminal is closed (10).
+    pub protocol_violations_max: u32,
+    /// Messages per `sync` answer page (500).
+    pub sync_page_max: usize,
+}
+
+/// Accepted range of every integer key, `(key, min, max)`, in the key's own unit.
+pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
+    ("node.shards", 1, SHARDS_MAX as u64),
+    ("retention.days", 1, 3650),
+    // Must hold the largest body (custom, 32 KiB) in production; 1 KiB lets test_min go small.
+    ("limits.frame_bytes_max", KIB as u64, (16 * MIB) as u64),
+    ("limits.terminals_per_user_max", 1, 1000),
+    (
+        "limits.outbound_queue_bytes_max",
+        KIB as u64,
+        (1024 * MIB) as u64,
+    ),
+    ("limits.connections_per_shard_max", 1, 10_000_000),
+    ("limits.handshake_timeout_ms", 10, 300_000),
+    ("limits.idle_timeout_s", 1, 86_400),
+    ("limits.heartbeat_s", 1, 3600),
+    ("limits.http_header_bytes_max", KIB as u64, MIB as u64),
+    ("limits.http_body_bytes_max", KIB as u64, (256 * MIB) as u64),
+    ("limits.api_connections_max", 1, 1_000_000),
+    ("limits.protocol_violations_max", 1, 10_000),
+    ("limits.sync_page_max", 1, 10_000),
+];
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            frame_bytes_max: 64 * KIB,
+            terminals_per_user_max: 10,
+            outbound_queue_bytes_max: MIB,
+            connections_per_shard_max: 100_000,
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(90),
+            heartbeat_s: 30,
+            http_header_bytes_max: 8 * KIB,
+            http_body_bytes_max: 4 * MIB,
+            api_connections_max: 10_000,
+            protocol_violations_max: 10,
+            sync_page_max: 500,
+        }
+    }
+}
+
+impl Limits {
+    /// `heartbeat_s` as a `Duration`.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_s)
+    }
+}
+
+/// The validated configuration a node runs with; built once at start by [`Config::load`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listener addresses.
+    pub listen: Listen,
+    /// Shards, data dir, node id.
+    pub node: Node,
+    /// Auth secrets, all present (configured, stored, or generated now).
+    pub auth: AuthSecrets,
+    /// Cluster mode.
+    pub cluster: Cluster,
+    /// Event delivery.
+    pub events: Events,
+    /// Message retention.
+    pub retention: Retention,
+    /// Every bound.
+    pub limits: Limits,
+    /// Terminals may `send` (`terminal.send_enabled`, default true).
+    pub terminal_send_enabled: bool,
+    /// Logging.
+    pub log: Log,
+    /// Secrets were generated by this load: print them (and a usage example) once.
+    pub secrets_generated: bool,
+}
+
+/// Where `ether admin` should connect, and with which token.
+#[derive(Debug, Clone)]
+pub struct AdminTarget {
+    /// `HOST:PORT` of the admin listener (an unspecified IP replaced by loopback).
+    pub addr: String,
+    /// Admin bearer token.
+    pub token: Secret,
+}
+
+/// Everything validated except the secrets still to be looked up in the data dir.
+struct Prepared {
+    listen: Listen,
+    node: Node,
+    cluster: Cluster,
+    events: Events,
+    retention: Retention,
+    limits: Limits,
+    terminal_send_enabled: bool,
+    log: Log,
+    configured: Secrets,
+}
+
+impl Config {
+    /// Builds the configuration: default < file (`--config`, else `ETHER_CONFIG`) < env
+    /// (`ETHER_<SECTION>_<KEY>`, through `env`) < flags, validated; missing secrets are read
+    /// from or generated into `<data_dir>/secrets.toml` (see `secrets_generated`).
+    pub fn load(
+        args: &ServeArgs,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let prepared = Prepared::from_layers(&Layers::gather(args, &env)?)?;
+        let (auth, generated) =
+            Secrets::load_or_generate(&prepared.node.data_dir, &prepared.configured)?;
+        Ok(prepared.into_config(auth, generated))
+    }
+
+    /// A validated config for tests: 127.0.0.1:0 everywhere, 2 shards, fixed secrets and tiny
+    /// limits (4 KiB frames, 3 terminals per user, 16 KiB queues, 1 s heartbeat, …) so overflow
+    /// paths run; touches no file.
+    pub fn test_min(data_dir: PathBuf) -> Config {
+        let any = Some("127.0.0.1:0".to_owned());
+        let raw = RawConfig {
+            listen: RawListen {
+                client: any.clone(),
+                api: any.clone(),
+                admin: any,
+            },
+            node: RawNode {
+                shards: Some(2),
+                data_dir: Some(data_dir),
+                id: Some("test-node".into()),
+            },
+            auth: RawAuth {
+                jwt_secret: Some(Secret::new("test-jwt-secret-0123456789abcdef")),
+                api_key: Some(Secret::new("test-api-key-0123456789abcdef")),
+                admin_token: Some(Secret::new("test-admin-token-0123456789abcdef")),
+            },
+            limits: RawLimits {
+                frame_bytes_max: Some(4 * KIB),
+                terminals_per_user_max: Some(3),
+                outbound_queue_bytes_max: Some(16 * KIB),
+                connections_per_shard_max: Some(64),
+                handshake_timeout_ms: Some(1000),
+                idle_timeout_s: Some(3),
+                heartbeat_s: Some(1),
+                http_header_bytes_max: Some(2 * KIB),
+                http_body_bytes_max: Some(64 * KIB),
+                api_connections_max: Some(16),
+                protocol_violations_max: Some(3),
+                sync_page_max: Some(8),
+            },
+            ..RawConfig::default()
+        };
+        let layers = Layers(vec![Layer {
+            kind: LayerKind::Code("Config::test_min"),
+            raw,
+        }]);
+        let prepared = Prepared::from_layers(&layers).expect("Config::test_min must validate");
+        let auth = prepared
+            .configured
+            .complete()
+            .expect("Config::test_min sets every secret");
+        prepared.into_config(auth, false)
+    }
+
+    /// The effective configuration as JSON shaped like the TOML file, every secret `"***"`
+    /// (and any password inside a URL too); for `GET /admin/v1/config` and start-up logs.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        let limits = &self.limits;
+        json!({
+            "listen": {
+                "client": self.listen.client.to_string(),
+                "api": self.listen.api.to_string(),
+                "admin": self.listen.admin.to_string(),
+            },
+            "node": {
+                "shards": self.node.shards,
+                "data_dir": self.node.data_dir.to_string_lossy(),
+                "id": self.node.id,
+            },
+            "auth": {
+                "jwt_secret": "***",
+                "api_key": "***",
+                "admin_token": "***",
+            },
+            "cluster": {
+                "redis_url": self.cluster.redis_url.as_deref().map(redact_userinfo),
+                "node_id": self.node.id,
+            },
+            "events": {
+                "webhook_url": self.events.webhook.as_ref().map(|w| redact_userinfo(&w.url)),
+                "webhook_secret": self.events.webhook.as_ref().map(|_| "***"),
+            },
+            "retention": { "days": self.retention.days },
+            "limits": {
+                "frame_bytes_max": limits.frame_bytes_max,
+                "terminals_per_user_max": limits.terminals_per_user_max,
+                "outbound_queue_bytes_max": limits.outbound_queue_bytes_max,
+                "connections_per_shard_max": limits.connections_per_shard_max,
+                "handshake_timeout_ms": u64::try_from(limits.handshake_timeout.as_millis()).unwrap_or(u64::MAX),
+                "idle_timeout_s": limits.idle_timeout.as_secs(),
+                "heartbeat_s": limits.heartbeat_s,
+                "http_header_bytes_max": limits.http_header_bytes_max,
+                "http_body_bytes_max": limits.http_body_bytes_max,
+                "api_connections_max": limits.api_connections_max,
+                "protocol_violations_max": limits.protocol_violations_max,
+                "sync_page_max": limits.sync_page_max,
+            },
+            "terminal": { "send_enabled": self.terminal_send_enabled },
+            "log": { "format": self.log.format.as_str(), "level": self.log.level },
+        })
+    }
+}
+
+/// The secret `ether token` signs with: configured (file/env), else `<data>/secrets.toml`;
+/// never generates one.
+pub fn token_secret(
+    args: &TokenArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Secret, ConfigError> {
+    let prepared = Prepared::from_layers(&Layers::gather(&args.serve_args(), &env)?)?;
+    if let Some(secret) = prepared.configured.jwt_secret {
+        return Ok(secret);
+    }
+    let data_dir = &prepared.node.data_dir;
+    Secrets::read(data_dir)?
+        .jwt_secret
+        .ok_or_else(|| ConfigError::MissingSecret {
+            key: "auth.jwt_secret",
+            path: Secrets::path(data_dir),
+        })
+}
+
+/// Where `ether admin` connects: `--addr`, else `ETHER_ADMIN_ADDR`, else `<data>/ports.json`,
+/// else `listen.admin`; token from `--token`, else config/env, else `<data>/secrets.toml`.
+pub fn admin_target(
+    args: &AdminArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<AdminTarget, ConfigError> {
+    let addr = args
+        .addr
+        .clone()
+        .or_else(|| env(ADMIN_ADDR_ENV).filter(|a| !a.is_empty()));
+    let token = args.token.clone().map(Secret::new);
+    if let (Some(addr), Some(token)) = (&addr, &token) {
+        return Ok(AdminTarget {
+            addr: addr.clone(),
+            token: token.clone(),
+        });
+    }
+    let prepared = Prepared::from_layers(&Layers::gather(&args.serve_args(), &env)?)?;
+    let data_dir = &prepared.node.data_dir;
+    let addr = match addr {
+        Some(addr) => addr,
+        None => {
+            let bound = match PortsFile::read(data_dir) {
+                Ok(ports) => ports.admin,
+                Err(e) if e.is_not_found() => prepared.listen.admin,
+                Err(e) => return Err(e.into()),
+            };
+            connectable(bound).to_string()
+        }
+    };
+    let token = match token.or(prepared.configured.admin_token) {
+        Some(token) => token,
+        None => Secrets::read(data_dir)?
+            .admin_token
+            .ok_or_else(|| ConfigError::MissingSecret {
+                key: "auth.admin_token",
+                path: Secrets::path(data_dir),
+            })?,
+    };
+    Ok(AdminTarget { addr, token })
+}
+
+/// A listen address one can connect to: `0.0.0.0`/`::` become loopback.
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// `scheme://user:pass@host/…` → `scheme://***@host/…`; other URLs unchanged.
+fn redact_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+impl Prepared {
+    /// Parses and checks every key of the merged layers; pure (reads only the host name).
+    fn from_layers(layers: &Layers) -> Result<Prepared, ConfigError> {
+        let raw = layers.merged();
+        let check = Check { layers };
+
+        let listen = Listen {
+            client: check.addr(
+                "listen.client",
+                raw.listen.client.as_deref(),
+                "0.0.0.0:9000",
+            )?,
+            api: check.addr("listen.api", raw.listen.api.as_deref(), "127.0.0.1:9001")?,
+            admin: check.addr(
+                "listen.admin",
+                raw.listen.admin.as_deref(),
+                "127.0.0.1:9002",
+            )?,
+        };
+
+        let node = Node {
+            shards: check.bounded("node.shards", raw.node.shards, default_shards())?,
+            data_dir: match raw.node.data_dir {
+                Some(dir) if dir.as_os_str().is_empty() => {
+                    return Err(check.invalid("node.data_dir", "must not be empty"))
+                }
+                Some(dir) => dir,
+                None => PathBuf::from("./ether-data"),
+            },
+            id: node_id(layers)?,
+        };
+
+        let cluster = Cluster {
+            redis_url: match raw.cluster.redis_url {
+                Some(url) => Some(check.url(
+                    "cluster.redis_url",
+                    url,
+                    &["redis://", "rediss://", "redis+unix://", "unix://"],
+                )?),
+                None => None,
+            },
+        };
+
+        let webhook = match (raw.events.webhook_url, raw.events.webhook_secret) {
+            (Some(url), Some(secret)) => Some(Webhook {
+                url: check.url("events.webhook_url", url, &["http://", "https://"])?,
+                secret: check.secret("events.webhook_secret", secret)?,
+            }),
+            (Some(_), None) => {
+                return Err(check.invalid(
+                    "events.webhook_url",
+                    "needs events.webhook_secret to sign deliveries (ETHER_EVENTS_WEBHOOK_SECRET)",
+                ))
+            }
+            (None, Some(secret)) => {
+                check.secret("events.webhook_secret", secret)?;
+                tracing::warn!("events.webhook_secret is set but events.webhook_url is not; no events will be sent");
+                None
+            }
+            (None, None) => None,
+        };
+
+        let retention = Retention {
+            days: check.bounded("retention.days", raw.retention.days, 30)?,
+        };
+
+        let d = Limits::default();
+        let l = &raw.limits;
+        let limits = Limits {
+            frame_bytes_max: check.bounded(
+                "limits.frame_bytes_max",
+                l.frame_bytes_max,
+                d.frame_bytes_max,
+            )?,
+            terminals_per_user_max: check.bounded(
+                "limits.terminals_per_user_max",
+                l.terminals_per_user_max,
+                d.terminals_per_user_max,
+            )?,
+            outbound_queue_bytes_max: check.bounded(
+                "limits.outbound_queue_bytes_max",
+                l.outbound_queue_bytes_max,
+                d.outbound_queue_bytes_max,
+            )?,
+            connections_per_shard_max: check.bounded(
+                "limits.connections_per_shard_max",
+                l.connections_per_shard_max,
+                d.connections_per_shard_max,
+            )?,
+            handshake_timeout: Duration::from_millis(check.bounded(
+                "limits.handshake_timeout_ms",
+                l.handshake_timeout_ms,
+                5_000,
+            )?),
+            idle_timeout: Duration::from_secs(check.bounded(
+                "limits.idle_timeout_s",
+                l.idle_timeout_s,
+                90,
+            )?),
+            heartbeat_s: check.bounded("limits.heartbeat_s", l.heartbeat_s, d.heartbeat_s)?,
+            http_header_bytes_max: check.bounded(
+                "limits.http_header_bytes_max",
+                l.http_header_bytes_max,
+                d.http_header_bytes_max,
+            )?,
+            http_body_bytes_max: check.bounded(
+                "limits.http_body_bytes_max",
+                l.http_body_bytes_max,
+                d.http_body_bytes_max,
+            )?,
+            api_connections_max: check.bounded(
+                "limits.api_connections_max",
+                l.api_connections_max,
+                d.api_connections_max,
+            )?,
+            protocol_violations_max: check.bounded(
+                "limits.protocol_violations_max",
+                l.protocol_violations_max,
+                d.protocol_violations_max,
+            )?,
+            sync_page_max: check.bounded(
+                "limits.sync_page_max",
+                l.sync_page_max,
+                d.sync_page_max,
+            )?,
+        };
+        if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
+            return Err(check.invalid(
+                "limits.idle_timeout_s",
+                format!(
+                    "must exceed limits.heartbeat_s = {} (from {}), got {}",
+                    limits.heartbeat_s,
+                    layers.origin("limits.heartbeat_s"),
+                    limits.idle_timeout.as_secs()
+                ),
+            ));
+        }
+        if limits.outbound_queue_bytes_max < limits.frame_bytes_max {
+            return Err(check.invalid(
+                "limits.outbound_queue_bytes_max",
+                format!(
+                    "must hold at least one frame: limits.frame_bytes_max = {} (from {}), got {}",
+                    limits.frame_bytes_max,
+                    layers.origin("limits.frame_bytes_max"),
+                    limits.outbound_queue_bytes_max
+                ),
+            ));
+        }
+
+        let log = Log {
+            format: match raw.log.format.as_deref() {
+                None | Some("human") => LogFormat::Human,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(check.invalid("log.format", format!("expected human or json, got {other:?}")))
+                }
+            },
+            level: match raw.log.level {
+                None => "info".to_owned(),
+                Some(level) if level.trim().is_empty() => {
+                    return Err(check.invalid("log.level", "must not be empty"))
+                }
+                Some(level) if level.len() > LOG_LEVEL_BYTES_MAX || level.chars().any(char::is_control) => {
+                    return Err(check.invalid(
+                        "log.level",
+                        format!("must be a filter like info or info,ether_engine=debug of at most {LOG_LEVEL_BYTES_MAX} bytes"),
+                    ))
+                }
+                Some(level) => level.trim().to_owned(),
+            },
+        };
+
+        let configured = Secrets {
+            jwt_secret: raw
+                .auth
+                .jwt_secret
+                .map(|s| check.secret("auth.jwt_secret", s))
+                .transpose()?,
+            api_key: raw
+                .auth
+                .api_key
+                .map(|s| check.secret("auth.api_key", s))
+                .transpose()?,
+            admin_token: raw
+                .auth
+                .admin_token
+                .map(|s| check.secret("auth.admin_token", s))
+                .transpose()?,
+        };
+
+        Ok(Prepared {
+            listen,
+            node,
+            cluster,
+            events: Events { webhook },
+            retention,
+            limits,
+            terminal_send_enabled: raw.terminal.send_enabled.unwrap_or(true),
+            log,
+            configured,
+        })
+    }
+
+    fn into_config(self, auth: AuthSecrets, secrets_generated: bool) -> Config {
+        Config {
+            listen: self.listen,
+            node: self.node,
+            auth,
+            cluster: self.cluster,
+            events: self.events,
+            retention: self.retention,
+            limits: self.limits,
+            terminal_send_enabled: self.terminal_send_enabled,
+            log: self.log,
+            secrets_generated,
+        }
+    }
+}
+
+/// An integer type a bounded key holds.
+trait Bounded: Copy {
+    fn as_u64(self) -> u64;
+}
+
+macro_rules! bounded_integer {
+    ($($ty:ty),*) => {$(
+        impl Bounded for $ty {
+            fn as_u64(self) -> u64 {
+                u64::try_from(self).unwrap_or(u64::MAX)
+            }
+        }
+    )*};
+}
+bounded_integer!(u32, u64, usize);
+
+/// Checks one key at a time and names its winning source in errors.
+struct Check<'a> {
+    layers: &'a Layers,
+}
+
+impl Check<'_> {
+    fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key,
+            origin: self.layers.origin(key),
+            message: message.into(),
+        }
+    }
+
+    /// `value` (or `default`) within the key's [`LIMIT_BOUNDS`].
+    fn bounded<T: Bounded>(
+        &self,
+        key: &'static str,
+        value: Option<T>,
+        default: T,
+    ) -> Result<T, ConfigError> {
+        let (_, min, max) = LIMIT_BOUNDS
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .copied()
+            .unwrap_or_else(|| panic!("{key} has no entry in LIMIT_BOUNDS"));
+        let value = value.unwrap_or(default);
+        let n = value.as_u64();
+        if n < min || n > max {
+            return Err(self.invalid(key, format!("must be in {min}..={max}, got {n}")));
+        }
+        Ok(value)
+    }
+
+    fn addr(
+        &self,
+        key: &'static str,
+        value: Option<&str>,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        let text = value.unwrap_or(default);
+        text.trim().parse().map_err(|_| {
+            self.invalid(
+                key,
+                format!("expected IP:PORT such as 0.0.0.0:9000 or [::1]:9000, got {text:?}"),
+            )
+        })
+    }
+
+    fn url(&self, key: &'static str, url: String, schemes: &[&str]) -> Result<String, ConfigError> {
+        let url = url.trim().to_owned();
+        if !schemes.iter().any(|s| url.starts_with(s)) {
+            return Err(self.invalid(key, format!("must start with {}", schemes.join(" or "))));
+        }
+        if url.len() > URL_BYTES_MAX || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.invalid(
+                key,
+                format!("must be at most {URL_BYTES_MAX} bytes without spaces"),
+            ));
+        }
+        Ok(url)
+    }
+
+    fn secret(&self, key: &'static str, secret: Secret) -> Result<Secret, ConfigError> {
+        let short = key.rsplit('.').next().unwrap_or(key);
+        validate_secret(short, secret.expose()).map_err(|problem| self.invalid(key, problem))?;
+        Ok(secret)
+    }
+}
+
+/// Shards when nobody says: online CPUs, within 1..=SHARDS_MAX.
+fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, SHARDS_MAX)
+}
+
+/// `node.id`, or its alias `cluster.node_id`, from the highest source setting either; both in
+/// one source must agree. Default: the host name, else `node-1`.
+fn node_id(layers: &Layers) -> Result<String, ConfigError> {
+    for layer in layers.0.iter().rev() {
+        let (key, id) = match (&layer.raw.node.id, &layer.raw.cluster.node_id) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ConfigError::Invalid {
+                    key: "node.id",
+                    origin: layer.source_of("node.id"),
+                    message: format!(
+                        "{a:?} conflicts with cluster.node_id = {b:?} from the same source"
+                    ),
+                })
+            }
+            (Some(id), _) => ("node.id", id),
+            (None, Some(id)) => ("cluster.node_id", id),
+            (None, None) => continue,
+        };
+        if !valid_node_id(id) {
+            return Err(ConfigError::Invalid {
+                key,
+                origin: layer.source_of(key),
+                message: format!(
+                    "expected 1..={NODE_ID_BYTES_MAX} characters of [A-Za-z0-9_.:-], got {id:?}"
+                ),
+            });
+        }
+        return Ok(id.clone());
+    }
+    Ok(default_node_id())
+}
+
+fn valid_node_id(id: &str) -> bool {
+    (1..=NODE_ID_BYTES_MAX).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+}
+
+fn default_node_id() -> String {
+    let host = ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|path| std::fs::read_to_string(path).ok())
+        .unwrap_or_default();
+    let id: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.:-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(NODE_ID_BYTES_MAX)
+        .collect();
+    if valid_node_id(&id) {
+        id
+    } else {
+        "node-1".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::fs;
+
+    /// A fake environment.
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |key| map.get(key).cloned()
+    }
+
+    fn no_env() -> impl Fn(&str) -> Option<String> {
+        env(&[])
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            Fixture {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+        fn data(&self) -> PathBuf {
+            self.dir.path().join("data")
+        }
+        fn file(&self, toml: &str) -> PathBuf {
+            let path = self.dir.path().join("ether.toml");
+            fs::write(&path, toml).unwrap();
+            path
+        }
+        /// Serve args pointing the data dir into the fixture.
+        fn args(&self) -> ServeArgs {
+            ServeArgs {
+                data: Some(self.data()),
+                ..ServeArgs::default()
+            }
+        }
+    }
+
+    fn invalid(err: ConfigError) -> (&'static str, Source, String) {
+        match err {
+            ConfigError::Invalid {
+                key,
+                origin,
+                message,
+            } => (key, origin, message),
+            other => panic!("expected Invalid, got {other:?}: {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_with_nothing_configured() {
+        let fx = Fixture::new();
+        let config = Config::load(&fx.args(), no_env()).unwrap();
+        assert_eq!(config.listen.client, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.listen.api, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(config.listen.admin, "127.0.0.1:9002".parse().unwrap());
+        assert_eq!(config.node.shards, default_shards());
+        assert!((1..=SHARDS_MAX).contains(&config.node.shards));
+        assert!(valid_node_id(&config.node.id), "{:?}", config.node.id);
+        assert_eq!(config.cluster.redis_url, None);
+        assert!(config.events.webhook.is_none());
+        assert_eq!(config.retention.days, 30);
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.limits.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(90));
+        assert!(config.terminal_send_enabled);
+        assert_eq!(
+            config.log,
+            Log {
+                format: LogFormat::Human,
+                level: "info".into()
+            }
+        );
+        assert!(config.secrets_generated, "first start generates secrets");
+        assert!(Secrets::path(&fx.data()).exists());
+
+        let again = Config::load(&fx.args(), no_env()).unwrap();
+        assert!(!again.secrets_generated, "second start reuses them");
+        assert_eq!(
+            again.auth.jwt_secret.expose(),
+            config.auth.jwt_secret.expose()
+        );
+        assert_eq!(again.auth.api_key.expose(), config.auth.api_key.expose());
+        assert_eq!(
+            again.auth.admin_token.expose(),
+            config.auth.admin_token.expose()
+        );
+    }
+
+    #[test]
+    fn default_data_dir() {
+        let layers = Layers::gather(&ServeArgs::default(), &no_env()).unwrap();
+        assert_eq!(
+            Prepared::from_layers(&layers).unwrap().node.data_dir,
+            PathBuf::from("./ether-data")
+        );
+    }
+
+    #[test]
+    fn precedence_flag_over_env_over_file_over_default() {
+        let fx = Fixture::new();
+        let file = fx.file(
+            r#"
+            [listen]
+            client = "127.0.0.1:7001"
+            api = "127.0.0.1:7002"
+            admin = "127.0.0.1:7003"
+            [node]
+            shards = 3
+            [limits]
+            frame_bytes_max = 32768
+            heartbeat_s = 20
+            [log]
+            level = "warn"
+            format = "json"
+            "#,
+        );
+        let args = ServeArgs {
+            config: Some(file),
+            listen_client: Some("127.0.0.1:9101".parse().unwrap()),
+            shards: Some(5),
+            ..fx.args()
+        };
+        let env = env(&[
+            ("ETHER_LISTEN_CLIENT", "127.0.0.1:8001"),
+            ("ETHER_LISTEN_API", "127.0.0.1:8002"),
+            ("ETHER_NODE_SHARDS", "4"),
+            ("ETHER_LIMITS_FRAME_BYTES_MAX", "16384"),
+            ("ETHER_LOG_LEVEL", "debug"),
+        ]);
+        let config = Config::load(&args, env).unwrap();
+        assert_eq!(
+            config.listen.client,
+            "127.0.0.1:9101".parse().unwrap(),
+            "flag beats env and file"
+        );
+        assert_eq!(config.node.shards, 5, "flag beats env and file");
+        assert_eq!(
+            config.listen.api,
+            "127.0.0.1:8002".parse().unwrap(),
+            "env beats file"
+        );
+        assert_eq!(config.limits.frame_bytes_max, 16384, "env beats file");
+        assert_eq!(config.log.level, "debug", "env beats file");
+        assert_eq!(
+            config.listen.admin,
+            "127.0.0.1:7003".parse().unwrap(),
+            "file beats default"
+        );
+        assert_eq!(config.limits.heartbeat_s, 20, "file beats default");
+        assert_eq!(config.log.format, LogFormat::Json, "file beats default");
+        assert_eq!(config.limits.sync_page_max, 500, "default when nobody says");
+    }
+
+    #[test]
+    fn config_file_from_env_and_flag_wins() {
+        let fx = Fixture::new();
+        let from_env = fx.dir.path().join("env.toml");
+        fs::write(&from_env, "[retention]\ndays = 7\n").unwrap();
+        let from_flag = fx.file("[retention]\ndays = 9\n");
+        let path = from_env.to_str().unwrap();
+
+        let config = Config::load(&fx.args(), env(&[("ETHER_CONFIG", path)])).unwrap();
+        assert_eq!(config.retention.days, 7, "ETHER_CONFIG names the file");
+
+        let args = ServeArgs {
+            config: Some(from_flag),
+            ..fx.args()
+        };
+        let config = Config::load(&args, env(&[("ETHER_CONFIG", path)])).unwrap();
+        assert_eq!(config.retention.days, 9, "--config beats ETHER_CONFIG");
+
+        let args = ServeArgs {
+            config: Some(fx.dir.path().join("missing.toml")),
+            ..fx.args()
+        };
+        let err = Config::load(&args, no_env()).unwrap_err();
+        assert!(matches!(err, ConfigError::ReadFile { .. }), "{err}");
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn every_key_has_its_env_var() {
+        assert_eq!(env_var("listen.client"), "ETHER_LISTEN_CLIENT");
+        assert_eq!(env_var("node.data_dir"), "ETHER_NODE_DATA_DIR");
+        assert_eq!(
+            env_var("limits.frame_bytes_max"),
+            "ETHER_LIMITS_FRAME_BYTES_MAX"
+        );
+        let all: Vec<(String, String)> = RawConfig::KEYS
+            .iter()
+            .map(|k| {
+                let value = match *k {
+                    "node.shards" | "limits.terminals_per_user_max" | "limits.heartbeat_s" => "2",
+                    "retention.days"
+                    | "limits.protocol_violations_max"
+                    | "limits.sync_page_max" => "2",
+                    "node.data_dir" | "node.id" | "cluster.node_id" => "n",
+                    "terminal.send_enabled" => "false",
+                    k if k.starts_with("limits.") => "4096",
+                    _ => "some-string-value-16",
+                };
+                (env_var(k), value.to_owned())
+            })
+            .collect();
+        let map: HashMap<_, _> = all.into_iter().collect();
+        let raw = RawConfig::from_env(|k| map.get(k).cloned()).unwrap();
+        for key in RawConfig::KEYS {
+            assert!(raw.is_set(key), "{key} is not read from {}", env_var(key));
+        }
+        assert!(
+            RawConfig::from_env(|_| Some(String::new())).is_ok(),
+            "empty means unset"
+        );
+        assert!(!RawConfig::from_env(|_| Some(String::new()))
+            .unwrap()
+            .is_set("node.shards"));
+    }
+
+    #[test]
+    fn bad_env_values_name_the_variable() {
+        let err = RawConfig::from_env(env(&[("ETHER_NODE_SHARDS", "x")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"ETHER_NODE_SHARDS: expected a positive integer, got "x""#
+        );
+        let err = RawConfig::from_env(env(&[("ETHER_LIMITS_IDLE_TIMEOUT_S", "-3")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"ETHER_LIMITS_IDLE_TIMEOUT_S: expected a positive integer, got "-3""#
+        );
+        let err =
+            RawConfig::from_env(env(&[("ETHER_TERMINAL_SEND_ENABLED", "maybe")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"ETHER_TERMINAL_SEND_ENABLED: expected true or false, got "maybe""#
+        );
+        let fx = Fixture::new();
+        let err = Config::load(&fx.args(), env(&[("ETHER_RETENTION_DAYS", "30d")])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("ETHER_RETENTION_DAYS:"),
+            "{err}"
+        );
+        assert!(!fx.data().exists(), "a refused config creates nothing");
+
+        let raw = RawConfig::from_env(env(&[("ETHER_TERMINAL_SEND_ENABLED", "off")])).unwrap();
+        assert_eq!(raw.terminal.send_enabled, Some(false));
+    }
+
+    #[test]
+    fn toml_typos_are_rejected_with_the_key() {
+        let cases = [
+            (
+                "[node]\nshardz = 3\n",
+                "node.shardz: unknown key",
+                "did you mean `shards`",
+            ),
+            (
+                "[limits]\nframe_byte_max = 1\n",
+                "limits.frame_byte_max: unknown key",
+                "`frame_bytes_max`",
+            ),
+            (
+                "[listn]\nclient = \"x\"\n",
+                "listn: unknown section",
+                "did you mean `listen`",
+            ),
+            (
+                "[node]\nshards = \"x\"\n",
+                "node.shards: invalid type: string \"x\"",
+                "",
+            ),
+            ("[node]\nshards = -1\n", "node.shards: invalid value", ""),
+            ("[auth]\napi_key = 5\n", "auth.api_key: invalid type", ""),
+            ("node = 3\n", "node: expected a table", ""),
+            ("shards = 3\n", "shards: unknown section", ""),
+        ];
+        for (toml, want, hint) in cases {
+            let err = RawConfig::from_toml(toml).unwrap_err();
+            assert!(err.starts_with(want), "{toml:?}: {err}");
+            assert!(err.contains(hint), "{toml:?}: {err}");
+        }
+        let syntax = RawConfig::from_toml("[node\nshards = 1").unwrap_err();
+        assert!(
+            syntax.contains("line 1"),
+            "syntax errors keep the position: {syntax}"
+        );
+
+        let fx = Fixture::new();
+        let args = ServeArgs {
+            config: Some(fx.file("[node]\nshardz = 3\n")),
+            ..fx.args()
+        };
+        let msg = Config::load(&args, no_env()).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("config file ") && msg.contains("ether.toml: node.shardz"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn full_toml_example_parses() {
+        let raw = RawConfig::from_toml(
+            r#"
+            [listen]
+            client = "0.0.0.0:9000"
+            api = "127.0.0.1:9001"
+            admin = "127.0.0.1:9002"
+            [node]
+            shards = 4
+            data_dir = "/var/lib/ether"
+            id = "node-a"
+            [auth]
+            jwt_secret = "0123456789abcdef0123"
+            api_key = "0123456789abcdef0123"
+            admin_token = "0123456789abcdef0123"
+            [cluster]
+            redis_url = "redis://127.0.0.1:6379"
+            node_id = "node-a"
+            [events]
+            webhook_url = "https://hooks.example.com/ether"
+            webhook_secret = "0123456789abcdef0123"
+            [retention]
+            days = 30
+            [limits]
+            frame_bytes_max = 65536
+            terminals_per_user_max = 10
+            outbound_queue_bytes_max = 1048576
+            connections_per_shard_max = 100000
+            handshake_timeout_ms = 5000
+            idle_timeout_s = 90
+            heartbeat_s = 30
+            http_header_bytes_max = 8192
+            http_body_bytes_max = 4194304
+            api_connections_max = 10000
+            protocol_violations_max = 10
+            sync_page_max = 500
+            [terminal]
+            send_enabled = false
+            [log]
+            format = "json"
+            level = "info"
+            "#,
+        )
+        .unwrap();
+        for key in RawConfig::KEYS {
+            assert!(raw.is_set(key), "{key} missing from the example");
+        }
+        let layers = Layers(vec![Layer {
+            kind: LayerKind::Code("test"),
+            raw,
+        }]);
+        let p = Prepared::from_layers(&layers).unwrap();
+        assert_eq!(p.node.id, "node-a");
+        assert!(!p.terminal_send_enabled);
+        assert_eq!(
+            p.events.webhook.unwrap().url,
+            "https://hooks.example.com/ether"
+        );
+        assert!(p.configured.complete().is_some());
+    }
+
+    #[test]
+    fn validation_errors_name_key_and_source() {
+        let fx = Fixture::new();
+
+        let args = ServeArgs {
+            shards: Some(0),
+            ..fx.args()
+        };
+        let (key, origin, msg) = invalid(Config::load(&args, no_env()).unwrap_err());
+        assert_eq!((key, origin), ("node.shards", Source::Flag("--shards")));
+        assert!(msg.contains("1..=256"), "{msg}");
+
+        let err = Config::load(&fx.args(), env(&[("ETHER_NODE_SHARDS", "0")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node.shards (from env ETHER_NODE_SHARDS): must be in 1..=256, got 0"
+        );
+
+        let args = ServeArgs {
+            config: Some(fx.file("[node]\nshards = 300\n")),
+            ..fx.args()
+        };
+        let (key, origin, _) = invalid(Config::load(&args, no_env()).unwrap_err());
+        assert_eq!(key, "node.shards");
+        assert!(matches!(origin, Source::File(ref p) if p.ends_with("ether.toml")));
+
+        let (key, origin, msg) = invalid(
+            Config::load(&fx.args(), env(&[("ETHER_LIMITS_IDLE_TIMEOUT_S", "30")])).unwrap_err(),
+        );
+        assert_eq!(
+            (key, origin),
+            (
+                "limits.idle_timeout_s",
+                Source::Env("ETHER_LIMITS_IDLE_TIMEOUT_S".into())
+            )
+        );
+        assert!(
+            msg.contains("must exceed limits.heartbeat_s = 30 (from default), got 30"),
+            "{msg}"
+        );
+
+        let (key, _, _) = invalid(
+            Config::load(&fx.args(), env(&[("ETHER_LIMITS_HEARTBEAT_S", "120")])).unwrap_err(),
+        );
+        assert_eq!(
+            key, "limits.idle_timeout_s",
+            "a raised heartbeat trips the relation too"
+        );
+
+        let (key, origin, msg) = invalid(
+            Config::load(&fx.args(), env(&[("ETHER_LISTEN_API", "localhost:9001")])).unwrap_err(),
+        );
+        assert_eq!(
+            (key, origin),
+            ("listen.api", Source::Env("ETHER_LISTEN_API".into()))
+        );
+        assert!(msg.contains("IP:PORT"), "{msg}");
+
+        let args = ServeArgs {
+            config: Some(fx.file("[listen]\nadmin = \"127.0.0.1\"\n")),
+            ..fx.args()
+        };
+        assert_eq!(
+            invalid(Config::load(&args, no_env()).unwrap_err()).0,
+            "listen.admin"
+        );
+
+        let err = Config::load(&fx.args(), env(&[("ETHER_AUTH_API_KEY", "short")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "auth.api_key (from env ETHER_AUTH_API_KEY): must be at least 16 bytes, got 5"
+        );
+        assert!(
+            !err.to_string().contains("short\""),
+            "secret values are not echoed"
+        );
+
+        for (var, value, key) in [
+            ("ETHER_RETENTION_DAYS", "0", "retention.days"),
+            ("ETHER_RETENTION_DAYS", "3651", "retention.days"),
+            (
+                "ETHER_LIMITS_FRAME_BYTES_MAX",
+                "0",
+                "limits.frame_bytes_max",
+            ),
+            (
+                "ETHER_LIMITS_OUTBOUND_QUEUE_BYTES_MAX",
+                "2048",
+                "limits.outbound_queue_bytes_max",
+            ),
+            ("ETHER_LIMITS_SYNC_PAGE_MAX", "0", "limits.sync_page_max"),
+            ("ETHER_LOG_FORMAT", "xml", "log.format"),
+            (
+                "ETHER_CLUSTER_REDIS_URL",
+                "http://redis:6379",
+                "cluster.redis_url",
+            ),
+            (
+                "ETHER_EVENTS_WEBHOOK_URL",
+                "https://h.example/x",
+                "events.webhook_url",
+            ),
+            ("ETHER_NODE_ID", "bad id!", "node.id"),
+            ("ETHER_CLUSTER_NODE_ID", "", "none"),
+        ] {
+            let result = Config::load(&fx.args(), env(&[(var, value)]));
+            if key == "none" {
+                assert!(result.is_ok(), "{var}={value:?} is accepted");
+                continue;
+            }
+            let (got, origin, _) = invalid(result.unwrap_err());
+            assert_eq!(
+                (got, origin),
+                (key, Source::Env(var.into())),
+                "{var}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_id_alias() {
+        let fx = Fixture::new();
+        let file = fx.file("[cluster]\nnode_id = \"from-file\"\n");
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            ..fx.args()
+        };
+        assert_eq!(Config::load(&args, no_env()).unwrap().node.id, "from-file");
+
+        let with_env = env(&[("ETHER_NODE_ID", "from-env")]);
+        assert_eq!(
+            Config::load(&args, with_env).unwrap().node.id,
+            "from-env",
+            "env node.id beats file alias"
+        );
+
+        let args = ServeArgs {
+            node_id: Some("from-flag".into()),
+            ..args
+        };
+        let with_env = env(&[("ETHER_CLUSTER_NODE_ID", "from-env")]);
+        assert_eq!(Config::load(&args, with_env).unwrap().node.id, "from-flag");
+
+        let args = ServeArgs {
+            config: Some(fx.file("[node]\nid = \"a\"\n[cluster]\nnode_id = \"b\"\n")),
+            ..fx.args()
+        };
+        let (key, _, msg) = invalid(Config::load(&args, no_env()).unwrap_err());
+        assert_eq!(key, "node.id");
+        assert!(msg.contains("conflicts with cluster.node_id"), "{msg}");
+    }
+
+    #[test]
+    fn webhook_and_redis() {
+        let fx = Fixture::new();
+        let config = Config::load(
+            &ServeArgs {
+                redis: Some("redis://:hunter2hunter2@r.example:6379/0".into()),
+                ..fx.args()
+            },
+            env(&[
+                (
+                    "ETHER_EVENTS_WEBHOOK_URL",
+                    "https://user:pw@hooks.example/e?x=1",
+                ),
+                ("ETHER_EVENTS_WEBHOOK_SECRET", "webhook-secret-0123456789"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.cluster.redis_url.as_deref(),
+            Some("redis://:hunter2hunter2@r.example:6379/0")
+        );
+        let webhook = config.events.webhook.as_ref().unwrap();
+        assert_eq!(webhook.secret.expose(), "webhook-secret-0123456789");
+        let json = config.redacted_json();
+        assert_eq!(json["cluster"]["redis_url"], "redis://***@r.example:6379/0");
+        assert_eq!(
+            json["events"]["webhook_url"],
+            "https://***@hooks.example/e?x=1"
+        );
+        assert_eq!(json["events"]["webhook_secret"], "***");
+        let text = json.to_string();
+        assert!(
+            !text.contains("hunter2") && !text.contains("webhook-secret"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn configured_secret_wins_over_stored() {
+        let fx = Fixture::new();
+        let first = Config::load(&fx.args(), no_env()).unwrap();
+        let env = env(&[("ETHER_AUTH_JWT_SECRET", "operator-chosen-jwt-secret")]);
+        let config = Config::load(&fx.args(), env).unwrap();
+        assert!(!config.secrets_generated);
+        assert_eq!(
+            config.auth.jwt_secret.expose(),
+            "operator-chosen-jwt-secret"
+        );
+        assert_eq!(config.auth.api_key.expose(), first.auth.api_key.expose());
+        let stored = fs::read_to_string(Secrets::path(&fx.data())).unwrap();
+        assert!(!stored.contains("operator-chosen"));
+    }
+
+    #[test]
+    fn redacted_json_mirrors_every_key_and_hides_secrets() {
+        let fx = Fixture::new();
+        let config = Config::load(&fx.args(), no_env()).unwrap();
+        let json = config.redacted_json();
+        for key in RawConfig::KEYS {
+            let (section, name) = key.split_once('.').unwrap();
+            assert!(
+                json[section].get(name).is_some(),
+                "{key} missing from redacted_json"
+            );
+        }
+        let text = json.to_string();
+        for secret in [
+            &config.auth.jwt_secret,
+            &config.auth.api_key,
+            &config.auth.admin_token,
+        ] {
+            assert!(!text.contains(secret.expose()), "secret leaked: {text}");
+        }
+        assert_eq!(json["auth"]["api_key"], "***");
+        assert_eq!(json["limits"]["handshake_timeout_ms"], 5000);
+        assert_eq!(json["listen"]["client"], "0.0.0.0:9000");
+        assert!(
+            !format!("{config:?}").contains(config.auth.jwt_secret.expose()),
+            "Debug redacts too"
+        );
+    }
+
+    #[test]
+    fn test_min_is_tiny_and_valid() {
+        let config = Config::test_min(PathBuf::from("/nonexistent/test-data"));
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert_eq!(
+            config.listen,
+            Listen {
+                client: local,
+                api: local,
+                admin: local
+            }
+        );
+        assert_eq!(config.node.shards, 2);
+        let l = config.limits;
+        assert_eq!(l.frame_bytes_max, 4096);
+        assert_eq!(l.terminals_per_user_max, 3);
+        assert_eq!(l.outbound_queue_bytes_max, 16 * 1024);
+        assert_eq!(l.handshake_timeout, Duration::from_secs(1));
+        assert_eq!(l.idle_timeout, Duration::from_secs(3));
+        assert_eq!(l.heartbeat_s, 1);
+        assert_eq!(l.http_header_bytes_max, 2048);
+        assert_eq!(l.http_body_bytes_max, 64 * 1024);
+        assert_eq!(l.protocol_violations_max, 3);
+        assert!(l.sync_page_max < Limits::default().sync_page_max);
+        assert!(!config.secrets_generated);
+        assert!(config
+            .auth
+            .api_key
+            .matches(b"test-api-key-0123456789abcdef"));
+        assert!(
+            !Path::new("/nonexistent/test-data").exists(),
+            "test_min touches no file"
+        );
+    }
+
+    #[test]
+    fn every_bound_is_used_and_defaults_fit() {
+        for (key, min, max) in LIMIT_BOUNDS {
+            assert!(RawConfig::KEYS.contains(key), "{key}");
+            assert!(min <= max, "{key}");
+        }
+        let json = Config::test_min(PathBuf::from("t")).redacted_json();
+        let defaults = {
+            let layers = Layers(vec![Layer {
+                kind: LayerKind::Code("test"),
+                raw: RawConfig::default(),
+            }]);
+            let p = Prepared::from_layers(&layers).unwrap();
+            let auth = Config::test_min(PathBuf::from("t")).auth;
+            p.into_config(auth, false).redacted_json()
+        };
+        for key in RawConfig::KEYS.iter().filter(|k| k.starts_with("limits.")) {
+            let (section, name) = key.split_once('.').unwrap();
+            assert!(json[section][name].is_u64(), "{key} is an integer in JSON");
+            assert!(
+                LIMIT_BOUNDS.iter().any(|(k, _, _)| k == key),
+                "{key} has bounds"
+            );
+            assert!(
+                defaults[section][name].as_u64() >= json[section][name].as_u64(),
+                "{key}: test_min is not larger than default"
+            );
+        }
+        for (key, _) in FLAGS {
+            assert!(RawConfig::KEYS.contains(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn flags_layer() {
+        let args = ServeArgs {
+            listen_admin: Some("127.0.0.1:1234".parse().unwrap()),
+            log_format: Some("json".into()),
+            redis: Some("redis://r".into()),
+            ..ServeArgs::default()
+        };
+        let raw = RawConfig::from_serve_args(&args);
+        assert_eq!(raw.listen.admin.as_deref(), Some("127.0.0.1:1234"));
+        assert_eq!(raw.cluster.redis_url.as_deref(), Some("redis://r"));
+        assert!(!raw.is_set("listen.client"));
+        let layers = Layers(vec![Layer {
+            kind: LayerKind::Flags,
+            raw,
+        }]);
+        assert_eq!(
+            layers.origin("listen.admin"),
+            Source::Flag("--listen-admin")
+        );
+        assert_eq!(layers.origin("listen.client"), Source::Default);
+    }
+
+    #[test]
+    fn overlay_is_field_by_field() {
+        let base =
+            RawConfig::from_toml("[node]\nshards = 2\nid = \"a\"\n[log]\nlevel = \"warn\"\n")
+                .unwrap();
+        let top = RawConfig::from_toml("[node]\nshards = 8\n").unwrap();
+        let merged = base.overlay(top);
+        assert_eq!(merged.node.shards, Some(8));
+        assert_eq!(merged.node.id.as_deref(), Some("a"));
+        assert_eq!(merged.log.level.as_deref(), Some("warn"));
+    }
+
+    #[test]
+    fn unknown_env_vars_are_spotted() {
+        let names = [
+            "ETHER_NODE_SHARDS",
+            "ETHER_NODE_SHARD",
+            "ETHER_CONFIG",
+            "ETHER_ADMIN_ADDR",
+            "PATH",
+        ];
+        assert_eq!(
+            RawConfig::unknown_env_vars(names),
+            vec!["ETHER_NODE_SHARD".to_owned()]
+        );
+    }
+
+    #[test]
+    fn token_secret_never_generates() {
+        let fx = Fixture::new();
+        let args = TokenArgs {
+            user: "u".into(),
+            ttl: Duration::from_secs(60),
+            device: None,
+            config: None,
+            data: Some(fx.data()),
+        };
+        let err = token_secret(&args, no_env()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::MissingSecret {
+                    key: "auth.jwt_secret",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("ETHER_AUTH_JWT_SECRET"), "{err}");
+        assert!(!fx.data().exists());
+
+        let served = Config::load(&fx.args(), no_env()).unwrap();
+        assert_eq!(
+            token_secret(&args, no_env()).unwrap().expose(),
+            served.auth.jwt_secret.expose()
+        );
+        let env = env(&[("ETHER_AUTH_JWT_SECRET", "env-jwt-secret-0123456")]);
+        assert_eq!(
+            token_secret(&args, env).unwrap().expose(),
+            "env-jwt-secret-0123456"
+        );
+    }
+
+    #[test]
+    fn admin_target_resolution() {
+        let fx = Fixture::new();
+        let args = AdminArgs {
+            addr: None,
+            token: None,
+            json: false,
+            config: None,
+            data: Some(fx.data()),
+            command: crate::cli::AdminCommand::Stats,
+        };
+        assert!(matches!(
+            admin_target(&args, no_env()).unwrap_err(),
+            ConfigError::MissingSecret {
+                key: "auth.admin_token",
+                ..
+            }
+        ));
+
+        let served = Config::load(&fx.args(), no_env()).unwrap();
+        let target = admin_target(&args, no_env()).unwrap();
+        assert_eq!(
+            target.addr, "127.0.0.1:9002",
+            "listen.admin when no ports.json"
+        );
+        assert_eq!(target.token.expose(), served.auth.admin_token.expose());
+
+        let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
+        PortsFile {
+            client: any,
+            api: any,
+            admin: "0.0.0.0:41234".parse().unwrap(),
+        }
+        .write(&fx.data())
+        .unwrap();
+        assert_eq!(
+            admin_target(&args, no_env()).unwrap().addr,
+            "127.0.0.1:41234",
+            "ports.json, made connectable"
+        );
+
+        let env_addr = env(&[
+            ("ETHER_ADMIN_ADDR", "h:1"),
+            ("ETHER_AUTH_ADMIN_TOKEN", "env-admin-token-01234"),
+        ]);
+        let target = admin_target(&args, env_addr).unwrap();
+        assert_eq!(target.addr, "h:1");
+        assert_eq!(target.token.expose(), "env-admin-token-01234");
+
+        let explicit = AdminArgs {
+            addr: Some("x:2".into()),
+            token: Some("t".into()),
+            data: None,
+            ..args
+        };
+        let target = admin_target(&explicit, env(&[("ETHER_NODE_SHARDS", "bad")])).unwrap();
+        assert_eq!(
+            (target.addr.as_str(), target.token.expose()),
+            ("x:2", "t"),
+            "no config read when both are given"
+        );
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(redact_userinfo("redis://h:6379"), "redis://h:6379");
+        assert_eq!(
+            redact_userinfo("redis://u:p@h:6379/1"),
+            "redis://***@h:6379/1"
+        );
+        assert_eq!(redact_userinfo("https://h/p?a=b@c"), "https://h/p?a=b@c");
+        assert_eq!(redact_userinfo("not a url"), "not a url");
+        assert_eq!(
+            connectable("[::]:5".parse().unwrap()),
+            "[::1]:5".parse().unwrap()
+        );
+        assert_eq!(
+            connectable("10.0.0.1:5".parse().unwrap()),
+            "10.0.0.1:5".parse().unwrap()
+        );
+        assert_eq!(edit_distance("shardz", "shards"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(did_you_mean("zzzzzz", &["shards"]), "");
+        assert!(valid_node_id("node-1.eu:a_b"));
+        assert!(!valid_node_id(""));
+        assert!(!valid_node_id(&"a".repeat(65)));
+        assert!(valid_node_id(&default_node_id()));
+    }
+}

@@ -1,0 +1,475 @@
+//! Terminal connections on the client port: the accept loop, the WebSocket upgrade with token
+//! checks, the hand-over of the socket to the user's home shard, and the connection task that
+//! reads frames and writes the session's queue. Owns sockets; session state lives in
+//! `session`, routing and delivery in `shard`.
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use ether_http::request::{HttpError, Limits};
+use ether_http::response::Response;
+use ether_http::server::{ServeError, Stop};
+use ether_proto::frame::SUBPROTOCOL_JSON;
+use ether_proto::{ApiError, ErrorCode};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::mesh::{Handoff, ShardMsg};
+use crate::session::{CloseReason, Platform, Session};
+use crate::shard::{home_shard, AdoptError, Shard, ShardCounters};
+use crate::ws::{self, FrameReader, WsError, WsEvent};
+
+/// The WebSocket path on the client port.
+pub const WS_PATH: &str = "/ws";
+/// Device id used when a terminal names none.
+pub const DEFAULT_DEVICE: &str = "default";
+/// How long a closing connection may take to flush its last frames.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to wait for the peer's EOF after our close, so the close frame is not lost to a
+/// reset.
+const CLOSE_LINGER: Duration = Duration::from_millis(300);
+/// Accept-error back-off bounds (EMFILE and friends must not spin).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts terminals until the node stops; each is upgraded in its own task.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    while !stop.is_stopped() {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.stopped().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { break };
+        match accepted {
+            Ok(stream) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                if shard.live_sessions() >= shard.config.limits.connections_per_shard_max {
+                    debug!(
+                        shard = shard.id,
+                        "connection cap reached, refusing a terminal"
+                    );
+                    ShardCounters::add(&shard.counters().handshake_failures, 1);
+                    continue;
+                }
+                glommio::spawn_local(upgrade(shard.clone(), stream)).detach();
+            }
+            Err(e) => {
+                warn!(shard = shard.id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed on the client port; backing off");
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// A refused upgrade: the HTTP answer to send before closing.
+struct Refusal {
+    status: u16,
+    error: ApiError,
+    extra: Option<(&'static str, &'static str)>,
+}
+
+impl Refusal {
+    fn new(status: u16, code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            error: ApiError::new(code, message),
+            extra: None,
+        }
+    }
+
+    fn from_http(e: &HttpError) -> Refusal {
+        let code = match e.status() {
+            413 => ErrorCode::PayloadTooLarge,
+            _ => ErrorCode::InvalidBody,
+        };
+        Refusal::new(e.status(), code, e.to_string())
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut r = Response::json(self.status, self.error.to_json());
+        if let Some((k, v)) = self.extra {
+            r = r.with_header(k, v);
+        }
+        let mut out = Vec::new();
+        r.encode_into(false, &mut out);
+        out
+    }
+}
+
+/// Reads the upgrade request (bounded in bytes and time), checks it, and hands the socket to
+/// the user's home shard.
+async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
+    let remote = stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let limits = Limits {
+        header_bytes_max: shard.config.limits.http_header_bytes_max,
+        headers_max: 64,
+        body_bytes_max: 0,
+    };
+    let mut buf = Vec::new();
+    let read = ether_http::server::read_request(
+        &mut stream,
+        &mut buf,
+        &limits,
+        shard.config.limits.handshake_timeout,
+    )
+    .await;
+    let request = match read {
+        Ok(Some(r)) => r,
+        Ok(None) | Err(ServeError::Io(_)) | Err(ServeError::Http(HttpError::RequestTimeout)) => {
+            // Gone, broken, silent or too slow: nothing worth answering.
+            debug!(shard = shard.id, %remote, "handshake abandoned");
+            ShardCounters::add(&shard.counters().handshake_failures, 1);
+            return;
+        }
+        Err(ServeError::Http(e)) => return refuse(&shard, stream, Refusal::from_http(&e)).await,
+    };
+    let leftover = buf;
+    let checked = match check_upgrade(&shard, &request) {
+        Ok(c) => c,
+        Err(refusal) => {
+            if refusal.status == 401 {
+                ShardCounters::add(&shard.counters().auth_failures, 1);
+            }
+            return refuse(&shard, stream, refusal).await;
+        }
+    };
+    // SAFETY: dup of a socket we own; the copy is owned by the OwnedFd.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        warn!(shard = shard.id, error = %std::io::Error::last_os_error(), "dup failed during hand-over");
+        return;
+    }
+    drop(stream);
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let home = home_shard(&checked.user, shard.shards);
+    let handoff = Handoff {
+        fd,
+        user: checked.user,
+        device: checked.device,
+        platform: checked.platform,
+        remote,
+        ws_key: checked.key,
+        subprotocol: checked.subprotocol,
+        leftover,
+    };
+    if let Err(e) = shard.route(home, ShardMsg::Adopt(Box::new(handoff))).await {
+        warn!(shard = shard.id, home, error = %e, "hand-over failed");
+    }
+}
+
+struct Checked {
+    user: Arc<str>,
+    device: Box<str>,
+    platform: Platform,
+    key: Box<str>,
+    subprotocol: Option<&'static str>,
+}
+
+fn check_upgrade(shard: &Shard, req: &ether_http::request::Request) -> Result<Checked, Refusal> {
+    if req.path != WS_PATH {
+        return Err(Refusal::new(
+            404,
+            ErrorCode::NotFound,
+            format!("no route {}; terminals connect to {WS_PATH}", req.path),
+        ));
+    }
+    if req.method != ether_http::request::Method::Get {
+        return Err(Refusal::new(
+            405,
+            ErrorCode::MethodNotAllowed,
+            "the WebSocket upgrade is a GET",
+        ));
+    }
+    if !req.is_websocket_upgrade() {
+        let mut r = Refusal::new(
+            426,
+            ErrorCode::InvalidBody,
+            "this path speaks WebSocket: send an Upgrade: websocket request",
+        );
+        r.extra = Some(("Upgrade", "websocket"));
+        return Err(r);
+    }
+    if req.header("sec-websocket-version") != Some("13") {
+        let mut r = Refusal::new(
+            426,
+            ErrorCode::InvalidBody,
+            "unsupported Sec-WebSocket-Version (13 is)",
+        );
+        r.extra = Some(("Sec-WebSocket-Version", "13"));
+        return Err(r);
+    }
+    let Some(key) = req
+        .header("sec-websocket-key")
+        .filter(|k| !k.is_empty() && k.len() <= 64)
+    else {
+        return Err(Refusal::new(
+            400,
+            ErrorCode::InvalidBody,
+            "missing Sec-WebSocket-Key",
+        ));
+    };
+    let subprotocol = match req.header("sec-websocket-protocol") {
+        None => None,
+        Some(list) if list.split(',').any(|p| p.trim() == SUBPROTOCOL_JSON) => {
+            Some(SUBPROTOCOL_JSON)
+        }
+        Some(list) => {
+            return Err(Refusal::new(
+                400,
+                ErrorCode::InvalidBody,
+                format!(
+                    "no supported subprotocol in {list:?}; this node speaks {SUBPROTOCOL_JSON}"
+                ),
+            ));
+        }
+    };
+    let token = req
+        .query_param("token")
+        .or_else(|| req.bearer_token().map(str::to_owned));
+    let Some(token) = token else {
+        return Err(Refusal::new(
+            401,
+            ErrorCode::Unauthorized,
+            crate::auth::AuthError::Missing.to_string(),
+        ));
+    };
+    let claims = shard
+        .keys
+        .verify(&token)
+        .map_err(|e| Refusal::new(401, ErrorCode::Unauthorized, e.to_string()))?;
+    let device = match req.query_param("device") {
+        Some(d) => d,
+        None => claims
+            .device
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DEVICE.to_owned()),
+    };
+    if !ether_proto::ids::is_valid_id(&device) {
+        return Err(Refusal::new(
+            400,
+            ErrorCode::InvalidBody,
+            "device: must be 1-128 characters of [A-Za-z0-9_.@:-]",
+        ));
+    }
+    if claims.device.as_deref().is_some_and(|d| d != device) {
+        return Err(Refusal::new(
+            401,
+            ErrorCode::Unauthorized,
+            "token is for another device",
+        ));
+    }
+    let platform = match req.query_param("platform") {
+        None => Platform::Other,
+        Some(p) => Platform::parse(&p).ok_or_else(|| {
+            Refusal::new(
+                400,
+                ErrorCode::InvalidBody,
+                "platform: one of web, ios, android, desktop, other",
+            )
+        })?,
+    };
+    Ok(Checked {
+        user: Arc::from(claims.sub),
+        device: device.into(),
+        platform,
+        key: key.into(),
+        subprotocol,
+    })
+}
+
+async fn refuse(shard: &Shard, mut stream: TcpStream, refusal: Refusal) {
+    ShardCounters::add(&shard.counters().handshake_failures, 1);
+    debug!(shard = shard.id, status = refusal.status, error = %refusal.error, "upgrade refused");
+    let bytes = refusal.bytes();
+    let _ = glommio::timer::timeout(CLOSE_FLUSH_TIMEOUT, async {
+        stream
+            .write_all(&bytes)
+            .await
+            .map_err(glommio::GlommioError::IoError)?;
+        let _ = stream.close().await;
+        Ok(())
+    })
+    .await;
+}
+
+/// Takes over a terminal on its home shard: registers the session and starts its task.
+pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
+    let Handoff {
+        fd,
+        user,
+        device,
+        platform,
+        remote,
+        ws_key,
+        subprotocol,
+        leftover,
+    } = h;
+    // SAFETY: the fd came from `upgrade` as an owned, connected TCP socket; `stream` owns it now.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    match shard.add_session(&user, &device, platform, remote) {
+        Ok(session) => {
+            session.push_final(bytes::Bytes::from(ws::upgrade_response(
+                &ws_key,
+                subprotocol,
+            )));
+            session.push_final(shard.welcome_frame(&session));
+            ShardCounters::add(&shard.counters().handshakes, 1);
+            glommio::spawn_local(run_session(shard.clone(), session, stream, leftover)).detach();
+        }
+        Err(e) => {
+            let refusal = match e {
+                AdoptError::TooManyTerminals(max) => Refusal::new(
+                    403,
+                    ErrorCode::Forbidden,
+                    format!("user {} already has {max} terminals connected (limits.terminals_per_user_max)", user),
+                ),
+                AdoptError::ShuttingDown => Refusal::new(503, ErrorCode::Unavailable, "node is shutting down"),
+            };
+            let shard = shard.clone();
+            glommio::spawn_local(async move { refuse(&shard, stream, refusal).await }).detach();
+        }
+    }
+}
+
+/// What woke the connection task.
+enum Wake {
+    /// `n` bytes were read into the shard's scratch buffer.
+    Read(usize),
+    Close(CloseReason),
+}
+
+/// Polls the socket for the session: writes what is queued (gathered, non-blocking), then
+/// reads. Pending only when the queue is empty or the socket full, and nothing is readable.
+fn poll_io(
+    shard: &Shard,
+    session: &Session,
+    stream: &mut TcpStream,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Wake> {
+    if let Some(reason) = session.close_reason() {
+        return Poll::Ready(Wake::Close(reason));
+    }
+    let fd = stream.as_raw_fd();
+    while session.has_queued() {
+        match session.write_queued(fd) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Full: let glommio wait for writability (it writes the front when it can).
+                let polled =
+                    session.with_front(|front| Pin::new(&mut *stream).poll_write(cx, front));
+                match polled {
+                    Some(Poll::Ready(Ok(n))) => session.advance(n),
+                    Some(Poll::Ready(Err(_))) => {
+                        return Poll::Ready(Wake::Close(CloseReason::IoError))
+                    }
+                    Some(Poll::Pending) | None => break,
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Poll::Ready(Wake::Close(CloseReason::IoError)),
+        }
+    }
+    let mut scratch = shard.scratch.borrow_mut();
+    match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+        Poll::Ready(Ok(0)) => Poll::Ready(Wake::Close(CloseReason::PeerClosed)),
+        Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
+        Poll::Ready(Err(_)) => Poll::Ready(Wake::Close(CloseReason::IoError)),
+        Poll::Pending => {
+            session.set_waker(cx.waker());
+            Poll::Pending
+        }
+    }
+}
+
+/// Feeds read bytes through the frame reader and handles each frame.
+fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, bytes: &mut [u8]) {
+    session.touch(shard.now_tick());
+    let max = shard.config.limits.frame_bytes_max;
+    let result = reader.feed(bytes, max, |event| {
+        match event {
+            WsEvent::Text(t) | WsEvent::Binary(t) => shard.on_client_frame(session, t),
+            WsEvent::Ping(p) => {
+                shard.push(session, ws::pong_frame(p));
+            }
+            WsEvent::Pong => {}
+            WsEvent::Close(_) => session.request_close(CloseReason::PeerClosed),
+        }
+        session.close_reason().is_none()
+    });
+    if let Err(e) = result {
+        debug!(user = %session.user, device = %session.device, shard = shard.id, error = %e, "bad WebSocket input");
+        session.request_close(match e {
+            WsError::TooBig { .. } => CloseReason::FrameTooBig,
+            WsError::Protocol(_) => CloseReason::ProtocolError,
+        });
+    }
+}
+
+/// The connection task of one session: runs until the session closes, then says goodbye.
+async fn run_session(
+    shard: Rc<Shard>,
+    session: Rc<Session>,
+    mut stream: TcpStream,
+    mut leftover: Vec<u8>,
+) {
+    let mut reader = FrameReader::default();
+    if !leftover.is_empty() {
+        on_bytes(&shard, &session, &mut reader, &mut leftover);
+        drop(leftover);
+    }
+    let reason = loop {
+        match poll_fn(|cx| poll_io(&shard, &session, &mut stream, cx)).await {
+            Wake::Close(reason) => break reason,
+            Wake::Read(n) => {
+                // The scratch buffer is only borrowed here, with no await until it is released.
+                let mut scratch = shard.scratch.borrow_mut();
+                on_bytes(&shard, &session, &mut reader, &mut scratch[..n]);
+            }
+        }
+    };
+    shard.remove_session(&session, reason);
+    say_goodbye(&session, stream, reason).await;
+}
+
+/// Sends the close frame (after what is queued) and closes the socket, bounded in time.
+async fn say_goodbye(session: &Session, mut stream: TcpStream, reason: CloseReason) {
+    if matches!(reason, CloseReason::IoError | CloseReason::SlowConsumer) {
+        return; // nothing more can usefully be written
+    }
+    if let Some(code) = reason.close_code() {
+        session.push_final(ws::close_frame(code, reason.as_str()));
+    }
+    let flushed = glommio::timer::timeout(CLOSE_FLUSH_TIMEOUT, async {
+        while let Some(front) = session.with_front(<[u8]>::to_vec) {
+            let n = stream.write(&front).await?;
+            session.advance(n);
+        }
+        Ok(())
+    })
+    .await;
+    if flushed.is_err() {
+        return;
+    }
+    // Half-close, then give the peer a moment to read our close and hang up: closing with
+    // unread input would reset the connection and could lose the close frame.
+    // SAFETY: shutdown on a socket we own.
+    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    let _ = glommio::timer::timeout(CLOSE_LINGER, async {
+        let mut sink = [0u8; 256];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok(())
+    })
+    .await;
+}

@@ -1,0 +1,211 @@
+//! A message as the engine carries it between shards, its ids, and its encoding into the exact
+//! WebSocket frame bytes terminals receive (once per inbox, shared by every terminal of it).
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ether_proto::Kind;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// A message accepted for delivery. Shared (`Arc`) by every shard that delivers it.
+#[derive(Debug)]
+pub struct Message {
+    pub id: u64,
+    /// Unix milliseconds.
+    pub ts: u64,
+    pub from: Box<str>,
+    pub kind: Kind,
+    /// The validated body, kept as JSON text so it is never re-serialized.
+    pub body: Box<RawValue>,
+    pub cid: Option<Box<str>>,
+}
+
+/// A single-chat message as accepted from the API or a terminal, before it gets its id.
+#[derive(Debug)]
+pub struct NewMessage {
+    pub from: Box<str>,
+    pub to: Box<str>,
+    pub kind: Kind,
+    pub body: Box<RawValue>,
+    pub cid: Option<Box<str>>,
+}
+
+/// A message shared across shards.
+pub type SharedMessage = Arc<Message>;
+
+#[derive(Serialize)]
+struct MsgOut<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cid: Option<&'a str>,
+    chat: &'a str,
+    from: &'a str,
+    seq: u64,
+    kind: Kind,
+    body: &'a RawValue,
+    ts: u64,
+}
+
+/// Room kept in front of a frame's JSON for its WebSocket header (at most 10 bytes unmasked).
+const HEADER_ROOM: usize = 10;
+
+/// Serializes `value` as JSON straight after room for a WebSocket text header, then writes the
+/// header in place: one allocation, no copy.
+pub fn encode_text_frame<T: Serialize>(value: &T, size_hint: usize) -> Bytes {
+    let mut buf = Vec::with_capacity(HEADER_ROOM + size_hint);
+    buf.resize(HEADER_ROOM, 0);
+    if serde_json::to_writer(&mut buf, value).is_err() {
+        debug_assert!(false, "frame shapes always serialize");
+        return crate::ws::text_frame(
+            b"{\"type\":\"error\",\"code\":\"internal\",\"message\":\"encode\"}",
+        );
+    }
+    let len = (buf.len() - HEADER_ROOM) as u64;
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    let header_len = header.len(len);
+    let start = HEADER_ROOM - header_len;
+    let _ = header.format(len, &mut &mut buf[start..HEADER_ROOM]);
+    Bytes::from(buf).slice(start..)
+}
+
+impl Message {
+    /// The `msg` frame for one inbox: `chat` as that inbox's reader names it, `seq` its position.
+    pub fn encode_frame(&self, chat: &str, seq: u64) -> Bytes {
+        let id = self.id.to_string();
+        let out = MsgOut {
+            ty: "msg",
+            id: &id,
+            cid: self.cid.as_deref(),
+            chat,
+            from: &self.from,
+            seq,
+            kind: self.kind,
+            body: &self.body,
+            ts: self.ts,
+        };
+        encode_text_frame(
+            &out,
+            96 + self.body.get().len() + self.from.len() + chat.len(),
+        )
+    }
+}
+
+/// Unix milliseconds now.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+const SHARD_BITS: u32 = 6;
+const COUNTER_BITS: u32 = 14;
+/// Most shards message ids can tell apart.
+pub const SHARDS_MAX: usize = 1 << SHARD_BITS;
+
+/// Makes node-unique, time-ordered message ids on one shard:
+/// `milliseconds << 20 | shard << 14 | counter`.
+#[derive(Debug)]
+pub struct IdGen {
+    shard: u64,
+    last_ms: Cell<u64>,
+    counter: Cell<u64>,
+}
+
+impl IdGen {
+    pub fn new(shard: usize) -> Self {
+        assert!(
+            shard < SHARDS_MAX,
+            "shard index {shard} does not fit in a message id"
+        );
+        IdGen {
+            shard: shard as u64,
+            last_ms: Cell::new(0),
+            counter: Cell::new(0),
+        }
+    }
+
+    /// A fresh id and the timestamp (Unix ms) that goes with the message.
+    pub fn next(&self) -> (u64, u64) {
+        let now = unix_now_ms();
+        let mut ms = self.last_ms.get().max(now);
+        let mut counter = if ms == self.last_ms.get() {
+            self.counter.get() + 1
+        } else {
+            0
+        };
+        if counter >= 1 << COUNTER_BITS {
+            // More than 16384 ids in one millisecond: borrow the next millisecond.
+            ms += 1;
+            counter = 0;
+        }
+        self.last_ms.set(ms);
+        self.counter.set(counter);
+        (
+            (ms << (SHARD_BITS + COUNTER_BITS)) | (self.shard << COUNTER_BITS) | counter,
+            now,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_increasing() {
+        let g = IdGen::new(3);
+        let mut last = 0;
+        for _ in 0..100_000 {
+            let (id, _) = g.next();
+            assert!(id > last);
+            assert_eq!((id >> COUNTER_BITS) & ((1 << SHARD_BITS) - 1), 3);
+            last = id;
+        }
+    }
+
+    #[test]
+    fn frame_is_a_text_frame_with_the_contract_fields() {
+        let m = Message {
+            id: 42,
+            ts: 7,
+            from: "alice".into(),
+            kind: Kind::Text,
+            body: RawValue::from_string("{\"text\":\"hi\"}".into()).unwrap(),
+            cid: Some("c1".into()),
+        };
+        for body_len in [0usize, 200, 70_000] {
+            let m = Message {
+                body: RawValue::from_string(format!("{{\"text\":\"{}\"}}", "x".repeat(body_len)))
+                    .unwrap(),
+                ..Message {
+                    body: m.body.clone(),
+                    from: m.from.clone(),
+                    cid: m.cid.clone(),
+                    ..m
+                }
+            };
+            let f = m.encode_frame("u:alice", 9);
+            let mut cur = std::io::Cursor::new(&f[..]);
+            let (h, len) = FrameHeader::parse(&mut cur).unwrap().unwrap();
+            assert_eq!(h.opcode, OpCode::Data(Data::Text));
+            assert_eq!(len as usize, f.len() - cur.position() as usize);
+            let v: serde_json::Value =
+                serde_json::from_slice(&f[cur.position() as usize..]).unwrap();
+            assert_eq!(v["type"], "msg");
+            assert_eq!(v["id"], "42");
+            assert_eq!(v["seq"], 9);
+            assert_eq!(v["chat"], "u:alice");
+            assert_eq!(v["cid"], "c1");
+            assert_eq!(v["body"]["text"].as_str().unwrap().len(), body_len);
+        }
+    }
+}

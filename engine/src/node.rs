@@ -1,0 +1,266 @@
+//! `Node`: starts and stops a whole node. Binds the listeners (one SO_REUSEPORT socket per
+//! shard on the client and api ports), builds the mesh, starts one pinned glommio executor
+//! per shard, writes `<data>/ports.json`. Owns threads and sockets until they are handed to
+//! the shards; holds no shard state.
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ether_http::request::Limits;
+use ether_http::server::Stop;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::{error, info};
+
+use crate::auth::TokenKeys;
+use crate::config::Config;
+use crate::mesh::{MeshEnds, MeshPlan};
+use crate::secrets::PortsFile;
+use crate::shard::{NodeShared, Shard};
+
+/// Listen backlog of every listener (the kernel caps it at `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: i32 = 4096;
+/// How long a stopping shard waits for its terminals to get their close frames.
+const STOP_GOODBYE_MAX: Duration = Duration::from_secs(3);
+/// Idle keep-alive connections on the api port are closed after this long.
+const API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard}: {source}")]
+    Executor {
+        shard: usize,
+        source: glommio::GlommioError<()>,
+    },
+    #[error("cannot write {path}: {source}")]
+    Ports {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The addresses a node actually listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundPorts {
+    pub client: SocketAddr,
+    pub api: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// A running node. Dropping it stops the node.
+pub struct NodeHandle {
+    pub ports: BoundPorts,
+    pub shared: Arc<NodeShared>,
+    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+}
+
+impl NodeHandle {
+    /// Asks every shard to stop (terminals get a close frame) and waits for them.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    /// Waits until the node stops (by `stop` from another handle clone or a signal flag).
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            if let Err(e) = t.join() {
+                error!(error = %e, "shard thread ended badly");
+            }
+        }
+    }
+
+    fn stop_inner(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            if let Err(e) = t.join() {
+                error!(error = %e, "shard thread ended badly");
+            }
+        }
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
+/// `count` listeners sharing one port through SO_REUSEPORT (port 0 picks one free port for all).
+fn bind_group(
+    what: &'static str,
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(SocketAddr, Vec<OwnedFd>), NodeError> {
+    let err = |source| NodeError::Bind { what, addr, source };
+    let first = bind_one(addr).map_err(err)?;
+    let bound = first
+        .local_addr()
+        .map_err(err)?
+        .as_socket()
+        .ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
+    let mut fds = vec![OwnedFd::from(first)];
+    for _ in 1..count {
+        fds.push(OwnedFd::from(bind_one(bound).map_err(err)?));
+    }
+    Ok((bound, fds))
+}
+
+/// Everything one shard's thread starts with.
+struct ShardStart {
+    id: usize,
+    config: Arc<Config>,
+    keys: Arc<TokenKeys>,
+    shared: Arc<NodeShared>,
+    ends: MeshEnds,
+    client: OwnedFd,
+    api: OwnedFd,
+    admin: Option<OwnedFd>,
+}
+
+/// Starts a node: listeners, mesh, shards. Returns once every listener is bound and
+/// `ports.json` is written.
+pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
+    let config = Arc::new(config);
+    let shards = config.node.shards;
+    let (client, mut client_fds) = bind_group("client", config.listen.client, shards)?;
+    let (api, mut api_fds) = bind_group("api", config.listen.api, shards)?;
+    let (admin, mut admin_fds) = bind_group("admin", config.listen.admin, 1)?;
+    let ports = BoundPorts { client, api, admin };
+    PortsFile { client, api, admin }
+        .write(&config.node.data_dir)
+        .map_err(|e| NodeError::Ports {
+            path: config
+                .node
+                .data_dir
+                .join("ports.json")
+                .display()
+                .to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    info!(client = %client, api = %api, admin = %admin, shards, "listening");
+
+    let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
+    let shared = Arc::new(NodeShared::new(config.node.id.clone(), shards));
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads = Vec::with_capacity(shards);
+    let mut ends = MeshPlan::new(shards).into_ends().into_iter();
+    for id in 0..shards {
+        let start = ShardStart {
+            id,
+            config: config.clone(),
+            keys: keys.clone(),
+            shared: shared.clone(),
+            ends: ends.next().expect("one set of mesh ends per shard"),
+            client: client_fds.remove(0),
+            api: api_fds.remove(0),
+            admin: if id == 0 { admin_fds.pop() } else { None },
+        };
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+            .name(&format!("ether-shard-{id}"))
+            .spawn(move || run_shard(start))
+            .map_err(|source| NodeError::Executor { shard: id, source })?;
+        threads.push(handle);
+    }
+    Ok(NodeHandle {
+        ports,
+        shared,
+        threads,
+    })
+}
+
+async fn run_shard(start: ShardStart) {
+    let ShardStart {
+        id,
+        config,
+        keys,
+        shared,
+        ends,
+        client,
+        api,
+        admin,
+    } = start;
+    let (mesh, receivers) = ends.connect(id).await;
+    let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh));
+    for (_, rx) in receivers {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                shard.handle(msg);
+            }
+        })
+        .detach();
+    }
+    let stop = Stop::new();
+    // SAFETY: each fd is a bound, listening TCP socket made by `bind_group`, owned from here on.
+    let client = unsafe { TcpListener::from_raw_fd(client.into_raw_fd()) };
+    glommio::spawn_local(crate::conn::accept_loop(
+        shard.clone(),
+        client,
+        stop.clone(),
+    ))
+    .detach();
+
+    let api_limits = Limits {
+        header_bytes_max: config.limits.http_header_bytes_max,
+        headers_max: 64,
+        body_bytes_max: config.limits.http_body_bytes_max,
+    };
+    // SAFETY: as above.
+    let api = unsafe { TcpListener::from_raw_fd(api.into_raw_fd()) };
+    let api_shard = shard.clone();
+    let api_handler = Rc::new(move |req| crate::api::handle(api_shard.clone(), req));
+    let api_task = glommio::spawn_local(ether_http::server::accept_loop(
+        api,
+        api_limits,
+        API_IDLE_TIMEOUT,
+        config.limits.api_connections_max,
+        api_handler,
+        stop.clone(),
+    ));
+    let admin_task = admin.map(|fd| {
+        // SAFETY: as above.
+        let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+        let view = Rc::new(crate::admin_view::AdminView::new(shard.clone()));
+        let handler = Rc::new(move |req| ether_admin::handle(view.clone(), req));
+        glommio::spawn_local(ether_http::server::accept_loop(
+            listener,
+            Limits::default(),
+            API_IDLE_TIMEOUT,
+            256,
+            handler,
+            stop.clone(),
+        ))
+    });
+
+    shard.clone().tick_loop().await;
+    stop.stop();
+    let deadline = Instant::now() + STOP_GOODBYE_MAX;
+    while shard.live_sessions() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    api_task.await;
+    if let Some(t) = admin_task {
+        t.await;
+    }
+}

@@ -1,0 +1,429 @@
+//! One terminal's live connection as its shard sees it: identity, the bounded outbound queue
+//! of shared frame bytes, close requests and activity. The socket itself is owned by the
+//! connection task (`conn`); this module never does I/O except `write_queued` on a given fd.
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::task::Waker;
+
+use bytes::Bytes;
+
+use crate::ws::close_code;
+
+/// A session's slot on its shard: slab index and a generation, so a stale key never reaches a
+/// newer session that reused the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// The platform a terminal says it runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    Web,
+    Ios,
+    Android,
+    Desktop,
+    Other,
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Option<Platform> {
+        Some(match s {
+            "web" => Platform::Web,
+            "ios" => Platform::Ios,
+            "android" => Platform::Android,
+            "desktop" => Platform::Desktop,
+            "other" => Platform::Other,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Platform::Web => "web",
+            Platform::Ios => "ios",
+            Platform::Android => "android",
+            Platform::Desktop => "desktop",
+            Platform::Other => "other",
+        }
+    }
+}
+
+/// Why a connection was closed. Every close has one; it is counted and kept for operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The terminal closed (close frame or EOF).
+    PeerClosed,
+    /// No frame within the idle timeout.
+    Idle,
+    /// Kicked through the API or the admin port.
+    Kicked,
+    /// The same (user, device) connected again.
+    Replaced,
+    /// The outbound queue went over its byte bound.
+    SlowConsumer,
+    /// Too many invalid frames.
+    ProtocolViolation,
+    /// A frame over the size limit.
+    FrameTooBig,
+    /// Broken WebSocket framing.
+    ProtocolError,
+    /// A socket error.
+    IoError,
+    /// The node is draining.
+    Drain,
+    /// The node is stopping.
+    Shutdown,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 11] = [
+        CloseReason::PeerClosed,
+        CloseReason::Idle,
+        CloseReason::Kicked,
+        CloseReason::Replaced,
+        CloseReason::SlowConsumer,
+        CloseReason::ProtocolViolation,
+        CloseReason::FrameTooBig,
+        CloseReason::ProtocolError,
+        CloseReason::IoError,
+        CloseReason::Drain,
+        CloseReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::Idle => "idle",
+            CloseReason::Kicked => "kicked",
+            CloseReason::Replaced => "replaced",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::ProtocolViolation => "protocol_violation",
+            CloseReason::FrameTooBig => "frame_too_big",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::IoError => "io_error",
+            CloseReason::Drain => "drain",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The WebSocket close code sent for this reason, if a close frame is sent at all.
+    pub fn close_code(self) -> Option<u16> {
+        match self {
+            CloseReason::PeerClosed => Some(close_code::NORMAL),
+            CloseReason::Idle => Some(close_code::IDLE),
+            CloseReason::Kicked | CloseReason::Replaced => Some(close_code::KICKED),
+            CloseReason::SlowConsumer => Some(close_code::SLOW_CONSUMER),
+            CloseReason::ProtocolViolation => Some(close_code::POLICY_VIOLATION),
+            CloseReason::FrameTooBig => Some(close_code::TOO_BIG),
+            CloseReason::ProtocolError => Some(close_code::PROTOCOL_ERROR),
+            CloseReason::IoError => None,
+            CloseReason::Drain => Some(close_code::SERVICE_RESTART),
+            CloseReason::Shutdown => Some(close_code::GOING_AWAY),
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Frames waiting to be written, as shared bytes; `front_offset` bytes of the first one are
+/// already written.
+#[derive(Debug, Default)]
+struct OutQueue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    front_offset: usize,
+}
+
+/// Most frames gathered into one `sendmsg`.
+const IOV_MAX_PER_WRITE: usize = 64;
+
+/// A live terminal on its home shard.
+#[derive(Debug)]
+pub struct Session {
+    pub key: SessionKey,
+    /// Node-unique session id, sent in `welcome`.
+    pub id: u64,
+    pub user: Rc<str>,
+    pub device: Box<str>,
+    pub platform: Platform,
+    pub remote: SocketAddr,
+    /// Unix milliseconds when the terminal connected.
+    pub since_ms: u64,
+    out: RefCell<OutQueue>,
+    waker: RefCell<Option<Waker>>,
+    close: Cell<Option<CloseReason>>,
+    /// Shard tick of the last frame received.
+    last_active: Cell<u64>,
+    violations: Cell<u32>,
+    /// Highest inbox seq the terminal acknowledged.
+    pub acked_inbox: Cell<u64>,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The session is closing; the frame was dropped (it will come back by `sync`).
+    Closing,
+    /// The queue went over its bound: the session is now closing as a slow consumer.
+    Overflow,
+}
+
+impl Session {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: SessionKey,
+        id: u64,
+        user: Rc<str>,
+        device: Box<str>,
+        platform: Platform,
+        remote: SocketAddr,
+        since_ms: u64,
+        now_tick: u64,
+    ) -> Session {
+        Session {
+            key,
+            id,
+            user,
+            device,
+            platform,
+            remote,
+            since_ms,
+            out: RefCell::default(),
+            waker: RefCell::default(),
+            close: Cell::new(None),
+            last_active: Cell::new(now_tick),
+            violations: Cell::new(0),
+            acked_inbox: Cell::new(0),
+        }
+    }
+
+    /// Queues a frame unless that would put more than `queue_bytes_max` bytes in the queue.
+    pub fn push(&self, frame: Bytes, queue_bytes_max: usize) -> Pushed {
+        if self.close.get().is_some() {
+            return Pushed::Closing;
+        }
+        {
+            let mut q = self.out.borrow_mut();
+            if q.bytes + frame.len() > queue_bytes_max {
+                drop(q);
+                self.request_close(CloseReason::SlowConsumer);
+                return Pushed::Overflow;
+            }
+            q.bytes += frame.len();
+            q.frames.push_back(frame);
+        }
+        self.wake();
+        Pushed::Queued
+    }
+
+    /// Queues a frame that must go out even while closing (the close frame, `kicked`).
+    pub fn push_final(&self, frame: Bytes) {
+        let mut q = self.out.borrow_mut();
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+    }
+
+    /// Bytes waiting to be written.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.borrow().bytes
+    }
+
+    /// Asks the connection task to close for `reason` (the first reason wins).
+    pub fn request_close(&self, reason: CloseReason) {
+        if self.close.get().is_none() {
+            self.close.set(Some(reason));
+            self.wake();
+        }
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close.get()
+    }
+
+    pub fn touch(&self, tick: u64) {
+        self.last_active.set(tick);
+    }
+
+    pub fn last_active(&self) -> u64 {
+        self.last_active.get()
+    }
+
+    /// Counts an invalid frame; returns the count so far.
+    pub fn violation(&self) -> u32 {
+        let v = self.violations.get() + 1;
+        self.violations.set(v);
+        v
+    }
+
+    /// Remembers the connection task's waker (cloned only when it changed).
+    pub fn set_waker(&self, waker: &Waker) {
+        let mut w = self.waker.borrow_mut();
+        if !w.as_ref().is_some_and(|old| old.will_wake(waker)) {
+            *w = Some(waker.clone());
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.borrow().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.out.borrow().frames.is_empty()
+    }
+
+    /// The unwritten part of the first queued frame (what to hand to a readiness-waiting write).
+    pub fn with_front<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let q = self.out.borrow();
+        q.frames.front().map(|b| f(&b[q.front_offset..]))
+    }
+
+    /// Marks `n` queued bytes as written.
+    pub fn advance(&self, mut n: usize) {
+        let mut q = self.out.borrow_mut();
+        q.bytes -= n;
+        while n > 0 {
+            let Some(front) = q.frames.front() else {
+                debug_assert!(false, "advanced past the queue");
+                return;
+            };
+            let left = front.len() - q.front_offset;
+            if n >= left {
+                n -= left;
+                q.frames.pop_front();
+                q.front_offset = 0;
+            } else {
+                q.front_offset += n;
+                n = 0;
+            }
+        }
+        if q.frames.is_empty() && q.frames.capacity() > 8 {
+            // Give back the queue's memory once a burst is written: idle sessions hold none.
+            q.frames = VecDeque::new();
+        }
+    }
+
+    /// Writes as much of the queue as the socket takes, gathering frames into one `sendmsg`
+    /// (non-blocking). Returns bytes written; `WouldBlock` when the socket is full.
+    pub fn write_queued(&self, fd: RawFd) -> std::io::Result<usize> {
+        let n = {
+            let q = self.out.borrow();
+            let mut iov: [libc::iovec; IOV_MAX_PER_WRITE] = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOV_MAX_PER_WRITE];
+            let mut count = 0;
+            for (i, frame) in q.frames.iter().take(IOV_MAX_PER_WRITE).enumerate() {
+                let part = if i == 0 {
+                    &frame[q.front_offset..]
+                } else {
+                    &frame[..]
+                };
+                iov[i] = libc::iovec {
+                    iov_base: part.as_ptr() as *mut libc::c_void,
+                    iov_len: part.len(),
+                };
+                count += 1;
+            }
+            if count == 0 {
+                return Ok(0);
+            }
+            // SAFETY: a zeroed msghdr is valid; iov points at `count` live buffers borrowed from
+            // the queue, which is not touched until sendmsg returns.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = count;
+            // SAFETY: fd is a socket owned by the caller; msg is fully initialised above.
+            let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            r as usize
+        };
+        self.advance(n);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Session {
+        Session::new(
+            SessionKey {
+                slot: 0,
+                generation: 1,
+            },
+            1,
+            Rc::from("u"),
+            "d".into(),
+            Platform::Web,
+            "127.0.0.1:1".parse().unwrap(),
+            0,
+            0,
+        )
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes() {
+        let s = session();
+        assert_eq!(s.push(Bytes::from_static(&[1; 60]), 100), Pushed::Queued);
+        assert_eq!(s.push(Bytes::from_static(&[2; 40]), 100), Pushed::Queued);
+        assert_eq!(s.queued_bytes(), 100);
+        assert_eq!(s.push(Bytes::from_static(&[3; 1]), 100), Pushed::Overflow);
+        assert_eq!(s.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(s.push(Bytes::from_static(&[3; 1]), 100), Pushed::Closing);
+        assert_eq!(s.queued_bytes(), 100, "nothing queued after the overflow");
+    }
+
+    #[test]
+    fn partial_writes_advance_through_frames() {
+        let s = session();
+        s.push(Bytes::from_static(b"abc"), 100);
+        s.push(Bytes::from_static(b"defg"), 100);
+        s.advance(2);
+        assert_eq!(s.with_front(|b| b.to_vec()), Some(b"c".to_vec()));
+        s.advance(2);
+        assert_eq!(s.with_front(|b| b.to_vec()), Some(b"efg".to_vec()));
+        s.advance(3);
+        assert!(!s.has_queued());
+        assert_eq!(s.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn write_queued_gathers_frames() {
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let s = session();
+        for part in [&b"hello "[..], b"big ", b"world"] {
+            s.push(Bytes::copy_from_slice(part), 100);
+        }
+        use std::os::fd::AsRawFd;
+        assert_eq!(s.write_queued(a.as_raw_fd()).unwrap(), 15);
+        let mut got = [0u8; 15];
+        std::io::Read::read_exact(&mut b, &mut got).unwrap();
+        assert_eq!(&got, b"hello big world");
+        assert!(!s.has_queued());
+    }
+
+    #[test]
+    fn first_close_reason_wins() {
+        let s = session();
+        s.request_close(CloseReason::Kicked);
+        s.request_close(CloseReason::Idle);
+        assert_eq!(s.close_reason(), Some(CloseReason::Kicked));
+        assert_eq!(CloseReason::Kicked.close_code(), Some(4001));
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+}

@@ -1,0 +1,835 @@
+//! `Shard`: one core's share of the node. Owns its sessions, the per-user index of its users'
+//! terminals, their inbox sequences, its timer wheel and its end of the mesh. Everything here
+//! is single-threaded (one glommio executor); other shards are reached only through
+//! [`ShardMsg`]s on the `FanoutMesh`.
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ether_proto::api::TerminalInfo;
+use ether_proto::frame::{ClientFrame, ServerFrame};
+use ether_proto::{ApiError, ErrorCode, Kind};
+use futures_channel::oneshot;
+use slab::Slab;
+use tracing::{debug, info, warn};
+
+use crate::auth::TokenKeys;
+use crate::config::Config;
+use crate::error::EngineError;
+use crate::mesh::{FanoutMesh, InboxAppend, ShardMsg};
+use crate::message::{encode_text_frame, unix_now_ms, IdGen, Message, NewMessage};
+use crate::session::{CloseReason, Platform, Pushed, Session, SessionKey};
+use crate::wheel::TimerWheel;
+
+/// Length of one shard tick (clock and timer wheel granularity).
+pub const TICK: Duration = Duration::from_millis(250);
+/// Size of the per-shard read buffer every connection reads into.
+pub const READ_SCRATCH_BYTES: usize = 64 * 1024;
+
+/// Counters of one shard, readable from any thread (admin, tests).
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    pub connections: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub closes: [AtomicU64; CloseReason::ALL.len()],
+}
+
+impl ShardCounters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// What the shards of one node share: identity, the stop flag and every shard's counters.
+#[derive(Debug)]
+pub struct NodeShared {
+    pub node_id: String,
+    pub stop: AtomicBool,
+    pub shards: Vec<ShardCounters>,
+}
+
+impl NodeShared {
+    pub fn new(node_id: String, shards: usize) -> Self {
+        NodeShared {
+            node_id,
+            stop: AtomicBool::new(false),
+            shards: (0..shards).map(|_| ShardCounters::default()).collect(),
+        }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// The home shard of `user`: every terminal of a user lives there.
+pub fn home_shard(user: &str, shards: usize) -> usize {
+    // SipHash with fixed keys: the same answer on every shard of this process.
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    user.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}
+
+/// A user known to this shard: its terminals here and its inbox head.
+#[derive(Debug, Default)]
+struct UserEntry {
+    sessions: Vec<SessionKey>,
+    inbox_seq: u64,
+}
+
+/// Why a terminal could not be taken on.
+#[derive(Debug)]
+pub enum AdoptError {
+    /// The user has `terminals_per_user_max` terminals already.
+    TooManyTerminals(usize),
+    ShuttingDown,
+}
+
+/// One shard: see the module docs.
+pub struct Shard {
+    pub id: usize,
+    pub shards: usize,
+    pub config: Arc<Config>,
+    pub keys: Arc<TokenKeys>,
+    pub node: Arc<NodeShared>,
+    mesh: FanoutMesh,
+    sessions: RefCell<Slab<Rc<Session>>>,
+    generation: Cell<u32>,
+    users: RefCell<HashMap<Arc<str>, UserEntry>>,
+    wheel: RefCell<TimerWheel<SessionKey>>,
+    epoch: Instant,
+    tick: Cell<u64>,
+    ids: IdGen,
+    /// The read buffer every connection of this shard reads into (never held across an await).
+    pub scratch: RefCell<Vec<u8>>,
+    pong: Bytes,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        keys: Arc<TokenKeys>,
+        node: Arc<NodeShared>,
+        mesh: FanoutMesh,
+    ) -> Shard {
+        let idle_ticks = config.limits.idle_timeout.as_millis() as u64 / TICK.as_millis() as u64;
+        Shard {
+            id,
+            shards: config.node.shards,
+            keys,
+            node,
+            mesh,
+            sessions: RefCell::new(Slab::new()),
+            generation: Cell::new(0),
+            users: RefCell::new(HashMap::new()),
+            wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),
+            epoch: Instant::now(),
+            tick: Cell::new(0),
+            ids: IdGen::new(id),
+            scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
+            pong: encode_text_frame(&ServerFrame::Pong, 16),
+            config,
+        }
+    }
+
+    pub fn counters(&self) -> &ShardCounters {
+        &self.node.shards[self.id]
+    }
+
+    /// The current tick (coarse clock, advanced by the tick loop).
+    pub fn now_tick(&self) -> u64 {
+        self.tick.get()
+    }
+
+    fn idle_ticks(&self) -> u64 {
+        (self.config.limits.idle_timeout.as_millis() / TICK.as_millis()) as u64
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    pub fn session(&self, key: SessionKey) -> Option<Rc<Session>> {
+        let sessions = self.sessions.borrow();
+        sessions
+            .get(key.slot as usize)
+            .filter(|s| s.key == key)
+            .cloned()
+    }
+
+    /// Handles a message from another shard (or from this one).
+    pub fn handle(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Adopt(h) => crate::conn::adopt(self, *h),
+            ShardMsg::Deliver { items, reply } => {
+                let seqs = self.deliver_local(&items);
+                let _ = reply.send(seqs);
+            }
+            ShardMsg::Presence { user, reply } => {
+                let _ = reply.send(self.presence_local(&user));
+            }
+            ShardMsg::Kick {
+                user,
+                device,
+                reason,
+                reply,
+            } => {
+                let _ = reply.send(self.kick_local(&user, device.as_deref(), &reason));
+            }
+            ShardMsg::Broadcast { frame, reply } => {
+                let _ = reply.send(self.broadcast_local(&frame));
+            }
+        }
+    }
+
+    /// Sends `msg` to shard `to` (handled in place when `to` is this shard).
+    pub async fn route(self: &Rc<Self>, to: usize, msg: ShardMsg) -> Result<(), EngineError> {
+        if to == self.id {
+            self.handle(msg);
+            Ok(())
+        } else {
+            self.mesh
+                .send(to, msg)
+                .await
+                .map_err(|_| EngineError::ShardGone(to))
+        }
+    }
+
+    async fn ask<T>(
+        self: &Rc<Self>,
+        to: usize,
+        make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.route(to, make(tx)).await?;
+        rx.await.map_err(|_| EngineError::ShardGone(to))
+    }
+
+    // ---- sessions ----------------------------------------------------------------------
+
+    /// Registers a terminal whose user lives here; replaces an older connection of the same
+    /// device (which gets `kicked`).
+    pub fn add_session(
+        &self,
+        user: &Arc<str>,
+        device: &str,
+        platform: Platform,
+        remote: SocketAddr,
+    ) -> Result<Rc<Session>, AdoptError> {
+        if self.node.stopping() {
+            return Err(AdoptError::ShuttingDown);
+        }
+        debug_assert_eq!(
+            home_shard(user, self.shards),
+            self.id,
+            "terminal adopted away from its home shard"
+        );
+        let max = self.config.limits.terminals_per_user_max;
+        let mut users = self.users.borrow_mut();
+        let entry = users.entry(user.clone()).or_default();
+        let mut replaced = None;
+        for key in &entry.sessions {
+            if let Some(s) = self.session(*key) {
+                if &*s.device == device {
+                    replaced = Some(s);
+                }
+            }
+        }
+        let others = entry.sessions.len() - usize::from(replaced.is_some());
+        if others >= max {
+            return Err(AdoptError::TooManyTerminals(max));
+        }
+        if let Some(old) = replaced {
+            entry.sessions.retain(|k| *k != old.key);
+            old.push_final(encode_text_frame(
+                &ServerFrame::Kicked {
+                    reason: "replaced".into(),
+                },
+                40,
+            ));
+            old.request_close(CloseReason::Replaced);
+        }
+        let generation = self.generation.get().wrapping_add(1);
+        self.generation.set(generation);
+        let mut sessions = self.sessions.borrow_mut();
+        let slot = sessions.vacant_key();
+        let key = SessionKey {
+            slot: slot as u32,
+            generation,
+        };
+        let session = Rc::new(Session::new(
+            key,
+            ((self.id as u64) << 56) | (u64::from(generation) << 24) | slot as u64,
+            Rc::from(&**user),
+            device.into(),
+            platform,
+            remote,
+            unix_now_ms(),
+            self.now_tick(),
+        ));
+        sessions.insert(session.clone());
+        entry.sessions.push(key);
+        self.wheel
+            .borrow_mut()
+            .schedule(key, self.now_tick() + self.idle_ticks());
+        ShardCounters::add(&self.counters().connections, 1);
+        info!(user = %user, device, shard = self.id, session = session.id, %remote, "terminal connected");
+        Ok(session)
+    }
+
+    /// Forgets a session whose connection task has ended.
+    pub fn remove_session(&self, session: &Session, reason: CloseReason) {
+        let removed = {
+            let mut sessions = self.sessions.borrow_mut();
+            match sessions.get(session.key.slot as usize) {
+                Some(s) if s.key == session.key => {
+                    sessions.remove(session.key.slot as usize);
+                    true
+                }
+                _ => false,
+            }
+        };
+        debug_assert!(removed, "session removed twice");
+        let mut users = self.users.borrow_mut();
+        if let Some(entry) = users.get_mut(&*session.user) {
+            entry.sessions.retain(|k| *k != session.key);
+            if entry.sessions.is_empty() && entry.inbox_seq == 0 {
+                users.remove(&*session.user);
+            }
+        }
+        let c = self.counters();
+        c.connections.fetch_sub(1, Ordering::Relaxed);
+        ShardCounters::add(&c.closes[reason.index()], 1);
+        info!(user = %session.user, device = %session.device, shard = self.id, session = session.id, reason = reason.as_str(), "terminal closed");
+    }
+
+    /// The `welcome` frame for a new session.
+    pub fn welcome_frame(&self, s: &Session) -> Bytes {
+        let inbox_seq = self.users.borrow().get(&*s.user).map_or(0, |u| u.inbox_seq);
+        encode_text_frame(
+            &ServerFrame::Welcome {
+                user: s.user.to_string(),
+                device: s.device.to_string(),
+                session: format!("{:x}", s.id),
+                heartbeat_s: self.config.limits.heartbeat_s,
+                inbox_seq,
+                groups: Default::default(),
+            },
+            160,
+        )
+    }
+
+    /// Queues a frame for a session, closing it if it cannot keep up.
+    pub fn push(&self, s: &Session, frame: Bytes) -> bool {
+        match s.push(frame, self.config.limits.outbound_queue_bytes_max) {
+            Pushed::Queued => true,
+            Pushed::Closing => false,
+            Pushed::Overflow => {
+                warn!(user = %s.user, device = %s.device, shard = self.id, "slow consumer: outbound queue over its bound, closing");
+                false
+            }
+        }
+    }
+
+    fn sessions_of(&self, user: &str) -> Vec<Rc<Session>> {
+        let users = self.users.borrow();
+        let Some(entry) = users.get(user) else {
+            return Vec::new();
+        };
+        entry
+            .sessions
+            .iter()
+            .filter_map(|k| self.session(*k))
+            .collect()
+    }
+
+    // ---- delivery ----------------------------------------------------------------------
+
+    /// Appends each item to its inbox (all live here), pushes it to the owner's terminals, and
+    /// returns the assigned seqs in order.
+    fn deliver_local(&self, items: &[InboxAppend]) -> Vec<u64> {
+        let mut seqs = Vec::with_capacity(items.len());
+        let mut delivered = 0;
+        for item in items {
+            debug_assert_eq!(
+                home_shard(&item.owner, self.shards),
+                self.id,
+                "inbox appended away from home"
+            );
+            let (seq, keys) = {
+                let mut users = self.users.borrow_mut();
+                let entry = users.entry(item.owner.clone()).or_default();
+                entry.inbox_seq += 1;
+                (entry.inbox_seq, entry.sessions.clone())
+            };
+            seqs.push(seq);
+            if keys.is_empty() {
+                continue;
+            }
+            // Encoded once for the inbox; every terminal of the user gets the same bytes.
+            let frame = item.msg.encode_frame(&item.chat, seq);
+            for key in keys {
+                if let Some(s) = self.session(key) {
+                    if self.push(&s, frame.clone()) {
+                        delivered += 1;
+                    }
+                }
+            }
+        }
+        ShardCounters::add(&self.counters().deliveries, delivered);
+        seqs
+    }
+
+    /// Appends to inboxes on shard `to`.
+    pub async fn deliver(
+        self: &Rc<Self>,
+        to: usize,
+        items: Vec<InboxAppend>,
+    ) -> Result<Vec<u64>, EngineError> {
+        if to == self.id {
+            return Ok(self.deliver_local(&items));
+        }
+        self.ask(to, |reply| ShardMsg::Deliver { items, reply })
+            .await
+    }
+
+    /// Accepts a single-chat message: written to the receiver's inbox (chat `u:<from>`) and to
+    /// the sender's (chat `u:<to>`), each pushed to that user's terminals. Returns the message
+    /// with the sender's inbox seq.
+    pub async fn send_single(
+        self: &Rc<Self>,
+        new: NewMessage,
+    ) -> Result<(Arc<Message>, u64), EngineError> {
+        let NewMessage {
+            from,
+            to,
+            kind,
+            body,
+            cid,
+        } = new;
+        let (from, to) = (&*from, &*to);
+        if self.node.stopping() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let (id, ts) = self.ids.next();
+        let msg = Arc::new(Message {
+            id,
+            ts,
+            from: from.into(),
+            kind,
+            body,
+            cid,
+        });
+        let to_home = home_shard(to, self.shards);
+        let receiver = self.deliver(
+            to_home,
+            vec![InboxAppend {
+                owner: Arc::from(to),
+                chat: Arc::from(format!("u:{from}")),
+                msg: msg.clone(),
+            }],
+        );
+        ShardCounters::add(&self.counters().messages_accepted, 1);
+        if from == to {
+            let seqs = receiver.await?;
+            return Ok((msg, seqs.first().copied().unwrap_or(0)));
+        }
+        let sender = self.deliver(
+            home_shard(from, self.shards),
+            vec![InboxAppend {
+                owner: Arc::from(from),
+                chat: Arc::from(format!("u:{to}")),
+                msg: msg.clone(),
+            }],
+        );
+        let (r, s) = futures_lite::future::zip(receiver, sender).await;
+        r?;
+        let seqs = s?;
+        Ok((msg, seqs.first().copied().unwrap_or(0)))
+    }
+
+    /// Accepts many single-chat messages, in order per inbox; one mesh message per shard.
+    pub async fn send_many(
+        self: &Rc<Self>,
+        msgs: Vec<NewMessage>,
+    ) -> Result<Vec<Arc<Message>>, EngineError> {
+        if self.node.stopping() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let mut per_shard: Vec<Vec<InboxAppend>> = (0..self.shards).map(|_| Vec::new()).collect();
+        let mut out = Vec::with_capacity(msgs.len());
+        for NewMessage {
+            from,
+            to,
+            kind,
+            body,
+            cid,
+        } in msgs
+        {
+            let (id, ts) = self.ids.next();
+            let msg = Arc::new(Message {
+                id,
+                ts,
+                from: from.clone(),
+                kind,
+                body,
+                cid,
+            });
+            per_shard[home_shard(&to, self.shards)].push(InboxAppend {
+                owner: Arc::from(&*to),
+                chat: Arc::from(format!("u:{from}")),
+                msg: msg.clone(),
+            });
+            if from != to {
+                per_shard[home_shard(&from, self.shards)].push(InboxAppend {
+                    owner: Arc::from(&*from),
+                    chat: Arc::from(format!("u:{to}")),
+                    msg: msg.clone(),
+                });
+            }
+            out.push(msg);
+        }
+        ShardCounters::add(&self.counters().messages_accepted, out.len() as u64);
+        let mut waits = Vec::new();
+        for (shard, items) in per_shard.into_iter().enumerate() {
+            if !items.is_empty() {
+                waits.push(self.deliver(shard, items));
+            }
+        }
+        for w in waits {
+            w.await?;
+        }
+        Ok(out)
+    }
+
+    // ---- presence, kick, broadcast ---------------------------------------------------
+
+    fn presence_local(&self, user: &str) -> Vec<TerminalInfo> {
+        self.sessions_of(user)
+            .iter()
+            .filter(|s| s.close_reason().is_none())
+            .map(|s| TerminalInfo {
+                device: s.device.to_string(),
+                platform: s.platform.as_str().to_owned(),
+                node: self.node.node_id.clone(),
+                since: s.since_ms,
+            })
+            .collect()
+    }
+
+    pub async fn presence(self: &Rc<Self>, user: &str) -> Result<Vec<TerminalInfo>, EngineError> {
+        let user: Arc<str> = Arc::from(user);
+        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Presence {
+            user,
+            reply,
+        })
+        .await
+    }
+
+    fn kick_local(&self, user: &str, device: Option<&str>, reason: &str) -> u64 {
+        let mut n = 0;
+        for s in self.sessions_of(user) {
+            if device.is_some_and(|d| d != &*s.device) || s.close_reason().is_some() {
+                continue;
+            }
+            s.push_final(encode_text_frame(
+                &ServerFrame::Kicked {
+                    reason: reason.to_owned(),
+                },
+                40,
+            ));
+            s.request_close(CloseReason::Kicked);
+            n += 1;
+        }
+        n
+    }
+
+    pub async fn kick(
+        self: &Rc<Self>,
+        user: &str,
+        device: Option<&str>,
+        reason: &str,
+    ) -> Result<u64, EngineError> {
+        let user: Arc<str> = Arc::from(user);
+        let device = device.map(Box::from);
+        let reason: Arc<str> = Arc::from(reason);
+        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Kick {
+            user,
+            device,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    fn broadcast_local(&self, frame: &Bytes) -> u64 {
+        let sessions: Vec<Rc<Session>> = self
+            .sessions
+            .borrow()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
+        let mut n = 0;
+        for s in sessions {
+            if self.push(&s, frame.clone()) {
+                n += 1;
+            }
+        }
+        ShardCounters::add(&self.counters().deliveries, n);
+        n
+    }
+
+    /// Writes `frame` to every terminal of the node; returns how many got it.
+    pub async fn broadcast(self: &Rc<Self>, frame: Bytes) -> Result<u64, EngineError> {
+        let mut total = 0;
+        let mut waits = Vec::new();
+        for to in 0..self.shards {
+            let frame = frame.clone();
+            waits.push(self.ask(to, |reply| ShardMsg::Broadcast { frame, reply }));
+        }
+        for w in waits {
+            total += w.await?;
+        }
+        Ok(total)
+    }
+
+    // ---- terminal frames -------------------------------------------------------------
+
+    /// Sends an `error` frame and counts a violation; too many close the connection (1008).
+    pub fn reject_frame(
+        &self,
+        s: &Session,
+        code: ErrorCode,
+        message: String,
+        reference: Option<String>,
+    ) {
+        self.push(
+            s,
+            encode_text_frame(
+                &ServerFrame::Error {
+                    code,
+                    message,
+                    reference,
+                },
+                96,
+            ),
+        );
+        let v = s.violation();
+        if v > self.config.limits.protocol_violations_max {
+            debug!(user = %s.user, device = %s.device, shard = self.id, violations = v, "closing for repeated invalid frames");
+            s.request_close(CloseReason::ProtocolViolation);
+        }
+    }
+
+    /// Handles one complete text (or binary) frame from a terminal.
+    pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8]) {
+        ShardCounters::add(&self.counters().frames_in, 1);
+        let frame = match ClientFrame::parse(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                self.reject_frame(s, e.code(), e.to_string(), None);
+                return;
+            }
+        };
+        match frame {
+            ClientFrame::Ping => {
+                self.push(s, self.pong.clone());
+            }
+            ClientFrame::Ack { seq, group: None } => {
+                if seq > s.acked_inbox.get() {
+                    s.acked_inbox.set(seq);
+                }
+            }
+            ClientFrame::Ack { group: Some(_), .. } => {
+                self.reject_frame(
+                    s,
+                    ErrorCode::Unavailable,
+                    "group acks arrive with groups (not yet on this node)".into(),
+                    None,
+                );
+            }
+            ClientFrame::Send {
+                cid,
+                to,
+                group,
+                kind,
+                body,
+            } => self.on_send(s, cid, to, group, kind, body),
+            ClientFrame::Sync { .. } | ClientFrame::Read { .. } => {
+                self.push(
+                    s,
+                    encode_text_frame(
+                        &ServerFrame::Error {
+                            code: ErrorCode::Unavailable,
+                            message:
+                                "sync and read arrive with the durable store (not yet on this node)"
+                                    .into(),
+                            reference: None,
+                        },
+                        120,
+                    ),
+                );
+            }
+        }
+    }
+
+    fn on_send(
+        self: &Rc<Self>,
+        s: &Rc<Session>,
+        cid: String,
+        to: Option<String>,
+        group: Option<String>,
+        kind: Kind,
+        body: serde_json::Value,
+    ) {
+        let reject = |code, msg: String| self.reject_frame(s, code, msg, Some(cid.clone()));
+        if !self.config.terminal_send_enabled {
+            return reject(
+                ErrorCode::Forbidden,
+                "sending from terminals is disabled on this node".into(),
+            );
+        }
+        if cid.is_empty() || cid.len() > ether_proto::api::CID_LEN_MAX {
+            return reject(
+                ErrorCode::InvalidBody,
+                format!("cid: must be 1-{} bytes", ether_proto::api::CID_LEN_MAX),
+            );
+        }
+        let to = match (to, group) {
+            (Some(to), None) => to,
+            (None, Some(_)) => {
+                return reject(
+                    ErrorCode::Unavailable,
+                    "group messages arrive with groups (not yet on this node)".into(),
+                )
+            }
+            _ => {
+                return reject(
+                    ErrorCode::InvalidBody,
+                    "send: exactly one of `to` and `group` is required".into(),
+                )
+            }
+        };
+        if let Err(e) = ether_proto::ids::check_id("to", &to) {
+            return reject(e.code, e.message);
+        }
+        if let Err(e) = ether_proto::body::validate("body", kind, &body) {
+            return reject(ErrorCode::InvalidBody, e.to_string());
+        }
+        let raw = match serde_json::value::to_raw_value(&body) {
+            Ok(r) => r,
+            Err(e) => return reject(ErrorCode::InvalidBody, format!("body: {e}")),
+        };
+        let shard = self.clone();
+        let s = s.clone();
+        glommio::spawn_local(async move {
+            let new = NewMessage {
+                from: (*s.user).into(),
+                to: to.into(),
+                kind,
+                body: raw,
+                cid: Some(cid.clone().into()),
+            };
+            let frame = match shard.send_single(new).await {
+                Ok((msg, seq)) => ServerFrame::Sent {
+                    cid,
+                    id: msg.id.to_string(),
+                    seq,
+                    ts: msg.ts,
+                },
+                Err(e) => {
+                    let e = e.to_api();
+                    ServerFrame::Error {
+                        code: e.code,
+                        message: e.message,
+                        reference: Some(cid),
+                    }
+                }
+            };
+            shard.push(&s, encode_text_frame(&frame, 96));
+        })
+        .detach();
+    }
+
+    // ---- time --------------------------------------------------------------------------
+
+    /// Advances the clock and the wheel every tick: closes idle terminals. Ends when the node
+    /// stops.
+    pub async fn tick_loop(self: Rc<Self>) {
+        let mut due = Vec::new();
+        while !self.node.stopping() {
+            glommio::timer::sleep(TICK).await;
+            let now = (self.epoch.elapsed().as_millis() / TICK.as_millis()) as u64;
+            self.tick.set(now);
+            self.wheel.borrow_mut().advance(now, &mut due);
+            let idle = self.idle_ticks();
+            for key in due.drain(..) {
+                let Some(s) = self.session(key) else { continue };
+                if s.close_reason().is_some() {
+                    continue;
+                }
+                let deadline = s.last_active() + idle;
+                if deadline <= now {
+                    debug!(user = %s.user, device = %s.device, shard = self.id, "idle timeout");
+                    s.request_close(CloseReason::Idle);
+                } else {
+                    self.wheel.borrow_mut().schedule(key, deadline);
+                }
+            }
+        }
+        // Stopping: close every terminal.
+        let sessions: Vec<Rc<Session>> = self
+            .sessions
+            .borrow()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
+        for s in sessions {
+            s.request_close(CloseReason::Shutdown);
+        }
+    }
+
+    /// Bytes of a `ServerFrame` as sent to terminals.
+    pub fn encode(frame: &ServerFrame) -> Bytes {
+        encode_text_frame(frame, 128)
+    }
+
+    /// Rejects a request from the API with a public error.
+    pub fn api_error(code: ErrorCode, message: impl Into<String>) -> EngineError {
+        EngineError::Api(ApiError::new(code, message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_shard_is_stable_and_spread() {
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            let u = format!("user-{i}");
+            assert_eq!(home_shard(&u, 4), home_shard(&u, 4));
+            counts[home_shard(&u, 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+}

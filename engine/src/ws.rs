@@ -1,0 +1,435 @@
+//! WebSocket wire format for the client port: the upgrade answer, a sans-IO reader of client
+//! frames, and the encoding of server frames.
+//!
+//! Owns bytes only: frame headers are parsed and written by tungstenite's frame codec, masks
+//! removed in place. It knows nothing of sessions, users or JSON.
+use std::io::Cursor;
+
+use bytes::Bytes;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::protocol::frame::FrameHeader;
+
+/// Close codes the engine uses (RFC 6455 and the application range).
+pub mod close_code {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    pub const POLICY_VIOLATION: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// `kicked`: replaced by a newer connection of the same device, or kicked by the business.
+    pub const KICKED: u16 = 4001;
+    /// The terminal could not keep up with its messages; it should reconnect and `sync`.
+    pub const SLOW_CONSUMER: u16 = 4002;
+    /// Closed for silence longer than the idle timeout.
+    pub const IDLE: u16 = 4003;
+}
+
+/// Why client bytes are not acceptable WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WsError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooBig { len: u64, max: usize },
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+}
+
+impl WsError {
+    /// The close code that answers this error.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            WsError::TooBig { .. } => close_code::TOO_BIG,
+            WsError::Protocol(_) => close_code::PROTOCOL_ERROR,
+        }
+    }
+}
+
+/// One complete client message or control frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WsEvent<'a> {
+    /// A whole text message (fragments joined).
+    Text(&'a [u8]),
+    /// A whole binary message.
+    Binary(&'a [u8]),
+    Ping(&'a [u8]),
+    Pong,
+    /// The peer's close, with its code if any.
+    Close(Option<u16>),
+}
+
+/// Reads client frames out of byte chunks. Holds no memory while the connection is idle: only
+/// an incomplete frame or an unfinished fragmented message is kept between reads.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    partial: Vec<u8>,
+    fragments: Option<(bool, Vec<u8>)>,
+}
+
+impl FrameReader {
+    /// Bytes held for an incomplete frame or message.
+    pub fn buffered_bytes(&self) -> usize {
+        self.partial.capacity() + self.fragments.as_ref().map_or(0, |(_, v)| v.capacity())
+    }
+
+    /// Feeds freshly read bytes (unmasked in place) and calls `on_event` for every complete
+    /// frame, in order. `max` bounds a frame and a reassembled message. Stops at the first
+    /// error, and when `on_event` returns `false` (the connection is closing).
+    pub fn feed(
+        &mut self,
+        input: &mut [u8],
+        max: usize,
+        mut on_event: impl FnMut(WsEvent<'_>) -> bool,
+    ) -> Result<(), WsError> {
+        if self.partial.is_empty() {
+            let used = self.parse_frames(input, max, &mut on_event)?;
+            if used < input.len() {
+                self.partial.extend_from_slice(&input[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut self.partial);
+            buf.extend_from_slice(input);
+            let used = self.parse_frames(&mut buf, max, &mut on_event)?;
+            if used < buf.len() {
+                buf.drain(..used);
+                self.partial = buf;
+            }
+        }
+        Ok(())
+    }
+
+    fn parse_frames(
+        &mut self,
+        buf: &mut [u8],
+        max: usize,
+        on_event: &mut impl FnMut(WsEvent<'_>) -> bool,
+    ) -> Result<usize, WsError> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            let mut cursor = Cursor::new(&buf[pos..]);
+            let (header, len) = match FrameHeader::parse(&mut cursor) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(_) => return Err(WsError::Protocol("invalid frame header")),
+            };
+            if len > max as u64 {
+                return Err(WsError::TooBig { len, max });
+            }
+            let header_len = cursor.position() as usize;
+            let len = len as usize;
+            if buf.len() - pos - header_len < len {
+                break;
+            }
+            let start = pos + header_len;
+            let payload = &mut buf[start..start + len];
+            pos = start + len;
+            if header.rsv1 || header.rsv2 || header.rsv3 {
+                return Err(WsError::Protocol("reserved bits set"));
+            }
+            let Some(mask) = header.mask else {
+                return Err(WsError::Protocol("client frames must be masked"));
+            };
+            unmask(payload, mask);
+            let keep_going = match header.opcode {
+                OpCode::Control(c) => {
+                    if !header.is_final || len > 125 {
+                        return Err(WsError::Protocol("invalid control frame"));
+                    }
+                    match c {
+                        Control::Ping => on_event(WsEvent::Ping(payload)),
+                        Control::Pong => on_event(WsEvent::Pong),
+                        Control::Close => {
+                            let code =
+                                (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                            on_event(WsEvent::Close(code))
+                        }
+                        Control::Reserved(_) => return Err(WsError::Protocol("reserved opcode")),
+                    }
+                }
+                OpCode::Data(Data::Text | Data::Binary) if self.fragments.is_some() => {
+                    return Err(WsError::Protocol("new message inside a fragmented one"));
+                }
+                OpCode::Data(d @ (Data::Text | Data::Binary)) => {
+                    let text = d == Data::Text;
+                    if header.is_final {
+                        on_event(if text {
+                            WsEvent::Text(payload)
+                        } else {
+                            WsEvent::Binary(payload)
+                        })
+                    } else {
+                        self.fragments = Some((text, payload.to_vec()));
+                        true
+                    }
+                }
+                OpCode::Data(Data::Continue) => {
+                    let Some((_, acc)) = self.fragments.as_mut() else {
+                        return Err(WsError::Protocol("continuation without a message"));
+                    };
+                    if acc.len() + payload.len() > max {
+                        return Err(WsError::TooBig {
+                            len: (acc.len() + payload.len()) as u64,
+                            max,
+                        });
+                    }
+                    acc.extend_from_slice(payload);
+                    if header.is_final {
+                        let (text, whole) = self.fragments.take().unwrap_or_default();
+                        on_event(if text {
+                            WsEvent::Text(&whole)
+                        } else {
+                            WsEvent::Binary(&whole)
+                        })
+                    } else {
+                        true
+                    }
+                }
+                OpCode::Data(Data::Reserved(_)) => {
+                    return Err(WsError::Protocol("reserved opcode"))
+                }
+            };
+            if !keep_going {
+                return Ok(buf.len());
+            }
+        }
+        Ok(pos)
+    }
+}
+
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let header = FrameHeader {
+        opcode,
+        ..FrameHeader::default()
+    };
+    let mut out = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
+    // Writing into a Vec cannot fail.
+    let _ = header.format(payload.len() as u64, &mut out);
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// A server text frame (unmasked), ready to be written to any number of terminals.
+pub fn text_frame(payload: &[u8]) -> Bytes {
+    encode(OpCode::Data(Data::Text), payload)
+}
+
+/// A pong answering a ping with `payload`.
+pub fn pong_frame(payload: &[u8]) -> Bytes {
+    encode(OpCode::Control(Control::Pong), payload)
+}
+
+/// A close frame with a code and a short reason (cut to fit a control frame).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut payload = Vec::with_capacity(2 + reason.len().min(123));
+    payload.extend_from_slice(&code.to_be_bytes());
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..cut]);
+    encode(OpCode::Control(Control::Close), &payload)
+}
+
+/// The `101 Switching Protocols` answer to an upgrade with `Sec-WebSocket-Key: key`.
+pub fn upgrade_response(key: &str, subprotocol: Option<&str>) -> Vec<u8> {
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut out = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
+    );
+    if let Some(p) = subprotocol {
+        out.push_str("Sec-WebSocket-Protocol: ");
+        out.push_str(p);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn client_frame(opcode: OpCode, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let header = FrameHeader {
+            opcode,
+            is_final: fin,
+            mask: Some(mask),
+            ..FrameHeader::default()
+        };
+        let mut out = Vec::new();
+        header.format(payload.len() as u64, &mut out).unwrap();
+        let mut p = payload.to_vec();
+        unmask(&mut p, mask);
+        out.extend_from_slice(&p);
+        out
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum Owned {
+        Text(Vec<u8>),
+        Binary(Vec<u8>),
+        Ping(Vec<u8>),
+        Pong,
+        Close(Option<u16>),
+    }
+
+    fn collect(
+        reader: &mut FrameReader,
+        chunks: &[&[u8]],
+        max: usize,
+    ) -> Result<Vec<Owned>, WsError> {
+        let mut out = Vec::new();
+        for c in chunks {
+            let mut c = c.to_vec();
+            reader.feed(&mut c, max, |e| {
+                out.push(match e {
+                    WsEvent::Text(t) => Owned::Text(t.to_vec()),
+                    WsEvent::Binary(t) => Owned::Binary(t.to_vec()),
+                    WsEvent::Ping(t) => Owned::Ping(t.to_vec()),
+                    WsEvent::Pong => Owned::Pong,
+                    WsEvent::Close(c) => Owned::Close(c),
+                });
+                true
+            })?;
+        }
+        Ok(out)
+    }
+
+    const M: [u8; 4] = [1, 2, 3, 4];
+
+    #[test]
+    fn reads_frames_split_anywhere() {
+        let mut bytes = client_frame(OpCode::Data(Data::Text), true, b"{\"type\":\"ping\"}", M);
+        bytes.extend(client_frame(OpCode::Control(Control::Ping), true, b"hb", M));
+        bytes.extend(client_frame(
+            OpCode::Data(Data::Binary),
+            true,
+            &[0u8; 300],
+            M,
+        ));
+        for split in 0..bytes.len() {
+            let mut r = FrameReader::default();
+            let got = collect(&mut r, &[&bytes[..split], &bytes[split..]], 1024).unwrap();
+            assert_eq!(
+                got,
+                vec![
+                    Owned::Text(b"{\"type\":\"ping\"}".to_vec()),
+                    Owned::Ping(b"hb".to_vec()),
+                    Owned::Binary(vec![0u8; 300])
+                ]
+            );
+            assert_eq!(
+                r.buffered_bytes(),
+                0,
+                "nothing held once every frame is complete"
+            );
+        }
+    }
+
+    #[test]
+    fn joins_fragments() {
+        let mut bytes = client_frame(OpCode::Data(Data::Text), false, b"hel", M);
+        bytes.extend(client_frame(OpCode::Control(Control::Ping), true, b"", M));
+        bytes.extend(client_frame(OpCode::Data(Data::Continue), true, b"lo", M));
+        let got = collect(&mut FrameReader::default(), &[&bytes], 1024).unwrap();
+        assert_eq!(
+            got,
+            vec![Owned::Ping(vec![]), Owned::Text(b"hello".to_vec())]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let big = client_frame(OpCode::Data(Data::Text), true, &[b'a'; 2000], M);
+        // The header alone is enough to refuse: no need to buffer the payload.
+        let err = collect(&mut FrameReader::default(), &[&big[..8]], 1024).unwrap_err();
+        assert_eq!(err.close_code(), close_code::TOO_BIG);
+
+        let mut unmasked = Vec::new();
+        FrameHeader {
+            opcode: OpCode::Data(Data::Text),
+            ..FrameHeader::default()
+        }
+        .format(2, &mut unmasked)
+        .unwrap();
+        unmasked.extend_from_slice(b"hi");
+        assert!(matches!(
+            collect(&mut FrameReader::default(), &[&unmasked], 1024),
+            Err(WsError::Protocol(_))
+        ));
+
+        let cont = client_frame(OpCode::Data(Data::Continue), true, b"x", M);
+        assert!(collect(&mut FrameReader::default(), &[&cont], 1024).is_err());
+
+        let mut frag = client_frame(OpCode::Data(Data::Text), false, &[b'a'; 600], M);
+        frag.extend(client_frame(
+            OpCode::Data(Data::Continue),
+            true,
+            &[b'a'; 600],
+            M,
+        ));
+        assert!(matches!(
+            collect(&mut FrameReader::default(), &[&frag], 1024),
+            Err(WsError::TooBig { .. })
+        ));
+    }
+
+    #[test]
+    fn close_with_code() {
+        let bytes = client_frame(
+            OpCode::Control(Control::Close),
+            true,
+            &1000u16.to_be_bytes(),
+            M,
+        );
+        assert_eq!(
+            collect(&mut FrameReader::default(), &[&bytes], 64).unwrap(),
+            vec![Owned::Close(Some(1000))]
+        );
+    }
+
+    #[test]
+    fn server_frames_parse_back() {
+        let f = text_frame(b"hello");
+        let (h, len) = FrameHeader::parse(&mut Cursor::new(&f[..]))
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.opcode, h.mask, len), (OpCode::Data(Data::Text), None, 5));
+        let c = close_frame(4001, &"é".repeat(100));
+        assert!(c.len() <= 2 + 125);
+        assert!(std::str::from_utf8(&c[4..]).is_ok());
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        let r = String::from_utf8(upgrade_response("dGhlIHNhbXBsZSBub25jZQ==", None)).unwrap();
+        assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512), split in 0usize..512) {
+            let split = split.min(bytes.len());
+            let mut r = FrameReader::default();
+            let _ = collect(&mut r, &[&bytes[..split], &bytes[split..]], 256);
+        }
+
+        #[test]
+        fn roundtrip_any_text(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 1..5), chunk in 1usize..64) {
+            let mut bytes = Vec::new();
+            for p in &payloads {
+                bytes.extend(client_frame(OpCode::Data(Data::Binary), true, p, [9, 8, 7, 6]));
+            }
+            let chunks: Vec<&[u8]> = bytes.chunks(chunk).collect();
+            let got = collect(&mut FrameReader::default(), &chunks, 4096).unwrap();
+            let want: Vec<Owned> = payloads.into_iter().map(Owned::Binary).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

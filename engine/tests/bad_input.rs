@@ -1,0 +1,213 @@
+//! Bad input on every port gets a clear answer and loses nothing: malformed HTTP, oversized
+//! headers and bodies, plain HTTP on the WebSocket path, invalid frames, abuse, oversize
+//! frames, silent clients.
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use ether_proto::frame::ServerFrame;
+use ether_proto::ErrorCode;
+use ether_sdk::SdkError;
+use support::*;
+use tungstenite::Message;
+
+/// Writes raw bytes, reads until the server closes (or 5 s), returns what came back.
+fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
+}
+
+#[test]
+fn api_port_rejects_malformed_http_and_oversize() {
+    let node = TestNode::start();
+    let api = node.ports.api;
+    let r = raw_exchange(api, b"GET / HTTP/1.1\r\nno colon in this header\r\n\r\n");
+    assert_eq!(status_of(&r), 400, "{r}");
+    let big_header = format!(
+        "GET /v1/users/a/presence HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(4096)
+    );
+    assert_eq!(status_of(&raw_exchange(api, big_header.as_bytes())), 431);
+    let big_body = format!(
+        "POST /v1/messages HTTP/1.1\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+        node.api_key,
+        10 * 1024 * 1024
+    );
+    assert_eq!(status_of(&raw_exchange(api, big_body.as_bytes())), 413);
+}
+
+#[test]
+fn api_errors_have_the_contract_shape() {
+    let node = TestNode::start();
+    let gw = node.gateway();
+    let r = gw
+        .request("POST", "/v1/messages", Some(b"{not json"))
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_json");
+    let r = gw
+        .request(
+            "POST",
+            "/v1/messages",
+            Some(br#"{"from":"a","to":"b","kind":"voice","body":{"url":"u"}}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], "invalid_body");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("duration_ms"),
+        "{v}"
+    );
+    let r = gw.request("GET", "/v1/nope", None).unwrap();
+    assert_eq!(r.status, 404);
+    let r = gw.request("GET", "/v1/messages", None).unwrap();
+    assert_eq!(r.status, 405);
+    let unauth = ether_sdk::GatewayClient::new(format!("http://{}", node.ports.api), "wrong-key");
+    let err = unauth.send_message(&text("a", "b", "x")).unwrap_err();
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(401), Some(ErrorCode::Unauthorized))
+    );
+    // Every kind is validated with its path.
+    for (kind, body, path) in [
+        ("image", r#"{"url":""}"#, "body.url"),
+        ("file", r#"{"url":"u"}"#, "body"),
+        ("custom", r#"{}"#, "body"),
+        ("text", r#"{"text":""}"#, "body.text"),
+    ] {
+        let req = format!(r#"{{"from":"a","to":"b","kind":"{kind}","body":{body}}}"#);
+        let r = gw
+            .request("POST", "/v1/messages", Some(req.as_bytes()))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(r.status, 400, "{kind}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().starts_with(path),
+            "{kind}: {v}"
+        );
+    }
+}
+
+#[test]
+fn plain_http_on_the_websocket_path_gets_426() {
+    let node = TestNode::start();
+    let r = raw_exchange(node.ports.client, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status_of(&r), 426, "{r}");
+    assert!(r.to_ascii_lowercase().contains("upgrade: websocket"));
+    let r = raw_exchange(
+        node.ports.client,
+        b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 404);
+    let r = raw_exchange(
+        node.ports.client,
+        b"\x16\x03\x01 definitely not http\r\n\r\n",
+    );
+    assert_eq!(status_of(&r), 400);
+}
+
+#[test]
+fn silent_clients_are_dropped_after_the_handshake_timeout() {
+    let node = TestNode::start(); // test_min: 1 s handshake timeout
+    let mut s = TcpStream::connect(node.ports.client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\n").unwrap(); // and then nothing
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the server closes without an answer");
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[test]
+fn invalid_frames_get_errors_then_abuse_closes_with_1008() {
+    let node = TestNode::start(); // test_min: 3 violations allowed
+    let mut t = node.terminal("olga", "phone");
+    t.raw_send(Message::text("{not json")).unwrap();
+    match t.recv(WAIT).unwrap() {
+        Some(ServerFrame::Error { code, .. }) => assert_eq!(code, ErrorCode::InvalidJson),
+        other => panic!("{other:?}"),
+    }
+    t.raw_send(Message::text(r#"{"type":"dance"}"#)).unwrap();
+    match t.recv(WAIT).unwrap() {
+        Some(ServerFrame::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::InvalidFrame);
+            assert!(message.contains("dance"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Still served between errors.
+    t.ping().unwrap();
+    assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+    for _ in 0..3 {
+        let _ = t.raw_send(Message::text("nope"));
+    }
+    let closed = loop {
+        match t.recv(WAIT) {
+            Ok(Some(ServerFrame::Error { .. })) => continue,
+            Err(SdkError::Closed { code, .. }) => break code,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(closed, Some(1008));
+}
+
+#[test]
+fn oversize_frames_close_with_1009() {
+    let node = TestNode::start(); // test_min: 4 KiB frames
+    let mut t = node.terminal("pia", "phone");
+    t.raw_send(Message::text(format!(
+        r#"{{"type":"ping","pad":"{}"}}"#,
+        "x".repeat(8192)
+    )))
+    .unwrap();
+    match t.recv(WAIT) {
+        Err(SdkError::Closed { code, .. }) => assert_eq!(code, Some(1009)),
+        other => panic!("expected close 1009, got {other:?}"),
+    }
+    // The node is fine.
+    let mut u = node.terminal("pia", "web");
+    u.ping().unwrap();
+    assert_eq!(u.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+}
+
+#[test]
+fn bad_send_frames_name_the_problem() {
+    let node = TestNode::start();
+    let mut t = node.terminal("quin", "phone");
+    t.raw_send(Message::text(
+        r#"{"type":"send","cid":"c9","to":"rob","kind":"text","body":{"text":5}}"#,
+    ))
+    .unwrap();
+    match t.recv(WAIT).unwrap() {
+        Some(ServerFrame::Error {
+            code,
+            message,
+            reference,
+        }) => {
+            assert_eq!(code, ErrorCode::InvalidBody);
+            assert!(message.starts_with("body.text"), "{message}");
+            assert_eq!(reference.as_deref(), Some("c9"));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,110 @@
+//! `TestNode`: a real node on ephemeral loopback ports, in this process, torn down on drop;
+//! plus helpers that speak to it like terminals and a business system do.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use ether_engine::auth::TokenKeys;
+use ether_engine::config::Config;
+use ether_engine::node::{self, BoundPorts, NodeHandle};
+use ether_proto::frame::{Msg, ServerFrame};
+use ether_sdk::{GatewayClient, TerminalClient};
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestNode {
+    pub ports: BoundPorts,
+    pub api_key: String,
+    pub jwt_secret: String,
+    pub config: Config,
+    handle: Option<NodeHandle>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    /// A node with `Config::test_min` (2 shards, tiny limits).
+    pub fn start() -> TestNode {
+        TestNode::with(|_| {})
+    }
+
+    /// A node with `Config::test_min` changed by `edit`.
+    pub fn with(edit: impl FnOnce(&mut Config)) -> TestNode {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = Config::test_min(dir.path().to_path_buf());
+        edit(&mut config);
+        let api_key = config.auth.api_key.expose().to_owned();
+        let jwt_secret = config.auth.jwt_secret.expose().to_owned();
+        let handle = node::start(config.clone()).expect("node starts");
+        TestNode {
+            ports: handle.ports,
+            api_key,
+            jwt_secret,
+            config,
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.ports.client)
+    }
+
+    pub fn gateway(&self) -> GatewayClient {
+        GatewayClient::new(format!("http://{}", self.ports.api), self.api_key.clone())
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        TokenKeys::new(&self.jwt_secret)
+            .mint(user, Duration::from_secs(600), None)
+            .expect("mint")
+            .0
+    }
+
+    /// A terminal of `user` on `device`, past its `welcome`.
+    pub fn terminal(&self, user: &str, device: &str) -> TerminalClient {
+        let (t, w) = TerminalClient::connect(&self.ws_url(), &self.token(user), device, "web")
+            .expect("terminal connects");
+        assert_eq!(w.user, user);
+        assert_eq!(w.device, device);
+        t
+    }
+
+    pub fn stop(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.stop();
+        }
+    }
+}
+
+/// The next `msg` frame (skipping nothing: any other frame fails the test).
+pub fn next_msg(t: &mut TerminalClient) -> Msg {
+    match t.recv(WAIT).expect("recv") {
+        Some(ServerFrame::Msg(m)) => m,
+        other => panic!("expected a msg frame, got {other:?}"),
+    }
+}
+
+/// Asserts nothing arrives within `quiet`.
+pub fn assert_silent(t: &mut TerminalClient, quiet: Duration) {
+    if let Some(f) = t.recv(quiet).expect("recv") {
+        panic!("expected silence, got {f:?}");
+    }
+}
+
+pub fn text(from: &str, to: &str, text: &str) -> ether_proto::api::SendMessage {
+    ether_proto::api::SendMessage {
+        from: from.into(),
+        to: to.into(),
+        kind: ether_proto::Kind::Text,
+        body: serde_json::json!({ "text": text }),
+        cid: None,
+    }
+}

@@ -1,0 +1,336 @@
+//! Terminals and the business API over real sockets: auth, single-chat delivery to every
+//! terminal of both users, order, device replacement, presence, kick, broadcast.
+mod support;
+
+use std::time::Duration;
+
+use ether_proto::api::{Broadcast, Kick, TokenRequest};
+use ether_proto::frame::ServerFrame;
+use ether_sdk::terminal::ConnectOptions;
+use ether_sdk::{SdkError, TerminalClient};
+use support::*;
+
+#[test]
+fn bad_tokens_get_401_before_the_upgrade() {
+    let node = TestNode::start();
+    let url = node.ws_url();
+    let other = ether_engine::auth::TokenKeys::new("some-other-secret-0123456789abcdef");
+    let (foreign, _) = other.mint("alice", Duration::from_secs(60), None).unwrap();
+    for token in ["garbage", foreign.as_str(), ""] {
+        let err = TerminalClient::connect(&url, token, "d", "web").unwrap_err();
+        assert_eq!(err.status(), Some(401), "{token:?}: {err}");
+    }
+    let mut opts = ConnectOptions::new("x", "d", "web");
+    opts.token = None;
+    assert_eq!(
+        TerminalClient::connect_with(&url, &opts)
+            .unwrap_err()
+            .status(),
+        Some(401)
+    );
+    // A well-signed token that has expired.
+    let claims = ether_engine::auth::Claims {
+        sub: "alice".into(),
+        exp: 1,
+        iat: 0,
+        device: None,
+    };
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(node.jwt_secret.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(
+        TerminalClient::connect(&url, &expired, "d", "web")
+            .unwrap_err()
+            .status(),
+        Some(401)
+    );
+    // The token in the Authorization header works like the query.
+    let (_, w) =
+        TerminalClient::connect_with_header_token(&url, &node.token("alice"), "d", "web").unwrap();
+    assert_eq!(w.user, "alice");
+}
+
+#[test]
+fn single_chat_reaches_every_terminal_of_both_users() {
+    let node = TestNode::start();
+    let mut bob_phone = node.terminal("bob", "phone");
+    let mut bob_web = node.terminal("bob", "web");
+    let mut alice_desk = node.terminal("alice", "desktop");
+    let sent = node
+        .gateway()
+        .send_message(&text("alice", "bob", "hi bob"))
+        .unwrap();
+    for t in [&mut bob_phone, &mut bob_web] {
+        let m = next_msg(t);
+        assert_eq!(
+            (m.chat.as_str(), m.from.as_str(), m.seq),
+            ("u:alice", "alice", 1)
+        );
+        assert_eq!(m.id, sent.id);
+        assert_eq!(m.body["text"], "hi bob");
+        assert_eq!(m.ts, sent.ts);
+    }
+    let m = next_msg(&mut alice_desk);
+    assert_eq!(
+        (m.chat.as_str(), m.from.as_str(), m.seq),
+        ("u:bob", "alice", 1)
+    );
+    assert_eq!(m.id, sent.id);
+}
+
+#[test]
+fn three_hundred_messages_arrive_in_order_without_gaps() {
+    let node = TestNode::start();
+    let mut carol = node.terminal("carol", "phone");
+    let gw = node.gateway();
+    for i in 0..300 {
+        gw.send_message(&text(
+            &format!("sender{}", i % 7),
+            "carol",
+            &format!("m{i}"),
+        ))
+        .unwrap();
+    }
+    for i in 0..300u64 {
+        let m = next_msg(&mut carol);
+        assert_eq!(m.seq, i + 1, "seq without gaps");
+        assert_eq!(m.body["text"], format!("m{i}"), "in send order");
+        if i % 50 == 0 {
+            carol.ack(m.seq).unwrap();
+        }
+    }
+    assert_silent(&mut carol, Duration::from_millis(200));
+}
+
+#[test]
+fn batch_keeps_order_and_reports_bad_items() {
+    let node = TestNode::start();
+    let mut dan = node.terminal("dan", "phone");
+    let mut msgs: Vec<_> = (0..20)
+        .map(|i| text("eve", "dan", &format!("b{i}")))
+        .collect();
+    msgs[5].body = serde_json::json!({"txt": "typo"});
+    let results = node.gateway().send_batch(&msgs).unwrap().results;
+    assert_eq!(results.len(), 20);
+    match &results[5] {
+        ether_proto::api::BatchResult::Failed { error } => {
+            assert_eq!(error.code, ether_proto::ErrorCode::InvalidBody);
+            assert!(
+                error.message.starts_with("messages[5].body"),
+                "{}",
+                error.message
+            );
+        }
+        other => panic!("item 5 should fail, got {other:?}"),
+    }
+    let mut expected = (0..20).filter(|i| *i != 5);
+    for seq in 1..=19 {
+        let m = next_msg(&mut dan);
+        assert_eq!(m.seq, seq);
+        assert_eq!(m.body["text"], format!("b{}", expected.next().unwrap()));
+    }
+}
+
+#[test]
+fn same_device_replaces_the_old_connection() {
+    let node = TestNode::start();
+    let mut old = node.terminal("fay", "phone");
+    let mut new = node.terminal("fay", "phone");
+    match old.recv(WAIT).unwrap() {
+        Some(ServerFrame::Kicked { reason }) => assert_eq!(reason, "replaced"),
+        other => panic!("expected kicked, got {other:?}"),
+    }
+    match old.recv(WAIT) {
+        Err(SdkError::Closed { code, .. }) => assert_eq!(code, Some(4001)),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    node.gateway()
+        .send_message(&text("gus", "fay", "to the new one"))
+        .unwrap();
+    assert_eq!(next_msg(&mut new).body["text"], "to the new one");
+    let p = node.gateway().presence("fay").unwrap();
+    assert_eq!(p.terminals.len(), 1);
+}
+
+#[test]
+fn terminal_cap_per_user_is_enforced() {
+    let node = TestNode::start(); // test_min: 3 terminals per user
+    let _a = node.terminal("hal", "a");
+    let _b = node.terminal("hal", "b");
+    let _c = node.terminal("hal", "c");
+    let err = TerminalClient::connect(&node.ws_url(), &node.token("hal"), "d", "web").unwrap_err();
+    assert_eq!(err.status(), Some(403));
+    // Replacing an existing device is still allowed.
+    let _c2 = node.terminal("hal", "c");
+}
+
+#[test]
+fn presence_and_kick() {
+    let node = TestNode::start();
+    let gw = node.gateway();
+    assert!(!gw.presence("ivy").unwrap().online);
+    let mut phone = node.terminal("ivy", "phone");
+    let mut web = node.terminal("ivy", "web");
+    let p = gw.presence("ivy").unwrap();
+    assert!(p.online);
+    let mut devices: Vec<_> = p.terminals.iter().map(|t| t.device.clone()).collect();
+    devices.sort();
+    assert_eq!(devices, ["phone", "web"]);
+    assert_eq!(p.terminals[0].platform, "web");
+    let k = gw
+        .kick(
+            "ivy",
+            Kick {
+                device: Some("phone".into()),
+                reason: Some("security".into()),
+            },
+        )
+        .unwrap();
+    assert_eq!(k.kicked, 1);
+    match phone.recv(WAIT).unwrap() {
+        Some(ServerFrame::Kicked { reason }) => assert_eq!(reason, "security"),
+        other => panic!("expected kicked, got {other:?}"),
+    }
+    assert!(matches!(
+        phone.recv(WAIT),
+        Err(SdkError::Closed {
+            code: Some(4001),
+            ..
+        })
+    ));
+    assert_silent(&mut web, Duration::from_millis(100));
+    let k = gw.kick("ivy", Kick::default()).unwrap();
+    assert_eq!(k.kicked, 1);
+    assert!(matches!(
+        web.recv(WAIT).unwrap(),
+        Some(ServerFrame::Kicked { .. })
+    ));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!gw.presence("ivy").unwrap().online);
+}
+
+#[test]
+fn broadcast_reaches_every_online_terminal() {
+    let node = TestNode::start();
+    let mut terminals: Vec<_> = (0..6)
+        .map(|i| node.terminal(&format!("user{i}"), "d"))
+        .collect();
+    let r = node
+        .gateway()
+        .broadcast(&Broadcast {
+            kind: ether_proto::Kind::Text,
+            body: serde_json::json!({"text": "maintenance at 5"}),
+        })
+        .unwrap();
+    assert_eq!(r.terminals, 6);
+    for t in &mut terminals {
+        let m = next_msg(t);
+        assert_eq!(m.body["text"], "maintenance at 5");
+        assert_eq!(m.chat, "broadcast");
+    }
+}
+
+#[test]
+fn tokens_from_the_api_open_terminals() {
+    let node = TestNode::start();
+    let gw = node.gateway();
+    let t = gw
+        .token(TokenRequest {
+            user: "jay".into(),
+            ttl_s: Some(60),
+            device: Some("tab".into()),
+        })
+        .unwrap();
+    let (_, w) = TerminalClient::connect(&node.ws_url(), &t.token, "tab", "ios").unwrap();
+    assert_eq!((w.user.as_str(), w.device.as_str()), ("jay", "tab"));
+    // A device-bound token does not open another device.
+    assert_eq!(
+        TerminalClient::connect(&node.ws_url(), &t.token, "other", "ios")
+            .unwrap_err()
+            .status(),
+        Some(401)
+    );
+    let err = gw
+        .token(TokenRequest {
+            user: "bad user".into(),
+            ttl_s: None,
+            device: None,
+        })
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400));
+}
+
+#[test]
+fn terminals_ping_and_send() {
+    let node = TestNode::start();
+    let mut kim = node.terminal("kim", "phone");
+    let mut lee = node.terminal("lee", "phone");
+    kim.ping().unwrap();
+    assert_eq!(kim.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+    kim.send_frame(&ether_proto::ClientFrame::Send {
+        cid: "c-1".into(),
+        to: Some("lee".into()),
+        group: None,
+        kind: ether_proto::Kind::Text,
+        body: serde_json::json!({"text": "yo"}),
+    })
+    .unwrap();
+    let m = next_msg(&mut lee);
+    assert_eq!(
+        (m.from.as_str(), m.chat.as_str(), m.cid.as_deref()),
+        ("kim", "u:kim", Some("c-1"))
+    );
+    // Kim gets her own copy (multi-device sync) and the `sent` answer, in either order.
+    let mut got_sent = false;
+    let mut got_copy = false;
+    for _ in 0..2 {
+        match kim.recv(WAIT).unwrap() {
+            Some(ServerFrame::Sent { cid, id, seq, .. }) => {
+                assert_eq!((cid.as_str(), id.as_str(), seq), ("c-1", m.id.as_str(), 1));
+                got_sent = true;
+            }
+            Some(ServerFrame::Msg(copy)) => {
+                assert_eq!(
+                    (copy.chat.as_str(), copy.id.as_str()),
+                    ("u:lee", m.id.as_str())
+                );
+                got_copy = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got_sent && got_copy);
+}
+
+#[test]
+fn idle_terminals_are_closed() {
+    let node = TestNode::with(|c| {
+        c.limits.idle_timeout = Duration::from_millis(1500);
+        c.limits.heartbeat_s = 1;
+    });
+    let mut quiet = node.terminal("moe", "phone");
+    let mut chatty = node.terminal("ned", "phone");
+    let started = std::time::Instant::now();
+    loop {
+        chatty.ping().unwrap();
+        assert_eq!(chatty.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+        match quiet.recv(Duration::from_millis(300)) {
+            Ok(None) => {}
+            Err(SdkError::Closed { code, .. }) => {
+                assert_eq!(code, Some(4003));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "idle terminal never closed"
+        );
+    }
+    // The chatty one is still served.
+    chatty.ping().unwrap();
+    assert_eq!(chatty.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+}

@@ -1,0 +1,453 @@
+//! The server over real sockets: a glommio executor in a thread runs `accept_loop` on
+//! 127.0.0.1:0, and plain `std::net::TcpStream` clients speak raw HTTP bytes to it.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ether_http::{accept_loop, Limits, Method, Request, Response, Stop};
+
+/// Generous for CI; every read in these tests is bounded by it.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server on an ephemeral port; stopped and joined on drop.
+struct TestServer {
+    addr: SocketAddr,
+    stop_tx: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    fn start(limits: Limits, idle_timeout: Duration, max_connections: usize) -> TestServer {
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let ex = glommio::LocalExecutorBuilder::default()
+                .spawn(move || async move {
+                    let listener =
+                        glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+                    addr_tx
+                        .send(listener.local_addr().expect("local addr"))
+                        .expect("send addr");
+                    let stop = Stop::new();
+                    // The std channel cannot wake a glommio task: poll it on a short timer.
+                    let watcher = stop.clone();
+                    glommio::spawn_local(async move {
+                        while stop_rx.try_recv() == Err(mpsc::TryRecvError::Empty) {
+                            glommio::timer::sleep(Duration::from_millis(10)).await;
+                        }
+                        watcher.stop();
+                    })
+                    .detach();
+                    accept_loop(
+                        listener,
+                        limits,
+                        idle_timeout,
+                        max_connections,
+                        Rc::new(handle),
+                        stop,
+                    )
+                    .await;
+                })
+                .expect("spawn executor");
+            ex.join().expect("executor thread");
+        });
+        let addr = addr_rx.recv_timeout(IO_TIMEOUT).expect("server address");
+        TestServer {
+            addr,
+            stop_tx: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("read timeout");
+        s.set_nodelay(true).expect("nodelay");
+        s
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        drop(self.stop_tx.take());
+        if let Some(thread) = self.thread.take() {
+            let joined = thread.join();
+            if !std::thread::panicking() {
+                joined.expect("server thread exits cleanly after stop");
+            }
+        }
+    }
+}
+
+/// Echoes what it saw: `<METHOD> <path> q=<query param> body=<len>`; `/slow` takes 50 ms
+/// (so pipelined answers must wait for each other to stay in order).
+async fn handle(req: Request) -> Response {
+    if req.path == "/slow" {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    let line = format!(
+        "{} {} q={} body={}",
+        req.method,
+        req.path,
+        req.query_param("q").unwrap_or_default(),
+        req.body.len()
+    );
+    match req.method {
+        Method::Post => Response::json(201, format!("{{\"echo\":{:?}}}", line).into_bytes()),
+        _ => Response::text(200, &line),
+    }
+}
+
+/// One parsed response off the client socket.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads exactly one response (Content-Length framed) from `s`, keeping any extra bytes in
+/// `pending` for the next call.
+fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> Got {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head_len) = resp.parse(pending).expect("valid response") {
+            let status = resp.code.expect("status");
+            let headers: Vec<(String, String)> = resp
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_owned(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            let len: usize = headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.parse().expect("numeric content-length"))
+                .unwrap_or(0);
+            if pending.len() >= head_len + len {
+                let body = String::from_utf8_lossy(&pending[head_len..head_len + len]).into_owned();
+                pending.drain(..head_len + len);
+                return Got {
+                    status,
+                    headers,
+                    body,
+                };
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("read response");
+        assert!(
+            n > 0,
+            "connection closed before a whole response; got {pending:?}"
+        );
+        pending.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Asserts the server closed the connection: EOF (or a reset) with no further bytes.
+fn assert_closed(s: &mut TcpStream, pending: &[u8]) {
+    assert!(pending.is_empty(), "unexpected extra bytes {pending:?}");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected close, got {:?}", &buf[..n]),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected close, got error {e}"),
+    }
+}
+
+/// Asserts nothing arrives within `wait` and the connection stays open.
+fn assert_silent(s: &mut TcpStream, wait: Duration) {
+    s.set_read_timeout(Some(wait)).expect("set timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("expected silence, got {other:?}"),
+    }
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("set timeout");
+}
+
+fn server() -> TestServer {
+    TestServer::start(Limits::default(), Duration::from_secs(5), 64)
+}
+
+#[test]
+fn keep_alive_two_requests_on_one_connection() {
+    let srv = server();
+    let mut s = srv.connect();
+    let mut pending = Vec::new();
+
+    s.write_all(b"GET /v1/users/u1/presence?q=a%20b HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("write");
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "GET /v1/users/u1/presence q=a b body=0");
+    assert_eq!(
+        r.header("connection"),
+        None,
+        "keep-alive is the 1.1 default"
+    );
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_silent(&mut s, Duration::from_millis(100));
+
+    s.write_all(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
+        .expect("write");
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.status, 201);
+    assert_eq!(r.body, r#"{"echo":"POST /v1/messages q= body=5"}"#);
+
+    s.write_all(b"GET /bye HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn pipelined_requests_answered_in_order_in_one_batch() {
+    let srv = server();
+    let mut s = srv.connect();
+    // the first is slow: a server answering out of order would put /b or /c first
+    s.write_all(
+        b"GET /slow HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyzGET /c?q=3 HTTP/1.1\r\n\r\n",
+    )
+    .expect("write");
+    let mut pending = Vec::new();
+    let bodies: Vec<String> = (0..3)
+        .map(|_| read_response(&mut s, &mut pending).body)
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "GET /slow q= body=0",
+            r#"{"echo":"POST /b q= body=3"}"#,
+            "GET /c q=3 body=0",
+        ]
+    );
+    assert!(pending.is_empty());
+    assert_silent(&mut s, Duration::from_millis(100));
+}
+
+#[test]
+fn request_split_across_many_writes() {
+    let srv = server();
+    let mut s = srv.connect();
+    let raw = b"POST /split HTTP/1.1\r\nContent-Length: 10\r\n\r\n0123456789";
+    for chunk in raw.chunks(7) {
+        s.write_all(chunk).expect("write");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = read_response(&mut s, &mut Vec::new());
+    assert_eq!(r.body, r#"{"echo":"POST /split q= body=10"}"#);
+}
+
+#[test]
+fn malformed_request_gets_400_and_close() {
+    let srv = server();
+    let mut s = srv.connect();
+    s.write_all(b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+        .expect("write");
+    let mut pending = Vec::new();
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
+    assert_eq!(v["error"]["code"], "bad_request");
+    assert!(v["error"]["message"].is_string());
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn oversized_header_gets_431() {
+    let srv = server();
+    let mut s = srv.connect();
+    let big = format!(
+        "GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(Limits::default().header_bytes_max)
+    );
+    s.write_all(big.as_bytes()).expect("write");
+    let mut pending = Vec::new();
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.status, 431);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
+    assert_eq!(v["error"]["code"], "header_too_large");
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn endless_header_gets_431_without_waiting_for_its_end() {
+    let srv = server();
+    let mut s = srv.connect();
+    // no terminating blank line: the server must not wait for one
+    let open = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(9 * 1024));
+    s.write_all(open.as_bytes()).expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut s, &mut pending).status, 431);
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn oversized_body_gets_413_before_the_body_is_sent() {
+    let srv = server();
+    let mut s = srv.connect();
+    let limit = Limits::default().body_bytes_max;
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        limit + 1
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    let mut pending = Vec::new();
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.status, 413);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn chunked_body_gets_411() {
+    let srv = server();
+    let mut s = srv.connect();
+    s.write_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        .expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut s, &mut pending).status, 411);
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    let srv = server();
+    let mut s = srv.connect();
+    s.write_all(b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        .expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut s, &mut pending).status, 100);
+    s.write_all(b"data").expect("write");
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.status, 201);
+    assert_eq!(r.body, r#"{"echo":"POST /up q= body=4"}"#);
+}
+
+#[test]
+fn http_1_0_closes_unless_keep_alive_and_head_has_no_body() {
+    let srv = server();
+    let mut s = srv.connect();
+    s.write_all(b"HEAD /h HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .expect("write");
+    let mut head = Vec::new();
+    // HEAD: the same Content-Length as GET, no body bytes after the head
+    let expected_len = "HEAD /h q= body=0".len().to_string();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while !head.ends_with(b"\r\n\r\n") && Instant::now() < deadline {
+        let mut byte = [0u8; 1];
+        assert_eq!(s.read(&mut byte).expect("read"), 1);
+        head.extend_from_slice(&byte);
+    }
+    let head = String::from_utf8(head).expect("utf-8");
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("Content-Length: {expected_len}\r\n")),
+        "{head}"
+    );
+    assert!(head.contains("Connection: keep-alive\r\n"), "{head}");
+    assert_silent(&mut s, Duration::from_millis(100));
+
+    s.write_all(b"GET /old HTTP/1.0\r\n\r\n").expect("write");
+    let mut pending = Vec::new();
+    let r = read_response(&mut s, &mut pending);
+    assert_eq!(r.body, "GET /old q= body=0");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn idle_connection_is_closed_silently() {
+    let srv = TestServer::start(Limits::default(), Duration::from_millis(200), 64);
+    let mut s = srv.connect();
+    let started = Instant::now();
+    assert_closed(&mut s, &[]);
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
+
+#[test]
+fn stalled_request_gets_408() {
+    let srv = TestServer::start(Limits::default(), Duration::from_millis(200), 64);
+    let mut s = srv.connect();
+    s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+        .expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut s, &mut pending).status, 408);
+    assert_closed(&mut s, &pending);
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed() {
+    let srv = TestServer::start(Limits::default(), Duration::from_secs(5), 2);
+    let mut a = srv.connect();
+    let mut b = srv.connect();
+    // make sure both are being served before the third arrives
+    for s in [&mut a, &mut b] {
+        s.write_all(b"GET /x HTTP/1.1\r\n\r\n").expect("write");
+        assert_eq!(read_response(s, &mut Vec::new()).status, 200);
+    }
+    let mut c = srv.connect();
+    let _ = c.write_all(b"GET /x HTTP/1.1\r\n\r\n");
+    assert_closed(&mut c, &[]);
+    // the first two are unaffected; once one leaves, a new connection is served
+    a.write_all(b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut a, &mut pending).status, 200);
+    assert_closed(&mut a, &pending);
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let mut d = srv.connect();
+        let _ = d.write_all(b"GET /x HTTP/1.1\r\n\r\n");
+        let mut buf = [0u8; 12];
+        if let Ok(n) = d.read(&mut buf) {
+            if n > 0 {
+                assert!(buf[..n].starts_with(b"HTTP/1.1"));
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "a slot never freed up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn stop_closes_idle_connections_and_ends_the_loop() {
+    let srv = server();
+    let mut s = srv.connect();
+    s.write_all(b"GET /x HTTP/1.1\r\n\r\n").expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut s, &mut pending).status, 200);
+    let started = Instant::now();
+    drop(srv); // stops and joins: returns only once the idle connection is gone
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "stop waited for the idle timeout"
+    );
+    assert_closed(&mut s, &pending);
+}

@@ -1,0 +1,96 @@
+//! `ether-loadtest`: drives an Ether-IM node like thousands of real terminals and business
+//! systems, counts everything at the receiving terminals, and records what it saw in
+//! `bench-results/`.
+//!
+//! Layout (one file per concern):
+//! - [`scenario`]: the scenarios (`idle`, `unicast`, `batch`): sets up the target, starts the
+//!   terminal fleets and the API driver, samples the processes, decides pass/fail.
+//! - [`spawn`]: the target node: `ether serve` started from the same build on free ports with
+//!   a temporary data dir (killed on drop), or an existing node's addresses and secrets.
+//! - [`fleet`]: one process's share of terminals, spread over glommio executor threads;
+//!   progress snapshots while running, a [`stats::FleetReport`] at the end.
+//! - [`workers`]: more connections than one process may hold (`--per-process-max`): the tool
+//!   re-executes itself as `ether-loadtest worker` processes, each running a fleet and
+//!   streaming JSON progress and its final report over stdout.
+//! - [`terminal`]: one lean WebSocket terminal: raw TCP (optionally bound to a 127.0.0.x source
+//!   address), a hand-written upgrade, frames parsed from a per-thread scratch buffer (an idle
+//!   terminal holds no read buffer), masked client frames, pings answered, cumulative acks,
+//!   heartbeat `ping`s at the welcome's `heartbeat_s` from one ticker per thread (no timer per
+//!   terminal).
+//! - [`wsframe`]: the WebSocket frame codec shared by the terminals and the wire-limit server.
+//! - [`token`]: HS256 terminal tokens.
+//! - [`api`]: the business-system side: a keep-alive, pipelining HTTP/1.1 client that pushes
+//!   `POST /v1/messages` (or `/v1/messages/batch`) at a target rate.
+//! - [`wire_limit`]: a minimal in-tool server (own process, `ether-loadtest wire-server`) that
+//!   accepts the same WebSocket upgrades and API calls and writes pre-encoded frames: this
+//!   machine's ceiling for a scenario, so the engine's figure can be given as a ratio.
+//! - [`stats`]: HDR histograms, per-user sequence tracking (loss, duplicates, reorders),
+//!   the serializable progress and report types.
+//! - [`procstat`]: RSS and CPU of a process from /proc, kernel socket memory from
+//!   /proc/net/sockstat, the fd limit.
+//! - [`live`]: progress bars on a terminal, plain lines otherwise.
+//! - [`report`]: `bench-results/<date>-<scenario>/` with `result.json`, `summary.md` and SVG
+//!   plots, and the per-scenario table in `bench-results/README.md`.
+//!
+//! Everything is counted at the receiving terminals; message latency is taken from the send
+//! timestamp carried in the payload (`{"text":"t=<unix nanos>;k=<n>;r=<run>"}`).
+
+pub mod api;
+pub mod fleet;
+pub mod live;
+pub mod procstat;
+pub mod report;
+pub mod scenario;
+pub mod spawn;
+pub mod stats;
+pub mod terminal;
+pub mod token;
+pub mod wire_limit;
+pub mod workers;
+pub mod wsframe;
+
+/// Wall-clock time in nanoseconds since the Unix epoch.
+pub fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Parses durations like `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a duration: {s:?} (try 10s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown duration unit in {s:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3x").is_err());
+    }
+}

@@ -1,0 +1,284 @@
+//! More terminals than one process may hold: the tool re-executes itself as
+//! `ether-loadtest worker` processes. A worker reads its [`FleetSpec`] as one JSON line on
+//! stdin, runs a [`LocalFleet`], prints `{"progress":...}` lines every 500 ms and, when it
+//! reads `stop` (or its stdin closes), one `{"final":...}` line with its [`FleetReport`].
+use std::io::{self, BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fleet::{FleetSpec, LocalFleet};
+use crate::stats::{FleetProgress, FleetReport, Hist};
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WorkerMsg {
+    Progress(FleetProgress),
+    Final(FleetReport),
+    Error(String),
+}
+
+/// A fleet in this process or in a worker process.
+pub enum Fleet {
+    Local(LocalFleet),
+    Remote(RemoteFleet),
+}
+
+/// Splits `spec` (the whole run) into `parts` fleets of consecutive terminals.
+pub fn split(spec: &FleetSpec, parts: usize) -> Vec<FleetSpec> {
+    let parts = parts.max(1) as u64;
+    let mut out = Vec::new();
+    let mut first = spec.first;
+    for i in 0..parts {
+        let count = spec.count / parts + u64::from(i < spec.count % parts);
+        let mut s = spec.clone();
+        s.first = first;
+        s.count = count;
+        s.connect_rate = if spec.count > 0 {
+            spec.connect_rate * count as f64 / spec.count as f64
+        } else {
+            0.0
+        };
+        first += count;
+        out.push(s);
+    }
+    out
+}
+
+impl Fleet {
+    /// Starts the fleets of a run: in this process when `spec.count <= per_process_max`,
+    /// else in `ceil(count / per_process_max)` worker processes.
+    pub fn start_all(spec: &FleetSpec, per_process_max: u64) -> io::Result<Vec<Fleet>> {
+        if spec.count <= per_process_max {
+            return Ok(vec![Fleet::Local(LocalFleet::start(spec.clone())?)]);
+        }
+        let n = spec.count.div_ceil(per_process_max.max(1)) as usize;
+        split(spec, n)
+            .into_iter()
+            .map(|s| RemoteFleet::start(&s).map(Fleet::Remote))
+            .collect()
+    }
+
+    pub fn progress(&self) -> FleetProgress {
+        match self {
+            Fleet::Local(f) => f.progress(),
+            Fleet::Remote(f) => f.progress(),
+        }
+    }
+
+    pub fn stop(self) -> FleetReport {
+        match self {
+            Fleet::Local(f) => f.stop(),
+            Fleet::Remote(f) => f.stop(),
+        }
+    }
+
+    /// The worker process, if any (for CPU and RSS sampling).
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Fleet::Local(_) => None,
+            Fleet::Remote(f) => Some(f.child.id()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct RemoteState {
+    progress: FleetProgress,
+    interval: Option<Hist>,
+    report: Option<FleetReport>,
+    error: Option<String>,
+    ended: bool,
+}
+
+/// A worker process running one fleet.
+pub struct RemoteFleet {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    state: Arc<Mutex<RemoteState>>,
+}
+
+impl RemoteFleet {
+    pub fn start(spec: &FleetSpec) -> io::Result<RemoteFleet> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("worker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut stdin = child.stdin.take().ok_or(io::Error::other("no stdin"))?;
+        let stdout = child.stdout.take().ok_or(io::Error::other("no stdout"))?;
+        writeln!(stdin, "{}", serde_json::to_string(spec)?)?;
+        stdin.flush()?;
+        let state = Arc::new(Mutex::new(RemoteState::default()));
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("lt-worker-rx".into())
+            .spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    let msg = serde_json::from_str::<WorkerMsg>(&line);
+                    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                    match msg {
+                        Ok(WorkerMsg::Progress(p)) => {
+                            s.interval
+                                .get_or_insert_with(Hist::new)
+                                .add_data(&p.interval_latency);
+                            s.progress = p;
+                        }
+                        Ok(WorkerMsg::Final(r)) => s.report = Some(r),
+                        Ok(WorkerMsg::Error(e)) => s.error = Some(e),
+                        Err(e) => s.error = Some(format!("worker said {line:?}: {e}")),
+                    }
+                }
+                st.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+            })?;
+        Ok(RemoteFleet {
+            child,
+            stdin: Some(stdin),
+            state,
+        })
+    }
+
+    fn progress(&self) -> FleetProgress {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = s.progress.clone();
+        p.interval_latency = s.interval.take().map(|h| h.data()).unwrap_or_default();
+        p
+    }
+
+    fn stop(mut self) -> FleetReport {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = writeln!(stdin, "stop");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(r) = s.report.take() {
+                    drop(s);
+                    let _ = self.child.wait();
+                    return r;
+                }
+                if s.ended || Instant::now() > deadline {
+                    let why = s
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "worker ended without a report".into());
+                    let mut r = FleetReport {
+                        counters: s.progress.counters.clone(),
+                        ..Default::default()
+                    };
+                    r.failures.insert(format!("worker lost: {why}"), 1);
+                    drop(s);
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return r;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RemoteFleet {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Entry of `ether-loadtest worker`.
+pub fn worker_main() -> io::Result<()> {
+    crate::procstat::raise_nofile_limit();
+    let stdin = io::stdin();
+    let mut line = String::new();
+    stdin.lock().read_line(&mut line)?;
+    let out = Arc::new(Mutex::new(io::stdout()));
+    let say = |m: &WorkerMsg| {
+        let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(o, "{}", serde_json::to_string(m).unwrap_or_default());
+        let _ = o.flush();
+    };
+    let spec: FleetSpec = match serde_json::from_str(line.trim()) {
+        Ok(s) => s,
+        Err(e) => {
+            say(&WorkerMsg::Error(format!("bad fleet spec: {e}")));
+            return Ok(());
+        }
+    };
+    let fleet = match LocalFleet::start(spec) {
+        Ok(f) => f,
+        Err(e) => {
+            say(&WorkerMsg::Error(format!("cannot start fleet: {e}")));
+            return Ok(());
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    std::thread::spawn(move || {
+        let mut l = String::new();
+        loop {
+            l.clear();
+            match io::stdin().lock().read_line(&mut l) {
+                Ok(n) if n > 0 && l.trim() != "stop" => continue,
+                _ => break,
+            }
+        }
+        s2.store(true, Ordering::SeqCst);
+    });
+    while !stop.load(Ordering::SeqCst) {
+        say(&WorkerMsg::Progress(fleet.progress()));
+        for _ in 0..10 {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let report = fleet.stop();
+    say(&WorkerMsg::Final(report));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_covers_every_terminal_once() {
+        let spec = FleetSpec {
+            client: "127.0.0.1:1".parse().unwrap(),
+            path: "/ws".into(),
+            jwt_secret: "s".into(),
+            token_ttl_s: 60,
+            user_prefix: "u".into(),
+            device: "d".into(),
+            platform: "other".into(),
+            first: 0,
+            count: 10,
+            total: 10,
+            connect_rate: 100.0,
+            threads: 1,
+            source_ips: 0,
+            run_id: "r".into(),
+            connect_timeout_ms: 1000,
+            max_inflight: 8,
+            pin: None,
+        };
+        let parts = split(&spec, 3);
+        assert_eq!(
+            parts.iter().map(|p| (p.first, p.count)).collect::<Vec<_>>(),
+            vec![(0, 4), (4, 3), (7, 3)]
+        );
+        let rate: f64 = parts.iter().map(|p| p.connect_rate).sum();
+        assert!((rate - 100.0).abs() < 1e-9);
+    }
+}
