@@ -134,7 +134,8 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
         }
         Err(ServeError::Http(e)) => return refuse(&shard, stream, Refusal::from_http(&e)).await,
     };
-    let leftover = buf;
+    // Usually empty: then keep no buffer at all (an idle terminal holds none).
+    let leftover = if buf.is_empty() { Vec::new() } else { buf };
     let checked = match check_upgrade(&shard, &request) {
         Ok(c) => c,
         Err(refusal) => {
@@ -427,8 +428,8 @@ async fn run_session(
     let mut reader = FrameReader::default();
     if !leftover.is_empty() {
         on_bytes(&shard, &session, &mut reader, &mut leftover);
-        drop(leftover);
     }
+    drop(leftover);
     let reason = loop {
         match poll_fn(|cx| poll_io(&shard, &session, &mut stream, cx)).await {
             Wake::Close(reason) => break reason,
@@ -440,7 +441,9 @@ async fn run_session(
         }
     };
     shard.remove_session(&session, reason);
-    say_goodbye(&session, stream, reason).await;
+    // The goodbye runs as its own short task, so its state (timers, a drain buffer) is not
+    // part of every idle connection's long-lived future.
+    glommio::spawn_local(async move { say_goodbye(&session, stream, reason).await }).detach();
 }
 
 /// Sends the close frame (after what is queued) and closes the socket, bounded in time.

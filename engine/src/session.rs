@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Waker;
 
 use bytes::Bytes;
@@ -150,7 +150,8 @@ pub struct Session {
     pub key: SessionKey,
     /// Node-unique session id, sent in `welcome`.
     pub id: u64,
-    pub user: Rc<str>,
+    /// The user id, shared with the shard's user index.
+    pub user: Arc<str>,
     pub device: Box<str>,
     pub platform: Platform,
     pub remote: SocketAddr,
@@ -181,7 +182,7 @@ impl Session {
     pub fn new(
         key: SessionKey,
         id: u64,
-        user: Rc<str>,
+        user: Arc<str>,
         device: Box<str>,
         platform: Platform,
         remote: SocketAddr,
@@ -365,7 +366,7 @@ mod tests {
                 generation: 1,
             },
             1,
-            Rc::from("u"),
+            Arc::from("u"),
             "d".into(),
             Platform::Web,
             "127.0.0.1:1".parse().unwrap(),

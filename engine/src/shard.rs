@@ -278,7 +278,7 @@ impl Shard {
         let session = Rc::new(Session::new(
             key,
             ((self.id as u64) << 56) | (u64::from(generation) << 24) | slot as u64,
-            Rc::from(&**user),
+            user.clone(),
             device.into(),
             platform,
             remote,
