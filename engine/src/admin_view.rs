@@ -24,6 +24,9 @@ impl ether_admin::NodeView for AdminView {
         if self.shard.node.stopping() {
             return Err("node is stopping".into());
         }
+        if self.shard.node.draining() {
+            return Err("node is draining".into());
+        }
         Ok(())
     }
 }

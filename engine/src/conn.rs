@@ -22,7 +22,8 @@ use tracing::{debug, warn};
 
 use crate::mesh::{Handoff, ShardMsg};
 use crate::session::{CloseReason, Platform, Session};
-use crate::shard::{home_shard, AdoptError, Shard, ShardCounters};
+use crate::shard::{home_shard, AdoptError, Shard};
+use crate::stats::ShardCounters;
 use crate::ws::{self, FrameReader, WsError, WsEvent};
 
 /// The WebSocket path on the client port.
@@ -136,6 +137,14 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
     };
     // Usually empty: then keep no buffer at all (an idle terminal holds none).
     let leftover = if buf.is_empty() { Vec::new() } else { buf };
+    if shard.node.draining() {
+        let refusal = Refusal::new(
+            503,
+            ErrorCode::Unavailable,
+            "node is draining: connect to another node",
+        );
+        return refuse(&shard, stream, refusal).await;
+    }
     let checked = match check_upgrade(&shard, &request) {
         Ok(c) => c,
         Err(refusal) => {

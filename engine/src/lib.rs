@@ -16,6 +16,7 @@
 //! - [`wheel`]: the per-shard timer wheel.
 //! - [`message`]: messages, ids, and their encoding into frame bytes (once per inbox).
 //! - [`api`]: the business REST API routes; [`admin_view`]: what the admin port sees.
+//! - [`stats`]: counters, gauges and connection snapshots any thread may read.
 //! - [`auth`]: terminal JWTs. [`error`]: the engine error, mapped once to API codes.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -32,5 +33,6 @@ pub mod node;
 pub mod secrets;
 pub mod session;
 pub mod shard;
+pub mod stats;
 pub mod wheel;
 pub mod ws;

@@ -80,9 +80,23 @@ fn serve(args: &ServeArgs) -> ExitCode {
     }
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {
-        tracing::info!(signal = sig, "stopping");
+        tracing::info!(
+            signal = sig,
+            "draining, then stopping (signal again to stop at once)"
+        );
+    }
+    // Drain: terminals are told to reconnect elsewhere and closed within the drain window.
+    handle.shared.start_drain();
+    let deadline = std::time::Instant::now() + node::DRAIN_TIMEOUT;
+    while handle.shared.connections() > 0 && std::time::Instant::now() < deadline {
+        if signals.pending().next().is_some() {
+            tracing::warn!("second signal: stopping now");
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
     handle.stop();
+    tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 

@@ -60,6 +60,11 @@ pub enum ShardMsg {
         reason: Arc<str>,
         reply: oneshot::Sender<u64>,
     },
+    /// Snapshots of the shard's terminals (all of them, or one user's).
+    Connections {
+        user: Option<Arc<str>>,
+        reply: oneshot::Sender<Vec<crate::stats::ConnSnapshot>>,
+    },
     /// Write `frame` to every terminal on the shard; answers how many.
     Broadcast {
         frame: Bytes,

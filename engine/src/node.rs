@@ -20,10 +20,13 @@ use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::mesh::{MeshEnds, MeshPlan};
 use crate::secrets::PortsFile;
-use crate::shard::{NodeShared, Shard};
+use crate::shard::Shard;
+use crate::stats::NodeShared;
 
 /// Listen backlog of every listener (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: i32 = 4096;
+/// How long a signalled node waits for its drain before stopping anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stopping shard waits for its terminals to get their close frames.
 const STOP_GOODBYE_MAX: Duration = Duration::from_secs(3);
 /// Idle keep-alive connections on the api port are closed after this long.

@@ -165,6 +165,8 @@ pub struct Session {
     violations: Cell<u32>,
     /// Highest inbox seq the terminal acknowledged.
     pub acked_inbox: Cell<u64>,
+    /// Highest inbox seq pushed to the terminal.
+    pub pushed_inbox: Cell<u64>,
 }
 
 /// What a push did.
@@ -203,6 +205,7 @@ impl Session {
             last_active: Cell::new(now_tick),
             violations: Cell::new(0),
             acked_inbox: Cell::new(0),
+            pushed_inbox: Cell::new(0),
         }
     }
 
@@ -227,9 +230,12 @@ impl Session {
 
     /// Queues a frame that must go out even while closing (the close frame, `kicked`).
     pub fn push_final(&self, frame: Bytes) {
-        let mut q = self.out.borrow_mut();
-        q.bytes += frame.len();
-        q.frames.push_back(frame);
+        {
+            let mut q = self.out.borrow_mut();
+            q.bytes += frame.len();
+            q.frames.push_back(frame);
+        }
+        self.wake();
     }
 
     /// Bytes waiting to be written.
@@ -276,6 +282,13 @@ impl Session {
         if let Some(w) = self.waker.borrow().as_ref() {
             w.wake_by_ref();
         }
+    }
+
+    /// Pushed inbox messages the terminal has not acknowledged yet.
+    pub fn unacked(&self) -> u64 {
+        self.pushed_inbox
+            .get()
+            .saturating_sub(self.acked_inbox.get())
     }
 
     pub fn has_queued(&self) -> bool {

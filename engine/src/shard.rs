@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,58 +25,15 @@ use crate::error::EngineError;
 use crate::mesh::{FanoutMesh, InboxAppend, ShardMsg};
 use crate::message::{encode_text_frame, unix_now_ms, IdGen, Message, NewMessage};
 use crate::session::{CloseReason, Platform, Pushed, Session, SessionKey};
+use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters};
 use crate::wheel::TimerWheel;
 
 /// Length of one shard tick (clock and timer wheel granularity).
 pub const TICK: Duration = Duration::from_millis(250);
+/// How long a drain takes to close every terminal (they are told to come back within it).
+pub const DRAIN_WINDOW: Duration = Duration::from_secs(5);
 /// Size of the per-shard read buffer every connection reads into.
 pub const READ_SCRATCH_BYTES: usize = 64 * 1024;
-
-/// Counters of one shard, readable from any thread (admin, tests).
-#[derive(Debug, Default)]
-pub struct ShardCounters {
-    pub connections: AtomicU64,
-    pub handshakes: AtomicU64,
-    pub handshake_failures: AtomicU64,
-    pub auth_failures: AtomicU64,
-    pub frames_in: AtomicU64,
-    pub frames_out: AtomicU64,
-    pub messages_accepted: AtomicU64,
-    pub deliveries: AtomicU64,
-    pub closes: [AtomicU64; CloseReason::ALL.len()],
-}
-
-impl ShardCounters {
-    pub fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-}
-
-/// What the shards of one node share: identity, the stop flag and every shard's counters.
-#[derive(Debug)]
-pub struct NodeShared {
-    pub node_id: String,
-    pub stop: AtomicBool,
-    pub shards: Vec<ShardCounters>,
-}
-
-impl NodeShared {
-    pub fn new(node_id: String, shards: usize) -> Self {
-        NodeShared {
-            node_id,
-            stop: AtomicBool::new(false),
-            shards: (0..shards).map(|_| ShardCounters::default()).collect(),
-        }
-    }
-
-    pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Acquire)
-    }
-}
 
 /// The home shard of `user`: every terminal of a user lives there.
 pub fn home_shard(user: &str, shards: usize) -> usize {
@@ -120,6 +77,8 @@ pub struct Shard {
     /// The read buffer every connection of this shard reads into (never held across an await).
     pub scratch: RefCell<Vec<u8>>,
     pong: Bytes,
+    /// Set once this shard has told its terminals to reconnect.
+    drain_started: Cell<bool>,
 }
 
 impl Shard {
@@ -146,6 +105,7 @@ impl Shard {
             ids: IdGen::new(id),
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             pong: encode_text_frame(&ServerFrame::Pong, 16),
+            drain_started: Cell::new(false),
             config,
         }
     }
@@ -193,6 +153,9 @@ impl Shard {
                 reply,
             } => {
                 let _ = reply.send(self.kick_local(&user, device.as_deref(), &reason));
+            }
+            ShardMsg::Connections { user, reply } => {
+                let _ = reply.send(self.connections_local(user.as_deref()));
             }
             ShardMsg::Broadcast { frame, reply } => {
                 let _ = reply.send(self.broadcast_local(&frame));
@@ -315,6 +278,14 @@ impl Shard {
                 users.remove(&*session.user);
             }
         }
+        self.node.record_close(
+            self.id,
+            ClosedConn {
+                conn: self.snapshot(session),
+                closed_ms: unix_now_ms(),
+                reason,
+            },
+        );
         let c = self.counters();
         c.connections.fetch_sub(1, Ordering::Relaxed);
         ShardCounters::add(&c.closes[reason.index()], 1);
@@ -389,6 +360,7 @@ impl Shard {
             for key in keys {
                 if let Some(s) = self.session(key) {
                     if self.push(&s, frame.clone()) {
+                        s.pushed_inbox.set(s.pushed_inbox.get().max(seq));
                         delivered += 1;
                     }
                 }
@@ -654,6 +626,7 @@ impl Shard {
                 self.push(s, self.pong.clone());
             }
             ClientFrame::Ack { seq, group: None } => {
+                ShardCounters::add(&self.counters().acks, 1);
                 if seq > s.acked_inbox.get() {
                     s.acked_inbox.set(seq);
                 }
@@ -769,6 +742,100 @@ impl Shard {
         .detach();
     }
 
+    // ---- operators ---------------------------------------------------------------------
+
+    /// Unix ms of a shard tick.
+    fn tick_ms(&self, tick: u64) -> u64 {
+        self.node.started_ms + tick * TICK.as_millis() as u64
+    }
+
+    /// A session as operators see it.
+    pub fn snapshot(&self, s: &Session) -> ConnSnapshot {
+        ConnSnapshot {
+            session: s.id,
+            user: s.user.to_string(),
+            device: s.device.to_string(),
+            platform: s.platform.as_str(),
+            shard: self.id,
+            remote: s.remote,
+            since_ms: s.since_ms,
+            last_activity_ms: self.tick_ms(s.last_active()),
+            unacked: s.unacked(),
+            queued_bytes: s.queued_bytes() as u64,
+        }
+    }
+
+    fn connections_local(&self, user: Option<&str>) -> Vec<ConnSnapshot> {
+        match user {
+            Some(u) => self
+                .sessions_of(u)
+                .iter()
+                .map(|s| self.snapshot(s))
+                .collect(),
+            None => self
+                .sessions
+                .borrow()
+                .iter()
+                .map(|(_, s)| self.snapshot(s))
+                .collect(),
+        }
+    }
+
+    /// Every terminal of the node (`user: None`) or one user's, from every shard.
+    pub async fn connections(
+        self: &Rc<Self>,
+        user: Option<&str>,
+    ) -> Result<Vec<ConnSnapshot>, EngineError> {
+        if let Some(u) = user {
+            let user: Option<Arc<str>> = Some(Arc::from(u));
+            return self
+                .ask(home_shard(u, self.shards), |reply| ShardMsg::Connections {
+                    user,
+                    reply,
+                })
+                .await;
+        }
+        let mut waits = Vec::new();
+        for to in 0..self.shards {
+            waits.push(self.ask(to, |reply| ShardMsg::Connections { user: None, reply }));
+        }
+        let mut all = Vec::new();
+        for w in waits {
+            all.extend(w.await?);
+        }
+        Ok(all)
+    }
+
+    /// One drain step per tick: first every terminal is told to `reconnect` after a jittered
+    /// delay within the drain window, then terminals are closed (1012) a slice per tick so the
+    /// whole shard is empty by the end of the window.
+    fn drain_step(&self) {
+        let sessions: Vec<Rc<Session>> = self
+            .sessions
+            .borrow()
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
+        if !self.drain_started.replace(true) {
+            let window_ms = DRAIN_WINDOW.as_millis() as u64;
+            for s in &sessions {
+                let after_ms = rand::random::<u64>() % window_ms;
+                s.push_final(encode_text_frame(&ServerFrame::Reconnect { after_ms }, 40));
+            }
+            info!(shard = self.id, terminals = sessions.len(), "draining");
+            return;
+        }
+        let ticks = (DRAIN_WINDOW.as_millis() / TICK.as_millis()).max(1) as usize;
+        let per_tick = sessions.len().div_ceil(ticks).max(1);
+        for s in sessions
+            .iter()
+            .filter(|s| s.close_reason().is_none())
+            .take(per_tick)
+        {
+            s.request_close(CloseReason::Drain);
+        }
+    }
+
     // ---- time --------------------------------------------------------------------------
 
     /// Advances the clock and the wheel every tick: closes idle terminals. Ends when the node
@@ -794,6 +861,18 @@ impl Shard {
                     self.wheel.borrow_mut().schedule(key, deadline);
                 }
             }
+            if self.node.draining() {
+                self.drain_step();
+            }
+            let queued: usize = self
+                .sessions
+                .borrow()
+                .iter()
+                .map(|(_, s)| s.queued_bytes())
+                .sum();
+            self.counters()
+                .queued_bytes
+                .store(queued as u64, Ordering::Relaxed);
         }
         // Stopping: close every terminal.
         let sessions: Vec<Rc<Session>> = self

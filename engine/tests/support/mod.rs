@@ -69,6 +69,18 @@ impl TestNode {
         t
     }
 
+    /// What the node's shards share (flags, counters).
+    pub fn shared(&self) -> &ether_engine::stats::NodeShared {
+        &self.handle.as_ref().expect("running").shared
+    }
+
+    pub fn admin(&self) -> GatewayClient {
+        GatewayClient::new(
+            format!("http://{}", self.ports.admin),
+            self.config.auth.admin_token.expose().to_owned(),
+        )
+    }
+
     pub fn stop(mut self) {
         if let Some(h) = self.handle.take() {
             h.stop();

@@ -1,0 +1,175 @@
+//! Numbers about the node that any thread may read: per-shard counters and gauges, the ring
+//! of recently closed connections, and the snapshots of live connections the admin port lists.
+//! Written by shards (relaxed atomics, or a short lock on the close path only); owns no
+//! shard state.
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::session::CloseReason;
+
+/// Recently closed connections kept per shard for operators.
+pub const RECENT_CLOSES_MAX: usize = 256;
+
+/// Counters and gauges of one shard.
+#[derive(Debug, Default)]
+pub struct ShardCounters {
+    /// Gauge: live terminal connections.
+    pub connections: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub messages_accepted: AtomicU64,
+    pub deliveries: AtomicU64,
+    pub acks: AtomicU64,
+    pub resends: AtomicU64,
+    /// Gauge: bytes queued for terminals, refreshed every tick.
+    pub queued_bytes: AtomicU64,
+    pub closes: [AtomicU64; CloseReason::ALL.len()],
+}
+
+impl ShardCounters {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// A live terminal as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnSnapshot {
+    pub session: u64,
+    pub user: String,
+    pub device: String,
+    pub platform: &'static str,
+    pub shard: usize,
+    pub remote: SocketAddr,
+    pub since_ms: u64,
+    pub last_activity_ms: u64,
+    /// Pushed messages not yet acknowledged.
+    pub unacked: u64,
+    pub queued_bytes: u64,
+}
+
+/// A closed terminal connection and why it closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedConn {
+    pub conn: ConnSnapshot,
+    pub closed_ms: u64,
+    pub reason: CloseReason,
+}
+
+/// What the shards of one node share: identity, stop and drain flags, every shard's counters
+/// and recent closes.
+#[derive(Debug)]
+pub struct NodeShared {
+    pub node_id: String,
+    /// Unix ms when the node started.
+    pub started_ms: u64,
+    pub stop: AtomicBool,
+    pub draining: AtomicBool,
+    pub shards: Vec<ShardCounters>,
+    recent_closes: Vec<Mutex<VecDeque<ClosedConn>>>,
+}
+
+impl NodeShared {
+    pub fn new(node_id: String, shards: usize) -> Self {
+        NodeShared {
+            node_id,
+            started_ms: crate::message::unix_now_ms(),
+            stop: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            shards: (0..shards).map(|_| ShardCounters::default()).collect(),
+            recent_closes: (0..shards).map(|_| Mutex::new(VecDeque::new())).collect(),
+        }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Asks every shard to drain: terminals get `reconnect`, then are closed gradually.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Live terminals on the whole node.
+    pub fn connections(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|c| ShardCounters::get(&c.connections))
+            .sum()
+    }
+
+    /// Remembers a close (the oldest is forgotten past `RECENT_CLOSES_MAX` per shard).
+    pub fn record_close(&self, shard: usize, closed: ClosedConn) {
+        let Ok(mut ring) = self.recent_closes[shard].lock() else {
+            return;
+        };
+        if ring.len() == RECENT_CLOSES_MAX {
+            ring.pop_front();
+        }
+        ring.push_back(closed);
+    }
+
+    /// The most recent closes of every shard, newest first.
+    pub fn recent_closes(&self, limit: usize) -> Vec<ClosedConn> {
+        let mut all: Vec<ClosedConn> = self
+            .recent_closes
+            .iter()
+            .filter_map(|r| r.lock().ok().map(|r| r.iter().cloned().collect::<Vec<_>>()))
+            .flatten()
+            .collect();
+        all.sort_by(|a, b| b.closed_ms.cmp(&a.closed_ms));
+        all.truncate(limit);
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(ms: u64) -> ClosedConn {
+        ClosedConn {
+            conn: ConnSnapshot {
+                session: ms,
+                user: "u".into(),
+                device: "d".into(),
+                platform: "web",
+                shard: 0,
+                remote: "127.0.0.1:1".parse().unwrap(),
+                since_ms: 0,
+                last_activity_ms: 0,
+                unacked: 0,
+                queued_bytes: 0,
+            },
+            closed_ms: ms,
+            reason: CloseReason::Idle,
+        }
+    }
+
+    #[test]
+    fn recent_closes_are_bounded_and_newest_first() {
+        let n = NodeShared::new("n".into(), 2);
+        for i in 0..(RECENT_CLOSES_MAX as u64 + 10) {
+            n.record_close((i % 2) as usize, closed(i));
+        }
+        let r = n.recent_closes(5);
+        assert_eq!(
+            r.iter().map(|c| c.closed_ms).collect::<Vec<_>>(),
+            vec![265, 264, 263, 262, 261]
+        );
+        assert_eq!(n.recent_closes(10_000).len(), RECENT_CLOSES_MAX + 10);
+    }
+}
