@@ -130,7 +130,7 @@ impl NodeShared {
             .filter_map(|r| r.lock().ok().map(|r| r.iter().cloned().collect::<Vec<_>>()))
             .flatten()
             .collect();
-        all.sort_by(|a, b| b.closed_ms.cmp(&a.closed_ms));
+        all.sort_by_key(|c| std::cmp::Reverse(c.closed_ms));
         all.truncate(limit);
         all
     }
