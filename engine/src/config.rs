@@ -304,6 +304,14 @@ raw_config! {
         protocol_violations_max: u32,
         /// `limits.sync_page_max`: messages per `sync` answer page.
         sync_page_max: usize,
+        /// `limits.resend_timeout_ms`: an unacknowledged message is pushed again after this.
+        resend_timeout_ms: u64,
+        /// `limits.resend_attempts_max`: pushes again before leaving it to `sync`.
+        resend_attempts_max: u32,
+        /// `limits.unacked_per_terminal_max`: unacknowledged messages tracked per terminal.
+        unacked_per_terminal_max: usize,
+        /// `limits.drain_window_ms`: time a drain takes to close every terminal.
+        drain_window_ms: u64,
     }
     /// Raw `[terminal]`: what terminals may do.
     terminal: RawTerminal {
@@ -723,6 +731,14 @@ pub struct Limits {
     pub protocol_violations_max: u32,
     /// Messages per `sync` answer page (500).
     pub sync_page_max: usize,
+    /// First resend of an unacknowledged message after this; doubles per attempt (3 s).
+    pub resend_timeout: Duration,
+    /// Resends of one message before it is left to `sync` (3).
+    pub resend_attempts_max: u32,
+    /// Unacknowledged messages tracked per terminal; older ones are left to `sync` (1024).
+    pub unacked_per_terminal_max: usize,
+    /// A drain tells terminals to come back within this and closes them over it (5 s).
+    pub drain_window: Duration,
 }
 
 /// Accepted range of every integer key, `(key, min, max)`, in the key's own unit.
@@ -746,6 +762,10 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.api_connections_max", 1, 1_000_000),
     ("limits.protocol_violations_max", 1, 10_000),
     ("limits.sync_page_max", 1, 10_000),
+    ("limits.resend_timeout_ms", 50, 600_000),
+    ("limits.resend_attempts_max", 0, 100),
+    ("limits.unacked_per_terminal_max", 1, 1_000_000),
+    ("limits.drain_window_ms", 0, 600_000),
 ];
 
 impl Default for Limits {
@@ -763,6 +783,10 @@ impl Default for Limits {
             api_connections_max: 10_000,
             protocol_violations_max: 10,
             sync_page_max: 500,
+            resend_timeout: Duration::from_secs(3),
+            resend_attempts_max: 3,
+            unacked_per_terminal_max: 1024,
+            drain_window: Duration::from_secs(5),
         }
     }
 }
@@ -869,6 +893,10 @@ impl Config {
                 api_connections_max: Some(16),
                 protocol_violations_max: Some(3),
                 sync_page_max: Some(8),
+                resend_timeout_ms: Some(1000),
+                resend_attempts_max: Some(2),
+                unacked_per_terminal_max: Some(16),
+                drain_window_ms: Some(1000),
             },
             ..RawConfig::default()
         };
@@ -926,6 +954,10 @@ impl Config {
                 "api_connections_max": limits.api_connections_max,
                 "protocol_violations_max": limits.protocol_violations_max,
                 "sync_page_max": limits.sync_page_max,
+                "resend_timeout_ms": u64::try_from(limits.resend_timeout.as_millis()).unwrap_or(u64::MAX),
+                "resend_attempts_max": limits.resend_attempts_max,
+                "unacked_per_terminal_max": limits.unacked_per_terminal_max,
+                "drain_window_ms": u64::try_from(limits.drain_window.as_millis()).unwrap_or(u64::MAX),
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
             "log": { "format": self.log.format.as_str(), "level": self.log.level },
@@ -1144,6 +1176,26 @@ impl Prepared {
                 l.sync_page_max,
                 d.sync_page_max,
             )?,
+            resend_timeout: Duration::from_millis(check.bounded(
+                "limits.resend_timeout_ms",
+                l.resend_timeout_ms,
+                u64::try_from(d.resend_timeout.as_millis()).unwrap_or(u64::MAX),
+            )?),
+            resend_attempts_max: check.bounded(
+                "limits.resend_attempts_max",
+                l.resend_attempts_max,
+                d.resend_attempts_max,
+            )?,
+            unacked_per_terminal_max: check.bounded(
+                "limits.unacked_per_terminal_max",
+                l.unacked_per_terminal_max,
+                d.unacked_per_terminal_max,
+            )?,
+            drain_window: Duration::from_millis(check.bounded(
+                "limits.drain_window_ms",
+                l.drain_window_ms,
+                u64::try_from(d.drain_window.as_millis()).unwrap_or(u64::MAX),
+            )?),
         };
         if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
             return Err(check.invalid(
@@ -1598,7 +1650,8 @@ mod tests {
                     "node.shards" | "limits.terminals_per_user_max" | "limits.heartbeat_s" => "2",
                     "retention.days"
                     | "limits.protocol_violations_max"
-                    | "limits.sync_page_max" => "2",
+                    | "limits.sync_page_max"
+                    | "limits.resend_attempts_max" => "2",
                     "node.data_dir" | "node.id" | "cluster.node_id" => "n",
                     "terminal.send_enabled" => "false",
                     k if k.starts_with("limits.") => "4096",
@@ -1739,6 +1792,10 @@ mod tests {
             api_connections_max = 10000
             protocol_violations_max = 10
             sync_page_max = 500
+            resend_timeout_ms = 3000
+            resend_attempts_max = 3
+            unacked_per_terminal_max = 1024
+            drain_window_ms = 5000
             [terminal]
             send_enabled = false
             [log]

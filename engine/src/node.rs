@@ -181,6 +181,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("ether-shard-{id}"))
+            .spin_before_park(spin_before_park())
             .spawn(move || run_shard(start))
             .map_err(|source| NodeError::Executor { shard: id, source })?;
         threads.push(handle);
@@ -190,6 +191,16 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         shared,
         threads,
     })
+}
+
+/// How long an idle shard spins before it parks (saves the wake-up of a parked thread when
+/// work arrives within it). `ETHER_SPIN_US` overrides it for experiments.
+fn spin_before_park() -> Duration {
+    let us = std::env::var("ETHER_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_micros(us)
 }
 
 async fn run_shard(start: ShardStart) {

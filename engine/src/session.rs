@@ -141,6 +141,15 @@ struct OutQueue {
     front_offset: usize,
 }
 
+/// A pushed inbox message waiting for the terminal's ack.
+#[derive(Debug)]
+struct Unacked {
+    seq: u64,
+    frame: Bytes,
+    attempts: u32,
+    due_tick: u64,
+}
+
 /// Most frames gathered into one `sendmsg`.
 const IOV_MAX_PER_WRITE: usize = 64;
 
@@ -167,6 +176,8 @@ pub struct Session {
     pub acked_inbox: Cell<u64>,
     /// Highest inbox seq pushed to the terminal.
     pub pushed_inbox: Cell<u64>,
+    /// Pushed inbox messages not yet acknowledged, oldest first (shared frame bytes).
+    unacked: RefCell<VecDeque<Unacked>>,
 }
 
 /// What a push did.
@@ -206,6 +217,7 @@ impl Session {
             violations: Cell::new(0),
             acked_inbox: Cell::new(0),
             pushed_inbox: Cell::new(0),
+            unacked: RefCell::default(),
         }
     }
 
@@ -289,6 +301,67 @@ impl Session {
         self.pushed_inbox
             .get()
             .saturating_sub(self.acked_inbox.get())
+    }
+
+    /// Remembers a pushed inbox message until it is acked, due for a resend at `due_tick`.
+    /// Keeps at most `max` (the oldest are then left to `sync`). Returns whether the list was
+    /// empty before (the caller schedules a resend check then).
+    pub fn track_unacked(&self, seq: u64, frame: Bytes, due_tick: u64, max: usize) -> bool {
+        let mut u = self.unacked.borrow_mut();
+        let was_empty = u.is_empty();
+        u.push_back(Unacked {
+            seq,
+            frame,
+            attempts: 0,
+            due_tick,
+        });
+        while u.len() > max {
+            u.pop_front();
+        }
+        was_empty
+    }
+
+    /// A cumulative ack: forgets every tracked message up to `seq`; returns how many.
+    pub fn ack_inbox(&self, seq: u64) -> usize {
+        if seq > self.acked_inbox.get() {
+            self.acked_inbox.set(seq);
+        }
+        let mut u = self.unacked.borrow_mut();
+        let before = u.len();
+        while u.front().is_some_and(|m| m.seq <= seq) {
+            u.pop_front();
+        }
+        if u.is_empty() && u.capacity() > 16 {
+            *u = VecDeque::new();
+        }
+        before - u.len()
+    }
+
+    /// Frames due for a resend at `now`: each is pushed again at most `attempts_max` times,
+    /// waiting `timeout_ticks << attempt` between pushes, then left to `sync`. Returns the
+    /// frames to push and the next tick a check is due, if any message is still tracked.
+    pub fn due_resends(
+        &self,
+        now: u64,
+        timeout_ticks: u64,
+        attempts_max: u32,
+    ) -> (Vec<Bytes>, Option<u64>) {
+        let mut u = self.unacked.borrow_mut();
+        let mut frames = Vec::new();
+        u.retain_mut(|m| {
+            if m.due_tick > now {
+                return true;
+            }
+            if m.attempts >= attempts_max {
+                return false;
+            }
+            m.attempts += 1;
+            m.due_tick = now + (timeout_ticks << m.attempts.min(16));
+            frames.push(m.frame.clone());
+            true
+        });
+        let next = u.iter().map(|m| m.due_tick).min();
+        (frames, next)
     }
 
     pub fn has_queued(&self) -> bool {
@@ -427,6 +500,41 @@ mod tests {
         std::io::Read::read_exact(&mut b, &mut got).unwrap();
         assert_eq!(&got, b"hello big world");
         assert!(!s.has_queued());
+    }
+
+    #[test]
+    fn unacked_messages_are_resent_with_backoff_then_left_to_sync() {
+        let s = session();
+        assert!(s.track_unacked(1, Bytes::from_static(b"one"), 10, 100));
+        assert!(!s.track_unacked(2, Bytes::from_static(b"two"), 12, 100));
+        assert_eq!(s.due_resends(9, 10, 2), (vec![], Some(10)));
+        let (frames, next) = s.due_resends(10, 10, 2);
+        assert_eq!(frames, vec![Bytes::from_static(b"one")]);
+        assert_eq!(next, Some(12));
+        let (frames, next) = s.due_resends(12, 10, 2);
+        assert_eq!(frames, vec![Bytes::from_static(b"two")]);
+        assert_eq!(next, Some(30), "second attempt waits twice as long");
+        let (frames, _) = s.due_resends(30, 10, 2);
+        assert_eq!(frames, vec![Bytes::from_static(b"one")]);
+        // Attempts used up: dropped from tracking, left to sync.
+        let (frames, next) = s.due_resends(1000, 10, 2);
+        assert_eq!(frames, vec![Bytes::from_static(b"two")]);
+        assert_eq!(s.due_resends(10_000, 10, 2), (vec![], None));
+        assert_eq!(next, Some(1000 + 40));
+    }
+
+    #[test]
+    fn acks_are_cumulative_and_tracking_is_bounded() {
+        let s = session();
+        for seq in 1..=10 {
+            s.track_unacked(seq, Bytes::from_static(b"m"), 5, 4);
+        }
+        assert_eq!(s.ack_inbox(8), 2, "only 7 and 8 of the 4 kept were acked");
+        assert_eq!(s.acked_inbox.get(), 8);
+        assert_eq!(s.ack_inbox(3), 0, "an older ack changes nothing");
+        assert_eq!(s.acked_inbox.get(), 8);
+        assert_eq!(s.ack_inbox(10), 2);
+        assert_eq!(s.due_resends(100, 1, 3), (vec![], None));
     }
 
     #[test]

@@ -30,8 +30,8 @@ use crate::wheel::TimerWheel;
 
 /// Length of one shard tick (clock and timer wheel granularity).
 pub const TICK: Duration = Duration::from_millis(250);
-/// How long a drain takes to close every terminal (they are told to come back within it).
-pub const DRAIN_WINDOW: Duration = Duration::from_secs(5);
+/// Slots of the resend wheel (later deadlines come due early and are scheduled again).
+const RESEND_WHEEL_SLOTS: usize = 1024;
 /// Size of the per-shard read buffer every connection reads into.
 pub const READ_SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -71,6 +71,8 @@ pub struct Shard {
     generation: Cell<u32>,
     users: RefCell<HashMap<Arc<str>, UserEntry>>,
     wheel: RefCell<TimerWheel<SessionKey>>,
+    /// Sessions with unacknowledged messages, keyed by when their next resend is due.
+    resend_wheel: RefCell<TimerWheel<SessionKey>>,
     epoch: Instant,
     tick: Cell<u64>,
     ids: IdGen,
@@ -100,6 +102,7 @@ impl Shard {
             generation: Cell::new(0),
             users: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),
+            resend_wheel: RefCell::new(TimerWheel::new(RESEND_WHEEL_SLOTS, 0)),
             epoch: Instant::now(),
             tick: Cell::new(0),
             ids: IdGen::new(id),
@@ -117,6 +120,10 @@ impl Shard {
     /// The current tick (coarse clock, advanced by the tick loop).
     pub fn now_tick(&self) -> u64 {
         self.tick.get()
+    }
+
+    fn resend_ticks(&self) -> u64 {
+        (self.config.limits.resend_timeout.as_millis() / TICK.as_millis()).max(1) as u64
     }
 
     fn idle_ticks(&self) -> u64 {
@@ -360,7 +367,7 @@ impl Shard {
             for key in keys {
                 if let Some(s) = self.session(key) {
                     if self.push(&s, frame.clone()) {
-                        s.pushed_inbox.set(s.pushed_inbox.get().max(seq));
+                        self.track(&s, seq, frame.clone());
                         delivered += 1;
                     }
                 }
@@ -368,6 +375,38 @@ impl Shard {
         }
         ShardCounters::add(&self.counters().deliveries, delivered);
         seqs
+    }
+
+    /// Remembers a pushed inbox message until the terminal acks it (for resends).
+    fn track(&self, s: &Session, seq: u64, frame: Bytes) {
+        s.pushed_inbox.set(s.pushed_inbox.get().max(seq));
+        let due = self.now_tick() + self.resend_ticks();
+        if s.track_unacked(seq, frame, due, self.config.limits.unacked_per_terminal_max) {
+            self.resend_wheel.borrow_mut().schedule(s.key, due);
+        }
+    }
+
+    /// Pushes again what is due on the sessions whose resend check came due.
+    fn resend_due(&self, now: u64, due: &mut Vec<SessionKey>) {
+        self.resend_wheel.borrow_mut().advance(now, due);
+        let mut resent = 0;
+        for key in due.drain(..) {
+            let Some(s) = self.session(key) else { continue };
+            let (frames, next) = s.due_resends(
+                now,
+                self.resend_ticks(),
+                self.config.limits.resend_attempts_max,
+            );
+            for f in frames {
+                if self.push(&s, f) {
+                    resent += 1;
+                }
+            }
+            if let Some(next) = next {
+                self.resend_wheel.borrow_mut().schedule(key, next);
+            }
+        }
+        ShardCounters::add(&self.counters().resends, resent);
     }
 
     /// Appends to inboxes on shard `to`.
@@ -627,9 +666,7 @@ impl Shard {
             }
             ClientFrame::Ack { seq, group: None } => {
                 ShardCounters::add(&self.counters().acks, 1);
-                if seq > s.acked_inbox.get() {
-                    s.acked_inbox.set(seq);
-                }
+                s.ack_inbox(seq);
             }
             ClientFrame::Ack { group: Some(_), .. } => {
                 self.reject_frame(
@@ -817,7 +854,7 @@ impl Shard {
             .map(|(_, s)| s.clone())
             .collect();
         if !self.drain_started.replace(true) {
-            let window_ms = DRAIN_WINDOW.as_millis() as u64;
+            let window_ms = (self.config.limits.drain_window.as_millis() as u64).max(1);
             for s in &sessions {
                 let after_ms = rand::random::<u64>() % window_ms;
                 s.push_final(encode_text_frame(&ServerFrame::Reconnect { after_ms }, 40));
@@ -825,7 +862,8 @@ impl Shard {
             info!(shard = self.id, terminals = sessions.len(), "draining");
             return;
         }
-        let ticks = (DRAIN_WINDOW.as_millis() / TICK.as_millis()).max(1) as usize;
+        let ticks =
+            (self.config.limits.drain_window.as_millis() / TICK.as_millis()).max(1) as usize;
         let per_tick = sessions.len().div_ceil(ticks).max(1);
         for s in sessions
             .iter()
@@ -861,6 +899,7 @@ impl Shard {
                     self.wheel.borrow_mut().schedule(key, deadline);
                 }
             }
+            self.resend_due(now, &mut due);
             if self.node.draining() {
                 self.drain_step();
             }

@@ -98,7 +98,7 @@ fn three_hundred_messages_arrive_in_order_without_gaps() {
         let m = next_msg(&mut carol);
         assert_eq!(m.seq, i + 1, "seq without gaps");
         assert_eq!(m.body["text"], format!("m{i}"), "in send order");
-        if i % 50 == 0 {
+        if i % 50 == 0 || i == 299 {
             carol.ack(m.seq).unwrap();
         }
     }
@@ -333,4 +333,54 @@ fn idle_terminals_are_closed() {
     // The chatty one is still served.
     chatty.ping().unwrap();
     assert_eq!(chatty.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+}
+
+#[test]
+fn unacked_messages_are_resent_until_acked() {
+    let node = TestNode::with(|c| c.limits.resend_timeout = Duration::from_millis(250));
+    let mut ann = node.terminal("ann", "phone");
+    let mut other = node.terminal("ann", "web");
+    let sent = node
+        .gateway()
+        .send_message(&text("bo", "ann", "are you there"))
+        .unwrap();
+    // The web terminal acks at once.
+    let m = next_msg(&mut other);
+    other.ack(m.seq).unwrap();
+    let first = next_msg(&mut ann);
+    assert_eq!(first.id, sent.id);
+    // The phone does not ack: the same message comes again (same id and seq).
+    let again = next_msg(&mut ann);
+    assert_eq!(
+        (again.id.as_str(), again.seq),
+        (first.id.as_str(), first.seq)
+    );
+    ann.ack(again.seq).unwrap();
+    // The web terminal, which acked, is never resent anything.
+    assert_silent(&mut other, Duration::from_millis(800));
+    // After the ack the phone hears nothing more.
+    assert_silent(&mut ann, Duration::from_millis(800));
+}
+
+#[test]
+fn resends_stop_after_the_attempt_limit() {
+    let node = TestNode::with(|c| {
+        c.limits.resend_timeout = Duration::from_millis(250);
+        c.limits.resend_attempts_max = 2;
+        c.limits.idle_timeout = Duration::from_secs(30);
+    });
+    let mut t = node.terminal("cy", "phone");
+    node.gateway().send_message(&text("di", "cy", "x")).unwrap();
+    let first = next_msg(&mut t);
+    let mut copies = 1;
+    while let Some(f) = t.recv(Duration::from_millis(2500)).unwrap() {
+        match f {
+            ServerFrame::Msg(m) => {
+                assert_eq!(m.id, first.id);
+                copies += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(copies, 3, "the push and two resends, then left to sync");
 }
