@@ -1,114 +1,119 @@
-//! The admin port of an Ether-IM node (API.md section 5), sans-IO: requests in, responses out.
+//! The operator side of an Ether-IM node (API.md section 5), sans-IO: requests in, responses
+//! out, over a narrow, data-only view of the engine.
 //!
-//! Layout:
-//! - [`NodeView`]: the narrow interface the engine implements for this crate (health, readiness,
-//!   the admin token). The admin side never reaches into engine internals, and the engine
-//!   depends on this crate, not the other way round.
-//! - [`handle`]: routing and bearer auth for everything under `/admin/`.
+//! # Layout
+//!
+//! - [`NodeView`] (this file): the interface the engine implements for this crate. It hands
+//!   out *data* ([`view`] types) and performs the two admin actions (kick, drain); the admin
+//!   side never reaches into engine internals, and the engine depends on this crate, not the
+//!   other way round (nats-server's `monitor.go` split: data-only `Connz`/`Varz`, thin handlers).
+//! - [`view`]: the snapshot types ([`NodeStats`], [`ShardStats`], [`StorageStats`],
+//!   [`ConnInfo`], [`ClosedConn`], reports), the connection query [`ConnQuery`] (parsing with
+//!   clear 400s, filtering, sorting, paging, and the per-shard window that makes a
+//!   node-wide page exact), and config redaction. All `Serialize + Deserialize`: the node
+//!   encodes them, the CLI decodes them.
+//! - [`histogram`]: [`Histogram`], the fixed-bucket recorder a shard owns (allocation-free
+//!   `record`, `merge`), and [`HistogramSnapshot`], its cumulative-bucket data form with
+//!   p50/p90/p99.
+//! - [`routes`]: [`handle`], the admin port. `/healthz`, `/readyz`, `/metrics` and the
+//!   dashboard (`/`, `/assets/*`) are open; everything under `/admin/` needs
+//!   `Authorization: Bearer <admin_token>` (constant-time compare, 401 before routing).
+//!   Unknown paths 404, wrong methods 405 with `Allow`.
+//! - [`prometheus`]: [`NodeStats`] rendered as Prometheus text exposition 0.0.4 (`ether_*`
+//!   families, each with HELP and TYPE).
+//! - [`dashboard`]: the live dashboard page, its script and stylesheet, embedded with
+//!   `include_str!` (no CDN, works offline). Token login (kept in `sessionStorage`, or
+//!   `/#token=...`), then it polls `/admin/v1/stats` and `/admin/v1/connections` every second
+//!   and draws hand-written canvas charts.
+//! - [`cli`]: `ether admin stats|connections|user U|kick U|drain` as a library call
+//!   ([`cli::run`]): a blocking HTTP call to the admin port, aligned tables or raw JSON.
+//!
+//! # Data flow
+//!
+//! admin socket → `ether_http` server loop (engine) → [`handle`] → auth → route → one
+//! [`NodeView`] call (the engine gathers from its shards) → view types → JSON / Prometheus
+//! text / embedded asset → [`Response`](ether_http::Response). The crate keeps no state
+//! between requests; counters, the ring of recent closes and histograms live in the engine.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-use std::rc::Rc;
+pub mod cli;
+pub mod dashboard;
+pub mod histogram;
+pub mod prometheus;
+pub mod routes;
+pub mod view;
 
-use ether_http::request::{Method, Request};
-use ether_http::response::Response;
+pub use histogram::{BoundsMismatch, Histogram, HistogramSnapshot};
+pub use routes::handle;
+pub use view::{
+    ApiRouteStats, ClosedConn, ConnInfo, ConnPage, ConnQuery, ConnSort, ConnectionsReport, DrainReport, KickReport,
+    NodeInfo, NodeStats, ShardStats, SortOrder, StatsReport, StorageStats, UserReport,
+};
+
 use ether_proto::{ApiError, ErrorCode};
-use subtle::ConstantTimeEq;
 
-/// What the admin port may ask of the engine.
+/// What the admin port may ask of the engine. Used through `Rc<V>` on the one executor that
+/// serves the admin port: nothing here needs `Send`.
+///
+/// The data methods are `async` so the engine can gather from every shard by message; they
+/// return `Err(ApiError)` when it cannot (a shard gone during shutdown: `unavailable`), and
+/// the route answers that error as is. The provided defaults answer `unavailable` ("not
+/// provided by this node"), so a view can grow one method at a time.
+#[allow(async_fn_in_trait)]
 pub trait NodeView {
     /// The bearer token that guards `/admin/`.
     fn admin_token(&self) -> &str;
-    /// `Ok` when the node takes traffic; otherwise why not (store down, draining…).
+
+    /// `Ok` when the node takes traffic (store and cluster reachable, not draining);
+    /// otherwise why not. `/readyz` answers 503 with the reason.
     fn readiness(&self) -> Result<(), String>;
-}
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    let e = ApiError::new(code, message);
-    Response::json(e.code.http_status(), e.to_json())
-}
+    /// Node, per-shard and storage statistics (`/admin/v1/stats`, `/metrics`).
+    async fn stats(&self) -> Result<NodeStats, ApiError> {
+        Err(not_provided("stats"))
+    }
 
-/// Answers one admin-port request.
-pub async fn handle<V: NodeView>(view: Rc<V>, req: Request) -> Response {
-    match (&req.method, req.path.as_str()) {
-        (Method::Get | Method::Head, "/healthz") => {
-            Response::json(200, br#"{"status":"ok"}"#.to_vec())
-        }
-        (Method::Get | Method::Head, "/readyz") => match view.readiness() {
-            Ok(()) => Response::json(200, br#"{"status":"ready"}"#.to_vec()),
-            Err(why) => Response::json(
-                503,
-                serde_json::json!({"status": "not_ready", "reason": why})
-                    .to_string()
-                    .into_bytes(),
-            ),
-        },
-        (_, p) if p.starts_with("/admin/") => {
-            let ok = req
-                .bearer_token()
-                .is_some_and(|t| bool::from(t.as_bytes().ct_eq(view.admin_token().as_bytes())));
-            if !ok {
-                return error(
-                    ErrorCode::Unauthorized,
-                    "missing or wrong admin token: send Authorization: Bearer <admin_token>",
-                );
-            }
-            error(
-                ErrorCode::NotFound,
-                format!("no admin route {} {}", req.method, req.path),
-            )
-        }
-        (_, "/healthz" | "/readyz") => error(ErrorCode::MethodNotAllowed, "use GET"),
-        _ => error(
-            ErrorCode::NotFound,
-            format!("no route {} {}", req.method, req.path),
-        ),
+    /// One page of live connections. The engine may collect every match
+    /// ([`ConnQuery::matches`]) and call [`ConnQuery::page`], or have each shard send only
+    /// its first [`ConnQuery::window`] sorted matches plus its match count.
+    async fn connections(&self, query: &ConnQuery) -> Result<ConnPage, ApiError> {
+        let _ = query;
+        Err(not_provided("connections"))
+    }
+
+    /// Up to `limit` most recently closed connections, newest first, from the ring of
+    /// recent closes.
+    async fn recent_closes(&self, limit: usize) -> Result<Vec<ClosedConn>, ApiError> {
+        let _ = limit;
+        Err(not_provided("recent closes"))
+    }
+
+    /// The live connections of user `uid` (empty when offline).
+    async fn user(&self, uid: &str) -> Result<Vec<ConnInfo>, ApiError> {
+        let _ = uid;
+        Err(not_provided("user lookup"))
+    }
+
+    /// Disconnects `uid`'s terminals (only `device`'s when given), sending `kicked
+    /// {reason}`; returns how many were disconnected.
+    async fn kick(&self, uid: &str, device: Option<&str>, reason: &str) -> Result<u64, ApiError> {
+        let _ = (uid, device, reason);
+        Err(not_provided("kick"))
+    }
+
+    /// Starts draining: stop accepting, tell terminals to `reconnect` with jitter, close.
+    /// Idempotent (`started: false` when already draining).
+    async fn drain(&self) -> Result<DrainReport, ApiError> {
+        Err(not_provided("drain"))
+    }
+
+    /// The effective configuration as JSON, secrets already redacted (the route runs
+    /// [`view::redact_secrets`] over it again).
+    fn config_redacted(&self) -> Result<serde_json::Value, ApiError> {
+        Err(not_provided("config"))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    struct View(Result<(), String>);
-    impl NodeView for View {
-        fn admin_token(&self) -> &str {
-            "secret-token"
-        }
-        fn readiness(&self) -> Result<(), String> {
-            self.0.clone()
-        }
-    }
-
-    fn run(view: View, req: Request) -> Response {
-        futures_lite::future::block_on(handle(Rc::new(view), req))
-    }
-
-    #[test]
-    fn health_and_readiness() {
-        let r = run(View(Ok(())), Request::new(Method::Get, "/healthz").unwrap());
-        assert_eq!(r.status, 200);
-        let r = run(
-            View(Err("draining".into())),
-            Request::new(Method::Get, "/readyz").unwrap(),
-        );
-        assert_eq!(r.status, 503);
-        assert!(String::from_utf8_lossy(&r.body).contains("draining"));
-    }
-
-    #[test]
-    fn admin_routes_need_the_token() {
-        let r = run(
-            View(Ok(())),
-            Request::new(Method::Get, "/admin/v1/stats").unwrap(),
-        );
-        assert_eq!(r.status, 401);
-        let req = Request::new(Method::Get, "/admin/v1/stats")
-            .unwrap()
-            .with_header("authorization", "Bearer wrong");
-        assert_eq!(run(View(Ok(())), req).status, 401);
-        let req = Request::new(Method::Get, "/admin/v1/nope")
-            .unwrap()
-            .with_header("authorization", "Bearer secret-token");
-        assert_eq!(run(View(Ok(())), req).status, 404);
-    }
+fn not_provided(what: &str) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, format!("{what} is not provided by this node"))
 }

@@ -1,8 +1,18 @@
-//! The engine's side of the admin port: implements `ether_admin::NodeView` over a shard.
-//! Reads only; never changes shard state except through the shard's own methods.
+//! The engine's side of the admin port: implements `ether_admin::NodeView` over the shard that
+//! serves the admin port. Counters are read from `NodeShared` (any thread may); live
+//! connections are gathered from every shard by message. Changes nothing except through the
+//! shard's own operations (kick, drain).
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
+use ether_admin::{
+    ApiRouteStats, ClosedConn, ConnInfo, ConnPage, ConnQuery, DrainReport, NodeInfo, NodeStats, ShardStats,
+};
+use ether_proto::ApiError;
+
+use crate::session::CloseReason;
 use crate::shard::Shard;
+use crate::stats::{self, ConnSnapshot, ShardCounters};
 
 /// A view of the node for the admin crate, served from the shard that owns the admin port.
 pub struct AdminView {
@@ -13,6 +23,25 @@ impl AdminView {
     pub fn new(shard: Rc<Shard>) -> Self {
         AdminView { shard }
     }
+}
+
+fn conn_info(c: &ConnSnapshot) -> ConnInfo {
+    ConnInfo {
+        session: format!("{:x}", c.session),
+        user: c.user.clone(),
+        device: c.device.clone(),
+        platform: c.platform.to_owned(),
+        shard: c.shard as u32,
+        remote: c.remote.to_string(),
+        since_ms: c.since_ms,
+        last_activity_ms: c.last_activity_ms,
+        unacked: c.unacked,
+        queued_bytes: c.queued_bytes,
+    }
+}
+
+fn closed_conn(c: &stats::ClosedConn) -> ClosedConn {
+    ClosedConn { conn: conn_info(&c.conn), closed_ms: c.closed_ms, reason: c.reason.as_str().to_owned() }
 }
 
 impl ether_admin::NodeView for AdminView {
@@ -28,5 +57,88 @@ impl ether_admin::NodeView for AdminView {
             return Err("node is draining".into());
         }
         Ok(())
+    }
+
+    async fn stats(&self) -> Result<NodeStats, ApiError> {
+        let node = &self.shard.node;
+        let now = crate::message::unix_now_ms();
+        let mut api: BTreeMap<(&'static str, u16), u64> = BTreeMap::new();
+        let shards = node
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let published = node.published(i);
+                for (route, status, n) in &published.api {
+                    *api.entry((route, *status)).or_insert(0) += n;
+                }
+                let g = ShardCounters::get;
+                ShardStats {
+                    shard: i as u32,
+                    connections: g(&c.connections),
+                    handshakes: g(&c.handshakes),
+                    handshake_failures: g(&c.handshake_failures),
+                    auth_failures: g(&c.auth_failures),
+                    frames_in: g(&c.frames_in),
+                    frames_out: g(&c.frames_out),
+                    messages_accepted: g(&c.messages_accepted),
+                    deliveries: g(&c.deliveries),
+                    acks: g(&c.acks),
+                    resends: g(&c.resends),
+                    mesh_queue_depth: g(&node.mesh_depth[i]),
+                    outbound_bytes_queued: g(&c.queued_bytes),
+                    closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
+                    ack_latency: published.ack_latency,
+                    push_latency: published.push_latency,
+                }
+            })
+            .collect();
+        Ok(NodeStats {
+            node: NodeInfo {
+                id: node.node_id.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_ms: node.started_ms,
+                uptime_s: now.saturating_sub(node.started_ms) / 1000,
+                draining: node.draining(),
+            },
+            shards,
+            storage: None,
+            api: api
+                .into_iter()
+                .map(|((route, status), count)| ApiRouteStats { route: route.to_owned(), status, count })
+                .collect(),
+        })
+    }
+
+    async fn connections(&self, query: &ConnQuery) -> Result<ConnPage, ApiError> {
+        let user = query.user.as_deref();
+        let all = self.shard.connections(user).await.map_err(|e| e.to_api())?;
+        Ok(query.page(None, all.iter().map(conn_info).collect()))
+    }
+
+    async fn recent_closes(&self, limit: usize) -> Result<Vec<ClosedConn>, ApiError> {
+        Ok(self.shard.node.recent_closes(limit).iter().map(closed_conn).collect())
+    }
+
+    async fn user(&self, uid: &str) -> Result<Vec<ConnInfo>, ApiError> {
+        ether_proto::ids::check_id("uid", uid)?;
+        let conns = self.shard.connections(Some(uid)).await.map_err(|e| e.to_api())?;
+        Ok(conns.iter().map(conn_info).collect())
+    }
+
+    async fn kick(&self, uid: &str, device: Option<&str>, reason: &str) -> Result<u64, ApiError> {
+        ether_proto::ids::check_id("uid", uid)?;
+        self.shard.kick(uid, device, reason).await.map_err(|e| e.to_api())
+    }
+
+    async fn drain(&self) -> Result<DrainReport, ApiError> {
+        let node = &self.shard.node;
+        let started = !node.draining();
+        node.start_drain();
+        Ok(DrainReport { started, connections: node.connections() })
+    }
+
+    fn config_redacted(&self) -> Result<serde_json::Value, ApiError> {
+        Ok(self.shard.config.redacted_json())
     }
 }

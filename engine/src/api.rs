@@ -7,8 +7,8 @@ use std::time::Duration;
 use ether_http::request::{Method, Request};
 use ether_http::response::Response;
 use ether_proto::api::{
-    self, BatchResult, BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendBatch,
-    SendMessage, SentMessage, TokenRequest, TokenResponse,
+    self, BatchResult, BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendBatch, SendMessage,
+    SentMessage, TokenRequest, TokenResponse,
 };
 use ether_proto::error::ErrorDetail;
 use ether_proto::frame::{Msg, ServerFrame};
@@ -42,49 +42,51 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Response {
 
 /// Answers one API request.
 pub async fn handle(shard: Rc<Shard>, req: Request) -> Response {
-    let expected = shard.config.auth.api_key.as_bytes();
-    let authorized = req
-        .bearer_token()
-        .is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected)));
-    if !authorized {
-        return fail(
-            ErrorCode::Unauthorized,
-            "missing or wrong API key: send Authorization: Bearer <api_key>",
-        );
-    }
     let segments: Vec<&str> = req.path_segments().collect();
-    let result = match (&req.method, segments.as_slice()) {
-        (Method::Post, ["v1", "messages"]) => send_message(&shard, &req).await,
-        (Method::Post, ["v1", "messages", "batch"]) => send_batch(&shard, &req).await,
-        (Method::Post, ["v1", "broadcast"]) => broadcast(&shard, &req).await,
-        (Method::Post, ["v1", "tokens"]) => token(&shard, &req),
-        (Method::Get, ["v1", "users", uid, "presence"]) => presence(&shard, uid).await,
-        (Method::Post, ["v1", "users", uid, "kick"]) => kick(&shard, uid, &req).await,
+    let route = route_of(&req.method, &segments);
+    let response = answer(&shard, &req, &segments).await;
+    shard.count_api(route, response.status);
+    response
+}
+
+/// The route a request names, as a label for metrics (ids replaced by their placeholder).
+fn route_of(method: &Method, segments: &[&str]) -> &'static str {
+    match (method, segments) {
+        (Method::Post, ["v1", "messages"]) => "POST /v1/messages",
+        (Method::Post, ["v1", "messages", "batch"]) => "POST /v1/messages/batch",
+        (Method::Post, ["v1", "broadcast"]) => "POST /v1/broadcast",
+        (Method::Post, ["v1", "tokens"]) => "POST /v1/tokens",
+        (Method::Get, ["v1", "users", _, "presence"]) => "GET /v1/users/{uid}/presence",
+        (Method::Post, ["v1", "users", _, "kick"]) => "POST /v1/users/{uid}/kick",
+        (Method::Get, ["v1", "users", _, "messages"]) => "GET /v1/users/{uid}/messages",
+        (Method::Get, ["v1", "users", _, "unread"]) => "GET /v1/users/{uid}/unread",
+        (_, ["v1", "groups", ..]) => "/v1/groups",
+        _ => "other",
+    }
+}
+
+async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response {
+    let expected = shard.config.auth.api_key.as_bytes();
+    let authorized = req.bearer_token().is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected)));
+    if !authorized {
+        return fail(ErrorCode::Unauthorized, "missing or wrong API key: send Authorization: Bearer <api_key>");
+    }
+    let result = match (&req.method, segments) {
+        (Method::Post, ["v1", "messages"]) => send_message(shard, req).await,
+        (Method::Post, ["v1", "messages", "batch"]) => send_batch(shard, req).await,
+        (Method::Post, ["v1", "broadcast"]) => broadcast(shard, req).await,
+        (Method::Post, ["v1", "tokens"]) => token(shard, req),
+        (Method::Get, ["v1", "users", uid, "presence"]) => presence(shard, uid).await,
+        (Method::Post, ["v1", "users", uid, "kick"]) => kick(shard, uid, req).await,
         (Method::Get, ["v1", "users", _, "messages" | "unread"]) => Err(EngineError::NotAvailable(
             "history and unread counts arrive with the durable store (not yet on this node)",
         )),
-        (_, ["v1", "groups", ..]) => Err(EngineError::NotAvailable(
-            "groups are not yet available on this node",
-        )),
-        (
-            _,
-            ["v1", "messages"]
-            | ["v1", "messages", "batch"]
-            | ["v1", "broadcast"]
-            | ["v1", "tokens"],
-        )
+        (_, ["v1", "groups", ..]) => Err(EngineError::NotAvailable("groups are not yet available on this node")),
+        (_, ["v1", "messages"] | ["v1", "messages", "batch"] | ["v1", "broadcast"] | ["v1", "tokens"])
         | (_, ["v1", "users", _, "presence" | "kick"]) => {
-            return fail(
-                ErrorCode::MethodNotAllowed,
-                format!("{} is not allowed on {}", req.method, req.path),
-            );
+            return fail(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method, req.path));
         }
-        _ => {
-            return fail(
-                ErrorCode::NotFound,
-                format!("no route {} {}", req.method, req.path),
-            )
-        }
+        _ => return fail(ErrorCode::NotFound, format!("no route {} {}", req.method, req.path)),
     };
     result.unwrap_or_else(|e| error(&e.to_api()))
 }
@@ -98,21 +100,9 @@ async fn send_message(shard: &Rc<Shard>, req: &Request) -> Result<Response, Engi
     let m: SendMessage = api::parse_request(&req.body)?;
     m.validate("")?;
     let body = raw_body(&m.body)?;
-    let new = NewMessage {
-        from: m.from.into(),
-        to: m.to.into(),
-        kind: m.kind,
-        body,
-        cid: m.cid.map(Into::into),
-    };
+    let new = NewMessage { from: m.from.into(), to: m.to.into(), kind: m.kind, body, cid: m.cid.map(Into::into) };
     let (msg, _) = shard.send_single(new).await?;
-    Ok(json(
-        200,
-        &SentMessage {
-            id: msg.id.to_string(),
-            ts: msg.ts,
-        },
-    ))
+    Ok(json(200, &SentMessage { id: msg.id.to_string(), ts: msg.ts }))
 }
 
 async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
@@ -120,11 +110,7 @@ async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, Engine
     if batch.messages.len() > api::BATCH_MESSAGES_MAX {
         return Err(ApiError::new(
             ErrorCode::InvalidBody,
-            format!(
-                "messages: at most {} per batch, got {}",
-                api::BATCH_MESSAGES_MAX,
-                batch.messages.len()
-            ),
+            format!("messages: at most {} per batch, got {}", api::BATCH_MESSAGES_MAX, batch.messages.len()),
         )
         .into());
     }
@@ -138,39 +124,25 @@ async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, Engine
             .and_then(|m| {
                 serde_json::value::to_raw_value(&m.body)
                     .map(|b| (m, b))
-                    .map_err(|e| {
-                        ApiError::new(ErrorCode::InvalidBody, format!("{prefix}body: {e}"))
-                    })
+                    .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("{prefix}body: {e}")))
             });
         match checked {
             Ok((m, body)) => {
                 accepted.push((
                     i,
-                    NewMessage {
-                        from: m.from.into(),
-                        to: m.to.into(),
-                        kind: m.kind,
-                        body,
-                        cid: m.cid.map(Into::into),
-                    },
+                    NewMessage { from: m.from.into(), to: m.to.into(), kind: m.kind, body, cid: m.cid.map(Into::into) },
                 ));
                 results.push(None);
             }
-            Err(e) => results.push(Some(BatchResult::Failed {
-                error: ErrorDetail {
-                    code: e.code,
-                    message: e.message,
-                },
-            })),
+            Err(e) => {
+                results.push(Some(BatchResult::Failed { error: ErrorDetail { code: e.code, message: e.message } }))
+            }
         }
     }
     let (positions, msgs): (Vec<usize>, Vec<_>) = accepted.into_iter().unzip();
     let sent = shard.send_many(msgs).await?;
     for (pos, msg) in positions.into_iter().zip(sent) {
-        results[pos] = Some(BatchResult::Sent(SentMessage {
-            id: msg.id.to_string(),
-            ts: msg.ts,
-        }));
+        results[pos] = Some(BatchResult::Sent(SentMessage { id: msg.id.to_string(), ts: msg.ts }));
     }
     let results = results.into_iter().flatten().collect();
     Ok(json(200, &BatchResults { results }))
@@ -214,22 +186,13 @@ fn token(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
 async fn presence(shard: &Rc<Shard>, uid: &str) -> Result<Response, EngineError> {
     check_id("uid", uid)?;
     let terminals = shard.presence(uid).await?;
-    Ok(json(
-        200,
-        &Presence {
-            online: !terminals.is_empty(),
-            terminals,
-        },
-    ))
+    Ok(json(200, &Presence { online: !terminals.is_empty(), terminals }))
 }
 
 async fn kick(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response, EngineError> {
     check_id("uid", uid)?;
-    let k: Kick = if req.body.iter().all(u8::is_ascii_whitespace) {
-        Kick::default()
-    } else {
-        api::parse_request(&req.body)?
-    };
+    let k: Kick =
+        if req.body.iter().all(u8::is_ascii_whitespace) { Kick::default() } else { api::parse_request(&req.body)? };
     if let Some(d) = &k.device {
         check_id("device", d)?;
     }

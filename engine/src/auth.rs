@@ -53,9 +53,7 @@ impl std::fmt::Debug for TokenKeys {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl TokenKeys {
@@ -71,12 +69,7 @@ impl TokenKeys {
     }
 
     /// A token for `user`, good for `ttl`; returns it with its expiry (Unix seconds).
-    pub fn mint(
-        &self,
-        user: &str,
-        ttl: Duration,
-        device: Option<&str>,
-    ) -> Result<(String, u64), AuthError> {
+    pub fn mint(&self, user: &str, ttl: Duration, device: Option<&str>) -> Result<(String, u64), AuthError> {
         if !ether_proto::ids::is_valid_id(user) {
             return Err(AuthError::BadSubject);
         }
@@ -84,12 +77,8 @@ impl TokenKeys {
             return Err(AuthError::BadTtl);
         }
         let now = unix_now_s();
-        let claims = Claims {
-            sub: user.to_owned(),
-            exp: now + ttl.as_secs(),
-            iat: now,
-            device: device.map(str::to_owned),
-        };
+        let claims =
+            Claims { sub: user.to_owned(), exp: now + ttl.as_secs(), iat: now, device: device.map(str::to_owned) };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         Ok((token, claims.exp))
@@ -98,8 +87,8 @@ impl TokenKeys {
     /// Checks signature, algorithm, expiry and subject.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
@@ -117,14 +106,9 @@ mod tests {
     #[test]
     fn mint_and_verify() {
         let keys = TokenKeys::new("0123456789abcdef0123456789abcdef");
-        let (t, exp) = keys
-            .mint("alice", Duration::from_secs(60), Some("phone"))
-            .unwrap();
+        let (t, exp) = keys.mint("alice", Duration::from_secs(60), Some("phone")).unwrap();
         let c = keys.verify(&t).unwrap();
-        assert_eq!(
-            (c.sub.as_str(), c.exp, c.device.as_deref()),
-            ("alice", exp, Some("phone"))
-        );
+        assert_eq!((c.sub.as_str(), c.exp, c.device.as_deref()), ("alice", exp, Some("phone")));
     }
 
     #[test]
@@ -134,26 +118,13 @@ mod tests {
         let (t, _) = other.mint("alice", Duration::from_secs(60), None).unwrap();
         assert!(matches!(keys.verify(&t), Err(AuthError::Invalid(_))));
         assert!(matches!(keys.verify("garbage"), Err(AuthError::Invalid(_))));
-        let expired = Claims {
-            sub: "a".into(),
-            exp: unix_now_s() - 3600,
-            iat: 0,
-            device: None,
-        };
-        let t =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).unwrap();
+        let expired = Claims { sub: "a".into(), exp: unix_now_s() - 3600, iat: 0, device: None };
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).unwrap();
         assert_eq!(keys.verify(&t), Err(AuthError::Expired));
-        let bad_sub = Claims {
-            sub: "a b".into(),
-            exp: unix_now_s() + 60,
-            iat: 0,
-            device: None,
-        };
-        let t =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &bad_sub, &keys.encoding).unwrap();
+        let bad_sub = Claims { sub: "a b".into(), exp: unix_now_s() + 60, iat: 0, device: None };
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &bad_sub, &keys.encoding).unwrap();
         assert_eq!(keys.verify(&t), Err(AuthError::BadSubject));
-        let hs512 =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS512), &bad_sub, &keys.encoding).unwrap();
+        let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &bad_sub, &keys.encoding).unwrap();
         assert!(matches!(keys.verify(&hs512), Err(AuthError::Invalid(_))));
         assert_eq!(keys.mint("x", Duration::ZERO, None), Err(AuthError::BadTtl));
     }

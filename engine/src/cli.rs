@@ -12,12 +12,7 @@ pub const TOKEN_TTL_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// The `ether` command line.
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "ether",
-    version,
-    about = "Ether-IM push node",
-    propagate_version = true
-)]
+#[command(name = "ether", version, about = "Ether-IM push node", propagate_version = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -140,22 +135,14 @@ pub enum AdminCommand {
 impl TokenArgs {
     /// The serve flags that locate this command's configuration (`--config`, `--data`).
     pub fn serve_args(&self) -> ServeArgs {
-        ServeArgs {
-            config: self.config.clone(),
-            data: self.data.clone(),
-            ..ServeArgs::default()
-        }
+        ServeArgs { config: self.config.clone(), data: self.data.clone(), ..ServeArgs::default() }
     }
 }
 
 impl AdminArgs {
     /// The serve flags that locate this command's configuration (`--config`, `--data`).
     pub fn serve_args(&self) -> ServeArgs {
-        ServeArgs {
-            config: self.config.clone(),
-            data: self.data.clone(),
-            ..ServeArgs::default()
-        }
+        ServeArgs { config: self.config.clone(), data: self.data.clone(), ..ServeArgs::default() }
     }
 }
 
@@ -166,9 +153,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("empty duration".to_string());
     }
     if text.bytes().all(|b| b.is_ascii_digit()) {
-        let secs: u64 = text
-            .parse()
-            .map_err(|_| format!("duration {text:?} is too large"))?;
+        let secs: u64 = text.parse().map_err(|_| format!("duration {text:?} is too large"))?;
         return Ok(Duration::from_secs(secs));
     }
     // Each part is a number then a unit; a short input has few parts, and the loop ends
@@ -178,9 +163,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!(
-                "invalid duration {text:?}: expected a number at {rest:?}"
-            ));
+            return Err(format!("invalid duration {text:?}: expected a number at {rest:?}"));
         }
         let (number, tail) = rest.split_at(digits);
         let unit_len = tail.bytes().take_while(u8::is_ascii_alphabetic).count();
@@ -192,25 +175,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => 3_600_000,
             "d" => 86_400_000,
             "w" => 604_800_000,
-            "" => {
-                return Err(format!(
-                    "invalid duration {text:?}: missing unit after {number}"
-                ))
-            }
-            other => {
-                return Err(format!(
-                    "invalid duration {text:?}: unknown unit {other:?} (use ms, s, m, h, d, w)"
-                ))
-            }
+            "" => return Err(format!("invalid duration {text:?}: missing unit after {number}")),
+            other => return Err(format!("invalid duration {text:?}: unknown unit {other:?} (use ms, s, m, h, d, w)")),
         };
         let part = number
             .parse::<u64>()
             .ok()
             .and_then(|n| n.checked_mul(unit_ms))
             .ok_or_else(|| format!("duration {text:?} is too large"))?;
-        total_ms = total_ms
-            .checked_add(part)
-            .ok_or_else(|| format!("duration {text:?} is too large"))?;
+        total_ms = total_ms.checked_add(part).ok_or_else(|| format!("duration {text:?} is too large"))?;
         rest = tail;
     }
     Ok(Duration::from_millis(total_ms))
@@ -255,27 +228,18 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(s(0)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("1h30m"), Ok(s(5400)));
-        assert_eq!(
-            parse_duration("1d2h3m4s5ms"),
-            Ok(Duration::from_millis(93_784_005))
-        );
+        assert_eq!(parse_duration("1d2h3m4s5ms"), Ok(Duration::from_millis(93_784_005)));
     }
 
     #[test]
     fn duration_rejects() {
-        for bad in [
-            "", "  ", "h", "1x", "1hh", "-5s", "1.5h", "1 h", "s30", "1h 30m", "10y",
-        ] {
+        for bad in ["", "  ", "h", "1x", "1hh", "-5s", "1.5h", "1 h", "s30", "1h 30m", "10y"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must be rejected");
         }
         let err = parse_duration("5q").unwrap_err();
         assert!(err.contains("unknown unit \"q\""), "{err}");
-        assert!(parse_duration("99999999999999999999")
-            .unwrap_err()
-            .contains("too large"));
-        assert!(parse_duration("18446744073709551615d")
-            .unwrap_err()
-            .contains("too large"));
+        assert!(parse_duration("99999999999999999999").unwrap_err().contains("too large"));
+        assert!(parse_duration("18446744073709551615d").unwrap_err().contains("too large"));
         assert!(parse_duration("18446744073709551s18446744073709551s").is_err());
     }
 
@@ -297,9 +261,7 @@ mod tests {
             "json",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
         assert_eq!(args.shards, Some(4));
         assert_eq!(args.data, Some(PathBuf::from("/var/lib/ether")));
         assert_eq!(args.redis.as_deref(), Some("redis://r:6379"));
@@ -309,9 +271,7 @@ mod tests {
         assert_eq!(args.log_format.as_deref(), Some("json"));
         assert_eq!(args.config, None);
 
-        let Command::Serve(empty) = parse(&["serve"]).unwrap().command else {
-            panic!()
-        };
+        let Command::Serve(empty) = parse(&["serve"]).unwrap().command else { panic!() };
         assert_eq!(empty, ServeArgs::default());
 
         assert!(parse(&["serve", "--log-format", "xml"]).is_err());
@@ -321,18 +281,13 @@ mod tests {
 
     #[test]
     fn token_flags() {
-        let Command::Token(t) = parse(&["token", "--user", "alice"]).unwrap().command else {
-            panic!()
-        };
+        let Command::Token(t) = parse(&["token", "--user", "alice"]).unwrap().command else { panic!() };
         assert_eq!(t.ttl, Duration::from_secs(3600), "default ttl is 1h");
         assert_eq!(t.user, "alice");
         assert_eq!(t.device, None);
 
-        let Command::Token(t) = parse(&[
-            "token", "--user", "bob", "--ttl", "7d", "--device", "phone", "--data", "d",
-        ])
-        .unwrap()
-        .command
+        let Command::Token(t) =
+            parse(&["token", "--user", "bob", "--ttl", "7d", "--device", "phone", "--data", "d"]).unwrap().command
         else {
             panic!()
         };
@@ -347,28 +302,16 @@ mod tests {
 
     #[test]
     fn admin_flags_anywhere() {
-        let Command::Admin(a) = parse(&[
-            "admin", "--addr", "h:9002", "kick", "bob", "--device", "web", "--json",
-        ])
-        .unwrap()
-        .command
+        let Command::Admin(a) =
+            parse(&["admin", "--addr", "h:9002", "kick", "bob", "--device", "web", "--json"]).unwrap().command
         else {
             panic!()
         };
         assert_eq!(a.addr.as_deref(), Some("h:9002"));
         assert!(a.json);
-        assert_eq!(
-            a.command,
-            AdminCommand::Kick {
-                uid: "bob".into(),
-                device: Some("web".into())
-            }
-        );
+        assert_eq!(a.command, AdminCommand::Kick { uid: "bob".into(), device: Some("web".into()) });
 
-        let Command::Admin(a) =
-            parse(&["admin", "stats", "--token", "t0ken", "--config", "e.toml"])
-                .unwrap()
-                .command
+        let Command::Admin(a) = parse(&["admin", "stats", "--token", "t0ken", "--config", "e.toml"]).unwrap().command
         else {
             panic!()
         };
@@ -380,14 +323,9 @@ mod tests {
         for (args, want) in [
             (&["admin", "connections"][..], AdminCommand::Connections),
             (&["admin", "drain"][..], AdminCommand::Drain),
-            (
-                &["admin", "user", "u1"][..],
-                AdminCommand::User { uid: "u1".into() },
-            ),
+            (&["admin", "user", "u1"][..], AdminCommand::User { uid: "u1".into() }),
         ] {
-            let Command::Admin(a) = parse(args).unwrap().command else {
-                panic!()
-            };
+            let Command::Admin(a) = parse(args).unwrap().command else { panic!() };
             assert_eq!(a.command, want);
         }
         assert!(parse(&["admin"]).is_err(), "a subcommand is required");

@@ -112,21 +112,14 @@ macro_rules! env_integer {
 }
 env_integer!(u32, u64, usize);
 
-fn env_value<T: EnvValue>(
-    lookup: &dyn Fn(&str) -> Option<String>,
-    key: &str,
-) -> Result<Option<T>, ConfigError> {
+fn env_value<T: EnvValue>(lookup: &dyn Fn(&str) -> Option<String>, key: &str) -> Result<Option<T>, ConfigError> {
     let var = env_var(key);
     match lookup(&var) {
         None => Ok(None),
         Some(text) if text.is_empty() => Ok(None),
         Some(text) => match T::parse_env(&text) {
             Some(value) => Ok(Some(value)),
-            None => Err(ConfigError::Env {
-                var,
-                expected: T::EXPECTED,
-                got: text,
-            }),
+            None => Err(ConfigError::Env { var, expected: T::EXPECTED, got: text }),
         },
     }
 }
@@ -330,26 +323,15 @@ raw_config! {
 impl RawConfig {
     /// Reads a TOML file; unknown sections and keys are errors naming the dotted key.
     pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
-        let read_error = |source| ConfigError::ReadFile {
-            path: path.to_path_buf(),
-            source,
-        };
+        let read_error = |source| ConfigError::ReadFile { path: path.to_path_buf(), source };
         let file = std::fs::File::open(path).map_err(read_error)?;
         let mut text = String::new();
-        file.take(CONFIG_FILE_BYTES_MAX + 1)
-            .read_to_string(&mut text)
-            .map_err(read_error)?;
+        file.take(CONFIG_FILE_BYTES_MAX + 1).read_to_string(&mut text).map_err(read_error)?;
         if text.len() as u64 > CONFIG_FILE_BYTES_MAX {
             let message = format!("larger than {CONFIG_FILE_BYTES_MAX} bytes");
-            return Err(ConfigError::ParseFile {
-                path: path.to_path_buf(),
-                message,
-            });
+            return Err(ConfigError::ParseFile { path: path.to_path_buf(), message });
         }
-        RawConfig::from_toml(&text).map_err(|message| ConfigError::ParseFile {
-            path: path.to_path_buf(),
-            message,
-        })
+        RawConfig::from_toml(&text).map_err(|message| ConfigError::ParseFile { path: path.to_path_buf(), message })
     }
 
     /// Parses TOML text; the error names the dotted key when there is one.
@@ -409,10 +391,7 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
             );
         };
         let Some(entries) = value.as_table() else {
-            return format!(
-                "{section}: expected a table [{section}], got a {}",
-                value.type_str()
-            );
+            return format!("{section}: expected a table [{section}], got a {}", value.type_str());
         };
         for (key, value) in entries {
             match RawConfig::check_toml(section, key, value) {
@@ -450,9 +429,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let above = row[j + 1];
-            row[j + 1] = (diagonal + usize::from(ca != *cb))
-                .min(row[j] + 1)
-                .min(above + 1);
+            row[j + 1] = (diagonal + usize::from(ca != *cb)).min(row[j] + 1).min(above + 1);
             diagonal = above;
         }
     }
@@ -506,12 +483,7 @@ impl Layer {
         match &self.kind {
             LayerKind::File(path) => Source::File(path.clone()),
             LayerKind::Env => Source::Env(env_var(key)),
-            LayerKind::Flags => Source::Flag(
-                FLAGS
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map_or("(flag)", |(_, flag)| *flag),
-            ),
+            LayerKind::Flags => Source::Flag(FLAGS.iter().find(|(k, _)| *k == key).map_or("(flag)", |(_, flag)| *flag)),
             LayerKind::Code(name) => Source::Code(name),
         }
     }
@@ -522,46 +494,25 @@ struct Layers(Vec<Layer>);
 
 impl Layers {
     /// file (from `--config`, else `ETHER_CONFIG`) < env < flags.
-    fn gather(
-        args: &ServeArgs,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Layers, ConfigError> {
+    fn gather(args: &ServeArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Layers, ConfigError> {
         let mut layers = Vec::with_capacity(3);
-        let file = args
-            .config
-            .clone()
-            .or_else(|| env(CONFIG_ENV).filter(|p| !p.is_empty()).map(PathBuf::from));
+        let file = args.config.clone().or_else(|| env(CONFIG_ENV).filter(|p| !p.is_empty()).map(PathBuf::from));
         if let Some(path) = file {
             let raw = RawConfig::from_file(&path)?;
-            layers.push(Layer {
-                kind: LayerKind::File(path),
-                raw,
-            });
+            layers.push(Layer { kind: LayerKind::File(path), raw });
         }
-        layers.push(Layer {
-            kind: LayerKind::Env,
-            raw: RawConfig::from_env_dyn(env)?,
-        });
-        layers.push(Layer {
-            kind: LayerKind::Flags,
-            raw: RawConfig::from_serve_args(args),
-        });
+        layers.push(Layer { kind: LayerKind::Env, raw: RawConfig::from_env_dyn(env)? });
+        layers.push(Layer { kind: LayerKind::Flags, raw: RawConfig::from_serve_args(args) });
         Ok(Layers(layers))
     }
 
     fn merged(&self) -> RawConfig {
-        self.0.iter().fold(RawConfig::default(), |acc, layer| {
-            acc.overlay(layer.raw.clone())
-        })
+        self.0.iter().fold(RawConfig::default(), |acc, layer| acc.overlay(layer.raw.clone()))
     }
 
     /// The source whose value of `key` won.
     fn origin(&self, key: &str) -> Source {
-        self.0
-            .iter()
-            .rev()
-            .find(|layer| layer.raw.is_set(key))
-            .map_or(Source::Default, |layer| layer.source_of(key))
+        self.0.iter().rev().find(|layer| layer.raw.is_set(key)).map_or(Source::Default, |layer| layer.source_of(key))
     }
 }
 
@@ -748,11 +699,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     // Must hold the largest body (custom, 32 KiB) in production; 1 KiB lets test_min go small.
     ("limits.frame_bytes_max", KIB as u64, (16 * MIB) as u64),
     ("limits.terminals_per_user_max", 1, 1000),
-    (
-        "limits.outbound_queue_bytes_max",
-        KIB as u64,
-        (1024 * MIB) as u64,
-    ),
+    ("limits.outbound_queue_bytes_max", KIB as u64, (1024 * MIB) as u64),
     ("limits.connections_per_shard_max", 1, 10_000_000),
     ("limits.handshake_timeout_ms", 10, 300_000),
     ("limits.idle_timeout_s", 1, 86_400),
@@ -849,13 +796,9 @@ impl Config {
     /// Builds the configuration: default < file (`--config`, else `ETHER_CONFIG`) < env
     /// (`ETHER_<SECTION>_<KEY>`, through `env`) < flags, validated; missing secrets are read
     /// from or generated into `<data_dir>/secrets.toml` (see `secrets_generated`).
-    pub fn load(
-        args: &ServeArgs,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn load(args: &ServeArgs, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let prepared = Prepared::from_layers(&Layers::gather(args, &env)?)?;
-        let (auth, generated) =
-            Secrets::load_or_generate(&prepared.node.data_dir, &prepared.configured)?;
+        let (auth, generated) = Secrets::load_or_generate(&prepared.node.data_dir, &prepared.configured)?;
         Ok(prepared.into_config(auth, generated))
     }
 
@@ -865,16 +808,8 @@ impl Config {
     pub fn test_min(data_dir: PathBuf) -> Config {
         let any = Some("127.0.0.1:0".to_owned());
         let raw = RawConfig {
-            listen: RawListen {
-                client: any.clone(),
-                api: any.clone(),
-                admin: any,
-            },
-            node: RawNode {
-                shards: Some(2),
-                data_dir: Some(data_dir),
-                id: Some("test-node".into()),
-            },
+            listen: RawListen { client: any.clone(), api: any.clone(), admin: any },
+            node: RawNode { shards: Some(2), data_dir: Some(data_dir), id: Some("test-node".into()) },
             auth: RawAuth {
                 jwt_secret: Some(Secret::new("test-jwt-secret-0123456789abcdef")),
                 api_key: Some(Secret::new("test-api-key-0123456789abcdef")),
@@ -900,15 +835,9 @@ impl Config {
             },
             ..RawConfig::default()
         };
-        let layers = Layers(vec![Layer {
-            kind: LayerKind::Code("Config::test_min"),
-            raw,
-        }]);
+        let layers = Layers(vec![Layer { kind: LayerKind::Code("Config::test_min"), raw }]);
         let prepared = Prepared::from_layers(&layers).expect("Config::test_min must validate");
-        let auth = prepared
-            .configured
-            .complete()
-            .expect("Config::test_min sets every secret");
+        let auth = prepared.configured.complete().expect("Config::test_min sets every secret");
         prepared.into_config(auth, false)
     }
 
@@ -967,10 +896,7 @@ impl Config {
 
 /// The secret `ether token` signs with: configured (file/env), else `<data>/secrets.toml`;
 /// never generates one.
-pub fn token_secret(
-    args: &TokenArgs,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<Secret, ConfigError> {
+pub fn token_secret(args: &TokenArgs, env: impl Fn(&str) -> Option<String>) -> Result<Secret, ConfigError> {
     let prepared = Prepared::from_layers(&Layers::gather(&args.serve_args(), &env)?)?;
     if let Some(secret) = prepared.configured.jwt_secret {
         return Ok(secret);
@@ -978,28 +904,16 @@ pub fn token_secret(
     let data_dir = &prepared.node.data_dir;
     Secrets::read(data_dir)?
         .jwt_secret
-        .ok_or_else(|| ConfigError::MissingSecret {
-            key: "auth.jwt_secret",
-            path: Secrets::path(data_dir),
-        })
+        .ok_or_else(|| ConfigError::MissingSecret { key: "auth.jwt_secret", path: Secrets::path(data_dir) })
 }
 
 /// Where `ether admin` connects: `--addr`, else `ETHER_ADMIN_ADDR`, else `<data>/ports.json`,
 /// else `listen.admin`; token from `--token`, else config/env, else `<data>/secrets.toml`.
-pub fn admin_target(
-    args: &AdminArgs,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<AdminTarget, ConfigError> {
-    let addr = args
-        .addr
-        .clone()
-        .or_else(|| env(ADMIN_ADDR_ENV).filter(|a| !a.is_empty()));
+pub fn admin_target(args: &AdminArgs, env: impl Fn(&str) -> Option<String>) -> Result<AdminTarget, ConfigError> {
+    let addr = args.addr.clone().or_else(|| env(ADMIN_ADDR_ENV).filter(|a| !a.is_empty()));
     let token = args.token.clone().map(Secret::new);
     if let (Some(addr), Some(token)) = (&addr, &token) {
-        return Ok(AdminTarget {
-            addr: addr.clone(),
-            token: token.clone(),
-        });
+        return Ok(AdminTarget { addr: addr.clone(), token: token.clone() });
     }
     let prepared = Prepared::from_layers(&Layers::gather(&args.serve_args(), &env)?)?;
     let data_dir = &prepared.node.data_dir;
@@ -1018,10 +932,7 @@ pub fn admin_target(
         Some(token) => token,
         None => Secrets::read(data_dir)?
             .admin_token
-            .ok_or_else(|| ConfigError::MissingSecret {
-                key: "auth.admin_token",
-                path: Secrets::path(data_dir),
-            })?,
+            .ok_or_else(|| ConfigError::MissingSecret { key: "auth.admin_token", path: Secrets::path(data_dir) })?,
     };
     Ok(AdminTarget { addr, token })
 }
@@ -1029,12 +940,8 @@ pub fn admin_target(
 /// A listen address one can connect to: `0.0.0.0`/`::` become loopback.
 fn connectable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
         _ => addr,
     }
 }
@@ -1058,17 +965,9 @@ impl Prepared {
         let check = Check { layers };
 
         let listen = Listen {
-            client: check.addr(
-                "listen.client",
-                raw.listen.client.as_deref(),
-                "0.0.0.0:9000",
-            )?,
+            client: check.addr("listen.client", raw.listen.client.as_deref(), "0.0.0.0:9000")?,
             api: check.addr("listen.api", raw.listen.api.as_deref(), "127.0.0.1:9001")?,
-            admin: check.addr(
-                "listen.admin",
-                raw.listen.admin.as_deref(),
-                "127.0.0.1:9002",
-            )?,
+            admin: check.addr("listen.admin", raw.listen.admin.as_deref(), "127.0.0.1:9002")?,
         };
 
         let node = Node {
@@ -1085,11 +984,9 @@ impl Prepared {
 
         let cluster = Cluster {
             redis_url: match raw.cluster.redis_url {
-                Some(url) => Some(check.url(
-                    "cluster.redis_url",
-                    url,
-                    &["redis://", "rediss://", "redis+unix://", "unix://"],
-                )?),
+                Some(url) => {
+                    Some(check.url("cluster.redis_url", url, &["redis://", "rediss://", "redis+unix://", "unix://"])?)
+                }
                 None => None,
             },
         };
@@ -1113,18 +1010,12 @@ impl Prepared {
             (None, None) => None,
         };
 
-        let retention = Retention {
-            days: check.bounded("retention.days", raw.retention.days, 30)?,
-        };
+        let retention = Retention { days: check.bounded("retention.days", raw.retention.days, 30)? };
 
         let d = Limits::default();
         let l = &raw.limits;
         let limits = Limits {
-            frame_bytes_max: check.bounded(
-                "limits.frame_bytes_max",
-                l.frame_bytes_max,
-                d.frame_bytes_max,
-            )?,
+            frame_bytes_max: check.bounded("limits.frame_bytes_max", l.frame_bytes_max, d.frame_bytes_max)?,
             terminals_per_user_max: check.bounded(
                 "limits.terminals_per_user_max",
                 l.terminals_per_user_max,
@@ -1145,11 +1036,7 @@ impl Prepared {
                 l.handshake_timeout_ms,
                 5_000,
             )?),
-            idle_timeout: Duration::from_secs(check.bounded(
-                "limits.idle_timeout_s",
-                l.idle_timeout_s,
-                90,
-            )?),
+            idle_timeout: Duration::from_secs(check.bounded("limits.idle_timeout_s", l.idle_timeout_s, 90)?),
             heartbeat_s: check.bounded("limits.heartbeat_s", l.heartbeat_s, d.heartbeat_s)?,
             http_header_bytes_max: check.bounded(
                 "limits.http_header_bytes_max",
@@ -1171,11 +1058,7 @@ impl Prepared {
                 l.protocol_violations_max,
                 d.protocol_violations_max,
             )?,
-            sync_page_max: check.bounded(
-                "limits.sync_page_max",
-                l.sync_page_max,
-                d.sync_page_max,
-            )?,
+            sync_page_max: check.bounded("limits.sync_page_max", l.sync_page_max, d.sync_page_max)?,
             resend_timeout: Duration::from_millis(check.bounded(
                 "limits.resend_timeout_ms",
                 l.resend_timeout_ms,
@@ -1244,21 +1127,9 @@ impl Prepared {
         };
 
         let configured = Secrets {
-            jwt_secret: raw
-                .auth
-                .jwt_secret
-                .map(|s| check.secret("auth.jwt_secret", s))
-                .transpose()?,
-            api_key: raw
-                .auth
-                .api_key
-                .map(|s| check.secret("auth.api_key", s))
-                .transpose()?,
-            admin_token: raw
-                .auth
-                .admin_token
-                .map(|s| check.secret("auth.admin_token", s))
-                .transpose()?,
+            jwt_secret: raw.auth.jwt_secret.map(|s| check.secret("auth.jwt_secret", s)).transpose()?,
+            api_key: raw.auth.api_key.map(|s| check.secret("auth.api_key", s)).transpose()?,
+            admin_token: raw.auth.admin_token.map(|s| check.secret("auth.admin_token", s)).transpose()?,
         };
 
         Ok(Prepared {
@@ -1313,20 +1184,11 @@ struct Check<'a> {
 
 impl Check<'_> {
     fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid {
-            key,
-            origin: self.layers.origin(key),
-            message: message.into(),
-        }
+        ConfigError::Invalid { key, origin: self.layers.origin(key), message: message.into() }
     }
 
     /// `value` (or `default`) within the key's [`LIMIT_BOUNDS`].
-    fn bounded<T: Bounded>(
-        &self,
-        key: &'static str,
-        value: Option<T>,
-        default: T,
-    ) -> Result<T, ConfigError> {
+    fn bounded<T: Bounded>(&self, key: &'static str, value: Option<T>, default: T) -> Result<T, ConfigError> {
         let (_, min, max) = LIMIT_BOUNDS
             .iter()
             .find(|(k, _, _)| *k == key)
@@ -1340,18 +1202,10 @@ impl Check<'_> {
         Ok(value)
     }
 
-    fn addr(
-        &self,
-        key: &'static str,
-        value: Option<&str>,
-        default: &str,
-    ) -> Result<SocketAddr, ConfigError> {
+    fn addr(&self, key: &'static str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
         let text = value.unwrap_or(default);
         text.trim().parse().map_err(|_| {
-            self.invalid(
-                key,
-                format!("expected IP:PORT such as 0.0.0.0:9000 or [::1]:9000, got {text:?}"),
-            )
+            self.invalid(key, format!("expected IP:PORT such as 0.0.0.0:9000 or [::1]:9000, got {text:?}"))
         })
     }
 
@@ -1361,10 +1215,7 @@ impl Check<'_> {
             return Err(self.invalid(key, format!("must start with {}", schemes.join(" or "))));
         }
         if url.len() > URL_BYTES_MAX || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(self.invalid(
-                key,
-                format!("must be at most {URL_BYTES_MAX} bytes without spaces"),
-            ));
+            return Err(self.invalid(key, format!("must be at most {URL_BYTES_MAX} bytes without spaces")));
         }
         Ok(url)
     }
@@ -1378,9 +1229,7 @@ impl Check<'_> {
 
 /// Shards when nobody says: online CPUs, within 1..=SHARDS_MAX.
 fn default_shards() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, SHARDS_MAX)
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, SHARDS_MAX)
 }
 
 /// `node.id`, or its alias `cluster.node_id`, from the highest source setting either; both in
@@ -1392,9 +1241,7 @@ fn node_id(layers: &Layers) -> Result<String, ConfigError> {
                 return Err(ConfigError::Invalid {
                     key: "node.id",
                     origin: layer.source_of("node.id"),
-                    message: format!(
-                        "{a:?} conflicts with cluster.node_id = {b:?} from the same source"
-                    ),
+                    message: format!("{a:?} conflicts with cluster.node_id = {b:?} from the same source"),
                 })
             }
             (Some(id), _) => ("node.id", id),
@@ -1405,9 +1252,7 @@ fn node_id(layers: &Layers) -> Result<String, ConfigError> {
             return Err(ConfigError::Invalid {
                 key,
                 origin: layer.source_of(key),
-                message: format!(
-                    "expected 1..={NODE_ID_BYTES_MAX} characters of [A-Za-z0-9_.:-], got {id:?}"
-                ),
+                message: format!("expected 1..={NODE_ID_BYTES_MAX} characters of [A-Za-z0-9_.:-], got {id:?}"),
             });
         }
         return Ok(id.clone());
@@ -1416,10 +1261,7 @@ fn node_id(layers: &Layers) -> Result<String, ConfigError> {
 }
 
 fn valid_node_id(id: &str) -> bool {
-    (1..=NODE_ID_BYTES_MAX).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+    (1..=NODE_ID_BYTES_MAX).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
 }
 
 fn default_node_id() -> String {
@@ -1430,13 +1272,7 @@ fn default_node_id() -> String {
     let id: String = host
         .trim()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.:-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || "_.:-".contains(c) { c } else { '-' })
         .take(NODE_ID_BYTES_MAX)
         .collect();
     if valid_node_id(&id) {
@@ -1454,10 +1290,7 @@ mod tests {
 
     /// A fake environment.
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |key| map.get(key).cloned()
     }
 
@@ -1471,9 +1304,7 @@ mod tests {
 
     impl Fixture {
         fn new() -> Fixture {
-            Fixture {
-                dir: tempfile::tempdir().unwrap(),
-            }
+            Fixture { dir: tempfile::tempdir().unwrap() }
         }
         fn data(&self) -> PathBuf {
             self.dir.path().join("data")
@@ -1485,20 +1316,13 @@ mod tests {
         }
         /// Serve args pointing the data dir into the fixture.
         fn args(&self) -> ServeArgs {
-            ServeArgs {
-                data: Some(self.data()),
-                ..ServeArgs::default()
-            }
+            ServeArgs { data: Some(self.data()), ..ServeArgs::default() }
         }
     }
 
     fn invalid(err: ConfigError) -> (&'static str, Source, String) {
         match err {
-            ConfigError::Invalid {
-                key,
-                origin,
-                message,
-            } => (key, origin, message),
+            ConfigError::Invalid { key, origin, message } => (key, origin, message),
             other => panic!("expected Invalid, got {other:?}: {other}"),
         }
     }
@@ -1520,36 +1344,21 @@ mod tests {
         assert_eq!(config.limits.handshake_timeout, Duration::from_secs(5));
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(90));
         assert!(config.terminal_send_enabled);
-        assert_eq!(
-            config.log,
-            Log {
-                format: LogFormat::Human,
-                level: "info".into()
-            }
-        );
+        assert_eq!(config.log, Log { format: LogFormat::Human, level: "info".into() });
         assert!(config.secrets_generated, "first start generates secrets");
         assert!(Secrets::path(&fx.data()).exists());
 
         let again = Config::load(&fx.args(), no_env()).unwrap();
         assert!(!again.secrets_generated, "second start reuses them");
-        assert_eq!(
-            again.auth.jwt_secret.expose(),
-            config.auth.jwt_secret.expose()
-        );
+        assert_eq!(again.auth.jwt_secret.expose(), config.auth.jwt_secret.expose());
         assert_eq!(again.auth.api_key.expose(), config.auth.api_key.expose());
-        assert_eq!(
-            again.auth.admin_token.expose(),
-            config.auth.admin_token.expose()
-        );
+        assert_eq!(again.auth.admin_token.expose(), config.auth.admin_token.expose());
     }
 
     #[test]
     fn default_data_dir() {
         let layers = Layers::gather(&ServeArgs::default(), &no_env()).unwrap();
-        assert_eq!(
-            Prepared::from_layers(&layers).unwrap().node.data_dir,
-            PathBuf::from("./ether-data")
-        );
+        assert_eq!(Prepared::from_layers(&layers).unwrap().node.data_dir, PathBuf::from("./ether-data"));
     }
 
     #[test]
@@ -1585,24 +1394,12 @@ mod tests {
             ("ETHER_LOG_LEVEL", "debug"),
         ]);
         let config = Config::load(&args, env).unwrap();
-        assert_eq!(
-            config.listen.client,
-            "127.0.0.1:9101".parse().unwrap(),
-            "flag beats env and file"
-        );
+        assert_eq!(config.listen.client, "127.0.0.1:9101".parse().unwrap(), "flag beats env and file");
         assert_eq!(config.node.shards, 5, "flag beats env and file");
-        assert_eq!(
-            config.listen.api,
-            "127.0.0.1:8002".parse().unwrap(),
-            "env beats file"
-        );
+        assert_eq!(config.listen.api, "127.0.0.1:8002".parse().unwrap(), "env beats file");
         assert_eq!(config.limits.frame_bytes_max, 16384, "env beats file");
         assert_eq!(config.log.level, "debug", "env beats file");
-        assert_eq!(
-            config.listen.admin,
-            "127.0.0.1:7003".parse().unwrap(),
-            "file beats default"
-        );
+        assert_eq!(config.listen.admin, "127.0.0.1:7003".parse().unwrap(), "file beats default");
         assert_eq!(config.limits.heartbeat_s, 20, "file beats default");
         assert_eq!(config.log.format, LogFormat::Json, "file beats default");
         assert_eq!(config.limits.sync_page_max, 500, "default when nobody says");
@@ -1619,17 +1416,11 @@ mod tests {
         let config = Config::load(&fx.args(), env(&[("ETHER_CONFIG", path)])).unwrap();
         assert_eq!(config.retention.days, 7, "ETHER_CONFIG names the file");
 
-        let args = ServeArgs {
-            config: Some(from_flag),
-            ..fx.args()
-        };
+        let args = ServeArgs { config: Some(from_flag), ..fx.args() };
         let config = Config::load(&args, env(&[("ETHER_CONFIG", path)])).unwrap();
         assert_eq!(config.retention.days, 9, "--config beats ETHER_CONFIG");
 
-        let args = ServeArgs {
-            config: Some(fx.dir.path().join("missing.toml")),
-            ..fx.args()
-        };
+        let args = ServeArgs { config: Some(fx.dir.path().join("missing.toml")), ..fx.args() };
         let err = Config::load(&args, no_env()).unwrap_err();
         assert!(matches!(err, ConfigError::ReadFile { .. }), "{err}");
         assert!(err.to_string().contains("missing.toml"), "{err}");
@@ -1639,10 +1430,7 @@ mod tests {
     fn every_key_has_its_env_var() {
         assert_eq!(env_var("listen.client"), "ETHER_LISTEN_CLIENT");
         assert_eq!(env_var("node.data_dir"), "ETHER_NODE_DATA_DIR");
-        assert_eq!(
-            env_var("limits.frame_bytes_max"),
-            "ETHER_LIMITS_FRAME_BYTES_MAX"
-        );
+        assert_eq!(env_var("limits.frame_bytes_max"), "ETHER_LIMITS_FRAME_BYTES_MAX");
         let all: Vec<(String, String)> = RawConfig::KEYS
             .iter()
             .map(|k| {
@@ -1665,39 +1453,21 @@ mod tests {
         for key in RawConfig::KEYS {
             assert!(raw.is_set(key), "{key} is not read from {}", env_var(key));
         }
-        assert!(
-            RawConfig::from_env(|_| Some(String::new())).is_ok(),
-            "empty means unset"
-        );
-        assert!(!RawConfig::from_env(|_| Some(String::new()))
-            .unwrap()
-            .is_set("node.shards"));
+        assert!(RawConfig::from_env(|_| Some(String::new())).is_ok(), "empty means unset");
+        assert!(!RawConfig::from_env(|_| Some(String::new())).unwrap().is_set("node.shards"));
     }
 
     #[test]
     fn bad_env_values_name_the_variable() {
         let err = RawConfig::from_env(env(&[("ETHER_NODE_SHARDS", "x")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            r#"ETHER_NODE_SHARDS: expected a positive integer, got "x""#
-        );
+        assert_eq!(err.to_string(), r#"ETHER_NODE_SHARDS: expected a positive integer, got "x""#);
         let err = RawConfig::from_env(env(&[("ETHER_LIMITS_IDLE_TIMEOUT_S", "-3")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            r#"ETHER_LIMITS_IDLE_TIMEOUT_S: expected a positive integer, got "-3""#
-        );
-        let err =
-            RawConfig::from_env(env(&[("ETHER_TERMINAL_SEND_ENABLED", "maybe")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            r#"ETHER_TERMINAL_SEND_ENABLED: expected true or false, got "maybe""#
-        );
+        assert_eq!(err.to_string(), r#"ETHER_LIMITS_IDLE_TIMEOUT_S: expected a positive integer, got "-3""#);
+        let err = RawConfig::from_env(env(&[("ETHER_TERMINAL_SEND_ENABLED", "maybe")])).unwrap_err();
+        assert_eq!(err.to_string(), r#"ETHER_TERMINAL_SEND_ENABLED: expected true or false, got "maybe""#);
         let fx = Fixture::new();
         let err = Config::load(&fx.args(), env(&[("ETHER_RETENTION_DAYS", "30d")])).unwrap_err();
-        assert!(
-            err.to_string().starts_with("ETHER_RETENTION_DAYS:"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("ETHER_RETENTION_DAYS:"), "{err}");
         assert!(!fx.data().exists(), "a refused config creates nothing");
 
         let raw = RawConfig::from_env(env(&[("ETHER_TERMINAL_SEND_ENABLED", "off")])).unwrap();
@@ -1707,26 +1477,10 @@ mod tests {
     #[test]
     fn toml_typos_are_rejected_with_the_key() {
         let cases = [
-            (
-                "[node]\nshardz = 3\n",
-                "node.shardz: unknown key",
-                "did you mean `shards`",
-            ),
-            (
-                "[limits]\nframe_byte_max = 1\n",
-                "limits.frame_byte_max: unknown key",
-                "`frame_bytes_max`",
-            ),
-            (
-                "[listn]\nclient = \"x\"\n",
-                "listn: unknown section",
-                "did you mean `listen`",
-            ),
-            (
-                "[node]\nshards = \"x\"\n",
-                "node.shards: invalid type: string \"x\"",
-                "",
-            ),
+            ("[node]\nshardz = 3\n", "node.shardz: unknown key", "did you mean `shards`"),
+            ("[limits]\nframe_byte_max = 1\n", "limits.frame_byte_max: unknown key", "`frame_bytes_max`"),
+            ("[listn]\nclient = \"x\"\n", "listn: unknown section", "did you mean `listen`"),
+            ("[node]\nshards = \"x\"\n", "node.shards: invalid type: string \"x\"", ""),
             ("[node]\nshards = -1\n", "node.shards: invalid value", ""),
             ("[auth]\napi_key = 5\n", "auth.api_key: invalid type", ""),
             ("node = 3\n", "node: expected a table", ""),
@@ -1738,21 +1492,12 @@ mod tests {
             assert!(err.contains(hint), "{toml:?}: {err}");
         }
         let syntax = RawConfig::from_toml("[node\nshards = 1").unwrap_err();
-        assert!(
-            syntax.contains("line 1"),
-            "syntax errors keep the position: {syntax}"
-        );
+        assert!(syntax.contains("line 1"), "syntax errors keep the position: {syntax}");
 
         let fx = Fixture::new();
-        let args = ServeArgs {
-            config: Some(fx.file("[node]\nshardz = 3\n")),
-            ..fx.args()
-        };
+        let args = ServeArgs { config: Some(fx.file("[node]\nshardz = 3\n")), ..fx.args() };
         let msg = Config::load(&args, no_env()).unwrap_err().to_string();
-        assert!(
-            msg.starts_with("config file ") && msg.contains("ether.toml: node.shardz"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("config file ") && msg.contains("ether.toml: node.shardz"), "{msg}");
     }
 
     #[test]
@@ -1807,17 +1552,11 @@ mod tests {
         for key in RawConfig::KEYS {
             assert!(raw.is_set(key), "{key} missing from the example");
         }
-        let layers = Layers(vec![Layer {
-            kind: LayerKind::Code("test"),
-            raw,
-        }]);
+        let layers = Layers(vec![Layer { kind: LayerKind::Code("test"), raw }]);
         let p = Prepared::from_layers(&layers).unwrap();
         assert_eq!(p.node.id, "node-a");
         assert!(!p.terminal_send_enabled);
-        assert_eq!(
-            p.events.webhook.unwrap().url,
-            "https://hooks.example.com/ether"
-        );
+        assert_eq!(p.events.webhook.unwrap().url, "https://hooks.example.com/ether");
         assert!(p.configured.complete().is_some());
     }
 
@@ -1825,104 +1564,48 @@ mod tests {
     fn validation_errors_name_key_and_source() {
         let fx = Fixture::new();
 
-        let args = ServeArgs {
-            shards: Some(0),
-            ..fx.args()
-        };
+        let args = ServeArgs { shards: Some(0), ..fx.args() };
         let (key, origin, msg) = invalid(Config::load(&args, no_env()).unwrap_err());
         assert_eq!((key, origin), ("node.shards", Source::Flag("--shards")));
         assert!(msg.contains("1..=256"), "{msg}");
 
         let err = Config::load(&fx.args(), env(&[("ETHER_NODE_SHARDS", "0")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "node.shards (from env ETHER_NODE_SHARDS): must be in 1..=256, got 0"
-        );
+        assert_eq!(err.to_string(), "node.shards (from env ETHER_NODE_SHARDS): must be in 1..=256, got 0");
 
-        let args = ServeArgs {
-            config: Some(fx.file("[node]\nshards = 300\n")),
-            ..fx.args()
-        };
+        let args = ServeArgs { config: Some(fx.file("[node]\nshards = 300\n")), ..fx.args() };
         let (key, origin, _) = invalid(Config::load(&args, no_env()).unwrap_err());
         assert_eq!(key, "node.shards");
         assert!(matches!(origin, Source::File(ref p) if p.ends_with("ether.toml")));
 
-        let (key, origin, msg) = invalid(
-            Config::load(&fx.args(), env(&[("ETHER_LIMITS_IDLE_TIMEOUT_S", "30")])).unwrap_err(),
-        );
-        assert_eq!(
-            (key, origin),
-            (
-                "limits.idle_timeout_s",
-                Source::Env("ETHER_LIMITS_IDLE_TIMEOUT_S".into())
-            )
-        );
-        assert!(
-            msg.contains("must exceed limits.heartbeat_s = 30 (from default), got 30"),
-            "{msg}"
-        );
+        let (key, origin, msg) =
+            invalid(Config::load(&fx.args(), env(&[("ETHER_LIMITS_IDLE_TIMEOUT_S", "30")])).unwrap_err());
+        assert_eq!((key, origin), ("limits.idle_timeout_s", Source::Env("ETHER_LIMITS_IDLE_TIMEOUT_S".into())));
+        assert!(msg.contains("must exceed limits.heartbeat_s = 30 (from default), got 30"), "{msg}");
 
-        let (key, _, _) = invalid(
-            Config::load(&fx.args(), env(&[("ETHER_LIMITS_HEARTBEAT_S", "120")])).unwrap_err(),
-        );
-        assert_eq!(
-            key, "limits.idle_timeout_s",
-            "a raised heartbeat trips the relation too"
-        );
+        let (key, _, _) = invalid(Config::load(&fx.args(), env(&[("ETHER_LIMITS_HEARTBEAT_S", "120")])).unwrap_err());
+        assert_eq!(key, "limits.idle_timeout_s", "a raised heartbeat trips the relation too");
 
-        let (key, origin, msg) = invalid(
-            Config::load(&fx.args(), env(&[("ETHER_LISTEN_API", "localhost:9001")])).unwrap_err(),
-        );
-        assert_eq!(
-            (key, origin),
-            ("listen.api", Source::Env("ETHER_LISTEN_API".into()))
-        );
+        let (key, origin, msg) =
+            invalid(Config::load(&fx.args(), env(&[("ETHER_LISTEN_API", "localhost:9001")])).unwrap_err());
+        assert_eq!((key, origin), ("listen.api", Source::Env("ETHER_LISTEN_API".into())));
         assert!(msg.contains("IP:PORT"), "{msg}");
 
-        let args = ServeArgs {
-            config: Some(fx.file("[listen]\nadmin = \"127.0.0.1\"\n")),
-            ..fx.args()
-        };
-        assert_eq!(
-            invalid(Config::load(&args, no_env()).unwrap_err()).0,
-            "listen.admin"
-        );
+        let args = ServeArgs { config: Some(fx.file("[listen]\nadmin = \"127.0.0.1\"\n")), ..fx.args() };
+        assert_eq!(invalid(Config::load(&args, no_env()).unwrap_err()).0, "listen.admin");
 
         let err = Config::load(&fx.args(), env(&[("ETHER_AUTH_API_KEY", "short")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "auth.api_key (from env ETHER_AUTH_API_KEY): must be at least 16 bytes, got 5"
-        );
-        assert!(
-            !err.to_string().contains("short\""),
-            "secret values are not echoed"
-        );
+        assert_eq!(err.to_string(), "auth.api_key (from env ETHER_AUTH_API_KEY): must be at least 16 bytes, got 5");
+        assert!(!err.to_string().contains("short\""), "secret values are not echoed");
 
         for (var, value, key) in [
             ("ETHER_RETENTION_DAYS", "0", "retention.days"),
             ("ETHER_RETENTION_DAYS", "3651", "retention.days"),
-            (
-                "ETHER_LIMITS_FRAME_BYTES_MAX",
-                "0",
-                "limits.frame_bytes_max",
-            ),
-            (
-                "ETHER_LIMITS_OUTBOUND_QUEUE_BYTES_MAX",
-                "2048",
-                "limits.outbound_queue_bytes_max",
-            ),
+            ("ETHER_LIMITS_FRAME_BYTES_MAX", "0", "limits.frame_bytes_max"),
+            ("ETHER_LIMITS_OUTBOUND_QUEUE_BYTES_MAX", "2048", "limits.outbound_queue_bytes_max"),
             ("ETHER_LIMITS_SYNC_PAGE_MAX", "0", "limits.sync_page_max"),
             ("ETHER_LOG_FORMAT", "xml", "log.format"),
-            (
-                "ETHER_CLUSTER_REDIS_URL",
-                "http://redis:6379",
-                "cluster.redis_url",
-            ),
-            (
-                "ETHER_EVENTS_WEBHOOK_URL",
-                "https://h.example/x",
-                "events.webhook_url",
-            ),
+            ("ETHER_CLUSTER_REDIS_URL", "http://redis:6379", "cluster.redis_url"),
+            ("ETHER_EVENTS_WEBHOOK_URL", "https://h.example/x", "events.webhook_url"),
             ("ETHER_NODE_ID", "bad id!", "node.id"),
             ("ETHER_CLUSTER_NODE_ID", "", "none"),
         ] {
@@ -1932,11 +1615,7 @@ mod tests {
                 continue;
             }
             let (got, origin, _) = invalid(result.unwrap_err());
-            assert_eq!(
-                (got, origin),
-                (key, Source::Env(var.into())),
-                "{var}={value}"
-            );
+            assert_eq!((got, origin), (key, Source::Env(var.into())), "{var}={value}");
         }
     }
 
@@ -1944,30 +1623,17 @@ mod tests {
     fn node_id_alias() {
         let fx = Fixture::new();
         let file = fx.file("[cluster]\nnode_id = \"from-file\"\n");
-        let args = ServeArgs {
-            config: Some(file.clone()),
-            ..fx.args()
-        };
+        let args = ServeArgs { config: Some(file.clone()), ..fx.args() };
         assert_eq!(Config::load(&args, no_env()).unwrap().node.id, "from-file");
 
         let with_env = env(&[("ETHER_NODE_ID", "from-env")]);
-        assert_eq!(
-            Config::load(&args, with_env).unwrap().node.id,
-            "from-env",
-            "env node.id beats file alias"
-        );
+        assert_eq!(Config::load(&args, with_env).unwrap().node.id, "from-env", "env node.id beats file alias");
 
-        let args = ServeArgs {
-            node_id: Some("from-flag".into()),
-            ..args
-        };
+        let args = ServeArgs { node_id: Some("from-flag".into()), ..args };
         let with_env = env(&[("ETHER_CLUSTER_NODE_ID", "from-env")]);
         assert_eq!(Config::load(&args, with_env).unwrap().node.id, "from-flag");
 
-        let args = ServeArgs {
-            config: Some(fx.file("[node]\nid = \"a\"\n[cluster]\nnode_id = \"b\"\n")),
-            ..fx.args()
-        };
+        let args = ServeArgs { config: Some(fx.file("[node]\nid = \"a\"\n[cluster]\nnode_id = \"b\"\n")), ..fx.args() };
         let (key, _, msg) = invalid(Config::load(&args, no_env()).unwrap_err());
         assert_eq!(key, "node.id");
         assert!(msg.contains("conflicts with cluster.node_id"), "{msg}");
@@ -1977,37 +1643,22 @@ mod tests {
     fn webhook_and_redis() {
         let fx = Fixture::new();
         let config = Config::load(
-            &ServeArgs {
-                redis: Some("redis://:hunter2hunter2@r.example:6379/0".into()),
-                ..fx.args()
-            },
+            &ServeArgs { redis: Some("redis://:hunter2hunter2@r.example:6379/0".into()), ..fx.args() },
             env(&[
-                (
-                    "ETHER_EVENTS_WEBHOOK_URL",
-                    "https://user:pw@hooks.example/e?x=1",
-                ),
+                ("ETHER_EVENTS_WEBHOOK_URL", "https://user:pw@hooks.example/e?x=1"),
                 ("ETHER_EVENTS_WEBHOOK_SECRET", "webhook-secret-0123456789"),
             ]),
         )
         .unwrap();
-        assert_eq!(
-            config.cluster.redis_url.as_deref(),
-            Some("redis://:hunter2hunter2@r.example:6379/0")
-        );
+        assert_eq!(config.cluster.redis_url.as_deref(), Some("redis://:hunter2hunter2@r.example:6379/0"));
         let webhook = config.events.webhook.as_ref().unwrap();
         assert_eq!(webhook.secret.expose(), "webhook-secret-0123456789");
         let json = config.redacted_json();
         assert_eq!(json["cluster"]["redis_url"], "redis://***@r.example:6379/0");
-        assert_eq!(
-            json["events"]["webhook_url"],
-            "https://***@hooks.example/e?x=1"
-        );
+        assert_eq!(json["events"]["webhook_url"], "https://***@hooks.example/e?x=1");
         assert_eq!(json["events"]["webhook_secret"], "***");
         let text = json.to_string();
-        assert!(
-            !text.contains("hunter2") && !text.contains("webhook-secret"),
-            "{text}"
-        );
+        assert!(!text.contains("hunter2") && !text.contains("webhook-secret"), "{text}");
     }
 
     #[test]
@@ -2017,10 +1668,7 @@ mod tests {
         let env = env(&[("ETHER_AUTH_JWT_SECRET", "operator-chosen-jwt-secret")]);
         let config = Config::load(&fx.args(), env).unwrap();
         assert!(!config.secrets_generated);
-        assert_eq!(
-            config.auth.jwt_secret.expose(),
-            "operator-chosen-jwt-secret"
-        );
+        assert_eq!(config.auth.jwt_secret.expose(), "operator-chosen-jwt-secret");
         assert_eq!(config.auth.api_key.expose(), first.auth.api_key.expose());
         let stored = fs::read_to_string(Secrets::path(&fx.data())).unwrap();
         assert!(!stored.contains("operator-chosen"));
@@ -2033,40 +1681,23 @@ mod tests {
         let json = config.redacted_json();
         for key in RawConfig::KEYS {
             let (section, name) = key.split_once('.').unwrap();
-            assert!(
-                json[section].get(name).is_some(),
-                "{key} missing from redacted_json"
-            );
+            assert!(json[section].get(name).is_some(), "{key} missing from redacted_json");
         }
         let text = json.to_string();
-        for secret in [
-            &config.auth.jwt_secret,
-            &config.auth.api_key,
-            &config.auth.admin_token,
-        ] {
+        for secret in [&config.auth.jwt_secret, &config.auth.api_key, &config.auth.admin_token] {
             assert!(!text.contains(secret.expose()), "secret leaked: {text}");
         }
         assert_eq!(json["auth"]["api_key"], "***");
         assert_eq!(json["limits"]["handshake_timeout_ms"], 5000);
         assert_eq!(json["listen"]["client"], "0.0.0.0:9000");
-        assert!(
-            !format!("{config:?}").contains(config.auth.jwt_secret.expose()),
-            "Debug redacts too"
-        );
+        assert!(!format!("{config:?}").contains(config.auth.jwt_secret.expose()), "Debug redacts too");
     }
 
     #[test]
     fn test_min_is_tiny_and_valid() {
         let config = Config::test_min(PathBuf::from("/nonexistent/test-data"));
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        assert_eq!(
-            config.listen,
-            Listen {
-                client: local,
-                api: local,
-                admin: local
-            }
-        );
+        assert_eq!(config.listen, Listen { client: local, api: local, admin: local });
         assert_eq!(config.node.shards, 2);
         let l = config.limits;
         assert_eq!(l.frame_bytes_max, 4096);
@@ -2080,14 +1711,8 @@ mod tests {
         assert_eq!(l.protocol_violations_max, 3);
         assert!(l.sync_page_max < Limits::default().sync_page_max);
         assert!(!config.secrets_generated);
-        assert!(config
-            .auth
-            .api_key
-            .matches(b"test-api-key-0123456789abcdef"));
-        assert!(
-            !Path::new("/nonexistent/test-data").exists(),
-            "test_min touches no file"
-        );
+        assert!(config.auth.api_key.matches(b"test-api-key-0123456789abcdef"));
+        assert!(!Path::new("/nonexistent/test-data").exists(), "test_min touches no file");
     }
 
     #[test]
@@ -2098,10 +1723,7 @@ mod tests {
         }
         let json = Config::test_min(PathBuf::from("t")).redacted_json();
         let defaults = {
-            let layers = Layers(vec![Layer {
-                kind: LayerKind::Code("test"),
-                raw: RawConfig::default(),
-            }]);
+            let layers = Layers(vec![Layer { kind: LayerKind::Code("test"), raw: RawConfig::default() }]);
             let p = Prepared::from_layers(&layers).unwrap();
             let auth = Config::test_min(PathBuf::from("t")).auth;
             p.into_config(auth, false).redacted_json()
@@ -2109,10 +1731,7 @@ mod tests {
         for key in RawConfig::KEYS.iter().filter(|k| k.starts_with("limits.")) {
             let (section, name) = key.split_once('.').unwrap();
             assert!(json[section][name].is_u64(), "{key} is an integer in JSON");
-            assert!(
-                LIMIT_BOUNDS.iter().any(|(k, _, _)| k == key),
-                "{key} has bounds"
-            );
+            assert!(LIMIT_BOUNDS.iter().any(|(k, _, _)| k == key), "{key} has bounds");
             assert!(
                 defaults[section][name].as_u64() >= json[section][name].as_u64(),
                 "{key}: test_min is not larger than default"
@@ -2135,22 +1754,14 @@ mod tests {
         assert_eq!(raw.listen.admin.as_deref(), Some("127.0.0.1:1234"));
         assert_eq!(raw.cluster.redis_url.as_deref(), Some("redis://r"));
         assert!(!raw.is_set("listen.client"));
-        let layers = Layers(vec![Layer {
-            kind: LayerKind::Flags,
-            raw,
-        }]);
-        assert_eq!(
-            layers.origin("listen.admin"),
-            Source::Flag("--listen-admin")
-        );
+        let layers = Layers(vec![Layer { kind: LayerKind::Flags, raw }]);
+        assert_eq!(layers.origin("listen.admin"), Source::Flag("--listen-admin"));
         assert_eq!(layers.origin("listen.client"), Source::Default);
     }
 
     #[test]
     fn overlay_is_field_by_field() {
-        let base =
-            RawConfig::from_toml("[node]\nshards = 2\nid = \"a\"\n[log]\nlevel = \"warn\"\n")
-                .unwrap();
+        let base = RawConfig::from_toml("[node]\nshards = 2\nid = \"a\"\n[log]\nlevel = \"warn\"\n").unwrap();
         let top = RawConfig::from_toml("[node]\nshards = 8\n").unwrap();
         let merged = base.overlay(top);
         assert_eq!(merged.node.shards, Some(8));
@@ -2160,17 +1771,8 @@ mod tests {
 
     #[test]
     fn unknown_env_vars_are_spotted() {
-        let names = [
-            "ETHER_NODE_SHARDS",
-            "ETHER_NODE_SHARD",
-            "ETHER_CONFIG",
-            "ETHER_ADMIN_ADDR",
-            "PATH",
-        ];
-        assert_eq!(
-            RawConfig::unknown_env_vars(names),
-            vec!["ETHER_NODE_SHARD".to_owned()]
-        );
+        let names = ["ETHER_NODE_SHARDS", "ETHER_NODE_SHARD", "ETHER_CONFIG", "ETHER_ADMIN_ADDR", "PATH"];
+        assert_eq!(RawConfig::unknown_env_vars(names), vec!["ETHER_NODE_SHARD".to_owned()]);
     }
 
     #[test]
@@ -2184,29 +1786,14 @@ mod tests {
             data: Some(fx.data()),
         };
         let err = token_secret(&args, no_env()).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ConfigError::MissingSecret {
-                    key: "auth.jwt_secret",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, ConfigError::MissingSecret { key: "auth.jwt_secret", .. }), "{err}");
         assert!(err.to_string().contains("ETHER_AUTH_JWT_SECRET"), "{err}");
         assert!(!fx.data().exists());
 
         let served = Config::load(&fx.args(), no_env()).unwrap();
-        assert_eq!(
-            token_secret(&args, no_env()).unwrap().expose(),
-            served.auth.jwt_secret.expose()
-        );
+        assert_eq!(token_secret(&args, no_env()).unwrap().expose(), served.auth.jwt_secret.expose());
         let env = env(&[("ETHER_AUTH_JWT_SECRET", "env-jwt-secret-0123456")]);
-        assert_eq!(
-            token_secret(&args, env).unwrap().expose(),
-            "env-jwt-secret-0123456"
-        );
+        assert_eq!(token_secret(&args, env).unwrap().expose(), "env-jwt-secret-0123456");
     }
 
     #[test]
@@ -2222,73 +1809,36 @@ mod tests {
         };
         assert!(matches!(
             admin_target(&args, no_env()).unwrap_err(),
-            ConfigError::MissingSecret {
-                key: "auth.admin_token",
-                ..
-            }
+            ConfigError::MissingSecret { key: "auth.admin_token", .. }
         ));
 
         let served = Config::load(&fx.args(), no_env()).unwrap();
         let target = admin_target(&args, no_env()).unwrap();
-        assert_eq!(
-            target.addr, "127.0.0.1:9002",
-            "listen.admin when no ports.json"
-        );
+        assert_eq!(target.addr, "127.0.0.1:9002", "listen.admin when no ports.json");
         assert_eq!(target.token.expose(), served.auth.admin_token.expose());
 
         let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
-        PortsFile {
-            client: any,
-            api: any,
-            admin: "0.0.0.0:41234".parse().unwrap(),
-        }
-        .write(&fx.data())
-        .unwrap();
-        assert_eq!(
-            admin_target(&args, no_env()).unwrap().addr,
-            "127.0.0.1:41234",
-            "ports.json, made connectable"
-        );
+        PortsFile { client: any, api: any, admin: "0.0.0.0:41234".parse().unwrap() }.write(&fx.data()).unwrap();
+        assert_eq!(admin_target(&args, no_env()).unwrap().addr, "127.0.0.1:41234", "ports.json, made connectable");
 
-        let env_addr = env(&[
-            ("ETHER_ADMIN_ADDR", "h:1"),
-            ("ETHER_AUTH_ADMIN_TOKEN", "env-admin-token-01234"),
-        ]);
+        let env_addr = env(&[("ETHER_ADMIN_ADDR", "h:1"), ("ETHER_AUTH_ADMIN_TOKEN", "env-admin-token-01234")]);
         let target = admin_target(&args, env_addr).unwrap();
         assert_eq!(target.addr, "h:1");
         assert_eq!(target.token.expose(), "env-admin-token-01234");
 
-        let explicit = AdminArgs {
-            addr: Some("x:2".into()),
-            token: Some("t".into()),
-            data: None,
-            ..args
-        };
+        let explicit = AdminArgs { addr: Some("x:2".into()), token: Some("t".into()), data: None, ..args };
         let target = admin_target(&explicit, env(&[("ETHER_NODE_SHARDS", "bad")])).unwrap();
-        assert_eq!(
-            (target.addr.as_str(), target.token.expose()),
-            ("x:2", "t"),
-            "no config read when both are given"
-        );
+        assert_eq!((target.addr.as_str(), target.token.expose()), ("x:2", "t"), "no config read when both are given");
     }
 
     #[test]
     fn helpers() {
         assert_eq!(redact_userinfo("redis://h:6379"), "redis://h:6379");
-        assert_eq!(
-            redact_userinfo("redis://u:p@h:6379/1"),
-            "redis://***@h:6379/1"
-        );
+        assert_eq!(redact_userinfo("redis://u:p@h:6379/1"), "redis://***@h:6379/1");
         assert_eq!(redact_userinfo("https://h/p?a=b@c"), "https://h/p?a=b@c");
         assert_eq!(redact_userinfo("not a url"), "not a url");
-        assert_eq!(
-            connectable("[::]:5".parse().unwrap()),
-            "[::1]:5".parse().unwrap()
-        );
-        assert_eq!(
-            connectable("10.0.0.1:5".parse().unwrap()),
-            "10.0.0.1:5".parse().unwrap()
-        );
+        assert_eq!(connectable("[::]:5".parse().unwrap()), "[::1]:5".parse().unwrap());
+        assert_eq!(connectable("10.0.0.1:5".parse().unwrap()), "10.0.0.1:5".parse().unwrap());
         assert_eq!(edit_distance("shardz", "shards"), 1);
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(did_you_mean("zzzzzz", &["shards"]), "");

@@ -53,10 +53,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
             Ok(stream) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 if shard.live_sessions() >= shard.config.limits.connections_per_shard_max {
-                    debug!(
-                        shard = shard.id,
-                        "connection cap reached, refusing a terminal"
-                    );
+                    debug!(shard = shard.id, "connection cap reached, refusing a terminal");
                     ShardCounters::add(&shard.counters().handshake_failures, 1);
                     continue;
                 }
@@ -80,11 +77,7 @@ struct Refusal {
 
 impl Refusal {
     fn new(status: u16, code: ErrorCode, message: impl Into<String>) -> Refusal {
-        Refusal {
-            status,
-            error: ApiError::new(code, message),
-            extra: None,
-        }
+        Refusal { status, error: ApiError::new(code, message), extra: None }
     }
 
     fn from_http(e: &HttpError) -> Refusal {
@@ -109,22 +102,12 @@ impl Refusal {
 /// Reads the upgrade request (bounded in bytes and time), checks it, and hands the socket to
 /// the user's home shard.
 async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
-    let remote = stream
-        .peer_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let limits = Limits {
-        header_bytes_max: shard.config.limits.http_header_bytes_max,
-        headers_max: 64,
-        body_bytes_max: 0,
-    };
+    let remote = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let limits =
+        Limits { header_bytes_max: shard.config.limits.http_header_bytes_max, headers_max: 64, body_bytes_max: 0 };
     let mut buf = Vec::new();
-    let read = ether_http::server::read_request(
-        &mut stream,
-        &mut buf,
-        &limits,
-        shard.config.limits.handshake_timeout,
-    )
-    .await;
+    let read =
+        ether_http::server::read_request(&mut stream, &mut buf, &limits, shard.config.limits.handshake_timeout).await;
     let request = match read {
         Ok(Some(r)) => r,
         Ok(None) | Err(ServeError::Io(_)) | Err(ServeError::Http(HttpError::RequestTimeout)) => {
@@ -138,11 +121,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
     // Usually empty: then keep no buffer at all (an idle terminal holds none).
     let leftover = if buf.is_empty() { Vec::new() } else { buf };
     if shard.node.draining() {
-        let refusal = Refusal::new(
-            503,
-            ErrorCode::Unavailable,
-            "node is draining: connect to another node",
-        );
+        let refusal = Refusal::new(503, ErrorCode::Unavailable, "node is draining: connect to another node");
         return refuse(&shard, stream, refusal).await;
     }
     let checked = match check_upgrade(&shard, &request) {
@@ -196,107 +175,55 @@ fn check_upgrade(shard: &Shard, req: &ether_http::request::Request) -> Result<Ch
         ));
     }
     if req.method != ether_http::request::Method::Get {
-        return Err(Refusal::new(
-            405,
-            ErrorCode::MethodNotAllowed,
-            "the WebSocket upgrade is a GET",
-        ));
+        return Err(Refusal::new(405, ErrorCode::MethodNotAllowed, "the WebSocket upgrade is a GET"));
     }
     if !req.is_websocket_upgrade() {
-        let mut r = Refusal::new(
-            426,
-            ErrorCode::InvalidBody,
-            "this path speaks WebSocket: send an Upgrade: websocket request",
-        );
+        let mut r =
+            Refusal::new(426, ErrorCode::InvalidBody, "this path speaks WebSocket: send an Upgrade: websocket request");
         r.extra = Some(("Upgrade", "websocket"));
         return Err(r);
     }
     if req.header("sec-websocket-version") != Some("13") {
-        let mut r = Refusal::new(
-            426,
-            ErrorCode::InvalidBody,
-            "unsupported Sec-WebSocket-Version (13 is)",
-        );
+        let mut r = Refusal::new(426, ErrorCode::InvalidBody, "unsupported Sec-WebSocket-Version (13 is)");
         r.extra = Some(("Sec-WebSocket-Version", "13"));
         return Err(r);
     }
-    let Some(key) = req
-        .header("sec-websocket-key")
-        .filter(|k| !k.is_empty() && k.len() <= 64)
-    else {
-        return Err(Refusal::new(
-            400,
-            ErrorCode::InvalidBody,
-            "missing Sec-WebSocket-Key",
-        ));
+    let Some(key) = req.header("sec-websocket-key").filter(|k| !k.is_empty() && k.len() <= 64) else {
+        return Err(Refusal::new(400, ErrorCode::InvalidBody, "missing Sec-WebSocket-Key"));
     };
     let subprotocol = match req.header("sec-websocket-protocol") {
         None => None,
-        Some(list) if list.split(',').any(|p| p.trim() == SUBPROTOCOL_JSON) => {
-            Some(SUBPROTOCOL_JSON)
-        }
+        Some(list) if list.split(',').any(|p| p.trim() == SUBPROTOCOL_JSON) => Some(SUBPROTOCOL_JSON),
         Some(list) => {
             return Err(Refusal::new(
                 400,
                 ErrorCode::InvalidBody,
-                format!(
-                    "no supported subprotocol in {list:?}; this node speaks {SUBPROTOCOL_JSON}"
-                ),
+                format!("no supported subprotocol in {list:?}; this node speaks {SUBPROTOCOL_JSON}"),
             ));
         }
     };
-    let token = req
-        .query_param("token")
-        .or_else(|| req.bearer_token().map(str::to_owned));
+    let token = req.query_param("token").or_else(|| req.bearer_token().map(str::to_owned));
     let Some(token) = token else {
-        return Err(Refusal::new(
-            401,
-            ErrorCode::Unauthorized,
-            crate::auth::AuthError::Missing.to_string(),
-        ));
+        return Err(Refusal::new(401, ErrorCode::Unauthorized, crate::auth::AuthError::Missing.to_string()));
     };
-    let claims = shard
-        .keys
-        .verify(&token)
-        .map_err(|e| Refusal::new(401, ErrorCode::Unauthorized, e.to_string()))?;
+    let claims = shard.keys.verify(&token).map_err(|e| Refusal::new(401, ErrorCode::Unauthorized, e.to_string()))?;
     let device = match req.query_param("device") {
         Some(d) => d,
-        None => claims
-            .device
-            .clone()
-            .unwrap_or_else(|| DEFAULT_DEVICE.to_owned()),
+        None => claims.device.clone().unwrap_or_else(|| DEFAULT_DEVICE.to_owned()),
     };
     if !ether_proto::ids::is_valid_id(&device) {
-        return Err(Refusal::new(
-            400,
-            ErrorCode::InvalidBody,
-            "device: must be 1-128 characters of [A-Za-z0-9_.@:-]",
-        ));
+        return Err(Refusal::new(400, ErrorCode::InvalidBody, "device: must be 1-128 characters of [A-Za-z0-9_.@:-]"));
     }
     if claims.device.as_deref().is_some_and(|d| d != device) {
-        return Err(Refusal::new(
-            401,
-            ErrorCode::Unauthorized,
-            "token is for another device",
-        ));
+        return Err(Refusal::new(401, ErrorCode::Unauthorized, "token is for another device"));
     }
     let platform = match req.query_param("platform") {
         None => Platform::Other,
         Some(p) => Platform::parse(&p).ok_or_else(|| {
-            Refusal::new(
-                400,
-                ErrorCode::InvalidBody,
-                "platform: one of web, ios, android, desktop, other",
-            )
+            Refusal::new(400, ErrorCode::InvalidBody, "platform: one of web, ios, android, desktop, other")
         })?,
     };
-    Ok(Checked {
-        user: Arc::from(claims.sub),
-        device: device.into(),
-        platform,
-        key: key.into(),
-        subprotocol,
-    })
+    Ok(Checked { user: Arc::from(claims.sub), device: device.into(), platform, key: key.into(), subprotocol })
 }
 
 async fn refuse(shard: &Shard, mut stream: TcpStream, refusal: Refusal) {
@@ -304,10 +231,7 @@ async fn refuse(shard: &Shard, mut stream: TcpStream, refusal: Refusal) {
     debug!(shard = shard.id, status = refusal.status, error = %refusal.error, "upgrade refused");
     let bytes = refusal.bytes();
     let _ = glommio::timer::timeout(CLOSE_FLUSH_TIMEOUT, async {
-        stream
-            .write_all(&bytes)
-            .await
-            .map_err(glommio::GlommioError::IoError)?;
+        stream.write_all(&bytes).await.map_err(glommio::GlommioError::IoError)?;
         let _ = stream.close().await;
         Ok(())
     })
@@ -316,24 +240,12 @@ async fn refuse(shard: &Shard, mut stream: TcpStream, refusal: Refusal) {
 
 /// Takes over a terminal on its home shard: registers the session and starts its task.
 pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
-    let Handoff {
-        fd,
-        user,
-        device,
-        platform,
-        remote,
-        ws_key,
-        subprotocol,
-        leftover,
-    } = h;
+    let Handoff { fd, user, device, platform, remote, ws_key, subprotocol, leftover } = h;
     // SAFETY: the fd came from `upgrade` as an owned, connected TCP socket; `stream` owns it now.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     match shard.add_session(&user, &device, platform, remote) {
         Ok(session) => {
-            session.push_final(bytes::Bytes::from(ws::upgrade_response(
-                &ws_key,
-                subprotocol,
-            )));
+            session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
             session.push_final(shard.welcome_frame(&session));
             ShardCounters::add(&shard.counters().handshakes, 1);
             glommio::spawn_local(run_session(shard.clone(), session, stream, leftover)).detach();
@@ -362,12 +274,7 @@ enum Wake {
 
 /// Polls the socket for the session: writes what is queued (gathered, non-blocking), then
 /// reads. Pending only when the queue is empty or the socket full, and nothing is readable.
-fn poll_io(
-    shard: &Shard,
-    session: &Session,
-    stream: &mut TcpStream,
-    cx: &mut std::task::Context<'_>,
-) -> Poll<Wake> {
+fn poll_io(shard: &Shard, session: &Session, stream: &mut TcpStream, cx: &mut std::task::Context<'_>) -> Poll<Wake> {
     if let Some(reason) = session.close_reason() {
         return Poll::Ready(Wake::Close(reason));
     }
@@ -377,13 +284,10 @@ fn poll_io(
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Full: let glommio wait for writability (it writes the front when it can).
-                let polled =
-                    session.with_front(|front| Pin::new(&mut *stream).poll_write(cx, front));
+                let polled = session.with_front(|front| Pin::new(&mut *stream).poll_write(cx, front));
                 match polled {
                     Some(Poll::Ready(Ok(n))) => session.advance(n),
-                    Some(Poll::Ready(Err(_))) => {
-                        return Poll::Ready(Wake::Close(CloseReason::IoError))
-                    }
+                    Some(Poll::Ready(Err(_))) => return Poll::Ready(Wake::Close(CloseReason::IoError)),
                     Some(Poll::Pending) | None => break,
                 }
             }
@@ -428,12 +332,7 @@ fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, 
 }
 
 /// The connection task of one session: runs until the session closes, then says goodbye.
-async fn run_session(
-    shard: Rc<Shard>,
-    session: Rc<Session>,
-    mut stream: TcpStream,
-    mut leftover: Vec<u8>,
-) {
+async fn run_session(shard: Rc<Shard>, session: Rc<Session>, mut stream: TcpStream, mut leftover: Vec<u8>) {
     let mut reader = FrameReader::default();
     if !leftover.is_empty() {
         on_bytes(&shard, &session, &mut reader, &mut leftover);

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ether_engine::cli::{Cli, Command, ServeArgs, TokenArgs};
+use ether_engine::cli::{AdminArgs, AdminCommand, Cli, Command, ServeArgs, TokenArgs};
 use ether_engine::config::{Config, LogFormat};
 use ether_engine::node;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -12,10 +12,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Token(args) => token(&args),
-        Command::Admin(_) => {
-            eprintln!("ether admin: the admin commands are not built yet; the admin port answers GET /healthz and /readyz");
-            ExitCode::from(2)
-        }
+        Command::Admin(args) => admin(&args),
     }
 }
 
@@ -29,9 +26,7 @@ fn load(args: &ServeArgs) -> Result<Config, ExitCode> {
 fn init_logs(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ETHER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
@@ -62,14 +57,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
         }
     };
     let p = handle.ports;
-    println!(
-        "ether: node up. client ws://{}/ws  api http://{}  admin http://{}",
-        p.client, p.api, p.admin
-    );
-    println!(
-        "ether: data dir {} (ports in ports.json)",
-        data_dir.display()
-    );
+    println!("ether: node up. client ws://{}/ws  api http://{}  admin http://{}", p.client, p.api, p.admin);
+    println!("ether: data dir {} (ports in ports.json)", data_dir.display());
     if generated {
         println!(
             "\nSecrets were generated and saved to {}/secrets.toml (mode 0600). They are shown once:\n  api_key = {api_key}\n\nTry it:\n  ether token --user bob --data {}\n  curl -s -H 'Authorization: Bearer {api_key}' -d '{{\"from\":\"alice\",\"to\":\"bob\",\"kind\":\"text\",\"body\":{{\"text\":\"hello\"}}}}' http://{}/v1/messages\n",
@@ -80,10 +69,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     }
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {
-        tracing::info!(
-            signal = sig,
-            "draining, then stopping (signal again to stop at once)"
-        );
+        tracing::info!(signal = sig, "draining, then stopping (signal again to stop at once)");
     }
     // Drain: terminals are told to reconnect elsewhere and closed within the drain window.
     handle.shared.start_drain();
@@ -114,6 +100,35 @@ fn token(args: &TokenArgs) -> ExitCode {
         Err(e) => {
             eprintln!("ether token: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn admin(args: &AdminArgs) -> ExitCode {
+    let target = match ether_engine::config::admin_target(args, |k| std::env::var(k).ok()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ether admin: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cmd = match &args.command {
+        AdminCommand::Stats => ether_admin::cli::AdminCommand::Stats,
+        AdminCommand::Connections => ether_admin::cli::AdminCommand::Connections(Default::default()),
+        AdminCommand::User { uid } => ether_admin::cli::AdminCommand::User { uid: uid.clone() },
+        AdminCommand::Kick { uid, device } => {
+            ether_admin::cli::AdminCommand::Kick { uid: uid.clone(), device: device.clone(), reason: None }
+        }
+        AdminCommand::Drain => ether_admin::cli::AdminCommand::Drain,
+    };
+    match ether_admin::cli::run(&target.addr, target.token.expose(), cmd, args.json) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ether admin: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -7,9 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ether_proto::api::TerminalInfo;
 use futures_channel::oneshot;
-use glommio::channels::shared_channel::{
-    self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender,
-};
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::sync::Semaphore;
 
 use crate::message::SharedMessage;
@@ -44,32 +42,15 @@ pub enum ShardMsg {
     /// Take over a terminal of a user who lives here.
     Adopt(Box<Handoff>),
     /// Append to inboxes that live here and push to their terminals; answers each seq, in order.
-    Deliver {
-        items: Vec<InboxAppend>,
-        reply: oneshot::Sender<Vec<u64>>,
-    },
+    Deliver { items: Vec<InboxAppend>, reply: oneshot::Sender<Vec<u64>> },
     /// The user's terminals on this shard.
-    Presence {
-        user: Arc<str>,
-        reply: oneshot::Sender<Vec<TerminalInfo>>,
-    },
+    Presence { user: Arc<str>, reply: oneshot::Sender<Vec<TerminalInfo>> },
     /// Kick the user's terminals (one device, or all); answers how many.
-    Kick {
-        user: Arc<str>,
-        device: Option<Box<str>>,
-        reason: Arc<str>,
-        reply: oneshot::Sender<u64>,
-    },
+    Kick { user: Arc<str>, device: Option<Box<str>>, reason: Arc<str>, reply: oneshot::Sender<u64> },
     /// Snapshots of the shard's terminals (all of them, or one user's).
-    Connections {
-        user: Option<Arc<str>>,
-        reply: oneshot::Sender<Vec<crate::stats::ConnSnapshot>>,
-    },
+    Connections { user: Option<Arc<str>>, reply: oneshot::Sender<Vec<crate::stats::ConnSnapshot>> },
     /// Write `frame` to every terminal on the shard; answers how many.
-    Broadcast {
-        frame: Bytes,
-        reply: oneshot::Sender<u64>,
-    },
+    Broadcast { frame: Bytes, reply: oneshot::Sender<u64> },
 }
 
 /// Capacity of each shard-to-shard queue, in messages.
@@ -91,12 +72,10 @@ pub struct MeshEnds {
 
 impl MeshPlan {
     pub fn new(shards: usize) -> MeshPlan {
-        let mut senders: Vec<Vec<Option<SharedSender<ShardMsg>>>> = (0..shards)
-            .map(|_| (0..shards).map(|_| None).collect())
-            .collect();
-        let mut receivers: Vec<Vec<Option<SharedReceiver<ShardMsg>>>> = (0..shards)
-            .map(|_| (0..shards).map(|_| None).collect())
-            .collect();
+        let mut senders: Vec<Vec<Option<SharedSender<ShardMsg>>>> =
+            (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
+        let mut receivers: Vec<Vec<Option<SharedReceiver<ShardMsg>>>> =
+            (0..shards).map(|_| (0..shards).map(|_| None).collect()).collect();
         for from in 0..shards {
             for to in 0..shards {
                 if from != to {
@@ -127,17 +106,10 @@ pub struct FanoutMesh {
 
 impl MeshEnds {
     /// Connects this shard's ends (on its executor); returns the mesh and one receiver per peer.
-    pub async fn connect(
-        self,
-        me: usize,
-    ) -> (FanoutMesh, Vec<(usize, ConnectedReceiver<ShardMsg>)>) {
+    pub async fn connect(self, me: usize) -> (FanoutMesh, Vec<(usize, ConnectedReceiver<ShardMsg>)>) {
         // Each connect waits for its peer's: start them all at once, or two shards each
         // waiting on their own sender first would wait for each other forever.
-        let senders: Vec<_> = self
-            .senders
-            .into_iter()
-            .map(|s| s.map(|s| glommio::spawn_local(s.connect())))
-            .collect();
+        let senders: Vec<_> = self.senders.into_iter().map(|s| s.map(|s| glommio::spawn_local(s.connect()))).collect();
         let receivers: Vec<_> = self
             .receivers
             .into_iter()
@@ -155,13 +127,7 @@ impl MeshEnds {
         for (from, task) in receivers {
             rx.push((from, task.await));
         }
-        (
-            FanoutMesh {
-                me,
-                senders: connected,
-            },
-            rx,
-        )
+        (FanoutMesh { me, senders: connected }, rx)
     }
 }
 

@@ -62,15 +62,10 @@ pub fn encode_text_frame<T: Serialize>(value: &T, size_hint: usize) -> Bytes {
     buf.resize(HEADER_ROOM, 0);
     if serde_json::to_writer(&mut buf, value).is_err() {
         debug_assert!(false, "frame shapes always serialize");
-        return crate::ws::text_frame(
-            b"{\"type\":\"error\",\"code\":\"internal\",\"message\":\"encode\"}",
-        );
+        return crate::ws::text_frame(b"{\"type\":\"error\",\"code\":\"internal\",\"message\":\"encode\"}");
     }
     let len = (buf.len() - HEADER_ROOM) as u64;
-    let header = FrameHeader {
-        opcode: OpCode::Data(Data::Text),
-        ..FrameHeader::default()
-    };
+    let header = FrameHeader { opcode: OpCode::Data(Data::Text), ..FrameHeader::default() };
     let header_len = header.len(len);
     let start = HEADER_ROOM - header_len;
     let _ = header.format(len, &mut &mut buf[start..HEADER_ROOM]);
@@ -92,18 +87,13 @@ impl Message {
             body: &self.body,
             ts: self.ts,
         };
-        encode_text_frame(
-            &out,
-            96 + self.body.get().len() + self.from.len() + chat.len(),
-        )
+        encode_text_frame(&out, 96 + self.body.get().len() + self.from.len() + chat.len())
     }
 }
 
 /// Unix milliseconds now.
 pub fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 const SHARD_BITS: u32 = 6;
@@ -122,26 +112,15 @@ pub struct IdGen {
 
 impl IdGen {
     pub fn new(shard: usize) -> Self {
-        assert!(
-            shard < SHARDS_MAX,
-            "shard index {shard} does not fit in a message id"
-        );
-        IdGen {
-            shard: shard as u64,
-            last_ms: Cell::new(0),
-            counter: Cell::new(0),
-        }
+        assert!(shard < SHARDS_MAX, "shard index {shard} does not fit in a message id");
+        IdGen { shard: shard as u64, last_ms: Cell::new(0), counter: Cell::new(0) }
     }
 
     /// A fresh id and the timestamp (Unix ms) that goes with the message.
     pub fn next(&self) -> (u64, u64) {
         let now = unix_now_ms();
         let mut ms = self.last_ms.get().max(now);
-        let mut counter = if ms == self.last_ms.get() {
-            self.counter.get() + 1
-        } else {
-            0
-        };
+        let mut counter = if ms == self.last_ms.get() { self.counter.get() + 1 } else { 0 };
         if counter >= 1 << COUNTER_BITS {
             // More than 16384 ids in one millisecond: borrow the next millisecond.
             ms += 1;
@@ -149,10 +128,7 @@ impl IdGen {
         }
         self.last_ms.set(ms);
         self.counter.set(counter);
-        (
-            (ms << (SHARD_BITS + COUNTER_BITS)) | (self.shard << COUNTER_BITS) | counter,
-            now,
-        )
+        ((ms << (SHARD_BITS + COUNTER_BITS)) | (self.shard << COUNTER_BITS) | counter, now)
     }
 }
 
@@ -184,22 +160,15 @@ mod tests {
         };
         for body_len in [0usize, 200, 70_000] {
             let m = Message {
-                body: RawValue::from_string(format!("{{\"text\":\"{}\"}}", "x".repeat(body_len)))
-                    .unwrap(),
-                ..Message {
-                    body: m.body.clone(),
-                    from: m.from.clone(),
-                    cid: m.cid.clone(),
-                    ..m
-                }
+                body: RawValue::from_string(format!("{{\"text\":\"{}\"}}", "x".repeat(body_len))).unwrap(),
+                ..Message { body: m.body.clone(), from: m.from.clone(), cid: m.cid.clone(), ..m }
             };
             let f = m.encode_frame("u:alice", 9);
             let mut cur = std::io::Cursor::new(&f[..]);
             let (h, len) = FrameHeader::parse(&mut cur).unwrap().unwrap();
             assert_eq!(h.opcode, OpCode::Data(Data::Text));
             assert_eq!(len as usize, f.len() - cur.position() as usize);
-            let v: serde_json::Value =
-                serde_json::from_slice(&f[cur.position() as usize..]).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&f[cur.position() as usize..]).unwrap();
             assert_eq!(v["type"], "msg");
             assert_eq!(v["id"], "42");
             assert_eq!(v["seq"], 9);

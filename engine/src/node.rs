@@ -36,21 +36,11 @@ const API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot start shard {shard}: {source}")]
-    Executor {
-        shard: usize,
-        source: glommio::GlommioError<()>,
-    },
+    Executor { shard: usize, source: glommio::GlommioError<()> },
     #[error("cannot write {path}: {source}")]
-    Ports {
-        path: String,
-        source: std::io::Error,
-    },
+    Ports { path: String, source: std::io::Error },
 }
 
 /// The addresses a node actually listens on.
@@ -110,18 +100,11 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
 }
 
 /// `count` listeners sharing one port through SO_REUSEPORT (port 0 picks one free port for all).
-fn bind_group(
-    what: &'static str,
-    addr: SocketAddr,
-    count: usize,
-) -> Result<(SocketAddr, Vec<OwnedFd>), NodeError> {
+fn bind_group(what: &'static str, addr: SocketAddr, count: usize) -> Result<(SocketAddr, Vec<OwnedFd>), NodeError> {
     let err = |source| NodeError::Bind { what, addr, source };
     let first = bind_one(addr).map_err(err)?;
-    let bound = first
-        .local_addr()
-        .map_err(err)?
-        .as_socket()
-        .ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
+    let bound =
+        first.local_addr().map_err(err)?.as_socket().ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
     let mut fds = vec![OwnedFd::from(first)];
     for _ in 1..count {
         fds.push(OwnedFd::from(bind_one(bound).map_err(err)?));
@@ -150,17 +133,10 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let (api, mut api_fds) = bind_group("api", config.listen.api, shards)?;
     let (admin, mut admin_fds) = bind_group("admin", config.listen.admin, 1)?;
     let ports = BoundPorts { client, api, admin };
-    PortsFile { client, api, admin }
-        .write(&config.node.data_dir)
-        .map_err(|e| NodeError::Ports {
-            path: config
-                .node
-                .data_dir
-                .join("ports.json")
-                .display()
-                .to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+    PortsFile { client, api, admin }.write(&config.node.data_dir).map_err(|e| NodeError::Ports {
+        path: config.node.data_dir.join("ports.json").display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     info!(client = %client, api = %api, admin = %admin, shards, "listening");
 
     let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
@@ -186,40 +162,25 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             .map_err(|source| NodeError::Executor { shard: id, source })?;
         threads.push(handle);
     }
-    Ok(NodeHandle {
-        ports,
-        shared,
-        threads,
-    })
+    Ok(NodeHandle { ports, shared, threads })
 }
 
 /// How long an idle shard spins before it parks (saves the wake-up of a parked thread when
 /// work arrives within it). `ETHER_SPIN_US` overrides it for experiments.
 fn spin_before_park() -> Duration {
-    let us = std::env::var("ETHER_SPIN_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let us = std::env::var("ETHER_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     Duration::from_micros(us)
 }
 
 async fn run_shard(start: ShardStart) {
-    let ShardStart {
-        id,
-        config,
-        keys,
-        shared,
-        ends,
-        client,
-        api,
-        admin,
-    } = start;
+    let ShardStart { id, config, keys, shared, ends, client, api, admin } = start;
     let (mesh, receivers) = ends.connect(id).await;
     let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh));
     for (_, rx) in receivers {
         let shard = shard.clone();
         glommio::spawn_local(async move {
             while let Some(msg) = rx.recv().await {
+                shard.node.mesh_depth[shard.id].fetch_sub(1, Ordering::Relaxed);
                 shard.handle(msg);
             }
         })
@@ -228,12 +189,7 @@ async fn run_shard(start: ShardStart) {
     let stop = Stop::new();
     // SAFETY: each fd is a bound, listening TCP socket made by `bind_group`, owned from here on.
     let client = unsafe { TcpListener::from_raw_fd(client.into_raw_fd()) };
-    glommio::spawn_local(crate::conn::accept_loop(
-        shard.clone(),
-        client,
-        stop.clone(),
-    ))
-    .detach();
+    glommio::spawn_local(crate::conn::accept_loop(shard.clone(), client, stop.clone())).detach();
 
     let api_limits = Limits {
         header_bytes_max: config.limits.http_header_bytes_max,

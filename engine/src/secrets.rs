@@ -59,12 +59,7 @@ impl Secret {
     /// Compares with a presented credential in time independent of where they differ.
     pub fn matches(&self, candidate: &[u8]) -> bool {
         let ours = self.0.as_bytes();
-        ours.len() == candidate.len()
-            && ours
-                .iter()
-                .zip(candidate)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        ours.len() == candidate.len() && ours.iter().zip(candidate).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 
@@ -156,16 +151,10 @@ impl DataFileError {
 /// Why a secret value is unacceptable, or `Ok`; `key` is its name (`api_key`, …).
 pub fn validate_secret(key: &str, value: &str) -> Result<(), String> {
     if value.len() < SECRET_BYTES_MIN {
-        return Err(format!(
-            "must be at least {SECRET_BYTES_MIN} bytes, got {}",
-            value.len()
-        ));
+        return Err(format!("must be at least {SECRET_BYTES_MIN} bytes, got {}", value.len()));
     }
     if value.len() > SECRET_BYTES_MAX {
-        return Err(format!(
-            "must be at most {SECRET_BYTES_MAX} bytes, got {}",
-            value.len()
-        ));
+        return Err(format!("must be at most {SECRET_BYTES_MAX} bytes, got {}", value.len()));
     }
     // The API key and admin token travel in `Authorization: Bearer`; keep them header-safe.
     if key != "jwt_secret" && !value.bytes().all(|b| b.is_ascii_graphic()) {
@@ -215,10 +204,7 @@ impl Secrets {
     /// storing (0600, atomically, data dir created 0700) those the file lacks too; configured
     /// values always win and are never written. `true` means something was generated now:
     /// print the secrets once. Touches no file when `configured` is complete.
-    pub fn load_or_generate(
-        data_dir: &Path,
-        configured: &Secrets,
-    ) -> Result<(AuthSecrets, bool), DataFileError> {
+    pub fn load_or_generate(data_dir: &Path, configured: &Secrets) -> Result<(AuthSecrets, bool), DataFileError> {
         if let Some(all) = configured.complete() {
             return Ok((all, false));
         }
@@ -252,9 +238,8 @@ impl Secrets {
                     Err(e) => return Err(io_error(&path, "write", e)),
                 }
             }
-            let pick = |known: &Option<Secret>, stored: &Option<String>| {
-                known.clone().or_else(|| stored.clone().map(Secret))
-            };
+            let pick =
+                |known: &Option<Secret>, stored: &Option<String>| known.clone().or_else(|| stored.clone().map(Secret));
             let all = Secrets {
                 jwt_secret: pick(&configured.jwt_secret, &file.jwt_secret),
                 api_key: pick(&configured.api_key, &file.api_key),
@@ -284,14 +269,11 @@ fn read_secrets_file(path: &Path) -> Result<Option<SecretsFileRepr>, DataFileErr
         }
     }
     let repr: SecretsFileRepr = toml::from_str(&text).map_err(|e| invalid(path, e.to_string()))?;
-    for (key, value) in [
-        ("jwt_secret", &repr.jwt_secret),
-        ("api_key", &repr.api_key),
-        ("admin_token", &repr.admin_token),
-    ] {
+    for (key, value) in
+        [("jwt_secret", &repr.jwt_secret), ("api_key", &repr.api_key), ("admin_token", &repr.admin_token)]
+    {
         if let Some(value) = value {
-            validate_secret(key, value)
-                .map_err(|problem| invalid(path, format!("{key}: {problem}")))?;
+            validate_secret(key, value).map_err(|problem| invalid(path, format!("{key}: {problem}")))?;
         }
     }
     Ok(Some(repr))
@@ -326,25 +308,17 @@ impl PortsFile {
     /// Reads `<data_dir>/ports.json`; see [`DataFileError::is_not_found`] for a node never started.
     pub fn read(data_dir: &Path) -> Result<PortsFile, DataFileError> {
         let path = PortsFile::path(data_dir);
-        let text = read_small(&path)?
-            .ok_or_else(|| io_error(&path, "read", io::ErrorKind::NotFound.into()))?;
+        let text = read_small(&path)?.ok_or_else(|| io_error(&path, "read", io::ErrorKind::NotFound.into()))?;
         serde_json::from_str(&text).map_err(|e| invalid(&path, e.to_string()))
     }
 }
 
 fn io_error(path: &Path, action: &'static str, source: io::Error) -> DataFileError {
-    DataFileError::Io {
-        path: path.to_path_buf(),
-        action,
-        source,
-    }
+    DataFileError::Io { path: path.to_path_buf(), action, source }
 }
 
 fn invalid(path: &Path, message: String) -> DataFileError {
-    DataFileError::Invalid {
-        path: path.to_path_buf(),
-        message,
-    }
+    DataFileError::Invalid { path: path.to_path_buf(), message }
 }
 
 /// Reads a whole small UTF-8 file; `None` when it does not exist.
@@ -355,14 +329,9 @@ fn read_small(path: &Path) -> Result<Option<String>, DataFileError> {
         Err(e) => return Err(io_error(path, "open", e)),
     };
     let mut text = String::new();
-    file.take(DATA_FILE_BYTES_MAX + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| io_error(path, "read", e))?;
+    file.take(DATA_FILE_BYTES_MAX + 1).read_to_string(&mut text).map_err(|e| io_error(path, "read", e))?;
     if text.len() as u64 > DATA_FILE_BYTES_MAX {
-        return Err(invalid(
-            path,
-            format!("larger than {DATA_FILE_BYTES_MAX} bytes"),
-        ));
+        return Err(invalid(path, format!("larger than {DATA_FILE_BYTES_MAX} bytes")));
     }
     Ok(Some(text))
 }
@@ -371,10 +340,7 @@ fn read_small(path: &Path) -> Result<Option<String>, DataFileError> {
 fn create_data_dir(dir: &Path) -> Result<(), DataFileError> {
     match fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(invalid(
-            dir,
-            "data dir path exists but is not a directory".into(),
-        )),
+        Ok(_) => Err(invalid(dir, "data dir path exists but is not a directory".into())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => fs::DirBuilder::new()
             .recursive(true)
             .mode(DATA_DIR_MODE)
@@ -393,17 +359,9 @@ fn publish(path: &Path, bytes: &[u8], mode: u32, no_clobber: bool) -> io::Result
         _ => Path::new("."),
     };
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
+    let tmp = dir.join(format!(".{name}.tmp-{}-{:08x}", std::process::id(), rand::random::<u32>()));
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         drop(file);
@@ -459,10 +417,7 @@ mod tests {
         assert_eq!(second.jwt_secret.expose(), first.jwt_secret.expose());
         assert_eq!(second.api_key.expose(), first.api_key.expose());
         assert_eq!(second.admin_token.expose(), first.admin_token.expose());
-        assert_eq!(
-            Secrets::read(&data).unwrap().api_key.unwrap().expose(),
-            first.api_key.expose()
-        );
+        assert_eq!(Secrets::read(&data).unwrap().api_key.unwrap().expose(), first.api_key.expose());
         assert!(leftovers(&data).is_empty());
     }
 
@@ -470,18 +425,12 @@ mod tests {
     fn configured_wins_and_is_never_written() {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path();
-        let configured = Secrets {
-            jwt_secret: Some(Secret::new("configured-jwt-secret-0123")),
-            ..Secrets::default()
-        };
+        let configured = Secrets { jwt_secret: Some(Secret::new("configured-jwt-secret-0123")), ..Secrets::default() };
         let (all, generated) = Secrets::load_or_generate(data, &configured).unwrap();
         assert!(generated);
         assert_eq!(all.jwt_secret.expose(), "configured-jwt-secret-0123");
         let text = fs::read_to_string(Secrets::path(data)).unwrap();
-        assert!(
-            !text.contains("configured-jwt-secret"),
-            "configured secrets stay out of the file"
-        );
+        assert!(!text.contains("configured-jwt-secret"), "configured secrets stay out of the file");
         assert!(!text.contains("jwt_secret"));
 
         // The file now holds the other two; a later configured api_key beats the stored one.
@@ -494,10 +443,7 @@ mod tests {
         let (all, generated) = Secrets::load_or_generate(data, &configured).unwrap();
         assert!(!generated);
         assert_eq!(all.api_key.expose(), "configured-api-key-456789");
-        assert_eq!(
-            all.admin_token.expose(),
-            stored.admin_token.unwrap().expose()
-        );
+        assert_eq!(all.admin_token.expose(), stored.admin_token.unwrap().expose());
 
         // Dropping the configured jwt secret generates one and adds it to the existing file.
         let (all, generated) = Secrets::load_or_generate(data, &Secrets::default()).unwrap();
@@ -529,10 +475,7 @@ mod tests {
         fs::write(&path, "api_key = \"short\"\n").unwrap();
         let err = Secrets::load_or_generate(tmp.path(), &Secrets::default()).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("api_key") && msg.contains("at least 16"),
-            "{msg}"
-        );
+        assert!(msg.contains("api_key") && msg.contains("at least 16"), "{msg}");
         assert!(msg.contains("secrets.toml"), "{msg}");
 
         fs::write(&path, "api_keys = \"0123456789abcdef0\"\n").unwrap();
@@ -550,18 +493,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("race");
         let keys: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| Secrets::load_or_generate(&data, &Secrets::default()).unwrap()))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap().0.jwt_secret.expose().to_owned())
-                .collect()
+            let handles: Vec<_> =
+                (0..8).map(|_| s.spawn(|| Secrets::load_or_generate(&data, &Secrets::default()).unwrap())).collect();
+            handles.into_iter().map(|h| h.join().unwrap().0.jwt_secret.expose().to_owned()).collect()
         });
-        assert!(
-            keys.iter().all(|k| k == &keys[0]),
-            "every racer ends with the published secret"
-        );
+        assert!(keys.iter().all(|k| k == &keys[0]), "every racer ends with the published secret");
         assert!(leftovers(&data).is_empty());
     }
 
@@ -611,16 +547,10 @@ mod tests {
         };
         ports.write(&data).unwrap();
         let text = fs::read_to_string(PortsFile::path(&data)).unwrap();
-        assert_eq!(
-            text,
-            "{\"client\":\"127.0.0.1:9000\",\"api\":\"127.0.0.1:43117\",\"admin\":\"[::1]:9002\"}\n"
-        );
+        assert_eq!(text, "{\"client\":\"127.0.0.1:9000\",\"api\":\"127.0.0.1:43117\",\"admin\":\"[::1]:9002\"}\n");
         assert_eq!(PortsFile::read(&data).unwrap(), ports);
 
-        let moved = PortsFile {
-            api: "127.0.0.1:1".parse().unwrap(),
-            ..ports
-        };
+        let moved = PortsFile { api: "127.0.0.1:1".parse().unwrap(), ..ports };
         moved.write(&data).unwrap();
         assert_eq!(PortsFile::read(&data).unwrap(), moved, "rewrite replaces");
         assert!(leftovers(&data).is_empty());
@@ -639,10 +569,7 @@ mod tests {
         let err = publish(&path, b"two", 0o600, true).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&path).unwrap(), b"one");
-        assert!(
-            leftovers(tmp.path()).is_empty(),
-            "temp file removed on failure"
-        );
+        assert!(leftovers(tmp.path()).is_empty(), "temp file removed on failure");
         publish(&path, b"three", 0o600, false).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"three");
     }

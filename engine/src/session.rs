@@ -148,6 +148,8 @@ struct Unacked {
     frame: Bytes,
     attempts: u32,
     due_tick: u64,
+    /// When it was first pushed, in ms of the shard's clock (for the ack latency).
+    pushed_ms: u64,
 }
 
 /// Most frames gathered into one `sendmsg`.
@@ -298,38 +300,34 @@ impl Session {
 
     /// Pushed inbox messages the terminal has not acknowledged yet.
     pub fn unacked(&self) -> u64 {
-        self.pushed_inbox
-            .get()
-            .saturating_sub(self.acked_inbox.get())
+        self.pushed_inbox.get().saturating_sub(self.acked_inbox.get())
     }
 
     /// Remembers a pushed inbox message until it is acked, due for a resend at `due_tick`.
     /// Keeps at most `max` (the oldest are then left to `sync`). Returns whether the list was
     /// empty before (the caller schedules a resend check then).
-    pub fn track_unacked(&self, seq: u64, frame: Bytes, due_tick: u64, max: usize) -> bool {
+    pub fn track_unacked(&self, seq: u64, frame: Bytes, due_tick: u64, pushed_ms: u64, max: usize) -> bool {
         let mut u = self.unacked.borrow_mut();
         let was_empty = u.is_empty();
-        u.push_back(Unacked {
-            seq,
-            frame,
-            attempts: 0,
-            due_tick,
-        });
+        u.push_back(Unacked { seq, frame, attempts: 0, due_tick, pushed_ms });
         while u.len() > max {
             u.pop_front();
         }
         was_empty
     }
 
-    /// A cumulative ack: forgets every tracked message up to `seq`; returns how many.
-    pub fn ack_inbox(&self, seq: u64) -> usize {
+    /// A cumulative ack: forgets every tracked message up to `seq`, telling `acked` when each
+    /// was first pushed; returns how many.
+    pub fn ack_inbox(&self, seq: u64, mut acked: impl FnMut(u64)) -> usize {
         if seq > self.acked_inbox.get() {
             self.acked_inbox.set(seq);
         }
         let mut u = self.unacked.borrow_mut();
         let before = u.len();
         while u.front().is_some_and(|m| m.seq <= seq) {
-            u.pop_front();
+            if let Some(m) = u.pop_front() {
+                acked(m.pushed_ms);
+            }
         }
         if u.is_empty() && u.capacity() > 16 {
             *u = VecDeque::new();
@@ -340,12 +338,7 @@ impl Session {
     /// Frames due for a resend at `now`: each is pushed again at most `attempts_max` times,
     /// waiting `timeout_ticks << attempt` between pushes, then left to `sync`. Returns the
     /// frames to push and the next tick a check is due, if any message is still tracked.
-    pub fn due_resends(
-        &self,
-        now: u64,
-        timeout_ticks: u64,
-        attempts_max: u32,
-    ) -> (Vec<Bytes>, Option<u64>) {
+    pub fn due_resends(&self, now: u64, timeout_ticks: u64, attempts_max: u32) -> (Vec<Bytes>, Option<u64>) {
         let mut u = self.unacked.borrow_mut();
         let mut frames = Vec::new();
         u.retain_mut(|m| {
@@ -404,21 +397,12 @@ impl Session {
     pub fn write_queued(&self, fd: RawFd) -> std::io::Result<usize> {
         let n = {
             let q = self.out.borrow();
-            let mut iov: [libc::iovec; IOV_MAX_PER_WRITE] = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOV_MAX_PER_WRITE];
+            let mut iov: [libc::iovec; IOV_MAX_PER_WRITE] =
+                [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; IOV_MAX_PER_WRITE];
             let mut count = 0;
             for (i, frame) in q.frames.iter().take(IOV_MAX_PER_WRITE).enumerate() {
-                let part = if i == 0 {
-                    &frame[q.front_offset..]
-                } else {
-                    &frame[..]
-                };
-                iov[i] = libc::iovec {
-                    iov_base: part.as_ptr() as *mut libc::c_void,
-                    iov_len: part.len(),
-                };
+                let part = if i == 0 { &frame[q.front_offset..] } else { &frame[..] };
+                iov[i] = libc::iovec { iov_base: part.as_ptr() as *mut libc::c_void, iov_len: part.len() };
                 count += 1;
             }
             if count == 0 {
@@ -447,10 +431,7 @@ mod tests {
 
     fn session() -> Session {
         Session::new(
-            SessionKey {
-                slot: 0,
-                generation: 1,
-            },
+            SessionKey { slot: 0, generation: 1 },
             1,
             Arc::from("u"),
             "d".into(),
@@ -505,8 +486,8 @@ mod tests {
     #[test]
     fn unacked_messages_are_resent_with_backoff_then_left_to_sync() {
         let s = session();
-        assert!(s.track_unacked(1, Bytes::from_static(b"one"), 10, 100));
-        assert!(!s.track_unacked(2, Bytes::from_static(b"two"), 12, 100));
+        assert!(s.track_unacked(1, Bytes::from_static(b"one"), 10, 0, 100));
+        assert!(!s.track_unacked(2, Bytes::from_static(b"two"), 12, 0, 100));
         assert_eq!(s.due_resends(9, 10, 2), (vec![], Some(10)));
         let (frames, next) = s.due_resends(10, 10, 2);
         assert_eq!(frames, vec![Bytes::from_static(b"one")]);
@@ -527,13 +508,15 @@ mod tests {
     fn acks_are_cumulative_and_tracking_is_bounded() {
         let s = session();
         for seq in 1..=10 {
-            s.track_unacked(seq, Bytes::from_static(b"m"), 5, 4);
+            s.track_unacked(seq, Bytes::from_static(b"m"), 5, seq, 4);
         }
-        assert_eq!(s.ack_inbox(8), 2, "only 7 and 8 of the 4 kept were acked");
+        let mut pushed = Vec::new();
+        assert_eq!(s.ack_inbox(8, |p| pushed.push(p)), 2, "only 7 and 8 of the 4 kept were acked");
+        assert_eq!(pushed, vec![7, 8]);
         assert_eq!(s.acked_inbox.get(), 8);
-        assert_eq!(s.ack_inbox(3), 0, "an older ack changes nothing");
+        assert_eq!(s.ack_inbox(3, |_| ()), 0, "an older ack changes nothing");
         assert_eq!(s.acked_inbox.get(), 8);
-        assert_eq!(s.ack_inbox(10), 2);
+        assert_eq!(s.ack_inbox(10, |_| ()), 2);
         assert_eq!(s.due_resends(100, 1, 3), (vec![], None));
     }
 

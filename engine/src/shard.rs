@@ -25,8 +25,9 @@ use crate::error::EngineError;
 use crate::mesh::{FanoutMesh, InboxAppend, ShardMsg};
 use crate::message::{encode_text_frame, unix_now_ms, IdGen, Message, NewMessage};
 use crate::session::{CloseReason, Platform, Pushed, Session, SessionKey};
-use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters};
+use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters, ShardPublished};
 use crate::wheel::TimerWheel;
+use ether_admin::Histogram;
 
 /// Length of one shard tick (clock and timer wheel granularity).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -81,16 +82,16 @@ pub struct Shard {
     pong: Bytes,
     /// Set once this shard has told its terminals to reconnect.
     drain_started: Cell<bool>,
+    /// From first push to the terminal's ack.
+    ack_latency: RefCell<Histogram>,
+    /// From a message's acceptance to its push to a terminal's queue.
+    push_latency: RefCell<Histogram>,
+    /// API requests answered, by route and status.
+    api_counts: RefCell<HashMap<(&'static str, u16), u64>>,
 }
 
 impl Shard {
-    pub fn new(
-        id: usize,
-        config: Arc<Config>,
-        keys: Arc<TokenKeys>,
-        node: Arc<NodeShared>,
-        mesh: FanoutMesh,
-    ) -> Shard {
+    pub fn new(id: usize, config: Arc<Config>, keys: Arc<TokenKeys>, node: Arc<NodeShared>, mesh: FanoutMesh) -> Shard {
         let idle_ticks = config.limits.idle_timeout.as_millis() as u64 / TICK.as_millis() as u64;
         Shard {
             id,
@@ -109,6 +110,9 @@ impl Shard {
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             pong: encode_text_frame(&ServerFrame::Pong, 16),
             drain_started: Cell::new(false),
+            ack_latency: RefCell::new(Histogram::latency()),
+            push_latency: RefCell::new(Histogram::latency()),
+            api_counts: RefCell::new(HashMap::new()),
             config,
         }
     }
@@ -136,10 +140,7 @@ impl Shard {
 
     pub fn session(&self, key: SessionKey) -> Option<Rc<Session>> {
         let sessions = self.sessions.borrow();
-        sessions
-            .get(key.slot as usize)
-            .filter(|s| s.key == key)
-            .cloned()
+        sessions.get(key.slot as usize).filter(|s| s.key == key).cloned()
     }
 
     /// Handles a message from another shard (or from this one).
@@ -153,12 +154,7 @@ impl Shard {
             ShardMsg::Presence { user, reply } => {
                 let _ = reply.send(self.presence_local(&user));
             }
-            ShardMsg::Kick {
-                user,
-                device,
-                reason,
-                reply,
-            } => {
+            ShardMsg::Kick { user, device, reason, reply } => {
                 let _ = reply.send(self.kick_local(&user, device.as_deref(), &reason));
             }
             ShardMsg::Connections { user, reply } => {
@@ -176,10 +172,11 @@ impl Shard {
             self.handle(msg);
             Ok(())
         } else {
-            self.mesh
-                .send(to, msg)
-                .await
-                .map_err(|_| EngineError::ShardGone(to))
+            self.node.mesh_depth[to].fetch_add(1, Ordering::Relaxed);
+            self.mesh.send(to, msg).await.map_err(|_| {
+                self.node.mesh_depth[to].fetch_sub(1, Ordering::Relaxed);
+                EngineError::ShardGone(to)
+            })
         }
     }
 
@@ -207,11 +204,7 @@ impl Shard {
         if self.node.stopping() {
             return Err(AdoptError::ShuttingDown);
         }
-        debug_assert_eq!(
-            home_shard(user, self.shards),
-            self.id,
-            "terminal adopted away from its home shard"
-        );
+        debug_assert_eq!(home_shard(user, self.shards), self.id, "terminal adopted away from its home shard");
         let max = self.config.limits.terminals_per_user_max;
         let mut users = self.users.borrow_mut();
         let entry = users.entry(user.clone()).or_default();
@@ -229,22 +222,14 @@ impl Shard {
         }
         if let Some(old) = replaced {
             entry.sessions.retain(|k| *k != old.key);
-            old.push_final(encode_text_frame(
-                &ServerFrame::Kicked {
-                    reason: "replaced".into(),
-                },
-                40,
-            ));
+            old.push_final(encode_text_frame(&ServerFrame::Kicked { reason: "replaced".into() }, 40));
             old.request_close(CloseReason::Replaced);
         }
         let generation = self.generation.get().wrapping_add(1);
         self.generation.set(generation);
         let mut sessions = self.sessions.borrow_mut();
         let slot = sessions.vacant_key();
-        let key = SessionKey {
-            slot: slot as u32,
-            generation,
-        };
+        let key = SessionKey { slot: slot as u32, generation };
         let session = Rc::new(Session::new(
             key,
             ((self.id as u64) << 56) | (u64::from(generation) << 24) | slot as u64,
@@ -257,9 +242,7 @@ impl Shard {
         ));
         sessions.insert(session.clone());
         entry.sessions.push(key);
-        self.wheel
-            .borrow_mut()
-            .schedule(key, self.now_tick() + self.idle_ticks());
+        self.wheel.borrow_mut().schedule(key, self.now_tick() + self.idle_ticks());
         ShardCounters::add(&self.counters().connections, 1);
         info!(user = %user, device, shard = self.id, session = session.id, %remote, "terminal connected");
         Ok(session)
@@ -285,14 +268,7 @@ impl Shard {
                 users.remove(&*session.user);
             }
         }
-        self.node.record_close(
-            self.id,
-            ClosedConn {
-                conn: self.snapshot(session),
-                closed_ms: unix_now_ms(),
-                reason,
-            },
-        );
+        self.node.record_close(self.id, ClosedConn { conn: self.snapshot(session), closed_ms: unix_now_ms(), reason });
         let c = self.counters();
         c.connections.fetch_sub(1, Ordering::Relaxed);
         ShardCounters::add(&c.closes[reason.index()], 1);
@@ -318,7 +294,10 @@ impl Shard {
     /// Queues a frame for a session, closing it if it cannot keep up.
     pub fn push(&self, s: &Session, frame: Bytes) -> bool {
         match s.push(frame, self.config.limits.outbound_queue_bytes_max) {
-            Pushed::Queued => true,
+            Pushed::Queued => {
+                ShardCounters::add(&self.counters().frames_out, 1);
+                true
+            }
             Pushed::Closing => false,
             Pushed::Overflow => {
                 warn!(user = %s.user, device = %s.device, shard = self.id, "slow consumer: outbound queue over its bound, closing");
@@ -332,11 +311,7 @@ impl Shard {
         let Some(entry) = users.get(user) else {
             return Vec::new();
         };
-        entry
-            .sessions
-            .iter()
-            .filter_map(|k| self.session(*k))
-            .collect()
+        entry.sessions.iter().filter_map(|k| self.session(*k)).collect()
     }
 
     // ---- delivery ----------------------------------------------------------------------
@@ -347,11 +322,7 @@ impl Shard {
         let mut seqs = Vec::with_capacity(items.len());
         let mut delivered = 0;
         for item in items {
-            debug_assert_eq!(
-                home_shard(&item.owner, self.shards),
-                self.id,
-                "inbox appended away from home"
-            );
+            debug_assert_eq!(home_shard(&item.owner, self.shards), self.id, "inbox appended away from home");
             let (seq, keys) = {
                 let mut users = self.users.borrow_mut();
                 let entry = users.entry(item.owner.clone()).or_default();
@@ -364,6 +335,8 @@ impl Shard {
             }
             // Encoded once for the inbox; every terminal of the user gets the same bytes.
             let frame = item.msg.encode_frame(&item.chat, seq);
+            let waited_ms = unix_now_ms().saturating_sub(item.msg.ts);
+            self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
             for key in keys {
                 if let Some(s) = self.session(key) {
                     if self.push(&s, frame.clone()) {
@@ -381,7 +354,8 @@ impl Shard {
     fn track(&self, s: &Session, seq: u64, frame: Bytes) {
         s.pushed_inbox.set(s.pushed_inbox.get().max(seq));
         let due = self.now_tick() + self.resend_ticks();
-        if s.track_unacked(seq, frame, due, self.config.limits.unacked_per_terminal_max) {
+        let pushed_ms = self.epoch.elapsed().as_millis() as u64;
+        if s.track_unacked(seq, frame, due, pushed_ms, self.config.limits.unacked_per_terminal_max) {
             self.resend_wheel.borrow_mut().schedule(s.key, due);
         }
     }
@@ -392,11 +366,7 @@ impl Shard {
         let mut resent = 0;
         for key in due.drain(..) {
             let Some(s) = self.session(key) else { continue };
-            let (frames, next) = s.due_resends(
-                now,
-                self.resend_ticks(),
-                self.config.limits.resend_attempts_max,
-            );
+            let (frames, next) = s.due_resends(now, self.resend_ticks(), self.config.limits.resend_attempts_max);
             for f in frames {
                 if self.push(&s, f) {
                     resent += 1;
@@ -410,53 +380,28 @@ impl Shard {
     }
 
     /// Appends to inboxes on shard `to`.
-    pub async fn deliver(
-        self: &Rc<Self>,
-        to: usize,
-        items: Vec<InboxAppend>,
-    ) -> Result<Vec<u64>, EngineError> {
+    pub async fn deliver(self: &Rc<Self>, to: usize, items: Vec<InboxAppend>) -> Result<Vec<u64>, EngineError> {
         if to == self.id {
             return Ok(self.deliver_local(&items));
         }
-        self.ask(to, |reply| ShardMsg::Deliver { items, reply })
-            .await
+        self.ask(to, |reply| ShardMsg::Deliver { items, reply }).await
     }
 
     /// Accepts a single-chat message: written to the receiver's inbox (chat `u:<from>`) and to
     /// the sender's (chat `u:<to>`), each pushed to that user's terminals. Returns the message
     /// with the sender's inbox seq.
-    pub async fn send_single(
-        self: &Rc<Self>,
-        new: NewMessage,
-    ) -> Result<(Arc<Message>, u64), EngineError> {
-        let NewMessage {
-            from,
-            to,
-            kind,
-            body,
-            cid,
-        } = new;
+    pub async fn send_single(self: &Rc<Self>, new: NewMessage) -> Result<(Arc<Message>, u64), EngineError> {
+        let NewMessage { from, to, kind, body, cid } = new;
         let (from, to) = (&*from, &*to);
         if self.node.stopping() {
             return Err(EngineError::ShuttingDown);
         }
         let (id, ts) = self.ids.next();
-        let msg = Arc::new(Message {
-            id,
-            ts,
-            from: from.into(),
-            kind,
-            body,
-            cid,
-        });
+        let msg = Arc::new(Message { id, ts, from: from.into(), kind, body, cid });
         let to_home = home_shard(to, self.shards);
         let receiver = self.deliver(
             to_home,
-            vec![InboxAppend {
-                owner: Arc::from(to),
-                chat: Arc::from(format!("u:{from}")),
-                msg: msg.clone(),
-            }],
+            vec![InboxAppend { owner: Arc::from(to), chat: Arc::from(format!("u:{from}")), msg: msg.clone() }],
         );
         ShardCounters::add(&self.counters().messages_accepted, 1);
         if from == to {
@@ -465,11 +410,7 @@ impl Shard {
         }
         let sender = self.deliver(
             home_shard(from, self.shards),
-            vec![InboxAppend {
-                owner: Arc::from(from),
-                chat: Arc::from(format!("u:{to}")),
-                msg: msg.clone(),
-            }],
+            vec![InboxAppend { owner: Arc::from(from), chat: Arc::from(format!("u:{to}")), msg: msg.clone() }],
         );
         let (r, s) = futures_lite::future::zip(receiver, sender).await;
         r?;
@@ -478,32 +419,15 @@ impl Shard {
     }
 
     /// Accepts many single-chat messages, in order per inbox; one mesh message per shard.
-    pub async fn send_many(
-        self: &Rc<Self>,
-        msgs: Vec<NewMessage>,
-    ) -> Result<Vec<Arc<Message>>, EngineError> {
+    pub async fn send_many(self: &Rc<Self>, msgs: Vec<NewMessage>) -> Result<Vec<Arc<Message>>, EngineError> {
         if self.node.stopping() {
             return Err(EngineError::ShuttingDown);
         }
         let mut per_shard: Vec<Vec<InboxAppend>> = (0..self.shards).map(|_| Vec::new()).collect();
         let mut out = Vec::with_capacity(msgs.len());
-        for NewMessage {
-            from,
-            to,
-            kind,
-            body,
-            cid,
-        } in msgs
-        {
+        for NewMessage { from, to, kind, body, cid } in msgs {
             let (id, ts) = self.ids.next();
-            let msg = Arc::new(Message {
-                id,
-                ts,
-                from: from.clone(),
-                kind,
-                body,
-                cid,
-            });
+            let msg = Arc::new(Message { id, ts, from: from.clone(), kind, body, cid });
             per_shard[home_shard(&to, self.shards)].push(InboxAppend {
                 owner: Arc::from(&*to),
                 chat: Arc::from(format!("u:{from}")),
@@ -548,11 +472,7 @@ impl Shard {
 
     pub async fn presence(self: &Rc<Self>, user: &str) -> Result<Vec<TerminalInfo>, EngineError> {
         let user: Arc<str> = Arc::from(user);
-        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Presence {
-            user,
-            reply,
-        })
-        .await
+        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Presence { user, reply }).await
     }
 
     fn kick_local(&self, user: &str, device: Option<&str>, reason: &str) -> u64 {
@@ -561,43 +481,22 @@ impl Shard {
             if device.is_some_and(|d| d != &*s.device) || s.close_reason().is_some() {
                 continue;
             }
-            s.push_final(encode_text_frame(
-                &ServerFrame::Kicked {
-                    reason: reason.to_owned(),
-                },
-                40,
-            ));
+            s.push_final(encode_text_frame(&ServerFrame::Kicked { reason: reason.to_owned() }, 40));
             s.request_close(CloseReason::Kicked);
             n += 1;
         }
         n
     }
 
-    pub async fn kick(
-        self: &Rc<Self>,
-        user: &str,
-        device: Option<&str>,
-        reason: &str,
-    ) -> Result<u64, EngineError> {
+    pub async fn kick(self: &Rc<Self>, user: &str, device: Option<&str>, reason: &str) -> Result<u64, EngineError> {
         let user: Arc<str> = Arc::from(user);
         let device = device.map(Box::from);
         let reason: Arc<str> = Arc::from(reason);
-        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Kick {
-            user,
-            device,
-            reason,
-            reply,
-        })
-        .await
+        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Kick { user, device, reason, reply }).await
     }
 
     fn broadcast_local(&self, frame: &Bytes) -> u64 {
-        let sessions: Vec<Rc<Session>> = self
-            .sessions
-            .borrow()
-            .iter()
-            .map(|(_, s)| s.clone())
-            .collect();
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
         let mut n = 0;
         for s in sessions {
             if self.push(&s, frame.clone()) {
@@ -625,24 +524,8 @@ impl Shard {
     // ---- terminal frames -------------------------------------------------------------
 
     /// Sends an `error` frame and counts a violation; too many close the connection (1008).
-    pub fn reject_frame(
-        &self,
-        s: &Session,
-        code: ErrorCode,
-        message: String,
-        reference: Option<String>,
-    ) {
-        self.push(
-            s,
-            encode_text_frame(
-                &ServerFrame::Error {
-                    code,
-                    message,
-                    reference,
-                },
-                96,
-            ),
-        );
+    pub fn reject_frame(&self, s: &Session, code: ErrorCode, message: String, reference: Option<String>) {
+        self.push(s, encode_text_frame(&ServerFrame::Error { code, message, reference }, 96));
         let v = s.violation();
         if v > self.config.limits.protocol_violations_max {
             debug!(user = %s.user, device = %s.device, shard = self.id, violations = v, "closing for repeated invalid frames");
@@ -666,7 +549,9 @@ impl Shard {
             }
             ClientFrame::Ack { seq, group: None } => {
                 ShardCounters::add(&self.counters().acks, 1);
-                s.ack_inbox(seq);
+                let now_ms = self.epoch.elapsed().as_millis() as u64;
+                let mut hist = self.ack_latency.borrow_mut();
+                s.ack_inbox(seq, |pushed_ms| hist.record(now_ms.saturating_sub(pushed_ms) as f64 / 1000.0));
             }
             ClientFrame::Ack { group: Some(_), .. } => {
                 self.reject_frame(
@@ -676,22 +561,14 @@ impl Shard {
                     None,
                 );
             }
-            ClientFrame::Send {
-                cid,
-                to,
-                group,
-                kind,
-                body,
-            } => self.on_send(s, cid, to, group, kind, body),
+            ClientFrame::Send { cid, to, group, kind, body } => self.on_send(s, cid, to, group, kind, body),
             ClientFrame::Sync { .. } | ClientFrame::Read { .. } => {
                 self.push(
                     s,
                     encode_text_frame(
                         &ServerFrame::Error {
                             code: ErrorCode::Unavailable,
-                            message:
-                                "sync and read arrive with the durable store (not yet on this node)"
-                                    .into(),
+                            message: "sync and read arrive with the durable store (not yet on this node)".into(),
                             reference: None,
                         },
                         120,
@@ -712,16 +589,10 @@ impl Shard {
     ) {
         let reject = |code, msg: String| self.reject_frame(s, code, msg, Some(cid.clone()));
         if !self.config.terminal_send_enabled {
-            return reject(
-                ErrorCode::Forbidden,
-                "sending from terminals is disabled on this node".into(),
-            );
+            return reject(ErrorCode::Forbidden, "sending from terminals is disabled on this node".into());
         }
         if cid.is_empty() || cid.len() > ether_proto::api::CID_LEN_MAX {
-            return reject(
-                ErrorCode::InvalidBody,
-                format!("cid: must be 1-{} bytes", ether_proto::api::CID_LEN_MAX),
-            );
+            return reject(ErrorCode::InvalidBody, format!("cid: must be 1-{} bytes", ether_proto::api::CID_LEN_MAX));
         }
         let to = match (to, group) {
             (Some(to), None) => to,
@@ -731,12 +602,7 @@ impl Shard {
                     "group messages arrive with groups (not yet on this node)".into(),
                 )
             }
-            _ => {
-                return reject(
-                    ErrorCode::InvalidBody,
-                    "send: exactly one of `to` and `group` is required".into(),
-                )
-            }
+            _ => return reject(ErrorCode::InvalidBody, "send: exactly one of `to` and `group` is required".into()),
         };
         if let Err(e) = ether_proto::ids::check_id("to", &to) {
             return reject(e.code, e.message);
@@ -751,27 +617,13 @@ impl Shard {
         let shard = self.clone();
         let s = s.clone();
         glommio::spawn_local(async move {
-            let new = NewMessage {
-                from: (*s.user).into(),
-                to: to.into(),
-                kind,
-                body: raw,
-                cid: Some(cid.clone().into()),
-            };
+            let new =
+                NewMessage { from: (*s.user).into(), to: to.into(), kind, body: raw, cid: Some(cid.clone().into()) };
             let frame = match shard.send_single(new).await {
-                Ok((msg, seq)) => ServerFrame::Sent {
-                    cid,
-                    id: msg.id.to_string(),
-                    seq,
-                    ts: msg.ts,
-                },
+                Ok((msg, seq)) => ServerFrame::Sent { cid, id: msg.id.to_string(), seq, ts: msg.ts },
                 Err(e) => {
                     let e = e.to_api();
-                    ServerFrame::Error {
-                        code: e.code,
-                        message: e.message,
-                        reference: Some(cid),
-                    }
+                    ServerFrame::Error { code: e.code, message: e.message, reference: Some(cid) }
                 }
             };
             shard.push(&s, encode_text_frame(&frame, 96));
@@ -804,33 +656,16 @@ impl Shard {
 
     fn connections_local(&self, user: Option<&str>) -> Vec<ConnSnapshot> {
         match user {
-            Some(u) => self
-                .sessions_of(u)
-                .iter()
-                .map(|s| self.snapshot(s))
-                .collect(),
-            None => self
-                .sessions
-                .borrow()
-                .iter()
-                .map(|(_, s)| self.snapshot(s))
-                .collect(),
+            Some(u) => self.sessions_of(u).iter().map(|s| self.snapshot(s)).collect(),
+            None => self.sessions.borrow().iter().map(|(_, s)| self.snapshot(s)).collect(),
         }
     }
 
     /// Every terminal of the node (`user: None`) or one user's, from every shard.
-    pub async fn connections(
-        self: &Rc<Self>,
-        user: Option<&str>,
-    ) -> Result<Vec<ConnSnapshot>, EngineError> {
+    pub async fn connections(self: &Rc<Self>, user: Option<&str>) -> Result<Vec<ConnSnapshot>, EngineError> {
         if let Some(u) = user {
             let user: Option<Arc<str>> = Some(Arc::from(u));
-            return self
-                .ask(home_shard(u, self.shards), |reply| ShardMsg::Connections {
-                    user,
-                    reply,
-                })
-                .await;
+            return self.ask(home_shard(u, self.shards), |reply| ShardMsg::Connections { user, reply }).await;
         }
         let mut waits = Vec::new();
         for to in 0..self.shards {
@@ -847,12 +682,7 @@ impl Shard {
     /// delay within the drain window, then terminals are closed (1012) a slice per tick so the
     /// whole shard is empty by the end of the window.
     fn drain_step(&self) {
-        let sessions: Vec<Rc<Session>> = self
-            .sessions
-            .borrow()
-            .iter()
-            .map(|(_, s)| s.clone())
-            .collect();
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
         if !self.drain_started.replace(true) {
             let window_ms = (self.config.limits.drain_window.as_millis() as u64).max(1);
             for s in &sessions {
@@ -862,16 +692,29 @@ impl Shard {
             info!(shard = self.id, terminals = sessions.len(), "draining");
             return;
         }
-        let ticks =
-            (self.config.limits.drain_window.as_millis() / TICK.as_millis()).max(1) as usize;
+        let ticks = (self.config.limits.drain_window.as_millis() / TICK.as_millis()).max(1) as usize;
         let per_tick = sessions.len().div_ceil(ticks).max(1);
-        for s in sessions
-            .iter()
-            .filter(|s| s.close_reason().is_none())
-            .take(per_tick)
-        {
+        for s in sessions.iter().filter(|s| s.close_reason().is_none()).take(per_tick) {
             s.request_close(CloseReason::Drain);
         }
+    }
+
+    /// Counts an API answer.
+    pub fn count_api(&self, route: &'static str, status: u16) {
+        *self.api_counts.borrow_mut().entry((route, status)).or_insert(0) += 1;
+    }
+
+    /// Publishes histograms and API counts for readers on other threads.
+    fn publish(&self) {
+        let api = self.api_counts.borrow().iter().map(|((r, s), n)| (*r, *s, *n)).collect();
+        self.node.publish(
+            self.id,
+            ShardPublished {
+                ack_latency: self.ack_latency.borrow().snapshot(),
+                push_latency: self.push_latency.borrow().snapshot(),
+                api,
+            },
+        );
     }
 
     // ---- time --------------------------------------------------------------------------
@@ -903,23 +746,12 @@ impl Shard {
             if self.node.draining() {
                 self.drain_step();
             }
-            let queued: usize = self
-                .sessions
-                .borrow()
-                .iter()
-                .map(|(_, s)| s.queued_bytes())
-                .sum();
-            self.counters()
-                .queued_bytes
-                .store(queued as u64, Ordering::Relaxed);
+            self.publish();
+            let queued: usize = self.sessions.borrow().iter().map(|(_, s)| s.queued_bytes()).sum();
+            self.counters().queued_bytes.store(queued as u64, Ordering::Relaxed);
         }
         // Stopping: close every terminal.
-        let sessions: Vec<Rc<Session>> = self
-            .sessions
-            .borrow()
-            .iter()
-            .map(|(_, s)| s.clone())
-            .collect();
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
         for s in sessions {
             s.request_close(CloseReason::Shutdown);
         }

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use ether_admin::HistogramSnapshot;
+
 use crate::session::CloseReason;
 
 /// Recently closed connections kept per shard for operators.
@@ -39,6 +41,16 @@ impl ShardCounters {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+}
+
+/// What a shard publishes every tick for readers on other threads: its latency histograms
+/// and its API request counts.
+#[derive(Debug, Clone, Default)]
+pub struct ShardPublished {
+    pub ack_latency: HistogramSnapshot,
+    pub push_latency: HistogramSnapshot,
+    /// `(route, status, count)`
+    pub api: Vec<(&'static str, u16, u64)>,
 }
 
 /// A live terminal as operators see it.
@@ -75,7 +87,10 @@ pub struct NodeShared {
     pub stop: AtomicBool,
     pub draining: AtomicBool,
     pub shards: Vec<ShardCounters>,
+    /// Gauge per shard: mesh messages sent to it and not yet handled.
+    pub mesh_depth: Vec<AtomicU64>,
     recent_closes: Vec<Mutex<VecDeque<ClosedConn>>>,
+    published: Vec<Mutex<ShardPublished>>,
 }
 
 impl NodeShared {
@@ -86,7 +101,9 @@ impl NodeShared {
             stop: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             shards: (0..shards).map(|_| ShardCounters::default()).collect(),
+            mesh_depth: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             recent_closes: (0..shards).map(|_| Mutex::new(VecDeque::new())).collect(),
+            published: (0..shards).map(|_| Mutex::new(ShardPublished::default())).collect(),
         }
     }
 
@@ -105,10 +122,19 @@ impl NodeShared {
 
     /// Live terminals on the whole node.
     pub fn connections(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|c| ShardCounters::get(&c.connections))
-            .sum()
+        self.shards.iter().map(|c| ShardCounters::get(&c.connections)).sum()
+    }
+
+    /// Replaces what shard `shard` last published.
+    pub fn publish(&self, shard: usize, p: ShardPublished) {
+        if let Ok(mut slot) = self.published[shard].lock() {
+            *slot = p;
+        }
+    }
+
+    /// What shard `shard` last published.
+    pub fn published(&self, shard: usize) -> ShardPublished {
+        self.published[shard].lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// Remembers a close (the oldest is forgotten past `RECENT_CLOSES_MAX` per shard).
@@ -166,10 +192,7 @@ mod tests {
             n.record_close((i % 2) as usize, closed(i));
         }
         let r = n.recent_closes(5);
-        assert_eq!(
-            r.iter().map(|c| c.closed_ms).collect::<Vec<_>>(),
-            vec![265, 264, 263, 262, 261]
-        );
+        assert_eq!(r.iter().map(|c| c.closed_ms).collect::<Vec<_>>(), vec![265, 264, 263, 262, 261]);
         assert_eq!(n.recent_closes(10_000).len(), RECENT_CLOSES_MAX + 10);
     }
 }

@@ -18,11 +18,7 @@ impl<K: Copy> TimerWheel<K> {
     /// the far end and come due early, to be scheduled again).
     pub fn new(slots: usize, now_tick: u64) -> Self {
         assert!(slots >= 2, "a wheel needs at least two slots");
-        TimerWheel {
-            slots: (0..slots).map(|_| Vec::new()).collect(),
-            tick: now_tick,
-            len: 0,
-        }
+        TimerWheel { slots: (0..slots).map(|_| Vec::new()).collect(), tick: now_tick, len: 0 }
     }
 
     /// Keys waiting in the wheel.

@@ -138,8 +138,7 @@ impl FrameReader {
                         Control::Ping => on_event(WsEvent::Ping(payload)),
                         Control::Pong => on_event(WsEvent::Pong),
                         Control::Close => {
-                            let code =
-                                (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                            let code = (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
                             on_event(WsEvent::Close(code))
                         }
                         Control::Reserved(_) => return Err(WsError::Protocol("reserved opcode")),
@@ -151,11 +150,7 @@ impl FrameReader {
                 OpCode::Data(d @ (Data::Text | Data::Binary)) => {
                     let text = d == Data::Text;
                     if header.is_final {
-                        on_event(if text {
-                            WsEvent::Text(payload)
-                        } else {
-                            WsEvent::Binary(payload)
-                        })
+                        on_event(if text { WsEvent::Text(payload) } else { WsEvent::Binary(payload) })
                     } else {
                         self.fragments = Some((text, payload.to_vec()));
                         true
@@ -166,26 +161,17 @@ impl FrameReader {
                         return Err(WsError::Protocol("continuation without a message"));
                     };
                     if acc.len() + payload.len() > max {
-                        return Err(WsError::TooBig {
-                            len: (acc.len() + payload.len()) as u64,
-                            max,
-                        });
+                        return Err(WsError::TooBig { len: (acc.len() + payload.len()) as u64, max });
                     }
                     acc.extend_from_slice(payload);
                     if header.is_final {
                         let (text, whole) = self.fragments.take().unwrap_or_default();
-                        on_event(if text {
-                            WsEvent::Text(&whole)
-                        } else {
-                            WsEvent::Binary(&whole)
-                        })
+                        on_event(if text { WsEvent::Text(&whole) } else { WsEvent::Binary(&whole) })
                     } else {
                         true
                     }
                 }
-                OpCode::Data(Data::Reserved(_)) => {
-                    return Err(WsError::Protocol("reserved opcode"))
-                }
+                OpCode::Data(Data::Reserved(_)) => return Err(WsError::Protocol("reserved opcode")),
             };
             if !keep_going {
                 return Ok(buf.len());
@@ -202,10 +188,7 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 }
 
 fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
-    let header = FrameHeader {
-        opcode,
-        ..FrameHeader::default()
-    };
+    let header = FrameHeader { opcode, ..FrameHeader::default() };
     let mut out = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
     // Writing into a Vec cannot fail.
     let _ = header.format(payload.len() as u64, &mut out);
@@ -256,12 +239,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn client_frame(opcode: OpCode, fin: bool, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let header = FrameHeader {
-            opcode,
-            is_final: fin,
-            mask: Some(mask),
-            ..FrameHeader::default()
-        };
+        let header = FrameHeader { opcode, is_final: fin, mask: Some(mask), ..FrameHeader::default() };
         let mut out = Vec::new();
         header.format(payload.len() as u64, &mut out).unwrap();
         let mut p = payload.to_vec();
@@ -279,11 +257,7 @@ mod tests {
         Close(Option<u16>),
     }
 
-    fn collect(
-        reader: &mut FrameReader,
-        chunks: &[&[u8]],
-        max: usize,
-    ) -> Result<Vec<Owned>, WsError> {
+    fn collect(reader: &mut FrameReader, chunks: &[&[u8]], max: usize) -> Result<Vec<Owned>, WsError> {
         let mut out = Vec::new();
         for c in chunks {
             let mut c = c.to_vec();
@@ -307,12 +281,7 @@ mod tests {
     fn reads_frames_split_anywhere() {
         let mut bytes = client_frame(OpCode::Data(Data::Text), true, b"{\"type\":\"ping\"}", M);
         bytes.extend(client_frame(OpCode::Control(Control::Ping), true, b"hb", M));
-        bytes.extend(client_frame(
-            OpCode::Data(Data::Binary),
-            true,
-            &[0u8; 300],
-            M,
-        ));
+        bytes.extend(client_frame(OpCode::Data(Data::Binary), true, &[0u8; 300], M));
         for split in 0..bytes.len() {
             let mut r = FrameReader::default();
             let got = collect(&mut r, &[&bytes[..split], &bytes[split..]], 1024).unwrap();
@@ -324,11 +293,7 @@ mod tests {
                     Owned::Binary(vec![0u8; 300])
                 ]
             );
-            assert_eq!(
-                r.buffered_bytes(),
-                0,
-                "nothing held once every frame is complete"
-            );
+            assert_eq!(r.buffered_bytes(), 0, "nothing held once every frame is complete");
         }
     }
 
@@ -338,10 +303,7 @@ mod tests {
         bytes.extend(client_frame(OpCode::Control(Control::Ping), true, b"", M));
         bytes.extend(client_frame(OpCode::Data(Data::Continue), true, b"lo", M));
         let got = collect(&mut FrameReader::default(), &[&bytes], 1024).unwrap();
-        assert_eq!(
-            got,
-            vec![Owned::Ping(vec![]), Owned::Text(b"hello".to_vec())]
-        );
+        assert_eq!(got, vec![Owned::Ping(vec![]), Owned::Text(b"hello".to_vec())]);
     }
 
     #[test]
@@ -352,54 +314,28 @@ mod tests {
         assert_eq!(err.close_code(), close_code::TOO_BIG);
 
         let mut unmasked = Vec::new();
-        FrameHeader {
-            opcode: OpCode::Data(Data::Text),
-            ..FrameHeader::default()
-        }
-        .format(2, &mut unmasked)
-        .unwrap();
+        FrameHeader { opcode: OpCode::Data(Data::Text), ..FrameHeader::default() }.format(2, &mut unmasked).unwrap();
         unmasked.extend_from_slice(b"hi");
-        assert!(matches!(
-            collect(&mut FrameReader::default(), &[&unmasked], 1024),
-            Err(WsError::Protocol(_))
-        ));
+        assert!(matches!(collect(&mut FrameReader::default(), &[&unmasked], 1024), Err(WsError::Protocol(_))));
 
         let cont = client_frame(OpCode::Data(Data::Continue), true, b"x", M);
         assert!(collect(&mut FrameReader::default(), &[&cont], 1024).is_err());
 
         let mut frag = client_frame(OpCode::Data(Data::Text), false, &[b'a'; 600], M);
-        frag.extend(client_frame(
-            OpCode::Data(Data::Continue),
-            true,
-            &[b'a'; 600],
-            M,
-        ));
-        assert!(matches!(
-            collect(&mut FrameReader::default(), &[&frag], 1024),
-            Err(WsError::TooBig { .. })
-        ));
+        frag.extend(client_frame(OpCode::Data(Data::Continue), true, &[b'a'; 600], M));
+        assert!(matches!(collect(&mut FrameReader::default(), &[&frag], 1024), Err(WsError::TooBig { .. })));
     }
 
     #[test]
     fn close_with_code() {
-        let bytes = client_frame(
-            OpCode::Control(Control::Close),
-            true,
-            &1000u16.to_be_bytes(),
-            M,
-        );
-        assert_eq!(
-            collect(&mut FrameReader::default(), &[&bytes], 64).unwrap(),
-            vec![Owned::Close(Some(1000))]
-        );
+        let bytes = client_frame(OpCode::Control(Control::Close), true, &1000u16.to_be_bytes(), M);
+        assert_eq!(collect(&mut FrameReader::default(), &[&bytes], 64).unwrap(), vec![Owned::Close(Some(1000))]);
     }
 
     #[test]
     fn server_frames_parse_back() {
         let f = text_frame(b"hello");
-        let (h, len) = FrameHeader::parse(&mut Cursor::new(&f[..]))
-            .unwrap()
-            .unwrap();
+        let (h, len) = FrameHeader::parse(&mut Cursor::new(&f[..])).unwrap().unwrap();
         assert_eq!((h.opcode, h.mask, len), (OpCode::Data(Data::Text), None, 5));
         let c = close_frame(4001, &"é".repeat(100));
         assert!(c.len() <= 2 + 125);

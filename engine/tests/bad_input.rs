@@ -24,11 +24,7 @@ fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 }
 
 fn status_of(response: &str) -> u16 {
-    response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {response:?}"))
+    response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {response:?}"))
 }
 
 #[test]
@@ -37,10 +33,7 @@ fn api_port_rejects_malformed_http_and_oversize() {
     let api = node.ports.api;
     let r = raw_exchange(api, b"GET / HTTP/1.1\r\nno colon in this header\r\n\r\n");
     assert_eq!(status_of(&r), 400, "{r}");
-    let big_header = format!(
-        "GET /v1/users/a/presence HTTP/1.1\r\nX-Big: {}\r\n\r\n",
-        "x".repeat(4096)
-    );
+    let big_header = format!("GET /v1/users/a/presence HTTP/1.1\r\nX-Big: {}\r\n\r\n", "x".repeat(4096));
     assert_eq!(status_of(&raw_exchange(api, big_header.as_bytes())), 431);
     let big_body = format!(
         "POST /v1/messages HTTP/1.1\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
@@ -54,39 +47,24 @@ fn api_port_rejects_malformed_http_and_oversize() {
 fn api_errors_have_the_contract_shape() {
     let node = TestNode::start();
     let gw = node.gateway();
-    let r = gw
-        .request("POST", "/v1/messages", Some(b"{not json"))
-        .unwrap();
+    let r = gw.request("POST", "/v1/messages", Some(b"{not json")).unwrap();
     assert_eq!(r.status, 400);
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["error"]["code"], "invalid_json");
     let r = gw
-        .request(
-            "POST",
-            "/v1/messages",
-            Some(br#"{"from":"a","to":"b","kind":"voice","body":{"url":"u"}}"#),
-        )
+        .request("POST", "/v1/messages", Some(br#"{"from":"a","to":"b","kind":"voice","body":{"url":"u"}}"#))
         .unwrap();
     assert_eq!(r.status, 400);
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["error"]["code"], "invalid_body");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("duration_ms"),
-        "{v}"
-    );
+    assert!(v["error"]["message"].as_str().unwrap().contains("duration_ms"), "{v}");
     let r = gw.request("GET", "/v1/nope", None).unwrap();
     assert_eq!(r.status, 404);
     let r = gw.request("GET", "/v1/messages", None).unwrap();
     assert_eq!(r.status, 405);
     let unauth = ether_sdk::GatewayClient::new(format!("http://{}", node.ports.api), "wrong-key");
     let err = unauth.send_message(&text("a", "b", "x")).unwrap_err();
-    assert_eq!(
-        (err.status(), err.code()),
-        (Some(401), Some(ErrorCode::Unauthorized))
-    );
+    assert_eq!((err.status(), err.code()), (Some(401), Some(ErrorCode::Unauthorized)));
     // Every kind is validated with its path.
     for (kind, body, path) in [
         ("image", r#"{"url":""}"#, "body.url"),
@@ -95,15 +73,10 @@ fn api_errors_have_the_contract_shape() {
         ("text", r#"{"text":""}"#, "body.text"),
     ] {
         let req = format!(r#"{{"from":"a","to":"b","kind":"{kind}","body":{body}}}"#);
-        let r = gw
-            .request("POST", "/v1/messages", Some(req.as_bytes()))
-            .unwrap();
+        let r = gw.request("POST", "/v1/messages", Some(req.as_bytes())).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(r.status, 400, "{kind}");
-        assert!(
-            v["error"]["message"].as_str().unwrap().starts_with(path),
-            "{kind}: {v}"
-        );
+        assert!(v["error"]["message"].as_str().unwrap().starts_with(path), "{kind}: {v}");
     }
 }
 
@@ -113,15 +86,9 @@ fn plain_http_on_the_websocket_path_gets_426() {
     let r = raw_exchange(node.ports.client, b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status_of(&r), 426, "{r}");
     assert!(r.to_ascii_lowercase().contains("upgrade: websocket"));
-    let r = raw_exchange(
-        node.ports.client,
-        b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n",
-    );
+    let r = raw_exchange(node.ports.client, b"GET /elsewhere HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status_of(&r), 404);
-    let r = raw_exchange(
-        node.ports.client,
-        b"\x16\x03\x01 definitely not http\r\n\r\n",
-    );
+    let r = raw_exchange(node.ports.client, b"\x16\x03\x01 definitely not http\r\n\r\n");
     assert_eq!(status_of(&r), 400);
 }
 
@@ -175,11 +142,7 @@ fn invalid_frames_get_errors_then_abuse_closes_with_1008() {
 fn oversize_frames_close_with_1009() {
     let node = TestNode::start(); // test_min: 4 KiB frames
     let mut t = node.terminal("pia", "phone");
-    t.raw_send(Message::text(format!(
-        r#"{{"type":"ping","pad":"{}"}}"#,
-        "x".repeat(8192)
-    )))
-    .unwrap();
+    t.raw_send(Message::text(format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(8192)))).unwrap();
     match t.recv(WAIT) {
         Err(SdkError::Closed { code, .. }) => assert_eq!(code, Some(1009)),
         other => panic!("expected close 1009, got {other:?}"),
@@ -194,16 +157,9 @@ fn oversize_frames_close_with_1009() {
 fn bad_send_frames_name_the_problem() {
     let node = TestNode::start();
     let mut t = node.terminal("quin", "phone");
-    t.raw_send(Message::text(
-        r#"{"type":"send","cid":"c9","to":"rob","kind":"text","body":{"text":5}}"#,
-    ))
-    .unwrap();
+    t.raw_send(Message::text(r#"{"type":"send","cid":"c9","to":"rob","kind":"text","body":{"text":5}}"#)).unwrap();
     match t.recv(WAIT).unwrap() {
-        Some(ServerFrame::Error {
-            code,
-            message,
-            reference,
-        }) => {
+        Some(ServerFrame::Error { code, message, reference }) => {
             assert_eq!(code, ErrorCode::InvalidBody);
             assert!(message.starts_with("body.text"), "{message}");
             assert_eq!(reference.as_deref(), Some("c9"));

@@ -20,11 +20,7 @@ impl Drop for Node {
 fn wait_for(path: &std::path::Path) {
     let started = Instant::now();
     while !path.exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{} never appeared",
-            path.display()
-        );
+        assert!(started.elapsed() < Duration::from_secs(20), "{} never appeared", path.display());
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -35,15 +31,7 @@ fn the_binary_serves_and_stops_cleanly() {
     let data = dir.path().join("data");
     let bin = env!("CARGO_BIN_EXE_ether");
     let child = Command::new(bin)
-        .args([
-            "serve",
-            "--shards",
-            "2",
-            "--listen-client",
-            "127.0.0.1:0",
-            "--listen-api",
-            "127.0.0.1:0",
-        ])
+        .args(["serve", "--shards", "2", "--listen-client", "127.0.0.1:0", "--listen-api", "127.0.0.1:0"])
         .args(["--listen-admin", "127.0.0.1:0", "--data"])
         .arg(&data)
         .env_remove("ETHER_CONFIG")
@@ -56,37 +44,19 @@ fn the_binary_serves_and_stops_cleanly() {
     let ports: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("ports.json")).unwrap()).unwrap();
     let secrets_path = data.join("secrets.toml");
-    let mode = std::fs::metadata(&secrets_path)
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o777;
+    let mode = std::fs::metadata(&secrets_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "secrets are private");
-    let secrets: toml::Table = std::fs::read_to_string(&secrets_path)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let secrets: toml::Table = std::fs::read_to_string(&secrets_path).unwrap().parse().unwrap();
     let api_key = secrets["api_key"].as_str().unwrap();
 
-    let out = Command::new(bin)
-        .args(["token", "--user", "zoe", "--data"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(bin).args(["token", "--user", "zoe", "--data"]).arg(&data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
 
     let ws = format!("ws://{}", ports["client"].as_str().unwrap());
     let (mut zoe, welcome) = TerminalClient::connect(&ws, &token, "phone", "android").unwrap();
     assert_eq!(welcome.user, "zoe");
-    let gw = GatewayClient::new(
-        format!("http://{}", ports["api"].as_str().unwrap()),
-        api_key,
-    );
+    let gw = GatewayClient::new(format!("http://{}", ports["api"].as_str().unwrap()), api_key);
     let msg = ether_proto::api::SendMessage {
         from: "amy".into(),
         to: "zoe".into(),
@@ -96,10 +66,7 @@ fn the_binary_serves_and_stops_cleanly() {
     };
     let sent = gw.send_message(&msg).unwrap();
     match zoe.recv(Duration::from_secs(5)).unwrap() {
-        Some(ServerFrame::Msg(m)) => assert_eq!(
-            (m.id, m.body["text"].as_str()),
-            (sent.id, Some("from the binary"))
-        ),
+        Some(ServerFrame::Msg(m)) => assert_eq!((m.id, m.body["text"].as_str()), (sent.id, Some("from the binary"))),
         other => panic!("{other:?}"),
     }
     let health = GatewayClient::new(format!("http://{}", ports["admin"].as_str().unwrap()), "");
@@ -113,10 +80,7 @@ fn the_binary_serves_and_stops_cleanly() {
         if let Some(s) = node.0.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "did not exit after SIGTERM"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "did not exit after SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
@@ -133,13 +97,7 @@ fn the_binary_serves_and_stops_cleanly() {
 #[test]
 fn the_binary_names_configuration_errors() {
     let out = Command::new(env!("CARGO_BIN_EXE_ether"))
-        .args([
-            "serve",
-            "--shards",
-            "0",
-            "--data",
-            "/nonexistent-ether-test",
-        ])
+        .args(["serve", "--shards", "0", "--data", "/nonexistent-ether-test"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

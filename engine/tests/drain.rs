@@ -11,9 +11,7 @@ use support::*;
 #[test]
 fn drain_tells_every_terminal_to_reconnect_and_closes_them() {
     let node = TestNode::start();
-    let mut terminals: Vec<_> = (0..8)
-        .map(|i| node.terminal(&format!("d{i}"), "phone"))
-        .collect();
+    let mut terminals: Vec<_> = (0..8).map(|i| node.terminal(&format!("d{i}"), "phone")).collect();
     let admin = node.admin();
     assert_eq!(admin.request("GET", "/readyz", None).unwrap().status, 200);
     node.shared().start_drain();
@@ -26,8 +24,7 @@ fn drain_tells_every_terminal_to_reconnect_and_closes_them() {
     }
     assert!(delays.iter().all(|d| *d < 5000));
     assert_eq!(admin.request("GET", "/readyz", None).unwrap().status, 503);
-    let refused =
-        TerminalClient::connect(&node.ws_url(), &node.token("late"), "phone", "web").unwrap_err();
+    let refused = TerminalClient::connect(&node.ws_url(), &node.token("late"), "phone", "web").unwrap_err();
     assert_eq!(refused.status(), Some(503));
     let started = Instant::now();
     for t in &mut terminals {

@@ -22,34 +22,18 @@ fn bad_tokens_get_401_before_the_upgrade() {
     }
     let mut opts = ConnectOptions::new("x", "d", "web");
     opts.token = None;
-    assert_eq!(
-        TerminalClient::connect_with(&url, &opts)
-            .unwrap_err()
-            .status(),
-        Some(401)
-    );
+    assert_eq!(TerminalClient::connect_with(&url, &opts).unwrap_err().status(), Some(401));
     // A well-signed token that has expired.
-    let claims = ether_engine::auth::Claims {
-        sub: "alice".into(),
-        exp: 1,
-        iat: 0,
-        device: None,
-    };
+    let claims = ether_engine::auth::Claims { sub: "alice".into(), exp: 1, iat: 0, device: None };
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
         &jsonwebtoken::EncodingKey::from_secret(node.jwt_secret.as_bytes()),
     )
     .unwrap();
-    assert_eq!(
-        TerminalClient::connect(&url, &expired, "d", "web")
-            .unwrap_err()
-            .status(),
-        Some(401)
-    );
+    assert_eq!(TerminalClient::connect(&url, &expired, "d", "web").unwrap_err().status(), Some(401));
     // The token in the Authorization header works like the query.
-    let (_, w) =
-        TerminalClient::connect_with_header_token(&url, &node.token("alice"), "d", "web").unwrap();
+    let (_, w) = TerminalClient::connect_with_header_token(&url, &node.token("alice"), "d", "web").unwrap();
     assert_eq!(w.user, "alice");
 }
 
@@ -59,25 +43,16 @@ fn single_chat_reaches_every_terminal_of_both_users() {
     let mut bob_phone = node.terminal("bob", "phone");
     let mut bob_web = node.terminal("bob", "web");
     let mut alice_desk = node.terminal("alice", "desktop");
-    let sent = node
-        .gateway()
-        .send_message(&text("alice", "bob", "hi bob"))
-        .unwrap();
+    let sent = node.gateway().send_message(&text("alice", "bob", "hi bob")).unwrap();
     for t in [&mut bob_phone, &mut bob_web] {
         let m = next_msg(t);
-        assert_eq!(
-            (m.chat.as_str(), m.from.as_str(), m.seq),
-            ("u:alice", "alice", 1)
-        );
+        assert_eq!((m.chat.as_str(), m.from.as_str(), m.seq), ("u:alice", "alice", 1));
         assert_eq!(m.id, sent.id);
         assert_eq!(m.body["text"], "hi bob");
         assert_eq!(m.ts, sent.ts);
     }
     let m = next_msg(&mut alice_desk);
-    assert_eq!(
-        (m.chat.as_str(), m.from.as_str(), m.seq),
-        ("u:bob", "alice", 1)
-    );
+    assert_eq!((m.chat.as_str(), m.from.as_str(), m.seq), ("u:bob", "alice", 1));
     assert_eq!(m.id, sent.id);
 }
 
@@ -87,12 +62,7 @@ fn three_hundred_messages_arrive_in_order_without_gaps() {
     let mut carol = node.terminal("carol", "phone");
     let gw = node.gateway();
     for i in 0..300 {
-        gw.send_message(&text(
-            &format!("sender{}", i % 7),
-            "carol",
-            &format!("m{i}"),
-        ))
-        .unwrap();
+        gw.send_message(&text(&format!("sender{}", i % 7), "carol", &format!("m{i}"))).unwrap();
     }
     for i in 0..300u64 {
         let m = next_msg(&mut carol);
@@ -109,20 +79,14 @@ fn three_hundred_messages_arrive_in_order_without_gaps() {
 fn batch_keeps_order_and_reports_bad_items() {
     let node = TestNode::start();
     let mut dan = node.terminal("dan", "phone");
-    let mut msgs: Vec<_> = (0..20)
-        .map(|i| text("eve", "dan", &format!("b{i}")))
-        .collect();
+    let mut msgs: Vec<_> = (0..20).map(|i| text("eve", "dan", &format!("b{i}"))).collect();
     msgs[5].body = serde_json::json!({"txt": "typo"});
     let results = node.gateway().send_batch(&msgs).unwrap().results;
     assert_eq!(results.len(), 20);
     match &results[5] {
         ether_proto::api::BatchResult::Failed { error } => {
             assert_eq!(error.code, ether_proto::ErrorCode::InvalidBody);
-            assert!(
-                error.message.starts_with("messages[5].body"),
-                "{}",
-                error.message
-            );
+            assert!(error.message.starts_with("messages[5].body"), "{}", error.message);
         }
         other => panic!("item 5 should fail, got {other:?}"),
     }
@@ -147,9 +111,7 @@ fn same_device_replaces_the_old_connection() {
         Err(SdkError::Closed { code, .. }) => assert_eq!(code, Some(4001)),
         other => panic!("expected close 4001, got {other:?}"),
     }
-    node.gateway()
-        .send_message(&text("gus", "fay", "to the new one"))
-        .unwrap();
+    node.gateway().send_message(&text("gus", "fay", "to the new one")).unwrap();
     assert_eq!(next_msg(&mut new).body["text"], "to the new one");
     let p = node.gateway().presence("fay").unwrap();
     assert_eq!(p.terminals.len(), 1);
@@ -180,34 +142,17 @@ fn presence_and_kick() {
     devices.sort();
     assert_eq!(devices, ["phone", "web"]);
     assert_eq!(p.terminals[0].platform, "web");
-    let k = gw
-        .kick(
-            "ivy",
-            Kick {
-                device: Some("phone".into()),
-                reason: Some("security".into()),
-            },
-        )
-        .unwrap();
+    let k = gw.kick("ivy", Kick { device: Some("phone".into()), reason: Some("security".into()) }).unwrap();
     assert_eq!(k.kicked, 1);
     match phone.recv(WAIT).unwrap() {
         Some(ServerFrame::Kicked { reason }) => assert_eq!(reason, "security"),
         other => panic!("expected kicked, got {other:?}"),
     }
-    assert!(matches!(
-        phone.recv(WAIT),
-        Err(SdkError::Closed {
-            code: Some(4001),
-            ..
-        })
-    ));
+    assert!(matches!(phone.recv(WAIT), Err(SdkError::Closed { code: Some(4001), .. })));
     assert_silent(&mut web, Duration::from_millis(100));
     let k = gw.kick("ivy", Kick::default()).unwrap();
     assert_eq!(k.kicked, 1);
-    assert!(matches!(
-        web.recv(WAIT).unwrap(),
-        Some(ServerFrame::Kicked { .. })
-    ));
+    assert!(matches!(web.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
     std::thread::sleep(Duration::from_millis(100));
     assert!(!gw.presence("ivy").unwrap().online);
 }
@@ -215,15 +160,10 @@ fn presence_and_kick() {
 #[test]
 fn broadcast_reaches_every_online_terminal() {
     let node = TestNode::start();
-    let mut terminals: Vec<_> = (0..6)
-        .map(|i| node.terminal(&format!("user{i}"), "d"))
-        .collect();
+    let mut terminals: Vec<_> = (0..6).map(|i| node.terminal(&format!("user{i}"), "d")).collect();
     let r = node
         .gateway()
-        .broadcast(&Broadcast {
-            kind: ether_proto::Kind::Text,
-            body: serde_json::json!({"text": "maintenance at 5"}),
-        })
+        .broadcast(&Broadcast { kind: ether_proto::Kind::Text, body: serde_json::json!({"text": "maintenance at 5"}) })
         .unwrap();
     assert_eq!(r.terminals, 6);
     for t in &mut terminals {
@@ -237,29 +177,12 @@ fn broadcast_reaches_every_online_terminal() {
 fn tokens_from_the_api_open_terminals() {
     let node = TestNode::start();
     let gw = node.gateway();
-    let t = gw
-        .token(TokenRequest {
-            user: "jay".into(),
-            ttl_s: Some(60),
-            device: Some("tab".into()),
-        })
-        .unwrap();
+    let t = gw.token(TokenRequest { user: "jay".into(), ttl_s: Some(60), device: Some("tab".into()) }).unwrap();
     let (_, w) = TerminalClient::connect(&node.ws_url(), &t.token, "tab", "ios").unwrap();
     assert_eq!((w.user.as_str(), w.device.as_str()), ("jay", "tab"));
     // A device-bound token does not open another device.
-    assert_eq!(
-        TerminalClient::connect(&node.ws_url(), &t.token, "other", "ios")
-            .unwrap_err()
-            .status(),
-        Some(401)
-    );
-    let err = gw
-        .token(TokenRequest {
-            user: "bad user".into(),
-            ttl_s: None,
-            device: None,
-        })
-        .unwrap_err();
+    assert_eq!(TerminalClient::connect(&node.ws_url(), &t.token, "other", "ios").unwrap_err().status(), Some(401));
+    let err = gw.token(TokenRequest { user: "bad user".into(), ttl_s: None, device: None }).unwrap_err();
     assert_eq!(err.status(), Some(400));
 }
 
@@ -279,10 +202,7 @@ fn terminals_ping_and_send() {
     })
     .unwrap();
     let m = next_msg(&mut lee);
-    assert_eq!(
-        (m.from.as_str(), m.chat.as_str(), m.cid.as_deref()),
-        ("kim", "u:kim", Some("c-1"))
-    );
+    assert_eq!((m.from.as_str(), m.chat.as_str(), m.cid.as_deref()), ("kim", "u:kim", Some("c-1")));
     // Kim gets her own copy (multi-device sync) and the `sent` answer, in either order.
     let mut got_sent = false;
     let mut got_copy = false;
@@ -293,10 +213,7 @@ fn terminals_ping_and_send() {
                 got_sent = true;
             }
             Some(ServerFrame::Msg(copy)) => {
-                assert_eq!(
-                    (copy.chat.as_str(), copy.id.as_str()),
-                    ("u:lee", m.id.as_str())
-                );
+                assert_eq!((copy.chat.as_str(), copy.id.as_str()), ("u:lee", m.id.as_str()));
                 got_copy = true;
             }
             other => panic!("unexpected {other:?}"),
@@ -325,10 +242,7 @@ fn idle_terminals_are_closed() {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "idle terminal never closed"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "idle terminal never closed");
     }
     // The chatty one is still served.
     chatty.ping().unwrap();
@@ -340,10 +254,7 @@ fn unacked_messages_are_resent_until_acked() {
     let node = TestNode::with(|c| c.limits.resend_timeout = Duration::from_millis(250));
     let mut ann = node.terminal("ann", "phone");
     let mut other = node.terminal("ann", "web");
-    let sent = node
-        .gateway()
-        .send_message(&text("bo", "ann", "are you there"))
-        .unwrap();
+    let sent = node.gateway().send_message(&text("bo", "ann", "are you there")).unwrap();
     // The web terminal acks at once.
     let m = next_msg(&mut other);
     other.ack(m.seq).unwrap();
@@ -351,10 +262,7 @@ fn unacked_messages_are_resent_until_acked() {
     assert_eq!(first.id, sent.id);
     // The phone does not ack: the same message comes again (same id and seq).
     let again = next_msg(&mut ann);
-    assert_eq!(
-        (again.id.as_str(), again.seq),
-        (first.id.as_str(), first.seq)
-    );
+    assert_eq!((again.id.as_str(), again.seq), (first.id.as_str(), first.seq));
     ann.ack(again.seq).unwrap();
     // The web terminal, which acked, is never resent anything.
     assert_silent(&mut other, Duration::from_millis(800));

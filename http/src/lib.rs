@@ -36,6 +36,4 @@ pub mod server;
 
 pub use request::{check, parse, HttpError, Limits, Method, Progress, Request};
 pub use response::{error_response, reason_phrase, Response};
-pub use server::{
-    accept_loop, read_request, serve_connection, CloseReason, ServeError, Stop, Stopped,
-};
+pub use server::{accept_loop, read_request, serve_connection, CloseReason, ServeError, Stop, Stopped};

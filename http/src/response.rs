@@ -26,42 +26,22 @@ pub struct Response {
 impl Response {
     /// A JSON response; `body` must already be serialized JSON.
     pub fn json(status: u16, body: Vec<u8>) -> Response {
-        Response {
-            status,
-            content_type: CONTENT_TYPE_JSON,
-            body,
-            headers: Vec::new(),
-        }
+        Response { status, content_type: CONTENT_TYPE_JSON, body, headers: Vec::new() }
     }
 
     /// A UTF-8 plain-text response.
     pub fn text(status: u16, body: &str) -> Response {
-        Response {
-            status,
-            content_type: CONTENT_TYPE_TEXT,
-            body: body.as_bytes().to_vec(),
-            headers: Vec::new(),
-        }
+        Response { status, content_type: CONTENT_TYPE_TEXT, body: body.as_bytes().to_vec(), headers: Vec::new() }
     }
 
     /// A UTF-8 HTML response.
     pub fn html(status: u16, body: &str) -> Response {
-        Response {
-            status,
-            content_type: CONTENT_TYPE_HTML,
-            body: body.as_bytes().to_vec(),
-            headers: Vec::new(),
-        }
+        Response { status, content_type: CONTENT_TYPE_HTML, body: body.as_bytes().to_vec(), headers: Vec::new() }
     }
 
     /// A response with no body and no `Content-Type`.
     pub fn empty(status: u16) -> Response {
-        Response {
-            status,
-            content_type: "",
-            body: Vec::new(),
-            headers: Vec::new(),
-        }
+        Response { status, content_type: "", body: Vec::new(), headers: Vec::new() }
     }
 
     /// Adds a header, builder style.
@@ -196,11 +176,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
 fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
-    out.extend(
-        value
-            .bytes()
-            .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-    );
+    out.extend(value.bytes().map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }));
     out.extend_from_slice(b"\r\n");
 }
 
@@ -240,9 +216,8 @@ mod tests {
 
     #[test]
     fn close_and_extra_headers() {
-        let resp = Response::text(503, "busy")
-            .with_header("Retry-After", "1")
-            .with_header("X-Evil", "a\r\nSet-Cookie: x");
+        let resp =
+            Response::text(503, "busy").with_header("Retry-After", "1").with_header("X-Evil", "a\r\nSet-Cookie: x");
         assert_eq!(
             encoded(&resp, false),
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 4\r\nConnection: close\r\nRetry-After: 1\r\nX-Evil: a  Set-Cookie: x\r\n\r\nbusy"
@@ -251,40 +226,22 @@ mod tests {
 
     #[test]
     fn empty_and_bodiless_statuses() {
-        assert_eq!(
-            encoded(&Response::empty(200), true),
-            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
-        );
-        assert_eq!(
-            encoded(&Response::empty(204), true),
-            "HTTP/1.1 204 No Content\r\n\r\n"
-        );
+        assert_eq!(encoded(&Response::empty(200), true), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(encoded(&Response::empty(204), true), "HTTP/1.1 204 No Content\r\n\r\n");
         let mut not_modified = Response::text(304, "ignored");
         not_modified.content_type = "";
-        assert_eq!(
-            encoded(&not_modified, true),
-            "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n"
-        );
-        assert_eq!(
-            encoded(&Response::empty(799), true),
-            "HTTP/1.1 799 Unknown\r\nContent-Length: 0\r\n\r\n"
-        );
+        assert_eq!(encoded(&not_modified, true), "HTTP/1.1 304 Not Modified\r\nContent-Length: 7\r\n\r\n");
+        assert_eq!(encoded(&Response::empty(799), true), "HTTP/1.1 799 Unknown\r\nContent-Length: 0\r\n\r\n");
     }
 
     #[test]
     fn head_keeps_length_drops_body() {
         let mut out = Vec::new();
         Response::html(200, "<p>hi</p>").encode_head_into(true, &mut out);
-        assert_eq!(
-            out,
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 9\r\n\r\n"
-        );
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: 9\r\n\r\n");
         let mut out = Vec::new();
         Response::empty(200).encode(Framing::KeepAliveAnnounced, false, &mut out);
-        assert_eq!(
-            out,
-            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
-        );
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n");
     }
 
     #[test]
@@ -292,17 +249,9 @@ mod tests {
         let cases = [
             (HttpError::Malformed("x".into()), 400, "bad_request"),
             (HttpError::HeaderTooLarge, 431, "header_too_large"),
-            (
-                HttpError::BodyTooLarge { limit: 5 },
-                413,
-                "payload_too_large",
-            ),
+            (HttpError::BodyTooLarge { limit: 5 }, 413, "payload_too_large"),
             (HttpError::LengthRequired, 411, "length_required"),
-            (
-                HttpError::VersionNotSupported,
-                505,
-                "http_version_not_supported",
-            ),
+            (HttpError::VersionNotSupported, 505, "http_version_not_supported"),
             (HttpError::RequestTimeout, 408, "request_timeout"),
         ];
         for (err, status, code) in cases {

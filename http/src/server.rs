@@ -111,10 +111,7 @@ impl Stop {
 
     /// Resolves once [`Stop::stop`] has been called.
     pub fn stopped(&self) -> Stopped {
-        Stopped {
-            stop: self.clone(),
-            key: None,
-        }
+        Stopped { stop: self.clone(), key: None }
     }
 }
 
@@ -222,21 +219,14 @@ where
                     let response = handler(request).await;
                     response.encode(framing, head_only, &mut out);
                     if framing == Framing::Close {
-                        close = Some(if stopping {
-                            CloseReason::Stopped
-                        } else {
-                            CloseReason::RequestedClose
-                        });
+                        close = Some(if stopping { CloseReason::Stopped } else { CloseReason::RequestedClose });
                         break;
                     }
                 }
                 Ok(None) => {
                     // Incomplete: note how much is needed before parsing again.
                     match check(rx.data(), &limits) {
-                        Ok(Progress::NeedBody {
-                            total,
-                            expect_continue,
-                        }) => {
+                        Ok(Progress::NeedBody { total, expect_continue }) => {
                             rx.need_total(total);
                             if expect_continue && !continue_sent {
                                 out.extend_from_slice(CONTINUE_100);
@@ -311,9 +301,7 @@ where
                     request_started = Some(Instant::now());
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::TimedOut && rx.is_empty() => {
-                return Ok(CloseReason::IdleTimeout)
-            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && rx.is_empty() => return Ok(CloseReason::IdleTimeout),
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 return refuse(&mut stream, &mut rx, &mut out, HttpError::RequestTimeout).await
             }
@@ -493,10 +481,7 @@ pub async fn read_request(
         }
         stream.set_read_timeout(remaining)?;
         let filled = buf.len();
-        let want = READ_BUFFER_BYTES_MIN
-            .max(filled)
-            .min(bytes_max.saturating_sub(filled))
-            .max(1);
+        let want = READ_BUFFER_BYTES_MIN.max(filled).min(bytes_max.saturating_sub(filled)).max(1);
         buf.resize(filled + want, 0);
         let read = stream.read(&mut buf[filled..]).await;
         buf.truncate(filled + *read.as_ref().unwrap_or(&0));
@@ -509,9 +494,7 @@ pub async fn read_request(
                 )))
             }
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(HttpError::RequestTimeout.into())
-            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(HttpError::RequestTimeout.into()),
             Err(e) => return Err(e.into()),
         }
     }
@@ -575,11 +558,7 @@ pub async fn accept_loop<H, F>(
         };
         if live.get() >= max_connections {
             refused_total += 1;
-            tracing::debug!(
-                max_connections,
-                refused_total,
-                "connection cap reached; closing new connection"
-            );
+            tracing::debug!(max_connections, refused_total, "connection cap reached; closing new connection");
             drop(stream);
             continue;
         }
@@ -612,11 +591,7 @@ struct LiveGuard {
 impl LiveGuard {
     fn new(live: Rc<Cell<usize>>, stop: Stop, drained: Stop) -> LiveGuard {
         live.set(live.get() + 1);
-        LiveGuard {
-            live,
-            stop,
-            drained,
-        }
+        LiveGuard { live, stop, drained }
     }
 }
 
@@ -649,10 +624,7 @@ mod tests {
         let mut a = stop.stopped();
         let mut b = stop.stopped();
         assert!(Pin::new(&mut a).poll(&mut cx).is_pending());
-        assert!(
-            Pin::new(&mut a).poll(&mut cx).is_pending(),
-            "re-poll does not add a waiter"
-        );
+        assert!(Pin::new(&mut a).poll(&mut cx).is_pending(), "re-poll does not add a waiter");
         assert!(Pin::new(&mut b).poll(&mut cx).is_pending());
         assert_eq!(stop.inner.waiters.borrow().len(), 2);
         drop(b);
@@ -668,11 +640,7 @@ mod tests {
 
     #[test]
     fn read_buf_grows_by_doubling_within_limits() {
-        let limits = Limits {
-            header_bytes_max: 1024,
-            headers_max: 8,
-            body_bytes_max: 20_000,
-        };
+        let limits = Limits { header_bytes_max: 1024, headers_max: 8, body_bytes_max: 20_000 };
         let mut rx = ReadBuf::new(limits);
         assert_eq!(rx.spare().len(), READ_BUFFER_BYTES_MIN);
         rx.filled(READ_BUFFER_BYTES_MIN);

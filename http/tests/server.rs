@@ -27,11 +27,8 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let ex = glommio::LocalExecutorBuilder::default()
                 .spawn(move || async move {
-                    let listener =
-                        glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-                    addr_tx
-                        .send(listener.local_addr().expect("local addr"))
-                        .expect("send addr");
+                    let listener = glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+                    addr_tx.send(listener.local_addr().expect("local addr")).expect("send addr");
                     let stop = Stop::new();
                     // The std channel cannot wake a glommio task: poll it on a short timer.
                     let watcher = stop.clone();
@@ -42,25 +39,13 @@ impl TestServer {
                         watcher.stop();
                     })
                     .detach();
-                    accept_loop(
-                        listener,
-                        limits,
-                        idle_timeout,
-                        max_connections,
-                        Rc::new(handle),
-                        stop,
-                    )
-                    .await;
+                    accept_loop(listener, limits, idle_timeout, max_connections, Rc::new(handle), stop).await;
                 })
                 .expect("spawn executor");
             ex.join().expect("executor thread");
         });
         let addr = addr_rx.recv_timeout(IO_TIMEOUT).expect("server address");
-        TestServer {
-            addr,
-            stop_tx: Some(stop_tx),
-            thread: Some(thread),
-        }
+        TestServer { addr, stop_tx: Some(stop_tx), thread: Some(thread) }
     }
 
     fn connect(&self) -> TcpStream {
@@ -89,13 +74,8 @@ async fn handle(req: Request) -> Response {
     if req.path == "/slow" {
         glommio::timer::sleep(Duration::from_millis(50)).await;
     }
-    let line = format!(
-        "{} {} q={} body={}",
-        req.method,
-        req.path,
-        req.query_param("q").unwrap_or_default(),
-        req.body.len()
-    );
+    let line =
+        format!("{} {} q={} body={}", req.method, req.path, req.query_param("q").unwrap_or_default(), req.body.len());
     match req.method {
         Method::Post => Response::json(201, format!("{{\"echo\":{:?}}}", line).into_bytes()),
         _ => Response::text(200, &line),
@@ -112,10 +92,7 @@ struct Got {
 
 impl Got {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -130,12 +107,7 @@ fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> Got {
             let headers: Vec<(String, String)> = resp
                 .headers
                 .iter()
-                .map(|h| {
-                    (
-                        h.name.to_owned(),
-                        String::from_utf8_lossy(h.value).into_owned(),
-                    )
-                })
+                .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
                 .collect();
             let len: usize = headers
                 .iter()
@@ -145,19 +117,12 @@ fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> Got {
             if pending.len() >= head_len + len {
                 let body = String::from_utf8_lossy(&pending[head_len..head_len + len]).into_owned();
                 pending.drain(..head_len + len);
-                return Got {
-                    status,
-                    headers,
-                    body,
-                };
+                return Got { status, headers, body };
             }
         }
         let mut chunk = [0u8; 4096];
         let n = s.read(&mut chunk).expect("read response");
-        assert!(
-            n > 0,
-            "connection closed before a whole response; got {pending:?}"
-        );
+        assert!(n > 0, "connection closed before a whole response; got {pending:?}");
         pending.extend_from_slice(&chunk[..n]);
     }
 }
@@ -195,27 +160,20 @@ fn keep_alive_two_requests_on_one_connection() {
     let mut s = srv.connect();
     let mut pending = Vec::new();
 
-    s.write_all(b"GET /v1/users/u1/presence?q=a%20b HTTP/1.1\r\nHost: t\r\n\r\n")
-        .expect("write");
+    s.write_all(b"GET /v1/users/u1/presence?q=a%20b HTTP/1.1\r\nHost: t\r\n\r\n").expect("write");
     let r = read_response(&mut s, &mut pending);
     assert_eq!(r.status, 200);
     assert_eq!(r.body, "GET /v1/users/u1/presence q=a b body=0");
-    assert_eq!(
-        r.header("connection"),
-        None,
-        "keep-alive is the 1.1 default"
-    );
+    assert_eq!(r.header("connection"), None, "keep-alive is the 1.1 default");
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_silent(&mut s, Duration::from_millis(100));
 
-    s.write_all(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello")
-        .expect("write");
+    s.write_all(b"POST /v1/messages HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello").expect("write");
     let r = read_response(&mut s, &mut pending);
     assert_eq!(r.status, 201);
     assert_eq!(r.body, r#"{"echo":"POST /v1/messages q= body=5"}"#);
 
-    s.write_all(b"GET /bye HTTP/1.1\r\nConnection: close\r\n\r\n")
-        .expect("write");
+    s.write_all(b"GET /bye HTTP/1.1\r\nConnection: close\r\n\r\n").expect("write");
     let r = read_response(&mut s, &mut pending);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("connection"), Some("close"));
@@ -232,17 +190,8 @@ fn pipelined_requests_answered_in_order_in_one_batch() {
     )
     .expect("write");
     let mut pending = Vec::new();
-    let bodies: Vec<String> = (0..3)
-        .map(|_| read_response(&mut s, &mut pending).body)
-        .collect();
-    assert_eq!(
-        bodies,
-        [
-            "GET /slow q= body=0",
-            r#"{"echo":"POST /b q= body=3"}"#,
-            "GET /c q=3 body=0",
-        ]
-    );
+    let bodies: Vec<String> = (0..3).map(|_| read_response(&mut s, &mut pending).body).collect();
+    assert_eq!(bodies, ["GET /slow q= body=0", r#"{"echo":"POST /b q= body=3"}"#, "GET /c q=3 body=0",]);
     assert!(pending.is_empty());
     assert_silent(&mut s, Duration::from_millis(100));
 }
@@ -264,8 +213,7 @@ fn request_split_across_many_writes() {
 fn malformed_request_gets_400_and_close() {
     let srv = server();
     let mut s = srv.connect();
-    s.write_all(b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET / HTTP/1.1\r\n\r\n")
-        .expect("write");
+    s.write_all(b"GET / HTTP/1.1\r\nBad Header\r\n\r\nGET / HTTP/1.1\r\n\r\n").expect("write");
     let mut pending = Vec::new();
     let r = read_response(&mut s, &mut pending);
     assert_eq!(r.status, 400);
@@ -281,10 +229,7 @@ fn malformed_request_gets_400_and_close() {
 fn oversized_header_gets_431() {
     let srv = server();
     let mut s = srv.connect();
-    let big = format!(
-        "GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(Limits::default().header_bytes_max)
-    );
+    let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(Limits::default().header_bytes_max));
     s.write_all(big.as_bytes()).expect("write");
     let mut pending = Vec::new();
     let r = read_response(&mut s, &mut pending);
@@ -311,10 +256,7 @@ fn oversized_body_gets_413_before_the_body_is_sent() {
     let srv = server();
     let mut s = srv.connect();
     let limit = Limits::default().body_bytes_max;
-    let head = format!(
-        "POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-        limit + 1
-    );
+    let head = format!("POST /v1/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n", limit + 1);
     s.write_all(head.as_bytes()).expect("write");
     let mut pending = Vec::new();
     let r = read_response(&mut s, &mut pending);
@@ -328,8 +270,7 @@ fn oversized_body_gets_413_before_the_body_is_sent() {
 fn chunked_body_gets_411() {
     let srv = server();
     let mut s = srv.connect();
-    s.write_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-        .expect("write");
+    s.write_all(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").expect("write");
     let mut pending = Vec::new();
     assert_eq!(read_response(&mut s, &mut pending).status, 411);
     assert_closed(&mut s, &pending);
@@ -339,8 +280,7 @@ fn chunked_body_gets_411() {
 fn expect_100_continue_is_answered_before_the_body() {
     let srv = server();
     let mut s = srv.connect();
-    s.write_all(b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
-        .expect("write");
+    s.write_all(b"POST /up HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n").expect("write");
     let mut pending = Vec::new();
     assert_eq!(read_response(&mut s, &mut pending).status, 100);
     s.write_all(b"data").expect("write");
@@ -353,8 +293,7 @@ fn expect_100_continue_is_answered_before_the_body() {
 fn http_1_0_closes_unless_keep_alive_and_head_has_no_body() {
     let srv = server();
     let mut s = srv.connect();
-    s.write_all(b"HEAD /h HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-        .expect("write");
+    s.write_all(b"HEAD /h HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").expect("write");
     let mut head = Vec::new();
     // HEAD: the same Content-Length as GET, no body bytes after the head
     let expected_len = "HEAD /h q= body=0".len().to_string();
@@ -366,10 +305,7 @@ fn http_1_0_closes_unless_keep_alive_and_head_has_no_body() {
     }
     let head = String::from_utf8(head).expect("utf-8");
     assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-    assert!(
-        head.contains(&format!("Content-Length: {expected_len}\r\n")),
-        "{head}"
-    );
+    assert!(head.contains(&format!("Content-Length: {expected_len}\r\n")), "{head}");
     assert!(head.contains("Connection: keep-alive\r\n"), "{head}");
     assert_silent(&mut s, Duration::from_millis(100));
 
@@ -394,8 +330,7 @@ fn idle_connection_is_closed_silently() {
 fn stalled_request_gets_408() {
     let srv = TestServer::start(Limits::default(), Duration::from_millis(200), 64);
     let mut s = srv.connect();
-    s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
-        .expect("write");
+    s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").expect("write");
     let mut pending = Vec::new();
     assert_eq!(read_response(&mut s, &mut pending).status, 408);
     assert_closed(&mut s, &pending);
@@ -415,8 +350,7 @@ fn connections_beyond_the_cap_are_closed() {
     let _ = c.write_all(b"GET /x HTTP/1.1\r\n\r\n");
     assert_closed(&mut c, &[]);
     // the first two are unaffected; once one leaves, a new connection is served
-    a.write_all(b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n")
-        .expect("write");
+    a.write_all(b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n").expect("write");
     let mut pending = Vec::new();
     assert_eq!(read_response(&mut a, &mut pending).status, 200);
     assert_closed(&mut a, &pending);
@@ -445,9 +379,6 @@ fn stop_closes_idle_connections_and_ends_the_loop() {
     assert_eq!(read_response(&mut s, &mut pending).status, 200);
     let started = Instant::now();
     drop(srv); // stops and joins: returns only once the idle connection is gone
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "stop waited for the idle timeout"
-    );
+    assert!(started.elapsed() < Duration::from_secs(4), "stop waited for the idle timeout");
     assert_closed(&mut s, &pending);
 }

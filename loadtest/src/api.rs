@@ -133,8 +133,7 @@ impl ApiRun {
     pub fn finished(&self) -> bool {
         self.shared.sending_done.load(Ordering::SeqCst)
             && self.shared.sent.load(Ordering::SeqCst)
-                <= self.shared.acked.load(Ordering::SeqCst)
-                    + self.shared.errors.load(Ordering::SeqCst)
+                <= self.shared.acked.load(Ordering::SeqCst) + self.shared.errors.load(Ordering::SeqCst)
     }
 
     pub fn join(self) -> ApiReport {
@@ -186,9 +185,7 @@ async fn drive(spec: ApiSpec, shared: Arc<ApiShared>) -> ApiReport {
         let q: Rc<RefCell<VecDeque<InFlight>>> = Rc::default();
         queues.push(q.clone());
         let (spec, state, shared) = (spec.clone(), state.clone(), shared.clone());
-        writers.push(glommio::spawn_local(async move {
-            connection(c, start, spec, state, shared, q).await
-        }));
+        writers.push(glommio::spawn_local(async move { connection(c, start, spec, state, shared, q).await }));
     }
     for w in writers {
         w.await;
@@ -204,11 +201,7 @@ async fn drive(spec: ApiSpec, shared: Arc<ApiShared>) -> ApiReport {
             st.fail(&shared, "no answer", f.n);
         }
     }
-    let DriverState {
-        mut report,
-        api_hist,
-        lag_hist,
-    } = std::mem::take(&mut *st);
+    let DriverState { mut report, api_hist, lag_hist } = std::mem::take(&mut *st);
     report.api_latency = api_hist.data();
     report.send_lag = lag_hist.data();
     report
@@ -225,9 +218,7 @@ async fn connection(
     queue: Rc<RefCell<VecDeque<InFlight>>>,
 ) {
     let conns = spec.conns.max(1) as u64;
-    let mut mine = (c as u64..spec.requests())
-        .step_by(conns as usize)
-        .peekable();
+    let mut mine = (c as u64..spec.requests()).step_by(conns as usize).peekable();
     let stream = match glommio::net::TcpStream::connect(spec.addr).await {
         Ok(s) => s,
         Err(e) => {
@@ -238,9 +229,7 @@ async fn connection(
             } else {
                 mine.next().map(|r| msgs_in(&spec, r)).unwrap_or(0)
             };
-            state
-                .borrow_mut()
-                .fail(&shared, &format!("api connect: {e}"), n);
+            state.borrow_mut().fail(&shared, &format!("api connect: {e}"), n);
             return;
         }
     };
@@ -308,11 +297,7 @@ async fn connection(
                 st.report.first_send_ns = ns;
             }
             st.report.last_send_ns = ns;
-            queue.borrow_mut().push_back(InFlight {
-                first_k,
-                n,
-                sent_at: now,
-            });
+            queue.borrow_mut().push_back(InFlight { first_k, n, sent_at: now });
             shared.sent.fetch_add(n, Ordering::SeqCst);
         }
         if let Err(e) = wr.write_all(&buf).await {
@@ -322,16 +307,9 @@ async fn connection(
         }
     }
     if broken.get() || shared.stop.load(Ordering::Relaxed) {
-        let n: u64 = mine
-            .take_while(|&r| due(r) <= start + spec.duration)
-            .map(|r| msgs_in(&spec, r))
-            .sum();
+        let n: u64 = mine.take_while(|&r| due(r) <= start + spec.duration).map(|r| msgs_in(&spec, r)).sum();
         if n > 0 {
-            let why = if broken.get() {
-                "not sent: api connection lost"
-            } else {
-                "not sent: stopped"
-            };
+            let why = if broken.get() { "not sent: api connection lost" } else { "not sent: stopped" };
             state.borrow_mut().fail(&shared, why, n);
         }
     }
@@ -364,11 +342,7 @@ fn build_request(spec: &ApiSpec, first_k: u64, n: u64, body: &mut Vec<u8>, out: 
     if batch {
         body.extend_from_slice(b"]}");
     }
-    let path = if batch {
-        "/v1/messages/batch"
-    } else {
-        "/v1/messages"
-    };
+    let path = if batch { "/v1/messages/batch" } else { "/v1/messages" };
     let _ = write!(
         out,
         "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -387,12 +361,7 @@ fn message_json(spec: &ApiSpec, k: u64, out: &mut Vec<u8>) {
         "{{\"from\":\"{}\",\"to\":\"{}{}\",\"kind\":\"text\",\"body\":{{\"text\":\"",
         spec.from, spec.user_prefix, to
     );
-    Stamp {
-        t_ns: crate::unix_nanos(),
-        k,
-        run: &spec.run_id,
-    }
-    .write(out);
+    Stamp { t_ns: crate::unix_nanos(), k, run: &spec.run_id }.write(out);
     out.extend_from_slice(b"\"}}");
 }
 
@@ -436,14 +405,11 @@ async fn reader<R: futures_lite::AsyncRead + Unpin>(
                     let body = &rx[off + body_range.start..off + body_range.end];
                     off += len;
                     let Some(f) = queue.borrow_mut().pop_front() else {
-                        state
-                            .borrow_mut()
-                            .fail(&shared, "answer without request", 0);
+                        state.borrow_mut().fail(&shared, "answer without request", 0);
                         continue;
                     };
                     let mut st = state.borrow_mut();
-                    st.api_hist
-                        .record_us(f.sent_at.elapsed().as_micros() as u64);
+                    st.api_hist.record_us(f.sent_at.elapsed().as_micros() as u64);
                     st.report.last_answer_ns = crate::unix_nanos();
                     account(&mut st, &spec, &shared, &f, status, body);
                     window.signal(1);
@@ -468,30 +434,16 @@ async fn reader<R: futures_lite::AsyncRead + Unpin>(
     }
 }
 
-fn fail_all(
-    state: &Rc<RefCell<DriverState>>,
-    shared: &ApiShared,
-    queue: &Rc<RefCell<VecDeque<InFlight>>>,
-    why: &str,
-) {
+fn fail_all(state: &Rc<RefCell<DriverState>>, shared: &ApiShared, queue: &Rc<RefCell<VecDeque<InFlight>>>, why: &str) {
     let mut st = state.borrow_mut();
     for f in queue.borrow_mut().drain(..) {
         st.fail(shared, why, f.n);
     }
 }
 
-fn account(
-    st: &mut DriverState,
-    spec: &ApiSpec,
-    shared: &ApiShared,
-    f: &InFlight,
-    status: u16,
-    body: &[u8],
-) {
+fn account(st: &mut DriverState, spec: &ApiSpec, shared: &ApiShared, f: &InFlight, status: u16, body: &[u8]) {
     if !(200..300).contains(&status) {
-        let code = serde_json::from_slice::<ErrorAnswer>(body)
-            .map(|e| e.error.code)
-            .unwrap_or_default();
+        let code = serde_json::from_slice::<ErrorAnswer>(body).map(|e| e.error.code).unwrap_or_default();
         st.fail(shared, format!("http {status} {code}").trim_end(), f.n);
         return;
     }
@@ -510,10 +462,7 @@ fn account(
         match b.results.get(i as usize) {
             Some(v) if v.get("id").is_some() => st.ack(shared, spec, f.first_k + i),
             Some(v) => {
-                let code = v
-                    .pointer("/error/code")
-                    .and_then(|c| c.as_str())
-                    .unwrap_or("?");
+                let code = v.pointer("/error/code").and_then(|c| c.as_str()).unwrap_or("?");
                 st.fail(shared, &format!("batch item {code}"), 1);
             }
             None => st.fail(shared, "batch item missing", 1),
@@ -536,10 +485,7 @@ fn parse_response(buf: &[u8]) -> Result<Option<(u16, std::ops::Range<usize>, usi
     let mut len = 0usize;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            len = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or("bad content-length")?;
+            len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()).ok_or("bad content-length")?;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err("chunked answers are not supported".into());
         }
@@ -576,21 +522,9 @@ mod tests {
     #[test]
     fn stamps_roundtrip() {
         let mut v = Vec::new();
-        Stamp {
-            t_ns: 12,
-            k: 7,
-            run: "ab",
-        }
-        .write(&mut v);
+        Stamp { t_ns: 12, k: 7, run: "ab" }.write(&mut v);
         let s = String::from_utf8(v).unwrap();
-        assert_eq!(
-            Stamp::parse(&s),
-            Some(Stamp {
-                t_ns: 12,
-                k: 7,
-                run: "ab"
-            })
-        );
+        assert_eq!(Stamp::parse(&s), Some(Stamp { t_ns: 12, k: 7, run: "ab" }));
         assert_eq!(Stamp::parse("hello"), None);
     }
 
@@ -602,8 +536,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/messages HTTP/1.1\r\n"));
         let json = text.split("\r\n\r\n").nth(1).unwrap();
-        let m: ether_proto::api::SendMessage =
-            ether_proto::api::parse_request(json.as_bytes()).unwrap();
+        let m: ether_proto::api::SendMessage = ether_proto::api::parse_request(json.as_bytes()).unwrap();
         m.validate("").unwrap();
         assert_eq!(m.to, "u1");
         let s = spec(2);
@@ -614,8 +547,7 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/messages/batch HTTP/1.1\r\n"));
         let json = text.split("\r\n\r\n").nth(1).unwrap();
-        let b: ether_proto::api::SendBatch =
-            ether_proto::api::parse_request(json.as_bytes()).unwrap();
+        let b: ether_proto::api::SendBatch = ether_proto::api::parse_request(json.as_bytes()).unwrap();
         assert_eq!(b.messages.len(), 2);
         assert_eq!(b.messages[1]["to"], "u0");
     }

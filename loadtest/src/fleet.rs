@@ -92,20 +92,12 @@ impl LocalFleet {
                 .map_err(|e| io::Error::other(format!("executor: {e}")))?;
             handles.push(h);
         }
-        Ok(LocalFleet {
-            stop,
-            shared,
-            handles,
-            threads,
-        })
+        Ok(LocalFleet { stop, shared, handles, threads })
     }
 
     /// Counters so far, and the message latency since the previous call.
     pub fn progress(&self) -> FleetProgress {
-        let mut p = FleetProgress {
-            connect_done: true,
-            ..Default::default()
-        };
+        let mut p = FleetProgress { connect_done: true, ..Default::default() };
         let mut interval = Hist::new();
         for sh in &self.shared {
             let mut s = sh.lock().unwrap_or_else(|e| e.into_inner());
@@ -159,10 +151,7 @@ async fn thread_main(
     shared: Arc<Mutex<ThreadShared>>,
     stop: Arc<AtomicBool>,
 ) -> FleetReport {
-    let mine: Vec<u64> = (t as u64..spec.count)
-        .step_by(threads)
-        .map(|i| spec.first + i)
-        .collect();
+    let mine: Vec<u64> = (t as u64..spec.count).step_by(threads).map(|i| spec.first + i).collect();
     let n = mine.len();
     let state = Rc::new(RefCell::new(ExecState {
         users: (0..n).map(|_| UserTrack::default()).collect(),
@@ -175,9 +164,7 @@ async fn thread_main(
         state: state.clone(),
     });
     let rate = spec.connect_rate / threads as f64;
-    let sem = Rc::new(glommio::sync::Semaphore::new(
-        spec.max_inflight.max(1) as u64
-    ));
+    let sem = Rc::new(glommio::sync::Semaphore::new(spec.max_inflight.max(1) as u64));
     let stop2 = stop.clone();
     glommio::spawn_local(async move {
         let start = Instant::now();
@@ -244,17 +231,8 @@ mod tests {
 
     #[test]
     fn interleave_restores_fleet_order() {
-        let a = FleetReport {
-            per_user_received: vec![0, 2, 4],
-            ..Default::default()
-        };
-        let b = FleetReport {
-            per_user_received: vec![1, 3],
-            ..Default::default()
-        };
-        assert_eq!(
-            interleave(vec![a, b], 2).per_user_received,
-            vec![0, 1, 2, 3, 4]
-        );
+        let a = FleetReport { per_user_received: vec![0, 2, 4], ..Default::default() };
+        let b = FleetReport { per_user_received: vec![1, 3], ..Default::default() };
+        assert_eq!(interleave(vec![a, b], 2).per_user_received, vec![0, 1, 2, 3, 4]);
     }
 }

@@ -51,10 +51,7 @@ pub mod wsframe;
 
 /// Wall-clock time in nanoseconds since the Unix epoch.
 pub fn unix_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Parses durations like `10s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -64,9 +61,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (try 10s, 500ms, 2m)"))?;
+    let n: f64 = num.parse().map_err(|_| format!("not a duration: {s:?} (try 10s, 500ms, 2m)"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,

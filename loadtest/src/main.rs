@@ -178,17 +178,12 @@ fn options(scenario: Scenario, c: Common) -> Result<Options, String> {
             start_timeout: Duration::from_secs(30),
         })
     } else if let Some(dir) = c.node_data {
-        TargetSpec::DataDir {
-            dir,
-            server_pid: c.server_pid,
-        }
+        TargetSpec::DataDir { dir, server_pid: c.server_pid }
     } else if let Some(client) = c.client {
         TargetSpec::External {
             client,
             api: c.api,
-            jwt_secret: c
-                .jwt_secret
-                .ok_or("--client needs --jwt-secret (or ETHER_AUTH_JWT_SECRET)")?,
+            jwt_secret: c.jwt_secret.ok_or("--client needs --jwt-secret (or ETHER_AUTH_JWT_SECRET)")?,
             api_key: c.api_key.unwrap_or_default(),
             server_pid: c.server_pid,
         }
@@ -239,18 +234,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::WireServer {
-            listen_client,
-            listen_api,
-            pin,
-            heartbeat_s,
-        } => {
-            return match ether_loadtest::wire_limit::server_main(
-                listen_client,
-                listen_api,
-                pin,
-                heartbeat_s,
-            ) {
+        Cmd::WireServer { listen_client, listen_api, pin, heartbeat_s } => {
+            return match ether_loadtest::wire_limit::server_main(listen_client, listen_api, pin, heartbeat_s) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("wire-server: {e}");
@@ -267,11 +252,7 @@ fn main() -> ExitCode {
             push_options(&mut o, push);
             o
         }),
-        Cmd::Batch {
-            common,
-            push,
-            batch_size,
-        } => options(Scenario::Batch, common).map(|mut o| {
+        Cmd::Batch { common, push, batch_size } => options(Scenario::Batch, common).map(|mut o| {
             push_options(&mut o, push);
             o.batch_size = batch_size.max(1);
             o

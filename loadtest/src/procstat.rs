@@ -64,10 +64,8 @@ pub struct SockStat {
 }
 
 pub fn sockstat() -> SockStat {
-    let mut s = std::fs::read_to_string("/proc/net/sockstat")
-        .ok()
-        .map(|s| parse_sockstat(&s, page_size()))
-        .unwrap_or_default();
+    let mut s =
+        std::fs::read_to_string("/proc/net/sockstat").ok().map(|s| parse_sockstat(&s, page_size())).unwrap_or_default();
     s.slab_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -103,20 +101,14 @@ fn parse_sockstat(s: &str, page: u64) -> SockStat {
 
 /// Raises the soft fd limit to the hard one; returns the limit in force.
 pub fn raise_nofile_limit() -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: r is a valid rlimit to fill in / read from.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
             return 1024;
         }
         if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
+            let want = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
                 r.rlim_cur = r.rlim_max;
             }
@@ -136,12 +128,7 @@ pub struct CpuMeter {
 
 impl CpuMeter {
     pub fn new(pids: Vec<u32>) -> CpuMeter {
-        let mut m = CpuMeter {
-            pids,
-            last: None,
-            first: None,
-            tck: clk_tck(),
-        };
+        let mut m = CpuMeter { pids, last: None, first: None, tck: clk_tck() };
         m.sample();
         m.first = m.last;
         m
@@ -208,11 +195,7 @@ pub fn machine_busy_ticks() -> Option<u64> {
 
 fn parse_machine_busy(stat: &str) -> Option<u64> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal (guest time is inside user).
     let total: u64 = f.iter().take(8).sum();
     let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
@@ -230,23 +213,13 @@ mod tests {
 
     #[test]
     fn parses_proc_formats() {
-        assert_eq!(
-            parse_vmrss("Name:\tx\nVmRSS:\t  1234 kB\nVmData: 5 kB\n"),
-            Some(1234 * 1024)
-        );
+        assert_eq!(parse_vmrss("Name:\tx\nVmRSS:\t  1234 kB\nVmData: 5 kB\n"), Some(1234 * 1024));
         let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 1 0 1 1 1";
         assert_eq!(parse_stat_cpu(stat), Some(22));
-        let ss =
-            "sockets: used 10\nTCP: inuse 3 orphan 0 tw 1 alloc 7 mem 12\nUDP: inuse 1 mem 2\n";
-        assert_eq!(
-            parse_machine_busy("cpu  10 1 5 100 7 1 1 0 0 0\ncpu0 1 1 1 1 1 1 1 1\n"),
-            Some(18)
-        );
+        let ss = "sockets: used 10\nTCP: inuse 3 orphan 0 tw 1 alloc 7 mem 12\nUDP: inuse 1 mem 2\n";
+        assert_eq!(parse_machine_busy("cpu  10 1 5 100 7 1 1 0 0 0\ncpu0 1 1 1 1 1 1 1 1\n"), Some(18));
         let s = parse_sockstat(ss, 4096);
-        assert_eq!(
-            (s.tcp_inuse, s.tcp_alloc, s.tcp_mem_bytes),
-            (3, 7, 12 * 4096)
-        );
+        assert_eq!((s.tcp_inuse, s.tcp_alloc, s.tcp_mem_bytes), (3, 7, 12 * 4096));
     }
 
     #[test]

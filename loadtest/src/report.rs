@@ -33,12 +33,7 @@ pub fn record(opts: &Options, out: &Outcome) -> Result<PathBuf, String> {
     let hists: BTreeMap<&str, serde_json::Value> = out
         .runs
         .iter()
-        .map(|r| {
-            (
-                r.target,
-                json!({"connect_us": r.connect_hist.data(), "message_us": r.msg_hist.data()}),
-            )
-        })
+        .map(|r| (r.target, json!({"connect_us": r.connect_hist.data(), "message_us": r.msg_hist.data()})))
         .collect();
     let result = json!({
         "scenario": name,
@@ -55,21 +50,11 @@ pub fn record(opts: &Options, out: &Outcome) -> Result<PathBuf, String> {
     });
     let text = serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?;
     write(&dir.join("result.json"), &text)?;
-    write(
-        &dir.join("summary.md"),
-        &summary(opts, out, &git, &machine, &date),
-    )?;
+    write(&dir.join("summary.md"), &summary(opts, out, &git, &machine, &date))?;
     plot_latency(&dir.join("latency.svg"), opts, out)?;
     plot_throughput(&dir.join("throughput.svg"), opts, out)?;
-    let rel = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    update_readme(
-        &root.join("README.md"),
-        name,
-        &table_row(opts, out, &date, &rel),
-    )?;
+    let rel = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    update_readme(&root.join("README.md"), name, &table_row(opts, out, &date, &rel))?;
     Ok(dir)
 }
 
@@ -149,16 +134,10 @@ fn machine_info() -> serde_json::Value {
         .and_then(|l| l.split(':').nth(1))
         .map(|s| s.trim().to_owned());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kb: Option<u64> = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .ok();
-    let tcp_mem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem")
-        .map(|s| s.trim().to_owned())
-        .ok();
+    let mem_kb: Option<u64> =
+        meminfo.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).ok();
+    let tcp_mem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").map(|s| s.trim().to_owned()).ok();
     json!({
         "cpu_model": model,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -179,40 +158,22 @@ fn ms(v: f64) -> String {
     }
 }
 
-fn summary(
-    opts: &Options,
-    out: &Outcome,
-    git: &serde_json::Value,
-    machine: &serde_json::Value,
-    date: &str,
-) -> String {
+fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &serde_json::Value, date: &str) -> String {
     let mut s = String::new();
     let problems = out.problems();
     let _ = writeln!(s, "# {} — {}\n", opts.scenario.name(), date);
     let _ = writeln!(
         s,
         "**{}**{}\n",
-        if problems.is_empty() {
-            "Passed"
-        } else {
-            "FAILED"
-        },
-        if problems.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", problems.join("; "))
-        }
+        if problems.is_empty() { "Passed" } else { "FAILED" },
+        if problems.is_empty() { String::new() } else { format!(": {}", problems.join("; ")) }
     );
     let _ = writeln!(s, "Command: `{}`  ", opts.command.join(" "));
     let _ = writeln!(
         s,
         "Git: `{}`{}  ",
         git["rev"].as_str().unwrap_or("?"),
-        if git["dirty"].as_bool() == Some(true) {
-            " (dirty)"
-        } else {
-            ""
-        }
+        if git["dirty"].as_bool() == Some(true) { " (dirty)" } else { "" }
     );
     let _ = writeln!(
         s,
@@ -228,76 +189,35 @@ fn summary(
         let cells: Vec<String> = out.runs.iter().map(f).collect();
         let _ = writeln!(s, "| {name} | {} |", cells.join(" | "));
     };
-    row("terminals connected", &|r| {
-        format!("{} / {}", r.connections.connected, r.connections.requested)
-    });
-    row("failed / dropped", &|r| {
-        format!("{} / {}", r.connections.failed, r.connections.dropped)
-    });
-    row("handshakes/s", &|r| {
-        format!("{:.0}", r.connections.handshakes_per_s)
-    });
+    row("terminals connected", &|r| format!("{} / {}", r.connections.connected, r.connections.requested));
+    row("failed / dropped", &|r| format!("{} / {}", r.connections.failed, r.connections.dropped));
+    row("handshakes/s", &|r| format!("{:.0}", r.connections.handshakes_per_s));
     row("connect p50 / p99", &|r| {
-        format!(
-            "{} / {}",
-            ms(r.connections.connect_latency.p50_ms),
-            ms(r.connections.connect_latency.p99_ms)
-        )
+        format!("{} / {}", ms(r.connections.connect_latency.p50_ms), ms(r.connections.connect_latency.p99_ms))
     });
     row("server RSS before → connected", &|r| {
-        format!(
-            "{} → {}",
-            human_bytes(r.memory.server_rss_before),
-            human_bytes(r.memory.server_rss_connected)
-        )
+        format!("{} → {}", human_bytes(r.memory.server_rss_before), human_bytes(r.memory.server_rss_connected))
     });
-    row("server RSS per connection", &|r| {
-        format!("{:.0} B", r.memory.server_rss_per_conn)
-    });
-    row("kernel TCP memory per connection", &|r| {
-        format!("{:.0} B", r.memory.kernel_tcp_mem_per_conn)
-    });
-    row("kernel slab per connection", &|r| {
-        format!("{:.0} B", r.memory.kernel_slab_per_conn)
-    });
-    row("server CPU connect / main", &|r| {
-        format!(
-            "{:.0}% / {:.0}%",
-            r.cpu.server_connect_pct, r.cpu.server_main_pct
-        )
-    });
+    row("server RSS per connection", &|r| format!("{:.0} B", r.memory.server_rss_per_conn));
+    row("kernel TCP memory per connection", &|r| format!("{:.0} B", r.memory.kernel_tcp_mem_per_conn));
+    row("kernel slab per connection", &|r| format!("{:.0} B", r.memory.kernel_slab_per_conn));
+    row("server CPU connect / main", &|r| format!("{:.0}% / {:.0}%", r.cpu.server_connect_pct, r.cpu.server_main_pct));
     row("tool CPU connect / main", &|r| {
-        format!(
-            "{:.0}% / {:.0}% ({} threads)",
-            r.cpu.tool_connect_pct, r.cpu.tool_main_pct, r.cpu.tool_threads
-        )
+        format!("{:.0}% / {:.0}% ({} threads)", r.cpu.tool_connect_pct, r.cpu.tool_main_pct, r.cpu.tool_threads)
     });
     row("other processes' CPU connect / main", &|r| {
-        format!(
-            "{:.0}% / {:.0}%",
-            r.cpu.others_connect_pct, r.cpu.others_main_pct
-        )
+        format!("{:.0}% / {:.0}%", r.cpu.others_connect_pct, r.cpu.others_main_pct)
     });
     if out.runs.iter().any(|r| r.messages.is_some()) {
         let m = |r: &RunResult, f: &dyn Fn(&crate::scenario::MsgFigures) -> String| {
             r.messages.as_ref().map(f).unwrap_or_default()
         };
-        row("messages sent / acked / received", &|r| {
-            m(r, &|m| format!("{} / {} / {}", m.sent, m.acked, m.received))
-        });
+        row("messages sent / acked / received", &|r| m(r, &|m| format!("{} / {} / {}", m.sent, m.acked, m.received)));
         row("lost / duplicates / reordered", &|r| {
-            m(r, &|m| {
-                format!("{} / {} / {}", m.lost, m.duplicates, m.reordered)
-            })
+            m(r, &|m| format!("{} / {} / {}", m.lost, m.duplicates, m.reordered))
         });
-        row("sent/s (target)", &|r| {
-            m(r, &|m| {
-                format!("{:.0} ({:.0})", m.sent_per_s, m.target_rate)
-            })
-        });
-        row("delivered/s", &|r| {
-            m(r, &|m| format!("{:.0}", m.delivered_per_s))
-        });
+        row("sent/s (target)", &|r| m(r, &|m| format!("{:.0} ({:.0})", m.sent_per_s, m.target_rate)));
+        row("delivered/s", &|r| m(r, &|m| format!("{:.0}", m.delivered_per_s)));
         row("latency p50 / p99 / p99.9 / max", &|r| {
             m(r, &|m| {
                 format!(
@@ -310,13 +230,7 @@ fn summary(
             })
         });
         row("API answer p50 / p99", &|r| {
-            m(r, &|m| {
-                format!(
-                    "{} / {}",
-                    ms(m.api_latency.p50_ms),
-                    ms(m.api_latency.p99_ms)
-                )
-            })
+            m(r, &|m| format!("{} / {}", ms(m.api_latency.p50_ms), ms(m.api_latency.p99_ms)))
         });
         row("API errors", &|r| {
             m(r, &|m| {
@@ -339,33 +253,19 @@ fn summary(
             }
         }
         if !r.connections.failures.is_empty() {
-            let _ = writeln!(
-                s,
-                "\nConnect failures ({}): {}",
-                r.target,
-                tally(&r.connections.failures)
-            );
+            let _ = writeln!(s, "\nConnect failures ({}): {}", r.target, tally(&r.connections.failures));
         }
     }
-    let _ = writeln!(
-        s,
-        "\n![latency](latency.svg)\n\n![throughput](throughput.svg)"
-    );
+    let _ = writeln!(s, "\n![latency](latency.svg)\n\n![throughput](throughput.svg)");
     s
 }
 
 fn headline(r: &RunResult) -> String {
     match &r.messages {
-        Some(m) => format!(
-            "{:.0} msgs/s delivered, p99 {}",
-            m.delivered_per_s,
-            ms(m.latency.p99_ms)
-        ),
+        Some(m) => format!("{:.0} msgs/s delivered, p99 {}", m.delivered_per_s, ms(m.latency.p99_ms)),
         None => format!(
             "{:.0} handshakes/s, {:.0} B server RSS/conn, {:.0} B kernel slab/conn",
-            r.connections.handshakes_per_s,
-            r.memory.server_rss_per_conn,
-            r.memory.kernel_slab_per_conn,
+            r.connections.handshakes_per_s, r.memory.server_rss_per_conn, r.memory.kernel_slab_per_conn,
         ),
     }
 }
@@ -379,30 +279,19 @@ fn table_row(opts: &Options, out: &Outcome, date: &str, dir: &str) -> String {
             "{} terminals, {:.0} msgs/s target{}",
             main.connections.requested,
             m.target_rate,
-            if m.batch_size > 0 {
-                format!(", batches of {}", m.batch_size)
-            } else {
-                String::new()
-            }
+            if m.batch_size > 0 { format!(", batches of {}", m.batch_size) } else { String::new() }
         ),
         None => format!("{} terminals", main.connections.requested),
     };
     let losses = match &main.messages {
         Some(m) => format!("{} lost, {} dup", m.lost, m.duplicates),
-        None => format!(
-            "{} failed, {} dropped",
-            main.connections.failed, main.connections.dropped
-        ),
+        None => format!("{} failed, {} dropped", main.connections.failed, main.connections.dropped),
     };
     let ratio = out
         .ratios
         .as_ref()
         .map(|r| {
-            let key = if main.messages.is_some() {
-                "delivered_per_s"
-            } else {
-                "handshakes_per_s"
-            };
+            let key = if main.messages.is_some() { "delivered_per_s" } else { "handshakes_per_s" };
             format!("{key} ×{}", r[key])
         })
         .unwrap_or_else(|| "-".into());
@@ -441,11 +330,7 @@ fn upsert_row(old: &str, scenario: &str, row: &str) -> String {
                 .filter(|l| l.starts_with("| ") && !l.starts_with("| scenario |"))
                 .map(str::to_owned)
                 .collect();
-            (
-                old[..b].to_owned(),
-                rows,
-                old[e + TABLE_END.len()..].to_owned(),
-            )
+            (old[..b].to_owned(), rows, old[e + TABLE_END.len()..].to_owned())
         }
         _ => {
             let head = if old.trim().is_empty() {
@@ -461,12 +346,7 @@ fn upsert_row(old: &str, scenario: &str, row: &str) -> String {
     let mut map: BTreeMap<String, String> = rows
         .into_iter()
         .filter_map(|r| {
-            let key = r
-                .trim_start_matches('|')
-                .split('|')
-                .next()?
-                .trim()
-                .to_owned();
+            let key = r.trim_start_matches('|').split('|').next()?.trim().to_owned();
             Some((key, r))
         })
         .collect();
@@ -490,12 +370,8 @@ fn plot_err<E: std::fmt::Debug>(e: E) -> String {
     format!("plot: {e:?}")
 }
 
-const COLORS: [RGBColor; 4] = [
-    RGBColor(31, 119, 180),
-    RGBColor(214, 39, 40),
-    RGBColor(44, 160, 44),
-    RGBColor(148, 103, 189),
-];
+const COLORS: [RGBColor; 4] =
+    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
 
 /// Percentile curves: x is the number of nines (0 = p0, 2 = p99, 3 = p99.9), y in ms.
 fn plot_latency(path: &Path, opts: &Options, out: &Outcome) -> Result<(), String> {
@@ -504,40 +380,22 @@ fn plot_latency(path: &Path, opts: &Options, out: &Outcome) -> Result<(), String
         .runs
         .iter()
         .flat_map(|r| {
-            let mut v = vec![(
-                format!("{} connect", r.target),
-                r.connect_hist.percentile_curve(),
-            )];
+            let mut v = vec![(format!("{} connect", r.target), r.connect_hist.percentile_curve())];
             if pushes {
-                v.push((
-                    format!("{} message", r.target),
-                    r.msg_hist.percentile_curve(),
-                ));
+                v.push((format!("{} message", r.target), r.msg_hist.percentile_curve()));
             }
             v
         })
         .map(|(n, c)| {
-            let pts = c
-                .into_iter()
-                .filter(|(p, _)| *p < 100.0)
-                .map(|(p, v)| (-(1.0 - p / 100.0).log10(), v))
-                .collect();
+            let pts = c.into_iter().filter(|(p, _)| *p < 100.0).map(|(p, v)| (-(1.0 - p / 100.0).log10(), v)).collect();
             (n, pts)
         })
         .collect();
-    let ymax = curves
-        .iter()
-        .flat_map(|(_, c)| c.iter().map(|p| p.1))
-        .fold(0.0f64, f64::max)
-        .max(0.001)
-        * 1.1;
+    let ymax = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.1)).fold(0.0f64, f64::max).max(0.001) * 1.1;
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{}: latency by percentile", opts.scenario.name()),
-            ("sans-serif", 20),
-        )
+        .caption(format!("{}: latency by percentile", opts.scenario.name()), ("sans-serif", 20))
         .margin(15)
         .margin_right(45)
         .x_label_area_size(40)
@@ -585,14 +443,8 @@ fn plot_throughput(path: &Path, opts: &Options, out: &Outcome) -> Result<(), Str
     let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for r in &out.runs {
         if pushes {
-            lines.push((
-                format!("{} received/s", r.target),
-                r.series.iter().map(|p| (p.t_s, p.recv_per_s)).collect(),
-            ));
-            lines.push((
-                format!("{} sent/s", r.target),
-                r.series.iter().map(|p| (p.t_s, p.sent_per_s)).collect(),
-            ));
+            lines.push((format!("{} received/s", r.target), r.series.iter().map(|p| (p.t_s, p.recv_per_s)).collect()));
+            lines.push((format!("{} sent/s", r.target), r.series.iter().map(|p| (p.t_s, p.sent_per_s)).collect()));
         } else {
             lines.push((
                 format!("{} open connections", r.target),
@@ -600,24 +452,13 @@ fn plot_throughput(path: &Path, opts: &Options, out: &Outcome) -> Result<(), Str
             ));
         }
     }
-    let xmax = lines
-        .iter()
-        .flat_map(|(_, l)| l.iter().map(|p| p.0))
-        .fold(1.0f64, f64::max);
-    let ymax = lines
-        .iter()
-        .flat_map(|(_, l)| l.iter().map(|p| p.1))
-        .fold(1.0f64, f64::max)
-        * 1.1;
+    let xmax = lines.iter().flat_map(|(_, l)| l.iter().map(|p| p.0)).fold(1.0f64, f64::max);
+    let ymax = lines.iter().flat_map(|(_, l)| l.iter().map(|p| p.1)).fold(1.0f64, f64::max) * 1.1;
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!(
-                "{}: {} per second",
-                opts.scenario.name(),
-                if pushes { "messages" } else { "connections" }
-            ),
+            format!("{}: {} per second", opts.scenario.name(), if pushes { "messages" } else { "connections" }),
             ("sans-serif", 20),
         )
         .margin(15)

@@ -53,10 +53,7 @@ pub enum TargetSpec {
         server_pid: Option<u32>,
     },
     /// An existing node's data dir (ports.json, secrets.toml).
-    DataDir {
-        dir: PathBuf,
-        server_pid: Option<u32>,
-    },
+    DataDir { dir: PathBuf, server_pid: Option<u32> },
     /// Only the in-tool wire-limit server.
     Wire,
 }
@@ -124,9 +121,7 @@ impl Options {
     /// duration) when the rate is 0.
     fn messages(&self) -> u64 {
         if self.msg_rate > 0.0 {
-            (self.msg_rate * self.duration.as_secs_f64())
-                .round()
-                .max(1.0) as u64
+            (self.msg_rate * self.duration.as_secs_f64()).round().max(1.0) as u64
         } else {
             1 << 40
         }
@@ -269,29 +264,16 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn problems(&self) -> Vec<String> {
-        self.runs
-            .iter()
-            .flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.target)))
-            .collect()
+        self.runs.iter().flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.target))).collect()
     }
 }
 
 fn make_target(spec: &TargetSpec, wire_processes: usize) -> Result<Target, String> {
     match spec {
         TargetSpec::Spawn(o) => Target::spawn_engine(o),
-        TargetSpec::External {
-            client,
-            api,
-            jwt_secret,
-            api_key,
-            server_pid,
-        } => Ok(Target::external(
-            *client,
-            *api,
-            jwt_secret.clone(),
-            api_key.clone(),
-            *server_pid,
-        )),
+        TargetSpec::External { client, api, jwt_secret, api_key, server_pid } => {
+            Ok(Target::external(*client, *api, jwt_secret.clone(), api_key.clone(), *server_pid))
+        }
         TargetSpec::DataDir { dir, server_pid } => Target::from_data_dir(dir, *server_pid),
         TargetSpec::Wire => Target::wire_limit(wire_processes, None),
     }
@@ -300,10 +282,7 @@ fn make_target(spec: &TargetSpec, wire_processes: usize) -> Result<Target, Strin
 /// Runs the scenario (and its wire-limit twin), writes the record, returns the outcome.
 pub fn run(opts: &Options) -> Result<Outcome, String> {
     procstat::raise_nofile_limit();
-    let wire_processes = opts
-        .connections
-        .div_ceil(opts.per_process_max.max(1))
-        .max(1) as usize;
+    let wire_processes = opts.connections.div_ceil(opts.per_process_max.max(1)).max(1) as usize;
     if opts.scenario.pushes() && wire_processes > 1 {
         let wire_involved = opts.wire_limit || matches!(opts.target, TargetSpec::Wire);
         if wire_involved {
@@ -322,12 +301,7 @@ pub fn run(opts: &Options) -> Result<Outcome, String> {
     let t = make_target(&opts.target, wire_processes)?;
     runs.push(run_one(opts, &t)?);
     let ratios = (runs.len() == 2).then(|| ratios(&runs[1], &runs[0]));
-    let mut out = Outcome {
-        scenario: opts.scenario,
-        runs,
-        ratios,
-        result_dir: None,
-    };
+    let mut out = Outcome { scenario: opts.scenario, runs, ratios, result_dir: None };
     if opts.record {
         out.result_dir = Some(crate::report::record(opts, &out)?);
     }
@@ -386,10 +360,7 @@ struct Snapshot {
 
 impl<'a> Monitor<'a> {
     fn tick(&mut self, fleets: &[Fleet], api: Option<&ApiRun>, phase: &'static str) -> Snapshot {
-        let mut s = Snapshot {
-            connect_done: true,
-            ..Default::default()
-        };
+        let mut s = Snapshot { connect_done: true, ..Default::default() };
         for f in fleets {
             let p = f.progress();
             s.counters.add(&p.counters);
@@ -487,18 +458,13 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     live.say(&format!(
         "{label}: {n} terminals -> ws://{}/ws at {}/s (run {run_id})",
         target.client,
-        if opts.connect_rate > 0.0 {
-            format!("{:.0}", opts.connect_rate)
-        } else {
-            "max".into()
-        }
+        if opts.connect_rate > 0.0 { format!("{:.0}", opts.connect_rate) } else { "max".into() }
     ));
     let server_pids = target.server_pids.clone();
     let rss_before = procstat::rss_sum(&server_pids);
     let sock_before = procstat::sockstat();
     let mut server_cpu = CpuMeter::new(server_pids.clone());
-    let fleets = Fleet::start_all(&spec, opts.per_process_max)
-        .map_err(|e| format!("cannot start terminals: {e}"))?;
+    let fleets = Fleet::start_all(&spec, opts.per_process_max).map_err(|e| format!("cannot start terminals: {e}"))?;
     let worker_pids: Vec<u32> = fleets.iter().filter_map(|f| f.pid()).collect();
     let mut tool_pids = vec![std::process::id()];
     tool_pids.extend(&worker_pids);
@@ -523,11 +489,8 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     };
 
     // Connect phase.
-    let expected = if opts.connect_rate > 0.0 {
-        Duration::from_secs_f64(n as f64 / opts.connect_rate)
-    } else {
-        Duration::ZERO
-    };
+    let expected =
+        if opts.connect_rate > 0.0 { Duration::from_secs_f64(n as f64 / opts.connect_rate) } else { Duration::ZERO };
     let deadline = Instant::now() + expected + opts.connect_timeout + Duration::from_secs(10);
     let mut snap;
     loop {
@@ -565,9 +528,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
             std::thread::sleep(Duration::from_millis(100));
         }
     } else {
-        let api_addr = target
-            .api
-            .ok_or("this scenario needs the node's API address (--api)")?;
+        let api_addr = target.api.ok_or("this scenario needs the node's API address (--api)")?;
         let api = ApiRun::start(ApiSpec {
             addr: api_addr,
             api_key: target.api_key.clone(),
@@ -637,11 +598,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         dropped: c.dropped,
         drops: fr.drops.clone(),
         target_rate: opts.connect_rate,
-        handshakes_per_s: if hs_window > 0.0 {
-            c.welcomed as f64 / hs_window
-        } else {
-            0.0
-        },
+        handshakes_per_s: if hs_window > 0.0 { c.welcomed as f64 / hs_window } else { 0.0 },
         connect_phase_s: connect_s,
         connect_latency: connect_hist.summary(),
         heartbeats_sent: c.heartbeats_sent,
@@ -658,22 +615,13 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         sockstat_before: sock_before,
         sockstat_connected: sock_connected,
         kernel_tcp_mem_per_conn: per(
-            sock_connected
-                .tcp_mem_bytes
-                .saturating_sub(sock_before.tcp_mem_bytes),
+            sock_connected.tcp_mem_bytes.saturating_sub(sock_before.tcp_mem_bytes),
             c.welcomed,
         ),
-        kernel_slab_per_conn: per(
-            sock_connected
-                .slab_bytes
-                .saturating_sub(sock_before.slab_bytes),
-            c.welcomed,
-        ),
+        kernel_slab_per_conn: per(sock_connected.slab_bytes.saturating_sub(sock_before.slab_bytes), c.welcomed),
         tool_rss_connected,
     };
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let tool_threads = spec.threads * processes + usize::from(opts.scenario.pushes());
     let cpu = CpuFigures {
         server_connect_pct,
@@ -689,16 +637,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         cores,
         tool_threads,
     };
-    let messages = api_report.map(|a| {
-        msg_figures(
-            opts,
-            &a,
-            &fr,
-            send_phase_s,
-            deliver_phase_s,
-            msg_hist.summary(),
-        )
-    });
+    let messages = api_report.map(|a| msg_figures(opts, &a, &fr, send_phase_s, deliver_phase_s, msg_hist.summary()));
     let mut result = RunResult {
         target: target.kind,
         client_addr: target.client.to_string(),
@@ -779,11 +718,7 @@ fn msg_figures(
         } else {
             0.0
         },
-        delivered_per_s: if deliver_s > 0.0 {
-            c.received as f64 / deliver_s
-        } else {
-            0.0
-        },
+        delivered_per_s: if deliver_s > 0.0 { c.received as f64 / deliver_s } else { 0.0 },
         latency,
         api_latency: a.api_latency.to_hist().summary(),
         send_lag: a.send_lag.to_hist().summary(),
@@ -795,18 +730,9 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
     let cpu = &r.cpu;
     let tool_cap = (cpu.tool_threads.min(cpu.cores) * 100) as f64;
     for (phase, tool, server, others) in [
+        ("connect", cpu.tool_connect_pct, cpu.server_connect_pct, cpu.others_connect_pct),
         (
-            "connect",
-            cpu.tool_connect_pct,
-            cpu.server_connect_pct,
-            cpu.others_connect_pct,
-        ),
-        (
-            if opts.scenario.pushes() {
-                "send"
-            } else {
-                "hold"
-            },
+            if opts.scenario.pushes() { "send" } else { "hold" },
             cpu.tool_main_pct,
             cpu.server_main_pct,
             cpu.others_main_pct,
@@ -832,10 +758,7 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
     }
     let c = &r.connections;
     if c.target_rate > 0.0 && c.requested >= 1000 && c.handshakes_per_s < 0.9 * c.target_rate {
-        out.push(format!(
-            "connect rate {:.0}/s is below the target {:.0}/s",
-            c.handshakes_per_s, c.target_rate
-        ));
+        out.push(format!("connect rate {:.0}/s is below the target {:.0}/s", c.handshakes_per_s, c.target_rate));
     }
     if let Some(m) = &r.messages {
         if m.target_rate > 0.0 && m.sent >= 1000 && m.sent_per_s < 0.95 * m.target_rate {
@@ -845,10 +768,7 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
             ));
         }
         if m.send_lag.p99_ms > 100.0 {
-            out.push(format!(
-                "requests left {:.0} ms behind schedule at p99",
-                m.send_lag.p99_ms
-            ));
+            out.push(format!("requests left {:.0} ms behind schedule at p99", m.send_lag.p99_ms));
         }
     }
     out
@@ -866,11 +786,7 @@ fn problems(r: &RunResult) -> Vec<String> {
         ));
     }
     if c.dropped > 0 {
-        out.push(format!(
-            "{} connected terminals were closed during the run: {}",
-            c.dropped,
-            tally(&c.drops)
-        ));
+        out.push(format!("{} connected terminals were closed during the run: {}", c.dropped, tally(&c.drops)));
     }
     if let Some(m) = &r.messages {
         if m.failed > 0 {
@@ -882,16 +798,10 @@ fn problems(r: &RunResult) -> Vec<String> {
             ));
         }
         if m.lost > 0 {
-            out.push(format!(
-                "{} messages acknowledged by the API never reached their terminal",
-                m.lost
-            ));
+            out.push(format!("{} messages acknowledged by the API never reached their terminal", m.lost));
         }
         if m.misrouted > 0 {
-            out.push(format!(
-                "{} messages reached the wrong terminal",
-                m.misrouted
-            ));
+            out.push(format!("{} messages reached the wrong terminal", m.misrouted));
         }
     }
     out
@@ -901,8 +811,5 @@ pub fn tally(m: &std::collections::BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "(no reason recorded)".into();
     }
-    m.iter()
-        .map(|(k, v)| format!("{v} {k}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    m.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
 }

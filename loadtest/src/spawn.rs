@@ -66,8 +66,7 @@ impl Target {
 
     /// The in-tool wire-limit server, `processes` processes on the same ports.
     pub fn wire_limit(processes: usize, pin: Option<usize>) -> Result<Target, String> {
-        let w = WireServer::spawn(processes, pin)
-            .map_err(|e| format!("cannot start the wire-limit server: {e}"))?;
+        let w = WireServer::spawn(processes, pin).map_err(|e| format!("cannot start the wire-limit server: {e}"))?;
         Ok(Target {
             kind: "wire-limit",
             client: w.addrs.client,
@@ -113,11 +112,7 @@ impl Target {
             .stderr(log2)
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-        let mut node = SpawnedNode {
-            child,
-            dir: dir.clone(),
-            keep: opts.keep_data,
-        };
+        let mut node = SpawnedNode { child, dir: dir.clone(), keep: opts.keep_data };
         let deadline = Instant::now() + opts.start_timeout;
         let (ports, secrets) = loop {
             if let Ok(Some(status)) = node.child.try_wait() {

@@ -60,12 +60,7 @@ impl Hist {
     }
 
     pub fn data(&self) -> HistData {
-        HistData(
-            self.0
-                .iter_recorded()
-                .map(|v| (v.value_iterated_to(), v.count_at_value()))
-                .collect(),
-        )
+        HistData(self.0.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect())
     }
 
     pub fn reset(&mut self) {
@@ -76,25 +71,13 @@ impl Hist {
     pub fn summary(&self) -> LatencySummary {
         LatencySummary {
             count: self.count(),
-            min_ms: if self.0.is_empty() {
-                0.0
-            } else {
-                self.0.min() as f64 / 1000.0
-            },
+            min_ms: if self.0.is_empty() { 0.0 } else { self.0.min() as f64 / 1000.0 },
             p50_ms: self.q_ms(0.5),
             p90_ms: self.q_ms(0.9),
             p99_ms: self.q_ms(0.99),
             p999_ms: self.q_ms(0.999),
-            max_ms: if self.0.is_empty() {
-                0.0
-            } else {
-                self.0.max() as f64 / 1000.0
-            },
-            mean_ms: if self.0.is_empty() {
-                0.0
-            } else {
-                self.0.mean() / 1000.0
-            },
+            max_ms: if self.0.is_empty() { 0.0 } else { self.0.max() as f64 / 1000.0 },
+            mean_ms: if self.0.is_empty() { 0.0 } else { self.0.mean() / 1000.0 },
         }
     }
 
@@ -104,9 +87,7 @@ impl Hist {
             return Vec::new();
         }
         let mut out = Vec::new();
-        for p in [
-            0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.999, 100.0,
-        ] {
+        for p in [0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.999, 100.0] {
             out.push((p, self.q_ms(p / 100.0)));
         }
         out
@@ -160,11 +141,7 @@ pub struct SeqTracker {
 
 impl SeqTracker {
     pub fn starting_at(base: u64) -> SeqTracker {
-        SeqTracker {
-            base,
-            max: base,
-            above: BTreeSet::new(),
-        }
+        SeqTracker { base, max: base, above: BTreeSet::new() }
     }
 
     pub fn observe(&mut self, seq: u64) -> Seen {
@@ -358,21 +335,12 @@ mod tests {
     fn reports_merge_in_order() {
         let a = FleetReport {
             per_user_received: vec![1, 2],
-            counters: Counters {
-                welcomed: 2,
-                first_attempt_ns: 5,
-                ..Default::default()
-            },
+            counters: Counters { welcomed: 2, first_attempt_ns: 5, ..Default::default() },
             ..Default::default()
         };
         let b = FleetReport {
             per_user_received: vec![3],
-            counters: Counters {
-                welcomed: 1,
-                first_attempt_ns: 3,
-                last_welcome_ns: 9,
-                ..Default::default()
-            },
+            counters: Counters { welcomed: 1, first_attempt_ns: 3, last_welcome_ns: 9, ..Default::default() },
             ..Default::default()
         };
         let m = FleetReport::merge(vec![a, b]);

@@ -59,11 +59,7 @@ pub fn read_some<'a, S: AsyncRead + Unpin>(
 /// source port, must be unique). The first write waits for the connect to finish.
 pub fn connect(dst: SocketAddr, src: Option<Ipv4Addr>) -> io::Result<TcpStream> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let domain = if dst.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
+    let domain = if dst.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     sock.set_nonblocking(true)?;
     sock.set_nodelay(true)?;
@@ -203,8 +199,7 @@ pub async fn run(ctx: Rc<TermCtx>, slot: usize, global: u64, permit: StaticPermi
     }
     let timeout = Duration::from_millis(ctx.spec.connect_timeout_ms.max(1));
     let stage = std::cell::Cell::new("connect");
-    let hs =
-        glommio::timer::timeout(timeout, async { Ok(handshake(&ctx, global, &stage).await) }).await;
+    let hs = glommio::timer::timeout(timeout, async { Ok(handshake(&ctx, global, &stage).await) }).await;
     let (mut stream, mut rx) = match hs {
         Ok(Ok(v)) => v,
         Ok(Err(reason)) => {
@@ -212,9 +207,7 @@ pub async fn run(ctx: Rc<TermCtx>, slot: usize, global: u64, permit: StaticPermi
             return;
         }
         Err(_) => {
-            ctx.state
-                .borrow_mut()
-                .fail(format!("timeout waiting for {}", stage.get()));
+            ctx.state.borrow_mut().fail(format!("timeout waiting for {}", stage.get()));
             return;
         }
     };
@@ -253,33 +246,23 @@ async fn handshake(
     stage: &std::cell::Cell<&'static str>,
 ) -> Result<(TcpStream, Vec<u8>), String> {
     let spec = &ctx.spec;
-    let mut stream = connect(spec.client, source_ip(global, spec.source_ips))
-        .map_err(|e| format!("connect: {}", err_kind(&e)))?;
+    let mut stream =
+        connect(spec.client, source_ip(global, spec.source_ips)).map_err(|e| format!("connect: {}", err_kind(&e)))?;
     let user = ctx.user(global);
     let token = ctx.minter.mint(&user);
-    let path = format!(
-        "{}?token={}&device={}&platform={}",
-        spec.path, token, spec.device, spec.platform
-    );
+    let path = format!("{}?token={}&device={}&platform={}", spec.path, token, spec.device, spec.platform);
     let key = wsframe::random_key();
     let req = wsframe::client_request(&ctx.host, &path, &key);
-    stream
-        .write_all(&req)
-        .await
-        .map_err(|e| format!("connect: {}", err_kind(&e)))?;
+    stream.write_all(&req).await.map_err(|e| format!("connect: {}", err_kind(&e)))?;
     stage.set("the upgrade response");
     let mut rx = Vec::new();
     loop {
-        let n = read_some(&mut stream, &mut rx)
-            .await
-            .map_err(|e| format!("handshake: read {}", err_kind(&e)))?;
+        let n = read_some(&mut stream, &mut rx).await.map_err(|e| format!("handshake: read {}", err_kind(&e)))?;
         if n == 0 {
             return Err("handshake: closed by server".into());
         }
         match wsframe::check_response(&rx, &key) {
-            Upgrade::Partial if rx.len() > 16 * 1024 => {
-                return Err("handshake: response too long".into())
-            }
+            Upgrade::Partial if rx.len() > 16 * 1024 => return Err("handshake: response too long".into()),
             Upgrade::Partial => continue,
             Upgrade::Refused(r) => return Err(r),
             Upgrade::Accepted { len } => {
@@ -295,9 +278,7 @@ async fn handshake(
             Ok(None) => {}
             Err(e) => return Err(format!("welcome: {e}")),
         }
-        let n = read_some(&mut stream, &mut rx)
-            .await
-            .map_err(|e| format!("welcome: read {}", err_kind(&e)))?;
+        let n = read_some(&mut stream, &mut rx).await.map_err(|e| format!("welcome: read {}", err_kind(&e)))?;
         if n == 0 {
             return Err("closed before welcome".into());
         }
@@ -312,10 +293,7 @@ fn take_welcome(rx: &mut Vec<u8>) -> Result<(u64, u64), String> {
         _ => return Err("welcome: incomplete".into()),
     };
     if p.opcode == wsframe::OP_CLOSE {
-        return Err(format!(
-            "closed before welcome ({})",
-            close_code(&rx[p.payload])
-        ));
+        return Err(format!("closed before welcome ({})", close_code(&rx[p.payload])));
     }
     if p.opcode != wsframe::OP_TEXT {
         return Err(format!("welcome: opcode {}", p.opcode));
@@ -369,21 +347,11 @@ pub fn heartbeat_tick(state: &RefCell<ExecState>, tick: u64) {
             continue;
         }
         frame.clear();
-        wsframe::encode(
-            &mut frame,
-            wsframe::OP_TEXT,
-            br#"{"type":"ping"}"#,
-            Some(rand::random()),
-        );
+        wsframe::encode(&mut frame, wsframe::OP_TEXT, br#"{"type":"ping"}"#, Some(rand::random()));
         // SAFETY: fd is an open socket owned by a live terminal of this thread (cleared
         // before the terminal's stream is dropped); the buffer is valid for its length.
         let n = unsafe {
-            libc::send(
-                fd,
-                frame.as_ptr() as *const libc::c_void,
-                frame.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
+            libc::send(fd, frame.as_ptr() as *const libc::c_void, frame.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
         if n == frame.len() as isize {
             sent += 1;
@@ -393,13 +361,7 @@ pub fn heartbeat_tick(state: &RefCell<ExecState>, tick: u64) {
 }
 
 /// The connected life of a terminal; returns why it ended.
-async fn serve(
-    ctx: &TermCtx,
-    slot: usize,
-    global: u64,
-    stream: &mut TcpStream,
-    rx: &mut Vec<u8>,
-) -> String {
+async fn serve(ctx: &TermCtx, slot: usize, global: u64, stream: &mut TcpStream, rx: &mut Vec<u8>) -> String {
     let mut out: Vec<u8> = Vec::new();
     let mut frag: Option<(u8, Vec<u8>)> = None;
     loop {
@@ -465,12 +427,7 @@ async fn serve(
             if upto > u.acked {
                 u.acked = upto;
                 let ack = format!("{{\"type\":\"ack\",\"seq\":{upto}}}");
-                wsframe::encode(
-                    &mut out,
-                    wsframe::OP_TEXT,
-                    ack.as_bytes(),
-                    Some(rand::random()),
-                );
+                wsframe::encode(&mut out, wsframe::OP_TEXT, ack.as_bytes(), Some(rand::random()));
                 st.counters.acks_sent += 1;
             }
         }

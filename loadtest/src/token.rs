@@ -19,11 +19,7 @@ pub struct Minter {
 
 impl Minter {
     pub fn new(secret: &str, ttl_s: u64) -> Minter {
-        Minter {
-            key: EncodingKey::from_secret(secret.as_bytes()),
-            header: Header::default(),
-            ttl_s,
-        }
+        Minter { key: EncodingKey::from_secret(secret.as_bytes()), header: Header::default(), ttl_s }
     }
 
     /// A token for `user`, valid for the minter's ttl from now.
@@ -37,9 +33,7 @@ impl Minter {
 /// The `sub` of a token, without checking the signature (the wire-limit server's routing).
 pub fn unverified_sub(token: &str) -> Option<String> {
     let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
     #[derive(Deserialize)]
     struct Sub {
         sub: String,
@@ -60,13 +54,7 @@ mod tests {
             sub: String,
             exp: u64,
         }
-        let c = decode::<C>(
-            &t,
-            &DecodingKey::from_secret(b"s3cret"),
-            &Validation::default(),
-        )
-        .unwrap()
-        .claims;
+        let c = decode::<C>(&t, &DecodingKey::from_secret(b"s3cret"), &Validation::default()).unwrap().claims;
         assert_eq!(c.sub, "u1");
         assert!(c.exp > crate::unix_nanos() / 1_000_000_000);
         assert_eq!(unverified_sub(&t).as_deref(), Some("u1"));

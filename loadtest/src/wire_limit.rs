@@ -69,12 +69,7 @@ impl Conn {
 
 /// Entry of `ether-loadtest wire-server`: binds, prints the addresses, serves until stdin
 /// closes (so it never outlives the tool).
-pub fn server_main(
-    client: SocketAddr,
-    api: SocketAddr,
-    pin: Option<usize>,
-    heartbeat_s: u64,
-) -> io::Result<()> {
+pub fn server_main(client: SocketAddr, api: SocketAddr, pin: Option<usize>, heartbeat_s: u64) -> io::Result<()> {
     crate::procstat::raise_nofile_limit();
     let (tx, rx) = std::sync::mpsc::channel::<io::Result<WireAddrs>>();
     let placement = match pin {
@@ -108,9 +103,7 @@ pub fn server_main(
             serve(cl, al, heartbeat_s).await;
         })
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let addrs = rx
-        .recv()
-        .map_err(|_| io::Error::other("wire-limit executor died"))??;
+    let addrs = rx.recv().map_err(|_| io::Error::other("wire-limit executor died"))??;
     let mut out = io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&addrs).unwrap_or_default())?;
     out.flush()?;
@@ -118,22 +111,14 @@ pub fn server_main(
     // Serve until the parent closes our stdin.
     let mut sink = String::new();
     let stdin = io::stdin();
-    while stdin
-        .lock()
-        .read_line(&mut sink)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {
+    while stdin.lock().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
         sink.clear();
     }
     std::process::exit(0);
 }
 
 async fn serve(clients: TcpListener, api: TcpListener, heartbeat_s: u64) {
-    let hub = Rc::new(Hub {
-        heartbeat_s,
-        ..Default::default()
-    });
+    let hub = Rc::new(Hub { heartbeat_s, ..Default::default() });
     let h2 = hub.clone();
     glommio::spawn_local(async move {
         loop {
@@ -169,9 +154,7 @@ async fn ws_conn(hub: Rc<Hub>, mut stream: TcpStream) {
             Ok(Some(up)) => break up,
             Ok(None) if rx.len() < 16 * 1024 => continue,
             _ => {
-                let _ = stream
-                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-                    .await;
+                let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
                 return;
             }
         }
@@ -179,9 +162,7 @@ async fn ws_conn(hub: Rc<Hub>, mut stream: TcpStream) {
     rx.drain(..up.len);
     let user = wsframe::query_param(&up.path, "token").and_then(crate::token::unverified_sub);
     let Some(user) = user else {
-        let _ = stream
-            .write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
-            .await;
+        let _ = stream.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n").await;
         return;
     };
     let device = wsframe::query_param(&up.path, "device").unwrap_or("d");
@@ -216,9 +197,7 @@ async fn ws_conn(hub: Rc<Hub>, mut stream: TcpStream) {
                         wsframe::OP_CLOSE => break 'read,
                         wsframe::OP_TEXT if rx[payload].starts_with(br#"{"type":"ping""#) => {
                             hub.pings.set(hub.pings.get() + 1);
-                            conn.push(|o| {
-                                wsframe::encode(o, wsframe::OP_TEXT, br#"{"type":"pong"}"#, None)
-                            });
+                            conn.push(|o| wsframe::encode(o, wsframe::OP_TEXT, br#"{"type":"pong"}"#, None));
                         }
                         // Acks and other frames: nothing kept.
                         _ => {}
@@ -323,16 +302,12 @@ fn handle_api(hub: &Hub, method: &str, path: &str, body: &[u8], out: &mut Vec<u8
     match (method, path) {
         ("POST", "/v1/messages") => match serde_json::from_slice::<WireSend>(body) {
             Ok(m) => match deliver(hub, &m) {
-                Some((id, ts)) => {
-                    respond(out, "200 OK", &format!("{{\"id\":\"{id}\",\"ts\":{ts}}}"))
-                }
+                Some((id, ts)) => respond(out, "200 OK", &format!("{{\"id\":\"{id}\",\"ts\":{ts}}}")),
                 None => respond(out, "404 Not Found", NOT_CONNECTED),
             },
-            Err(_) => respond(
-                out,
-                "400 Bad Request",
-                "{\"error\":{\"code\":\"invalid_body\",\"message\":\"bad message\"}}",
-            ),
+            Err(_) => {
+                respond(out, "400 Bad Request", "{\"error\":{\"code\":\"invalid_body\",\"message\":\"bad message\"}}")
+            }
         },
         ("POST", "/v1/messages/batch") => match serde_json::from_slice::<WireBatch>(body) {
             Ok(b) => {
@@ -349,17 +324,11 @@ fn handle_api(hub: &Hub, method: &str, path: &str, body: &[u8], out: &mut Vec<u8
                 s.push_str("]}");
                 respond(out, "200 OK", &s);
             }
-            Err(_) => respond(
-                out,
-                "400 Bad Request",
-                "{\"error\":{\"code\":\"invalid_body\",\"message\":\"bad batch\"}}",
-            ),
+            Err(_) => {
+                respond(out, "400 Bad Request", "{\"error\":{\"code\":\"invalid_body\",\"message\":\"bad batch\"}}")
+            }
         },
-        _ => respond(
-            out,
-            "404 Not Found",
-            "{\"error\":{\"code\":\"not_found\",\"message\":\"no such route\"}}",
-        ),
+        _ => respond(out, "404 Not Found", "{\"error\":{\"code\":\"not_found\",\"message\":\"no such route\"}}"),
     }
 }
 
@@ -391,13 +360,7 @@ async fn api_conn(hub: Rc<Hub>, mut stream: TcpStream) {
                 break;
             }
             let body = &rx[off + head..off + head + len];
-            handle_api(
-                &hub,
-                req.method.unwrap_or(""),
-                req.path.unwrap_or(""),
-                body,
-                &mut out,
-            );
+            handle_api(&hub, req.method.unwrap_or(""), req.path.unwrap_or(""), body, &mut out);
             off += head + len;
         }
         rx.drain(..off);
@@ -428,35 +391,21 @@ impl WireServer {
                 None => ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
             };
             let mut cmd = Command::new(&exe);
-            cmd.args([
-                "wire-server",
-                "--listen-client",
-                &client,
-                "--listen-api",
-                &api,
-            ]);
+            cmd.args(["wire-server", "--listen-client", &client, "--listen-api", &api]);
             if let Some(p) = pin {
                 cmd.args(["--pin", &p.to_string()]);
             }
-            let mut child = cmd
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()?;
+            let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn()?;
             let stdout = child.stdout.take().ok_or(io::Error::other("no stdout"))?;
             let mut line = String::new();
             io::BufReader::new(stdout).read_line(&mut line)?;
-            let got: WireAddrs = serde_json::from_str(line.trim()).map_err(|e| {
-                io::Error::other(format!("wire-limit server did not start: {e}: {line:?}"))
-            })?;
+            let got: WireAddrs = serde_json::from_str(line.trim())
+                .map_err(|e| io::Error::other(format!("wire-limit server did not start: {e}: {line:?}")))?;
             addrs.get_or_insert(got);
             let stdin = child.stdin.take();
             children.push((child, stdin));
         }
-        Ok(WireServer {
-            addrs: addrs.ok_or(io::Error::other("no wire-limit process"))?,
-            children,
-        })
+        Ok(WireServer { addrs: addrs.ok_or(io::Error::other("no wire-limit process"))?, children })
     }
 
     pub fn pids(&self) -> Vec<u32> {

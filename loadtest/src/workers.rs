@@ -37,11 +37,7 @@ pub fn split(spec: &FleetSpec, parts: usize) -> Vec<FleetSpec> {
         let mut s = spec.clone();
         s.first = first;
         s.count = count;
-        s.connect_rate = if spec.count > 0 {
-            spec.connect_rate * count as f64 / spec.count as f64
-        } else {
-            0.0
-        };
+        s.connect_rate = if spec.count > 0 { spec.connect_rate * count as f64 / spec.count as f64 } else { 0.0 };
         first += count;
         out.push(s);
     }
@@ -56,10 +52,7 @@ impl Fleet {
             return Ok(vec![Fleet::Local(LocalFleet::start(spec.clone())?)]);
         }
         let n = spec.count.div_ceil(per_process_max.max(1)) as usize;
-        split(spec, n)
-            .into_iter()
-            .map(|s| RemoteFleet::start(&s).map(Fleet::Remote))
-            .collect()
+        split(spec, n).into_iter().map(|s| RemoteFleet::start(&s).map(Fleet::Remote)).collect()
     }
 
     pub fn progress(&self) -> FleetProgress {
@@ -116,32 +109,24 @@ impl RemoteFleet {
         stdin.flush()?;
         let state = Arc::new(Mutex::new(RemoteState::default()));
         let st = state.clone();
-        std::thread::Builder::new()
-            .name("lt-worker-rx".into())
-            .spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    let msg = serde_json::from_str::<WorkerMsg>(&line);
-                    let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
-                    match msg {
-                        Ok(WorkerMsg::Progress(p)) => {
-                            s.interval
-                                .get_or_insert_with(Hist::new)
-                                .add_data(&p.interval_latency);
-                            s.progress = p;
-                        }
-                        Ok(WorkerMsg::Final(r)) => s.report = Some(r),
-                        Ok(WorkerMsg::Error(e)) => s.error = Some(e),
-                        Err(e) => s.error = Some(format!("worker said {line:?}: {e}")),
+        std::thread::Builder::new().name("lt-worker-rx".into()).spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let msg = serde_json::from_str::<WorkerMsg>(&line);
+                let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
+                match msg {
+                    Ok(WorkerMsg::Progress(p)) => {
+                        s.interval.get_or_insert_with(Hist::new).add_data(&p.interval_latency);
+                        s.progress = p;
                     }
+                    Ok(WorkerMsg::Final(r)) => s.report = Some(r),
+                    Ok(WorkerMsg::Error(e)) => s.error = Some(e),
+                    Err(e) => s.error = Some(format!("worker said {line:?}: {e}")),
                 }
-                st.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
-            })?;
-        Ok(RemoteFleet {
-            child,
-            stdin: Some(stdin),
-            state,
-        })
+            }
+            st.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
+        })?;
+        Ok(RemoteFleet { child, stdin: Some(stdin), state })
     }
 
     fn progress(&self) -> FleetProgress {
@@ -165,14 +150,8 @@ impl RemoteFleet {
                     return r;
                 }
                 if s.ended || Instant::now() > deadline {
-                    let why = s
-                        .error
-                        .clone()
-                        .unwrap_or_else(|| "worker ended without a report".into());
-                    let mut r = FleetReport {
-                        counters: s.progress.counters.clone(),
-                        ..Default::default()
-                    };
+                    let why = s.error.clone().unwrap_or_else(|| "worker ended without a report".into());
+                    let mut r = FleetReport { counters: s.progress.counters.clone(), ..Default::default() };
                     r.failures.insert(format!("worker lost: {why}"), 1);
                     drop(s);
                     let _ = self.child.kill();
@@ -274,10 +253,7 @@ mod tests {
             pin: None,
         };
         let parts = split(&spec, 3);
-        assert_eq!(
-            parts.iter().map(|p| (p.first, p.count)).collect::<Vec<_>>(),
-            vec![(0, 4), (4, 3), (7, 3)]
-        );
+        assert_eq!(parts.iter().map(|p| (p.first, p.count)).collect::<Vec<_>>(), vec![(0, 4), (4, 3), (7, 3)]);
         let rate: f64 = parts.iter().map(|p| p.connect_rate).sum();
         assert!((rate - 100.0).abs() < 1e-9);
     }

@@ -48,10 +48,7 @@ pub fn parse(buf: &mut [u8]) -> Result<Option<Parsed>, FrameError> {
         return Err(FrameError::Reserved);
     }
     let opcode = b0 & 0x0F;
-    if !matches!(
-        opcode,
-        OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
-    ) {
+    if !matches!(opcode, OP_CONT | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG) {
         return Err(FrameError::Reserved);
     }
     let masked = b1 & 0x80 != 0;
@@ -92,12 +89,7 @@ pub fn parse(buf: &mut [u8]) -> Result<Option<Parsed>, FrameError> {
     if let Some(m) = mask {
         apply_mask(&mut buf[at..at + len], m);
     }
-    Ok(Some(Parsed {
-        fin: b0 & 0x80 != 0,
-        opcode,
-        payload: at..at + len,
-        len: at + len,
-    }))
+    Ok(Some(Parsed { fin: b0 & 0x80 != 0, opcode, payload: at..at + len, len: at + len }))
 }
 
 fn apply_mask(data: &mut [u8], m: [u8; 4]) {
@@ -170,9 +162,10 @@ pub fn check_response(buf: &[u8], key: &str) -> Upgrade {
                 return Upgrade::Refused(format!("handshake: http {code}"));
             }
             let want = tungstenite::handshake::derive_accept_key(key.as_bytes());
-            let ok = resp.headers.iter().any(|h| {
-                h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == want.as_bytes()
-            });
+            let ok = resp
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept") && h.value == want.as_bytes());
             if ok {
                 Upgrade::Accepted { len }
             } else {
@@ -204,11 +197,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<ClientUpgrade>, String> {
                 .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
                 .map(|h| String::from_utf8_lossy(h.value).into_owned())
                 .ok_or("no Sec-WebSocket-Key")?;
-            Ok(Some(ClientUpgrade {
-                path: req.path.unwrap_or("/").to_owned(),
-                key,
-                len,
-            }))
+            Ok(Some(ClientUpgrade { path: req.path.unwrap_or("/").to_owned(), key, len }))
         }
     }
 }
@@ -275,14 +264,8 @@ mod tests {
         assert_eq!(query_param(&up.path, "x"), None);
         let resp = server_response(&key);
         assert_eq!(check_response(&resp[..10], &key), Upgrade::Partial);
-        assert_eq!(
-            check_response(&resp, &key),
-            Upgrade::Accepted { len: resp.len() }
-        );
-        assert!(matches!(
-            check_response(&resp, "other"),
-            Upgrade::Refused(_)
-        ));
+        assert_eq!(check_response(&resp, &key), Upgrade::Accepted { len: resp.len() });
+        assert!(matches!(check_response(&resp, "other"), Upgrade::Refused(_)));
         assert_eq!(
             check_response(b"HTTP/1.1 401 Unauthorized\r\n\r\n", &key),
             Upgrade::Refused("handshake: http 401".into())

@@ -21,11 +21,7 @@ fn run(args: &[&str], results: &Path) -> Value {
         .expect("run ether-loadtest");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "ether-loadtest {args:?} failed ({}):\n{stderr}\n{stdout}",
-        out.status
-    );
+    assert!(out.status.success(), "ether-loadtest {args:?} failed ({}):\n{stderr}\n{stdout}", out.status);
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|e| panic!("bad summary {last:?}: {e}\n{stderr}"))
 }
@@ -56,36 +52,20 @@ fn assert_recorded(v: &Value, results: &Path, scenario: &str) {
     for f in ["result.json", "summary.md", "latency.svg", "throughput.svg"] {
         assert!(dir.join(f).is_file(), "{} missing", f);
     }
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
     assert_eq!(r["scenario"], scenario);
     assert!(r["command"].as_array().is_some_and(|c| !c.is_empty()));
     assert!(r["machine"]["cores"].as_u64().unwrap() >= 1);
     let svg = std::fs::read_to_string(dir.join("throughput.svg")).unwrap();
     assert!(svg.starts_with("<svg"));
     let readme = std::fs::read_to_string(results.join("README.md")).unwrap();
-    assert!(
-        readme.contains(&format!("| {scenario} |")),
-        "no {scenario} row in\n{readme}"
-    );
+    assert!(readme.contains(&format!("| {scenario} |")), "no {scenario} row in\n{readme}");
 }
 
 #[test]
 fn idle_against_wire_limit() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = run(
-        &[
-            "idle",
-            "--wire-only",
-            "--connections",
-            "200",
-            "--rate",
-            "2000",
-            "--hold",
-            "1s",
-        ],
-        tmp.path(),
-    );
+    let v = run(&["idle", "--wire-only", "--connections", "200", "--rate", "2000", "--hold", "1s"], tmp.path());
     assert_all_connected(&v, 200);
     assert_recorded(&v, tmp.path(), "idle");
 }
@@ -117,35 +97,12 @@ fn idle_through_worker_processes_and_source_addresses() {
 #[test]
 fn unicast_and_batch_against_wire_limit() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = run(
-        &[
-            "unicast",
-            "--wire-only",
-            "--connections",
-            "100",
-            "--rate",
-            "1000",
-            "--duration",
-            "2s",
-        ],
-        tmp.path(),
-    );
+    let v = run(&["unicast", "--wire-only", "--connections", "100", "--rate", "1000", "--duration", "2s"], tmp.path());
     assert_all_connected(&v, 100);
     assert_no_loss(&v, 2000);
     assert_recorded(&v, tmp.path(), "unicast");
     let v = run(
-        &[
-            "batch",
-            "--wire-only",
-            "--connections",
-            "100",
-            "--rate",
-            "1000",
-            "--duration",
-            "2s",
-            "--batch-size",
-            "25",
-        ],
+        &["batch", "--wire-only", "--connections", "100", "--rate", "1000", "--duration", "2s", "--batch-size", "25"],
         tmp.path(),
     );
     assert_all_connected(&v, 100);
@@ -173,9 +130,7 @@ fn unicast_against_an_existing_node_with_workers_and_wire_limit() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let pid = child.id().to_string();
     let _server = Server(child);
     let addrs: Value = serde_json::from_str(&line).unwrap();
@@ -266,48 +221,20 @@ fn failed_connections_fail_loudly() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("20 of 20 terminals failed to connect") && stderr.contains("refused"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("20 of 20 terminals failed to connect") && stderr.contains("refused"), "{stderr}");
 }
 
 #[test]
 fn against_spawned_engine() {
     if std::env::var("ETHER_LOADTEST_ENGINE").ok().as_deref() != Some("1") {
-        eprintln!(
-            "skipped: set ETHER_LOADTEST_ENGINE=1 to run the scenarios against `ether serve`"
-        );
+        eprintln!("skipped: set ETHER_LOADTEST_ENGINE=1 to run the scenarios against `ether serve`");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let v = run(
-        &[
-            "idle",
-            "--spawn",
-            "--shards",
-            "2",
-            "--connections",
-            "200",
-            "--hold",
-            "1s",
-        ],
-        tmp.path(),
-    );
+    let v = run(&["idle", "--spawn", "--shards", "2", "--connections", "200", "--hold", "1s"], tmp.path());
     assert_all_connected(&v, 200);
     let v = run(
-        &[
-            "unicast",
-            "--spawn",
-            "--shards",
-            "2",
-            "--connections",
-            "100",
-            "--rate",
-            "1000",
-            "--duration",
-            "2s",
-        ],
+        &["unicast", "--spawn", "--shards", "2", "--connections", "100", "--rate", "1000", "--duration", "2s"],
         tmp.path(),
     );
     assert_all_connected(&v, 100);

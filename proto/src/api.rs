@@ -15,24 +15,14 @@ pub const BATCH_MESSAGES_MAX: usize = 1000;
 
 /// Parses a JSON request body into `T`, mapping errors to the public codes.
 pub fn parse_request<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidJson,
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("request body is not valid JSON: {e}")))?;
     if !value.is_object() {
-        return Err(ApiError::new(
-            ErrorCode::InvalidBody,
-            "request body must be a JSON object",
-        ));
+        return Err(ApiError::new(ErrorCode::InvalidBody, "request body must be a JSON object"));
     }
     serde_path_to_error::deserialize(&value).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::new(
-            ErrorCode::InvalidBody,
-            format!("{path}: {}", e.into_inner()),
-        )
+        ApiError::new(ErrorCode::InvalidBody, format!("{path}: {}", e.into_inner()))
     })
 }
 
@@ -171,57 +161,32 @@ mod tests {
         assert_eq!(e.code, ErrorCode::InvalidJson);
         let e = parse_request::<SendMessage>(b"[]").unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidBody);
-        let e = parse_request::<SendMessage>(br#"{"from":"a","to":"b","kind":"gif","body":{}}"#)
-            .unwrap_err();
+        let e = parse_request::<SendMessage>(br#"{"from":"a","to":"b","kind":"gif","body":{}}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidBody);
         assert!(e.message.starts_with("kind"), "{}", e.message);
-        let e =
-            parse_request::<SendMessage>(br#"{"from":"a","kind":"text","body":{}}"#).unwrap_err();
+        let e = parse_request::<SendMessage>(br#"{"from":"a","kind":"text","body":{}}"#).unwrap_err();
         assert!(e.message.contains("to"), "{}", e.message);
     }
 
     #[test]
     fn send_message_validation() {
-        let m: SendMessage =
-            parse_request(br#"{"from":"a","to":"b","kind":"text","body":{"text":"hi"}}"#).unwrap();
+        let m: SendMessage = parse_request(br#"{"from":"a","to":"b","kind":"text","body":{"text":"hi"}}"#).unwrap();
         m.validate("").unwrap();
-        let bad = SendMessage {
-            from: "a b".into(),
-            ..m.clone()
-        };
+        let bad = SendMessage { from: "a b".into(), ..m.clone() };
         assert!(bad.validate("").unwrap_err().message.starts_with("from"));
-        let bad = SendMessage {
-            body: json!({"text": 1}),
-            ..m.clone()
-        };
-        assert!(bad
-            .validate("messages[1].")
-            .unwrap_err()
-            .message
-            .starts_with("messages[1].body.text"));
-        let bad = SendMessage {
-            cid: Some(String::new()),
-            ..m
-        };
+        let bad = SendMessage { body: json!({"text": 1}), ..m.clone() };
+        assert!(bad.validate("messages[1].").unwrap_err().message.starts_with("messages[1].body.text"));
+        let bad = SendMessage { cid: Some(String::new()), ..m };
         assert!(bad.validate("").unwrap_err().message.starts_with("cid"));
     }
 
     #[test]
     fn batch_result_shapes() {
-        let ok = BatchResult::Sent(SentMessage {
-            id: "9".into(),
-            ts: 1,
-        });
+        let ok = BatchResult::Sent(SentMessage { id: "9".into(), ts: 1 });
         assert_eq!(serde_json::to_value(&ok).unwrap(), json!({"id":"9","ts":1}));
         let err = BatchResult::Failed {
-            error: crate::error::ErrorDetail {
-                code: ErrorCode::InvalidBody,
-                message: "m".into(),
-            },
+            error: crate::error::ErrorDetail { code: ErrorCode::InvalidBody, message: "m".into() },
         };
-        assert_eq!(
-            serde_json::to_value(&err).unwrap(),
-            json!({"error":{"code":"invalid_body","message":"m"}})
-        );
+        assert_eq!(serde_json::to_value(&err).unwrap(), json!({"error":{"code":"invalid_body","message":"m"}}));
     }
 }

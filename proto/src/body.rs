@@ -90,24 +90,14 @@ struct CustomBody {
 fn shape<'de, T: Deserialize<'de>>(prefix: &str, body: &'de Value) -> Result<T, BodyError> {
     serde_path_to_error::deserialize(body).map_err(|e| {
         let inner = e.path().to_string();
-        let path = if inner == "." || inner.is_empty() {
-            prefix.to_owned()
-        } else {
-            format!("{prefix}.{inner}")
-        };
-        BodyError {
-            path,
-            reason: e.into_inner().to_string(),
-        }
+        let path = if inner == "." || inner.is_empty() { prefix.to_owned() } else { format!("{prefix}.{inner}") };
+        BodyError { path, reason: e.into_inner().to_string() }
     })
 }
 
 fn bounded(path: String, s: &str, max: usize) -> Result<(), BodyError> {
     if s.len() > max {
-        return Err(BodyError {
-            path,
-            reason: format!("longer than {max} bytes"),
-        });
+        return Err(BodyError { path, reason: format!("longer than {max} bytes") });
     }
     Ok(())
 }
@@ -116,10 +106,7 @@ fn url(prefix: &str, s: &str) -> Result<(), BodyError> {
     let path = format!("{prefix}.url");
     bounded(path.clone(), s, MEDIA_STRING_BYTES_MAX)?;
     if s.is_empty() {
-        return Err(BodyError {
-            path,
-            reason: "must not be empty".into(),
-        });
+        return Err(BodyError { path, reason: "must not be empty".into() });
     }
     Ok(())
 }
@@ -128,20 +115,14 @@ fn url(prefix: &str, s: &str) -> Result<(), BodyError> {
 /// `messages[3].body`).
 pub fn validate(prefix: &str, kind: Kind, body: &Value) -> Result<(), BodyError> {
     if !body.is_object() {
-        return Err(BodyError {
-            path: prefix.to_owned(),
-            reason: "must be an object".into(),
-        });
+        return Err(BodyError { path: prefix.to_owned(), reason: "must be an object".into() });
     }
     match kind {
         Kind::Text => {
             let b: TextBody = shape(prefix, body)?;
             bounded(format!("{prefix}.text"), &b.text, TEXT_BYTES_MAX)?;
             if b.text.is_empty() {
-                return Err(BodyError {
-                    path: format!("{prefix}.text"),
-                    reason: "must not be empty".into(),
-                });
+                return Err(BodyError { path: format!("{prefix}.text"), reason: "must not be empty".into() });
             }
         }
         Kind::Image => {
@@ -153,10 +134,7 @@ pub fn validate(prefix: &str, kind: Kind, body: &Value) -> Result<(), BodyError>
             url(prefix, &b.url)?;
             bounded(format!("{prefix}.name"), &b.name, MEDIA_STRING_BYTES_MAX)?;
             if b.name.is_empty() {
-                return Err(BodyError {
-                    path: format!("{prefix}.name"),
-                    reason: "must not be empty".into(),
-                });
+                return Err(BodyError { path: format!("{prefix}.name"), reason: "must not be empty".into() });
             }
             if let Some(m) = &b.mime {
                 bounded(format!("{prefix}.mime"), m, MEDIA_STRING_BYTES_MAX)?;
@@ -168,9 +146,7 @@ pub fn validate(prefix: &str, kind: Kind, body: &Value) -> Result<(), BodyError>
         }
         Kind::Custom => {
             let b: CustomBody = shape(prefix, body)?;
-            let len = serde_json::to_vec(&b.data)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
+            let len = serde_json::to_vec(&b.data).map(|v| v.len()).unwrap_or(usize::MAX);
             if len > CUSTOM_BYTES_MAX {
                 return Err(BodyError {
                     path: format!("{prefix}.data"),
@@ -194,24 +170,10 @@ mod tests {
     #[test]
     fn valid_bodies() {
         validate("body", Kind::Text, &json!({"text": "hi"})).unwrap();
-        validate(
-            "body",
-            Kind::Image,
-            &json!({"url": "https://x/y.png", "width": 10, "height": 5}),
-        )
-        .unwrap();
-        validate(
-            "body",
-            Kind::File,
-            &json!({"url": "https://x/f", "name": "f.pdf", "mime": "application/pdf"}),
-        )
-        .unwrap();
-        validate(
-            "body",
-            Kind::Voice,
-            &json!({"url": "https://x/v", "duration_ms": 1200}),
-        )
-        .unwrap();
+        validate("body", Kind::Image, &json!({"url": "https://x/y.png", "width": 10, "height": 5})).unwrap();
+        validate("body", Kind::File, &json!({"url": "https://x/f", "name": "f.pdf", "mime": "application/pdf"}))
+            .unwrap();
+        validate("body", Kind::Voice, &json!({"url": "https://x/v", "duration_ms": 1200})).unwrap();
         validate("body", Kind::Custom, &json!({"data": {"any": [1, 2]}})).unwrap();
     }
 
@@ -221,29 +183,18 @@ mod tests {
         assert!(err(Kind::Text, json!({})).reason.contains("text"));
         assert_eq!(err(Kind::Text, json!({"text": 5})).path, "body.text");
         assert_eq!(err(Kind::Text, json!({"text": ""})).path, "body.text");
-        assert_eq!(
-            err(Kind::Text, json!({"text": "x".repeat(TEXT_BYTES_MAX + 1)})).path,
-            "body.text"
-        );
-        assert_eq!(
-            err(Kind::Voice, json!({"url": "u", "duration_ms": -1})).path,
-            "body.duration_ms"
-        );
+        assert_eq!(err(Kind::Text, json!({"text": "x".repeat(TEXT_BYTES_MAX + 1)})).path, "body.text");
+        assert_eq!(err(Kind::Voice, json!({"url": "u", "duration_ms": -1})).path, "body.duration_ms");
         assert_eq!(err(Kind::Image, json!({"url": ""})).path, "body.url");
         assert_eq!(err(Kind::File, json!({"url": "u"})).path, "body");
         assert_eq!(err(Kind::Text, json!("hi")).path, "body");
-        assert_eq!(
-            err(Kind::Custom, json!({"data": "x".repeat(CUSTOM_BYTES_MAX)})).path,
-            "body.data"
-        );
+        assert_eq!(err(Kind::Custom, json!({"data": "x".repeat(CUSTOM_BYTES_MAX)})).path, "body.data");
         let e = validate("messages[2].body", Kind::Image, &json!({"url": 1})).unwrap_err();
         assert_eq!(e.path, "messages[2].body.url");
     }
 
     #[test]
     fn unknown_fields_are_rejected() {
-        assert!(err(Kind::Text, json!({"text": "a", "txt": "b"}))
-            .reason
-            .contains("txt"));
+        assert!(err(Kind::Text, json!({"text": "a", "txt": "b"})).reason.contains("txt"));
     }
 }

@@ -71,23 +71,14 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            message: message.into(),
-        }
+        ApiError { code, message: message.into() }
     }
 
     /// `{"error":{"code":…,"message":…}}`
     pub fn to_json(&self) -> Vec<u8> {
-        let body = ErrorEnvelope {
-            error: ErrorDetail {
-                code: self.code,
-                message: self.message.clone(),
-            },
-        };
-        serde_json::to_vec(&body).unwrap_or_else(|_| {
-            b"{\"error\":{\"code\":\"internal\",\"message\":\"encode\"}}".to_vec()
-        })
+        let body = ErrorEnvelope { error: ErrorDetail { code: self.code, message: self.message.clone() } };
+        serde_json::to_vec(&body)
+            .unwrap_or_else(|_| b"{\"error\":{\"code\":\"internal\",\"message\":\"encode\"}}".to_vec())
     }
 }
 

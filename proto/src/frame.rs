@@ -145,8 +145,7 @@ const CLIENT_TYPES: [&str; 5] = ["ack", "sync", "send", "read", "ping"];
 impl ClientFrame {
     /// Parses one terminal frame, telling apart bad JSON, an unknown `type` and a bad shape.
     pub fn parse(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
-        let value: Value =
-            serde_json::from_slice(bytes).map_err(|e| FrameError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| FrameError::Json(e.to_string()))?;
         let ty = match value.get("type") {
             Some(Value::String(t)) => t.clone(),
             Some(_) => return Err(FrameError::Shape("type: must be a string".into())),
@@ -185,82 +184,37 @@ mod tests {
         let v: Value = serde_json::from_str(&w.to_json()).unwrap();
         assert_eq!(v["type"], "welcome");
         assert_eq!(v["inbox_seq"], 4);
-        let e = ServerFrame::Error {
-            code: ErrorCode::InvalidJson,
-            message: "m".into(),
-            reference: Some("c1".into()),
-        };
+        let e = ServerFrame::Error { code: ErrorCode::InvalidJson, message: "m".into(), reference: Some("c1".into()) };
         let v: Value = serde_json::from_str(&e.to_json()).unwrap();
-        assert_eq!(
-            v,
-            json!({"type":"error","code":"invalid_json","message":"m","ref":"c1"})
-        );
-        let r = ServerFrame::ReadSync {
-            chat: "u:b".into(),
-            seq: 3,
-        };
-        assert_eq!(
-            serde_json::from_str::<Value>(&r.to_json()).unwrap()["type"],
-            "read_sync"
-        );
+        assert_eq!(v, json!({"type":"error","code":"invalid_json","message":"m","ref":"c1"}));
+        let r = ServerFrame::ReadSync { chat: "u:b".into(), seq: 3 };
+        assert_eq!(serde_json::from_str::<Value>(&r.to_json()).unwrap()["type"], "read_sync");
         assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
     }
 
     #[test]
     fn client_frames_parse() {
-        assert_eq!(
-            ClientFrame::parse(br#"{"type":"ping"}"#).unwrap(),
-            ClientFrame::Ping
-        );
-        assert_eq!(
-            ClientFrame::parse(br#"{"type":"ack","seq":7}"#).unwrap(),
-            ClientFrame::Ack {
-                seq: 7,
-                group: None
-            }
-        );
-        assert!(matches!(
-            ClientFrame::parse(b"{nope"),
-            Err(FrameError::Json(_))
-        ));
-        assert!(matches!(
-            ClientFrame::parse(br#"{"type":"dance"}"#),
-            Err(FrameError::UnknownType(_))
-        ));
-        assert!(matches!(
-            ClientFrame::parse(br#"{"type":"ack"}"#),
-            Err(FrameError::Shape(_))
-        ));
-        assert!(matches!(
-            ClientFrame::parse(br#"[1]"#),
-            Err(FrameError::Shape(_))
-        ));
+        assert_eq!(ClientFrame::parse(br#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
+        assert_eq!(ClientFrame::parse(br#"{"type":"ack","seq":7}"#).unwrap(), ClientFrame::Ack { seq: 7, group: None });
+        assert!(matches!(ClientFrame::parse(b"{nope"), Err(FrameError::Json(_))));
+        assert!(matches!(ClientFrame::parse(br#"{"type":"dance"}"#), Err(FrameError::UnknownType(_))));
+        assert!(matches!(ClientFrame::parse(br#"{"type":"ack"}"#), Err(FrameError::Shape(_))));
+        assert!(matches!(ClientFrame::parse(br#"[1]"#), Err(FrameError::Shape(_))));
     }
 
     fn arb_client_frame() -> impl Strategy<Value = ClientFrame> {
         prop_oneof![
             Just(ClientFrame::Ping),
-            (any::<u64>(), proptest::option::of("[a-z]{1,8}"))
-                .prop_map(|(seq, group)| ClientFrame::Ack { seq, group }),
+            (any::<u64>(), proptest::option::of("[a-z]{1,8}")).prop_map(|(seq, group)| ClientFrame::Ack { seq, group }),
             ("[a-z:]{1,12}", any::<u64>()).prop_map(|(chat, seq)| ClientFrame::Read { chat, seq }),
             (
                 any::<u64>(),
                 proptest::collection::btree_map("[a-z]{1,8}", any::<u64>(), 0..4),
                 proptest::option::of(any::<u32>())
             )
-                .prop_map(|(inbox_seq, groups, limit)| ClientFrame::Sync {
-                    inbox_seq,
-                    groups,
-                    limit
-                }),
+                .prop_map(|(inbox_seq, groups, limit)| ClientFrame::Sync { inbox_seq, groups, limit }),
             ("[a-z0-9]{1,16}", "[a-z]{1,8}", ".{0,40}").prop_map(|(cid, to, text)| {
-                ClientFrame::Send {
-                    cid,
-                    to: Some(to),
-                    group: None,
-                    kind: Kind::Text,
-                    body: json!({"text": text}),
-                }
+                ClientFrame::Send { cid, to: Some(to), group: None, kind: Kind::Text, body: json!({"text": text}) }
             }),
         ]
     }

@@ -75,10 +75,7 @@ impl Seen {
     const MAX: usize = 10_000;
 
     fn new() -> Seen {
-        Seen {
-            set: HashSet::new(),
-            order: VecDeque::new(),
-        }
+        Seen { set: HashSet::new(), order: VecDeque::new() }
     }
 
     /// Whether `id` is new (and remember it).
@@ -161,11 +158,7 @@ impl Session {
             ServerFrame::Sent { cid, id, seq, .. } => {
                 println!("  (sent {cid}: id {id}, #{seq})")
             }
-            ServerFrame::Error {
-                code,
-                message,
-                reference,
-            } => match reference {
+            ServerFrame::Error { code, message, reference } => match reference {
                 Some(r) => println!("! error {code} ({r}): {message}"),
                 None => println!("! error {code}: {message}"),
             },
@@ -175,12 +168,9 @@ impl Session {
             ServerFrame::ReadSync { chat, seq } => {
                 println!("[{chat}] read up to #{seq} on another device")
             }
-            ServerFrame::Synced {
-                inbox_seq, more, ..
-            } => println!(
-                "  (synced to inbox #{inbox_seq}{})",
-                if more { ", more" } else { "" }
-            ),
+            ServerFrame::Synced { inbox_seq, more, .. } => {
+                println!("  (synced to inbox #{inbox_seq}{})", if more { ", more" } else { "" })
+            }
             ServerFrame::Kicked { reason } => println!("kicked: {reason}"),
             ServerFrame::Reconnect { after_ms } => {
                 println!("the node is draining: reconnect after {after_ms} ms")
@@ -244,11 +234,7 @@ fn run(args: Args) -> Result<(), SdkError> {
         let _ = tx.send(Input::Eof);
     });
 
-    let mut s = Session {
-        client,
-        seen: Seen::new(),
-        acked: HashMap::new(),
-    };
+    let mut s = Session { client, seen: Seen::new(), acked: HashMap::new() };
     let ping_every = Duration::from_secs(args.ping_s.max(1));
     let mut next_ping = Instant::now() + ping_every;
     while !stop.load(Ordering::SeqCst) {
@@ -300,10 +286,7 @@ mod tests {
 
     #[test]
     fn lines() {
-        assert_eq!(
-            parse_line("@bob hello there"),
-            Some((Some("bob"), None, "hello there"))
-        );
+        assert_eq!(parse_line("@bob hello there"), Some((Some("bob"), None, "hello there")));
         assert_eq!(parse_line("  #team  hi "), Some((None, Some("team"), "hi")));
         assert_eq!(parse_line("@bob"), None);
         assert_eq!(parse_line("@ hi"), None);
@@ -323,15 +306,8 @@ mod tests {
             ts: 0,
         };
         assert_eq!(format_msg(&m), "[u:alice #12] alice: hello");
-        let v = Msg {
-            kind: Kind::Voice,
-            body: serde_json::json!({"url": "https://x/v", "duration_ms": 1500}),
-            ..m
-        };
-        assert_eq!(
-            format_msg(&v),
-            "[u:alice #12] alice: [voice 1.5s https://x/v]"
-        );
+        let v = Msg { kind: Kind::Voice, body: serde_json::json!({"url": "https://x/v", "duration_ms": 1500}), ..m };
+        assert_eq!(format_msg(&v), "[u:alice #12] alice: [voice 1.5s https://x/v]");
         let mut seen = Seen::new();
         assert!(seen.insert("a"));
         assert!(!seen.insert("a"));

@@ -66,9 +66,7 @@ impl From<tungstenite::Error> for SdkError {
     fn from(e: tungstenite::Error) -> Self {
         match e {
             tungstenite::Error::Io(io) => SdkError::Io(io),
-            tungstenite::Error::Http(resp) => SdkError::Rejected {
-                status: resp.status().as_u16(),
-            },
+            tungstenite::Error::Http(resp) => SdkError::Rejected { status: resp.status().as_u16() },
             other => SdkError::Ws(Box::new(other)),
         }
     }

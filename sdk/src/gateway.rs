@@ -27,8 +27,8 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use ether_proto::api::{
-    BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendBatch, SendMessage,
-    SentMessage, TokenRequest, TokenResponse,
+    BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendBatch, SendMessage, SentMessage,
+    TokenRequest, TokenResponse,
 };
 use ether_proto::error::ErrorEnvelope;
 use ether_proto::{ApiError, Kind};
@@ -64,10 +64,7 @@ pub struct RawResponse {
 impl RawResponse {
     /// The first header named `name` (ASCII case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The body as text (lossy UTF-8).
@@ -98,10 +95,7 @@ impl RawResponse {
     /// The error this (non-2xx) answer stands for.
     pub fn into_error(self) -> SdkError {
         match serde_json::from_slice::<ErrorEnvelope>(&self.body) {
-            Ok(env) => SdkError::Api {
-                status: self.status,
-                error: ApiError::new(env.error.code, env.error.message),
-            },
+            Ok(env) => SdkError::Api { status: self.status, error: ApiError::new(env.error.code, env.error.message) },
             Err(_) => SdkError::Http(self.status, self.text()),
         }
     }
@@ -110,11 +104,7 @@ impl RawResponse {
 fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, SdkError> {
     // An empty 2xx body (e.g. a `DELETE` answered `204`) decodes as JSON `null`, so callers
     // asking for a `serde_json::Value` get `Value::Null`.
-    let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"null"
-    } else {
-        body
-    };
+    let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"null" } else { body };
     serde_json::from_slice(bytes).map_err(|e| {
         let text = String::from_utf8_lossy(body);
         let snippet: String = text.chars().take(200).collect();
@@ -215,9 +205,7 @@ fn parse_base(base: &str) -> Result<Target, String> {
     let rest = if let Some(i) = base.find("://") {
         let scheme = &base[..i];
         if !scheme.eq_ignore_ascii_case("http") {
-            return Err(format!(
-                "{base:?}: only plain http:// is supported (the api port has no TLS)"
-            ));
+            return Err(format!("{base:?}: only plain http:// is supported (the api port has no TLS)"));
         }
         &base[i + 3..]
     } else {
@@ -235,16 +223,8 @@ fn parse_base(base: &str) -> Result<Target, String> {
         Some(i) => !authority[i..].contains(']'),
         None => false,
     };
-    let connect = if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    Ok(Target {
-        connect,
-        host: authority.to_owned(),
-        prefix: path.trim_end_matches('/').to_owned(),
-    })
+    let connect = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    Ok(Target { connect, host: authority.to_owned(), prefix: path.trim_end_matches('/').to_owned() })
 }
 
 /// A blocking client of the api port (business REST API).
@@ -318,12 +298,7 @@ impl GatewayClient {
     /// Sends `method path` with `body` (as is, labelled `application/json`) and returns the
     /// answer whatever its status: the way to test malformed input and error statuses.
     /// `path` may carry a query string.
-    pub fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> Result<RawResponse, SdkError> {
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<RawResponse, SdkError> {
         self.request_with_headers(method, path, &[], body)
     }
 
@@ -336,10 +311,7 @@ impl GatewayClient {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<RawResponse, SdkError> {
-        let target = self
-            .target
-            .as_ref()
-            .map_err(|e| SdkError::InvalidUrl(e.clone()))?;
+        let target = self.target.as_ref().map_err(|e| SdkError::InvalidUrl(e.clone()))?;
         let req = self.encode(target, method, path, headers, body);
         let head_only = method.eq_ignore_ascii_case("HEAD");
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
@@ -368,11 +340,7 @@ impl GatewayClient {
     }
 
     /// `POST path` with `body` as JSON, answer decoded as `T`.
-    pub fn post_json<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &impl Serialize,
-    ) -> Result<T, SdkError> {
+    pub fn post_json<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> Result<T, SdkError> {
         let bytes = to_json(body)?;
         self.request("POST", path, Some(&bytes))?.into_result()
     }
@@ -406,11 +374,7 @@ impl GatewayClient {
 
     /// `GET /v1/users/{uid}/messages`: `{messages:[…]}`.
     pub fn history(&self, uid: &str, query: &HistoryQuery) -> Result<Value, SdkError> {
-        let path = format!(
-            "/v1/users/{}/messages{}",
-            percent_encode(uid),
-            query.to_query_string()
-        );
+        let path = format!("/v1/users/{}/messages{}", percent_encode(uid), query.to_query_string());
         self.get_json(&path)
     }
 
@@ -467,36 +431,20 @@ impl GatewayClient {
     /// `POST /v1/groups/{gid}/members` `{members}`: `{added}`.
     pub fn add_members<S: AsRef<str>>(&self, gid: &str, members: &[S]) -> Result<Value, SdkError> {
         let members: Vec<&str> = members.iter().map(AsRef::as_ref).collect();
-        self.post_json(
-            &format!("/v1/groups/{}/members", percent_encode(gid)),
-            &json!({ "members": members }),
-        )
+        self.post_json(&format!("/v1/groups/{}/members", percent_encode(gid)), &json!({ "members": members }))
     }
 
     /// `DELETE /v1/groups/{gid}/members/{uid}`.
     pub fn remove_member(&self, gid: &str, uid: &str) -> Result<Value, SdkError> {
-        self.delete_json(&format!(
-            "/v1/groups/{}/members/{}",
-            percent_encode(gid),
-            percent_encode(uid)
-        ))
+        self.delete_json(&format!("/v1/groups/{}/members/{}", percent_encode(gid), percent_encode(uid)))
     }
 
     /// `GET /v1/groups/{gid}/members?cursor=&limit=`: `{members, next_cursor}`.
-    pub fn list_members(
-        &self,
-        gid: &str,
-        cursor: Option<&str>,
-        limit: Option<u32>,
-    ) -> Result<Value, SdkError> {
+    pub fn list_members(&self, gid: &str, cursor: Option<&str>, limit: Option<u32>) -> Result<Value, SdkError> {
         let mut q = Query::default();
         q.opt("cursor", cursor);
         q.opt("limit", limit);
-        self.get_json(&format!(
-            "/v1/groups/{}/members{}",
-            percent_encode(gid),
-            q.finish()
-        ))
+        self.get_json(&format!("/v1/groups/{}/members{}", percent_encode(gid), q.finish()))
     }
 
     /// `POST /v1/groups/{gid}/messages` `{from, kind, body, cid?}`: `{id, seq, ts}`.
@@ -512,28 +460,17 @@ impl GatewayClient {
         if let Some(cid) = cid {
             req["cid"] = json!(cid);
         }
-        self.post_json(
-            &format!("/v1/groups/{}/messages", percent_encode(gid)),
-            &req,
-        )
+        self.post_json(&format!("/v1/groups/{}/messages", percent_encode(gid)), &req)
     }
 
     /// `GET /v1/groups/{gid}/messages?before_seq=&after_seq=&limit=`: `{messages}`.
     pub fn group_history(&self, gid: &str, query: &HistoryQuery) -> Result<Value, SdkError> {
-        self.get_json(&format!(
-            "/v1/groups/{}/messages{}",
-            percent_encode(gid),
-            query.to_query_string()
-        ))
+        self.get_json(&format!("/v1/groups/{}/messages{}", percent_encode(gid), query.to_query_string()))
     }
 
     /// `GET /v1/groups/{gid}/messages/{id}/reads`: `{read, members}`.
     pub fn group_reads(&self, gid: &str, msg_id: &str) -> Result<Value, SdkError> {
-        self.get_json(&format!(
-            "/v1/groups/{}/messages/{}/reads",
-            percent_encode(gid),
-            percent_encode(msg_id)
-        ))
+        self.get_json(&format!("/v1/groups/{}/messages/{}/reads", percent_encode(gid), percent_encode(msg_id)))
     }
 
     // ---- plumbing --------------------------------------------------------------------------
@@ -546,18 +483,14 @@ impl GatewayClient {
                     stream.set_nodelay(true)?;
                     stream.set_read_timeout(Some(self.io_timeout))?;
                     stream.set_write_timeout(Some(self.io_timeout))?;
-                    self.connects
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return Ok(BufReader::new(stream));
                 }
                 Err(e) => last = Some(e),
             }
         }
         Err(SdkError::Io(last.unwrap_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{}: no address", target.connect),
-            )
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("{}: no address", target.connect))
         })))
     }
 
@@ -609,29 +542,18 @@ fn to_json(body: &impl Serialize) -> Result<Vec<u8>, SdkError> {
 
 fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(
-        e.kind(),
-        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected
-    )
+    matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | NotConnected)
 }
 
 /// Writes `req` and reads one answer. Returns the answer and whether the connection may be
 /// reused.
-fn exchange(
-    conn: &mut BufReader<TcpStream>,
-    req: &[u8],
-    head_only: bool,
-) -> Result<(RawResponse, bool), Failure> {
+fn exchange(conn: &mut BufReader<TcpStream>, req: &[u8], head_only: bool) -> Result<(RawResponse, bool), Failure> {
     let written = {
         let stream = conn.get_mut();
         stream.write_all(req).and_then(|()| stream.flush())
     };
     if let Err(e) = written {
-        return Err(if is_disconnect(&e) {
-            Failure::Stale(e.into())
-        } else {
-            Failure::Fatal(e.into())
-        });
+        return Err(if is_disconnect(&e) { Failure::Stale(e.into()) } else { Failure::Fatal(e.into()) });
     }
     read_response(conn, head_only)
 }
@@ -650,9 +572,7 @@ fn read_head(conn: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<bool, Failure
             return if before == 0 {
                 Ok(false)
             } else {
-                Err(Failure::Fatal(SdkError::Protocol(
-                    "connection closed inside a response head".into(),
-                )))
+                Err(Failure::Fatal(SdkError::Protocol("connection closed inside a response head".into())))
             };
         }
         if buf == b"\r\n" || buf == b"\n" {
@@ -675,10 +595,7 @@ fn protocol(msg: impl Into<String>) -> Failure {
     Failure::Fatal(SdkError::Protocol(msg.into()))
 }
 
-fn read_response(
-    conn: &mut BufReader<TcpStream>,
-    head_only: bool,
-) -> Result<(RawResponse, bool), Failure> {
+fn read_response(conn: &mut BufReader<TcpStream>, head_only: bool) -> Result<(RawResponse, bool), Failure> {
     let mut head = Vec::with_capacity(512);
     loop {
         if !read_head(conn, &mut head)? {
@@ -699,45 +616,27 @@ fn read_response(
         let headers: Vec<(String, String)> = parsed
             .headers
             .iter()
-            .map(|h| {
-                (
-                    h.name.to_owned(),
-                    String::from_utf8_lossy(h.value).trim().to_owned(),
-                )
-            })
+            .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).trim().to_owned()))
             .collect();
         // Interim answers (100 Continue, 103 Early Hints): the real one follows.
         if (100..200).contains(&status) && status != 101 {
             continue;
         }
-        let mut resp = RawResponse {
-            status,
-            headers,
-            body: Vec::new(),
-        };
+        let mut resp = RawResponse { status, headers, body: Vec::new() };
         let connection = resp.header("connection").unwrap_or("").to_ascii_lowercase();
-        let mut keep_alive = if version == 0 {
-            connection.contains("keep-alive")
-        } else {
-            !connection.contains("close")
-        };
-        let chunked = resp
-            .header("transfer-encoding")
-            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+        let mut keep_alive =
+            if version == 0 { connection.contains("keep-alive") } else { !connection.contains("close") };
+        let chunked = resp.header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
         if head_only || status == 204 || status == 304 {
             // No body.
         } else if chunked {
             resp.body = read_chunked(conn)?;
         } else if let Some(len) = resp.header("content-length") {
-            let len: usize = len
-                .parse()
-                .map_err(|_| protocol(format!("bad Content-Length {len:?}")))?;
+            let len: usize = len.parse().map_err(|_| protocol(format!("bad Content-Length {len:?}")))?;
             resp.body = vec![0; len];
-            conn.read_exact(&mut resp.body)
-                .map_err(|e| Failure::Fatal(e.into()))?;
+            conn.read_exact(&mut resp.body).map_err(|e| Failure::Fatal(e.into()))?;
         } else {
-            conn.read_to_end(&mut resp.body)
-                .map_err(|e| Failure::Fatal(e.into()))?;
+            conn.read_to_end(&mut resp.body).map_err(|e| Failure::Fatal(e.into()))?;
             keep_alive = false;
         }
         return Ok((resp, keep_alive));
@@ -746,9 +645,7 @@ fn read_response(
 
 fn read_line(conn: &mut impl BufRead) -> Result<String, Failure> {
     let mut line = Vec::new();
-    let n = conn
-        .read_until(b'\n', &mut line)
-        .map_err(|e| Failure::Fatal(e.into()))?;
+    let n = conn.read_until(b'\n', &mut line).map_err(|e| Failure::Fatal(e.into()))?;
     if n == 0 {
         return Err(protocol("connection closed inside a chunked body"));
     }
@@ -760,8 +657,7 @@ fn read_chunked(conn: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
     loop {
         let line = read_line(conn)?;
         let size = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size, 16)
-            .map_err(|_| protocol(format!("bad chunk size {line:?}")))?;
+        let size = usize::from_str_radix(size, 16).map_err(|_| protocol(format!("bad chunk size {line:?}")))?;
         if size == 0 {
             // Trailers, up to the empty line.
             while !read_line(conn)?.is_empty() {}
@@ -769,8 +665,7 @@ fn read_chunked(conn: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
         }
         let start = body.len();
         body.resize(start + size, 0);
-        conn.read_exact(&mut body[start..])
-            .map_err(|e| Failure::Fatal(e.into()))?;
+        conn.read_exact(&mut body[start..]).map_err(|e| Failure::Fatal(e.into()))?;
         if !read_line(conn)?.is_empty() {
             return Err(protocol("chunk not followed by CRLF"));
         }
@@ -784,20 +679,11 @@ mod tests {
     #[test]
     fn base_urls() {
         let t = parse_base("127.0.0.1:9001").unwrap();
-        assert_eq!(
-            (t.connect.as_str(), t.host.as_str(), t.prefix.as_str()),
-            ("127.0.0.1:9001", "127.0.0.1:9001", "")
-        );
+        assert_eq!((t.connect.as_str(), t.host.as_str(), t.prefix.as_str()), ("127.0.0.1:9001", "127.0.0.1:9001", ""));
         let t = parse_base("http://localhost:9001/").unwrap();
-        assert_eq!(
-            (t.connect.as_str(), t.prefix.as_str()),
-            ("localhost:9001", "")
-        );
+        assert_eq!((t.connect.as_str(), t.prefix.as_str()), ("localhost:9001", ""));
         let t = parse_base("HTTP://gw.local/ether/").unwrap();
-        assert_eq!(
-            (t.connect.as_str(), t.host.as_str(), t.prefix.as_str()),
-            ("gw.local:80", "gw.local", "/ether")
-        );
+        assert_eq!((t.connect.as_str(), t.host.as_str(), t.prefix.as_str()), ("gw.local:80", "gw.local", "/ether"));
         let t = parse_base("http://[::1]:9001").unwrap();
         assert_eq!(t.connect, "[::1]:9001");
         let t = parse_base("[::1]").unwrap();
@@ -812,11 +698,7 @@ mod tests {
         assert_eq!(percent_encode("a b/c?d&e=é"), "a%20b%2Fc%3Fd%26e%3D%C3%A9");
         assert_eq!(HistoryQuery::default().to_query_string(), "");
         assert_eq!(
-            HistoryQuery::default()
-                .chat("u:bob")
-                .after_seq(3)
-                .limit(10)
-                .to_query_string(),
+            HistoryQuery::default().chat("u:bob").after_seq(3).limit(10).to_query_string(),
             "?chat=u:bob&after_seq=3&limit=10"
         );
     }
@@ -845,20 +727,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let resp = RawResponse {
-            status: 502,
-            headers: vec![],
-            body: b"bad gateway".to_vec(),
-        };
+        let resp = RawResponse { status: 502, headers: vec![], body: b"bad gateway".to_vec() };
         assert!(matches!(
             resp.into_result::<Value>(),
             Err(SdkError::Http(502, ref b)) if b == "bad gateway"
         ));
-        let ok = RawResponse {
-            status: 204,
-            headers: vec![],
-            body: vec![],
-        };
+        let ok = RawResponse { status: 204, headers: vec![], body: vec![] };
         assert_eq!(ok.into_result::<Value>().unwrap(), Value::Null);
     }
 }

@@ -52,21 +52,9 @@ impl TryFrom<ServerFrame> for Welcome {
     /// The welcome's fields, or the frame back when it is not a `welcome`.
     fn try_from(frame: ServerFrame) -> Result<Self, ServerFrame> {
         match frame {
-            ServerFrame::Welcome {
-                user,
-                device,
-                session,
-                heartbeat_s,
-                inbox_seq,
-                groups,
-            } => Ok(Welcome {
-                user,
-                device,
-                session,
-                heartbeat_s,
-                inbox_seq,
-                groups,
-            }),
+            ServerFrame::Welcome { user, device, session, heartbeat_s, inbox_seq, groups } => {
+                Ok(Welcome { user, device, session, heartbeat_s, inbox_seq, groups })
+            }
             other => Err(other),
         }
     }
@@ -133,11 +121,7 @@ fn build_url(base: &str, opts: &ConnectOptions) -> Result<(String, String), SdkE
     let base = base.trim();
     let rest = match base.find("://") {
         Some(i) if base[..i].eq_ignore_ascii_case("ws") => &base[i + 3..],
-        Some(_) => {
-            return Err(SdkError::InvalidUrl(format!(
-                "{base:?}: only plain ws:// is supported"
-            )))
-        }
+        Some(_) => return Err(SdkError::InvalidUrl(format!("{base:?}: only plain ws:// is supported"))),
         None => base,
     };
     let (authority, path) = match rest.find(['/', '?']) {
@@ -147,23 +131,13 @@ fn build_url(base: &str, opts: &ConnectOptions) -> Result<(String, String), SdkE
     if authority.is_empty() {
         return Err(SdkError::InvalidUrl(format!("{base:?}: no host")));
     }
-    let has_port = authority
-        .rfind(':')
-        .is_some_and(|i| !authority[i..].contains(']'));
-    let connect = if has_port {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
+    let has_port = authority.rfind(':').is_some_and(|i| !authority[i..].contains(']'));
+    let connect = if has_port { authority.to_owned() } else { format!("{authority}:80") };
     let (path, query) = match path.split_once('?') {
         Some((p, q)) => (p, q),
         None => (path, ""),
     };
-    let path = if path.is_empty() || path == "/" {
-        "/ws"
-    } else {
-        path
-    };
+    let path = if path.is_empty() || path == "/" { "/ws" } else { path };
     let mut params: Vec<String> = Vec::new();
     if !query.is_empty() {
         params.push(query.to_owned());
@@ -193,9 +167,7 @@ fn tcp_connect(addr: &str, timeout: Duration) -> Result<TcpStream, SdkError> {
             Err(e) => last = Some(e),
         }
     }
-    Err(SdkError::Io(last.unwrap_or_else(|| {
-        std::io::Error::new(ErrorKind::NotFound, format!("{addr}: no address"))
-    })))
+    Err(SdkError::Io(last.unwrap_or_else(|| std::io::Error::new(ErrorKind::NotFound, format!("{addr}: no address")))))
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
@@ -301,17 +273,11 @@ impl TerminalClient {
         device: &str,
         platform: &str,
     ) -> Result<(TerminalClient, Welcome), SdkError> {
-        Self::connect_with(
-            url,
-            &ConnectOptions::new(token, device, platform).token_in_header(),
-        )
+        Self::connect_with(url, &ConnectOptions::new(token, device, platform).token_in_header())
     }
 
     /// Connects with `opts` and waits for the `welcome` frame, which must come first.
-    pub fn connect_with(
-        url: &str,
-        opts: &ConnectOptions,
-    ) -> Result<(TerminalClient, Welcome), SdkError> {
+    pub fn connect_with(url: &str, opts: &ConnectOptions) -> Result<(TerminalClient, Welcome), SdkError> {
         let started = Instant::now();
         let mut client = Self::connect_raw(url, opts)?;
         let left = opts.timeout.saturating_sub(started.elapsed());
@@ -321,15 +287,11 @@ impl TerminalClient {
                     client.welcome = Some(w.clone());
                     Ok((client, w))
                 }
-                Err(other) => Err(SdkError::Protocol(format!(
-                    "expected `welcome` as the first frame, got {}",
-                    other.to_json()
-                ))),
+                Err(other) => {
+                    Err(SdkError::Protocol(format!("expected `welcome` as the first frame, got {}", other.to_json())))
+                }
             },
-            None => Err(SdkError::Timeout(format!(
-                "no `welcome` frame within {:?}",
-                opts.timeout
-            ))),
+            None => Err(SdkError::Timeout(format!("no `welcome` frame within {:?}", opts.timeout))),
         }
     }
 
@@ -337,9 +299,7 @@ impl TerminalClient {
     /// or of the binary subprotocol whose frames this client does not decode).
     pub fn connect_raw(url: &str, opts: &ConnectOptions) -> Result<TerminalClient, SdkError> {
         let (url, addr) = build_url(url, opts)?;
-        let uri: tungstenite::http::Uri = url
-            .parse()
-            .map_err(|e| SdkError::InvalidUrl(format!("{url:?}: {e}")))?;
+        let uri: tungstenite::http::Uri = url.parse().map_err(|e| SdkError::InvalidUrl(format!("{url:?}: {e}")))?;
         let mut req = ClientRequestBuilder::new(uri);
         if let (Some(token), true) = (&opts.token, opts.token_in_header) {
             req = req.with_header("Authorization", format!("Bearer {token}"));
@@ -353,31 +313,16 @@ impl TerminalClient {
         let tcp = tcp_connect(&addr, opts.timeout)?;
         tcp.set_nodelay(true)?;
         tcp.set_write_timeout(Some(DEFAULT_WRITE_TIMEOUT))?;
-        let stream = Stream {
-            tcp,
-            deadline: Some(Instant::now() + opts.timeout),
-        };
+        let stream = Stream { tcp, deadline: Some(Instant::now() + opts.timeout) };
         let (ws, resp) = match tungstenite::client::client_with_config(req, stream, None) {
             Ok(ok) => ok,
             Err(HandshakeError::Failure(e)) => return Err(e.into()),
             Err(HandshakeError::Interrupted(_)) => {
-                return Err(SdkError::Timeout(format!(
-                    "websocket upgrade not answered within {:?}",
-                    opts.timeout
-                )))
+                return Err(SdkError::Timeout(format!("websocket upgrade not answered within {:?}", opts.timeout)))
             }
         };
-        let subprotocol = resp
-            .headers()
-            .get("sec-websocket-protocol")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        Ok(TerminalClient {
-            ws,
-            welcome: None,
-            subprotocol,
-            closed: None,
-        })
+        let subprotocol = resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Ok(TerminalClient { ws, welcome: None, subprotocol, closed: None })
     }
 
     /// The `welcome` received on connect (`None` after [`TerminalClient::connect_raw`]).
@@ -406,18 +351,14 @@ impl TerminalClient {
     }
 
     fn closed_error(&self) -> Option<SdkError> {
-        self.closed.as_ref().map(|(code, reason)| SdkError::Closed {
-            code: *code,
-            reason: reason.clone(),
-        })
+        self.closed.as_ref().map(|(code, reason)| SdkError::Closed { code: *code, reason: reason.clone() })
     }
 
     fn mark_closed(&mut self, code: Option<u16>, reason: String) -> SdkError {
         if self.closed.is_none() {
             self.closed = Some((code, reason));
         }
-        self.closed_error()
-            .unwrap_or_else(|| SdkError::Protocol("closed".into()))
+        self.closed_error().unwrap_or_else(|| SdkError::Protocol("closed".into()))
     }
 
     /// Maps a tungstenite error, recording the end of the connection.
@@ -502,10 +443,9 @@ impl TerminalClient {
             Some(Message::Text(t)) => serde_json::from_str(t.as_str())
                 .map(Some)
                 .map_err(|e| SdkError::Decode(format!("{e} in server frame {}", t.as_str()))),
-            Some(other) => Err(SdkError::Decode(format!(
-                "a binary frame of {} bytes where JSON was expected",
-                other.len()
-            ))),
+            Some(other) => {
+                Err(SdkError::Decode(format!("a binary frame of {} bytes where JSON was expected", other.len())))
+            }
         }
     }
 
@@ -542,10 +482,7 @@ impl TerminalClient {
     pub fn recv_msg(&mut self, timeout: Duration) -> Result<Msg, SdkError> {
         match self.recv_until(|f| matches!(f, ServerFrame::Msg(_)), timeout)? {
             ServerFrame::Msg(m) => Ok(m),
-            other => Err(SdkError::Protocol(format!(
-                "unexpected frame {}",
-                other.to_json()
-            ))),
+            other => Err(SdkError::Protocol(format!("unexpected frame {}", other.to_json()))),
         }
     }
 
@@ -571,10 +508,9 @@ impl TerminalClient {
             // The peer is gone, but its close frame (with the code the caller wants to see)
             // may still wait in the receive buffer: report the loss without recording it, so
             // that the next `recv` reads that close frame.
-            Err(tungstenite::Error::Io(io)) if is_disconnect(&io) => Err(SdkError::Closed {
-                code: None,
-                reason: format!("connection lost while sending: {io}"),
-            }),
+            Err(tungstenite::Error::Io(io)) if is_disconnect(&io) => {
+                Err(SdkError::Closed { code: None, reason: format!("connection lost while sending: {io}") })
+            }
             Err(e) => Err(self.fail(e)),
         }
     }
@@ -591,10 +527,7 @@ impl TerminalClient {
 
     /// Cumulative delivery ack of group `gid` up to `seq`.
     pub fn ack_group(&mut self, gid: &str, seq: u64) -> Result<(), SdkError> {
-        self.send_frame(&ClientFrame::Ack {
-            seq,
-            group: Some(gid.to_owned()),
-        })
+        self.send_frame(&ClientFrame::Ack { seq, group: Some(gid.to_owned()) })
     }
 
     /// Acks `msg` on its own stream: the group for a `g:` chat, the inbox otherwise.
@@ -617,13 +550,7 @@ impl TerminalClient {
 
     /// `send` of a message of any kind to user `to`.
     pub fn send(&mut self, cid: &str, to: &str, kind: Kind, body: Value) -> Result<(), SdkError> {
-        self.send_frame(&ClientFrame::Send {
-            cid: cid.to_owned(),
-            to: Some(to.to_owned()),
-            group: None,
-            kind,
-            body,
-        })
+        self.send_frame(&ClientFrame::Send { cid: cid.to_owned(), to: Some(to.to_owned()), group: None, kind, body })
     }
 
     /// `send` of a text message to user `to`.
@@ -643,25 +570,13 @@ impl TerminalClient {
     }
 
     /// `sync`: ask for everything after these positions.
-    pub fn sync(
-        &mut self,
-        inbox_seq: u64,
-        groups: BTreeMap<String, u64>,
-        limit: Option<u32>,
-    ) -> Result<(), SdkError> {
-        self.send_frame(&ClientFrame::Sync {
-            inbox_seq,
-            groups,
-            limit,
-        })
+    pub fn sync(&mut self, inbox_seq: u64, groups: BTreeMap<String, u64>, limit: Option<u32>) -> Result<(), SdkError> {
+        self.send_frame(&ClientFrame::Sync { inbox_seq, groups, limit })
     }
 
     /// `read`: this user read `chat` up to `seq`.
     pub fn read(&mut self, chat: &str, seq: u64) -> Result<(), SdkError> {
-        self.send_frame(&ClientFrame::Read {
-            chat: chat.to_owned(),
-            seq,
-        })
+        self.send_frame(&ClientFrame::Read { chat: chat.to_owned(), seq })
     }
 
     // ---- closing ---------------------------------------------------------------------------
@@ -677,10 +592,7 @@ impl TerminalClient {
         if self.closed.is_some() {
             return Ok(());
         }
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.to_owned().into(),
-        };
+        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_owned().into() };
         match self.ws.close(Some(frame)) {
             Ok(()) => {}
             Err(e) => {
@@ -717,30 +629,16 @@ mod tests {
     fn urls() {
         let o = ConnectOptions::new("a.b.c", "laptop", "desktop");
         let (u, a) = build_url("ws://127.0.0.1:9000", &o).unwrap();
-        assert_eq!(
-            u,
-            "ws://127.0.0.1:9000/ws?token=a.b.c&device=laptop&platform=desktop"
-        );
+        assert_eq!(u, "ws://127.0.0.1:9000/ws?token=a.b.c&device=laptop&platform=desktop");
         assert_eq!(a, "127.0.0.1:9000");
         let (u, _) = build_url("127.0.0.1:9000/", &o.clone().token_in_header()).unwrap();
         assert_eq!(u, "ws://127.0.0.1:9000/ws?device=laptop&platform=desktop");
         let (u, a) = build_url("ws://h/custom?x=1", &o).unwrap();
-        assert_eq!(
-            u,
-            "ws://h/custom?x=1&token=a.b.c&device=laptop&platform=desktop"
-        );
+        assert_eq!(u, "ws://h/custom?x=1&token=a.b.c&device=laptop&platform=desktop");
         assert_eq!(a, "h:80");
-        let none = ConnectOptions {
-            token: None,
-            device: None,
-            platform: Some("we b".into()),
-            ..o
-        };
+        let none = ConnectOptions { token: None, device: None, platform: Some("we b".into()), ..o };
         let (u, _) = build_url("ws://[::1]:9", &none).unwrap();
         assert_eq!(u, "ws://[::1]:9/ws?platform=we%20b");
-        assert!(matches!(
-            build_url("wss://h:1", &none),
-            Err(SdkError::InvalidUrl(_))
-        ));
+        assert!(matches!(build_url("wss://h:1", &none), Err(SdkError::InvalidUrl(_))));
     }
 }

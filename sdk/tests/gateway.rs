@@ -27,10 +27,7 @@ struct Req {
 
 impl Req {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     fn json(&self) -> Value {
@@ -70,9 +67,7 @@ struct Fake {
 
 impl Fake {
     fn next(&self) -> Req {
-        self.requests
-            .recv_timeout(Duration::from_secs(5))
-            .expect("a request reached the fake server")
+        self.requests.recv_timeout(Duration::from_secs(5)).expect("a request reached the fake server")
     }
 }
 
@@ -102,20 +97,11 @@ fn read_request(r: &mut BufReader<TcpStream>, conn: usize) -> Option<Req> {
         .unwrap_or(0);
     let mut body = vec![0; len];
     r.read_exact(&mut body).ok()?;
-    Some(Req {
-        method,
-        target,
-        headers,
-        body,
-        conn,
-    })
+    Some(Req { method, target, headers, body, conn })
 }
 
 fn write_answer(s: &mut TcpStream, a: &Answer) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\n",
-        a.status
-    );
+    let mut head = format!("HTTP/1.1 {} X\r\nContent-Type: application/json\r\n", a.status);
     if a.close_header {
         head.push_str("Connection: close\r\n");
     }
@@ -167,21 +153,11 @@ fn serve(handler: impl Fn(&Req) -> Answer + Send + Sync + 'static) -> Fake {
             });
         }
     });
-    Fake {
-        addr,
-        accepts,
-        requests: rx,
-    }
+    Fake { addr, accepts, requests: rx }
 }
 
 fn text_message(from: &str, to: &str, text: &str) -> SendMessage {
-    SendMessage {
-        from: from.into(),
-        to: to.into(),
-        kind: Kind::Text,
-        body: json!({ "text": text }),
-        cid: None,
-    }
+    SendMessage { from: from.into(), to: to.into(), kind: Kind::Text, body: json!({ "text": text }), cid: None }
 }
 
 #[test]
@@ -189,16 +165,8 @@ fn keep_alive_reuses_one_connection() {
     let fake = serve(|_| Answer::json(200, json!({"id": "m1", "ts": 7})));
     let api = GatewayClient::new(fake.addr, "secret-key");
     for i in 0..5 {
-        let sent = api
-            .send_message(&text_message("alice", "bob", &format!("hi {i}")))
-            .unwrap();
-        assert_eq!(
-            sent,
-            SentMessage {
-                id: "m1".into(),
-                ts: 7
-            }
-        );
+        let sent = api.send_message(&text_message("alice", "bob", &format!("hi {i}"))).unwrap();
+        assert_eq!(sent, SentMessage { id: "m1".into(), ts: 7 });
     }
     assert_eq!(fake.accepts.load(Ordering::SeqCst), 1);
     assert_eq!(api.connections_opened(), 1);
@@ -207,10 +175,7 @@ fn keep_alive_reuses_one_connection() {
     assert_eq!(req.target, "/v1/messages");
     assert_eq!(req.header("authorization"), Some("Bearer secret-key"));
     assert_eq!(req.header("content-type"), Some("application/json"));
-    assert_eq!(
-        req.json(),
-        json!({"from": "alice", "to": "bob", "kind": "text", "body": {"text": "hi 0"}})
-    );
+    assert_eq!(req.json(), json!({"from": "alice", "to": "bob", "kind": "text", "body": {"text": "hi 0"}}));
     for _ in 1..5 {
         assert_eq!(fake.next().conn, 0);
     }
@@ -219,25 +184,16 @@ fn keep_alive_reuses_one_connection() {
 #[test]
 fn error_envelope_becomes_api_error() {
     let fake = serve(|req| match req.target.as_str() {
-        "/v1/messages" => Answer::json(
-            400,
-            json!({"error": {"code": "invalid_body", "message": "body.text: must not be empty"}}),
-        ),
-        "/v1/users/bob/presence" => Answer::json(
-            401,
-            json!({"error": {"code": "unauthorized", "message": "bad api key"}}),
-        ),
-        "/v1/users/bob/unread" => Answer {
-            status: 500,
-            body: b"oops".to_vec(),
-            close_header: false,
-            close_silently: false,
-            chunked: false,
-        },
-        _ => Answer::json(
-            404,
-            json!({"error": {"code": "not_found", "message": "no route"}}),
-        ),
+        "/v1/messages" => {
+            Answer::json(400, json!({"error": {"code": "invalid_body", "message": "body.text: must not be empty"}}))
+        }
+        "/v1/users/bob/presence" => {
+            Answer::json(401, json!({"error": {"code": "unauthorized", "message": "bad api key"}}))
+        }
+        "/v1/users/bob/unread" => {
+            Answer { status: 500, body: b"oops".to_vec(), close_header: false, close_silently: false, chunked: false }
+        }
+        _ => Answer::json(404, json!({"error": {"code": "not_found", "message": "no route"}})),
     });
     let api = GatewayClient::new(format!("http://{}", fake.addr), "k");
 
@@ -266,15 +222,9 @@ fn error_envelope_becomes_api_error() {
 fn reconnects_after_the_server_closes_silently() {
     // The server closes every connection right after its answer without telling: the next
     // call finds a dead connection and must go through on a fresh one.
-    let fake = serve(|_| Answer {
-        close_silently: true,
-        ..Answer::json(200, json!({"terminals": 3}))
-    });
+    let fake = serve(|_| Answer { close_silently: true, ..Answer::json(200, json!({"terminals": 3})) });
     let api = GatewayClient::new(fake.addr, "k");
-    let b = Broadcast {
-        kind: Kind::Text,
-        body: json!({"text": "maintenance at noon"}),
-    };
+    let b = Broadcast { kind: Kind::Text, body: json!({"text": "maintenance at noon"}) };
     for _ in 0..3 {
         assert_eq!(api.broadcast(&b).unwrap().terminals, 3);
         // Let the close reach us, so the next call really meets a dead connection.
@@ -290,10 +240,7 @@ fn reconnects_after_the_server_closes_silently() {
 
 #[test]
 fn connection_close_header_is_honoured() {
-    let fake = serve(|_| Answer {
-        close_header: true,
-        ..Answer::json(200, json!({"online": false, "terminals": []}))
-    });
+    let fake = serve(|_| Answer { close_header: true, ..Answer::json(200, json!({"online": false, "terminals": []})) });
     let api = GatewayClient::new(fake.addr, "k");
     assert!(!api.presence("a").unwrap().online);
     assert!(!api.presence("a").unwrap().online);
@@ -304,10 +251,7 @@ fn connection_close_header_is_honoured() {
 fn raw_requests_send_the_exact_bytes() {
     let fake = serve(|req| {
         if req.body == b"{nope" {
-            Answer::json(
-                400,
-                json!({"error": {"code": "invalid_json", "message": "bad"}}),
-            )
+            Answer::json(400, json!({"error": {"code": "invalid_json", "message": "bad"}}))
         } else {
             Answer::json(200, json!({}))
         }
@@ -317,10 +261,7 @@ fn raw_requests_send_the_exact_bytes() {
     assert_eq!(resp.status, 400);
     assert_eq!(resp.header("content-type"), Some("application/json"));
     assert!(!resp.is_success());
-    assert_eq!(
-        resp.json::<Value>().unwrap()["error"]["code"],
-        "invalid_json"
-    );
+    assert_eq!(resp.json::<Value>().unwrap()["error"]["code"], "invalid_json");
     let req = fake.next();
     assert_eq!(req.body, b"{nope");
     assert_eq!(req.header("content-length"), Some("5"));
@@ -330,10 +271,7 @@ fn raw_requests_send_the_exact_bytes() {
         .request_with_headers(
             "POST",
             "v1/messages",
-            &[
-                ("Authorization", "Bearer other"),
-                ("Content-Type", "text/plain"),
-            ],
+            &[("Authorization", "Bearer other"), ("Content-Type", "text/plain")],
             Some(b"x"),
         )
         .unwrap();
@@ -342,13 +280,7 @@ fn raw_requests_send_the_exact_bytes() {
     assert_eq!(req.target, "/v1/messages");
     assert_eq!(req.header("authorization"), Some("Bearer other"));
     assert_eq!(req.header("content-type"), Some("text/plain"));
-    assert_eq!(
-        req.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-            .count(),
-        1
-    );
+    assert_eq!(req.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("authorization")).count(), 1);
 
     let anon = GatewayClient::new(fake.addr, "");
     anon.request("GET", "/v1/users/a/unread", None).unwrap();
@@ -370,56 +302,33 @@ fn typed_calls_use_the_contract_paths() {
             ("POST", "/v1/tokens") => Answer::json(200, json!({"token": "jwt", "expires_at": 99})),
             ("POST", "/v1/users/bob/kick") => Answer::json(200, json!({"kicked": 2})),
             ("POST", "/v1/groups") => Answer::json(201, json!({"id": "team"})),
-            ("DELETE", "/v1/groups/team/members/bob") => Answer {
-                status: 204,
-                body: Vec::new(),
-                close_header: false,
-                close_silently: false,
-                chunked: false,
-            },
-            ("GET", "/v1/groups/team/messages?after_seq=4&limit=2") => Answer {
-                chunked: true,
-                ..Answer::json(200, json!({"messages": [{"seq": 5}, {"seq": 6}]}))
-            },
+            ("DELETE", "/v1/groups/team/members/bob") => {
+                Answer { status: 204, body: Vec::new(), close_header: false, close_silently: false, chunked: false }
+            }
+            ("GET", "/v1/groups/team/messages?after_seq=4&limit=2") => {
+                Answer { chunked: true, ..Answer::json(200, json!({"messages": [{"seq": 5}, {"seq": 6}]})) }
+            }
             _ => Answer::json(200, json!({"method": m, "target": t})),
         }
     });
     let api = GatewayClient::new(fake.addr, "k");
 
-    let r = api
-        .send_batch(&[text_message("a", "b", "one"), text_message("a", "", "two")])
-        .unwrap();
+    let r = api.send_batch(&[text_message("a", "b", "one"), text_message("a", "", "two")]).unwrap();
     assert!(matches!(r.results[0], BatchResult::Sent(_)));
     assert!(matches!(r.results[1], BatchResult::Failed { .. }));
     let body = fake.next().json();
     assert_eq!(body["messages"].as_array().unwrap().len(), 2);
     assert_eq!(body["messages"][1]["body"]["text"], "two");
 
-    let t = api
-        .token(TokenRequest {
-            user: "bob".into(),
-            ttl_s: Some(60),
-            device: None,
-        })
-        .unwrap();
+    let t = api.token(TokenRequest { user: "bob".into(), ttl_s: Some(60), device: None }).unwrap();
     assert_eq!((t.token.as_str(), t.expires_at), ("jwt", 99));
     assert_eq!(fake.next().json()["user"], "bob");
 
-    let k = api
-        .kick(
-            "bob",
-            Kick {
-                device: Some("phone".into()),
-                reason: None,
-            },
-        )
-        .unwrap();
+    let k = api.kick("bob", Kick { device: Some("phone".into()), reason: None }).unwrap();
     assert_eq!(k.kicked, 2);
     assert_eq!(fake.next().json()["device"], "phone");
 
-    let g = api
-        .create_group(Some("team"), "Team", "alice", &["alice", "bob"])
-        .unwrap();
+    let g = api.create_group(Some("team"), "Team", "alice", &["alice", "bob"]).unwrap();
     assert_eq!(g["id"], "team");
     assert_eq!(
         fake.next().json(),
@@ -429,73 +338,40 @@ fn typed_calls_use_the_contract_paths() {
     assert_eq!(api.remove_member("team", "bob").unwrap(), Value::Null);
     fake.next();
 
-    let h = api
-        .group_history("team", &HistoryQuery::default().after_seq(4).limit(2))
-        .unwrap();
+    let h = api.group_history("team", &HistoryQuery::default().after_seq(4).limit(2)).unwrap();
     assert_eq!(h["messages"][1]["seq"], 6);
     fake.next();
 
     // The rest are answered with the method and target they arrived with.
-    let echo = |v: Value| {
-        (
-            v["method"].as_str().unwrap().to_owned(),
-            v["target"].as_str().unwrap().to_owned(),
-        )
-    };
+    let echo = |v: Value| (v["method"].as_str().unwrap().to_owned(), v["target"].as_str().unwrap().to_owned());
     let cases: Vec<(Value, &str, &str)> = vec![
         (
-            api.history(
-                "bob",
-                &HistoryQuery::default().chat("u:alice").before_seq(10),
-            )
-            .unwrap(),
+            api.history("bob", &HistoryQuery::default().chat("u:alice").before_seq(10)).unwrap(),
             "GET",
             "/v1/users/bob/messages?chat=u:alice&before_seq=10",
         ),
         (api.unread("bob").unwrap(), "GET", "/v1/users/bob/unread"),
         (api.get_group("team").unwrap(), "GET", "/v1/groups/team"),
-        (
-            api.dissolve_group("team").unwrap(),
-            "DELETE",
-            "/v1/groups/team",
-        ),
-        (
-            api.add_members("team", &["carol".to_owned()]).unwrap(),
-            "POST",
-            "/v1/groups/team/members",
-        ),
+        (api.dissolve_group("team").unwrap(), "DELETE", "/v1/groups/team"),
+        (api.add_members("team", &["carol".to_owned()]).unwrap(), "POST", "/v1/groups/team/members"),
         (
             api.list_members("team", Some("c 1"), Some(50)).unwrap(),
             "GET",
             "/v1/groups/team/members?cursor=c%201&limit=50",
         ),
         (
-            api.send_group_message(
-                "team",
-                "alice",
-                Kind::Text,
-                &json!({"text": "yo"}),
-                Some("c9"),
-            )
-            .unwrap(),
+            api.send_group_message("team", "alice", Kind::Text, &json!({"text": "yo"}), Some("c9")).unwrap(),
             "POST",
             "/v1/groups/team/messages",
         ),
-        (
-            api.group_reads("team", "m 1").unwrap(),
-            "GET",
-            "/v1/groups/team/messages/m%201/reads",
-        ),
+        (api.group_reads("team", "m 1").unwrap(), "GET", "/v1/groups/team/messages/m%201/reads"),
     ];
     for (got, method, target) in cases {
         assert_eq!(echo(got), (method.to_owned(), target.to_owned()));
     }
     let mut reqs: Vec<Req> = (0..8).map(|_| fake.next()).collect();
     assert_eq!(reqs[4].json(), json!({"members": ["carol"]}));
-    assert_eq!(
-        reqs.remove(6).json(),
-        json!({"from": "alice", "kind": "text", "body": {"text": "yo"}, "cid": "c9"})
-    );
+    assert_eq!(reqs.remove(6).json(), json!({"from": "alice", "kind": "text", "body": {"text": "yo"}, "cid": "c9"}));
     assert_eq!(fake.accepts.load(Ordering::SeqCst), 1);
 }
 

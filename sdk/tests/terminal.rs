@@ -31,15 +31,7 @@ struct Upgrade {
 /// `script` on the socket. Whatever the script sends on `tx` the test reads from the receiver.
 // tungstenite's `Callback` has this error type: not ours to shrink.
 #[allow(clippy::result_large_err)]
-fn server<F>(
-    reject: Option<u16>,
-    script: F,
-) -> (
-    SocketAddr,
-    Receiver<Upgrade>,
-    Receiver<Message>,
-    JoinHandle<()>,
-)
+fn server<F>(reject: Option<u16>, script: F) -> (SocketAddr, Receiver<Upgrade>, Receiver<Message>, JoinHandle<()>)
 where
     F: FnOnce(&mut WebSocket<TcpStream>, &Sender<Message>) + Send + 'static,
 {
@@ -50,12 +42,7 @@ where
     let h = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-            let header = |n: &str| {
-                req.headers()
-                    .get(n)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
+            let header = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let protocol = header("sec-websocket-protocol");
             up_tx
                 .send(Upgrade {
@@ -66,14 +53,10 @@ where
                 .unwrap();
             if let Some(status) = reject {
                 let body = r#"{"error":{"code":"unauthorized","message":"bad token"}}"#;
-                return Err(tungstenite::http::Response::builder()
-                    .status(status)
-                    .body(Some(body.to_owned()))
-                    .unwrap());
+                return Err(tungstenite::http::Response::builder().status(status).body(Some(body.to_owned())).unwrap());
             }
             if let Some(p) = protocol {
-                resp.headers_mut()
-                    .insert("sec-websocket-protocol", p.parse().unwrap());
+                resp.headers_mut().insert("sec-websocket-protocol", p.parse().unwrap());
             }
             Ok(resp)
         };
@@ -141,15 +124,11 @@ fn welcome_comes_first_and_frames_flow_both_ways() {
         ws.send(msg(10, "g:team", "hi team")).unwrap();
         forward_all(ws, tx);
     });
-    let (mut c, w) =
-        TerminalClient::connect(&format!("ws://{addr}"), "tok.en-1", "d1", "web").unwrap();
+    let (mut c, w) = TerminalClient::connect(&format!("ws://{addr}"), "tok.en-1", "d1", "web").unwrap();
     let up = ups.recv_timeout(T).unwrap();
     assert_eq!(up.uri, "/ws?token=tok.en-1&device=d1&platform=web");
     assert_eq!(up.authorization, None);
-    assert_eq!(
-        (w.user.as_str(), w.inbox_seq, w.groups["team"]),
-        ("alice", 4, 9)
-    );
+    assert_eq!((w.user.as_str(), w.inbox_seq, w.groups["team"]), ("alice", 4, 9));
     assert_eq!(c.welcome(), Some(&w));
 
     let m = c.recv_msg(T).unwrap();
@@ -161,20 +140,8 @@ fn welcome_comes_first_and_frames_flow_both_ways() {
     c.ping().unwrap();
     c.read("u:bob", 5).unwrap();
 
-    assert_eq!(
-        client_frame(rx.recv_timeout(T).unwrap()),
-        ClientFrame::Ack {
-            seq: 5,
-            group: None
-        }
-    );
-    assert_eq!(
-        client_frame(rx.recv_timeout(T).unwrap()),
-        ClientFrame::Ack {
-            seq: 10,
-            group: Some("team".into())
-        }
-    );
+    assert_eq!(client_frame(rx.recv_timeout(T).unwrap()), ClientFrame::Ack { seq: 5, group: None });
+    assert_eq!(client_frame(rx.recv_timeout(T).unwrap()), ClientFrame::Ack { seq: 10, group: Some("team".into()) });
     assert_eq!(
         client_frame(rx.recv_timeout(T).unwrap()),
         ClientFrame::Send {
@@ -186,17 +153,9 @@ fn welcome_comes_first_and_frames_flow_both_ways() {
         }
     );
     assert_eq!(client_frame(rx.recv_timeout(T).unwrap()), ClientFrame::Ping);
-    assert_eq!(
-        client_frame(rx.recv_timeout(T).unwrap()),
-        ClientFrame::Read {
-            chat: "u:bob".into(),
-            seq: 5
-        }
-    );
+    assert_eq!(client_frame(rx.recv_timeout(T).unwrap()), ClientFrame::Read { chat: "u:bob".into(), seq: 5 });
     c.close().unwrap();
-    assert!(
-        matches!(rx.recv_timeout(T).unwrap(), Message::Close(Some(f)) if u16::from(f.code) == 1000)
-    );
+    assert!(matches!(rx.recv_timeout(T).unwrap(), Message::Close(Some(f)) if u16::from(f.code) == 1000));
     h.join().unwrap();
 }
 
@@ -206,9 +165,7 @@ fn header_token_and_subprotocol() {
         ws.send(welcome()).unwrap();
         let _ = ws.read();
     });
-    let opts = ConnectOptions::new("secret.jwt", "laptop", "desktop")
-        .token_in_header()
-        .subprotocol("ether.v1.json");
+    let opts = ConnectOptions::new("secret.jwt", "laptop", "desktop").token_in_header().subprotocol("ether.v1.json");
     let (mut c, _) = TerminalClient::connect_with(&format!("ws://{addr}/"), &opts).unwrap();
     let up = ups.recv_timeout(T).unwrap();
     assert_eq!(up.uri, "/ws?device=laptop&platform=desktop");
@@ -222,8 +179,7 @@ fn header_token_and_subprotocol() {
         ws.send(welcome()).unwrap();
         let _ = ws.read();
     });
-    let (mut c, _) =
-        TerminalClient::connect_with_header_token(&addr.to_string(), "t2", "d", "ios").unwrap();
+    let (mut c, _) = TerminalClient::connect_with_header_token(&addr.to_string(), "t2", "d", "ios").unwrap();
     let up = ups.recv_timeout(T).unwrap();
     assert_eq!(up.authorization.as_deref(), Some("Bearer t2"));
     assert!(!up.uri.contains("token"));
@@ -324,10 +280,7 @@ fn timeouts_keep_the_connection_usable_even_mid_frame() {
     let started = std::time::Instant::now();
     assert_eq!(c.recv(Duration::from_millis(150)).unwrap(), None);
     let took = started.elapsed();
-    assert!(
-        took < Duration::from_millis(400),
-        "recv(150ms) took {took:?}"
-    );
+    assert!(took < Duration::from_millis(400), "recv(150ms) took {took:?}");
     assert_eq!(c.recv(T).unwrap(), Some(ServerFrame::Pong));
     c.close().unwrap();
     h.join().unwrap();
@@ -337,28 +290,13 @@ fn timeouts_keep_the_connection_usable_even_mid_frame() {
 fn a_server_close_surfaces_its_code() {
     let (addr, _ups, _rx, h) = server(None, |ws, _| {
         ws.send(welcome()).unwrap();
-        ws.send(Message::text(
-            ServerFrame::Kicked {
-                reason: "replaced".into(),
-            }
-            .to_json(),
-        ))
-        .unwrap();
-        ws.close(Some(CloseFrame {
-            code: CloseCode::from(4001),
-            reason: "kicked".into(),
-        }))
-        .unwrap();
+        ws.send(Message::text(ServerFrame::Kicked { reason: "replaced".into() }.to_json())).unwrap();
+        ws.close(Some(CloseFrame { code: CloseCode::from(4001), reason: "kicked".into() })).unwrap();
         // Complete the closing handshake.
         while ws.read().is_ok() {}
     });
     let (mut c, _) = TerminalClient::connect(&format!("ws://{addr}"), "t", "d", "web").unwrap();
-    assert_eq!(
-        c.recv(T).unwrap(),
-        Some(ServerFrame::Kicked {
-            reason: "replaced".into()
-        })
-    );
+    assert_eq!(c.recv(T).unwrap(), Some(ServerFrame::Kicked { reason: "replaced".into() }));
     for _ in 0..2 {
         match c.recv(T) {
             Err(SdkError::Closed { code, reason }) => {
@@ -381,11 +319,7 @@ fn a_close_code_survives_failed_sends() {
     let (addr, _ups, _rx, h) = server(None, |ws, _| {
         ws.send(welcome()).unwrap();
         let _ = ws.read();
-        ws.close(Some(CloseFrame {
-            code: CloseCode::from(1008),
-            reason: "too many bad frames".into(),
-        }))
-        .unwrap();
+        ws.close(Some(CloseFrame { code: CloseCode::from(1008), reason: "too many bad frames".into() })).unwrap();
         let _ = ws.flush();
     });
     let (mut c, _) = TerminalClient::connect(&format!("ws://{addr}"), "t", "d", "web").unwrap();
@@ -399,10 +333,7 @@ fn a_close_code_survives_failed_sends() {
             send_failed = true;
         }
     }
-    assert!(
-        send_failed,
-        "sends to a dropped socket must fail at some point"
-    );
+    assert!(send_failed, "sends to a dropped socket must fail at some point");
     match c.recv(T) {
         Err(SdkError::Closed { code, reason }) => {
             assert_eq!(code, Some(1008));
@@ -450,17 +381,11 @@ fn raw_input_and_helpers() {
     let (addr, _ups, rx, h) = server(None, |ws, tx| {
         ws.send(welcome()).unwrap();
         ws.send(Message::text(
-            ServerFrame::Error {
-                code: ErrorCode::InvalidJson,
-                message: "bad".into(),
-                reference: None,
-            }
-            .to_json(),
+            ServerFrame::Error { code: ErrorCode::InvalidJson, message: "bad".into(), reference: None }.to_json(),
         ))
         .unwrap();
         ws.send(msg(6, "u:bob", "x")).unwrap();
-        ws.send(Message::text(r#"{"type":"typing","chat":"u:bob"}"#))
-            .unwrap();
+        ws.send(Message::text(r#"{"type":"typing","chat":"u:bob"}"#)).unwrap();
         ws.send(Message::text(ServerFrame::Pong.to_json())).unwrap();
         ws.send(Message::text(ServerFrame::Pong.to_json())).unwrap();
         forward_all(ws, tx);
@@ -474,14 +399,7 @@ fn raw_input_and_helpers() {
     c.send_group_text("c2", "team", "hey").unwrap();
     assert!(matches!(rx.recv_timeout(T).unwrap(), Message::Text(t) if t.as_str() == "{nope"));
     assert!(matches!(rx.recv_timeout(T).unwrap(), Message::Binary(b) if b[..] == [1, 2, 3]));
-    assert_eq!(
-        client_frame(rx.recv_timeout(T).unwrap()),
-        ClientFrame::Sync {
-            inbox_seq: 4,
-            groups,
-            limit: Some(100)
-        }
-    );
+    assert_eq!(client_frame(rx.recv_timeout(T).unwrap()), ClientFrame::Sync { inbox_seq: 4, groups, limit: Some(100) });
     match client_frame(rx.recv_timeout(T).unwrap()) {
         ClientFrame::Send { group, to, .. } => {
             assert_eq!((group.as_deref(), to), (Some("team"), None))
@@ -490,23 +408,13 @@ fn raw_input_and_helpers() {
     }
 
     // recv_until drops what does not match.
-    let m = c
-        .recv_until(|f| matches!(f, ServerFrame::Msg(_)), T)
-        .unwrap();
+    let m = c.recv_until(|f| matches!(f, ServerFrame::Msg(_)), T).unwrap();
     assert!(matches!(m, ServerFrame::Msg(Msg { seq: 6, .. })));
     // An unknown frame type is a decode error from recv, plain JSON from recv_value.
     assert!(matches!(c.recv(T), Err(SdkError::Decode(_))));
     assert_eq!(c.recv_value(T).unwrap().unwrap()["type"], "pong");
-    assert_eq!(
-        c.drain(Duration::from_millis(200)).unwrap(),
-        vec![ServerFrame::Pong]
-    );
-    let e = c
-        .recv_until(
-            |f| matches!(f, ServerFrame::Sent { .. }),
-            Duration::from_millis(100),
-        )
-        .unwrap_err();
+    assert_eq!(c.drain(Duration::from_millis(200)).unwrap(), vec![ServerFrame::Pong]);
+    let e = c.recv_until(|f| matches!(f, ServerFrame::Sent { .. }), Duration::from_millis(100)).unwrap_err();
     assert!(matches!(e, SdkError::Timeout(_)), "{e:?}");
     c.close_with(4000, "bye").unwrap();
     match rx.recv_timeout(T).unwrap() {

@@ -35,14 +35,7 @@ impl TestNode {
         let api_key = config.auth.api_key.expose().to_owned();
         let jwt_secret = config.auth.jwt_secret.expose().to_owned();
         let handle = node::start(config.clone()).expect("node starts");
-        TestNode {
-            ports: handle.ports,
-            api_key,
-            jwt_secret,
-            config,
-            handle: Some(handle),
-            _dir: dir,
-        }
+        TestNode { ports: handle.ports, api_key, jwt_secret, config, handle: Some(handle), _dir: dir }
     }
 
     pub fn ws_url(&self) -> String {
@@ -54,16 +47,13 @@ impl TestNode {
     }
 
     pub fn token(&self, user: &str) -> String {
-        TokenKeys::new(&self.jwt_secret)
-            .mint(user, Duration::from_secs(600), None)
-            .expect("mint")
-            .0
+        TokenKeys::new(&self.jwt_secret).mint(user, Duration::from_secs(600), None).expect("mint").0
     }
 
     /// A terminal of `user` on `device`, past its `welcome`.
     pub fn terminal(&self, user: &str, device: &str) -> TerminalClient {
-        let (t, w) = TerminalClient::connect(&self.ws_url(), &self.token(user), device, "web")
-            .expect("terminal connects");
+        let (t, w) =
+            TerminalClient::connect(&self.ws_url(), &self.token(user), device, "web").expect("terminal connects");
         assert_eq!(w.user, user);
         assert_eq!(w.device, device);
         t
@@ -75,10 +65,7 @@ impl TestNode {
     }
 
     pub fn admin(&self) -> GatewayClient {
-        GatewayClient::new(
-            format!("http://{}", self.ports.admin),
-            self.config.auth.admin_token.expose().to_owned(),
-        )
+        GatewayClient::new(format!("http://{}", self.ports.admin), self.config.auth.admin_token.expose().to_owned())
     }
 
     pub fn stop(mut self) {
