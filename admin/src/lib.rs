@@ -36,6 +36,8 @@
 //! between requests; counters, the ring of recent closes and histograms live in the engine.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+#[doc(hidden)]
+pub mod browser;
 pub mod cli;
 pub mod dashboard;
 pub mod histogram;
