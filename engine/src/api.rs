@@ -78,12 +78,11 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
         (Method::Post, ["v1", "tokens"]) => token(shard, req),
         (Method::Get, ["v1", "users", uid, "presence"]) => presence(shard, uid).await,
         (Method::Post, ["v1", "users", uid, "kick"]) => kick(shard, uid, req).await,
-        (Method::Get, ["v1", "users", _, "messages" | "unread"]) => Err(EngineError::NotAvailable(
-            "history and unread counts arrive with the durable store (not yet on this node)",
-        )),
+        (Method::Get, ["v1", "users", uid, "messages"]) => history(shard, uid, req).await,
+        (Method::Get, ["v1", "users", uid, "unread"]) => unread(shard, uid).await,
         (_, ["v1", "groups", ..]) => Err(EngineError::NotAvailable("groups are not yet available on this node")),
         (_, ["v1", "messages"] | ["v1", "messages", "batch"] | ["v1", "broadcast"] | ["v1", "tokens"])
-        | (_, ["v1", "users", _, "presence" | "kick"]) => {
+        | (_, ["v1", "users", _, "presence" | "kick" | "messages" | "unread"]) => {
             return fail(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method, req.path));
         }
         _ => return fail(ErrorCode::NotFound, format!("no route {} {}", req.method, req.path)),
@@ -101,8 +100,8 @@ async fn send_message(shard: &Rc<Shard>, req: &Request) -> Result<Response, Engi
     m.validate("")?;
     let body = raw_body(&m.body)?;
     let new = NewMessage { from: m.from.into(), to: m.to.into(), kind: m.kind, body, cid: m.cid.map(Into::into) };
-    let (msg, _) = shard.send_single(new).await?;
-    Ok(json(200, &SentMessage { id: msg.id.to_string(), ts: msg.ts }))
+    let sent = shard.send_single(new).await?;
+    Ok(json(200, &SentMessage { id: sent.id.to_string(), ts: sent.ts }))
 }
 
 async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
@@ -140,9 +139,15 @@ async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, Engine
         }
     }
     let (positions, msgs): (Vec<usize>, Vec<_>) = accepted.into_iter().unzip();
-    let sent = shard.send_many(msgs).await?;
-    for (pos, msg) in positions.into_iter().zip(sent) {
-        results[pos] = Some(BatchResult::Sent(SentMessage { id: msg.id.to_string(), ts: msg.ts }));
+    let sent = shard.send_many(msgs).await;
+    for (pos, result) in positions.into_iter().zip(sent) {
+        results[pos] = Some(match result {
+            Ok(s) => BatchResult::Sent(SentMessage { id: s.id.to_string(), ts: s.ts }),
+            Err(e) => {
+                let e = e.to_api();
+                BatchResult::Failed { error: ErrorDetail { code: e.code, message: e.message } }
+            }
+        });
     }
     let results = results.into_iter().flatten().collect();
     Ok(json(200, &BatchResults { results }))
@@ -202,4 +207,93 @@ async fn kick(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response, E
     }
     let kicked = shard.kick(uid, k.device.as_deref(), reason).await?;
     Ok(json(200, &Kicked { kicked }))
+}
+
+/// Largest `limit` of a history page.
+pub const HISTORY_LIMIT_MAX: usize = 1000;
+/// `limit` of a history page when none is given.
+pub const HISTORY_LIMIT_DEFAULT: usize = 50;
+
+fn query_u64(req: &Request, name: &str) -> Result<Option<u64>, EngineError> {
+    match req.query_param(name) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| {
+            ApiError::new(ErrorCode::InvalidBody, format!("query.{name}: expected a non-negative integer, got {v:?}"))
+                .into()
+        }),
+    }
+}
+
+#[derive(Serialize)]
+struct HistoryMessage<'a> {
+    id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cid: Option<&'a str>,
+    chat: &'a str,
+    from: &'a str,
+    seq: u64,
+    kind: ether_proto::Kind,
+    body: &'a RawValue,
+    ts: u64,
+}
+
+#[derive(Serialize)]
+struct HistoryPage<'a> {
+    messages: Vec<HistoryMessage<'a>>,
+    more: bool,
+}
+
+/// `GET /v1/users/{uid}/messages?chat=&before_seq=&after_seq=&limit=`
+async fn history(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response, EngineError> {
+    check_id("uid", uid)?;
+    let chat = req.query_param("chat");
+    if let Some(c) = &chat {
+        if ether_proto::ids::Chat::parse(c).is_none() {
+            return Err(ApiError::new(
+                ErrorCode::InvalidBody,
+                format!("query.chat: {c:?} is not u:<user> or g:<group>"),
+            )
+            .into());
+        }
+    }
+    let limit = query_u64(req, "limit")?.map_or(HISTORY_LIMIT_DEFAULT, |l| l as usize);
+    if limit == 0 || limit > HISTORY_LIMIT_MAX {
+        return Err(ApiError::new(ErrorCode::InvalidBody, format!("query.limit: 1-{HISTORY_LIMIT_MAX}")).into());
+    }
+    let q = ether_store::op::HistoryQuery {
+        user: uid.to_owned(),
+        chat,
+        before_seq: query_u64(req, "before_seq")?,
+        after_seq: query_u64(req, "after_seq")?,
+        limit,
+    };
+    let page = shard.store.call(ether_store::op::Op::History(q)).await?.page()?;
+    let bodies: Vec<Box<RawValue>> = page
+        .entries
+        .iter()
+        .map(|e| RawValue::from_string(e.body.clone()).unwrap_or_else(|_| Box::<RawValue>::default()))
+        .collect();
+    let messages = page
+        .entries
+        .iter()
+        .zip(&bodies)
+        .map(|(e, body)| HistoryMessage {
+            id: e.id.to_string(),
+            cid: e.cid.as_deref(),
+            chat: &e.chat,
+            from: &e.from,
+            seq: e.seq,
+            kind: e.kind,
+            body,
+            ts: e.ts,
+        })
+        .collect();
+    Ok(json(200, &HistoryPage { messages, more: page.more }))
+}
+
+/// `GET /v1/users/{uid}/unread`
+async fn unread(shard: &Rc<Shard>, uid: &str) -> Result<Response, EngineError> {
+    check_id("uid", uid)?;
+    let chats = shard.store.call(ether_store::op::Op::Unread { user: uid.to_owned() }).await?.unread()?;
+    Ok(json(200, &serde_json::json!({ "chats": chats })))
 }

@@ -243,26 +243,38 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
     let Handoff { fd, user, device, platform, remote, ws_key, subprotocol, leftover } = h;
     // SAFETY: the fd came from `upgrade` as an owned, connected TCP socket; `stream` owns it now.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-    match shard.add_session(&user, &device, platform, remote) {
-        Ok(session) => {
-            session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
-            session.push_final(shard.welcome_frame(&session));
-            ShardCounters::add(&shard.counters().handshakes, 1);
-            glommio::spawn_local(run_session(shard.clone(), session, stream, leftover)).detach();
+    let shard = shard.clone();
+    glommio::spawn_local(async move {
+        // The heads first (the store, once per user), so `welcome` is exact; deliveries that
+        // commit meanwhile still move the user's head (the entry is pending).
+        shard.pend_user(&user);
+        let heads = shard.heads(&user).await;
+        let added = heads
+            .map_err(|e| AdoptError::Store(e.to_api().message))
+            .and_then(|heads| shard.add_session(&user, &device, platform, remote).map(|session| (session, heads)));
+        shard.unpend_user(&user);
+        match added {
+            Ok((session, heads)) => {
+                session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
+                session.push_final(shard.welcome_frame(&session, heads.groups));
+                ShardCounters::add(&shard.counters().handshakes, 1);
+                glommio::spawn_local(run_session(shard.clone(), session, stream, leftover)).detach();
+            }
+            Err(e) => {
+                let refusal = match e {
+                    AdoptError::TooManyTerminals(max) => Refusal::new(
+                        403,
+                        ErrorCode::Forbidden,
+                        format!("user {user} already has {max} terminals connected (limits.terminals_per_user_max)"),
+                    ),
+                    AdoptError::ShuttingDown => Refusal::new(503, ErrorCode::Unavailable, "node is shutting down"),
+                    AdoptError::Store(why) => Refusal::new(503, ErrorCode::Unavailable, why),
+                };
+                refuse(&shard, stream, refusal).await;
+            }
         }
-        Err(e) => {
-            let refusal = match e {
-                AdoptError::TooManyTerminals(max) => Refusal::new(
-                    403,
-                    ErrorCode::Forbidden,
-                    format!("user {} already has {max} terminals connected (limits.terminals_per_user_max)", user),
-                ),
-                AdoptError::ShuttingDown => Refusal::new(503, ErrorCode::Unavailable, "node is shutting down"),
-            };
-            let shard = shard.clone();
-            glommio::spawn_local(async move { refuse(&shard, stream, refusal).await }).detach();
-        }
-    }
+    })
+    .detach();
 }
 
 /// What woke the connection task.

@@ -13,6 +13,9 @@ pub enum EngineError {
     /// The node is draining or stopping and takes no new work.
     #[error("node is shutting down")]
     ShuttingDown,
+    /// The store refused or failed (overloaded, unavailable, not found, forbidden…).
+    #[error(transparent)]
+    Store(#[from] ether_store::StoreError),
     /// A feature this node does not provide yet.
     #[error("{0}")]
     NotAvailable(&'static str),
@@ -27,6 +30,7 @@ impl EngineError {
                 ApiError::new(ErrorCode::Unavailable, self.to_string())
             }
             EngineError::NotAvailable(what) => ApiError::new(ErrorCode::Unavailable, *what),
+            EngineError::Store(e) => ApiError::new(e.code(), e.to_string()),
         }
     }
 }

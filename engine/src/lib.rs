@@ -8,6 +8,8 @@
 //!   executor per shard; stops it.
 //! - [`shard`]: one core's state: sessions, the per-user index, inbox sequences, the timer
 //!   wheel; delivery, presence, kick, broadcast; terminal frames.
+//! - [`delivery`]: messages made durable, then pushed in commit order; acks, resends, `sync`,
+//!   reads and receipts.
 //! - [`mesh`]: `FanoutMesh`, bounded lock-free queues between shards, and `ShardMsg`.
 //! - [`conn`]: client-port sockets: accept, WebSocket upgrade and token check, hand-over to
 //!   the home shard, the connection task (reads frames, writes the session queue).
@@ -16,6 +18,7 @@
 //! - [`wheel`]: the per-shard timer wheel.
 //! - [`message`]: messages, ids, and their encoding into frame bytes (once per inbox).
 //! - [`api`]: the business REST API routes; [`admin_view`]: what the admin port sees.
+//! - [`storage`]: the link to the storage thread: per-shard queues of committed deliveries.
 //! - [`stats`]: counters, gauges and connection snapshots any thread may read.
 //! - [`auth`]: terminal JWTs. [`error`]: the engine error, mapped once to API codes.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
@@ -26,7 +29,9 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod conn;
+pub mod delivery;
 pub mod error;
+pub mod events;
 pub mod mesh;
 pub mod message;
 pub mod node;
@@ -34,5 +39,6 @@ pub mod secrets;
 pub mod session;
 pub mod shard;
 pub mod stats;
+pub mod storage;
 pub mod wheel;
 pub mod ws;

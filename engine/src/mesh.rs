@@ -10,8 +10,6 @@ use futures_channel::oneshot;
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::sync::Semaphore;
 
-use crate::message::SharedMessage;
-
 /// A terminal authenticated on one shard and handed to its user's home shard (the raw fd
 /// moves, not the bytes).
 #[derive(Debug)]
@@ -28,21 +26,13 @@ pub struct Handoff {
     pub leftover: Vec<u8>,
 }
 
-/// Append `msg` to `owner`'s inbox, naming the chat `chat` (`u:<peer>`).
-#[derive(Debug)]
-pub struct InboxAppend {
-    pub owner: Arc<str>,
-    pub chat: Arc<str>,
-    pub msg: SharedMessage,
-}
-
 /// Everything one shard asks of another.
 #[derive(Debug)]
 pub enum ShardMsg {
     /// Take over a terminal of a user who lives here.
     Adopt(Box<Handoff>),
-    /// Append to inboxes that live here and push to their terminals; answers each seq, in order.
-    Deliver { items: Vec<InboxAppend>, reply: oneshot::Sender<Vec<u64>> },
+    /// Push `frame` to every terminal of `user` (who lives here): receipts, read syncs.
+    UserFrame { user: Arc<str>, frame: Bytes },
     /// The user's terminals on this shard.
     Presence { user: Arc<str>, reply: oneshot::Sender<Vec<TerminalInfo>> },
     /// Kick the user's terminals (one device, or all); answers how many.

@@ -22,6 +22,8 @@ use crate::mesh::{MeshEnds, MeshPlan};
 use crate::secrets::PortsFile;
 use crate::shard::Shard;
 use crate::stats::NodeShared;
+use crate::storage::CommitQueues;
+use ether_store::StoreHandle;
 
 /// Listen backlog of every listener (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: i32 = 4096;
@@ -39,6 +41,8 @@ pub enum NodeError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("cannot start shard {shard}: {source}")]
     Executor { shard: usize, source: glommio::GlommioError<()> },
+    #[error("cannot open the store in {path}: {source}")]
+    Store { path: String, source: ether_store::StoreError },
     #[error("cannot write {path}: {source}")]
     Ports { path: String, source: std::io::Error },
 }
@@ -55,6 +59,8 @@ pub struct BoundPorts {
 pub struct NodeHandle {
     pub ports: BoundPorts,
     pub shared: Arc<NodeShared>,
+    /// The storage thread, stopped after the shards.
+    pub store: StoreHandle,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
@@ -71,6 +77,7 @@ impl NodeHandle {
                 error!(error = %e, "shard thread ended badly");
             }
         }
+        self.store.shutdown();
     }
 
     fn stop_inner(&mut self) {
@@ -80,6 +87,8 @@ impl NodeHandle {
                 error!(error = %e, "shard thread ended badly");
             }
         }
+        // Everything the shards submitted is committed before the thread ends.
+        self.store.shutdown();
     }
 }
 
@@ -119,6 +128,8 @@ struct ShardStart {
     keys: Arc<TokenKeys>,
     shared: Arc<NodeShared>,
     ends: MeshEnds,
+    store: StoreHandle,
+    commits: Arc<CommitQueues>,
     client: OwnedFd,
     api: OwnedFd,
     admin: Option<OwnedFd>,
@@ -139,6 +150,9 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     })?;
     info!(client = %client, api = %api, admin = %admin, shards, "listening");
 
+    let store = crate::storage::open(&config)
+        .map_err(|source| NodeError::Store { path: config.node.data_dir.display().to_string(), source })?;
+    let commits = CommitQueues::new(shards);
     let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
     let shared = Arc::new(NodeShared::new(config.node.id.clone(), shards));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -151,6 +165,8 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             keys: keys.clone(),
             shared: shared.clone(),
             ends: ends.next().expect("one set of mesh ends per shard"),
+            store: store.clone(),
+            commits: commits.clone(),
             client: client_fds.remove(0),
             api: api_fds.remove(0),
             admin: if id == 0 { admin_fds.pop() } else { None },
@@ -162,7 +178,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             .map_err(|source| NodeError::Executor { shard: id, source })?;
         threads.push(handle);
     }
-    Ok(NodeHandle { ports, shared, threads })
+    Ok(NodeHandle { ports, shared, store, threads })
 }
 
 /// How long an idle shard spins before it parks (saves the wake-up of a parked thread when
@@ -173,9 +189,10 @@ fn spin_before_park() -> Duration {
 }
 
 async fn run_shard(start: ShardStart) {
-    let ShardStart { id, config, keys, shared, ends, client, api, admin } = start;
+    let ShardStart { id, config, keys, shared, ends, store, commits, client, api, admin } = start;
     let (mesh, receivers) = ends.connect(id).await;
-    let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh));
+    let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh, store, commits));
+    glommio::spawn_local(shard.clone().commit_loop()).detach();
     for (_, rx) in receivers {
         let shard = shard.clone();
         glommio::spawn_local(async move {

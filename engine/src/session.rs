@@ -145,6 +145,8 @@ struct OutQueue {
 #[derive(Debug)]
 struct Unacked {
     seq: u64,
+    /// The message id (for `message.delivered`).
+    id: u64,
     frame: Bytes,
     attempts: u32,
     due_tick: u64,
@@ -306,10 +308,10 @@ impl Session {
     /// Remembers a pushed inbox message until it is acked, due for a resend at `due_tick`.
     /// Keeps at most `max` (the oldest are then left to `sync`). Returns whether the list was
     /// empty before (the caller schedules a resend check then).
-    pub fn track_unacked(&self, seq: u64, frame: Bytes, due_tick: u64, pushed_ms: u64, max: usize) -> bool {
+    pub fn track_unacked(&self, seq: u64, id: u64, frame: Bytes, due_tick: u64, pushed_ms: u64, max: usize) -> bool {
         let mut u = self.unacked.borrow_mut();
         let was_empty = u.is_empty();
-        u.push_back(Unacked { seq, frame, attempts: 0, due_tick, pushed_ms });
+        u.push_back(Unacked { seq, id, frame, attempts: 0, due_tick, pushed_ms });
         while u.len() > max {
             u.pop_front();
         }
@@ -317,8 +319,8 @@ impl Session {
     }
 
     /// A cumulative ack: forgets every tracked message up to `seq`, telling `acked` when each
-    /// was first pushed; returns how many.
-    pub fn ack_inbox(&self, seq: u64, mut acked: impl FnMut(u64)) -> usize {
+    /// was first pushed and its id; returns how many.
+    pub fn ack_inbox(&self, seq: u64, mut acked: impl FnMut(u64, u64)) -> usize {
         if seq > self.acked_inbox.get() {
             self.acked_inbox.set(seq);
         }
@@ -326,7 +328,7 @@ impl Session {
         let before = u.len();
         while u.front().is_some_and(|m| m.seq <= seq) {
             if let Some(m) = u.pop_front() {
-                acked(m.pushed_ms);
+                acked(m.pushed_ms, m.id);
             }
         }
         if u.is_empty() && u.capacity() > 16 {
@@ -486,8 +488,8 @@ mod tests {
     #[test]
     fn unacked_messages_are_resent_with_backoff_then_left_to_sync() {
         let s = session();
-        assert!(s.track_unacked(1, Bytes::from_static(b"one"), 10, 0, 100));
-        assert!(!s.track_unacked(2, Bytes::from_static(b"two"), 12, 0, 100));
+        assert!(s.track_unacked(1, 11, Bytes::from_static(b"one"), 10, 0, 100));
+        assert!(!s.track_unacked(2, 12, Bytes::from_static(b"two"), 12, 0, 100));
         assert_eq!(s.due_resends(9, 10, 2), (vec![], Some(10)));
         let (frames, next) = s.due_resends(10, 10, 2);
         assert_eq!(frames, vec![Bytes::from_static(b"one")]);
@@ -508,15 +510,15 @@ mod tests {
     fn acks_are_cumulative_and_tracking_is_bounded() {
         let s = session();
         for seq in 1..=10 {
-            s.track_unacked(seq, Bytes::from_static(b"m"), 5, seq, 4);
+            s.track_unacked(seq, seq, Bytes::from_static(b"m"), 5, seq, 4);
         }
         let mut pushed = Vec::new();
-        assert_eq!(s.ack_inbox(8, |p| pushed.push(p)), 2, "only 7 and 8 of the 4 kept were acked");
+        assert_eq!(s.ack_inbox(8, |p, _| pushed.push(p)), 2, "only 7 and 8 of the 4 kept were acked");
         assert_eq!(pushed, vec![7, 8]);
         assert_eq!(s.acked_inbox.get(), 8);
-        assert_eq!(s.ack_inbox(3, |_| ()), 0, "an older ack changes nothing");
+        assert_eq!(s.ack_inbox(3, |_, _| ()), 0, "an older ack changes nothing");
         assert_eq!(s.acked_inbox.get(), 8);
-        assert_eq!(s.ack_inbox(10, |_| ()), 2);
+        assert_eq!(s.ack_inbox(10, |_, _| ()), 2);
         assert_eq!(s.due_resends(100, 1, 3), (vec![], None));
     }
 

@@ -22,12 +22,14 @@ use tracing::{debug, info, warn};
 use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::error::EngineError;
-use crate::mesh::{FanoutMesh, InboxAppend, ShardMsg};
-use crate::message::{encode_text_frame, unix_now_ms, IdGen, Message, NewMessage};
+use crate::mesh::{FanoutMesh, ShardMsg};
+use crate::message::{encode_text_frame, unix_now_ms, IdGen, NewMessage};
 use crate::session::{CloseReason, Platform, Pushed, Session, SessionKey};
 use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters, ShardPublished};
+use crate::storage::CommitQueues;
 use crate::wheel::TimerWheel;
 use ether_admin::Histogram;
+use ether_store::StoreHandle;
 
 /// Length of one shard tick (clock and timer wheel granularity).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -47,9 +49,16 @@ pub fn home_shard(user: &str, shards: usize) -> usize {
 
 /// A user known to this shard: its terminals here and its inbox head.
 #[derive(Debug, Default)]
-struct UserEntry {
-    sessions: Vec<SessionKey>,
-    inbox_seq: u64,
+pub(crate) struct UserEntry {
+    pub(crate) sessions: Vec<SessionKey>,
+    /// The highest inbox seq this shard has seen committed (a lower bound of the head until
+    /// `heads_known`).
+    pub(crate) inbox_seq: u64,
+    /// `inbox_seq` was read from the store once, so it is the head.
+    pub(crate) heads_known: bool,
+    /// Terminals of this user being taken on (waiting for their heads): the entry stays while
+    /// any is, so no committed delivery goes unseen in between.
+    pub(crate) pending: u32,
 }
 
 /// Why a terminal could not be taken on.
@@ -58,6 +67,8 @@ pub enum AdoptError {
     /// The user has `terminals_per_user_max` terminals already.
     TooManyTerminals(usize),
     ShuttingDown,
+    /// The store could not tell the user's heads.
+    Store(String),
 }
 
 /// One shard: see the module docs.
@@ -68,30 +79,43 @@ pub struct Shard {
     pub keys: Arc<TokenKeys>,
     pub node: Arc<NodeShared>,
     mesh: FanoutMesh,
+    /// The storage thread.
+    pub store: StoreHandle,
+    /// Committed deliveries for every shard (this one drains its own).
+    pub commits: Arc<CommitQueues>,
     sessions: RefCell<Slab<Rc<Session>>>,
     generation: Cell<u32>,
-    users: RefCell<HashMap<Arc<str>, UserEntry>>,
+    pub(crate) users: RefCell<HashMap<Arc<str>, UserEntry>>,
     wheel: RefCell<TimerWheel<SessionKey>>,
     /// Sessions with unacknowledged messages, keyed by when their next resend is due.
-    resend_wheel: RefCell<TimerWheel<SessionKey>>,
-    epoch: Instant,
+    pub(crate) resend_wheel: RefCell<TimerWheel<SessionKey>>,
+    pub(crate) epoch: Instant,
     tick: Cell<u64>,
-    ids: IdGen,
+    pub(crate) ids: IdGen,
     /// The read buffer every connection of this shard reads into (never held across an await).
     pub scratch: RefCell<Vec<u8>>,
     pong: Bytes,
     /// Set once this shard has told its terminals to reconnect.
     drain_started: Cell<bool>,
     /// From first push to the terminal's ack.
-    ack_latency: RefCell<Histogram>,
+    pub(crate) ack_latency: RefCell<Histogram>,
     /// From a message's acceptance to its push to a terminal's queue.
-    push_latency: RefCell<Histogram>,
+    pub(crate) push_latency: RefCell<Histogram>,
     /// API requests answered, by route and status.
     api_counts: RefCell<HashMap<(&'static str, u16), u64>>,
 }
 
 impl Shard {
-    pub fn new(id: usize, config: Arc<Config>, keys: Arc<TokenKeys>, node: Arc<NodeShared>, mesh: FanoutMesh) -> Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        config: Arc<Config>,
+        keys: Arc<TokenKeys>,
+        node: Arc<NodeShared>,
+        mesh: FanoutMesh,
+        store: StoreHandle,
+        commits: Arc<CommitQueues>,
+    ) -> Shard {
         let idle_ticks = config.limits.idle_timeout.as_millis() as u64 / TICK.as_millis() as u64;
         Shard {
             id,
@@ -99,6 +123,8 @@ impl Shard {
             keys,
             node,
             mesh,
+            store,
+            commits,
             sessions: RefCell::new(Slab::new()),
             generation: Cell::new(0),
             users: RefCell::new(HashMap::new()),
@@ -126,7 +152,7 @@ impl Shard {
         self.tick.get()
     }
 
-    fn resend_ticks(&self) -> u64 {
+    pub(crate) fn resend_ticks(&self) -> u64 {
         (self.config.limits.resend_timeout.as_millis() / TICK.as_millis()).max(1) as u64
     }
 
@@ -147,9 +173,10 @@ impl Shard {
     pub fn handle(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
             ShardMsg::Adopt(h) => crate::conn::adopt(self, *h),
-            ShardMsg::Deliver { items, reply } => {
-                let seqs = self.deliver_local(&items);
-                let _ = reply.send(seqs);
+            ShardMsg::UserFrame { user, frame } => {
+                for s in self.sessions_of(&user) {
+                    self.push(&s, frame.clone());
+                }
             }
             ShardMsg::Presence { user, reply } => {
                 let _ = reply.send(self.presence_local(&user));
@@ -248,6 +275,22 @@ impl Shard {
         Ok(session)
     }
 
+    /// Marks a terminal of `user` as being taken on (see `UserEntry::pending`).
+    pub fn pend_user(&self, user: &Arc<str>) {
+        self.users.borrow_mut().entry(user.clone()).or_default().pending += 1;
+    }
+
+    /// The terminal marked by `pend_user` was taken on or refused.
+    pub fn unpend_user(&self, user: &str) {
+        let mut users = self.users.borrow_mut();
+        if let Some(entry) = users.get_mut(user) {
+            entry.pending = entry.pending.saturating_sub(1);
+            if entry.sessions.is_empty() && entry.pending == 0 {
+                users.remove(user);
+            }
+        }
+    }
+
     /// Forgets a session whose connection task has ended.
     pub fn remove_session(&self, session: &Session, reason: CloseReason) {
         let removed = {
@@ -264,7 +307,7 @@ impl Shard {
         let mut users = self.users.borrow_mut();
         if let Some(entry) = users.get_mut(&*session.user) {
             entry.sessions.retain(|k| *k != session.key);
-            if entry.sessions.is_empty() && entry.inbox_seq == 0 {
+            if entry.sessions.is_empty() && entry.pending == 0 {
                 users.remove(&*session.user);
             }
         }
@@ -276,7 +319,7 @@ impl Shard {
     }
 
     /// The `welcome` frame for a new session.
-    pub fn welcome_frame(&self, s: &Session) -> Bytes {
+    pub fn welcome_frame(&self, s: &Session, groups: std::collections::BTreeMap<String, u64>) -> Bytes {
         let inbox_seq = self.users.borrow().get(&*s.user).map_or(0, |u| u.inbox_seq);
         encode_text_frame(
             &ServerFrame::Welcome {
@@ -285,7 +328,7 @@ impl Shard {
                 session: format!("{:x}", s.id),
                 heartbeat_s: self.config.limits.heartbeat_s,
                 inbox_seq,
-                groups: Default::default(),
+                groups,
             },
             160,
         )
@@ -306,7 +349,7 @@ impl Shard {
         }
     }
 
-    fn sessions_of(&self, user: &str) -> Vec<Rc<Session>> {
+    pub(crate) fn sessions_of(&self, user: &str) -> Vec<Rc<Session>> {
         let users = self.users.borrow();
         let Some(entry) = users.get(user) else {
             return Vec::new();
@@ -315,145 +358,6 @@ impl Shard {
     }
 
     // ---- delivery ----------------------------------------------------------------------
-
-    /// Appends each item to its inbox (all live here), pushes it to the owner's terminals, and
-    /// returns the assigned seqs in order.
-    fn deliver_local(&self, items: &[InboxAppend]) -> Vec<u64> {
-        let mut seqs = Vec::with_capacity(items.len());
-        let mut delivered = 0;
-        for item in items {
-            debug_assert_eq!(home_shard(&item.owner, self.shards), self.id, "inbox appended away from home");
-            let (seq, keys) = {
-                let mut users = self.users.borrow_mut();
-                let entry = users.entry(item.owner.clone()).or_default();
-                entry.inbox_seq += 1;
-                (entry.inbox_seq, entry.sessions.clone())
-            };
-            seqs.push(seq);
-            if keys.is_empty() {
-                continue;
-            }
-            // Encoded once for the inbox; every terminal of the user gets the same bytes.
-            let frame = item.msg.encode_frame(&item.chat, seq);
-            let waited_ms = unix_now_ms().saturating_sub(item.msg.ts);
-            self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
-            for key in keys {
-                if let Some(s) = self.session(key) {
-                    if self.push(&s, frame.clone()) {
-                        self.track(&s, seq, frame.clone());
-                        delivered += 1;
-                    }
-                }
-            }
-        }
-        ShardCounters::add(&self.counters().deliveries, delivered);
-        seqs
-    }
-
-    /// Remembers a pushed inbox message until the terminal acks it (for resends).
-    fn track(&self, s: &Session, seq: u64, frame: Bytes) {
-        s.pushed_inbox.set(s.pushed_inbox.get().max(seq));
-        let due = self.now_tick() + self.resend_ticks();
-        let pushed_ms = self.epoch.elapsed().as_millis() as u64;
-        if s.track_unacked(seq, frame, due, pushed_ms, self.config.limits.unacked_per_terminal_max) {
-            self.resend_wheel.borrow_mut().schedule(s.key, due);
-        }
-    }
-
-    /// Pushes again what is due on the sessions whose resend check came due.
-    fn resend_due(&self, now: u64, due: &mut Vec<SessionKey>) {
-        self.resend_wheel.borrow_mut().advance(now, due);
-        let mut resent = 0;
-        for key in due.drain(..) {
-            let Some(s) = self.session(key) else { continue };
-            let (frames, next) = s.due_resends(now, self.resend_ticks(), self.config.limits.resend_attempts_max);
-            for f in frames {
-                if self.push(&s, f) {
-                    resent += 1;
-                }
-            }
-            if let Some(next) = next {
-                self.resend_wheel.borrow_mut().schedule(key, next);
-            }
-        }
-        ShardCounters::add(&self.counters().resends, resent);
-    }
-
-    /// Appends to inboxes on shard `to`.
-    pub async fn deliver(self: &Rc<Self>, to: usize, items: Vec<InboxAppend>) -> Result<Vec<u64>, EngineError> {
-        if to == self.id {
-            return Ok(self.deliver_local(&items));
-        }
-        self.ask(to, |reply| ShardMsg::Deliver { items, reply }).await
-    }
-
-    /// Accepts a single-chat message: written to the receiver's inbox (chat `u:<from>`) and to
-    /// the sender's (chat `u:<to>`), each pushed to that user's terminals. Returns the message
-    /// with the sender's inbox seq.
-    pub async fn send_single(self: &Rc<Self>, new: NewMessage) -> Result<(Arc<Message>, u64), EngineError> {
-        let NewMessage { from, to, kind, body, cid } = new;
-        let (from, to) = (&*from, &*to);
-        if self.node.stopping() {
-            return Err(EngineError::ShuttingDown);
-        }
-        let (id, ts) = self.ids.next();
-        let msg = Arc::new(Message { id, ts, from: from.into(), kind, body, cid });
-        let to_home = home_shard(to, self.shards);
-        let receiver = self.deliver(
-            to_home,
-            vec![InboxAppend { owner: Arc::from(to), chat: Arc::from(format!("u:{from}")), msg: msg.clone() }],
-        );
-        ShardCounters::add(&self.counters().messages_accepted, 1);
-        if from == to {
-            let seqs = receiver.await?;
-            return Ok((msg, seqs.first().copied().unwrap_or(0)));
-        }
-        let sender = self.deliver(
-            home_shard(from, self.shards),
-            vec![InboxAppend { owner: Arc::from(from), chat: Arc::from(format!("u:{to}")), msg: msg.clone() }],
-        );
-        let (r, s) = futures_lite::future::zip(receiver, sender).await;
-        r?;
-        let seqs = s?;
-        Ok((msg, seqs.first().copied().unwrap_or(0)))
-    }
-
-    /// Accepts many single-chat messages, in order per inbox; one mesh message per shard.
-    pub async fn send_many(self: &Rc<Self>, msgs: Vec<NewMessage>) -> Result<Vec<Arc<Message>>, EngineError> {
-        if self.node.stopping() {
-            return Err(EngineError::ShuttingDown);
-        }
-        let mut per_shard: Vec<Vec<InboxAppend>> = (0..self.shards).map(|_| Vec::new()).collect();
-        let mut out = Vec::with_capacity(msgs.len());
-        for NewMessage { from, to, kind, body, cid } in msgs {
-            let (id, ts) = self.ids.next();
-            let msg = Arc::new(Message { id, ts, from: from.clone(), kind, body, cid });
-            per_shard[home_shard(&to, self.shards)].push(InboxAppend {
-                owner: Arc::from(&*to),
-                chat: Arc::from(format!("u:{from}")),
-                msg: msg.clone(),
-            });
-            if from != to {
-                per_shard[home_shard(&from, self.shards)].push(InboxAppend {
-                    owner: Arc::from(&*from),
-                    chat: Arc::from(format!("u:{to}")),
-                    msg: msg.clone(),
-                });
-            }
-            out.push(msg);
-        }
-        ShardCounters::add(&self.counters().messages_accepted, out.len() as u64);
-        let mut waits = Vec::new();
-        for (shard, items) in per_shard.into_iter().enumerate() {
-            if !items.is_empty() {
-                waits.push(self.deliver(shard, items));
-            }
-        }
-        for w in waits {
-            w.await?;
-        }
-        Ok(out)
-    }
 
     // ---- presence, kick, broadcast ---------------------------------------------------
 
@@ -547,34 +451,10 @@ impl Shard {
             ClientFrame::Ping => {
                 self.push(s, self.pong.clone());
             }
-            ClientFrame::Ack { seq, group: None } => {
-                ShardCounters::add(&self.counters().acks, 1);
-                let now_ms = self.epoch.elapsed().as_millis() as u64;
-                let mut hist = self.ack_latency.borrow_mut();
-                s.ack_inbox(seq, |pushed_ms| hist.record(now_ms.saturating_sub(pushed_ms) as f64 / 1000.0));
-            }
-            ClientFrame::Ack { group: Some(_), .. } => {
-                self.reject_frame(
-                    s,
-                    ErrorCode::Unavailable,
-                    "group acks arrive with groups (not yet on this node)".into(),
-                    None,
-                );
-            }
+            ClientFrame::Ack { seq, group } => self.on_ack(s, seq, group),
             ClientFrame::Send { cid, to, group, kind, body } => self.on_send(s, cid, to, group, kind, body),
-            ClientFrame::Sync { .. } | ClientFrame::Read { .. } => {
-                self.push(
-                    s,
-                    encode_text_frame(
-                        &ServerFrame::Error {
-                            code: ErrorCode::Unavailable,
-                            message: "sync and read arrive with the durable store (not yet on this node)".into(),
-                            reference: None,
-                        },
-                        120,
-                    ),
-                );
-            }
+            ClientFrame::Sync { inbox_seq, groups, limit } => self.on_sync(s, inbox_seq, groups, limit),
+            ClientFrame::Read { chat, seq } => self.on_read(s, chat, seq),
         }
     }
 
@@ -620,7 +500,7 @@ impl Shard {
             let new =
                 NewMessage { from: (*s.user).into(), to: to.into(), kind, body: raw, cid: Some(cid.clone().into()) };
             let frame = match shard.send_single(new).await {
-                Ok((msg, seq)) => ServerFrame::Sent { cid, id: msg.id.to_string(), seq, ts: msg.ts },
+                Ok(sent) => ServerFrame::Sent { cid, id: sent.id.to_string(), seq: sent.sender_seq, ts: sent.ts },
                 Err(e) => {
                     let e = e.to_api();
                     ServerFrame::Error { code: e.code, message: e.message, reference: Some(cid) }

@@ -18,7 +18,7 @@ pub struct TestNode {
     pub jwt_secret: String,
     pub config: Config,
     handle: Option<NodeHandle>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl TestNode {
@@ -30,12 +30,20 @@ impl TestNode {
     /// A node with `Config::test_min` changed by `edit`.
     pub fn with(edit: impl FnOnce(&mut Config)) -> TestNode {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = Config::test_min(dir.path().to_path_buf());
+        let mut node = TestNode::in_dir(dir.path(), edit);
+        node._dir = Some(dir);
+        node
+    }
+
+    /// A node whose data (store, secrets) lives in `dir`, which outlives it: a later node in
+    /// the same dir finds everything stored.
+    pub fn in_dir(dir: &std::path::Path, edit: impl FnOnce(&mut Config)) -> TestNode {
+        let mut config = Config::test_min(dir.to_path_buf());
         edit(&mut config);
         let api_key = config.auth.api_key.expose().to_owned();
         let jwt_secret = config.auth.jwt_secret.expose().to_owned();
         let handle = node::start(config.clone()).expect("node starts");
-        TestNode { ports: handle.ports, api_key, jwt_secret, config, handle: Some(handle), _dir: dir }
+        TestNode { ports: handle.ports, api_key, jwt_secret, config, handle: Some(handle), _dir: None }
     }
 
     pub fn ws_url(&self) -> String {
@@ -95,6 +103,31 @@ pub fn next_msg(t: &mut TerminalClient) -> Msg {
 pub fn assert_silent(t: &mut TerminalClient, quiet: Duration) {
     if let Some(f) = t.recv(quiet).expect("recv") {
         panic!("expected silence, got {f:?}");
+    }
+}
+
+/// Sends `sync` from `after` and collects every page: the messages (in arrival order) and the
+/// final `synced` frame's inbox head.
+pub fn sync_all(t: &mut TerminalClient, mut after: u64) -> (Vec<Msg>, u64) {
+    let mut got = Vec::new();
+    loop {
+        t.send_frame(&ether_proto::ClientFrame::Sync { inbox_seq: after, groups: Default::default(), limit: None })
+            .expect("sync");
+        loop {
+            match t.recv(WAIT).expect("recv") {
+                Some(ServerFrame::Msg(m)) => {
+                    after = after.max(m.seq);
+                    got.push(m);
+                }
+                Some(ServerFrame::Synced { inbox_seq, more, .. }) => {
+                    if !more {
+                        return (got, inbox_seq);
+                    }
+                    break;
+                }
+                other => panic!("unexpected during sync: {other:?}"),
+            }
+        }
     }
 }
 

@@ -1,0 +1,336 @@
+//! Delivery on a shard: single-chat messages made durable through the storage thread, then
+//! pushed to every terminal of both users in commit order; acks and resends; `sync` pages;
+//! read positions with receipts; inbox heads for `welcome`. Works on the shard's own state
+//! (sessions, users, wheels) and reaches other shards only by `ShardMsg`.
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ether_proto::frame::ServerFrame;
+use ether_proto::ids::Chat;
+use ether_proto::{ApiError, ErrorCode};
+use ether_store::op::{Appended, Heads, NewMessage as StoreMessage, Op, Reply};
+use ether_store::{StoreCmd, StoreError};
+use futures_channel::oneshot;
+use tracing::debug;
+
+use crate::error::EngineError;
+use crate::mesh::ShardMsg;
+use crate::message::{encode_text_frame, unix_now_ms, Message, NewMessage};
+use crate::session::{Session, SessionKey};
+use crate::shard::{home_shard, Shard};
+use crate::stats::ShardCounters;
+use crate::storage::{message_of, Committed};
+
+/// Committed deliveries a shard handles before it lets its other tasks run.
+const COMMIT_BATCH_MAX: usize = 256;
+
+/// A message accepted (durable) for a sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub id: u64,
+    pub ts: u64,
+    /// The message's seq in the sender's own inbox (the receiver's when sent to oneself).
+    pub sender_seq: u64,
+}
+
+impl Shard {
+    // ---- accepting -----------------------------------------------------------------------
+
+    /// Submits a single-chat message to the storage thread. When its batch commits, the
+    /// completion (on the storage thread, in commit order) queues the message for the
+    /// receiver's home shard (chat `u:<from>`) and the sender's (chat `u:<to>`); the returned
+    /// receiver then yields the stored result. A repeated `(from, cid)` pushes nothing and
+    /// yields the first message's id, ts and seqs.
+    fn submit_single(&self, new: NewMessage) -> Result<oneshot::Receiver<Result<Appended, StoreError>>, EngineError> {
+        if self.node.stopping() || self.node.draining() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let (id, ts) = self.ids.next();
+        let NewMessage { from, to, kind, body, cid } = new;
+        let op = Op::Append(StoreMessage {
+            id,
+            ts,
+            from: from.to_string(),
+            to: to.to_string(),
+            kind,
+            body: body.get().to_owned(),
+            cid: cid.as_deref().map(str::to_owned),
+        });
+        let msg = Arc::new(Message { id, ts, from: from.clone(), kind, body, cid });
+        let (tx, rx) = oneshot::channel();
+        let commits = self.commits.clone();
+        let shards = self.shards;
+        let (from, to): (Arc<str>, Arc<str>) = (Arc::from(&*from), Arc::from(&*to));
+        self.store.submit(StoreCmd::new(op, move |result| {
+            let result = result.and_then(Reply::appended);
+            if let Ok(a) = &result {
+                if !a.duplicate {
+                    commits.push(
+                        home_shard(&to, shards),
+                        Committed {
+                            owner: to.clone(),
+                            chat: Arc::from(format!("u:{from}")),
+                            seq: a.receiver_seq,
+                            msg: msg.clone(),
+                            incoming: true,
+                        },
+                    );
+                    if let Some(seq) = a.sender_seq {
+                        commits.push(
+                            home_shard(&from, shards),
+                            Committed { owner: from, chat: Arc::from(format!("u:{to}")), seq, msg, incoming: false },
+                        );
+                    }
+                }
+            }
+            let _ = tx.send(result);
+        }))?;
+        Ok(rx)
+    }
+
+    fn sent_of(a: Appended) -> Sent {
+        Sent { id: a.id, ts: a.ts, sender_seq: a.sender_seq.unwrap_or(a.receiver_seq) }
+    }
+
+    /// Accepts a single-chat message: answers once it is durable in both inboxes.
+    pub async fn send_single(self: &Rc<Self>, new: NewMessage) -> Result<Sent, EngineError> {
+        let rx = self.submit_single(new)?;
+        let appended = rx.await.map_err(|_| EngineError::Store(StoreError::Closed))??;
+        if !appended.duplicate {
+            ShardCounters::add(&self.counters().messages_accepted, 1);
+        }
+        Ok(Self::sent_of(appended))
+    }
+
+    /// Accepts many single-chat messages (submitted in order, so per-inbox order is kept);
+    /// one result per message.
+    pub async fn send_many(self: &Rc<Self>, msgs: Vec<NewMessage>) -> Vec<Result<Sent, EngineError>> {
+        let pending: Vec<_> = msgs.into_iter().map(|m| self.submit_single(m)).collect();
+        let mut out = Vec::with_capacity(pending.len());
+        let mut accepted = 0;
+        for p in pending {
+            out.push(match p {
+                Ok(rx) => match rx.await {
+                    Ok(Ok(a)) => {
+                        accepted += u64::from(!a.duplicate);
+                        Ok(Self::sent_of(a))
+                    }
+                    Ok(Err(e)) => Err(EngineError::Store(e)),
+                    Err(_) => Err(EngineError::Store(StoreError::Closed)),
+                },
+                Err(e) => Err(e),
+            });
+        }
+        ShardCounters::add(&self.counters().messages_accepted, accepted);
+        out
+    }
+
+    // ---- pushing -------------------------------------------------------------------------
+
+    /// Drains this shard's committed deliveries until the node stops.
+    pub async fn commit_loop(self: Rc<Self>) {
+        let mut batch = Vec::with_capacity(COMMIT_BATCH_MAX);
+        while !self.node.stopping() {
+            self.commits.next_batch(self.id, &mut batch, COMMIT_BATCH_MAX).await;
+            let mut delivered = 0;
+            for c in batch.drain(..) {
+                delivered += self.deliver_committed(&c);
+            }
+            ShardCounters::add(&self.counters().deliveries, delivered);
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    /// Pushes a committed message to its owner's terminals (the frame encoded once for the
+    /// inbox, shared by all of them); returns how many got it.
+    fn deliver_committed(&self, c: &Committed) -> u64 {
+        debug_assert_eq!(home_shard(&c.owner, self.shards), self.id, "delivery away from the owner's home shard");
+        let keys: Vec<SessionKey> = {
+            let mut users = self.users.borrow_mut();
+            let Some(entry) = users.get_mut(&c.owner) else {
+                return 0; // offline: the message waits in the store for `sync`
+            };
+            entry.inbox_seq = entry.inbox_seq.max(c.seq);
+            entry.sessions.clone()
+        };
+        if keys.is_empty() {
+            return 0;
+        }
+        let frame = c.msg.encode_frame(&c.chat, c.seq);
+        let waited_ms = unix_now_ms().saturating_sub(c.msg.ts);
+        self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
+        let mut delivered = 0;
+        for key in keys {
+            if let Some(s) = self.session(key) {
+                if self.push(&s, frame.clone()) {
+                    self.track(&s, c.seq, c.msg.id, frame.clone());
+                    delivered += 1;
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Remembers a pushed inbox message until the terminal acks it (for resends).
+    pub(crate) fn track(&self, s: &Session, seq: u64, id: u64, frame: Bytes) {
+        s.pushed_inbox.set(s.pushed_inbox.get().max(seq));
+        let due = self.now_tick() + self.resend_ticks();
+        let pushed_ms = self.epoch.elapsed().as_millis() as u64;
+        if s.track_unacked(seq, id, frame, due, pushed_ms, self.config.limits.unacked_per_terminal_max) {
+            self.resend_wheel.borrow_mut().schedule(s.key, due);
+        }
+    }
+
+    /// Pushes again what is due on the sessions whose resend check came due.
+    pub(crate) fn resend_due(&self, now: u64, due: &mut Vec<SessionKey>) {
+        self.resend_wheel.borrow_mut().advance(now, due);
+        let mut resent = 0;
+        for key in due.drain(..) {
+            let Some(s) = self.session(key) else { continue };
+            let (frames, next) = s.due_resends(now, self.resend_ticks(), self.config.limits.resend_attempts_max);
+            for f in frames {
+                if self.push(&s, f) {
+                    resent += 1;
+                }
+            }
+            if let Some(next) = next {
+                self.resend_wheel.borrow_mut().schedule(key, next);
+            }
+        }
+        ShardCounters::add(&self.counters().resends, resent);
+    }
+
+    // ---- heads ---------------------------------------------------------------------------
+
+    /// The user's inbox head and group heads, from the store the first time, then from what
+    /// this shard has seen committed. Call with the user's entry present (see `conn::adopt`).
+    pub async fn heads(self: &Rc<Self>, user: &Arc<str>) -> Result<Heads, EngineError> {
+        let heads = self.store.call(Op::Heads { user: user.to_string() }).await?.heads()?;
+        let mut users = self.users.borrow_mut();
+        let inbox_seq = match users.get_mut(user) {
+            Some(entry) => {
+                entry.inbox_seq = entry.inbox_seq.max(heads.inbox_seq);
+                entry.heads_known = true;
+                entry.inbox_seq
+            }
+            None => heads.inbox_seq,
+        };
+        Ok(Heads { inbox_seq, groups: heads.groups })
+    }
+
+    // ---- terminal frames -----------------------------------------------------------------
+
+    fn frame_error(&self, s: &Session, e: &ApiError, reference: Option<String>) {
+        self.push(
+            s,
+            encode_text_frame(&ServerFrame::Error { code: e.code, message: e.message.clone(), reference }, 96),
+        );
+    }
+
+    /// A cumulative delivery ack: forgets what it covers, keeps the position durable.
+    pub(crate) fn on_ack(self: &Rc<Self>, s: &Rc<Session>, seq: u64, group: Option<String>) {
+        ShardCounters::add(&self.counters().acks, 1);
+        if group.is_none() {
+            if seq <= s.acked_inbox.get() {
+                return;
+            }
+            let now_ms = self.epoch.elapsed().as_millis() as u64;
+            let mut hist = self.ack_latency.borrow_mut();
+            s.ack_inbox(seq, |pushed_ms, _id| hist.record(now_ms.saturating_sub(pushed_ms) as f64 / 1000.0));
+        }
+        let op = Op::SetDelivered { user: s.user.to_string(), device: s.device.to_string(), group, seq };
+        // Best effort: a position not saved only means a few messages come again on `sync`.
+        if let Err(e) = self.store.submit(StoreCmd::new(op, |_| ())) {
+            debug!(user = %s.user, device = %s.device, shard = self.id, error = %e, "delivery position not saved");
+        }
+    }
+
+    /// `sync`: everything after the given positions, in order, one bounded page, then `synced`.
+    pub(crate) fn on_sync(
+        self: &Rc<Self>,
+        s: &Rc<Session>,
+        inbox_after: u64,
+        groups: BTreeMap<String, u64>,
+        limit: Option<u32>,
+    ) {
+        let page_max = self.config.limits.sync_page_max;
+        let limit = limit.map_or(page_max, |l| (l as usize).clamp(1, page_max));
+        let shard = self.clone();
+        let s = s.clone();
+        glommio::spawn_local(async move {
+            let op = Op::Sync { user: s.user.to_string(), inbox_after, groups, limit };
+            let synced = match shard.store.call(op).await.and_then(Reply::synced) {
+                Ok(r) => r,
+                Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), None),
+            };
+            for e in &synced.entries {
+                let frame = message_of(e).encode_frame(&e.chat, e.seq);
+                if !shard.push(&s, frame.clone()) {
+                    return;
+                }
+                if e.chat.starts_with("u:") {
+                    shard.track(&s, e.seq, e.id, frame);
+                }
+            }
+            if let Some(entry) = shard.users.borrow_mut().get_mut(&s.user) {
+                entry.inbox_seq = entry.inbox_seq.max(synced.heads.inbox_seq);
+            }
+            let done = ServerFrame::Synced {
+                inbox_seq: synced.heads.inbox_seq,
+                groups: synced.heads.groups,
+                more: synced.more,
+            };
+            shard.push(&s, encode_text_frame(&done, 96));
+        })
+        .detach();
+    }
+
+    /// `read`: moves the user's read position in a chat; the peer's terminals get `receipt`,
+    /// the user's other terminals `read_sync`.
+    pub(crate) fn on_read(self: &Rc<Self>, s: &Rc<Session>, chat: String, seq: u64) {
+        let Some(parsed) = Chat::parse(&chat) else {
+            let e = ApiError::new(ErrorCode::InvalidBody, format!("chat: {chat:?} is not u:<user> or g:<group>"));
+            return self.reject_frame(s, e.code, e.message, None);
+        };
+        let shard = self.clone();
+        let s = s.clone();
+        glommio::spawn_local(async move {
+            let op =
+                Op::SetRead { user: s.user.to_string(), chat: chat.clone(), seq, emit_event: shard.events_enabled() };
+            let moved = match shard.store.call(op).await.and_then(Reply::read) {
+                Ok(m) => m,
+                Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), None),
+            };
+            if !moved.moved {
+                return;
+            }
+            let sync = encode_text_frame(&ServerFrame::ReadSync { chat: moved.chat.clone(), seq: moved.seq }, 64);
+            for other in shard.sessions_of(&s.user) {
+                if other.key != s.key {
+                    shard.push(&other, sync.clone());
+                }
+            }
+            if let (Chat::User(peer), Some(up_to)) = (parsed, moved.up_to) {
+                let receipt = ServerFrame::Receipt {
+                    chat: format!("u:{}", s.user),
+                    by: s.user.to_string(),
+                    up_to: up_to.to_string(),
+                };
+                let frame = encode_text_frame(&receipt, 96);
+                let peer: Arc<str> = Arc::from(peer);
+                let home = home_shard(&peer, shard.shards);
+                if let Err(e) = shard.route(home, ShardMsg::UserFrame { user: peer, frame }).await {
+                    debug!(shard = shard.id, error = %e, "receipt not delivered");
+                }
+            }
+        })
+        .detach();
+    }
+
+    /// Whether events go to an outbox at all (someone consumes them).
+    pub fn events_enabled(&self) -> bool {
+        self.config.events.webhook.is_some()
+    }
+}

@@ -1,0 +1,163 @@
+//! The engine's link to the storage thread (`ether-store`): opening the store for a node, the
+//! per-shard queues of committed deliveries, and stored entries turned back into messages.
+//!
+//! Store completions run on the storage thread in commit order; they only push into these
+//! queues (lock-free) and wake the shard, which drains its queue on its own executor. So a
+//! message reaches a user's terminals only after it is durable, and in seq order per inbox.
+//! This module holds no shard state.
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::task::Poll;
+
+use atomic_waker::AtomicWaker;
+use crossbeam::queue::SegQueue;
+use ether_store::op::Entry;
+use ether_store::{SqliteBackend, SqliteOptions, StoreHandle, StoreOptions, StoreThread};
+use serde_json::value::RawValue;
+
+use crate::config::Config;
+use crate::message::{Message, SharedMessage};
+
+/// A message made durable in one inbox, to push to that inbox owner's terminals.
+#[derive(Debug)]
+pub struct Committed {
+    pub owner: Arc<str>,
+    /// The chat as the owner names it (`u:<peer>`).
+    pub chat: Arc<str>,
+    pub seq: u64,
+    pub msg: SharedMessage,
+    /// The owner is the receiver (not the sender's own copy): an offline receiver is
+    /// `message.unreached`.
+    pub incoming: bool,
+}
+
+struct ShardQueue {
+    items: SegQueue<Committed>,
+    waker: AtomicWaker,
+}
+
+/// One queue of committed deliveries per shard, filled by store completions.
+pub struct CommitQueues {
+    shards: Vec<ShardQueue>,
+}
+
+impl CommitQueues {
+    pub fn new(shards: usize) -> Arc<CommitQueues> {
+        Arc::new(CommitQueues {
+            shards: (0..shards).map(|_| ShardQueue { items: SegQueue::new(), waker: AtomicWaker::new() }).collect(),
+        })
+    }
+
+    /// Queues a delivery for shard `shard` and wakes it (from any thread).
+    pub fn push(&self, shard: usize, item: Committed) {
+        let q = &self.shards[shard];
+        q.items.push(item);
+        q.waker.wake();
+    }
+
+    /// Deliveries waiting for shard `shard`.
+    pub fn len(&self, shard: usize) -> usize {
+        self.shards[shard].items.len()
+    }
+
+    pub fn is_empty(&self, shard: usize) -> bool {
+        self.shards[shard].items.is_empty()
+    }
+
+    /// Waits until shard `shard` has deliveries, then moves up to `max` of them into `out`.
+    pub async fn next_batch(&self, shard: usize, out: &mut Vec<Committed>, max: usize) {
+        let q = &self.shards[shard];
+        poll_fn(|cx| {
+            q.waker.register(cx.waker());
+            while out.len() < max {
+                match q.items.pop() {
+                    Some(item) => out.push(item),
+                    None => break,
+                }
+            }
+            if out.is_empty() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+}
+
+/// Opens the node's store (`<data>/ether.db`) and starts its storage thread.
+pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
+    let backend = SqliteBackend::open_dir(
+        &config.node.data_dir,
+        SqliteOptions { durability: config.store_durability, ..SqliteOptions::default() },
+    )?;
+    let opts = StoreOptions {
+        retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),
+        ..StoreOptions::default()
+    };
+    StoreThread::spawn(backend, opts)
+}
+
+/// A stored entry as a message again (for `sync` and history).
+pub fn message_of(e: &Entry) -> Message {
+    let body = RawValue::from_string(e.body.clone()).unwrap_or_else(|_| {
+        // Stored bodies were validated JSON when written; a broken one is shown, not dropped.
+        RawValue::from_string("{\"error\":\"stored body is not valid JSON\"}".into()).unwrap_or_default()
+    });
+    Message {
+        id: e.id,
+        ts: e.ts,
+        from: e.from.as_str().into(),
+        kind: e.kind,
+        body,
+        cid: e.cid.as_deref().map(Into::into),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> SharedMessage {
+        Arc::new(Message {
+            id: 1,
+            ts: 1,
+            from: "a".into(),
+            kind: ether_proto::Kind::Text,
+            body: RawValue::from_string("{\"text\":\"x\"}".into()).unwrap(),
+            cid: None,
+        })
+    }
+
+    #[test]
+    fn queues_keep_order_and_batch() {
+        let q = CommitQueues::new(2);
+        for seq in 1..=5 {
+            q.push(1, Committed { owner: "b".into(), chat: "u:a".into(), seq, msg: msg(), incoming: true });
+        }
+        assert_eq!(q.len(1), 5);
+        assert!(q.is_empty(0));
+        let mut out = Vec::new();
+        futures_lite::future::block_on(q.next_batch(1, &mut out, 3));
+        assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        out.clear();
+        futures_lite::future::block_on(q.next_batch(1, &mut out, 10));
+        assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![4, 5]);
+    }
+
+    #[test]
+    fn entries_become_messages() {
+        let e = Entry {
+            seq: 3,
+            chat: "u:a".into(),
+            id: 9,
+            ts: 7,
+            from: "a".into(),
+            kind: ether_proto::Kind::Text,
+            body: "{\"text\":\"hi\"}".into(),
+            cid: Some("c".into()),
+        };
+        let m = message_of(&e);
+        assert_eq!((m.id, m.ts, &*m.from, m.body.get(), m.cid.as_deref()), (9, 7, "a", "{\"text\":\"hi\"}", Some("c")));
+    }
+}

@@ -1,0 +1,745 @@
+//! The conformance suite: properties every [`StoreBackend`] must have, written against the
+//! trait only. `make` must return a fresh, empty store each call. Panics (assert) on failure.
+//!
+//! Run everything with [`run_all`]; each property is also a pub fn so a backend's tests can
+//! name them one by one. Thread-level properties ([`thread_completions_in_order`],
+//! [`thread_concurrent_submitters`]) go through [`StoreThread`].
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ether_proto::Kind;
+
+use crate::op::*;
+use crate::thread::{StoreCmd, StoreOptions, StoreThread};
+use crate::{StoreBackend, StoreError};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh, time-ordered message id (the engine's layout: `ms << 20 | counter`).
+pub fn next_id() -> u64 {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    (ms << 20) + (COUNTER.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A text message op.
+pub fn text(from: &str, to: &str, cid: Option<&str>, text: &str) -> Op {
+    Op::Append(NewMessage {
+        id: next_id(),
+        ts: now_ms(),
+        from: from.into(),
+        to: to.into(),
+        kind: Kind::Text,
+        body: serde_json::json!({ "text": text }).to_string(),
+        cid: cid.map(Into::into),
+    })
+}
+
+/// A group text message op.
+pub fn group_text(from: &str, group: &str, cid: Option<&str>, text: &str) -> Op {
+    Op::AppendGroup(NewGroupMessage {
+        id: next_id(),
+        ts: now_ms(),
+        from: from.into(),
+        group: group.into(),
+        kind: Kind::Text,
+        body: serde_json::json!({ "text": text }).to_string(),
+        cid: cid.map(Into::into),
+    })
+}
+
+fn ok<B: StoreBackend>(b: &mut B, op: Op) -> Reply {
+    match b.apply(op.clone()) {
+        Ok(r) => r,
+        Err(e) => panic!("{op:?} failed: {e}"),
+    }
+}
+
+fn send<B: StoreBackend>(b: &mut B, from: &str, to: &str, t: &str) -> Appended {
+    ok(b, text(from, to, None, t)).appended().expect("appended")
+}
+
+fn inbox<B: StoreBackend>(b: &mut B, user: &str) -> Vec<Entry> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let p = ok(b, Op::ReadInbox { user: user.into(), after_seq: after, limit: 7 }).page().expect("page");
+        if let Some(last) = p.entries.last() {
+            after = last.seq;
+        }
+        all.extend(p.entries);
+        if !p.more {
+            return all;
+        }
+    }
+}
+
+fn create_group<B: StoreBackend>(b: &mut B, id: &str, owner: &str, members: &[&str]) {
+    ok(
+        b,
+        Op::CreateGroup {
+            id: Some(id.into()),
+            name: format!("{id} title"),
+            owner: owner.into(),
+            members: members.iter().map(|s| s.to_string()).collect(),
+            created_ms: 1,
+            members_max: 100,
+        },
+    );
+}
+
+fn body_text(e: &Entry) -> String {
+    let v: serde_json::Value = serde_json::from_str(&e.body).expect("json body");
+    v["text"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Runs every backend-level property, each on a fresh store, with `maintain` runs between
+/// steps where they matter.
+pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
+    single_chat_both_inboxes(make());
+    self_chat(make());
+    idempotent_cid(make());
+    paging_concatenates(make());
+    history_orders(make());
+    heads_and_sync(make());
+    delivery_never_backwards(make());
+    read_never_backwards(make());
+    unread_counts(make());
+    outbox_in_order(make());
+    groups_lifecycle(make());
+    group_membership_enforced(make());
+    group_reads(make());
+    batch_isolation(make());
+    invalid_input(make());
+    retention_purge(make());
+    random_interleavings(&make);
+}
+
+/// A single-chat message lands in both inboxes, with each inbox's own gap-free seq and the
+/// chat named from the owner's side.
+pub fn single_chat_both_inboxes<B: StoreBackend>(mut b: B) {
+    let a1 = send(&mut b, "alice", "bob", "hi bob");
+    assert_eq!((a1.receiver_seq, a1.sender_seq, a1.duplicate), (1, Some(1), false));
+    let a2 = send(&mut b, "carol", "bob", "hi from carol");
+    assert_eq!((a2.receiver_seq, a2.sender_seq), (2, Some(1)));
+    let _ = b.maintain(u64::MAX);
+    let a3 = send(&mut b, "bob", "alice", "hi alice");
+    assert_eq!((a3.receiver_seq, a3.sender_seq), (2, Some(3)));
+    let bob = inbox(&mut b, "bob");
+    let seqs: Vec<u64> = bob.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(bob.iter().map(|e| e.chat.as_str()).collect::<Vec<_>>(), ["u:alice", "u:carol", "u:alice"]);
+    assert_eq!(bob[0].from, "alice");
+    assert_eq!(bob[2].from, "bob");
+    assert_eq!(bob[0].id, a1.id);
+    assert_eq!(body_text(&bob[1]), "hi from carol");
+    let alice = inbox(&mut b, "alice");
+    assert_eq!(alice.len(), 2);
+    assert_eq!((alice[0].chat.as_str(), alice[0].seq), ("u:bob", 1));
+    assert_eq!((alice[1].chat.as_str(), alice[1].from.as_str()), ("u:bob", "bob"));
+    assert!(inbox(&mut b, "nobody").is_empty());
+}
+
+/// A message to oneself takes one position and has no sender seq.
+pub fn self_chat<B: StoreBackend>(mut b: B) {
+    let a = send(&mut b, "me", "me", "note");
+    assert_eq!((a.receiver_seq, a.sender_seq), (1, None));
+    let e = inbox(&mut b, "me");
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].chat, "u:me");
+}
+
+/// A repeated `(from, cid)` returns the first result and stores nothing new, in the same
+/// batch or later, before and after background index work; another sender's cid is its own.
+pub fn idempotent_cid<B: StoreBackend>(mut b: B) {
+    let first = ok(&mut b, text("alice", "bob", Some("c1"), "once")).appended().expect("appended");
+    assert!(!first.duplicate);
+    let again = ok(&mut b, text("alice", "bob", Some("c1"), "twice")).appended().expect("appended");
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.id, again.ts, again.receiver_seq, again.sender_seq),
+        (first.id, first.ts, first.receiver_seq, first.sender_seq)
+    );
+    while b.maintain(u64::MAX).unwrap_or(false) {}
+    let r = b.apply_batch(&[
+        text("alice", "bob", Some("c1"), "thrice"),
+        text("alice", "bob", Some("c2"), "new"),
+        text("alice", "bob", Some("c2"), "new again"),
+        text("carol", "bob", Some("c1"), "carol's own c1"),
+    ]);
+    let r: Vec<Appended> = r.into_iter().map(|r| r.and_then(Reply::appended).expect("appended")).collect();
+    assert!(r[0].duplicate && r[0].id == first.id);
+    assert!(!r[1].duplicate && r[1].receiver_seq == 2);
+    assert!(r[2].duplicate && r[2].id == r[1].id);
+    assert!(!r[3].duplicate && r[3].receiver_seq == 3);
+    let bob = inbox(&mut b, "bob");
+    assert_eq!(bob.len(), 3);
+    assert_eq!(body_text(&bob[0]), "once");
+    assert_eq!(bob[0].cid.as_deref(), Some("c1"));
+}
+
+/// Inbox pages (bounded) concatenate to the whole inbox, in order, without gaps.
+pub fn paging_concatenates<B: StoreBackend>(mut b: B) {
+    for i in 0..60 {
+        let from = format!("u{}", i % 5);
+        send(&mut b, &from, "reader", &format!("m{i}"));
+        if i % 17 == 0 {
+            let _ = b.maintain(u64::MAX);
+        }
+    }
+    let all = inbox(&mut b, "reader");
+    assert_eq!(all.len(), 60);
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1);
+        assert_eq!(body_text(e), format!("m{i}"));
+    }
+    let p = ok(&mut b, Op::ReadInbox { user: "reader".into(), after_seq: 55, limit: 100 }).page().expect("page");
+    assert_eq!(p.entries.len(), 5);
+    assert!(!p.more);
+    assert_eq!(p.head, 60);
+    let huge =
+        ok(&mut b, Op::ReadInbox { user: "reader".into(), after_seq: 0, limit: usize::MAX }).page().expect("page");
+    assert!(huge.entries.len() <= PAGE_LIMIT_MAX);
+}
+
+/// History: newest-first by default and from `before_seq`, oldest-first with only
+/// `after_seq`, filtered by chat.
+pub fn history_orders<B: StoreBackend>(mut b: B) {
+    for i in 1..=10 {
+        let from = if i % 2 == 0 { "even" } else { "odd" };
+        send(&mut b, from, "h", &format!("{i}"));
+    }
+    let _ = b.maintain(u64::MAX);
+    let q = |chat: Option<&str>, before, after, limit| {
+        Op::History(HistoryQuery {
+            user: "h".into(),
+            chat: chat.map(Into::into),
+            before_seq: before,
+            after_seq: after,
+            limit,
+        })
+    };
+    let seqs = |r: Reply| -> Vec<u64> { r.page().expect("page").entries.iter().map(|e| e.seq).collect() };
+    assert_eq!(seqs(ok(&mut b, q(None, None, None, 3))), [10, 9, 8]);
+    assert_eq!(seqs(ok(&mut b, q(None, Some(8), None, 3))), [7, 6, 5]);
+    assert_eq!(seqs(ok(&mut b, q(None, None, Some(7), 10))), [8, 9, 10]);
+    assert_eq!(seqs(ok(&mut b, q(None, Some(6), Some(2), 10))), [5, 4, 3]);
+    assert_eq!(seqs(ok(&mut b, q(Some("u:even"), None, None, 3))), [10, 8, 6]);
+    assert_eq!(seqs(ok(&mut b, q(Some("u:odd"), None, Some(4), 10))), [5, 7, 9]);
+    assert!(seqs(ok(&mut b, q(Some("u:stranger"), None, None, 3))).is_empty());
+    let p = ok(&mut b, q(None, None, None, 3)).page().expect("page");
+    assert!(p.more);
+    assert!(matches!(b.apply(q(Some("x:bad"), None, None, 3)), Err(StoreError::Invalid(_))));
+}
+
+/// `Heads` and `Sync`: inbox then each group after the given positions, bounded, `more` set.
+pub fn heads_and_sync<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "team", "ann", &["ben"]);
+    for i in 0..5 {
+        send(&mut b, "ben", "ann", &format!("d{i}"));
+        ok(&mut b, group_text("ben", "team", None, &format!("g{i}")));
+    }
+    let h = ok(&mut b, Op::Heads { user: "ann".into() }).heads().expect("heads");
+    assert_eq!(h.inbox_seq, 5);
+    assert_eq!(h.groups, BTreeMap::from([("team".to_string(), 5)]));
+    let sync = |after: u64, g: u64, limit| Op::Sync {
+        user: "ann".into(),
+        inbox_after: after,
+        groups: BTreeMap::from([("team".to_string(), g)]),
+        limit,
+    };
+    let s = ok(&mut b, sync(3, 1, 100)).synced().expect("synced");
+    let got: Vec<(String, u64)> = s.entries.iter().map(|e| (e.chat.clone(), e.seq)).collect();
+    assert_eq!(
+        got,
+        [
+            ("u:ben".to_string(), 4),
+            ("u:ben".to_string(), 5),
+            ("g:team".to_string(), 2),
+            ("g:team".to_string(), 3),
+            ("g:team".to_string(), 4),
+            ("g:team".to_string(), 5)
+        ]
+    );
+    assert!(!s.more);
+    assert_eq!(s.heads, h);
+    let s = ok(&mut b, sync(0, 0, 3)).synced().expect("synced");
+    assert_eq!(s.entries.len(), 3);
+    assert!(s.more);
+    let s = ok(&mut b, sync(5, 5, 3)).synced().expect("synced");
+    assert!(s.entries.is_empty() && !s.more);
+    // Not a member: the group is skipped.
+    let s = ok(
+        &mut b,
+        Op::Sync {
+            user: "stranger".into(),
+            inbox_after: 0,
+            groups: BTreeMap::from([("team".to_string(), 0)]),
+            limit: 10,
+        },
+    )
+    .synced()
+    .expect("synced");
+    assert!(s.entries.is_empty());
+}
+
+/// Delivery positions per (user, device), clamped to the head, never backwards.
+pub fn delivery_never_backwards<B: StoreBackend>(mut b: B) {
+    for _ in 0..5 {
+        send(&mut b, "x", "y", "m");
+    }
+    create_group(&mut b, "dg", "y", &[]);
+    ok(&mut b, group_text("y", "dg", None, "g"));
+    let set = |device: &str, group: Option<&str>, seq| Op::SetDelivered {
+        user: "y".into(),
+        device: device.into(),
+        group: group.map(Into::into),
+        seq,
+    };
+    assert_eq!(ok(&mut b, set("phone", None, 3)), Reply::Position { prev: 0, seq: 3 });
+    assert_eq!(ok(&mut b, set("phone", None, 2)), Reply::Position { prev: 3, seq: 3 });
+    assert_eq!(ok(&mut b, set("phone", None, 99)), Reply::Position { prev: 3, seq: 5 });
+    ok(&mut b, set("laptop", None, 1));
+    ok(&mut b, set("phone", Some("dg"), 1));
+    let d = ok(&mut b, Op::GetDelivered { user: "y".into(), device: "phone".into() }).delivered().expect("delivered");
+    assert_eq!(d.inbox_seq, 5);
+    assert_eq!(d.groups, BTreeMap::from([("dg".to_string(), 1)]));
+    let d = ok(&mut b, Op::GetDelivered { user: "y".into(), device: "laptop".into() }).delivered().expect("delivered");
+    assert_eq!(d.inbox_seq, 1);
+}
+
+/// Read positions never move backwards, are clamped to the head, name the newest message of
+/// the chat at or before them, and emit `message.read` in the same transaction.
+pub fn read_never_backwards<B: StoreBackend>(mut b: B) {
+    let m1 = send(&mut b, "p", "r", "1");
+    let _m2 = send(&mut b, "q", "r", "2");
+    let m3 = send(&mut b, "p", "r", "3");
+    let _m4 = send(&mut b, "q", "r", "4");
+    let set = |chat: &str, seq, ev| Op::SetRead { user: "r".into(), chat: chat.into(), seq, emit_event: ev };
+    let r = ok(&mut b, set("u:p", 2, true)).read().expect("read");
+    assert_eq!((r.prev, r.seq, r.moved, r.up_to), (0, 2, true, Some(m1.id)));
+    let r = ok(&mut b, set("u:p", 1, true)).read().expect("read");
+    assert_eq!((r.prev, r.seq, r.moved), (2, 2, false));
+    let r = ok(&mut b, set("u:p", 100, false)).read().expect("read");
+    assert_eq!((r.prev, r.seq, r.up_to), (2, 4, Some(m3.id)));
+    let ev = ok(&mut b, Op::OutboxFetch { after: 0, limit: 10 }).events().expect("events");
+    assert_eq!(ev.len(), 1, "one event: only the first read moved with emit_event");
+    assert_eq!(ev[0].kind, "message.read");
+    let v: serde_json::Value = serde_json::from_str(&ev[0].data).expect("json");
+    assert_eq!(v["chat"], "u:p");
+    assert_eq!(v["user"], "r");
+    assert_eq!(v["up_to"], m1.id.to_string());
+    assert!(matches!(b.apply(set("u:nobody", 1, false)), Err(StoreError::NotFound)));
+    assert!(matches!(b.apply(set("bad", 1, false)), Err(StoreError::Invalid(_))));
+}
+
+/// Unread counts per chat: incoming messages after the chat's read position.
+pub fn unread_counts<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "ug", "me", &["a"]);
+    for _ in 0..3 {
+        send(&mut b, "a", "me", "x");
+    }
+    send(&mut b, "b", "me", "y");
+    send(&mut b, "me", "a", "my own: not unread");
+    for _ in 0..4 {
+        ok(&mut b, group_text("a", "ug", None, "g"));
+    }
+    ok(&mut b, group_text("me", "ug", None, "mine"));
+    let _ = b.maintain(u64::MAX);
+    let u = ok(&mut b, Op::Unread { user: "me".into() }).unread().expect("unread");
+    assert_eq!(u, BTreeMap::from([("u:a".to_string(), 3), ("u:b".to_string(), 1), ("g:ug".to_string(), 4)]));
+    ok(&mut b, Op::SetRead { user: "me".into(), chat: "u:a".into(), seq: 2, emit_event: false });
+    ok(&mut b, Op::SetRead { user: "me".into(), chat: "g:ug".into(), seq: 5, emit_event: false });
+    let u = ok(&mut b, Op::Unread { user: "me".into() }).unread().expect("unread");
+    assert_eq!(u, BTreeMap::from([("u:a".to_string(), 1), ("u:b".to_string(), 1)]));
+}
+
+/// The outbox hands events back in order, by increasing never-reused seq; acks delete.
+pub fn outbox_in_order<B: StoreBackend>(mut b: B) {
+    let ev = |k: &str, i: u32| NewEvent { kind: k.into(), data: format!("{{\"i\":{i}}}"), ts: 1 };
+    let r = ok(&mut b, Op::OutboxAppend { events: vec![ev("user.online", 0), ev("user.offline", 1)] });
+    let Reply::OutboxAppended { first, last } = r else { panic!("{r:?}") };
+    assert_eq!(last, first + 1);
+    ok(&mut b, Op::OutboxAppend { events: (2..10).map(|i| ev("message.unreached", i)).collect() });
+    let all = ok(&mut b, Op::OutboxFetch { after: 0, limit: 100 }).events().expect("events");
+    assert_eq!(all.len(), 10);
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(all[1].kind, "user.offline");
+    let page = ok(&mut b, Op::OutboxFetch { after: all[2].seq, limit: 3 }).events().expect("events");
+    assert_eq!(page, all[3..6]);
+    assert_eq!(ok(&mut b, Op::OutboxAck { through: all[4].seq }), Reply::Count(5));
+    let rest = ok(&mut b, Op::OutboxFetch { after: 0, limit: 100 }).events().expect("events");
+    assert_eq!(rest, all[5..]);
+    ok(&mut b, Op::OutboxAck { through: u64::MAX / 2 });
+    let r = ok(&mut b, Op::OutboxAppend { events: vec![ev("user.online", 11)] });
+    let Reply::OutboxAppended { first, .. } = r else { panic!("{r:?}") };
+    assert!(first > all[9].seq, "event ids are never reused");
+}
+
+/// Groups: create (conflict, limit, generated id), get, members add/remove/list with
+/// cursor, groups of a user, dissolve.
+pub fn groups_lifecycle<B: StoreBackend>(mut b: B) {
+    let create = |id: Option<&str>, members: &[&str], max| Op::CreateGroup {
+        id: id.map(Into::into),
+        name: "Team".into(),
+        owner: "o".into(),
+        members: members.iter().map(|s| s.to_string()).collect(),
+        created_ms: 42,
+        members_max: max,
+    };
+    assert_eq!(ok(&mut b, create(Some("t1"), &["a", "b", "a"], 10)), Reply::GroupCreated { id: "t1".into() });
+    assert!(matches!(b.apply(create(Some("t1"), &[], 10)), Err(StoreError::Conflict(_))));
+    assert!(matches!(b.apply(create(Some("t2"), &["a", "b", "c"], 3)), Err(StoreError::LimitExceeded(_))));
+    let Reply::GroupCreated { id: gen } = ok(&mut b, create(None, &[], 10)) else { panic!() };
+    assert!(ether_proto::ids::is_valid_id(&gen));
+    let g = ok(&mut b, Op::GetGroup { group: "t1".into() }).group().expect("group");
+    assert_eq!(
+        (g.id.as_str(), g.name.as_str(), g.owner.as_str(), g.created_ms, g.member_count, g.seq),
+        ("t1", "Team", "o", 42, 3, 0)
+    );
+    let add = |users: &[&str], max| Op::AddMembers {
+        group: "t1".into(),
+        users: users.iter().map(|s| s.to_string()).collect(),
+        members_max: max,
+    };
+    assert_eq!(ok(&mut b, add(&["c", "a", "d"], 10)), Reply::Count(2));
+    assert!(matches!(b.apply(add(&["e", "f"], 6)), Err(StoreError::LimitExceeded(_))));
+    assert_eq!(ok(&mut b, add(&["e"], 6)), Reply::Count(1));
+    let rm = |u: &str| Op::RemoveMember { group: "t1".into(), user: u.into() };
+    assert_eq!(ok(&mut b, rm("b")), Reply::Count(1));
+    assert_eq!(ok(&mut b, rm("b")), Reply::Count(0));
+    let mut listed = Vec::new();
+    let mut cursor = None;
+    loop {
+        let r = ok(&mut b, Op::ListMembers { group: "t1".into(), cursor: cursor.clone(), limit: 2 });
+        let Reply::Members { members, next_cursor } = r else { panic!("{r:?}") };
+        assert!(members.len() <= 2);
+        listed.extend(members);
+        match next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    listed.sort();
+    assert_eq!(listed, ["a", "c", "d", "e", "o"]);
+    let g = ok(&mut b, Op::GetGroup { group: "t1".into() }).group().expect("group");
+    assert_eq!(g.member_count, 5);
+    let mut gs = ok(&mut b, Op::GroupsOf { user: "o".into() }).groups().expect("groups");
+    gs.sort();
+    let mut want = vec!["t1".to_string(), gen.clone()];
+    want.sort();
+    assert_eq!(gs, want);
+    assert_eq!(ok(&mut b, Op::DissolveGroup { group: "t1".into() }), Reply::Done);
+    assert!(matches!(b.apply(Op::GetGroup { group: "t1".into() }), Err(StoreError::NotFound)));
+    assert!(matches!(b.apply(Op::DissolveGroup { group: "t1".into() }), Err(StoreError::NotFound)));
+    assert_eq!(ok(&mut b, Op::GroupsOf { user: "a".into() }).groups().expect("groups"), Vec::<String>::new());
+    // The id is free again and starts a fresh log.
+    create_group(&mut b, "t1", "o", &[]);
+    ok(&mut b, group_text("o", "t1", None, "fresh"));
+    let g = ok(&mut b, Op::GetGroup { group: "t1".into() }).group().expect("group");
+    assert_eq!((g.seq, g.member_count), (1, 1));
+}
+
+/// Only members send to a group; its log gets gap-free seqs; cids are idempotent there too.
+pub fn group_membership_enforced<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "club", "m1", &["m2"]);
+    assert!(matches!(b.apply(group_text("outsider", "club", None, "let me in")), Err(StoreError::Forbidden(_))));
+    assert!(matches!(b.apply(group_text("m1", "nope", None, "?")), Err(StoreError::NotFound)));
+    let mut seqs = Vec::new();
+    for i in 0..12 {
+        let from = if i % 2 == 0 { "m1" } else { "m2" };
+        let r = ok(&mut b, group_text(from, "club", None, &format!("{i}"))).group_appended().expect("group appended");
+        seqs.push(r.seq);
+        if i == 5 {
+            let _ = b.maintain(u64::MAX);
+        }
+    }
+    assert_eq!(seqs, (1..=12).collect::<Vec<u64>>());
+    let a = ok(&mut b, group_text("m1", "club", Some("k"), "x")).group_appended().expect("ga");
+    let d = ok(&mut b, group_text("m1", "club", Some("k"), "y")).group_appended().expect("ga");
+    assert!(d.duplicate && d.id == a.id && d.seq == 13);
+    let p = ok(&mut b, Op::ReadGroup { group: "club".into(), after_seq: 10, limit: 10 }).page().expect("page");
+    assert_eq!(p.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [11, 12, 13]);
+    assert!(p.entries.iter().all(|e| e.chat == "g:club"));
+    let h = ok(&mut b, Op::GroupHistory { group: "club".into(), before_seq: None, after_seq: None, limit: 2 })
+        .page()
+        .expect("page");
+    assert_eq!(h.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [13, 12]);
+    ok(&mut b, Op::RemoveMember { group: "club".into(), user: "m2".into() });
+    assert!(matches!(b.apply(group_text("m2", "club", None, "gone")), Err(StoreError::Forbidden(_))));
+    assert!(matches!(
+        b.apply(Op::History(HistoryQuery {
+            user: "m2".into(),
+            chat: Some("g:club".into()),
+            limit: 5,
+            ..Default::default()
+        })),
+        Err(StoreError::Forbidden(_))
+    ));
+}
+
+/// `GroupReads`: members other than the sender whose read position covers the message.
+pub fn group_reads<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "rg", "s", &["r1", "r2", "r3"]);
+    let m1 = ok(&mut b, group_text("s", "rg", None, "1")).group_appended().expect("ga");
+    let m2 = ok(&mut b, group_text("s", "rg", None, "2")).group_appended().expect("ga");
+    let read = |u: &str, seq| Op::SetRead { user: u.into(), chat: "g:rg".into(), seq, emit_event: false };
+    ok(&mut b, read("r1", 2));
+    ok(&mut b, read("r2", 1));
+    let reads = |id| Op::GroupReads { group: "rg".into(), msg_id: id };
+    assert_eq!(ok(&mut b, reads(m1.id)), Reply::Reads { read: 2, members: 3 });
+    assert_eq!(ok(&mut b, reads(m2.id)), Reply::Reads { read: 1, members: 3 });
+    assert!(matches!(b.apply(reads(12345)), Err(StoreError::NotFound)));
+    assert!(matches!(b.apply(read("outsider", 1)), Err(StoreError::Forbidden(_))));
+}
+
+/// A failing op in a batch fails alone; the others commit with the seqs they were given.
+pub fn batch_isolation<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "bi", "a", &[]);
+    let dup_id = next_id();
+    let with_id = |id| {
+        Op::Append(NewMessage {
+            id,
+            ts: now_ms(),
+            from: "a".into(),
+            to: "b".into(),
+            kind: Kind::Text,
+            body: "{\"text\":\"x\"}".into(),
+            cid: None,
+        })
+    };
+    let r = b.apply_batch(&[
+        text("a", "b", None, "1"),
+        group_text("z", "bi", None, "forbidden"),
+        with_id(dup_id),
+        with_id(dup_id),
+        text("a", "b", None, "3"),
+        Op::GetGroup { group: "missing".into() },
+    ]);
+    assert_eq!(r.len(), 6);
+    assert_eq!(r[0].clone().and_then(Reply::appended).expect("ok").receiver_seq, 1);
+    assert!(matches!(r[1], Err(StoreError::Forbidden(_))));
+    assert_eq!(r[2].clone().and_then(Reply::appended).expect("ok").receiver_seq, 2);
+    assert!(matches!(r[3], Err(StoreError::Conflict(_))));
+    assert_eq!(r[4].clone().and_then(Reply::appended).expect("ok").receiver_seq, 3);
+    assert!(matches!(r[5], Err(StoreError::NotFound)));
+    assert_eq!(inbox(&mut b, "b").iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+/// Malformed ops are `Invalid`, never a panic.
+pub fn invalid_input<B: StoreBackend>(mut b: B) {
+    assert!(matches!(b.apply(text("bad user", "b", None, "x")), Err(StoreError::Invalid(_))));
+    assert!(matches!(b.apply(text("a", "", None, "x")), Err(StoreError::Invalid(_))));
+    assert!(matches!(b.apply(text("a", "b", Some(""), "x")), Err(StoreError::Invalid(_))));
+    assert!(matches!(b.apply(text("a", "b", None, &"x".repeat(BODY_BYTES_MAX))), Err(StoreError::Invalid(_))));
+    let mut m =
+        NewMessage { id: 0, ts: 0, from: "a".into(), to: "b".into(), kind: Kind::Text, body: "{}".into(), cid: None };
+    assert!(matches!(b.apply(Op::Append(m.clone())), Err(StoreError::Invalid(_))));
+    m.id = u64::MAX;
+    assert!(matches!(b.apply(Op::Append(m)), Err(StoreError::Invalid(_))));
+    assert!(matches!(
+        b.apply(Op::ListMembers { group: "nope".into(), cursor: None, limit: 1 }),
+        Err(StoreError::NotFound)
+    ));
+}
+
+/// Retention: messages older than the cutoff go, in bounded steps; newer stay; seqs continue
+/// after the purge (never reused), and the cid of a purged message is free again.
+pub fn retention_purge<B: StoreBackend>(mut b: B) {
+    let old_ts = now_ms() - 40 * 86_400_000;
+    for i in 0..10 {
+        let op = Op::Append(NewMessage {
+            id: next_id(),
+            ts: old_ts + i,
+            from: "old".into(),
+            to: "keeper".into(),
+            kind: Kind::Text,
+            body: "{\"text\":\"old\"}".into(),
+            cid: Some(format!("old{i}")),
+        });
+        ok(&mut b, op);
+    }
+    send(&mut b, "new", "keeper", "new");
+    // Messages whose positions are still in memory are never purged: write them out first.
+    while b.maintain(u64::MAX).unwrap_or(false) {}
+    let cutoff = now_ms() - 30 * 86_400_000;
+    let mut purged = 0;
+    let mut steps = 0;
+    loop {
+        let r = ok(&mut b, Op::Purge { older_than_ms: cutoff, max_rows: 3 });
+        let Reply::Purged { messages, more } = r else { panic!("{r:?}") };
+        assert!(messages <= 3);
+        purged += messages;
+        steps += 1;
+        if !more {
+            break;
+        }
+        assert!(steps < 100);
+    }
+    assert_eq!(purged, 10);
+    let left = inbox(&mut b, "keeper");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].seq, 11);
+    for _ in 0..3 {
+        let _ = b.apply(Op::Purge { older_than_ms: cutoff, max_rows: 1000 });
+    }
+    let a = send(&mut b, "old", "keeper", "after purge");
+    assert_eq!((a.receiver_seq, a.sender_seq), (12, Some(11)));
+    let again = ok(&mut b, text("old", "keeper", Some("old3"), "reuse")).appended().expect("appended");
+    assert!(!again.duplicate);
+    assert_eq!(again.receiver_seq, 13);
+}
+
+/// Random interleavings of senders, receivers and background steps: every inbox holds
+/// exactly its messages at seqs `1..=n`, and bounded pages concatenate to the whole inbox.
+pub fn random_interleavings<B: StoreBackend>(make: &impl Fn() -> B) {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let mut runner = TestRunner::new(Config { cases: 12, failure_persistence: None, ..Config::default() });
+    let step = (0u8..5, 0u8..5, 0u8..10, 1usize..4);
+    runner
+        .run(&prop::collection::vec(step, 1..60), |steps| {
+            let mut b = make();
+            let mut want: HashMap<String, Vec<u64>> = HashMap::new();
+            let mut batch = Vec::new();
+            for (from, to, extra, n) in steps {
+                let (from, to) = (format!("p{from}"), format!("p{to}"));
+                for _ in 0..n {
+                    batch.push(text(&from, &to, None, "x"));
+                }
+                if extra < 3 || batch.len() > 6 {
+                    let ops = std::mem::take(&mut batch);
+                    let rs = b.apply_batch(&ops);
+                    for (op, r) in ops.iter().zip(rs) {
+                        let a = r.and_then(Reply::appended).expect("append");
+                        let Op::Append(m) = op else { unreachable!() };
+                        want.entry(m.to.clone()).or_default().push(a.id);
+                        if m.from != m.to {
+                            want.entry(m.from.clone()).or_default().push(a.id);
+                        }
+                    }
+                }
+                if extra == 0 {
+                    let _ = b.maintain(u64::MAX);
+                }
+            }
+            for (user, ids) in &want {
+                let got = inbox(&mut b, user);
+                prop_assert_eq!(
+                    got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+                    (1..=ids.len() as u64).collect::<Vec<_>>()
+                );
+                prop_assert_eq!(&got.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+            }
+            Ok(())
+        })
+        .expect("random interleavings");
+}
+
+// ---- through the storage thread ------------------------------------------------------------
+
+/// Completions run after commit, in submission order, including failed ops; batches form.
+pub fn thread_completions_in_order<B: StoreBackend>(b: B, mut opts: StoreOptions) {
+    let n = 200usize;
+    opts.queue_capacity = opts.queue_capacity.max(n + 1);
+    let h = StoreThread::spawn(b, opts).expect("spawn");
+    h.call_blocking(Op::CreateGroup {
+        id: Some("tg".into()),
+        name: "t".into(),
+        owner: "a".into(),
+        members: vec![],
+        created_ms: 0,
+        members_max: 10,
+    })
+    .expect("group");
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = crossbeam::channel::unbounded();
+    let mut submitted = 0;
+    for i in 0..n {
+        let op =
+            if i % 10 == 9 { group_text("outsider", "tg", None, "no") } else { text("a", "b", None, &i.to_string()) };
+        let order = order.clone();
+        let tx = tx.clone();
+        let cmd = StoreCmd::new(op, move |r| {
+            if let Ok(mut o) = order.lock() {
+                o.push((i, r.clone().ok().and_then(|r| r.appended().ok())));
+            }
+            let _ = tx.send(r);
+        });
+        h.submit(cmd).expect("queue sized for the test");
+        submitted += 1;
+    }
+    for _ in 0..submitted {
+        let _r = rx.recv_timeout(Duration::from_secs(10)).expect("completion");
+    }
+    let order = order.lock().expect("lock").clone();
+    assert_eq!(order.len(), n);
+    assert_eq!(
+        order.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        (0..n).collect::<Vec<_>>(),
+        "completions in submission order"
+    );
+    let seqs: Vec<u64> = order.iter().filter_map(|(_, a)| a.map(|a| a.receiver_seq)).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(seqs.len(), n - n / 10);
+    let batches = h.stats().batches.load(Ordering::Relaxed);
+    assert!(batches < n as u64, "group commit: {batches} batches for {n} ops");
+    h.shutdown();
+    assert!(matches!(h.submit(StoreCmd::new(text("a", "b", None, "late"), |_| {})), Err(StoreError::Closed)));
+}
+
+/// Several threads submit at once to overlapping inboxes: every inbox's seqs are exactly
+/// `1..=n`, each message once.
+pub fn thread_concurrent_submitters<B: StoreBackend>(b: B, opts: StoreOptions) {
+    let h = StoreThread::spawn(b, opts).expect("spawn");
+    let threads = 4;
+    let per = 150;
+    let mut joins = Vec::new();
+    for t in 0..threads {
+        let h = h.clone();
+        joins.push(std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for i in 0..per {
+                let to = format!("r{}", i % 3);
+                let from = format!("s{t}");
+                let op = text(&from, &to, Some(&format!("c{i}")), "x");
+                loop {
+                    match h.call_blocking(op.clone()) {
+                        Ok(r) => {
+                            got.push((to.clone(), r.appended().expect("appended")));
+                            break;
+                        }
+                        Err(StoreError::Overloaded) => std::thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+            got
+        }));
+    }
+    let mut per_inbox: HashMap<String, Vec<u64>> = HashMap::new();
+    for j in joins {
+        for (to, a) in j.join().expect("join") {
+            assert!(!a.duplicate);
+            per_inbox.entry(to).or_default().push(a.receiver_seq);
+        }
+    }
+    let mut total = 0;
+    for (to, mut seqs) in per_inbox {
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{to}");
+        total += seqs.len();
+        let page = h
+            .call_blocking(Op::ReadInbox { user: to.clone(), after_seq: 0, limit: 1000 })
+            .and_then(Reply::page)
+            .expect("page");
+        assert_eq!(page.entries.len(), seqs.len());
+    }
+    assert_eq!(total, threads * per);
+    h.shutdown();
+}

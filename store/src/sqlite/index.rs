@@ -1,0 +1,237 @@
+//! The in-memory tail of the stream index: inbox and group-log positions (and sender cids)
+//! not yet written to their tables. Owns no connection; `SqliteBackend` moves data in and out.
+//!
+//! A stream is an inbox (`2 * uid`) or a group log (`2 * gid + 1`). Its positions `1..=head`
+//! are gap-free: `1..=flushed` live in the `entries` table in blocks of up to
+//! [`BLOCK_ENTRIES`], `flushed+1..=head` live here. Everything here can be rebuilt from the
+//! `messages` rows at or after the durable watermark (see the crate docs).
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Entries per block row. 48 × 16 bytes keeps a row inside one 4 KiB page (no overflow page).
+pub const BLOCK_ENTRIES: usize = 48;
+/// Bytes per encoded entry: message id and `aux`, both little-endian i64.
+pub const ENTRY_BYTES: usize = 16;
+
+/// One stream position's content: the message and, for inboxes, `peer * 2 + outgoing`
+/// (for group logs, `sender * 2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Item {
+    pub id: i64,
+    pub aux: i64,
+}
+
+/// The inbox stream key of a user.
+pub fn inbox_stream(uid: i64) -> i64 {
+    uid * 2
+}
+
+/// The log stream key of a group (also its chat key in read positions).
+pub fn group_stream(gid: i64) -> i64 {
+    gid * 2 + 1
+}
+
+pub fn encode_items(out: &mut Vec<u8>, items: &[Item]) {
+    for it in items {
+        out.extend_from_slice(&it.id.to_le_bytes());
+        out.extend_from_slice(&it.aux.to_le_bytes());
+    }
+}
+
+pub fn decode_items(data: &[u8]) -> impl DoubleEndedIterator<Item = Item> + ExactSizeIterator + '_ {
+    data.chunks_exact(ENTRY_BYTES).map(|c| {
+        let mut a = [0u8; 8];
+        let mut b = [0u8; 8];
+        a.copy_from_slice(&c[..8]);
+        b.copy_from_slice(&c[8..]);
+        Item { id: i64::from_le_bytes(a), aux: i64::from_le_bytes(b) }
+    })
+}
+
+/// A stream's position in memory.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    /// Last position written to the `entries` table.
+    pub flushed: u64,
+    /// Positions `flushed + 1 ..`.
+    pub pending: Vec<Item>,
+    /// Sender cids `(hash, message id)` not yet in the `cids` table (inbox streams only).
+    pub cids: Vec<(i64, i64)>,
+    /// Whether the stream sits in the flush queue.
+    pub queued: bool,
+}
+
+impl StreamState {
+    pub fn head(&self) -> u64 {
+        self.flushed + self.pending.len() as u64
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.pending.is_empty() && self.cids.is_empty() && !self.queued
+    }
+}
+
+/// A change to undo if the transaction that made it rolls back.
+#[derive(Debug)]
+pub enum Undo {
+    /// Truncate the stream's pending lists back to these lengths.
+    Stream {
+        stream: i64,
+        pending_len: usize,
+        cids_len: usize,
+    },
+    /// Take one reference off a pending message.
+    PendingMsg(i64),
+    PendingCid {
+        uid: i64,
+        h: i64,
+    },
+    /// Forget a user created in the transaction.
+    User {
+        name: Box<str>,
+        uid: i64,
+    },
+    /// Forget a group created (or dissolved) in the transaction.
+    Group {
+        name: Box<str>,
+    },
+    /// Restore the durable watermark.
+    Watermark(i64),
+}
+
+/// The pending tail of every stream, and what is needed to write it out in order.
+#[derive(Debug, Default)]
+pub struct Index {
+    pub streams: HashMap<i64, StreamState>,
+    /// Streams with pending data, oldest first: `(stream, ms when it became pending)`.
+    pub queue: VecDeque<(i64, u64)>,
+    /// Message id → pending items that still refer to it. Its first key bounds the
+    /// watermark: every message below it is fully indexed in tables.
+    pub pending_msgs: BTreeMap<i64, u32>,
+    /// `(sender uid, cid hash)` → message id, for cids not yet in the `cids` table.
+    pub pending_cids: HashMap<(i64, i64), i64>,
+    /// Items plus cids held in memory.
+    pub pending_total: usize,
+}
+
+impl Index {
+    pub fn add_msg_ref(&mut self, id: i64, undo: &mut Vec<Undo>) {
+        *self.pending_msgs.entry(id).or_insert(0) += 1;
+        undo.push(Undo::PendingMsg(id));
+    }
+
+    pub fn drop_msg_ref(&mut self, id: i64) {
+        if let Some(n) = self.pending_msgs.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_msgs.remove(&id);
+            }
+        }
+    }
+
+    /// Pushes `item` at the stream's next position; returns that position.
+    pub fn push_item(&mut self, stream: i64, item: Item, now_ms: u64, undo: &mut Vec<Undo>) -> u64 {
+        let st = self.streams.entry(stream).or_default();
+        undo.push(Undo::Stream { stream, pending_len: st.pending.len(), cids_len: st.cids.len() });
+        st.pending.push(item);
+        if !st.queued {
+            st.queued = true;
+            self.queue.push_back((stream, now_ms));
+        }
+        self.pending_total += 1;
+        let seq = st.head();
+        self.add_msg_ref(item.id, undo);
+        seq
+    }
+
+    /// Records a sender's cid until it is written to the `cids` table.
+    pub fn push_cid(&mut self, uid: i64, h: i64, id: i64, now_ms: u64, undo: &mut Vec<Undo>) {
+        let stream = inbox_stream(uid);
+        let st = self.streams.entry(stream).or_default();
+        undo.push(Undo::Stream { stream, pending_len: st.pending.len(), cids_len: st.cids.len() });
+        st.cids.push((h, id));
+        if !st.queued {
+            st.queued = true;
+            self.queue.push_back((stream, now_ms));
+        }
+        self.pending_total += 1;
+        self.pending_cids.insert((uid, h), id);
+        undo.push(Undo::PendingCid { uid, h });
+        self.add_msg_ref(id, undo);
+    }
+
+    /// Undoes one recorded change (call in reverse order).
+    pub fn undo_one(&mut self, u: &Undo) {
+        match u {
+            Undo::Stream { stream, pending_len, cids_len } => {
+                if let Some(st) = self.streams.get_mut(stream) {
+                    let removed =
+                        st.pending.len().saturating_sub(*pending_len) + st.cids.len().saturating_sub(*cids_len);
+                    st.pending.truncate(*pending_len);
+                    st.cids.truncate(*cids_len);
+                    self.pending_total -= removed;
+                }
+            }
+            Undo::PendingMsg(id) => self.drop_msg_ref(*id),
+            Undo::PendingCid { uid, h } => {
+                self.pending_cids.remove(&(*uid, *h));
+            }
+            Undo::User { .. } | Undo::Group { .. } | Undo::Watermark(_) => {}
+        }
+    }
+
+    /// Marks a stream written up to `flushed_to`, dropping what was written from memory.
+    /// `items`/`cids` are how many pending items/cids were written.
+    pub fn mark_flushed(&mut self, stream: i64, items: usize, cids: usize) {
+        let Some(st) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        let items = items.min(st.pending.len());
+        let cids = cids.min(st.cids.len());
+        let written: Vec<Item> = st.pending.drain(..items).collect();
+        let written_cids: Vec<(i64, i64)> = st.cids.drain(..cids).collect();
+        st.flushed += items as u64;
+        let uid = stream / 2;
+        self.pending_total -= items + cids;
+        for it in written {
+            self.drop_msg_ref(it.id);
+        }
+        for (h, id) in written_cids {
+            self.pending_cids.remove(&(uid, h));
+            self.drop_msg_ref(id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_roundtrip() {
+        let items = [Item { id: 1, aux: -3 }, Item { id: i64::MAX, aux: 7 }];
+        let mut buf = Vec::new();
+        encode_items(&mut buf, &items);
+        assert_eq!(buf.len(), 2 * ENTRY_BYTES);
+        assert_eq!(decode_items(&buf).collect::<Vec<_>>(), items);
+        assert_eq!(decode_items(&buf).next_back(), Some(items[1]));
+    }
+
+    #[test]
+    fn push_undo_flush() {
+        let mut ix = Index::default();
+        let mut undo = Vec::new();
+        assert_eq!(ix.push_item(2, Item { id: 10, aux: 0 }, 0, &mut undo), 1);
+        let mark = undo.len();
+        assert_eq!(ix.push_item(2, Item { id: 11, aux: 0 }, 0, &mut undo), 2);
+        for u in undo.drain(mark..).rev() {
+            ix.undo_one(&u);
+        }
+        assert_eq!(ix.streams[&2].head(), 1);
+        assert_eq!(ix.pending_msgs.len(), 1);
+        ix.mark_flushed(2, 1, 0);
+        assert_eq!(ix.streams[&2].head(), 1);
+        assert_eq!(ix.streams[&2].flushed, 1);
+        assert!(ix.pending_msgs.is_empty());
+        assert_eq!(ix.pending_total, 0);
+    }
+}

@@ -1,0 +1,326 @@
+//! The storage thread: a plain OS thread that alone owns a [`StoreBackend`], takes commands
+//! from a bounded lock-free queue, applies them in batches (group commit) and runs each
+//! command's completion after its batch commits, in submission order. Touches no shard state.
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+
+use crate::backend::StoreBackend;
+use crate::op::{Op, Reply};
+use crate::StoreError;
+
+/// What runs when a command's batch has committed (or failed): on the storage thread, so it
+/// must be quick (send to a shard's queue, complete a oneshot) and never block.
+pub type Completion = Box<dyn FnOnce(Result<Reply, StoreError>) + Send + 'static>;
+
+/// One command for the storage thread.
+pub struct StoreCmd {
+    pub op: Op,
+    pub done: Completion,
+}
+
+impl StoreCmd {
+    pub fn new(op: Op, done: impl FnOnce(Result<Reply, StoreError>) + Send + 'static) -> Self {
+        StoreCmd { op, done: Box::new(done) }
+    }
+}
+
+impl std::fmt::Debug for StoreCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreCmd").field("op", &self.op).finish()
+    }
+}
+
+/// How the storage thread batches and maintains.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most commands per transaction.
+    pub batch_ops_max: usize,
+    /// How long a batch stays open for more commands after its first one arrived (a busy
+    /// queue fills it sooner). Zero: commit whatever is queued at once.
+    pub batch_wait: Duration,
+    /// Commands queued at most; beyond it `submit` answers `Overloaded`.
+    pub queue_capacity: usize,
+    /// How often a retention purge step runs (steps repeat between batches while there is
+    /// more to purge).
+    pub purge_every: Duration,
+    /// Most messages deleted per purge step (one short transaction).
+    pub purge_rows: usize,
+    /// Messages older than this are purged (`retention.days`).
+    pub retention: Duration,
+    /// How long the thread sleeps when idle before doing background work.
+    pub idle_tick: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            batch_ops_max: 4096,
+            batch_wait: Duration::from_millis(2),
+            queue_capacity: 65_536,
+            purge_every: Duration::from_secs(10),
+            purge_rows: 500,
+            retention: Duration::from_secs(30 * 86_400),
+            idle_tick: Duration::from_millis(50),
+        }
+    }
+}
+
+impl StoreOptions {
+    /// Tiny limits so that batching, overload and purge paths run in tests.
+    pub fn test_min() -> Self {
+        StoreOptions {
+            batch_ops_max: 8,
+            batch_wait: Duration::from_millis(1),
+            queue_capacity: 64,
+            purge_every: Duration::from_millis(10),
+            purge_rows: 4,
+            idle_tick: Duration::from_millis(5),
+            ..StoreOptions::default()
+        }
+    }
+}
+
+/// Counters the storage thread keeps (for the admin port's `storage` stats).
+#[derive(Debug, Default)]
+pub struct ThreadStats {
+    pub batches: AtomicU64,
+    pub ops: AtomicU64,
+    pub errors: AtomicU64,
+    pub batch_ops_last: AtomicU64,
+    pub purged: AtomicU64,
+    pub pending_entries: AtomicU64,
+    /// Nanoseconds spent applying and committing the last batch.
+    pub commit_ns_last: AtomicU64,
+}
+
+struct Shared {
+    stats: ThreadStats,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stopping: AtomicBool,
+}
+
+enum Msg {
+    Cmd(StoreCmd),
+    Stop,
+}
+
+/// Starts storage threads.
+#[derive(Debug)]
+pub struct StoreThread;
+
+impl StoreThread {
+    /// Moves `backend` onto a new OS thread named `ether-store` and returns the handle that
+    /// feeds it. The thread stops when every handle is dropped or [`StoreHandle::shutdown`].
+    pub fn spawn<B: StoreBackend>(backend: B, opts: StoreOptions) -> Result<StoreHandle, StoreError> {
+        let (tx, rx) = channel::bounded(opts.queue_capacity.max(1));
+        let shared = Arc::new(Shared {
+            stats: ThreadStats::default(),
+            thread: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        });
+        let sh = shared.clone();
+        let t = std::thread::Builder::new()
+            .name("ether-store".into())
+            .spawn(move || run(backend, opts, rx, sh))
+            .map_err(|e| StoreError::Unavailable(format!("spawn storage thread: {e}")))?;
+        if let Ok(mut g) = shared.thread.lock() {
+            *g = Some(t);
+        }
+        Ok(StoreHandle { tx, shared })
+    }
+}
+
+/// The way into the storage thread: cheap to clone, usable from any thread, never blocks.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHandle").field("queued", &self.tx.len()).finish()
+    }
+}
+
+impl StoreHandle {
+    /// Queues a command without blocking. On `Err` the command (and its completion) is
+    /// dropped unrun: the caller answers with the error itself.
+    pub fn submit(&self, cmd: StoreCmd) -> Result<(), StoreError> {
+        if self.shared.stopping.load(Ordering::Relaxed) {
+            return Err(StoreError::Closed);
+        }
+        match self.tx.try_send(Msg::Cmd(cmd)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(StoreError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Submits `op` and waits (asynchronously) for its committed result.
+    pub async fn call(&self, op: Op) -> Result<Reply, StoreError> {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.submit(StoreCmd::new(op, move |r| {
+            let _ = tx.send(r);
+        }))?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Submits `op` and blocks this thread until it is committed. Not for shard threads.
+    pub fn call_blocking(&self, op: Op) -> Result<Reply, StoreError> {
+        let (tx, rx) = channel::bounded(1);
+        self.submit(StoreCmd::new(op, move |r| {
+            let _ = tx.send(r);
+        }))?;
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Commands waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn stats(&self) -> &ThreadStats {
+        &self.shared.stats
+    }
+
+    /// Stops the thread after the commands already queued, and waits for it. Later submits
+    /// answer `Closed`.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        let _ = self.tx.send(Msg::Stop);
+        let t = self.shared.thread.lock().ok().and_then(|mut g| g.take());
+        if let Some(t) = t {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, sh: Arc<Shared>) {
+    let max = opts.batch_ops_max.max(1);
+    let mut ops: Vec<Op> = Vec::with_capacity(max);
+    let mut dones: Vec<Completion> = Vec::with_capacity(max);
+    let mut next_purge = Instant::now() + opts.purge_every;
+    let mut stop = false;
+    while !stop {
+        let first = match rx.recv_timeout(opts.idle_tick) {
+            Ok(Msg::Cmd(c)) => c,
+            Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                idle(&mut backend, &opts, &sh, &mut next_purge);
+                continue;
+            }
+        };
+        ops.push(first.op);
+        dones.push(first.done);
+        let deadline = Instant::now() + opts.batch_wait;
+        while ops.len() < max {
+            let msg = match rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
+                Err(TryRecvError::Empty) => {
+                    if opts.batch_wait.is_zero() {
+                        break;
+                    }
+                    match rx.recv_deadline(deadline) {
+                        Ok(m) => m,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            stop = true;
+                            break;
+                        }
+                    }
+                }
+            };
+            match msg {
+                Msg::Cmd(c) => {
+                    ops.push(c.op);
+                    dones.push(c.done);
+                }
+                Msg::Stop => {
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        let t0 = Instant::now();
+        let results = backend.apply_batch(&ops);
+        let st = &sh.stats;
+        st.commit_ns_last.store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        st.batches.fetch_add(1, Ordering::Relaxed);
+        st.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+        st.batch_ops_last.store(ops.len() as u64, Ordering::Relaxed);
+        debug_assert_eq!(results.len(), ops.len());
+        let mut results = results.into_iter();
+        for done in dones.drain(..) {
+            let r = results.next().unwrap_or_else(|| Err(StoreError::Unavailable("no result".into())));
+            if r.is_err() {
+                st.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            // A panicking completion must not take the store down with it.
+            if catch_unwind(AssertUnwindSafe(move || done(r))).is_err() {
+                tracing::error!("store completion panicked");
+            }
+        }
+        ops.clear();
+        if Instant::now() >= next_purge {
+            purge_step(&mut backend, &opts, &sh, &mut next_purge);
+        }
+        st.pending_entries.store(backend.stats().pending_entries, Ordering::Relaxed);
+    }
+    // Work still queued after a stop is answered, not dropped silently.
+    while let Ok(m) = rx.try_recv() {
+        if let Msg::Cmd(c) = m {
+            (c.done)(Err(StoreError::Closed));
+        }
+    }
+}
+
+fn purge_step<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next_purge: &mut Instant) {
+    let cutoff = unix_ms().saturating_sub(opts.retention.as_millis() as u64);
+    let r = backend.apply(Op::Purge { older_than_ms: cutoff, max_rows: opts.purge_rows });
+    *next_purge = Instant::now() + opts.purge_every;
+    match r {
+        Ok(Reply::Purged { messages, more }) => {
+            sh.stats.purged.fetch_add(messages, Ordering::Relaxed);
+            if more {
+                // Next step right after the next batch (or idle tick): small steps.
+                *next_purge = Instant::now();
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "purge step failed"),
+    }
+}
+
+fn idle<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next_purge: &mut Instant) {
+    // Bounded: a few index steps per tick, then back to the queue.
+    for _ in 0..4 {
+        match backend.maintain(unix_ms()) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "store maintenance failed");
+                break;
+            }
+        }
+    }
+    if Instant::now() >= *next_purge {
+        purge_step(backend, opts, sh, next_purge);
+    }
+    sh.stats.pending_entries.store(backend.stats().pending_entries, Ordering::Relaxed);
+}

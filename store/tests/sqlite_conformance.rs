@@ -1,0 +1,256 @@
+//! The conformance suite against `SqliteBackend`, directly and through `StoreThread`, plus
+//! the SQLite-only paths: a full disk, a crash (SIGKILL) and reopen.
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ether_store::conformance::{self, text};
+use ether_store::*;
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+fn open(dir: &Path, opts: SqliteOptions) -> SqliteBackend {
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    SqliteBackend::open(dir.join(format!("{n}.db")), opts).expect("open")
+}
+
+#[test]
+fn conformance_tiny_limits() {
+    // flush_age 0 and 3 streams per step: positions move between memory and tables all the time.
+    let dir = tempfile::tempdir().unwrap();
+    conformance::run_all(|| open(dir.path(), SqliteOptions::test_min()));
+}
+
+#[test]
+fn conformance_default_options() {
+    // Default flush age: positions stay in memory unless a step forces them out.
+    let dir = tempfile::tempdir().unwrap();
+    conformance::run_all(|| open(dir.path(), SqliteOptions::default()));
+}
+
+#[test]
+fn conformance_full_durability() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SqliteOptions { durability: Durability::Full, ..SqliteOptions::test_min() };
+    conformance::single_chat_both_inboxes(open(dir.path(), opts.clone()));
+    conformance::idempotent_cid(open(dir.path(), opts));
+}
+
+#[test]
+fn thread_completions_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::thread_completions_in_order(open(dir.path(), SqliteOptions::test_min()), StoreOptions::test_min());
+}
+
+#[test]
+fn thread_concurrent_submitters() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::thread_concurrent_submitters(open(dir.path(), SqliteOptions::test_min()), StoreOptions::test_min());
+    conformance::thread_concurrent_submitters(open(dir.path(), SqliteOptions::default()), StoreOptions::default());
+}
+
+#[test]
+fn thread_overloaded_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions { queue_capacity: 2, batch_wait: Duration::from_millis(50), ..StoreOptions::test_min() };
+    let h = StoreThread::spawn(open(dir.path(), SqliteOptions::test_min()), opts).unwrap();
+    // Block the storage thread inside a completion so the queue fills up.
+    let (gate_tx, gate_rx) = crossbeam::channel::bounded::<()>(0);
+    h.submit(StoreCmd::new(text("a", "b", None, "x"), move |_| {
+        let _ = gate_rx.recv_timeout(Duration::from_secs(5));
+    }))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut overloaded = false;
+    for _ in 0..10 {
+        match h.submit(StoreCmd::new(text("a", "b", None, "y"), |_| {})) {
+            Err(StoreError::Overloaded) => {
+                overloaded = true;
+                break;
+            }
+            Ok(()) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(overloaded, "a full queue answers Overloaded");
+    assert_eq!(StoreError::Overloaded.code(), ether_proto::ErrorCode::Unavailable);
+    let _ = gate_tx.send(());
+    h.shutdown();
+    assert_eq!(h.submit(StoreCmd::new(text("a", "b", None, "z"), |_| {})).unwrap_err(), StoreError::Closed);
+}
+
+#[test]
+fn thread_call_async() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = StoreThread::spawn(open(dir.path(), SqliteOptions::test_min()), StoreOptions::default()).unwrap();
+    let fut = h.call(text("a", "b", Some("k"), "x"));
+    // A minimal executor: the future completes from the storage thread's wake-up.
+    let r = block_on(fut).unwrap().appended().unwrap();
+    assert_eq!(r.receiver_seq, 1);
+    let r = block_on(h.call(text("a", "b", Some("k"), "x"))).unwrap().appended().unwrap();
+    assert!(r.duplicate);
+    h.shutdown();
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+    struct T(std::thread::Thread);
+    impl Wake for T {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(T(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn full_disk_is_unavailable_and_reads_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SqliteOptions { max_page_count: Some(60), ..SqliteOptions::test_min() };
+    let h = StoreThread::spawn(open(dir.path(), opts), StoreOptions::test_min()).unwrap();
+    let big = "y".repeat(20_000);
+    let mut stored = 0u64;
+    let mut failed = None;
+    for _ in 0..200 {
+        match h.call_blocking(text("a", "b", None, &big)) {
+            Ok(r) => stored = r.appended().unwrap().receiver_seq,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failed.expect("the tiny database fills up");
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert_eq!(e.code().http_status(), 503);
+    assert!(stored > 0);
+    // Still failing, still not panicking; a batch mixing reads and failing writes answers both.
+    let (tx, rx) = crossbeam::channel::unbounded();
+    for op in [text("a", "b", None, &big), Op::ReadInbox { user: "b".into(), after_seq: 0, limit: 1000 }] {
+        let tx = tx.clone();
+        h.submit(StoreCmd::new(op, move |r| tx.send(r).unwrap())).unwrap();
+    }
+    assert!(matches!(rx.recv().unwrap(), Err(StoreError::Unavailable(_))));
+    let page = rx.recv().unwrap().unwrap().page().unwrap();
+    assert_eq!(page.entries.len() as u64, stored);
+    assert_eq!(page.head, stored);
+    // Small writes that fit may still succeed; the seqs stay gap-free either way.
+    let heads = h.call_blocking(Op::Heads { user: "b".into() }).unwrap().heads().unwrap();
+    assert_eq!(heads.inbox_seq, stored);
+    h.shutdown();
+}
+
+/// Runs in the child process of `crash_recovers_every_acknowledged_message`.
+#[test]
+#[ignore = "child process of crash_recovers_every_acknowledged_message"]
+fn crash_child() {
+    let Ok(dir) = std::env::var("ETHER_STORE_CRASH_DIR") else {
+        return;
+    };
+    let b = SqliteBackend::open_dir(&dir, SqliteOptions::default()).unwrap();
+    let h = StoreThread::spawn(b, StoreOptions::default()).unwrap();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    for i in 0.. {
+        let to = format!("r{}", i % 7);
+        let from = format!("s{}", i % 5);
+        let op = text(&from, &to, Some(&format!("c{i}")), "crash me");
+        let make = || {
+            let (out, to, from) = (out.clone(), to.clone(), from.clone());
+            StoreCmd::new(op.clone(), move |r| {
+                if let Ok(Reply::Appended(a)) = r {
+                    let mut o = out.lock().unwrap();
+                    let _ = writeln!(o, "ACK {to} {} {from} {} {}", a.receiver_seq, a.sender_seq.unwrap_or(0), a.id);
+                    let _ = o.flush();
+                }
+            })
+        };
+        // A refused command is dropped unrun: build it again and retry.
+        while let Err(e) = h.submit(make()) {
+            assert_eq!(e, StoreError::Overloaded);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if i % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+fn acked(dir: &Path) -> Vec<(String, u64, String, u64, u64)> {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .env("ETHER_STORE_CRASH_DIR", dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut acks = Vec::new();
+    while acks.len() < 3000 {
+        let Some(Ok(l)) = lines.next() else { break };
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() == 6 && f[0] == "ACK" {
+            acks.push((
+                f[1].to_string(),
+                f[2].parse().unwrap(),
+                f[3].to_string(),
+                f[4].parse().unwrap(),
+                f[5].parse().unwrap(),
+            ));
+        }
+    }
+    child.kill().unwrap(); // SIGKILL: no clean shutdown, no flush of the in-memory index
+    let _ = child.wait();
+    acks
+}
+
+#[test]
+fn crash_recovers_every_acknowledged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().into();
+    let acks = acked(&path);
+    assert!(acks.len() >= 3000, "child acknowledged {} messages", acks.len());
+    let mut b = SqliteBackend::open_dir(&path, SqliteOptions::default()).unwrap();
+    let mut inboxes = std::collections::HashMap::new();
+    for u in (0..7).map(|i| format!("r{i}")).chain((0..5).map(|i| format!("s{i}"))) {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let p = b.apply(Op::ReadInbox { user: u.clone(), after_seq: after, limit: 1000 }).unwrap().page().unwrap();
+            after = p.entries.last().map_or(after, |e| e.seq);
+            all.extend(p.entries);
+            if !p.more {
+                break;
+            }
+        }
+        let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "{u}: gap-free");
+        let by_seq: std::collections::HashMap<u64, u64> = all.iter().map(|e| (e.seq, e.id)).collect();
+        inboxes.insert(u, by_seq);
+    }
+    for (to, rseq, from, sseq, id) in &acks {
+        assert_eq!(inboxes[to].get(rseq), Some(id), "{to} seq {rseq}");
+        assert_eq!(inboxes[from].get(sseq), Some(id), "{from} seq {sseq}");
+    }
+    // Writing goes on after the last stored position, and cids are still remembered.
+    let head = inboxes["r0"].len() as u64;
+    let a = b.apply(text("x", "r0", None, "after")).unwrap().appended().unwrap();
+    assert_eq!(a.receiver_seq, head + 1);
+    let (to, _, from, _, id) = &acks[0];
+    let _ = to;
+    let i: u64 = 0;
+    let dup = b.apply(text(from, "r0", Some(&format!("c{i}")), "again")).unwrap().appended().unwrap();
+    assert!(dup.duplicate);
+    assert_eq!(dup.id, *id);
+}
