@@ -25,7 +25,7 @@ use crate::shard::Shard;
 /// Token lifetime when a request names none.
 pub const TOKEN_TTL_DEFAULT: Duration = Duration::from_secs(3600);
 
-fn json<T: Serialize>(status: u16, value: &T) -> Response {
+pub(crate) fn json<T: Serialize>(status: u16, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => Response::json(status, body),
         Err(e) => error(&ApiError::new(ErrorCode::Internal, e.to_string())),
@@ -60,7 +60,12 @@ fn route_of(method: &Method, segments: &[&str]) -> &'static str {
         (Method::Post, ["v1", "users", _, "kick"]) => "POST /v1/users/{uid}/kick",
         (Method::Get, ["v1", "users", _, "messages"]) => "GET /v1/users/{uid}/messages",
         (Method::Get, ["v1", "users", _, "unread"]) => "GET /v1/users/{uid}/unread",
-        (_, ["v1", "groups", ..]) => "/v1/groups",
+        (Method::Post, ["v1", "groups"]) => "POST /v1/groups",
+        (_, ["v1", "groups", _]) => "/v1/groups/{gid}",
+        (_, ["v1", "groups", _, "members", ..]) => "/v1/groups/{gid}/members",
+        (Method::Post, ["v1", "groups", _, "messages"]) => "POST /v1/groups/{gid}/messages",
+        (_, ["v1", "groups", ..]) => "/v1/groups/{gid}/messages",
+        (_, ["v1", "users", _, "groups"]) => "GET /v1/users/{uid}/groups",
         _ => "other",
     }
 }
@@ -80,7 +85,12 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
         (Method::Post, ["v1", "users", uid, "kick"]) => kick(shard, uid, req).await,
         (Method::Get, ["v1", "users", uid, "messages"]) => history(shard, uid, req).await,
         (Method::Get, ["v1", "users", uid, "unread"]) => unread(shard, uid).await,
-        (_, ["v1", "groups", ..]) => Err(EngineError::NotAvailable("groups are not yet available on this node")),
+        (_, ["v1", "groups", ..]) | (_, ["v1", "users", _, "groups"]) => {
+            match crate::api_groups::route(shard, req, segments).await {
+                Some(r) => r,
+                None => return fail(ErrorCode::NotFound, format!("no route {} {}", req.method, req.path)),
+            }
+        }
         (_, ["v1", "messages"] | ["v1", "messages", "batch"] | ["v1", "broadcast"] | ["v1", "tokens"])
         | (_, ["v1", "users", _, "presence" | "kick" | "messages" | "unread"]) => {
             return fail(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method, req.path));
@@ -214,7 +224,7 @@ pub const HISTORY_LIMIT_MAX: usize = 1000;
 /// `limit` of a history page when none is given.
 pub const HISTORY_LIMIT_DEFAULT: usize = 50;
 
-fn query_u64(req: &Request, name: &str) -> Result<Option<u64>, EngineError> {
+pub(crate) fn query_u64(req: &Request, name: &str) -> Result<Option<u64>, EngineError> {
     match req.query_param(name) {
         None => Ok(None),
         Some(v) => v.parse().map(Some).map_err(|_| {
@@ -222,25 +232,6 @@ fn query_u64(req: &Request, name: &str) -> Result<Option<u64>, EngineError> {
                 .into()
         }),
     }
-}
-
-#[derive(Serialize)]
-struct HistoryMessage<'a> {
-    id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cid: Option<&'a str>,
-    chat: &'a str,
-    from: &'a str,
-    seq: u64,
-    kind: ether_proto::Kind,
-    body: &'a RawValue,
-    ts: u64,
-}
-
-#[derive(Serialize)]
-struct HistoryPage<'a> {
-    messages: Vec<HistoryMessage<'a>>,
-    more: bool,
 }
 
 /// `GET /v1/users/{uid}/messages?chat=&before_seq=&after_seq=&limit=`
@@ -256,10 +247,7 @@ async fn history(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response
             .into());
         }
     }
-    let limit = query_u64(req, "limit")?.map_or(HISTORY_LIMIT_DEFAULT, |l| l as usize);
-    if limit == 0 || limit > HISTORY_LIMIT_MAX {
-        return Err(ApiError::new(ErrorCode::InvalidBody, format!("query.limit: 1-{HISTORY_LIMIT_MAX}")).into());
-    }
+    let limit = history_limit(req)?;
     let q = ether_store::op::HistoryQuery {
         user: uid.to_owned(),
         chat,
@@ -268,27 +256,16 @@ async fn history(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response
         limit,
     };
     let page = shard.store.call(ether_store::op::Op::History(q)).await?.page()?;
-    let bodies: Vec<Box<RawValue>> = page
-        .entries
-        .iter()
-        .map(|e| RawValue::from_string(e.body.clone()).unwrap_or_else(|_| Box::<RawValue>::default()))
-        .collect();
-    let messages = page
-        .entries
-        .iter()
-        .zip(&bodies)
-        .map(|(e, body)| HistoryMessage {
-            id: e.id.to_string(),
-            cid: e.cid.as_deref(),
-            chat: &e.chat,
-            from: &e.from,
-            seq: e.seq,
-            kind: e.kind,
-            body,
-            ts: e.ts,
-        })
-        .collect();
-    Ok(json(200, &HistoryPage { messages, more: page.more }))
+    Ok(crate::api_groups::page_json(&page))
+}
+
+/// `limit` of a history query: 1 to `HISTORY_LIMIT_MAX`, `HISTORY_LIMIT_DEFAULT` when absent.
+pub(crate) fn history_limit(req: &Request) -> Result<usize, EngineError> {
+    let limit = query_u64(req, "limit")?.map_or(HISTORY_LIMIT_DEFAULT, |l| l as usize);
+    if limit == 0 || limit > HISTORY_LIMIT_MAX {
+        return Err(ApiError::new(ErrorCode::InvalidBody, format!("query.limit: 1-{HISTORY_LIMIT_MAX}")).into());
+    }
+    Ok(limit)
 }
 
 /// `GET /v1/users/{uid}/unread`

@@ -305,6 +305,8 @@ raw_config! {
         unacked_per_terminal_max: usize,
         /// `limits.drain_window_ms`: time a drain takes to close every terminal.
         drain_window_ms: u64,
+        /// `limits.group_members_max`: members one group may have.
+        group_members_max: usize,
     }
     /// Raw `[terminal]`: what terminals may do.
     terminal: RawTerminal {
@@ -695,6 +697,8 @@ pub struct Limits {
     pub unacked_per_terminal_max: usize,
     /// A drain tells terminals to come back within this and closes them over it (5 s).
     pub drain_window: Duration,
+    /// Members one group may have (100 000).
+    pub group_members_max: usize,
 }
 
 /// Accepted range of every integer key, `(key, min, max)`, in the key's own unit.
@@ -718,6 +722,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.resend_attempts_max", 0, 100),
     ("limits.unacked_per_terminal_max", 1, 1_000_000),
     ("limits.drain_window_ms", 0, 600_000),
+    ("limits.group_members_max", 1, 10_000_000),
 ];
 
 impl Default for Limits {
@@ -739,6 +744,7 @@ impl Default for Limits {
             resend_attempts_max: 3,
             unacked_per_terminal_max: 1024,
             drain_window: Duration::from_secs(5),
+            group_members_max: 100_000,
         }
     }
 }
@@ -840,6 +846,7 @@ impl Config {
                 resend_attempts_max: Some(2),
                 unacked_per_terminal_max: Some(16),
                 drain_window_ms: Some(1000),
+                group_members_max: Some(8),
             },
             ..RawConfig::default()
         };
@@ -895,6 +902,7 @@ impl Config {
                 "resend_attempts_max": limits.resend_attempts_max,
                 "unacked_per_terminal_max": limits.unacked_per_terminal_max,
                 "drain_window_ms": u64::try_from(limits.drain_window.as_millis()).unwrap_or(u64::MAX),
+                "group_members_max": limits.group_members_max,
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
             "store": { "durability": match self.store_durability {
@@ -1091,6 +1099,7 @@ impl Prepared {
                 l.drain_window_ms,
                 u64::try_from(d.drain_window.as_millis()).unwrap_or(u64::MAX),
             )?),
+            group_members_max: check.bounded("limits.group_members_max", l.group_members_max, d.group_members_max)?,
         };
         if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
             return Err(check.invalid(
@@ -1562,6 +1571,7 @@ mod tests {
             resend_attempts_max = 3
             unacked_per_terminal_max = 1024
             drain_window_ms = 5000
+            group_members_max = 100000
             [terminal]
             send_enabled = false
             [store]

@@ -256,6 +256,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         match added {
             Ok((session, heads)) => {
                 session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
+                shard.join_groups(&session, heads.groups.keys());
                 session.push_final(shard.welcome_frame(&session, heads.groups));
                 ShardCounters::add(&shard.counters().handshakes, 1);
                 glommio::spawn_local(run_session(shard.clone(), session, stream, leftover)).detach();

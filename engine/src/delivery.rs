@@ -21,7 +21,7 @@ use crate::message::{encode_text_frame, unix_now_ms, Message, NewMessage};
 use crate::session::{Session, SessionKey};
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
-use crate::storage::{message_of, Committed};
+use crate::storage::{message_of, Committed, InboxDelivery};
 
 /// Committed deliveries a shard handles before it lets its other tasks run.
 const COMMIT_BATCH_MAX: usize = 256;
@@ -69,18 +69,24 @@ impl Shard {
                 if !a.duplicate {
                     commits.push(
                         home_shard(&to, shards),
-                        Committed {
+                        Committed::Inbox(InboxDelivery {
                             owner: to.clone(),
                             chat: Arc::from(format!("u:{from}")),
                             seq: a.receiver_seq,
                             msg: msg.clone(),
                             incoming: true,
-                        },
+                        }),
                     );
                     if let Some(seq) = a.sender_seq {
                         commits.push(
                             home_shard(&from, shards),
-                            Committed { owner: from, chat: Arc::from(format!("u:{to}")), seq, msg, incoming: false },
+                            Committed::Inbox(InboxDelivery {
+                                owner: from,
+                                chat: Arc::from(format!("u:{to}")),
+                                seq,
+                                msg,
+                                incoming: false,
+                            }),
                         );
                     }
                 }
@@ -136,7 +142,10 @@ impl Shard {
             self.commits.next_batch(self.id, &mut batch, COMMIT_BATCH_MAX).await;
             let mut delivered = 0;
             for c in batch.drain(..) {
-                delivered += self.deliver_committed(&c);
+                delivered += match c {
+                    Committed::Inbox(d) => self.deliver_committed(&d),
+                    Committed::Group(g) => self.deliver_group(&g).await,
+                };
             }
             ShardCounters::add(&self.counters().deliveries, delivered);
             glommio::yield_if_needed().await;
@@ -145,7 +154,7 @@ impl Shard {
 
     /// Pushes a committed message to its owner's terminals (the frame encoded once for the
     /// inbox, shared by all of them); returns how many got it.
-    fn deliver_committed(&self, c: &Committed) -> u64 {
+    fn deliver_committed(&self, c: &InboxDelivery) -> u64 {
         debug_assert_eq!(home_shard(&c.owner, self.shards), self.id, "delivery away from the owner's home shard");
         let keys: Vec<SessionKey> = {
             let mut users = self.users.borrow_mut();

@@ -10,6 +10,7 @@
 //!   wheel; delivery, presence, kick, broadcast; terminal frames.
 //! - [`delivery`]: messages made durable, then pushed in commit order; acks, resends, `sync`,
 //!   reads and receipts.
+//! - [`groups`]: the per-shard group index, encode-once fan-out, group sends.
 //! - [`mesh`]: `FanoutMesh`, bounded lock-free queues between shards, and `ShardMsg`.
 //! - [`conn`]: client-port sockets: accept, WebSocket upgrade and token check, hand-over to
 //!   the home shard, the connection task (reads frames, writes the session queue).
@@ -17,7 +18,7 @@
 //! - [`ws`]: WebSocket frame reader and frame encoding (tungstenite's codec).
 //! - [`wheel`]: the per-shard timer wheel.
 //! - [`message`]: messages, ids, and their encoding into frame bytes (once per inbox).
-//! - [`api`]: the business REST API routes; [`admin_view`]: what the admin port sees.
+//! - [`api`], [`api_groups`]: the business REST API routes; [`admin_view`]: what the admin port sees.
 //! - [`storage`]: the link to the storage thread: per-shard queues of committed deliveries.
 //! - [`stats`]: counters, gauges and connection snapshots any thread may read.
 //! - [`auth`]: terminal JWTs. [`error`]: the engine error, mapped once to API codes.
@@ -25,6 +26,7 @@
 
 pub mod admin_view;
 pub mod api;
+pub mod api_groups;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -32,6 +34,7 @@ pub mod conn;
 pub mod delivery;
 pub mod error;
 pub mod events;
+pub mod groups;
 pub mod mesh;
 pub mod message;
 pub mod node;

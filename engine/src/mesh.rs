@@ -31,6 +31,10 @@ pub struct Handoff {
 pub enum ShardMsg {
     /// Take over a terminal of a user who lives here.
     Adopt(Box<Handoff>),
+    /// These users (who live here) joined or left `group`: mirror it in the group index.
+    Membership { group: Arc<str>, users: Vec<Arc<str>>, joined: bool },
+    /// `group` was dissolved.
+    GroupGone { group: Arc<str> },
     /// Push `frame` to every terminal of `user` (who lives here): receipts, read syncs.
     UserFrame { user: Arc<str>, frame: Bytes },
     /// The user's terminals on this shard.

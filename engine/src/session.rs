@@ -182,6 +182,8 @@ pub struct Session {
     pub pushed_inbox: Cell<u64>,
     /// Pushed inbox messages not yet acknowledged, oldest first (shared frame bytes).
     unacked: RefCell<VecDeque<Unacked>>,
+    /// The groups this session is indexed under on its shard.
+    pub groups: RefCell<Vec<Arc<str>>>,
 }
 
 /// What a push did.
@@ -222,6 +224,7 @@ impl Session {
             acked_inbox: Cell::new(0),
             pushed_inbox: Cell::new(0),
             unacked: RefCell::default(),
+            groups: RefCell::default(),
         }
     }
 

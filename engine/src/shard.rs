@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ether_proto::api::TerminalInfo;
 use ether_proto::frame::{ClientFrame, ServerFrame};
+use ether_proto::ids::Chat;
 use ether_proto::{ApiError, ErrorCode, Kind};
 use futures_channel::oneshot;
 use slab::Slab;
@@ -86,6 +87,8 @@ pub struct Shard {
     sessions: RefCell<Slab<Rc<Session>>>,
     generation: Cell<u32>,
     pub(crate) users: RefCell<HashMap<Arc<str>, UserEntry>>,
+    /// Group → this shard's online sessions of its members.
+    pub(crate) group_index: RefCell<HashMap<Arc<str>, Vec<SessionKey>>>,
     wheel: RefCell<TimerWheel<SessionKey>>,
     /// Sessions with unacknowledged messages, keyed by when their next resend is due.
     pub(crate) resend_wheel: RefCell<TimerWheel<SessionKey>>,
@@ -128,6 +131,7 @@ impl Shard {
             sessions: RefCell::new(Slab::new()),
             generation: Cell::new(0),
             users: RefCell::new(HashMap::new()),
+            group_index: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),
             resend_wheel: RefCell::new(TimerWheel::new(RESEND_WHEEL_SLOTS, 0)),
             epoch: Instant::now(),
@@ -173,6 +177,8 @@ impl Shard {
     pub fn handle(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
             ShardMsg::Adopt(h) => crate::conn::adopt(self, *h),
+            ShardMsg::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
+            ShardMsg::GroupGone { group } => self.group_gone_local(&group),
             ShardMsg::UserFrame { user, frame } => {
                 for s in self.sessions_of(&user) {
                     self.push(&s, frame.clone());
@@ -304,6 +310,7 @@ impl Shard {
             }
         };
         debug_assert!(removed, "session removed twice");
+        self.leave_all_groups(session);
         let mut users = self.users.borrow_mut();
         if let Some(entry) = users.get_mut(&*session.user) {
             entry.sessions.retain(|k| *k != session.key);
@@ -474,19 +481,15 @@ impl Shard {
         if cid.is_empty() || cid.len() > ether_proto::api::CID_LEN_MAX {
             return reject(ErrorCode::InvalidBody, format!("cid: must be 1-{} bytes", ether_proto::api::CID_LEN_MAX));
         }
-        let to = match (to, group) {
-            (Some(to), None) => to,
-            (None, Some(_)) => {
-                return reject(
-                    ErrorCode::Unavailable,
-                    "group messages arrive with groups (not yet on this node)".into(),
-                )
-            }
+        let target = match (to, group) {
+            (Some(to), None) => ether_proto::ids::check_id("to", &to).map(|()| Chat::User(to)),
+            (None, Some(g)) => ether_proto::ids::check_id("group", &g).map(|()| Chat::Group(g)),
             _ => return reject(ErrorCode::InvalidBody, "send: exactly one of `to` and `group` is required".into()),
         };
-        if let Err(e) = ether_proto::ids::check_id("to", &to) {
-            return reject(e.code, e.message);
-        }
+        let target = match target {
+            Ok(t) => t,
+            Err(e) => return reject(e.code, e.message),
+        };
         if let Err(e) = ether_proto::body::validate("body", kind, &body) {
             return reject(ErrorCode::InvalidBody, e.to_string());
         }
@@ -497,10 +500,24 @@ impl Shard {
         let shard = self.clone();
         let s = s.clone();
         glommio::spawn_local(async move {
-            let new =
-                NewMessage { from: (*s.user).into(), to: to.into(), kind, body: raw, cid: Some(cid.clone().into()) };
-            let frame = match shard.send_single(new).await {
-                Ok(sent) => ServerFrame::Sent { cid, id: sent.id.to_string(), seq: sent.sender_seq, ts: sent.ts },
+            let sent = match target {
+                Chat::User(to) => {
+                    let new = NewMessage {
+                        from: (*s.user).into(),
+                        to: to.into(),
+                        kind,
+                        body: raw,
+                        cid: Some(cid.clone().into()),
+                    };
+                    shard.send_single(new).await.map(|sent| (sent.id, sent.sender_seq, sent.ts))
+                }
+                Chat::Group(g) => shard
+                    .send_group(&s.user, &g, kind, raw, Some(cid.clone().into()))
+                    .await
+                    .map(|sent| (sent.id, sent.seq, sent.ts)),
+            };
+            let frame = match sent {
+                Ok((id, seq, ts)) => ServerFrame::Sent { cid, id: id.to_string(), seq, ts },
                 Err(e) => {
                     let e = e.to_api();
                     ServerFrame::Error { code: e.code, message: e.message, reference: Some(cid) }

@@ -18,9 +18,29 @@ use serde_json::value::RawValue;
 use crate::config::Config;
 use crate::message::{Message, SharedMessage};
 
+/// Something made durable that a shard pushes to its terminals.
+#[derive(Debug)]
+pub enum Committed {
+    /// A single-chat message in one inbox.
+    Inbox(InboxDelivery),
+    /// A group message: the same frame bytes for every online member on every shard.
+    Group(GroupDelivery),
+}
+
+/// A group message made durable, encoded once for every member.
+#[derive(Debug)]
+pub struct GroupDelivery {
+    pub group: Arc<str>,
+    pub seq: u64,
+    pub id: u64,
+    /// Unix ms when accepted.
+    pub ts: u64,
+    pub frame: bytes::Bytes,
+}
+
 /// A message made durable in one inbox, to push to that inbox owner's terminals.
 #[derive(Debug)]
-pub struct Committed {
+pub struct InboxDelivery {
     pub owner: Arc<str>,
     /// The chat as the owner names it (`u:<peer>`).
     pub chat: Arc<str>,
@@ -133,16 +153,33 @@ mod tests {
     fn queues_keep_order_and_batch() {
         let q = CommitQueues::new(2);
         for seq in 1..=5 {
-            q.push(1, Committed { owner: "b".into(), chat: "u:a".into(), seq, msg: msg(), incoming: true });
+            q.push(
+                1,
+                Committed::Inbox(InboxDelivery {
+                    owner: "b".into(),
+                    chat: "u:a".into(),
+                    seq,
+                    msg: msg(),
+                    incoming: true,
+                }),
+            );
         }
         assert_eq!(q.len(1), 5);
         assert!(q.is_empty(0));
         let mut out = Vec::new();
         futures_lite::future::block_on(q.next_batch(1, &mut out, 3));
-        assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let seqs = |out: &[Committed]| -> Vec<u64> {
+            out.iter()
+                .map(|c| match c {
+                    Committed::Inbox(d) => d.seq,
+                    Committed::Group(g) => g.seq,
+                })
+                .collect()
+        };
+        assert_eq!(seqs(&out), vec![1, 2, 3]);
         out.clear();
         futures_lite::future::block_on(q.next_batch(1, &mut out, 10));
-        assert_eq!(out.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(seqs(&out), vec![4, 5]);
     }
 
     #[test]

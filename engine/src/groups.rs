@@ -1,0 +1,211 @@
+//! Groups on a shard: the index group → this shard's online member sessions (kept right on
+//! connect, disconnect and membership change), the fan-out of committed group messages (one
+//! frame for every member, loops that yield), and group sends made durable through the store.
+//! Membership itself lives in the store; this module only mirrors it for online sessions.
+use std::rc::Rc;
+use std::sync::Arc;
+
+use ether_proto::Kind;
+use ether_store::op::{GroupAppended, NewGroupMessage, Op, Reply};
+use ether_store::{StoreCmd, StoreError};
+use futures_channel::oneshot;
+use serde_json::value::RawValue;
+use tracing::debug;
+
+use crate::error::EngineError;
+use crate::mesh::ShardMsg;
+use crate::message::Message;
+use crate::session::{Session, SessionKey};
+use crate::shard::{home_shard, Shard};
+use crate::stats::ShardCounters;
+use crate::storage::{Committed, GroupDelivery};
+
+/// Pushes made in a fan-out loop before it lets the shard's other tasks run.
+const FANOUT_YIELD_EVERY: usize = 256;
+
+/// A group message accepted (durable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSent {
+    pub id: u64,
+    pub seq: u64,
+    pub ts: u64,
+}
+
+impl Shard {
+    /// Puts a new session into the index of each of its user's groups.
+    pub(crate) fn join_groups<'a>(&self, s: &Session, groups: impl Iterator<Item = &'a String>) {
+        let mut index = self.group_index.borrow_mut();
+        let mut mine = s.groups.borrow_mut();
+        for g in groups {
+            let g: Arc<str> = Arc::from(g.as_str());
+            index.entry(g.clone()).or_default().push(s.key);
+            mine.push(g);
+        }
+    }
+
+    /// Takes a closing session out of every group index it is in.
+    pub(crate) fn leave_all_groups(&self, s: &Session) {
+        let mut index = self.group_index.borrow_mut();
+        for g in s.groups.borrow_mut().drain(..) {
+            if let Some(keys) = index.get_mut(&g) {
+                keys.retain(|k| *k != s.key);
+                if keys.is_empty() {
+                    index.remove(&g);
+                }
+            }
+        }
+    }
+
+    /// Mirrors a membership change for the given users' sessions on this shard.
+    pub(crate) fn membership_local(&self, group: &Arc<str>, users: &[Arc<str>], joined: bool) {
+        for user in users {
+            for s in self.sessions_of(user) {
+                let mut index = self.group_index.borrow_mut();
+                let mut mine = s.groups.borrow_mut();
+                let present = mine.iter().any(|g| g == group);
+                if joined && !present {
+                    index.entry(group.clone()).or_default().push(s.key);
+                    mine.push(group.clone());
+                } else if !joined && present {
+                    mine.retain(|g| g != group);
+                    if let Some(keys) = index.get_mut(group) {
+                        keys.retain(|k| *k != s.key);
+                        if keys.is_empty() {
+                            index.remove(group);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets a dissolved group on this shard.
+    pub(crate) fn group_gone_local(&self, group: &str) {
+        let keys = self.group_index.borrow_mut().remove(group).unwrap_or_default();
+        for key in keys {
+            if let Some(s) = self.session(key) {
+                s.groups.borrow_mut().retain(|g| &**g != group);
+            }
+        }
+    }
+
+    /// Tells the users' home shards that they joined or left `group`.
+    pub async fn announce_membership(self: &Rc<Self>, group: &str, users: &[String], joined: bool) {
+        let group: Arc<str> = Arc::from(group);
+        let mut per_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); self.shards];
+        for u in users {
+            per_shard[home_shard(u, self.shards)].push(Arc::from(u.as_str()));
+        }
+        for (to, users) in per_shard.into_iter().enumerate() {
+            if users.is_empty() {
+                continue;
+            }
+            let msg = ShardMsg::Membership { group: group.clone(), users, joined };
+            if let Err(e) = self.route(to, msg).await {
+                debug!(shard = self.id, to, error = %e, "membership change not mirrored");
+            }
+        }
+    }
+
+    /// Tells every shard that `group` is gone.
+    pub async fn announce_group_gone(self: &Rc<Self>, group: &str) {
+        let group: Arc<str> = Arc::from(group);
+        for to in 0..self.shards {
+            if let Err(e) = self.route(to, ShardMsg::GroupGone { group: group.clone() }).await {
+                debug!(shard = self.id, to, error = %e, "dissolution not mirrored");
+            }
+        }
+    }
+
+    /// Writes a committed group message to this shard's online members: the same bytes for
+    /// all, yielding every few hundred pushes so one big group does not stall the shard.
+    pub(crate) async fn deliver_group(&self, g: &GroupDelivery) -> u64 {
+        let keys: Vec<SessionKey> = match self.group_index.borrow().get(&g.group) {
+            Some(keys) => keys.clone(),
+            None => return 0,
+        };
+        let waited_ms = crate::message::unix_now_ms().saturating_sub(g.ts);
+        self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
+        let mut delivered = 0;
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(s) = self.session(*key) {
+                if self.push(&s, g.frame.clone()) {
+                    delivered += 1;
+                }
+            }
+            if i % FANOUT_YIELD_EVERY == FANOUT_YIELD_EVERY - 1 {
+                glommio::yield_if_needed().await;
+            }
+        }
+        delivered
+    }
+
+    /// Submits a group message; when it commits, its frame is encoded once (on the storage
+    /// thread) and queued for every shard.
+    fn submit_group(
+        &self,
+        from: &str,
+        group: &str,
+        kind: Kind,
+        body: Box<RawValue>,
+        cid: Option<Box<str>>,
+    ) -> Result<oneshot::Receiver<Result<GroupAppended, StoreError>>, EngineError> {
+        if self.node.stopping() || self.node.draining() {
+            return Err(EngineError::ShuttingDown);
+        }
+        let (id, ts) = self.ids.next();
+        let op = Op::AppendGroup(NewGroupMessage {
+            id,
+            ts,
+            from: from.to_owned(),
+            group: group.to_owned(),
+            kind,
+            body: body.get().to_owned(),
+            cid: cid.as_deref().map(str::to_owned),
+        });
+        let msg = Message { id, ts, from: from.into(), kind, body, cid };
+        let group: Arc<str> = Arc::from(group);
+        let commits = self.commits.clone();
+        let shards = self.shards;
+        let (tx, rx) = oneshot::channel();
+        self.store.submit(StoreCmd::new(op, move |result| {
+            let result = result.and_then(Reply::group_appended);
+            if let Ok(a) = &result {
+                if !a.duplicate {
+                    let frame = msg.encode_frame(&format!("g:{group}"), a.seq);
+                    for shard in 0..shards {
+                        commits.push(
+                            shard,
+                            Committed::Group(GroupDelivery {
+                                group: group.clone(),
+                                seq: a.seq,
+                                id: a.id,
+                                ts: a.ts,
+                                frame: frame.clone(),
+                            }),
+                        );
+                    }
+                }
+            }
+            let _ = tx.send(result);
+        }))?;
+        Ok(rx)
+    }
+
+    /// Accepts a group message from a member; answers once it is durable.
+    pub async fn send_group(
+        self: &Rc<Self>,
+        from: &str,
+        group: &str,
+        kind: Kind,
+        body: Box<RawValue>,
+        cid: Option<Box<str>>,
+    ) -> Result<GroupSent, EngineError> {
+        let rx = self.submit_group(from, group, kind, body, cid)?;
+        let a = rx.await.map_err(|_| EngineError::Store(StoreError::Closed))??;
+        if !a.duplicate {
+            ShardCounters::add(&self.counters().messages_accepted, 1);
+        }
+        Ok(GroupSent { id: a.id, seq: a.seq, ts: a.ts })
+    }
+}

@@ -1,0 +1,235 @@
+//! Groups over real sockets: lifecycle and membership, enforcement, delivery to every online
+//! member on both shards, membership changes while members are online, group sync after a
+//! reconnect, history and read counts.
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ether_proto::frame::ServerFrame;
+use ether_proto::ClientFrame;
+use serde_json::{json, Value};
+use support::*;
+
+fn call(node: &TestNode, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    let r = node.gateway().request(method, path, bytes.as_deref()).unwrap();
+    let v = if r.body.is_empty() { Value::Null } else { serde_json::from_slice(&r.body).unwrap() };
+    (r.status, v)
+}
+
+fn group_text(from: &str, text: &str) -> Value {
+    json!({"from": from, "kind": "text", "body": {"text": text}})
+}
+
+#[test]
+fn lifecycle_and_membership() {
+    let node = TestNode::start();
+    let (status, v) = call(
+        &node,
+        "POST",
+        "/v1/groups",
+        Some(json!({"id": "team", "name": "Team", "owner": "ada", "members": ["bea", "cy"]})),
+    );
+    assert_eq!((status, v["id"].as_str()), (201, Some("team")));
+    let (status, _) = call(&node, "POST", "/v1/groups", Some(json!({"id": "team", "name": "Again", "owner": "ada"})));
+    assert_eq!(status, 409, "ids are unique");
+    let (_, g) = call(&node, "GET", "/v1/groups/team", None);
+    assert_eq!(
+        (g["name"].as_str(), g["owner"].as_str(), g["member_count"].as_u64()),
+        (Some("Team"), Some("ada"), Some(3))
+    );
+    let (status, v) = call(&node, "POST", "/v1/groups/team/members", Some(json!({"members": ["dee", "eve", "bea"]})));
+    assert_eq!((status, v["added"].as_u64()), (200, Some(2)));
+    // Paged member list with a cursor.
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/groups/team/members?limit=2&cursor={c}"),
+            None => "/v1/groups/team/members?limit=2".to_owned(),
+        };
+        let (_, page) = call(&node, "GET", &path, None);
+        all.extend(page["members"].as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_owned()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    all.sort();
+    assert_eq!(all, ["ada", "bea", "cy", "dee", "eve"]);
+    let (_, mine) = call(&node, "GET", "/v1/users/dee/groups", None);
+    assert_eq!(mine["groups"], json!(["team"]));
+    let (status, v) = call(&node, "DELETE", "/v1/groups/team/members/dee", None);
+    assert_eq!((status, v["removed"].as_u64()), (200, Some(1)));
+    let (_, mine) = call(&node, "GET", "/v1/users/dee/groups", None);
+    assert_eq!(mine["groups"], json!([]));
+    // A generated id when none is chosen.
+    let (status, v) = call(&node, "POST", "/v1/groups", Some(json!({"name": "Auto", "owner": "ada"})));
+    assert_eq!(status, 201);
+    assert!(!v["id"].as_str().unwrap().is_empty());
+    let (status, _) = call(&node, "DELETE", "/v1/groups/team", None);
+    assert_eq!(status, 200);
+    let (status, v) = call(&node, "GET", "/v1/groups/team", None);
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("not_found")));
+}
+
+#[test]
+fn membership_and_limits_are_enforced() {
+    let node = TestNode::start(); // test_min: 8 members per group
+    call(&node, "POST", "/v1/groups", Some(json!({"id": "club", "name": "Club", "owner": "fay"})));
+    let (status, v) = call(&node, "POST", "/v1/groups/club/messages", Some(group_text("stranger", "let me in")));
+    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("forbidden")));
+    let many: Vec<String> = (0..9).map(|i| format!("m{i}")).collect();
+    let (status, v) = call(&node, "POST", "/v1/groups/club/members", Some(json!({"members": many})));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("group_members_max"));
+    let seven: Vec<String> = (0..7).map(|i| format!("m{i}")).collect();
+    assert_eq!(call(&node, "POST", "/v1/groups/club/members", Some(json!({"members": seven}))).0, 200);
+    let (status, _) = call(&node, "POST", "/v1/groups/club/members", Some(json!({"members": ["one-too-many"]})));
+    assert_eq!(status, 400, "the store enforces the limit across calls");
+    let (status, _) = call(&node, "POST", "/v1/groups/nope/messages", Some(group_text("fay", "x")));
+    assert_eq!(status, 404);
+    let (status, _) =
+        call(&node, "POST", "/v1/groups/club/messages", Some(json!({"from": "fay", "kind": "text", "body": {}})));
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn every_online_member_on_both_shards_gets_each_message() {
+    let node = TestNode::start();
+    let members: Vec<String> = (0..6).map(|i| format!("mem{i}")).collect();
+    call(&node, "POST", "/v1/groups", Some(json!({"id": "all", "name": "All", "owner": "mem0", "members": members})));
+    let mut terminals: Vec<_> = members.iter().map(|m| node.terminal(m, "phone")).collect();
+    let mut second = node.terminal("mem1", "web"); // several terminals of one member
+    let shards: std::collections::BTreeSet<u64> = {
+        let conns: Value =
+            serde_json::from_slice(&node.admin().request("GET", "/admin/v1/connections", None).unwrap().body).unwrap();
+        conns["connections"].as_array().unwrap().iter().map(|c| c["shard"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(shards.len(), 2, "members live on both shards");
+    for t in terminals.iter_mut().chain(std::iter::once(&mut second)) {
+        assert_eq!(t.welcome().unwrap().groups.get("all"), Some(&0));
+    }
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, v) =
+            call(&node, "POST", "/v1/groups/all/messages", Some(group_text("mem2", &format!("hello {i}"))));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["seq"].as_u64(), Some(i + 1));
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    for t in terminals.iter_mut().chain(std::iter::once(&mut second)) {
+        for (i, id) in ids.iter().enumerate() {
+            let m = next_msg(t);
+            assert_eq!((m.chat.as_str(), m.from.as_str(), m.seq, &m.id), ("g:all", "mem2", i as u64 + 1, id));
+        }
+    }
+    // A member's terminal sends into the group: `sent` carries the group seq.
+    terminals[3]
+        .send_frame(&ClientFrame::Send {
+            cid: "g1".into(),
+            to: None,
+            group: Some("all".into()),
+            kind: ether_proto::Kind::Text,
+            body: json!({"text": "from a terminal"}),
+        })
+        .unwrap();
+    let mut got_sent = false;
+    for _ in 0..2 {
+        match terminals[3].recv(WAIT).unwrap() {
+            Some(ServerFrame::Sent { cid, seq, .. }) => {
+                assert_eq!((cid.as_str(), seq), ("g1", 4));
+                got_sent = true;
+            }
+            Some(ServerFrame::Msg(m)) => assert_eq!(m.seq, 4),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(got_sent);
+    assert_eq!(next_msg(&mut terminals[0]).body["text"], "from a terminal");
+}
+
+#[test]
+fn membership_changes_apply_to_online_members() {
+    let node = TestNode::start();
+    call(&node, "POST", "/v1/groups", Some(json!({"id": "live", "name": "Live", "owner": "gus", "members": ["hal"]})));
+    let mut gus = node.terminal("gus", "phone");
+    let mut hal = node.terminal("hal", "phone");
+    let mut ida = node.terminal("ida", "phone");
+    call(&node, "POST", "/v1/groups/live/messages", Some(group_text("gus", "before")));
+    assert_eq!(next_msg(&mut gus).body["text"], "before");
+    assert_eq!(next_msg(&mut hal).body["text"], "before");
+    assert_silent(&mut ida, Duration::from_millis(200));
+    // Ida joins without reconnecting; Hal leaves.
+    call(&node, "POST", "/v1/groups/live/members", Some(json!({"members": ["ida"]})));
+    call(&node, "DELETE", "/v1/groups/live/members/hal", None);
+    call(&node, "POST", "/v1/groups/live/messages", Some(group_text("gus", "after")));
+    assert_eq!(next_msg(&mut ida).body["text"], "after");
+    assert_eq!(next_msg(&mut gus).body["text"], "after");
+    assert_silent(&mut hal, Duration::from_millis(300));
+    // Dissolved: nobody gets anything more.
+    call(&node, "DELETE", "/v1/groups/live", None);
+    let (status, _) = call(&node, "POST", "/v1/groups/live/messages", Some(group_text("gus", "gone")));
+    assert_eq!(status, 404);
+    assert_silent(&mut ida, Duration::from_millis(200));
+}
+
+#[test]
+fn group_sync_after_reconnect_history_and_reads() {
+    let node = TestNode::start();
+    call(
+        &node,
+        "POST",
+        "/v1/groups",
+        Some(json!({"id": "book", "name": "Book", "owner": "jo", "members": ["kai", "lin"]})),
+    );
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let (_, v) = call(&node, "POST", "/v1/groups/book/messages", Some(group_text("jo", &format!("ch{i}"))));
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let mut kai = node.terminal("kai", "phone");
+    assert_eq!(kai.welcome().unwrap().groups.get("book"), Some(&12));
+    let mut got = Vec::new();
+    let mut after = 0;
+    loop {
+        kai.send_frame(&ClientFrame::Sync {
+            inbox_seq: 0,
+            groups: BTreeMap::from([("book".to_owned(), after)]),
+            limit: None,
+        })
+        .unwrap();
+        let more = loop {
+            match kai.recv(WAIT).unwrap() {
+                Some(ServerFrame::Msg(m)) => {
+                    assert_eq!(m.chat, "g:book");
+                    after = m.seq;
+                    got.push(m.id);
+                }
+                Some(ServerFrame::Synced { groups, more, .. }) => {
+                    assert_eq!(groups.get("book"), Some(&12));
+                    break more;
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(got, ids, "every group message once, in order");
+    let (_, page) = call(&node, "GET", "/v1/groups/book/messages?limit=5", None);
+    assert_eq!(page["messages"].as_array().unwrap().len(), 5);
+    assert_eq!(page["more"], true);
+    // Reads: kai and lin read up to seq 6 and 3.
+    kai.send_frame(&ClientFrame::Read { chat: "g:book".into(), seq: 6 }).unwrap();
+    let mut lin = node.terminal("lin", "phone");
+    lin.send_frame(&ClientFrame::Read { chat: "g:book".into(), seq: 3 }).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, r) = call(&node, "GET", &format!("/v1/groups/book/messages/{}/reads", ids[2]), None);
+    // `members` counts who could read it: every member but its sender (jo).
+    assert_eq!((r["read"].as_u64(), r["members"].as_u64()), (Some(2), Some(2)));
+    let (_, r) = call(&node, "GET", &format!("/v1/groups/book/messages/{}/reads", ids[5]), None);
+    assert_eq!(r["read"].as_u64(), Some(1));
+}
