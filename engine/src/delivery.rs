@@ -10,7 +10,7 @@ use bytes::Bytes;
 use ether_proto::frame::ServerFrame;
 use ether_proto::ids::Chat;
 use ether_proto::{ApiError, ErrorCode};
-use ether_store::op::{Appended, Heads, NewMessage as StoreMessage, Op, Reply};
+use ether_store::op::{Appended, Heads, NewEvent, NewMessage as StoreMessage, Op, Reply};
 use ether_store::{StoreCmd, StoreError};
 use futures_channel::oneshot;
 use tracing::debug;
@@ -158,13 +158,19 @@ impl Shard {
         debug_assert_eq!(home_shard(&c.owner, self.shards), self.id, "delivery away from the owner's home shard");
         let keys: Vec<SessionKey> = {
             let mut users = self.users.borrow_mut();
-            let Some(entry) = users.get_mut(&c.owner) else {
-                return 0; // offline: the message waits in the store for `sync`
-            };
-            entry.inbox_seq = entry.inbox_seq.max(c.seq);
-            entry.sessions.clone()
+            match users.get_mut(&c.owner) {
+                Some(entry) => {
+                    entry.inbox_seq = entry.inbox_seq.max(c.seq);
+                    entry.sessions.clone()
+                }
+                None => Vec::new(),
+            }
         };
         if keys.is_empty() {
+            // Offline: the message waits in the store for `sync`; the business may push it.
+            if c.incoming && self.events_enabled() {
+                self.emit("message.unreached", serde_json::json!({ "id": c.msg.id.to_string(), "user": &*c.owner }));
+            }
             return 0;
         }
         let frame = c.msg.encode_frame(&c.chat, c.seq);
@@ -246,8 +252,30 @@ impl Shard {
                 return;
             }
             let now_ms = self.epoch.elapsed().as_millis() as u64;
-            let mut hist = self.ack_latency.borrow_mut();
-            s.ack_inbox(seq, |pushed_ms, _id| hist.record(now_ms.saturating_sub(pushed_ms) as f64 / 1000.0));
+            let events = self.events_enabled();
+            let mut delivered = Vec::new();
+            {
+                let mut hist = self.ack_latency.borrow_mut();
+                s.ack_inbox(seq, |pushed_ms, id| {
+                    hist.record(now_ms.saturating_sub(pushed_ms) as f64 / 1000.0);
+                    if events {
+                        delivered.push(id);
+                    }
+                });
+            }
+            if !delivered.is_empty() {
+                let ts = unix_now_ms();
+                let batch = delivered
+                    .into_iter()
+                    .map(|id| NewEvent {
+                        kind: "message.delivered".into(),
+                        data: serde_json::json!({ "id": id.to_string(), "user": &*s.user, "device": &*s.device })
+                            .to_string(),
+                        ts,
+                    })
+                    .collect();
+                self.emit_all(batch);
+            }
         }
         let op = Op::SetDelivered { user: s.user.to_string(), device: s.device.to_string(), group, seq };
         // Best effort: a position not saved only means a few messages come again on `sync`.
@@ -336,6 +364,19 @@ impl Shard {
             }
         })
         .detach();
+    }
+
+    /// Appends one event to the durable outbox (best effort: a full store queue drops it, with
+    /// a warning).
+    pub(crate) fn emit(&self, kind: &str, data: serde_json::Value) {
+        self.emit_all(vec![NewEvent { kind: kind.to_owned(), data: data.to_string(), ts: unix_now_ms() }]);
+    }
+
+    pub(crate) fn emit_all(&self, events: Vec<NewEvent>) {
+        let n = events.len();
+        if let Err(e) = self.store.submit(StoreCmd::new(Op::OutboxAppend { events }, |_| ())) {
+            tracing::warn!(shard = self.id, events = n, error = %e, "events not queued for the outbox");
+        }
     }
 
     /// Whether events go to an outbox at all (someone consumes them).

@@ -18,6 +18,7 @@ use tracing::{error, info};
 
 use crate::auth::TokenKeys;
 use crate::config::Config;
+use crate::events::{DispatchOptions, EventDispatcher};
 use crate::mesh::{MeshEnds, MeshPlan};
 use crate::secrets::PortsFile;
 use crate::shard::Shard;
@@ -43,6 +44,8 @@ pub enum NodeError {
     Executor { shard: usize, source: glommio::GlommioError<()> },
     #[error("cannot open the store in {path}: {source}")]
     Store { path: String, source: ether_store::StoreError },
+    #[error("cannot deliver events to {url}: {source}")]
+    Events { url: String, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Ports { path: String, source: std::io::Error },
 }
@@ -61,6 +64,8 @@ pub struct NodeHandle {
     pub shared: Arc<NodeShared>,
     /// The storage thread, stopped after the shards.
     pub store: StoreHandle,
+    /// Delivers the event outbox to the webhook, when one is configured.
+    pub events: Option<EventDispatcher>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
 }
 
@@ -77,6 +82,9 @@ impl NodeHandle {
                 error!(error = %e, "shard thread ended badly");
             }
         }
+        if let Some(events) = self.events.take() {
+            events.stop();
+        }
         self.store.shutdown();
     }
 
@@ -86,6 +94,9 @@ impl NodeHandle {
             if let Err(e) = t.join() {
                 error!(error = %e, "shard thread ended badly");
             }
+        }
+        if let Some(events) = self.events.take() {
+            events.stop();
         }
         // Everything the shards submitted is committed before the thread ends.
         self.store.shutdown();
@@ -153,6 +164,13 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let store = crate::storage::open(&config)
         .map_err(|source| NodeError::Store { path: config.node.data_dir.display().to_string(), source })?;
     let commits = CommitQueues::new(shards);
+    let events = match &config.events.webhook {
+        Some(webhook) => Some(
+            EventDispatcher::spawn(store.clone(), webhook, DispatchOptions::default())
+                .map_err(|source| NodeError::Events { url: webhook.url.clone(), source })?,
+        ),
+        None => None,
+    };
     let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
     let shared = Arc::new(NodeShared::new(config.node.id.clone(), shards));
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -178,7 +196,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             .map_err(|source| NodeError::Executor { shard: id, source })?;
         threads.push(handle);
     }
-    Ok(NodeHandle { ports, shared, store, threads })
+    Ok(NodeHandle { ports, shared, store, events, threads })
 }
 
 /// How long an idle shard spins before it parks (saves the wake-up of a parked thread when

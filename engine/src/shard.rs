@@ -274,10 +274,19 @@ impl Shard {
             self.now_tick(),
         ));
         sessions.insert(session.clone());
+        let first = entry.sessions.is_empty();
         entry.sessions.push(key);
         self.wheel.borrow_mut().schedule(key, self.now_tick() + self.idle_ticks());
         ShardCounters::add(&self.counters().connections, 1);
         info!(user = %user, device, shard = self.id, session = session.id, %remote, "terminal connected");
+        drop(users);
+        drop(sessions);
+        if first && self.events_enabled() {
+            self.emit(
+                "user.online",
+                serde_json::json!({ "user": &**user, "device": device, "platform": platform.as_str() }),
+            );
+        }
         Ok(session)
     }
 
@@ -312,11 +321,17 @@ impl Shard {
         debug_assert!(removed, "session removed twice");
         self.leave_all_groups(session);
         let mut users = self.users.borrow_mut();
+        let mut last = false;
         if let Some(entry) = users.get_mut(&*session.user) {
             entry.sessions.retain(|k| *k != session.key);
-            if entry.sessions.is_empty() && entry.pending == 0 {
+            last = entry.sessions.is_empty();
+            if last && entry.pending == 0 {
                 users.remove(&*session.user);
             }
+        }
+        drop(users);
+        if last && self.events_enabled() {
+            self.emit("user.offline", serde_json::json!({ "user": &*session.user, "reason": reason.as_str() }));
         }
         self.node.record_close(self.id, ClosedConn { conn: self.snapshot(session), closed_ms: unix_now_ms(), reason });
         let c = self.counters();
