@@ -307,6 +307,8 @@ raw_config! {
         drain_window_ms: u64,
         /// `limits.group_members_max`: members one group may have.
         group_members_max: usize,
+        /// `limits.socket_send_buffer_bytes`: kernel send buffer per terminal socket (0: the kernel's).
+        socket_send_buffer_bytes: usize,
     }
     /// Raw `[terminal]`: what terminals may do.
     terminal: RawTerminal {
@@ -699,6 +701,9 @@ pub struct Limits {
     pub drain_window: Duration,
     /// Members one group may have (100 000).
     pub group_members_max: usize,
+    /// Kernel send buffer of each terminal socket, bytes; 0 leaves the kernel's autotuning (0).
+    /// Smaller bounds kernel memory per connection and finds slow consumers sooner.
+    pub socket_send_buffer_bytes: usize,
 }
 
 /// Accepted range of every integer key, `(key, min, max)`, in the key's own unit.
@@ -723,6 +728,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.unacked_per_terminal_max", 1, 1_000_000),
     ("limits.drain_window_ms", 0, 600_000),
     ("limits.group_members_max", 1, 10_000_000),
+    ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
 ];
 
 impl Default for Limits {
@@ -745,6 +751,7 @@ impl Default for Limits {
             unacked_per_terminal_max: 1024,
             drain_window: Duration::from_secs(5),
             group_members_max: 100_000,
+            socket_send_buffer_bytes: 0,
         }
     }
 }
@@ -847,6 +854,7 @@ impl Config {
                 unacked_per_terminal_max: Some(16),
                 drain_window_ms: Some(1000),
                 group_members_max: Some(8),
+                socket_send_buffer_bytes: Some(8 * KIB),
             },
             ..RawConfig::default()
         };
@@ -903,6 +911,7 @@ impl Config {
                 "unacked_per_terminal_max": limits.unacked_per_terminal_max,
                 "drain_window_ms": u64::try_from(limits.drain_window.as_millis()).unwrap_or(u64::MAX),
                 "group_members_max": limits.group_members_max,
+                "socket_send_buffer_bytes": limits.socket_send_buffer_bytes,
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
             "store": { "durability": match self.store_durability {
@@ -1100,6 +1109,11 @@ impl Prepared {
                 u64::try_from(d.drain_window.as_millis()).unwrap_or(u64::MAX),
             )?),
             group_members_max: check.bounded("limits.group_members_max", l.group_members_max, d.group_members_max)?,
+            socket_send_buffer_bytes: check.bounded(
+                "limits.socket_send_buffer_bytes",
+                l.socket_send_buffer_bytes,
+                d.socket_send_buffer_bytes,
+            )?,
         };
         if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
             return Err(check.invalid(
@@ -1572,6 +1586,7 @@ mod tests {
             unacked_per_terminal_max = 1024
             drain_window_ms = 5000
             group_members_max = 100000
+            socket_send_buffer_bytes = 0
             [terminal]
             send_enabled = false
             [store]
@@ -1765,8 +1780,10 @@ mod tests {
             let (section, name) = key.split_once('.').unwrap();
             assert!(json[section][name].is_u64(), "{key} is an integer in JSON");
             assert!(LIMIT_BOUNDS.iter().any(|(k, _, _)| k == key), "{key} has bounds");
+            // 0 means "the kernel's own size" for the socket buffer: any test size is smaller.
+            let unlimited_by_default = *key == "limits.socket_send_buffer_bytes";
             assert!(
-                defaults[section][name].as_u64() >= json[section][name].as_u64(),
+                unlimited_by_default || defaults[section][name].as_u64() >= json[section][name].as_u64(),
                 "{key}: test_min is not larger than default"
             );
         }

@@ -241,6 +241,12 @@ async fn refuse(shard: &Shard, mut stream: TcpStream, refusal: Refusal) {
 /// Takes over a terminal on its home shard: registers the session and starts its task.
 pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
     let Handoff { fd, user, device, platform, remote, ws_key, subprotocol, leftover } = h;
+    let sndbuf = shard.config.limits.socket_send_buffer_bytes;
+    if sndbuf > 0 {
+        if let Err(e) = socket2::SockRef::from(&fd).set_send_buffer_size(sndbuf) {
+            debug!(shard = shard.id, error = %e, "could not size the send buffer");
+        }
+    }
     // SAFETY: the fd came from `upgrade` as an owned, connected TCP socket; `stream` owns it now.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let shard = shard.clone();

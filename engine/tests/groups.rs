@@ -233,3 +233,75 @@ fn group_sync_after_reconnect_history_and_reads() {
     let (_, r) = call(&node, "GET", &format!("/v1/groups/book/messages/{}/reads", ids[5]), None);
     assert_eq!(r["read"].as_u64(), Some(1));
 }
+
+/// A member whose terminal stops reading: a socket with a tiny receive window that never reads
+/// after the handshake.
+fn stalled_terminal(node: &TestNode, user: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&node.ports.client.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    let req = format!(
+        "GET /ws?token={}&device=stalled HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        node.token(user)
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "upgrade refused");
+    s
+}
+
+#[test]
+fn a_slow_member_is_cut_off_while_the_others_get_everything() {
+    let node = TestNode::start(); // test_min: 16 KiB outbound queue per terminal
+    call(
+        &node,
+        "POST",
+        "/v1/groups",
+        Some(json!({"id": "busy", "name": "Busy", "owner": "pub", "members": ["r1", "r2", "slow"]})),
+    );
+    let _stalled = stalled_terminal(&node, "slow");
+    let readers: Vec<_> = ["r1", "r2"]
+        .iter()
+        .map(|u| {
+            let mut t = node.terminal(u, "phone");
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                while seqs.len() < 600 {
+                    let m = next_msg(&mut t);
+                    seqs.push(m.seq);
+                    if seqs.len() % 100 == 0 {
+                        t.ack_group("busy", m.seq).unwrap();
+                    }
+                }
+                seqs
+            })
+        })
+        .collect();
+    let pad = "x".repeat(400);
+    for i in 0..600 {
+        let (status, v) =
+            call(&node, "POST", "/v1/groups/busy/messages", Some(group_text("pub", &format!("{i} {pad}"))));
+        assert_eq!(status, 200, "{v}");
+    }
+    for r in readers {
+        assert_eq!(r.join().unwrap(), (1..=600).collect::<Vec<u64>>(), "every message, in order, to the readers");
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let metrics = node.admin().request("GET", "/metrics", None).unwrap().text();
+    let slow_closes: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ether_connections_closed_total") && l.contains("slow_consumer"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(slow_closes, 1.0, "the stalled member was closed as a slow consumer");
+    let closes: Value =
+        serde_json::from_slice(&node.admin().request("GET", "/admin/v1/connections", None).unwrap().body).unwrap();
+    assert!(closes["recent_closes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["user"] == "slow" && c["reason"] == "slow_consumer"));
+}
