@@ -156,29 +156,34 @@ impl Shard {
     /// inbox, shared by all of them); returns how many got it.
     fn deliver_committed(&self, c: &InboxDelivery) -> u64 {
         debug_assert_eq!(home_shard(&c.owner, self.shards), self.id, "delivery away from the owner's home shard");
-        let keys: Vec<SessionKey> = {
-            let mut users = self.users.borrow_mut();
-            match users.get_mut(&c.owner) {
-                Some(entry) => {
-                    entry.inbox_seq = entry.inbox_seq.max(c.seq);
-                    entry.sessions.clone()
+        let mut users = self.users.borrow_mut();
+        let entry = match users.get_mut(&c.owner) {
+            Some(entry) if !entry.sessions.is_empty() => entry,
+            Some(entry) => {
+                entry.inbox_seq = entry.inbox_seq.max(c.seq);
+                return 0;
+            }
+            None => {
+                drop(users);
+                // Offline: the message waits in the store for `sync`; the business may push it.
+                if c.incoming && self.events_enabled() {
+                    self.emit(
+                        "message.unreached",
+                        serde_json::json!({ "id": c.msg.id.to_string(), "user": &*c.owner }),
+                    );
                 }
-                None => Vec::new(),
+                return 0;
             }
         };
-        if keys.is_empty() {
-            // Offline: the message waits in the store for `sync`; the business may push it.
-            if c.incoming && self.events_enabled() {
-                self.emit("message.unreached", serde_json::json!({ "id": c.msg.id.to_string(), "user": &*c.owner }));
-            }
-            return 0;
-        }
+        entry.inbox_seq = entry.inbox_seq.max(c.seq);
+        // Encoded once for the inbox; every terminal of the user gets the same bytes. Pushing
+        // touches sessions and wheels, never the user index, so it stays borrowed meanwhile.
         let frame = c.msg.encode_frame(&c.chat, c.seq);
         let waited_ms = unix_now_ms().saturating_sub(c.msg.ts);
         self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
         let mut delivered = 0;
-        for key in keys {
-            if let Some(s) = self.session(key) {
+        for key in &entry.sessions {
+            if let Some(s) = self.session(*key) {
                 if self.push(&s, frame.clone()) {
                     self.track(&s, c.seq, c.msg.id, frame.clone());
                     delivered += 1;

@@ -15,7 +15,7 @@ use tracing::debug;
 use crate::error::EngineError;
 use crate::mesh::ShardMsg;
 use crate::message::Message;
-use crate::session::{Session, SessionKey};
+use crate::session::Session;
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
 use crate::storage::{Committed, GroupDelivery};
@@ -120,20 +120,28 @@ impl Shard {
     /// Writes a committed group message to this shard's online members: the same bytes for
     /// all, yielding every few hundred pushes so one big group does not stall the shard.
     pub(crate) async fn deliver_group(&self, g: &GroupDelivery) -> u64 {
-        let keys: Vec<SessionKey> = match self.group_index.borrow().get(&g.group) {
-            Some(keys) => keys.clone(),
-            None => return 0,
-        };
+        if !self.group_index.borrow().contains_key(&g.group) {
+            return 0;
+        }
         let waited_ms = crate::message::unix_now_ms().saturating_sub(g.ts);
         self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
         let mut delivered = 0;
-        for (i, key) in keys.iter().enumerate() {
-            if let Some(s) = self.session(*key) {
+        let mut i = 0;
+        // Walk the member list by position (no copy of it per message); the index may change
+        // while the loop yields, which at worst skips or repeats a member that joined or left
+        // during this very message.
+        loop {
+            let key = match self.group_index.borrow().get(&g.group).and_then(|keys| keys.get(i)) {
+                Some(k) => *k,
+                None => break,
+            };
+            if let Some(s) = self.session(key) {
                 if self.push(&s, g.frame.clone()) {
                     delivered += 1;
                 }
             }
-            if i % FANOUT_YIELD_EVERY == FANOUT_YIELD_EVERY - 1 {
+            i += 1;
+            if i % FANOUT_YIELD_EVERY == 0 {
                 glommio::yield_if_needed().await;
             }
         }
