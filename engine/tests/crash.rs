@@ -389,7 +389,12 @@ fn acknowledged_messages_survive_sigkill_exactly_once_in_order() {
         let mine: HashMap<&str, &Msg> = msgs.iter().map(|m| (m.id.as_str(), m)).collect();
         for m in &msgs {
             assert_eq!(&m.from, s, "{s}: seq {} is from {}", m.seq, m.from);
-            assert_eq!(m.chat, format!("u:{}", submitted[&(s.clone(), m.cid.clone().unwrap_or_default())].to));
+            let cid = m.cid.clone().unwrap_or_else(|| panic!("{s}: seq {} has no cid: {m:?}", m.seq));
+            let sub = submitted
+                .get(&(s.clone(), cid))
+                .unwrap_or_else(|| panic!("{s}: seq {} was never submitted: {m:?}", m.seq));
+            assert_eq!(m.chat, format!("u:{}", sub.to), "{s}: chat of seq {}", m.seq);
+            assert_eq!(m.body["text"].as_str(), Some(sub.text.as_str()), "{s}: body of seq {}", m.seq);
         }
         for (m, id) in &l.acked {
             let got = mine.get(id.as_str()).unwrap_or_else(|| {
