@@ -34,6 +34,10 @@ use ether_store::StoreHandle;
 
 /// Length of one shard tick (clock and timer wheel granularity).
 pub const TICK: Duration = Duration::from_millis(250);
+/// How often (in ticks) a shard considers giving freed heap back to the kernel.
+const TRIM_EVERY_TICKS: u64 = 4;
+/// Connects plus closes since the last trim that make one worth it.
+const TRIM_CHURN_MIN: u64 = 256;
 /// Slots of the resend wheel (later deadlines come due early and are scheduled again).
 const RESEND_WHEEL_SLOTS: usize = 1024;
 /// Size of the per-shard read buffer every connection reads into.
@@ -100,6 +104,8 @@ pub struct Shard {
     pong: Bytes,
     /// Set once this shard has told its terminals to reconnect.
     drain_started: Cell<bool>,
+    /// Connects plus closes counted at the last heap trim.
+    churn_at_trim: Cell<u64>,
     /// From first push to the terminal's ack.
     pub(crate) ack_latency: RefCell<Histogram>,
     /// From a message's acceptance to its push to a terminal's queue.
@@ -140,6 +146,7 @@ impl Shard {
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             pong: encode_text_frame(&ServerFrame::Pong, 16),
             drain_started: Cell::new(false),
+            churn_at_trim: Cell::new(0),
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
             api_counts: RefCell::new(HashMap::new()),
@@ -611,6 +618,19 @@ impl Shard {
         }
     }
 
+    /// After a burst of connects or closes, gives the freed heap back to the kernel: the
+    /// handshakes' transient buffers would otherwise stay in the process as idle RSS.
+    fn trim_after_churn(&self) {
+        let c = self.counters();
+        let churn = ShardCounters::get(&c.handshakes)
+            + c.closes.iter().map(ShardCounters::get).sum::<u64>()
+            + ShardCounters::get(&c.handshake_failures);
+        if churn.abs_diff(self.churn_at_trim.replace(churn)) >= TRIM_CHURN_MIN {
+            // SAFETY: malloc_trim only returns free pages of the heap to the kernel.
+            unsafe { libc::malloc_trim(0) };
+        }
+    }
+
     /// Counts an API answer.
     pub fn count_api(&self, route: &'static str, status: u16) {
         *self.api_counts.borrow_mut().entry((route, status)).or_insert(0) += 1;
@@ -659,6 +679,9 @@ impl Shard {
                 self.drain_step();
             }
             self.publish();
+            if now % TRIM_EVERY_TICKS == 0 {
+                self.trim_after_churn();
+            }
             let queued: usize = self.sessions.borrow().iter().map(|(_, s)| s.queued_bytes()).sum();
             self.counters().queued_bytes.store(queued as u64, Ordering::Relaxed);
         }
