@@ -679,7 +679,7 @@ impl Shard {
                 self.drain_step();
             }
             self.publish();
-            if now % TRIM_EVERY_TICKS == 0 {
+            if now.is_multiple_of(TRIM_EVERY_TICKS) {
                 self.trim_after_churn();
             }
             let queued: usize = self.sessions.borrow().iter().map(|(_, s)| s.queued_bytes()).sum();
