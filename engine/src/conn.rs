@@ -254,7 +254,13 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         // The heads first (the store, once per user), so `welcome` is exact; deliveries that
         // commit meanwhile still move the user's head (the entry is pending).
         shard.pend_user(&user);
-        let heads = shard.heads(&user).await;
+        let delivered_op = ether_store::op::Op::GetDelivered { user: user.to_string(), device: device.to_string() };
+        let (heads, delivered) = futures_lite::future::zip(shard.heads(&user), shard.store.call(delivered_op)).await;
+        // The device's last acknowledged positions (best effort: a store hiccup only omits them).
+        let delivered = delivered
+            .and_then(ether_store::Reply::delivered)
+            .ok()
+            .map(|d| ether_proto::frame::Positions { inbox_seq: d.inbox_seq, groups: d.groups });
         let added = heads
             .map_err(|e| AdoptError::Store(e.to_api().message))
             .and_then(|heads| shard.add_session(&user, &device, platform, remote).map(|session| (session, heads)));
@@ -263,7 +269,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             Ok((session, heads)) => {
                 session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
                 shard.join_groups(&session, heads.groups.keys());
-                session.push_final(shard.welcome_frame(&session, heads.groups));
+                session.push_final(shard.welcome_frame(&session, heads.groups, delivered));
                 ShardCounters::add(&shard.counters().handshakes, 1);
                 glommio::spawn_local(run_session(shard.clone(), session, stream, leftover)).detach();
             }

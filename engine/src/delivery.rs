@@ -282,10 +282,40 @@ impl Shard {
                 self.emit_all(batch);
             }
         }
+        match group {
+            // Inbox positions are saved once per tick per terminal (`save_ack_positions`).
+            None => {
+                if !s.ack_dirty.replace(true) {
+                    self.ack_dirty.borrow_mut().push(s.key);
+                }
+            }
+            Some(group) => self.save_position(s, Some(group), seq),
+        }
+    }
+
+    fn save_position(&self, s: &Session, group: Option<String>, seq: u64) {
         let op = Op::SetDelivered { user: s.user.to_string(), device: s.device.to_string(), group, seq };
         // Best effort: a position not saved only means a few messages come again on `sync`.
         if let Err(e) = self.store.submit(StoreCmd::new(op, |_| ())) {
             debug!(user = %s.user, device = %s.device, shard = self.id, error = %e, "delivery position not saved");
+        }
+    }
+
+    /// Saves the inbox ack positions that moved since the last tick (one store write per
+    /// terminal per tick, however many acks it sent).
+    pub(crate) fn save_ack_positions(&self) {
+        let keys = std::mem::take(&mut *self.ack_dirty.borrow_mut());
+        for key in keys {
+            if let Some(s) = self.session(key) {
+                self.flush_ack_position(&s);
+            }
+        }
+    }
+
+    /// Saves one terminal's inbox ack position if it moved (also when it closes).
+    pub(crate) fn flush_ack_position(&self, s: &Session) {
+        if s.ack_dirty.replace(false) {
+            self.save_position(s, None, s.acked_inbox.get());
         }
     }
 

@@ -180,6 +180,8 @@ pub struct Session {
     pub acked_inbox: Cell<u64>,
     /// Highest inbox seq pushed to the terminal.
     pub pushed_inbox: Cell<u64>,
+    /// `acked_inbox` moved since it was last saved to the store.
+    pub ack_dirty: Cell<bool>,
     /// Pushed inbox messages not yet acknowledged, oldest first (shared frame bytes).
     unacked: RefCell<VecDeque<Unacked>>,
     /// The groups this session is indexed under on its shard.
@@ -223,6 +225,7 @@ impl Session {
             violations: Cell::new(0),
             acked_inbox: Cell::new(0),
             pushed_inbox: Cell::new(0),
+            ack_dirty: Cell::new(false),
             unacked: RefCell::default(),
             groups: RefCell::default(),
         }

@@ -104,6 +104,8 @@ pub struct Shard {
     pong: Bytes,
     /// Set once this shard has told its terminals to reconnect.
     drain_started: Cell<bool>,
+    /// Sessions whose inbox ack position moved since the last tick.
+    pub(crate) ack_dirty: RefCell<Vec<SessionKey>>,
     /// Connects plus closes counted at the last heap trim.
     churn_at_trim: Cell<u64>,
     /// From first push to the terminal's ack.
@@ -147,6 +149,7 @@ impl Shard {
             pong: encode_text_frame(&ServerFrame::Pong, 16),
             drain_started: Cell::new(false),
             churn_at_trim: Cell::new(0),
+            ack_dirty: RefCell::new(Vec::new()),
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
             api_counts: RefCell::new(HashMap::new()),
@@ -327,6 +330,7 @@ impl Shard {
         };
         debug_assert!(removed, "session removed twice");
         self.leave_all_groups(session);
+        self.flush_ack_position(session);
         let mut users = self.users.borrow_mut();
         let mut last = false;
         if let Some(entry) = users.get_mut(&*session.user) {
@@ -348,7 +352,12 @@ impl Shard {
     }
 
     /// The `welcome` frame for a new session.
-    pub fn welcome_frame(&self, s: &Session, groups: std::collections::BTreeMap<String, u64>) -> Bytes {
+    pub fn welcome_frame(
+        &self,
+        s: &Session,
+        groups: std::collections::BTreeMap<String, u64>,
+        delivered: Option<ether_proto::frame::Positions>,
+    ) -> Bytes {
         let inbox_seq = self.users.borrow().get(&*s.user).map_or(0, |u| u.inbox_seq);
         encode_text_frame(
             &ServerFrame::Welcome {
@@ -358,8 +367,9 @@ impl Shard {
                 heartbeat_s: self.config.limits.heartbeat_s,
                 inbox_seq,
                 groups,
+                delivered,
             },
-            160,
+            192,
         )
     }
 
@@ -675,6 +685,7 @@ impl Shard {
                 }
             }
             self.resend_due(now, &mut due);
+            self.save_ack_positions();
             if self.node.draining() {
                 self.drain_step();
             }

@@ -151,3 +151,29 @@ fn messages_survive_a_restart() {
     node.gateway().send_message(&text("cal", "dee", "after restart")).unwrap();
     assert_eq!(next_msg(&mut t).seq, 21);
 }
+
+#[test]
+fn a_reconnecting_device_learns_where_it_stopped() {
+    let node = TestNode::start();
+    let gw = node.gateway();
+    let mut t = node.terminal("eli", "phone");
+    for i in 0..6 {
+        gw.send_message(&text("fox", "eli", &format!("m{i}"))).unwrap();
+    }
+    let mut last = 0;
+    for _ in 0..4 {
+        last = next_msg(&mut t).seq;
+    }
+    t.ack(last).unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // the position is saved asynchronously
+    drop(t);
+    let mut again = node.terminal("eli", "phone");
+    let w = again.welcome().unwrap().clone();
+    assert_eq!(w.inbox_seq, 6);
+    assert_eq!(w.delivered.as_ref().map(|d| d.inbox_seq), Some(4), "the phone acked up to 4");
+    let (rest, _) = sync_all(&mut again, w.delivered.unwrap().inbox_seq);
+    assert_eq!(rest.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![5, 6]);
+    // Another device of the same user has its own position.
+    let web = node.terminal("eli", "web");
+    assert_eq!(web.welcome().unwrap().delivered.as_ref().map(|d| d.inbox_seq), Some(0));
+}

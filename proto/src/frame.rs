@@ -27,6 +27,14 @@ pub struct Msg {
     pub ts: u64,
 }
 
+/// Positions in a user's streams: the inbox and each group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Positions {
+    pub inbox_seq: u64,
+    #[serde(default)]
+    pub groups: BTreeMap<String, u64>,
+}
+
 /// Server to terminal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -38,6 +46,10 @@ pub enum ServerFrame {
         heartbeat_s: u64,
         inbox_seq: u64,
         groups: BTreeMap<String, u64>,
+        /// Extension: what this device last acknowledged (inbox and groups), so a reconnect
+        /// resumes with `sync` from there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delivered: Option<Positions>,
     },
     Msg(Msg),
     Sent {
@@ -180,6 +192,7 @@ mod tests {
             heartbeat_s: 30,
             inbox_seq: 4,
             groups: BTreeMap::new(),
+            delivered: None,
         };
         let v: Value = serde_json::from_str(&w.to_json()).unwrap();
         assert_eq!(v["type"], "welcome");

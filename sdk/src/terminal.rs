@@ -44,6 +44,8 @@ pub struct Welcome {
     pub heartbeat_s: u64,
     pub inbox_seq: u64,
     pub groups: BTreeMap<String, u64>,
+    /// What this device last acknowledged, when the node says (resume `sync` from there).
+    pub delivered: Option<ether_proto::frame::Positions>,
 }
 
 impl TryFrom<ServerFrame> for Welcome {
@@ -52,8 +54,8 @@ impl TryFrom<ServerFrame> for Welcome {
     /// The welcome's fields, or the frame back when it is not a `welcome`.
     fn try_from(frame: ServerFrame) -> Result<Self, ServerFrame> {
         match frame {
-            ServerFrame::Welcome { user, device, session, heartbeat_s, inbox_seq, groups } => {
-                Ok(Welcome { user, device, session, heartbeat_s, inbox_seq, groups })
+            ServerFrame::Welcome { user, device, session, heartbeat_s, inbox_seq, groups, delivered } => {
+                Ok(Welcome { user, device, session, heartbeat_s, inbox_seq, groups, delivered })
             }
             other => Err(other),
         }

@@ -79,6 +79,7 @@ fn welcome() -> Message {
             heartbeat_s: 30,
             inbox_seq: 4,
             groups,
+            delivered: None,
         }
         .to_json(),
     )

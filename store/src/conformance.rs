@@ -70,8 +70,10 @@ fn inbox<B: StoreBackend>(b: &mut B, user: &str) -> Vec<Entry> {
     loop {
         let p = ok(b, Op::ReadInbox { user: user.into(), after_seq: after, limit: 7 }).page().expect("page");
         if let Some(last) = p.entries.last() {
-            after = last.seq;
+            assert!(last.seq <= p.scanned_to);
         }
+        assert!(p.scanned_to >= after || p.entries.is_empty());
+        after = p.scanned_to;
         all.extend(p.entries);
         if !p.more {
             return all;

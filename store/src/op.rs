@@ -193,6 +193,10 @@ pub struct Page {
     pub head: u64,
     /// Whether more entries lie beyond this page in the direction read.
     pub more: bool,
+    /// The last position examined: continue after it (oldest-first pages) or before it
+    /// (newest-first pages). Differs from the last entry's seq when the page ends on purged
+    /// or filtered-out positions.
+    pub scanned_to: u64,
 }
 
 /// The heads of a user's streams.

@@ -59,7 +59,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            batch_ops_max: 4096,
+            batch_ops_max: 2048,
             batch_wait: Duration::from_millis(2),
             queue_capacity: 65_536,
             purge_every: Duration::from_secs(10),

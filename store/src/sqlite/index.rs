@@ -6,6 +6,34 @@
 //! [`BLOCK_ENTRIES`], `flushed+1..=head` live here. Everything here can be rebuilt from the
 //! `messages` rows at or after the durable watermark (see the crate docs).
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A fast hash for internal integer keys (uids, stream keys): never fed user-chosen strings.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+const K: u64 = 0x517c_c1b7_2722_0a95;
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
+        }
+    }
+    fn write_i64(&mut self, i: i64) {
+        self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(K);
+    }
+}
+
+/// `HashMap` keyed by internal integers.
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Pending messages are counted per id bucket (`id >> 20`: one millisecond of engine ids), so
+/// the map stays small and cache-resident; the watermark derived from it is conservative.
+pub const BUCKET_SHIFT: u32 = 20;
 
 /// Entries per block row. 48 × 16 bytes keeps a row inside one 4 KiB page (no overflow page).
 pub const BLOCK_ENTRIES: usize = 48;
@@ -101,31 +129,38 @@ pub enum Undo {
 /// The pending tail of every stream, and what is needed to write it out in order.
 #[derive(Debug, Default)]
 pub struct Index {
-    pub streams: HashMap<i64, StreamState>,
+    pub streams: IdMap<i64, StreamState>,
     /// Streams with pending data, oldest first: `(stream, ms when it became pending)`.
     pub queue: VecDeque<(i64, u64)>,
-    /// Message id → pending items that still refer to it. Its first key bounds the
-    /// watermark: every message below it is fully indexed in tables.
+    /// Id bucket → pending items that still refer to a message in it. `min_pending_id`
+    /// bounds the watermark: every message below it is fully indexed in tables.
     pub pending_msgs: BTreeMap<i64, u32>,
     /// `(sender uid, cid hash)` → message id, for cids not yet in the `cids` table.
-    pub pending_cids: HashMap<(i64, i64), i64>,
+    pub pending_cids: IdMap<(i64, i64), i64>,
     /// Items plus cids held in memory.
     pub pending_total: usize,
 }
 
 impl Index {
     pub fn add_msg_ref(&mut self, id: i64, undo: &mut Vec<Undo>) {
-        *self.pending_msgs.entry(id).or_insert(0) += 1;
+        *self.pending_msgs.entry(id >> BUCKET_SHIFT).or_insert(0) += 1;
         undo.push(Undo::PendingMsg(id));
     }
 
     pub fn drop_msg_ref(&mut self, id: i64) {
-        if let Some(n) = self.pending_msgs.get_mut(&id) {
+        let b = id >> BUCKET_SHIFT;
+        if let Some(n) = self.pending_msgs.get_mut(&b) {
             *n -= 1;
             if *n == 0 {
-                self.pending_msgs.remove(&id);
+                self.pending_msgs.remove(&b);
             }
         }
+    }
+
+    /// At or below the id of every message with positions (or a cid) still in memory;
+    /// `i64::MAX` when nothing is pending.
+    pub fn min_pending_id(&self) -> i64 {
+        self.pending_msgs.keys().next().map_or(i64::MAX, |b| b << BUCKET_SHIFT)
     }
 
     /// Pushes `item` at the stream's next position; returns that position.

@@ -17,7 +17,9 @@ use crate::backend::{BackendStats, StoreBackend};
 use crate::op::*;
 use crate::StoreError;
 use checkpoint::Checkpointer;
-use index::{decode_items, encode_items, group_stream, inbox_stream, Index, Item, Undo, BLOCK_ENTRIES, ENTRY_BYTES};
+use index::{
+    decode_items, encode_items, group_stream, inbox_stream, IdMap, Index, Item, Undo, BLOCK_ENTRIES, ENTRY_BYTES,
+};
 
 /// How hard a commit waits for the disk (`PRAGMA synchronous`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -39,7 +41,9 @@ pub struct SqliteOptions {
     /// A stream's pending positions are written to `entries` once the oldest is this old.
     /// Longer: fewer page writes per message, more memory and a longer recovery scan.
     pub flush_age: Duration,
-    /// Most streams written per flush step (each batch runs at most one step).
+    /// Most streams written per flush step (each batch runs at most one step; four times as
+    /// many while memory is over `pending_entries_max`). Bounds the time a flush adds to a
+    /// commit.
     pub flush_streams_max: usize,
     /// Positions held in memory above which streams are flushed regardless of age.
     pub pending_entries_max: usize,
@@ -59,7 +63,7 @@ impl Default for SqliteOptions {
             durability: Durability::Normal,
             cache_bytes: 128 << 20,
             flush_age: Duration::from_secs(5),
-            flush_streams_max: 8192,
+            flush_streams_max: 512,
             pending_entries_max: 2_000_000,
             cache_entries_max: 1_000_000,
             checkpoint_wal_bytes: 64 << 20,
@@ -153,6 +157,20 @@ fn page_limit(limit: usize) -> usize {
     limit.clamp(1, PAGE_LIMIT_MAX)
 }
 
+/// Rows per multi-row `INSERT` into `cids`.
+const CID_ROWS_PER_INSERT: usize = 128;
+
+fn cid_insert_sql(rows: usize) -> String {
+    let mut sql = String::from("INSERT OR IGNORE INTO cids(frm, h, id) VALUES ");
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str("(?,?,?)");
+    }
+    sql
+}
+
 /// A stored message row.
 struct MsgRow {
     id: i64,
@@ -181,9 +199,9 @@ pub struct SqliteBackend {
     ix: Index,
     undo: Vec<Undo>,
     users: HashMap<Box<str>, i64>,
-    names: HashMap<i64, Arc<str>>,
+    names: IdMap<i64, Arc<str>>,
     groups: HashMap<Box<str>, i64>,
-    group_names: HashMap<i64, Arc<str>>,
+    group_names: IdMap<i64, Arc<str>>,
     /// The watermark stored in `meta`: every message with a smaller id is fully indexed in
     /// tables. Recovery rescans messages from here.
     w_durable: i64,
@@ -254,9 +272,9 @@ impl SqliteBackend {
             ix: Index::default(),
             undo: Vec::new(),
             users: HashMap::new(),
-            names: HashMap::new(),
+            names: IdMap::default(),
             groups: HashMap::new(),
-            group_names: HashMap::new(),
+            group_names: IdMap::default(),
             w_durable,
             sweep: None,
             now_ms: unix_ms(),
@@ -327,14 +345,12 @@ impl SqliteBackend {
             let flushed = self.ix.streams.get(&s).map_or(0, |st| st.flushed);
             items.retain(|(seq, _)| *seq > flushed);
             items.sort_unstable_by_key(|(seq, _)| *seq);
-            let mut want = flushed + 1;
-            for (seq, item) in items {
+            for (want, (seq, item)) in (flushed + 1..).zip(items) {
                 if seq != want {
                     tracing::error!(stream = s, seq, want, "stream index has a gap; truncated");
                     break;
                 }
                 self.ix.push_item(s, item, now, &mut undo);
-                want += 1;
             }
         }
         for (frm, h, id) in cids {
@@ -623,37 +639,61 @@ impl SqliteBackend {
         }))
     }
 
-    /// A page of `stream` in `(lo, hi)`, filtered by `keep`.
+    /// A page of `stream` in `(lo, hi)`, filtered by `keep`; purged messages are skipped.
     fn page(
         &mut self,
         stream: i64,
-        lo: u64,
-        hi: u64,
+        mut lo: u64,
+        mut hi: u64,
         ascending: bool,
         limit: usize,
         keep: impl Fn(Item) -> bool,
     ) -> Result<Page, StoreError> {
         let limit = page_limit(limit);
         let head = self.head(stream)?;
-        let mut items = Vec::new();
-        let mut more = false;
-        let stopped = self.scan(stream, lo, hi, ascending, SCAN_ITEMS_MAX, |seq, it| {
-            if keep(it) {
-                if items.len() == limit {
-                    more = true;
-                    return false;
+        let mut entries = Vec::new();
+        let mut budget = SCAN_ITEMS_MAX;
+        let mut scanned_to = if ascending { lo } else { hi.min(head + 1) };
+        let more = loop {
+            let want = limit - entries.len();
+            let mut items = Vec::with_capacity(want + 1);
+            let mut seen = 0usize;
+            let stopped = self.scan(stream, lo, hi, ascending, budget, |seq, it| {
+                if keep(it) {
+                    if items.len() > want {
+                        return false;
+                    }
+                    items.push((seq, it));
                 }
-                items.push((seq, it));
+                seen += 1;
+                true
+            })?;
+            budget = budget.saturating_sub(seen);
+            let extra = items.len() > want;
+            for &(seq, it) in items.iter().take(want) {
+                scanned_to = seq;
+                if let Some(e) = self.entry(stream, seq, it)? {
+                    entries.push(e);
+                }
             }
-            true
-        })?;
-        let mut entries = Vec::with_capacity(items.len());
-        for (seq, it) in items {
-            if let Some(e) = self.entry(stream, seq, it)? {
-                entries.push(e);
+            if !extra {
+                if stopped {
+                    break true; // scan budget spent: `scanned_to` says where to go on
+                }
+                scanned_to = if ascending { hi.saturating_sub(1).min(head).max(lo) } else { lo + 1 };
+                break false;
             }
-        }
-        Ok(Page { entries, head, more: more || stopped })
+            if entries.len() == limit {
+                break true;
+            }
+            // Some were purged: go on from the last one looked at.
+            if ascending {
+                lo = scanned_to;
+            } else {
+                hi = scanned_to;
+            }
+        };
+        Ok(Page { entries, head, more, scanned_to })
     }
 
     // ---- ops ------------------------------------------------------------------------------
@@ -1238,7 +1278,7 @@ impl SqliteBackend {
     /// at deleted messages.
     fn purge(&mut self, older_than_ms: u64, max_rows: usize) -> Result<Reply, StoreError> {
         // Only messages below every pending index position: their positions are in tables.
-        let limit_id = self.ix.pending_msgs.keys().next().copied().unwrap_or(i64::MAX);
+        let limit_id = self.ix.min_pending_id();
         let max_rows = max_rows.max(1);
         let old: Vec<(i64, i64, i64, Option<String>)> = {
             let mut st =
@@ -1396,11 +1436,9 @@ impl SqliteBackend {
         let now = self.now_ms;
         let age = self.opts.flush_age.as_millis() as u64;
         let over = self.ix.pending_total > self.opts.pending_entries_max;
-        let mut plan = FlushPlan {
-            streams: Vec::new(),
-            new_watermark: self.ix.pending_msgs.keys().next().copied().unwrap_or(i64::MAX),
-        };
-        for &(stream, since) in self.ix.queue.iter().take(self.opts.flush_streams_max) {
+        let mut plan = FlushPlan { streams: Vec::new(), new_watermark: self.ix.min_pending_id() };
+        let step = if over { self.opts.flush_streams_max * 4 } else { self.opts.flush_streams_max };
+        for &(stream, since) in self.ix.queue.iter().take(step) {
             if !force && !over && now.saturating_sub(since) < age {
                 break;
             }
@@ -1417,52 +1455,43 @@ impl SqliteBackend {
         }
         let mut order: Vec<usize> = (0..plan.streams.len()).collect();
         order.sort_unstable_by_key(|&i| plan.streams[i].0);
+        // One INSERT per ≤48 positions of a stream (a flush never rewrites an older row, so no
+        // read-modify-write); cids of all streams go in multi-row INSERTs, sorted by sender.
         let mut buf = Vec::with_capacity(BLOCK_ENTRIES * ENTRY_BYTES);
+        let mut cids: Vec<i64> = Vec::new();
         for i in order {
             let (stream, n, c) = plan.streams[i];
             let Some(st) = self.ix.streams.get(&stream) else {
                 continue;
             };
-            if n > 0 {
-                let mut items = &st.pending[..n];
-                let mut next = st.flushed + 1;
-                let last: Option<(i64, Vec<u8>)> = self
-                    .conn
-                    .prepare_cached(
-                        "SELECT first_seq, data FROM entries WHERE stream=?1
-                         ORDER BY first_seq DESC LIMIT 1",
-                    )?
-                    .query_row([stream], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                if let Some((first, data)) = last {
-                    let len = data.len() / ENTRY_BYTES;
-                    if len < BLOCK_ENTRIES && first as u64 + len as u64 == next {
-                        let take = (BLOCK_ENTRIES - len).min(items.len());
-                        buf.clear();
-                        buf.extend_from_slice(&data);
-                        encode_items(&mut buf, &items[..take]);
-                        self.conn
-                            .prepare_cached("UPDATE entries SET data=?3 WHERE stream=?1 AND first_seq=?2")?
-                            .execute(params![stream, first, buf])?;
-                        items = &items[take..];
-                        next += take as u64;
-                    }
-                }
-                for chunk in items.chunks(BLOCK_ENTRIES) {
-                    buf.clear();
-                    encode_items(&mut buf, chunk);
-                    self.conn
-                        .prepare_cached("INSERT INTO entries(stream, first_seq, data) VALUES(?1, ?2, ?3)")?
-                        .execute(params![stream, sq(next), buf])?;
-                    next += chunk.len() as u64;
-                }
+            let mut next = st.flushed + 1;
+            for chunk in st.pending[..n].chunks(BLOCK_ENTRIES) {
+                buf.clear();
+                encode_items(&mut buf, chunk);
+                self.conn
+                    .prepare_cached("INSERT INTO entries(stream, first_seq, data) VALUES(?1, ?2, ?3)")?
+                    .execute(params![stream, sq(next), buf])?;
+                next += chunk.len() as u64;
             }
-            if c > 0 {
-                let uid = stream / 2;
-                let mut ins = self.conn.prepare_cached("INSERT OR IGNORE INTO cids(frm, h, id) VALUES(?1, ?2, ?3)")?;
-                for &(h, id) in &st.cids[..c] {
-                    ins.execute([uid, h, id])?;
-                }
+            let uid = stream / 2;
+            for &(h, id) in &st.cids[..c] {
+                cids.extend_from_slice(&[uid, h, id]);
+            }
+        }
+        let rows = cids.len() / 3;
+        let full = rows / CID_ROWS_PER_INSERT;
+        if full > 0 {
+            let sql = cid_insert_sql(CID_ROWS_PER_INSERT);
+            let mut st = self.conn.prepare_cached(&sql)?;
+            for chunk in cids.chunks_exact(CID_ROWS_PER_INSERT * 3) {
+                st.execute(rusqlite::params_from_iter(chunk))?;
+            }
+        }
+        let rest = &cids[full * CID_ROWS_PER_INSERT * 3..];
+        if !rest.is_empty() {
+            let mut st = self.conn.prepare_cached("INSERT OR IGNORE INTO cids(frm, h, id) VALUES(?1, ?2, ?3)")?;
+            for r in rest.chunks_exact(3) {
+                st.execute(rusqlite::params_from_iter(r))?;
             }
         }
         Ok(Some(plan))
