@@ -79,7 +79,13 @@ pub async fn route(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Optio
         (Method::Get, ["v1", "groups", gid, "messages"]) => history(shard, gid, req).await,
         (Method::Get, ["v1", "groups", gid, "messages", id, "reads"]) => reads(shard, gid, id).await,
         (Method::Get, ["v1", "users", uid, "groups"]) => groups_of(shard, uid).await,
-        (_, ["v1", "groups", ..]) | (_, ["v1", "users", _, "groups"]) => {
+        // A route that exists, asked with another method.
+        (_, ["v1", "groups"])
+        | (_, ["v1", "groups", _])
+        | (_, ["v1", "groups", _, "members" | "messages"])
+        | (_, ["v1", "groups", _, "members", _])
+        | (_, ["v1", "groups", _, "messages", _, "reads"])
+        | (_, ["v1", "users", _, "groups"]) => {
             Err(ApiError::new(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method, req.path))
                 .into())
         }
