@@ -21,6 +21,8 @@ use crate::shard::Shard;
 /// Most members listed per page, and the default page.
 pub const MEMBERS_PAGE_MAX: usize = 1000;
 pub const MEMBERS_PAGE_DEFAULT: usize = 100;
+/// The `from` of group messages the business sends without naming a member.
+pub const SYSTEM_SENDER: &str = "system";
 /// Longest group name, in bytes.
 pub const GROUP_NAME_BYTES_MAX: usize = 256;
 
@@ -111,6 +113,7 @@ async fn create(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineErro
         members: c.members.clone(),
         created_ms: unix_now_ms(),
         members_max: max,
+        groups_per_user_max: shard.config.limits.groups_per_user_max,
     };
     let id = match shard.store.call(op).await? {
         ether_store::Reply::GroupCreated { id } => id,
@@ -145,7 +148,12 @@ async fn add_members(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Resp
     let a: AddMembers = parse_request(&req.body)?;
     let max = shard.config.limits.group_members_max;
     check_members("members", &a.members, max)?;
-    let op = Op::AddMembers { group: gid.to_owned(), users: a.members.clone(), members_max: max };
+    let op = Op::AddMembers {
+        group: gid.to_owned(),
+        users: a.members.clone(),
+        members_max: max,
+        groups_per_user_max: shard.config.limits.groups_per_user_max,
+    };
     let added = shard.store.call(op).await?.count()?;
     shard.announce_membership(gid, &a.members, true).await;
     Ok(json(200, &json!({ "added": added })))
@@ -191,14 +199,14 @@ struct Sent {
 async fn send(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Response, EngineError> {
     check_id("gid", gid)?;
     let m: GroupMessage = parse_request(&req.body)?;
-    let Some(from) = m.from else {
-        return Err(ApiError::new(
-            ErrorCode::InvalidBody,
-            "from: required (sending as the system without a member is not supported yet)",
-        )
-        .into());
+    // Without `from`, the business sends as the system: no membership needed.
+    let (from, system) = match m.from {
+        Some(from) => {
+            check_id("from", &from)?;
+            (from, false)
+        }
+        None => (SYSTEM_SENDER.to_owned(), true),
     };
-    check_id("from", &from)?;
     if let Some(cid) = &m.cid {
         if cid.is_empty() || cid.len() > ether_proto::api::CID_LEN_MAX {
             return Err(ApiError::new(ErrorCode::InvalidBody, "cid: 1-128 bytes").into());
@@ -208,7 +216,7 @@ async fn send(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Response, E
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))?;
     let body = serde_json::value::to_raw_value(&m.body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("body: {e}")))?;
-    let sent = shard.send_group(&from, gid, m.kind, body, m.cid.map(Into::into)).await?;
+    let sent = shard.send_group(&from, system, gid, m.kind, body, m.cid.map(Into::into)).await?;
     Ok(json(200, &Sent { id: sent.id.to_string(), seq: sent.seq, ts: sent.ts }))
 }
 

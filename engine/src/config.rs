@@ -307,6 +307,8 @@ raw_config! {
         drain_window_ms: u64,
         /// `limits.group_members_max`: members one group may have.
         group_members_max: usize,
+        /// `limits.groups_per_user_max`: groups one user may be a member of.
+        groups_per_user_max: usize,
         /// `limits.socket_send_buffer_bytes`: kernel send buffer per terminal socket (0: the kernel's).
         socket_send_buffer_bytes: usize,
     }
@@ -701,6 +703,8 @@ pub struct Limits {
     pub drain_window: Duration,
     /// Members one group may have (100 000).
     pub group_members_max: usize,
+    /// Groups one user may be a member of (1 000).
+    pub groups_per_user_max: usize,
     /// Kernel send buffer of each terminal socket, bytes; 0 leaves the kernel's autotuning (0).
     /// Smaller bounds kernel memory per connection and finds slow consumers sooner.
     pub socket_send_buffer_bytes: usize,
@@ -728,6 +732,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.unacked_per_terminal_max", 1, 1_000_000),
     ("limits.drain_window_ms", 0, 600_000),
     ("limits.group_members_max", 1, 10_000_000),
+    ("limits.groups_per_user_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
 ];
 
@@ -751,6 +756,7 @@ impl Default for Limits {
             unacked_per_terminal_max: 1024,
             drain_window: Duration::from_secs(5),
             group_members_max: 100_000,
+            groups_per_user_max: 1000,
             socket_send_buffer_bytes: 0,
         }
     }
@@ -854,6 +860,7 @@ impl Config {
                 unacked_per_terminal_max: Some(16),
                 drain_window_ms: Some(1000),
                 group_members_max: Some(8),
+                groups_per_user_max: Some(4),
                 socket_send_buffer_bytes: Some(8 * KIB),
             },
             ..RawConfig::default()
@@ -911,6 +918,7 @@ impl Config {
                 "unacked_per_terminal_max": limits.unacked_per_terminal_max,
                 "drain_window_ms": u64::try_from(limits.drain_window.as_millis()).unwrap_or(u64::MAX),
                 "group_members_max": limits.group_members_max,
+                "groups_per_user_max": limits.groups_per_user_max,
                 "socket_send_buffer_bytes": limits.socket_send_buffer_bytes,
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
@@ -1109,6 +1117,11 @@ impl Prepared {
                 u64::try_from(d.drain_window.as_millis()).unwrap_or(u64::MAX),
             )?),
             group_members_max: check.bounded("limits.group_members_max", l.group_members_max, d.group_members_max)?,
+            groups_per_user_max: check.bounded(
+                "limits.groups_per_user_max",
+                l.groups_per_user_max,
+                d.groups_per_user_max,
+            )?,
             socket_send_buffer_bytes: check.bounded(
                 "limits.socket_send_buffer_bytes",
                 l.socket_send_buffer_bytes,
@@ -1586,6 +1599,7 @@ mod tests {
             unacked_per_terminal_max = 1024
             drain_window_ms = 5000
             group_members_max = 100000
+            groups_per_user_max = 1000
             socket_send_buffer_bytes = 0
             [terminal]
             send_enabled = false

@@ -153,6 +153,7 @@ impl Shard {
     fn submit_group(
         &self,
         from: &str,
+        system: bool,
         group: &str,
         kind: Kind,
         body: Box<RawValue>,
@@ -166,6 +167,7 @@ impl Shard {
             id,
             ts,
             from: from.to_owned(),
+            system,
             group: group.to_owned(),
             kind,
             body: body.get().to_owned(),
@@ -204,12 +206,13 @@ impl Shard {
     pub async fn send_group(
         self: &Rc<Self>,
         from: &str,
+        system: bool,
         group: &str,
         kind: Kind,
         body: Box<RawValue>,
         cid: Option<Box<str>>,
     ) -> Result<GroupSent, EngineError> {
-        let rx = self.submit_group(from, group, kind, body, cid)?;
+        let rx = self.submit_group(from, system, group, kind, body, cid)?;
         let a = rx.await.map_err(|_| EngineError::Store(StoreError::Closed))??;
         if !a.duplicate {
             ShardCounters::add(&self.counters().messages_accepted, 1);

@@ -544,7 +544,7 @@ impl Shard {
                     shard.send_single(new).await.map(|sent| (sent.id, sent.sender_seq, sent.ts))
                 }
                 Chat::Group(g) => shard
-                    .send_group(&s.user, &g, kind, raw, Some(cid.clone().into()))
+                    .send_group(&s.user, false, &g, kind, raw, Some(cid.clone().into()))
                     .await
                     .map(|sent| (sent.id, sent.seq, sent.ts)),
             };

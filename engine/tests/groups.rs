@@ -305,3 +305,38 @@ fn a_slow_member_is_cut_off_while_the_others_get_everything() {
         .iter()
         .any(|c| c["user"] == "slow" && c["reason"] == "slow_consumer"));
 }
+
+#[test]
+fn the_business_sends_as_the_system_and_groups_per_user_are_limited() {
+    let node = TestNode::start(); // test_min: 4 groups per user
+    call(&node, "POST", "/v1/groups", Some(json!({"id": "news", "name": "News", "owner": "ned", "members": ["ola"]})));
+    let mut ola = node.terminal("ola", "phone");
+    let (status, v) = call(
+        &node,
+        "POST",
+        "/v1/groups/news/messages",
+        Some(json!({"kind": "text", "body": {"text": "from the system"}})),
+    );
+    assert_eq!(status, 200, "{v}");
+    let m = next_msg(&mut ola);
+    assert_eq!(
+        (m.from.as_str(), m.chat.as_str(), m.body["text"].as_str()),
+        ("system", "g:news", Some("from the system"))
+    );
+    // ola is in 1 group; 3 more are fine, the 5th is refused with a clear error.
+    for i in 0..3 {
+        let (status, _) =
+            call(&node, "POST", "/v1/groups", Some(json!({"id": format!("g{i}"), "name": "x", "owner": "ola"})));
+        assert_eq!(status, 201);
+    }
+    let (status, v) =
+        call(&node, "POST", "/v1/groups", Some(json!({"id": "g9", "name": "x", "owner": "pam", "members": ["ola"]})));
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("ola"), "{v}");
+    let (status, _) = call(&node, "POST", "/v1/groups", Some(json!({"id": "g8", "name": "x", "owner": "pam"})));
+    assert_eq!(status, 201);
+    let (status, _) = call(&node, "POST", "/v1/groups/g8/members", Some(json!({"members": ["ola"]})));
+    assert_eq!(status, 400);
+    let (_, mine) = call(&node, "GET", "/v1/users/ola/groups", None);
+    assert_eq!(mine["groups"].as_array().unwrap().len(), 4);
+}

@@ -637,7 +637,7 @@ fn documented_errors_happen() {
         ("createToken", "/v1/tokens", json!({"user": "bob", "ttl_s": 0})),
         ("kickUser", "/v1/users/bob/kick", json!({"reason": "r".repeat(257)})),
         ("createGroup", "/v1/groups", json!({"name": "", "owner": "alice"})),
-        ("sendGroupMessage", "/v1/groups/team/messages", json!({"kind": "text", "body": {"text": "no sender"}})),
+        ("sendGroupMessage", "/v1/groups/team/messages", json!({"kind": "text", "body": {"text": ""}})),
     ] {
         let op = op_by_id(&ops, id);
         check_error(&doc, op, &call(&node, "POST", url, Some(&body)), (400, "invalid_body"), &mut failures);

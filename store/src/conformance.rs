@@ -50,6 +50,7 @@ pub fn group_text(from: &str, group: &str, cid: Option<&str>, text: &str) -> Op 
         kind: Kind::Text,
         body: serde_json::json!({ "text": text }).to_string(),
         cid: cid.map(Into::into),
+        system: false,
     })
 }
 
@@ -91,6 +92,7 @@ fn create_group<B: StoreBackend>(b: &mut B, id: &str, owner: &str, members: &[&s
             members: members.iter().map(|s| s.to_string()).collect(),
             created_ms: 1,
             members_max: 100,
+            groups_per_user_max: 100,
         },
     );
 }
@@ -98,6 +100,51 @@ fn create_group<B: StoreBackend>(b: &mut B, id: &str, owner: &str, members: &[&s
 fn body_text(e: &Entry) -> String {
     let v: serde_json::Value = serde_json::from_str(&e.body).expect("json body");
     v["text"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A user in `groups_per_user_max` groups cannot join another, by create or by add; nothing
+/// of the refused op remains.
+pub fn groups_per_user_limited<B: StoreBackend>(mut b: B) {
+    let create = |id: &str, owner: &str, members: &[&str]| Op::CreateGroup {
+        id: Some(id.into()),
+        name: id.into(),
+        owner: owner.into(),
+        members: members.iter().map(|s| s.to_string()).collect(),
+        created_ms: 1,
+        members_max: 100,
+        groups_per_user_max: 2,
+    };
+    ok(&mut b, create("g1", "o1", &["busy"]));
+    ok(&mut b, create("g2", "o2", &["busy"]));
+    assert!(matches!(b.apply(create("g3", "o3", &["busy", "free"])), Err(StoreError::LimitExceeded(_))));
+    assert!(matches!(b.apply(Op::GetGroup { group: "g3".into() }), Err(StoreError::NotFound)), "no half-made group");
+    ok(&mut b, create("g4", "o4", &[]));
+    let add = |users: &[&str]| Op::AddMembers {
+        group: "g4".into(),
+        users: users.iter().map(|s| s.to_string()).collect(),
+        members_max: 100,
+        groups_per_user_max: 2,
+    };
+    assert!(matches!(b.apply(add(&["free", "busy"])), Err(StoreError::LimitExceeded(_))));
+    assert_eq!(ok(&mut b, add(&["free"])), Reply::Count(1));
+    let g = ok(&mut b, Op::GetGroup { group: "g4".into() }).group().expect("group");
+    assert_eq!(g.member_count, 2, "owner and free only");
+}
+
+/// The business may send to a group as the system without being a member; members may not
+/// be impersonated by it (a non-member `from` without `system` is still refused).
+pub fn system_sends_to_a_group<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "sys", "o", &["m"]);
+    let mut op = group_text("system", "sys", None, "maintenance at 5");
+    assert!(matches!(b.apply(op.clone()), Err(StoreError::Forbidden(_))));
+    if let Op::AppendGroup(m) = &mut op {
+        m.system = true;
+    }
+    let Reply::GroupAppended(a) = ok(&mut b, op) else { panic!("not appended") };
+    assert_eq!(a.seq, 1);
+    let page = ok(&mut b, Op::ReadGroup { group: "sys".into(), after_seq: 0, limit: 10 }).page().expect("page");
+    assert_eq!(page.entries.len(), 1);
+    assert_eq!(page.entries[0].from, "system");
 }
 
 /// Runs every backend-level property, each on a fresh store, with `maintain` runs between
@@ -115,6 +162,8 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     outbox_in_order(make());
     groups_lifecycle(make());
     group_membership_enforced(make());
+    groups_per_user_limited(make());
+    system_sends_to_a_group(make());
     group_reads(make());
     batch_isolation(make());
     invalid_input(make());
@@ -393,6 +442,7 @@ pub fn groups_lifecycle<B: StoreBackend>(mut b: B) {
         members: members.iter().map(|s| s.to_string()).collect(),
         created_ms: 42,
         members_max: max,
+        groups_per_user_max: 100,
     };
     assert_eq!(ok(&mut b, create(Some("t1"), &["a", "b", "a"], 10)), Reply::GroupCreated { id: "t1".into() });
     assert!(matches!(b.apply(create(Some("t1"), &[], 10)), Err(StoreError::Conflict(_))));
@@ -408,6 +458,7 @@ pub fn groups_lifecycle<B: StoreBackend>(mut b: B) {
         group: "t1".into(),
         users: users.iter().map(|s| s.to_string()).collect(),
         members_max: max,
+        groups_per_user_max: 100,
     };
     assert_eq!(ok(&mut b, add(&["c", "a", "d"], 10)), Reply::Count(2));
     assert!(matches!(b.apply(add(&["e", "f"], 6)), Err(StoreError::LimitExceeded(_))));
@@ -657,6 +708,7 @@ pub fn thread_completions_in_order<B: StoreBackend>(b: B, mut opts: StoreOptions
         members: vec![],
         created_ms: 0,
         members_max: 10,
+        groups_per_user_max: 10,
     })
     .expect("group");
     let order = Arc::new(Mutex::new(Vec::new()));

@@ -26,12 +26,14 @@ pub struct NewMessage {
     pub cid: Option<String>,
 }
 
-/// A group message to make durable; the sender must be a member.
+/// A group message to make durable; the sender must be a member unless `system` is set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewGroupMessage {
     pub id: u64,
     pub ts: u64,
     pub from: String,
+    /// Sent by the business as the system (`from` names it): no membership check.
+    pub system: bool,
     pub group: String,
     pub kind: Kind,
     pub body: String,
@@ -105,13 +107,15 @@ pub enum Op {
         members: Vec<String>,
         created_ms: u64,
         members_max: usize,
+        /// A user already in this many groups cannot join another (`LimitExceeded`).
+        groups_per_user_max: usize,
     },
     /// → [`Reply::Group`]
     GetGroup { group: String },
     /// → [`Reply::Done`]; members and read positions go, the log is left to retention.
     DissolveGroup { group: String },
     /// → [`Reply::Count`] (members newly added)
-    AddMembers { group: String, users: Vec<String>, members_max: usize },
+    AddMembers { group: String, users: Vec<String>, members_max: usize, groups_per_user_max: usize },
     /// → [`Reply::Count`] (0 or 1)
     RemoveMember { group: String, user: String },
     /// Members in a stable order; `cursor` is the previous page's `next_cursor`.

@@ -761,7 +761,8 @@ impl SqliteBackend {
         let id = m.id as i64;
         let gid = self.need_gid(&m.group)?;
         let from = match self.uid_of(&m.from)? {
-            Some(u) if self.is_member(gid, u)? => u,
+            Some(u) if m.system || self.is_member(gid, u)? => u,
+            None if m.system => self.uid_or_create(&m.from)?,
             _ => return Err(StoreError::Forbidden(format!("{} is not a member", m.from))),
         };
         if let Some(cid) = &m.cid {
@@ -1097,7 +1098,7 @@ impl SqliteBackend {
         owner: &str,
         members: &[String],
         created_ms: u64,
-        members_max: usize,
+        (members_max, groups_per_user_max): (usize, usize),
     ) -> Result<Reply, StoreError> {
         check_user("owner", owner)?;
         for (i, m) in members.iter().enumerate() {
@@ -1113,6 +1114,7 @@ impl SqliteBackend {
         if all.len() > members_max {
             return Err(StoreError::LimitExceeded(format!("members: at most {members_max}")));
         }
+        self.check_groups_per_user(&all, groups_per_user_max)?;
         let gname = match id {
             Some(g) => {
                 check_user("id", g)?;
@@ -1141,6 +1143,21 @@ impl SqliteBackend {
             self.insert_member(gid, u)?;
         }
         Ok(Reply::GroupCreated { id: gname })
+    }
+
+    /// Fails when one of `users` is already in `max` groups (checked before anything changes).
+    fn check_groups_per_user(&mut self, users: &[&str], max: usize) -> Result<(), StoreError> {
+        for u in users {
+            let Some(uid) = self.uid_of(u)? else { continue };
+            let n: i64 = self
+                .conn
+                .prepare_cached("SELECT count(*) FROM member_of WHERE uid=?1")?
+                .query_row([uid], |r| r.get(0))?;
+            if n as usize >= max {
+                return Err(StoreError::LimitExceeded(format!("groups per user: {u} is already in {n} groups")));
+            }
+        }
+        Ok(())
     }
 
     fn insert_member(&mut self, gid: i64, uid: i64) -> Result<(), StoreError> {
@@ -1187,7 +1204,13 @@ impl SqliteBackend {
         Ok(Reply::Done)
     }
 
-    fn add_members(&mut self, group: &str, users: &[String], members_max: usize) -> Result<Reply, StoreError> {
+    fn add_members(
+        &mut self,
+        group: &str,
+        users: &[String],
+        members_max: usize,
+        groups_per_user_max: usize,
+    ) -> Result<Reply, StoreError> {
         for (i, m) in users.iter().enumerate() {
             check_user(&format!("members[{i}]"), m)?;
         }
@@ -1211,6 +1234,7 @@ impl SqliteBackend {
         if count as usize + new.len() > members_max {
             return Err(StoreError::LimitExceeded(format!("members: at most {members_max}")));
         }
+        self.check_groups_per_user(&new, groups_per_user_max)?;
         for u in &new {
             let uid = self.uid_or_create(u)?;
             self.insert_member(gid, uid)?;
@@ -1377,12 +1401,13 @@ impl SqliteBackend {
                 let n = self.conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?.execute([sq(*through)])?;
                 Ok(Reply::Count(n as u64))
             }
-            Op::CreateGroup { id, name, owner, members, created_ms, members_max } => {
-                self.create_group(id.as_deref(), name, owner, members, *created_ms, *members_max)
-            }
+            Op::CreateGroup { id, name, owner, members, created_ms, members_max, groups_per_user_max } => self
+                .create_group(id.as_deref(), name, owner, members, *created_ms, (*members_max, *groups_per_user_max)),
             Op::GetGroup { group } => self.get_group(group).map(Reply::Group),
             Op::DissolveGroup { group } => self.dissolve_group(group),
-            Op::AddMembers { group, users, members_max } => self.add_members(group, users, *members_max),
+            Op::AddMembers { group, users, members_max, groups_per_user_max } => {
+                self.add_members(group, users, *members_max, *groups_per_user_max)
+            }
             Op::RemoveMember { group, user } => self.remove_member(group, user),
             Op::ListMembers { group, cursor, limit } => self.list_members(group, cursor.as_deref(), *limit),
             Op::GroupsOf { user } => {
