@@ -5,8 +5,11 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
+use std::sync::atomic::Ordering;
+
 use ether_admin::{
-    ApiRouteStats, ClosedConn, ConnInfo, ConnPage, ConnQuery, DrainReport, NodeInfo, NodeStats, ShardStats,
+    ApiRouteStats, ClosedConn, ConnInfo, ConnPage, ConnQuery, DrainReport, HistogramSnapshot, NodeInfo, NodeStats,
+    ShardStats, StorageStats,
 };
 use ether_proto::ApiError;
 
@@ -37,6 +40,32 @@ fn conn_info(c: &ConnSnapshot) -> ConnInfo {
         last_activity_ms: c.last_activity_ms,
         unacked: c.unacked,
         queued_bytes: c.queued_bytes,
+    }
+}
+
+fn histogram(r: ether_store::HistogramReading) -> HistogramSnapshot {
+    let mut snap = HistogramSnapshot {
+        bounds: r.bounds,
+        counts: r.cumulative,
+        sum: r.sum,
+        count: r.count,
+        max: r.max,
+        ..Default::default()
+    };
+    snap.update_percentiles();
+    snap
+}
+
+impl AdminView {
+    fn storage_stats(&self) -> StorageStats {
+        let st = self.shard.store.stats();
+        StorageStats {
+            batches: st.batches.load(Ordering::Relaxed),
+            ops: st.ops.load(Ordering::Relaxed),
+            batch_size: histogram(st.batch_size.read()),
+            commit_latency: histogram(st.commit_latency.read()),
+            queue_depth: self.shard.store.queued() as u64,
+        }
     }
 }
 
@@ -102,7 +131,7 @@ impl ether_admin::NodeView for AdminView {
                 draining: node.draining(),
             },
             shards,
-            storage: None,
+            storage: Some(self.storage_stats()),
             api: api
                 .into_iter()
                 .map(|((route, status), count)| ApiRouteStats { route: route.to_owned(), status, count })

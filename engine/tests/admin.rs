@@ -65,7 +65,10 @@ fn stats_and_metrics_move_with_traffic() {
     assert!(metric(&after, "ether_ack_latency_seconds_count") >= 5.0);
     assert!(after.contains("route=\"POST /v1/messages\""), "API requests by route");
 
+    assert!(metric(&after, "ether_storage_batches_total") >= 1.0, "storage batches counted");
+    assert!(metric(&after, "ether_storage_commit_latency_seconds_count") >= 1.0);
     let stats = get_json(&admin, "/admin/v1/stats");
+    assert!(stats["storage"]["ops"].as_u64().unwrap() >= 5, "{}", stats["storage"]);
     assert_eq!(stats["shards"].as_array().unwrap().len(), 2);
     assert_eq!(stats["totals"]["connections"], 1);
     assert_eq!(stats["totals"]["messages_accepted"], 5);

@@ -97,4 +97,6 @@ pub use backend::{BackendStats, StoreBackend, StoreBackend as Store};
 pub use error::StoreError;
 pub use op::*;
 pub use sqlite::{Durability, SqliteBackend, SqliteOptions};
-pub use thread::{Completion, StoreCmd, StoreHandle, StoreOptions, StoreThread, ThreadStats};
+pub use thread::{
+    AtomicHistogram, Completion, HistogramReading, StoreCmd, StoreHandle, StoreOptions, StoreThread, ThreadStats,
+};

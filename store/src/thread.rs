@@ -85,8 +85,71 @@ impl StoreOptions {
     }
 }
 
+/// Bucket bounds of the commit latency histogram, seconds.
+pub const COMMIT_BOUNDS_S: &[f64] =
+    &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Bucket bounds of the batch size histogram, operations.
+pub const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
+
+/// A histogram any thread may read while the storage thread records: fixed bounds, one atomic
+/// counter per bucket (the last is `+Inf`).
+#[derive(Debug)]
+pub struct AtomicHistogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    /// Sum of observations, in millionths of the unit.
+    sum_micros: AtomicU64,
+    max_micros: AtomicU64,
+}
+
+/// A reading of an [`AtomicHistogram`]: `cumulative[i]` counts observations `<= bounds[i]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramReading {
+    pub bounds: Vec<f64>,
+    pub cumulative: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+    pub max: f64,
+}
+
+impl AtomicHistogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        AtomicHistogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            max_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, value: f64) {
+        let i = self.bounds.iter().position(|b| value <= *b).unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let micros = (value.max(0.0) * 1e6) as u64;
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.max_micros.fetch_max(micros, Ordering::Relaxed);
+    }
+
+    pub fn read(&self) -> HistogramReading {
+        let mut running = 0;
+        let mut cumulative = Vec::with_capacity(self.bounds.len());
+        for b in &self.buckets[..self.bounds.len()] {
+            running += b.load(Ordering::Relaxed);
+            cumulative.push(running);
+        }
+        let count = running + self.buckets[self.bounds.len()].load(Ordering::Relaxed);
+        HistogramReading {
+            bounds: self.bounds.to_vec(),
+            cumulative,
+            count,
+            sum: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            max: self.max_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
 /// Counters the storage thread keeps (for the admin port's `storage` stats).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ThreadStats {
     pub batches: AtomicU64,
     pub ops: AtomicU64,
@@ -96,6 +159,26 @@ pub struct ThreadStats {
     pub pending_entries: AtomicU64,
     /// Nanoseconds spent applying and committing the last batch.
     pub commit_ns_last: AtomicU64,
+    /// Seconds spent applying and committing each batch.
+    pub commit_latency: AtomicHistogram,
+    /// Commands per batch.
+    pub batch_size: AtomicHistogram,
+}
+
+impl Default for ThreadStats {
+    fn default() -> Self {
+        ThreadStats {
+            batches: AtomicU64::new(0),
+            ops: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            batch_ops_last: AtomicU64::new(0),
+            purged: AtomicU64::new(0),
+            pending_entries: AtomicU64::new(0),
+            commit_ns_last: AtomicU64::new(0),
+            commit_latency: AtomicHistogram::new(COMMIT_BOUNDS_S),
+            batch_size: AtomicHistogram::new(BATCH_BOUNDS),
+        }
+    }
 }
 
 struct Shared {
@@ -260,7 +343,10 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         let t0 = Instant::now();
         let results = backend.apply_batch(&ops);
         let st = &sh.stats;
-        st.commit_ns_last.store(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let took = t0.elapsed();
+        st.commit_ns_last.store(took.as_nanos() as u64, Ordering::Relaxed);
+        st.commit_latency.record(took.as_secs_f64());
+        st.batch_size.record(ops.len() as f64);
         st.batches.fetch_add(1, Ordering::Relaxed);
         st.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
         st.batch_ops_last.store(ops.len() as u64, Ordering::Relaxed);
@@ -323,4 +409,22 @@ fn idle<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next
         purge_step(backend, opts, sh, next_purge);
     }
     sh.stats.pending_entries.store(backend.stats().pending_entries, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn atomic_histogram_counts_cumulatively() {
+        let h = AtomicHistogram::new(&[1.0, 2.0, 4.0]);
+        for v in [0.5, 1.0, 1.5, 3.0, 9.0] {
+            h.record(v);
+        }
+        let r = h.read();
+        assert_eq!(r.cumulative, vec![2, 3, 4]);
+        assert_eq!(r.count, 5);
+        assert!((r.sum - 15.0).abs() < 1e-6);
+        assert!((r.max - 9.0).abs() < 1e-6);
+    }
 }
