@@ -85,6 +85,9 @@ impl ether_admin::NodeView for AdminView {
         if self.shard.node.draining() {
             return Err("node is draining".into());
         }
+        if !self.shard.store.is_open() {
+            return Err("store is not running".into());
+        }
         Ok(())
     }
 

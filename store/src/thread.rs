@@ -263,6 +263,12 @@ impl StoreHandle {
         rx.recv().unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Whether the storage thread takes commands (not shut down, not gone).
+    pub fn is_open(&self) -> bool {
+        !self.shared.stopping.load(Ordering::Relaxed)
+            && self.shared.thread.lock().map(|t| t.as_ref().is_some_and(|t| !t.is_finished())).unwrap_or(false)
+    }
+
     /// Commands waiting in the queue.
     pub fn queued(&self) -> usize {
         self.tx.len()
