@@ -75,21 +75,19 @@ impl NodeHandle {
         self.stop_inner();
     }
 
-    /// Waits until the node stops (by `stop` from another handle clone or a signal flag).
+    /// Waits until the node stops (its stop flag set elsewhere, e.g. through `shared`).
     pub fn join(mut self) {
-        for t in self.threads.drain(..) {
-            if let Err(e) = t.join() {
-                error!(error = %e, "shard thread ended badly");
-            }
-        }
-        if let Some(events) = self.events.take() {
-            events.stop();
-        }
-        self.store.shutdown();
+        self.wind_down();
     }
 
     fn stop_inner(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.wind_down();
+    }
+
+    /// Joins the shards, then stops the event dispatcher and the storage thread, in that
+    /// order: everything the shards submitted is committed before the store ends.
+    fn wind_down(&mut self) {
         for t in self.threads.drain(..) {
             if let Err(e) = t.join() {
                 error!(error = %e, "shard thread ended badly");
@@ -98,7 +96,6 @@ impl NodeHandle {
         if let Some(events) = self.events.take() {
             events.stop();
         }
-        // Everything the shards submitted is committed before the thread ends.
         self.store.shutdown();
     }
 }
