@@ -3,8 +3,12 @@
 //! `--api-conns` keep-alive HTTP/1.1 connections on one glommio executor; each has a writer
 //! task that sends its share of requests when they fall due (coalescing those already due into
 //! one write, up to `--pipeline` unanswered requests) and a reader task that matches
-//! responses to requests in order. Message `k` goes to user `k % users`, its body carries the
-//! send time: `{"text":"t=<unix nanos>;k=<k>;r=<run>"}`.
+//! responses to requests in order. Message `k` goes to user `k % users` (or, publishing to
+//! groups, to group `k % groups` from its first member), its body carries the send time:
+//! `{"text":"t=<unix nanos>;k=<k>;r=<run>"}`. A [`Gate`] holds the sender back while too
+//! many published messages are not yet delivered at the terminals (`group --mode hot`: as
+//! fast as the node delivers, without overrunning the terminals' queues). [`call`] is a
+//! plain blocking request for set-up (creating groups).
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
@@ -65,6 +69,38 @@ pub struct ApiSpec {
     /// How long to wait for outstanding answers once everything is sent.
     pub drain_timeout: Duration,
     pub pin: Option<usize>,
+    /// Publish to groups instead of users (`users` is then the number of groups).
+    #[serde(default)]
+    pub group: Option<GroupTarget>,
+    /// Keep the id of every accepted message, per user (`reconnect`).
+    #[serde(default)]
+    pub record_ids: bool,
+    #[serde(skip)]
+    pub gate: Option<Gate>,
+}
+
+/// Where group messages go: group `<prefix><g>`, sent by its first member
+/// `<user_prefix><g * members>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupTarget {
+    pub prefix: String,
+    pub members: u64,
+}
+
+/// Holds the sender while more than `window` messages are published but not yet delivered:
+/// delivered = the terminals' live counters summed, divided by deliveries per message.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    pub delivered: Vec<Arc<AtomicU64>>,
+    pub per_msg: u64,
+    pub window: u64,
+}
+
+impl Gate {
+    fn open(&self, sent: u64) -> bool {
+        let delivered: u64 = self.delivered.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        sent <= delivered / self.per_msg.max(1) + self.window
+    }
 }
 
 impl ApiSpec {
@@ -96,8 +132,11 @@ pub struct ApiReport {
     pub messages_failed: u64,
     /// Failed messages by reason (`http 503 unavailable`, `connection closed`, ...).
     pub errors: BTreeMap<String, u64>,
-    /// Messages acknowledged by the API, per user.
+    /// Messages acknowledged by the API, per user (per group when publishing to groups).
     pub per_user_acked: Vec<u32>,
+    /// Ids of the acknowledged messages, per user (with `record_ids`).
+    #[serde(default)]
+    pub per_user_ids: Vec<Vec<u64>>,
     /// Request to response, microseconds.
     pub api_latency: HistData,
     /// How late requests left against their schedule, microseconds (the sender's own lag).
@@ -165,10 +204,14 @@ impl DriverState {
         shared.errors.fetch_add(n, Ordering::SeqCst);
     }
 
-    fn ack(&mut self, shared: &ApiShared, spec: &ApiSpec, k: u64) {
+    fn ack(&mut self, shared: &ApiShared, spec: &ApiSpec, k: u64, id: Option<u64>) {
         self.report.messages_acked += 1;
         if spec.users > 0 {
-            self.report.per_user_acked[(k % spec.users) as usize] += 1;
+            let u = (k % spec.users) as usize;
+            self.report.per_user_acked[u] += 1;
+            if let (Some(ids), Some(id)) = (self.report.per_user_ids.get_mut(u), id) {
+                ids.push(id);
+            }
         }
         shared.acked.fetch_add(1, Ordering::SeqCst);
     }
@@ -178,6 +221,9 @@ async fn drive(spec: ApiSpec, shared: Arc<ApiShared>) -> ApiReport {
     let spec = Rc::new(spec);
     let state = Rc::new(RefCell::new(DriverState::default()));
     state.borrow_mut().report.per_user_acked = vec![0; spec.users as usize];
+    if spec.record_ids {
+        state.borrow_mut().report.per_user_ids = vec![Vec::new(); spec.users as usize];
+    }
     let start = Instant::now();
     let mut writers = Vec::new();
     let mut queues = Vec::new();
@@ -269,6 +315,14 @@ async fn connection(
         if d > now + Duration::from_millis(1) {
             glommio::timer::sleep(d - now).await;
         }
+        if let Some(g) = &spec.gate {
+            while !g.open(shared.sent.load(Ordering::SeqCst)) && start.elapsed() < spec.duration {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+            }
+            if start.elapsed() >= spec.duration {
+                break;
+            }
+        }
         if window.acquire(1).await.is_err() {
             break;
         }
@@ -277,7 +331,8 @@ async fn connection(
         let mut first = true;
         while let Some(&r) = mine.peek() {
             let now = Instant::now();
-            if !first && (due(r) > now || buf.len() > 60 * 1024 || !window_take(&window)) {
+            let gated = spec.gate.as_ref().is_some_and(|g| !g.open(shared.sent.load(Ordering::SeqCst)));
+            if !first && (due(r) > now || buf.len() > 60 * 1024 || gated || !window_take(&window)) {
                 break;
             }
             first = false;
@@ -342,7 +397,11 @@ fn build_request(spec: &ApiSpec, first_k: u64, n: u64, body: &mut Vec<u8>, out: 
     if batch {
         body.extend_from_slice(b"]}");
     }
-    let path = if batch { "/v1/messages/batch" } else { "/v1/messages" };
+    let path: std::borrow::Cow<str> = match (&spec.group, batch) {
+        (Some(g), _) => format!("/v1/groups/{}{}/messages", g.prefix, first_k % spec.users.max(1)).into(),
+        (None, true) => "/v1/messages/batch".into(),
+        (None, false) => "/v1/messages".into(),
+    };
     let _ = write!(
         out,
         "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -353,22 +412,43 @@ fn build_request(spec: &ApiSpec, first_k: u64, n: u64, body: &mut Vec<u8>, out: 
     out.extend_from_slice(body);
 }
 
-/// `{"from","to","kind":"text","body":{"text":"t=..;k=..;r=.."}}` for message `k`.
+/// `{"from","to","kind":"text","body":{"text":"t=..;k=..;r=.."}}` for message `k` (no `to`
+/// for a group: the path names it; `from` is the group's first member).
 fn message_json(spec: &ApiSpec, k: u64, out: &mut Vec<u8>) {
     let to = if spec.users > 0 { k % spec.users } else { 0 };
-    let _ = write!(
-        out,
-        "{{\"from\":\"{}\",\"to\":\"{}{}\",\"kind\":\"text\",\"body\":{{\"text\":\"",
-        spec.from, spec.user_prefix, to
-    );
+    match &spec.group {
+        Some(g) => {
+            let _ = write!(
+                out,
+                "{{\"from\":\"{}{}\",\"kind\":\"text\",\"body\":{{\"text\":\"",
+                spec.user_prefix,
+                to * g.members
+            );
+        }
+        None => {
+            let _ = write!(
+                out,
+                "{{\"from\":\"{}\",\"to\":\"{}{}\",\"kind\":\"text\",\"body\":{{\"text\":\"",
+                spec.from, spec.user_prefix, to
+            );
+        }
+    }
     Stamp { t_ns: crate::unix_nanos(), k, run: &spec.run_id }.write(out);
     out.extend_from_slice(b"\"}}");
 }
 
 #[derive(Deserialize)]
 struct Sent {
-    #[allow(dead_code)]
     id: serde_json::Value,
+}
+
+/// A message id as the API gives it (a decimal string).
+fn id_of(v: &serde_json::Value) -> Option<u64> {
+    match v {
+        serde_json::Value::String(s) => s.parse().ok(),
+        serde_json::Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -449,7 +529,7 @@ fn account(st: &mut DriverState, spec: &ApiSpec, shared: &ApiShared, f: &InFligh
     }
     if spec.batch_size == 0 {
         match serde_json::from_slice::<Sent>(body) {
-            Ok(_) => st.ack(shared, spec, f.first_k),
+            Ok(a) => st.ack(shared, spec, f.first_k, id_of(&a.id)),
             Err(_) => st.fail(shared, "answer without id", f.n),
         }
         return;
@@ -460,13 +540,38 @@ fn account(st: &mut DriverState, spec: &ApiSpec, shared: &ApiShared, f: &InFligh
     };
     for i in 0..f.n {
         match b.results.get(i as usize) {
-            Some(v) if v.get("id").is_some() => st.ack(shared, spec, f.first_k + i),
+            Some(v) if v.get("id").is_some() => st.ack(shared, spec, f.first_k + i, v.get("id").and_then(id_of)),
             Some(v) => {
                 let code = v.pointer("/error/code").and_then(|c| c.as_str()).unwrap_or("?");
                 st.fail(shared, &format!("batch item {code}"), 1);
             }
             None => st.fail(shared, "batch item missing", 1),
         }
+    }
+}
+
+/// One blocking request with a JSON body (set-up calls); returns the status and the body.
+pub fn call(addr: SocketAddr, api_key: &str, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
+    use std::io::Read;
+    let fail = |e: std::io::Error| format!("{method} {path}: {e}");
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(fail)?;
+    s.set_read_timeout(Some(Duration::from_secs(120))).map_err(fail)?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {api_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).and_then(|()| s.write_all(body.as_bytes())).map_err(fail)?;
+    let mut rx = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some((status, range, _)) = parse_response(&rx).map_err(|e| format!("{method} {path}: {e}"))? {
+            return Ok((status, String::from_utf8_lossy(&rx[range]).into_owned()));
+        }
+        let n = s.read(&mut buf).map_err(fail)?;
+        if n == 0 {
+            return Err(format!("{method} {path}: connection closed before the answer"));
+        }
+        rx.extend_from_slice(&buf[..n]);
     }
 }
 
@@ -516,6 +621,9 @@ mod tests {
             run_id: "r1".into(),
             drain_timeout: Duration::from_secs(1),
             pin: None,
+            group: None,
+            record_ids: false,
+            gate: None,
         }
     }
 
@@ -550,6 +658,28 @@ mod tests {
         let b: ether_proto::api::SendBatch = ether_proto::api::parse_request(json.as_bytes()).unwrap();
         assert_eq!(b.messages.len(), 2);
         assert_eq!(b.messages[1]["to"], "u0");
+        // Group messages: the path names the group, the first member sends.
+        let mut s = spec(0);
+        s.group = Some(GroupTarget { prefix: "g".into(), members: 10 });
+        s.users = 2;
+        let (mut body, mut out) = (Vec::new(), Vec::new());
+        build_request(&s, 3, 1, &mut body, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("POST /v1/groups/g1/messages HTTP/1.1\r\n"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(json["from"], "u10");
+        assert!(json.get("to").is_none());
+    }
+
+    #[test]
+    fn gate_opens_as_deliveries_come_in() {
+        let c = Arc::new(AtomicU64::new(0));
+        let g = Gate { delivered: vec![c.clone()], per_msg: 10, window: 2 };
+        assert!(g.open(2));
+        assert!(!g.open(3));
+        c.store(10, Ordering::Relaxed);
+        assert!(g.open(3));
+        assert_eq!(id_of(&serde_json::json!("42")), Some(42));
     }
 
     #[test]

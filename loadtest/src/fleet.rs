@@ -3,21 +3,23 @@
 //! Thread `t` of `T` runs the fleet's terminals `t, t+T, t+2T, ...`, connecting them at its
 //! share of the connect rate with a bounded number of handshakes in flight (the io_uring rings
 //! are small). Every 200 ms each thread publishes its counters; the coordinator (or the
-//! worker's main thread) reads them with [`LocalFleet::progress`]. [`LocalFleet::stop`] ends
-//! the executors and returns the fleet's [`FleetReport`].
+//! worker's main thread) reads them with [`LocalFleet::progress`]. [`LocalFleet::command`]
+//! passes the coordinator's orders ([`FleetCmd`]: start or stop chatting, drop a share of the
+//! terminals, reconnect them), which every thread picks up within 5 ms. [`LocalFleet::stop`]
+//! ends the executors and returns the fleet's [`FleetReport`].
 use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 use serde::{Deserialize, Serialize};
 
-use crate::stats::{Counters, FleetProgress, FleetReport, Hist};
-use crate::terminal::{self, ExecState, TermCtx, UserTrack};
+use crate::stats::{Counters, FleetProgress, FleetReport, Hist, MsgSeen};
+use crate::terminal::{self, ExecState, Role, TermCtx, UserTrack};
 use crate::token::Minter;
 
 /// Everything a fleet needs; sent as JSON to worker processes.
@@ -49,6 +51,50 @@ pub struct FleetSpec {
     pub max_inflight: usize,
     /// Pin thread `t` to CPU `pin + t` (None: let the scheduler place threads).
     pub pin: Option<usize>,
+    /// What the terminals do besides counting their inbox.
+    #[serde(default)]
+    pub role: Role,
+    /// `group`: terminal `i` is a member of group `<group_prefix><i / members>`, one of
+    /// `groups`.
+    #[serde(default)]
+    pub group_prefix: String,
+    #[serde(default)]
+    pub members: u64,
+    #[serde(default)]
+    pub groups: u64,
+    /// `group`: a member acks its group at most this often (ms; the heartbeat tick flushes).
+    #[serde(default)]
+    pub group_ack_ms: u64,
+    /// `chat`: a `read` after this many peer messages (0 = never).
+    #[serde(default)]
+    pub read_every: u32,
+    /// Keep the id of every message received (`reconnect`).
+    #[serde(default)]
+    pub track_ids: bool,
+}
+
+/// An order from the coordinator to every thread of a fleet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum FleetCmd {
+    /// Start sending: `rate` messages per second for this fleet (0 = every terminal keeps
+    /// `window` sends unanswered), at most `window` unanswered per terminal.
+    Chat { rate: f64, window: u32 },
+    /// Stop sending (answers and deliveries still count).
+    StopSending,
+    /// Close abruptly (RST, no close frame) every connected terminal picked by
+    /// [`should_drop`].
+    Drop { share: f64 },
+    /// Connect the dropped terminals again and `sync` from their last acked seq; `at_ns` is
+    /// the order's Unix time, the start of the reconnect measurement.
+    Reconnect { at_ns: u64 },
+}
+
+/// Whether terminal `global` is among the `share` (0..=1) dropped: a Weyl sequence over the
+/// golden ratio, so any prefix of the terminals holds close to that share.
+pub fn should_drop(global: u64, share: f64) -> bool {
+    let frac = (global.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+    frac < share
 }
 
 #[derive(Default)]
@@ -59,12 +105,17 @@ struct ThreadShared {
     count: u64,
 }
 
+/// Orders for the threads of a fleet: a log every thread reads from its own position.
+pub type Control = Arc<Mutex<Vec<FleetCmd>>>;
+
 /// A fleet running on threads of this process.
 pub struct LocalFleet {
     stop: Arc<AtomicBool>,
     shared: Vec<Arc<Mutex<ThreadShared>>>,
     handles: Vec<glommio::ExecutorJoinHandle<FleetReport>>,
     threads: usize,
+    control: Control,
+    live: Vec<Arc<AtomicU64>>,
 }
 
 impl LocalFleet {
@@ -72,15 +123,19 @@ impl LocalFleet {
         let threads = spec.threads.max(1).min(spec.count.max(1) as usize);
         let spec = Arc::new(spec);
         let stop = Arc::new(AtomicBool::new(false));
+        let control: Control = Arc::default();
         let mut shared = Vec::new();
         let mut handles = Vec::new();
+        let mut live = Vec::new();
         for t in 0..threads {
             let sh = Arc::new(Mutex::new(ThreadShared {
                 count: (t as u64..spec.count).step_by(threads).count() as u64,
                 ..Default::default()
             }));
             shared.push(sh.clone());
-            let (spec, stop) = (spec.clone(), stop.clone());
+            let counter = Arc::new(AtomicU64::new(0));
+            live.push(counter.clone());
+            let (spec, stop, control) = (spec.clone(), stop.clone(), control.clone());
             let placement = match spec.pin {
                 Some(p) => Placement::Fixed(p + t),
                 None => Placement::Unbound,
@@ -88,11 +143,26 @@ impl LocalFleet {
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("lt-term-{t}"))
                 .io_memory(256 << 10)
-                .spawn(move || thread_main(spec, t, threads, sh, stop))
+                .spawn(move || thread_main(spec, t, threads, sh, stop, control, counter))
                 .map_err(|e| io::Error::other(format!("executor: {e}")))?;
             handles.push(h);
         }
-        Ok(LocalFleet { stop, shared, handles, threads })
+        Ok(LocalFleet { stop, shared, handles, threads, control, live })
+    }
+
+    /// Passes an order to every thread.
+    pub fn command(&self, cmd: FleetCmd) {
+        self.control.lock().unwrap_or_else(|e| e.into_inner()).push(cmd);
+    }
+
+    /// The order log (for a worker's stdin reader).
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
+    /// Distinct messages received so far, one live counter per thread.
+    pub fn live(&self) -> Vec<Arc<AtomicU64>> {
+        self.live.clone()
     }
 
     /// Counters so far, and the message latency since the previous call.
@@ -131,16 +201,30 @@ impl LocalFleet {
 }
 
 /// Thread reports hold terminals `t, t+T, ...`; the fleet report lists them in order.
-fn interleave(parts: Vec<FleetReport>, threads: usize) -> FleetReport {
+fn interleave(mut parts: Vec<FleetReport>, threads: usize) -> FleetReport {
     let per: Vec<Vec<u32>> = parts.iter().map(|p| p.per_user_received.clone()).collect();
+    let mut ids: Vec<std::vec::IntoIter<Vec<u64>>> =
+        parts.iter_mut().map(|p| std::mem::take(&mut p.ids).into_iter()).collect();
+    let mut up: Vec<std::vec::IntoIter<bool>> =
+        parts.iter_mut().map(|p| std::mem::take(&mut p.up).into_iter()).collect();
+    let mut up_order = Vec::new();
     let total: usize = per.iter().map(|v| v.len()).sum();
     let mut order = Vec::with_capacity(total);
+    let mut id_order = Vec::new();
     for i in 0..total {
         let (t, j) = (i % threads, i / threads);
         order.push(per.get(t).and_then(|v| v.get(j)).copied().unwrap_or(0));
+        if let Some(v) = ids.get_mut(t).and_then(|it| it.next()) {
+            id_order.push(v);
+        }
+        if let Some(v) = up.get_mut(t).and_then(|it| it.next()) {
+            up_order.push(v);
+        }
     }
     let mut merged = FleetReport::merge(parts);
     merged.per_user_received = order;
+    merged.ids = id_order;
+    merged.up = up_order;
     merged
 }
 
@@ -150,11 +234,14 @@ async fn thread_main(
     threads: usize,
     shared: Arc<Mutex<ThreadShared>>,
     stop: Arc<AtomicBool>,
+    control: Control,
+    live: Arc<AtomicU64>,
 ) -> FleetReport {
     let mine: Vec<u64> = (t as u64..spec.count).step_by(threads).map(|i| spec.first + i).collect();
     let n = mine.len();
     let state = Rc::new(RefCell::new(ExecState {
         users: (0..n).map(|_| UserTrack::default()).collect(),
+        acked_to: if spec.role == Role::Chat { vec![0; spec.total as usize] } else { Vec::new() },
         ..Default::default()
     }));
     let ctx = Rc::new(TermCtx {
@@ -162,10 +249,15 @@ async fn thread_main(
         host: spec.client.to_string(),
         spec: spec.clone(),
         state: state.clone(),
+        connects: Rc::new(glommio::sync::Semaphore::new(spec.max_inflight.max(1) as u64)),
+        rejoin: Rc::new(glommio::sync::Semaphore::new(0)),
+        live,
+        thread: t,
+        threads,
     });
     let rate = spec.connect_rate / threads as f64;
-    let sem = Rc::new(glommio::sync::Semaphore::new(spec.max_inflight.max(1) as u64));
     let stop2 = stop.clone();
+    let ctx2 = ctx.clone();
     glommio::spawn_local(async move {
         let start = Instant::now();
         for (slot, global) in mine.into_iter().enumerate() {
@@ -179,20 +271,38 @@ async fn thread_main(
                     glommio::timer::sleep(due - now).await;
                 }
             }
-            let Ok(permit) = sem.acquire_static_permit(1).await else {
+            let Ok(permit) = ctx2.connects.acquire_static_permit(1).await else {
                 break;
             };
-            glommio::spawn_local(terminal::run(ctx.clone(), slot, global, permit)).detach();
+            glommio::spawn_local(terminal::run(ctx2.clone(), slot, global, permit)).detach();
         }
     })
     .detach();
-    let hb_state = state.clone();
+    let hb = ctx.clone();
     glommio::spawn_local(async move {
         let mut tick = 0u64;
         loop {
             glommio::timer::sleep(Duration::from_secs(1)).await;
             tick += 1;
-            terminal::heartbeat_tick(&hb_state, tick);
+            terminal::heartbeat_tick(&hb, tick);
+        }
+    })
+    .detach();
+    let orders = ctx.clone();
+    let stop3 = stop.clone();
+    glommio::spawn_local(async move {
+        let mut seen = 0;
+        while !stop3.load(Ordering::Relaxed) {
+            let new: Vec<FleetCmd> = {
+                let log = control.lock().unwrap_or_else(|e| e.into_inner());
+                let v = log[seen.min(log.len())..].to_vec();
+                seen = log.len();
+                v
+            };
+            for cmd in new {
+                apply(&orders, cmd);
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
         }
     })
     .detach();
@@ -204,6 +314,15 @@ async fn thread_main(
         glommio::timer::sleep(Duration::from_millis(200)).await;
     }
     publish(&state, &shared);
+    let up: Vec<bool> =
+        if spec.track_ids { state.borrow().users.iter().map(|u| u.connected).collect() } else { Vec::new() };
+    // End every terminal's task (and close its socket) before the executor goes: tasks
+    // still pending when it ends are leaked with their sockets.
+    terminal::stop_all(&ctx);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state.borrow().tasks > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
     let st = state.borrow();
     FleetReport {
         counters: st.counters.clone(),
@@ -212,7 +331,111 @@ async fn thread_main(
         connect_latency: st.connect_hist.data(),
         msg_latency: st.msg_hist.data(),
         per_user_received: st.users.iter().map(|u| u.received).collect(),
-        seq_holes: st.users.iter().map(|u| u.seq.holes()).sum(),
+        seq_holes: st.users.iter().map(|u| u.seq.holes() + u.group.as_ref().map_or(0, |g| g.seq.holes())).sum(),
+        acked_to: st.acked_to.clone(),
+        send_latency: st.send_hist.data(),
+        send_errors: st.send_errors.clone(),
+        per_msg: st.per_msg.iter().map(|(&k, &(count, last_us))| MsgSeen { k, count, last_us }).collect(),
+        ids: if spec.track_ids {
+            st.users
+                .iter()
+                .map(|u| {
+                    let mut v = u.ids.clone();
+                    v.sort_unstable();
+                    v
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        sync_latency: st.sync_hist.data(),
+        up,
+    }
+}
+
+/// Carries out one order on this thread.
+fn apply(ctx: &Rc<TermCtx>, cmd: FleetCmd) {
+    match cmd {
+        FleetCmd::Chat { rate, window } => {
+            {
+                let mut st = ctx.state.borrow_mut();
+                let st = &mut *st;
+                st.chat_active = true;
+                st.chat_window = window.max(1);
+                st.chat_refill = rate <= 0.0;
+                if st.chat_refill {
+                    for slot in 0..st.users.len() {
+                        if st.users[slot].connected {
+                            for _ in 0..st.chat_window {
+                                terminal::queue_send(st, ctx, slot, ctx.global(slot));
+                            }
+                        }
+                    }
+                    return;
+                }
+            }
+            // Spawned with the state released: the new task may run at once.
+            glommio::spawn_local(chat_driver(ctx.clone(), rate / ctx.threads as f64)).detach();
+        }
+        FleetCmd::StopSending => ctx.state.borrow_mut().chat_active = false,
+        FleetCmd::Drop { share } => {
+            let mut st = ctx.state.borrow_mut();
+            for slot in 0..st.users.len() {
+                let u = &mut st.users[slot];
+                if u.connected && should_drop(ctx.global(slot), share) {
+                    u.drop_req = true;
+                    if let Some(w) = u.waker.take() {
+                        w.wake();
+                    }
+                }
+            }
+        }
+        FleetCmd::Reconnect { at_ns } => {
+            let waiting = {
+                let mut st = ctx.state.borrow_mut();
+                st.reconnect_ns = at_ns;
+                st.users.iter().filter(|u| u.drop_req).count()
+            };
+            ctx.rejoin.signal(waiting as u64);
+        }
+    }
+}
+
+/// Sends at `rate` per second from this thread's terminals in turn, skipping those whose
+/// window is full or that are not connected; a round where every window is full forgives the
+/// backlog (the node sets the pace then, not the schedule).
+async fn chat_driver(ctx: Rc<TermCtx>, rate: f64) {
+    let start = Instant::now();
+    let mut issued = 0u64;
+    let mut cursor = 0usize;
+    loop {
+        {
+            let mut st = ctx.state.borrow_mut();
+            let st = &mut *st;
+            if !st.chat_active {
+                return;
+            }
+            let allowed = (rate * start.elapsed().as_secs_f64()) as u64;
+            let n = st.users.len();
+            let window = st.chat_window as usize;
+            let mut misses = 0;
+            while issued < allowed && misses < n {
+                let slot = cursor;
+                cursor = (cursor + 1) % n.max(1);
+                let u = &st.users[slot];
+                let free = u.connected && !u.drop_req && u.chat.as_ref().map_or(0, |c| c.pending.len()) < window;
+                if free && terminal::queue_send(st, &ctx, slot, ctx.global(slot)) {
+                    issued += 1;
+                    misses = 0;
+                } else {
+                    misses += 1;
+                }
+            }
+            if misses >= n {
+                issued = allowed;
+            }
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -231,8 +454,37 @@ mod tests {
 
     #[test]
     fn interleave_restores_fleet_order() {
-        let a = FleetReport { per_user_received: vec![0, 2, 4], ..Default::default() };
-        let b = FleetReport { per_user_received: vec![1, 3], ..Default::default() };
-        assert_eq!(interleave(vec![a, b], 2).per_user_received, vec![0, 1, 2, 3, 4]);
+        let a = FleetReport {
+            per_user_received: vec![0, 2, 4],
+            ids: vec![vec![0], vec![2], vec![4]],
+            ..Default::default()
+        };
+        let b = FleetReport { per_user_received: vec![1, 3], ids: vec![vec![1], vec![3]], ..Default::default() };
+        let m = interleave(vec![a, b], 2);
+        assert_eq!(m.per_user_received, vec![0, 1, 2, 3, 4]);
+        assert_eq!(m.ids, vec![vec![0], vec![1], vec![2], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn drop_share_is_close_for_any_prefix() {
+        for n in [10u64, 40, 1000, 20_000] {
+            let dropped = (0..n).filter(|&g| should_drop(g, 0.5)).count() as f64;
+            assert!((dropped / n as f64 - 0.5).abs() <= 0.1 + 1.0 / n as f64, "{n}: {dropped}");
+        }
+        assert!((0..100).all(|g| should_drop(g, 1.0)));
+        assert!((0..100).all(|g| !should_drop(g, 0.0)));
+    }
+
+    #[test]
+    fn commands_roundtrip_as_json_lines() {
+        for c in [
+            FleetCmd::Chat { rate: 5.0, window: 2 },
+            FleetCmd::StopSending,
+            FleetCmd::Drop { share: 0.5 },
+            FleetCmd::Reconnect { at_ns: 7 },
+        ] {
+            let line = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<FleetCmd>(&line).unwrap(), c);
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ether_loadtest::live;
 use ether_loadtest::parse_duration;
-use ether_loadtest::scenario::{self, Options, Scenario, TargetSpec};
+use ether_loadtest::scenario::{self, GroupMode, Options, Scenario, TargetSpec};
 use ether_loadtest::spawn::SpawnOptions;
 
 #[derive(Parser)]
@@ -51,6 +51,80 @@ enum Cmd {
         /// Messages per batch request.
         #[arg(long, default_value_t = 100)]
         batch_size: usize,
+    },
+    /// Group fan-out: --groups groups of --members online members each (terminals = groups x
+    /// members; --connections is ignored), messages published through
+    /// `POST /v1/groups/{gid}/messages`, counted at every member by group seq. `--mode hot`
+    /// publishes as fast as the members take them (--window undelivered messages per group),
+    /// `--mode sparse` one message per group every --interval (publish-to-last-member latency
+    /// per message).
+    Group {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1)]
+        groups: u64,
+        /// Online members per group.
+        #[arg(long, default_value_t = 1000)]
+        members: u64,
+        #[arg(long, value_enum, default_value_t = ModeArg::Sparse)]
+        mode: ModeArg,
+        /// `sparse`: one message per group this often.
+        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        interval: Duration,
+        /// `hot`: messages per group published but not yet delivered to every member.
+        #[arg(long, default_value_t = 64)]
+        window: u64,
+        /// Members ack their group cumulatively at most this often.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        group_ack: Duration,
+        /// How long to publish.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Terminals chat with each other: each sends `send` frames to random peers (at most
+    /// --window unanswered), acks what it receives and `read`s every --read-every messages;
+    /// counts messages end to end (answered by `sent`, received by the peer).
+    Chat {
+        #[command(flatten)]
+        common: Common,
+        /// Messages per second over all terminals (0 = every terminal keeps its window full).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Unanswered sends per terminal.
+        #[arg(long, default_value_t = 4)]
+        window: u32,
+        /// A `read` after this many messages from peers (0 = never).
+        #[arg(long, default_value_t = 10)]
+        read_every: u32,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 10_000.0)]
+        connect_rate: f64,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// API pushes to every terminal while a share (--drop) is dropped abruptly, kept away
+    /// (--away) and ordered back; they `sync` from their last acked seq. Measures the time
+    /// until all are back and synced and checks every accepted message id arrived.
+    Reconnect {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        push: Push,
+        /// Share of the terminals dropped.
+        #[arg(long = "drop", default_value_t = 0.5)]
+        drop_share: f64,
+        /// When to drop, after the sending starts.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        drop_after: Duration,
+        /// How long the dropped terminals stay away (messages keep coming for them).
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        away: Duration,
+        /// Longest wait for the dropped terminals to be back and synced.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        reconnect_timeout: Duration,
     },
     /// (internal) Run one fleet of terminals for a coordinating ether-loadtest.
     #[command(hide = true)]
@@ -142,6 +216,30 @@ struct Common {
     /// No live output.
     #[arg(long, conflicts_with = "plain")]
     quiet: bool,
+    /// Names the record `<date>-<scenario>-<label>` (and its own row in the README table).
+    #[arg(long)]
+    label: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Hot,
+    Sparse,
+}
+
+/// The API driver of `group`.
+#[derive(Args)]
+struct ApiArgs {
+    #[arg(long, default_value_t = 10_000.0)]
+    connect_rate: f64,
+    /// Keep-alive API connections.
+    #[arg(long, default_value_t = 4)]
+    api_conns: usize,
+    /// Unanswered requests allowed per API connection.
+    #[arg(long, default_value_t = 16)]
+    pipeline: usize,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -210,6 +308,7 @@ fn options(scenario: Scenario, c: Common) -> Result<Options, String> {
         live::Mode::Auto
     };
     o.command = std::env::args().collect();
+    o.label = c.label;
     Ok(o)
 }
 
@@ -257,6 +356,47 @@ fn main() -> ExitCode {
             o.batch_size = batch_size.max(1);
             o
         }),
+        Cmd::Group { common, groups, members, mode, interval, window, group_ack, duration, api } => {
+            options(Scenario::Group, common).map(|mut o| {
+                let mode = match mode {
+                    ModeArg::Hot => GroupMode::Hot,
+                    ModeArg::Sparse => GroupMode::Sparse,
+                };
+                o.set_groups(groups, members, mode, interval);
+                o.window = window.max(1);
+                o.group_ack = group_ack;
+                o.duration = duration;
+                o.connect_rate = api.connect_rate;
+                o.api_conns = api.api_conns;
+                o.pipeline = api.pipeline;
+                o.drain_timeout = api.drain_timeout;
+                o
+            })
+        }
+        Cmd::Chat { common, rate, window, read_every, duration, connect_rate, drain_timeout } => {
+            options(Scenario::Chat, common).map(|mut o| {
+                o.msg_rate = rate.max(0.0);
+                o.chat_window = window.max(1);
+                o.read_every = read_every;
+                o.duration = duration;
+                o.connect_rate = connect_rate;
+                o.drain_timeout = drain_timeout;
+                o
+            })
+        }
+        Cmd::Reconnect { common, push, drop_share, drop_after, away, reconnect_timeout } => {
+            options(Scenario::Reconnect, common).and_then(|mut o| {
+                if !(0.0..=1.0).contains(&drop_share) {
+                    return Err(format!("--drop {drop_share}: a share between 0 and 1"));
+                }
+                push_options(&mut o, push);
+                o.drop_share = drop_share;
+                o.drop_after = drop_after;
+                o.away = away;
+                o.reconnect_timeout = reconnect_timeout;
+                Ok(o)
+            })
+        }
     };
     let opts = match opts {
         Ok(o) => o,
@@ -286,9 +426,11 @@ fn main() -> ExitCode {
                         "dropped": r.connections.dropped,
                         "heartbeats_sent": r.connections.heartbeats_sent,
                         "messages": r.messages,
+                        "cpu": r.cpu,
                         "saturation": r.saturation,
                     })).collect::<Vec<_>>(),
                     "ratios": out.ratios,
+                    "targets": out.targets,
                 }))
                 .unwrap_or_default()
             );

@@ -20,7 +20,8 @@ pub fn record(opts: &Options, out: &Outcome) -> Result<PathBuf, String> {
     let root = opts.results_dir.clone().unwrap_or_else(default_results_dir);
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     let date = date_utc(crate::unix_nanos() / 1_000_000_000);
-    let name = opts.scenario.name();
+    let name = opts.record_name();
+    let name = name.as_str();
     let mut dir = root.join(format!("{date}-{name}"));
     let mut i = 2;
     while dir.exists() {
@@ -36,7 +37,8 @@ pub fn record(opts: &Options, out: &Outcome) -> Result<PathBuf, String> {
         .map(|r| (r.target, json!({"connect_us": r.connect_hist.data(), "message_us": r.msg_hist.data()})))
         .collect();
     let result = json!({
-        "scenario": name,
+        "scenario": opts.scenario.name(),
+        "label": opts.label,
         "date": date,
         "command": opts.command,
         "git": git,
@@ -44,6 +46,7 @@ pub fn record(opts: &Options, out: &Outcome) -> Result<PathBuf, String> {
         "options": options_json(opts),
         "runs": out.runs,
         "ratios_engine_to_wire_limit": out.ratios,
+        "targets": out.targets,
         "problems": out.problems(),
         "passed": out.problems().is_empty(),
         "histograms": hists,
@@ -92,6 +95,17 @@ fn options_json(o: &Options) -> serde_json::Value {
         "per_process_max": o.per_process_max,
         "max_inflight": o.max_inflight,
         "wire_limit": o.wire_limit,
+        "groups": o.groups,
+        "members": o.members,
+        "group_mode": o.group_mode,
+        "interval_ms": o.interval.as_secs_f64() * 1000.0,
+        "window": o.window,
+        "group_ack_ms": o.group_ack.as_millis() as u64,
+        "chat_window": o.chat_window,
+        "read_every": o.read_every,
+        "drop_share": o.drop_share,
+        "drop_after_s": o.drop_after.as_secs_f64(),
+        "away_s": o.away.as_secs_f64(),
         "target": format!("{:?}", o.target).split([' ', '(', '{']).next().unwrap_or("").to_owned(),
     })
 }
@@ -161,7 +175,7 @@ fn ms(v: f64) -> String {
 fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &serde_json::Value, date: &str) -> String {
     let mut s = String::new();
     let problems = out.problems();
-    let _ = writeln!(s, "# {} — {}\n", opts.scenario.name(), date);
+    let _ = writeln!(s, "# {} — {}\n", opts.record_name(), date);
     let _ = writeln!(
         s,
         "**{}**{}\n",
@@ -216,7 +230,12 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
         row("lost / duplicates / reordered", &|r| {
             m(r, &|m| format!("{} / {} / {}", m.lost, m.duplicates, m.reordered))
         });
-        row("sent/s (target)", &|r| m(r, &|m| format!("{:.0} ({:.0})", m.sent_per_s, m.target_rate)));
+        row("sent/s (target)", &|r| {
+            m(r, &|m| {
+                let target = if m.target_rate > 0.0 { format!("{:.0}", m.target_rate) } else { "max".into() };
+                format!("{:.0} ({target})", m.sent_per_s)
+            })
+        });
         row("delivered/s", &|r| m(r, &|m| format!("{:.0}", m.delivered_per_s)));
         row("latency p50 / p99 / p99.9 / max", &|r| {
             m(r, &|m| {
@@ -229,10 +248,15 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
                 )
             })
         });
-        row("API answer p50 / p99", &|r| {
-            m(r, &|m| format!("{} / {}", ms(m.api_latency.p50_ms), ms(m.api_latency.p99_ms)))
-        });
-        row("API errors", &|r| {
+        row(
+            if opts.scenario == crate::scenario::Scenario::Chat {
+                "send → sent p50 / p99"
+            } else {
+                "API answer p50 / p99"
+            },
+            &|r| m(r, &|m| format!("{} / {}", ms(m.api_latency.p50_ms), ms(m.api_latency.p99_ms))),
+        );
+        row("API / send errors", &|r| {
             m(r, &|m| {
                 if m.api_errors.is_empty() {
                     "none".into()
@@ -241,9 +265,95 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
                 }
             })
         });
+        let g = |r: &RunResult, f: &dyn Fn(&crate::scenario::GroupFigures) -> String| {
+            r.messages.as_ref().and_then(|m| m.group.as_ref()).map(f).unwrap_or_default()
+        };
+        if out.runs.iter().any(|r| r.messages.as_ref().is_some_and(|m| m.group.is_some())) {
+            row("groups × members, mode", &|r| {
+                g(r, &|x| {
+                    let how = match x.mode {
+                        crate::scenario::GroupMode::Hot => format!("window {}", x.window),
+                        crate::scenario::GroupMode::Sparse => format!("every {:.0} ms", x.interval_ms),
+                    };
+                    format!("{} × {}, {} ({how})", x.groups, x.members, x.mode.name())
+                })
+            });
+            row("published/s", &|r| g(r, &|x| format!("{:.1}", x.published_per_s)));
+            row("deliveries expected / incomplete messages", &|r| {
+                g(r, &|x| format!("{} / {}", x.expected_deliveries, x.messages_incomplete))
+            });
+            row("publish → last member p50 / p99 / max (per message)", &|r| {
+                g(r, &|x| {
+                    format!(
+                        "{} / {} / {}",
+                        ms(x.last_member.p50_ms),
+                        ms(x.last_member.p99_ms),
+                        ms(x.last_member.max_ms)
+                    )
+                })
+            });
+        }
+        let c = |r: &RunResult, f: &dyn Fn(&crate::scenario::ChatFigures) -> String| {
+            r.messages.as_ref().and_then(|m| m.chat.as_ref()).map(f).unwrap_or_default()
+        };
+        if out.runs.iter().any(|r| r.messages.as_ref().is_some_and(|m| m.chat.is_some())) {
+            row("window / read every", &|r| c(r, &|x| format!("{} / {}", x.window, x.read_every)));
+            row("own copies / reads / receipts / unanswered", &|r| {
+                c(r, &|x| format!("{} / {} / {} / {}", x.echoes, x.reads_sent, x.receipts, x.unanswered))
+            });
+        }
+        let x = |r: &RunResult, f: &dyn Fn(&crate::scenario::ReconnectFigures) -> String| {
+            r.messages.as_ref().and_then(|m| m.reconnect.as_ref()).map(f).unwrap_or_default()
+        };
+        if out.runs.iter().any(|r| r.messages.as_ref().is_some_and(|m| m.reconnect.is_some())) {
+            row("to drop / dropped / back / synced / failed", &|r| {
+                x(r, &|x| {
+                    format!("{} / {} / {} / {} / {}", x.to_drop, x.dropped, x.reconnected, x.synced, x.reconnect_failed)
+                })
+            });
+            row("away", &|r| x(r, &|x| format!("{:.1} s", x.away_s)));
+            row("back and synced (order → last synced)", &|r| x(r, &|x| format!("{:.3} s", x.back_and_synced_s)));
+            row("per terminal p50 / p99", &|r| {
+                x(r, &|x| format!("{} / {}", ms(x.per_terminal.p50_ms), ms(x.per_terminal.p99_ms)))
+            });
+            row("sync frames sent", &|r| x(r, &|x| x.syncs_sent.to_string()));
+            row("ids accepted / received / lost / unreachable / duplicate receipts / unexpected", &|r| {
+                x(r, &|x| {
+                    format!(
+                        "{} / {} / {} / {} / {} / {}",
+                        x.ids_accepted,
+                        x.ids_received,
+                        x.ids_missing,
+                        x.ids_unreachable,
+                        x.id_duplicates,
+                        x.ids_unexpected
+                    )
+                })
+            });
+        }
     }
     if let Some(r) = &out.ratios {
         let _ = writeln!(s, "\nEngine / wire-limit: `{r}`");
+    }
+    if !out.targets.is_empty() {
+        let _ = writeln!(s, "\nTargets (issue 6), engine run:\n");
+        let _ = writeln!(s, "| target | wanted | measured | |\n|---|---|---|---|");
+        for t in &out.targets {
+            let _ = writeln!(s, "| {} | {} | {} | {} |", t.what, t.target, t.measured, t.margin);
+        }
+    }
+    let _ = writeln!(s, "\nOther processes on this machine (the machine is shared):");
+    for r in &out.runs {
+        let _ = writeln!(
+            s,
+            "- {}: {:.0}% CPU while connecting, {:.0}% during the main phase (server {:.0}%, tool {:.0}% of {} cores)",
+            r.target,
+            r.cpu.others_connect_pct,
+            r.cpu.others_main_pct,
+            r.cpu.server_main_pct,
+            r.cpu.tool_main_pct,
+            r.cpu.cores
+        );
     }
     for r in &out.runs {
         if !r.saturation.is_empty() {
@@ -262,6 +372,17 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
 
 fn headline(r: &RunResult) -> String {
     match &r.messages {
+        Some(m) if m.group.is_some() => {
+            let g = m.group.as_ref().map(|g| g.last_member.p99_ms).unwrap_or_default();
+            format!("{:.0} deliveries/s, publish→last member p99 {}", m.delivered_per_s, ms(g))
+        }
+        Some(m) if m.reconnect.is_some() => {
+            let x = m.reconnect.as_ref().map(|x| (x.synced, x.back_and_synced_s)).unwrap_or_default();
+            format!("{} back and synced in {:.2} s; {:.0} msgs/s delivered", x.0, x.1, m.delivered_per_s)
+        }
+        Some(m) if m.chat.is_some() => {
+            format!("{:.0} msgs/s end to end, p99 {}", m.delivered_per_s, ms(m.latency.p99_ms))
+        }
         Some(m) => format!("{:.0} msgs/s delivered, p99 {}", m.delivered_per_s, ms(m.latency.p99_ms)),
         None => format!(
             "{:.0} handshakes/s, {:.0} B server RSS/conn, {:.0} B kernel slab/conn",
@@ -275,10 +396,20 @@ fn table_row(opts: &Options, out: &Outcome, date: &str, dir: &str) -> String {
         return String::new();
     };
     let scale = match &main.messages {
-        Some(m) => format!(
-            "{} terminals, {:.0} msgs/s target{}",
+        Some(m) if m.group.is_some() => {
+            let g = m.group.as_ref().map(|g| (g.groups, g.members, g.mode.name())).unwrap_or_default();
+            format!("{} × {} members, {}", g.0, g.1, g.2)
+        }
+        Some(m) if m.chat.is_some() => format!(
+            "{} terminals, {}",
             main.connections.requested,
-            m.target_rate,
+            if m.target_rate > 0.0 { format!("{:.0} msgs/s target", m.target_rate) } else { "max rate".into() }
+        ),
+        Some(m) => format!(
+            "{} terminals{}, {}{}",
+            main.connections.requested,
+            m.reconnect.as_ref().map(|x| format!(" ({} dropped)", x.to_drop)).unwrap_or_default(),
+            if m.target_rate > 0.0 { format!("{:.0} msgs/s target", m.target_rate) } else { "max rate".into() },
             if m.batch_size > 0 { format!(", batches of {}", m.batch_size) } else { String::new() }
         ),
         None => format!("{} terminals", main.connections.requested),
@@ -295,6 +426,8 @@ fn table_row(opts: &Options, out: &Outcome, date: &str, dir: &str) -> String {
             format!("{key} ×{}", r[key])
         })
         .unwrap_or_else(|| "-".into());
+    let missed = out.targets.iter().filter(|t| !t.met).count();
+    let ratio = if missed > 0 { format!("{ratio}; {missed} target(s) missed") } else { ratio };
     let status = if out.problems().is_empty() {
         if main.saturation.is_empty() {
             "pass"
@@ -306,7 +439,7 @@ fn table_row(opts: &Options, out: &Outcome, date: &str, dir: &str) -> String {
     };
     format!(
         "| {} | {date} | {} | {scale} | {} | {ratio} | {losses} | {status} | [{dir}]({dir}/summary.md) |",
-        opts.scenario.name(),
+        opts.record_name(),
         main.target,
         headline(main)
     )
@@ -516,8 +649,11 @@ mod tests {
         assert_eq!(c.matches("| scenario |").count(), 1);
         let ours = include_str!("../../bench-results/README.md");
         let d = upsert_row(ours, "idle", "| idle | 5 |");
-        assert!(d.contains("| idle | 5 |\n"));
-        assert!(d.contains("<!-- results:end -->"));
+        let table = &d[d.find(TABLE_BEGIN).unwrap()..d.find(TABLE_END).unwrap()];
+        assert!(table.contains("\n| idle | 5 |\n"), "{table}");
+        let rows = |t: &str| t.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| scenario |")).count();
+        let before = &ours[ours.find(TABLE_BEGIN).unwrap()..ours.find(TABLE_END).unwrap()];
+        assert_eq!(rows(table), rows(before) + usize::from(!before.contains("\n| idle |")));
         assert_eq!(d.matches("| scenario |").count(), 1);
         assert!(d.starts_with("# Benchmark results"));
         let custom = upsert_row("# Mine\n\nText.\n", "batch", "| batch | 4 |");

@@ -1,20 +1,30 @@
-//! The scenarios. Each run: set up the target, sample it, connect the terminals at the
-//! requested rate, then hold them (`idle`) or push messages through the API (`unicast`,
-//! `batch`), sample again, stop, and turn the fleets' and the driver's accounts into figures,
-//! losses, saturation notes and problems. With `--wire-limit` the same run is made first
-//! against the in-tool wire-limit server and the engine's figures are given as ratios.
+//! The scenarios. Each run: set up the target (groups for `group`), sample it, connect the
+//! terminals at the requested rate, then the main phase:
+//! - `idle`: hold them;
+//! - `unicast`, `batch`: push messages through the API to the users in turn;
+//! - `group`: publish to the groups through the API, at a steady `--interval` (`sparse`) or
+//!   as fast as the terminals take them (`hot`: a window of undelivered messages);
+//! - `chat`: the terminals send to random peers themselves (`send`), ack, and `read`;
+//! - `reconnect`: push to the users through the API, drop a share of the terminals abruptly,
+//!   keep pushing, order them back and let them `sync`, then check every accepted id arrived;
+//!
+//! then sample again, stop, and turn the fleets' and the driver's accounts into figures,
+//! losses, saturation notes, problems, and the targets met or missed. With
+//! `--wire-limit` the same run is made first against the in-tool wire-limit server and the
+//! engine's figures are given as ratios.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::api::{ApiReport, ApiRun, ApiSpec};
-use crate::fleet::FleetSpec;
+use crate::api::{ApiReport, ApiRun, ApiSpec, Gate, GroupTarget};
+use crate::fleet::{should_drop, FleetCmd, FleetSpec};
 use crate::live::{self, Live};
 use crate::procstat::{self, CpuMeter, SockStat};
 use crate::spawn::{SpawnOptions, Target};
 use crate::stats::{FleetReport, Hist, LatencySummary};
+use crate::terminal::Role;
 use crate::workers::Fleet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -23,6 +33,9 @@ pub enum Scenario {
     Idle,
     Unicast,
     Batch,
+    Group,
+    Chat,
+    Reconnect,
 }
 
 impl Scenario {
@@ -31,11 +44,41 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Unicast => "unicast",
             Scenario::Batch => "batch",
+            Scenario::Group => "group",
+            Scenario::Chat => "chat",
+            Scenario::Reconnect => "reconnect",
         }
     }
 
-    fn pushes(self) -> bool {
+    /// The main phase carries messages.
+    pub fn pushes(self) -> bool {
         !matches!(self, Scenario::Idle)
+    }
+
+    /// Messages go through the business API (a driver thread of the tool).
+    fn uses_api(self) -> bool {
+        !matches!(self, Scenario::Idle | Scenario::Chat)
+    }
+}
+
+/// How `group` publishes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupMode {
+    /// As fast as the members take them: at most `--window` messages per group published and
+    /// not yet delivered everywhere.
+    Hot,
+    /// One message per group every `--interval`.
+    #[default]
+    Sparse,
+}
+
+impl GroupMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupMode::Hot => "hot",
+            GroupMode::Sparse => "sparse",
+        }
     }
 }
 
@@ -87,6 +130,26 @@ pub struct Options {
     pub live: live::Mode,
     /// The command line, for the record.
     pub command: Vec<String>,
+    /// Names the record (`<date>-<scenario>-<label>`) and its row in the README table.
+    pub label: Option<String>,
+    /// `group`: groups, members per group (terminals = groups x members), how to publish,
+    /// the steady interval (`sparse`), the undelivered window per group (`hot`), how often
+    /// members ack their group.
+    pub groups: u64,
+    pub members: u64,
+    pub group_mode: GroupMode,
+    pub interval: Duration,
+    pub window: u64,
+    pub group_ack: Duration,
+    /// `chat`: unanswered sends per terminal, a `read` every this many peer messages.
+    pub chat_window: u32,
+    pub read_every: u32,
+    /// `reconnect`: the share dropped, when (after the sending starts), for how long, and how
+    /// long the dropped terminals may take to be back and synced.
+    pub drop_share: f64,
+    pub drop_after: Duration,
+    pub away: Duration,
+    pub reconnect_timeout: Duration,
 }
 
 impl Options {
@@ -114,7 +177,42 @@ impl Options {
             record: true,
             live: live::Mode::Auto,
             command: Vec::new(),
+            label: None,
+            groups: 1,
+            members: 1000,
+            group_mode: GroupMode::Sparse,
+            interval: Duration::from_millis(200),
+            window: 64,
+            group_ack: Duration::from_secs(1),
+            chat_window: 4,
+            read_every: 10,
+            drop_share: 0.5,
+            drop_after: Duration::from_secs(2),
+            away: Duration::from_secs(2),
+            reconnect_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// The record's name: the scenario and its label.
+    pub fn record_name(&self) -> String {
+        match &self.label {
+            Some(l) if !l.is_empty() => format!("{}-{l}", self.scenario.name()),
+            _ => self.scenario.name().to_owned(),
+        }
+    }
+
+    /// Sets the `group` shape: terminals = groups x members; `sparse` publishes one message
+    /// per group every `interval`.
+    pub fn set_groups(&mut self, groups: u64, members: u64, mode: GroupMode, interval: Duration) {
+        self.groups = groups.max(1);
+        self.members = members.max(1);
+        self.connections = self.groups * self.members;
+        self.group_mode = mode;
+        self.interval = interval;
+        self.msg_rate = match mode {
+            GroupMode::Hot => 0.0,
+            GroupMode::Sparse => self.groups as f64 / interval.as_secs_f64().max(1e-6),
+        };
     }
 
     /// Messages the API driver may send: rate x duration, or unbounded (ended by the
@@ -225,8 +323,85 @@ pub struct MsgFigures {
     /// Messages received per second of the send phase plus its drain.
     pub delivered_per_s: f64,
     pub latency: LatencySummary,
+    /// API request to answer (for `chat`: `send` to `sent`).
     pub api_latency: LatencySummary,
     pub send_lag: LatencySummary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reconnect: Option<ReconnectFigures>,
+}
+
+/// `group`: deliveries are counted per member (expected: every message its group's API call
+/// accepted), per-message latency is publish to the last member.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GroupFigures {
+    pub mode: GroupMode,
+    pub groups: u64,
+    pub members: u64,
+    pub interval_ms: f64,
+    pub window: u64,
+    pub published_per_s: f64,
+    pub expected_deliveries: u64,
+    /// Per message: publish to the last member's receipt (messages every member got).
+    pub last_member: LatencySummary,
+    /// Accepted messages that some member never got.
+    pub messages_incomplete: u64,
+}
+
+/// `chat`: the terminals' own sending.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatFigures {
+    pub window: u32,
+    pub read_every: u32,
+    /// Own messages coming back on the sender's inbox (multi-device copy).
+    pub echoes: u64,
+    pub reads_sent: u64,
+    pub receipts: u64,
+    /// Sends never answered (neither `sent` nor `error`).
+    pub unanswered: u64,
+}
+
+/// `reconnect`: the drop, the way back, and the id check.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReconnectFigures {
+    pub share: f64,
+    pub to_drop: u64,
+    pub dropped: u64,
+    pub reconnected: u64,
+    pub reconnect_failed: u64,
+    pub synced: u64,
+    pub syncs_sent: u64,
+    pub away_s: f64,
+    /// Reconnect order to the last terminal caught up (`synced`, no more pages).
+    pub back_and_synced_s: f64,
+    /// Reconnect order to `synced`, per terminal.
+    pub per_terminal: LatencySummary,
+    /// Ids the API accepted, and how many of them arrived (after dedupe by id).
+    pub ids_accepted: u64,
+    pub ids_received: u64,
+    /// Accepted ids that never reached a terminal that was connected at the end: lost.
+    pub ids_missing: u64,
+    /// Accepted ids for terminals that were not connected at the end (failed to connect or
+    /// to come back): unreachable, reported with the connection failures.
+    pub ids_unreachable: u64,
+    /// The same id received more than once (resends, sync overlapping live pushes).
+    pub id_duplicates: u64,
+    /// Ids received that the API never answered for.
+    pub ids_unexpected: u64,
+}
+
+/// One of the targets, met or not.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetCheck {
+    pub what: String,
+    pub target: String,
+    pub measured: String,
+    pub met: bool,
+    /// By how much it was missed (or beaten), in words.
+    pub margin: String,
 }
 
 /// Everything one run against one target measured.
@@ -259,6 +434,8 @@ pub struct Outcome {
     pub runs: Vec<RunResult>,
     /// Engine figure / wire-limit figure, when both ran.
     pub ratios: Option<serde_json::Value>,
+    /// The targets for this scenario, met or missed (not a pass/fail criterion).
+    pub targets: Vec<TargetCheck>,
     pub result_dir: Option<PathBuf>,
 }
 
@@ -283,15 +460,16 @@ fn make_target(spec: &TargetSpec, wire_processes: usize) -> Result<Target, Strin
 pub fn run(opts: &Options) -> Result<Outcome, String> {
     procstat::raise_nofile_limit();
     let wire_processes = opts.connections.div_ceil(opts.per_process_max.max(1)).max(1) as usize;
-    if opts.scenario.pushes() && wire_processes > 1 {
-        let wire_involved = opts.wire_limit || matches!(opts.target, TargetSpec::Wire);
-        if wire_involved {
-            return Err(format!(
-                "the wire-limit server routes messages within one process: at most {} connections for {}",
-                opts.per_process_max,
-                opts.scenario.name()
-            ));
-        }
+    let wire_involved = opts.wire_limit || matches!(opts.target, TargetSpec::Wire);
+    if opts.scenario.pushes() && wire_processes > 1 && wire_involved {
+        return Err(format!(
+            "the wire-limit server routes messages within one process: at most {} connections for {}",
+            opts.per_process_max,
+            opts.scenario.name()
+        ));
+    }
+    if opts.scenario == Scenario::Reconnect && wire_involved {
+        return Err("reconnect needs a node that stores messages (sync); the wire-limit server stores nothing".into());
     }
     let mut runs = Vec::new();
     if opts.wire_limit && !matches!(opts.target, TargetSpec::Wire) {
@@ -301,7 +479,8 @@ pub fn run(opts: &Options) -> Result<Outcome, String> {
     let t = make_target(&opts.target, wire_processes)?;
     runs.push(run_one(opts, &t)?);
     let ratios = (runs.len() == 2).then(|| ratios(&runs[1], &runs[0]));
-    let mut out = Outcome { scenario: opts.scenario, runs, ratios, result_dir: None };
+    let targets = targets(opts, runs.last(), ratios.as_ref());
+    let mut out = Outcome { scenario: opts.scenario, runs, ratios, targets, result_dir: None };
     if opts.record {
         out.result_dir = Some(crate::report::record(opts, &out)?);
     }
@@ -326,8 +505,108 @@ fn ratios(engine: &RunResult, wire: &RunResult) -> serde_json::Value {
         v["delivered_per_s"] = ratio(e.delivered_per_s, w.delivered_per_s);
         v["latency_p50"] = ratio(e.latency.p50_ms, w.latency.p50_ms);
         v["latency_p99"] = ratio(e.latency.p99_ms, w.latency.p99_ms);
+        if let (Some(eg), Some(wg)) = (&e.group, &w.group) {
+            v["last_member_p50"] = ratio(eg.last_member.p50_ms, wg.last_member.p50_ms);
+            v["last_member_p99"] = ratio(eg.last_member.p99_ms, wg.last_member.p99_ms);
+        }
     }
     v
+}
+
+fn fmt_rate(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.0}k", v / 1000.0)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+/// The targets for the scenario, against the engine's run.
+fn targets(opts: &Options, run: Option<&RunResult>, ratios: Option<&serde_json::Value>) -> Vec<TargetCheck> {
+    let mut out = Vec::new();
+    let Some(r) = run else {
+        return out;
+    };
+    let at_least = |what: &str, target: f64, measured: f64, unit: &str| {
+        let met = measured >= target;
+        let pct = if target > 0.0 { (measured / target - 1.0) * 100.0 } else { 0.0 };
+        TargetCheck {
+            what: what.to_owned(),
+            target: format!(">= {}{unit}", fmt_rate(target)),
+            measured: format!("{}{unit}", fmt_rate(measured)),
+            met,
+            margin: if met {
+                format!("met, {pct:.0}% above")
+            } else {
+                format!("missed by {:.0}{unit} ({:.0}% short)", target - measured, -pct)
+            },
+        }
+    };
+    let at_most = |what: &str, target: f64, measured: f64, unit: &str| {
+        let met = measured <= target;
+        let pct = if target > 0.0 { (measured / target - 1.0) * 100.0 } else { 0.0 };
+        TargetCheck {
+            what: what.to_owned(),
+            target: format!("<= {target}{unit}"),
+            measured: format!("{measured:.2}{unit}"),
+            met,
+            margin: if met {
+                format!("met, {:.0}% under", -pct)
+            } else {
+                format!("missed by {:.2}{unit} ({pct:.0}% over)", measured - target)
+            },
+        }
+    };
+    let wire_ratio = |out: &mut Vec<TargetCheck>| {
+        if let Some(x) = ratios.and_then(|v| v["delivered_per_s"].as_f64()) {
+            let mut t = at_least("deliveries/s vs the wire-limit server", 0.8, x, "");
+            t.target = ">= 0.8".into();
+            t.measured = format!("{x:.3}");
+            if !t.met {
+                t.margin = format!("missed by {:.3} ({:.0}% short)", 0.8 - x, (1.0 - x / 0.8) * 100.0);
+            }
+            out.push(t);
+        }
+    };
+    let Some(m) = &r.messages else {
+        return out;
+    };
+    match opts.scenario {
+        Scenario::Group => match opts.group_mode {
+            GroupMode::Hot => {
+                out.push(at_least("deliveries/s (hot)", 500_000.0, m.delivered_per_s, "/s"));
+                wire_ratio(&mut out);
+            }
+            GroupMode::Sparse => {
+                if let Some(g) = &m.group {
+                    out.push(at_most("publish to last member p99 (sparse)", 25.0, g.last_member.p99_ms, " ms"));
+                }
+                // The steady-rate target needs a run that offers that many deliveries.
+                let offered = opts.msg_rate * opts.members as f64;
+                if offered >= 150_000.0 {
+                    out.push(at_least("deliveries/s (sparse, steady)", 150_000.0, m.delivered_per_s, "/s"));
+                }
+                wire_ratio(&mut out);
+            }
+        },
+        Scenario::Chat => out.push(at_least("messages/s end to end", 80_000.0, m.delivered_per_s, "/s")),
+        Scenario::Reconnect => {
+            if let Some(x) = &m.reconnect {
+                let mut t = at_most(
+                    &format!("{} terminals back and synced (target: 10,000 in < 5 s)", x.to_drop),
+                    5.0,
+                    x.back_and_synced_s,
+                    " s",
+                );
+                if x.to_drop < 10_000 {
+                    t.margin.push_str(&format!(" at {} of the 10,000 terminals", x.to_drop));
+                }
+                out.push(t);
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 /// Samples processes and the fleets once per tick, keeps the per-second series.
@@ -347,6 +626,8 @@ struct Monitor<'a> {
     last_tool_cpu: f64,
     last_rss: u64,
     api_last: (u64, u64),
+    /// `chat`: sent and acked come from the terminals' own sends.
+    chat: bool,
 }
 
 #[derive(Default, Clone)]
@@ -373,6 +654,8 @@ impl<'a> Monitor<'a> {
             s.acked = a.shared.acked.load(SeqCst);
             s.api_failed = a.shared.errors.load(SeqCst);
             self.api_last = (s.sent, s.acked);
+        } else if self.chat {
+            (s.sent, s.acked) = (s.counters.sends, s.counters.sends_answered);
         } else {
             (s.sent, s.acked) = self.api_last;
         }
@@ -452,6 +735,17 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         connect_timeout_ms: opts.connect_timeout.as_millis() as u64,
         max_inflight: opts.max_inflight,
         pin: None,
+        role: match opts.scenario {
+            Scenario::Group => Role::Group,
+            Scenario::Chat => Role::Chat,
+            _ => Role::Inbox,
+        },
+        group_prefix: format!("lt{run_id}g"),
+        members: opts.members,
+        groups: if opts.scenario == Scenario::Group { opts.groups } else { 0 },
+        group_ack_ms: opts.group_ack.as_millis() as u64,
+        read_every: opts.read_every,
+        track_ids: opts.scenario == Scenario::Reconnect,
     };
     let label = format!("{} {}", opts.scenario.name(), target.kind);
     let live = Live::new(opts.live, &label, n);
@@ -460,6 +754,9 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         target.client,
         if opts.connect_rate > 0.0 { format!("{:.0}", opts.connect_rate) } else { "max".into() }
     ));
+    if opts.scenario == Scenario::Group {
+        setup_groups(opts, target, &spec, &live)?;
+    }
     let server_pids = target.server_pids.clone();
     let rss_before = procstat::rss_sum(&server_pids);
     let sock_before = procstat::sockstat();
@@ -486,6 +783,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         last_tool_cpu: 0.0,
         last_rss: rss_before,
         api_last: (0, 0),
+        chat: opts.scenario == Scenario::Chat,
     };
 
     // Connect phase.
@@ -518,55 +816,18 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     mon.server_cpu.mark();
     mon.tool_cpu.mark();
     mon.machine_cpu.mark();
-    let main_start = Instant::now();
-    let mut api_report: Option<ApiReport> = None;
-    let mut send_phase_s = 0.0;
-    let mut deliver_phase_s = 0.0;
-    if !opts.scenario.pushes() {
-        while main_start.elapsed() < opts.hold {
-            mon.tick(&fleets, None, "hold");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    } else {
-        let api_addr = target.api.ok_or("this scenario needs the node's API address (--api)")?;
-        let api = ApiRun::start(ApiSpec {
-            addr: api_addr,
-            api_key: target.api_key.clone(),
-            conns: opts.api_conns.max(1),
-            pipeline: opts.pipeline.max(1),
-            rate: opts.msg_rate,
-            messages: opts.messages(),
-            duration: opts.duration,
-            batch_size: opts.batch_size,
-            users: n,
-            user_prefix: spec.user_prefix.clone(),
-            from: format!("lt{run_id}src"),
-            run_id: run_id.clone(),
-            drain_timeout: opts.drain_timeout,
-            pin: None,
-        })
-        .map_err(|e| format!("cannot start the API driver: {e}"))?;
-        loop {
-            mon.tick(&fleets, Some(&api), "send");
-            if api.finished() {
-                break;
+    let main = match opts.scenario {
+        Scenario::Idle => {
+            let main_start = Instant::now();
+            while main_start.elapsed() < opts.hold {
+                mon.tick(&fleets, None, "hold");
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            MainOut::default()
         }
-        send_phase_s = main_start.elapsed().as_secs_f64();
-        let report = api.join();
-        // Drain: wait until every acknowledged message has arrived, or the drain timeout.
-        let drain_deadline = Instant::now() + opts.drain_timeout;
-        loop {
-            snap = mon.tick(&fleets, None, "drain");
-            if snap.counters.received >= report.messages_acked || Instant::now() > drain_deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        deliver_phase_s = main_start.elapsed().as_secs_f64();
-        api_report = Some(report);
-    }
+        Scenario::Chat => chat_phase(opts, &spec, &fleets, &mut mon),
+        _ => api_phase(opts, target, &spec, &fleets, &mut mon)?,
+    };
     let server_main_pct = mon.server_cpu.average();
     let tool_main_pct = mon.tool_cpu.average();
     let machine_main_pct = mon.machine_cpu.average();
@@ -622,7 +883,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         tool_rss_connected,
     };
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let tool_threads = spec.threads * processes + usize::from(opts.scenario.pushes());
+    let tool_threads = spec.threads * processes + usize::from(opts.scenario.uses_api());
     let cpu = CpuFigures {
         server_connect_pct,
         tool_connect_pct,
@@ -637,7 +898,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         cores,
         tool_threads,
     };
-    let messages = api_report.map(|a| msg_figures(opts, &a, &fr, send_phase_s, deliver_phase_s, msg_hist.summary()));
+    let messages = opts.scenario.pushes().then(|| msg_figures(opts, &main, &fr, msg_hist.summary()));
     let mut result = RunResult {
         target: target.kind,
         client_addr: target.client.to_string(),
@@ -681,23 +942,236 @@ fn per(bytes: u64, n: u64) -> f64 {
     }
 }
 
-fn msg_figures(
-    opts: &Options,
-    a: &ApiReport,
-    fr: &FleetReport,
-    send_s: f64,
-    deliver_s: f64,
-    latency: LatencySummary,
-) -> MsgFigures {
-    let mut lost = 0u64;
-    let mut unacked = 0u64;
-    for (u, &acked) in a.per_user_acked.iter().enumerate() {
-        let got = fr.per_user_received.get(u).copied().unwrap_or(0);
-        lost += acked.saturating_sub(got) as u64;
-        unacked += got.saturating_sub(acked) as u64;
+/// What the main phase of a message scenario leaves for the figures.
+#[derive(Default)]
+struct MainOut {
+    api: Option<ApiReport>,
+    /// Unix nanos the sending started (chat: the order to the fleets).
+    start_ns: u64,
+    send_phase_s: f64,
+    deliver_phase_s: f64,
+    /// `reconnect`: terminals picked to drop, when the order to come back went out, how long
+    /// they were away, and whether all came back in time.
+    to_drop: u64,
+    reconnect_ns: u64,
+    away_s: f64,
+}
+
+/// Creates the run's groups (before the terminals connect, as members would already be in
+/// their groups): `<prefix><g>` owned by its first member, members added 5,000 per call.
+fn setup_groups(opts: &Options, target: &Target, spec: &FleetSpec, live: &Live) -> Result<(), String> {
+    let api = target.api.ok_or("group needs the node's API address (--api)")?;
+    let t0 = Instant::now();
+    const CHUNK: u64 = 5000;
+    for g in 0..opts.groups {
+        let first = g * opts.members;
+        let member = |i: u64| format!("\"{}{}\"", spec.user_prefix, i);
+        let gid = format!("{}{g}", spec.group_prefix);
+        let upto = (first + CHUNK).min(first + opts.members);
+        let members: Vec<String> = (first + 1..upto).map(member).collect();
+        let body = format!(
+            "{{\"id\":\"{gid}\",\"name\":\"load test {g}\",\"owner\":\"{}{first}\",\"members\":[{}]}}",
+            spec.user_prefix,
+            members.join(",")
+        );
+        let (status, answer) = crate::api::call(api, &target.api_key, "POST", "/v1/groups", &body)?;
+        if status != 201 && status != 200 {
+            return Err(format!("creating group {gid}: HTTP {status}: {answer}"));
+        }
+        let mut at = upto;
+        while at < first + opts.members {
+            let end = (at + CHUNK).min(first + opts.members);
+            let members: Vec<String> = (at..end).map(member).collect();
+            let body = format!("{{\"members\":[{}]}}", members.join(","));
+            let path = format!("/v1/groups/{gid}/members");
+            let (status, answer) = crate::api::call(api, &target.api_key, "POST", &path, &body)?;
+            if status != 200 {
+                return Err(format!("adding members to {gid}: HTTP {status}: {answer}"));
+            }
+            at = end;
+        }
     }
+    live.say(&format!(
+        "{} groups of {} members created in {:.1}s",
+        opts.groups,
+        opts.members,
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// The main phase of the API-driven scenarios: `unicast`, `batch`, `group`, `reconnect`.
+fn api_phase(
+    opts: &Options,
+    target: &Target,
+    spec: &FleetSpec,
+    fleets: &[Fleet],
+    mon: &mut Monitor,
+) -> Result<MainOut, String> {
+    let n = opts.connections;
+    let api_addr = target.api.ok_or("this scenario needs the node's API address (--api)")?;
+    let group = opts.scenario == Scenario::Group;
+    let gate = (group && opts.group_mode == GroupMode::Hot).then(|| Gate {
+        delivered: fleets.iter().flat_map(|f| f.live()).collect(),
+        per_msg: opts.members,
+        window: opts.window.max(1) * opts.groups,
+    });
+    let main_start = Instant::now();
+    let start_ns = crate::unix_nanos();
+    let api = ApiRun::start(ApiSpec {
+        addr: api_addr,
+        api_key: target.api_key.clone(),
+        conns: opts.api_conns.max(1),
+        pipeline: opts.pipeline.max(1),
+        rate: opts.msg_rate,
+        messages: opts.messages(),
+        duration: opts.duration,
+        batch_size: opts.batch_size,
+        users: if group { opts.groups } else { n },
+        user_prefix: spec.user_prefix.clone(),
+        from: format!("lt{}src", spec.run_id),
+        run_id: spec.run_id.clone(),
+        drain_timeout: opts.drain_timeout,
+        pin: None,
+        group: group.then(|| GroupTarget { prefix: spec.group_prefix.clone(), members: opts.members }),
+        record_ids: opts.scenario == Scenario::Reconnect,
+        gate,
+    })
+    .map_err(|e| format!("cannot start the API driver: {e}"))?;
+    let mut out = MainOut { start_ns, ..Default::default() };
+    if opts.scenario == Scenario::Reconnect {
+        reconnect_orders(opts, fleets, mon, &api, &mut out);
+    } else {
+        loop {
+            mon.tick(fleets, Some(&api), "send");
+            if api.finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    out.send_phase_s = main_start.elapsed().as_secs_f64();
+    let report = api.join();
+    // Drain: wait until every accepted message has arrived everywhere, or the drain timeout.
+    let expected = if group { report.messages_acked * opts.members } else { report.messages_acked };
+    let drain_deadline = Instant::now() + opts.drain_timeout;
+    loop {
+        let snap = mon.tick(fleets, None, "drain");
+        if snap.counters.received >= expected || Instant::now() > drain_deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out.deliver_phase_s = main_start.elapsed().as_secs_f64();
+    out.api = Some(report);
+    Ok(out)
+}
+
+/// `reconnect`: while the API driver sends, drops the share, waits, orders the dropped
+/// terminals back, and waits until every one of them is synced (or the reconnect timeout).
+fn reconnect_orders(opts: &Options, fleets: &[Fleet], mon: &mut Monitor, api: &ApiRun, out: &mut MainOut) {
+    let t0 = Instant::now();
+    out.to_drop = (0..opts.connections).filter(|&g| should_drop(g, opts.drop_share)).count() as u64;
+    let mut phase = "send";
+    let mut dropped_at = None;
+    let mut back_by = None;
+    loop {
+        let snap = mon.tick(fleets, Some(api), phase);
+        let c = &snap.counters;
+        match phase {
+            "send" if t0.elapsed() >= opts.drop_after => {
+                for f in fleets {
+                    f.command(&FleetCmd::Drop { share: opts.drop_share });
+                }
+                dropped_at = Some(Instant::now());
+                mon.live.say(&format!("reconnect: dropping {} terminals abruptly", out.to_drop));
+                phase = "away";
+            }
+            "away" if dropped_at.is_some_and(|d| d.elapsed() >= opts.away) => {
+                out.reconnect_ns = crate::unix_nanos();
+                out.away_s = dropped_at.map_or(0.0, |d| d.elapsed().as_secs_f64());
+                for f in fleets {
+                    f.command(&FleetCmd::Reconnect { at_ns: out.reconnect_ns });
+                }
+                back_by = Some(Instant::now() + opts.reconnect_timeout);
+                mon.live.say(&format!(
+                    "reconnect: {} dropped, {:.1}s away; ordering them back",
+                    c.dropped_on_purpose, out.away_s
+                ));
+                phase = "resync";
+            }
+            "resync" if c.synced + c.reconnect_failed >= out.to_drop || back_by.is_some_and(|b| Instant::now() > b) => {
+                mon.live.say(&format!(
+                    "reconnect: {} back, {} synced, {} failed",
+                    c.reconnected, c.synced, c.reconnect_failed
+                ));
+                if api.finished() {
+                    return;
+                }
+                // Keep sending until the driver is done.
+                loop {
+                    mon.tick(fleets, Some(api), "send");
+                    if api.finished() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `chat`: orders the fleets to send (each its share of the rate), stops them after the
+/// duration, and waits until every send is answered and every accepted message delivered.
+fn chat_phase(opts: &Options, spec: &FleetSpec, fleets: &[Fleet], mon: &mut Monitor) -> MainOut {
+    let counts: Vec<u64> = if fleets.len() > 1 {
+        crate::workers::split(spec, fleets.len()).iter().map(|s| s.count).collect()
+    } else {
+        vec![spec.count]
+    };
+    let main_start = Instant::now();
+    let start_ns = crate::unix_nanos();
+    for (f, c) in fleets.iter().zip(&counts) {
+        let rate = if opts.msg_rate > 0.0 { opts.msg_rate * *c as f64 / spec.count.max(1) as f64 } else { 0.0 };
+        f.command(&FleetCmd::Chat { rate, window: opts.chat_window });
+    }
+    while main_start.elapsed() < opts.duration {
+        mon.tick(fleets, None, "send");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for f in fleets {
+        f.command(&FleetCmd::StopSending);
+    }
+    let send_phase_s = main_start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + opts.drain_timeout;
+    loop {
+        let snap = mon.tick(fleets, None, "drain");
+        let c = &snap.counters;
+        let answered = c.sends_answered + c.send_errors >= c.sends;
+        if (answered && c.received >= c.sends_answered) || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    MainOut { start_ns, send_phase_s, deliver_phase_s: main_start.elapsed().as_secs_f64(), ..Default::default() }
+}
+
+/// Messages per second between two Unix-nano instants.
+fn per_s(count: u64, from_ns: u64, to_ns: u64) -> f64 {
+    if to_ns > from_ns {
+        count as f64 / ((to_ns - from_ns) as f64 / 1e9)
+    } else {
+        0.0
+    }
+}
+
+fn msg_figures(opts: &Options, main: &MainOut, fr: &FleetReport, latency: LatencySummary) -> MsgFigures {
     let c = &fr.counters;
-    MsgFigures {
+    let empty = ApiReport::default();
+    let a = main.api.as_ref().unwrap_or(&empty);
+    let mut f = MsgFigures {
         target_rate: opts.msg_rate,
         batch_size: opts.batch_size,
         sent: a.messages_sent,
@@ -705,24 +1179,134 @@ fn msg_figures(
         failed: a.messages_failed,
         api_errors: a.errors.clone(),
         received: c.received,
-        lost,
-        unacked_received: unacked,
         duplicates: c.duplicates,
         reordered: c.reordered,
         seq_holes: fr.seq_holes,
         misrouted: c.misrouted,
         foreign: c.foreign,
-        send_phase_s: send_s,
-        sent_per_s: if a.last_send_ns > a.first_send_ns {
-            a.messages_sent as f64 / ((a.last_send_ns - a.first_send_ns) as f64 / 1e9)
-        } else {
-            0.0
-        },
-        delivered_per_s: if deliver_s > 0.0 { c.received as f64 / deliver_s } else { 0.0 },
+        send_phase_s: main.send_phase_s,
+        sent_per_s: per_s(a.messages_sent, a.first_send_ns, a.last_send_ns),
+        delivered_per_s: if main.deliver_phase_s > 0.0 { c.received as f64 / main.deliver_phase_s } else { 0.0 },
         latency,
         api_latency: a.api_latency.to_hist().summary(),
         send_lag: a.send_lag.to_hist().summary(),
+        ..Default::default()
+    };
+    // Accepted per addressee against received per terminal.
+    let per_terminal_acked: Box<dyn Fn(usize) -> u32> = match opts.scenario {
+        Scenario::Group => Box::new(|u| a.per_user_acked.get(u / opts.members.max(1) as usize).copied().unwrap_or(0)),
+        Scenario::Chat => Box::new(|u| fr.acked_to.get(u).copied().unwrap_or(0)),
+        _ => Box::new(|u| a.per_user_acked.get(u).copied().unwrap_or(0)),
+    };
+    // A terminal that was down at the end (reconnect) cannot have lost anything: it is a
+    // connection failure, reported as such.
+    let down = |u: usize| !fr.up.get(u).copied().unwrap_or(true);
+    for u in 0..opts.connections as usize {
+        if down(u) {
+            continue;
+        }
+        let acked = per_terminal_acked(u);
+        let got = fr.per_user_received.get(u).copied().unwrap_or(0);
+        f.lost += acked.saturating_sub(got) as u64;
+        f.unacked_received += got.saturating_sub(acked) as u64;
     }
+    match opts.scenario {
+        Scenario::Group => {
+            // Deliveries per second: first publish to last delivery.
+            f.delivered_per_s = per_s(c.received, a.first_send_ns, c.last_recv_ns);
+            let mut last = Hist::new();
+            let mut complete = 0u64;
+            for m in &fr.per_msg {
+                if m.count as u64 >= opts.members {
+                    complete += 1;
+                    last.record_us(m.last_us);
+                }
+            }
+            f.group = Some(GroupFigures {
+                mode: opts.group_mode,
+                groups: opts.groups,
+                members: opts.members,
+                interval_ms: if opts.group_mode == GroupMode::Sparse {
+                    opts.interval.as_secs_f64() * 1000.0
+                } else {
+                    0.0
+                },
+                window: if opts.group_mode == GroupMode::Hot { opts.window } else { 0 },
+                published_per_s: f.sent_per_s,
+                expected_deliveries: a.messages_acked * opts.members,
+                last_member: last.summary(),
+                messages_incomplete: a.messages_acked.saturating_sub(complete),
+            });
+        }
+        Scenario::Chat => {
+            f.sent = c.sends;
+            f.acked = c.sends_answered;
+            f.failed = c.send_errors;
+            f.api_errors = fr.send_errors.clone();
+            f.sent_per_s = if main.send_phase_s > 0.0 { c.sends as f64 / main.send_phase_s } else { 0.0 };
+            // Messages end to end per second: the order to send to the last delivery.
+            f.delivered_per_s = per_s(c.received, main.start_ns, c.last_recv_ns);
+            f.api_latency = fr.send_latency.to_hist().summary();
+            f.chat = Some(ChatFigures {
+                window: opts.chat_window,
+                read_every: opts.read_every,
+                echoes: c.echoes,
+                reads_sent: c.reads_sent,
+                receipts: c.receipts,
+                unanswered: c.sends.saturating_sub(c.sends_answered + c.send_errors),
+            });
+        }
+        Scenario::Reconnect => {
+            let mut x = ReconnectFigures {
+                share: opts.drop_share,
+                to_drop: main.to_drop,
+                dropped: c.dropped_on_purpose,
+                reconnected: c.reconnected,
+                reconnect_failed: c.reconnect_failed,
+                synced: c.synced,
+                syncs_sent: c.syncs_sent,
+                away_s: main.away_s,
+                back_and_synced_s: if c.last_synced_ns > main.reconnect_ns && main.reconnect_ns > 0 {
+                    (c.last_synced_ns - main.reconnect_ns) as f64 / 1e9
+                } else {
+                    0.0
+                },
+                per_terminal: fr.sync_latency.to_hist().summary(),
+                ..Default::default()
+            };
+            for (u, accepted) in a.per_user_ids.iter().enumerate() {
+                let got = fr.ids.get(u).map(Vec::as_slice).unwrap_or(&[]);
+                let (missing, unexpected, dups) = compare_ids(accepted, got);
+                x.ids_accepted += accepted.len() as u64;
+                x.ids_received += accepted.len() as u64 - missing;
+                if fr.up.get(u).copied().unwrap_or(true) {
+                    x.ids_missing += missing;
+                } else {
+                    x.ids_unreachable += missing;
+                }
+                x.ids_unexpected += unexpected;
+                x.id_duplicates += dups;
+            }
+            f.lost = x.ids_missing;
+            f.reconnect = Some(x);
+        }
+        _ => {}
+    }
+    f
+}
+
+/// Accepted ids (any order) against received ids (sorted, duplicates kept): (missing,
+/// received but never accepted, duplicate receipts).
+pub fn compare_ids(accepted: &[u64], received_sorted: &[u64]) -> (u64, u64, u64) {
+    let mut got = received_sorted.to_vec();
+    got.dedup();
+    let dups = (received_sorted.len() - got.len()) as u64;
+    let mut acc = accepted.to_vec();
+    acc.sort_unstable();
+    acc.dedup();
+    let missing = acc.iter().filter(|id| got.binary_search(id).is_err()).count() as u64;
+    let unexpected = got.iter().filter(|id| acc.binary_search(id).is_err()).count() as u64;
+    (missing, unexpected, dups)
 }
 
 fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
@@ -762,9 +1346,22 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
     }
     if let Some(m) = &r.messages {
         if m.target_rate > 0.0 && m.sent >= 1000 && m.sent_per_s < 0.95 * m.target_rate {
+            if opts.scenario == Scenario::Chat {
+                out.push(format!(
+                    "the terminals sent {:.0} msgs/s of the target {:.0}/s (their --window {} of unanswered sends stayed full: answers too slow, or the tool is the limit)",
+                    m.sent_per_s, m.target_rate, opts.chat_window
+                ));
+            } else {
+                out.push(format!(
+                    "the sender reached {:.0} msgs/s of the target {:.0}/s (API answers too slow for --pipeline {} x --api-conns {}, or the tool is the limit)",
+                    m.sent_per_s, m.target_rate, opts.pipeline, opts.api_conns
+                ));
+            }
+        }
+        if m.latency.p50_ms > 1000.0 && opts.scenario != Scenario::Group {
             out.push(format!(
-                "the sender reached {:.0} msgs/s of the target {:.0}/s (API answers too slow for --pipeline {} x --api-conns {}, or the tool is the limit)",
-                m.sent_per_s, m.target_rate, opts.pipeline, opts.api_conns
+                "deliveries fell behind: latency p50 {:.0} ms (accepted faster than delivered)",
+                m.latency.p50_ms
             ));
         }
         if m.send_lag.p99_ms > 100.0 {
@@ -802,6 +1399,37 @@ fn problems(r: &RunResult) -> Vec<String> {
         }
         if m.misrouted > 0 {
             out.push(format!("{} messages reached the wrong terminal", m.misrouted));
+        }
+        if let Some(c) = &m.chat {
+            if c.unanswered > 0 {
+                out.push(format!("{} sends were never answered (no sent, no error)", c.unanswered));
+            }
+        }
+        if let Some(x) = &m.reconnect {
+            if x.dropped < x.to_drop {
+                out.push(format!("only {} of the {} terminals to drop were dropped", x.dropped, x.to_drop));
+            }
+            if x.reconnect_failed > 0 || x.reconnected < x.dropped {
+                out.push(format!(
+                    "{} of {} dropped terminals did not come back ({} failed to connect)",
+                    x.dropped.saturating_sub(x.reconnected),
+                    x.dropped,
+                    x.reconnect_failed
+                ));
+            }
+            if x.synced < x.reconnected {
+                out.push(format!(
+                    "{} of {} reconnected terminals never finished their sync",
+                    x.reconnected - x.synced,
+                    x.reconnected
+                ));
+            }
+            if x.ids_missing > 0 {
+                out.push(format!(
+                    "{} of {} accepted message ids never arrived (after dedupe by id)",
+                    x.ids_missing, x.ids_accepted
+                ));
+            }
         }
     }
     out

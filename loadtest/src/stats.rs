@@ -182,6 +182,7 @@ impl SeqTracker {
 
 /// Counters of a fleet (or of one of its threads), cumulative since the fleet started.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// Connection attempts started.
     pub attempted: u64,
@@ -209,6 +210,30 @@ pub struct Counters {
     /// Unix nanos of the first connection attempt and of the last welcome (0 = none yet).
     pub first_attempt_ns: u64,
     pub last_welcome_ns: u64,
+    /// Unix nanos of the first and the last message of this run received (0 = none yet).
+    pub first_recv_ns: u64,
+    pub last_recv_ns: u64,
+    /// `chat`: `send` frames written, answered by `sent`, answered by `error`.
+    pub sends: u64,
+    pub sends_answered: u64,
+    pub send_errors: u64,
+    /// `chat`: a terminal's own messages coming back on its own inbox (multi-device sync).
+    pub echoes: u64,
+    /// `chat`: `read` frames written, `receipt` and `read_sync` frames received.
+    pub reads_sent: u64,
+    pub receipts: u64,
+    pub read_syncs: u64,
+    /// `group`: cumulative group acks written.
+    pub group_acks_sent: u64,
+    /// `reconnect`: terminals closed abruptly on the coordinator's order, connected again,
+    /// failed to connect again, `sync` frames written, terminals caught up (`synced` with
+    /// `more: false`), and the Unix nanos of the last one.
+    pub dropped_on_purpose: u64,
+    pub reconnected: u64,
+    pub reconnect_failed: u64,
+    pub syncs_sent: u64,
+    pub synced: u64,
+    pub last_synced_ns: u64,
 }
 
 impl Counters {
@@ -229,11 +254,35 @@ impl Counters {
         self.server_errors += o.server_errors;
         self.first_attempt_ns = min_nonzero(self.first_attempt_ns, o.first_attempt_ns);
         self.last_welcome_ns = self.last_welcome_ns.max(o.last_welcome_ns);
+        self.first_recv_ns = min_nonzero(self.first_recv_ns, o.first_recv_ns);
+        self.last_recv_ns = self.last_recv_ns.max(o.last_recv_ns);
+        self.sends += o.sends;
+        self.sends_answered += o.sends_answered;
+        self.send_errors += o.send_errors;
+        self.echoes += o.echoes;
+        self.reads_sent += o.reads_sent;
+        self.receipts += o.receipts;
+        self.read_syncs += o.read_syncs;
+        self.group_acks_sent += o.group_acks_sent;
+        self.dropped_on_purpose += o.dropped_on_purpose;
+        self.reconnected += o.reconnected;
+        self.reconnect_failed += o.reconnect_failed;
+        self.syncs_sent += o.syncs_sent;
+        self.synced += o.synced;
+        self.last_synced_ns = self.last_synced_ns.max(o.last_synced_ns);
     }
 
     /// Terminals currently connected.
     pub fn open(&self) -> u64 {
-        self.welcomed.saturating_sub(self.dropped)
+        (self.welcomed + self.reconnected).saturating_sub(self.dropped + self.dropped_on_purpose)
+    }
+
+    /// Notes that a message of this run arrived at `now` (Unix nanos).
+    pub fn note_recv(&mut self, now: u64) {
+        if self.first_recv_ns == 0 {
+            self.first_recv_ns = now;
+        }
+        self.last_recv_ns = now;
     }
 }
 
@@ -254,8 +303,32 @@ pub struct FleetProgress {
     pub connect_done: bool,
 }
 
+/// How the members of a group saw one published message (`group`): how many got it and the
+/// latest arrival, publish to receipt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsgSeen {
+    /// The message: its publish number `k` (from the payload).
+    pub k: u64,
+    /// Members that received it (first time).
+    pub count: u32,
+    /// Publish to the last member's receipt, microseconds.
+    pub last_us: u64,
+}
+
+/// Merges per-message accounts by `k` (counts add, the latest arrival wins), sorted by `k`.
+pub fn merge_seen(parts: impl IntoIterator<Item = MsgSeen>) -> Vec<MsgSeen> {
+    let mut m: BTreeMap<u64, MsgSeen> = BTreeMap::new();
+    for p in parts {
+        let e = m.entry(p.k).or_insert(MsgSeen { k: p.k, ..Default::default() });
+        e.count += p.count;
+        e.last_us = e.last_us.max(p.last_us);
+    }
+    m.into_values().collect()
+}
+
 /// A fleet's final account.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FleetReport {
     pub counters: Counters,
     /// Why terminals failed to connect, by reason.
@@ -270,6 +343,23 @@ pub struct FleetReport {
     pub per_user_received: Vec<u32>,
     /// Seqs missing below the highest one received, summed over terminals.
     pub seq_holes: u64,
+    /// `chat`: messages accepted (`sent`) per addressee, indexed by the addressee's global
+    /// terminal number over the whole run (fleets add theirs up).
+    pub acked_to: Vec<u32>,
+    /// `chat`: `send` to `sent`, microseconds.
+    pub send_latency: HistData,
+    /// `chat`: `send` answered by an `error`, by code.
+    pub send_errors: BTreeMap<String, u64>,
+    /// `group`: every published message as its members saw it.
+    pub per_msg: Vec<MsgSeen>,
+    /// `reconnect`: message ids received per terminal (fleet order), sorted, duplicates kept.
+    pub ids: Vec<Vec<u64>>,
+    /// `reconnect`: the reconnect order to `synced` (caught up), per reconnected terminal,
+    /// microseconds.
+    pub sync_latency: HistData,
+    /// `reconnect`: per terminal (fleet order), whether it was connected when the fleet
+    /// stopped (missing ids of a terminal that was not are unreachable, not lost).
+    pub up: Vec<bool>,
 }
 
 impl FleetReport {
@@ -278,6 +368,9 @@ impl FleetReport {
         let mut out = FleetReport::default();
         let mut cl = Hist::new();
         let mut ml = Hist::new();
+        let mut sl = Hist::new();
+        let mut yl = Hist::new();
+        let mut seen = Vec::new();
         for p in parts {
             out.counters.add(&p.counters);
             for (k, v) in p.failures {
@@ -290,9 +383,26 @@ impl FleetReport {
             ml.add_data(&p.msg_latency);
             out.per_user_received.extend(p.per_user_received);
             out.seq_holes += p.seq_holes;
+            if out.acked_to.len() < p.acked_to.len() {
+                out.acked_to.resize(p.acked_to.len(), 0);
+            }
+            for (a, b) in out.acked_to.iter_mut().zip(&p.acked_to) {
+                *a += b;
+            }
+            sl.add_data(&p.send_latency);
+            yl.add_data(&p.sync_latency);
+            for (k, v) in p.send_errors {
+                *out.send_errors.entry(k).or_default() += v;
+            }
+            seen.extend(p.per_msg);
+            out.ids.extend(p.ids);
+            out.up.extend(p.up);
         }
         out.connect_latency = cl.data();
         out.msg_latency = ml.data();
+        out.send_latency = sl.data();
+        out.sync_latency = yl.data();
+        out.per_msg = merge_seen(seen);
         out
     }
 }
@@ -348,5 +458,22 @@ mod tests {
         assert_eq!(m.counters.welcomed, 3);
         assert_eq!(m.counters.first_attempt_ns, 3);
         assert_eq!(m.counters.last_welcome_ns, 9);
+    }
+
+    #[test]
+    fn per_message_accounts_and_chat_counts_merge() {
+        let a = FleetReport {
+            acked_to: vec![1, 0, 2],
+            per_msg: vec![MsgSeen { k: 1, count: 2, last_us: 50 }, MsgSeen { k: 2, count: 1, last_us: 9 }],
+            ..Default::default()
+        };
+        let b = FleetReport {
+            acked_to: vec![0, 4, 1],
+            per_msg: vec![MsgSeen { k: 1, count: 3, last_us: 70 }],
+            ..Default::default()
+        };
+        let m = FleetReport::merge(vec![a, b]);
+        assert_eq!(m.acked_to, vec![1, 4, 3]);
+        assert_eq!(m.per_msg, vec![MsgSeen { k: 1, count: 5, last_us: 70 }, MsgSeen { k: 2, count: 1, last_us: 9 }]);
     }
 }

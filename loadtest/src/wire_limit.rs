@@ -3,8 +3,13 @@
 //! CPU are counted like the engine's), accepts WebSocket upgrades (routing by the token's
 //! `sub`, unverified), writes a welcome, and serves `POST /v1/messages` and
 //! `/v1/messages/batch` by writing one pre-encoded frame per message to the addressee's
-//! socket: no storage, no auth, no acks kept. One executor thread; idle runs beyond one
-//! process's descriptors use several processes on the same ports (`SO_REUSEPORT`).
+//! socket: no storage, no auth, no acks kept. Groups: `POST /v1/groups` (members kept in
+//! memory), `POST /v1/groups/{gid}/members`, and `POST /v1/groups/{gid}/messages`, which
+//! encodes the frame once and appends the same bytes to every connected member's queue.
+//! Terminals may `send` (answered by `sent`, delivered to the peer and echoed to the sender,
+//! like the engine's multi-device copy) and `read` (a `receipt` to the peer). No `sync`:
+//! nothing is stored. One executor thread; idle runs beyond one process's descriptors use
+//! several processes on the same ports (`SO_REUSEPORT`).
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -36,11 +41,18 @@ pub const WIRE_SECRET: &str = "wire-limit";
 #[derive(Default)]
 struct Hub {
     users: RefCell<HashMap<String, Rc<Conn>>>,
+    groups: RefCell<HashMap<String, WireGroup>>,
     next_id: Cell<u64>,
     sessions: Cell<u64>,
     heartbeat_s: u64,
     /// Heartbeat `ping` frames received from terminals (answered with `pong`).
     pings: Cell<u64>,
+}
+
+#[derive(Default)]
+struct WireGroup {
+    members: Vec<String>,
+    seq: u64,
 }
 
 #[derive(Default)]
@@ -189,15 +201,22 @@ async fn ws_conn(hub: Rc<Hub>, mut stream: TcpStream) {
                 Ok(Some(p)) => {
                     let payload = off + p.payload.start..off + p.payload.end;
                     off += p.len;
+                    let text = &rx[payload.clone()];
                     match p.opcode {
                         wsframe::OP_PING => {
                             let data = rx[payload].to_vec();
                             conn.push(|o| wsframe::encode(o, wsframe::OP_PONG, &data, None));
                         }
                         wsframe::OP_CLOSE => break 'read,
-                        wsframe::OP_TEXT if rx[payload].starts_with(br#"{"type":"ping""#) => {
+                        wsframe::OP_TEXT if text.starts_with(br#"{"type":"ping""#) => {
                             hub.pings.set(hub.pings.get() + 1);
                             conn.push(|o| wsframe::encode(o, wsframe::OP_TEXT, br#"{"type":"pong"}"#, None));
+                        }
+                        wsframe::OP_TEXT if text.starts_with(br#"{"type":"send""#) => {
+                            terminal_send(&hub, &user, &conn, text);
+                        }
+                        wsframe::OP_TEXT if text.starts_with(br#"{"type":"read""#) => {
+                            terminal_read(&hub, &user, text);
                         }
                         // Acks and other frames: nothing kept.
                         _ => {}
@@ -266,25 +285,195 @@ struct WireBatch<'a> {
     messages: Vec<WireSend<'a>>,
 }
 
-/// Writes the message to its addressee's socket: `Some((id, ts))`, or `None` when the
-/// addressee is not connected here.
-fn deliver(hub: &Hub, m: &WireSend) -> Option<(u64, u64)> {
+/// Writes the message to its addressee's socket, and a copy to the sender's if connected
+/// (chat `u:<to>`, the engine's multi-device copy): `Some((id, ts, sender seq))`, or `None`
+/// when the addressee is not connected here.
+fn deliver(hub: &Hub, m: &WireSend) -> Option<(u64, u64, u64)> {
     let users = hub.users.borrow();
     let conn = users.get(m.to.as_ref())?;
     let id = hub.next_id.get() + 1;
     hub.next_id.set(id);
+    let ts = crate::unix_nanos() / 1_000_000;
+    let frame = |chat: &str, seq: u64| {
+        format!(
+            "{{\"type\":\"msg\",\"id\":\"{id}\",\"chat\":\"u:{chat}\",\"from\":\"{}\",\"seq\":{seq},\"kind\":\"{}\",\"body\":{},\"ts\":{ts}}}",
+            m.from,
+            m.kind,
+            m.body.get()
+        )
+    };
     let seq = conn.seq.get() + 1;
     conn.seq.set(seq);
-    let ts = crate::unix_nanos() / 1_000_000;
-    let frame = format!(
-        "{{\"type\":\"msg\",\"id\":\"{id}\",\"chat\":\"u:{}\",\"from\":\"{}\",\"seq\":{seq},\"kind\":\"{}\",\"body\":{},\"ts\":{ts}}}",
-        m.from,
-        m.from,
-        m.kind,
-        m.body.get()
-    );
-    conn.push(|o| wsframe::encode(o, wsframe::OP_TEXT, frame.as_bytes(), None));
-    Some((id, ts))
+    let f = frame(&m.from, seq);
+    conn.push(|o| wsframe::encode(o, wsframe::OP_TEXT, f.as_bytes(), None));
+    let mut own = seq;
+    if let Some(me) = users.get(m.from.as_ref()).filter(|c| !Rc::ptr_eq(c, conn)) {
+        own = me.seq.get() + 1;
+        me.seq.set(own);
+        let f = frame(&m.to, own);
+        me.push(|o| wsframe::encode(o, wsframe::OP_TEXT, f.as_bytes(), None));
+    }
+    Some((id, ts, own))
+}
+
+#[derive(Deserialize)]
+struct TerminalSend<'a> {
+    #[serde(borrow)]
+    cid: Cow<'a, str>,
+    #[serde(borrow)]
+    to: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+/// A terminal's `send`: delivered like an API message, answered with `sent` (or an `error`
+/// when the peer is not connected here).
+fn terminal_send(hub: &Hub, user: &str, conn: &Conn, payload: &[u8]) {
+    let Ok(s) = serde_json::from_slice::<TerminalSend>(payload) else {
+        conn.push(|o| {
+            wsframe::encode(
+                o,
+                wsframe::OP_TEXT,
+                br#"{"type":"error","code":"invalid_frame","message":"bad send"}"#,
+                None,
+            )
+        });
+        return;
+    };
+    let m = WireSend { from: Cow::Borrowed(user), to: s.to, kind: s.kind, body: s.body };
+    let answer = match deliver(hub, &m) {
+        Some((id, ts, seq)) => {
+            format!("{{\"type\":\"sent\",\"cid\":\"{}\",\"id\":\"{id}\",\"seq\":{seq},\"ts\":{ts}}}", s.cid)
+        }
+        None => format!(
+            "{{\"type\":\"error\",\"code\":\"not_found\",\"message\":\"peer not connected\",\"ref\":\"{}\"}}",
+            s.cid
+        ),
+    };
+    conn.push(|o| wsframe::encode(o, wsframe::OP_TEXT, answer.as_bytes(), None));
+}
+
+#[derive(Deserialize)]
+struct TerminalRead<'a> {
+    #[serde(borrow)]
+    chat: Cow<'a, str>,
+}
+
+/// A terminal's `read` of `u:<peer>`: a `receipt` to the peer (nothing is stored, so
+/// `up_to` is not a real id).
+fn terminal_read(hub: &Hub, user: &str, payload: &[u8]) {
+    let Ok(r) = serde_json::from_slice::<TerminalRead>(payload) else {
+        return;
+    };
+    let Some(peer) = r.chat.strip_prefix("u:") else {
+        return;
+    };
+    if let Some(c) = hub.users.borrow().get(peer) {
+        let f = format!("{{\"type\":\"receipt\",\"chat\":\"u:{user}\",\"by\":\"{user}\",\"up_to\":\"0\"}}");
+        c.push(|o| wsframe::encode(o, wsframe::OP_TEXT, f.as_bytes(), None));
+    }
+}
+
+#[derive(Deserialize)]
+struct WireCreate {
+    #[serde(default)]
+    id: Option<String>,
+    owner: String,
+    #[serde(default)]
+    members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct WireMembers {
+    members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct WireGroupSend<'a> {
+    #[serde(borrow)]
+    from: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+/// The group routes: create, add members, publish (the frame encoded once, its bytes
+/// appended to every connected member's queue).
+fn group_api(hub: &Hub, path: &str, body: &[u8], out: &mut Vec<u8>) {
+    let bad = |out: &mut Vec<u8>, what: &str| {
+        respond(out, "400 Bad Request", &format!("{{\"error\":{{\"code\":\"invalid_body\",\"message\":\"{what}\"}}}}"))
+    };
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["v1", "groups"] => {
+            let Ok(c) = serde_json::from_slice::<WireCreate>(body) else {
+                return bad(out, "bad group");
+            };
+            let mut groups = hub.groups.borrow_mut();
+            let id = c.id.unwrap_or_else(|| format!("wg{}", groups.len() + 1));
+            let mut members = c.members;
+            members.push(c.owner);
+            members.sort();
+            members.dedup();
+            groups.insert(id.clone(), WireGroup { members, seq: 0 });
+            respond(out, "201 Created", &format!("{{\"id\":\"{id}\"}}"));
+        }
+        ["v1", "groups", gid, "members"] => {
+            let Ok(m) = serde_json::from_slice::<WireMembers>(body) else {
+                return bad(out, "bad members");
+            };
+            let mut groups = hub.groups.borrow_mut();
+            let Some(g) = groups.get_mut(*gid) else {
+                return respond(
+                    out,
+                    "404 Not Found",
+                    "{\"error\":{\"code\":\"not_found\",\"message\":\"no such group\"}}",
+                );
+            };
+            let before = g.members.len();
+            g.members.extend(m.members);
+            g.members.sort();
+            g.members.dedup();
+            respond(out, "200 OK", &format!("{{\"added\":{}}}", g.members.len() - before));
+        }
+        ["v1", "groups", gid, "messages"] => {
+            let Ok(m) = serde_json::from_slice::<WireGroupSend>(body) else {
+                return bad(out, "bad group message");
+            };
+            let mut groups = hub.groups.borrow_mut();
+            let Some(g) = groups.get_mut(*gid) else {
+                return respond(
+                    out,
+                    "404 Not Found",
+                    "{\"error\":{\"code\":\"not_found\",\"message\":\"no such group\"}}",
+                );
+            };
+            g.seq += 1;
+            let id = hub.next_id.get() + 1;
+            hub.next_id.set(id);
+            let ts = crate::unix_nanos() / 1_000_000;
+            let json = format!(
+                "{{\"type\":\"msg\",\"id\":\"{id}\",\"chat\":\"g:{gid}\",\"from\":\"{}\",\"seq\":{},\"kind\":\"{}\",\"body\":{},\"ts\":{ts}}}",
+                m.from,
+                g.seq,
+                m.kind,
+                m.body.get()
+            );
+            let mut frame = Vec::with_capacity(json.len() + 10);
+            wsframe::encode(&mut frame, wsframe::OP_TEXT, json.as_bytes(), None);
+            let users = hub.users.borrow();
+            for member in &g.members {
+                if let Some(c) = users.get(member) {
+                    c.push(|o| o.extend_from_slice(&frame));
+                }
+            }
+            respond(out, "200 OK", &format!("{{\"id\":\"{id}\",\"seq\":{},\"ts\":{ts}}}", g.seq));
+        }
+        _ => respond(out, "404 Not Found", "{\"error\":{\"code\":\"not_found\",\"message\":\"no such route\"}}"),
+    }
 }
 
 const NOT_CONNECTED: &str =
@@ -302,7 +491,7 @@ fn handle_api(hub: &Hub, method: &str, path: &str, body: &[u8], out: &mut Vec<u8
     match (method, path) {
         ("POST", "/v1/messages") => match serde_json::from_slice::<WireSend>(body) {
             Ok(m) => match deliver(hub, &m) {
-                Some((id, ts)) => respond(out, "200 OK", &format!("{{\"id\":\"{id}\",\"ts\":{ts}}}")),
+                Some((id, ts, _)) => respond(out, "200 OK", &format!("{{\"id\":\"{id}\",\"ts\":{ts}}}")),
                 None => respond(out, "404 Not Found", NOT_CONNECTED),
             },
             Err(_) => {
@@ -317,7 +506,7 @@ fn handle_api(hub: &Hub, method: &str, path: &str, body: &[u8], out: &mut Vec<u8
                         s.push(',');
                     }
                     match deliver(hub, m) {
-                        Some((id, ts)) => s.push_str(&format!("{{\"id\":\"{id}\",\"ts\":{ts}}}")),
+                        Some((id, ts, _)) => s.push_str(&format!("{{\"id\":\"{id}\",\"ts\":{ts}}}")),
                         None => s.push_str(NOT_CONNECTED),
                     }
                 }
@@ -328,6 +517,7 @@ fn handle_api(hub: &Hub, method: &str, path: &str, body: &[u8], out: &mut Vec<u8
                 respond(out, "400 Bad Request", "{\"error\":{\"code\":\"invalid_body\",\"message\":\"bad batch\"}}")
             }
         },
+        ("POST", p) if p.starts_with("/v1/groups") => group_api(hub, p, body, out),
         _ => respond(out, "404 Not Found", "{\"error\":{\"code\":\"not_found\",\"message\":\"no such route\"}}"),
     }
 }

@@ -1,23 +1,24 @@
 //! More terminals than one process may hold: the tool re-executes itself as
 //! `ether-loadtest worker` processes. A worker reads its [`FleetSpec`] as one JSON line on
-//! stdin, runs a [`LocalFleet`], prints `{"progress":...}` lines every 500 ms and, when it
-//! reads `stop` (or its stdin closes), one `{"final":...}` line with its [`FleetReport`].
+//! stdin, runs a [`LocalFleet`], prints `{"progress":...}` lines every 250 ms, carries out
+//! the [`FleetCmd`] JSON lines it reads, and when it reads `stop` (or its stdin closes),
+//! prints one `{"final":...}` line with its [`FleetReport`].
 use std::io::{self, BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::{FleetSpec, LocalFleet};
+use crate::fleet::{FleetCmd, FleetSpec, LocalFleet};
 use crate::stats::{FleetProgress, FleetReport, Hist};
 
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum WorkerMsg {
-    Progress(FleetProgress),
-    Final(FleetReport),
+    Progress(Box<FleetProgress>),
+    Final(Box<FleetReport>),
     Error(String),
 }
 
@@ -69,6 +70,23 @@ impl Fleet {
         }
     }
 
+    /// Passes an order to the fleet's threads.
+    pub fn command(&self, cmd: &FleetCmd) {
+        match self {
+            Fleet::Local(f) => f.command(cmd.clone()),
+            Fleet::Remote(f) => f.command(cmd),
+        }
+    }
+
+    /// Live counters of distinct messages received (a worker's lag behind by its progress
+    /// period).
+    pub fn live(&self) -> Vec<Arc<AtomicU64>> {
+        match self {
+            Fleet::Local(f) => f.live(),
+            Fleet::Remote(f) => vec![f.live.clone()],
+        }
+    }
+
     /// The worker process, if any (for CPU and RSS sampling).
     pub fn pid(&self) -> Option<u32> {
         match self {
@@ -90,8 +108,9 @@ struct RemoteState {
 /// A worker process running one fleet.
 pub struct RemoteFleet {
     child: Child,
-    stdin: Option<ChildStdin>,
+    stdin: Mutex<Option<ChildStdin>>,
     state: Arc<Mutex<RemoteState>>,
+    live: Arc<AtomicU64>,
 }
 
 impl RemoteFleet {
@@ -109,6 +128,8 @@ impl RemoteFleet {
         stdin.flush()?;
         let state = Arc::new(Mutex::new(RemoteState::default()));
         let st = state.clone();
+        let live = Arc::new(AtomicU64::new(0));
+        let live2 = live.clone();
         std::thread::Builder::new().name("lt-worker-rx".into()).spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -116,17 +137,26 @@ impl RemoteFleet {
                 let mut s = st.lock().unwrap_or_else(|e| e.into_inner());
                 match msg {
                     Ok(WorkerMsg::Progress(p)) => {
+                        live2.store(p.counters.received, Ordering::Relaxed);
                         s.interval.get_or_insert_with(Hist::new).add_data(&p.interval_latency);
-                        s.progress = p;
+                        s.progress = *p;
                     }
-                    Ok(WorkerMsg::Final(r)) => s.report = Some(r),
+                    Ok(WorkerMsg::Final(r)) => s.report = Some(*r),
                     Ok(WorkerMsg::Error(e)) => s.error = Some(e),
                     Err(e) => s.error = Some(format!("worker said {line:?}: {e}")),
                 }
             }
             st.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
         })?;
-        Ok(RemoteFleet { child, stdin: Some(stdin), state })
+        Ok(RemoteFleet { child, stdin: Mutex::new(Some(stdin)), state, live })
+    }
+
+    fn command(&self, cmd: &FleetCmd) {
+        let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = stdin.as_mut() {
+            let _ = writeln!(s, "{}", serde_json::to_string(cmd).unwrap_or_default());
+            let _ = s.flush();
+        }
     }
 
     fn progress(&self) -> FleetProgress {
@@ -137,7 +167,7 @@ impl RemoteFleet {
     }
 
     fn stop(mut self) -> FleetReport {
-        if let Some(mut stdin) = self.stdin.take() {
+        if let Some(mut stdin) = self.stdin.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = writeln!(stdin, "stop");
         }
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -166,7 +196,7 @@ impl RemoteFleet {
 
 impl Drop for RemoteFleet {
     fn drop(&mut self) {
-        drop(self.stdin.take());
+        drop(self.stdin.get_mut().unwrap_or_else(|e| e.into_inner()).take());
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -202,20 +232,25 @@ pub fn worker_main() -> io::Result<()> {
     };
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = stop.clone();
+    let control = fleet.control();
     std::thread::spawn(move || {
         let mut l = String::new();
         loop {
             l.clear();
             match io::stdin().lock().read_line(&mut l) {
-                Ok(n) if n > 0 && l.trim() != "stop" => continue,
+                Ok(n) if n > 0 && l.trim() != "stop" => {
+                    if let Ok(cmd) = serde_json::from_str::<FleetCmd>(l.trim()) {
+                        control.lock().unwrap_or_else(|e| e.into_inner()).push(cmd);
+                    }
+                }
                 _ => break,
             }
         }
         s2.store(true, Ordering::SeqCst);
     });
     while !stop.load(Ordering::SeqCst) {
-        say(&WorkerMsg::Progress(fleet.progress()));
-        for _ in 0..10 {
+        say(&WorkerMsg::Progress(Box::new(fleet.progress())));
+        for _ in 0..5 {
             if stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -223,7 +258,7 @@ pub fn worker_main() -> io::Result<()> {
         }
     }
     let report = fleet.stop();
-    say(&WorkerMsg::Final(report));
+    say(&WorkerMsg::Final(Box::new(report)));
     Ok(())
 }
 
@@ -251,6 +286,13 @@ mod tests {
             connect_timeout_ms: 1000,
             max_inflight: 8,
             pin: None,
+            role: Default::default(),
+            group_prefix: String::new(),
+            members: 0,
+            groups: 0,
+            group_ack_ms: 0,
+            read_every: 0,
+            track_ids: false,
         };
         let parts = split(&spec, 3);
         assert_eq!(parts.iter().map(|p| (p.first, p.count)).collect::<Vec<_>>(), vec![(0, 4), (4, 3), (7, 3)]);

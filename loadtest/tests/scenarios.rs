@@ -1,12 +1,14 @@
 //! Runs the scenarios at tiny scale so the tool cannot rot: against the in-tool wire-limit
-//! server (no engine needed), through worker processes, and against an "existing node" given
-//! by address. No timing assertions: counts only (everyone connected, nothing lost).
-//!
-//! With `ETHER_LOADTEST_ENGINE=1` the same scenarios also run with `--spawn` against
-//! `ether serve` from the same build.
+//! server (no engine needed), through worker processes, against an "existing node" given by
+//! address, and every scenario (idle, unicast, batch, group hot and sparse, chat, reconnect,
+//! and a `--wire-limit` twin run) for a couple of seconds against `ether serve` spawned from
+//! the same build (`target/<profile>/ether`, next to this crate's binary; built with
+//! `cargo build -p ether-engine --bin ether` first when it is missing). No timing
+//! assertions: counts only (everyone connected, nothing lost, no duplicates).
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -224,19 +226,211 @@ fn failed_connections_fail_loudly() {
     assert!(stderr.contains("20 of 20 terminals failed to connect") && stderr.contains("refused"), "{stderr}");
 }
 
-#[test]
-fn against_spawned_engine() {
-    if std::env::var("ETHER_LOADTEST_ENGINE").ok().as_deref() != Some("1") {
-        eprintln!("skipped: set ETHER_LOADTEST_ENGINE=1 to run the scenarios against `ether serve`");
-        return;
+/// `ether` from the same build as this test: `target/<profile>/ether` beside
+/// `ether-loadtest`. Built once (`cargo build -p ether-engine --bin ether`, same target dir
+/// and profile) when missing: test binaries may run before the engine's binary is built.
+fn ether_bin() -> &'static PathBuf {
+    static BIN_PATH: OnceLock<PathBuf> = OnceLock::new();
+    BIN_PATH.get_or_init(|| {
+        let me = Path::new(BIN);
+        let profile_dir = me.parent().expect("binary directory");
+        let ether = profile_dir.join(format!("ether{}", std::env::consts::EXE_SUFFIX));
+        if ether.is_file() {
+            return ether;
+        }
+        let target_dir = profile_dir.parent().expect("target directory");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace)
+            .args(["build", "-p", "ether-engine", "--bin", "ether", "--target-dir"])
+            .arg(target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        eprintln!("{} is missing: building it ({cmd:?})", ether.display());
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p ether-engine --bin ether failed");
+        assert!(ether.is_file(), "{} still missing after the build", ether.display());
+        ether
+    })
+}
+
+/// Runs a scenario against a freshly spawned `ether serve --shards 2`.
+fn run_engine(args: &[&str], results: &Path) -> Value {
+    let bin = ether_bin().to_str().expect("utf-8 path").to_owned();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--spawn", "--shards", "2", "--ether-bin", &bin]);
+    run(&all, results)
+}
+
+fn assert_no_duplicates(v: &Value) {
+    for r in v["runs"].as_array().unwrap() {
+        let m = &r["messages"];
+        assert_eq!(m["duplicates"], 0, "{r}");
+        assert_eq!(m["reordered"], 0, "{r}");
     }
+}
+
+#[test]
+fn idle_unicast_and_batch_against_the_engine() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = run(&["idle", "--spawn", "--shards", "2", "--connections", "200", "--hold", "1s"], tmp.path());
+    let v = run_engine(&["idle", "--connections", "200", "--hold", "1s"], tmp.path());
     assert_all_connected(&v, 200);
-    let v = run(
-        &["unicast", "--spawn", "--shards", "2", "--connections", "100", "--rate", "1000", "--duration", "2s"],
+    assert_eq!(v["runs"][0]["target"], "engine");
+    let v = run_engine(&["unicast", "--connections", "100", "--rate", "500", "--duration", "2s"], tmp.path());
+    assert_all_connected(&v, 100);
+    assert_no_loss(&v, 1000);
+    assert_no_duplicates(&v);
+    let v = run_engine(
+        &["batch", "--connections", "100", "--rate", "500", "--duration", "2s", "--batch-size", "20"],
         tmp.path(),
     );
     assert_all_connected(&v, 100);
-    assert_no_loss(&v, 2000);
+    assert_no_loss(&v, 1000);
+    assert_no_duplicates(&v);
+}
+
+/// Every member got every accepted message once, in group seq order.
+fn assert_group_complete(v: &Value, members: u64) {
+    for r in v["runs"].as_array().unwrap() {
+        let m = &r["messages"];
+        let acked = m["acked"].as_u64().unwrap();
+        assert!(acked > 0, "{r}");
+        assert_eq!(m["sent"], acked, "{r}");
+        assert_eq!(m["failed"], 0, "{r}");
+        assert_eq!(m["received"].as_u64().unwrap(), acked * members, "{r}");
+        assert_eq!(m["lost"], 0, "{r}");
+        assert_eq!(m["misrouted"], 0, "{r}");
+        assert_eq!(m["group"]["expected_deliveries"].as_u64().unwrap(), acked * members, "{r}");
+        assert_eq!(m["group"]["messages_incomplete"], 0, "{r}");
+        assert_eq!(m["group"]["last_member"]["count"].as_u64().unwrap(), acked, "{r}");
+    }
+    assert_no_duplicates(v);
+}
+
+#[test]
+fn group_sparse_against_the_engine_and_the_wire_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two groups of 40 spread over both shards, 10 messages a second each, and the same
+    // pattern against the wire-limit server first (the ratios).
+    let v = run_engine(
+        &[
+            "group",
+            "--groups",
+            "2",
+            "--members",
+            "40",
+            "--mode",
+            "sparse",
+            "--interval",
+            "100ms",
+            "--duration",
+            "2s",
+            "--wire-limit",
+        ],
+        tmp.path(),
+    );
+    assert_all_connected(&v, 80);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+    assert_eq!(v["runs"][0]["target"], "wire-limit");
+    assert_eq!(v["runs"][1]["target"], "engine");
+    assert_group_complete(&v, 40);
+    assert!(v["ratios"]["delivered_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["targets"].as_array().is_some_and(|t| !t.is_empty()), "{v}");
+    assert_recorded(&v, tmp.path(), "group");
+}
+
+#[test]
+fn group_hot_against_the_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = run_engine(&["group", "--members", "50", "--mode", "hot", "--window", "8", "--duration", "2s"], tmp.path());
+    assert_all_connected(&v, 50);
+    assert_group_complete(&v, 50);
+}
+
+#[test]
+fn chat_against_the_engine_and_the_wire_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = run_engine(
+        &["chat", "--connections", "60", "--rate", "600", "--window", "2", "--duration", "2s", "--wire-limit"],
+        tmp.path(),
+    );
+    assert_all_connected(&v, 60);
+    assert_eq!(v["runs"].as_array().unwrap().len(), 2);
+    for r in v["runs"].as_array().unwrap() {
+        let m = &r["messages"];
+        let sent = m["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{r}");
+        // Every send answered by `sent`, every accepted message received once by its peer.
+        assert_eq!(m["acked"], sent, "{r}");
+        assert_eq!(m["failed"], 0, "{r}");
+        assert_eq!(m["received"], sent, "{r}");
+        assert_eq!(m["lost"], 0, "{r}");
+        assert_eq!(m["misrouted"], 0, "{r}");
+        assert_eq!(m["chat"]["unanswered"], 0, "{r}");
+        // The sender's own copy comes back on its inbox; reads bring receipts to the peer.
+        assert_eq!(m["chat"]["echoes"], sent, "{r}");
+        assert!(m["chat"]["reads_sent"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_no_duplicates(&v);
+    assert_recorded(&v, tmp.path(), "chat");
+}
+
+#[test]
+fn reconnect_against_the_engine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = run_engine(
+        &[
+            "reconnect",
+            "--connections",
+            "100",
+            "--rate",
+            "400",
+            "--api-conns",
+            "16",
+            "--pipeline",
+            "4",
+            "--duration",
+            "3s",
+            "--drop",
+            "0.5",
+            "--drop-after",
+            "1s",
+            "--away",
+            "1s",
+        ],
+        tmp.path(),
+    );
+    assert_all_connected(&v, 100);
+    let m = &v["runs"][0]["messages"];
+    assert_eq!(m["sent"], 1200, "{v}");
+    assert_eq!(m["acked"], 1200, "{v}");
+    assert_eq!(m["lost"], 0, "{v}");
+    let x = &m["reconnect"];
+    let to_drop = x["to_drop"].as_u64().unwrap();
+    assert!(to_drop > 30 && to_drop < 70, "{x}");
+    assert_eq!(x["dropped"], to_drop, "{x}");
+    assert_eq!(x["reconnected"], to_drop, "{x}");
+    assert_eq!(x["synced"], to_drop, "{x}");
+    assert_eq!(x["reconnect_failed"], 0, "{x}");
+    // Every id the API accepted arrived (duplicates are allowed: delivery is at least once,
+    // terminals dedupe by id), and nothing else did.
+    assert_eq!(x["ids_accepted"], 1200, "{x}");
+    assert_eq!(x["ids_received"], 1200, "{x}");
+    assert_eq!(x["ids_missing"], 0, "{x}");
+    assert_eq!(x["ids_unexpected"], 0, "{x}");
+    assert_recorded(&v, tmp.path(), "reconnect");
+}
+
+#[test]
+fn reconnect_refuses_the_wire_limit_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["reconnect", "--wire-only", "--connections", "10", "--plain", "--results-dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stores nothing"));
 }
