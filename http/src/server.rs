@@ -178,6 +178,40 @@ where
     serve(stream, limits, idle_timeout, &handler, None).await
 }
 
+/// Most pipelined requests handled concurrently in one round.
+const PIPELINE_BATCH_MAX: usize = 256;
+
+/// Polls every handler of a round until all are done (each first polled in request order),
+/// then encodes their answers in request order.
+async fn answer_all<F: Future<Output = Response>>(batch: &mut Vec<(Framing, bool, Pin<Box<F>>)>, out: &mut Vec<u8>) {
+    if batch.is_empty() {
+        return;
+    }
+    let mut done: Vec<Option<Response>> = batch.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, (_, _, fut)) in batch.iter_mut().enumerate() {
+            if done[i].is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => done[i] = Some(r),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    for ((framing, head_only, _), response) in batch.drain(..).zip(done) {
+        if let Some(response) = response {
+            response.encode(framing, head_only, out);
+        }
+    }
+}
+
 async fn serve<H, F>(
     mut stream: TcpStream,
     limits: Limits,
@@ -199,9 +233,13 @@ where
     let mut request_started: Option<Instant> = None;
     let mut continue_sent = false;
     loop {
-        // 1. Answer every whole request at the front of the buffer.
+        // 1. Answer every whole request at the front of the buffer (at most
+        //    `PIPELINE_BATCH_MAX` per round). Their handlers run concurrently, each started in
+        //    request order (so whatever a handler does before its first await happens in
+        //    request order), and the answers are written in request order.
         let mut close = None;
-        while rx.worth_parsing() {
+        let mut batch: Vec<(Framing, bool, Pin<Box<F>>)> = Vec::new();
+        while rx.worth_parsing() && batch.len() < PIPELINE_BATCH_MAX {
             match parse(rx.data(), &limits) {
                 Ok(Some((request, used))) => {
                     rx.consume(used);
@@ -216,8 +254,7 @@ where
                         Framing::KeepAlive
                     };
                     let head_only = request.method == Method::Head;
-                    let response = handler(request).await;
-                    response.encode(framing, head_only, &mut out);
+                    batch.push((framing, head_only, Box::pin(handler(request))));
                     if framing == Framing::Close {
                         close = Some(if stopping { CloseReason::Stopped } else { CloseReason::RequestedClose });
                         break;
@@ -229,16 +266,34 @@ where
                         Ok(Progress::NeedBody { total, expect_continue }) => {
                             rx.need_total(total);
                             if expect_continue && !continue_sent {
+                                // Earlier answers first: the 100 must follow them on the wire.
+                                answer_all(&mut batch, &mut out).await;
                                 out.extend_from_slice(CONTINUE_100);
                                 continue_sent = true;
                             }
                         }
                         Ok(Progress::NeedHead | Progress::Complete { .. }) => rx.need_more(),
-                        Err(err) => return refuse(&mut stream, &mut rx, &mut out, err).await,
+                        Err(err) => {
+                            answer_all(&mut batch, &mut out).await;
+                            return refuse(&mut stream, &mut rx, &mut out, err).await;
+                        }
                     }
+                    break;
                 }
-                Err(err) => return refuse(&mut stream, &mut rx, &mut out, err).await,
+                Err(err) => {
+                    answer_all(&mut batch, &mut out).await;
+                    return refuse(&mut stream, &mut rx, &mut out, err).await;
+                }
             }
+        }
+        answer_all(&mut batch, &mut out).await;
+        if close.is_none() && rx.worth_parsing() {
+            // More complete requests wait behind a full round: write this round, then loop.
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                out.clear();
+            }
+            continue;
         }
 
         // 2. One write for the whole batch.

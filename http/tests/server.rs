@@ -68,11 +68,28 @@ impl Drop for TestServer {
     }
 }
 
+thread_local! {
+    /// Set by `/signal`, awaited by `/wait`: proves pipelined handlers run concurrently.
+    static SIGNALLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Echoes what it saw: `<METHOD> <path> q=<query param> body=<len>`; `/slow` takes 50 ms
 /// (so pipelined answers must wait for each other to stay in order).
 async fn handle(req: Request) -> Response {
     if req.path == "/slow" {
         glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    if req.path == "/signal" {
+        SIGNALLED.with(|s| s.set(true));
+    }
+    if req.path == "/wait" {
+        for _ in 0..2000 {
+            if SIGNALLED.with(|s| s.get()) {
+                return Response::text(200, "released");
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        return Response::text(504, "never released");
     }
     let line =
         format!("{} {} q={} body={}", req.method, req.path, req.query_param("q").unwrap_or_default(), req.body.len());
@@ -194,6 +211,20 @@ fn pipelined_requests_answered_in_order_in_one_batch() {
     assert_eq!(bodies, ["GET /slow q= body=0", r#"{"echo":"POST /b q= body=3"}"#, "GET /c q=3 body=0",]);
     assert!(pending.is_empty());
     assert_silent(&mut s, Duration::from_millis(100));
+}
+
+#[test]
+fn pipelined_handlers_run_concurrently_and_answer_in_order() {
+    let srv = server();
+    let mut s = srv.connect();
+    // `/wait` finishes only once `/signal`, pipelined behind it, has run: a server that ran
+    // one handler at a time would answer 504 after two seconds.
+    s.write_all(b"GET /wait HTTP/1.1\r\n\r\nGET /signal HTTP/1.1\r\n\r\n").expect("write");
+    let mut pending = Vec::new();
+    let first = read_response(&mut s, &mut pending);
+    assert_eq!((first.status, first.body.as_str()), (200, "released"));
+    let second = read_response(&mut s, &mut pending);
+    assert_eq!((second.status, second.body.as_str()), (200, "GET /signal q= body=0"));
 }
 
 #[test]
