@@ -189,12 +189,23 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("ether-shard-{id}"))
             .spin_before_park(spin_before_park())
+            .ring_depth(ring_depth())
             .spawn(move || run_shard(start))
             .map_err(|source| NodeError::Executor { shard: id, source })?;
         threads.push(handle);
     }
     Ok(NodeHandle { ports, shared, store, events, threads })
 }
+
+/// Entries of each io_uring ring of a shard. The kernel sizes its table of armed polls from
+/// it: with thousands of idle connections each holding a poll, glommio's default of 128 makes
+/// every poll cancel walk long chains (`io_poll_find`). `ETHER_RING_DEPTH` overrides it.
+fn ring_depth() -> usize {
+    std::env::var("ETHER_RING_DEPTH").ok().and_then(|v| v.parse().ok()).unwrap_or(RING_DEPTH)
+}
+
+/// Default ring depth (see `ring_depth`).
+const RING_DEPTH: usize = 4096;
 
 /// How long an idle shard spins before it parks (saves the wake-up of a parked thread when
 /// work arrives within it). `ETHER_SPIN_US` overrides it for experiments.
