@@ -109,7 +109,12 @@ impl CommitQueues {
 pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
     let backend = SqliteBackend::open_dir(
         &config.node.data_dir,
-        SqliteOptions { durability: config.store_durability, ..SqliteOptions::default() },
+        SqliteOptions {
+            durability: config.store_durability,
+            flush_age: config.store_index_flush_age,
+            pending_entries_max: config.store_index_pending_max,
+            ..SqliteOptions::default()
+        },
     )?;
     let opts = StoreOptions {
         retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),

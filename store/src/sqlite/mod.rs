@@ -62,9 +62,9 @@ impl Default for SqliteOptions {
         SqliteOptions {
             durability: Durability::Normal,
             cache_bytes: 128 << 20,
-            flush_age: Duration::from_secs(5),
+            flush_age: Duration::from_secs(20),
             flush_streams_max: 512,
-            pending_entries_max: 2_000_000,
+            pending_entries_max: 4_000_000,
             cache_entries_max: 1_000_000,
             checkpoint_wal_bytes: 64 << 20,
             max_page_count: None,
