@@ -1146,14 +1146,21 @@ fn chat_phase(opts: &Options, spec: &FleetSpec, fleets: &[Fleet], mon: &mut Moni
     }
     let send_phase_s = main_start.elapsed().as_secs_f64();
     let deadline = Instant::now() + opts.drain_timeout;
+    // The stop reaches each fleet asynchronously: until it lands, answers still refill the
+    // window. So the drain ends only when everything is answered and received AND nothing
+    // moved between two snapshots 100 ms apart.
+    let mut last: Option<(u64, u64, u64)> = None;
     loop {
         let snap = mon.tick(fleets, None, "drain");
         let c = &snap.counters;
+        let now = (c.sends, c.sends_answered + c.send_errors, c.received);
         let answered = c.sends_answered + c.send_errors >= c.sends;
-        if (answered && c.received >= c.sends_answered) || Instant::now() > deadline {
+        let settled = last == Some(now);
+        if (answered && c.received >= c.sends_answered && settled) || Instant::now() > deadline {
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        last = Some(now);
+        std::thread::sleep(Duration::from_millis(100));
     }
     MainOut { start_ns, send_phase_s, deliver_phase_s: main_start.elapsed().as_secs_f64(), ..Default::default() }
 }
