@@ -14,7 +14,7 @@ use ether_proto::error::ErrorDetail;
 use ether_proto::frame::{Msg, ServerFrame};
 use ether_proto::ids::check_id;
 use ether_proto::{ApiError, ErrorCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
@@ -127,7 +127,7 @@ async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, Engine
     let mut accepted = Vec::new();
     for (i, value) in batch.messages.iter().enumerate() {
         let prefix = format!("messages[{i}].");
-        let checked = serde_json::from_value::<SendMessage>(value.clone())
+        let checked = SendMessage::deserialize(value)
             .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("messages[{i}]: {e}")))
             .and_then(|m| m.validate(&prefix).map(|()| m))
             .and_then(|m| {
