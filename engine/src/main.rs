@@ -7,6 +7,12 @@ use ether_engine::config::{Config, LogFormat};
 use ether_engine::node;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+/// With `--features mimalloc`: faster allocation across threads, a little more memory per idle
+/// connection than glibc's malloc.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
