@@ -93,11 +93,16 @@ fn serve(args: &ServeArgs) -> ExitCode {
 }
 
 fn token(args: &TokenArgs) -> ExitCode {
-    let config = match load(&args.serve_args()) {
-        Ok(c) => c,
-        Err(code) => return code,
+    // Reads the node's secret (configured or in <data>/secrets.toml); never creates one, so a
+    // mistyped --data is an error instead of a token no node accepts.
+    let secret = match ether_engine::config::token_secret(args, |k| std::env::var(k).ok()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ether token: {e}");
+            return ExitCode::from(2);
+        }
     };
-    let keys = ether_engine::auth::TokenKeys::new(config.auth.jwt_secret.expose());
+    let keys = ether_engine::auth::TokenKeys::new(secret.expose());
     match keys.mint(&args.user, args.ttl, args.device.as_deref()) {
         Ok((token, _)) => {
             println!("{token}");

@@ -103,4 +103,14 @@ fn the_binary_names_configuration_errors() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("shards"), "{err}");
+    // A token for a data dir that holds no node: a clear error, and nothing created.
+    let missing = std::env::temp_dir().join(format!("ether-no-node-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_ether"))
+        .args(["token", "--user", "u", "--data"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
+    assert!(!missing.exists(), "ether token must not create a data dir");
 }
