@@ -15,7 +15,9 @@ use serde_json::value::RawValue;
 
 use crate::api::{json, query_u64};
 use crate::error::EngineError;
+use crate::groups::NewGroupPost;
 use crate::message::unix_now_ms;
+use crate::message::MessageView;
 use crate::shard::Shard;
 
 /// Most members listed per page, and the default page.
@@ -216,21 +218,10 @@ async fn send(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Response, E
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))?;
     let body = serde_json::value::to_raw_value(&m.body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("body: {e}")))?;
-    let sent = shard.send_group(&from, system, gid, m.kind, body, m.cid.map(Into::into)).await?;
+    let post =
+        NewGroupPost { from: from.into(), system, group: gid.into(), kind: m.kind, body, cid: m.cid.map(Into::into) };
+    let sent = shard.send_group(post).await?;
     Ok(json(200, &Sent { id: sent.id.to_string(), seq: sent.seq, ts: sent.ts }))
-}
-
-#[derive(Serialize)]
-struct StoredMessage<'a> {
-    id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cid: Option<&'a str>,
-    chat: &'a str,
-    from: &'a str,
-    seq: u64,
-    kind: Kind,
-    body: &'a RawValue,
-    ts: u64,
 }
 
 /// A page of stored entries as `{messages, more}`.
@@ -240,12 +231,14 @@ pub fn page_json(page: &ether_store::op::Page) -> Response {
         .iter()
         .map(|e| RawValue::from_string(e.body.clone()).unwrap_or_else(|_| Box::<RawValue>::default()))
         .collect();
-    let messages: Vec<StoredMessage> = page
+    let ids: Vec<String> = page.entries.iter().map(|e| e.id.to_string()).collect();
+    let messages: Vec<MessageView> = page
         .entries
         .iter()
-        .zip(&bodies)
-        .map(|(e, body)| StoredMessage {
-            id: e.id.to_string(),
+        .zip(bodies.iter().zip(&ids))
+        .map(|(e, (body, id))| MessageView {
+            ty: None,
+            id,
             cid: e.cid.as_deref(),
             chat: &e.chat,
             from: &e.from,

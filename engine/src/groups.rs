@@ -23,6 +23,18 @@ use crate::storage::{Committed, GroupDelivery};
 /// Pushes made in a fan-out loop before it lets the shard's other tasks run.
 const FANOUT_YIELD_EVERY: usize = 256;
 
+/// A group message as accepted from the API or a member's terminal, before it gets its id.
+#[derive(Debug)]
+pub struct NewGroupPost {
+    pub from: Box<str>,
+    /// Sent by the business as the system: no membership needed.
+    pub system: bool,
+    pub group: Box<str>,
+    pub kind: Kind,
+    pub body: Box<RawValue>,
+    pub cid: Option<Box<str>>,
+}
+
 /// A group message accepted (durable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupSent {
@@ -152,13 +164,9 @@ impl Shard {
     /// thread) and queued for every shard.
     fn submit_group(
         &self,
-        from: &str,
-        system: bool,
-        group: &str,
-        kind: Kind,
-        body: Box<RawValue>,
-        cid: Option<Box<str>>,
+        post: NewGroupPost,
     ) -> Result<oneshot::Receiver<Result<GroupAppended, StoreError>>, EngineError> {
+        let NewGroupPost { from, system, group, kind, body, cid } = post;
         if self.node.stopping() || self.node.draining() {
             return Err(EngineError::ShuttingDown);
         }
@@ -166,15 +174,15 @@ impl Shard {
         let op = Op::AppendGroup(NewGroupMessage {
             id,
             ts,
-            from: from.to_owned(),
+            from: from.to_string(),
             system,
-            group: group.to_owned(),
+            group: group.to_string(),
             kind,
             body: body.get().to_owned(),
             cid: cid.as_deref().map(str::to_owned),
         });
-        let msg = Message { id, ts, from: from.into(), kind, body, cid };
-        let group: Arc<str> = Arc::from(group);
+        let msg = Message { id, ts, from, kind, body, cid };
+        let group: Arc<str> = Arc::from(&*group);
         let commits = self.commits.clone();
         let shards = self.shards;
         let (tx, rx) = oneshot::channel();
@@ -203,16 +211,8 @@ impl Shard {
     }
 
     /// Accepts a group message from a member; answers once it is durable.
-    pub async fn send_group(
-        self: &Rc<Self>,
-        from: &str,
-        system: bool,
-        group: &str,
-        kind: Kind,
-        body: Box<RawValue>,
-        cid: Option<Box<str>>,
-    ) -> Result<GroupSent, EngineError> {
-        let rx = self.submit_group(from, system, group, kind, body, cid)?;
+    pub async fn send_group(self: &Rc<Self>, post: NewGroupPost) -> Result<GroupSent, EngineError> {
+        let rx = self.submit_group(post)?;
         let a = rx.await.map_err(|_| EngineError::Store(StoreError::Closed))??;
         if !a.duplicate {
             ShardCounters::add(&self.counters().messages_accepted, 1);

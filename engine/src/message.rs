@@ -37,19 +37,21 @@ pub struct NewMessage {
 /// A message shared across shards.
 pub type SharedMessage = Arc<Message>;
 
+/// A message as JSON, borrowed: the `msg` frame (with `type`) and the history API's items
+/// (without) share this one shape.
 #[derive(Serialize)]
-struct MsgOut<'a> {
-    #[serde(rename = "type")]
-    ty: &'static str,
-    id: &'a str,
+pub struct MessageView<'a> {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub ty: Option<&'static str>,
+    pub id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    cid: Option<&'a str>,
-    chat: &'a str,
-    from: &'a str,
-    seq: u64,
-    kind: Kind,
-    body: &'a RawValue,
-    ts: u64,
+    pub cid: Option<&'a str>,
+    pub chat: &'a str,
+    pub from: &'a str,
+    pub seq: u64,
+    pub kind: Kind,
+    pub body: &'a RawValue,
+    pub ts: u64,
 }
 
 /// Room kept in front of a frame's JSON for its WebSocket header (at most 10 bytes unmasked).
@@ -76,8 +78,8 @@ impl Message {
     /// The `msg` frame for one inbox: `chat` as that inbox's reader names it, `seq` its position.
     pub fn encode_frame(&self, chat: &str, seq: u64) -> Bytes {
         let id = self.id.to_string();
-        let out = MsgOut {
-            ty: "msg",
+        let out = MessageView {
+            ty: Some("msg"),
             id: &id,
             cid: self.cid.as_deref(),
             chat,

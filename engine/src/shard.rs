@@ -543,10 +543,17 @@ impl Shard {
                     };
                     shard.send_single(new).await.map(|sent| (sent.id, sent.sender_seq, sent.ts))
                 }
-                Chat::Group(g) => shard
-                    .send_group(&s.user, false, &g, kind, raw, Some(cid.clone().into()))
-                    .await
-                    .map(|sent| (sent.id, sent.seq, sent.ts)),
+                Chat::Group(g) => {
+                    let post = crate::groups::NewGroupPost {
+                        from: (*s.user).into(),
+                        system: false,
+                        group: g.into(),
+                        kind,
+                        body: raw,
+                        cid: Some(cid.clone().into()),
+                    };
+                    shard.send_group(post).await.map(|sent| (sent.id, sent.seq, sent.ts))
+                }
             };
             let frame = match sent {
                 Ok((id, seq, ts)) => ServerFrame::Sent { cid, id: id.to_string(), seq, ts },
