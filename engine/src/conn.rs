@@ -57,7 +57,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
                     ShardCounters::add(&shard.counters().handshake_failures, 1);
                     continue;
                 }
-                glommio::spawn_local(upgrade(shard.clone(), stream)).detach();
+                shard.spawn_terminal_task(upgrade(shard.clone(), stream));
             }
             Err(e) => {
                 warn!(shard = shard.id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed on the client port; backing off");
@@ -249,8 +249,9 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
     }
     // SAFETY: the fd came from `upgrade` as an owned, connected TCP socket; `stream` owns it now.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let task_shard = shard.clone();
     let shard = shard.clone();
-    glommio::spawn_local(async move {
+    task_shard.spawn_terminal_task(async move {
         // The heads first (the store, once per user), so `welcome` is exact; deliveries that
         // commit meanwhile still move the user's head (the entry is pending).
         shard.pend_user(&user);
@@ -271,7 +272,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                 shard.join_groups(&session, heads.groups.keys());
                 session.push_final(shard.welcome_frame(&session, heads.groups, delivered));
                 ShardCounters::add(&shard.counters().handshakes, 1);
-                glommio::spawn_local(run_session(shard.clone(), session, stream, leftover)).detach();
+                shard.spawn_terminal_task(run_session(shard.clone(), session, stream, leftover));
             }
             Err(e) => {
                 let refusal = match e {
@@ -286,8 +287,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                 refuse(&shard, stream, refusal).await;
             }
         }
-    })
-    .detach();
+    });
 }
 
 /// What woke the connection task.
@@ -376,7 +376,7 @@ async fn run_session(shard: Rc<Shard>, session: Rc<Session>, mut stream: TcpStre
     shard.remove_session(&session, reason);
     // The goodbye runs as its own short task, so its state (timers, a drain buffer) is not
     // part of every idle connection's long-lived future.
-    glommio::spawn_local(async move { say_goodbye(&session, stream, reason).await }).detach();
+    shard.spawn_terminal_task(async move { say_goodbye(&session, stream, reason).await });
 }
 
 /// Sends the close frame (after what is queued) and closes the socket, bounded in time.

@@ -138,14 +138,20 @@ impl Shard {
     /// Drains this shard's committed deliveries until the node stops.
     pub async fn commit_loop(self: Rc<Self>) {
         let mut batch = Vec::with_capacity(COMMIT_BATCH_MAX);
+        let mut groups = Vec::new();
         while !self.node.stopping() {
             self.commits.next_batch(self.id, &mut batch, COMMIT_BATCH_MAX).await;
             let mut delivered = 0;
+            // Inbox and group streams are independent; each keeps its own order.
             for c in batch.drain(..) {
-                delivered += match c {
-                    Committed::Inbox(d) => self.deliver_committed(&d),
-                    Committed::Group(g) => self.deliver_group(&g).await,
-                };
+                match c {
+                    Committed::Inbox(d) => delivered += self.deliver_committed(&d),
+                    Committed::Group(g) => groups.push(g),
+                }
+            }
+            if !groups.is_empty() {
+                delivered += self.deliver_groups(&mut groups).await;
+                groups.clear();
             }
             ShardCounters::add(&self.counters().deliveries, delivered);
             glommio::yield_if_needed().await;

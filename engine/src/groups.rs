@@ -129,26 +129,39 @@ impl Shard {
         }
     }
 
-    /// Writes a committed group message to this shard's online members: the same bytes for
-    /// all, yielding every few hundred pushes so one big group does not stall the shard.
-    pub(crate) async fn deliver_group(&self, g: &GroupDelivery) -> u64 {
-        if !self.group_index.borrow().contains_key(&g.group) {
+    /// Writes committed messages of one group (in seq order) to this shard's online members:
+    /// the same bytes for all, every message of the run queued to a member before the next
+    /// member, so each terminal's writer sends the whole run in one gathered `sendmsg`;
+    /// yields every few hundred members so one big group does not stall the shard.
+    pub(crate) async fn deliver_group_run(&self, run: &[GroupDelivery]) -> u64 {
+        let Some(first) = run.first() else { return 0 };
+        debug_assert!(run.iter().all(|g| g.group == first.group), "a run is one group's messages");
+        debug_assert!(run.windows(2).all(|w| w[0].seq < w[1].seq), "a run is in group seq order");
+        if !self.group_index.borrow().contains_key(&first.group) {
             return 0;
         }
-        let waited_ms = crate::message::unix_now_ms().saturating_sub(g.ts);
-        self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
+        let now_ms = crate::message::unix_now_ms();
+        {
+            let mut latency = self.push_latency.borrow_mut();
+            for g in run {
+                latency.record(now_ms.saturating_sub(g.ts) as f64 / 1000.0);
+            }
+        }
         let mut delivered = 0;
         let mut i = 0;
         // Walk the member list by position (no copy of it per message); the index may change
         // while the loop yields, which at worst skips or repeats a member that joined or left
-        // during this very message.
+        // during this very run.
         loop {
-            let key = match self.group_index.borrow().get(&g.group).and_then(|keys| keys.get(i)) {
+            let key = match self.group_index.borrow().get(&first.group).and_then(|keys| keys.get(i)) {
                 Some(k) => *k,
                 None => break,
             };
             if let Some(s) = self.session(key) {
-                if self.push(&s, g.frame.clone()) {
+                for g in run {
+                    if !self.push(&s, g.frame.clone()) {
+                        break; // closing: the rest comes back by `sync`
+                    }
                     delivered += 1;
                 }
             }
@@ -156,6 +169,18 @@ impl Shard {
             if i % FANOUT_YIELD_EVERY == 0 {
                 glommio::yield_if_needed().await;
             }
+        }
+        delivered
+    }
+
+    /// Writes a batch of committed group messages: one run per group (each in seq order, as
+    /// committed), so a member of a busy group gets everything of the batch in one write.
+    pub(crate) async fn deliver_groups(&self, batch: &mut [GroupDelivery]) -> u64 {
+        // Stable: each group's messages stay in commit (seq) order.
+        batch.sort_by(|a, b| a.group.cmp(&b.group));
+        let mut delivered = 0;
+        for run in batch.chunk_by(|a, b| a.group == b.group) {
+            delivered += self.deliver_group_run(run).await;
         }
         delivered
     }

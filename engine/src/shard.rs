@@ -4,6 +4,7 @@
 //! [`ShardMsg`]s on the `FanoutMesh`.
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -17,6 +18,7 @@ use ether_proto::frame::{ClientFrame, ServerFrame};
 use ether_proto::ids::Chat;
 use ether_proto::{ApiError, ErrorCode, Kind};
 use futures_channel::oneshot;
+use glommio::{Latency, Shares, TaskQueueHandle};
 use slab::Slab;
 use tracing::{debug, info, warn};
 
@@ -114,6 +116,8 @@ pub struct Shard {
     pub(crate) push_latency: RefCell<Histogram>,
     /// API requests answered, by route and status.
     api_counts: RefCell<HashMap<(&'static str, u16), u64>>,
+    /// The task queue terminal connections run in (see `spawn_terminal_task`).
+    terminal_queue: TaskQueueHandle,
 }
 
 impl Shard {
@@ -153,7 +157,30 @@ impl Shard {
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
             api_counts: RefCell::new(HashMap::new()),
+            terminal_queue: glommio::executor().create_task_queue(
+                Shares::Static(terminal_queue_shares()),
+                Latency::NotImportant,
+                "terminals",
+            ),
             config,
+        }
+    }
+
+    /// Runs a terminal connection's task (handshake, session, goodbye) in the shard's
+    /// terminal queue. Everything else of the shard (API requests, committed deliveries, the
+    /// mesh, ticks) runs in the executor's default queue: the scheduler alternates between
+    /// the two instead of serving an API request only after every ready terminal task, so
+    /// messages keep being accepted under fan-out load and terminals' queues are written in
+    /// bigger batches (fewer `sendmsg` per frame).
+    pub fn spawn_terminal_task(&self, task: impl Future<Output = ()> + 'static) {
+        // The queue lives as long as the shard (it is never removed), so this cannot fail; if
+        // it ever did, the connection would be dropped (closed), never left half-served.
+        match glommio::spawn_local_into(task, self.terminal_queue) {
+            Ok(t) => drop(t.detach()),
+            Err(e) => {
+                debug_assert!(false, "terminal queue gone: {e}");
+                tracing::error!(shard = self.id, error = %e, "terminal task not started: its connection is closed");
+            }
         }
     }
 
@@ -735,4 +762,10 @@ mod tests {
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
     }
+}
+
+/// Scheduler shares of the terminal queue (the default queue has 1000).
+/// `ETHER_TERMINAL_SHARES` overrides it for experiments.
+fn terminal_queue_shares() -> usize {
+    std::env::var("ETHER_TERMINAL_SHARES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
 }
