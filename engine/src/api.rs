@@ -7,15 +7,14 @@ use std::time::Duration;
 use ether_http::request::{Method, Request};
 use ether_http::response::Response;
 use ether_proto::api::{
-    self, BatchResult, BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendBatch, SendMessage,
-    SentMessage, TokenRequest, TokenResponse,
+    self, BatchResult, BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendMessageRef, SentMessage,
+    TokenRequest, TokenResponse,
 };
 use ether_proto::error::ErrorDetail;
 use ether_proto::frame::{Msg, ServerFrame};
 use ether_proto::ids::check_id;
 use ether_proto::{ApiError, ErrorCode};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Serialize;
 use subtle::ConstantTimeEq;
 
 use crate::error::EngineError;
@@ -100,47 +99,31 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
     result.unwrap_or_else(|e| error(&e.to_api()))
 }
 
-fn raw_body(body: &serde_json::Value) -> Result<Box<RawValue>, EngineError> {
-    serde_json::value::to_raw_value(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("body: {e}")).into())
-}
-
 async fn send_message(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
-    let m: SendMessage = api::parse_request(&req.body)?;
+    let m = SendMessageRef::parse(&req.body)?;
     m.validate("")?;
-    let body = raw_body(&m.body)?;
-    let new = NewMessage { from: m.from.into(), to: m.to.into(), kind: m.kind, body, cid: m.cid.map(Into::into) };
+    let new = NewMessage::from(m);
     let sent = shard.send_single(new).await?;
     Ok(json(200, &SentMessage { id: sent.id.to_string(), ts: sent.ts }))
 }
 
 async fn send_batch(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
-    let batch: SendBatch = api::parse_request(&req.body)?;
-    if batch.messages.len() > api::BATCH_MESSAGES_MAX {
+    let entries = api::parse_batch(&req.body)?;
+    if entries.len() > api::BATCH_MESSAGES_MAX {
         return Err(ApiError::new(
             ErrorCode::InvalidBody,
-            format!("messages: at most {} per batch, got {}", api::BATCH_MESSAGES_MAX, batch.messages.len()),
+            format!("messages: at most {} per batch, got {}", api::BATCH_MESSAGES_MAX, entries.len()),
         )
         .into());
     }
-    let mut results: Vec<Option<BatchResult>> = Vec::with_capacity(batch.messages.len());
-    let mut accepted = Vec::new();
-    for (i, value) in batch.messages.iter().enumerate() {
-        let prefix = format!("messages[{i}].");
-        let checked = SendMessage::deserialize(value)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("messages[{i}]: {e}")))
-            .and_then(|m| m.validate(&prefix).map(|()| m))
-            .and_then(|m| {
-                serde_json::value::to_raw_value(&m.body)
-                    .map(|b| (m, b))
-                    .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("{prefix}body: {e}")))
-            });
+    let mut results: Vec<Option<BatchResult>> = Vec::with_capacity(entries.len());
+    let mut accepted = Vec::with_capacity(entries.len());
+    for (i, raw) in entries.iter().enumerate() {
+        let checked =
+            SendMessageRef::parse_batch_entry(i, raw).and_then(|m| m.validate(&format!("messages[{i}].")).map(|()| m));
         match checked {
-            Ok((m, body)) => {
-                accepted.push((
-                    i,
-                    NewMessage { from: m.from.into(), to: m.to.into(), kind: m.kind, body, cid: m.cid.map(Into::into) },
-                ));
+            Ok(m) => {
+                accepted.push((i, NewMessage::from(m)));
                 results.push(None);
             }
             Err(e) => {

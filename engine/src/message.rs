@@ -34,6 +34,18 @@ pub struct NewMessage {
     pub cid: Option<Box<str>>,
 }
 
+impl From<ether_proto::api::SendMessageRef<'_>> for NewMessage {
+    fn from(m: ether_proto::api::SendMessageRef<'_>) -> NewMessage {
+        NewMessage {
+            from: m.from.into(),
+            to: m.to.into(),
+            kind: m.kind,
+            body: m.body.into_owned(),
+            cid: m.cid.map(Into::into),
+        }
+    }
+}
+
 /// A message shared across shards.
 pub type SharedMessage = Arc<Message>;
 

@@ -2,6 +2,7 @@
 //! terminals, their inbox sequences, its timer wheel and its end of the mesh. Everything here
 //! is single-threaded (one glommio executor); other shards are reached only through
 //! [`ShardMsg`]s on the `FanoutMesh`.
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,11 +15,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ether_proto::api::TerminalInfo;
-use ether_proto::frame::{ClientFrame, ServerFrame};
+use ether_proto::frame::{ClientFrameRef, ServerFrame};
 use ether_proto::ids::Chat;
 use ether_proto::{ApiError, ErrorCode, Kind};
 use futures_channel::oneshot;
 use glommio::{Latency, Shares, TaskQueueHandle};
+use serde_json::value::RawValue;
 use slab::Slab;
 use tracing::{debug, info, warn};
 
@@ -506,7 +508,7 @@ impl Shard {
     /// Handles one complete text (or binary) frame from a terminal.
     pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8]) {
         ShardCounters::add(&self.counters().frames_in, 1);
-        let frame = match ClientFrame::parse(bytes) {
+        let frame = match ClientFrameRef::parse(bytes) {
             Ok(f) => f,
             Err(e) => {
                 self.reject_frame(s, e.code(), e.to_string(), None);
@@ -514,26 +516,26 @@ impl Shard {
             }
         };
         match frame {
-            ClientFrame::Ping => {
+            ClientFrameRef::Ping => {
                 self.push(s, self.pong.clone());
             }
-            ClientFrame::Ack { seq, group } => self.on_ack(s, seq, group),
-            ClientFrame::Send { cid, to, group, kind, body } => self.on_send(s, cid, to, group, kind, body),
-            ClientFrame::Sync { inbox_seq, groups, limit } => self.on_sync(s, inbox_seq, groups, limit),
-            ClientFrame::Read { chat, seq } => self.on_read(s, chat, seq),
+            ClientFrameRef::Ack { seq, group } => self.on_ack(s, seq, group.map(Cow::into_owned)),
+            ClientFrameRef::Send { cid, to, group, kind, body } => self.on_send(s, &cid, to, group, kind, &body),
+            ClientFrameRef::Sync { inbox_seq, groups, limit } => self.on_sync(s, inbox_seq, groups, limit),
+            ClientFrameRef::Read { chat, seq } => self.on_read(s, chat.into_owned(), seq),
         }
     }
 
     fn on_send(
         self: &Rc<Self>,
         s: &Rc<Session>,
-        cid: String,
-        to: Option<String>,
-        group: Option<String>,
+        cid: &str,
+        to: Option<Cow<'_, str>>,
+        group: Option<Cow<'_, str>>,
         kind: Kind,
-        body: serde_json::Value,
+        body: &RawValue,
     ) {
-        let reject = |code, msg: String| self.reject_frame(s, code, msg, Some(cid.clone()));
+        let reject = |code, msg: String| self.reject_frame(s, code, msg, Some(cid.to_owned()));
         if !self.config.terminal_send_enabled {
             return reject(ErrorCode::Forbidden, "sending from terminals is disabled on this node".into());
         }
@@ -541,21 +543,20 @@ impl Shard {
             return reject(ErrorCode::InvalidBody, format!("cid: must be 1-{} bytes", ether_proto::api::CID_LEN_MAX));
         }
         let target = match (to, group) {
-            (Some(to), None) => ether_proto::ids::check_id("to", &to).map(|()| Chat::User(to)),
-            (None, Some(g)) => ether_proto::ids::check_id("group", &g).map(|()| Chat::Group(g)),
+            (Some(to), None) => ether_proto::ids::check_id("to", &to).map(|()| Chat::User(to.into_owned())),
+            (None, Some(g)) => ether_proto::ids::check_id("group", &g).map(|()| Chat::Group(g.into_owned())),
             _ => return reject(ErrorCode::InvalidBody, "send: exactly one of `to` and `group` is required".into()),
         };
         let target = match target {
             Ok(t) => t,
             Err(e) => return reject(e.code, e.message),
         };
-        if let Err(e) = ether_proto::body::validate("body", kind, &body) {
+        if let Err(e) = ether_proto::body::validate_raw("body", kind, body) {
             return reject(ErrorCode::InvalidBody, e.to_string());
         }
-        let raw = match serde_json::value::to_raw_value(&body) {
-            Ok(r) => r,
-            Err(e) => return reject(ErrorCode::InvalidBody, format!("body: {e}")),
-        };
+        // The body is stored and pushed as the JSON text the terminal sent.
+        let raw = body.to_owned();
+        let cid = cid.to_owned();
         let shard = self.clone();
         let s = s.clone();
         glommio::spawn_local(async move {

@@ -2,8 +2,11 @@
 //!
 //! Requests are parsed with [`parse_request`], which tells apart malformed JSON
 //! (`invalid_json`) from a well-formed body of the wrong shape (`invalid_body`, with the path).
+use std::borrow::Cow;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::body::{self, Kind};
@@ -150,6 +153,117 @@ pub struct TokenResponse {
     pub expires_at: u64,
 }
 
+/// A [`SendMessage`] borrowed from the request bytes, its body kept as the JSON text it came
+/// as: the engine's path for `POST /v1/messages` and batch entries. The usual requests
+/// (unescaped ids, any body) are read without building a `Value`; anything else goes through
+/// the `SendMessage` path, so a request is accepted or refused, with the same error, exactly
+/// as [`parse_request`] + [`SendMessage::validate`] would.
+#[derive(Debug, Clone)]
+pub struct SendMessageRef<'a> {
+    pub from: Cow<'a, str>,
+    pub to: Cow<'a, str>,
+    pub kind: Kind,
+    pub body: Cow<'a, RawValue>,
+    pub cid: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendMessageBorrowed<'a> {
+    from: &'a str,
+    to: &'a str,
+    kind: Kind,
+    #[serde(borrow)]
+    body: &'a RawValue,
+    #[serde(default)]
+    cid: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBatchBorrowed<'a> {
+    #[serde(borrow)]
+    messages: Vec<&'a RawValue>,
+}
+
+impl<'a> SendMessageRef<'a> {
+    fn borrowed(bytes: &'a [u8]) -> Option<SendMessageRef<'a>> {
+        let m: SendMessageBorrowed<'a> = serde_json::from_slice(bytes).ok()?;
+        Some(SendMessageRef {
+            from: Cow::Borrowed(m.from),
+            to: Cow::Borrowed(m.to),
+            kind: m.kind,
+            body: Cow::Borrowed(m.body),
+            cid: m.cid.map(Cow::Borrowed),
+        })
+    }
+
+    fn owned(m: SendMessage) -> Result<SendMessageRef<'static>, ApiError> {
+        let body = serde_json::value::to_raw_value(&m.body)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("body: {e}")))?;
+        Ok(SendMessageRef {
+            from: Cow::Owned(m.from),
+            to: Cow::Owned(m.to),
+            kind: m.kind,
+            body: Cow::Owned(body),
+            cid: m.cid.map(Cow::Owned),
+        })
+    }
+
+    /// Parses a `POST /v1/messages` body (errors as [`parse_request`]'s).
+    pub fn parse(bytes: &'a [u8]) -> Result<SendMessageRef<'a>, ApiError> {
+        match Self::borrowed(bytes) {
+            Some(m) => Ok(m),
+            None => Self::owned(parse_request::<SendMessage>(bytes)?),
+        }
+    }
+
+    /// Parses entry `i` of a batch (errors as `SendMessage::deserialize` on the entry's value,
+    /// prefixed `messages[i]: `).
+    pub fn parse_batch_entry(i: usize, raw: &'a RawValue) -> Result<SendMessageRef<'a>, ApiError> {
+        if let Some(m) = Self::borrowed(raw.get().as_bytes()) {
+            return Ok(m);
+        }
+        let invalid = |e: serde_json::Error| ApiError::new(ErrorCode::InvalidBody, format!("messages[{i}]: {e}"));
+        let value: Value = serde_json::from_str(raw.get()).map_err(invalid)?;
+        Self::owned(SendMessage::deserialize(&value).map_err(invalid)?)
+    }
+
+    /// [`SendMessage::validate`], on the raw body.
+    pub fn validate(&self, prefix: &str) -> Result<(), ApiError> {
+        check_id(&format!("{prefix}from"), &self.from)?;
+        check_id(&format!("{prefix}to"), &self.to)?;
+        if let Some(cid) = &self.cid {
+            if cid.is_empty() || cid.len() > CID_LEN_MAX {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidBody,
+                    format!("{prefix}cid: must be 1-{CID_LEN_MAX} bytes"),
+                ));
+            }
+        }
+        body::validate_raw(&format!("{prefix}body"), self.kind, &self.body)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))
+    }
+}
+
+/// Parses a `POST /v1/messages/batch` body into its raw entries (errors as [`parse_request`]'s
+/// for a [`SendBatch`]); each entry is then read with [`SendMessageRef::parse_batch_entry`].
+pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Cow<'_, RawValue>>, ApiError> {
+    if let Ok(b) = serde_json::from_slice::<SendBatchBorrowed>(bytes) {
+        return Ok(b.messages.into_iter().map(Cow::Borrowed).collect());
+    }
+    let batch: SendBatch = parse_request(bytes)?;
+    batch
+        .messages
+        .iter()
+        .map(|v| {
+            serde_json::value::to_raw_value(v)
+                .map(Cow::Owned)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("messages: {e}")))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +302,74 @@ mod tests {
             error: crate::error::ErrorDetail { code: ErrorCode::InvalidBody, message: "m".into() },
         };
         assert_eq!(serde_json::to_value(&err).unwrap(), json!({"error":{"code":"invalid_body","message":"m"}}));
+    }
+
+    type Checked = Result<(String, String, Kind, Value, Option<String>), ApiError>;
+
+    fn fast(bytes: &[u8]) -> Checked {
+        let m = SendMessageRef::parse(bytes)?;
+        m.validate("")?;
+        let body = serde_json::from_str(m.body.get()).unwrap();
+        Ok((m.from.into_owned(), m.to.into_owned(), m.kind, body, m.cid.map(Cow::into_owned)))
+    }
+
+    fn slow(bytes: &[u8]) -> Checked {
+        let m: SendMessage = parse_request(bytes)?;
+        m.validate("")?;
+        Ok((m.from, m.to, m.kind, m.body, m.cid))
+    }
+
+    fn requestish() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let value = prop_oneof![
+            Just(Value::Null),
+            Just(json!(1)),
+            Just(json!("a")),
+            Just(json!("b c")),
+            Just(json!("text")),
+            Just(json!("a\\u0062")),
+            Just(json!({"text": "hi"})),
+            Just(json!({"text": ""})),
+            Just(json!({"url": "u"})),
+            Just(json!([])),
+        ];
+        let key = prop_oneof![Just("from"), Just("to"), Just("kind"), Just("body"), Just("cid"), Just("x")];
+        let full = json!({"from": "a", "to": "b", "kind": "text", "body": {"text": "hi"}});
+        (proptest::collection::btree_map(key, value, 0..5), any::<bool>()).prop_map(move |(fields, base)| {
+            let mut m = if base { full.as_object().cloned().unwrap() } else { serde_json::Map::new() };
+            for (k, v) in fields {
+                m.insert(k.to_owned(), v);
+            }
+            Value::Object(m)
+        })
+    }
+
+    proptest::proptest! {
+        /// The borrowed path accepts and refuses exactly what `parse_request` + `validate` do.
+        #[test]
+        fn borrowed_send_agrees(v in requestish()) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            proptest::prop_assert_eq!(fast(&bytes), slow(&bytes));
+        }
+
+        #[test]
+        fn borrowed_batch_entries_agree(v in requestish()) {
+            let batch = serde_json::to_vec(&json!({"messages": [v.clone()]})).unwrap();
+            let raw = parse_batch(&batch).unwrap();
+            let fast = SendMessageRef::parse_batch_entry(0, &raw[0]).and_then(|m| m.validate("messages[0].").map(|()| m));
+            let slow = SendMessage::deserialize(&v)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("messages[0]: {e}")))
+                .and_then(|m| m.validate("messages[0].").map(|()| m));
+            proptest::prop_assert_eq!(fast.map(|m| (m.from.into_owned(), m.kind)), slow.map(|m| (m.from, m.kind)));
+        }
+    }
+
+    #[test]
+    fn batch_bodies_parse_like_send_batch() {
+        assert_eq!(parse_batch(b"{").unwrap_err(), parse_request::<SendBatch>(b"{").unwrap_err());
+        let bad = br#"{"messages": 3}"#;
+        assert_eq!(parse_batch(bad).unwrap_err(), parse_request::<SendBatch>(bad).unwrap_err());
+        let two = parse_batch(br#"{"messages": [{"a": 1}, 2]}"#).unwrap();
+        assert_eq!(two.iter().map(|r| r.get()).collect::<Vec<_>>(), [r#"{"a": 1}"#, "2"]);
     }
 }

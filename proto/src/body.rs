@@ -2,7 +2,10 @@
 //!
 //! Every entry (REST, terminal `send`) calls [`validate`]; errors name the field path
 //! (`body.text`, `body.duration_ms`, …) so a business developer sees what to fix.
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 /// Longest `text` body, in bytes.
@@ -158,6 +161,77 @@ pub fn validate(prefix: &str, kind: Kind, body: &Value) -> Result<(), BodyError>
     Ok(())
 }
 
+/// Validates a body given as raw JSON text, as it arrived: the usual valid shapes are checked
+/// borrowed, without building a `Value` (no allocation for an unescaped text); anything the
+/// fast check does not accept goes through [`validate`], so every error is exactly its error.
+pub fn validate_raw(prefix: &str, kind: Kind, body: &RawValue) -> Result<(), BodyError> {
+    if valid_borrowed(kind, body.get()) {
+        return Ok(());
+    }
+    let value: Value = serde_json::from_str(body.get())
+        .map_err(|e| BodyError { path: prefix.to_owned(), reason: format!("invalid JSON: {e}") })?;
+    validate(prefix, kind, &value)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TextRef<'a> {
+    #[serde(borrow)]
+    text: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // the optional fields are parsed for their types only
+struct ImageRef<'a> {
+    #[serde(borrow)]
+    url: Cow<'a, str>,
+    width: Option<u32>,
+    height: Option<u32>,
+    size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct FileRef<'a> {
+    #[serde(borrow)]
+    url: Cow<'a, str>,
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    size: Option<u64>,
+    #[serde(borrow)]
+    mime: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct VoiceRef<'a> {
+    #[serde(borrow)]
+    url: Cow<'a, str>,
+    duration_ms: u64,
+    size: Option<u64>,
+}
+
+/// Whether `raw` is certainly a valid body of `kind` (false means "ask [`validate`]").
+fn valid_borrowed(kind: Kind, raw: &str) -> bool {
+    let url_ok = |u: &str| !u.is_empty() && u.len() <= MEDIA_STRING_BYTES_MAX;
+    let string_ok = |s: &str| !s.is_empty() && s.len() <= MEDIA_STRING_BYTES_MAX;
+    match kind {
+        Kind::Text => {
+            serde_json::from_str::<TextRef>(raw).is_ok_and(|b| !b.text.is_empty() && b.text.len() <= TEXT_BYTES_MAX)
+        }
+        Kind::Image => serde_json::from_str::<ImageRef>(raw).is_ok_and(|b| url_ok(&b.url)),
+        Kind::File => serde_json::from_str::<FileRef>(raw).is_ok_and(|b| {
+            url_ok(&b.url) && string_ok(&b.name) && b.mime.as_deref().is_none_or(|m| m.len() <= MEDIA_STRING_BYTES_MAX)
+        }),
+        Kind::Voice => serde_json::from_str::<VoiceRef>(raw).is_ok_and(|b| url_ok(&b.url)),
+        // Bounded by its compact re-encoding: always the `Value` path.
+        Kind::Custom => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +270,52 @@ mod tests {
     #[test]
     fn unknown_fields_are_rejected() {
         assert!(err(Kind::Text, json!({"text": "a", "txt": "b"})).reason.contains("txt"));
+    }
+
+    fn body_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (0u64..5000).prop_map(Value::from),
+            "[a-z\\\"é ]{0,6}".prop_map(Value::from),
+            (0usize..3).prop_map(|n| Value::from("x".repeat([0, TEXT_BYTES_MAX, MEDIA_STRING_BYTES_MAX + 1][n]))),
+        ];
+        let key = prop_oneof![
+            Just("text"),
+            Just("url"),
+            Just("name"),
+            Just("mime"),
+            Just("width"),
+            Just("size"),
+            Just("duration_ms"),
+            Just("data"),
+            Just("other"),
+        ];
+        prop_oneof![
+            4 => proptest::collection::btree_map(key, leaf.clone(), 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            1 => leaf,
+        ]
+    }
+
+    proptest::proptest! {
+        /// The borrowed fast path never changes a verdict or an error.
+        #[test]
+        fn raw_validation_agrees_with_value_validation(body in body_value(), k in 0usize..5) {
+            let kind = [Kind::Text, Kind::Image, Kind::File, Kind::Voice, Kind::Custom][k];
+            let raw = serde_json::value::to_raw_value(&body).unwrap();
+            proptest::prop_assert_eq!(validate_raw("body", kind, &raw), validate("body", kind, &body));
+        }
+    }
+
+    #[test]
+    fn raw_validation_accepts_the_usual_shapes() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        validate_raw("body", Kind::Text, &raw(r#"{"text": "hi \"there\""}"#)).unwrap();
+        validate_raw("body", Kind::File, &raw(r#"{"url":"u","name":"n","mime":"m","size":3}"#)).unwrap();
+        let e = validate_raw("body", Kind::Text, &raw(r#"{"text":""}"#)).unwrap_err();
+        assert_eq!(e.path, "body.text");
     }
 }

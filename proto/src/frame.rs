@@ -2,9 +2,11 @@
 //!
 //! [`ServerFrame`] goes from the engine to a terminal, [`ClientFrame`] the other way. The engine
 //! encodes a frame once and writes the same bytes to every terminal that should get it.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::body::Kind;
@@ -177,6 +179,152 @@ impl ClientFrame {
     }
 }
 
+/// A terminal frame borrowed from the bytes it was read from: what the engine handles. The
+/// usual frames (unescaped ids, any body) are read without building a `Value` and the body
+/// stays the raw JSON text it arrived as; anything else goes through [`ClientFrame::parse`],
+/// so a frame is accepted or refused, with the same error, exactly as `ClientFrame` would be.
+#[derive(Debug, Clone)]
+pub enum ClientFrameRef<'a> {
+    Ack {
+        seq: u64,
+        group: Option<Cow<'a, str>>,
+    },
+    Sync {
+        inbox_seq: u64,
+        groups: BTreeMap<String, u64>,
+        limit: Option<u32>,
+    },
+    Send {
+        cid: Cow<'a, str>,
+        to: Option<Cow<'a, str>>,
+        group: Option<Cow<'a, str>>,
+        kind: Kind,
+        body: Cow<'a, RawValue>,
+    },
+    Read {
+        chat: Cow<'a, str>,
+        seq: u64,
+    },
+    Ping,
+}
+
+/// Every field any terminal frame may carry; which are allowed is checked per `type`. Each is
+/// absent (`None`), `null` (`Some(None)`) or a value. Strings are borrowed (an escaped one fails
+/// here and takes the `ClientFrame` path).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope<'a> {
+    #[serde(rename = "type")]
+    ty: &'a str,
+    #[serde(default, deserialize_with = "present")]
+    seq: Field<u64>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    group: Field<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    inbox_seq: Field<u64>,
+    #[serde(default, deserialize_with = "present")]
+    groups: Field<BTreeMap<String, u64>>,
+    #[serde(default, deserialize_with = "present")]
+    limit: Field<u32>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    cid: Field<&'a str>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    to: Field<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    kind: Field<Kind>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    body: Field<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    chat: Field<&'a str>,
+}
+
+/// A field of [`Envelope`]: absent, `null`, or a value.
+type Field<T> = Option<Option<T>>;
+
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Field<T>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl<'a> ClientFrameRef<'a> {
+    /// Parses one terminal frame; errors are [`ClientFrame::parse`]'s.
+    pub fn parse(bytes: &'a [u8]) -> Result<ClientFrameRef<'a>, FrameError> {
+        if let Some(frame) = Self::parse_borrowed(bytes) {
+            return Ok(frame);
+        }
+        Ok(match ClientFrame::parse(bytes)? {
+            ClientFrame::Ack { seq, group } => ClientFrameRef::Ack { seq, group: group.map(Cow::Owned) },
+            ClientFrame::Sync { inbox_seq, groups, limit } => ClientFrameRef::Sync { inbox_seq, groups, limit },
+            ClientFrame::Send { cid, to, group, kind, body } => ClientFrameRef::Send {
+                cid: Cow::Owned(cid),
+                to: to.map(Cow::Owned),
+                group: group.map(Cow::Owned),
+                kind,
+                body: Cow::Owned(
+                    serde_json::value::to_raw_value(&body)
+                        .map_err(|e| FrameError::Shape(format!("send frame: body: {e}")))?,
+                ),
+            },
+            ClientFrame::Read { chat, seq } => ClientFrameRef::Read { chat: Cow::Owned(chat), seq },
+            ClientFrame::Ping => ClientFrameRef::Ping,
+        })
+    }
+
+    /// The frame if it is one of the usual valid shapes; `None` means "ask `ClientFrame`".
+    fn parse_borrowed(bytes: &'a [u8]) -> Option<ClientFrameRef<'a>> {
+        let e: Envelope<'a> = serde_json::from_slice(bytes).ok()?;
+        let Envelope { ty, seq, group, inbox_seq, groups, limit, cid, to, kind, body, chat } = e;
+        // Which fields are there at all (`null` counts: `deny_unknown_fields` sees the key).
+        let has = [
+            seq.is_some(),
+            group.is_some(),
+            inbox_seq.is_some(),
+            groups.is_some(),
+            limit.is_some(),
+            cid.is_some(),
+            to.is_some(),
+            kind.is_some(),
+            body.is_some(),
+            chat.is_some(),
+        ];
+        // The fields each type may carry, in the order of `has`.
+        let allowed: [bool; 10] = match ty {
+            "ack" => [true, true, false, false, false, false, false, false, false, false],
+            "sync" => [false, false, true, true, true, false, false, false, false, false],
+            "send" => [false, true, false, false, false, true, true, true, true, false],
+            "read" => [true, false, false, false, false, false, false, false, false, true],
+            "ping" => [false; 10],
+            _ => return None,
+        };
+        if has.iter().zip(allowed).any(|(has, allowed)| *has && !allowed) {
+            return None;
+        }
+        // Required and default-but-not-null fields need a value; optional ones may be null.
+        Some(match ty {
+            "ack" => ClientFrameRef::Ack { seq: seq??, group: group.flatten().map(Cow::Borrowed) },
+            "sync" => ClientFrameRef::Sync {
+                inbox_seq: match inbox_seq {
+                    None => 0,
+                    Some(v) => v?,
+                },
+                groups: match groups {
+                    None => BTreeMap::new(),
+                    Some(v) => v?,
+                },
+                limit: limit.flatten(),
+            },
+            "send" => ClientFrameRef::Send {
+                cid: Cow::Borrowed(cid??),
+                to: to.flatten().map(Cow::Borrowed),
+                group: group.flatten().map(Cow::Borrowed),
+                kind: kind??,
+                body: Cow::Borrowed(body??),
+            },
+            "read" => ClientFrameRef::Read { chat: Cow::Borrowed(chat??), seq: seq?? },
+            _ => ClientFrameRef::Ping,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +396,104 @@ mod tests {
             let m = ServerFrame::Msg(Msg { id: "1".into(), cid: None, chat: "u:a".into(), from: "a".into(), seq, kind: Kind::Text, body: json!({"text": text}), ts });
             prop_assert_eq!(serde_json::from_str::<ServerFrame>(&m.to_json()).unwrap(), m);
         }
+    }
+
+    /// The owned frame a borrowed one stands for (the body parsed back into a `Value`).
+    fn owned(f: ClientFrameRef<'_>) -> ClientFrame {
+        match f {
+            ClientFrameRef::Ack { seq, group } => ClientFrame::Ack { seq, group: group.map(Cow::into_owned) },
+            ClientFrameRef::Sync { inbox_seq, groups, limit } => ClientFrame::Sync { inbox_seq, groups, limit },
+            ClientFrameRef::Send { cid, to, group, kind, body } => ClientFrame::Send {
+                cid: cid.into_owned(),
+                to: to.map(Cow::into_owned),
+                group: group.map(Cow::into_owned),
+                kind,
+                body: serde_json::from_str(body.get()).unwrap(),
+            },
+            ClientFrameRef::Read { chat, seq } => ClientFrame::Read { chat: chat.into_owned(), seq },
+            ClientFrameRef::Ping => ClientFrame::Ping,
+        }
+    }
+
+    /// Objects made of frame fields with assorted values, valid or not.
+    fn frameish_json() -> impl Strategy<Value = Value> {
+        let value = prop_oneof![
+            Just(Value::Null),
+            any::<u32>().prop_map(Value::from),
+            Just(Value::from(-1)),
+            prop_oneof![
+                Just("ack"),
+                Just("sync"),
+                Just("send"),
+                Just("read"),
+                Just("ping"),
+                Just("text"),
+                Just("a\\b")
+            ]
+            .prop_map(Value::from),
+            Just(json!({"text": "hi"})),
+            Just(json!({"g1": 3})),
+            Just(json!([1])),
+        ];
+        let key = prop_oneof![
+            Just("seq"),
+            Just("group"),
+            Just("inbox_seq"),
+            Just("groups"),
+            Just("limit"),
+            Just("cid"),
+            Just("to"),
+            Just("kind"),
+            Just("body"),
+            Just("chat"),
+            Just("extra"),
+        ];
+        let ty = prop_oneof![Just("ack"), Just("sync"), Just("send"), Just("read"), Just("ping"), Just("nope")];
+        (proptest::option::of(ty), proptest::collection::btree_map(key, value, 0..6)).prop_map(|(ty, fields)| {
+            let mut m: serde_json::Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            if let Some(ty) = ty {
+                m.insert("type".into(), Value::from(ty));
+            }
+            Value::Object(m)
+        })
+    }
+
+    proptest! {
+        /// The borrowed parser accepts and refuses exactly what `ClientFrame::parse` does.
+        #[test]
+        fn borrowed_parse_agrees(v in frameish_json()) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let fast = ClientFrameRef::parse(&bytes).map(owned);
+            prop_assert_eq!(fast, ClientFrame::parse(&bytes));
+        }
+
+        #[test]
+        fn borrowed_parse_reads_every_valid_frame(f in arb_client_frame()) {
+            prop_assert_eq!(ClientFrameRef::parse(f.to_json().as_bytes()).map(owned).unwrap(), f);
+        }
+
+        #[test]
+        fn borrowed_parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = ClientFrameRef::parse(&bytes);
+        }
+    }
+
+    #[test]
+    fn usual_frames_are_borrowed() {
+        let bytes = br#"{"type":"send","cid":"c1","to":"bob","kind":"text","body":{"text":"hi"}}"#;
+        match ClientFrameRef::parse(bytes).unwrap() {
+            ClientFrameRef::Send {
+                cid: Cow::Borrowed("c1"),
+                to: Some(Cow::Borrowed("bob")),
+                body: Cow::Borrowed(b),
+                ..
+            } => {
+                assert_eq!(b.get(), r#"{"text":"hi"}"#)
+            }
+            other => panic!("not borrowed: {other:?}"),
+        }
+        // An escaped id is still read (through the owned path).
+        let bytes = br#"{"type":"read","chat":"u:b\u006fb","seq":2}"#;
+        assert_eq!(owned(ClientFrameRef::parse(bytes).unwrap()), ClientFrame::Read { chat: "u:bob".into(), seq: 2 });
     }
 }
