@@ -21,10 +21,12 @@
 //! - [`api`], [`api_groups`]: the business REST API routes; [`admin_view`]: what the admin port sees.
 //! - [`storage`]: the link to the storage thread: per-shard queues of committed deliveries.
 //! - [`stats`]: counters, gauges and connection snapshots any thread may read.
+//! - [`allocator`]: mimalloc (default) tuning and returning freed memory after churn.
 //! - [`auth`]: terminal JWTs. [`error`]: the engine error, mapped once to API codes.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod admin_view;
+pub mod allocator;
 pub mod api;
 pub mod api_groups;
 pub mod auth;

@@ -7,13 +7,13 @@ use ether_engine::config::{Config, LogFormat};
 use ether_engine::node;
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-/// With `--features mimalloc`: faster allocation across threads, a little more memory per idle
-/// connection than glibc's malloc.
+/// mimalloc unless built with `--no-default-features` (see `ether_engine::allocator`).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    ether_engine::allocator::setup();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(&args),

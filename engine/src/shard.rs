@@ -675,8 +675,7 @@ impl Shard {
             + c.closes.iter().map(ShardCounters::get).sum::<u64>()
             + ShardCounters::get(&c.handshake_failures);
         if churn.abs_diff(self.churn_at_trim.replace(churn)) >= TRIM_CHURN_MIN {
-            // SAFETY: malloc_trim only returns free pages of the heap to the kernel.
-            unsafe { libc::malloc_trim(0) };
+            crate::allocator::release_free_memory();
         }
     }
 
