@@ -310,7 +310,13 @@ impl Shard {
     /// Saves the inbox ack positions that moved since the last tick (one store write per
     /// terminal per tick, however many acks it sent).
     pub(crate) fn save_ack_positions(&self) {
-        let keys = std::mem::take(&mut *self.ack_dirty.borrow_mut());
+        // Bounded per tick (`store.position_saves_per_tick_max`), oldest first: a burst of
+        // position writes would queue every message behind it on the storage thread.
+        let keys: Vec<_> = {
+            let mut dirty = self.ack_dirty.borrow_mut();
+            let n = dirty.len().min(self.config.store_position_saves_per_tick_max);
+            dirty.drain(..n).collect()
+        };
         for key in keys {
             if let Some(s) = self.session(key) {
                 self.flush_ack_position(&s);

@@ -118,6 +118,7 @@ pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
     )?;
     let opts = StoreOptions {
         retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),
+        batch_wait: config.store_batch_wait,
         ..StoreOptions::default()
     };
     StoreThread::spawn(backend, opts)
