@@ -288,14 +288,26 @@ impl Shard {
                 self.emit_all(batch);
             }
         }
+        // Positions are saved once per tick per terminal (`save_ack_positions`), however many
+        // acks it sent meanwhile.
         match group {
-            // Inbox positions are saved once per tick per terminal (`save_ack_positions`).
-            None => {
-                if !s.ack_dirty.replace(true) {
-                    self.ack_dirty.borrow_mut().push(s.key);
+            None => s.inbox_dirty.set(true),
+            Some(group) => {
+                let mut pending = self.group_acks_pending.borrow_mut();
+                let list = pending.entry(s.key).or_default();
+                if let Some(entry) = list.iter_mut().find(|(g, _)| *g == group) {
+                    entry.1 = entry.1.max(seq);
+                } else if list.len() < self.config.limits.groups_per_user_max {
+                    list.push((group, seq));
+                } else {
+                    // More distinct groups than a user can be in: not held, saved at once.
+                    drop(pending);
+                    return self.save_position(s, Some(group), seq);
                 }
             }
-            Some(group) => self.save_position(s, Some(group), seq),
+        }
+        if !s.ack_dirty.replace(true) {
+            self.ack_dirty.borrow_mut().push(s.key);
         }
     }
 
@@ -307,8 +319,8 @@ impl Shard {
         }
     }
 
-    /// Saves the inbox ack positions that moved since the last tick (one store write per
-    /// terminal per tick, however many acks it sent).
+    /// Saves the ack positions that moved since the last tick (one store write per terminal
+    /// and stream per tick, however many acks it sent).
     pub(crate) fn save_ack_positions(&self) {
         // Bounded per tick (`store.position_saves_per_tick_max`), oldest first: a burst of
         // position writes would queue every message behind it on the storage thread.
@@ -324,10 +336,16 @@ impl Shard {
         }
     }
 
-    /// Saves one terminal's inbox ack position if it moved (also when it closes).
+    /// Saves one terminal's ack positions that moved, inbox and groups (also when it closes).
     pub(crate) fn flush_ack_position(&self, s: &Session) {
         if s.ack_dirty.replace(false) {
-            self.save_position(s, None, s.acked_inbox.get());
+            if s.inbox_dirty.replace(false) {
+                self.save_position(s, None, s.acked_inbox.get());
+            }
+            let groups = self.group_acks_pending.borrow_mut().remove(&s.key);
+            for (group, seq) in groups.into_iter().flatten() {
+                self.save_position(s, Some(group), seq);
+            }
         }
     }
 

@@ -180,8 +180,10 @@ pub struct Session {
     pub acked_inbox: Cell<u64>,
     /// Highest inbox seq pushed to the terminal.
     pub pushed_inbox: Cell<u64>,
-    /// `acked_inbox` moved since it was last saved to the store.
+    /// The session is in its shard's list of unsaved ack positions (inbox or groups).
     pub ack_dirty: Cell<bool>,
+    /// `acked_inbox` moved since it was last saved to the store.
+    pub inbox_dirty: Cell<bool>,
     /// Pushed inbox messages not yet acknowledged, oldest first (shared frame bytes).
     unacked: RefCell<VecDeque<Unacked>>,
     /// The groups this session is indexed under on its shard.
@@ -226,6 +228,7 @@ impl Session {
             acked_inbox: Cell::new(0),
             pushed_inbox: Cell::new(0),
             ack_dirty: Cell::new(false),
+            inbox_dirty: Cell::new(false),
             unacked: RefCell::default(),
             groups: RefCell::default(),
         }

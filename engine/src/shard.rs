@@ -112,8 +112,10 @@ pub struct Shard {
     pong: Bytes,
     /// Set once this shard has told its terminals to reconnect.
     drain_started: Cell<bool>,
-    /// Sessions whose inbox ack position moved since the last tick.
+    /// Sessions whose ack positions (inbox or groups) moved since they were last saved.
     pub(crate) ack_dirty: RefCell<Vec<SessionKey>>,
+    /// Group ack positions not saved yet, per session (at most `groups_per_user_max` each).
+    pub(crate) group_acks_pending: RefCell<HashMap<SessionKey, Vec<(String, u64)>>>,
     /// Connects plus closes counted at the last heap trim.
     churn_at_trim: Cell<u64>,
     /// From first push to the terminal's ack.
@@ -160,6 +162,7 @@ impl Shard {
             drain_started: Cell::new(false),
             churn_at_trim: Cell::new(0),
             ack_dirty: RefCell::new(Vec::new()),
+            group_acks_pending: RefCell::new(HashMap::new()),
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
             api_counts: RefCell::new(HashMap::new()),

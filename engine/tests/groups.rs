@@ -234,6 +234,36 @@ fn group_sync_after_reconnect_history_and_reads() {
     assert_eq!(r["read"].as_u64(), Some(1));
 }
 
+/// Group acks are held and saved once per tick (the highest of them), and on close: the next
+/// connection of the device gets the acked position in `welcome.delivered`.
+#[test]
+fn group_ack_positions_come_back_in_welcome() {
+    let node = TestNode::start();
+    call(&node, "POST", "/v1/groups", Some(json!({"id": "crew", "name": "Crew", "owner": "mo", "members": ["nia"]})));
+    for i in 0..5 {
+        call(&node, "POST", "/v1/groups/crew/messages", Some(group_text("mo", &format!("m{i}"))));
+    }
+    let mut nia = node.terminal("nia", "tablet");
+    assert_eq!(nia.welcome().unwrap().groups.get("crew"), Some(&5));
+    // Acks out of order: the highest counts.
+    for seq in [2, 4, 3] {
+        nia.send_frame(&ClientFrame::Ack { seq, group: Some("crew".into()) }).unwrap();
+    }
+    // Positions are per device: another device of nia has none.
+    std::thread::sleep(Duration::from_millis(700));
+    let other = node.terminal("nia", "watch");
+    assert_eq!(other.welcome().unwrap().delivered.as_ref().and_then(|d| d.groups.get("crew").copied()), None);
+    drop(other);
+    // The newest is saved when the tablet closes.
+    nia.send_frame(&ClientFrame::Ack { seq: 5, group: Some("crew".into()) }).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(nia);
+    std::thread::sleep(Duration::from_millis(300));
+    let again = node.terminal("nia", "tablet");
+    let delivered = again.welcome().unwrap().delivered.clone().expect("the tablet's positions");
+    assert_eq!(delivered.groups.get("crew"), Some(&5));
+}
+
 /// A member whose terminal stops reading: a socket with a tiny receive window that never reads
 /// after the handshake.
 fn stalled_terminal(node: &TestNode, user: &str) -> std::net::TcpStream {
