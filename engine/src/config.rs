@@ -327,6 +327,8 @@ raw_config! {
         index_pending_max: usize,
         /// `store.batch_wait_us`: how long a storage batch waits for more commands.
         batch_wait_us: u64,
+        /// `store.batch_wait_after_ops`: a batch waits only after one at least this big.
+        batch_wait_after_ops: usize,
         /// `store.position_saves_per_tick_max`: terminal ack positions saved per shard tick.
         position_saves_per_tick_max: usize,
     }
@@ -722,8 +724,10 @@ pub struct Limits {
 pub const STORE_INDEX_FLUSH_AGE_MS_DEFAULT: u64 = 20_000;
 /// Default of `store.index_pending_max`.
 pub const STORE_INDEX_PENDING_MAX_DEFAULT: usize = 4_000_000;
-/// Default of `store.batch_wait_us`: none (commit what is queued; more queues meanwhile).
-pub const STORE_BATCH_WAIT_US_DEFAULT: u64 = 0;
+/// Default of `store.batch_wait_us`.
+pub const STORE_BATCH_WAIT_US_DEFAULT: u64 = 2_000;
+/// Default of `store.batch_wait_after_ops`.
+pub const STORE_BATCH_WAIT_AFTER_OPS_DEFAULT: usize = 64;
 /// Default of `store.position_saves_per_tick_max`.
 pub const STORE_POSITION_SAVES_PER_TICK_MAX_DEFAULT: usize = 256;
 
@@ -753,6 +757,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.index_flush_age_ms", 1, 3_600_000),
     ("store.index_pending_max", 16, 100_000_000),
     ("store.batch_wait_us", 0, 100_000),
+    ("store.batch_wait_after_ops", 0, 1_000_000),
     ("store.position_saves_per_tick_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
 ];
@@ -817,10 +822,12 @@ pub struct Config {
     pub store_index_flush_age: Duration,
     /// `store.index_pending_max` (4 000 000): positions held in memory at most (~50 B each).
     pub store_index_pending_max: usize,
-    /// `store.batch_wait_us` (0): how long a storage batch stays open for more commands after
-    /// its first. 0 commits whatever is queued at once (commands arriving meanwhile form the
-    /// next batch, so batches still grow with load); more trades latency for bigger batches.
+    /// `store.batch_wait_us` (2000): how long a busy storage batch stays open for more
+    /// commands after its first (fewer transactions per message under load); 0 never waits.
     pub store_batch_wait: Duration,
+    /// `store.batch_wait_after_ops` (64): a batch waits only when the one before had at least
+    /// this many commands, so light load commits at once (no latency added); 0 always waits.
+    pub store_batch_wait_after_ops: usize,
     /// `store.position_saves_per_tick_max` (256): terminals whose ack position is saved per
     /// shard tick (4 a second); the rest wait for a later tick. Bounds the burst of store
     /// writes that would otherwise queue messages behind every terminal's position.
@@ -853,6 +860,7 @@ struct Prepared {
     store_index_flush_age: Duration,
     store_index_pending_max: usize,
     store_batch_wait: Duration,
+    store_batch_wait_after_ops: usize,
     store_position_saves_per_tick_max: usize,
     log: Log,
     configured: Secrets,
@@ -970,6 +978,7 @@ impl Config {
             "index_flush_age_ms": u64::try_from(self.store_index_flush_age.as_millis()).unwrap_or(u64::MAX),
             "index_pending_max": self.store_index_pending_max,
             "batch_wait_us": u64::try_from(self.store_batch_wait.as_micros()).unwrap_or(u64::MAX),
+            "batch_wait_after_ops": self.store_batch_wait_after_ops,
             "position_saves_per_tick_max": self.store_position_saves_per_tick_max },
             "log": { "format": self.log.format.as_str(), "level": self.log.level },
         })
@@ -1255,6 +1264,11 @@ impl Prepared {
                 raw.store.batch_wait_us,
                 STORE_BATCH_WAIT_US_DEFAULT,
             )?),
+            store_batch_wait_after_ops: check.bounded(
+                "store.batch_wait_after_ops",
+                raw.store.batch_wait_after_ops,
+                STORE_BATCH_WAIT_AFTER_OPS_DEFAULT,
+            )?,
             store_position_saves_per_tick_max: check.bounded(
                 "store.position_saves_per_tick_max",
                 raw.store.position_saves_per_tick_max,
@@ -1279,6 +1293,7 @@ impl Prepared {
             store_index_flush_age: self.store_index_flush_age,
             store_index_pending_max: self.store_index_pending_max,
             store_batch_wait: self.store_batch_wait,
+            store_batch_wait_after_ops: self.store_batch_wait_after_ops,
             store_position_saves_per_tick_max: self.store_position_saves_per_tick_max,
             log: self.log,
             secrets_generated,
@@ -1569,7 +1584,9 @@ mod tests {
                     "terminal.send_enabled" => "false",
                     "store.durability" => "full",
                     "store.index_flush_age_ms" | "store.index_pending_max" => "4096",
-                    "store.batch_wait_us" | "store.position_saves_per_tick_max" => "4096",
+                    "store.batch_wait_us" | "store.position_saves_per_tick_max" | "store.batch_wait_after_ops" => {
+                        "4096"
+                    }
                     k if k.starts_with("limits.") => "4096",
                     _ => "some-string-value-16",
                 };
@@ -1678,7 +1695,8 @@ mod tests {
             durability = "full"
             index_flush_age_ms = 20000
             index_pending_max = 4000000
-            batch_wait_us = 0
+            batch_wait_us = 2000
+            batch_wait_after_ops = 64
             position_saves_per_tick_max = 256
             [log]
             format = "json"

@@ -119,6 +119,7 @@ pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
     let opts = StoreOptions {
         retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),
         batch_wait: config.store_batch_wait,
+        batch_wait_after_ops: config.store_batch_wait_after_ops,
         ..StoreOptions::default()
     };
     StoreThread::spawn(backend, opts)

@@ -7,7 +7,7 @@
 //!  shard 1 ─┼──────────► bounded crossbeam queue ─────────┐   bounded queue; full = Overloaded)
 //!  api    ──┘                                             ▼
 //!                          storage thread (std::thread "ether-store", owns the backend)
-//!                          collect ≤ batch_ops_max cmds / ≤ batch_wait → backend.apply_batch
+//!                          collect ≤ batch_ops_max cmds / ≤ batch_wait (only after a big batch) → backend.apply_batch
 //!                          → one transaction → COMMIT → run every `done` in submission order
 //!                          → between batches: retention purge step (≤ purge_rows)
 //! ```

@@ -43,6 +43,10 @@ pub struct StoreOptions {
     /// How long a batch stays open for more commands after its first one arrived (a busy
     /// queue fills it sooner). Zero: commit whatever is queued at once.
     pub batch_wait: Duration,
+    /// A batch waits (`batch_wait`) only when the one before had at least this many commands:
+    /// under light load every batch commits at once (no latency added), under heavy load
+    /// batches grow (fewer transactions per message). 0: always wait.
+    pub batch_wait_after_ops: usize,
     /// Commands queued at most; beyond it `submit` answers `Overloaded`.
     pub queue_capacity: usize,
     /// How often a retention purge step runs (steps repeat between batches while there is
@@ -61,6 +65,7 @@ impl Default for StoreOptions {
         StoreOptions {
             batch_ops_max: 2048,
             batch_wait: Duration::from_millis(2),
+            batch_wait_after_ops: 64,
             queue_capacity: 65_536,
             purge_every: Duration::from_secs(10),
             purge_rows: 500,
@@ -76,6 +81,7 @@ impl StoreOptions {
         StoreOptions {
             batch_ops_max: 8,
             batch_wait: Duration::from_millis(1),
+            batch_wait_after_ops: 0,
             queue_capacity: 64,
             purge_every: Duration::from_millis(10),
             purge_rows: 4,
@@ -302,6 +308,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
     let mut dones: Vec<Completion> = Vec::with_capacity(max);
     let mut next_purge = Instant::now() + opts.purge_every;
     let mut stop = false;
+    let mut last_batch = 0;
     while !stop {
         let first = match rx.recv_timeout(opts.idle_tick) {
             Ok(Msg::Cmd(c)) => c,
@@ -313,7 +320,9 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         };
         ops.push(first.op);
         dones.push(first.done);
-        let deadline = Instant::now() + opts.batch_wait;
+        // Wait for more only while busy: the previous batch was big.
+        let wait = if last_batch >= opts.batch_wait_after_ops { opts.batch_wait } else { Duration::ZERO };
+        let deadline = Instant::now() + wait;
         while ops.len() < max {
             let msg = match rx.try_recv() {
                 Ok(m) => m,
@@ -322,7 +331,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
                     break;
                 }
                 Err(TryRecvError::Empty) => {
-                    if opts.batch_wait.is_zero() {
+                    if wait.is_zero() {
                         break;
                     }
                     match rx.recv_deadline(deadline) {
@@ -356,6 +365,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         st.batches.fetch_add(1, Ordering::Relaxed);
         st.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
         st.batch_ops_last.store(ops.len() as u64, Ordering::Relaxed);
+        last_batch = ops.len();
         debug_assert_eq!(results.len(), ops.len());
         let mut results = results.into_iter();
         for done in dones.drain(..) {

@@ -256,3 +256,27 @@ fn crash_recovers_every_acknowledged_message() {
     assert!(dup.duplicate, "{dup:?} vs {:?}", acks[0]);
     assert_eq!(dup.id, *id);
 }
+
+/// An idle store commits a lone command at once; only after a big batch does the next one
+/// stay open for more (`batch_wait_after_ops`). With a 30 s wait, a lone command that waited
+/// would not be answered within the 10 s this test allows.
+#[test]
+fn thread_waits_for_more_only_when_busy() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        batch_wait: Duration::from_secs(30),
+        batch_wait_after_ops: 4,
+        batch_ops_max: 1024,
+        ..StoreOptions::test_min()
+    };
+    let h = StoreThread::spawn(open(dir.path(), SqliteOptions::test_min()), opts).unwrap();
+    for i in 0..3 {
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        h.submit(StoreCmd::new(text("a", "b", None, &format!("m{i}")), move |r| {
+            let _ = tx.send(r.is_ok());
+        }))
+        .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "lone command {i} committed at once");
+    }
+    h.shutdown();
+}
