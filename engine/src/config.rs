@@ -724,8 +724,11 @@ pub struct Limits {
 pub const STORE_INDEX_FLUSH_AGE_MS_DEFAULT: u64 = 20_000;
 /// Default of `store.index_pending_max`.
 pub const STORE_INDEX_PENDING_MAX_DEFAULT: usize = 4_000_000;
-/// Default of `store.batch_wait_us`.
-pub const STORE_BATCH_WAIT_US_DEFAULT: u64 = 2_000;
+/// Default of `store.batch_wait_us`: no waiting (commit what is queued; what arrives during a
+/// commit forms the next batch). Interleaved runs on the 2-core machine showed no gain from
+/// 2 ms in chat and a loss in unicast (bench-results/README.md); with `durability = "full"`
+/// (an fsync per commit) waiting may pay.
+pub const STORE_BATCH_WAIT_US_DEFAULT: u64 = 0;
 /// Default of `store.batch_wait_after_ops`.
 pub const STORE_BATCH_WAIT_AFTER_OPS_DEFAULT: usize = 64;
 /// Default of `store.position_saves_per_tick_max`.
@@ -822,8 +825,9 @@ pub struct Config {
     pub store_index_flush_age: Duration,
     /// `store.index_pending_max` (4 000 000): positions held in memory at most (~50 B each).
     pub store_index_pending_max: usize,
-    /// `store.batch_wait_us` (2000): how long a busy storage batch stays open for more
-    /// commands after its first (fewer transactions per message under load); 0 never waits.
+    /// `store.batch_wait_us` (0): how long a busy storage batch stays open for more commands
+    /// after its first, at most (a tenth of it without a new command ends the wait); fewer
+    /// transactions per message under load. 0 never waits.
     pub store_batch_wait: Duration,
     /// `store.batch_wait_after_ops` (64): a batch waits only when the one before had at least
     /// this many commands, so light load commits at once (no latency added); 0 always waits.
@@ -1695,7 +1699,7 @@ mod tests {
             durability = "full"
             index_flush_age_ms = 20000
             index_pending_max = 4000000
-            batch_wait_us = 2000
+            batch_wait_us = 0
             batch_wait_after_ops = 64
             position_saves_per_tick_max = 256
             [log]

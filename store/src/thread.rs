@@ -40,8 +40,9 @@ impl std::fmt::Debug for StoreCmd {
 pub struct StoreOptions {
     /// Most commands per transaction.
     pub batch_ops_max: usize,
-    /// How long a batch stays open for more commands after its first one arrived (a busy
-    /// queue fills it sooner). Zero: commit whatever is queued at once.
+    /// How long a batch stays open for more commands after its first one arrived, at most (a
+    /// busy queue fills it sooner; a tenth of it without a new command ends the wait). Zero:
+    /// commit whatever is queued at once.
     pub batch_wait: Duration,
     /// A batch waits (`batch_wait`) only when the one before had at least this many commands:
     /// under light load every batch commits at once (no latency added), under heavy load
@@ -334,7 +335,11 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
                     if wait.is_zero() {
                         break;
                     }
-                    match rx.recv_deadline(deadline) {
+                    // Keep collecting while commands keep coming: stop at the cap, or when
+                    // none arrived for a tenth of it (a closed loop of callers waiting for
+                    // this very batch sends nothing more; waiting would only add latency).
+                    let gap = Instant::now() + wait / 10;
+                    match rx.recv_deadline(deadline.min(gap)) {
                         Ok(m) => m,
                         Err(RecvTimeoutError::Timeout) => break,
                         Err(RecvTimeoutError::Disconnected) => {
