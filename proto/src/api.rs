@@ -48,19 +48,22 @@ impl SendMessage {
     /// Checks ids and body; `prefix` is where this message sits in its request (`""` or
     /// `messages[3].`).
     pub fn validate(&self, prefix: &str) -> Result<(), ApiError> {
-        check_id(&format!("{prefix}from"), &self.from)?;
-        check_id(&format!("{prefix}to"), &self.to)?;
-        if let Some(cid) = &self.cid {
-            if cid.is_empty() || cid.len() > CID_LEN_MAX {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidBody,
-                    format!("{prefix}cid: must be 1-{CID_LEN_MAX} bytes"),
-                ));
-            }
-        }
+        check_addressing(prefix, &self.from, &self.to, self.cid.as_deref())?;
         body::validate(&format!("{prefix}body"), self.kind, &self.body)
             .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))
     }
+}
+
+/// The ids and `cid` of a message to send (`prefix` as in [`SendMessage::validate`]).
+fn check_addressing(prefix: &str, from: &str, to: &str, cid: Option<&str>) -> Result<(), ApiError> {
+    check_id(&format!("{prefix}from"), from)?;
+    check_id(&format!("{prefix}to"), to)?;
+    if let Some(cid) = cid {
+        if cid.is_empty() || cid.len() > CID_LEN_MAX {
+            return Err(ApiError::new(ErrorCode::InvalidBody, format!("{prefix}cid: must be 1-{CID_LEN_MAX} bytes")));
+        }
+    }
+    Ok(())
 }
 
 /// Answer to an accepted message.
@@ -231,16 +234,7 @@ impl<'a> SendMessageRef<'a> {
 
     /// [`SendMessage::validate`], on the raw body.
     pub fn validate(&self, prefix: &str) -> Result<(), ApiError> {
-        check_id(&format!("{prefix}from"), &self.from)?;
-        check_id(&format!("{prefix}to"), &self.to)?;
-        if let Some(cid) = &self.cid {
-            if cid.is_empty() || cid.len() > CID_LEN_MAX {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidBody,
-                    format!("{prefix}cid: must be 1-{CID_LEN_MAX} bytes"),
-                ));
-            }
-        }
+        check_addressing(prefix, &self.from, &self.to, self.cid.as_deref())?;
         body::validate_raw(&format!("{prefix}body"), self.kind, &self.body)
             .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))
     }
