@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 12] = [
+const SHARD_METRICS: [ShardMetric; 13] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -31,6 +31,12 @@ const SHARD_METRICS: [ShardMetric; 12] = [
     }),
     ("ether_frames_in_total", "Frames received from terminals.", Kind::Counter, |s| s.frames_in),
     ("ether_frames_out_total", "Frames sent to terminals.", Kind::Counter, |s| s.frames_out),
+    (
+        "ether_socket_writes_total",
+        "Writes (sendmsg calls) to terminal sockets; frames out per write is the write coalescing.",
+        Kind::Counter,
+        |s| s.socket_writes,
+    ),
     ("ether_messages_accepted_total", "Messages accepted and made durable.", Kind::Counter, |s| s.messages_accepted),
     ("ether_deliveries_total", "Messages pushed to terminals (first sends).", Kind::Counter, |s| s.deliveries),
     ("ether_acks_total", "Delivery acks received from terminals.", Kind::Counter, |s| s.acks),
@@ -354,6 +360,7 @@ mod tests {
             auth_failures: 2,
             frames_in: 1000,
             frames_out: 2000,
+            socket_writes: 400,
             messages_accepted: 500,
             deliveries: 490,
             acks: 480,
@@ -423,6 +430,7 @@ mod tests {
             "ether_auth_failures_total",
             "ether_frames_in_total",
             "ether_frames_out_total",
+            "ether_socket_writes_total",
             "ether_messages_accepted_total",
             "ether_deliveries_total",
             "ether_acks_total",

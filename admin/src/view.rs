@@ -38,6 +38,7 @@ impl NodeStats {
             t.auth_failures += s.auth_failures;
             t.frames_in += s.frames_in;
             t.frames_out += s.frames_out;
+            t.socket_writes += s.socket_writes;
             t.messages_accepted += s.messages_accepted;
             t.deliveries += s.deliveries;
             t.acks += s.acks;
@@ -96,6 +97,10 @@ pub struct ShardStats {
     pub auth_failures: u64,
     pub frames_in: u64,
     pub frames_out: u64,
+    /// Writes (`sendmsg` calls) to terminal sockets: `frames_out / socket_writes` frames per
+    /// write on average.
+    #[serde(default)]
+    pub socket_writes: u64,
     /// Messages accepted (made durable) by this shard, from the API or terminals.
     pub messages_accepted: u64,
     /// `msg` frames pushed to terminals (first sends, not resends).

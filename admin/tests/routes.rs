@@ -152,6 +152,7 @@ fn stats_shape() {
         "auth_failures",
         "frames_in",
         "frames_out",
+        "socket_writes",
         "messages_accepted",
         "deliveries",
         "acks",

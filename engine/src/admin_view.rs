@@ -113,6 +113,7 @@ impl ether_admin::NodeView for AdminView {
                     auth_failures: g(&c.auth_failures),
                     frames_in: g(&c.frames_in),
                     frames_out: g(&c.frames_out),
+                    socket_writes: g(&c.socket_writes),
                     messages_accepted: g(&c.messages_accepted),
                     deliveries: g(&c.deliveries),
                     acks: g(&c.acks),

@@ -304,14 +304,21 @@ fn poll_io(shard: &Shard, session: &Session, stream: &mut TcpStream, cx: &mut st
         return Poll::Ready(Wake::Close(reason));
     }
     let fd = stream.as_raw_fd();
+    let mut writes = 0;
     while session.has_queued() {
         match session.write_queued(fd) {
-            Ok(_) => continue,
+            Ok(_) => {
+                writes += 1;
+                continue;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // Full: let glommio wait for writability (it writes the front when it can).
                 let polled = session.with_front(|front| Pin::new(&mut *stream).poll_write(cx, front));
                 match polled {
-                    Some(Poll::Ready(Ok(n))) => session.advance(n),
+                    Some(Poll::Ready(Ok(n))) => {
+                        writes += 1;
+                        session.advance(n);
+                    }
                     Some(Poll::Ready(Err(_))) => return Poll::Ready(Wake::Close(CloseReason::IoError)),
                     Some(Poll::Pending) | None => break,
                 }
@@ -319,6 +326,9 @@ fn poll_io(shard: &Shard, session: &Session, stream: &mut TcpStream, cx: &mut st
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => return Poll::Ready(Wake::Close(CloseReason::IoError)),
         }
+    }
+    if writes > 0 {
+        ShardCounters::add(&shard.counters().socket_writes, writes);
     }
     let mut scratch = shard.scratch.borrow_mut();
     match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {

@@ -24,6 +24,9 @@ pub struct ShardCounters {
     pub auth_failures: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
+    /// Writes (`sendmsg` calls) to terminal sockets; frames_out / socket_writes is how many
+    /// frames a write carries on average.
+    pub socket_writes: AtomicU64,
     pub messages_accepted: AtomicU64,
     pub deliveries: AtomicU64,
     pub acks: AtomicU64,

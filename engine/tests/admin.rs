@@ -61,6 +61,10 @@ fn stats_and_metrics_move_with_traffic() {
     assert_eq!(metric(&after, "ether_messages_accepted_total") - metric(&before, "ether_messages_accepted_total"), 5.0);
     assert!(metric(&after, "ether_deliveries_total") >= 5.0);
     assert!(metric(&after, "ether_acks_total") >= 5.0);
+    // Socket writes are counted: at least one, and no more than one per thing written (the
+    // counted frames plus the 101 answer and `welcome`, which `frames_out` leaves out).
+    let (writes, frames) = (metric(&after, "ether_socket_writes_total"), metric(&after, "ether_frames_out_total"));
+    assert!(writes >= 1.0 && writes <= frames + 2.0, "{writes} writes for {frames} frames");
     assert!(metric(&after, "ether_push_latency_seconds_count") >= 5.0);
     assert!(metric(&after, "ether_ack_latency_seconds_count") >= 5.0);
     assert!(after.contains("route=\"POST /v1/messages\""), "API requests by route");

@@ -112,6 +112,7 @@ impl FakeView {
                     auth_failures: 5 + n,
                     frames_in: 50_000 + 400 * calls,
                     frames_out: 90_000 + 800 * calls,
+                    socket_writes: 30_000 + 200 * calls,
                     messages_accepted: 10_000 + (150 + 20 * n) * calls,
                     deliveries: 9_800 + (140 + 20 * n) * calls,
                     acks: 9_700 + (130 + 20 * n) * calls,
