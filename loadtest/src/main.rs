@@ -427,6 +427,7 @@ fn main() -> ExitCode {
                         "heartbeats_sent": r.connections.heartbeats_sent,
                         "messages": r.messages,
                         "cpu": r.cpu,
+                        "frames_per_write": r.frames_per_write,
                         "saturation": r.saturation,
                     })).collect::<Vec<_>>(),
                     "ratios": out.ratios,

@@ -416,6 +416,9 @@ pub struct RunResult {
     pub memory: MemFigures,
     pub cpu: CpuFigures,
     pub messages: Option<MsgFigures>,
+    /// The node's frames per socket write over the main phase, from its own counters (known
+    /// only when the tool has the node's admin token: `--spawn` or `--node-data`).
+    pub frames_per_write: Option<f64>,
     /// Why the tool may have been the limit, or the machine.
     pub saturation: Vec<String>,
     /// What makes this run fail: lost or failed connections, lost messages, API errors.
@@ -813,6 +816,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     ));
 
     // Main phase.
+    let writes_before = target.write_counters();
     mon.server_cpu.mark();
     mon.tool_cpu.mark();
     mon.machine_cpu.mark();
@@ -834,6 +838,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     let server_cpu_s = mon.server_cpu.seconds_since_mark();
     let tool_cpu_s = mon.tool_cpu.seconds_since_mark();
     let rss_end = procstat::rss_sum(&server_pids);
+    let frames_per_write = writes_before.zip(target.write_counters()).and_then(|(a, b)| a.frames_per_write_until(b));
     let series = std::mem::take(&mut mon.series);
     drop(mon);
     let fr = FleetReport::merge(fleets.into_iter().map(Fleet::stop).collect());
@@ -909,6 +914,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         memory: mem,
         cpu,
         messages,
+        frames_per_write,
         saturation: Vec::new(),
         problems: Vec::new(),
         series,

@@ -19,6 +19,9 @@ pub struct Target {
     pub admin: Option<SocketAddr>,
     pub jwt_secret: String,
     pub api_key: String,
+    /// The admin token, when known (a spawned node or a data dir): the run then reads the
+    /// node's own counters (frames per socket write).
+    pub admin_token: Option<String>,
     /// Server processes to sample for RSS and CPU (may be empty for a remote node).
     pub server_pids: Vec<u32>,
     /// Where the spawned node's output goes.
@@ -41,6 +44,7 @@ impl Target {
             admin: None,
             jwt_secret,
             api_key,
+            admin_token: None,
             server_pids: server_pid.into_iter().collect(),
             log: None,
             _guard: None,
@@ -58,6 +62,7 @@ impl Target {
             admin: Some(ports.admin),
             jwt_secret: secrets.jwt_secret,
             api_key: secrets.api_key,
+            admin_token: secrets.admin_token,
             server_pids: server_pid.into_iter().collect(),
             log: None,
             _guard: None,
@@ -74,6 +79,7 @@ impl Target {
             admin: None,
             jwt_secret: WIRE_SECRET.into(),
             api_key: WIRE_SECRET.into(),
+            admin_token: None,
             server_pids: w.pids(),
             log: None,
             _guard: Some(Box::new(w)),
@@ -145,9 +151,41 @@ impl Target {
             admin: Some(ports.admin),
             jwt_secret: secrets.jwt_secret,
             api_key: secrets.api_key,
+            admin_token: secrets.admin_token,
             server_pids: vec![pid],
             log: Some(log_path),
             _guard: Some(Box::new(node)),
+        })
+    }
+}
+
+/// A node's totals of frames sent to terminals and socket writes (`GET /admin/v1/stats`).
+#[derive(Debug, Clone, Copy)]
+pub struct WriteCounters {
+    pub frames_out: u64,
+    pub socket_writes: u64,
+}
+
+impl WriteCounters {
+    /// Frames per socket write between `self` and a later reading.
+    pub fn frames_per_write_until(self, later: WriteCounters) -> Option<f64> {
+        let writes = later.socket_writes.checked_sub(self.socket_writes)?;
+        let frames = later.frames_out.checked_sub(self.frames_out)?;
+        (writes > 0).then(|| frames as f64 / writes as f64)
+    }
+}
+
+impl Target {
+    /// The node's write counters, if its admin port and token are known and it reports them.
+    pub fn write_counters(&self) -> Option<WriteCounters> {
+        let (admin, token) = (self.admin?, self.admin_token.as_ref()?);
+        let client = ether_sdk::GatewayClient::new(format!("http://{admin}"), token.clone());
+        let r = client.request("GET", "/admin/v1/stats", None).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.body).ok()?;
+        let totals = &v["totals"];
+        Some(WriteCounters {
+            frames_out: totals["frames_out"].as_u64()?,
+            socket_writes: totals["socket_writes"].as_u64()?,
         })
     }
 }
@@ -173,7 +211,6 @@ struct Ports {
 struct Secrets {
     jwt_secret: String,
     api_key: String,
-    #[allow(dead_code)]
     #[serde(default)]
     admin_token: Option<String>,
 }

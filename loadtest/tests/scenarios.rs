@@ -282,6 +282,9 @@ fn idle_unicast_and_batch_against_the_engine() {
     assert_all_connected(&v, 100);
     assert_no_loss(&v, 1000);
     assert_no_duplicates(&v);
+    // The spawned node's own counters were read: every delivery went out in some write.
+    let fpw = v["runs"][0]["frames_per_write"].as_f64().expect("frames per write of the spawned node");
+    assert!(fpw >= 1.0, "{fpw}");
     let v = run_engine(
         &["batch", "--connections", "100", "--rate", "500", "--duration", "2s", "--batch-size", "20"],
         tmp.path(),
