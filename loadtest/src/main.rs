@@ -428,6 +428,7 @@ fn main() -> ExitCode {
                         "messages": r.messages,
                         "cpu": r.cpu,
                         "frames_per_write": r.frames_per_write,
+                        "tool_unread_per_socket": r.tool_unread_per_socket,
                         "saturation": r.saturation,
                     })).collect::<Vec<_>>(),
                     "ratios": out.ratios,

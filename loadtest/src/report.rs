@@ -222,6 +222,11 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
     row("other processes' CPU connect / main", &|r| {
         format!("{:.0}% / {:.0}%", r.cpu.others_connect_pct, r.cpu.others_main_pct)
     });
+    if out.runs.iter().any(|r| r.tool_unread_per_socket.is_some()) {
+        row("tool's unread bytes per socket (main phase)", &|r| {
+            r.tool_unread_per_socket.map_or_else(|| "-".into(), |b| format!("{b:.0} B"))
+        });
+    }
     if out.runs.iter().any(|r| r.frames_per_write.is_some()) {
         row("frames per socket write (node's counters)", &|r| {
             r.frames_per_write.map_or_else(|| "-".into(), |f| format!("{f:.1}"))

@@ -419,6 +419,9 @@ pub struct RunResult {
     /// The node's frames per socket write over the main phase, from its own counters (known
     /// only when the tool has the node's admin token: `--spawn` or `--node-data`).
     pub frames_per_write: Option<f64>,
+    /// Bytes the tool's terminal sockets held unread in the kernel, per socket, averaged over
+    /// the main phase's seconds: a tool that reads behind shows here even when its CPU does not.
+    pub tool_unread_per_socket: Option<f64>,
     /// Why the tool may have been the limit, or the machine.
     pub saturation: Vec<String>,
     /// What makes this run fail: lost or failed connections, lost messages, API errors.
@@ -631,6 +634,10 @@ struct Monitor<'a> {
     api_last: (u64, u64),
     /// `chat`: sent and acked come from the terminals' own sends.
     chat: bool,
+    /// The node's client port: the tool's terminal sockets are those connected to it.
+    client_port: u16,
+    /// Per second of the main phase: bytes the tool's terminal sockets held unread, per socket.
+    unread_per_socket: Vec<f64>,
 }
 
 #[derive(Default, Clone)]
@@ -668,6 +675,12 @@ impl<'a> Monitor<'a> {
             self.last_server_cpu = self.server_cpu.sample();
             self.last_tool_cpu = self.tool_cpu.sample();
             self.last_rss = procstat::rss_sum(&self.server_pids);
+            if phase != "connect" {
+                let (bytes, sockets) = procstat::tcp_unread_to(self.client_port);
+                if sockets > 0 {
+                    self.unread_per_socket.push(bytes as f64 / sockets as f64);
+                }
+            }
             let (ls, la, lr) = self.last_counts;
             let p = SeriesPoint {
                 t_s: self.start.elapsed().as_secs_f64(),
@@ -787,6 +800,8 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         last_rss: rss_before,
         api_last: (0, 0),
         chat: opts.scenario == Scenario::Chat,
+        client_port: target.client.port(),
+        unread_per_socket: Vec::new(),
     };
 
     // Connect phase.
@@ -840,6 +855,8 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     let rss_end = procstat::rss_sum(&server_pids);
     let frames_per_write = writes_before.zip(target.write_counters()).and_then(|(a, b)| a.frames_per_write_until(b));
     let series = std::mem::take(&mut mon.series);
+    let tool_unread_per_socket = (!mon.unread_per_socket.is_empty())
+        .then(|| mon.unread_per_socket.iter().sum::<f64>() / mon.unread_per_socket.len() as f64);
     drop(mon);
     let fr = FleetReport::merge(fleets.into_iter().map(Fleet::stop).collect());
     live.finish();
@@ -915,6 +932,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         cpu,
         messages,
         frames_per_write,
+        tool_unread_per_socket,
         saturation: Vec::new(),
         problems: Vec::new(),
         series,
@@ -1322,6 +1340,10 @@ pub fn compare_ids(accepted: &[u64], received_sorted: &[u64]) -> (u64, u64, u64)
     (missing, unexpected, dups)
 }
 
+/// Unread bytes per terminal socket (main-phase average) from which the tool counts as reading
+/// behind: a few frames' worth waiting is normal, kilobytes mean its reads lag the node's writes.
+const TOOL_UNREAD_BEHIND_B: f64 = 4096.0;
+
 fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
     let mut out = Vec::new();
     let cpu = &r.cpu;
@@ -1352,6 +1374,11 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
                 cpu.cores
             ));
         }
+    }
+    if let Some(unread) = r.tool_unread_per_socket.filter(|u| *u >= TOOL_UNREAD_BEHIND_B) {
+        out.push(format!(
+            "the tool's terminals read behind: {unread:.0} B per socket waited unread on average (kernel receive queues): the tool may be the limit (try more --threads)"
+        ));
     }
     let c = &r.connections;
     if c.target_rate > 0.0 && c.requested >= 1000 && c.handshakes_per_s < 0.9 * c.target_rate {
