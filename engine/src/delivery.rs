@@ -258,6 +258,12 @@ impl Shard {
     /// A cumulative delivery ack: forgets what it covers, keeps the position durable.
     pub(crate) fn on_ack(self: &Rc<Self>, s: &Rc<Session>, seq: u64, group: Option<String>) {
         ShardCounters::add(&self.counters().acks, 1);
+        if let Some(g) = &group {
+            // Held until the next save (bounded per session), so it must be a real group id.
+            if let Err(e) = ether_proto::ids::check_id("group", g) {
+                return self.reject_frame(s, e.code, e.message, None);
+            }
+        }
         if group.is_none() {
             if seq <= s.acked_inbox.get() {
                 return;

@@ -122,6 +122,15 @@ fn invalid_frames_get_errors_then_abuse_closes_with_1008() {
         }
         other => panic!("{other:?}"),
     }
+    // An ack for a group that cannot exist.
+    t.raw_send(Message::text(r#"{"type":"ack","seq":1,"group":"no such group!"}"#)).unwrap();
+    match t.recv(WAIT).unwrap() {
+        Some(ServerFrame::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::InvalidBody);
+            assert!(message.starts_with("group:"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     // Still served between errors.
     t.ping().unwrap();
     assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
