@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 13] = [
+const SHARD_METRICS: [ShardMetric; 15] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -45,6 +45,13 @@ const SHARD_METRICS: [ShardMetric; 13] = [
     ("ether_outbound_bytes_queued", "Bytes queued for terminals and not yet written.", Kind::Gauge, |s| {
         s.outbound_bytes_queued
     }),
+    (
+        "ether_parked_connections",
+        "Idle connections parked out of their tasks (a subset of ether_connections).",
+        Kind::Gauge,
+        |s| s.parked_connections,
+    ),
+    ("ether_parks_total", "Times an idle connection was parked.", Kind::Counter, |s| s.parks),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +374,8 @@ mod tests {
             resends: 7,
             mesh_queue_depth: 3,
             outbound_bytes_queued: 65536,
+            parked_connections: 4,
+            parks: 9,
             closes,
             ack_latency: ack.snapshot(),
             push_latency: push.snapshot(),
@@ -441,6 +450,8 @@ mod tests {
             "ether_storage_commit_latency_seconds",
             "ether_mesh_queue_depth",
             "ether_outbound_bytes_queued",
+            "ether_parked_connections",
+            "ether_parks_total",
             "ether_connections_closed_total",
             "ether_api_requests_total",
         ] {

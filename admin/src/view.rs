@@ -45,6 +45,8 @@ impl NodeStats {
             t.resends += s.resends;
             t.mesh_queue_depth += s.mesh_queue_depth;
             t.outbound_bytes_queued += s.outbound_bytes_queued;
+            t.parked_connections += s.parked_connections;
+            t.parks += s.parks;
             for (reason, n) in &s.closes {
                 *t.closes.entry(reason.clone()).or_default() += n;
             }
@@ -111,6 +113,12 @@ pub struct ShardStats {
     pub mesh_queue_depth: u64,
     /// Gauge: bytes queued for terminals and not yet written.
     pub outbound_bytes_queued: u64,
+    /// Gauge: idle connections parked out of their tasks (a subset of `connections`).
+    #[serde(default)]
+    pub parked_connections: u64,
+    /// Times a connection was parked.
+    #[serde(default)]
+    pub parks: u64,
     /// Connections closed, by close reason (`idle`, `kicked`, `slow_consumer`, ...).
     #[serde(default)]
     pub closes: BTreeMap<String, u64>,

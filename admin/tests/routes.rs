@@ -159,6 +159,8 @@ fn stats_shape() {
         "resends",
         "mesh_queue_depth",
         "outbound_bytes_queued",
+        "parked_connections",
+        "parks",
         "closes",
         "ack_latency",
         "push_latency",

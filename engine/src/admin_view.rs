@@ -120,6 +120,8 @@ impl ether_admin::NodeView for AdminView {
                     resends: g(&c.resends),
                     mesh_queue_depth: g(&node.mesh_depth[i]),
                     outbound_bytes_queued: g(&c.queued_bytes),
+                    parked_connections: g(&c.parked),
+                    parks: g(&c.parks),
                     closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
                     ack_latency: published.ack_latency,
                     push_latency: published.push_latency,

@@ -311,6 +311,9 @@ raw_config! {
         groups_per_user_max: usize,
         /// `limits.socket_send_buffer_bytes`: kernel send buffer per terminal socket (0: the kernel's).
         socket_send_buffer_bytes: usize,
+        /// `limits.park_idle_after_ms`: time without I/O after which a terminal's connection is
+        /// parked out of its task (0: never).
+        park_idle_after_ms: u64,
     }
     /// Raw `[terminal]`: what terminals may do.
     terminal: RawTerminal {
@@ -718,6 +721,10 @@ pub struct Limits {
     /// Kernel send buffer of each terminal socket, bytes; 0 leaves the kernel's autotuning (0).
     /// Smaller bounds kernel memory per connection and finds slow consumers sooner.
     pub socket_send_buffer_bytes: usize,
+    /// Time without I/O (and nothing in flight) after which a terminal's connection task ends
+    /// and its socket waits in the shard's epoll set, holding only the session's memory (2 s;
+    /// zero: never park). See `parking`.
+    pub park_idle_after: Duration,
 }
 
 /// Default of `store.index_flush_age_ms`.
@@ -763,6 +770,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.batch_wait_after_ops", 0, 1_000_000),
     ("store.position_saves_per_tick_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
+    ("limits.park_idle_after_ms", 0, 3_600_000),
 ];
 
 impl Default for Limits {
@@ -787,6 +795,7 @@ impl Default for Limits {
             group_members_max: 100_000,
             groups_per_user_max: 1000,
             socket_send_buffer_bytes: 0,
+            park_idle_after: Duration::from_secs(2),
         }
     }
 }
@@ -913,6 +922,8 @@ impl Config {
                 group_members_max: Some(8),
                 groups_per_user_max: Some(4),
                 socket_send_buffer_bytes: Some(8 * KIB),
+                // Parks after one tick, so every test also runs through parked connections.
+                park_idle_after_ms: Some(250),
             },
             // Few position saves per tick, so the deferred ones run in tests too.
             store: RawStore { position_saves_per_tick_max: Some(2), ..RawStore::default() },
@@ -973,6 +984,7 @@ impl Config {
                 "group_members_max": limits.group_members_max,
                 "groups_per_user_max": limits.groups_per_user_max,
                 "socket_send_buffer_bytes": limits.socket_send_buffer_bytes,
+                "park_idle_after_ms": u64::try_from(limits.park_idle_after.as_millis()).unwrap_or(u64::MAX),
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
             "store": { "durability": match self.store_durability {
@@ -1185,6 +1197,11 @@ impl Prepared {
                 l.socket_send_buffer_bytes,
                 d.socket_send_buffer_bytes,
             )?,
+            park_idle_after: Duration::from_millis(check.bounded(
+                "limits.park_idle_after_ms",
+                l.park_idle_after_ms,
+                u64::try_from(d.park_idle_after.as_millis()).unwrap_or(u64::MAX),
+            )?),
         };
         if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
             return Err(check.invalid(
@@ -1693,6 +1710,7 @@ mod tests {
             group_members_max = 100000
             groups_per_user_max = 1000
             socket_send_buffer_bytes = 0
+            park_idle_after_ms = 2000
             [terminal]
             send_enabled = false
             [store]

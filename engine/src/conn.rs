@@ -4,7 +4,7 @@
 //! `session`, routing and delivery in `shard`.
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use glommio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::mesh::{Handoff, ShardMsg};
-use crate::session::{CloseReason, Platform, Session};
+use crate::session::{CloseReason, ParkState, Platform, Session};
 use crate::shard::{home_shard, AdoptError, Shard};
 use crate::stats::ShardCounters;
 use crate::ws::{self, FrameReader, WsError, WsEvent};
@@ -271,6 +271,11 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                 session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
                 shard.join_groups(&session, heads.groups.keys());
                 session.push_final(shard.welcome_frame(&session, heads.groups, delivered));
+                // Parked as soon as the welcome is written and nothing came in: connect storms
+                // then leave no task per connection behind (see `parking`).
+                if shard.parking.is_some() {
+                    session.request_park();
+                }
                 ShardCounters::add(&shard.counters().handshakes, 1);
                 shard.spawn_terminal_task(run_session(shard.clone(), session, stream, leftover));
             }
@@ -295,11 +300,21 @@ enum Wake {
     /// `n` bytes were read into the shard's scratch buffer.
     Read(usize),
     Close(CloseReason),
+    /// Parking was asked for and nothing is in flight (see `parking`).
+    Park,
 }
 
 /// Polls the socket for the session: writes what is queued (gathered, non-blocking), then
-/// reads. Pending only when the queue is empty or the socket full, and nothing is readable.
-fn poll_io(shard: &Shard, session: &Session, stream: &mut TcpStream, cx: &mut std::task::Context<'_>) -> Poll<Wake> {
+/// reads. Pending only when the queue is empty or the socket full, and nothing is readable;
+/// then, if the shard asked to park the session and `between_frames` (no frame half read),
+/// ready to park instead.
+fn poll_io(
+    shard: &Shard,
+    session: &Session,
+    stream: &mut TcpStream,
+    between_frames: bool,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<Wake> {
     if let Some(reason) = session.close_reason() {
         return Poll::Ready(Wake::Close(reason));
     }
@@ -329,8 +344,31 @@ fn poll_io(shard: &Shard, session: &Session, stream: &mut TcpStream, cx: &mut st
     }
     if writes > 0 {
         ShardCounters::add(&shard.counters().socket_writes, writes);
+        session.note_write(shard.now_tick());
     }
     let mut scratch = shard.scratch.borrow_mut();
+    if session.park_state() == ParkState::Requested {
+        if between_frames && session.quiet() {
+            // A plain non-blocking read: glommio's would arm a poll (and allocate its source)
+            // only for it to be dropped when the session parks.
+            // SAFETY: reads into the scratch buffer, borrowed mutably for the call, from the
+            // session's socket.
+            let r = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
+            match r {
+                0 => return Poll::Ready(Wake::Close(CloseReason::PeerClosed)),
+                n if n > 0 => {
+                    session.decline_park();
+                    return Poll::Ready(Wake::Read(n as usize));
+                }
+                _ => match std::io::Error::last_os_error().kind() {
+                    std::io::ErrorKind::WouldBlock => return Poll::Ready(Wake::Park),
+                    std::io::ErrorKind::Interrupted => {}
+                    _ => return Poll::Ready(Wake::Close(CloseReason::IoError)),
+                },
+            }
+        }
+        session.decline_park();
+    }
     match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
         Poll::Ready(Ok(0)) => Poll::Ready(Wake::Close(CloseReason::PeerClosed)),
         Poll::Ready(Ok(n)) => Poll::Ready(Wake::Read(n)),
@@ -366,7 +404,8 @@ fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, 
     }
 }
 
-/// The connection task of one session: runs until the session closes, then says goodbye.
+/// The connection task of one session: runs until the session closes (then says goodbye) or
+/// is parked.
 async fn run_session(shard: Rc<Shard>, session: Rc<Session>, mut stream: TcpStream, mut leftover: Vec<u8>) {
     let mut reader = FrameReader::default();
     if !leftover.is_empty() {
@@ -374,19 +413,62 @@ async fn run_session(shard: Rc<Shard>, session: Rc<Session>, mut stream: TcpStre
     }
     drop(leftover);
     let reason = loop {
-        match poll_fn(|cx| poll_io(&shard, &session, &mut stream, cx)).await {
+        let between_frames = reader.is_between_frames();
+        match poll_fn(|cx| poll_io(&shard, &session, &mut stream, between_frames, cx)).await {
             Wake::Close(reason) => break reason,
             Wake::Read(n) => {
                 // The scratch buffer is only borrowed here, with no await until it is released.
                 let mut scratch = shard.scratch.borrow_mut();
                 on_bytes(&shard, &session, &mut reader, &mut scratch[..n]);
             }
+            Wake::Park => match park(&shard, &session, &stream) {
+                Ok(()) => return, // the stream's fd closes; the session holds a duplicate
+                Err(e) => {
+                    debug!(user = %session.user, device = %session.device, shard = shard.id, error = %e, "cannot park; the task keeps serving");
+                    session.decline_park();
+                }
+            },
         }
     };
     shard.remove_session(&session, reason);
     // The goodbye runs as its own short task, so its state (timers, a drain buffer) is not
     // part of every idle connection's long-lived future.
     shard.spawn_terminal_task(async move { say_goodbye(&session, stream, reason).await });
+}
+
+/// Hands an idle session's socket to the shard's epoll set (a duplicate fd, registered before
+/// the task's stream is dropped, so readiness in between is not missed).
+fn park(shard: &Shard, session: &Session, stream: &TcpStream) -> std::io::Result<()> {
+    let parking = shard.parking.as_ref().ok_or_else(|| std::io::Error::other("parking is off"))?;
+    // SAFETY: the stream's fd is open for the whole call; only duplicated here.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
+    parking.park(session.key, &fd)?;
+    session.park_with(fd);
+    let c = shard.counters();
+    ShardCounters::add(&c.parks, 1);
+    c.parked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Gives parked sessions their task back when their socket turns readable or something is
+/// pushed to them (see `parking`). Runs as long as the shard.
+pub async fn unpark_loop(shard: Rc<Shard>) {
+    let Some(parking) = shard.parking.as_ref() else { return };
+    let mut keys = Vec::new();
+    loop {
+        parking.next_batch(&mut keys).await;
+        for key in keys.drain(..) {
+            // Stale keys (closed sessions, reused slots, sessions already back) find nothing.
+            let Some(session) = shard.session(key) else { continue };
+            let Some(fd) = session.unpark() else { continue };
+            parking.unpark(&fd);
+            shard.counters().parked.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            shard.schedule_park_check(key);
+            // SAFETY: the session's connected TCP socket, owned by the stream from here on.
+            let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+            shard.spawn_terminal_task(run_session(shard.clone(), session, stream, Vec::new()));
+        }
+    }
 }
 
 /// Sends the close frame (after what is queued) and closes the socket, bounded in time.

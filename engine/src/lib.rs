@@ -15,6 +15,7 @@
 //! - [`conn`]: client-port sockets: accept, WebSocket upgrade and token check, hand-over to
 //!   the home shard, the connection task (reads frames, writes the session queue).
 //! - [`session`]: a live terminal: identity, bounded outbound queue, close reason.
+//! - [`parking`]: idle connections parked out of their tasks in one epoll set per shard.
 //! - [`ws`]: WebSocket frame reader and frame encoding (tungstenite's codec).
 //! - [`wheel`]: the per-shard timer wheel.
 //! - [`message`]: messages, ids, and their encoding into frame bytes (once per inbox).
@@ -40,6 +41,7 @@ pub mod groups;
 pub mod mesh;
 pub mod message;
 pub mod node;
+pub mod parking;
 pub mod secrets;
 pub mod session;
 pub mod shard;

@@ -4,12 +4,14 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 
 use bytes::Bytes;
 
+use crate::parking::WakeList;
 use crate::ws::close_code;
 
 /// A session's slot on its shard: slab index and a generation, so a stale key never reaches a
@@ -141,6 +143,19 @@ struct OutQueue {
     front_offset: usize,
 }
 
+/// Whether a session is served by a connection task or parked (see `parking`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkState {
+    /// A connection task serves it.
+    Active,
+    /// The shard asked its task to park it when nothing is in flight.
+    Requested,
+    /// No task: the socket waits in the shard's epoll set.
+    Parked,
+    /// Parked, and already queued to be taken back to a task.
+    Waking,
+}
+
 /// A pushed inbox message waiting for the terminal's ack.
 #[derive(Debug)]
 struct Unacked {
@@ -188,6 +203,13 @@ pub struct Session {
     unacked: RefCell<VecDeque<Unacked>>,
     /// The groups this session is indexed under on its shard.
     pub groups: RefCell<Vec<Arc<str>>>,
+    /// Shard tick of the last write to the socket.
+    last_write: Cell<u64>,
+    park: Cell<ParkState>,
+    /// The socket while parked (a task owns it otherwise).
+    parked_fd: RefCell<Option<OwnedFd>>,
+    /// Where `wake` queues the session while it is parked.
+    wake_list: Rc<WakeList>,
 }
 
 /// What a push did.
@@ -211,6 +233,7 @@ impl Session {
         remote: SocketAddr,
         since_ms: u64,
         now_tick: u64,
+        wake_list: Rc<WakeList>,
     ) -> Session {
         Session {
             key,
@@ -231,6 +254,10 @@ impl Session {
             inbox_dirty: Cell::new(false),
             unacked: RefCell::default(),
             groups: RefCell::default(),
+            last_write: Cell::new(now_tick),
+            park: Cell::new(ParkState::Active),
+            parked_fd: RefCell::new(None),
+            wake_list,
         }
     }
 
@@ -303,9 +330,79 @@ impl Session {
         }
     }
 
+    /// Wakes the connection task, or queues a parked session to get one.
     fn wake(&self) {
-        if let Some(w) = self.waker.borrow().as_ref() {
-            w.wake_by_ref();
+        match self.park.get() {
+            ParkState::Parked => {
+                self.park.set(ParkState::Waking);
+                self.wake_list.push(self.key);
+            }
+            ParkState::Waking => {}
+            ParkState::Active | ParkState::Requested => {
+                if let Some(w) = self.waker.borrow().as_ref() {
+                    w.wake_by_ref();
+                }
+            }
+        }
+    }
+
+    // ---- parking (see `parking`) ----------------------------------------------------------
+
+    pub fn park_state(&self) -> ParkState {
+        self.park.get()
+    }
+
+    /// Shard tick of the last frame read or bytes written.
+    pub fn last_io(&self) -> u64 {
+        self.last_active.get().max(self.last_write.get())
+    }
+
+    pub fn note_write(&self, tick: u64) {
+        self.last_write.set(tick);
+    }
+
+    /// Nothing in flight: no queued output, no unacknowledged push, not closing.
+    pub fn quiet(&self) -> bool {
+        self.close.get().is_none() && !self.has_queued() && self.unacked.borrow().is_empty()
+    }
+
+    /// Asks the connection task to park the session at its next idle moment.
+    pub fn request_park(&self) {
+        if self.park.get() == ParkState::Active {
+            self.park.set(ParkState::Requested);
+            self.wake();
+        }
+    }
+
+    /// The task could not park now (a frame half read, say): it keeps serving.
+    pub fn decline_park(&self) {
+        if self.park.get() == ParkState::Requested {
+            self.park.set(ParkState::Active);
+        }
+    }
+
+    /// The task ended; the session keeps `fd` until it is woken. Drops the task's waker (it
+    /// would keep the finished task's memory) and the queues' buffers.
+    pub fn park_with(&self, fd: OwnedFd) {
+        debug_assert!(self.quiet(), "parked with something in flight");
+        debug_assert_eq!(self.park.get(), ParkState::Requested);
+        *self.parked_fd.borrow_mut() = Some(fd);
+        self.park.set(ParkState::Parked);
+        *self.waker.borrow_mut() = None;
+        self.out.borrow_mut().frames = VecDeque::new();
+        *self.unacked.borrow_mut() = VecDeque::new();
+    }
+
+    /// Takes the parked socket back for a new connection task (None when not parked).
+    pub fn unpark(&self) -> Option<OwnedFd> {
+        match self.park.get() {
+            ParkState::Parked | ParkState::Waking => {
+                self.park.set(ParkState::Active);
+                let fd = self.parked_fd.borrow_mut().take();
+                debug_assert!(fd.is_some(), "parked without its socket");
+                fd
+            }
+            ParkState::Active | ParkState::Requested => None,
         }
     }
 
@@ -450,6 +547,7 @@ mod tests {
             "127.0.0.1:1".parse().unwrap(),
             0,
             0,
+            Rc::new(WakeList::default()),
         )
     }
 

@@ -29,7 +29,8 @@ use crate::config::Config;
 use crate::error::EngineError;
 use crate::mesh::{FanoutMesh, ShardMsg};
 use crate::message::{encode_text_frame, unix_now_ms, IdGen, NewMessage};
-use crate::session::{CloseReason, Platform, Pushed, Session, SessionKey};
+use crate::parking::{Parking, WakeList};
+use crate::session::{CloseReason, ParkState, Platform, Pushed, Session, SessionKey};
 use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters, ShardPublished};
 use crate::storage::CommitQueues;
 use crate::wheel::TimerWheel;
@@ -42,6 +43,11 @@ pub const TICK: Duration = Duration::from_millis(250);
 const TRIM_EVERY_TICKS: u64 = 4;
 /// Connects plus closes since the last trim that make one worth it.
 const TRIM_CHURN_MIN: u64 = 256;
+/// Ticks without I/O after which a connection is parked (at least one).
+fn park_ticks(config: &Config) -> u64 {
+    (config.limits.park_idle_after.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1)
+}
+
 /// Slots of the resend wheel (later deadlines come due early and are scheduled again).
 const RESEND_WHEEL_SLOTS: usize = 1024;
 /// Size of the per-shard read buffer every connection reads into.
@@ -126,6 +132,13 @@ pub struct Shard {
     api_counts: RefCell<HashMap<(&'static str, u16), u64>>,
     /// The task queue terminal connections run in (see `spawn_terminal_task`).
     terminal_queue: TaskQueueHandle,
+    /// Idle connections parked out of their tasks (None: `limits.park_idle_after_ms = 0`, or
+    /// the epoll set could not be made).
+    pub(crate) parking: Option<Parking>,
+    /// Where sessions queue themselves when woken while parked.
+    wake_list: Rc<WakeList>,
+    /// Sessions to look at for parking, keyed by when they may have been idle long enough.
+    park_wheel: RefCell<TimerWheel<SessionKey>>,
 }
 
 impl Shard {
@@ -140,6 +153,15 @@ impl Shard {
         commits: Arc<CommitQueues>,
     ) -> Shard {
         let idle_ticks = config.limits.idle_timeout.as_millis() as u64 / TICK.as_millis() as u64;
+        let parking = if config.limits.park_idle_after.is_zero() {
+            None
+        } else {
+            Parking::start(id)
+                .map_err(|e| warn!(shard = id, error = %e, "cannot park idle connections; each keeps its task"))
+                .ok()
+        };
+        let wake_list = parking.as_ref().map_or_else(|| Rc::new(WakeList::default()), |p| p.woken.clone());
+        let park_ticks = park_ticks(&config);
         Shard {
             id,
             shards: config.node.shards,
@@ -171,6 +193,9 @@ impl Shard {
                 Latency::NotImportant,
                 "terminals",
             ),
+            parking,
+            wake_list,
+            park_wheel: RefCell::new(TimerWheel::new(park_ticks as usize + 2, 0)),
             config,
         }
     }
@@ -318,11 +343,13 @@ impl Shard {
             remote,
             unix_now_ms(),
             self.now_tick(),
+            self.wake_list.clone(),
         ));
         sessions.insert(session.clone());
         let first = entry.sessions.is_empty();
         entry.sessions.push(key);
         self.wheel.borrow_mut().schedule(key, self.now_tick() + self.idle_ticks());
+        self.schedule_park_check(key);
         ShardCounters::add(&self.counters().connections, 1);
         info!(user = %user, device, shard = self.id, session = session.id, %remote, "terminal connected");
         drop(users);
@@ -670,13 +697,15 @@ impl Shard {
         }
     }
 
-    /// After a burst of connects or closes, gives the freed heap back to the kernel: the
-    /// handshakes' transient buffers would otherwise stay in the process as idle RSS.
+    /// After a burst of connects, closes or parks, gives the freed heap back to the kernel: the
+    /// handshakes' transient buffers and parked connections' tasks would otherwise stay in the
+    /// process as idle RSS.
     fn trim_after_churn(&self) {
         let c = self.counters();
         let churn = ShardCounters::get(&c.handshakes)
             + c.closes.iter().map(ShardCounters::get).sum::<u64>()
-            + ShardCounters::get(&c.handshake_failures);
+            + ShardCounters::get(&c.handshake_failures)
+            + ShardCounters::get(&c.parks);
         if churn.abs_diff(self.churn_at_trim.replace(churn)) >= TRIM_CHURN_MIN {
             crate::allocator::release_free_memory();
         }
@@ -702,6 +731,38 @@ impl Shard {
 
     // ---- time --------------------------------------------------------------------------
 
+    /// Looks again at `key` for parking once it may have been idle long enough.
+    pub(crate) fn schedule_park_check(&self, key: SessionKey) {
+        if self.parking.is_some() {
+            self.park_wheel.borrow_mut().schedule(key, self.now_tick() + park_ticks(&self.config));
+        }
+    }
+
+    /// Asks the tasks of sessions without I/O for `limits.park_idle_after_ms` and nothing in
+    /// flight to park them (see `parking`); the others are looked at again when they may be.
+    fn park_idle(&self, now: u64, due: &mut Vec<SessionKey>) {
+        if self.parking.is_none() {
+            return;
+        }
+        let ticks = park_ticks(&self.config);
+        self.park_wheel.borrow_mut().advance(now, due);
+        for key in due.drain(..) {
+            let Some(s) = self.session(key) else { continue };
+            // Parked sessions are scheduled again when they get a task back.
+            if matches!(s.park_state(), ParkState::Parked | ParkState::Waking) || s.close_reason().is_some() {
+                continue;
+            }
+            let idle_until = s.last_io() + ticks;
+            if idle_until <= now && s.quiet() {
+                s.request_park();
+                // Looked at again in case the task cannot park it now.
+                self.park_wheel.borrow_mut().schedule(key, now + ticks);
+            } else {
+                self.park_wheel.borrow_mut().schedule(key, idle_until.max(now + 1));
+            }
+        }
+    }
+
     /// Advances the clock and the wheel every tick: closes idle terminals. Ends when the node
     /// stops.
     pub async fn tick_loop(self: Rc<Self>) {
@@ -726,6 +787,7 @@ impl Shard {
                 }
             }
             self.resend_due(now, &mut due);
+            self.park_idle(now, &mut due);
             self.save_ack_positions();
             if self.node.draining() {
                 self.drain_step();

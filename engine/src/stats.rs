@@ -33,6 +33,10 @@ pub struct ShardCounters {
     pub resends: AtomicU64,
     /// Gauge: bytes queued for terminals, refreshed every tick.
     pub queued_bytes: AtomicU64,
+    /// Gauge: connections parked out of their tasks (a subset of `connections`).
+    pub parked: AtomicU64,
+    /// Times a connection was parked.
+    pub parks: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 

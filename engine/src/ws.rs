@@ -66,6 +66,11 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// No frame or fragmented message is half read.
+    pub fn is_between_frames(&self) -> bool {
+        self.partial.is_empty() && self.fragments.is_none()
+    }
+
     /// Bytes held for an incomplete frame or message.
     pub fn buffered_bytes(&self) -> usize {
         self.partial.capacity() + self.fragments.as_ref().map_or(0, |(_, v)| v.capacity())

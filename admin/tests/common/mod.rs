@@ -119,6 +119,8 @@ impl FakeView {
                     resends: 40 + calls,
                     mesh_queue_depth: 2 + n,
                     outbound_bytes_queued: 16_384 * (n + 1),
+                    parked_connections: connections / 2,
+                    parks: 300 + calls,
                     closes,
                     ack_latency: ack.snapshot(),
                     push_latency: push.snapshot(),

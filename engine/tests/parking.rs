@@ -1,0 +1,119 @@
+//! Parked connections on a real node (the test configuration parks after one 250 ms tick
+//! without I/O): idle terminals are parked, and a parked terminal gets everything pushed to
+//! it, in order; its pings are answered; a terminal with an unacknowledged message is not
+//! parked; kicks and idle timeouts still reach parked terminals.
+mod support;
+
+use std::time::{Duration, Instant};
+
+use ether_proto::frame::ServerFrame;
+use serde_json::Value;
+use support::*;
+
+fn totals(node: &TestNode) -> Value {
+    let r = node.admin().request("GET", "/admin/v1/stats", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    serde_json::from_slice::<Value>(&r.body).unwrap()["totals"].clone()
+}
+
+/// Waits until `parked_connections` is `n` (the gauge is exact: no publish delay).
+fn wait_parked(node: &TestNode, n: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = totals(node);
+        if t["parked_connections"] == n {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "parked_connections never reached {n}: {t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn idle_terminals_park_and_get_everything_back() {
+    let node = TestNode::start();
+    let mut phone = node.terminal("pia", "phone");
+    let mut web = node.terminal("pia", "web");
+    let t = wait_parked(&node, 2);
+    assert_eq!(t["connections"], 2, "parked terminals stay connected: {t}");
+    let parks_before = t["parks"].as_u64().unwrap();
+
+    // Pushes wake parked terminals: every message reaches both, in seq order.
+    let gw = node.gateway();
+    for i in 0..20 {
+        gw.send_message(&text("max", "pia", &format!("m{i}"))).unwrap();
+    }
+    for t in [&mut phone, &mut web] {
+        let mut last = 0;
+        for i in 0..20 {
+            let m = next_msg(t);
+            assert!(m.seq > last, "in order");
+            last = m.seq;
+            assert_eq!(m.body["text"], format!("m{i}"));
+            t.ack(m.seq).unwrap();
+        }
+    }
+    // Quiet again: both park again.
+    let t = wait_parked(&node, 2);
+    assert!(t["parks"].as_u64().unwrap() >= parks_before + 2, "{t}");
+
+    // Input wakes a parked terminal: its ping is answered.
+    phone.ping().unwrap();
+    assert_eq!(phone.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+    wait_parked(&node, 2);
+
+    // A terminal with an unacknowledged message stays with its task (resends need it).
+    gw.send_message(&text("max", "pia", "unacked")).unwrap();
+    let kept = next_msg(&mut phone);
+    let m = next_msg(&mut web);
+    web.ack(m.seq).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let t = totals(&node);
+    assert_eq!(t["parked_connections"], 1, "only the acking terminal parks: {t}");
+    // The resend still comes (test config: 1 s), then the ack lets it park.
+    let again = next_msg(&mut phone);
+    assert_eq!(again.seq, kept.seq, "resent");
+    phone.ack(kept.seq).unwrap();
+    wait_parked(&node, 2);
+
+    // A kick reaches parked terminals.
+    let r = node.admin().request("POST", "/admin/v1/users/pia/kick", Some(br#"{}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    for t in [&mut phone, &mut web] {
+        assert!(matches!(t.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while totals(&node)["connections"] != 0 {
+        assert!(Instant::now() < deadline, "kicked terminals still connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(totals(&node)["parked_connections"], 0);
+}
+
+#[test]
+fn parked_terminals_are_closed_when_idle_too_long() {
+    let node = TestNode::start(); // idle timeout 3 s in the test configuration
+    let mut t = node.terminal("quo", "phone");
+    wait_parked(&node, 1);
+    let started = Instant::now();
+    let got = t.drain(Duration::from_secs(6));
+    assert!(got.is_err() && t.is_closed(), "closed for idleness, got {got:?}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while totals(&node)["connections"] != 0 {
+        assert!(Instant::now() < deadline, "the idle terminal is still counted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(totals(&node)["parked_connections"], 0);
+}
+
+#[test]
+fn parking_off_keeps_every_task() {
+    let node = TestNode::with(|c| c.limits.park_idle_after = Duration::ZERO);
+    let mut t = node.terminal("rex", "phone");
+    std::thread::sleep(Duration::from_millis(800));
+    let s = totals(&node);
+    assert_eq!((s["connections"].as_u64(), s["parked_connections"].as_u64()), (Some(1), Some(0)));
+    t.ping().unwrap();
+    assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+}
