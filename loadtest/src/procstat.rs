@@ -207,6 +207,20 @@ pub fn rss_sum(pids: &[u32]) -> u64 {
     pids.iter().filter_map(|p| rss_bytes(*p)).sum()
 }
 
+/// `rss_sum` once it stopped changing (the same three reads 100 ms apart), or after `max`.
+pub fn settled_rss(pids: &[u32], max: std::time::Duration) -> u64 {
+    let start = std::time::Instant::now();
+    let mut last = rss_sum(pids);
+    let mut same = 0;
+    while same < 2 && start.elapsed() < max {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = rss_sum(pids);
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 /// Bytes waiting unread in the kernel receive queues of established TCP sockets connected to
 /// `port` (any address), and how many such sockets: the tool's terminals when `port` is the
 /// node's client port (`/proc/net/tcp` and `tcp6`, this network namespace).

@@ -212,7 +212,10 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
     row("server RSS before → connected", &|r| {
         format!("{} → {}", human_bytes(r.memory.server_rss_before), human_bytes(r.memory.server_rss_connected))
     });
-    row("server RSS per connection", &|r| format!("{:.0} B", r.memory.server_rss_per_conn));
+    row("server RSS per connection (just connected)", &|r| format!("{:.0} B", r.memory.server_rss_per_conn));
+    row("server RSS per connection (idle, end of main phase)", &|r| {
+        format!("{:.0} B", r.memory.server_rss_idle_per_conn)
+    });
     row("kernel TCP memory per connection", &|r| format!("{:.0} B", r.memory.kernel_tcp_mem_per_conn));
     row("kernel slab per connection", &|r| format!("{:.0} B", r.memory.kernel_slab_per_conn));
     row("server CPU connect / main", &|r| format!("{:.0}% / {:.0}%", r.cpu.server_connect_pct, r.cpu.server_main_pct));
@@ -395,8 +398,11 @@ fn headline(r: &RunResult) -> String {
         }
         Some(m) => format!("{:.0} msgs/s delivered, p99 {}", m.delivered_per_s, ms(m.latency.p99_ms)),
         None => format!(
-            "{:.0} handshakes/s, {:.0} B server RSS/conn, {:.0} B kernel slab/conn",
-            r.connections.handshakes_per_s, r.memory.server_rss_per_conn, r.memory.kernel_slab_per_conn,
+            "{:.0} handshakes/s, {:.0} B server RSS/idle conn ({:.0} B just connected), {:.0} B kernel slab/conn",
+            r.connections.handshakes_per_s,
+            r.memory.server_rss_idle_per_conn,
+            r.memory.server_rss_per_conn,
+            r.memory.kernel_slab_per_conn,
         ),
     }
 }

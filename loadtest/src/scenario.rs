@@ -269,8 +269,11 @@ pub struct MemFigures {
     pub server_rss_before: u64,
     pub server_rss_connected: u64,
     pub server_rss_end: u64,
-    /// (connected - before) / connected terminals.
+    /// (connected - before) / connected terminals, 300 ms after the last connected.
     pub server_rss_per_conn: f64,
+    /// (end of the main phase - before) / connected terminals: what a connection holds once
+    /// it has been idle (for `idle`, after `--hold`; the engine parks idle connections).
+    pub server_rss_idle_per_conn: f64,
     pub sockstat_before: SockStat,
     pub sockstat_connected: SockStat,
     /// Kernel TCP buffer memory per connection (both ends of a loopback pair).
@@ -506,6 +509,7 @@ fn ratios(engine: &RunResult, wire: &RunResult) -> serde_json::Value {
         "handshakes_per_s": ratio(engine.connections.handshakes_per_s, wire.connections.handshakes_per_s),
         "connect_p99": ratio(engine.connections.connect_latency.p99_ms, wire.connections.connect_latency.p99_ms),
         "server_rss_per_conn": ratio(engine.memory.server_rss_per_conn, wire.memory.server_rss_per_conn),
+        "server_rss_idle_per_conn": ratio(engine.memory.server_rss_idle_per_conn, wire.memory.server_rss_idle_per_conn),
     });
     if let (Some(e), Some(w)) = (&engine.messages, &wire.messages) {
         v["delivered_per_s"] = ratio(e.delivered_per_s, w.delivered_per_s);
@@ -574,6 +578,15 @@ fn targets(opts: &Options, run: Option<&RunResult>, ratios: Option<&serde_json::
             out.push(t);
         }
     };
+    if opts.scenario == Scenario::Idle {
+        out.push(at_least("handshakes/s", 30_000.0, r.connections.handshakes_per_s, "/s"));
+        out.push(at_most(
+            "server RSS per idle connection (end of hold)",
+            1024.0,
+            r.memory.server_rss_idle_per_conn,
+            " B",
+        ));
+    }
     let Some(m) = &r.messages else {
         return out;
     };
@@ -774,7 +787,9 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         setup_groups(opts, target, &spec, &live)?;
     }
     let server_pids = target.server_pids.clone();
-    let rss_before = procstat::rss_sum(&server_pids);
+    // A node just started may still be touching its startup memory: per-connection figures
+    // count from a settled baseline.
+    let rss_before = procstat::settled_rss(&server_pids, RSS_SETTLE_MAX);
     let sock_before = procstat::sockstat();
     let mut server_cpu = CpuMeter::new(server_pids.clone());
     let fleets = Fleet::start_all(&spec, opts.per_process_max).map_err(|e| format!("cannot start terminals: {e}"))?;
@@ -895,6 +910,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         server_rss_connected: rss_connected,
         server_rss_end: rss_end,
         server_rss_per_conn: per(rss_connected.saturating_sub(rss_before), c.welcomed),
+        server_rss_idle_per_conn: per(rss_end.saturating_sub(rss_before), c.welcomed),
         sockstat_before: sock_before,
         sockstat_connected: sock_connected,
         kernel_tcp_mem_per_conn: per(
@@ -1343,6 +1359,8 @@ pub fn compare_ids(accepted: &[u64], received_sorted: &[u64]) -> (u64, u64, u64)
 /// Unread bytes per terminal socket (main-phase average) from which the tool counts as reading
 /// behind: a few frames' worth waiting is normal, kilobytes mean its reads lag the node's writes.
 const TOOL_UNREAD_BEHIND_B: f64 = 4096.0;
+/// Longest wait for the server's RSS to settle before the baseline of per-connection memory.
+const RSS_SETTLE_MAX: Duration = Duration::from_secs(3);
 
 fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
     let mut out = Vec::new();
