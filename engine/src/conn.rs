@@ -380,13 +380,16 @@ fn poll_io(
     }
 }
 
-/// Feeds read bytes through the frame reader and handles each frame.
+/// Feeds read bytes through the frame reader and handles each frame. When they held only
+/// heartbeats, the session may park again as soon as the pong is written (a heartbeat is
+/// not activity that keeps a task).
 fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, bytes: &mut [u8]) {
     session.touch(shard.now_tick());
     let max = shard.config.limits.frame_bytes_max;
+    let mut busy = false;
     let result = reader.feed(bytes, max, |event| {
         match event {
-            WsEvent::Text(t) | WsEvent::Binary(t) => shard.on_client_frame(session, t),
+            WsEvent::Text(t) | WsEvent::Binary(t) => busy |= !shard.on_client_frame(session, t),
             WsEvent::Ping(p) => {
                 shard.push(session, ws::pong_frame(p));
             }
@@ -395,6 +398,9 @@ fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, 
         }
         session.close_reason().is_none()
     });
+    if !busy && shard.parking.is_some() {
+        session.request_park();
+    }
     if let Err(e) = result {
         debug!(user = %session.user, device = %session.device, shard = shard.id, error = %e, "bad WebSocket input");
         session.request_close(match e {

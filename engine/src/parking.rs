@@ -7,7 +7,9 @@
 //! (the task and its future, glommio's poll source for the pending read, the outbound queue's
 //! buffer). Most terminals of an IM fleet are idle most of the time (a heartbeat every 30 s),
 //! so after `limits.park_idle_after_ms` without I/O the connection task ends and only the
-//! session and its fd remain, the fd registered here (one-shot, readable). The session comes
+//! session and its fd remain, the fd registered here (one-shot, readable). A new terminal is
+//! parked as soon as its `welcome` is written, and one that only sent a heartbeat as soon as
+//! the pong is, so connect storms and heartbeats leave no tasks behind. The session comes
 //! back to a task when its socket becomes readable (the watcher thread queues its key) or when
 //! anything is pushed to it on its shard (`Session::wake` queues it in `WakeList`).
 use std::cell::RefCell;

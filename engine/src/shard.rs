@@ -540,24 +540,27 @@ impl Shard {
     }
 
     /// Handles one complete text (or binary) frame from a terminal.
-    pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8]) {
+    /// Handles one terminal frame; returns whether it was only a heartbeat (`ping`).
+    pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8]) -> bool {
         ShardCounters::add(&self.counters().frames_in, 1);
         let frame = match ClientFrameRef::parse(bytes) {
             Ok(f) => f,
             Err(e) => {
                 self.reject_frame(s, e.code(), e.to_string(), None);
-                return;
+                return false;
             }
         };
         match frame {
             ClientFrameRef::Ping => {
                 self.push(s, self.pong.clone());
+                return true;
             }
             ClientFrameRef::Ack { seq, group } => self.on_ack(s, seq, group.map(Cow::into_owned)),
             ClientFrameRef::Send { cid, to, group, kind, body } => self.on_send(s, &cid, to, group, kind, &body),
             ClientFrameRef::Sync { inbox_seq, groups, limit } => self.on_sync(s, inbox_seq, groups, limit),
             ClientFrameRef::Read { chat, seq } => self.on_read(s, chat.into_owned(), seq),
         }
+        false
     }
 
     fn on_send(

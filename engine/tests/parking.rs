@@ -117,3 +117,24 @@ fn parking_off_keeps_every_task() {
     t.ping().unwrap();
     assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
 }
+
+#[test]
+fn new_terminals_and_heartbeats_park_at_once_other_frames_keep_the_task() {
+    // Parking after a minute of silence: what parks sooner is the welcome and the heartbeat.
+    let node = TestNode::with(|c| c.limits.park_idle_after = Duration::from_secs(60));
+    let mut t = node.terminal("sol", "phone");
+    let parks = wait_parked(&node, 1)["parks"].as_u64().unwrap();
+    t.ping().unwrap();
+    assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while totals(&node)["parks"].as_u64().unwrap() < parks + 1 {
+        assert!(Instant::now() < deadline, "not parked again after a heartbeat");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_parked(&node, 1);
+    // A sync is activity: the terminal keeps its task for the configured minute.
+    let (_, head) = sync_all(&mut t, 0);
+    assert_eq!(head, 0);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(totals(&node)["parked_connections"], 0);
+}
