@@ -139,8 +139,9 @@ impl CloseReason {
 #[derive(Debug, Default)]
 struct OutQueue {
     frames: VecDeque<Bytes>,
-    bytes: usize,
-    front_offset: usize,
+    /// Queued bytes (at most `limits.outbound_queue_bytes_max`, which is below 4 GiB).
+    bytes: u32,
+    front_offset: u32,
 }
 
 /// Whether a session is served by a connection task or parked (see `parking`).
@@ -172,8 +173,8 @@ struct Unacked {
 /// Most frames gathered into one `sendmsg`.
 const IOV_MAX_PER_WRITE: usize = 64;
 
-/// A live terminal on its home shard.
-#[derive(Debug)]
+/// A live terminal on its home shard. Every parked terminal is one of these and little else,
+/// so its size counts (`size_is_bounded` keeps it in mimalloc's 320-byte class with its `Rc`).
 pub struct Session {
     pub key: SessionKey,
     /// Node-unique session id, sent in `welcome`.
@@ -186,10 +187,10 @@ pub struct Session {
     /// Unix milliseconds when the terminal connected.
     pub since_ms: u64,
     out: RefCell<OutQueue>,
-    waker: RefCell<Option<Waker>>,
+    waker: Cell<Option<Waker>>,
     close: Cell<Option<CloseReason>>,
-    /// Shard tick of the last frame received.
-    last_active: Cell<u64>,
+    /// Shard tick of the last frame received (ticks of 250 ms fit 32 bits for 34 years).
+    last_active: Cell<u32>,
     violations: Cell<u32>,
     /// Highest inbox seq the terminal acknowledged.
     pub acked_inbox: Cell<u64>,
@@ -204,12 +205,28 @@ pub struct Session {
     /// The groups this session is indexed under on its shard.
     pub groups: RefCell<Vec<Arc<str>>>,
     /// Shard tick of the last write to the socket.
-    last_write: Cell<u64>,
+    last_write: Cell<u32>,
     park: Cell<ParkState>,
     /// The socket while parked (a task owns it otherwise).
-    parked_fd: RefCell<Option<OwnedFd>>,
+    parked_fd: Cell<Option<OwnedFd>>,
     /// Where `wake` queues the session while it is parked.
     wake_list: Rc<WakeList>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("key", &self.key)
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .field("device", &self.device)
+            .field("platform", &self.platform)
+            .field("remote", &self.remote)
+            .field("close", &self.close.get())
+            .field("park", &self.park.get())
+            .field("queued_bytes", &self.queued_bytes())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a push did.
@@ -244,9 +261,9 @@ impl Session {
             remote,
             since_ms,
             out: RefCell::default(),
-            waker: RefCell::default(),
+            waker: Cell::new(None),
             close: Cell::new(None),
-            last_active: Cell::new(now_tick),
+            last_active: Cell::new(now_tick as u32),
             violations: Cell::new(0),
             acked_inbox: Cell::new(0),
             pushed_inbox: Cell::new(0),
@@ -254,9 +271,9 @@ impl Session {
             inbox_dirty: Cell::new(false),
             unacked: RefCell::default(),
             groups: RefCell::default(),
-            last_write: Cell::new(now_tick),
+            last_write: Cell::new(now_tick as u32),
             park: Cell::new(ParkState::Active),
-            parked_fd: RefCell::new(None),
+            parked_fd: Cell::new(None),
             wake_list,
         }
     }
@@ -268,12 +285,12 @@ impl Session {
         }
         {
             let mut q = self.out.borrow_mut();
-            if q.bytes + frame.len() > queue_bytes_max {
+            if q.bytes as usize + frame.len() > queue_bytes_max {
                 drop(q);
                 self.request_close(CloseReason::SlowConsumer);
                 return Pushed::Overflow;
             }
-            q.bytes += frame.len();
+            q.bytes += frame.len() as u32;
             q.frames.push_back(frame);
         }
         self.wake();
@@ -284,7 +301,7 @@ impl Session {
     pub fn push_final(&self, frame: Bytes) {
         {
             let mut q = self.out.borrow_mut();
-            q.bytes += frame.len();
+            q.bytes += frame.len() as u32;
             q.frames.push_back(frame);
         }
         self.wake();
@@ -292,7 +309,7 @@ impl Session {
 
     /// Bytes waiting to be written.
     pub fn queued_bytes(&self) -> usize {
-        self.out.borrow().bytes
+        self.out.borrow().bytes as usize
     }
 
     /// Asks the connection task to close for `reason` (the first reason wins).
@@ -308,11 +325,11 @@ impl Session {
     }
 
     pub fn touch(&self, tick: u64) {
-        self.last_active.set(tick);
+        self.last_active.set(tick as u32);
     }
 
     pub fn last_active(&self) -> u64 {
-        self.last_active.get()
+        u64::from(self.last_active.get())
     }
 
     /// Counts an invalid frame; returns the count so far.
@@ -324,10 +341,11 @@ impl Session {
 
     /// Remembers the connection task's waker (cloned only when it changed).
     pub fn set_waker(&self, waker: &Waker) {
-        let mut w = self.waker.borrow_mut();
-        if !w.as_ref().is_some_and(|old| old.will_wake(waker)) {
-            *w = Some(waker.clone());
-        }
+        let old = self.waker.take();
+        self.waker.set(match old {
+            Some(old) if old.will_wake(waker) => Some(old),
+            _ => Some(waker.clone()),
+        });
     }
 
     /// Wakes the connection task, or queues a parked session to get one.
@@ -339,9 +357,11 @@ impl Session {
             }
             ParkState::Waking => {}
             ParkState::Active | ParkState::Requested => {
-                if let Some(w) = self.waker.borrow().as_ref() {
+                let w = self.waker.take();
+                if let Some(w) = &w {
                     w.wake_by_ref();
                 }
+                self.waker.set(w);
             }
         }
     }
@@ -354,11 +374,11 @@ impl Session {
 
     /// Shard tick of the last frame read or bytes written.
     pub fn last_io(&self) -> u64 {
-        self.last_active.get().max(self.last_write.get())
+        u64::from(self.last_active.get().max(self.last_write.get()))
     }
 
     pub fn note_write(&self, tick: u64) {
-        self.last_write.set(tick);
+        self.last_write.set(tick as u32);
     }
 
     /// Nothing in flight: no queued output, no unacknowledged push, not closing.
@@ -386,9 +406,9 @@ impl Session {
     pub fn park_with(&self, fd: OwnedFd) {
         debug_assert!(self.quiet(), "parked with something in flight");
         debug_assert_eq!(self.park.get(), ParkState::Requested);
-        *self.parked_fd.borrow_mut() = Some(fd);
+        self.parked_fd.set(Some(fd));
         self.park.set(ParkState::Parked);
-        *self.waker.borrow_mut() = None;
+        self.waker.set(None);
         self.out.borrow_mut().frames = VecDeque::new();
         *self.unacked.borrow_mut() = VecDeque::new();
     }
@@ -398,7 +418,7 @@ impl Session {
         match self.park.get() {
             ParkState::Parked | ParkState::Waking => {
                 self.park.set(ParkState::Active);
-                let fd = self.parked_fd.borrow_mut().take();
+                let fd = self.parked_fd.take();
                 debug_assert!(fd.is_some(), "parked without its socket");
                 fd
             }
@@ -472,25 +492,25 @@ impl Session {
     /// The unwritten part of the first queued frame (what to hand to a readiness-waiting write).
     pub fn with_front<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         let q = self.out.borrow();
-        q.frames.front().map(|b| f(&b[q.front_offset..]))
+        q.frames.front().map(|b| f(&b[q.front_offset as usize..]))
     }
 
     /// Marks `n` queued bytes as written.
     pub fn advance(&self, mut n: usize) {
         let mut q = self.out.borrow_mut();
-        q.bytes -= n;
+        q.bytes -= n as u32;
         while n > 0 {
             let Some(front) = q.frames.front() else {
                 debug_assert!(false, "advanced past the queue");
                 return;
             };
-            let left = front.len() - q.front_offset;
+            let left = front.len() - q.front_offset as usize;
             if n >= left {
                 n -= left;
                 q.frames.pop_front();
                 q.front_offset = 0;
             } else {
-                q.front_offset += n;
+                q.front_offset += n as u32;
                 n = 0;
             }
         }
@@ -509,7 +529,7 @@ impl Session {
                 [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; IOV_MAX_PER_WRITE];
             let mut count = 0;
             for (i, frame) in q.frames.iter().take(IOV_MAX_PER_WRITE).enumerate() {
-                let part = if i == 0 { &frame[q.front_offset..] } else { &frame[..] };
+                let part = if i == 0 { &frame[q.front_offset as usize..] } else { &frame[..] };
                 iov[i] = libc::iovec { iov_base: part.as_ptr() as *mut libc::c_void, iov_len: part.len() };
                 count += 1;
             }
@@ -627,6 +647,13 @@ mod tests {
         assert_eq!(s.acked_inbox.get(), 8);
         assert_eq!(s.ack_inbox(10, |_, _| ()), 2);
         assert_eq!(s.due_resends(100, 1, 3), (vec![], None));
+    }
+
+    #[test]
+    fn size_is_bounded() {
+        // With the `Rc` header (16 bytes) a session fits mimalloc's 320-byte size class; one
+        // byte more and every terminal costs 64 bytes more (the 384-byte class).
+        assert!(std::mem::size_of::<Session>() + 16 <= 320, "{}", std::mem::size_of::<Session>());
     }
 
     #[test]
