@@ -351,7 +351,10 @@ impl Shard {
         self.wheel.borrow_mut().schedule(key, self.now_tick() + self.idle_ticks());
         self.schedule_park_check(key);
         ShardCounters::add(&self.counters().connections, 1);
-        info!(user = %user, device, shard = self.id, session = session.id, %remote, "terminal connected");
+        // Per-connection lines are debug: at thousands of handshakes a second they would cost a
+        // few percent of the shard (formatting and a write each); operators have the counters,
+        // the admin port's connections and recent closes, and `user.online`/`offline` events.
+        debug!(user = %user, device, shard = self.id, session = session.id, %remote, "terminal connected");
         drop(users);
         drop(sessions);
         if first && self.events_enabled() {
@@ -411,7 +414,7 @@ impl Shard {
         let c = self.counters();
         c.connections.fetch_sub(1, Ordering::Relaxed);
         ShardCounters::add(&c.closes[reason.index()], 1);
-        info!(user = %session.user, device = %session.device, shard = self.id, session = session.id, reason = reason.as_str(), "terminal closed");
+        debug!(user = %session.user, device = %session.device, shard = self.id, session = session.id, reason = reason.as_str(), "terminal closed");
     }
 
     /// The `welcome` frame for a new session.
