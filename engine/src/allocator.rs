@@ -17,13 +17,18 @@ mod option {
     pub const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 }
 
-/// Tunes the allocator; call first thing in `main`, before threads start.
+/// Tunes the allocator; call first thing in `main`, before threads start. An option given in
+/// the environment (`MIMALLOC_ARENA_EAGER_COMMIT`, `MIMALLOC_PURGE_DELAY`) is left as given.
 pub fn setup() {
     #[cfg(feature = "mimalloc")]
-    // SAFETY: plain option setters of the mimalloc library, valid at any time.
-    unsafe {
-        libmimalloc_sys::mi_option_set(option::ARENA_EAGER_COMMIT, 0);
-        libmimalloc_sys::mi_option_set(option::PURGE_DELAY, 0);
+    for (opt, env, value) in [
+        (option::ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT", 0),
+        (option::PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 0),
+    ] {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: a plain option setter of the mimalloc library, valid at any time.
+            unsafe { libmimalloc_sys::mi_option_set(opt, value) };
+        }
     }
 }
 
