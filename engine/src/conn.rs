@@ -247,8 +247,6 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             debug!(shard = shard.id, error = %e, "could not size the send buffer");
         }
     }
-    // SAFETY: the fd came from `upgrade` as an owned, connected TCP socket; `stream` owns it now.
-    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let task_shard = shard.clone();
     let shard = shard.clone();
     task_shard.spawn_terminal_task(async move {
@@ -277,7 +275,11 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                     session.request_park();
                 }
                 ShardCounters::add(&shard.counters().handshakes, 1);
-                shard.spawn_terminal_task(run_session(shard.clone(), session, stream, leftover));
+                if let Err(fd) = park_fresh(&shard, &session, fd, leftover.is_empty()) {
+                    // SAFETY: the connected TCP socket handed over by `upgrade`; the stream owns it.
+                    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+                    shard.spawn_terminal_task(run_session(shard.clone(), session, stream, leftover));
+                }
             }
             Err(e) => {
                 let refusal = match e {
@@ -289,6 +291,8 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                     AdoptError::ShuttingDown => Refusal::new(503, ErrorCode::Unavailable, "node is shutting down"),
                     AdoptError::Store(why) => Refusal::new(503, ErrorCode::Unavailable, why),
                 };
+                // SAFETY: as above.
+                let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
                 refuse(&shard, stream, refusal).await;
             }
         }
@@ -440,6 +444,48 @@ async fn run_session(shard: Rc<Shard>, session: Rc<Session>, mut stream: TcpStre
     // The goodbye runs as its own short task, so its state (timers, a drain buffer) is not
     // part of every idle connection's long-lived future.
     shard.spawn_terminal_task(async move { say_goodbye(&session, stream, reason).await });
+}
+
+/// Writes a new session's `101` and `welcome` and parks it right away, without a connection
+/// task or a glommio stream ever made for it, when it can: everything written, nothing read
+/// yet (not even buffered in the hand-over), nothing readable. Otherwise gives the socket back
+/// for a connection task. Saves a task, a stream (two `fcntl`) and the `dup` of `park` per
+/// connection in a connect storm.
+fn park_fresh(shard: &Shard, session: &Session, fd: OwnedFd, nothing_read: bool) -> Result<(), OwnedFd> {
+    let Some(parking) = shard.parking.as_ref() else { return Err(fd) };
+    if !nothing_read || session.park_state() != ParkState::Requested {
+        return Err(fd);
+    }
+    let raw = fd.as_raw_fd();
+    let mut writes = 0;
+    while session.has_queued() {
+        match session.write_queued(raw) {
+            Ok(_) => writes += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break, // full or broken: the connection task deals with it
+        }
+    }
+    if writes > 0 {
+        ShardCounters::add(&shard.counters().socket_writes, writes);
+        session.note_write(shard.now_tick());
+    }
+    if !session.quiet() {
+        return Err(fd);
+    }
+    let mut probe = [0u8; 1];
+    // SAFETY: peeks at most one byte into a local buffer from the session's socket.
+    let r = unsafe { libc::recv(raw, probe.as_mut_ptr().cast(), 1, libc::MSG_DONTWAIT | libc::MSG_PEEK) };
+    if r >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
+        return Err(fd); // input, EOF or an error: the task reads it
+    }
+    if parking.park(session.key, &fd).is_err() {
+        return Err(fd);
+    }
+    session.park_with(fd);
+    let c = shard.counters();
+    ShardCounters::add(&c.parks, 1);
+    c.parked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// Hands an idle session's socket to the shard's epoll set (a duplicate fd, registered before
