@@ -273,6 +273,9 @@ async fn run_shard(start: ShardStart) {
     while shard.live_sessions() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
+    if let Some(parking) = &shard.parking {
+        parking.stop();
+    }
     api_task.await;
     if let Some(t) = admin_task {
         t.await;

@@ -129,10 +129,17 @@ impl Parking {
     }
 }
 
-impl Drop for Parking {
-    fn drop(&mut self) {
+impl Parking {
+    /// Ends the watcher thread (the node is stopping; its sessions are closed).
+    pub fn stop(&self) {
         self.ready.stop.store(true, Ordering::Release);
         let _ = self.poller.notify();
+    }
+}
+
+impl Drop for Parking {
+    fn drop(&mut self) {
+        self.stop();
         if let Some(t) = self.watcher.take() {
             let _ = t.join();
         }
