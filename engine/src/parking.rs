@@ -31,7 +31,7 @@ const EVENTS_PER_WAIT: usize = 1024;
 /// Sessions of this shard woken by a push while parked (shard thread only).
 #[derive(Debug, Default)]
 pub struct WakeList {
-    keys: RefCell<Vec<SessionKey>>,
+    pub(crate) keys: RefCell<Vec<SessionKey>>,
     waker: RefCell<Option<Waker>>,
 }
 

@@ -650,6 +650,45 @@ mod tests {
     }
 
     #[test]
+    fn parking_moves_through_its_states_once() {
+        let wake_list = Rc::new(WakeList::default());
+        let s = Session::new(
+            SessionKey { slot: 3, generation: 4 },
+            1,
+            Arc::from("u"),
+            "d".into(),
+            Platform::Web,
+            "127.0.0.1:1".parse().unwrap(),
+            0,
+            0,
+            wake_list.clone(),
+        );
+        assert_eq!(s.park_state(), ParkState::Active);
+        assert!(s.unpark().is_none(), "an active session has no parked socket");
+        // Asked, then declined: active again.
+        s.request_park();
+        assert_eq!(s.park_state(), ParkState::Requested);
+        s.decline_park();
+        assert_eq!(s.park_state(), ParkState::Active);
+        // Parked: pushes queue it once for a task, however many come.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        s.request_park();
+        s.park_with(OwnedFd::from(a));
+        assert_eq!(s.park_state(), ParkState::Parked);
+        assert!(wake_list.is_empty());
+        s.push(Bytes::from_static(b"one"), 100);
+        s.push(Bytes::from_static(b"two"), 100);
+        s.request_close(CloseReason::Kicked);
+        assert_eq!(s.park_state(), ParkState::Waking);
+        assert_eq!(wake_list.keys.borrow().as_slice(), &[s.key], "queued once");
+        // Taken back once: the socket comes out, the queue is intact.
+        assert!(s.unpark().is_some());
+        assert!(s.unpark().is_none());
+        assert_eq!(s.park_state(), ParkState::Active);
+        assert_eq!(s.queued_bytes(), 6);
+    }
+
+    #[test]
     fn size_is_bounded() {
         // With the `Rc` header (16 bytes) a session fits mimalloc's 320-byte size class; one
         // byte more and every terminal costs 64 bytes more (the 384-byte class).

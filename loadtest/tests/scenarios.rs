@@ -278,6 +278,13 @@ fn idle_unicast_and_batch_against_the_engine() {
     let v = run_engine(&["idle", "--connections", "200", "--hold", "1s"], tmp.path());
     assert_all_connected(&v, 200);
     assert_eq!(v["runs"][0]["target"], "engine");
+    // The idle targets are checked (met or not is the machine's business, not this test's),
+    // and the per-connection memory at the end of the hold is recorded.
+    let checked: Vec<&str> = v["targets"].as_array().unwrap().iter().filter_map(|t| t["what"].as_str()).collect();
+    assert_eq!(checked, ["handshakes/s", "server RSS per idle connection (end of hold)"], "{v}");
+    let dir = Path::new(v["result_dir"].as_str().expect("result_dir"));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    assert!(r["runs"][0]["memory"]["server_rss_idle_per_conn"].is_number(), "{}", r["runs"][0]["memory"]);
     let v = run_engine(&["unicast", "--connections", "100", "--rate", "500", "--duration", "2s"], tmp.path());
     assert_all_connected(&v, 100);
     assert_no_loss(&v, 1000);
