@@ -143,6 +143,7 @@ impl LocalFleet {
             let h = LocalExecutorBuilder::new(placement)
                 .name(&format!("lt-term-{t}"))
                 .io_memory(256 << 10)
+                .ring_depth(crate::RING_DEPTH)
                 .spawn(move || thread_main(spec, t, threads, sh, stop, control, counter))
                 .map_err(|e| io::Error::other(format!("executor: {e}")))?;
             handles.push(h);

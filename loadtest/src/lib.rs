@@ -69,6 +69,12 @@ pub mod wire_limit;
 pub mod workers;
 pub mod wsframe;
 
+/// io_uring entries of the tool's executors (terminals and the wire-limit server). Each of
+/// thousands of sockets keeps a poll armed, and the kernel sizes its table of armed polls from
+/// the ring: with glommio's default of 128, every poll arm and cancel walks long chains (the
+/// engine sizes its rings the same way, `engine/src/node.rs`).
+pub const RING_DEPTH: usize = 4096;
+
 /// Wall-clock time in nanoseconds since the Unix epoch.
 pub fn unix_nanos() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)

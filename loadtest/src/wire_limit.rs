@@ -91,6 +91,7 @@ pub fn server_main(client: SocketAddr, api: SocketAddr, pin: Option<usize>, hear
     let _handle = LocalExecutorBuilder::new(placement)
         .name("wire-limit")
         .io_memory(256 << 10)
+        .ring_depth(crate::RING_DEPTH)
         .spawn(move || async move {
             let bound = (|| {
                 let c = TcpListener::bind(client)?;
