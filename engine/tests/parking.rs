@@ -138,3 +138,61 @@ fn new_terminals_and_heartbeats_park_at_once_other_frames_keep_the_task() {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(totals(&node)["parked_connections"], 0);
 }
+
+/// Terminals that park and wake all the time (messages arrive in bursts with gaps longer than
+/// the park delay, and some terminals ping in between) still get every message once, in
+/// order, with nothing lost.
+#[test]
+fn churning_between_parked_and_active_loses_nothing() {
+    const USERS: usize = 12;
+    const MESSAGES: usize = 240;
+    let node = TestNode::start();
+    let mut readers = Vec::new();
+    for u in 0..USERS {
+        let mut t = node.terminal(&format!("churn{u}"), "phone");
+        readers.push(std::thread::spawn(move || {
+            let mut texts = Vec::new();
+            let mut last_seq = 0;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while texts.len() < MESSAGES / USERS && Instant::now() < deadline {
+                match t.recv(Duration::from_millis(300)).expect("recv") {
+                    Some(ServerFrame::Msg(m)) => {
+                        // A resend of an unacked message may come again: dedupe by seq.
+                        if m.seq > last_seq {
+                            last_seq = m.seq;
+                            texts.push(m.body["text"].as_str().unwrap_or_default().to_owned());
+                        }
+                        t.ack(m.seq).unwrap();
+                    }
+                    Some(ServerFrame::Pong) | None => {
+                        // Quiet: sometimes a heartbeat, which parks the terminal again.
+                        if u % 3 == 0 {
+                            t.ping().unwrap();
+                        }
+                    }
+                    Some(other) => panic!("unexpected {other:?}"),
+                }
+            }
+            texts
+        }));
+    }
+    let gw = node.gateway();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..MESSAGES {
+        let to = format!("churn{}", i % USERS);
+        gw.send_message(&text("boss", &to, &format!("{i}"))).unwrap();
+        // xorshift: every so often a pause longer than the park delay (250 ms + a tick).
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        if rng.is_multiple_of(16) {
+            std::thread::sleep(Duration::from_millis(300 + rng % 300));
+        }
+    }
+    for (u, r) in readers.into_iter().enumerate() {
+        let got = r.join().unwrap();
+        let want: Vec<String> = (0..MESSAGES).filter(|i| i % USERS == u).map(|i| i.to_string()).collect();
+        assert_eq!(got, want, "user churn{u}: every message once, in order");
+    }
+    assert!(totals(&node)["parks"].as_u64().unwrap() > USERS as u64, "terminals parked along the way");
+}
