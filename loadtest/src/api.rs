@@ -163,6 +163,7 @@ impl ApiRun {
         let handle = LocalExecutorBuilder::new(placement)
             .name("lt-api")
             .io_memory(256 << 10)
+            .ring_depth(crate::RING_DEPTH)
             .spawn(move || drive(spec, sh))
             .map_err(|e| io::Error::other(format!("executor: {e}")))?;
         Ok(ApiRun { shared, handle })
