@@ -649,7 +649,8 @@ struct Monitor<'a> {
     chat: bool,
     /// The node's client port: the tool's terminal sockets are those connected to it.
     client_port: u16,
-    /// Per second of the main phase: bytes the tool's terminal sockets held unread, per socket.
+    /// Every `UNREAD_SAMPLE_EVERY` seconds of the main phase: bytes the tool's terminal sockets
+    /// held unread, per socket.
     unread_per_socket: Vec<f64>,
     /// Seconds ticked, for sampling the receive queues every `UNREAD_SAMPLE_EVERY`.
     unread_clock: u32,
