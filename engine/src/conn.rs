@@ -266,12 +266,14 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         shard.unpend_user(&user);
         match added {
             Ok((session, heads)) => {
+                let behind = behind(&heads, delivered.as_ref());
                 session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
                 shard.join_groups(&session, heads.groups.keys());
                 session.push_final(shard.welcome_frame(&session, heads.groups, delivered));
                 // Parked as soon as the welcome is written and nothing came in: connect storms
-                // then leave no task per connection behind (see `parking`).
-                if shard.parking.is_some() {
+                // then leave no task per connection behind (see `parking`). Not a terminal that
+                // has messages to catch up: it is about to `sync`.
+                if shard.parking.is_some() && !behind {
                     session.request_park();
                 }
                 ShardCounters::add(&shard.counters().handshakes, 1);
@@ -297,6 +299,13 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             }
         }
     });
+}
+
+/// Whether a device's acknowledged positions are behind its user's heads: messages came while
+/// it was away (or it never acknowledged any), so it will `sync` right after `welcome`.
+fn behind(heads: &ether_store::op::Heads, delivered: Option<&ether_proto::frame::Positions>) -> bool {
+    let Some(d) = delivered else { return heads.inbox_seq > 0 || heads.groups.values().any(|&s| s > 0) };
+    heads.inbox_seq > d.inbox_seq || heads.groups.iter().any(|(g, &seq)| seq > d.groups.get(g).copied().unwrap_or(0))
 }
 
 /// What woke the connection task.

@@ -196,3 +196,19 @@ fn churning_between_parked_and_active_loses_nothing() {
     }
     assert!(totals(&node)["parks"].as_u64().unwrap() > USERS as u64, "terminals parked along the way");
 }
+
+#[test]
+fn a_terminal_with_messages_to_catch_up_keeps_its_task_for_the_sync() {
+    let node = TestNode::with(|c| c.limits.park_idle_after = Duration::from_secs(60));
+    node.gateway().send_message(&text("max", "uma", "while away")).unwrap();
+    let mut behind = node.terminal("uma", "phone");
+    let _fresh = node.terminal("vic", "phone");
+    // Only the terminal with nothing to catch up is parked at once.
+    wait_parked(&node, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(totals(&node)["parked_connections"], 1);
+    let (got, head) = sync_all(&mut behind, 0);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["text"], "while away");
+    assert_eq!(head, got[0].seq);
+}
