@@ -21,8 +21,9 @@ use glommio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::mesh::{Handoff, ShardMsg};
+use crate::parking::Parking;
 use crate::session::{CloseReason, ParkState, Platform, Session};
-use crate::shard::{home_shard, AdoptError, Shard};
+use crate::shard::{home_shard, AdoptError, FrameWeight, Shard};
 use crate::stats::ShardCounters;
 use crate::ws::{self, FrameReader, WsError, WsEvent};
 
@@ -280,7 +281,8 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                 if let Err(fd) = park_fresh(&shard, &session, fd, leftover.is_empty()) {
                     // SAFETY: the connected TCP socket handed over by `upgrade`; the stream owns it.
                     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-                    shard.spawn_terminal_task(run_session(shard.clone(), session, stream, leftover));
+                    let reader = FrameReader::default();
+                    shard.spawn_terminal_task(run_session(shard.clone(), session, stream, reader, leftover));
                 }
             }
             Err(e) => {
@@ -396,22 +398,25 @@ fn poll_io(
 /// Feeds read bytes through the frame reader and handles each frame. When they held only
 /// heartbeats, the session may park again as soon as the pong is written (a heartbeat is
 /// not activity that keeps a task).
-fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, bytes: &mut [u8]) {
+fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, bytes: &mut [u8]) -> FrameWeight {
     session.touch(shard.now_tick());
     let max = shard.config.limits.frame_bytes_max;
-    let mut busy = false;
+    let mut weight = FrameWeight::Heartbeat;
     let result = reader.feed(bytes, max, |event| {
         match event {
-            WsEvent::Text(t) | WsEvent::Binary(t) => busy |= !shard.on_client_frame(session, t),
+            WsEvent::Text(t) | WsEvent::Binary(t) => weight = weight.max(shard.on_client_frame(session, t)),
             WsEvent::Ping(p) => {
                 shard.push(session, ws::pong_frame(p));
             }
             WsEvent::Pong => {}
-            WsEvent::Close(_) => session.request_close(CloseReason::PeerClosed),
+            WsEvent::Close(_) => {
+                weight = FrameWeight::Busy;
+                session.request_close(CloseReason::PeerClosed);
+            }
         }
         session.close_reason().is_none()
     });
-    if !busy && shard.parking.is_some() {
+    if weight == FrameWeight::Heartbeat && shard.parking.is_some() && session.park_state() == ParkState::Active {
         session.request_park();
     }
     if let Err(e) = result {
@@ -420,13 +425,20 @@ fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, 
             WsError::TooBig { .. } => CloseReason::FrameTooBig,
             WsError::Protocol(_) => CloseReason::ProtocolError,
         });
+        return FrameWeight::Busy;
     }
+    weight
 }
 
 /// The connection task of one session: runs until the session closes (then says goodbye) or
 /// is parked.
-async fn run_session(shard: Rc<Shard>, session: Rc<Session>, mut stream: TcpStream, mut leftover: Vec<u8>) {
-    let mut reader = FrameReader::default();
+async fn run_session(
+    shard: Rc<Shard>,
+    session: Rc<Session>,
+    mut stream: TcpStream,
+    mut reader: FrameReader,
+    mut leftover: Vec<u8>,
+) {
     if !leftover.is_empty() {
         on_bytes(&shard, &session, &mut reader, &mut leftover);
     }
@@ -518,18 +530,78 @@ pub async fn unpark_loop(shard: Rc<Shard>) {
     let mut keys = Vec::new();
     loop {
         parking.next_batch(&mut keys).await;
-        for key in keys.drain(..) {
+        for (key, readable) in keys.drain(..) {
             // Stale keys (closed sessions, reused slots, sessions already back) find nothing.
             let Some(session) = shard.session(key) else { continue };
+            if !matches!(session.park_state(), ParkState::Parked | ParkState::Waking) {
+                continue;
+            }
+            let reader = match serve_parked(&shard, parking, &session, readable) {
+                Ok(()) => continue,
+                Err(reader) => reader,
+            };
             let Some(fd) = session.unpark() else { continue };
             parking.unpark(&fd);
             shard.counters().parked.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             shard.schedule_park_check(key);
             // SAFETY: the session's connected TCP socket, owned by the stream from here on.
             let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-            shard.spawn_terminal_task(run_session(shard.clone(), session, stream, Vec::new()));
+            shard.spawn_terminal_task(run_session(shard.clone(), session, stream, reader, Vec::new()));
         }
     }
+}
+
+/// Serves a parked session without a task when that is enough: writes what was pushed to it
+/// straight to its socket, and when the socket turned readable reads it and handles what came
+/// if that is only heartbeats and acks (then arms the readiness again). Anything else (a close,
+/// a full socket, EOF, other frames, a frame cut short) needs a task: the frame reader, with
+/// what was read and handled so far, goes to it.
+fn serve_parked(
+    shard: &Rc<Shard>,
+    parking: &Parking,
+    session: &Rc<Session>,
+    readable: bool,
+) -> Result<(), FrameReader> {
+    let mut reader = FrameReader::default();
+    if session.close_reason().is_some() {
+        return Err(reader);
+    }
+    let Some(fd) = session.parked_raw_fd() else { return Err(reader) };
+    if readable {
+        let mut scratch = shard.scratch.borrow_mut();
+        // SAFETY: reads into the scratch buffer, borrowed mutably for the call, from the
+        // session's parked socket (open: the session owns it).
+        let r = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
+        if r > 0 {
+            let n = r as usize;
+            let weight = on_bytes(shard, session, &mut reader, &mut scratch[..n]);
+            if weight == FrameWeight::Busy || !reader.is_between_frames() || n == scratch.len() {
+                return Err(reader); // handled; the task reads on
+            }
+        } else if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
+            return Err(reader); // EOF or an error: the task sees it again and closes
+        }
+    }
+    let mut writes = 0;
+    while session.has_queued() {
+        match session.write_queued(fd) {
+            Ok(_) => writes += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    if writes > 0 {
+        ShardCounters::add(&shard.counters().socket_writes, writes);
+        session.note_write(shard.now_tick());
+    }
+    if session.has_queued() || session.close_reason().is_some() {
+        return Err(reader); // full or broken socket, or closing: a task deals with it
+    }
+    if readable && parking.rearm(session.key, fd).is_err() {
+        return Err(reader);
+    }
+    session.stay_parked();
+    Ok(())
 }
 
 /// Sends the close frame (after what is queued) and closes the socket, bounded in time.

@@ -97,16 +97,23 @@ impl Parking {
         unsafe { self.poller.add(fd.as_raw_fd(), polling::Event::readable(key_bits(key))) }
     }
 
+    /// Arms a parked socket again after its readiness was reported and served without a task.
+    pub fn rearm(&self, key: SessionKey, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        // SAFETY: the fd is the parked session's open socket, registered by `park`.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        self.poller.modify(fd, polling::Event::readable(key_bits(key)))
+    }
+
     /// Removes a socket from the epoll set before it goes back to a task.
     pub fn unpark(&self, fd: &OwnedFd) {
         // Only fails if it is not registered (it always is here); nothing to undo then.
         let _ = self.poller.delete(fd);
     }
 
-    /// Waits until a session is to be woken, then moves every such key into `out` (sessions
-    /// woken by a push first, then those whose socket turned readable; a key may be stale or
+    /// Waits until a session is to be woken, then moves every such key into `out` with whether
+    /// its socket turned readable (sessions woken by a push first; a key may be stale or
     /// repeated, the shard checks).
-    pub async fn next_batch(&self, out: &mut Vec<SessionKey>) {
+    pub async fn next_batch(&self, out: &mut Vec<(SessionKey, bool)>) {
         std::future::poll_fn(|cx| {
             self.ready.waker.register(cx.waker());
             {
@@ -115,9 +122,9 @@ impl Parking {
                     *w = Some(cx.waker().clone());
                 }
             }
-            out.append(&mut self.woken.keys.borrow_mut());
+            out.extend(self.woken.keys.borrow_mut().drain(..).map(|k| (k, false)));
             while let Some(bits) = self.ready.keys.pop() {
-                out.push(key_of(bits));
+                out.push((key_of(bits), true));
             }
             if out.is_empty() {
                 Poll::Pending

@@ -413,6 +413,23 @@ impl Session {
         *self.unacked.borrow_mut() = VecDeque::new();
     }
 
+    /// The parked socket, still owned by the session (None when not parked).
+    pub fn parked_raw_fd(&self) -> Option<RawFd> {
+        use std::os::fd::AsRawFd;
+        let fd = self.parked_fd.take();
+        let raw = fd.as_ref().map(AsRawFd::as_raw_fd);
+        self.parked_fd.set(fd);
+        raw
+    }
+
+    /// Served without a task (see `conn::serve_parked`): parked again, so the next push
+    /// queues it again.
+    pub fn stay_parked(&self) {
+        debug_assert!(matches!(self.park.get(), ParkState::Parked | ParkState::Waking));
+        self.park.set(ParkState::Parked);
+        self.out.borrow_mut().frames = VecDeque::new();
+    }
+
     /// Takes the parked socket back for a new connection task (None when not parked).
     pub fn unpark(&self) -> Option<OwnedFd> {
         match self.park.get() {

@@ -43,6 +43,15 @@ pub const TICK: Duration = Duration::from_millis(250);
 const TRIM_EVERY_TICKS: u64 = 4;
 /// Connects plus closes since the last trim that make one worth it.
 const TRIM_CHURN_MIN: u64 = 256;
+/// What a terminal frame was, as parking sees it: a heartbeat lets an active terminal park at
+/// once; heartbeats and acks are served on a parked terminal without giving it a task back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FrameWeight {
+    Heartbeat,
+    Ack,
+    Busy,
+}
+
 /// Ticks without I/O after which a connection is parked (at least one).
 fn park_ticks(config: &Config) -> u64 {
     (config.limits.park_idle_after.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1)
@@ -543,27 +552,30 @@ impl Shard {
     }
 
     /// Handles one complete text (or binary) frame from a terminal.
-    /// Handles one terminal frame; returns whether it was only a heartbeat (`ping`).
-    pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8]) -> bool {
+    /// Handles one terminal frame; says what kind it was (for parking).
+    pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8]) -> FrameWeight {
         ShardCounters::add(&self.counters().frames_in, 1);
         let frame = match ClientFrameRef::parse(bytes) {
             Ok(f) => f,
             Err(e) => {
                 self.reject_frame(s, e.code(), e.to_string(), None);
-                return false;
+                return FrameWeight::Busy;
             }
         };
         match frame {
             ClientFrameRef::Ping => {
                 self.push(s, self.pong.clone());
-                return true;
+                return FrameWeight::Heartbeat;
             }
-            ClientFrameRef::Ack { seq, group } => self.on_ack(s, seq, group.map(Cow::into_owned)),
+            ClientFrameRef::Ack { seq, group } => {
+                self.on_ack(s, seq, group.map(Cow::into_owned));
+                return FrameWeight::Ack;
+            }
             ClientFrameRef::Send { cid, to, group, kind, body } => self.on_send(s, &cid, to, group, kind, &body),
             ClientFrameRef::Sync { inbox_seq, groups, limit } => self.on_sync(s, inbox_seq, groups, limit),
             ClientFrameRef::Read { chat, seq } => self.on_read(s, chat.into_owned(), seq),
         }
-        false
+        FrameWeight::Busy
     }
 
     fn on_send(

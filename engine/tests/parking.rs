@@ -1,7 +1,7 @@
 //! Parked connections on a real node (the test configuration parks after one 250 ms tick
-//! without I/O): idle terminals are parked, and a parked terminal gets everything pushed to
-//! it, in order; its pings are answered; a terminal with an unacknowledged message is not
-//! parked; kicks and idle timeouts still reach parked terminals.
+//! without I/O): idle terminals are parked; a parked terminal gets everything pushed to it, in
+//! order, its acks and pings are served, and resends still come, all without a task; other
+//! frames give it a task back; kicks and idle timeouts still reach parked terminals.
 mod support;
 
 use std::time::{Duration, Instant};
@@ -38,7 +38,8 @@ fn idle_terminals_park_and_get_everything_back() {
     assert_eq!(t["connections"], 2, "parked terminals stay connected: {t}");
     let parks_before = t["parks"].as_u64().unwrap();
 
-    // Pushes wake parked terminals: every message reaches both, in seq order.
+    // Pushes to parked terminals: every message reaches both, in seq order, and their acks are
+    // taken, without either getting a task back.
     let gw = node.gateway();
     for i in 0..20 {
         gw.send_message(&text("max", "pia", &format!("m{i}"))).unwrap();
@@ -53,28 +54,32 @@ fn idle_terminals_park_and_get_everything_back() {
             t.ack(m.seq).unwrap();
         }
     }
-    // Quiet again: both park again.
     let t = wait_parked(&node, 2);
-    assert!(t["parks"].as_u64().unwrap() >= parks_before + 2, "{t}");
+    assert_eq!(t["acks"], 40, "{t}");
+    assert_eq!(t["parks"].as_u64().unwrap(), parks_before, "served parked, never given a task: {t}");
 
-    // Input wakes a parked terminal: its ping is answered.
+    // A parked terminal's ping is answered, still parked.
     phone.ping().unwrap();
     assert_eq!(phone.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
-    wait_parked(&node, 2);
+    assert_eq!(wait_parked(&node, 2)["parks"].as_u64().unwrap(), parks_before);
 
-    // A terminal with an unacknowledged message stays with its task (resends need it).
+    // An unacknowledged message is resent to a parked terminal (test config: after 1 s).
     gw.send_message(&text("max", "pia", "unacked")).unwrap();
     let kept = next_msg(&mut phone);
     let m = next_msg(&mut web);
     web.ack(m.seq).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    let t = totals(&node);
-    assert_eq!(t["parked_connections"], 1, "only the acking terminal parks: {t}");
-    // The resend still comes (test config: 1 s), then the ack lets it park.
     let again = next_msg(&mut phone);
     assert_eq!(again.seq, kept.seq, "resent");
     phone.ack(kept.seq).unwrap();
-    wait_parked(&node, 2);
+    let t = wait_parked(&node, 2);
+    assert!(t["resends"].as_u64().unwrap() >= 1, "{t}");
+
+    // Any other frame gives the terminal its task back; idle again, it parks again.
+    let (replayed, head) = sync_all(&mut phone, kept.seq);
+    assert!(replayed.is_empty());
+    assert_eq!(head, kept.seq);
+    let t = wait_parked(&node, 2);
+    assert!(t["parks"].as_u64().unwrap() > parks_before, "{t}");
 
     // A kick reaches parked terminals.
     let r = node.admin().request("POST", "/admin/v1/users/pia/kick", Some(br#"{}"#)).unwrap();
@@ -124,19 +129,15 @@ fn new_terminals_and_heartbeats_park_at_once_other_frames_keep_the_task() {
     let node = TestNode::with(|c| c.limits.park_idle_after = Duration::from_secs(60));
     let mut t = node.terminal("sol", "phone");
     let parks = wait_parked(&node, 1)["parks"].as_u64().unwrap();
-    t.ping().unwrap();
-    assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while totals(&node)["parks"].as_u64().unwrap() < parks + 1 {
-        assert!(Instant::now() < deadline, "not parked again after a heartbeat");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    wait_parked(&node, 1);
-    // A sync is activity: the terminal keeps its task for the configured minute.
+    // A sync is activity: the terminal gets a task and keeps it for the configured minute.
     let (_, head) = sync_all(&mut t, 0);
     assert_eq!(head, 0);
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(totals(&node)["parked_connections"], 0);
+    // A heartbeat on an active terminal parks it once the pong is written.
+    t.ping().unwrap();
+    assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+    assert_eq!(wait_parked(&node, 1)["parks"].as_u64().unwrap(), parks + 1);
 }
 
 /// Terminals that park and wake all the time (messages arrive in bursts with gaps longer than
@@ -194,7 +195,7 @@ fn churning_between_parked_and_active_loses_nothing() {
         let want: Vec<String> = (0..MESSAGES).filter(|i| i % USERS == u).map(|i| i.to_string()).collect();
         assert_eq!(got, want, "user churn{u}: every message once, in order");
     }
-    assert!(totals(&node)["parks"].as_u64().unwrap() > USERS as u64, "terminals parked along the way");
+    assert!(totals(&node)["parks"].as_u64().unwrap() >= USERS as u64, "terminals parked along the way");
 }
 
 #[test]
