@@ -9,9 +9,11 @@
 //! so after `limits.park_idle_after_ms` without I/O the connection task ends and only the
 //! session and its fd remain, the fd registered here (one-shot, readable). A new terminal is
 //! parked as soon as its `welcome` is written, and one that only sent a heartbeat as soon as
-//! the pong is, so connect storms and heartbeats leave no tasks behind. The session comes
-//! back to a task when its socket becomes readable (the watcher thread queues its key) or when
-//! anything is pushed to it on its shard (`Session::wake` queues it in `WakeList`).
+//! the pong is, so connect storms and heartbeats leave no tasks behind. The session is
+//! looked at again when its socket becomes readable (the watcher thread queues its key) or when
+//! anything is pushed to it on its shard (`Session::wake` queues it in `WakeList`): the shard
+//! serves pushes, heartbeats and acks without a task (`conn::serve_parked`) and gives it a task
+//! back for anything else.
 use std::cell::RefCell;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
