@@ -16,17 +16,23 @@ fn totals(node: &TestNode) -> Value {
     serde_json::from_slice::<Value>(&r.body).unwrap()["totals"].clone()
 }
 
-/// Waits until `parked_connections` is `n` (the gauge is exact: no publish delay).
-fn wait_parked(node: &TestNode, n: u64) -> Value {
+/// Waits until the node's totals satisfy `cond` (counters and gauges are exact: no publish
+/// delay), and returns them.
+fn wait_until(node: &TestNode, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let t = totals(node);
-        if t["parked_connections"] == n {
+        if cond(&t) {
             return t;
         }
-        assert!(Instant::now() < deadline, "parked_connections never reached {n}: {t}");
+        assert!(Instant::now() < deadline, "never {what}: {t}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until `parked_connections` is `n`.
+fn wait_parked(node: &TestNode, n: u64) -> Value {
+    wait_until(node, &format!("{n} parked"), |t| t["parked_connections"] == n)
 }
 
 #[test]
@@ -54,8 +60,9 @@ fn idle_terminals_park_and_get_everything_back() {
             t.ack(m.seq).unwrap();
         }
     }
-    let t = wait_parked(&node, 2);
-    assert_eq!(t["acks"], 40, "{t}");
+    // Acks are handled as they arrive: wait for the last one.
+    let t = wait_until(&node, "all 40 acks handled", |t| t["acks"] == 40);
+    assert_eq!(t["parked_connections"], 2, "{t}");
     assert_eq!(t["parks"].as_u64().unwrap(), parks_before, "served parked, never given a task: {t}");
 
     // A parked terminal's ping is answered, still parked.
