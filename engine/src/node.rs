@@ -219,7 +219,8 @@ async fn run_shard(start: ShardStart) {
     let (mesh, receivers) = ends.connect(id).await;
     let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh, store, commits));
     glommio::spawn_local(shard.clone().commit_loop()).detach();
-    glommio::spawn_local(crate::conn::unpark_loop(shard.clone())).detach();
+    // Serving parked terminals is terminal work: it shares the terminal queue, not the API's.
+    shard.spawn_terminal_task(crate::conn::unpark_loop(shard.clone()));
     for (_, rx) in receivers {
         let shard = shard.clone();
         glommio::spawn_local(async move {
