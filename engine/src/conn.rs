@@ -4,7 +4,7 @@
 //! `session`, routing and delivery in `shard`.
 use std::future::poll_fn;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -478,18 +478,7 @@ fn park_fresh(shard: &Shard, session: &Session, fd: OwnedFd, nothing_read: bool)
         return Err(fd);
     }
     let raw = fd.as_raw_fd();
-    let mut writes = 0;
-    while session.has_queued() {
-        match session.write_queued(raw) {
-            Ok(_) => writes += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break, // full or broken: the connection task deals with it
-        }
-    }
-    if writes > 0 {
-        ShardCounters::add(&shard.counters().socket_writes, writes);
-        session.note_write(shard.now_tick());
-    }
+    write_without_task(shard, session, raw);
     if !session.quiet() {
         return Err(fd);
     }
@@ -503,10 +492,32 @@ fn park_fresh(shard: &Shard, session: &Session, fd: OwnedFd, nothing_read: bool)
         return Err(fd);
     }
     session.park_with(fd);
+    count_parked(shard);
+    Ok(())
+}
+
+/// Counts a session parked (`parks`, and the `parked` gauge).
+fn count_parked(shard: &Shard) {
     let c = shard.counters();
     ShardCounters::add(&c.parks, 1);
     c.parked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
+}
+
+/// Writes a session's queue straight to `fd` (non-blocking, gathered) until it is empty, the
+/// socket is full or broken: for sessions that have no connection task.
+fn write_without_task(shard: &Shard, session: &Session, fd: RawFd) {
+    let mut writes = 0;
+    while session.has_queued() {
+        match session.write_queued(fd) {
+            Ok(_) => writes += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break, // full or broken: a connection task deals with it
+        }
+    }
+    if writes > 0 {
+        ShardCounters::add(&shard.counters().socket_writes, writes);
+        session.note_write(shard.now_tick());
+    }
 }
 
 /// Hands an idle session's socket to the shard's epoll set (a duplicate fd, registered before
@@ -517,9 +528,7 @@ fn park(shard: &Shard, session: &Session, stream: &TcpStream) -> std::io::Result
     let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
     parking.park(session.key, &fd)?;
     session.park_with(fd);
-    let c = shard.counters();
-    ShardCounters::add(&c.parks, 1);
-    c.parked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    count_parked(shard);
     Ok(())
 }
 
@@ -582,18 +591,7 @@ fn serve_parked(
             return Err(reader); // EOF or an error: the task sees it again and closes
         }
     }
-    let mut writes = 0;
-    while session.has_queued() {
-        match session.write_queued(fd) {
-            Ok(_) => writes += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    if writes > 0 {
-        ShardCounters::add(&shard.counters().socket_writes, writes);
-        session.note_write(shard.now_tick());
-    }
+    write_without_task(shard, session, fd);
     if session.has_queued() || session.close_reason().is_some() {
         return Err(reader); // full or broken socket, or closing: a task deals with it
     }
