@@ -33,7 +33,7 @@ fn dashboard_renders_live_numbers_in_headless_chromium() {
         "connection count missing from the KPIs:\n{dom}"
     );
     // Half of each shard's connections are parked in the fake: 150 + 155 + 160 + 152.
-    assert!(dom.contains("id=\"kpi-parked\" class=\"value\">617</div>"), "parked count missing:\n{dom}");
+    assert!(dom.contains("id=\"kpi-parked\" class=\"sub\">617 parked (idle)</div>"), "parked count missing:\n{dom}");
     for needle in [
         "node-test-1", // node id in the header
         ">alice<",     // live connections table

@@ -205,7 +205,7 @@
       ' \u00b7 ' + stats.shards.length + ' shard' + (stats.shards.length === 1 ? '' : 's');
 
     $('kpi-connections').textContent = fmtInt(totals.connections);
-    $('kpi-parked').textContent = fmtInt(totals.parked_connections || 0);
+    $('kpi-parked').textContent = fmtInt(totals.parked_connections || 0) + ' parked (idle)';
     $('kpi-accepted').textContent = fmtRate(rates.accepted);
     $('kpi-deliveries').textContent = fmtRate(rates.deliveries);
     $('kpi-acks').textContent = fmtRate(rates.acks);
