@@ -94,12 +94,8 @@ fn idle_terminals_park_and_get_everything_back() {
     for t in [&mut phone, &mut web] {
         assert!(matches!(t.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while totals(&node)["connections"] != 0 {
-        assert!(Instant::now() < deadline, "kicked terminals still connected");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(totals(&node)["parked_connections"], 0);
+    let t = wait_until(&node, "kicked terminals gone", |t| t["connections"] == 0);
+    assert_eq!(t["parked_connections"], 0);
 }
 
 #[test]
@@ -111,12 +107,8 @@ fn parked_terminals_are_closed_when_idle_too_long() {
     let got = t.drain(Duration::from_secs(6));
     assert!(got.is_err() && t.is_closed(), "closed for idleness, got {got:?}");
     assert!(started.elapsed() >= Duration::from_secs(1));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while totals(&node)["connections"] != 0 {
-        assert!(Instant::now() < deadline, "the idle terminal is still counted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(totals(&node)["parked_connections"], 0);
+    let t = wait_until(&node, "the idle terminal gone", |t| t["connections"] == 0);
+    assert_eq!(t["parked_connections"], 0);
 }
 
 #[test]
