@@ -21,7 +21,7 @@ use crate::message::{encode_text_frame, unix_now_ms, Message, NewMessage};
 use crate::session::{Session, SessionKey};
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
-use crate::storage::{message_of, Committed, InboxDelivery};
+use crate::storage::{message_of, Answer, Committed, InboxDelivery, TerminalAnswer};
 
 /// Committed deliveries a shard handles before it lets its other tasks run.
 const COMMIT_BATCH_MAX: usize = 256;
@@ -40,10 +40,10 @@ impl Shard {
 
     /// Submits a single-chat message to the storage thread. When its batch commits, the
     /// completion (on the storage thread, in commit order) queues the message for the
-    /// receiver's home shard (chat `u:<from>`) and the sender's (chat `u:<to>`); the returned
-    /// receiver then yields the stored result. A repeated `(from, cid)` pushes nothing and
-    /// yields the first message's id, ts and seqs.
-    fn submit_single(&self, new: NewMessage) -> Result<oneshot::Receiver<Result<Appended, StoreError>>, EngineError> {
+    /// receiver's home shard (chat `u:<from>`), then gives `answer` the stored result, then
+    /// queues the sender's copy (chat `u:<to>`). A repeated `(from, cid)` pushes nothing and
+    /// answers with the first message's id, ts and seqs.
+    pub(crate) fn submit_single(&self, new: NewMessage, answer: Answer<Appended>) -> Result<(), EngineError> {
         if self.node.stopping() || self.node.draining() {
             return Err(EngineError::ShuttingDown);
         }
@@ -59,14 +59,13 @@ impl Shard {
             cid: cid.as_deref().map(str::to_owned),
         });
         let msg = Arc::new(Message { id, ts, from: from.clone(), kind, body, cid });
-        let (tx, rx) = oneshot::channel();
         let commits = self.commits.clone();
         let shards = self.shards;
         let (from, to): (Arc<str>, Arc<str>) = (Arc::from(&*from), Arc::from(&*to));
         self.store.submit(StoreCmd::new(op, move |result| {
             let result = result.and_then(Reply::appended);
-            if let Ok(a) = &result {
-                if !a.duplicate {
+            let own_copy = match &result {
+                Ok(a) if !a.duplicate => {
                     commits.push(
                         home_shard(&to, shards),
                         Committed::Inbox(InboxDelivery {
@@ -77,22 +76,34 @@ impl Shard {
                             incoming: true,
                         }),
                     );
-                    if let Some(seq) = a.sender_seq {
-                        commits.push(
-                            home_shard(&from, shards),
-                            Committed::Inbox(InboxDelivery {
-                                owner: from,
-                                chat: Arc::from(format!("u:{to}")),
-                                seq,
-                                msg,
-                                incoming: false,
-                            }),
-                        );
-                    }
+                    a.sender_seq
                 }
+                _ => None,
+            };
+            answer.give(&commits, result);
+            if let Some(seq) = own_copy {
+                commits.push(
+                    home_shard(&from, shards),
+                    Committed::Inbox(InboxDelivery {
+                        owner: from,
+                        chat: Arc::from(format!("u:{to}")),
+                        seq,
+                        msg,
+                        incoming: false,
+                    }),
+                );
             }
-            let _ = tx.send(result);
         }))?;
+        Ok(())
+    }
+
+    /// Submits a single-chat message and waits until it is durable.
+    fn submit_single_waiting(
+        &self,
+        new: NewMessage,
+    ) -> Result<oneshot::Receiver<Result<Appended, StoreError>>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit_single(new, Answer::Waiter(tx))?;
         Ok(rx)
     }
 
@@ -102,7 +113,7 @@ impl Shard {
 
     /// Accepts a single-chat message: answers once it is durable in both inboxes.
     pub async fn send_single(self: &Rc<Self>, new: NewMessage) -> Result<Sent, EngineError> {
-        let rx = self.submit_single(new)?;
+        let rx = self.submit_single_waiting(new)?;
         let appended = rx.await.map_err(|_| EngineError::Store(StoreError::Closed))??;
         if !appended.duplicate {
             ShardCounters::add(&self.counters().messages_accepted, 1);
@@ -113,7 +124,7 @@ impl Shard {
     /// Accepts many single-chat messages (submitted in order, so per-inbox order is kept);
     /// one result per message.
     pub async fn send_many(self: &Rc<Self>, msgs: Vec<NewMessage>) -> Vec<Result<Sent, EngineError>> {
-        let pending: Vec<_> = msgs.into_iter().map(|m| self.submit_single(m)).collect();
+        let pending: Vec<_> = msgs.into_iter().map(|m| self.submit_single_waiting(m)).collect();
         let mut out = Vec::with_capacity(pending.len());
         let mut accepted = 0;
         for p in pending {
@@ -147,6 +158,7 @@ impl Shard {
                 match c {
                     Committed::Inbox(d) => delivered += self.deliver_committed(&d),
                     Committed::Group(g) => groups.push(g),
+                    Committed::Answer(a) => self.answer_terminal(a),
                 }
             }
             if !groups.is_empty() {
@@ -155,6 +167,26 @@ impl Shard {
             }
             ShardCounters::add(&self.counters().deliveries, delivered);
             glommio::yield_if_needed().await;
+        }
+    }
+
+    /// Writes `sent` (or `error`) to the terminal whose `send` this answers; a terminal that
+    /// left meanwhile finds its message by `sync`.
+    fn answer_terminal(&self, a: TerminalAnswer) {
+        let frame = match a.result {
+            Ok(accepted) => {
+                if !accepted.duplicate {
+                    ShardCounters::add(&self.counters().messages_accepted, 1);
+                }
+                ServerFrame::Sent { cid: a.cid.into(), id: accepted.id.to_string(), seq: accepted.seq, ts: accepted.ts }
+            }
+            Err(e) => {
+                let e = EngineError::Store(e).to_api();
+                ServerFrame::Error { code: e.code, message: e.message, reference: Some(a.cid.into()) }
+            }
+        };
+        if let Some(s) = self.session(a.session) {
+            self.push(&s, encode_text_frame(&frame, 96));
         }
     }
 
@@ -248,7 +280,7 @@ impl Shard {
 
     // ---- terminal frames -----------------------------------------------------------------
 
-    fn frame_error(&self, s: &Session, e: &ApiError, reference: Option<String>) {
+    pub(crate) fn frame_error(&self, s: &Session, e: &ApiError, reference: Option<String>) {
         self.push(
             s,
             encode_text_frame(&ServerFrame::Error { code: e.code, message: e.message.clone(), reference }, 96),

@@ -18,7 +18,7 @@ use crate::message::Message;
 use crate::session::Session;
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
-use crate::storage::{Committed, GroupDelivery};
+use crate::storage::{Answer, Committed, GroupDelivery};
 
 /// Pushes made in a fan-out loop before it lets the shard's other tasks run.
 const FANOUT_YIELD_EVERY: usize = 256;
@@ -186,11 +186,8 @@ impl Shard {
     }
 
     /// Submits a group message; when it commits, its frame is encoded once (on the storage
-    /// thread) and queued for every shard.
-    fn submit_group(
-        &self,
-        post: NewGroupPost,
-    ) -> Result<oneshot::Receiver<Result<GroupAppended, StoreError>>, EngineError> {
+    /// thread) and queued for every shard, then `answer` gets the stored result.
+    pub(crate) fn submit_group(&self, post: NewGroupPost, answer: Answer<GroupAppended>) -> Result<(), EngineError> {
         let NewGroupPost { from, system, group, kind, body, cid } = post;
         if self.node.stopping() || self.node.draining() {
             return Err(EngineError::ShuttingDown);
@@ -210,7 +207,6 @@ impl Shard {
         let group: Arc<str> = Arc::from(&*group);
         let commits = self.commits.clone();
         let shards = self.shards;
-        let (tx, rx) = oneshot::channel();
         self.store.submit(StoreCmd::new(op, move |result| {
             let result = result.and_then(Reply::group_appended);
             if let Ok(a) = &result {
@@ -230,14 +226,15 @@ impl Shard {
                     }
                 }
             }
-            let _ = tx.send(result);
+            answer.give(&commits, result);
         }))?;
-        Ok(rx)
+        Ok(())
     }
 
     /// Accepts a group message from a member; answers once it is durable.
     pub async fn send_group(self: &Rc<Self>, post: NewGroupPost) -> Result<GroupSent, EngineError> {
-        let rx = self.submit_group(post)?;
+        let (tx, rx) = oneshot::channel();
+        self.submit_group(post, Answer::Waiter(tx))?;
         let a = rx.await.map_err(|_| EngineError::Store(StoreError::Closed))??;
         if !a.duplicate {
             ShardCounters::add(&self.counters().messages_accepted, 1);

@@ -32,7 +32,7 @@ use crate::message::{encode_text_frame, unix_now_ms, IdGen, NewMessage};
 use crate::parking::{Parking, WakeList};
 use crate::session::{CloseReason, ParkState, Platform, Pushed, Session, SessionKey};
 use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters, ShardPublished};
-use crate::storage::CommitQueues;
+use crate::storage::{Answer, CommitQueues, TerminalSend};
 use crate::wheel::TimerWheel;
 use ether_admin::Histogram;
 use ether_store::StoreHandle;
@@ -606,45 +606,33 @@ impl Shard {
         if let Err(e) = ether_proto::body::validate_raw("body", kind, body) {
             return reject(ErrorCode::InvalidBody, e.to_string());
         }
-        // The body is stored and pushed as the JSON text the terminal sent.
+        // The body is stored and pushed as the JSON text the terminal sent. The commit loop
+        // answers (`sent`) when it is durable: no task waits for it.
         let raw = body.to_owned();
-        let cid = cid.to_owned();
-        let shard = self.clone();
-        let s = s.clone();
-        glommio::spawn_local(async move {
-            let sent = match target {
-                Chat::User(to) => {
-                    let new = NewMessage {
-                        from: (*s.user).into(),
-                        to: to.into(),
-                        kind,
-                        body: raw,
-                        cid: Some(cid.clone().into()),
-                    };
-                    shard.send_single(new).await.map(|sent| (sent.id, sent.sender_seq, sent.ts))
-                }
-                Chat::Group(g) => {
-                    let post = crate::groups::NewGroupPost {
-                        from: (*s.user).into(),
-                        system: false,
-                        group: g.into(),
-                        kind,
-                        body: raw,
-                        cid: Some(cid.clone().into()),
-                    };
-                    shard.send_group(post).await.map(|sent| (sent.id, sent.seq, sent.ts))
-                }
-            };
-            let frame = match sent {
-                Ok((id, seq, ts)) => ServerFrame::Sent { cid, id: id.to_string(), seq, ts },
-                Err(e) => {
-                    let e = e.to_api();
-                    ServerFrame::Error { code: e.code, message: e.message, reference: Some(cid) }
-                }
-            };
-            shard.push(&s, encode_text_frame(&frame, 96));
-        })
-        .detach();
+        let from: Box<str> = (*s.user).into();
+        let answer = TerminalSend { shard: self.id, session: s.key, cid: cid.into() };
+        let submitted = match target {
+            Chat::User(to) => self.submit_single(
+                NewMessage { from, to: to.into(), kind, body: raw, cid: Some(cid.into()) },
+                Answer::Terminal(answer),
+            ),
+            Chat::Group(g) => self.submit_group(
+                crate::groups::NewGroupPost {
+                    from,
+                    system: false,
+                    group: g.into(),
+                    kind,
+                    body: raw,
+                    cid: Some(cid.into()),
+                },
+                Answer::Terminal(answer),
+            ),
+        };
+        if let Err(e) = submitted {
+            // Not the terminal's fault (the node is stopping, the store overloaded): no
+            // violation counted.
+            self.frame_error(s, &e.to_api(), Some(cid.to_owned()));
+        }
     }
 
     // ---- operators ---------------------------------------------------------------------

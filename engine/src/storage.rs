@@ -11,12 +11,14 @@ use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
 use crossbeam::queue::SegQueue;
-use ether_store::op::Entry;
-use ether_store::{SqliteBackend, SqliteOptions, StoreHandle, StoreOptions, StoreThread};
+use ether_store::op::{Appended, Entry, GroupAppended};
+use ether_store::{SqliteBackend, SqliteOptions, StoreError, StoreHandle, StoreOptions, StoreThread};
+use futures_channel::oneshot;
 use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::message::{Message, SharedMessage};
+use crate::session::SessionKey;
 
 /// Something made durable that a shard pushes to its terminals.
 #[derive(Debug)]
@@ -25,6 +27,77 @@ pub enum Committed {
     Inbox(InboxDelivery),
     /// A group message: the same frame bytes for every online member on every shard.
     Group(GroupDelivery),
+    /// The answer to a terminal's `send`, for the shard that holds the terminal.
+    Answer(TerminalAnswer),
+}
+
+/// Where a terminal's `send` is answered: its session, on the shard that submitted it.
+#[derive(Debug)]
+pub struct TerminalSend {
+    pub shard: usize,
+    pub session: SessionKey,
+    pub cid: Box<str>,
+}
+
+/// A terminal's `send` made durable (or refused): the shard writes `sent` (or `error`).
+#[derive(Debug)]
+pub struct TerminalAnswer {
+    pub session: SessionKey,
+    pub cid: Box<str>,
+    pub result: Result<Accepted, StoreError>,
+}
+
+/// A message made durable, as its sender is told: its id, its position in the sender's
+/// stream (own inbox, or the group), and whether it repeated an earlier `cid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub id: u64,
+    pub seq: u64,
+    pub ts: u64,
+    pub duplicate: bool,
+}
+
+impl From<&Appended> for Accepted {
+    fn from(a: &Appended) -> Accepted {
+        // The sender's own inbox position; the receiver's when the sender wrote to themself.
+        Accepted { id: a.id, seq: a.sender_seq.unwrap_or(a.receiver_seq), ts: a.ts, duplicate: a.duplicate }
+    }
+}
+
+impl From<&GroupAppended> for Accepted {
+    fn from(a: &GroupAppended) -> Accepted {
+        Accepted { id: a.id, seq: a.seq, ts: a.ts, duplicate: a.duplicate }
+    }
+}
+
+/// Who hears that a submitted message is durable: a task awaiting it (API handlers) or, with
+/// no task at all, a terminal's session through its shard's commit queue.
+pub enum Answer<T> {
+    Waiter(oneshot::Sender<Result<T, StoreError>>),
+    Terminal(TerminalSend),
+}
+
+impl<T> Answer<T>
+where
+    for<'a> &'a T: Into<Accepted>,
+{
+    /// Hands the store's result over (on the storage thread, after the message's own
+    /// deliveries were queued, so a shard reads them first).
+    pub fn give(self, commits: &CommitQueues, result: Result<T, StoreError>) {
+        match self {
+            Answer::Waiter(tx) => {
+                let _ = tx.send(result);
+            }
+            Answer::Terminal(t) => commits.push(
+                t.shard,
+                Committed::Answer(TerminalAnswer {
+                    session: t.session,
+                    cid: t.cid,
+                    result: result.map(|v| (&v).into()),
+                }),
+            ),
+        }
+    }
 }
 
 /// A group message made durable, encoded once for every member.
@@ -180,6 +253,7 @@ mod tests {
                 .map(|c| match c {
                     Committed::Inbox(d) => d.seq,
                     Committed::Group(g) => g.seq,
+                    Committed::Answer(a) => a.result.as_ref().map_or(0, |a| a.seq),
                 })
                 .collect()
         };
