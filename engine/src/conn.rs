@@ -563,8 +563,8 @@ pub async fn unpark_loop(shard: Rc<Shard>) {
 /// Serves a parked session without a task when that is enough: writes what was pushed to it
 /// straight to its socket, and when the socket turned readable reads it and handles what came
 /// if that is only heartbeats and acks (then arms the readiness again). Anything else (a close,
-/// a full socket, EOF, other frames, a frame cut short) needs a task: the frame reader, with
-/// what was read and handled so far, goes to it.
+/// a full socket, EOF, other frames, a frame cut short, acks again within the park delay)
+/// needs a task: the frame reader, with what was read and handled so far, goes to it.
 fn serve_parked(
     shard: &Rc<Shard>,
     parking: &Parking,
@@ -583,9 +583,18 @@ fn serve_parked(
         let r = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
         if r > 0 {
             let n = r as usize;
+            let previous_read = session.last_active();
             let weight = on_bytes(shard, session, &mut reader, &mut scratch[..n]);
             if weight == FrameWeight::Busy || !reader.is_between_frames() || n == scratch.len() {
                 return Err(reader); // handled; the task reads on
+            }
+            // Acks again within the park delay: a terminal busy receiving. Its own task serves
+            // it for less than a watcher-thread hop and an epoll re-arm per ack (measured), and
+            // parks it again once it goes quiet. A heartbeat never counts as busy.
+            if weight == FrameWeight::Ack
+                && shard.now_tick().saturating_sub(previous_read) < crate::shard::park_ticks(&shard.config)
+            {
+                return Err(reader);
             }
         } else if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
             return Err(reader); // EOF or an error: the task sees it again and closes

@@ -12,8 +12,9 @@
 //! the pong is, so connect storms and heartbeats leave no tasks behind. The session is
 //! looked at again when its socket becomes readable (the watcher thread queues its key) or when
 //! anything is pushed to it on its shard (`Session::wake` queues it in `WakeList`): the shard
-//! serves pushes, heartbeats and acks without a task (`conn::serve_parked`) and gives it a task
-//! back for anything else.
+//! serves pushes, heartbeats and occasional acks without a task (`conn::serve_parked`) and
+//! gives it a task back for anything else (a terminal acking again within the park delay is
+//! busy receiving: its own task serves it for less).
 use std::cell::RefCell;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -44,7 +44,8 @@ const TRIM_EVERY_TICKS: u64 = 4;
 /// Connects plus closes since the last trim that make one worth it.
 const TRIM_CHURN_MIN: u64 = 256;
 /// What a terminal frame was, as parking sees it: a heartbeat lets an active terminal park at
-/// once; heartbeats and acks are served on a parked terminal without giving it a task back.
+/// once; heartbeats and an occasional ack are served on a parked terminal without giving it a
+/// task back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FrameWeight {
     Heartbeat,
@@ -53,7 +54,7 @@ pub enum FrameWeight {
 }
 
 /// Ticks without I/O after which a connection is parked (at least one).
-fn park_ticks(config: &Config) -> u64 {
+pub(crate) fn park_ticks(config: &Config) -> u64 {
     (config.limits.park_idle_after.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1)
 }
 
