@@ -5,6 +5,8 @@
 //! - [`body`]: message kinds and the validation of their bodies (errors carry the field path).
 //! - [`frame`]: WebSocket frames, server to terminal ([`ServerFrame`]) and terminal to server
 //!   ([`ClientFrame`]).
+//! - [`pb`]: the `ether.v1.proto` subprotocol (Protocol Buffers frames generated from
+//!   `proto/ether.v1.proto`) and its conversions to and from the JSON frames.
 //! - [`api`]: request and response bodies of the business REST API.
 //! - [`error`]: the public error codes and their HTTP statuses.
 //!
@@ -16,6 +18,7 @@ pub mod body;
 pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod pb;
 
 pub use body::{BodyError, Kind};
 pub use error::{ApiError, ErrorCode};
