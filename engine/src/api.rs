@@ -18,7 +18,7 @@ use serde::Serialize;
 use subtle::ConstantTimeEq;
 
 use crate::error::EngineError;
-use crate::message::{encode_text_frame, unix_now_ms, NewMessage};
+use crate::message::{unix_now_ms, NewMessage};
 use crate::shard::Shard;
 
 /// Token lifetime when a request names none.
@@ -150,19 +150,16 @@ async fn broadcast(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineE
     let b: Broadcast = api::parse_request(&req.body)?;
     ether_proto::body::validate("body", b.kind, &b.body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))?;
-    let frame = encode_text_frame(
-        &ServerFrame::Msg(Msg {
-            id: "0".into(),
-            cid: None,
-            chat: "broadcast".into(),
-            from: "system".into(),
-            seq: 0,
-            kind: b.kind,
-            body: b.body,
-            ts: unix_now_ms(),
-        }),
-        256,
-    );
+    let frame = std::sync::Arc::new(ServerFrame::Msg(Msg {
+        id: "0".into(),
+        cid: None,
+        chat: "broadcast".into(),
+        from: "system".into(),
+        seq: 0,
+        kind: b.kind,
+        body: b.body,
+        ts: unix_now_ms(),
+    }));
     let terminals = shard.broadcast(frame).await?;
     Ok(json(200, &BroadcastResult { terminals }))
 }

@@ -15,12 +15,14 @@ use ether_http::request::{HttpError, Limits};
 use ether_http::response::Response;
 use ether_http::server::{ServeError, Stop};
 use ether_proto::frame::SUBPROTOCOL_JSON;
+use ether_proto::pb::SUBPROTOCOL_PROTO;
 use ether_proto::{ApiError, ErrorCode};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::mesh::{Handoff, ShardMsg};
+use crate::message::Wire;
 use crate::parking::Parking;
 use crate::session::{CloseReason, ParkState, Platform, Session};
 use crate::shard::{home_shard, AdoptError, FrameWeight, Shard};
@@ -164,7 +166,7 @@ struct Checked {
     device: Box<str>,
     platform: Platform,
     key: Box<str>,
-    subprotocol: Option<&'static str>,
+    subprotocol: Option<Wire>,
 }
 
 fn check_upgrade(shard: &Shard, req: &ether_http::request::Request) -> Result<Checked, Refusal> {
@@ -192,16 +194,19 @@ fn check_upgrade(shard: &Shard, req: &ether_http::request::Request) -> Result<Ch
     let Some(key) = req.header("sec-websocket-key").filter(|k| !k.is_empty() && k.len() <= 64) else {
         return Err(Refusal::new(400, ErrorCode::InvalidBody, "missing Sec-WebSocket-Key"));
     };
+    // The first offered subprotocol this node speaks; none offered means JSON, unnamed.
     let subprotocol = match req.header("sec-websocket-protocol") {
         None => None,
-        Some(list) if list.split(',').any(|p| p.trim() == SUBPROTOCOL_JSON) => Some(SUBPROTOCOL_JSON),
-        Some(list) => {
-            return Err(Refusal::new(
-                400,
-                ErrorCode::InvalidBody,
-                format!("no supported subprotocol in {list:?}; this node speaks {SUBPROTOCOL_JSON}"),
-            ));
-        }
+        Some(list) => match list.split(',').find_map(|p| Wire::of_subprotocol(p.trim())) {
+            Some(wire) => Some(wire),
+            None => {
+                return Err(Refusal::new(
+                    400,
+                    ErrorCode::InvalidBody,
+                    format!("no supported subprotocol in {list:?}; this node speaks {SUBPROTOCOL_JSON} and {SUBPROTOCOL_PROTO}"),
+                ));
+            }
+        },
     };
     let token = req.query_param("token").or_else(|| req.bearer_token().map(str::to_owned));
     let Some(token) = token else {
@@ -261,14 +266,16 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             .and_then(ether_store::Reply::delivered)
             .ok()
             .map(|d| ether_proto::frame::Positions { inbox_seq: d.inbox_seq, groups: d.groups });
-        let added = heads
-            .map_err(|e| AdoptError::Store(e.to_api().message))
-            .and_then(|heads| shard.add_session(&user, &device, platform, remote).map(|session| (session, heads)));
+        let added = heads.map_err(|e| AdoptError::Store(e.to_api().message)).and_then(|heads| {
+            let wire = subprotocol.unwrap_or_default();
+            shard.add_session(&user, &device, platform, wire, remote).map(|session| (session, heads))
+        });
         shard.unpend_user(&user);
         match added {
             Ok((session, heads)) => {
                 let behind = behind(&heads, delivered.as_ref());
-                session.push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol)));
+                session
+                    .push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol.map(Wire::subprotocol))));
                 shard.join_groups(&session, heads.groups.keys());
                 session.push_final(shard.welcome_frame(&session, heads.groups, delivered));
                 // Parked as soon as the welcome is written and nothing came in: connect storms
@@ -404,7 +411,8 @@ fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, 
     let mut weight = FrameWeight::Heartbeat;
     let result = reader.feed(bytes, max, |event| {
         match event {
-            WsEvent::Text(t) | WsEvent::Binary(t) => weight = weight.max(shard.on_client_frame(session, t)),
+            WsEvent::Text(t) => weight = weight.max(shard.on_client_frame(session, t, false)),
+            WsEvent::Binary(t) => weight = weight.max(shard.on_client_frame(session, t, true)),
             WsEvent::Ping(p) => {
                 shard.push(session, ws::pong_frame(p));
             }

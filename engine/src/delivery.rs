@@ -17,7 +17,7 @@ use tracing::debug;
 
 use crate::error::EngineError;
 use crate::mesh::ShardMsg;
-use crate::message::{encode_text_frame, unix_now_ms, Message, NewMessage};
+use crate::message::{encode_for, frame_set, unix_now_ms, FrameSet, Message, NewMessage};
 use crate::session::{Session, SessionKey};
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
@@ -186,7 +186,7 @@ impl Shard {
             }
         };
         if let Some(s) = self.session(a.session) {
-            self.push(&s, encode_text_frame(&frame, 96));
+            self.push(&s, encode_for(&frame, s.wire));
         }
     }
 
@@ -214,16 +214,18 @@ impl Shard {
             }
         };
         entry.inbox_seq = entry.inbox_seq.max(c.seq);
-        // Encoded once for the inbox; every terminal of the user gets the same bytes. Pushing
-        // touches sessions and wheels, never the user index, so it stays borrowed meanwhile.
-        let frame = c.msg.encode_frame(&c.chat, c.seq);
+        // Encoded once for the inbox (and subprotocol); every terminal of the user gets the same
+        // bytes. Pushing touches sessions and wheels, never the user index, so it stays
+        // borrowed meanwhile.
+        let mut frames = FrameSet::new(|wire| c.msg.encode_frame_for(wire, &c.chat, c.seq));
         let waited_ms = unix_now_ms().saturating_sub(c.msg.ts);
         self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
         let mut delivered = 0;
         for key in &entry.sessions {
             if let Some(s) = self.session(*key) {
+                let frame = frames.get(s.wire);
                 if self.push(&s, frame.clone()) {
-                    self.track(&s, c.seq, c.msg.id, frame.clone());
+                    self.track(&s, c.seq, c.msg.id, frame);
                     delivered += 1;
                 }
             }
@@ -281,10 +283,7 @@ impl Shard {
     // ---- terminal frames -----------------------------------------------------------------
 
     pub(crate) fn frame_error(&self, s: &Session, e: &ApiError, reference: Option<String>) {
-        self.push(
-            s,
-            encode_text_frame(&ServerFrame::Error { code: e.code, message: e.message.clone(), reference }, 96),
-        );
+        self.push(s, encode_for(&ServerFrame::Error { code: e.code, message: e.message.clone(), reference }, s.wire));
     }
 
     /// A cumulative delivery ack: forgets what it covers, keeps the position durable.
@@ -406,7 +405,7 @@ impl Shard {
                 Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), None),
             };
             for e in &synced.entries {
-                let frame = message_of(e).encode_frame(&e.chat, e.seq);
+                let frame = message_of(e).encode_frame_for(s.wire, &e.chat, e.seq);
                 if !shard.push(&s, frame.clone()) {
                     return;
                 }
@@ -422,7 +421,7 @@ impl Shard {
                 groups: synced.heads.groups,
                 more: synced.more,
             };
-            shard.push(&s, encode_text_frame(&done, 96));
+            shard.push(&s, encode_for(&done, s.wire));
         })
         .detach();
     }
@@ -446,10 +445,11 @@ impl Shard {
             if !moved.moved {
                 return;
             }
-            let sync = encode_text_frame(&ServerFrame::ReadSync { chat: moved.chat.clone(), seq: moved.seq }, 64);
+            let sync = ServerFrame::ReadSync { chat: moved.chat.clone(), seq: moved.seq };
+            let mut frames = frame_set(&sync);
             for other in shard.sessions_of(&s.user) {
                 if other.key != s.key {
-                    shard.push(&other, sync.clone());
+                    shard.push(&other, frames.get(other.wire));
                 }
             }
             if let (Chat::User(peer), Some(up_to)) = (parsed, moved.up_to) {
@@ -458,7 +458,7 @@ impl Shard {
                     by: s.user.to_string(),
                     up_to: up_to.to_string(),
                 };
-                let frame = encode_text_frame(&receipt, 96);
+                let frame = Arc::new(receipt);
                 let peer: Arc<str> = Arc::from(peer);
                 let home = home_shard(&peer, shard.shards);
                 if let Err(e) = shard.route(home, ShardMsg::UserFrame { user: peer, frame }).await {

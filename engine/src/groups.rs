@@ -14,7 +14,7 @@ use tracing::debug;
 
 use crate::error::EngineError;
 use crate::mesh::ShardMsg;
-use crate::message::Message;
+use crate::message::{Message, Wire};
 use crate::session::Session;
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
@@ -149,6 +149,8 @@ impl Shard {
         }
         let mut delivered = 0;
         let mut i = 0;
+        // The run's frames for members on `ether.v1.proto`, encoded the first time one needs it.
+        let mut proto_frames: Vec<Option<bytes::Bytes>> = vec![None; run.len()];
         // Walk the member list by position (no copy of it per message); the index may change
         // while the loop yields, which at worst skips or repeats a member that joined or left
         // during this very run.
@@ -158,8 +160,16 @@ impl Shard {
                 None => break,
             };
             if let Some(s) = self.session(key) {
-                for g in run {
-                    if !self.push(&s, g.frame.clone()) {
+                for (g, proto) in run.iter().zip(&mut proto_frames) {
+                    let frame = match s.wire {
+                        Wire::Json => g.frame.clone(),
+                        Wire::Proto => proto
+                            .get_or_insert_with(|| {
+                                g.msg.encode_frame_for(Wire::Proto, &format!("g:{}", g.group), g.seq)
+                            })
+                            .clone(),
+                    };
+                    if !self.push(&s, frame) {
                         break; // closing: the rest comes back by `sync`
                     }
                     delivered += 1;
@@ -203,7 +213,7 @@ impl Shard {
             body: body.get().to_owned(),
             cid: cid.as_deref().map(str::to_owned),
         });
-        let msg = Message { id, ts, from, kind, body, cid };
+        let msg = Arc::new(Message { id, ts, from, kind, body, cid });
         let group: Arc<str> = Arc::from(&*group);
         let commits = self.commits.clone();
         let shards = self.shards;
@@ -221,6 +231,7 @@ impl Shard {
                                 id: a.id,
                                 ts: a.ts,
                                 frame: frame.clone(),
+                                msg: msg.clone(),
                             }),
                         );
                     }

@@ -4,8 +4,8 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use ether_proto::api::TerminalInfo;
+use ether_proto::frame::ServerFrame;
 use futures_channel::oneshot;
 use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::sync::Semaphore;
@@ -21,7 +21,8 @@ pub struct Handoff {
     pub remote: std::net::SocketAddr,
     /// `Sec-WebSocket-Key`, answered by the home shard.
     pub ws_key: Box<str>,
-    pub subprotocol: Option<&'static str>,
+    /// The subprotocol the terminal chose (None: it named none, JSON).
+    pub subprotocol: Option<crate::message::Wire>,
     /// Bytes read after the upgrade request (normally none).
     pub leftover: Vec<u8>,
 }
@@ -36,7 +37,7 @@ pub enum ShardMsg {
     /// `group` was dissolved.
     GroupGone { group: Arc<str> },
     /// Push `frame` to every terminal of `user` (who lives here): receipts, read syncs.
-    UserFrame { user: Arc<str>, frame: Bytes },
+    UserFrame { user: Arc<str>, frame: Arc<ServerFrame> },
     /// The user's terminals on this shard.
     Presence { user: Arc<str>, reply: oneshot::Sender<Vec<TerminalInfo>> },
     /// Kick the user's terminals (one device, or all); answers how many.
@@ -44,7 +45,7 @@ pub enum ShardMsg {
     /// Snapshots of the shard's terminals (all of them, or one user's).
     Connections { user: Option<Arc<str>>, reply: oneshot::Sender<Vec<crate::stats::ConnSnapshot>> },
     /// Write `frame` to every terminal on the shard; answers how many.
-    Broadcast { frame: Bytes, reply: oneshot::Sender<u64> },
+    Broadcast { frame: Arc<ServerFrame>, reply: oneshot::Sender<u64> },
 }
 
 /// Capacity of each shard-to-shard queue, in messages.

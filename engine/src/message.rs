@@ -1,10 +1,14 @@
 //! A message as the engine carries it between shards, its ids, and its encoding into the exact
-//! WebSocket frame bytes terminals receive (once per inbox, shared by every terminal of it).
+//! WebSocket frame bytes terminals receive (once per inbox and subprotocol, shared by every
+//! terminal of it): JSON text frames (`ether.v1.json`) or Protocol Buffers binary frames
+//! (`ether.v1.proto`), see [`Wire`].
 use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ether_proto::frame::{ServerFrame, SUBPROTOCOL_JSON};
+use ether_proto::pb::SUBPROTOCOL_PROTO;
 use ether_proto::Kind;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -86,7 +90,94 @@ pub fn encode_text_frame<T: Serialize>(value: &T, size_hint: usize) -> Bytes {
     Bytes::from(buf).slice(start..)
 }
 
+/// How a terminal's connection carries frames: the subprotocol it chose at the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wire {
+    /// `ether.v1.json` (the default): one JSON object per text frame.
+    #[default]
+    Json,
+    /// `ether.v1.proto`: one Protocol Buffers frame per binary frame.
+    Proto,
+}
+
+impl Wire {
+    /// The subprotocol a terminal offered, `None` if it is not one this node speaks.
+    pub fn of_subprotocol(name: &str) -> Option<Wire> {
+        match name {
+            SUBPROTOCOL_JSON => Some(Wire::Json),
+            SUBPROTOCOL_PROTO => Some(Wire::Proto),
+            _ => None,
+        }
+    }
+
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Wire::Json => SUBPROTOCOL_JSON,
+            Wire::Proto => SUBPROTOCOL_PROTO,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The bytes of a server frame for a terminal on `wire`.
+pub fn encode_for(frame: &ServerFrame, wire: Wire) -> Bytes {
+    match wire {
+        Wire::Json => encode_text_frame(frame, 128),
+        Wire::Proto => crate::ws::binary_frame(&ether_proto::pb::encode_server(frame)),
+    }
+}
+
+/// One frame for many terminals: encoded at most once per subprotocol, the first time a
+/// terminal on it needs it, then shared.
+pub struct FrameSet<F: Fn(Wire) -> Bytes> {
+    encode: F,
+    made: [Option<Bytes>; 2],
+}
+
+impl<F: Fn(Wire) -> Bytes> FrameSet<F> {
+    pub fn new(encode: F) -> Self {
+        FrameSet { encode, made: [None, None] }
+    }
+
+    /// Starts with the frame already made for `wire`.
+    pub fn with(wire: Wire, frame: Bytes, encode: F) -> Self {
+        let mut set = FrameSet::new(encode);
+        set.made[wire.index()] = Some(frame);
+        set
+    }
+
+    pub fn get(&mut self, wire: Wire) -> Bytes {
+        let encode = &self.encode;
+        self.made[wire.index()].get_or_insert_with(|| encode(wire)).clone()
+    }
+}
+
+/// [`FrameSet`] of a `ServerFrame`.
+pub fn frame_set(frame: &ServerFrame) -> FrameSet<impl Fn(Wire) -> Bytes + '_> {
+    FrameSet::new(move |wire| encode_for(frame, wire))
+}
+
 impl Message {
+    /// The `msg` frame for one inbox on `wire`.
+    pub fn encode_frame_for(&self, wire: Wire, chat: &str, seq: u64) -> Bytes {
+        match wire {
+            Wire::Json => self.encode_frame(chat, seq),
+            Wire::Proto => crate::ws::binary_frame(&ether_proto::pb::encode_msg(
+                self.id,
+                self.cid.as_deref(),
+                chat,
+                &self.from,
+                seq,
+                self.kind,
+                self.body.get(),
+                self.ts,
+            )),
+        }
+    }
+
     /// The `msg` frame for one inbox: `chat` as that inbox's reader names it, `seq` its position.
     pub fn encode_frame(&self, chat: &str, seq: u64) -> Bytes {
         let id = self.id.to_string();

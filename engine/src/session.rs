@@ -11,6 +11,7 @@ use std::task::Waker;
 
 use bytes::Bytes;
 
+use crate::message::Wire;
 use crate::parking::WakeList;
 use crate::ws::close_code;
 
@@ -183,6 +184,8 @@ pub struct Session {
     pub user: Arc<str>,
     pub device: Box<str>,
     pub platform: Platform,
+    /// The subprotocol: how every frame to this terminal is encoded.
+    pub wire: Wire,
     pub remote: SocketAddr,
     /// Unix milliseconds when the terminal connected.
     pub since_ms: u64,
@@ -221,6 +224,7 @@ impl std::fmt::Debug for Session {
             .field("user", &self.user)
             .field("device", &self.device)
             .field("platform", &self.platform)
+            .field("wire", &self.wire)
             .field("remote", &self.remote)
             .field("close", &self.close.get())
             .field("park", &self.park.get())
@@ -247,6 +251,7 @@ impl Session {
         user: Arc<str>,
         device: Box<str>,
         platform: Platform,
+        wire: Wire,
         remote: SocketAddr,
         since_ms: u64,
         now_tick: u64,
@@ -258,6 +263,7 @@ impl Session {
             user,
             device,
             platform,
+            wire,
             remote,
             since_ms,
             out: RefCell::default(),
@@ -581,6 +587,7 @@ mod tests {
             Arc::from("u"),
             "d".into(),
             Platform::Web,
+            Wire::Json,
             "127.0.0.1:1".parse().unwrap(),
             0,
             0,
@@ -675,6 +682,7 @@ mod tests {
             Arc::from("u"),
             "d".into(),
             Platform::Web,
+            Wire::Json,
             "127.0.0.1:1".parse().unwrap(),
             0,
             0,

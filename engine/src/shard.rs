@@ -28,7 +28,7 @@ use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::error::EngineError;
 use crate::mesh::{FanoutMesh, ShardMsg};
-use crate::message::{encode_text_frame, unix_now_ms, IdGen, NewMessage};
+use crate::message::{encode_for, frame_set, unix_now_ms, IdGen, NewMessage, Wire};
 use crate::parking::{Parking, WakeList};
 use crate::session::{CloseReason, ParkState, Platform, Pushed, Session, SessionKey};
 use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters, ShardPublished};
@@ -125,7 +125,8 @@ pub struct Shard {
     pub(crate) ids: IdGen,
     /// The read buffer every connection of this shard reads into (never held across an await).
     pub scratch: RefCell<Vec<u8>>,
-    pong: Bytes,
+    /// The `pong` frame, per wire (index: `Wire as usize`).
+    pong: [Bytes; 2],
     /// Set once this shard has told its terminals to reconnect.
     drain_started: Cell<bool>,
     /// Sessions whose ack positions (inbox or groups) moved since they were last saved.
@@ -190,7 +191,7 @@ impl Shard {
             tick: Cell::new(0),
             ids: IdGen::new(id),
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
-            pong: encode_text_frame(&ServerFrame::Pong, 16),
+            pong: [encode_for(&ServerFrame::Pong, Wire::Json), encode_for(&ServerFrame::Pong, Wire::Proto)],
             drain_started: Cell::new(false),
             churn_at_trim: Cell::new(0),
             ack_dirty: RefCell::new(Vec::new()),
@@ -261,8 +262,9 @@ impl Shard {
             ShardMsg::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
             ShardMsg::GroupGone { group } => self.group_gone_local(&group),
             ShardMsg::UserFrame { user, frame } => {
+                let mut frames = frame_set(&frame);
                 for s in self.sessions_of(&user) {
-                    self.push(&s, frame.clone());
+                    self.push(&s, frames.get(s.wire));
                 }
             }
             ShardMsg::Presence { user, reply } => {
@@ -313,6 +315,7 @@ impl Shard {
         user: &Arc<str>,
         device: &str,
         platform: Platform,
+        wire: Wire,
         remote: SocketAddr,
     ) -> Result<Rc<Session>, AdoptError> {
         if self.node.stopping() {
@@ -336,7 +339,7 @@ impl Shard {
         }
         if let Some(old) = replaced {
             entry.sessions.retain(|k| *k != old.key);
-            old.push_final(encode_text_frame(&ServerFrame::Kicked { reason: "replaced".into() }, 40));
+            old.push_final(encode_for(&ServerFrame::Kicked { reason: "replaced".into() }, old.wire));
             old.request_close(CloseReason::Replaced);
         }
         let generation = self.generation.get().wrapping_add(1);
@@ -350,6 +353,7 @@ impl Shard {
             user.clone(),
             device.into(),
             platform,
+            wire,
             remote,
             unix_now_ms(),
             self.now_tick(),
@@ -435,7 +439,7 @@ impl Shard {
         delivered: Option<ether_proto::frame::Positions>,
     ) -> Bytes {
         let inbox_seq = self.users.borrow().get(&*s.user).map_or(0, |u| u.inbox_seq);
-        encode_text_frame(
+        encode_for(
             &ServerFrame::Welcome {
                 user: s.user.to_string(),
                 device: s.device.to_string(),
@@ -445,7 +449,7 @@ impl Shard {
                 groups,
                 delivered,
             },
-            192,
+            s.wire,
         )
     }
 
@@ -500,7 +504,7 @@ impl Shard {
             if device.is_some_and(|d| d != &*s.device) || s.close_reason().is_some() {
                 continue;
             }
-            s.push_final(encode_text_frame(&ServerFrame::Kicked { reason: reason.to_owned() }, 40));
+            s.push_final(encode_for(&ServerFrame::Kicked { reason: reason.to_owned() }, s.wire));
             s.request_close(CloseReason::Kicked);
             n += 1;
         }
@@ -514,11 +518,12 @@ impl Shard {
         self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Kick { user, device, reason, reply }).await
     }
 
-    fn broadcast_local(&self, frame: &Bytes) -> u64 {
+    fn broadcast_local(&self, frame: &ServerFrame) -> u64 {
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
+        let mut frames = frame_set(frame);
         let mut n = 0;
         for s in sessions {
-            if self.push(&s, frame.clone()) {
+            if self.push(&s, frames.get(s.wire)) {
                 n += 1;
             }
         }
@@ -527,7 +532,7 @@ impl Shard {
     }
 
     /// Writes `frame` to every terminal of the node; returns how many got it.
-    pub async fn broadcast(self: &Rc<Self>, frame: Bytes) -> Result<u64, EngineError> {
+    pub async fn broadcast(self: &Rc<Self>, frame: Arc<ServerFrame>) -> Result<u64, EngineError> {
         let mut total = 0;
         let mut waits = Vec::new();
         for to in 0..self.shards {
@@ -544,7 +549,7 @@ impl Shard {
 
     /// Sends an `error` frame and counts a violation; too many close the connection (1008).
     pub fn reject_frame(&self, s: &Session, code: ErrorCode, message: String, reference: Option<String>) {
-        self.push(s, encode_text_frame(&ServerFrame::Error { code, message, reference }, 96));
+        self.push(s, encode_for(&ServerFrame::Error { code, message, reference }, s.wire));
         let v = s.violation();
         if v > self.config.limits.protocol_violations_max {
             debug!(user = %s.user, device = %s.device, shard = self.id, violations = v, "closing for repeated invalid frames");
@@ -553,10 +558,19 @@ impl Shard {
     }
 
     /// Handles one complete text (or binary) frame from a terminal.
-    /// Handles one terminal frame; says what kind it was (for parking).
-    pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8]) -> FrameWeight {
+    /// Handles one terminal frame (a text frame's JSON, or a binary frame's Protocol Buffers on
+    /// an `ether.v1.proto` connection); says what kind it was (for parking).
+    pub fn on_client_frame(self: &Rc<Self>, s: &Rc<Session>, bytes: &[u8], binary: bool) -> FrameWeight {
         ShardCounters::add(&self.counters().frames_in, 1);
-        let frame = match ClientFrameRef::parse(bytes) {
+        let parsed = match (s.wire, binary) {
+            (Wire::Proto, true) => ether_proto::pb::decode_client(bytes),
+            (Wire::Proto, false) => Err(ether_proto::frame::FrameError::Shape(
+                "this connection speaks ether.v1.proto: send binary frames".into(),
+            )),
+            // JSON in text frames; a binary frame holding JSON is taken as it always was.
+            (Wire::Json, _) => ClientFrameRef::parse(bytes),
+        };
+        let frame = match parsed {
             Ok(f) => f,
             Err(e) => {
                 self.reject_frame(s, e.code(), e.to_string(), None);
@@ -565,7 +579,7 @@ impl Shard {
         };
         match frame {
             ClientFrameRef::Ping => {
-                self.push(s, self.pong.clone());
+                self.push(s, self.pong[s.wire as usize].clone());
                 return FrameWeight::Heartbeat;
             }
             ClientFrameRef::Ack { seq, group } => {
@@ -692,7 +706,7 @@ impl Shard {
             let window_ms = (self.config.limits.drain_window.as_millis() as u64).max(1);
             for s in &sessions {
                 let after_ms = rand::random::<u64>() % window_ms;
-                s.push_final(encode_text_frame(&ServerFrame::Reconnect { after_ms }, 40));
+                s.push_final(encode_for(&ServerFrame::Reconnect { after_ms }, s.wire));
             }
             info!(shard = self.id, terminals = sessions.len(), "draining");
             return;
@@ -811,11 +825,6 @@ impl Shard {
         for s in sessions {
             s.request_close(CloseReason::Shutdown);
         }
-    }
-
-    /// Bytes of a `ServerFrame` as sent to terminals.
-    pub fn encode(frame: &ServerFrame) -> Bytes {
-        encode_text_frame(frame, 128)
     }
 
     /// Rejects a request from the API with a public error.

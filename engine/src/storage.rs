@@ -108,7 +108,11 @@ pub struct GroupDelivery {
     pub id: u64,
     /// Unix ms when accepted.
     pub ts: u64,
+    /// The `msg` frame in JSON, encoded once on the storage thread for every shard.
     pub frame: bytes::Bytes,
+    /// The message, for the `ether.v1.proto` frame: encoded on a shard the first time one of
+    /// its members speaks it.
+    pub msg: SharedMessage,
 }
 
 /// A message made durable in one inbox, to push to that inbox owner's terminals.

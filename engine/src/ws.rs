@@ -206,6 +206,11 @@ pub fn text_frame(payload: &[u8]) -> Bytes {
     encode(OpCode::Data(Data::Text), payload)
 }
 
+/// A server binary frame (unmasked): an `ether.v1.proto` frame.
+pub fn binary_frame(payload: &[u8]) -> Bytes {
+    encode(OpCode::Data(Data::Binary), payload)
+}
+
 /// A pong answering a ping with `payload`.
 pub fn pong_frame(payload: &[u8]) -> Bytes {
     encode(OpCode::Control(Control::Pong), payload)

@@ -56,7 +56,16 @@ fn positions(p: &Positions) -> v1::Positions {
 /// A `msg` frame from its parts, the body given as JSON text (the engine's delivery path: no
 /// JSON value is built).
 #[allow(clippy::too_many_arguments)]
-pub fn encode_msg(id: u64, cid: Option<&str>, chat: &str, from: &str, seq: u64, kind: Kind, body_json: &str, ts: u64) -> Vec<u8> {
+pub fn encode_msg(
+    id: u64,
+    cid: Option<&str>,
+    chat: &str,
+    from: &str,
+    seq: u64,
+    kind: Kind,
+    body_json: &str,
+    ts: u64,
+) -> Vec<u8> {
     let frame = v1::ServerFrame {
         frame: Some(ServerOneof::Msg(v1::Msg {
             id: id.to_string(),

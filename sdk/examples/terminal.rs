@@ -2,14 +2,16 @@
 //!
 //! ```text
 //! cargo run -p ether-sdk --example terminal -- --url ws://127.0.0.1:9000 --token <JWT> \
-//!     [--device laptop] [--platform desktop] [--header-token] [--ping-s 20]
+//!     [--device laptop] [--platform desktop] [--header-token] [--proto] [--ping-s 20]
 //! ```
 //!
 //! Get a token with `ether token --user alice` (or `POST /v1/tokens` on the api port); the
 //! token can also come from the `ETHER_TOKEN` environment variable.
 //!
 //! What it does:
-//! - connects to `<url>/ws?token=..&device=..&platform=..` and prints the `welcome`;
+//! - connects to `<url>/ws?token=..&device=..&platform=..` and prints the `welcome`; with
+//!   `--proto` it speaks the binary subprotocol `ether.v1.proto` (Protocol Buffers frames,
+//!   `proto/ether.v1.proto`) instead of JSON, and prints exactly the same;
 //! - prints every message on one line, `[u:alice #12] alice: hello` (chat, seq, sender, text;
 //!   other kinds as `[image <url>]`, `[file <name> <url>]`, ...), and the other frames
 //!   (`sent`, `error`, `receipt`, `kicked`, ...) in a readable form; a message received again
@@ -54,6 +56,9 @@ struct Args {
     /// Send the token as `Authorization: Bearer` instead of in the URL.
     #[arg(long)]
     header_token: bool,
+    /// Speak `ether.v1.proto` (binary Protocol Buffers frames) instead of `ether.v1.json`.
+    #[arg(long)]
+    proto: bool,
     /// Seconds between `ping` frames.
     #[arg(long, default_value_t = 20)]
     ping_s: u64,
@@ -201,6 +206,9 @@ impl Session {
 fn run(args: Args) -> Result<(), SdkError> {
     let mut opts = ConnectOptions::new(&args.token, &args.device, &args.platform);
     opts.token_in_header = args.header_token;
+    if args.proto {
+        opts = opts.subprotocol(ether_sdk::proto::pb::SUBPROTOCOL_PROTO);
+    }
     let (client, w) = TerminalClient::connect_with(&args.url, &opts)?;
     let groups: Vec<String> = w.groups.iter().map(|(g, s)| format!("{g}#{s}")).collect();
     println!(

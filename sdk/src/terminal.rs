@@ -16,6 +16,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use ether_proto::frame::Msg;
+use ether_proto::pb::SUBPROTOCOL_PROTO;
 use ether_proto::{ClientFrame, Kind, ServerFrame};
 use serde_json::{json, Value};
 use tungstenite::handshake::HandshakeError;
@@ -102,6 +103,9 @@ impl ConnectOptions {
         self
     }
 
+    /// Asks for a subprotocol: `ether.v1.json` (the default) or `ether.v1.proto` (binary
+    /// frames, which this client then speaks), or several, comma-separated, in the order of
+    /// preference.
     pub fn subprotocol(mut self, protocol: &str) -> Self {
         self.subprotocol = Some(protocol.to_owned());
         self
@@ -297,8 +301,7 @@ impl TerminalClient {
         }
     }
 
-    /// Connects and upgrades, without waiting for `welcome` (for tests of the upgrade itself,
-    /// or of the binary subprotocol whose frames this client does not decode).
+    /// Connects and upgrades, without waiting for `welcome` (for tests of the upgrade itself).
     pub fn connect_raw(url: &str, opts: &ConnectOptions) -> Result<TerminalClient, SdkError> {
         let (url, addr) = build_url(url, opts)?;
         let uri: tungstenite::http::Uri = url.parse().map_err(|e| SdkError::InvalidUrl(format!("{url:?}: {e}")))?;
@@ -309,8 +312,10 @@ impl TerminalClient {
         for (k, v) in &opts.headers {
             req = req.with_header(k.clone(), v.clone());
         }
-        if let Some(p) = &opts.subprotocol {
-            req = req.with_sub_protocol(p.clone());
+        if let Some(list) = &opts.subprotocol {
+            for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                req = req.with_sub_protocol(p);
+            }
         }
         let tcp = tcp_connect(&addr, opts.timeout)?;
         tcp.set_nodelay(true)?;
@@ -423,28 +428,42 @@ impl TerminalClient {
         }
     }
 
-    /// The next server frame within `timeout`, `Ok(None)` if none came. A frame that is not a
-    /// known [`ServerFrame`] is [`SdkError::Decode`] (with the text).
+    /// Whether the server chose the binary subprotocol (`ether.v1.proto`): frames both ways
+    /// are then Protocol Buffers in binary frames.
+    pub fn is_proto(&self) -> bool {
+        self.subprotocol.as_deref() == Some(SUBPROTOCOL_PROTO)
+    }
+
+    /// The next server frame within `timeout`, `Ok(None)` if none came: a JSON text frame, or
+    /// on `ether.v1.proto` a binary one. A frame that is not a known [`ServerFrame`] is
+    /// [`SdkError::Decode`].
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, SdkError> {
         match self.recv_message(timeout)? {
             None => Ok(None),
             Some(Message::Text(t)) => serde_json::from_str(t.as_str())
                 .map(Some)
                 .map_err(|e| SdkError::Decode(format!("{e} in server frame {}", t.as_str()))),
+            Some(Message::Binary(b)) if self.is_proto() => ether_proto::pb::decode_server(&b)
+                .map(Some)
+                .map_err(|e| SdkError::Decode(format!("{e} in a binary server frame of {} bytes", b.len()))),
             Some(other) => Err(SdkError::Decode(format!(
-                "a binary frame of {} bytes: this client decodes JSON frames only",
+                "a binary frame of {} bytes on a JSON connection (ask for `ether.v1.proto` to get those)",
                 other.len()
             ))),
         }
     }
 
-    /// The next text frame as JSON, without asking for a known shape.
+    /// The next frame as JSON, without asking for a known shape (on `ether.v1.proto`, the
+    /// binary frame decoded, as its JSON twin).
     pub fn recv_value(&mut self, timeout: Duration) -> Result<Option<Value>, SdkError> {
         match self.recv_message(timeout)? {
             None => Ok(None),
             Some(Message::Text(t)) => serde_json::from_str(t.as_str())
                 .map(Some)
                 .map_err(|e| SdkError::Decode(format!("{e} in server frame {}", t.as_str()))),
+            Some(Message::Binary(b)) if self.is_proto() => ether_proto::pb::decode_server(&b)
+                .map(|f| serde_json::to_value(f).ok())
+                .map_err(|e| SdkError::Decode(format!("{e} in a binary server frame of {} bytes", b.len()))),
             Some(other) => {
                 Err(SdkError::Decode(format!("a binary frame of {} bytes where JSON was expected", other.len())))
             }
@@ -517,9 +536,13 @@ impl TerminalClient {
         }
     }
 
-    /// Sends one terminal frame as a JSON text frame.
+    /// Sends one terminal frame: a JSON text frame, or on `ether.v1.proto` a binary one.
     pub fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), SdkError> {
-        self.raw_send(Message::text(frame.to_json()))
+        if self.is_proto() {
+            self.raw_send(Message::binary(ether_proto::pb::encode_client(frame)))
+        } else {
+            self.raw_send(Message::text(frame.to_json()))
+        }
     }
 
     /// Cumulative delivery ack of the inbox up to `seq`.
