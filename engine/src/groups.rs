@@ -149,8 +149,9 @@ impl Shard {
         }
         let mut delivered = 0;
         let mut i = 0;
-        // The run's frames for members on `ether.v1.proto`, encoded the first time one needs it.
-        let mut proto_frames: Vec<Option<bytes::Bytes>> = vec![None; run.len()];
+        // The run's frames for members on `ether.v1.proto`, made (and the list allocated) the
+        // first time one needs them: a group of JSON members costs nothing more.
+        let mut proto_frames: Vec<bytes::Bytes> = Vec::new();
         // Walk the member list by position (no copy of it per message); the index may change
         // while the loop yields, which at worst skips or repeats a member that joined or left
         // during this very run.
@@ -160,14 +161,14 @@ impl Shard {
                 None => break,
             };
             if let Some(s) = self.session(key) {
-                for (g, proto) in run.iter().zip(&mut proto_frames) {
+                if s.wire == Wire::Proto && proto_frames.is_empty() {
+                    let chat = format!("g:{}", first.group);
+                    proto_frames = run.iter().map(|g| g.msg.encode_frame_for(Wire::Proto, &chat, g.seq)).collect();
+                }
+                for (j, g) in run.iter().enumerate() {
                     let frame = match s.wire {
                         Wire::Json => g.frame.clone(),
-                        Wire::Proto => proto
-                            .get_or_insert_with(|| {
-                                g.msg.encode_frame_for(Wire::Proto, &format!("g:{}", g.group), g.seq)
-                            })
-                            .clone(),
+                        Wire::Proto => proto_frames[j].clone(),
                     };
                     if !self.push(&s, frame) {
                         break; // closing: the rest comes back by `sync`
