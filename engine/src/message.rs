@@ -142,13 +142,6 @@ impl<F: Fn(Wire) -> Bytes> FrameSet<F> {
         FrameSet { encode, made: [None, None] }
     }
 
-    /// Starts with the frame already made for `wire`.
-    pub fn with(wire: Wire, frame: Bytes, encode: F) -> Self {
-        let mut set = FrameSet::new(encode);
-        set.made[wire.index()] = Some(frame);
-        set
-    }
-
     pub fn get(&mut self, wire: Wire) -> Bytes {
         let encode = &self.encode;
         self.made[wire.index()].get_or_insert_with(|| encode(wire)).clone()
@@ -281,5 +274,46 @@ mod tests {
             assert_eq!(v["cid"], "c1");
             assert_eq!(v["body"]["text"].as_str().unwrap().len(), body_len);
         }
+    }
+
+    #[test]
+    fn binary_frame_holds_the_same_message() {
+        let m = Message {
+            id: 42,
+            ts: 7,
+            from: "alice".into(),
+            kind: Kind::Voice,
+            body: RawValue::from_string(r#"{"url":"https://x/v.ogg","duration_ms":900}"#.into()).unwrap(),
+            cid: None,
+        };
+        let f = m.encode_frame_for(Wire::Proto, "u:alice", 9);
+        let mut cur = std::io::Cursor::new(&f[..]);
+        let (h, len) = FrameHeader::parse(&mut cur).unwrap().unwrap();
+        assert_eq!(h.opcode, OpCode::Data(Data::Binary));
+        assert_eq!(len as usize, f.len() - cur.position() as usize);
+        let frame = ether_proto::pb::decode_server(&f[cur.position() as usize..]).unwrap();
+        let json: serde_json::Value = {
+            let t = m.encode_frame("u:alice", 9);
+            let mut cur = std::io::Cursor::new(&t[..]);
+            FrameHeader::parse(&mut cur).unwrap().unwrap();
+            serde_json::from_slice(&t[cur.position() as usize..]).unwrap()
+        };
+        assert_eq!(serde_json::to_value(&frame).unwrap(), json, "the same frame on both wires");
+    }
+
+    #[test]
+    fn a_frame_set_encodes_once_per_wire_and_only_when_asked() {
+        let made = Cell::new(0);
+        let mut set = FrameSet::new(|wire| {
+            made.set(made.get() + 1);
+            Bytes::from(wire.subprotocol())
+        });
+        for _ in 0..3 {
+            assert_eq!(&set.get(Wire::Json)[..], SUBPROTOCOL_JSON.as_bytes());
+        }
+        assert_eq!(made.get(), 1, "JSON only: the binary frame never made");
+        assert_eq!(&set.get(Wire::Proto)[..], SUBPROTOCOL_PROTO.as_bytes());
+        assert_eq!(&set.get(Wire::Proto)[..], SUBPROTOCOL_PROTO.as_bytes());
+        assert_eq!(made.get(), 2);
     }
 }
