@@ -1,0 +1,92 @@
+//! The JavaScript terminal SDK (`sdk/js/ether-im.mjs`) against a real node, run by Node.js:
+//! `sdk/js/test/scenario.mjs` connects two terminals, sends, reads, goes offline while the
+//! business pushes (this test, through the REST API, when the script says so), comes back and
+//! catches up, and checks errors and `cid` idempotency. The script prints one JSON verdict.
+//!
+//! Needs `node` (20 with `--experimental-websocket`, or newer). Without it the test prints
+//! "skipped: node not installed" and passes.
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+fn node_with_websocket() -> Option<&'static str> {
+    let out = Command::new("node")
+        .args(["--experimental-websocket", "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"])
+        .output()
+        .ok()?;
+    out.status.success().then_some("node")
+}
+
+#[test]
+fn the_js_sdk_sends_receives_and_catches_up_after_being_away() {
+    let Some(node_bin) = node_with_websocket() else {
+        println!("skipped: node not installed (or without WebSocket)");
+        return;
+    };
+    let node = TestNode::start();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/js/test/scenario.mjs");
+    let mut child = Command::new(node_bin)
+        .arg("--experimental-websocket")
+        .arg("--no-warnings")
+        .arg(&script)
+        .env("ETHER_WS", node.ws_url())
+        .env("TOKEN_ANN", node.token("ann"))
+        .env("TOKEN_BOB", node.token("bob"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut verdict = None;
+    for line in stdout.lines() {
+        let line = line.expect("read the script's output");
+        if line == "SUSPENDED" {
+            // Bob is away: the business pushes ten messages to him.
+            let gw = node.gateway();
+            for i in 0..10 {
+                gw.send_message(&text("max", "bob", &format!("api{i}"))).expect("API send");
+            }
+            writeln!(stdin, "PUSHED").expect("tell the script");
+        } else if line.starts_with('{') {
+            verdict = Some(line);
+        }
+    }
+    let status = child.wait_timeout_or_kill(Duration::from_secs(40));
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    let verdict = verdict.unwrap_or_else(|| panic!("no verdict from the script ({status:?}); stderr:\n{stderr}"));
+    let v: serde_json::Value = serde_json::from_str(&verdict).expect("JSON verdict");
+    assert_eq!(v["ok"], true, "the JS SDK scenario failed: {v:#}\nstderr:\n{stderr}");
+    assert_eq!(v["facts"]["bob_received"], 36, "20 + 15 after coming back + 1 idempotent send: {v}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+/// `Child::wait` with a deadline (the script has its own 30 s timeout; this is the backstop).
+trait WaitTimeout {
+    fn wait_timeout_or_kill(&mut self, limit: Duration) -> Option<std::process::ExitStatus>;
+}
+
+impl WaitTimeout for std::process::Child {
+    fn wait_timeout_or_kill(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(s)) = self.try_wait() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,387 @@
+// Ether-IM terminal SDK for browsers and Node.js: one ES module, no dependencies, on the
+// standard WebSocket API (browsers; Node.js 22+, or 20 with --experimental-websocket).
+//
+// It speaks the `ether.v1.json` terminal protocol (docs: README, "The terminal protocol") and
+// does what every terminal must do, so an app only handles messages:
+// - connects (the token may be a function, called on every connect, to refresh it) and keeps
+//   the connection: heartbeats, reconnects with jittered backoff, honours `reconnect {after_ms}`
+//   when a node drains, stops for good on `kicked`;
+// - after every `welcome`, catches up with `sync` (page by page) from the positions it has
+//   acknowledged, so nothing is missed across disconnects; acknowledges what it received
+//   (cumulative `ack` per stream) and hands each message to the app once (deduplicated by id:
+//   delivery is at least once);
+// - sends with a `cid` and resolves when the node answers `sent` (the message is durable), or
+//   rejects with the node's `error`; a send still unanswered when the connection drops is sent
+//   again after reconnecting with the same `cid`, which the node deduplicates.
+//
+//   import { EtherTerminal } from "./ether-im.mjs";
+//   const t = new EtherTerminal({ url: "ws://127.0.0.1:9000", token: jwt, device: "web-1" });
+//   t.addEventListener("message", (e) => console.log(e.detail.chat, e.detail.body));
+//   t.start();
+//   const { id, seq } = await t.send("bob", "text", { text: "hi" });
+
+/** An `error` frame or a failed send: `code` is the API's error code (`invalid_body`, ...). */
+export class EtherError extends Error {
+  constructor(code, message, ref) {
+    super(`${code}: ${message}`);
+    this.name = "EtherError";
+    this.code = code;
+    this.ref = ref;
+  }
+}
+
+/** Close codes after which a terminal must not reconnect on its own. */
+const FINAL_CLOSE_CODES = new Set([4001, 1008]);
+/** Ids remembered to drop messages delivered again. */
+const SEEN_MAX = 10000;
+
+function randomCid() {
+  const bytes = new Uint8Array(12);
+  globalThis.crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/**
+ * One terminal (one device of one user). Events (`addEventListener`): `message` (a `msg`
+ * frame, new to this terminal), `receipt`, `read_sync`, `welcome`, `synced` (caught up after
+ * a `welcome` found it behind), `kicked`, `error` (an `error` frame not tied to a send),
+ * `state` (`connecting`, `online`, `offline`, `closed`).
+ */
+export class EtherTerminal extends EventTarget {
+  /**
+   * @param {object} o
+   * @param {string} o.url client port base URL, e.g. `ws://127.0.0.1:9000`
+   * @param {string | (() => string | Promise<string>)} o.token terminal JWT, or a function
+   * @param {string} [o.device] device id (default `web`)
+   * @param {string} [o.platform] `web`, `ios`, `android`, `desktop` or `other` (default `web`)
+   * @param {{inbox_seq: number, groups: Object<string, number>}} [o.positions] what this
+   *   device already has (e.g. kept from a previous run); default: what the node says this
+   *   device acknowledged, or else the current heads (history is on the REST API)
+   * @param {number} [o.reconnectMinMs] first reconnect delay (default 500)
+   * @param {number} [o.reconnectMaxMs] longest reconnect delay (default 30000)
+   * @param {number} [o.sendTimeoutMs] how long a send waits for `sent` (default 15000)
+   * @param {typeof WebSocket} [o.WebSocket] WebSocket implementation (default the global)
+   */
+  constructor(o) {
+    super();
+    this.url = o.url.replace(/\/+$/, "");
+    this.token = o.token;
+    this.device = o.device ?? "web";
+    this.platform = o.platform ?? "web";
+    this.reconnectMinMs = o.reconnectMinMs ?? 500;
+    this.reconnectMaxMs = o.reconnectMaxMs ?? 30000;
+    this.sendTimeoutMs = o.sendTimeoutMs ?? 15000;
+    this.WebSocketImpl = o.WebSocket ?? globalThis.WebSocket;
+    if (!this.WebSocketImpl) throw new Error("no WebSocket implementation: pass { WebSocket }");
+    /** Acknowledged positions: `inbox_seq` and one per group. */
+    this.positions = o.positions
+      ? { inbox_seq: o.positions.inbox_seq ?? 0, groups: { ...(o.positions.groups ?? {}) } }
+      : null;
+    this.welcome = null;
+    this._state = "idle";
+    this._ws = null;
+    this._wanted = false;
+    this._attempt = 0;
+    this._timers = new Set();
+    this._pending = new Map(); // cid -> { frame, resolve, reject, timer }
+    this._seen = new Set();
+    this._seenOrder = [];
+    this._ackDue = null; // { inbox: seq|null, groups: Map }
+    this._lastFrameAt = 0;
+  }
+
+  /** `idle`, `connecting`, `online`, `offline` (will reconnect) or `closed`. */
+  get state() {
+    return this._state;
+  }
+
+  /** Connects, and keeps connecting until `close()` (or a kick). */
+  start() {
+    this._wanted = true;
+    if (!this._ws) this._connect();
+  }
+
+  /** Disconnects and stays disconnected (e.g. the page is hidden) until `resume()`. */
+  suspend() {
+    this._wanted = false;
+    this._drop(1000, "suspended");
+    this._setState("offline");
+  }
+
+  /** Connects again after `suspend()` and catches up with everything missed meanwhile. */
+  resume() {
+    this.start();
+  }
+
+  /** Closes for good; pending sends are rejected. */
+  close() {
+    this._wanted = false;
+    this._drop(1000, "closed");
+    for (const [cid, p] of this._pending) p.reject(new EtherError("unavailable", "terminal closed", cid));
+    this._pending.clear();
+    this._setState("closed");
+  }
+
+  /** Sends to a user; resolves `{id, seq, ts}` once durable. */
+  send(to, kind, body, { cid } = {}) {
+    return this._sendFrame({ type: "send", cid: cid ?? randomCid(), to, kind, body });
+  }
+
+  /** Sends to a group this user is a member of; resolves `{id, seq, ts}` once durable. */
+  sendGroup(group, kind, body, { cid } = {}) {
+    return this._sendFrame({ type: "send", cid: cid ?? randomCid(), group, kind, body });
+  }
+
+  /** Marks `chat` (`u:<user>` or `g:<group>`) read up to `seq` (the peer gets a receipt). */
+  read(chat, seq) {
+    this._write({ type: "read", chat, seq });
+  }
+
+  // ---- connection ------------------------------------------------------------------------
+
+  async _connect() {
+    this._setState("connecting");
+    let token;
+    try {
+      token = typeof this.token === "function" ? await this.token() : this.token;
+    } catch (e) {
+      this._emit("error", new EtherError("unauthorized", `token: ${e}`));
+      return this._retry();
+    }
+    if (!this._wanted) return;
+    const q = new URLSearchParams({ token, device: this.device, platform: this.platform });
+    const ws = new this.WebSocketImpl(`${this.url}/ws?${q}`, "ether.v1.json");
+    this._ws = ws;
+    let welcomed = false;
+    ws.onmessage = (ev) => {
+      if (typeof ev.data !== "string") return; // JSON frames only on this subprotocol
+      let frame;
+      try {
+        frame = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      this._lastFrameAt = Date.now();
+      if (frame.type === "welcome") welcomed = true;
+      this._onFrame(frame);
+    };
+    ws.onclose = (ev) => {
+      if (this._ws !== ws) return;
+      this._ws = null;
+      this._stopTimers();
+      this._ackDue = null; // what was not acknowledged comes again after `sync`
+      if (!this._wanted) return;
+      if (FINAL_CLOSE_CODES.has(ev.code)) {
+        // Kicked (4001: replaced by a newer connection of this device, or by the business),
+        // or refused for bad frames (1008): reconnecting would not help.
+        this._wanted = false;
+        this._setState("closed");
+        return;
+      }
+      this._setState("offline");
+      if (welcomed) this._attempt = 0;
+      this._retry(this._reconnectAfter);
+      this._reconnectAfter = undefined;
+    };
+    ws.onerror = () => {}; // onclose follows
+  }
+
+  _retry(afterMs) {
+    if (!this._wanted) return;
+    const backoff = Math.min(this.reconnectMaxMs, this.reconnectMinMs * 2 ** this._attempt);
+    this._attempt += 1;
+    const delay = afterMs ?? backoff / 2 + Math.random() * (backoff / 2);
+    this._later(delay, () => {
+      if (this._wanted && !this._ws) this._connect();
+    });
+  }
+
+  _drop(code, reason) {
+    const ws = this._ws;
+    this._ws = null;
+    this._stopTimers();
+    if (ws && ws.readyState <= 1) ws.close(code, reason);
+  }
+
+  _write(frame) {
+    if (this._ws && this._ws.readyState === 1 && this._state === "online") {
+      this._ws.send(JSON.stringify(frame));
+      return true;
+    }
+    return false;
+  }
+
+  // ---- frames ----------------------------------------------------------------------------
+
+  _onFrame(f) {
+    switch (f.type) {
+      case "welcome":
+        return this._onWelcome(f);
+      case "msg":
+        return this._onMsg(f);
+      case "synced":
+        return this._onSynced(f);
+      case "sent": {
+        const p = this._pending.get(f.cid);
+        if (p) {
+          this._pending.delete(f.cid);
+          clearTimeout(p.timer);
+          p.resolve({ id: f.id, seq: f.seq, ts: f.ts });
+        }
+        return;
+      }
+      case "error": {
+        const p = f.ref != null ? this._pending.get(f.ref) : undefined;
+        const err = new EtherError(f.code, f.message, f.ref);
+        if (p) {
+          this._pending.delete(f.ref);
+          clearTimeout(p.timer);
+          p.reject(err);
+        } else {
+          this._emit("error", err);
+        }
+        return;
+      }
+      case "receipt":
+      case "read_sync":
+        return this._emit(f.type, f);
+      case "kicked":
+        return this._emit("kicked", f);
+      case "reconnect":
+        this._reconnectAfter = f.after_ms;
+        return;
+      default:
+        return; // pong, and frames of later versions
+    }
+  }
+
+  _onWelcome(w) {
+    this.welcome = w;
+    if (!this.positions) {
+      const d = w.delivered;
+      this.positions = d
+        ? { inbox_seq: d.inbox_seq, groups: { ...d.groups } }
+        : { inbox_seq: w.inbox_seq, groups: { ...w.groups } };
+    }
+    // Groups joined since: start at their head (their history is on the REST API).
+    for (const [g, head] of Object.entries(w.groups)) {
+      if (!(g in this.positions.groups)) this.positions.groups[g] = head;
+    }
+    this._setState("online");
+    this._emit("welcome", w);
+    this._startHeartbeat(w.heartbeat_s);
+    const behind =
+      w.inbox_seq > this.positions.inbox_seq ||
+      Object.entries(w.groups).some(([g, head]) => head > (this.positions.groups[g] ?? 0));
+    if (behind) this._sync();
+    // Sends not yet answered go again: the node answers a repeated cid with the first result.
+    for (const p of this._pending.values()) this._write(p.frame);
+  }
+
+  _sync() {
+    this._write({ type: "sync", inbox_seq: this.positions.inbox_seq, groups: { ...this.positions.groups } });
+  }
+
+  _onSynced(s) {
+    this._flushAcks();
+    if (s.more) this._sync();
+    else this._emit("synced", s); // caught up with everything stored
+  }
+
+  _onMsg(m) {
+    if (m.chat === "broadcast") return this._emit("message", m); // not stored, no seq
+    const group = m.chat.startsWith("g:") ? m.chat.slice(2) : null;
+    // Acknowledge what arrived (cumulative), even a duplicate: it is how resends stop.
+    if (group === null) this.positions.inbox_seq = Math.max(this.positions.inbox_seq, m.seq);
+    else this.positions.groups[group] = Math.max(this.positions.groups[group] ?? 0, m.seq);
+    this._ackLater(group, m.seq);
+    if (this._seen.has(m.id)) return;
+    this._seen.add(m.id);
+    this._seenOrder.push(m.id);
+    if (this._seenOrder.length > SEEN_MAX) this._seen.delete(this._seenOrder.shift());
+    this._emit("message", m);
+  }
+
+  // ---- acks and heartbeats ---------------------------------------------------------------
+
+  _ackLater(group, seq) {
+    if (!this._ackDue) {
+      this._ackDue = { inbox: null, groups: new Map() };
+      queueMicrotask(() => this._flushAcks());
+    }
+    if (group === null) this._ackDue.inbox = Math.max(this._ackDue.inbox ?? 0, seq);
+    else this._ackDue.groups.set(group, Math.max(this._ackDue.groups.get(group) ?? 0, seq));
+  }
+
+  _flushAcks() {
+    const due = this._ackDue;
+    this._ackDue = null;
+    if (!due) return;
+    if (due.inbox !== null) this._write({ type: "ack", seq: due.inbox });
+    for (const [group, seq] of due.groups) this._write({ type: "ack", group, seq });
+  }
+
+  _startHeartbeat(heartbeatS) {
+    const everyMs = Math.max(1000, (heartbeatS || 30) * 500);
+    const check = () => {
+      if (!this._ws) return;
+      if (Date.now() - this._lastFrameAt > everyMs * 4) {
+        // Silent for two heartbeat periods: the connection is dead even if nobody said so.
+        const ws = this._ws;
+        this._ws = null;
+        this._stopTimers();
+        ws.onclose = null;
+        try {
+          ws.close(4000, "heartbeat timeout");
+        } catch {
+          /* already closed */
+        }
+        this._setState("offline");
+        return this._retry();
+      }
+      this._write({ type: "ping" });
+      this._later(everyMs, check);
+    };
+    this._later(everyMs, check);
+  }
+
+  // ---- sends -----------------------------------------------------------------------------
+
+  _sendFrame(frame) {
+    return new Promise((resolve, reject) => {
+      if (this._state === "closed") return reject(new EtherError("unavailable", "terminal closed", frame.cid));
+      if (this._pending.has(frame.cid)) return reject(new EtherError("conflict", "cid already pending", frame.cid));
+      const timer = setTimeout(() => {
+        this._pending.delete(frame.cid);
+        reject(new EtherError("unavailable", `no answer within ${this.sendTimeoutMs} ms`, frame.cid));
+      }, this.sendTimeoutMs);
+      this._pending.set(frame.cid, { frame, resolve, reject, timer });
+      this._write(frame); // offline: it goes after the next welcome
+    });
+  }
+
+  // ---- plumbing --------------------------------------------------------------------------
+
+  _later(ms, fn) {
+    const t = setTimeout(() => {
+      this._timers.delete(t);
+      fn();
+    }, ms);
+    this._timers.add(t);
+  }
+
+  _stopTimers() {
+    for (const t of this._timers) clearTimeout(t);
+    this._timers.clear();
+  }
+
+  _setState(s) {
+    if (this._state === s) return;
+    this._state = s;
+    this._emit("state", s);
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+}
