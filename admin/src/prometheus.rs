@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 15] = [
+const SHARD_METRICS: [ShardMetric; 16] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -52,6 +52,12 @@ const SHARD_METRICS: [ShardMetric; 15] = [
         |s| s.parked_connections,
     ),
     ("ether_parks_total", "Times an idle connection was parked.", Kind::Counter, |s| s.parks),
+    (
+        "ether_terminal_rate_limited_total",
+        "Terminal frames refused for going over a rate limit (limits.terminal_*_per_s).",
+        Kind::Counter,
+        |s| s.rate_limited,
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,6 +382,7 @@ mod tests {
             outbound_bytes_queued: 65536,
             parked_connections: 4,
             parks: 9,
+            rate_limited: 2,
             closes,
             ack_latency: ack.snapshot(),
             push_latency: push.snapshot(),

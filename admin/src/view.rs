@@ -47,6 +47,7 @@ impl NodeStats {
             t.outbound_bytes_queued += s.outbound_bytes_queued;
             t.parked_connections += s.parked_connections;
             t.parks += s.parks;
+            t.rate_limited += s.rate_limited;
             for (reason, n) in &s.closes {
                 *t.closes.entry(reason.clone()).or_default() += n;
             }
@@ -119,6 +120,9 @@ pub struct ShardStats {
     /// Times a connection was parked.
     #[serde(default)]
     pub parks: u64,
+    /// Terminal frames refused for going over a rate limit (`rate_limited`).
+    #[serde(default)]
+    pub rate_limited: u64,
     /// Connections closed, by close reason (`idle`, `kicked`, `slow_consumer`, ...).
     #[serde(default)]
     pub closes: BTreeMap<String, u64>,

@@ -161,6 +161,7 @@ fn stats_shape() {
         "outbound_bytes_queued",
         "parked_connections",
         "parks",
+        "rate_limited",
         "closes",
         "ack_latency",
         "push_latency",

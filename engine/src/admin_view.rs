@@ -122,6 +122,7 @@ impl ether_admin::NodeView for AdminView {
                     outbound_bytes_queued: g(&c.queued_bytes),
                     parked_connections: g(&c.parked),
                     parks: g(&c.parks),
+                    rate_limited: g(&c.rate_limited),
                     closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
                     ack_latency: published.ack_latency,
                     push_latency: published.push_latency,

@@ -75,6 +75,18 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
     if !authorized {
         return fail(ErrorCode::Unauthorized, "missing or wrong API key: send Authorization: Bearer <api_key>");
     }
+    if let Some(rate) = shard.api_rate {
+        let now = shard.now_us();
+        if !shard.api_gate.allow(&rate, now) {
+            let secs = rate.retry_after_us(&shard.api_gate, now).div_ceil(1_000_000).max(1);
+            let limit = shard.config.limits.api_requests_per_s;
+            return fail(
+                ErrorCode::RateLimited,
+                format!("over limits.api_requests_per_s = {limit}: retry after {secs} s"),
+            )
+            .with_header("Retry-After", secs.to_string());
+        }
+    }
     let result = match (&req.method, segments) {
         (Method::Post, ["v1", "messages"]) => send_message(shard, req).await,
         (Method::Post, ["v1", "messages", "batch"]) => send_batch(shard, req).await,

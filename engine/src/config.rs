@@ -314,6 +314,19 @@ raw_config! {
         /// `limits.park_idle_after_ms`: time without I/O after which a terminal's connection is
         /// parked out of its task (0: never).
         park_idle_after_ms: u64,
+        /// `limits.terminal_sends_per_s`: `send` frames per second per terminal (0: no limit).
+        terminal_sends_per_s: u32,
+        /// `limits.terminal_sends_burst`: `send` frames at once after a quiet spell.
+        terminal_sends_burst: u32,
+        /// `limits.terminal_requests_per_s`: `sync` and `read` frames per second per terminal
+        /// (0: no limit).
+        terminal_requests_per_s: u32,
+        /// `limits.terminal_requests_burst`: `sync` and `read` frames at once.
+        terminal_requests_burst: u32,
+        /// `limits.api_requests_per_s`: API requests per second for the whole node (0: no limit).
+        api_requests_per_s: u32,
+        /// `limits.api_requests_burst`: API requests at once for the whole node.
+        api_requests_burst: u32,
     }
     /// Raw `[terminal]`: what terminals may do.
     terminal: RawTerminal {
@@ -725,6 +738,20 @@ pub struct Limits {
     /// and its socket waits in the shard's epoll set, holding only the session's memory (2 s;
     /// zero: never park). See `parking`.
     pub park_idle_after: Duration,
+    /// `send` frames per second per terminal, sustained (50; 0: no limit); more are answered
+    /// `error rate_limited` (with the `cid`) and not sent. See `ratelimit`.
+    pub terminal_sends_per_s: u32,
+    /// `send` frames a terminal may send at once after a quiet spell (100).
+    pub terminal_sends_burst: u32,
+    /// `sync` and `read` frames per second per terminal (20; 0: no limit).
+    pub terminal_requests_per_s: u32,
+    /// `sync` and `read` frames at once (50).
+    pub terminal_requests_burst: u32,
+    /// API requests per second for the node, shared evenly by its shards (0: no limit, the
+    /// default: the business is trusted); more are answered 429 `rate_limited`.
+    pub api_requests_per_s: u32,
+    /// API requests at once for the node (1 000).
+    pub api_requests_burst: u32,
 }
 
 /// Default of `store.index_flush_age_ms`.
@@ -771,6 +798,12 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.position_saves_per_tick_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
     ("limits.park_idle_after_ms", 0, 3_600_000),
+    ("limits.terminal_sends_per_s", 0, 1_000_000),
+    ("limits.terminal_sends_burst", 1, 1_000_000),
+    ("limits.terminal_requests_per_s", 0, 1_000_000),
+    ("limits.terminal_requests_burst", 1, 1_000_000),
+    ("limits.api_requests_per_s", 0, 100_000_000),
+    ("limits.api_requests_burst", 1, 100_000_000),
 ];
 
 impl Default for Limits {
@@ -796,6 +829,12 @@ impl Default for Limits {
             groups_per_user_max: 1000,
             socket_send_buffer_bytes: 0,
             park_idle_after: Duration::from_secs(2),
+            terminal_sends_per_s: 50,
+            terminal_sends_burst: 100,
+            terminal_requests_per_s: 20,
+            terminal_requests_burst: 50,
+            api_requests_per_s: 0,
+            api_requests_burst: 1000,
         }
     }
 }
@@ -924,6 +963,13 @@ impl Config {
                 socket_send_buffer_bytes: Some(8 * KIB),
                 // Parks after one tick, so every test also runs through parked connections.
                 park_idle_after_ms: Some(250),
+                // Tests send as fast as they can; the limits' own tests set them low.
+                terminal_sends_per_s: Some(100_000),
+                terminal_sends_burst: Some(100_000),
+                terminal_requests_per_s: Some(100_000),
+                terminal_requests_burst: Some(100_000),
+                api_requests_per_s: Some(0),
+                api_requests_burst: Some(1000),
             },
             // Few position saves per tick, so the deferred ones run in tests too.
             store: RawStore { position_saves_per_tick_max: Some(2), ..RawStore::default() },
@@ -985,6 +1031,12 @@ impl Config {
                 "groups_per_user_max": limits.groups_per_user_max,
                 "socket_send_buffer_bytes": limits.socket_send_buffer_bytes,
                 "park_idle_after_ms": u64::try_from(limits.park_idle_after.as_millis()).unwrap_or(u64::MAX),
+                "terminal_sends_per_s": limits.terminal_sends_per_s,
+                "terminal_sends_burst": limits.terminal_sends_burst,
+                "terminal_requests_per_s": limits.terminal_requests_per_s,
+                "terminal_requests_burst": limits.terminal_requests_burst,
+                "api_requests_per_s": limits.api_requests_per_s,
+                "api_requests_burst": limits.api_requests_burst,
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
             "store": { "durability": match self.store_durability {
@@ -1202,6 +1254,36 @@ impl Prepared {
                 l.park_idle_after_ms,
                 u64::try_from(d.park_idle_after.as_millis()).unwrap_or(u64::MAX),
             )?),
+            terminal_sends_per_s: check.bounded(
+                "limits.terminal_sends_per_s",
+                l.terminal_sends_per_s,
+                d.terminal_sends_per_s,
+            )?,
+            terminal_sends_burst: check.bounded(
+                "limits.terminal_sends_burst",
+                l.terminal_sends_burst,
+                d.terminal_sends_burst,
+            )?,
+            terminal_requests_per_s: check.bounded(
+                "limits.terminal_requests_per_s",
+                l.terminal_requests_per_s,
+                d.terminal_requests_per_s,
+            )?,
+            terminal_requests_burst: check.bounded(
+                "limits.terminal_requests_burst",
+                l.terminal_requests_burst,
+                d.terminal_requests_burst,
+            )?,
+            api_requests_per_s: check.bounded(
+                "limits.api_requests_per_s",
+                l.api_requests_per_s,
+                d.api_requests_per_s,
+            )?,
+            api_requests_burst: check.bounded(
+                "limits.api_requests_burst",
+                l.api_requests_burst,
+                d.api_requests_burst,
+            )?,
         };
         if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
             return Err(check.invalid(
@@ -1711,6 +1793,12 @@ mod tests {
             groups_per_user_max = 1000
             socket_send_buffer_bytes = 0
             park_idle_after_ms = 2000
+            terminal_sends_per_s = 50
+            terminal_sends_burst = 100
+            terminal_requests_per_s = 20
+            terminal_requests_burst = 50
+            api_requests_per_s = 0
+            api_requests_burst = 1000
             [terminal]
             send_enabled = false
             [store]
@@ -1911,8 +1999,11 @@ mod tests {
             assert!(LIMIT_BOUNDS.iter().any(|(k, _, _)| k == key), "{key} has bounds");
             // 0 means "the kernel's own size" for the socket buffer: any test size is smaller.
             let unlimited_by_default = *key == "limits.socket_send_buffer_bytes";
+            // Terminal rates are higher in tests (they send as fast as they can); the rate
+            // limits' own tests set them low.
+            let rate = key.starts_with("limits.terminal_") && (key.ends_with("_per_s") || key.ends_with("_burst"));
             assert!(
-                unlimited_by_default || defaults[section][name].as_u64() >= json[section][name].as_u64(),
+                unlimited_by_default || rate || defaults[section][name].as_u64() >= json[section][name].as_u64(),
                 "{key}: test_min is not larger than default"
             );
         }

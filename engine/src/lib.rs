@@ -16,6 +16,7 @@
 //!   the home shard, the connection task (reads frames, writes the session queue).
 //! - [`session`]: a live terminal: identity, bounded outbound queue, close reason.
 //! - [`parking`]: idle connections parked out of their tasks in one epoll set per shard.
+//! - [`ratelimit`]: rate limits (terminal sends, syncs and reads; the API) as one timestamp each.
 //! - [`ws`]: WebSocket frame reader and frame encoding (tungstenite's codec).
 //! - [`wheel`]: the per-shard timer wheel.
 //! - [`message`]: messages, ids, and their encoding into frame bytes (once per inbox).
@@ -42,6 +43,7 @@ pub mod mesh;
 pub mod message;
 pub mod node;
 pub mod parking;
+pub mod ratelimit;
 pub mod secrets;
 pub mod session;
 pub mod shard;

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use crate::message::Wire;
 use crate::parking::WakeList;
+use crate::ratelimit::Gate;
 use crate::ws::close_code;
 
 /// A session's slot on its shard: slab index and a generation, so a stale key never reaches a
@@ -214,6 +215,10 @@ pub struct Session {
     parked_fd: Cell<Option<OwnedFd>>,
     /// Where `wake` queues the session while it is parked.
     wake_list: Rc<WakeList>,
+    /// `limits.terminal_sends_per_s` for this terminal.
+    pub send_gate: Gate,
+    /// `limits.terminal_requests_per_s` (`sync`, `read`) for this terminal.
+    pub request_gate: Gate,
 }
 
 impl std::fmt::Debug for Session {
@@ -281,6 +286,8 @@ impl Session {
             park: Cell::new(ParkState::Active),
             parked_fd: Cell::new(None),
             wake_list,
+            send_gate: Gate::default(),
+            request_gate: Gate::default(),
         }
     }
 

@@ -30,6 +30,7 @@ use crate::error::EngineError;
 use crate::mesh::{FanoutMesh, ShardMsg};
 use crate::message::{encode_for, frame_set, unix_now_ms, IdGen, NewMessage, Wire};
 use crate::parking::{Parking, WakeList};
+use crate::ratelimit::{Gate, Rate};
 use crate::session::{CloseReason, ParkState, Platform, Pushed, Session, SessionKey};
 use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters, ShardPublished};
 use crate::storage::{Answer, CommitQueues, TerminalSend};
@@ -54,6 +55,17 @@ pub enum FrameWeight {
 }
 
 /// Ticks without I/O after which a connection is parked (at least one).
+/// One shard's share of the node's API rate: API connections are spread evenly over the
+/// shards (SO_REUSEPORT), so each allows its part of the rate and of the burst.
+fn api_share(config: &Config) -> Option<Rate> {
+    let shards = u32::try_from(config.node.shards.max(1)).unwrap_or(u32::MAX);
+    let l = &config.limits;
+    if l.api_requests_per_s == 0 {
+        return None;
+    }
+    Rate::new((l.api_requests_per_s / shards).max(1), (l.api_requests_burst / shards).max(1))
+}
+
 pub(crate) fn park_ticks(config: &Config) -> u64 {
     (config.limits.park_idle_after.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1)
 }
@@ -150,6 +162,13 @@ pub struct Shard {
     wake_list: Rc<WakeList>,
     /// Sessions to look at for parking, keyed by when they may have been idle long enough.
     park_wheel: RefCell<TimerWheel<SessionKey>>,
+    /// `limits.terminal_sends_per_s` / `_burst` (None: no limit).
+    send_rate: Option<Rate>,
+    /// `limits.terminal_requests_per_s` / `_burst` (`sync`, `read`; None: no limit).
+    request_rate: Option<Rate>,
+    /// This shard's even share of `limits.api_requests_per_s` / `_burst` (None: no limit).
+    pub(crate) api_rate: Option<Rate>,
+    pub(crate) api_gate: Gate,
 }
 
 impl Shard {
@@ -207,6 +226,10 @@ impl Shard {
             parking,
             wake_list,
             park_wheel: RefCell::new(TimerWheel::new(park_ticks as usize + 2, 0)),
+            send_rate: Rate::new(config.limits.terminal_sends_per_s, config.limits.terminal_sends_burst),
+            request_rate: Rate::new(config.limits.terminal_requests_per_s, config.limits.terminal_requests_burst),
+            api_rate: api_share(&config),
+            api_gate: Gate::default(),
             config,
         }
     }
@@ -586,11 +609,44 @@ impl Shard {
                 self.on_ack(s, seq, group.map(Cow::into_owned));
                 return FrameWeight::Ack;
             }
-            ClientFrameRef::Send { cid, to, group, kind, body } => self.on_send(s, &cid, to, group, kind, &body),
-            ClientFrameRef::Sync { inbox_seq, groups, limit } => self.on_sync(s, inbox_seq, groups, limit),
-            ClientFrameRef::Read { chat, seq } => self.on_read(s, chat.into_owned(), seq),
+            ClientFrameRef::Send { cid, to, group, kind, body } => {
+                if self.admit(s, &s.send_gate, self.send_rate, "limits.terminal_sends_per_s", Some(&cid)) {
+                    self.on_send(s, &cid, to, group, kind, &body);
+                }
+            }
+            ClientFrameRef::Sync { inbox_seq, groups, limit } => {
+                if self.admit(s, &s.request_gate, self.request_rate, "limits.terminal_requests_per_s", None) {
+                    self.on_sync(s, inbox_seq, groups, limit);
+                }
+            }
+            ClientFrameRef::Read { chat, seq } => {
+                if self.admit(s, &s.request_gate, self.request_rate, "limits.terminal_requests_per_s", None) {
+                    self.on_read(s, chat.into_owned(), seq);
+                }
+            }
         }
         FrameWeight::Busy
+    }
+
+    /// Microseconds of the shard's clock (for rate limits).
+    pub(crate) fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether a terminal's frame keeps within `rate`; if not, it is answered `rate_limited`
+    /// (with `reference`, a send's `cid`), counted, and not handled. Not a protocol violation:
+    /// a client that waits may go on.
+    fn admit(&self, s: &Session, gate: &Gate, rate: Option<Rate>, limit: &str, reference: Option<&str>) -> bool {
+        let Some(rate) = rate else { return true };
+        let now = self.now_us();
+        if gate.allow(&rate, now) {
+            return true;
+        }
+        ShardCounters::add(&self.counters().rate_limited, 1);
+        let wait_ms = rate.retry_after_us(gate, now).div_ceil(1000).max(1);
+        let e = ApiError::new(ErrorCode::RateLimited, format!("over {limit}: slow down, try again in {wait_ms} ms"));
+        self.frame_error(s, &e, reference.map(str::to_owned));
+        false
     }
 
     fn on_send(

@@ -37,6 +37,8 @@ pub struct ShardCounters {
     pub parked: AtomicU64,
     /// Times a connection was parked.
     pub parks: AtomicU64,
+    /// Terminal frames refused for going over a rate limit.
+    pub rate_limited: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 

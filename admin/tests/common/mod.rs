@@ -121,6 +121,7 @@ impl FakeView {
                     outbound_bytes_queued: 16_384 * (n + 1),
                     parked_connections: connections / 2,
                     parks: 300 + calls,
+                    rate_limited: n,
                     closes,
                     ack_latency: ack.snapshot(),
                     push_latency: push.snapshot(),
