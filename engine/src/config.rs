@@ -1106,7 +1106,7 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
 }
 
 /// `scheme://user:pass@host/…` → `scheme://***@host/…`; other URLs unchanged.
-fn redact_userinfo(url: &str) -> String {
+pub(crate) fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -48,6 +48,11 @@ pub enum NodeError {
     Events { url: String, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Ports { path: String, source: std::io::Error },
+    #[error(
+        "cluster mode (cluster.redis_url / --redis {url}) is not available in this build: run without it \
+         for a standalone node (SQLite store), see README \"Status\""
+    )]
+    ClusterUnavailable { url: String },
 }
 
 /// The addresses a node actually listens on.
@@ -146,6 +151,10 @@ struct ShardStart {
 /// Starts a node: listeners, mesh, shards. Returns once every listener is bound and
 /// `ports.json` is written.
 pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
+    // Asked for a cluster and given a standalone node would split the users' state silently.
+    if let Some(url) = &config.cluster.redis_url {
+        return Err(NodeError::ClusterUnavailable { url: crate::config::redact_userinfo(url) });
+    }
     let config = Arc::new(config);
     let shards = config.node.shards;
     let (client, mut client_fds) = bind_group("client", config.listen.client, shards)?;

@@ -113,4 +113,16 @@ fn the_binary_names_configuration_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("jwt_secret"));
     assert!(!missing.exists(), "ether token must not create a data dir");
+    // Cluster mode asked for but not in this build: refused, not run standalone in silence.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ether"))
+        .args(["serve", "--redis", "redis://:hunter2hunter2@127.0.0.1:1/0", "--data"])
+        .arg(dir.path())
+        .args(["--listen-client", "127.0.0.1:0", "--listen-api", "127.0.0.1:0", "--listen-admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cluster mode") && err.contains("not available"), "{err}");
+    assert!(!err.contains("hunter2"), "the password stays out of the message: {err}");
 }
