@@ -21,6 +21,9 @@
 //!   and complete `futures_channel::oneshot`s ([`StoreHandle::call`] does exactly that).
 //! - [`sqlite`]: [`SqliteBackend`], the standalone store (WAL, `prepare_cached` statements,
 //!   [`Durability`] → `PRAGMA synchronous`, a background PASSIVE checkpointer thread).
+//! - [`redis`]: [`RedisBackend`], the cluster store shared by several engine nodes: one Lua
+//!   script per op (atomic in Redis), a batch pipelined in order, keys under a per-store prefix
+//!   ([`RedisOptions`]); durability is Redis's (`appendonly`, `appendfsync`).
 //! - [`conformance`]: properties every backend must have, written against the trait; run
 //!   against SQLite by `tests/sqlite_conformance.rs`, later against the Redis backend.
 //! - [`error`]: [`StoreError`], mapped once to [`ether_proto::ErrorCode`] by `code()`.
@@ -90,9 +93,11 @@ pub mod backend;
 pub mod conformance;
 pub mod error;
 pub mod op;
+pub mod redis;
 pub mod sqlite;
 pub mod thread;
 
+pub use crate::redis::{RedisBackend, RedisOptions};
 pub use backend::{BackendStats, StoreBackend, StoreBackend as Store};
 pub use error::StoreError;
 pub use op::*;

@@ -1,0 +1,328 @@
+//! The conformance suite against `RedisBackend` (each test on its own throwaway
+//! `redis-server`, each store on a fresh key prefix), directly and through `StoreThread`,
+//! plus the Redis-only paths: two nodes sharing one store, a server that goes away.
+//! Every test passes with a "skipped" note when `redis-server` is not installed.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ether_store::conformance::{self, text};
+use ether_store::redis::TestRedis;
+use ether_store::*;
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+fn redis() -> Option<TestRedis> {
+    if TestRedis::available() {
+        Some(TestRedis::start())
+    } else {
+        eprintln!("skipped: redis-server not installed");
+        None
+    }
+}
+
+fn fresh(redis: &TestRedis) -> RedisBackend {
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    RedisBackend::open(&redis.url(), RedisOptions { prefix: format!("t{n}:") }).unwrap()
+}
+
+#[test]
+fn conformance_run_all() {
+    let Some(redis) = redis() else { return };
+    conformance::run_all(|| fresh(&redis));
+}
+
+#[test]
+fn thread_completions_in_order() {
+    let Some(redis) = redis() else { return };
+    conformance::thread_completions_in_order(fresh(&redis), StoreOptions::test_min());
+}
+
+#[test]
+fn thread_concurrent_submitters() {
+    let Some(redis) = redis() else { return };
+    conformance::thread_concurrent_submitters(fresh(&redis), StoreOptions::test_min());
+    conformance::thread_concurrent_submitters(fresh(&redis), StoreOptions::default());
+}
+
+fn inbox(b: &mut RedisBackend, user: &str) -> Vec<Entry> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let p = b.apply(Op::ReadInbox { user: user.into(), after_seq: after, limit: 50 }).unwrap().page().unwrap();
+        after = p.scanned_to;
+        all.extend(p.entries);
+        if !p.more {
+            return all;
+        }
+    }
+}
+
+/// Two nodes on one prefix share one store: each sees the other's messages, seqs stay
+/// gap-free across both, a cid sent through one is a duplicate through the other.
+#[test]
+fn two_nodes_share_the_store() {
+    let Some(redis) = redis() else { return };
+    let prefix = format!("shared{}:", N.fetch_add(1, Ordering::Relaxed));
+    let open = || RedisBackend::open(&redis.url(), RedisOptions { prefix: prefix.clone() }).unwrap();
+    let (mut a, mut b) = (open(), open());
+    let mut want: HashMap<String, Vec<u64>> = HashMap::new();
+    for i in 0..40 {
+        let node = if i % 3 == 0 { &mut a } else { &mut b };
+        let (from, to) = (format!("s{}", i % 4), format!("r{}", i % 3));
+        let ops: Vec<Op> = (0..(i % 3 + 1)).map(|_| text(&from, &to, None, "x")).collect();
+        for (op, r) in ops.iter().zip(node.apply_batch(&ops)) {
+            let r = r.unwrap().appended().unwrap();
+            let Op::Append(m) = op else { unreachable!() };
+            assert_eq!(r.id, m.id);
+            want.entry(to.clone()).or_default().push(r.id);
+            want.entry(from.clone()).or_default().push(r.id);
+        }
+    }
+    for (user, ids) in &want {
+        for node in [&mut a, &mut b] {
+            let got = inbox(node, user);
+            assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=ids.len() as u64).collect::<Vec<_>>());
+            assert_eq!(&got.iter().map(|e| e.id).collect::<Vec<_>>(), ids, "{user}");
+        }
+    }
+    let first = a.apply(text("s0", "r0", Some("k"), "once")).unwrap().appended().unwrap();
+    let again = b.apply(text("s0", "r0", Some("k"), "twice")).unwrap().appended().unwrap();
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!((again.id, again.receiver_seq, again.sender_seq), (first.id, first.receiver_seq, first.sender_seq));
+    // A group made through one node takes messages through the other.
+    a.apply(Op::CreateGroup {
+        id: Some("both".into()),
+        name: "both".into(),
+        owner: "s0".into(),
+        members: vec!["s1".into()],
+        created_ms: 1,
+        members_max: 10,
+        groups_per_user_max: 10,
+    })
+    .unwrap();
+    let g = b.apply(conformance::group_text("s1", "both", None, "hi")).unwrap().group_appended().unwrap();
+    assert_eq!(g.seq, 1);
+    let h = a.apply(Op::Heads { user: "s0".into() }).unwrap().heads().unwrap();
+    assert_eq!(h.groups.get("both"), Some(&1));
+}
+
+/// The `message.read` event is the JSON text the SQLite backend writes (serde_json's), with
+/// `up_to` a string or null: the same ops on both backends give the same events.
+#[test]
+fn read_event_json_matches_sqlite() {
+    let Some(redis) = redis() else { return };
+    let read =
+        |user: &str, chat: &str, seq| Op::SetRead { user: user.into(), chat: chat.into(), seq, emit_event: true };
+    let ops = [
+        text("p", "r", None, "1"),
+        text("r", "q", None, "mine"),
+        read("r", "u:p", 9),
+        read("r", "u:q", 1), // moved to 1, no message with q at or before it: null
+        read("r", "u:q", 2),
+        read("r", "u:q", 2), // not moved: no event
+    ];
+    let events = |b: &mut dyn FnMut(Op) -> Result<Reply, StoreError>| -> Vec<(String, String)> {
+        for op in &ops {
+            b(op.clone()).unwrap();
+        }
+        let ev = b(Op::OutboxFetch { after: 0, limit: 10 }).unwrap().events().unwrap();
+        ev.into_iter().map(|e| (e.kind, e.data)).collect()
+    };
+    let mut r = fresh(&redis);
+    let got = events(&mut |op| r.apply(op));
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteBackend::open(dir.path().join("x.db"), SqliteOptions::test_min()).unwrap();
+    let want = events(&mut |op| s.apply(op));
+    assert_eq!(got.len(), 3);
+    assert_eq!(got, want);
+    let Op::Append(m) = &ops[0] else { unreachable!() };
+    let first = serde_json::json!({ "chat": "u:p", "user": "r", "up_to": m.id.to_string(), "seq": 2 }).to_string();
+    assert_eq!(got[0].1, first);
+    assert!(got[1].1.contains("\"up_to\":null"), "{}", got[1].1);
+}
+
+/// A server that went away: every op answers `Unavailable` (never a panic); a new server on
+/// the same address is used by the next batch.
+#[test]
+fn lost_server_is_unavailable() {
+    let Some(redis) = redis() else { return };
+    let mut b = fresh(&redis);
+    b.apply(text("a", "b", None, "x")).unwrap();
+    drop(redis);
+    let r = b.apply_batch(&[text("a", "b", None, "y"), Op::ReadInbox { user: "b".into(), after_seq: 0, limit: 9 }]);
+    assert_eq!(r.len(), 2);
+    for r in r {
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    }
+    assert!(matches!(b.apply(Op::Heads { user: "b".into() }), Err(StoreError::Unavailable(_))));
+}
+
+/// The script cache flushed under a live connection: ops still run (loaded again).
+#[test]
+fn script_flush_reloads() {
+    let Some(redis) = redis() else { return };
+    let mut b = fresh(&redis);
+    b.apply(text("a", "b", None, "x")).unwrap();
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let _: () = ::redis::cmd("SCRIPT").arg("FLUSH").query(&mut c).unwrap();
+    let r = b.apply_batch(&[text("a", "b", None, "y"), text("a", "b", None, "z")]);
+    let seqs: Vec<u64> = r.into_iter().map(|r| r.unwrap().appended().unwrap().receiver_seq).collect();
+    assert_eq!(seqs, [2, 3]);
+}
+
+/// Replies compared across backends: event timestamps (the op's clock) and member cursors
+/// and member order (each backend's own) left out, errors by kind.
+fn normalized(r: Result<Reply, StoreError>) -> String {
+    match r {
+        Ok(Reply::Events(ev)) => format!("{:?}", ev.iter().map(|e| (e.seq, &e.kind, &e.data)).collect::<Vec<_>>()),
+        Ok(Reply::Members { mut members, next_cursor }) => {
+            // Both orders are stable; SQLite's is by user number, Redis's by name.
+            members.sort();
+            format!("{members:?} {}", next_cursor.is_some())
+        }
+        Ok(r) => format!("{r:?}"),
+        Err(e) => format!("{:?}", std::mem::discriminant(&e)),
+    }
+}
+
+/// Random op sequences (no purge: SQLite purges only what its index flushed) give the same
+/// replies from Redis as from SQLite, the reference.
+#[test]
+fn random_ops_match_sqlite() {
+    let Some(redis) = redis() else { return };
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for round in 0..6 {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = if round % 2 == 0 { SqliteOptions::test_min() } else { SqliteOptions::default() };
+        let mut s = SqliteBackend::open(dir.path().join("r.db"), opts).unwrap();
+        let mut r = fresh(&redis);
+        let mut ids: Vec<u64> = vec![12345];
+        // SQLite keeps the user row a failed op created (e.g. a SetRead refused as NotFound),
+        // Redis writes nothing for a failed op: make u0..u3 known to both up front (u4 stays
+        // unknown to both).
+        for i in 0..4 {
+            let op = Op::SetDelivered { user: format!("u{i}"), device: "d9".into(), group: None, seq: 0 };
+            assert_eq!(normalized(r.apply(op.clone())), normalized(s.apply(op)));
+        }
+        for step in 0..150 {
+            let mut batch = Vec::new();
+            for _ in 0..rnd(5) + 1 {
+                let u = |i: u64| format!("u{i}");
+                let g = |i: u64| format!("g{i}");
+                let chat = |k: u64, i: u64| match k {
+                    0 => format!("u:u{i}"),
+                    1 => format!("g:g{}", i % 3),
+                    _ => "x:bad".to_string(),
+                };
+                let opt = |x: u64, v: u64| (x > 0).then_some(v);
+                let cid = |x: u64| (x < 3).then(|| format!("c{x}"));
+                let op = match rnd(23) {
+                    0..=3 => text(&u(rnd(4)), &u(rnd(4)), cid(rnd(8)).as_deref(), "m"),
+                    4..=5 => {
+                        let mut op = conformance::group_text(&u(rnd(4)), &g(rnd(3)), cid(rnd(8)).as_deref(), "g");
+                        if let Op::AppendGroup(m) = &mut op {
+                            m.system = rnd(6) == 0;
+                        }
+                        op
+                    }
+                    6 => Op::ReadInbox { user: u(rnd(5)), after_seq: rnd(8), limit: rnd(5) as usize },
+                    7 => Op::ReadGroup { group: g(rnd(4)), after_seq: rnd(8), limit: rnd(5) as usize },
+                    8 => Op::Sync {
+                        user: u(rnd(4)),
+                        inbox_after: rnd(6),
+                        groups: (0..rnd(4)).map(|i| (g(i), rnd(5))).collect(),
+                        limit: rnd(6) as usize,
+                    },
+                    9 => Op::Heads { user: u(rnd(5)) },
+                    10 => Op::History(HistoryQuery {
+                        user: u(rnd(5)),
+                        chat: (rnd(3) > 0).then(|| chat(rnd(3), rnd(4))),
+                        before_seq: opt(rnd(2), rnd(10)),
+                        after_seq: opt(rnd(2), rnd(6)),
+                        limit: rnd(5) as usize,
+                    }),
+                    11 => Op::GroupHistory {
+                        group: g(rnd(4)),
+                        before_seq: opt(rnd(2), rnd(10)),
+                        after_seq: opt(rnd(2), rnd(6)),
+                        limit: rnd(5) as usize,
+                    },
+                    12 => Op::SetDelivered {
+                        user: u(rnd(4)),
+                        device: format!("d{}", rnd(2)),
+                        group: (rnd(2) == 0).then(|| g(rnd(4))),
+                        seq: rnd(12),
+                    },
+                    13 => Op::GetDelivered { user: u(rnd(5)), device: format!("d{}", rnd(2)) },
+                    14 => Op::SetRead {
+                        user: u(rnd(4)),
+                        chat: chat(rnd(3), rnd(5)),
+                        seq: rnd(12),
+                        emit_event: rnd(2) == 0,
+                    },
+                    15 => Op::Unread { user: u(rnd(5)) },
+                    16 => {
+                        if rnd(2) == 0 {
+                            Op::OutboxFetch { after: rnd(4), limit: rnd(6) as usize }
+                        } else {
+                            Op::OutboxAck { through: rnd(4) }
+                        }
+                    }
+                    17 => Op::CreateGroup {
+                        id: Some(g(rnd(3))),
+                        name: "t".into(),
+                        owner: u(rnd(4)),
+                        members: (0..rnd(4)).map(|_| u(rnd(5))).collect(),
+                        created_ms: 7,
+                        members_max: rnd(6) as usize,
+                        groups_per_user_max: rnd(4) as usize,
+                    },
+                    18 => Op::GetGroup { group: g(rnd(4)) },
+                    19 => {
+                        if rnd(4) == 0 {
+                            Op::DissolveGroup { group: g(rnd(4)) }
+                        } else {
+                            Op::RemoveMember { group: g(rnd(4)), user: u(rnd(5)) }
+                        }
+                    }
+                    20 => Op::AddMembers {
+                        group: g(rnd(4)),
+                        users: (0..rnd(4)).map(|_| u(rnd(5))).collect(),
+                        members_max: rnd(7) as usize,
+                        groups_per_user_max: rnd(4) as usize,
+                    },
+                    21 => {
+                        if rnd(2) == 0 {
+                            Op::ListMembers { group: g(rnd(4)), cursor: None, limit: 10 }
+                        } else {
+                            Op::GroupsOf { user: u(rnd(5)) }
+                        }
+                    }
+                    _ => Op::GroupReads { group: g(rnd(4)), msg_id: ids[rnd(ids.len() as u64) as usize] },
+                };
+                if let Op::Append(m) = &op {
+                    ids.push(m.id);
+                }
+                if let Op::AppendGroup(m) = &op {
+                    ids.push(m.id);
+                }
+                batch.push(op);
+            }
+            let want = s.apply_batch(&batch);
+            let got = r.apply_batch(&batch);
+            for ((op, w), g) in batch.iter().zip(want).zip(got) {
+                assert_eq!(normalized(g), normalized(w), "round {round} step {step}: {op:?}");
+            }
+            if rnd(10) == 0 {
+                let _ = s.maintain(u64::MAX);
+            }
+        }
+    }
+}
