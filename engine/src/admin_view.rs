@@ -88,6 +88,9 @@ impl ether_admin::NodeView for AdminView {
         if !self.shard.store.is_open() {
             return Err("store is not running".into());
         }
+        if let Some(why) = self.shard.node.cluster().and_then(|c| c.not_ready()) {
+            return Err(why);
+        }
         Ok(())
     }
 

@@ -276,7 +276,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                 let behind = behind(&heads, delivered.as_ref());
                 session
                     .push_final(bytes::Bytes::from(ws::upgrade_response(&ws_key, subprotocol.map(Wire::subprotocol))));
-                shard.join_groups(&session, heads.groups.keys());
+                shard.join_groups(&session, heads.groups.iter());
                 session.push_final(shard.welcome_frame(&session, heads.groups, delivered));
                 // Parked as soon as the welcome is written and nothing came in: connect storms
                 // then leave no task per connection behind (see `parking`). Not a terminal that

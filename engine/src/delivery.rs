@@ -13,15 +13,16 @@ use ether_proto::{ApiError, ErrorCode};
 use ether_store::op::{Appended, Heads, NewEvent, NewMessage as StoreMessage, Op, Reply};
 use ether_store::{StoreCmd, StoreError};
 use futures_channel::oneshot;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::cluster::{BusEvent, BusMessage};
 use crate::error::EngineError;
 use crate::mesh::ShardMsg;
 use crate::message::{encode_for, frame_set, unix_now_ms, FrameSet, Message, NewMessage};
 use crate::session::{Session, SessionKey};
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
-use crate::storage::{message_of, Answer, Committed, InboxDelivery, TerminalAnswer};
+use crate::storage::{message_of, Answer, ClusterEvent, Committed, InboxDelivery, TerminalAnswer};
 
 /// Committed deliveries a shard handles before it lets its other tasks run.
 const COMMIT_BATCH_MAX: usize = 256;
@@ -61,9 +62,30 @@ impl Shard {
         let msg = Arc::new(Message { id, ts, from: from.clone(), kind, body, cid });
         let commits = self.commits.clone();
         let shards = self.shards;
+        let cluster = self.node.cluster().cloned();
         let (from, to): (Arc<str>, Arc<str>) = (Arc::from(&*from), Arc::from(&*to));
         self.store.submit(StoreCmd::new(op, move |result| {
             let result = result.and_then(Reply::appended);
+            if let (Some(cluster), Ok(a)) = (&cluster, &result) {
+                if !a.duplicate {
+                    // The other nodes push it to the terminals they hold (from the store if
+                    // this is lost on the way).
+                    cluster.publish(BusEvent::Inbox {
+                        owner: to.to_string(),
+                        chat: format!("u:{from}"),
+                        seq: a.receiver_seq,
+                        msg: BusMessage::of(&msg),
+                    });
+                    if let Some(seq) = a.sender_seq {
+                        cluster.publish(BusEvent::Inbox {
+                            owner: from.to_string(),
+                            chat: format!("u:{to}"),
+                            seq,
+                            msg: BusMessage::of(&msg),
+                        });
+                    }
+                }
+            }
             let own_copy = match &result {
                 Ok(a) if !a.duplicate => {
                     commits.push(
@@ -159,6 +181,7 @@ impl Shard {
                     Committed::Inbox(d) => delivered += self.deliver_committed(&d),
                     Committed::Group(g) => groups.push(g),
                     Committed::Answer(a) => self.answer_terminal(a),
+                    Committed::Cluster(e) => self.on_cluster_event(e),
                 }
             }
             if !groups.is_empty() {
@@ -192,7 +215,7 @@ impl Shard {
 
     /// Pushes a committed message to its owner's terminals (the frame encoded once for the
     /// inbox, shared by all of them); returns how many got it.
-    fn deliver_committed(&self, c: &InboxDelivery) -> u64 {
+    fn deliver_committed(self: &Rc<Self>, c: &InboxDelivery) -> u64 {
         debug_assert_eq!(home_shard(&c.owner, self.shards), self.id, "delivery away from the owner's home shard");
         let mut users = self.users.borrow_mut();
         let entry = match users.get_mut(&c.owner) {
@@ -205,32 +228,134 @@ impl Shard {
                 drop(users);
                 // Offline: the message waits in the store for `sync`; the business may push it.
                 if c.incoming && self.events_enabled() {
-                    self.emit(
-                        "message.unreached",
-                        serde_json::json!({ "id": c.msg.id.to_string(), "user": &*c.owner }),
-                    );
+                    self.emit_unreached(c.msg.id, c.owner.clone());
                 }
                 return 0;
             }
         };
+        if self.node.cluster().is_some() && entry.heads_known {
+            // Several nodes write this inbox and the bus may reorder or lose: push only the
+            // next seq; for anything else read what is missing from the store, in order.
+            if c.seq <= entry.inbox_seq {
+                return 0;
+            }
+            if c.seq != entry.inbox_seq + 1 || entry.fill_to > 0 {
+                let start = entry.fill_to == 0;
+                entry.fill_to = entry.fill_to.max(c.seq);
+                drop(users);
+                if start {
+                    self.fill_inbox(c.owner.clone());
+                }
+                return 0;
+            }
+        }
         entry.inbox_seq = entry.inbox_seq.max(c.seq);
-        // Encoded once for the inbox (and subprotocol); every terminal of the user gets the same
-        // bytes. Pushing touches sessions and wheels, never the user index, so it stays
-        // borrowed meanwhile.
-        let mut frames = FrameSet::new(|wire| c.msg.encode_frame_for(wire, &c.chat, c.seq));
         let waited_ms = unix_now_ms().saturating_sub(c.msg.ts);
         self.push_latency.borrow_mut().record(waited_ms as f64 / 1000.0);
+        self.push_inbox(&entry.sessions, &c.msg, &c.chat, c.seq)
+    }
+
+    /// Pushes one inbox message to the given terminals of its owner, encoded once per
+    /// subprotocol. Touches sessions and wheels, never the user index (which callers may hold
+    /// borrowed).
+    fn push_inbox(&self, sessions: &[SessionKey], msg: &Message, chat: &str, seq: u64) -> u64 {
+        let mut frames = FrameSet::new(|wire| msg.encode_frame_for(wire, chat, seq));
         let mut delivered = 0;
-        for key in &entry.sessions {
+        for key in sessions {
             if let Some(s) = self.session(*key) {
                 let frame = frames.get(s.wire);
                 if self.push(&s, frame.clone()) {
-                    self.track(&s, c.seq, c.msg.id, frame);
+                    self.track(&s, seq, msg.id, frame);
                     delivered += 1;
                 }
             }
         }
         delivered
+    }
+
+    /// Cluster mode: reads the owner's inbox from what this shard pushed up to `fill_to` (and
+    /// whatever came meanwhile) from the store and pushes it, in seq order.
+    fn fill_inbox(self: &Rc<Self>, owner: Arc<str>) {
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let (after, to) = match shard.users.borrow_mut().get_mut(&owner) {
+                    Some(e) if !e.sessions.is_empty() && e.fill_to > e.inbox_seq => (e.inbox_seq, e.fill_to),
+                    Some(e) => {
+                        e.fill_to = 0;
+                        return;
+                    }
+                    None => return,
+                };
+                let limit = usize::try_from(to - after).unwrap_or(usize::MAX).min(shard.config.limits.sync_page_max);
+                let op = Op::ReadInbox { user: owner.to_string(), after_seq: after, limit };
+                let page = shard.store.call(op).await.and_then(Reply::page);
+                let mut users = shard.users.borrow_mut();
+                let Some(entry) = users.get_mut(&owner) else { return };
+                let page = match page {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // The terminals catch up with `sync` (they see the gap in seqs).
+                        warn!(user = %owner, shard = shard.id, error = %e, "cluster: cannot read the inbox to fill a gap");
+                        entry.fill_to = 0;
+                        return;
+                    }
+                };
+                let mut delivered = 0;
+                for e in &page.entries {
+                    if e.seq <= entry.inbox_seq {
+                        continue;
+                    }
+                    entry.inbox_seq = e.seq;
+                    delivered += shard.push_inbox(&entry.sessions, &message_of(e), &e.chat, e.seq);
+                }
+                // Purged or unreadable positions are skipped, never waited for.
+                entry.inbox_seq = entry.inbox_seq.max(page.scanned_to.min(to));
+                if page.entries.is_empty() && page.scanned_to <= after {
+                    entry.inbox_seq = to;
+                }
+                ShardCounters::add(&shard.counters().deliveries, delivered);
+            }
+        })
+        .detach();
+    }
+
+    /// `message.unreached` for a message to a user without a terminal here; in cluster mode
+    /// only if no other node holds one either.
+    fn emit_unreached(self: &Rc<Self>, id: u64, user: Arc<str>) {
+        let data = serde_json::json!({ "id": id.to_string(), "user": &*user });
+        match self.node.cluster().cloned() {
+            None => self.emit("message.unreached", data),
+            Some(cluster) => {
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    if cluster.presence_elsewhere(&user).await.is_empty() {
+                        shard.emit("message.unreached", data);
+                    }
+                })
+                .detach();
+            }
+        }
+    }
+
+    /// What another node asks of this shard's terminals.
+    fn on_cluster_event(&self, e: ClusterEvent) {
+        match e {
+            ClusterEvent::UserFrame { user, frame } => {
+                let mut frames = frame_set(&frame);
+                for s in self.sessions_of(&user) {
+                    self.push(&s, frames.get(s.wire));
+                }
+            }
+            ClusterEvent::Kick { user, device, reason } => {
+                self.kick_local(&user, device.as_deref(), &reason);
+            }
+            ClusterEvent::Broadcast(frame) => {
+                self.broadcast_local(&frame);
+            }
+            ClusterEvent::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
+            ClusterEvent::GroupGone(group) => self.group_gone_local(&group),
+        }
     }
 
     /// Remembers a pushed inbox message until the terminal acks it (for resends).
@@ -452,12 +577,19 @@ impl Shard {
                     shard.push(&other, frames.get(other.wire));
                 }
             }
+            let cluster = shard.node.cluster();
+            if let Some(cluster) = cluster {
+                cluster.publish(BusEvent::UserFrame { user: s.user.to_string(), frame: sync.clone() });
+            }
             if let (Chat::User(peer), Some(up_to)) = (parsed, moved.up_to) {
                 let receipt = ServerFrame::Receipt {
                     chat: format!("u:{}", s.user),
                     by: s.user.to_string(),
                     up_to: up_to.to_string(),
                 };
+                if let Some(cluster) = cluster {
+                    cluster.publish(BusEvent::UserFrame { user: peer.clone(), frame: receipt.clone() });
+                }
                 let frame = Arc::new(receipt);
                 let peer: Arc<str> = Arc::from(peer);
                 let home = home_shard(&peer, shard.shards);

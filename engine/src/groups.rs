@@ -12,6 +12,7 @@ use futures_channel::oneshot;
 use serde_json::value::RawValue;
 use tracing::debug;
 
+use crate::cluster::{BusEvent, BusMessage};
 use crate::error::EngineError;
 use crate::mesh::ShardMsg;
 use crate::message::{Message, Wire};
@@ -45,11 +46,18 @@ pub struct GroupSent {
 
 impl Shard {
     /// Puts a new session into the index of each of its user's groups.
-    pub(crate) fn join_groups<'a>(&self, s: &Session, groups: impl Iterator<Item = &'a String>) {
+    pub(crate) fn join_groups<'a>(&self, s: &Session, groups: impl Iterator<Item = (&'a String, &'a u64)>) {
         let mut index = self.group_index.borrow_mut();
         let mut mine = s.groups.borrow_mut();
-        for g in groups {
+        let cluster = self.node.cluster().is_some();
+        for (g, &head) in groups {
             let g: Arc<str> = Arc::from(g.as_str());
+            if cluster {
+                // The store's head when this terminal came: what this shard pushes next.
+                let mut heads = self.group_heads.borrow_mut();
+                let known = heads.entry(g.clone()).or_insert(head);
+                *known = (*known).max(head);
+            }
             index.entry(g.clone()).or_default().push(s.key);
             mine.push(g);
         }
@@ -93,6 +101,7 @@ impl Shard {
 
     /// Forgets a dissolved group on this shard.
     pub(crate) fn group_gone_local(&self, group: &str) {
+        self.group_heads.borrow_mut().remove(group);
         let keys = self.group_index.borrow_mut().remove(group).unwrap_or_default();
         for key in keys {
             if let Some(s) = self.session(key) {
@@ -103,6 +112,10 @@ impl Shard {
 
     /// Tells the users' home shards that they joined or left `group`.
     pub async fn announce_membership(self: &Rc<Self>, group: &str, users: &[String], joined: bool) {
+        if let Some(cluster) = self.node.cluster() {
+            let e = BusEvent::Membership { group: group.to_owned(), users: users.to_vec(), joined };
+            cluster.publish(e);
+        }
         let group: Arc<str> = Arc::from(group);
         let mut per_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); self.shards];
         for u in users {
@@ -121,6 +134,9 @@ impl Shard {
 
     /// Tells every shard that `group` is gone.
     pub async fn announce_group_gone(self: &Rc<Self>, group: &str) {
+        if let Some(cluster) = self.node.cluster() {
+            cluster.publish(BusEvent::GroupGone { group: group.to_owned() });
+        }
         let group: Arc<str> = Arc::from(group);
         for to in 0..self.shards {
             if let Err(e) = self.route(to, ShardMsg::GroupGone { group: group.clone() }).await {
@@ -187,13 +203,68 @@ impl Shard {
     /// Writes a batch of committed group messages: one run per group (each in seq order, as
     /// committed), so a member of a busy group gets everything of the batch in one write.
     pub(crate) async fn deliver_groups(&self, batch: &mut [GroupDelivery]) -> u64 {
+        let mut delivered = 0;
+        if self.node.cluster().is_some() {
+            // Several nodes commit to a group: order by seq and fill gaps from the store.
+            batch.sort_by(|a, b| a.group.cmp(&b.group).then(a.seq.cmp(&b.seq)));
+            for run in batch.chunk_by(|a, b| a.group == b.group) {
+                let run = self.order_group_run(run).await;
+                delivered += self.deliver_group_run(&run).await;
+            }
+            return delivered;
+        }
         // Stable: each group's messages stay in commit (seq) order.
         batch.sort_by(|a, b| a.group.cmp(&b.group));
-        let mut delivered = 0;
         for run in batch.chunk_by(|a, b| a.group == b.group) {
             delivered += self.deliver_group_run(run).await;
         }
         delivered
+    }
+
+    /// Cluster mode: the run without what this shard already pushed, with what is missing
+    /// before it read from the store, in seq order. A group this shard has no head for yet
+    /// (no member came since it started) starts at the run.
+    async fn order_group_run(&self, run: &[GroupDelivery]) -> Vec<GroupDelivery> {
+        let Some(first) = run.first() else { return Vec::new() };
+        let group = first.group.clone();
+        let mut last = self.group_heads.borrow().get(&group).copied();
+        let mut out = Vec::with_capacity(run.len());
+        for g in run {
+            match last {
+                Some(l) if g.seq <= l => continue,
+                Some(l) if g.seq > l + 1 => {
+                    let limit =
+                        usize::try_from(g.seq - l - 1).unwrap_or(usize::MAX).min(self.config.limits.sync_page_max);
+                    let op = Op::ReadGroup { group: group.to_string(), after_seq: l, limit };
+                    match self.store.call(op).await.and_then(Reply::page) {
+                        Ok(page) => {
+                            for e in page.entries.iter().filter(|e| e.seq > l && e.seq < g.seq) {
+                                let msg = Arc::new(crate::storage::message_of(e));
+                                out.push(GroupDelivery {
+                                    group: group.clone(),
+                                    seq: e.seq,
+                                    id: e.id,
+                                    ts: e.ts,
+                                    frame: msg.encode_frame(&e.chat, e.seq),
+                                    msg,
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            // Members catch up with `sync` (they see the gap in seqs).
+                            debug!(group = %group, shard = self.id, error = %e, "cluster: cannot read a group gap");
+                        }
+                    }
+                }
+                _ => {}
+            }
+            out.push(g.clone());
+            last = Some(g.seq);
+        }
+        if let Some(l) = last {
+            self.group_heads.borrow_mut().insert(group, l);
+        }
+        out
     }
 
     /// Submits a group message; when it commits, its frame is encoded once (on the storage
@@ -218,10 +289,18 @@ impl Shard {
         let group: Arc<str> = Arc::from(&*group);
         let commits = self.commits.clone();
         let shards = self.shards;
+        let cluster = self.node.cluster().cloned();
         self.store.submit(StoreCmd::new(op, move |result| {
             let result = result.and_then(Reply::group_appended);
             if let Ok(a) = &result {
                 if !a.duplicate {
+                    if let Some(cluster) = &cluster {
+                        cluster.publish(BusEvent::Group {
+                            group: group.to_string(),
+                            seq: a.seq,
+                            msg: BusMessage::of(&msg),
+                        });
+                    }
                     let frame = msg.encode_frame(&format!("g:{group}"), a.seq);
                     for shard in 0..shards {
                         commits.push(

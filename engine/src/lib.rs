@@ -16,6 +16,7 @@
 //!   the home shard, the connection task (reads frames, writes the session queue).
 //! - [`session`]: a live terminal: identity, bounded outbound queue, close reason.
 //! - [`parking`]: idle connections parked out of their tasks in one epoll set per shard.
+//! - [`cluster`]: cluster mode: the bus between nodes, the node registry and presence in Redis.
 //! - [`ratelimit`]: rate limits (terminal sends, syncs and reads; the API) as one timestamp each.
 //! - [`ws`]: WebSocket frame reader and frame encoding (tungstenite's codec).
 //! - [`wheel`]: the per-shard timer wheel.
@@ -33,6 +34,7 @@ pub mod api;
 pub mod api_groups;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;

@@ -48,11 +48,8 @@ pub enum NodeError {
     Events { url: String, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Ports { path: String, source: std::io::Error },
-    #[error(
-        "cluster mode (cluster.redis_url / --redis {url}) is not available in this build: run without it \
-         for a standalone node (SQLite store), see README \"Status\""
-    )]
-    ClusterUnavailable { url: String },
+    #[error("cannot join the cluster at {url}: {source}")]
+    Cluster { url: String, source: crate::cluster::ClusterError },
 }
 
 /// The addresses a node actually listens on.
@@ -100,6 +97,9 @@ impl NodeHandle {
         }
         if let Some(events) = self.events.take() {
             events.stop();
+        }
+        if let Some(cluster) = self.shared.cluster() {
+            cluster.stop();
         }
         self.store.shutdown();
     }
@@ -151,10 +151,6 @@ struct ShardStart {
 /// Starts a node: listeners, mesh, shards. Returns once every listener is bound and
 /// `ports.json` is written.
 pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
-    // Asked for a cluster and given a standalone node would split the users' state silently.
-    if let Some(url) = &config.cluster.redis_url {
-        return Err(NodeError::ClusterUnavailable { url: crate::config::redact_userinfo(url) });
-    }
     let config = Arc::new(config);
     let shards = config.node.shards;
     let (client, mut client_fds) = bind_group("client", config.listen.client, shards)?;
@@ -167,8 +163,13 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     })?;
     info!(client = %client, api = %api, admin = %admin, shards, "listening");
 
-    let store = crate::storage::open(&config)
-        .map_err(|source| NodeError::Store { path: config.node.data_dir.display().to_string(), source })?;
+    let store = crate::storage::open(&config).map_err(|source| NodeError::Store {
+        path: match &config.cluster.redis_url {
+            Some(url) => crate::config::redact_userinfo(url),
+            None => config.node.data_dir.display().to_string(),
+        },
+        source,
+    })?;
     let commits = CommitQueues::new(shards);
     let events = match &config.events.webhook {
         Some(webhook) => Some(
@@ -179,6 +180,12 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     };
     let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
     let shared = Arc::new(NodeShared::new(config.node.id.clone(), shards));
+    if let Some(url) = &config.cluster.redis_url {
+        let addrs = crate::cluster::Addresses { client, api, admin };
+        let cluster = crate::cluster::Cluster::start(url, &config.node.id, &addrs, commits.clone(), shards)
+            .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
+        let _ = shared.cluster.set(cluster);
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut threads = Vec::with_capacity(shards);
     let mut ends = MeshPlan::new(shards).into_ends().into_iter();

@@ -100,6 +100,9 @@ pub(crate) struct UserEntry {
     /// Terminals of this user being taken on (waiting for their heads): the entry stays while
     /// any is, so no committed delivery goes unseen in between.
     pub(crate) pending: u32,
+    /// Cluster mode: a read of the inbox from the store is under way up to this seq (0: none);
+    /// deliveries meanwhile only raise it (see `delivery::fill_inbox`).
+    pub(crate) fill_to: u64,
 }
 
 /// Why a terminal could not be taken on.
@@ -129,6 +132,9 @@ pub struct Shard {
     pub(crate) users: RefCell<HashMap<Arc<str>, UserEntry>>,
     /// Group → this shard's online sessions of its members.
     pub(crate) group_index: RefCell<HashMap<Arc<str>, Vec<SessionKey>>>,
+    /// Cluster mode: the last seq of each group pushed by this shard (see
+    /// `groups::order_group_run`).
+    pub(crate) group_heads: RefCell<HashMap<Arc<str>, u64>>,
     wheel: RefCell<TimerWheel<SessionKey>>,
     /// Sessions with unacknowledged messages, keyed by when their next resend is due.
     pub(crate) resend_wheel: RefCell<TimerWheel<SessionKey>>,
@@ -192,6 +198,7 @@ impl Shard {
         };
         let wake_list = parking.as_ref().map_or_else(|| Rc::new(WakeList::default()), |p| p.woken.clone());
         let park_ticks = park_ticks(&config);
+        let generator_base = node.cluster().map_or(0, |c| c.generator_base);
         Shard {
             id,
             shards: config.node.shards,
@@ -204,11 +211,14 @@ impl Shard {
             generation: Cell::new(0),
             users: RefCell::new(HashMap::new()),
             group_index: RefCell::new(HashMap::new()),
+            group_heads: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),
             resend_wheel: RefCell::new(TimerWheel::new(RESEND_WHEEL_SLOTS, 0)),
             epoch: Instant::now(),
             tick: Cell::new(0),
-            ids: IdGen::new(id),
+            // In cluster mode this node's shards are generators `generator_base + id` of the
+            // cluster's 64 (leased in Redis): ids stay unique across nodes.
+            ids: IdGen::new(generator_base + id),
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             pong: [encode_for(&ServerFrame::Pong, Wire::Json), encode_for(&ServerFrame::Pong, Wire::Proto)],
             drain_started: Cell::new(false),
@@ -400,6 +410,9 @@ impl Shard {
                 serde_json::json!({ "user": &**user, "device": device, "platform": platform.as_str() }),
             );
         }
+        if let Some(cluster) = self.node.cluster() {
+            cluster.online(user, device, platform.as_str(), session.since_ms);
+        }
         Ok(session)
     }
 
@@ -446,6 +459,9 @@ impl Shard {
         drop(users);
         if last && self.events_enabled() {
             self.emit("user.offline", serde_json::json!({ "user": &*session.user, "reason": reason.as_str() }));
+        }
+        if let Some(cluster) = self.node.cluster() {
+            cluster.offline(&session.user, &session.device);
         }
         self.node.record_close(self.id, ClosedConn { conn: self.snapshot(session), closed_ms: unix_now_ms(), reason });
         let c = self.counters();
@@ -516,12 +532,19 @@ impl Shard {
             .collect()
     }
 
+    /// The user's terminals: on this node (from their home shard) and, in cluster mode, on the
+    /// other live nodes.
     pub async fn presence(self: &Rc<Self>, user: &str) -> Result<Vec<TerminalInfo>, EngineError> {
-        let user: Arc<str> = Arc::from(user);
-        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Presence { user, reply }).await
+        let name: Arc<str> = Arc::from(user);
+        let mut here =
+            self.ask(home_shard(&name, self.shards), |reply| ShardMsg::Presence { user: name, reply }).await?;
+        if let Some(cluster) = self.node.cluster() {
+            here.extend(cluster.presence_elsewhere(user).await);
+        }
+        Ok(here)
     }
 
-    fn kick_local(&self, user: &str, device: Option<&str>, reason: &str) -> u64 {
+    pub(crate) fn kick_local(&self, user: &str, device: Option<&str>, reason: &str) -> u64 {
         let mut n = 0;
         for s in self.sessions_of(user) {
             if device.is_some_and(|d| d != &*s.device) || s.close_reason().is_some() {
@@ -534,14 +557,23 @@ impl Shard {
         n
     }
 
+    /// Kicks the user's terminals (one device, or all); returns how many on this node. In
+    /// cluster mode the other nodes kick theirs too.
     pub async fn kick(self: &Rc<Self>, user: &str, device: Option<&str>, reason: &str) -> Result<u64, EngineError> {
+        if let Some(cluster) = self.node.cluster() {
+            cluster.publish(crate::cluster::BusEvent::Kick {
+                user: user.to_owned(),
+                device: device.map(str::to_owned),
+                reason: reason.to_owned(),
+            });
+        }
         let user: Arc<str> = Arc::from(user);
         let device = device.map(Box::from);
         let reason: Arc<str> = Arc::from(reason);
         self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Kick { user, device, reason, reply }).await
     }
 
-    fn broadcast_local(&self, frame: &ServerFrame) -> u64 {
+    pub(crate) fn broadcast_local(&self, frame: &ServerFrame) -> u64 {
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
         let mut frames = frame_set(frame);
         let mut n = 0;
@@ -556,6 +588,9 @@ impl Shard {
 
     /// Writes `frame` to every terminal of the node; returns how many got it.
     pub async fn broadcast(self: &Rc<Self>, frame: Arc<ServerFrame>) -> Result<u64, EngineError> {
+        if let Some(cluster) = self.node.cluster() {
+            cluster.publish(crate::cluster::BusEvent::Broadcast { frame: (*frame).clone() });
+        }
         let mut total = 0;
         let mut waits = Vec::new();
         for to in 0..self.shards {

@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ether_admin::HistogramSnapshot;
 
@@ -100,6 +100,8 @@ pub struct NodeShared {
     pub mesh_depth: Vec<AtomicU64>,
     recent_closes: Vec<Mutex<VecDeque<ClosedConn>>>,
     published: Vec<Mutex<ShardPublished>>,
+    /// The cluster link (cluster mode only), set once before the shards start.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 impl NodeShared {
@@ -113,7 +115,13 @@ impl NodeShared {
             mesh_depth: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             recent_closes: (0..shards).map(|_| Mutex::new(VecDeque::new())).collect(),
             published: (0..shards).map(|_| Mutex::new(ShardPublished::default())).collect(),
+            cluster: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The cluster link, in cluster mode.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
     }
 
     pub fn stopping(&self) -> bool {

@@ -19,6 +19,7 @@ use serde_json::value::RawValue;
 use crate::config::Config;
 use crate::message::{Message, SharedMessage};
 use crate::session::SessionKey;
+use ether_proto::frame::ServerFrame;
 
 /// Something made durable that a shard pushes to its terminals.
 #[derive(Debug)]
@@ -29,6 +30,31 @@ pub enum Committed {
     Group(GroupDelivery),
     /// The answer to a terminal's `send`, for the shard that holds the terminal.
     Answer(TerminalAnswer),
+    /// What another node asked this node's shards to do (cluster mode).
+    Cluster(ClusterEvent),
+}
+
+/// What another node of the cluster asks a shard to do to its own terminals.
+#[derive(Debug)]
+pub enum ClusterEvent {
+    /// Push `frame` to every terminal of `user` (receipts, read syncs).
+    UserFrame {
+        user: Arc<str>,
+        frame: Arc<ServerFrame>,
+    },
+    Kick {
+        user: String,
+        device: Option<String>,
+        reason: String,
+    },
+    Broadcast(Arc<ServerFrame>),
+    /// These users (who live on this shard) joined or left `group`.
+    Membership {
+        group: Arc<str>,
+        users: Vec<Arc<str>>,
+        joined: bool,
+    },
+    GroupGone(Arc<str>),
 }
 
 /// Where a terminal's `send` is answered: its session, on the shard that submitted it.
@@ -101,7 +127,7 @@ where
 }
 
 /// A group message made durable, encoded once for every member.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct GroupDelivery {
     pub group: Arc<str>,
     pub seq: u64,
@@ -182,8 +208,19 @@ impl CommitQueues {
     }
 }
 
-/// Opens the node's store (`<data>/ether.db`) and starts its storage thread.
+/// Opens the node's store and starts its storage thread: in cluster mode the store the nodes
+/// share (Redis, keys under `cluster::KEY_PREFIX`), else `<data>/ether.db` (SQLite).
 pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
+    let opts = StoreOptions {
+        retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),
+        batch_wait: config.store_batch_wait,
+        batch_wait_after_ops: config.store_batch_wait_after_ops,
+        ..StoreOptions::default()
+    };
+    if let Some(url) = &config.cluster.redis_url {
+        let options = ether_store::RedisOptions { prefix: format!("{}store:", crate::cluster::KEY_PREFIX) };
+        return StoreThread::spawn(ether_store::RedisBackend::open(url, options)?, opts);
+    }
     let backend = SqliteBackend::open_dir(
         &config.node.data_dir,
         SqliteOptions {
@@ -193,12 +230,6 @@ pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
             ..SqliteOptions::default()
         },
     )?;
-    let opts = StoreOptions {
-        retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),
-        batch_wait: config.store_batch_wait,
-        batch_wait_after_ops: config.store_batch_wait_after_ops,
-        ..StoreOptions::default()
-    };
     StoreThread::spawn(backend, opts)
 }
 
@@ -258,6 +289,7 @@ mod tests {
                     Committed::Inbox(d) => d.seq,
                     Committed::Group(g) => g.seq,
                     Committed::Answer(a) => a.result.as_ref().map_or(0, |a| a.seq),
+                    Committed::Cluster(_) => 0,
                 })
                 .collect()
         };

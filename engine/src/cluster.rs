@@ -1,0 +1,621 @@
+//! Cluster mode (`cluster.redis_url`, `--redis`): the node's link to the other nodes through
+//! Redis. Owns what nodes tell each other (the bus: one Redis pub/sub channel), the node
+//! registry (a key per node with a TTL), cluster-wide presence (a hash per user), and the two
+//! OS threads that talk to Redis: `ether-cluster-out` (registry heartbeat, presence writes and
+//! lookups, publishing, batched) and `ether-cluster-in` (the subscription). The message store
+//! itself is shared through `ether_store::RedisBackend` (see `storage`).
+//!
+//! Never touches shard state: what arrives on the bus is queued for the shards through
+//! `CommitQueues` (deliveries as for local commits, the rest as `Committed::Cluster`); shards and
+//! store completions hand what goes out to [`Cluster::publish`] (a channel; never blocks).
+//!
+//! Order and loss: Redis pub/sub is at-most-once and nodes commit to the shared store
+//! concurrently, so a shard does not trust the bus for order or completeness. It pushes an inbox
+//! message at once only when it is the next seq it expects; anything else makes it read the
+//! missing range from the store first (`delivery`), so terminals always get their inbox in seq
+//! order, without gaps, and what a lost bus message carried comes from the store.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
+use ether_proto::api::TerminalInfo;
+use ether_proto::frame::ServerFrame;
+use ether_proto::Kind;
+use futures_channel::oneshot;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tracing::{info, warn};
+
+use crate::message::{unix_now_ms, Message, SHARDS_MAX};
+use crate::shard::home_shard;
+use crate::storage::{ClusterEvent, CommitQueues, Committed, GroupDelivery, InboxDelivery};
+
+/// Prefix of every key and channel the engine uses in Redis.
+pub const KEY_PREFIX: &str = "ether:";
+/// How long a node's registry key lives without a heartbeat.
+const NODE_TTL: Duration = Duration::from_secs(15);
+/// How often a node renews its registry key.
+const HEARTBEAT: Duration = Duration::from_secs(3);
+/// Outgoing items written to Redis in one pipeline at most.
+const OUT_BATCH_MAX: usize = 512;
+/// Outgoing items queued before `publish` drops (and logs) them: the store is the truth, so a
+/// dropped bus message only delays delivery until the next message or `sync`.
+const OUT_QUEUE_MAX: usize = 100_000;
+/// How long the subscriber blocks before looking at the stop flag.
+const READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn bus_channel() -> String {
+    format!("{KEY_PREFIX}bus")
+}
+
+fn node_key(node: &str) -> String {
+    format!("{KEY_PREFIX}node:{node}")
+}
+
+/// The lease on one message-id generator slot (`IdGen`'s shard field: 64 per cluster).
+fn generator_key(slot: usize) -> String {
+    format!("{KEY_PREFIX}idgen:{slot}")
+}
+
+/// Leases `shards` consecutive id-generator slots for this node (its shards make ids with
+/// `base + shard`), so no two live nodes make the same message ids. A restarted node may take
+/// back its own slots at once; others' expire with their node (`NODE_TTL`).
+fn claim_generators(con: &mut redis::Connection, node_id: &str, shards: usize) -> Result<usize, ClusterError> {
+    let ttl = NODE_TTL.as_millis() as u64;
+    for base in 0..=SHARDS_MAX.saturating_sub(shards) {
+        let mut taken = Vec::new();
+        for slot in base..base + shards {
+            let set: Option<String> =
+                redis::cmd("SET").arg(generator_key(slot)).arg(node_id).arg("NX").arg("PX").arg(ttl).query(con)?;
+            let mine = set.is_some() || {
+                let holder: Option<String> = redis::cmd("GET").arg(generator_key(slot)).query(con)?;
+                holder.as_deref() == Some(node_id)
+            };
+            if !mine {
+                break;
+            }
+            taken.push(slot);
+        }
+        if taken.len() == shards {
+            return Ok(base);
+        }
+        for slot in taken {
+            redis::cmd("DEL").arg(generator_key(slot)).query::<()>(con)?;
+        }
+    }
+    Err(ClusterError::NoIdGenerators { shards })
+}
+
+fn presence_key(user: &str) -> String {
+    format!("{KEY_PREFIX}presence:{user}")
+}
+
+/// A message as it travels on the bus.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BusMessage {
+    pub id: u64,
+    pub ts: u64,
+    pub from: String,
+    pub kind: Kind,
+    pub body: Box<RawValue>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
+}
+
+impl BusMessage {
+    pub fn of(m: &Message) -> BusMessage {
+        BusMessage {
+            id: m.id,
+            ts: m.ts,
+            from: m.from.to_string(),
+            kind: m.kind,
+            body: m.body.clone(),
+            cid: m.cid.as_deref().map(str::to_owned),
+        }
+    }
+
+    fn into_message(self) -> Message {
+        Message {
+            id: self.id,
+            ts: self.ts,
+            from: self.from.into(),
+            kind: self.kind,
+            body: self.body,
+            cid: self.cid.map(Into::into),
+        }
+    }
+}
+
+/// What one node tells the others. Externally tagged (`{"inbox":{…}}`): a message body is
+/// carried as raw JSON, which serde cannot take from an internally tagged enum's buffer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BusEvent {
+    /// A message made durable in `owner`'s inbox.
+    Inbox {
+        owner: String,
+        chat: String,
+        seq: u64,
+        msg: BusMessage,
+    },
+    /// A group message made durable.
+    Group {
+        group: String,
+        seq: u64,
+        msg: BusMessage,
+    },
+    /// A frame for every terminal of `user` (receipts, read syncs).
+    UserFrame {
+        user: String,
+        frame: ServerFrame,
+    },
+    Kick {
+        user: String,
+        device: Option<String>,
+        reason: String,
+    },
+    Broadcast {
+        frame: ServerFrame,
+    },
+    /// These users joined or left `group`.
+    Membership {
+        group: String,
+        users: Vec<String>,
+        joined: bool,
+    },
+    GroupGone {
+        group: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    /// The sending node (a node ignores its own).
+    node: String,
+    event: BusEvent,
+}
+
+/// The registry entry of a node.
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeEntry {
+    client: String,
+    api: String,
+    admin: String,
+    started_ms: u64,
+}
+
+enum Out {
+    Publish(BusEvent),
+    Online { user: String, device: String, platform: String, since: u64 },
+    Offline { user: String, device: String },
+    Presence { user: String, reply: oneshot::Sender<Vec<TerminalInfo>> },
+}
+
+/// The node's cluster link; `None` in `NodeShared` on a standalone node.
+#[derive(Debug)]
+pub struct Cluster {
+    pub node_id: String,
+    /// This node's shards make message ids as generators `generator_base + shard`.
+    pub generator_base: usize,
+    out: Sender<Out>,
+    /// Unix ms of the last successful Redis round trip of each thread (for `/readyz`).
+    out_ok_ms: Arc<AtomicU64>,
+    in_ok_ms: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Why the cluster link could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("cannot start a thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error(
+        "no {shards} free message-id generators: the live nodes of a cluster have at most {SHARDS_MAX} shards in all"
+    )]
+    NoIdGenerators { shards: usize },
+}
+
+/// Where the node listens, for its registry entry.
+pub struct Addresses {
+    pub client: std::net::SocketAddr,
+    pub api: std::net::SocketAddr,
+    pub admin: std::net::SocketAddr,
+}
+
+impl Cluster {
+    /// Connects (checking Redis answers), registers the node, and starts both threads. What
+    /// arrives on the bus goes to `commits` (`shards` shards).
+    pub fn start(
+        url: &str,
+        node_id: &str,
+        addrs: &Addresses,
+        commits: Arc<CommitQueues>,
+        shards: usize,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let client = redis::Client::open(url)?;
+        let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
+        let entry = NodeEntry {
+            client: addrs.client.to_string(),
+            api: addrs.api.to_string(),
+            admin: addrs.admin.to_string(),
+            started_ms: unix_now_ms(),
+        };
+        let entry = serde_json::to_string(&entry).unwrap_or_default();
+        let generator_base = claim_generators(&mut con, node_id, shards)?;
+        redis::cmd("SET")
+            .arg(node_key(node_id))
+            .arg(&entry)
+            .arg("PX")
+            .arg(NODE_TTL.as_millis() as u64)
+            .query::<()>(&mut con)?;
+        let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
+        let stop = Arc::new(AtomicBool::new(false));
+        let out_ok_ms = Arc::new(AtomicU64::new(unix_now_ms()));
+        let in_ok_ms = Arc::new(AtomicU64::new(unix_now_ms()));
+        let mut threads = Vec::new();
+        {
+            let w = OutWorker {
+                node_id: node_id.to_owned(),
+                generators: generator_base..generator_base + shards,
+                client: client.clone(),
+                con: Some(con),
+                rx,
+                entry,
+                stop: stop.clone(),
+                ok_ms: out_ok_ms.clone(),
+            };
+            threads.push(std::thread::Builder::new().name("ether-cluster-out".into()).spawn(move || w.run())?);
+        }
+        {
+            let r = InWorker {
+                node_id: node_id.to_owned(),
+                client,
+                commits,
+                shards,
+                stop: stop.clone(),
+                ok_ms: in_ok_ms.clone(),
+            };
+            threads.push(std::thread::Builder::new().name("ether-cluster-in".into()).spawn(move || r.run())?);
+        }
+        info!(node = node_id, generator_base, "joined the cluster");
+        Ok(Arc::new(Cluster {
+            node_id: node_id.to_owned(),
+            generator_base,
+            out: tx,
+            out_ok_ms,
+            in_ok_ms,
+            stop,
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    /// Tells the other nodes (never blocks; dropped with a warning if the queue is full).
+    pub fn publish(&self, event: BusEvent) {
+        self.send(Out::Publish(event));
+    }
+
+    pub fn online(&self, user: &str, device: &str, platform: &str, since: u64) {
+        self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since });
+    }
+
+    pub fn offline(&self, user: &str, device: &str) {
+        self.send(Out::Offline { user: user.into(), device: device.into() });
+    }
+
+    /// The user's terminals on the other live nodes.
+    pub async fn presence_elsewhere(&self, user: &str) -> Vec<TerminalInfo> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Out::Presence { user: user.into(), reply: tx });
+        rx.await.unwrap_or_default()
+    }
+
+    fn send(&self, item: Out) {
+        if self.out.try_send(item).is_err() {
+            warn!(node = %self.node_id, "cluster queue full: a bus message was dropped (the store still has it)");
+        }
+    }
+
+    /// Why the node should not take traffic, if Redis has not answered lately.
+    pub fn not_ready(&self) -> Option<String> {
+        let now = unix_now_ms();
+        let stale = |ok: &AtomicU64| now.saturating_sub(ok.load(Ordering::Relaxed)) > 2 * NODE_TTL.as_millis() as u64;
+        (stale(&self.out_ok_ms) || stale(&self.in_ok_ms)).then(|| "redis (cluster) not reachable".to_owned())
+    }
+
+    /// Leaves the cluster: stops both threads (the out thread removes the registry key).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `ether-cluster-out`: writes to Redis what the node queues, in pipelines.
+struct OutWorker {
+    node_id: String,
+    generators: std::ops::Range<usize>,
+    client: redis::Client,
+    con: Option<redis::Connection>,
+    rx: Receiver<Out>,
+    entry: String,
+    stop: Arc<AtomicBool>,
+    ok_ms: Arc<AtomicU64>,
+}
+
+impl OutWorker {
+    fn run(mut self) {
+        let mut last_beat = Instant::now();
+        let mut batch = Vec::with_capacity(OUT_BATCH_MAX);
+        while !self.stop.load(Ordering::Acquire) {
+            match self.rx.recv_timeout(HEARTBEAT / 3) {
+                Ok(item) => batch.push(item),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < OUT_BATCH_MAX {
+                match self.rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            let beat = last_beat.elapsed() >= HEARTBEAT;
+            if batch.is_empty() && !beat {
+                continue;
+            }
+            match self.write(&mut batch, beat) {
+                Ok(()) => {
+                    self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
+                    if beat {
+                        last_beat = Instant::now();
+                    }
+                }
+                Err(e) => {
+                    warn!(node = %self.node_id, error = %e, dropped = batch.len(), "cluster write failed; reconnecting");
+                    batch.clear();
+                    self.con = None;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        let mut keys = vec![node_key(&self.node_id)];
+        keys.extend(self.generators.clone().map(generator_key));
+        if let Ok(con) = self.connection() {
+            let _ = redis::cmd("DEL").arg(keys).query::<()>(con);
+        }
+    }
+
+    fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
+        if self.con.is_none() {
+            self.con = Some(self.client.get_connection_with_timeout(Duration::from_secs(2))?);
+        }
+        Ok(self.con.as_mut().expect("just set"))
+    }
+
+    fn write(&mut self, batch: &mut Vec<Out>, beat: bool) -> redis::RedisResult<()> {
+        let node_id = self.node_id.clone();
+        let entry = self.entry.clone();
+        let generators = self.generators.clone();
+        let con = self.connection()?;
+        let mut pipe = redis::pipe();
+        let mut lookups = Vec::new();
+        if beat {
+            let ttl = NODE_TTL.as_millis() as u64;
+            pipe.cmd("SET").arg(node_key(&node_id)).arg(&entry).arg("PX").arg(ttl).ignore();
+            for slot in generators {
+                pipe.cmd("SET").arg(generator_key(slot)).arg(&node_id).arg("PX").arg(ttl).ignore();
+            }
+        }
+        for item in batch.drain(..) {
+            match item {
+                Out::Publish(event) => {
+                    let text = serde_json::to_string(&Envelope { node: node_id.clone(), event }).unwrap_or_default();
+                    pipe.cmd("PUBLISH").arg(bus_channel()).arg(text).ignore();
+                }
+                Out::Online { user, device, platform, since } => {
+                    let value = serde_json::json!({ "platform": platform, "since": since }).to_string();
+                    pipe.cmd("HSET").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).arg(value).ignore();
+                }
+                Out::Offline { user, device } => {
+                    pipe.cmd("HDEL").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).ignore();
+                }
+                Out::Presence { user, reply } => lookups.push((user, reply)),
+            }
+        }
+        pipe.query::<()>(con)?;
+        for (user, reply) in lookups {
+            let _ = reply.send(presence_of(con, &node_id, &user)?);
+        }
+        Ok(())
+    }
+}
+
+/// The user's terminals registered by live nodes other than `me`.
+fn presence_of(con: &mut redis::Connection, me: &str, user: &str) -> redis::RedisResult<Vec<TerminalInfo>> {
+    let all: HashMap<String, String> = redis::cmd("HGETALL").arg(presence_key(user)).query(con)?;
+    let mut alive: HashMap<String, bool> = HashMap::new();
+    let mut out = Vec::new();
+    for (field, value) in all {
+        let Some((node, device)) = field.split_once('/') else { continue };
+        if node == me {
+            continue; // this node answers for its own terminals
+        }
+        let live = match alive.get(node) {
+            Some(l) => *l,
+            None => {
+                let l: bool = redis::cmd("EXISTS").arg(node_key(node)).query(con)?;
+                alive.insert(node.to_owned(), l);
+                l
+            }
+        };
+        if !live {
+            continue; // a node that died with terminals registered
+        }
+        let v: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+        out.push(TerminalInfo {
+            device: device.to_owned(),
+            platform: v["platform"].as_str().unwrap_or("other").to_owned(),
+            node: node.to_owned(),
+            since: v["since"].as_u64().unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+/// `ether-cluster-in`: the subscription; hands what other nodes say to this node's shards.
+struct InWorker {
+    node_id: String,
+    client: redis::Client,
+    commits: Arc<CommitQueues>,
+    shards: usize,
+    stop: Arc<AtomicBool>,
+    ok_ms: Arc<AtomicU64>,
+}
+
+impl InWorker {
+    fn run(self) {
+        while !self.stop.load(Ordering::Acquire) {
+            if let Err(e) = self.subscribe() {
+                warn!(node = %self.node_id, error = %e, "cluster subscription lost; subscribing again");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn subscribe(&self) -> redis::RedisResult<()> {
+        let mut con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
+        con.set_read_timeout(Some(READ_TIMEOUT))?;
+        let mut sub = con.as_pubsub();
+        sub.subscribe(bus_channel())?;
+        self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
+        while !self.stop.load(Ordering::Acquire) {
+            let msg = match sub.get_message() {
+                Ok(m) => m,
+                Err(e) if e.is_timeout() => {
+                    // Still subscribed (a ping would be better; a read timeout is not a failure).
+                    self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
+            let payload: Vec<u8> = match msg.get_payload() {
+                Ok(p) => p,
+                Err(_) => continue,
+            };
+            match serde_json::from_slice::<Envelope>(&payload) {
+                Ok(env) if env.node == self.node_id => {}
+                Ok(env) => self.dispatch(env.event),
+                Err(e) => warn!(node = %self.node_id, error = %e, "unreadable bus message ignored"),
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&self, event: BusEvent) {
+        let shards = self.shards;
+        match event {
+            BusEvent::Inbox { owner, chat, seq, msg } => {
+                let owner: Arc<str> = Arc::from(owner);
+                let delivery = InboxDelivery {
+                    owner: owner.clone(),
+                    chat: Arc::from(chat),
+                    seq,
+                    msg: Arc::new(msg.into_message()),
+                    // `message.unreached` is the accepting node's to tell.
+                    incoming: false,
+                };
+                self.commits.push(home_shard(&owner, shards), Committed::Inbox(delivery));
+            }
+            BusEvent::Group { group, seq, msg } => {
+                let msg = Arc::new(msg.into_message());
+                let frame = msg.encode_frame(&format!("g:{group}"), seq);
+                let group: Arc<str> = Arc::from(group);
+                for shard in 0..shards {
+                    self.commits.push(
+                        shard,
+                        Committed::Group(GroupDelivery {
+                            group: group.clone(),
+                            seq,
+                            id: msg.id,
+                            ts: msg.ts,
+                            frame: frame.clone(),
+                            msg: msg.clone(),
+                        }),
+                    );
+                }
+            }
+            BusEvent::UserFrame { user, frame } => {
+                let to = home_shard(&user, shards);
+                self.commits.push(
+                    to,
+                    Committed::Cluster(ClusterEvent::UserFrame { user: Arc::from(user), frame: Arc::new(frame) }),
+                );
+            }
+            BusEvent::Kick { user, device, reason } => {
+                let to = home_shard(&user, shards);
+                self.commits.push(to, Committed::Cluster(ClusterEvent::Kick { user, device, reason }));
+            }
+            BusEvent::Broadcast { frame } => {
+                let frame = Arc::new(frame);
+                for shard in 0..shards {
+                    self.commits.push(shard, Committed::Cluster(ClusterEvent::Broadcast(frame.clone())));
+                }
+            }
+            BusEvent::Membership { group, users, joined } => {
+                let group: Arc<str> = Arc::from(group);
+                let mut per_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); shards];
+                for u in users {
+                    per_shard[home_shard(&u, shards)].push(Arc::from(u));
+                }
+                for (shard, users) in per_shard.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
+                    let e = ClusterEvent::Membership { group: group.clone(), users, joined };
+                    self.commits.push(shard, Committed::Cluster(e));
+                }
+            }
+            BusEvent::GroupGone { group } => {
+                let group: Arc<str> = Arc::from(group);
+                for shard in 0..shards {
+                    self.commits.push(shard, Committed::Cluster(ClusterEvent::GroupGone(group.clone())));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_messages_round_trip_with_their_body_as_is() {
+        let msg = BusMessage {
+            id: u64::MAX >> 1,
+            ts: 7,
+            from: "ann".into(),
+            kind: Kind::Text,
+            body: RawValue::from_string(r#"{"text":"hi \"you\""}"#.into()).unwrap(),
+            cid: Some("c1".into()),
+        };
+        let env = Envelope {
+            node: "n1".into(),
+            event: BusEvent::Inbox { owner: "bob".into(), chat: "u:ann".into(), seq: 9, msg },
+        };
+        let text = serde_json::to_string(&env).unwrap();
+        let back: Envelope = serde_json::from_str(&text).unwrap();
+        match back.event {
+            BusEvent::Inbox { owner, seq, msg, .. } => {
+                assert_eq!((owner.as_str(), seq, msg.id), ("bob", 9, u64::MAX >> 1));
+                assert_eq!(msg.body.get(), r#"{"text":"hi \"you\""}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

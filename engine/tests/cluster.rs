@@ -1,0 +1,170 @@
+//! Cluster mode on real nodes: a private `redis-server` (its own port and data dir, stopped at
+//! the end) and two or three nodes joined through it. A message accepted on any node reaches
+//! the user's terminals on every node, in seq order; a terminal that comes back on another node
+//! catches up with `sync` (the store is shared); presence, kicks, groups, receipts and terminal
+//! sends cross nodes. Skipped (with a line saying so) when `redis-server` is not installed.
+mod support;
+
+use std::time::Duration;
+
+use ether_proto::frame::{Msg, ServerFrame};
+use ether_proto::{ClientFrame, Kind};
+use ether_store::redis::TestRedis;
+use support::*;
+
+fn cluster_node(redis: &TestRedis, id: &str) -> TestNode {
+    let url = redis.url();
+    let id = id.to_owned();
+    TestNode::with(move |c| {
+        c.cluster.redis_url = Some(url);
+        c.node.id = id;
+    })
+}
+
+fn redis_or_skip() -> Option<TestRedis> {
+    if !TestRedis::available() {
+        println!("skipped: redis-server not installed");
+        return None;
+    }
+    Some(TestRedis::start())
+}
+
+/// The next `n` messages of `t` (other frames skipped), acked as they come.
+fn take(t: &mut ether_sdk::TerminalClient, n: usize) -> Vec<Msg> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = t.recv_msg(WAIT).unwrap_or_else(|e| panic!("after {} of {n}: {e}", got.len()));
+        t.ack(m.seq).unwrap();
+        got.push(m);
+    }
+    got
+}
+
+fn texts(ms: &[Msg]) -> Vec<String> {
+    ms.iter().map(|m| m.body["text"].as_str().unwrap_or("").to_owned()).collect()
+}
+
+#[test]
+fn messages_reach_the_users_terminals_on_every_node_in_order() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut phone = b.terminal("bob", "phone");
+    let mut web = a.terminal("bob", "web");
+    // Accepted on A, then on B, then on both at once: one inbox written by two nodes.
+    for i in 0..10 {
+        a.gateway().send_message(&text("alice", "bob", &format!("a{i}"))).unwrap();
+    }
+    for i in 0..5 {
+        b.gateway().send_message(&text("carol", "bob", &format!("b{i}"))).unwrap();
+    }
+    let (ga, gb) = (a.gateway(), b.gateway());
+    let t = std::thread::spawn(move || {
+        for i in 0..20 {
+            ga.send_message(&text("alice", "bob", &format!("x{i}"))).unwrap();
+        }
+    });
+    for i in 0..20 {
+        gb.send_message(&text("carol", "bob", &format!("y{i}"))).unwrap();
+    }
+    t.join().unwrap();
+    let on_b = take(&mut phone, 55);
+    let on_a = take(&mut web, 55);
+    assert_eq!(on_a, on_b, "both terminals, on two nodes, get the same messages in the same order");
+    assert!(on_a.windows(2).all(|w| w[1].seq == w[0].seq + 1), "seqs without gaps or repeats");
+    let texts = texts(&on_a);
+    assert_eq!(
+        &texts[..15],
+        &["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9", "b0", "b1", "b2", "b3", "b4"]
+    );
+    for prefix in ["x", "y"] {
+        let mine: Vec<&String> = texts.iter().filter(|t| t.starts_with(prefix)).collect();
+        let expected: Vec<String> = (0..20).map(|i| format!("{prefix}{i}")).collect();
+        assert_eq!(mine, expected.iter().collect::<Vec<_>>(), "each sender's order kept");
+    }
+    assert_silent(&mut phone, Duration::from_millis(300));
+}
+
+#[test]
+fn a_terminal_comes_back_on_another_node_and_catches_up() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut t = a.terminal("dan", "phone");
+    for i in 0..3 {
+        a.gateway().send_message(&text("eve", "dan", &format!("m{i}"))).unwrap();
+    }
+    let first = take(&mut t, 3);
+    drop(t);
+    for i in 3..7 {
+        b.gateway().send_message(&text("eve", "dan", &format!("m{i}"))).unwrap();
+    }
+    // Back on the other node: its welcome knows the head and what this device acknowledged.
+    let (mut t, w) = ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("dan"), "phone", "web").unwrap();
+    assert_eq!(w.inbox_seq, 7);
+    let (replayed, head) = sync_all(&mut t, first[2].seq);
+    assert_eq!(texts(&replayed), ["m3", "m4", "m5", "m6"]);
+    assert_eq!(head, 7);
+    // History on any node sees everything.
+    let r = a.gateway().request("GET", "/v1/users/dan/messages?limit=50", None).unwrap();
+    let n = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["messages"].as_array().unwrap().len();
+    assert_eq!(n, 7);
+}
+
+#[test]
+fn presence_kicks_groups_sends_and_receipts_cross_nodes() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut bob = b.terminal("bob", "phone");
+    let mut carol = a.terminal("carol", "web");
+
+    // Presence asked on A lists bob's terminal on B.
+    let p = a.gateway().request("GET", "/v1/users/bob/presence", None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+    assert_eq!(v["online"], true, "{v}");
+    assert_eq!(v["terminals"][0]["node"], "node-b", "{v}");
+
+    // A group made on A; a message to it from A's API reaches members on both nodes.
+    a.gateway().create_group(Some("crew"), "Crew", "carol", &["bob"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // membership crosses the bus
+    a.gateway().send_group_message("crew", "carol", Kind::Text, &serde_json::json!({"text": "hi crew"}), None).unwrap();
+    for t in [&mut bob, &mut carol] {
+        let m = t.recv_msg(WAIT).unwrap();
+        assert_eq!((m.chat.as_str(), m.body["text"].as_str()), ("g:crew", Some("hi crew")));
+    }
+
+    // A terminal on B sends to a user on A; the reader's receipt comes back across.
+    bob.send_text("c1", "carol", "from b").unwrap();
+    let m = carol.recv_until(|f| matches!(f, ServerFrame::Msg(m) if m.chat == "u:bob"), WAIT).unwrap();
+    let ServerFrame::Msg(m) = m else { unreachable!() };
+    assert_eq!(m.body["text"], "from b");
+    carol.send_frame(&ClientFrame::Read { chat: "u:bob".into(), seq: m.seq }).unwrap();
+    match bob.recv_until(|f| matches!(f, ServerFrame::Receipt { .. }), WAIT).unwrap() {
+        ServerFrame::Receipt { by, up_to, .. } => assert_eq!((by.as_str(), up_to.as_str()), ("carol", m.id.as_str())),
+        other => panic!("{other:?}"),
+    }
+
+    // A kick asked on A reaches bob's terminal on B.
+    let r = a.gateway().request("POST", "/v1/users/bob/kick", Some(br#"{"reason":"bye"}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    match bob.recv_until(|f| matches!(f, ServerFrame::Kicked { .. }), WAIT) {
+        Ok(ServerFrame::Kicked { reason }) => assert_eq!(reason, "bye"),
+        other => panic!("no kick on node B: {other:?}"),
+    }
+}
+
+#[test]
+fn a_node_that_leaves_is_forgotten_and_readyz_reports_redis() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let _t = b.terminal("fay", "phone");
+    let r = a.admin().request("GET", "/readyz", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    b.stop();
+    // B's terminals no longer count as online anywhere (its registry key is gone).
+    let p = a.gateway().request("GET", "/v1/users/fay/presence", None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+    assert_eq!(v["online"], false, "{v}");
+}
