@@ -191,14 +191,16 @@ fn normalized(r: Result<Reply, StoreError>) -> String {
 #[test]
 fn random_ops_match_sqlite() {
     let Some(redis) = redis() else { return };
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    // This seed at 60 rounds of 400 steps found the SQLite backend giving a sender's inbox seq
+    // twice (fixed; `sqlite_conformance::a_group_send_with_a_cid_keeps_the_senders_inbox_seqs`).
+    let mut seed = 0x1234_5678_9abc_def1u64;
     let mut rnd = move |n: u64| {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
         seed % n
     };
-    for round in 0..6 {
+    for round in 0..16 {
         let dir = tempfile::tempdir().unwrap();
         let opts = if round % 2 == 0 { SqliteOptions::test_min() } else { SqliteOptions::default() };
         let mut s = SqliteBackend::open(dir.path().join("r.db"), opts).unwrap();
@@ -211,7 +213,7 @@ fn random_ops_match_sqlite() {
             let op = Op::SetDelivered { user: format!("u{i}"), device: "d9".into(), group: None, seq: 0 };
             assert_eq!(normalized(r.apply(op.clone())), normalized(s.apply(op)));
         }
-        for step in 0..150 {
+        for step in 0..300 {
             let mut batch = Vec::new();
             for _ in 0..rnd(5) + 1 {
                 let u = |i: u64| format!("u{i}");

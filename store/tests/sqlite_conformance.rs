@@ -280,3 +280,40 @@ fn thread_waits_for_more_only_when_busy() {
     }
     h.shutdown();
 }
+
+/// A group message with a `cid` from a user whose inbox is not in memory (its stream state
+/// was trimmed from the cache) must not reset that inbox's head: the user's next single-chat
+/// message still gets the next seq. It used to get seq 1 again (found by comparing random
+/// batches with the Redis backend).
+#[test]
+fn a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = open(dir.path(), SqliteOptions::test_min());
+    for i in 0..3 {
+        b.apply(text("una", "vic", None, &format!("m{i}"))).unwrap();
+    }
+    let create = Op::CreateGroup {
+        id: Some("g1".into()),
+        name: "G".into(),
+        owner: "una".into(),
+        members: vec![],
+        created_ms: 1,
+        members_max: 10,
+        groups_per_user_max: 10,
+    };
+    b.apply(create).unwrap();
+    // Flush every position, then touch more streams than the cache keeps (test_min: 8), so
+    // una's clean inbox leaves memory.
+    let far = u64::MAX / 4;
+    while b.maintain(far).unwrap() {}
+    for i in 0..20 {
+        b.apply(text(&format!("x{i}"), &format!("y{i}"), None, "filler")).unwrap();
+        while b.maintain(far).unwrap() {}
+    }
+    b.apply(conformance::group_text("una", "g1", Some("gc-1"), "to the group")).unwrap();
+    let a = b.apply(text("una", "vic", None, "after")).unwrap().appended().unwrap();
+    assert_eq!(a.sender_seq, Some(4), "una's inbox held seqs 1..=3");
+    let page = b.apply(Op::ReadInbox { user: "una".into(), after_seq: 0, limit: 10 }).unwrap().page().unwrap();
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4], "no seq given twice");
+}

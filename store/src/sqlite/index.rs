@@ -179,8 +179,11 @@ impl Index {
     }
 
     /// Records a sender's cid until it is written to the `cids` table.
+    /// Call with the sender's inbox stream loaded (`SqliteBackend::ensure_stream`): a default
+    /// state here would claim the inbox's head is 0.
     pub fn push_cid(&mut self, uid: i64, h: i64, id: i64, now_ms: u64, undo: &mut Vec<Undo>) {
         let stream = inbox_stream(uid);
+        debug_assert!(self.streams.contains_key(&stream), "push_cid on an inbox stream not loaded");
         let st = self.streams.entry(stream).or_default();
         undo.push(Undo::Stream { stream, pending_len: st.pending.len(), cids_len: st.cids.len() });
         st.cids.push((h, id));

@@ -790,6 +790,10 @@ impl SqliteBackend {
         let s = self.ix.push_item(gs, Item { id, aux: from * 2 }, now, &mut self.undo);
         debug_assert_eq!(s, seq);
         if let Some(cid) = &m.cid {
+            // The cid is held with the sender's inbox stream: load its state first, or a
+            // fresh one (head 0) would stand in for it and the sender's next inbox seq would
+            // be given again.
+            self.ensure_stream(index::inbox_stream(from))?;
             self.ix.push_cid(from, cid_hash(cid), id, now, &mut self.undo);
         }
         Ok(Reply::GroupAppended(GroupAppended { id: m.id, ts: m.ts, seq, duplicate: false }))
