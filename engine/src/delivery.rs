@@ -614,8 +614,9 @@ impl Shard {
         }
     }
 
-    /// Whether events go to an outbox at all (someone consumes them).
+    /// Whether events are made at all (someone consumes them: the webhook, or in cluster mode
+    /// the `ether:events` stream).
     pub fn events_enabled(&self) -> bool {
-        self.config.events.webhook.is_some()
+        self.config.events.webhook.is_some() || self.config.cluster.redis_url.is_some()
     }
 }

@@ -218,7 +218,13 @@ pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
         ..StoreOptions::default()
     };
     if let Some(url) = &config.cluster.redis_url {
-        let options = ether_store::RedisOptions { prefix: format!("{}store:", crate::cluster::KEY_PREFIX) };
+        let options = ether_store::RedisOptions {
+            prefix: format!("{}store:", crate::cluster::KEY_PREFIX),
+            // API.md: in cluster mode every event is also in the Redis stream `ether:events`.
+            events_stream: Some(format!("{}events", crate::cluster::KEY_PREFIX)),
+            // Without a webhook nobody fetches the outbox: the stream alone carries events.
+            outbox: config.events.webhook.is_some(),
+        };
         return StoreThread::spawn(ether_store::RedisBackend::open(url, options)?, opts);
     }
     let backend = SqliteBackend::open_dir(

@@ -162,6 +162,22 @@ fn a_node_that_leaves_is_forgotten_and_readyz_reports_redis() {
     let _t = b.terminal("fay", "phone");
     let r = a.admin().request("GET", "/readyz", None).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
+    // Events go to the Redis stream `ether:events` (no webhook configured here).
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let entries: Vec<(String, Vec<(String, String)>)> =
+            redis::cmd("XRANGE").arg("ether:events").arg("-").arg("+").query(&mut con).unwrap();
+        let online = entries.iter().any(|(_, f)| {
+            f.iter().any(|(k, v)| k == "type" && v == "user.online")
+                && f.iter().any(|(k, v)| k == "data" && v.contains("\"fay\""))
+        });
+        if online {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no user.online for fay in ether:events: {entries:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     b.stop();
     // B's terminals no longer count as online anywhere (its registry key is gone).
     let p = a.gateway().request("GET", "/v1/users/fay/presence", None).unwrap();

@@ -22,7 +22,8 @@ fn redis() -> Option<TestRedis> {
 
 fn fresh(redis: &TestRedis) -> RedisBackend {
     let n = N.fetch_add(1, Ordering::Relaxed);
-    RedisBackend::open(&redis.url(), RedisOptions { prefix: format!("t{n}:") }).unwrap()
+    RedisBackend::open(&redis.url(), RedisOptions { prefix: format!("t{n}:"), events_stream: None, outbox: true })
+        .unwrap()
 }
 
 #[test]
@@ -63,7 +64,10 @@ fn inbox(b: &mut RedisBackend, user: &str) -> Vec<Entry> {
 fn two_nodes_share_the_store() {
     let Some(redis) = redis() else { return };
     let prefix = format!("shared{}:", N.fetch_add(1, Ordering::Relaxed));
-    let open = || RedisBackend::open(&redis.url(), RedisOptions { prefix: prefix.clone() }).unwrap();
+    let open = || {
+        RedisBackend::open(&redis.url(), RedisOptions { prefix: prefix.clone(), events_stream: None, outbox: true })
+            .unwrap()
+    };
     let (mut a, mut b) = (open(), open());
     let mut want: HashMap<String, Vec<u64>> = HashMap::new();
     for i in 0..40 {
@@ -326,5 +330,38 @@ fn random_ops_match_sqlite() {
                 let _ = s.maintain(u64::MAX);
             }
         }
+    }
+}
+
+/// With an events stream, every outbox event is also in the stream, with the outbox seq as
+/// `event_id`; with the outbox off, only in the stream (nothing to fetch or ack).
+#[test]
+fn outbox_events_reach_the_events_stream() {
+    let Some(redis) = redis() else { return };
+    let ev = |kind: &str, data: &str| NewEvent { kind: kind.into(), data: data.into(), ts: 7 };
+    for outbox in [true, false] {
+        let stream = format!("events-{outbox}");
+        let opts = RedisOptions { prefix: format!("ev-{outbox}:"), events_stream: Some(stream.clone()), outbox };
+        let mut b = RedisBackend::open(&redis.url(), opts).unwrap();
+        let events = vec![ev("user.online", r#"{"user":"a"}"#), ev("message.read", r#"{"chat":"u:b"}"#)];
+        let r = b.apply(Op::OutboxAppend { events }).unwrap();
+        assert_eq!(r, Reply::OutboxAppended { first: 1, last: 2 });
+        let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        let entries: Vec<(String, Vec<(String, String)>)> =
+            ::redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query(&mut con).unwrap();
+        let fields: Vec<Vec<(String, String)>> = entries.into_iter().map(|(_, f)| f).collect();
+        assert_eq!(fields.len(), 2);
+        assert_eq!(
+            fields[0],
+            [
+                ("event_id".to_owned(), "1".to_owned()),
+                ("type".into(), "user.online".into()),
+                ("ts".into(), "7".into()),
+                ("data".into(), r#"{"user":"a"}"#.into())
+            ]
+        );
+        assert_eq!(fields[1][0], ("event_id".to_owned(), "2".to_owned()));
+        let fetched = b.apply(Op::OutboxFetch { after: 0, limit: 10 }).unwrap().events().unwrap();
+        assert_eq!(fetched.len(), if outbox { 2 } else { 0 }, "outbox kept: {outbox}");
     }
 }

@@ -72,11 +72,22 @@ const NUM_MAX: u64 = 1 << 52;
 pub struct RedisOptions {
     /// Every key starts with this (default `ether:`): several stores can share one server.
     pub prefix: String,
+    /// Also append every outbox event, in the same script as the outbox write, to this Redis
+    /// stream (the one key outside the prefix), entries `event_id`, `type`, `ts`, `data` (the
+    /// event's fields as JSON), trimmed to about [`EVENTS_STREAM_LEN`] entries. `None`: no
+    /// stream.
+    pub events_stream: Option<String>,
+    /// Keep outbox events for `OutboxFetch`/`OutboxAck` (true; a node that only feeds the
+    /// events stream, with no webhook to deliver to, sets false so nothing piles up).
+    pub outbox: bool,
 }
+
+/// Entries the events stream keeps (approximately: `XADD MAXLEN ~`).
+pub const EVENTS_STREAM_LEN: u64 = 1_000_000;
 
 impl Default for RedisOptions {
     fn default() -> Self {
-        RedisOptions { prefix: "ether:".into() }
+        RedisOptions { prefix: "ether:".into(), events_stream: None, outbox: true }
     }
 }
 
@@ -249,6 +260,8 @@ pub struct RedisBackend {
     client: Client,
     conn: Option<Connection>,
     prefix: String,
+    events_stream: Option<String>,
+    outbox: bool,
     scripts: Vec<OpScript>,
 }
 
@@ -276,7 +289,14 @@ impl RedisBackend {
                 OpScript { script: Script::new(&code), code }
             })
             .collect();
-        let mut b = RedisBackend { client, conn: None, prefix: opts.prefix, scripts };
+        let mut b = RedisBackend {
+            client,
+            conn: None,
+            prefix: opts.prefix,
+            events_stream: opts.events_stream,
+            outbox: opts.outbox,
+            scripts,
+        };
         b.connection()?;
         Ok(b)
     }
@@ -486,7 +506,10 @@ impl RedisBackend {
                 if events.is_empty() {
                     return Err(StoreError::Invalid("events: empty".into()));
                 }
-                let mut c = Call::new(S::OutboxAppend, p);
+                let mut c = Call::new(S::OutboxAppend, p)
+                    .s(self.events_stream.as_deref().unwrap_or(""))
+                    .n(EVENTS_STREAM_LEN)
+                    .flag(self.outbox);
                 for e in events {
                     c = c.s(&e.ts.to_string()).s(&e.kind).s(&e.data);
                 }

@@ -563,13 +563,21 @@ function OPS.unread()
   return { 'ok', out }
 end
 
--- ARGV: P, then (ts, kind, data) triples
+-- ARGV: P, events stream ('' = none), its approximate length, keep in the outbox ('1'|'0'),
+-- then (ts, kind, data) triples
 function OPS.outbox_append()
   local first, last = 0, 0
-  for i = 2, #ARGV, 3 do
+  local stream, stream_len, keep = ARGV[2], ARGV[3], ARGV[4] == '1'
+  for i = 5, #ARGV, 3 do
     local s = call('INCR', k('obseq'))
-    call('HSET', k('ev:', s), 'ts', ARGV[i], 'kind', ARGV[i + 1], 'data', ARGV[i + 2])
-    call('ZADD', k('ob'), s, s)
+    if keep then
+      call('HSET', k('ev:', s), 'ts', ARGV[i], 'kind', ARGV[i + 1], 'data', ARGV[i + 2])
+      call('ZADD', k('ob'), s, s)
+    end
+    if stream ~= '' then
+      call('XADD', stream, 'MAXLEN', '~', stream_len, '*',
+        'event_id', s, 'type', ARGV[i + 1], 'ts', ARGV[i], 'data', ARGV[i + 2])
+    end
     if first == 0 then
       first = s
     end
