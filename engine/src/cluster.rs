@@ -1,15 +1,16 @@
 //! Cluster mode (`cluster.redis_url`, `--redis`): the node's link to the other nodes through
-//! Redis. Owns what nodes tell each other (the bus: one Redis pub/sub channel), the node
+//! Redis. Owns what nodes tell each other (the bus: one Redis stream, `ether:bus`), the node
 //! registry (a key per node with a TTL), cluster-wide presence (a hash per user), and the two
 //! OS threads that talk to Redis: `ether-cluster-out` (registry heartbeat, presence writes and
-//! lookups, publishing, batched) and `ether-cluster-in` (the subscription). The message store
+//! lookups, bus appends, batched) and `ether-cluster-in` (reads the bus). The message store
 //! itself is shared through `ether_store::RedisBackend` (see `storage`).
 //!
 //! Never touches shard state: what arrives on the bus is queued for the shards through
 //! `CommitQueues` (deliveries as for local commits, the rest as `Committed::Cluster`); shards and
 //! store completions hand what goes out to [`Cluster::publish`] (a channel; never blocks).
 //!
-//! Order and loss: Redis pub/sub is at-most-once and nodes commit to the shared store
+//! Order and loss: each node reads the bus from the last entry it saw, so a reconnect loses
+//! nothing still in the stream (trimmed to about `BUS_LEN` entries); nodes commit to the shared store
 //! concurrently, so a shard does not trust the bus for order or completeness. It pushes an inbox
 //! message at once only when it is the next seq it expects; anything else makes it read the
 //! missing range from the store first (`delivery`), so terminals always get their inbox in seq
@@ -44,10 +45,18 @@ const OUT_BATCH_MAX: usize = 512;
 /// Outgoing items queued before `publish` drops (and logs) them: the store is the truth, so a
 /// dropped bus message only delays delivery until the next message or `sync`.
 const OUT_QUEUE_MAX: usize = 100_000;
-/// How long the subscriber blocks before looking at the stop flag.
-const READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a bus read blocks (`XREAD BLOCK`) before looking at the stop flag, ms.
+const BUS_BLOCK_MS: u64 = 500;
+/// Bus entries read at once.
+const BUS_READ_MAX: usize = 512;
+/// Entries the bus stream keeps (about: `XADD MAXLEN ~`): a node away longer than this many
+/// messages catches up from the store instead (gap fills, `sync`).
+const BUS_LEN: u64 = 100_000;
 
-fn bus_channel() -> String {
+/// Stream entries as Redis returns them: `(id, [(field, value)])`.
+type BusEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
+fn bus_key() -> String {
     format!("{KEY_PREFIX}bus")
 }
 
@@ -417,7 +426,15 @@ impl OutWorker {
             match item {
                 Out::Publish(event) => {
                     let text = serde_json::to_string(&Envelope { node: node_id.clone(), event }).unwrap_or_default();
-                    pipe.cmd("PUBLISH").arg(bus_channel()).arg(text).ignore();
+                    pipe.cmd("XADD")
+                        .arg(bus_key())
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(BUS_LEN)
+                        .arg("*")
+                        .arg("e")
+                        .arg(text)
+                        .ignore();
                 }
                 Out::Online { user, device, platform, since } => {
                     let value = serde_json::json!({ "platform": platform, "since": since }).to_string();
@@ -469,7 +486,7 @@ fn presence_of(con: &mut redis::Connection, me: &str, user: &str) -> redis::Redi
     Ok(out)
 }
 
-/// `ether-cluster-in`: the subscription; hands what other nodes say to this node's shards.
+/// `ether-cluster-in`: reads the bus; hands what other nodes say to this node's shards.
 struct InWorker {
     node_id: String,
     client: redis::Client,
@@ -481,39 +498,48 @@ struct InWorker {
 
 impl InWorker {
     fn run(self) {
+        // From the bus's end when the node joins; from the last entry read after that, so a
+        // lost connection loses nothing.
+        let mut last: Option<String> = None;
         while !self.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.subscribe() {
-                warn!(node = %self.node_id, error = %e, "cluster subscription lost; subscribing again");
+            if let Err(e) = self.read_bus(&mut last) {
+                warn!(node = %self.node_id, error = %e, "cluster bus read failed; reading on from where it stopped");
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
 
-    fn subscribe(&self) -> redis::RedisResult<()> {
+    fn read_bus(&self, last: &mut Option<String>) -> redis::RedisResult<()> {
         let mut con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
-        con.set_read_timeout(Some(READ_TIMEOUT))?;
-        let mut sub = con.as_pubsub();
-        sub.subscribe(bus_channel())?;
-        self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
+        con.set_read_timeout(Some(Duration::from_millis(BUS_BLOCK_MS * 4)))?;
+        if last.is_none() {
+            let newest: BusEntries =
+                redis::cmd("XREVRANGE").arg(bus_key()).arg("+").arg("-").arg("COUNT").arg(1).query(&mut con)?;
+            *last = Some(newest.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id));
+        }
         while !self.stop.load(Ordering::Acquire) {
-            let msg = match sub.get_message() {
-                Ok(m) => m,
-                Err(e) if e.is_timeout() => {
-                    // Still subscribed (a ping would be better; a read timeout is not a failure).
-                    self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
+            let from = last.clone().unwrap_or_else(|| "0-0".to_owned());
+            let reply: Option<Vec<(String, BusEntries)>> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(BUS_READ_MAX)
+                .arg("BLOCK")
+                .arg(BUS_BLOCK_MS)
+                .arg("STREAMS")
+                .arg(bus_key())
+                .arg(&from)
+                .query(&mut con)?;
             self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
-            let payload: Vec<u8> = match msg.get_payload() {
-                Ok(p) => p,
-                Err(_) => continue,
-            };
-            match serde_json::from_slice::<Envelope>(&payload) {
-                Ok(env) if env.node == self.node_id => {}
-                Ok(env) => self.dispatch(env.event),
-                Err(e) => warn!(node = %self.node_id, error = %e, "unreadable bus message ignored"),
+            for (_, entries) in reply.into_iter().flatten() {
+                for (id, fields) in entries {
+                    *last = Some(id);
+                    for (_, payload) in fields {
+                        match serde_json::from_slice::<Envelope>(&payload) {
+                            Ok(env) if env.node == self.node_id => {}
+                            Ok(env) => self.dispatch(env.event),
+                            Err(e) => warn!(node = %self.node_id, error = %e, "unreadable bus entry ignored"),
+                        }
+                    }
+                }
             }
         }
         Ok(())
