@@ -51,6 +51,9 @@ impl<'a> Stamp<'a> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiSpec {
     pub addr: SocketAddr,
+    /// The other nodes of a cluster: connection `c` goes to node `c % nodes`.
+    #[serde(default)]
+    pub more_addrs: Vec<SocketAddr>,
     pub api_key: String,
     pub conns: usize,
     /// Unanswered requests allowed per connection.
@@ -266,7 +269,11 @@ async fn connection(
 ) {
     let conns = spec.conns.max(1) as u64;
     let mut mine = (c as u64..spec.requests()).step_by(conns as usize).peekable();
-    let stream = match glommio::net::TcpStream::connect(spec.addr).await {
+    let addr = match c % (1 + spec.more_addrs.len()) {
+        0 => spec.addr,
+        n => spec.more_addrs[n - 1],
+    };
+    let stream = match glommio::net::TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => {
             // Everything this connection was to send fails (one request's worth when the
@@ -609,6 +616,7 @@ mod tests {
     fn spec(batch: usize) -> ApiSpec {
         ApiSpec {
             addr: "127.0.0.1:1".parse().unwrap(),
+            more_addrs: Vec::new(),
             api_key: "key".into(),
             conns: 1,
             pipeline: 1,

@@ -26,6 +26,9 @@ use crate::token::Minter;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FleetSpec {
     pub client: SocketAddr,
+    /// The other nodes of a cluster: terminal `i` connects to node `i % nodes`.
+    #[serde(default)]
+    pub more_clients: Vec<SocketAddr>,
     /// WebSocket path, `/ws`.
     pub path: String,
     pub jwt_secret: String,
@@ -71,6 +74,17 @@ pub struct FleetSpec {
     /// Keep the id of every message received (`reconnect`).
     #[serde(default)]
     pub track_ids: bool,
+}
+
+impl FleetSpec {
+    /// The node terminal `global` connects to.
+    pub fn client_for(&self, global: u64) -> SocketAddr {
+        let nodes = 1 + self.more_clients.len() as u64;
+        match (global % nodes) as usize {
+            0 => self.client,
+            n => self.more_clients[n - 1],
+        }
+    }
 }
 
 /// An order from the coordinator to every thread of a fleet.

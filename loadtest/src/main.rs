@@ -161,6 +161,10 @@ struct Common {
     /// Keep the spawned node's data dir.
     #[arg(long)]
     keep_data: bool,
+    /// With --spawn: a cluster of this many nodes joined through a private redis-server
+    /// (terminals and API connections go round the nodes).
+    #[arg(long, default_value_t = 0, requires = "spawn")]
+    cluster: usize,
     /// Client (WebSocket) address of an existing node.
     #[arg(long)]
     client: Option<SocketAddr>,
@@ -274,6 +278,7 @@ fn options(scenario: Scenario, c: Common) -> Result<Options, String> {
             extra_args: c.serve_args,
             keep_data: c.keep_data,
             start_timeout: Duration::from_secs(30),
+            cluster: c.cluster,
         })
     } else if let Some(dir) = c.node_data {
         TargetSpec::DataDir { dir, server_pid: c.server_pid }

@@ -752,6 +752,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     });
     let spec = FleetSpec {
         client: target.client,
+        more_clients: target.more_clients.clone(),
         path: "/ws".into(),
         jwt_secret: target.jwt_secret.clone(),
         token_ttl_s: 24 * 3600,
@@ -1065,6 +1066,7 @@ fn api_phase(
     let start_ns = crate::unix_nanos();
     let api = ApiRun::start(ApiSpec {
         addr: api_addr,
+        more_addrs: target.more_apis.clone(),
         api_key: target.api_key.clone(),
         conns: opts.api_conns.max(1),
         pipeline: opts.pipeline.max(1),

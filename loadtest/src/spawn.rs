@@ -17,6 +17,9 @@ pub struct Target {
     pub client: SocketAddr,
     pub api: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The other nodes of a spawned cluster: terminals and API connections go round them.
+    pub more_clients: Vec<SocketAddr>,
+    pub more_apis: Vec<SocketAddr>,
     pub jwt_secret: String,
     pub api_key: String,
     /// The admin token, when known (a spawned node or a data dir): the run then reads the
@@ -42,6 +45,8 @@ impl Target {
             client,
             api,
             admin: None,
+            more_clients: Vec::new(),
+            more_apis: Vec::new(),
             jwt_secret,
             api_key,
             admin_token: None,
@@ -60,6 +65,8 @@ impl Target {
             client: ports.client,
             api: Some(ports.api),
             admin: Some(ports.admin),
+            more_clients: Vec::new(),
+            more_apis: Vec::new(),
             jwt_secret: secrets.jwt_secret,
             api_key: secrets.api_key,
             admin_token: secrets.admin_token,
@@ -77,6 +84,8 @@ impl Target {
             client: w.addrs.client,
             api: Some(w.addrs.api),
             admin: None,
+            more_clients: Vec::new(),
+            more_apis: Vec::new(),
             jwt_secret: WIRE_SECRET.into(),
             api_key: WIRE_SECRET.into(),
             admin_token: None,
@@ -86,76 +95,188 @@ impl Target {
         })
     }
 
-    /// Starts `ether serve` on free loopback ports with a fresh data dir.
+    /// Starts `ether serve` on free loopback ports with a fresh data dir; with
+    /// `opts.cluster` ≥ 2, a private `redis-server` and that many nodes joined through it
+    /// (terminals and API connections are then spread over the nodes).
     pub fn spawn_engine(opts: &SpawnOptions) -> Result<Target, String> {
         let bin = match &opts.ether_bin {
             Some(b) => b.clone(),
             None => find_ether_bin()?,
         };
-        let dir = std::env::temp_dir().join(format!(
-            "ether-loadtest-{}-{}",
-            std::process::id(),
-            crate::unix_nanos() % 1_000_000_000
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let log_path = dir.join("serve.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(&bin);
-        cmd.arg("serve")
-            .arg("--data")
-            .arg(&dir)
-            .args(["--listen-client", "127.0.0.1:0"])
-            .args(["--listen-api", "127.0.0.1:0"])
-            .args(["--listen-admin", "127.0.0.1:0"]);
-        if let Some(s) = opts.shards {
-            cmd.args(["--shards", &s.to_string()]);
+        if opts.cluster >= 2 {
+            return Self::spawn_cluster(&bin, opts);
         }
-        cmd.args(&opts.extra_args);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-        let mut node = SpawnedNode { child, dir: dir.clone(), keep: opts.keep_data };
-        let deadline = Instant::now() + opts.start_timeout;
-        let (ports, secrets) = loop {
-            if let Ok(Some(status)) = node.child.try_wait() {
-                return Err(format!(
-                    "ether serve exited ({status}) before listening; log {}:\n{}",
-                    log_path.display(),
-                    tail(&log_path)
-                ));
-            }
-            if let (Ok(p), Ok(s)) = (read_ports(&dir), read_secrets(&dir)) {
-                break (p, s);
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "ether serve did not write ports.json and secrets.toml within {:?}; log {}:\n{}",
-                    opts.start_timeout,
-                    log_path.display(),
-                    tail(&log_path)
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let pid = node.child.id();
-        // The node is ready once it accepts on its client port.
-        let _ = wait_listening(ports.client, deadline);
+        let (node, ports, secrets, log_path) = spawn_node(&bin, opts, &[], &[])?;
+        let secrets = secrets.ok_or("ether serve wrote no secrets.toml")?;
         Ok(Target {
             kind: "engine",
             client: ports.client,
             api: Some(ports.api),
             admin: Some(ports.admin),
+            more_clients: Vec::new(),
+            more_apis: Vec::new(),
             jwt_secret: secrets.jwt_secret,
             api_key: secrets.api_key,
             admin_token: secrets.admin_token,
-            server_pids: vec![pid],
+            server_pids: vec![node.child.id()],
             log: Some(log_path),
             _guard: Some(Box::new(node)),
         })
+    }
+
+    fn spawn_cluster(bin: &Path, opts: &SpawnOptions) -> Result<Target, String> {
+        let redis = RedisServer::start()?;
+        let url = format!("redis://127.0.0.1:{}/", redis.port);
+        let mut nodes = Vec::new();
+        let mut all_ports = Vec::new();
+        let mut first: Option<(Secrets, PathBuf)> = None;
+        for i in 0..opts.cluster {
+            let args = vec!["--redis".to_owned(), url.clone(), "--node-id".to_owned(), format!("lt-node-{i}")];
+            // Every node of a cluster shares the first one's secrets.
+            let env: Vec<(&str, String)> = match &first {
+                None => Vec::new(),
+                Some((s, _)) => vec![
+                    ("ETHER_AUTH_JWT_SECRET", s.jwt_secret.clone()),
+                    ("ETHER_AUTH_API_KEY", s.api_key.clone()),
+                    ("ETHER_AUTH_ADMIN_TOKEN", s.admin_token.clone().unwrap_or_default()),
+                ],
+            };
+            let (node, ports, secrets, log) = spawn_node(bin, opts, &args, &env)?;
+            if first.is_none() {
+                first = Some((secrets.ok_or("the first node wrote no secrets.toml")?, log));
+            }
+            nodes.push(node);
+            all_ports.push(ports);
+        }
+        let (secrets, log) = first.ok_or("a cluster of no node")?;
+        let mut pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
+        pids.push(redis.child.id());
+        Ok(Target {
+            kind: "engine",
+            client: all_ports[0].client,
+            api: Some(all_ports[0].api),
+            admin: Some(all_ports[0].admin),
+            more_clients: all_ports[1..].iter().map(|p| p.client).collect(),
+            more_apis: all_ports[1..].iter().map(|p| p.api).collect(),
+            jwt_secret: secrets.jwt_secret,
+            api_key: secrets.api_key,
+            admin_token: secrets.admin_token,
+            server_pids: pids,
+            log: Some(log),
+            // Nodes first, then Redis (dropped in this order).
+            _guard: Some(Box::new((nodes, redis))),
+        })
+    }
+}
+
+/// Starts one `ether serve` with `args` and `env` added, and waits until it listens.
+fn spawn_node(
+    bin: &Path,
+    opts: &SpawnOptions,
+    args: &[String],
+    env: &[(&str, String)],
+) -> Result<(SpawnedNode, Ports, Option<Secrets>, PathBuf), String> {
+    let dir = std::env::temp_dir().join(format!(
+        "ether-loadtest-{}-{}",
+        std::process::id(),
+        crate::unix_nanos() % 1_000_000_000
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let log_path = dir.join("serve.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--data")
+        .arg(&dir)
+        .args(["--listen-client", "127.0.0.1:0"])
+        .args(["--listen-api", "127.0.0.1:0"])
+        .args(["--listen-admin", "127.0.0.1:0"]);
+    if let Some(s) = opts.shards {
+        cmd.args(["--shards", &s.to_string()]);
+    }
+    cmd.args(args).args(&opts.extra_args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let mut node = SpawnedNode { child, dir: dir.clone(), keep: opts.keep_data };
+    let deadline = Instant::now() + opts.start_timeout;
+    let (ports, secrets) = loop {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            return Err(format!(
+                "ether serve exited ({status}) before listening; log {}:\n{}",
+                log_path.display(),
+                tail(&log_path)
+            ));
+        }
+        // A node given its secrets (a cluster's later nodes) writes no secrets.toml.
+        match (read_ports(&dir), read_secrets(&dir)) {
+            (Ok(p), Ok(s)) => break (p, Some(s)),
+            (Ok(p), Err(_)) if !env.is_empty() => break (p, None),
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "ether serve did not write ports.json and secrets.toml within {:?}; log {}:\n{}",
+                opts.start_timeout,
+                log_path.display(),
+                tail(&log_path)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The node is ready once it accepts on its client port.
+    let _ = wait_listening(ports.client, deadline);
+    Ok((node, ports, secrets, log_path))
+}
+
+/// A private `redis-server` for a spawned cluster: a free loopback port, its own data dir
+/// (append-only file, fsync every second, as a production cluster would run), stopped and
+/// removed on drop. Never the machine's own Redis.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    fn start() -> Result<RedisServer, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port for redis-server: {e}"))?
+            .port();
+        let dir = std::env::temp_dir().join(format!("ether-loadtest-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "everysec"])
+            .arg("--dir")
+            .arg(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server (needed for --cluster): {e}"))?;
+        let server = RedisServer { child, port, dir };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        if !wait_listening(addr, Instant::now() + Duration::from_secs(10)) {
+            return Err(format!("redis-server did not listen on {addr}"));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -198,6 +319,8 @@ pub struct SpawnOptions {
     pub extra_args: Vec<String>,
     pub keep_data: bool,
     pub start_timeout: Duration,
+    /// Nodes of a cluster to spawn (joined through a private redis-server); 0 or 1: one node.
+    pub cluster: usize,
 }
 
 #[derive(Deserialize)]

@@ -513,8 +513,8 @@ async fn handshake(
     stage: &std::cell::Cell<&'static str>,
 ) -> Result<(TcpStream, Vec<u8>), String> {
     let spec = &ctx.spec;
-    let mut stream =
-        connect(spec.client, source_ip(global, spec.source_ips)).map_err(|e| format!("connect: {}", err_kind(&e)))?;
+    let mut stream = connect(spec.client_for(global), source_ip(global, spec.source_ips))
+        .map_err(|e| format!("connect: {}", err_kind(&e)))?;
     let user = ctx.user(global);
     let token = ctx.minter.mint(&user);
     let path = format!("{}?token={}&device={}&platform={}", spec.path, token, spec.device, spec.platform);

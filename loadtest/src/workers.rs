@@ -270,6 +270,7 @@ mod tests {
     fn split_covers_every_terminal_once() {
         let spec = FleetSpec {
             client: "127.0.0.1:1".parse().unwrap(),
+            more_clients: Vec::new(),
             path: "/ws".into(),
             jwt_secret: "s".into(),
             token_ttl_s: 60,

@@ -444,3 +444,43 @@ fn reconnect_refuses_the_wire_limit_server() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("stores nothing"));
 }
+
+/// `--spawn --cluster 2`: a private redis-server and two nodes; terminals and API connections
+/// go round both, and every message reaches its terminal once, whichever node took it.
+#[test]
+fn unicast_against_a_two_node_cluster() {
+    if std::process::Command::new("redis-server").arg("--version").output().is_err() {
+        println!("skipped: redis-server not installed");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = ether_bin().to_str().expect("utf-8 path").to_owned();
+    let args = [
+        "unicast",
+        "--connections",
+        "100",
+        "--rate",
+        "300",
+        "--duration",
+        "2s",
+        "--api-conns",
+        "4",
+        "--spawn",
+        "--cluster",
+        "2",
+        "--shards",
+        "1",
+        "--ether-bin",
+        &bin,
+    ];
+    let v = run(&args, tmp.path());
+    assert_all_connected(&v, 100);
+    let m = &v["runs"][0]["messages"];
+    let sent = m["sent"].as_u64().unwrap();
+    assert!(sent > 0, "{v}");
+    assert_eq!(m["acked"], sent, "{v}");
+    assert_eq!(m["received"], sent, "{v}");
+    assert_eq!(m["lost"], 0, "{v}");
+    assert_eq!(m["misrouted"], 0, "{v}");
+    assert_no_duplicates(&v);
+}
