@@ -228,6 +228,11 @@ pub enum ClusterError {
         "no {shards} free message-id generators: the live nodes of a cluster have at most {SHARDS_MAX} shards in all"
     )]
     NoIdGenerators { shards: usize },
+    #[error(
+        "node id {node_id:?} is already used by a live node of this cluster: give each node its own \
+         --node-id (a node that just stopped frees its id within {ttl_s} s)"
+    )]
+    NodeIdTaken { node_id: String, ttl_s: u64 },
 }
 
 /// Where the node listens, for its registry entry.
@@ -256,13 +261,24 @@ impl Cluster {
             started_ms: unix_now_ms(),
         };
         let entry = serde_json::to_string(&entry).unwrap_or_default();
-        let generator_base = claim_generators(&mut con, node_id, shards)?;
-        redis::cmd("SET")
+        // One live node per id: two would share id generators and presence entries.
+        let registered: Option<String> = redis::cmd("SET")
             .arg(node_key(node_id))
             .arg(&entry)
+            .arg("NX")
             .arg("PX")
             .arg(NODE_TTL.as_millis() as u64)
-            .query::<()>(&mut con)?;
+            .query(&mut con)?;
+        if registered.is_none() {
+            return Err(ClusterError::NodeIdTaken { node_id: node_id.to_owned(), ttl_s: NODE_TTL.as_secs() });
+        }
+        let generator_base = match claim_generators(&mut con, node_id, shards) {
+            Ok(base) => base,
+            Err(e) => {
+                let _ = redis::cmd("DEL").arg(node_key(node_id)).query::<()>(&mut con);
+                return Err(e);
+            }
+        };
         let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
         let stop = Arc::new(AtomicBool::new(false));
         let out_ok_ms = Arc::new(AtomicU64::new(unix_now_ms()));

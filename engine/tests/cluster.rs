@@ -184,3 +184,15 @@ fn a_node_that_leaves_is_forgotten_and_readyz_reports_redis() {
     let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
     assert_eq!(v["online"], false, "{v}");
 }
+
+#[test]
+fn two_live_nodes_cannot_share_a_node_id() {
+    let Some(redis) = redis_or_skip() else { return };
+    let _a = cluster_node(&redis, "twin");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ether_engine::config::Config::test_min(dir.path().to_path_buf());
+    config.cluster.redis_url = Some(redis.url());
+    config.node.id = "twin".into();
+    let err = ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("already used by a live node"), "{err}");
+}
