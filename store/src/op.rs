@@ -1,8 +1,11 @@
-//! Store operations and their replies: the typed vocabulary every backend speaks. Plain data,
-//! no I/O.
+//! Store operations and their replies: the typed vocabulary every backend speaks, and the
+//! input checks every backend makes the same way. Plain data, no I/O.
 use std::collections::BTreeMap;
 
+use ether_proto::ids::is_valid_id;
 use ether_proto::Kind;
+
+use crate::StoreError;
 
 /// Longest page any read returns, whatever `limit` asks.
 pub const PAGE_LIMIT_MAX: usize = 1000;
@@ -301,4 +304,29 @@ impl Reply {
     reply_as!(group, Group, GroupInfo);
     reply_as!(groups, Groups, Vec<String>);
     reply_as!(count, Count, u64);
+}
+
+/// A user (or group) id field every backend checks the same way (`Invalid` otherwise).
+pub(crate) fn check_user(field: &str, s: &str) -> Result<(), StoreError> {
+    if is_valid_id(s) {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!("{field}: not a valid id")))
+    }
+}
+
+/// A new message's id, body and cid, checked the same way by every backend.
+pub(crate) fn check_body(id: u64, body: &str, cid: &Option<String>) -> Result<(), StoreError> {
+    if id == 0 || id > i64::MAX as u64 {
+        return Err(StoreError::Invalid("id: must be 1..=i64::MAX".into()));
+    }
+    if body.len() > BODY_BYTES_MAX {
+        return Err(StoreError::Invalid(format!("body: at most {BODY_BYTES_MAX} bytes")));
+    }
+    if let Some(c) = cid {
+        if c.is_empty() || c.len() > CID_BYTES_MAX {
+            return Err(StoreError::Invalid(format!("cid: 1-{CID_BYTES_MAX} bytes")));
+        }
+    }
+    Ok(())
 }

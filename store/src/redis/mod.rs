@@ -214,29 +214,6 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn check_user(field: &str, s: &str) -> Result<(), StoreError> {
-    if is_valid_id(s) {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!("{field}: not a valid id")))
-    }
-}
-
-fn check_body(id: u64, body: &str, cid: &Option<String>) -> Result<(), StoreError> {
-    if id == 0 || id > i64::MAX as u64 {
-        return Err(StoreError::Invalid("id: must be 1..=i64::MAX".into()));
-    }
-    if body.len() > BODY_BYTES_MAX {
-        return Err(StoreError::Invalid(format!("body: at most {BODY_BYTES_MAX} bytes")));
-    }
-    if let Some(c) = cid {
-        if c.is_empty() || c.len() > CID_BYTES_MAX {
-            return Err(StoreError::Invalid(format!("cid: 1-{CID_BYTES_MAX} bytes")));
-        }
-    }
-    Ok(())
-}
-
 fn page_limit(limit: usize) -> u64 {
     limit.clamp(1, PAGE_LIMIT_MAX) as u64
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ether_proto::ids::{is_valid_id, Chat};
+use ether_proto::ids::Chat;
 use ether_proto::Kind;
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -128,29 +128,6 @@ fn unix_ms() -> u64 {
 
 fn sq(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn check_user(field: &str, s: &str) -> Result<(), StoreError> {
-    if is_valid_id(s) {
-        Ok(())
-    } else {
-        Err(StoreError::Invalid(format!("{field}: not a valid id")))
-    }
-}
-
-fn check_body(id: u64, body: &str, cid: &Option<String>) -> Result<(), StoreError> {
-    if id == 0 || id > i64::MAX as u64 {
-        return Err(StoreError::Invalid("id: must be 1..=i64::MAX".into()));
-    }
-    if body.len() > BODY_BYTES_MAX {
-        return Err(StoreError::Invalid(format!("body: at most {BODY_BYTES_MAX} bytes")));
-    }
-    if let Some(c) = cid {
-        if c.is_empty() || c.len() > CID_BYTES_MAX {
-            return Err(StoreError::Invalid(format!("cid: 1-{CID_BYTES_MAX} bytes")));
-        }
-    }
-    Ok(())
 }
 
 fn page_limit(limit: usize) -> usize {
