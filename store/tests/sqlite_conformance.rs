@@ -317,3 +317,37 @@ fn a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
     let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [1, 2, 3, 4], "no seq given twice");
 }
+
+/// The same after a restart: a group message with a `cid` still only in the index tail (not
+/// yet flushed) is recovered on open without resetting its sender's inbox head.
+#[test]
+fn recovering_a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("recover.db");
+    {
+        let mut b = SqliteBackend::open(&path, SqliteOptions::default()).unwrap();
+        for i in 0..3 {
+            b.apply(text("una", "vic", None, &format!("m{i}"))).unwrap();
+        }
+        let create = Op::CreateGroup {
+            id: Some("g1".into()),
+            name: "G".into(),
+            owner: "una".into(),
+            members: vec![],
+            created_ms: 1,
+            members_max: 10,
+            groups_per_user_max: 10,
+        };
+        b.apply(create).unwrap();
+        // The inbox positions reach their table; the group message stays in the tail.
+        let far = u64::MAX / 4;
+        while b.maintain(far).unwrap() {}
+        b.apply(conformance::group_text("una", "g1", Some("gc-1"), "to the group")).unwrap();
+    }
+    let mut b = SqliteBackend::open(&path, SqliteOptions::default()).unwrap();
+    let a = b.apply(text("una", "vic", None, "after")).unwrap().appended().unwrap();
+    assert_eq!(a.sender_seq, Some(4), "una's inbox held seqs 1..=3");
+    // And the recovered cid still deduplicates.
+    let again = b.apply(conformance::group_text("una", "g1", Some("gc-1"), "to the group")).unwrap();
+    assert!(again.group_appended().unwrap().duplicate);
+}

@@ -337,6 +337,8 @@ impl SqliteBackend {
                 .query_row([frm, h], |r| r.get(0))
                 .optional()?;
             if known.is_none() && !self.ix.pending_cids.contains_key(&(frm, h)) {
+                // A group message's cid: its sender's inbox may not be loaded yet.
+                self.ensure_stream(inbox_stream(frm))?;
                 self.ix.push_cid(frm, h, id, now, &mut undo);
             }
         }
