@@ -281,6 +281,19 @@ fn thread_waits_for_more_only_when_busy() {
     h.shutdown();
 }
 
+/// Group `g1`, owned by `una`.
+fn una_owns_g1() -> Op {
+    Op::CreateGroup {
+        id: Some("g1".into()),
+        name: "G".into(),
+        owner: "una".into(),
+        members: vec![],
+        created_ms: 1,
+        members_max: 10,
+        groups_per_user_max: 10,
+    }
+}
+
 /// A group message with a `cid` from a user whose inbox is not in memory (its stream state
 /// was trimmed from the cache) must not reset that inbox's head: the user's next single-chat
 /// message still gets the next seq. It used to get seq 1 again (found by comparing random
@@ -292,16 +305,7 @@ fn a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
     for i in 0..3 {
         b.apply(text("una", "vic", None, &format!("m{i}"))).unwrap();
     }
-    let create = Op::CreateGroup {
-        id: Some("g1".into()),
-        name: "G".into(),
-        owner: "una".into(),
-        members: vec![],
-        created_ms: 1,
-        members_max: 10,
-        groups_per_user_max: 10,
-    };
-    b.apply(create).unwrap();
+    b.apply(una_owns_g1()).unwrap();
     // Flush every position, then touch more streams than the cache keeps (test_min: 8), so
     // una's clean inbox leaves memory.
     let far = u64::MAX / 4;
@@ -329,16 +333,7 @@ fn recovering_a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
         for i in 0..3 {
             b.apply(text("una", "vic", None, &format!("m{i}"))).unwrap();
         }
-        let create = Op::CreateGroup {
-            id: Some("g1".into()),
-            name: "G".into(),
-            owner: "una".into(),
-            members: vec![],
-            created_ms: 1,
-            members_max: 10,
-            groups_per_user_max: 10,
-        };
-        b.apply(create).unwrap();
+        b.apply(una_owns_g1()).unwrap();
         // The inbox positions reach their table; the group message stays in the tail.
         let far = u64::MAX / 4;
         while b.maintain(far).unwrap() {}

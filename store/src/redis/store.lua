@@ -239,6 +239,15 @@ end
 
 -- ---- ops -----------------------------------------------------------------------------------
 
+-- The internal id of a public group id, or the `not_found` reply to return.
+local function need_gid(group)
+  local gid = call('GET', k('gi:', group))
+  if not gid then
+    return nil, { 'not_found', 'group ' .. group }
+  end
+  return gid
+end
+
 -- ARGV: P, pid, ts, from, to, kind, body, cid ('' = none)
 function OPS.append()
   local pid, ts, from, to, kind, body, cid = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
@@ -280,9 +289,9 @@ end
 function OPS.append_group()
   local pid, ts, from, group, system = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1'
   local kind, body, cid = ARGV[7], ARGV[8], ARGV[9]
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   if not system and not is_member(gid, from) then
     return { 'forbidden', from .. ' is not a member' }
@@ -319,9 +328,9 @@ end
 -- ARGV: P, group, after, limit
 function OPS.read_group()
   local group, after, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   return { 'ok', page(k('gl:', gid), group_head(gid), after, MAXSEQ, true, limit, nil, group_entry(group)) }
 end
@@ -407,9 +416,9 @@ end
 -- ARGV: P, group, lo, hi, asc, limit
 function OPS.group_history()
   local group, lo, hi, asc, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   return { 'ok', page(k('gl:', gid), group_head(gid), lo, hi, asc, limit, nil, group_entry(group)) }
 end
@@ -652,9 +661,9 @@ end
 -- ARGV: P, group
 function OPS.get_group()
   local group = ARGV[2]
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   local f = call('HMGET', k('gr:', gid), 'title', 'owner', 'created')
   return { 'ok', f[1] or '', f[2] or '', f[3] or '0', call('ZCARD', k('gm:', gid)), group_head(gid) }
@@ -663,9 +672,9 @@ end
 -- ARGV: P, group
 function OPS.dissolve_group()
   local group = ARGV[2]
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   local chat = 'g:' .. gid
   local suffix = '|' .. chat
@@ -685,9 +694,9 @@ end
 -- ARGV: P, group, members_max, groups_per_user_max, then the users (deduplicated)
 function OPS.add_members()
   local group, members_max, gpu_max = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   local count = call('ZCARD', k('gm:', gid))
   local new = {}
@@ -712,9 +721,9 @@ end
 -- ARGV: P, group, user
 function OPS.remove_member()
   local group, user = ARGV[2], ARGV[3]
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   if call('ZREM', k('gm:', gid), user) == 0 then
     return { 'ok', 0 }
@@ -727,9 +736,9 @@ end
 -- ARGV: P, group, cursor ('' = start), limit
 function OPS.list_members()
   local group, cursor, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   local from = '-'
   if cursor ~= '' then
@@ -756,9 +765,9 @@ end
 -- ARGV: P, group, pid
 function OPS.group_reads()
   local group, pid = ARGV[2], ARGV[3]
-  local gid = call('GET', k('gi:', group))
+  local gid, missing = need_gid(group)
   if not gid then
-    return { 'not_found', 'group ' .. group }
+    return missing
   end
   local f = call('HMGET', k('m:', pid), 't', 'gid', 'seq', 'from')
   if f[1] ~= 'g' or f[2] ~= gid then
