@@ -233,6 +233,39 @@ pub enum ClusterError {
          --node-id (a node that just stopped frees its id within {ttl_s} s)"
     )]
     NodeIdTaken { node_id: String, ttl_s: u64 },
+    #[error(
+        "this node's secrets (auth.jwt_secret, auth.api_key, auth.admin_token) differ from the \
+         cluster's: give every node the same ones (tokens and API keys must work on any node)"
+    )]
+    SecretsDiffer,
+}
+
+/// A digest of the node's secrets (HMAC-SHA256 keyed by the JWT secret over the other two), so
+/// nodes can check they share them without putting them in Redis.
+pub fn secrets_digest(jwt_secret: &str, api_key: &str, admin_token: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(jwt_secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(b"ether cluster secrets v1\n");
+    mac.update(api_key.as_bytes());
+    mac.update(b"\n");
+    mac.update(admin_token.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// The first node sets the cluster's secrets digest; every later one must match it.
+fn check_secrets(con: &mut redis::Connection, digest: &str) -> Result<(), ClusterError> {
+    let key = format!("{KEY_PREFIX}secrets");
+    let set: Option<String> = redis::cmd("SET").arg(&key).arg(digest).arg("NX").query(con)?;
+    if set.is_some() {
+        return Ok(());
+    }
+    let theirs: Option<String> = redis::cmd("GET").arg(&key).query(con)?;
+    if theirs.as_deref() == Some(digest) {
+        Ok(())
+    } else {
+        Err(ClusterError::SecretsDiffer)
+    }
 }
 
 /// Where the node listens, for its registry entry.
@@ -249,11 +282,13 @@ impl Cluster {
         url: &str,
         node_id: &str,
         addrs: &Addresses,
+        secrets_digest: &str,
         commits: Arc<CommitQueues>,
         shards: usize,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let client = redis::Client::open(url)?;
         let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
+        check_secrets(&mut con, secrets_digest)?;
         let entry = NodeEntry {
             client: addrs.client.to_string(),
             api: addrs.api.to_string(),

@@ -182,7 +182,9 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let shared = Arc::new(NodeShared::new(config.node.id.clone(), shards));
     if let Some(url) = &config.cluster.redis_url {
         let addrs = crate::cluster::Addresses { client, api, admin };
-        let cluster = crate::cluster::Cluster::start(url, &config.node.id, &addrs, commits.clone(), shards)
+        let a = &config.auth;
+        let digest = crate::cluster::secrets_digest(a.jwt_secret.expose(), a.api_key.expose(), a.admin_token.expose());
+        let cluster = crate::cluster::Cluster::start(url, &config.node.id, &addrs, &digest, commits.clone(), shards)
             .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
         let _ = shared.cluster.set(cluster);
     }

@@ -196,3 +196,16 @@ fn two_live_nodes_cannot_share_a_node_id() {
     let err = ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string();
     assert!(err.contains("already used by a live node"), "{err}");
 }
+
+#[test]
+fn a_node_with_other_secrets_is_refused() {
+    let Some(redis) = redis_or_skip() else { return };
+    let _a = cluster_node(&redis, "node-a");
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ether_engine::config::Config::test_min(dir.path().to_path_buf());
+    config.cluster.redis_url = Some(redis.url());
+    config.node.id = "node-odd".into();
+    config.auth.api_key = ether_engine::secrets::Secret::new("another-api-key-0123456789abcdef");
+    let err = ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("differ from the cluster"), "{err}");
+}
