@@ -365,3 +365,23 @@ fn outbox_events_reach_the_events_stream() {
         assert_eq!(fetched.len(), if outbox { 2 } else { 0 }, "outbox kept: {outbox}");
     }
 }
+
+/// On Redis 7 the ops run as one loaded function library (not as scripts that define the whole
+/// library on every call), and a flushed library is loaded again.
+#[test]
+fn ops_run_as_a_function_library() {
+    let Some(redis) = redis() else { return };
+    let mut b = fresh(&redis);
+    b.apply(text("ann", "bob", None, "hi")).unwrap();
+    let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let libs: ::redis::Value =
+        ::redis::cmd("FUNCTION").arg("LIST").arg("LIBRARYNAME").arg("ether_store_*").query(&mut con).unwrap();
+    assert!(format!("{libs:?}").contains("ether_store_"), "no function library loaded: {libs:?}");
+    let calls = |con: &mut ::redis::Connection| -> String {
+        ::redis::cmd("INFO").arg("commandstats").query::<String>(con).unwrap()
+    };
+    assert!(calls(&mut con).contains("cmdstat_fcall"), "ops went through FCALL");
+    ::redis::cmd("FUNCTION").arg("FLUSH").query::<()>(&mut con).unwrap();
+    let a = b.apply(text("ann", "bob", None, "again")).unwrap().appended().unwrap();
+    assert_eq!(a.receiver_seq, 2, "loaded again after FUNCTION FLUSH, nothing lost");
+}
