@@ -208,6 +208,10 @@ impl Shard {
             // Several nodes commit to a group: order by seq and fill gaps from the store.
             batch.sort_by(|a, b| a.group.cmp(&b.group).then(a.seq.cmp(&b.seq)));
             for run in batch.chunk_by(|a, b| a.group == b.group) {
+                // No member here: nothing to order or read (its head is learnt when one comes).
+                if !self.group_index.borrow().contains_key(&run[0].group) {
+                    continue;
+                }
                 let run = self.order_group_run(run).await;
                 delivered += self.deliver_group_run(&run).await;
             }
