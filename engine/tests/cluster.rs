@@ -185,15 +185,21 @@ fn a_node_that_leaves_is_forgotten_and_readyz_reports_redis() {
     assert_eq!(v["online"], false, "{v}");
 }
 
+/// The error a node with id `id` (and `edit` applied) gets when it tries to join.
+fn join_error(redis: &TestRedis, id: &str, edit: impl FnOnce(&mut ether_engine::config::Config)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ether_engine::config::Config::test_min(dir.path().to_path_buf());
+    config.cluster.redis_url = Some(redis.url());
+    config.node.id = id.into();
+    edit(&mut config);
+    ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string()
+}
+
 #[test]
 fn two_live_nodes_cannot_share_a_node_id() {
     let Some(redis) = redis_or_skip() else { return };
     let _a = cluster_node(&redis, "twin");
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ether_engine::config::Config::test_min(dir.path().to_path_buf());
-    config.cluster.redis_url = Some(redis.url());
-    config.node.id = "twin".into();
-    let err = ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string();
+    let err = join_error(&redis, "twin", |_| {});
     assert!(err.contains("already used by a live node"), "{err}");
 }
 
@@ -201,11 +207,8 @@ fn two_live_nodes_cannot_share_a_node_id() {
 fn a_node_with_other_secrets_is_refused() {
     let Some(redis) = redis_or_skip() else { return };
     let _a = cluster_node(&redis, "node-a");
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = ether_engine::config::Config::test_min(dir.path().to_path_buf());
-    config.cluster.redis_url = Some(redis.url());
-    config.node.id = "node-odd".into();
-    config.auth.api_key = ether_engine::secrets::Secret::new("another-api-key-0123456789abcdef");
-    let err = ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string();
+    let err = join_error(&redis, "node-odd", |c| {
+        c.auth.api_key = ether_engine::secrets::Secret::new("another-api-key-0123456789abcdef");
+    });
     assert!(err.contains("differ from the cluster"), "{err}");
 }
