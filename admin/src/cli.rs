@@ -5,6 +5,7 @@
 //! error wording; argument parsing belongs to the binary's clap layer, which maps onto
 //! [`AdminCommand`] and resolves the address and token with [`resolve_target`].
 
+use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ether_sdk::gateway::percent_encode;
@@ -309,6 +310,32 @@ fn render_stats(r: &StatsReport) -> String {
         None => out.push_str("  (no local store)\n"),
     }
 
+    if let Some(ev) = &r.stats.events {
+        let _ = writeln!(
+            out,
+            "\nevents  {}  {}",
+            ev.webhook_url,
+            if ev.dispatching { "delivering" } else { "standing by (another node delivers)" }
+        );
+        let mut t = Table::new(&[
+            ("BATCHES", true),
+            ("EVENTS", true),
+            ("ACKED_THROUGH", true),
+            ("FAILURES", true),
+            ("FAILING_NOW", true),
+            ("LAST_ERROR", false),
+        ]);
+        t.row(vec![
+            ev.batches_sent.to_string(),
+            ev.events_sent.to_string(),
+            ev.acked_through.to_string(),
+            ev.failures.to_string(),
+            ev.consecutive_failures.to_string(),
+            ev.last_error.clone().unwrap_or_else(|| "-".into()),
+        ]);
+        out.push_str(&t.render());
+    }
+
     if !r.stats.api.is_empty() {
         out.push_str("\napi requests\n");
         let mut t = Table::new(&[("ROUTE", false), ("STATUS", true), ("COUNT", true)]);
@@ -537,7 +564,7 @@ mod tests {
 
     use super::*;
     use crate::histogram::Histogram;
-    use crate::view::{ClosedConn, NodeInfo, NodeStats, ShardStats, StorageStats};
+    use crate::view::{ClosedConn, EventStats, NodeInfo, NodeStats, ShardStats, StorageStats};
 
     fn resp(value: &impl serde::Serialize) -> RawResponse {
         RawResponse { status: 200, headers: vec![], body: serde_json::to_vec(value).unwrap() }
@@ -650,6 +677,13 @@ mod tests {
             shards: vec![shard.clone(), ShardStats { shard: 1, ..shard }],
             storage: Some(StorageStats::default()),
             api: vec![],
+            events: Some(EventStats {
+                webhook_url: "http://hooks.example/e".into(),
+                dispatching: false,
+                events_sent: 31,
+                last_error: Some("HTTP 502".into()),
+                ..EventStats::default()
+            }),
         };
         let out = render(&AdminCommand::Stats, &resp(&StatsReport::from(stats)), NOW).unwrap();
         assert!(out.starts_with("node node-a  version 0.1.0  up 1h02m"), "{out}");
@@ -662,6 +696,8 @@ mod tests {
         let idle = out.find("idle ").unwrap();
         assert!(kicked < idle, "{out}");
         assert!(out.contains("storage\nBATCHES"));
+        assert!(out.contains("events  http://hooks.example/e  standing by"), "{out}");
+        assert!(out.lines().any(|l| l.contains("31") && l.ends_with("HTTP 502")), "{out}");
         for line in out.lines() {
             assert_eq!(line, line.trim_end(), "no trailing spaces");
         }

@@ -137,6 +137,35 @@ pub fn render(stats: &NodeStats) -> String {
         out.histogram("ether_storage_commit_latency_seconds", &[], &st.commit_latency);
     }
 
+    if let Some(ev) = &stats.events {
+        let families: [(&str, &str, Kind, u64); 5] = [
+            (
+                "ether_events_dispatching",
+                "1 while this node delivers the event outbox to the webhook.",
+                Kind::Gauge,
+                u64::from(ev.dispatching),
+            ),
+            ("ether_events_batches_total", "Event batches the webhook answered 2xx.", Kind::Counter, ev.batches_sent),
+            ("ether_events_sent_total", "Events delivered to the webhook.", Kind::Counter, ev.events_sent),
+            (
+                "ether_events_failures_total",
+                "Failed webhook attempts (non-2xx, timeouts, errors).",
+                Kind::Counter,
+                ev.failures,
+            ),
+            (
+                "ether_events_consecutive_failures",
+                "Failed webhook attempts since the last success.",
+                Kind::Gauge,
+                ev.consecutive_failures,
+            ),
+        ];
+        for (name, help, kind, value) in families {
+            out.family(name, help, kind);
+            out.sample(name, &[], value as f64);
+        }
+    }
+
     let name = "ether_api_requests_total";
     out.family(name, "Requests answered by the api port, by route and status.", Kind::Counter);
     for r in &stats.api {
@@ -225,7 +254,7 @@ mod tests {
 
     use super::*;
     use crate::histogram::Histogram;
-    use crate::view::{ApiRouteStats, NodeInfo, StorageStats};
+    use crate::view::{ApiRouteStats, EventStats, NodeInfo, StorageStats};
 
     /// One parsed sample.
     #[derive(Debug, Clone, PartialEq)]
@@ -412,6 +441,16 @@ mod tests {
                 commit_latency: commit.snapshot(),
                 queue_depth: 2,
             }),
+            events: Some(EventStats {
+                webhook_url: "http://hooks.example/ether".into(),
+                dispatching: true,
+                batches_sent: 7,
+                events_sent: 20,
+                failures: 3,
+                consecutive_failures: 1,
+                acked_through: 20,
+                last_error: Some("HTTP 503".into()),
+            }),
             api: vec![
                 ApiRouteStats { route: "POST /v1/messages".into(), status: 200, count: 900 },
                 ApiRouteStats { route: "GET /v1/users/{uid}/unread".into(), status: 401, count: 3 },
@@ -484,6 +523,9 @@ mod tests {
         assert_eq!(info.labels["node"], "node \"a\"\\b\nc");
         assert_eq!(get(&samples, "ether_node_start_time_seconds", &[]).value, 1_700_000_000.123);
         assert_eq!(get(&samples, "ether_shards", &[]).value, 3.0);
+        assert_eq!(get(&samples, "ether_events_dispatching", &[]).value, 1.0);
+        assert_eq!(get(&samples, "ether_events_sent_total", &[]).value, 20.0);
+        assert_eq!(get(&samples, "ether_events_failures_total", &[]).value, 3.0);
         assert!(text.contains("ether_outbound_bytes_queued{shard=\"0\"} 65536\n"));
     }
 
@@ -526,6 +568,7 @@ mod tests {
         let (types, samples) = parse(&text);
         assert!(types.contains_key("ether_connections"));
         assert!(!types.contains_key("ether_storage_ops_total"), "no store, no storage families");
+        assert!(!types.contains_key("ether_events_sent_total"), "no webhook, no events families");
         assert_eq!(get(&samples, "ether_shards", &[]).value, 0.0);
         // A shard whose histograms were never set (no bounds) still has +Inf/_sum/_count.
         let stats = NodeStats { shards: vec![ShardStats::default()], ..NodeStats::default() };

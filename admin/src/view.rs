@@ -23,6 +23,9 @@ pub struct NodeStats {
     /// Requests answered by the api port, by route and status.
     #[serde(default)]
     pub api: Vec<ApiRouteStats>,
+    /// The webhook dispatcher; `None` when no webhook is configured.
+    #[serde(default)]
+    pub events: Option<EventStats>,
 }
 
 impl NodeStats {
@@ -147,6 +150,28 @@ pub struct StorageStats {
     pub commit_latency: HistogramSnapshot,
     /// Gauge: operations waiting for the writer.
     pub queue_depth: u64,
+}
+
+/// The event dispatcher (business webhook, API.md section 4).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventStats {
+    /// The webhook URL, user info redacted.
+    pub webhook_url: String,
+    /// This node holds the turn to deliver (always on a standalone node; one node of a
+    /// cluster at a time).
+    pub dispatching: bool,
+    /// Batches answered 2xx.
+    pub batches_sent: u64,
+    /// Events in those batches.
+    pub events_sent: u64,
+    /// Failed attempts (non-2xx, timeouts, connection and store errors).
+    pub failures: u64,
+    /// Gauge: failures since the last success.
+    pub consecutive_failures: u64,
+    /// The highest outbox seq this node acked.
+    pub acked_through: u64,
+    /// The most recent failure.
+    pub last_error: Option<String>,
 }
 
 /// Requests the api port answered for one route template and status.
@@ -711,6 +736,7 @@ mod tests {
             shards: vec![ShardStats::default()],
             storage: Some(StorageStats::default()),
             api: vec![],
+            events: None,
         };
         let report = StatsReport::from(stats);
         let v = serde_json::to_value(&report).unwrap();

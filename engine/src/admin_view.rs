@@ -8,8 +8,8 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use ether_admin::{
-    ApiRouteStats, ClosedConn, ConnInfo, ConnPage, ConnQuery, DrainReport, HistogramSnapshot, NodeInfo, NodeStats,
-    ShardStats, StorageStats,
+    ApiRouteStats, ClosedConn, ConnInfo, ConnPage, ConnQuery, DrainReport, EventStats, HistogramSnapshot, NodeInfo,
+    NodeStats, ShardStats, StorageStats,
 };
 use ether_proto::ApiError;
 
@@ -66,6 +66,20 @@ impl AdminView {
             commit_latency: histogram(st.commit_latency.read()),
             queue_depth: self.shard.store.queued() as u64,
         }
+    }
+}
+
+fn event_stats(url: &str, st: &crate::events::DispatchStats) -> EventStats {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    EventStats {
+        webhook_url: url.to_owned(),
+        dispatching: st.dispatching.load(Ordering::Relaxed),
+        batches_sent: n(&st.batches_sent),
+        events_sent: n(&st.events_sent),
+        failures: n(&st.failures),
+        consecutive_failures: n(&st.consecutive_failures),
+        acked_through: n(&st.acked_through),
+        last_error: st.last_error(),
     }
 }
 
@@ -142,6 +156,7 @@ impl ether_admin::NodeView for AdminView {
             },
             shards,
             storage: Some(self.storage_stats()),
+            events: node.events.as_ref().map(|(url, st)| event_stats(url, st)),
             api: api
                 .into_iter()
                 .map(|((route, status), count)| ApiRouteStats { route: route.to_owned(), status, count })

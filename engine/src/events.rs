@@ -16,6 +16,11 @@
 //! Nothing is acked before a 2xx, so a crash or a stop at any point only causes re-delivery.
 //! Counters for the admin port live in [`DispatchStats`].
 //!
+//! In cluster mode every node shares one outbox; a [`DispatchGate`] (the cluster's lease in
+//! Redis) lets one node at a time deliver it, so the business does not get each batch once per
+//! node. The gate is asked before every fetch and every retry; a node that loses its turn
+//! mid-batch stops sending it and the next holder sends it again (at-least-once, as above).
+//!
 //! The HTTP side is [`ether_sdk::GatewayClient`] (blocking HTTP/1.1, one keep-alive
 //! connection, no TLS): the webhook URL is split here into `http://host:port` and the
 //! request target (path and query, sent as is), so path prefixes and query strings survive;
@@ -197,9 +202,21 @@ impl DispatchOptions {
     }
 }
 
+/// Whether this node delivers the outbox now. A standalone node always does (no gate); in
+/// cluster mode only the holder of a lease in Redis does ([`crate::cluster::OutboxLease`]).
+pub trait DispatchGate: Send {
+    /// `true` while this node may deliver. Called before every fetch and every attempt, from
+    /// the dispatcher's thread (it may block on I/O briefly).
+    fn may_dispatch(&mut self) -> bool;
+    /// Gives the turn up (on stop), so another node takes over without waiting for a timeout.
+    fn release(&mut self);
+}
+
 /// Counters of the dispatcher, for the admin port. Relaxed atomics; any thread may read.
 #[derive(Debug, Default)]
 pub struct DispatchStats {
+    /// Gauge: this node holds the turn to deliver (always, without a gate).
+    pub dispatching: std::sync::atomic::AtomicBool,
     /// Batches answered 2xx.
     pub batches_sent: AtomicU64,
     /// Events in those batches (each counted once, however often it was re-sent).
@@ -224,6 +241,7 @@ impl DispatchStats {
     pub fn to_json(&self) -> serde_json::Value {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         serde_json::json!({
+            "dispatching": self.dispatching.load(Ordering::Relaxed),
             "batches_sent": n(&self.batches_sent),
             "events_sent": n(&self.events_sent),
             "failures": n(&self.failures),
@@ -402,7 +420,13 @@ impl EventDispatcher {
     ///
     /// Fails with `InvalidInput` for a URL it cannot send to (`https://`, no host), or with
     /// the error of spawning the thread.
-    pub fn spawn(store: StoreHandle, webhook: &Webhook, opts: DispatchOptions) -> std::io::Result<EventDispatcher> {
+    /// `gate`: `None` delivers always (standalone); in cluster mode the cluster's lease.
+    pub fn spawn(
+        store: StoreHandle,
+        webhook: &Webhook,
+        opts: DispatchOptions,
+        gate: Option<Box<dyn DispatchGate>>,
+    ) -> std::io::Result<EventDispatcher> {
         let target = parse_target(&webhook.url)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("events.webhook_url: {e}")))?;
         let client = GatewayClient::new(&target.base, "").with_connect_timeout(opts.timeout).with_timeout(opts.timeout);
@@ -419,6 +443,7 @@ impl EventDispatcher {
             control: control.clone(),
             stats: stats.clone(),
             failures: 0,
+            gate,
         };
         let guard = ExitGuard(control.clone());
         let thread = std::thread::Builder::new().name("ether-events".into()).spawn(move || {
@@ -426,6 +451,11 @@ impl EventDispatcher {
             worker.run();
         })?;
         Ok(EventDispatcher { control, stats, thread: Some(thread), grace, display })
+    }
+
+    /// The webhook URL, user info redacted (for logs and the admin port).
+    pub fn url(&self) -> &str {
+        &self.display
     }
 
     /// The dispatcher's counters (shared: they stay readable after a stop).
@@ -473,6 +503,18 @@ struct Worker {
     stats: Arc<DispatchStats>,
     /// Consecutive failures (drives the backoff).
     failures: u32,
+    /// Who may deliver now; `None`: this node, always.
+    gate: Option<Box<dyn DispatchGate>>,
+}
+
+/// How a batch's delivery ended.
+enum Delivery {
+    /// Answered 2xx.
+    Done,
+    /// Another node holds the turn now; the batch stays in the outbox for it.
+    TurnLost,
+    /// The dispatcher is stopping.
+    Stopped,
 }
 
 impl Worker {
@@ -481,6 +523,12 @@ impl Worker {
         let limit = self.opts.batch_max.clamp(1, PAGE_LIMIT_MAX);
         let mut after = 0u64;
         while !self.control.stopping() {
+            if !self.holds_turn() {
+                if self.control.sleep(self.opts.idle_poll) {
+                    break;
+                }
+                continue;
+            }
             let events = match self.store.call_blocking(Op::OutboxFetch { after, limit }).and_then(Reply::events) {
                 Ok(events) => events,
                 Err(e) => {
@@ -497,19 +545,35 @@ impl Worker {
                 continue;
             };
             let (first, through) = (first.seq, last.seq);
-            if !self.deliver(&events, first, through) {
-                break;
+            match self.deliver(&events, first, through) {
+                Delivery::Done => {}
+                Delivery::TurnLost => continue,
+                Delivery::Stopped => break,
             }
             after = through;
             if !self.ack(through) {
                 break;
             }
         }
+        if let Some(gate) = &mut self.gate {
+            gate.release();
+        }
+        self.stats.dispatching.store(false, Ordering::Relaxed);
         tracing::info!(url = %self.target.display, "event dispatcher stopped");
     }
 
-    /// POSTs the batch until a 2xx; `false` when stopped first.
-    fn deliver(&mut self, events: &[Event], first: u64, through: u64) -> bool {
+    /// Asks the gate (if any) and shows the answer in the stats.
+    fn holds_turn(&mut self) -> bool {
+        let holds = self.gate.as_mut().is_none_or(|g| g.may_dispatch());
+        let was = self.stats.dispatching.swap(holds, Ordering::Relaxed);
+        if holds != was {
+            tracing::info!(url = %self.target.display, dispatching = holds, "event outbox delivery turn changed");
+        }
+        holds
+    }
+
+    /// POSTs the batch until a 2xx, while this node holds the turn.
+    fn deliver(&mut self, events: &[Event], first: u64, through: u64) -> Delivery {
         let body = encode_batch(events);
         let signature = sign(&self.secret, &body);
         let mut headers: Vec<(&str, &str)> =
@@ -520,7 +584,10 @@ impl Worker {
         }
         loop {
             if self.control.stopping() {
-                return false;
+                return Delivery::Stopped;
+            }
+            if !self.holds_turn() {
+                return Delivery::TurnLost;
             }
             let error = match self.client.request_with_headers("POST", &self.target.path, &headers, Some(&body)) {
                 Ok(resp) if resp.is_success() => break,
@@ -542,7 +609,7 @@ impl Worker {
                 "event webhook delivery failed; retrying the same batch"
             );
             if self.control.sleep(delay) {
-                return false;
+                return Delivery::Stopped;
             }
         }
         self.failures = 0;
@@ -550,7 +617,7 @@ impl Worker {
         st.consecutive_failures.store(0, Ordering::Relaxed);
         st.batches_sent.fetch_add(1, Ordering::Relaxed);
         st.events_sent.fetch_add(events.len() as u64, Ordering::Relaxed);
-        true
+        Delivery::Done
     }
 
     /// Removes the delivered batch from the outbox; `false` when stopped first (the batch is
@@ -872,7 +939,7 @@ mod tests {
         append(&store, 5);
         let rx = Receiver::start(|n| Some(if n < 2 { 500 } else { 200 }));
         let url = format!("http://127.0.0.1:{}/hooks/ether?tenant=t1", rx.port);
-        let d = EventDispatcher::spawn(store.clone(), &webhook(url), fast(Duration::from_secs(5))).unwrap();
+        let d = EventDispatcher::spawn(store.clone(), &webhook(url), fast(Duration::from_secs(5)), None).unwrap();
         let stats = d.stats();
 
         wait_until("an empty outbox", || outbox(&store).is_empty() && stats.acked_through.load(Ordering::Relaxed) == 5);
@@ -921,6 +988,66 @@ mod tests {
         store.shutdown();
     }
 
+    /// A gate whose answer the test sets; counts releases.
+    #[derive(Clone, Default)]
+    struct Turn {
+        open: Arc<AtomicBool>,
+        released: Arc<AtomicU64>,
+    }
+
+    impl DispatchGate for Turn {
+        fn may_dispatch(&mut self) -> bool {
+            self.open.load(Ordering::SeqCst)
+        }
+        fn release(&mut self) {
+            self.released.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn only_the_turn_holder_delivers_and_a_lost_turn_stops_retries() {
+        let (_dir, store) = store();
+        append(&store, 3);
+        // Fails until the test says otherwise: the batch is in its retry loop.
+        static ANSWER: AtomicU64 = AtomicU64::new(500);
+        let rx = Receiver::start(|_| Some(ANSWER.load(Ordering::SeqCst) as u16));
+        let url = format!("http://127.0.0.1:{}/", rx.port);
+        let turn = Turn::default();
+        let d = EventDispatcher::spawn(
+            store.clone(),
+            &webhook(url),
+            fast(Duration::from_secs(5)),
+            Some(Box::new(turn.clone())),
+        )
+        .unwrap();
+        let stats = d.stats();
+        // Without the turn nothing is fetched or sent.
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(rx.posts().is_empty());
+        assert!(!stats.dispatching.load(Ordering::Relaxed));
+        assert_eq!(stats.to_json()["dispatching"], false);
+        // With it, the batch is tried (and fails); losing the turn ends the retries.
+        turn.open.store(true, Ordering::SeqCst);
+        wait_until("a failed attempt", || !rx.posts().is_empty());
+        assert!(stats.dispatching.load(Ordering::Relaxed));
+        turn.open.store(false, Ordering::SeqCst);
+        wait_until("the turn given up", || !stats.dispatching.load(Ordering::Relaxed));
+        let tried = rx.posts().len();
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(rx.posts().len(), tried, "no retry without the turn");
+        assert_eq!(outbox(&store).len(), 3, "nothing acked");
+        // The turn back and a healthy receiver: the same events, acked.
+        ANSWER.store(200, Ordering::SeqCst);
+        turn.open.store(true, Ordering::SeqCst);
+        wait_until("an empty outbox", || outbox(&store).is_empty());
+        let seen: BTreeSet<String> = rx.posts().iter().skip(tried).flat_map(event_ids).collect();
+        assert_eq!(seen, ["1", "2", "3"].map(String::from).into());
+        d.stop();
+        assert_eq!(turn.released.load(Ordering::SeqCst), 1, "the turn is given up on stop");
+        assert!(!stats.dispatching.load(Ordering::Relaxed));
+        store.shutdown();
+    }
+
     #[test]
     fn stop_is_prompt_while_the_receiver_hangs_and_nothing_is_acked() {
         let (_dir, store) = store();
@@ -928,7 +1055,7 @@ mod tests {
         let rx = Receiver::start(|_| None);
         let url = format!("http://127.0.0.1:{}/", rx.port);
         let timeout = Duration::from_millis(300);
-        let d = EventDispatcher::spawn(store.clone(), &webhook(url), fast(timeout)).unwrap();
+        let d = EventDispatcher::spawn(store.clone(), &webhook(url), fast(timeout), None).unwrap();
         wait_until("a request in flight", || !rx.posts().is_empty());
         let t0 = Instant::now();
         d.stop();
@@ -947,6 +1074,7 @@ mod tests {
             store.clone(),
             &webhook(format!("http://127.0.0.1:{port}")),
             fast(Duration::from_secs(1)),
+            None,
         )
         .unwrap();
         let stats = d.stats();
@@ -964,7 +1092,7 @@ mod tests {
         store.shutdown();
         let rx = Receiver::start(|_| Some(200));
         let url = format!("http://127.0.0.1:{}/", rx.port);
-        let d = EventDispatcher::spawn(store, &webhook(url), fast(Duration::from_secs(5))).unwrap();
+        let d = EventDispatcher::spawn(store, &webhook(url), fast(Duration::from_secs(5)), None).unwrap();
         let stats = d.stats();
         wait_until("store failures", || stats.failures.load(Ordering::Relaxed) >= 2);
         assert!(stats.last_error().unwrap().starts_with("store fetch"), "{:?}", stats.last_error());
@@ -981,6 +1109,7 @@ mod tests {
             store.clone(),
             &webhook("https://hooks.example/e".into()),
             DispatchOptions::default(),
+            None,
         )
         .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);

@@ -44,6 +44,7 @@ pub mod groups;
 pub mod mesh;
 pub mod message;
 pub mod node;
+pub mod outbox_lease;
 pub mod parking;
 pub mod ratelimit;
 pub mod secrets;

@@ -18,8 +18,9 @@ use tracing::{error, info};
 
 use crate::auth::TokenKeys;
 use crate::config::Config;
-use crate::events::{DispatchOptions, EventDispatcher};
+use crate::events::{DispatchGate, DispatchOptions, EventDispatcher};
 use crate::mesh::{MeshEnds, MeshPlan};
+use crate::outbox_lease::OutboxLease;
 use crate::secrets::PortsFile;
 use crate::shard::Shard;
 use crate::stats::NodeShared;
@@ -172,14 +173,27 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     })?;
     let commits = CommitQueues::new(shards);
     let events = match &config.events.webhook {
-        Some(webhook) => Some(
-            EventDispatcher::spawn(store.clone(), webhook, DispatchOptions::default())
-                .map_err(|source| NodeError::Events { url: webhook.url.clone(), source })?,
-        ),
+        Some(webhook) => {
+            let events_error = |source| NodeError::Events { url: webhook.url.clone(), source };
+            // Cluster: the outbox is shared; one node at a time delivers it.
+            let gate = match &config.cluster.redis_url {
+                Some(url) => Some(Box::new(
+                    OutboxLease::new(url, &config.node.id)
+                        .map_err(|e| events_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?,
+                ) as Box<dyn DispatchGate>),
+                None => None,
+            };
+            Some(
+                EventDispatcher::spawn(store.clone(), webhook, DispatchOptions::default(), gate)
+                    .map_err(events_error)?,
+            )
+        }
         None => None,
     };
     let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
-    let shared = Arc::new(NodeShared::new(config.node.id.clone(), shards));
+    let mut shared = NodeShared::new(config.node.id.clone(), shards);
+    shared.events = events.as_ref().map(|e| (e.url().to_owned(), e.stats()));
+    let shared = Arc::new(shared);
     if let Some(url) = &config.cluster.redis_url {
         let addrs = crate::cluster::Addresses { client, api, admin };
         let a = &config.auth;

@@ -102,6 +102,8 @@ pub struct NodeShared {
     published: Vec<Mutex<ShardPublished>>,
     /// The cluster link (cluster mode only), set once before the shards start.
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// The webhook (URL redacted) and its dispatcher's counters, when one is configured.
+    pub events: Option<(String, Arc<crate::events::DispatchStats>)>,
 }
 
 impl NodeShared {
@@ -116,6 +118,7 @@ impl NodeShared {
             recent_closes: (0..shards).map(|_| Mutex::new(VecDeque::new())).collect(),
             published: (0..shards).map(|_| Mutex::new(ShardPublished::default())).collect(),
             cluster: std::sync::OnceLock::new(),
+            events: None,
         }
     }
 

@@ -212,3 +212,52 @@ fn a_node_with_other_secrets_is_refused() {
     });
     assert!(err.contains("differ from the cluster"), "{err}");
 }
+
+/// `events.dispatching` of `node`'s admin stats.
+fn dispatching(node: &TestNode) -> bool {
+    let r = node.admin().request("GET", "/admin/v1/stats", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["events"]["dispatching"].as_bool().unwrap_or_else(|| panic!("no events in stats: {v}"))
+}
+
+#[test]
+fn one_node_at_a_time_delivers_the_shared_outbox_to_the_webhook() {
+    use support::webhook::{has, receiver, webhook};
+    let Some(redis) = redis_or_skip() else { return };
+    let hook = receiver(0);
+    let node = |id: &str| {
+        let (url, id, hook) = (redis.url(), id.to_owned(), webhook(&hook));
+        TestNode::with(move |c| {
+            c.cluster.redis_url = Some(url);
+            c.node.id = id;
+            c.events.webhook = Some(hook);
+        })
+    };
+    let a = node("node-a");
+    let b = node("node-b");
+    // Events on both nodes: terminals come and go, messages reach them or not.
+    let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        let on = if i % 2 == 0 { &a } else { &b };
+        let mut t = on.terminal(u, "phone");
+        let m = on.gateway().send_message(&text("zed", u, "hi")).unwrap();
+        let got = take(&mut t, 1);
+        assert_eq!(got[0].id, m.id);
+        b.gateway().send_message(&text("zed", &format!("away{i}"), "unreached")).unwrap();
+        t.close().unwrap();
+    }
+    hook.wait_for(|e| users.iter().all(|u| has(e, "user.offline", u) && has(e, "message.delivered", u)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hook.repeated(), vec![], "each event posted once, by one node");
+    let (da, db) = (dispatching(&a), dispatching(&b));
+    assert!(da != db, "exactly one node delivers: a {da}, b {db}");
+    // The delivering node stops: the other takes over and delivers what comes next.
+    let (stays, leaves) = if da { (b, a) } else { (a, b) };
+    leaves.stop();
+    let mut t = stays.terminal("late", "web");
+    drop(t.close());
+    hook.wait_for(|e| has(e, "user.offline", "late"));
+    assert!(dispatching(&stays));
+    assert_eq!(hook.repeated(), vec![], "no event posted twice across the hand-over");
+}

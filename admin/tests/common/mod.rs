@@ -151,6 +151,7 @@ impl FakeView {
                 queue_depth: 3,
             }),
             api: vec![ether_admin::ApiRouteStats { route: "POST /v1/messages".into(), status: 200, count: 4242 }],
+            events: None,
         }
     }
 }
