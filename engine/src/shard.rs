@@ -461,7 +461,11 @@ impl Shard {
             self.emit("user.offline", serde_json::json!({ "user": &*session.user, "reason": reason.as_str() }));
         }
         if let Some(cluster) = self.node.cluster() {
-            cluster.offline(&session.user, &session.device);
+            // A newer connection of the same device (the one that replaced this one) keeps
+            // the device's presence entry.
+            if !self.sessions_of(&session.user).iter().any(|s| s.device == session.device) {
+                cluster.offline(&session.user, &session.device);
+            }
         }
         self.node.record_close(self.id, ClosedConn { conn: self.snapshot(session), closed_ms: unix_now_ms(), reason });
         let c = self.counters();
@@ -557,10 +561,14 @@ impl Shard {
         n
     }
 
-    /// Kicks the user's terminals (one device, or all); returns how many on this node. In
-    /// cluster mode the other nodes kick theirs too.
+    /// Kicks the user's terminals (one device, or all); returns how many. In cluster mode the
+    /// other nodes kick theirs too, and the count adds the terminals cluster presence lists for
+    /// them (read just before the kick is published; the other nodes do not answer back).
     pub async fn kick(self: &Rc<Self>, user: &str, device: Option<&str>, reason: &str) -> Result<u64, EngineError> {
+        let mut elsewhere = 0;
         if let Some(cluster) = self.node.cluster() {
+            let there = cluster.presence_elsewhere(user).await;
+            elsewhere = there.iter().filter(|t| device.is_none_or(|d| d == t.device)).count() as u64;
             cluster.publish(crate::cluster::BusEvent::Kick {
                 user: user.to_owned(),
                 device: device.map(str::to_owned),
@@ -570,7 +578,9 @@ impl Shard {
         let user: Arc<str> = Arc::from(user);
         let device = device.map(Box::from);
         let reason: Arc<str> = Arc::from(reason);
-        self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Kick { user, device, reason, reply }).await
+        let here =
+            self.ask(home_shard(&user, self.shards), |reply| ShardMsg::Kick { user, device, reason, reply }).await?;
+        Ok(here + elsewhere)
     }
 
     pub(crate) fn broadcast_local(&self, frame: &ServerFrame) -> u64 {

@@ -111,6 +111,38 @@ fn a_terminal_comes_back_on_another_node_and_catches_up() {
     assert_eq!(n, 7);
 }
 
+/// Waits until presence asked on `node` lists `user`'s `device` (presence writes are async).
+fn wait_for_presence(node: &TestNode, user: &str, device: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let p = node.gateway().request("GET", &format!("/v1/users/{user}/presence"), None).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+        if v["terminals"].as_array().is_some_and(|ts| ts.iter().any(|t| t["device"] == device)) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{user}/{device} never listed: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_replaced_connection_leaves_the_device_online_in_cluster_presence() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut old = b.terminal("ivy", "phone");
+    let _new = b.terminal("ivy", "phone");
+    assert!(matches!(
+        old.recv_until(|f| matches!(f, ServerFrame::Kicked { .. }), WAIT),
+        Ok(ServerFrame::Kicked { .. })
+    ));
+    std::thread::sleep(Duration::from_millis(300)); // the old connection's close reaches Redis
+    let p = a.gateway().request("GET", "/v1/users/ivy/presence", None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+    assert_eq!(v["online"], true, "the new connection is still online: {v}");
+    assert_eq!(v["terminals"][0]["device"], "phone", "{v}");
+}
+
 #[test]
 fn presence_kicks_groups_sends_and_receipts_cross_nodes() {
     let Some(redis) = redis_or_skip() else { return };
@@ -145,13 +177,24 @@ fn presence_kicks_groups_sends_and_receipts_cross_nodes() {
         other => panic!("{other:?}"),
     }
 
-    // A kick asked on A reaches bob's terminal on B.
+    // A kick asked on A reaches bob's terminals on both nodes, and counts them both.
+    let mut bob_web = a.terminal("bob", "web");
     let r = a.gateway().request("POST", "/v1/users/bob/kick", Some(br#"{"reason":"bye"}"#)).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    match bob.recv_until(|f| matches!(f, ServerFrame::Kicked { .. }), WAIT) {
-        Ok(ServerFrame::Kicked { reason }) => assert_eq!(reason, "bye"),
-        other => panic!("no kick on node B: {other:?}"),
+    assert_eq!(r.text(), r#"{"kicked":2}"#);
+    for (t, on) in [(&mut bob, "B"), (&mut bob_web, "A")] {
+        match t.recv_until(|f| matches!(f, ServerFrame::Kicked { .. }), WAIT) {
+            Ok(ServerFrame::Kicked { reason }) => assert_eq!(reason, "bye"),
+            other => panic!("no kick on node {on}: {other:?}"),
+        }
     }
+    // One device, on the other node: counted once; a device nobody uses: none.
+    let _phone = b.terminal("bob", "phone");
+    wait_for_presence(&a, "bob", "phone");
+    let r = a.gateway().request("POST", "/v1/users/bob/kick", Some(br#"{"device":"phone"}"#)).unwrap();
+    assert_eq!(r.text(), r#"{"kicked":1}"#);
+    let r = a.gateway().request("POST", "/v1/users/bob/kick", Some(br#"{"device":"tablet"}"#)).unwrap();
+    assert_eq!(r.text(), r#"{"kicked":0}"#);
 }
 
 #[test]
