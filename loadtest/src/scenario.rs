@@ -609,6 +609,17 @@ fn targets(opts: &Options, run: Option<&RunResult>, ratios: Option<&serde_json::
             }
         },
         Scenario::Chat => out.push(at_least("messages/s end to end", 80_000.0, m.delivered_per_s, "/s")),
+        // Throughput targets need an unpaced run (`--rate 0`), the latency one a run paced at
+        // about 20,000 msgs/s.
+        Scenario::Unicast if opts.msg_rate <= 0.0 => {
+            out.push(at_least("deliveries/s through single API requests", 50_000.0, m.delivered_per_s, "/s"));
+        }
+        Scenario::Unicast if (opts.msg_rate - 20_000.0).abs() <= 2_000.0 => {
+            out.push(at_most("publish to receipt p99 at 20,000 msgs/s", 1.0, m.latency.p99_ms, " ms"));
+        }
+        Scenario::Batch if opts.msg_rate <= 0.0 => {
+            out.push(at_least("deliveries/s through the batch endpoint", 150_000.0, m.delivered_per_s, "/s"));
+        }
         Scenario::Reconnect => {
             if let Some(x) = &m.reconnect {
                 let mut t = at_most(
@@ -1510,4 +1521,54 @@ pub fn tally(m: &std::collections::BTreeMap<String, u64>) -> String {
         return "(no reason recorded)".into();
     }
     m.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(delivered_per_s: f64, p99_ms: f64) -> RunResult {
+        RunResult {
+            target: "engine",
+            client_addr: String::new(),
+            run_id: String::new(),
+            started_unix_s: 0,
+            wall_s: 1.0,
+            connections: ConnFigures::default(),
+            memory: MemFigures::default(),
+            cpu: CpuFigures::default(),
+            messages: Some(MsgFigures {
+                delivered_per_s,
+                latency: LatencySummary { p99_ms, ..LatencySummary::default() },
+                ..MsgFigures::default()
+            }),
+            frames_per_write: None,
+            tool_unread_per_socket: None,
+            saturation: vec![],
+            problems: vec![],
+            series: vec![],
+            connect_hist: Hist::new(),
+            msg_hist: Hist::new(),
+        }
+    }
+
+    fn checks(scenario: Scenario, rate: f64, r: &RunResult) -> Vec<(String, bool)> {
+        let mut opts = Options::new(scenario, TargetSpec::Wire);
+        opts.msg_rate = rate;
+        targets(&opts, Some(r), None).into_iter().map(|t| (t.what, t.met)).collect()
+    }
+
+    #[test]
+    fn unicast_and_batch_runs_are_checked_against_the_issue_targets() {
+        let unpaced = checks(Scenario::Unicast, 0.0, &run(51_000.0, 80.0));
+        assert_eq!(unpaced, [("deliveries/s through single API requests".to_owned(), true)]);
+        assert!(!checks(Scenario::Unicast, 0.0, &run(49_000.0, 80.0))[0].1);
+        let paced = checks(Scenario::Unicast, 20_000.0, &run(19_990.0, 1.5));
+        assert_eq!(paced, [("publish to receipt p99 at 20,000 msgs/s".to_owned(), false)]);
+        assert!(checks(Scenario::Unicast, 20_000.0, &run(19_990.0, 0.9))[0].1);
+        // Another paced rate checks nothing (no target is set for it).
+        assert!(checks(Scenario::Unicast, 5_000.0, &run(5_000.0, 0.5)).is_empty());
+        let batch = checks(Scenario::Batch, 0.0, &run(160_000.0, 80.0));
+        assert_eq!(batch, [("deliveries/s through the batch endpoint".to_owned(), true)]);
+    }
 }
