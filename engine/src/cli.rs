@@ -57,6 +57,15 @@ pub struct ServeArgs {
     /// Admin/metrics listener (`listen.admin`; default 127.0.0.1:9002).
     #[arg(long, value_name = "ADDR")]
     pub listen_admin: Option<SocketAddr>,
+    /// Terminal WebSocket listener over TLS, `wss://` (`listen.client_tls`; default none).
+    #[arg(long, value_name = "ADDR")]
+    pub listen_client_tls: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener (`tls.cert_path`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener (`tls.key_path`).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Log format (`log.format`; default human).
     #[arg(long, value_name = "FORMAT", value_parser = ["human", "json"])]
     pub log_format: Option<String>,

@@ -28,6 +28,9 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("listen.client", "--listen-client"),
     ("listen.api", "--listen-api"),
     ("listen.admin", "--listen-admin"),
+    ("listen.client_tls", "--listen-client-tls"),
+    ("tls.cert_path", "--tls-cert"),
+    ("tls.key_path", "--tls-key"),
     ("node.shards", "--shards"),
     ("node.data_dir", "--data"),
     ("node.id", "--node-id"),
@@ -233,6 +236,15 @@ raw_config! {
         api: String,
         /// `listen.admin`: admin/metrics listener.
         admin: String,
+        /// `listen.client_tls`: terminal WebSocket listener over TLS (`wss://`); unset: none.
+        client_tls: String,
+    }
+    /// Raw `[tls]`: the certificate of the `listen.client_tls` listener.
+    tls: RawTls {
+        /// `tls.cert_path`: PEM certificate chain, leaf first.
+        cert_path: PathBuf,
+        /// `tls.key_path`: PEM private key (PKCS#8, PKCS#1 or SEC1).
+        key_path: PathBuf,
     }
     /// Raw `[node]`: this process.
     node: RawNode {
@@ -388,6 +400,9 @@ impl RawConfig {
         raw.listen.client = args.listen_client.map(|a| a.to_string());
         raw.listen.api = args.listen_api.map(|a| a.to_string());
         raw.listen.admin = args.listen_admin.map(|a| a.to_string());
+        raw.listen.client_tls = args.listen_client_tls.map(|a| a.to_string());
+        raw.tls.cert_path = args.tls_cert.clone();
+        raw.tls.key_path = args.tls_key.clone();
         raw.node.shards = args.shards;
         raw.node.data_dir = args.data.clone();
         raw.node.id = args.node_id.clone();
@@ -640,6 +655,15 @@ pub struct Listen {
     pub api: SocketAddr,
     /// Admin/metrics listener (default 127.0.0.1:9002).
     pub admin: SocketAddr,
+    /// Terminal WebSocket listener over TLS (`wss://`), when configured (with [`Tls`]).
+    pub client_tls: Option<SocketAddr>,
+}
+
+/// The certificate and key of the `listen.client_tls` listener (PEM files, read at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
 }
 
 /// This process.
@@ -859,6 +883,8 @@ pub struct Config {
     pub cluster: Cluster,
     /// Event delivery.
     pub events: Events,
+    /// TLS for terminals: `Some` exactly when `listen.client_tls` is set.
+    pub tls: Option<Tls>,
     /// Message retention.
     pub retention: Retention,
     /// Every bound.
@@ -905,6 +931,7 @@ struct Prepared {
     node: Node,
     cluster: Cluster,
     events: Events,
+    tls: Option<Tls>,
     retention: Retention,
     limits: Limits,
     terminal_send_enabled: bool,
@@ -934,7 +961,7 @@ impl Config {
     pub fn test_min(data_dir: PathBuf) -> Config {
         let any = Some("127.0.0.1:0".to_owned());
         let raw = RawConfig {
-            listen: RawListen { client: any.clone(), api: any.clone(), admin: any },
+            listen: RawListen { client: any.clone(), api: any.clone(), admin: any, client_tls: None },
             node: RawNode { shards: Some(2), data_dir: Some(data_dir), id: Some("test-node".into()) },
             auth: RawAuth {
                 jwt_secret: Some(Secret::new("test-jwt-secret-0123456789abcdef")),
@@ -990,6 +1017,11 @@ impl Config {
                 "client": self.listen.client.to_string(),
                 "api": self.listen.api.to_string(),
                 "admin": self.listen.admin.to_string(),
+                "client_tls": self.listen.client_tls.map(|a| a.to_string()),
+            },
+            "tls": {
+                "cert_path": self.tls.as_ref().map(|t| t.cert_path.to_string_lossy().into_owned()),
+                "key_path": self.tls.as_ref().map(|t| t.key_path.to_string_lossy().into_owned()),
             },
             "node": {
                 "shards": self.node.shards,
@@ -1127,6 +1159,33 @@ impl Prepared {
             client: check.addr("listen.client", raw.listen.client.as_deref(), "0.0.0.0:9000")?,
             api: check.addr("listen.api", raw.listen.api.as_deref(), "127.0.0.1:9001")?,
             admin: check.addr("listen.admin", raw.listen.admin.as_deref(), "127.0.0.1:9002")?,
+            client_tls: match raw.listen.client_tls.as_deref() {
+                Some(text) => Some(check.addr("listen.client_tls", Some(text), "")?),
+                None => None,
+            },
+        };
+        let tls = match (listen.client_tls, raw.tls.cert_path, raw.tls.key_path) {
+            (Some(_), Some(cert_path), Some(key_path)) => {
+                for (key, path) in [("tls.cert_path", &cert_path), ("tls.key_path", &key_path)] {
+                    if path.as_os_str().is_empty() {
+                        return Err(check.invalid(key, "must not be empty"));
+                    }
+                }
+                Some(Tls { cert_path, key_path })
+            }
+            (Some(_), None, _) => {
+                return Err(check.invalid("tls.cert_path", "listen.client_tls is set: give the PEM certificate chain"))
+            }
+            (Some(_), _, None) => {
+                return Err(check.invalid("tls.key_path", "listen.client_tls is set: give the PEM private key"))
+            }
+            (None, Some(_), _) => {
+                return Err(check.invalid("tls.cert_path", "set, but listen.client_tls is not: set both, or neither"))
+            }
+            (None, None, Some(_)) => {
+                return Err(check.invalid("tls.key_path", "set, but listen.client_tls is not: set both, or neither"))
+            }
+            (None, None, None) => None,
         };
 
         let node = Node {
@@ -1342,6 +1401,7 @@ impl Prepared {
             node,
             cluster,
             events: Events { webhook },
+            tls,
             retention,
             limits,
             terminal_send_enabled: raw.terminal.send_enabled.unwrap_or(true),
@@ -1389,6 +1449,7 @@ impl Prepared {
             auth,
             cluster: self.cluster,
             events: self.events,
+            tls: self.tls,
             retention: self.retention,
             limits: self.limits,
             terminal_send_enabled: self.terminal_send_enabled,
@@ -1749,6 +1810,39 @@ mod tests {
     }
 
     #[test]
+    fn tls_listener_needs_both_files_and_files_need_the_listener() {
+        let check = |toml: &str| {
+            let raw = RawConfig::from_toml(toml).unwrap();
+            let layers = Layers(vec![Layer { kind: LayerKind::Code("test"), raw }]);
+            Prepared::from_layers(&layers).map(|p| (p.listen.client_tls, p.tls))
+        };
+        let (addr, tls) =
+            check("[listen]\nclient_tls = \"127.0.0.1:9443\"\n[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n")
+                .unwrap();
+        assert_eq!(addr, Some("127.0.0.1:9443".parse().unwrap()));
+        assert_eq!(tls, Some(Tls { cert_path: "c.pem".into(), key_path: "k.pem".into() }));
+        assert_eq!(check("").unwrap(), (None, None), "no TLS by default");
+        for (toml, key, says) in [
+            (
+                "[listen]\nclient_tls = \"127.0.0.1:9443\"\n[tls]\nkey_path = \"k.pem\"\n",
+                "tls.cert_path",
+                "give the PEM certificate",
+            ),
+            (
+                "[listen]\nclient_tls = \"127.0.0.1:9443\"\n[tls]\ncert_path = \"c.pem\"\n",
+                "tls.key_path",
+                "give the PEM private key",
+            ),
+            ("[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n", "tls.cert_path", "listen.client_tls is not"),
+            ("[listen]\nclient_tls = \"nope\"\n", "listen.client_tls", "expected IP:PORT"),
+        ] {
+            let (k, _, message) = invalid(check(toml).unwrap_err());
+            assert_eq!(k, key, "{toml}");
+            assert!(message.contains(says), "{toml}: {message}");
+        }
+    }
+
+    #[test]
     fn full_toml_example_parses() {
         let raw = RawConfig::from_toml(
             r#"
@@ -1756,6 +1850,10 @@ mod tests {
             client = "0.0.0.0:9000"
             api = "127.0.0.1:9001"
             admin = "127.0.0.1:9002"
+            client_tls = "0.0.0.0:9443"
+            [tls]
+            cert_path = "/etc/ether/tls/fullchain.pem"
+            key_path = "/etc/ether/tls/key.pem"
             [node]
             shards = 4
             data_dir = "/var/lib/ether"
@@ -1962,7 +2060,7 @@ mod tests {
     fn test_min_is_tiny_and_valid() {
         let config = Config::test_min(PathBuf::from("/nonexistent/test-data"));
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        assert_eq!(config.listen, Listen { client: local, api: local, admin: local });
+        assert_eq!(config.listen, Listen { client: local, api: local, admin: local, client_tls: None });
         assert_eq!(config.node.shards, 2);
         let l = config.limits;
         assert_eq!(l.frame_bytes_max, 4096);
@@ -2088,7 +2186,9 @@ mod tests {
         assert_eq!(target.token.expose(), served.auth.admin_token.expose());
 
         let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
-        PortsFile { client: any, api: any, admin: "0.0.0.0:41234".parse().unwrap() }.write(&fx.data()).unwrap();
+        PortsFile { client: any, api: any, admin: "0.0.0.0:41234".parse().unwrap(), client_tls: None }
+            .write(&fx.data())
+            .unwrap();
         assert_eq!(admin_target(&args, no_env()).unwrap().addr, "127.0.0.1:41234", "ports.json, made connectable");
 
         let env_addr = env(&[("ETHER_ADMIN_ADDR", "h:1"), ("ETHER_AUTH_ADMIN_TOKEN", "env-admin-token-01234")]);

@@ -104,8 +104,14 @@ impl Refusal {
 
 /// Reads the upgrade request (bounded in bytes and time), checks it, and hands the socket to
 /// the user's home shard.
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn upgrade(shard: Rc<Shard>, stream: TcpStream) {
     let remote = stream.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    upgrade_from(shard, stream, remote).await;
+}
+
+/// [`upgrade`] of a connection whose peer is `remote` (the TLS relay's plaintext end is a
+/// local socket: `remote` is the terminal's TCP address).
+pub(crate) async fn upgrade_from(shard: Rc<Shard>, mut stream: TcpStream, remote: SocketAddr) {
     let limits =
         Limits { header_bytes_max: shard.config.limits.http_header_bytes_max, headers_max: 64, body_bytes_max: 0 };
     let mut buf = Vec::new();

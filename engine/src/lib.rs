@@ -52,5 +52,6 @@ pub mod session;
 pub mod shard;
 pub mod stats;
 pub mod storage;
+pub mod tls;
 pub mod wheel;
 pub mod ws;

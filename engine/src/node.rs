@@ -51,6 +51,8 @@ pub enum NodeError {
     Ports { path: String, source: std::io::Error },
     #[error("cannot join the cluster at {url}: {source}")]
     Cluster { url: String, source: crate::cluster::ClusterError },
+    #[error("cannot serve TLS on listen.client_tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The addresses a node actually listens on.
@@ -59,6 +61,8 @@ pub struct BoundPorts {
     pub client: SocketAddr,
     pub api: SocketAddr,
     pub admin: SocketAddr,
+    /// The `wss://` listener, when `listen.client_tls` is set.
+    pub client_tls: Option<SocketAddr>,
 }
 
 /// A running node. Dropping it stops the node.
@@ -147,6 +151,8 @@ struct ShardStart {
     client: OwnedFd,
     api: OwnedFd,
     admin: Option<OwnedFd>,
+    /// This shard's `wss://` listener and the TLS configuration, when there is one.
+    client_tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
 }
 
 /// Starts a node: listeners, mesh, shards. Returns once every listener is bound and
@@ -157,12 +163,21 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let (client, mut client_fds) = bind_group("client", config.listen.client, shards)?;
     let (api, mut api_fds) = bind_group("api", config.listen.api, shards)?;
     let (admin, mut admin_fds) = bind_group("admin", config.listen.admin, 1)?;
-    let ports = BoundPorts { client, api, admin };
-    PortsFile { client, api, admin }.write(&config.node.data_dir).map_err(|e| NodeError::Ports {
+    // The TLS listener: its certificate is read before anything binds it.
+    let (client_tls, mut client_tls_fds, tls_config) = match (config.listen.client_tls, &config.tls) {
+        (Some(addr), Some(tls)) => {
+            let server_config = crate::tls::server_config(tls)?;
+            let (bound, fds) = bind_group("client_tls", addr, shards)?;
+            (Some(bound), fds, Some(server_config))
+        }
+        _ => (None, Vec::new(), None),
+    };
+    let ports = BoundPorts { client, api, admin, client_tls };
+    PortsFile { client, api, admin, client_tls }.write(&config.node.data_dir).map_err(|e| NodeError::Ports {
         path: config.node.data_dir.join("ports.json").display().to_string(),
         source: std::io::Error::other(e.to_string()),
     })?;
-    info!(client = %client, api = %api, admin = %admin, shards, "listening");
+    info!(client = %client, api = %api, admin = %admin, client_tls = ?client_tls, shards, "listening");
 
     let store = crate::storage::open(&config).map_err(|source| NodeError::Store {
         path: match &config.cluster.redis_url {
@@ -217,6 +232,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             client: client_fds.remove(0),
             api: api_fds.remove(0),
             admin: if id == 0 { admin_fds.pop() } else { None },
+            client_tls: tls_config.clone().map(|c| (client_tls_fds.remove(0), c)),
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("ether-shard-{id}"))
@@ -247,7 +263,7 @@ fn spin_before_park() -> Duration {
 }
 
 async fn run_shard(start: ShardStart) {
-    let ShardStart { id, config, keys, shared, ends, store, commits, client, api, admin } = start;
+    let ShardStart { id, config, keys, shared, ends, store, commits, client, api, admin, client_tls } = start;
     let (mesh, receivers) = ends.connect(id).await;
     let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh, store, commits));
     glommio::spawn_local(shard.clone().commit_loop()).detach();
@@ -267,6 +283,12 @@ async fn run_shard(start: ShardStart) {
     // SAFETY: each fd is a bound, listening TCP socket made by `bind_group`, owned from here on.
     let client = unsafe { TcpListener::from_raw_fd(client.into_raw_fd()) };
     glommio::spawn_local(crate::conn::accept_loop(shard.clone(), client, stop.clone())).detach();
+    if let Some((fd, tls)) = client_tls {
+        // SAFETY: as above.
+        let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+        let acceptor = futures_rustls::TlsAcceptor::from(tls);
+        glommio::spawn_local(crate::tls::accept_loop(shard.clone(), listener, acceptor, stop.clone())).detach();
+    }
 
     let api_limits = Limits {
         header_bytes_max: config.limits.http_header_bytes_max,

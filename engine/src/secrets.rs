@@ -288,6 +288,9 @@ pub struct PortsFile {
     pub api: SocketAddr,
     /// Bound address of the admin listener.
     pub admin: SocketAddr,
+    /// Bound address of the TLS client listener (`wss://`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<SocketAddr>,
 }
 
 impl PortsFile {
@@ -541,6 +544,7 @@ mod tests {
         assert!(err.is_not_found(), "{err}");
 
         let ports = PortsFile {
+            client_tls: None,
             client: "127.0.0.1:9000".parse().unwrap(),
             api: "127.0.0.1:43117".parse().unwrap(),
             admin: "[::1]:9002".parse().unwrap(),

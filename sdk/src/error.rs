@@ -38,6 +38,10 @@ pub enum SdkError {
     /// Nothing matching arrived in time (see [`crate::TerminalClient::recv_until`]).
     #[error("timed out: {0}")]
     Timeout(String),
+    /// TLS settings this client cannot use (a bad root certificate, an unusable server name).
+    /// A failed TLS handshake (e.g. an untrusted certificate) is an [`SdkError::Io`].
+    #[error("tls: {0}")]
+    Tls(String),
     /// Any other WebSocket error from tungstenite.
     #[error("websocket error: {0}")]
     Ws(Box<tungstenite::Error>),

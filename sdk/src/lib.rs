@@ -69,4 +69,6 @@ pub use tungstenite;
 
 pub use error::SdkError;
 pub use gateway::{GatewayClient, HistoryQuery, RawResponse};
-pub use terminal::{ConnectOptions, TerminalClient, Welcome};
+/// rustls, for [`ConnectOptions::tls`] settings beyond [`tls_config_with_roots`].
+pub use rustls;
+pub use terminal::{tls_config_with_roots, ConnectOptions, TerminalClient, Welcome};

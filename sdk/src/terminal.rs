@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ether_proto::frame::Msg;
@@ -79,9 +80,48 @@ pub struct ConnectOptions {
     pub subprotocol: Option<String>,
     /// Extra headers of the upgrade request.
     pub headers: Vec<(String, String)>,
-    /// Time allowed for TCP connect, upgrade and (for [`TerminalClient::connect_with`]) the
-    /// `welcome` frame.
+    /// Time allowed for TCP connect, TLS handshake, upgrade and (for
+    /// [`TerminalClient::connect_with`]) the `welcome` frame.
     pub timeout: Duration,
+    /// TLS settings for `wss://` URLs; `None` trusts the Mozilla root certificates
+    /// (`webpki-roots`). See [`tls_config_with_roots`] for a private CA or a self-signed node.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// A TLS client configuration trusting exactly the certificates in `pem` (PEM text: a private
+/// CA, or a node's self-signed certificate), for [`ConnectOptions::tls`].
+pub fn tls_config_with_roots(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, SdkError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| SdkError::Tls(format!("not a PEM certificate: {e}")))?;
+        roots.add(cert).map_err(|e| SdkError::Tls(format!("unusable root certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(SdkError::Tls("no CERTIFICATE block in the PEM text".into()));
+    }
+    Ok(client_config(roots))
+}
+
+fn client_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// The Mozilla roots, built once.
+fn default_tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            client_config(roots)
+        })
+        .clone()
 }
 
 impl ConnectOptions {
@@ -95,6 +135,7 @@ impl ConnectOptions {
             subprotocol: None,
             headers: Vec::new(),
             timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
         }
     }
 
@@ -120,15 +161,30 @@ impl ConnectOptions {
         self.timeout = timeout;
         self
     }
+
+    /// TLS settings for `wss://` (see [`ConnectOptions::tls`]).
+    pub fn tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
 }
 
-/// Builds the full `ws://host:port/ws?...` URL and the `host:port` to connect to.
-fn build_url(base: &str, opts: &ConnectOptions) -> Result<(String, String), SdkError> {
+/// Where to connect: the full `ws[s]://host:port/ws?...` URL, the `host:port` to connect to,
+/// and for `wss://` the host name the certificate must be for.
+struct Target {
+    url: String,
+    connect: String,
+    tls_name: Option<String>,
+}
+
+/// Builds the [`Target`] of `base` (`ws://` or `wss://`; no scheme means `ws://`).
+fn build_url(base: &str, opts: &ConnectOptions) -> Result<Target, SdkError> {
     let base = base.trim();
-    let rest = match base.find("://") {
-        Some(i) if base[..i].eq_ignore_ascii_case("ws") => &base[i + 3..],
-        Some(_) => return Err(SdkError::InvalidUrl(format!("{base:?}: only plain ws:// is supported"))),
-        None => base,
+    let (tls, rest) = match base.find("://") {
+        Some(i) if base[..i].eq_ignore_ascii_case("ws") => (false, &base[i + 3..]),
+        Some(i) if base[..i].eq_ignore_ascii_case("wss") => (true, &base[i + 3..]),
+        Some(_) => return Err(SdkError::InvalidUrl(format!("{base:?}: only ws:// and wss:// are supported"))),
+        None => (false, base),
     };
     let (authority, path) = match rest.find(['/', '?']) {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -138,7 +194,10 @@ fn build_url(base: &str, opts: &ConnectOptions) -> Result<(String, String), SdkE
         return Err(SdkError::InvalidUrl(format!("{base:?}: no host")));
     }
     let has_port = authority.rfind(':').is_some_and(|i| !authority[i..].contains(']'));
-    let connect = if has_port { authority.to_owned() } else { format!("{authority}:80") };
+    let default_port = if tls { 443 } else { 80 };
+    let connect = if has_port { authority.to_owned() } else { format!("{authority}:{default_port}") };
+    let host = if has_port { &authority[..authority.rfind(':').unwrap_or(authority.len())] } else { authority };
+    let tls_name = tls.then(|| host.trim_start_matches('[').trim_end_matches(']').to_owned());
     let (path, query) = match path.split_once('?') {
         Some((p, q)) => (p, q),
         None => (path, ""),
@@ -157,12 +216,13 @@ fn build_url(base: &str, opts: &ConnectOptions) -> Result<(String, String), SdkE
     if let Some(platform) = &opts.platform {
         params.push(format!("platform={}", percent_encode(platform)));
     }
-    let mut url = format!("ws://{authority}{path}");
+    let scheme = if tls { "wss" } else { "ws" };
+    let mut url = format!("{scheme}://{authority}{path}");
     if !params.is_empty() {
         url.push('?');
         url.push_str(&params.join("&"));
     }
-    Ok((url, connect))
+    Ok(Target { url, connect, tls_name })
 }
 
 fn tcp_connect(addr: &str, timeout: Duration) -> Result<TcpStream, SdkError> {
@@ -199,6 +259,8 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 pub struct Stream {
     tcp: TcpStream,
     deadline: Option<Instant>,
+    /// The TLS session of a `wss://` connection.
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 impl Stream {
@@ -207,9 +269,15 @@ impl Stream {
         &self.tcp
     }
 
-    /// The TCP stream, to write raw bytes.
+    /// The TCP stream, to write raw bytes (on a `wss://` connection these bypass TLS: only
+    /// for tests of what a broken peer does).
     pub fn get_mut(&mut self) -> &mut TcpStream {
         &mut self.tcp
+    }
+
+    /// Whether this connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 }
 
@@ -224,7 +292,11 @@ impl Read for Stream {
         }
         // A signal (e.g. Ctrl-C caught by a handler) interrupts the syscall: just go on.
         loop {
-            match self.tcp.read(buf) {
+            let read = match self.tls.as_deref_mut() {
+                Some(tls) => rustls::Stream::new(tls, &mut self.tcp).read(buf),
+                None => self.tcp.read(buf),
+            };
+            match read {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 other => return other,
             }
@@ -235,7 +307,11 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         loop {
-            match self.tcp.write(buf) {
+            let written = match self.tls.as_deref_mut() {
+                Some(tls) => rustls::Stream::new(tls, &mut self.tcp).write(buf),
+                None => self.tcp.write(buf),
+            };
+            match written {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 other => return other,
             }
@@ -243,7 +319,10 @@ impl Write for Stream {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.tcp.flush()
+        match self.tls.as_deref_mut() {
+            Some(tls) => rustls::Stream::new(tls, &mut self.tcp).flush(),
+            None => self.tcp.flush(),
+        }
     }
 }
 
@@ -303,7 +382,7 @@ impl TerminalClient {
 
     /// Connects and upgrades, without waiting for `welcome` (for tests of the upgrade itself).
     pub fn connect_raw(url: &str, opts: &ConnectOptions) -> Result<TerminalClient, SdkError> {
-        let (url, addr) = build_url(url, opts)?;
+        let Target { url, connect: addr, tls_name } = build_url(url, opts)?;
         let uri: tungstenite::http::Uri = url.parse().map_err(|e| SdkError::InvalidUrl(format!("{url:?}: {e}")))?;
         let mut req = ClientRequestBuilder::new(uri);
         if let (Some(token), true) = (&opts.token, opts.token_in_header) {
@@ -320,7 +399,17 @@ impl TerminalClient {
         let tcp = tcp_connect(&addr, opts.timeout)?;
         tcp.set_nodelay(true)?;
         tcp.set_write_timeout(Some(DEFAULT_WRITE_TIMEOUT))?;
-        let stream = Stream { tcp, deadline: Some(Instant::now() + opts.timeout) };
+        let tls = match tls_name {
+            None => None,
+            Some(name) => {
+                let name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| SdkError::InvalidUrl(format!("{name:?} is not a TLS server name: {e}")))?;
+                let config = opts.tls.clone().unwrap_or_else(default_tls_config);
+                let conn = rustls::ClientConnection::new(config, name).map_err(|e| SdkError::Tls(e.to_string()))?;
+                Some(Box::new(conn))
+            }
+        };
+        let stream = Stream { tcp, deadline: Some(Instant::now() + opts.timeout), tls };
         let (ws, resp) = match tungstenite::client::client_with_config(req, stream, None) {
             Ok(ok) => ok,
             Err(HandshakeError::Failure(e)) => return Err(e.into()),
@@ -653,17 +742,30 @@ mod tests {
     #[test]
     fn urls() {
         let o = ConnectOptions::new("a.b.c", "laptop", "desktop");
-        let (u, a) = build_url("ws://127.0.0.1:9000", &o).unwrap();
-        assert_eq!(u, "ws://127.0.0.1:9000/ws?token=a.b.c&device=laptop&platform=desktop");
-        assert_eq!(a, "127.0.0.1:9000");
-        let (u, _) = build_url("127.0.0.1:9000/", &o.clone().token_in_header()).unwrap();
-        assert_eq!(u, "ws://127.0.0.1:9000/ws?device=laptop&platform=desktop");
-        let (u, a) = build_url("ws://h/custom?x=1", &o).unwrap();
-        assert_eq!(u, "ws://h/custom?x=1&token=a.b.c&device=laptop&platform=desktop");
-        assert_eq!(a, "h:80");
+        let t = build_url("ws://127.0.0.1:9000", &o).unwrap();
+        assert_eq!(t.url, "ws://127.0.0.1:9000/ws?token=a.b.c&device=laptop&platform=desktop");
+        assert_eq!((t.connect.as_str(), t.tls_name), ("127.0.0.1:9000", None));
+        let t = build_url("127.0.0.1:9000/", &o.clone().token_in_header()).unwrap();
+        assert_eq!(t.url, "ws://127.0.0.1:9000/ws?device=laptop&platform=desktop");
+        let t = build_url("ws://h/custom?x=1", &o).unwrap();
+        assert_eq!(t.url, "ws://h/custom?x=1&token=a.b.c&device=laptop&platform=desktop");
+        assert_eq!(t.connect, "h:80");
         let none = ConnectOptions { token: None, device: None, platform: Some("we b".into()), ..o };
-        let (u, _) = build_url("ws://[::1]:9", &none).unwrap();
-        assert_eq!(u, "ws://[::1]:9/ws?platform=we%20b");
-        assert!(matches!(build_url("wss://h:1", &none), Err(SdkError::InvalidUrl(_))));
+        let t = build_url("ws://[::1]:9", &none).unwrap();
+        assert_eq!(t.url, "ws://[::1]:9/ws?platform=we%20b");
+        // wss://: port 443 unless given, and the host name the certificate must match.
+        let t = build_url("wss://chat.example.com", &none).unwrap();
+        assert_eq!(t.url, "wss://chat.example.com/ws?platform=we%20b");
+        assert_eq!((t.connect.as_str(), t.tls_name.as_deref()), ("chat.example.com:443", Some("chat.example.com")));
+        let t = build_url("WSS://[::1]:9443/ws", &none).unwrap();
+        assert_eq!((t.connect.as_str(), t.tls_name.as_deref()), ("[::1]:9443", Some("::1")));
+        assert!(matches!(build_url("https://h:1", &none), Err(SdkError::InvalidUrl(_))));
+    }
+
+    #[test]
+    fn tls_roots_from_pem() {
+        assert!(matches!(tls_config_with_roots(b"not pem"), Err(SdkError::Tls(_))));
+        let broken = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(matches!(tls_config_with_roots(broken), Err(SdkError::Tls(_))));
     }
 }

@@ -1,0 +1,118 @@
+//! Terminals over TLS (`wss://`, `listen.client_tls`) on a real node: the SDK connects with the
+//! node's certificate as its root, gets `welcome`, messages and acks exactly as over `ws://`;
+//! the admin port sees the terminal's own address; a client that does not speak TLS, or does
+//! not trust the certificate, is refused without harming the node; the plain port still works.
+mod support;
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use ether_engine::config::Tls;
+use ether_proto::ClientFrame;
+use ether_sdk::{tls_config_with_roots, ConnectOptions, SdkError, TerminalClient};
+use support::*;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn tls_node() -> TestNode {
+    TestNode::with(|c| {
+        c.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls = Some(Tls { cert_path: fixture("tls-cert.pem"), key_path: fixture("tls-key.pem") });
+    })
+}
+
+fn wss_url(node: &TestNode) -> String {
+    format!("wss://localhost:{}", node.ports.client_tls.expect("a TLS listener").port())
+}
+
+fn trusting(node: &TestNode, user: &str, device: &str) -> ConnectOptions {
+    let pem = std::fs::read(fixture("tls-cert.pem")).unwrap();
+    ConnectOptions::new(&node.token(user), device, "ios").tls(tls_config_with_roots(&pem).unwrap())
+}
+
+#[test]
+fn a_terminal_over_tls_gets_its_messages_like_any_other() {
+    let node = tls_node();
+    let (mut phone, welcome) = TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "tia", "phone")).unwrap();
+    assert_eq!((welcome.user.as_str(), welcome.device.as_str()), ("tia", "phone"));
+    assert!(phone.socket_mut().get_ref().is_tls());
+    // The same user on the plain port too: both get every message, in order.
+    let mut web = node.terminal("tia", "web");
+    let gw = node.gateway();
+    let sent: Vec<String> =
+        (0..20).map(|i| gw.send_message(&text("ops", "tia", &format!("m{i}"))).unwrap().id).collect();
+    for t in [&mut phone, &mut web] {
+        let got: Vec<String> = (0..20)
+            .map(|_| {
+                let m = next_msg(t);
+                t.ack(m.seq).unwrap();
+                m.id
+            })
+            .collect();
+        assert_eq!(got, sent);
+    }
+    // Frames bigger than a TLS record and than the relay's buffer cross intact.
+    let big = "x".repeat(3000);
+    gw.send_message(&text("ops", "tia", &big)).unwrap();
+    let m = next_msg(&mut phone);
+    assert_eq!(m.body["text"], big.as_str());
+    // The terminal's own address, not the relay's, is what the admin port shows.
+    let r = node.admin().request("GET", "/admin/v1/users/tia", None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let remotes: Vec<&str> =
+        v["connections"].as_array().unwrap().iter().map(|c| c["remote"].as_str().unwrap()).collect();
+    assert_eq!(remotes.len(), 2, "{v}");
+    assert!(remotes.iter().all(|r| r.starts_with("127.0.0.1:")), "{remotes:?}");
+    // Terminal requests work over TLS too, and a close ends the session on the node.
+    phone.send_frame(&ClientFrame::Ping).unwrap();
+    phone.close().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while node.shared().shards.iter().map(|s| s.connections.load(std::sync::atomic::Ordering::Relaxed)).sum::<u64>() > 1
+    {
+        assert!(std::time::Instant::now() < deadline, "the TLS terminal's session never closed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn clients_that_do_not_speak_or_trust_tls_are_refused_and_the_node_stays_up() {
+    let node = tls_node();
+    let port = node.ports.client_tls.unwrap().port();
+    // Plain HTTP to the TLS port: the TLS handshake fails, the connection is closed.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let _ = plain.read_to_end(&mut buf);
+    assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 101"), "no upgrade without TLS");
+    // The default roots do not include the node's self-signed certificate.
+    let untrusting = ConnectOptions::new(&node.token("uma"), "phone", "ios");
+    match TerminalClient::connect_with(&wss_url(&node), &untrusting) {
+        Err(SdkError::Io(e)) => assert!(e.to_string().to_lowercase().contains("certificate"), "{e}"),
+        other => panic!("expected a certificate error, got {other:?}"),
+    }
+    // A bad token over TLS gets the same 401 as over ws://.
+    let bad = ConnectOptions { token: Some("not.a.jwt".into()), ..trusting(&node, "uma", "phone") };
+    match TerminalClient::connect_with(&wss_url(&node), &bad) {
+        Err(e) => assert_eq!(e.status(), Some(401), "{e}"),
+        Ok(_) => panic!("a bad token was let in over TLS"),
+    }
+    // Both ports still serve.
+    TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "uma", "phone")).unwrap();
+    node.terminal("uma", "web");
+    let failures: u64 =
+        node.shared().shards.iter().map(|s| s.handshake_failures.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    assert!(failures >= 2, "failed TLS handshakes are counted: {failures}");
+}
+
+#[test]
+fn a_node_refuses_to_start_with_an_unusable_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ether_engine::config::Config::test_min(dir.path().to_path_buf());
+    config.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
+    config.tls = Some(Tls { cert_path: fixture("tls-key.pem"), key_path: fixture("tls-key.pem") });
+    let err = ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("tls.cert_path") && err.contains("no CERTIFICATE block"), "{err}");
+}
