@@ -32,7 +32,7 @@ use crate::shard::Shard;
 use crate::stats::ShardCounters;
 
 /// Bytes each direction of a relay copies at once.
-pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
+pub const RELAY_BUFFER_BYTES: usize = 4 * 1024;
 /// Accept-error back-off bounds (EMFILE and friends must not spin).
 const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
