@@ -44,6 +44,22 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts terminals until the node stops; each is upgraded in its own task.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
+    accept_terminals(shard, listener, stop, "client", |shard, stream| {
+        shard.spawn_terminal_task(upgrade(shard.clone(), stream))
+    })
+    .await;
+}
+
+/// The accept loop of a terminal listener (`what` names it in logs): refuses past
+/// `limits.connections_per_shard_max`, backs off on accept errors (EMFILE and friends must
+/// not spin), hands each connection to `serve`.
+pub(crate) async fn accept_terminals(
+    shard: Rc<Shard>,
+    listener: TcpListener,
+    stop: Stop,
+    what: &'static str,
+    serve: impl Fn(&Rc<Shard>, TcpStream),
+) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     while !stop.is_stopped() {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -56,14 +72,14 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
             Ok(stream) => {
                 backoff = ACCEPT_BACKOFF_MIN;
                 if shard.live_sessions() >= shard.config.limits.connections_per_shard_max {
-                    debug!(shard = shard.id, "connection cap reached, refusing a terminal");
+                    debug!(shard = shard.id, listener = what, "connection cap reached, refusing a terminal");
                     ShardCounters::add(&shard.counters().handshake_failures, 1);
                     continue;
                 }
-                shard.spawn_terminal_task(upgrade(shard.clone(), stream));
+                serve(&shard, stream);
             }
             Err(e) => {
-                warn!(shard = shard.id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed on the client port; backing off");
+                warn!(shard = shard.id, listener = what, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
                 glommio::timer::sleep(backoff).await;
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }

@@ -33,9 +33,6 @@ use crate::stats::ShardCounters;
 
 /// Bytes each direction of a relay copies at once.
 pub const RELAY_BUFFER_BYTES: usize = 4 * 1024;
-/// Accept-error back-off bounds (EMFILE and friends must not spin).
-const ACCEPT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(5);
-const ACCEPT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the TLS listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -79,31 +76,10 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 /// Accepts TLS terminals until the node stops; each gets its own task (handshake, then relay).
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsAcceptor, stop: Stop) {
-    let mut backoff = ACCEPT_BACKOFF_MIN;
-    while !stop.is_stopped() {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stop.stopped().await;
-            None
-        })
-        .await;
-        let Some(accepted) = accepted else { break };
-        match accepted {
-            Ok(stream) => {
-                backoff = ACCEPT_BACKOFF_MIN;
-                if shard.live_sessions() >= shard.config.limits.connections_per_shard_max {
-                    debug!(shard = shard.id, "connection cap reached, refusing a TLS terminal");
-                    ShardCounters::add(&shard.counters().handshake_failures, 1);
-                    continue;
-                }
-                shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone()));
-            }
-            Err(e) => {
-                warn!(shard = shard.id, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed on the TLS client port; backing off");
-                glommio::timer::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-            }
-        }
-    }
+    crate::conn::accept_terminals(shard, listener, stop, "client_tls", |shard, stream| {
+        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone()))
+    })
+    .await;
 }
 
 /// One TLS terminal: handshake, then the plaintext side goes to `conn` and this task relays.
