@@ -15,7 +15,8 @@ fn dashboard_shows_the_live_node() {
         println!("skipped: chromium not installed (apt-get install -y chromium)");
         return;
     };
-    let node = TestNode::start();
+    let hook = support::webhook::receiver(0);
+    let node = TestNode::with(|c| c.events.webhook = Some(support::webhook::webhook(&hook)));
     let terminals: Vec<_> = (0..3).map(|i| node.terminal(&format!("viewer{i}"), "phone")).collect();
     for i in 0..4 {
         node.gateway().send_message(&text("ops", "viewer0", &format!("hello {i}"))).unwrap();
@@ -27,6 +28,7 @@ fn dashboard_shows_the_live_node() {
     assert!(dom.contains("data-state=\"live\""), "the page never went live:\n{dom}");
     assert!(dom.contains("id=\"kpi-connections\" class=\"value\">3</div>"), "live connection count missing:\n{dom}");
     assert!(dom.contains("viewer0"), "live connections table missing:\n{dom}");
+    assert!(dom.contains(&format!("Webhook {}: delivering", hook.url)), "the webhook's state is missing:\n{dom}");
     assert!(!dom.contains(&token), "the token must not end up in the DOM");
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/artifacts/dashboard-live.png");
     run_chromium(&bin, &url, &[format!("--screenshot={}", shot.display())], "engine-shot");

@@ -216,6 +216,7 @@
 
     renderShardTable(stats);
     renderReasons(totals.closes, stats.storage);
+    renderEvents(stats.events);
     renderConnections(conns, t);
     renderCloses(conns.recent_closes);
     drawAll();
@@ -290,6 +291,22 @@
     }
   }
 
+  function renderEvents(events) {
+    const el = $('events');
+    if (!events) {
+      el.textContent = 'Webhook: none configured.';
+      return;
+    }
+    const role = events.dispatching ? 'delivering' : 'standing by (another node delivers)';
+    let text = 'Webhook ' + events.webhook_url + ': ' + role + ', ' + fmtInt(events.events_sent) + ' events in ' +
+      fmtInt(events.batches_sent) + ' batches, ' + fmtInt(events.failures) + ' failed attempts';
+    if (events.consecutive_failures > 0) {
+      text += ', FAILING (' + fmtInt(events.consecutive_failures) + ' in a row: ' + (events.last_error || '?') + ')';
+    }
+    el.textContent = text + '.';
+    el.className = events.consecutive_failures > 0 ? 'warn' : 'muted';
+  }
+
   function renderConnections(conns, now) {
     $('conn-total').textContent = conns.connections.length + ' of ' + fmtInt(conns.total) +
       ' (sort ' + conns.sort + ' ' + conns.order + ')';
@@ -332,6 +349,12 @@
     return 10 * p;
   }
 
+  // An axis maximum for whole counts: below 20 a multiple of 4, so the 4 gridlines fall on
+  // whole numbers; above, as niceMax.
+  function countMax(v) {
+    return v < 20 ? Math.max(4, Math.ceil(v / 4) * 4) : niceMax(v);
+  }
+
   // The time window: the data seen so far, at least WINDOW_MIN_S, at most WINDOW_S.
   function timeWindow(now) {
     const span = history.length ? (now - history[0].t) / 1000 : 0;
@@ -365,7 +388,7 @@
     }
   }
 
-  function lineChart(canvas, series, fmt) {
+  function lineChart(canvas, series, fmt, counts) {
     const { ctx, w, h } = setup(canvas);
     const pad = { l: 56, r: 12, t: 24, b: 20 };
     const now = history.length ? history[history.length - 1].t : Date.now();
@@ -374,7 +397,7 @@
     const pts = history.filter((p) => p.t >= t0);
     let max = 0;
     for (const s of series) for (const p of pts) max = Math.max(max, s.get(p) || 0);
-    max = niceMax(max * 1.1);
+    max = counts ? countMax(max * 1.1) : niceMax(max * 1.1);
     const x = (t) => pad.l + (w - pad.l - pad.r) * (t - t0) / (win * 1000);
     const y = (v) => h - pad.b - (h - pad.t - pad.b) * (v / max);
     const yfmt = axisFmt(fmt);
@@ -445,7 +468,7 @@
     const shards = lastStats.shards;
     const rates = new Map(lastShardRates.map((r) => [r.shard, r]));
     const pad = { l: 56, r: 10, t: 22, b: 34 };
-    const max = niceMax(Math.max(1, ...shards.map((s) => s.connections)) * 1.1);
+    const max = countMax(Math.max(1, ...shards.map((s) => s.connections)) * 1.1);
     const y = (v) => h - pad.b - (h - pad.t - pad.b) * (v / max);
     ctx.strokeStyle = '#e5e7eb';
     ctx.fillStyle = '#6b7280';
@@ -481,7 +504,7 @@
   function drawAll() {
     lineChart($('chart-connections'), [
       { name: 'connections', get: (p) => p.conns, fill: true },
-    ], fmtInt);
+    ], fmtInt, true);
     lineChart($('chart-rates'), [
       { name: 'accepted', get: (p) => p.accepted },
       { name: 'deliveries', get: (p) => p.deliveries },
