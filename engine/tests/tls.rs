@@ -87,6 +87,14 @@ fn clients_that_do_not_speak_or_trust_tls_are_refused_and_the_node_stays_up() {
     let mut buf = Vec::new();
     let _ = plain.read_to_end(&mut buf);
     assert!(!String::from_utf8_lossy(&buf).contains("HTTP/1.1 101"), "no upgrade without TLS");
+    // A client that connects and says nothing is dropped after limits.handshake_timeout_ms.
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let t0 = std::time::Instant::now();
+    let n = silent.read(&mut [0u8; 16]).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    let waited = t0.elapsed();
+    assert!(waited >= node.config.limits.handshake_timeout / 2 && waited < WAIT, "{waited:?}");
     // The default roots do not include the node's self-signed certificate.
     let untrusting = ConnectOptions::new(&node.token("uma"), "phone", "ios");
     match TerminalClient::connect_with(&wss_url(&node), &untrusting) {
@@ -104,7 +112,7 @@ fn clients_that_do_not_speak_or_trust_tls_are_refused_and_the_node_stays_up() {
     node.terminal("uma", "web");
     let failures: u64 =
         node.shared().shards.iter().map(|s| s.handshake_failures.load(std::sync::atomic::Ordering::Relaxed)).sum();
-    assert!(failures >= 2, "failed TLS handshakes are counted: {failures}");
+    assert!(failures >= 3, "failed TLS handshakes are counted: {failures}");
 }
 
 #[test]
