@@ -74,6 +74,9 @@ pub struct FleetSpec {
     /// Keep the id of every message received (`reconnect`).
     #[serde(default)]
     pub track_ids: bool,
+    /// Connect over TLS (`wss://`, `--tls`).
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsSpec>,
 }
 
 impl FleetSpec {
@@ -265,6 +268,7 @@ async fn thread_main(
         spec: spec.clone(),
         state: state.clone(),
         connects: Rc::new(glommio::sync::Semaphore::new(spec.max_inflight.max(1) as u64)),
+        tls: spec.tls.as_ref().and_then(|t| t.connector().ok()),
         rejoin: Rc::new(glommio::sync::Semaphore::new(0)),
         live,
         thread: t,

@@ -64,6 +64,7 @@ pub mod scenario;
 pub mod spawn;
 pub mod stats;
 pub mod terminal;
+pub mod tls;
 pub mod token;
 pub mod wire_limit;
 pub mod workers;

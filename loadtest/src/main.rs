@@ -183,6 +183,17 @@ struct Common {
     /// The existing node's pid, to sample its RSS and CPU.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Terminals connect over TLS: with --spawn the node gets a TLS listener (a bundled
+    /// self-signed certificate for localhost); with --node-data, its `client_tls` listener;
+    /// with --client, that address is a `wss://` listener. Not with --wire-limit.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls and an existing node: PEM certificate(s) to trust (its own or its CA).
+    #[arg(long, requires = "tls")]
+    tls_ca: Option<PathBuf>,
+    /// With --tls: the name the node's certificate is for.
+    #[arg(long, default_value = "localhost", requires = "tls")]
+    tls_name: String,
     /// Drive only the in-tool wire-limit server (no engine needed).
     #[arg(long, conflicts_with_all = ["spawn", "client", "node_data"])]
     wire_only: bool,
@@ -269,6 +280,15 @@ struct Push {
 }
 
 fn options(scenario: Scenario, c: Common) -> Result<Options, String> {
+    let tls = match (c.tls, &c.tls_ca) {
+        (false, _) => None,
+        (true, _) if c.spawn => None,
+        (true, Some(ca)) => {
+            let ca_pem = std::fs::read_to_string(ca).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+            Some(ether_loadtest::tls::TlsSpec { ca_pem, server_name: c.tls_name.clone() })
+        }
+        (true, None) => return Err("--tls against an existing node needs --tls-ca FILE (the PEM to trust)".into()),
+    };
     let target = if c.wire_only {
         TargetSpec::Wire
     } else if c.spawn {
@@ -279,9 +299,10 @@ fn options(scenario: Scenario, c: Common) -> Result<Options, String> {
             keep_data: c.keep_data,
             start_timeout: Duration::from_secs(30),
             cluster: c.cluster,
+            tls: c.tls,
         })
     } else if let Some(dir) = c.node_data {
-        TargetSpec::DataDir { dir, server_pid: c.server_pid }
+        TargetSpec::DataDir { dir, server_pid: c.server_pid, tls }
     } else if let Some(client) = c.client {
         TargetSpec::External {
             client,
@@ -289,6 +310,7 @@ fn options(scenario: Scenario, c: Common) -> Result<Options, String> {
             jwt_secret: c.jwt_secret.ok_or("--client needs --jwt-secret (or ETHER_AUTH_JWT_SECRET)")?,
             api_key: c.api_key.unwrap_or_default(),
             server_pid: c.server_pid,
+            tls,
         }
     } else {
         return Err(

@@ -94,9 +94,11 @@ pub enum TargetSpec {
         jwt_secret: String,
         api_key: String,
         server_pid: Option<u32>,
+        /// `client` is a `wss://` listener.
+        tls: Option<crate::tls::TlsSpec>,
     },
-    /// An existing node's data dir (ports.json, secrets.toml).
-    DataDir { dir: PathBuf, server_pid: Option<u32> },
+    /// An existing node's data dir (ports.json, secrets.toml); with `tls`, its `client_tls`.
+    DataDir { dir: PathBuf, server_pid: Option<u32>, tls: Option<crate::tls::TlsSpec> },
     /// Only the in-tool wire-limit server.
     Wire,
 }
@@ -457,10 +459,12 @@ impl Outcome {
 fn make_target(spec: &TargetSpec, wire_processes: usize) -> Result<Target, String> {
     match spec {
         TargetSpec::Spawn(o) => Target::spawn_engine(o),
-        TargetSpec::External { client, api, jwt_secret, api_key, server_pid } => {
-            Ok(Target::external(*client, *api, jwt_secret.clone(), api_key.clone(), *server_pid))
+        TargetSpec::External { client, api, jwt_secret, api_key, server_pid, tls } => {
+            let mut t = Target::external(*client, *api, jwt_secret.clone(), api_key.clone(), *server_pid);
+            t.tls = tls.clone();
+            Ok(t)
         }
-        TargetSpec::DataDir { dir, server_pid } => Target::from_data_dir(dir, *server_pid),
+        TargetSpec::DataDir { dir, server_pid, tls } => Target::from_data_dir(dir, *server_pid, tls.clone()),
         TargetSpec::Wire => Target::wire_limit(wire_processes, None),
     }
 }
@@ -476,6 +480,14 @@ pub fn run(opts: &Options) -> Result<Outcome, String> {
             opts.per_process_max,
             opts.scenario.name()
         ));
+    }
+    let tls = match &opts.target {
+        TargetSpec::Spawn(o) => o.tls,
+        TargetSpec::External { tls, .. } | TargetSpec::DataDir { tls, .. } => tls.is_some(),
+        TargetSpec::Wire => false,
+    };
+    if tls && opts.wire_limit {
+        return Err("--tls: the wire-limit server speaks no TLS; run without --wire-limit".into());
     }
     if opts.scenario == Scenario::Reconnect && wire_involved {
         return Err("reconnect needs a node that stores messages (sync); the wire-limit server stores nothing".into());
@@ -791,11 +803,16 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         group_ack_ms: opts.group_ack.as_millis() as u64,
         read_every: opts.read_every,
         track_ids: opts.scenario == Scenario::Reconnect,
+        tls: target.tls.clone(),
     };
+    if let Some(tls) = &spec.tls {
+        tls.connector()?;
+    }
     let label = format!("{} {}", opts.scenario.name(), target.kind);
     let live = Live::new(opts.live, &label, n);
     live.say(&format!(
-        "{label}: {n} terminals -> ws://{}/ws at {}/s (run {run_id})",
+        "{label}: {n} terminals -> {}://{}/ws at {}/s (run {run_id})",
+        if target.tls.is_some() { "wss" } else { "ws" },
         target.client,
         if opts.connect_rate > 0.0 { format!("{:.0}", opts.connect_rate) } else { "max".into() }
     ));

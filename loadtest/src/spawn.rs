@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::tls::{TlsSpec, SPAWN_CERT_PEM, SPAWN_KEY_PEM};
 use crate::wire_limit::{WireServer, WIRE_SECRET};
 
 /// Where the scenario sends its traffic.
@@ -29,6 +30,8 @@ pub struct Target {
     pub server_pids: Vec<u32>,
     /// Where the spawned node's output goes.
     pub log: Option<PathBuf>,
+    /// Terminals connect over TLS (`client` is then the node's `wss://` listener).
+    pub tls: Option<TlsSpec>,
     _guard: Option<Box<dyn Any>>,
 }
 
@@ -52,17 +55,24 @@ impl Target {
             admin_token: None,
             server_pids: server_pid.into_iter().collect(),
             log: None,
+            tls: None,
             _guard: None,
         }
     }
 
-    /// A node's own data dir: addresses from `ports.json`, secrets from `secrets.toml`.
-    pub fn from_data_dir(dir: &Path, server_pid: Option<u32>) -> Result<Target, String> {
+    /// A node's own data dir: addresses from `ports.json`, secrets from `secrets.toml`; with
+    /// `tls`, its `client_tls` listener.
+    pub fn from_data_dir(dir: &Path, server_pid: Option<u32>, tls: Option<TlsSpec>) -> Result<Target, String> {
         let ports = read_ports(dir)?;
         let secrets = read_secrets(dir)?;
+        let client = match (&tls, ports.client_tls) {
+            (None, _) => ports.client,
+            (Some(_), Some(addr)) => addr,
+            (Some(_), None) => return Err(format!("{}: the node has no TLS listener (client_tls)", dir.display())),
+        };
         Ok(Target {
             kind: "external",
-            client: ports.client,
+            client,
             api: Some(ports.api),
             admin: Some(ports.admin),
             more_clients: Vec::new(),
@@ -72,6 +82,7 @@ impl Target {
             admin_token: secrets.admin_token,
             server_pids: server_pid.into_iter().collect(),
             log: None,
+            tls,
             _guard: None,
         })
     }
@@ -91,6 +102,7 @@ impl Target {
             admin_token: None,
             server_pids: w.pids(),
             log: None,
+            tls: None,
             _guard: Some(Box::new(w)),
         })
     }
@@ -104,13 +116,21 @@ impl Target {
             None => find_ether_bin()?,
         };
         if opts.cluster >= 2 {
+            if opts.tls {
+                return Err("--tls with --cluster is not supported yet: drive one node".into());
+            }
             return Self::spawn_cluster(&bin, opts);
         }
         let (node, ports, secrets, log_path) = spawn_node(&bin, opts, &[], &[])?;
         let secrets = secrets.ok_or("ether serve wrote no secrets.toml")?;
+        let client = match (opts.tls, ports.client_tls) {
+            (false, _) => ports.client,
+            (true, Some(tls)) => tls,
+            (true, None) => return Err("the spawned node wrote no client_tls address".into()),
+        };
         Ok(Target {
             kind: "engine",
-            client: ports.client,
+            client,
             api: Some(ports.api),
             admin: Some(ports.admin),
             more_clients: Vec::new(),
@@ -120,6 +140,7 @@ impl Target {
             admin_token: secrets.admin_token,
             server_pids: vec![node.child.id()],
             log: Some(log_path),
+            tls: opts.tls.then(|| TlsSpec { ca_pem: SPAWN_CERT_PEM.into(), server_name: "localhost".into() }),
             _guard: Some(Box::new(node)),
         })
     }
@@ -163,6 +184,7 @@ impl Target {
             admin_token: secrets.admin_token,
             server_pids: pids,
             log: Some(log),
+            tls: None,
             // Nodes first, then Redis (dropped in this order).
             _guard: Some(Box::new((nodes, redis))),
         })
@@ -194,6 +216,12 @@ fn spawn_node(
         .args(["--listen-admin", "127.0.0.1:0"]);
     if let Some(s) = opts.shards {
         cmd.args(["--shards", &s.to_string()]);
+    }
+    if opts.tls {
+        let (cert, key) = (dir.join("tls-cert.pem"), dir.join("tls-key.pem"));
+        std::fs::write(&cert, SPAWN_CERT_PEM).map_err(|e| format!("{}: {e}", cert.display()))?;
+        std::fs::write(&key, SPAWN_KEY_PEM).map_err(|e| format!("{}: {e}", key.display()))?;
+        cmd.args(["--listen-client-tls", "127.0.0.1:0"]).arg("--tls-cert").arg(&cert).arg("--tls-key").arg(&key);
     }
     cmd.args(args).args(&opts.extra_args);
     for (k, v) in env {
@@ -321,6 +349,8 @@ pub struct SpawnOptions {
     pub start_timeout: Duration,
     /// Nodes of a cluster to spawn (joined through a private redis-server); 0 or 1: one node.
     pub cluster: usize,
+    /// Give the node a TLS listener (with [`SPAWN_CERT_PEM`]) and drive that one.
+    pub tls: bool,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +358,8 @@ struct Ports {
     client: SocketAddr,
     api: SocketAddr,
     admin: SocketAddr,
+    #[serde(default)]
+    client_tls: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::Stamp;
 use crate::fleet::FleetSpec;
 use crate::stats::{Counters, Hist, Seen, SeqTracker};
+use crate::tls::Conn;
 use crate::token::Minter;
 use crate::wsframe::{self, Upgrade};
 
@@ -271,6 +272,8 @@ pub struct TermCtx {
     pub host: String,
     /// Handshakes in flight (first connects and reconnects).
     pub connects: Rc<Semaphore>,
+    /// The TLS connector and server name, with `--tls` (checked before the fleet starts).
+    pub tls: Option<(futures_rustls::TlsConnector, rustls::pki_types::ServerName<'static>)>,
     /// Permits handed out by the reconnect order to the terminals that were dropped.
     pub rejoin: Rc<Semaphore>,
     /// Distinct messages received so far, for the publisher's window (`group` hot).
@@ -511,10 +514,19 @@ async fn handshake(
     ctx: &TermCtx,
     global: u64,
     stage: &std::cell::Cell<&'static str>,
-) -> Result<(TcpStream, Vec<u8>), String> {
+) -> Result<(Conn, Vec<u8>), String> {
     let spec = &ctx.spec;
-    let mut stream = connect(spec.client_for(global), source_ip(global, spec.source_ips))
+    let tcp = connect(spec.client_for(global), source_ip(global, spec.source_ips))
         .map_err(|e| format!("connect: {}", err_kind(&e)))?;
+    let mut stream = match &ctx.tls {
+        None => Conn::Plain(tcp),
+        Some((connector, name)) => {
+            stage.set("the TLS handshake");
+            let tls = connector.connect(name.clone(), tcp).await.map_err(|e| format!("tls: {e}"))?;
+            stage.set("connect");
+            Conn::Tls(Box::new(tls))
+        }
+    };
     let user = ctx.user(global);
     let token = ctx.minter.mint(&user);
     let path = format!("{}?token={}&device={}&platform={}", spec.path, token, spec.device, spec.platform);
@@ -696,7 +708,7 @@ enum Wake {
 }
 
 /// The connected life of a terminal; returns why it ended.
-async fn serve(ctx: &TermCtx, slot: usize, global: u64, stream: &mut TcpStream, rx: &mut Vec<u8>) -> Ended {
+async fn serve(ctx: &TermCtx, slot: usize, global: u64, stream: &mut Conn, rx: &mut Vec<u8>) -> Ended {
     let mut out: Vec<u8> = Vec::new();
     let mut frag: Option<(u8, Vec<u8>)> = None;
     loop {

@@ -294,6 +294,7 @@ mod tests {
             group_ack_ms: 0,
             read_every: 0,
             track_ids: false,
+            tls: None,
         };
         let parts = split(&spec, 3);
         assert_eq!(parts.iter().map(|p| (p.first, p.count)).collect::<Vec<_>>(), vec![(0, 4), (4, 3), (7, 3)]);

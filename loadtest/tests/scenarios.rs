@@ -484,3 +484,23 @@ fn unicast_against_a_two_node_cluster() {
     assert_eq!(m["misrouted"], 0, "{v}");
     assert_no_duplicates(&v);
 }
+
+/// `--tls`: the spawned node gets a TLS listener and the terminals connect over `wss://`;
+/// connecting, pushes and acks behave as over `ws://`, and the wire-limit twin is refused.
+#[test]
+fn idle_and_unicast_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = run_engine(&["idle", "--tls", "--connections", "100", "--hold", "1s"], tmp.path());
+    assert_all_connected(&v, 100);
+    let v = run_engine(&["unicast", "--tls", "--connections", "100", "--rate", "500", "--duration", "2s"], tmp.path());
+    assert_all_connected(&v, 100);
+    assert_no_loss(&v, 1000);
+    assert_no_duplicates(&v);
+    let out = Command::new(BIN)
+        .args(["idle", "--tls", "--spawn", "--wire-limit", "--connections", "10", "--plain", "--results-dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("speaks no TLS"), "{}", String::from_utf8_lossy(&out.stderr));
+}
