@@ -29,14 +29,42 @@ fn the_js_sdk_sends_receives_and_catches_up_after_being_away() {
         return;
     };
     let node = TestNode::start();
+    run_scenario(node_bin, &node, node.ws_url(), &[]);
+}
+
+/// The same scenario over `wss://` (the node's `listen.client_tls`), trusting the node's
+/// self-signed certificate through `NODE_EXTRA_CA_CERTS` as a browser would trust a real one.
+#[test]
+fn the_js_sdk_works_over_tls() {
+    let Some(node_bin) = node_with_websocket() else {
+        println!("skipped: node not installed (or without WebSocket)");
+        return;
+    };
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let node = TestNode::with(|c| {
+        c.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls = Some(ether_engine::config::Tls {
+            cert_path: fixtures.join("tls-cert.pem"),
+            key_path: fixtures.join("tls-key.pem"),
+        });
+    });
+    let url = format!("wss://localhost:{}", node.ports.client_tls.expect("TLS listener").port());
+    let ca = fixtures.join("tls-cert.pem").to_string_lossy().into_owned();
+    run_scenario(node_bin, &node, url, &[("NODE_EXTRA_CA_CERTS", ca)]);
+}
+
+/// Runs `sdk/js/test/scenario.mjs` against `node` at `ws_url`, pushing through the API when
+/// the script says so, and checks its verdict.
+fn run_scenario(node_bin: &str, node: &TestNode, ws_url: String, env: &[(&str, String)]) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/js/test/scenario.mjs");
     let mut child = Command::new(node_bin)
         .arg("--experimental-websocket")
         .arg("--no-warnings")
         .arg(&script)
-        .env("ETHER_WS", node.ws_url())
+        .env("ETHER_WS", ws_url)
         .env("TOKEN_ANN", node.token("ann"))
         .env("TOKEN_BOB", node.token("bob"))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -3,6 +3,8 @@
 //! ```text
 //! cargo run -p ether-sdk --example terminal -- --url ws://127.0.0.1:9000 --token <JWT> \
 //!     [--device laptop] [--platform desktop] [--header-token] [--proto] [--ping-s 20]
+//! # over TLS (a node with listen.client_tls); --ca for a private CA or a self-signed node
+//! cargo run -p ether-sdk --example terminal -- --url wss://localhost:9443 --ca node.pem --token <JWT>
 //! ```
 //!
 //! Get a token with `ether token --user alice` (or `POST /v1/tokens` on the api port); the
@@ -62,6 +64,10 @@ struct Args {
     /// Seconds between `ping` frames.
     #[arg(long, default_value_t = 20)]
     ping_s: u64,
+    /// With a `wss://` URL: PEM certificate(s) to trust instead of the Mozilla roots (a
+    /// private CA, or the node's own self-signed certificate).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
 }
 
 /// A line typed by the user, or the end of input.
@@ -208,6 +214,10 @@ fn run(args: Args) -> Result<(), SdkError> {
     opts.token_in_header = args.header_token;
     if args.proto {
         opts = opts.subprotocol(ether_sdk::proto::pb::SUBPROTOCOL_PROTO);
+    }
+    if let Some(ca) = &args.ca {
+        let pem = std::fs::read(ca).map_err(|e| SdkError::Tls(format!("--ca {}: {e}", ca.display())))?;
+        opts = opts.tls(ether_sdk::tls_config_with_roots(&pem)?);
     }
     let (client, w) = TerminalClient::connect_with(&args.url, &opts)?;
     let groups: Vec<String> = w.groups.iter().map(|(g, s)| format!("{g}#{s}")).collect();
