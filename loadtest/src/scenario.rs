@@ -155,6 +155,15 @@ pub struct Options {
 }
 
 impl Options {
+    /// Whether the terminals connect over TLS (`--tls`).
+    pub fn tls(&self) -> bool {
+        match &self.target {
+            TargetSpec::Spawn(o) => o.tls,
+            TargetSpec::External { tls, .. } | TargetSpec::DataDir { tls, .. } => tls.is_some(),
+            TargetSpec::Wire => false,
+        }
+    }
+
     /// Defaults for a scenario; callers override what they need.
     pub fn new(scenario: Scenario, target: TargetSpec) -> Options {
         Options {
@@ -481,12 +490,7 @@ pub fn run(opts: &Options) -> Result<Outcome, String> {
             opts.scenario.name()
         ));
     }
-    let tls = match &opts.target {
-        TargetSpec::Spawn(o) => o.tls,
-        TargetSpec::External { tls, .. } | TargetSpec::DataDir { tls, .. } => tls.is_some(),
-        TargetSpec::Wire => false,
-    };
-    if tls && opts.wire_limit {
+    if opts.tls() && opts.wire_limit {
         return Err("--tls: the wire-limit server speaks no TLS; run without --wire-limit".into());
     }
     if opts.scenario == Scenario::Reconnect && wire_involved {
@@ -545,6 +549,10 @@ fn fmt_rate(v: f64) -> String {
 
 /// The targets for the scenario, against the engine's run.
 fn targets(opts: &Options, run: Option<&RunResult>, ratios: Option<&serde_json::Value>) -> Vec<TargetCheck> {
+    // The targets are for terminals over ws://; a TLS run is measured, not judged.
+    if opts.tls() {
+        return Vec::new();
+    }
     let mut out = Vec::new();
     let Some(r) = run else {
         return out;
@@ -1587,5 +1595,16 @@ mod tests {
         assert!(checks(Scenario::Unicast, 5_000.0, &run(5_000.0, 0.5)).is_empty());
         let batch = checks(Scenario::Batch, 0.0, &run(160_000.0, 80.0));
         assert_eq!(batch, [("deliveries/s through the batch endpoint".to_owned(), true)]);
+        // Over TLS nothing is judged: the targets are for ws://.
+        let mut opts = Options::new(
+            Scenario::Unicast,
+            TargetSpec::DataDir {
+                dir: "d".into(),
+                server_pid: None,
+                tls: Some(crate::tls::TlsSpec { ca_pem: String::new(), server_name: "localhost".into() }),
+            },
+        );
+        opts.msg_rate = 0.0;
+        assert!(targets(&opts, Some(&run(51_000.0, 80.0)), None).is_empty());
     }
 }
