@@ -187,20 +187,27 @@ struct Envelope {
     event: BusEvent,
 }
 
-/// The registry entry of a node.
-#[derive(Debug, Serialize, Deserialize)]
+/// The registry entry of a node, rewritten at every heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct NodeEntry {
     client: String,
     api: String,
     admin: String,
     started_ms: u64,
+    /// Terminals connected at the last heartbeat (for cluster-wide broadcast counts).
+    #[serde(default)]
+    terminals: u64,
 }
+
+/// How a node counts its connected terminals (read at each heartbeat).
+pub type TerminalCount = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 enum Out {
     Publish(BusEvent),
     Online { user: String, device: String, platform: String, since: u64 },
     Offline { user: String, device: String },
     Presence { user: String, reply: oneshot::Sender<Vec<TerminalInfo>> },
+    TerminalsElsewhere { reply: oneshot::Sender<u64> },
 }
 
 /// The node's cluster link; `None` in `NodeShared` on a standalone node.
@@ -285,6 +292,7 @@ impl Cluster {
         secrets_digest: &str,
         commits: Arc<CommitQueues>,
         shards: usize,
+        terminals: TerminalCount,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let client = redis::Client::open(url)?;
         let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
@@ -294,12 +302,13 @@ impl Cluster {
             api: addrs.api.to_string(),
             admin: addrs.admin.to_string(),
             started_ms: unix_now_ms(),
+            terminals: 0,
         };
-        let entry = serde_json::to_string(&entry).unwrap_or_default();
+        let first_entry = serde_json::to_string(&entry).unwrap_or_default();
         // One live node per id: two would share id generators and presence entries.
         let registered: Option<String> = redis::cmd("SET")
             .arg(node_key(node_id))
-            .arg(&entry)
+            .arg(&first_entry)
             .arg("NX")
             .arg("PX")
             .arg(NODE_TTL.as_millis() as u64)
@@ -327,6 +336,7 @@ impl Cluster {
                 con: Some(con),
                 rx,
                 entry,
+                terminals,
                 stop: stop.clone(),
                 ok_ms: out_ok_ms.clone(),
             };
@@ -368,6 +378,14 @@ impl Cluster {
         self.send(Out::Offline { user: user.into(), device: device.into() });
     }
 
+    /// Terminals connected to the other live nodes, as of their last heartbeats (at most
+    /// `HEARTBEAT` old).
+    pub async fn terminals_elsewhere(&self) -> u64 {
+        let (tx, rx) = oneshot::channel();
+        self.send(Out::TerminalsElsewhere { reply: tx });
+        rx.await.unwrap_or_default()
+    }
+
     /// The user's terminals on the other live nodes.
     pub async fn presence_elsewhere(&self, user: &str) -> Vec<TerminalInfo> {
         let (tx, rx) = oneshot::channel();
@@ -405,7 +423,8 @@ struct OutWorker {
     client: redis::Client,
     con: Option<redis::Connection>,
     rx: Receiver<Out>,
-    entry: String,
+    entry: NodeEntry,
+    terminals: TerminalCount,
     stop: Arc<AtomicBool>,
     ok_ms: Arc<AtomicU64>,
 }
@@ -461,11 +480,13 @@ impl OutWorker {
 
     fn write(&mut self, batch: &mut Vec<Out>, beat: bool) -> redis::RedisResult<()> {
         let node_id = self.node_id.clone();
-        let entry = self.entry.clone();
+        let entry = NodeEntry { terminals: (self.terminals)(), ..self.entry.clone() };
+        let entry = serde_json::to_string(&entry).unwrap_or_default();
         let generators = self.generators.clone();
         let con = self.connection()?;
         let mut pipe = redis::pipe();
         let mut lookups = Vec::new();
+        let mut counts = Vec::new();
         if beat {
             let ttl = NODE_TTL.as_millis() as u64;
             pipe.cmd("SET").arg(node_key(&node_id)).arg(&entry).arg("PX").arg(ttl).ignore();
@@ -495,14 +516,41 @@ impl OutWorker {
                     pipe.cmd("HDEL").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).ignore();
                 }
                 Out::Presence { user, reply } => lookups.push((user, reply)),
+                Out::TerminalsElsewhere { reply } => counts.push(reply),
             }
         }
         pipe.query::<()>(con)?;
         for (user, reply) in lookups {
             let _ = reply.send(presence_of(con, &node_id, &user)?);
         }
+        if !counts.is_empty() {
+            let n = terminals_of_others(con, &node_id)?;
+            for reply in counts {
+                let _ = reply.send(n);
+            }
+        }
         Ok(())
     }
+}
+
+/// The terminals the live nodes other than `me` reported at their last heartbeats.
+fn terminals_of_others(con: &mut redis::Connection, me: &str) -> redis::RedisResult<u64> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(node_key("*")).arg("COUNT").arg(1000).query(con)?;
+        keys.extend(batch.into_iter().filter(|k| *k != node_key(me)));
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let entries: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(con)?;
+    Ok(entries.iter().flatten().filter_map(|e| serde_json::from_str::<NodeEntry>(e).ok()).map(|e| e.terminals).sum())
 }
 
 /// The user's terminals registered by live nodes other than `me`.

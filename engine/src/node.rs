@@ -213,8 +213,13 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         let addrs = crate::cluster::Addresses { client, api, admin };
         let a = &config.auth;
         let digest = crate::cluster::secrets_digest(a.jwt_secret.expose(), a.api_key.expose(), a.admin_token.expose());
-        let cluster = crate::cluster::Cluster::start(url, &config.node.id, &addrs, &digest, commits.clone(), shards)
-            .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
+        let weak = Arc::downgrade(&shared);
+        let terminals: crate::cluster::TerminalCount = Arc::new(move || {
+            weak.upgrade().map_or(0, |s| s.shards.iter().map(|c| c.connections.load(Ordering::Relaxed)).sum())
+        });
+        let cluster =
+            crate::cluster::Cluster::start(url, &config.node.id, &addrs, &digest, commits.clone(), shards, terminals)
+                .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
         let _ = shared.cluster.set(cluster);
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

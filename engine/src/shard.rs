@@ -596,12 +596,14 @@ impl Shard {
         n
     }
 
-    /// Writes `frame` to every terminal of the node; returns how many got it.
+    /// Writes `frame` to every terminal of the node; returns how many got it. In cluster mode
+    /// the other nodes write it to theirs, counted as their last heartbeats reported them.
     pub async fn broadcast(self: &Rc<Self>, frame: Arc<ServerFrame>) -> Result<u64, EngineError> {
+        let mut total = 0;
         if let Some(cluster) = self.node.cluster() {
             cluster.publish(crate::cluster::BusEvent::Broadcast { frame: (*frame).clone() });
+            total += cluster.terminals_elsewhere().await;
         }
-        let mut total = 0;
         let mut waits = Vec::new();
         for to in 0..self.shards {
             let frame = frame.clone();

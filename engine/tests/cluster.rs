@@ -304,3 +304,40 @@ fn one_node_at_a_time_delivers_the_shared_outbox_to_the_webhook() {
     assert!(dispatching(&stays));
     assert_eq!(hook.repeated(), vec![], "no event posted twice across the hand-over");
 }
+
+#[test]
+fn a_broadcast_reaches_and_counts_the_terminals_of_every_node() {
+    let Some(redis) = redis_or_skip() else { return };
+    // Terminals that stay (these do not ping; the test config drops silent ones after 3 s).
+    let node = |id: &str| {
+        let (url, id) = (redis.url(), id.to_owned());
+        TestNode::with(move |c| {
+            c.cluster.redis_url = Some(url);
+            c.node.id = id;
+            c.limits.idle_timeout = Duration::from_secs(60);
+        })
+    };
+    let a = node("node-a");
+    let b = node("node-b");
+    let _on_a: Vec<_> = (0..2).map(|i| a.terminal(&format!("ava{i}"), "phone")).collect();
+    let mut on_b = b.terminal("bea", "phone");
+    // Node B reports its terminals at its next heartbeat (every 3 s): until then A counts
+    // fewer; the count settles at every terminal of the cluster.
+    let body = br#"{"kind":"text","body":{"text":"maintenance at noon"}}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = a.gateway().request("POST", "/v1/broadcast", Some(body)).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        if v["terminals"] == 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the count never covered node B: {v}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // And B's terminal got it.
+    match on_b.recv_until(|f| matches!(f, ServerFrame::Msg(m) if m.body["text"] == "maintenance at noon"), WAIT) {
+        Ok(_) => {}
+        other => panic!("no broadcast on node B: {other:?}"),
+    }
+}
