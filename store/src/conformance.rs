@@ -23,7 +23,8 @@ pub fn next_id() -> u64 {
     (ms << 20) + (COUNTER.fetch_add(1, Ordering::Relaxed) & 0xF_FFFF)
 }
 
-fn now_ms() -> u64 {
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -385,3 +385,55 @@ fn ops_run_as_a_function_library() {
     let a = b.apply(text("ann", "bob", None, "again")).unwrap().appended().unwrap();
     assert_eq!(a.receiver_seq, 2, "loaded again after FUNCTION FLUSH, nothing lost");
 }
+
+/// Messages stored before the retention list `msgq` existed sit in the `msgs` sorted set:
+/// a purge takes those first, then the list, in bounded steps, and keeps what is younger.
+#[test]
+fn purge_takes_messages_stored_in_the_older_layout_too() {
+    let Some(redis) = redis() else { return };
+    let prefix = format!("t{}:", N.fetch_add(1, Ordering::Relaxed));
+    let mut b =
+        RedisBackend::open(&redis.url(), RedisOptions { prefix: prefix.clone(), events_stream: None, outbox: true })
+            .unwrap();
+    let old_ts = conformance::now_ms() - 40 * 86_400_000;
+    for i in 0..5 {
+        let op = Op::Append(NewMessage {
+            id: conformance::next_id(),
+            ts: old_ts + i,
+            from: "old".into(),
+            to: "kept".into(),
+            kind: ether_proto::Kind::Text,
+            body: "{\"text\":\"old\"}".into(),
+            cid: None,
+        });
+        b.apply(op).unwrap();
+    }
+    b.apply(text("new", "kept", None, "new")).unwrap();
+    // The first three as an older version stored them.
+    let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    for _ in 0..3 {
+        let pid: String = ::redis::cmd("LPOP").arg(format!("{prefix}msgq")).query(&mut con).unwrap();
+        ::redis::cmd("ZADD").arg(format!("{prefix}msgs")).arg(0).arg(&pid).query::<()>(&mut con).unwrap();
+    }
+    let cutoff = conformance::now_ms() - 30 * 86_400_000;
+    let (mut purged, mut steps) = (0, 0);
+    loop {
+        let Reply::Purged { messages, more } = b.apply(Op::Purge { older_than_ms: cutoff, max_rows: 2 }).unwrap()
+        else {
+            panic!("not a purge reply")
+        };
+        assert!(messages <= 2);
+        purged += messages;
+        steps += 1;
+        if !more {
+            break;
+        }
+        assert!(steps < 20);
+    }
+    assert_eq!(purged, 5);
+    let left = inbox(&mut b, "kept");
+    assert_eq!(left.len(), 1, "only the young message stays");
+    let zset: u64 = ::redis::cmd("ZCARD").arg(format!("{prefix}msgs")).query(&mut con).unwrap();
+    let list: u64 = ::redis::cmd("LLEN").arg(format!("{prefix}msgq")).query(&mut con).unwrap();
+    assert_eq!((zset, list), (0, 1));
+}

@@ -15,7 +15,8 @@
 --   P ib:<user>          zset   inbox positions: score seq, member "<pid>|<o>|<peer>", o = 1 when
 --                               the owner sent it (outgoing or to oneself), 0 when received
 --   P m:<pid>            hash   message: t (u|g), ts, from, to | gid, seq, fseq, kind, body, cid
---   P msgs               zset   every stored pid, score 0 (lexical order = id order): retention
+--   P msgq               list   every stored pid in the order stored (about time order): retention
+--   P msgs               zset   the same before msgq (score 0, lexical = id order); only purged
 --   P cid:<from>         hash   cid -> pid (idempotency, per sender, single and group alike)
 --   P rd:<user>          hash   read positions: "u:<peer>" | "g:<gid>" -> seq
 --   P dl:<user>          hash   delivery positions: "<device>|i" | "<device>|g:<gid>" -> seq
@@ -262,26 +263,40 @@ function OPS.append()
   if call('EXISTS', k('m:', pid)) == 1 then
     return { 'conflict', 'message id exists' }
   end
+  -- A user joins `users` with the first position of their inbox (nothing ever leaves it), so
+  -- later messages skip the SADD.
   local rseq = call('INCR', k('ih:', to))
+  if rseq == 1 then
+    call('SADD', k('users'), to)
+  end
   local sseq = -1
   local o = '1'
   if from ~= to then
     sseq = call('INCR', k('ih:', from))
     o = '0'
+    if sseq == 1 then
+      call('SADD', k('users'), from)
+    end
   end
-  local mk = k('m:', pid)
-  call('HSET', mk, 't', 'u', 'ts', ts, 'from', from, 'to', to, 'seq', rseq, 'kind', kind, 'body', body)
+  -- One HSET with every field of the message.
+  local fields = { 't', 'u', 'ts', ts, 'from', from, 'to', to, 'seq', rseq, 'kind', kind, 'body', body }
   if sseq >= 0 then
-    call('HSET', mk, 'fseq', sseq)
+    fields[#fields + 1] = 'fseq'
+    fields[#fields + 1] = sseq
+  end
+  if cid ~= '' then
+    fields[#fields + 1] = 'cid'
+    fields[#fields + 1] = cid
+  end
+  call('HSET', k('m:', pid), unpack(fields))
+  if sseq >= 0 then
     call('ZADD', k('ib:', from), sseq, pid .. '|1|' .. to)
   end
   call('ZADD', k('ib:', to), rseq, pid .. '|' .. o .. '|' .. from)
   if cid ~= '' then
-    call('HSET', mk, 'cid', cid)
     call('HSET', k('cid:', from), cid, pid)
   end
-  call('ZADD', k('msgs'), 0, pid)
-  call('SADD', k('users'), from, to)
+  call('RPUSH', k('msgq'), pid)
   return { 'ok', pid, ts, rseq, sseq, 0 }
 end
 
@@ -304,14 +319,17 @@ function OPS.append_group()
     return { 'conflict', 'message id exists' }
   end
   local seq = call('INCR', k('gh:', gid))
-  local mk = k('m:', pid)
-  call('HSET', mk, 't', 'g', 'ts', ts, 'from', from, 'gid', gid, 'seq', seq, 'kind', kind, 'body', body)
+  local fields = { 't', 'g', 'ts', ts, 'from', from, 'gid', gid, 'seq', seq, 'kind', kind, 'body', body }
+  if cid ~= '' then
+    fields[#fields + 1] = 'cid'
+    fields[#fields + 1] = cid
+  end
+  call('HSET', k('m:', pid), unpack(fields))
   call('ZADD', k('gl:', gid), seq, pid .. '|' .. from)
   if cid ~= '' then
-    call('HSET', mk, 'cid', cid)
     call('HSET', k('cid:', from), cid, pid)
   end
-  call('ZADD', k('msgs'), 0, pid)
+  call('RPUSH', k('msgq'), pid)
   call('SADD', k('users'), from)
   return { 'ok', pid, ts, seq, 0 }
 end
@@ -789,14 +807,12 @@ end
 -- ARGV: P, older_than_ms, max_rows
 function OPS.purge()
   local cutoff, max_rows = tonumber(ARGV[2]), tonumber(ARGV[3])
-  local pids = call('ZRANGEBYLEX', k('msgs'), '-', '+', 'LIMIT', 0, max_rows)
-  local deleted, stopped = 0, false
-  for _, pid in ipairs(pids) do
+  -- Deletes one message and its positions; false when it is younger than the cutoff.
+  local function purge_one(pid)
     local mk = k('m:', pid)
     local f = call('HMGET', mk, 'ts', 't', 'from', 'to', 'gid', 'seq', 'fseq', 'cid')
     if f[1] and num(f[1]) >= cutoff then
-      stopped = true
-      break
+      return false
     end
     if f[2] == 'u' then
       call('ZREMRANGEBYSCORE', k('ib:', f[4]), f[6], f[6])
@@ -810,11 +826,38 @@ function OPS.purge()
       call('HDEL', k('cid:', f[3]), f[8])
     end
     call('DEL', mk)
+    return true
+  end
+  local deleted, stopped = 0, false
+  -- Messages stored before msgq existed, in id order.
+  local old = call('ZRANGEBYLEX', k('msgs'), '-', '+', 'LIMIT', 0, max_rows)
+  for _, pid in ipairs(old) do
+    if not purge_one(pid) then
+      stopped = true
+      break
+    end
     call('ZREM', k('msgs'), pid)
     deleted = deleted + 1
   end
+  if not stopped and deleted < max_rows then
+    -- Then the list, oldest first; it is in the order stored, so a message a little younger
+    -- than one after it only stops this run early (the next run takes it).
+    local pids = call('LRANGE', k('msgq'), 0, max_rows - deleted - 1)
+    local gone = 0
+    for _, pid in ipairs(pids) do
+      if not purge_one(pid) then
+        stopped = true
+        break
+      end
+      gone = gone + 1
+    end
+    if gone > 0 then
+      call('LTRIM', k('msgq'), gone, -1)
+    end
+    deleted = deleted + gone
+  end
   local more = 0
-  if not stopped and #pids == max_rows then
+  if not stopped and deleted == max_rows then
     more = 1
   end
   return { 'ok', deleted, more }
