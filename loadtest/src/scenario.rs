@@ -549,8 +549,10 @@ fn fmt_rate(v: f64) -> String {
 
 /// The targets for the scenario, against the engine's run.
 fn targets(opts: &Options, run: Option<&RunResult>, ratios: Option<&serde_json::Value>) -> Vec<TargetCheck> {
-    // The targets are for terminals over ws://; a TLS run is measured, not judged.
-    if opts.tls() {
+    // The targets are for one node and terminals over ws://; a TLS or a cluster run
+    // (several nodes and Redis on the same cores) is measured, not judged.
+    let cluster = matches!(&opts.target, TargetSpec::Spawn(o) if o.cluster >= 2);
+    if opts.tls() || cluster {
         return Vec::new();
     }
     let mut out = Vec::new();
@@ -1604,6 +1606,19 @@ mod tests {
                 tls: Some(crate::tls::TlsSpec { ca_pem: String::new(), server_name: "localhost".into() }),
             },
         );
+        opts.msg_rate = 0.0;
+        assert!(targets(&opts, Some(&run(51_000.0, 80.0)), None).is_empty());
+        // Nor is a cluster run: the targets are for one node.
+        let spawn = SpawnOptions {
+            ether_bin: None,
+            shards: None,
+            extra_args: vec![],
+            keep_data: false,
+            start_timeout: Duration::from_secs(1),
+            cluster: 2,
+            tls: false,
+        };
+        let mut opts = Options::new(Scenario::Unicast, TargetSpec::Spawn(spawn));
         opts.msg_rate = 0.0;
         assert!(targets(&opts, Some(&run(51_000.0, 80.0)), None).is_empty());
     }
