@@ -275,6 +275,30 @@ fn check_secrets(con: &mut redis::Connection, digest: &str) -> Result<(), Cluste
     }
 }
 
+/// Warns when this node's webhook differs from the one the last node to join announced: the
+/// outbox is shared, and a node without a webhook keeps its events out of it (they reach only
+/// the `ether:events` stream), while one with another URL delivers everybody's events there
+/// whenever it holds the delivery lease. Then announces this node's (a digest, never the URL).
+/// A warning, not a refusal, so a rolling change of the URL can proceed node by node.
+fn check_webhook(con: &mut redis::Connection, node_id: &str, webhook_url: Option<&str>) -> Result<(), ClusterError> {
+    use sha2::Digest;
+    let key = format!("{KEY_PREFIX}events:webhook");
+    let mine = match webhook_url {
+        Some(url) => hex::encode(sha2::Sha256::digest(url.as_bytes())),
+        None => "none".to_owned(),
+    };
+    let theirs: Option<String> = redis::cmd("GETSET").arg(&key).arg(&mine).query(con)?;
+    if let Some(theirs) = theirs.filter(|t| *t != mine) {
+        let (yours, other) =
+            (if mine == "none" { "none" } else { "one" }, if theirs == "none" { "none" } else { "another" });
+        warn!(
+            node = node_id,
+            "this node's events.webhook_url ({yours}) differs from the cluster's ({other}): give every node the same one, or events accepted by some nodes miss the webhook"
+        );
+    }
+    Ok(())
+}
+
 /// Where the node listens, for its registry entry.
 pub struct Addresses {
     pub client: std::net::SocketAddr,
@@ -282,21 +306,33 @@ pub struct Addresses {
     pub admin: std::net::SocketAddr,
 }
 
+/// Who joins: what the node tells the cluster about itself.
+pub struct Joining<'a> {
+    pub node_id: &'a str,
+    pub addrs: &'a Addresses,
+    /// [`secrets_digest`] of the node's secrets (must match the cluster's).
+    pub secrets_digest: &'a str,
+    /// The node's `events.webhook_url`, if any (compared with the other nodes', see
+    /// [`check_webhook`]).
+    pub webhook_url: Option<&'a str>,
+    /// How the node counts its terminals (reported at each heartbeat).
+    pub terminals: TerminalCount,
+}
+
 impl Cluster {
     /// Connects (checking Redis answers), registers the node, and starts both threads. What
     /// arrives on the bus goes to `commits` (`shards` shards).
     pub fn start(
         url: &str,
-        node_id: &str,
-        addrs: &Addresses,
-        secrets_digest: &str,
+        joining: Joining<'_>,
         commits: Arc<CommitQueues>,
         shards: usize,
-        terminals: TerminalCount,
     ) -> Result<Arc<Cluster>, ClusterError> {
+        let Joining { node_id, addrs, secrets_digest, webhook_url, terminals } = joining;
         let client = redis::Client::open(url)?;
         let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
         check_secrets(&mut con, secrets_digest)?;
+        check_webhook(&mut con, node_id, webhook_url)?;
         let entry = NodeEntry {
             client: addrs.client.to_string(),
             api: addrs.api.to_string(),

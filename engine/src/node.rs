@@ -217,9 +217,15 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         let terminals: crate::cluster::TerminalCount = Arc::new(move || {
             weak.upgrade().map_or(0, |s| s.shards.iter().map(|c| c.connections.load(Ordering::Relaxed)).sum())
         });
-        let cluster =
-            crate::cluster::Cluster::start(url, &config.node.id, &addrs, &digest, commits.clone(), shards, terminals)
-                .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
+        let joining = crate::cluster::Joining {
+            node_id: &config.node.id,
+            addrs: &addrs,
+            secrets_digest: &digest,
+            webhook_url: config.events.webhook.as_ref().map(|w| w.url.as_str()),
+            terminals,
+        };
+        let cluster = crate::cluster::Cluster::start(url, joining, commits.clone(), shards)
+            .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
         let _ = shared.cluster.set(cluster);
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

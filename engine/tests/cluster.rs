@@ -279,6 +279,12 @@ fn one_node_at_a_time_delivers_the_shared_outbox_to_the_webhook() {
     };
     let a = node("node-a");
     let b = node("node-b");
+    // Each node announced its webhook as a digest (never the URL itself), so a node
+    // configured differently can say so at start.
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let announced: String = redis::cmd("GET").arg("ether:events:webhook").query(&mut con).unwrap();
+    assert_eq!(announced.len(), 64, "{announced}");
+    assert!(!announced.contains("127.0.0.1"));
     // Events on both nodes: terminals come and go, messages reach them or not.
     let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
     for (i, u) in users.iter().enumerate() {
