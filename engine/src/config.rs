@@ -38,6 +38,8 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("log.format", "--log-format"),
     ("log.level", "--log-level"),
 ];
+/// Default `tls.reload_check_s`.
+const TLS_RELOAD_CHECK_S_DEFAULT: u64 = 10;
 /// Largest config file we agree to read.
 const CONFIG_FILE_BYTES_MAX: u64 = 1024 * 1024;
 /// Most shard threads a node may run.
@@ -245,6 +247,8 @@ raw_config! {
         cert_path: PathBuf,
         /// `tls.key_path`: PEM private key (PKCS#8, PKCS#1 or SEC1).
         key_path: PathBuf,
+        /// `tls.reload_check_s`: how often the files are checked for a renewed pair (0: never).
+        reload_check_s: u64,
     }
     /// Raw `[node]`: this process.
     node: RawNode {
@@ -659,11 +663,15 @@ pub struct Listen {
     pub client_tls: Option<SocketAddr>,
 }
 
-/// The certificate and key of the `listen.client_tls` listener (PEM files, read at start).
+/// The certificate and key of the `listen.client_tls` listener (PEM files, read at start and
+/// again when they change).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tls {
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
+    /// How often the files are checked for a renewed pair (`tls.reload_check_s`, default
+    /// 10 s; zero: never).
+    pub reload_check: Duration,
 }
 
 /// This process.
@@ -822,6 +830,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.position_saves_per_tick_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
     ("limits.park_idle_after_ms", 0, 3_600_000),
+    ("tls.reload_check_s", 0, 86_400),
     ("limits.terminal_sends_per_s", 0, 1_000_000),
     ("limits.terminal_sends_burst", 1, 1_000_000),
     ("limits.terminal_requests_per_s", 0, 1_000_000),
@@ -1022,6 +1031,7 @@ impl Config {
             "tls": {
                 "cert_path": self.tls.as_ref().map(|t| t.cert_path.to_string_lossy().into_owned()),
                 "key_path": self.tls.as_ref().map(|t| t.key_path.to_string_lossy().into_owned()),
+                "reload_check_s": self.tls.as_ref().map(|t| t.reload_check.as_secs()),
             },
             "node": {
                 "shards": self.node.shards,
@@ -1171,7 +1181,12 @@ impl Prepared {
                         return Err(check.invalid(key, "must not be empty"));
                     }
                 }
-                Some(Tls { cert_path, key_path })
+                let reload_check = Duration::from_secs(check.bounded(
+                    "tls.reload_check_s",
+                    raw.tls.reload_check_s,
+                    TLS_RELOAD_CHECK_S_DEFAULT,
+                )?);
+                Some(Tls { cert_path, key_path, reload_check })
             }
             (Some(_), None, _) => {
                 return Err(check.invalid("tls.cert_path", "listen.client_tls is set: give the PEM certificate chain"))
@@ -1752,6 +1767,7 @@ mod tests {
                         "4096"
                     }
                     k if k.starts_with("limits.") => "4096",
+                    "tls.reload_check_s" => "30",
                     _ => "some-string-value-16",
                 };
                 (env_var(k), value.to_owned())
@@ -1820,7 +1836,8 @@ mod tests {
             check("[listen]\nclient_tls = \"127.0.0.1:9443\"\n[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n")
                 .unwrap();
         assert_eq!(addr, Some("127.0.0.1:9443".parse().unwrap()));
-        assert_eq!(tls, Some(Tls { cert_path: "c.pem".into(), key_path: "k.pem".into() }));
+        let reload_check = Duration::from_secs(10);
+        assert_eq!(tls, Some(Tls { cert_path: "c.pem".into(), key_path: "k.pem".into(), reload_check }));
         assert_eq!(check("").unwrap(), (None, None), "no TLS by default");
         for (toml, key, says) in [
             (
@@ -1854,6 +1871,7 @@ mod tests {
             [tls]
             cert_path = "/etc/ether/tls/fullchain.pem"
             key_path = "/etc/ether/tls/key.pem"
+            reload_check_s = 10
             [node]
             shards = 4
             data_dir = "/var/lib/ether"

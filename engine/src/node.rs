@@ -74,6 +74,8 @@ pub struct NodeHandle {
     /// Delivers the event outbox to the webhook, when one is configured.
     pub events: Option<EventDispatcher>,
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    /// Dropping it stops the TLS certificate reloader.
+    _tls_reload_stop: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl NodeHandle {
@@ -164,10 +166,17 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let (api, mut api_fds) = bind_group("api", config.listen.api, shards)?;
     let (admin, mut admin_fds) = bind_group("admin", config.listen.admin, 1)?;
     // The TLS listener: its certificate is read before anything binds it.
+    let mut tls_reload_stop = None;
     let (client_tls, mut client_tls_fds, tls_config) = match (config.listen.client_tls, &config.tls) {
         (Some(addr), Some(tls)) => {
-            let server_config = crate::tls::server_config(tls)?;
+            let certs = crate::tls::CertStore::load(tls)?;
+            let server_config = crate::tls::server_config(certs.clone())?;
             let (bound, fds) = bind_group("client_tls", addr, shards)?;
+            if !tls.reload_check.is_zero() {
+                let (stop, stopped) = std::sync::mpsc::channel();
+                certs.spawn_reloader(tls.reload_check, stopped)?;
+                tls_reload_stop = Some(stop);
+            }
             (Some(bound), fds, Some(server_config))
         }
         _ => (None, Vec::new(), None),
@@ -253,7 +262,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             .map_err(|source| NodeError::Executor { shard: id, source })?;
         threads.push(handle);
     }
-    Ok(NodeHandle { ports, shared, store, events, threads })
+    Ok(NodeHandle { ports, shared, store, events, threads, _tls_reload_stop: tls_reload_stop })
 }
 
 /// Entries of each io_uring ring of a shard. The kernel sizes its table of armed polls from

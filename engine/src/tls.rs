@@ -1,5 +1,7 @@
 //! TLS for terminals (`wss://`): the optional `listen.client_tls` listener. Owns the rustls
-//! server configuration (read once at start from `tls.cert_path` / `tls.key_path`), the TLS
+//! server configuration and the certificate it presents ([`CertStore`]: read from
+//! `tls.cert_path` / `tls.key_path` at start, and again by the `ether-tls-reload` thread
+//! whenever the files change, so a renewed certificate is served without a restart), the TLS
 //! handshakes, and the relay that gives every TLS terminal to the ordinary `ws://` path: after
 //! the handshake (bounded by `limits.handshake_timeout_ms`) the connection's plaintext goes
 //! through a local socket pair whose other end `conn` serves exactly like a plain TCP terminal
@@ -24,8 +26,12 @@ use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream, UnixStream};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use tracing::{debug, warn};
+use std::sync::{mpsc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Tls;
 use crate::shard::Shard;
@@ -43,23 +49,102 @@ pub enum TlsError {
     Key { path: PathBuf, message: String },
     #[error("the certificate and key do not make a TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("cannot start the certificate reloader: {0}")]
+    Reloader(#[from] io::Error),
 }
 
-/// The server configuration of the TLS listener: the PEM chain (leaf first) and key of
-/// `tls`, TLS 1.2 and 1.3 with rustls's safe defaults (ring), ALPN `http/1.1`.
-pub fn server_config(tls: &Tls) -> Result<Arc<ServerConfig>, TlsError> {
-    let chain = read_chain(&tls.cert_path)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key_path).map_err(|e| TlsError::Key {
-        path: tls.key_path.clone(),
-        message: format!("no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+/// The server configuration of the TLS listener: the certificate of `store`, TLS 1.2 and 1.3
+/// with rustls's safe defaults (ring), ALPN `http/1.1`.
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(store.provider.clone())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(store);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The certificate chain and key the TLS listener presents, replaced when the files change.
+#[derive(Debug)]
+pub struct CertStore {
+    files: Tls,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// Modification times of the certificate and key files when they were last read.
+    stamp: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+}
+
+impl CertStore {
+    /// Reads the PEM chain (leaf first) and key of `files`; the key must match the leaf.
+    pub fn load(files: &Tls) -> Result<Arc<CertStore>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let stamp = stamps(files);
+        let key = certified_key(files, &provider)?;
+        Ok(Arc::new(CertStore {
+            files: files.clone(),
+            provider,
+            current: RwLock::new(Arc::new(key)),
+            stamp: Mutex::new(stamp),
+        }))
+    }
+
+    /// Reads the files again if either changed since they were last read. `Ok(true)`: the new
+    /// pair is served from now on; an error leaves the previous pair in place (and the files
+    /// are tried again when they change again).
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = stamps(&self.files);
+        {
+            let mut seen = self.stamp.lock().unwrap_or_else(PoisonError::into_inner);
+            if *seen == now {
+                return Ok(false);
+            }
+            *seen = now;
+        }
+        let key = certified_key(&self.files, &self.provider)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+        Ok(true)
+    }
+
+    /// Checks the files every `every` on the `ether-tls-reload` thread until `stop` is dropped
+    /// (or sent to).
+    pub fn spawn_reloader(self: &Arc<Self>, every: Duration, stop: mpsc::Receiver<()>) -> Result<(), TlsError> {
+        let store = Arc::downgrade(self);
+        std::thread::Builder::new().name("ether-tls-reload".into()).spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+                let Some(store) = store.upgrade() else { return };
+                let cert = store.files.cert_path.display().to_string();
+                match store.reload_if_changed() {
+                    Ok(true) => info!(cert = %cert, "TLS certificate reloaded"),
+                    Ok(false) => {}
+                    Err(e) => error!(error = %e, "TLS certificate not reloaded; still serving the previous one"),
+                }
+            }
+        })?;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+}
+
+fn stamps(files: &Tls) -> (Option<SystemTime>, Option<SystemTime>) {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    (mtime(&files.cert_path), mtime(&files.key_path))
+}
+
+fn certified_key(files: &Tls, provider: &rustls::crypto::CryptoProvider) -> Result<CertifiedKey, TlsError> {
+    let chain = read_chain(&files.cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key_path).map_err(|e| TlsError::Key {
+        path: files.key_path.clone(),
+        message: format!("no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+    })?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| TlsError::Key {
+        path: files.key_path.clone(),
+        message: format!("not the key of the certificate's public key, or unusable: {e}"),
+    })
 }
 
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -198,25 +283,72 @@ mod tests {
 
     fn tls(cert: &str, key: &str) -> Tls {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-        Tls { cert_path: dir.join(cert), key_path: dir.join(key) }
+        Tls { cert_path: dir.join(cert), key_path: dir.join(key), reload_check: Duration::from_secs(10) }
+    }
+
+    fn load(cert: &str, key: &str) -> Result<Arc<CertStore>, TlsError> {
+        CertStore::load(&tls(cert, key))
     }
 
     #[test]
     fn the_fixture_certificate_makes_a_server_config() {
-        let config = server_config(&tls("tls-cert.pem", "tls-key.pem")).unwrap();
+        let config = server_config(load("tls-cert.pem", "tls-key.pem").unwrap()).unwrap();
         assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 
     #[test]
     fn unusable_files_are_named_in_the_error() {
-        let missing = server_config(&tls("nope.pem", "tls-key.pem")).unwrap_err().to_string();
+        let missing = load("nope.pem", "tls-key.pem").unwrap_err().to_string();
         assert!(missing.starts_with("tls.cert_path") && missing.contains("nope.pem"), "{missing}");
         // A key file given as the certificate: no CERTIFICATE block.
-        let swapped = server_config(&tls("tls-key.pem", "tls-key.pem")).unwrap_err().to_string();
+        let swapped = load("tls-key.pem", "tls-key.pem").unwrap_err().to_string();
         assert!(swapped.contains("no CERTIFICATE block"), "{swapped}");
         // A certificate given as the key: no private key.
-        let no_key = server_config(&tls("tls-cert.pem", "tls-cert.pem")).unwrap_err().to_string();
+        let no_key = load("tls-cert.pem", "tls-cert.pem").unwrap_err().to_string();
         assert!(no_key.starts_with("tls.key_path") && no_key.contains("no usable PEM private key"), "{no_key}");
+        // The key of another certificate.
+        let mismatch = load("tls-cert.pem", "tls-key-2.pem").unwrap_err().to_string();
+        assert!(mismatch.contains("not the key of the certificate"), "{mismatch}");
+    }
+
+    #[test]
+    fn a_changed_pair_is_served_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let files = Tls {
+            cert_path: dir.path().join("cert.pem"),
+            key_path: dir.path().join("key.pem"),
+            reload_check: Duration::from_secs(10),
+        };
+        let put = |cert: &str, key: &str| {
+            std::fs::copy(fixtures.join(cert), &files.cert_path).unwrap();
+            std::fs::copy(fixtures.join(key), &files.key_path).unwrap();
+            // Distinct modification times even on coarse-grained file systems.
+            let later = SystemTime::now() + Duration::from_secs(rand_secs());
+            for p in [&files.cert_path, &files.key_path] {
+                std::fs::File::options().write(true).open(p).unwrap().set_modified(later).unwrap();
+            }
+        };
+        put("tls-cert.pem", "tls-key.pem");
+        let store = CertStore::load(&files).unwrap();
+        let leaf = |s: &CertStore| s.current.read().unwrap().cert[0].clone();
+        let first = leaf(&store);
+        assert!(!store.reload_if_changed().unwrap(), "nothing changed");
+        put("tls-cert-2.pem", "tls-key-2.pem");
+        assert!(store.reload_if_changed().unwrap());
+        let second = leaf(&store);
+        assert_ne!(first, second);
+        // A half-written renewal (new certificate, old key) is refused; the pair in use stays.
+        put("tls-cert.pem", "tls-key-2.pem");
+        assert!(store.reload_if_changed().is_err());
+        assert_eq!(leaf(&store), second);
+    }
+
+    /// A different number of seconds each call (so every `put` moves the modification time).
+    fn rand_secs() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(1);
+        N.fetch_add(1, Ordering::Relaxed)
     }
 
     #[test]

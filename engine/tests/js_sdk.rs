@@ -46,6 +46,7 @@ fn the_js_sdk_works_over_tls() {
         c.tls = Some(ether_engine::config::Tls {
             cert_path: fixtures.join("tls-cert.pem"),
             key_path: fixtures.join("tls-key.pem"),
+            reload_check: Duration::ZERO,
         });
     });
     let url = format!("wss://localhost:{}", node.ports.client_tls.expect("TLS listener").port());

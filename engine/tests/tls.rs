@@ -6,6 +6,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ether_engine::config::Tls;
 use ether_proto::ClientFrame;
@@ -19,7 +20,11 @@ fn fixture(name: &str) -> PathBuf {
 fn tls_node() -> TestNode {
     TestNode::with(|c| {
         c.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
-        c.tls = Some(Tls { cert_path: fixture("tls-cert.pem"), key_path: fixture("tls-key.pem") });
+        c.tls = Some(Tls {
+            cert_path: fixture("tls-cert.pem"),
+            key_path: fixture("tls-key.pem"),
+            reload_check: Duration::ZERO,
+        });
     })
 }
 
@@ -28,7 +33,11 @@ fn wss_url(node: &TestNode) -> String {
 }
 
 fn trusting(node: &TestNode, user: &str, device: &str) -> ConnectOptions {
-    let pem = std::fs::read(fixture("tls-cert.pem")).unwrap();
+    trusting_cert(node, user, device, "tls-cert.pem")
+}
+
+fn trusting_cert(node: &TestNode, user: &str, device: &str, cert: &str) -> ConnectOptions {
+    let pem = std::fs::read(fixture(cert)).unwrap();
     ConnectOptions::new(&node.token(user), device, "ios").tls(tls_config_with_roots(&pem).unwrap())
 }
 
@@ -120,7 +129,41 @@ fn a_node_refuses_to_start_with_an_unusable_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = ether_engine::config::Config::test_min(dir.path().to_path_buf());
     config.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
-    config.tls = Some(Tls { cert_path: fixture("tls-key.pem"), key_path: fixture("tls-key.pem") });
+    config.tls =
+        Some(Tls { cert_path: fixture("tls-key.pem"), key_path: fixture("tls-key.pem"), reload_check: Duration::ZERO });
     let err = ether_engine::node::start(config).map(|_| ()).unwrap_err().to_string();
     assert!(err.contains("tls.cert_path") && err.contains("no CERTIFICATE block"), "{err}");
+}
+
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(fixture("tls-cert.pem"), &cert).unwrap();
+    std::fs::copy(fixture("tls-key.pem"), &key).unwrap();
+    let (c2, k2) = (cert.clone(), key.clone());
+    let node = TestNode::with(move |c| {
+        c.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls = Some(Tls { cert_path: c2, key_path: k2, reload_check: Duration::from_secs(1) });
+    });
+    let (mut before, _) = TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "val", "phone")).unwrap();
+    // The renewal lands: key first, then the certificate (a moment where they do not match
+    // must not break anything: the previous pair stays until both fit).
+    std::fs::copy(fixture("tls-key-2.pem"), &key).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "val", "web")).expect("old pair still served");
+    std::fs::copy(fixture("tls-cert-2.pem"), &cert).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match TerminalClient::connect_with(&wss_url(&node), &trusting_cert(&node, "val", "tablet", "tls-cert-2.pem")) {
+            Ok(_) => break,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "the renewed certificate was never served: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // New connections get the new certificate only; the connection made before goes on.
+    assert!(TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "val", "watch")).is_err());
+    node.gateway().send_message(&text("ops", "val", "still here")).unwrap();
+    let m = before.recv_msg(WAIT).unwrap();
+    assert_eq!(m.body["text"], "still here");
 }
