@@ -343,6 +343,8 @@ raw_config! {
         api_requests_per_s: u32,
         /// `limits.api_requests_burst`: API requests at once for the whole node.
         api_requests_burst: u32,
+        /// `limits.tls_handshakes_per_shard_max`: TLS handshakes in progress per shard.
+        tls_handshakes_per_shard_max: usize,
     }
     /// Raw `[terminal]`: what terminals may do.
     terminal: RawTerminal {
@@ -784,6 +786,9 @@ pub struct Limits {
     pub api_requests_per_s: u32,
     /// API requests at once for the node (1 000).
     pub api_requests_burst: u32,
+    /// TLS handshakes in progress per shard (256); more connections to the TLS listener are
+    /// closed at once (each handshake costs key exchange and signature CPU).
+    pub tls_handshakes_per_shard_max: usize,
 }
 
 /// Default of `store.index_flush_age_ms`.
@@ -837,6 +842,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.terminal_requests_burst", 1, 1_000_000),
     ("limits.api_requests_per_s", 0, 100_000_000),
     ("limits.api_requests_burst", 1, 100_000_000),
+    ("limits.tls_handshakes_per_shard_max", 1, 1_000_000),
 ];
 
 impl Default for Limits {
@@ -868,6 +874,7 @@ impl Default for Limits {
             terminal_requests_burst: 50,
             api_requests_per_s: 0,
             api_requests_burst: 1000,
+            tls_handshakes_per_shard_max: 256,
         }
     }
 }
@@ -1006,6 +1013,7 @@ impl Config {
                 terminal_requests_burst: Some(100_000),
                 api_requests_per_s: Some(0),
                 api_requests_burst: Some(1000),
+                tls_handshakes_per_shard_max: Some(64),
             },
             // Few position saves per tick, so the deferred ones run in tests too.
             store: RawStore { position_saves_per_tick_max: Some(2), ..RawStore::default() },
@@ -1079,6 +1087,7 @@ impl Config {
                 "terminal_requests_burst": limits.terminal_requests_burst,
                 "api_requests_per_s": limits.api_requests_per_s,
                 "api_requests_burst": limits.api_requests_burst,
+                "tls_handshakes_per_shard_max": limits.tls_handshakes_per_shard_max,
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
             "store": { "durability": match self.store_durability {
@@ -1357,6 +1366,11 @@ impl Prepared {
                 "limits.api_requests_burst",
                 l.api_requests_burst,
                 d.api_requests_burst,
+            )?,
+            tls_handshakes_per_shard_max: check.bounded(
+                "limits.tls_handshakes_per_shard_max",
+                l.tls_handshakes_per_shard_max,
+                d.tls_handshakes_per_shard_max,
             )?,
         };
         if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
@@ -1915,6 +1929,7 @@ mod tests {
             terminal_requests_burst = 50
             api_requests_per_s = 0
             api_requests_burst = 1000
+            tls_handshakes_per_shard_max = 256
             [terminal]
             send_enabled = false
             [store]

@@ -11,6 +11,7 @@
 //! socket and both ends of the pair) and, for as long as it is connected, the relay task with
 //! its TLS state and two copy buffers ([`RELAY_BUFFER_BYTES`] each). The plain `client`
 //! listener is unchanged by it.
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -160,15 +161,42 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// Accepts TLS terminals until the node stops; each gets its own task (handshake, then relay).
+/// Past `limits.tls_handshakes_per_shard_max` handshakes in progress, a new connection is
+/// closed at once (counted as a failed handshake).
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsAcceptor, stop: Stop) {
+    let in_flight = Rc::new(Cell::new(0usize));
+    let max = shard.config.limits.tls_handshakes_per_shard_max;
     crate::conn::accept_terminals(shard, listener, stop, "client_tls", |shard, stream| {
-        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone()))
+        if in_flight.get() >= max {
+            debug!(shard = shard.id, max, "TLS handshakes at their limit, closing a connection");
+            ShardCounters::add(&shard.counters().handshake_failures, 1);
+            return;
+        }
+        let guard = InFlight::enter(&in_flight);
+        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone(), guard))
     })
     .await;
 }
 
+/// One handshake in progress, counted until dropped.
+struct InFlight(Rc<Cell<usize>>);
+
+impl InFlight {
+    fn enter(count: &Rc<Cell<usize>>) -> InFlight {
+        count.set(count.get() + 1);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        debug_assert!(self.0.get() > 0, "handshake count underflow");
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
 /// One TLS terminal: handshake, then the plaintext side goes to `conn` and this task relays.
-async fn serve(shard: Rc<Shard>, tcp: TcpStream, acceptor: TlsAcceptor) {
+async fn serve(shard: Rc<Shard>, tcp: TcpStream, acceptor: TlsAcceptor, handshaking: InFlight) {
     let remote = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let limit = shard.config.limits.handshake_timeout;
     let tls = match glommio::timer::timeout(limit, async { acceptor.accept(tcp).await.map_err(Into::into) }).await {
@@ -179,6 +207,7 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, acceptor: TlsAcceptor) {
             return;
         }
     };
+    drop(handshaking);
     let (engine_end, relay_end) = match std::os::unix::net::UnixStream::pair() {
         Ok(pair) => pair,
         Err(e) => {

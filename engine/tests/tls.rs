@@ -167,3 +167,29 @@ fn a_renewed_certificate_is_served_without_a_restart() {
     let m = before.recv_msg(WAIT).unwrap();
     assert_eq!(m.body["text"], "still here");
 }
+
+#[test]
+fn handshakes_past_the_limit_are_closed_at_once() {
+    let node = TestNode::with(|c| {
+        c.node.shards = 1;
+        c.limits.tls_handshakes_per_shard_max = 1;
+        c.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls = Some(Tls {
+            cert_path: fixture("tls-cert.pem"),
+            key_path: fixture("tls-key.pem"),
+            reload_check: Duration::ZERO,
+        });
+    });
+    let port = node.ports.client_tls.unwrap().port();
+    // One client starts a handshake and stalls: it holds the only slot until the timeout.
+    let _stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut refused = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    refused.set_read_timeout(Some(WAIT)).unwrap();
+    let t0 = std::time::Instant::now();
+    assert_eq!(refused.read(&mut [0u8; 16]).unwrap_or(0), 0, "closed");
+    assert!(t0.elapsed() < node.config.limits.handshake_timeout / 2, "closed at once: {:?}", t0.elapsed());
+    // Once the stalled one has timed out, handshakes go through again.
+    std::thread::sleep(node.config.limits.handshake_timeout);
+    TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "wes", "phone")).unwrap();
+}
