@@ -9,7 +9,8 @@
 //!
 //! What a TLS terminal costs beyond a plain one: three descriptors instead of one (the TCP
 //! socket and both ends of the pair) and, for as long as it is connected, the relay task with
-//! its TLS state and two copy buffers ([`RELAY_BUFFER_BYTES`] each). The plain `client`
+//! its TLS state; the relay reads through one buffer per shard thread and keeps only what a
+//! full writer could not take yet. The plain `client`
 //! listener is unchanged by it.
 use std::cell::Cell;
 use std::io;
@@ -38,8 +39,8 @@ use crate::config::Tls;
 use crate::shard::Shard;
 use crate::stats::ShardCounters;
 
-/// Bytes each direction of a relay copies at once.
-pub const RELAY_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes a relay reads at once (into a buffer per shard thread, not per connection).
+pub const RELAY_BUFFER_BYTES: usize = 16 * 1024;
 
 /// Why the TLS listener could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -249,11 +250,17 @@ where
     .await
 }
 
-/// One direction of a relay: reads into its buffer, writes it all out, flushes, again.
+thread_local! {
+    /// Where every relay of the shard reads (one buffer per thread, not per connection).
+    static RELAY_SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; RELAY_BUFFER_BYTES]);
+}
+
+/// One direction of a relay: reads into the thread's scratch buffer and writes it straight
+/// out; only bytes the writer cannot take yet are kept (in `pending`, released once written),
+/// so an idle relay holds no buffer at all.
 struct Pump {
-    buf: Box<[u8]>,
+    pending: Vec<u8>,
     start: usize,
-    end: usize,
     /// The reader ended: shut the writer down, then this direction is done.
     eof: bool,
     done: bool,
@@ -261,7 +268,7 @@ struct Pump {
 
 impl Pump {
     fn new() -> Pump {
-        Pump { buf: vec![0; RELAY_BUFFER_BYTES].into_boxed_slice(), start: 0, end: 0, eof: false, done: false }
+        Pump { pending: Vec::new(), start: 0, eof: false, done: false }
     }
 
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, from: &mut R, to: &mut W) -> Poll<io::Result<()>>
@@ -273,13 +280,16 @@ impl Pump {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            while self.start < self.end {
-                match Pin::new(&mut *to).poll_write(cx, &self.buf[self.start..self.end]) {
+            while self.start < self.pending.len() {
+                match Pin::new(&mut *to).poll_write(cx, &self.pending[self.start..]) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Poll::Ready(Ok(n)) => self.start += n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => return Poll::Pending,
                 }
+            }
+            if !self.pending.is_empty() {
+                (self.pending, self.start) = (Vec::new(), 0);
             }
             // Written out: push it through (TLS records leave on flush).
             match Pin::new(&mut *to).poll_flush(cx) {
@@ -296,11 +306,33 @@ impl Pump {
                     Poll::Pending => Poll::Pending,
                 };
             }
-            match Pin::new(&mut *from).poll_read(cx, &mut self.buf) {
-                Poll::Ready(Ok(0)) => self.eof = true,
-                Poll::Ready(Ok(n)) => (self.start, self.end) = (0, n),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+            let moved = RELAY_SCRATCH.with(|scratch| -> Poll<io::Result<()>> {
+                let mut scratch = scratch.borrow_mut();
+                let n = match Pin::new(&mut *from).poll_read(cx, &mut scratch[..]) {
+                    Poll::Ready(Ok(0)) => {
+                        self.eof = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                };
+                let mut off = 0;
+                while off < n {
+                    match Pin::new(&mut *to).poll_write(cx, &scratch[off..n]) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Poll::Ready(Ok(k)) => off += k,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => break,
+                    }
+                }
+                // The writer is full: keep the rest (the scratch buffer is the next relay's).
+                self.pending.extend_from_slice(&scratch[off..n]);
+                Poll::Ready(Ok(()))
+            });
+            match moved {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
             }
         }
     }
@@ -378,6 +410,53 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(1);
         N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A writer that takes at most 7 bytes at a time and is busy every other call.
+    #[derive(Default)]
+    struct Slow {
+        got: Vec<u8>,
+        calls: usize,
+        closed: bool,
+    }
+
+    impl AsyncWrite for Slow {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(2) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(7);
+            self.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_pump_keeps_only_what_a_busy_writer_has_not_taken_and_lets_it_go() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7) as u8).collect();
+        let mut from = futures_lite::io::Cursor::new(data.clone());
+        let mut to = Slow::default();
+        let mut pump = Pump::new();
+        let mut most_kept = 0;
+        futures_lite::future::block_on(std::future::poll_fn(|cx| {
+            let r = pump.poll(cx, &mut from, &mut to);
+            most_kept = most_kept.max(pump.pending.capacity());
+            r
+        }))
+        .unwrap();
+        assert_eq!(to.got, data, "every byte, in order");
+        assert!(to.closed, "the reader's end passed on");
+        assert!(most_kept > 0, "the busy writer made the pump keep bytes");
+        assert_eq!(pump.pending.capacity(), 0, "released once written");
     }
 
     #[test]
