@@ -486,7 +486,8 @@ fn unicast_against_a_two_node_cluster() {
 }
 
 /// `--tls`: the spawned node gets a TLS listener and the terminals connect over `wss://`;
-/// connecting, pushes and acks behave as over `ws://`, and the wire-limit twin is refused.
+/// connecting, pushes, acks and abrupt reconnects behave as over `ws://`, and the wire-limit
+/// twin is refused.
 #[test]
 fn idle_and_unicast_over_tls() {
     let tmp = tempfile::tempdir().unwrap();
@@ -496,6 +497,34 @@ fn idle_and_unicast_over_tls() {
     assert_all_connected(&v, 100);
     assert_no_loss(&v, 1000);
     assert_no_duplicates(&v);
+    // Terminals dropped abruptly (RST through the TLS relay) come back over TLS and catch up.
+    let v = run_engine(
+        &[
+            "reconnect",
+            "--tls",
+            "--connections",
+            "100",
+            "--rate",
+            "400",
+            "--api-conns",
+            "16",
+            "--duration",
+            "3s",
+            "--drop",
+            "0.5",
+            "--drop-after",
+            "1s",
+            "--away",
+            "1s",
+        ],
+        tmp.path(),
+    );
+    let x = &v["runs"][0]["messages"]["reconnect"];
+    let to_drop = x["to_drop"].as_u64().unwrap();
+    assert!(to_drop > 0, "{x}");
+    assert_eq!((x["reconnected"].as_u64(), x["synced"].as_u64()), (Some(to_drop), Some(to_drop)), "{x}");
+    assert_eq!(x["ids_missing"], 0, "{x}");
+    assert_eq!(x["ids_received"], x["ids_accepted"], "{x}");
     let out = Command::new(BIN)
         .args(["idle", "--tls", "--spawn", "--wire-limit", "--connections", "10", "--plain", "--results-dir"])
         .arg(tmp.path())
