@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 16] = [
+const SHARD_METRICS: [ShardMetric; 18] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -57,6 +57,15 @@ const SHARD_METRICS: [ShardMetric; 16] = [
         "Terminal frames refused for going over a rate limit (limits.terminal_*_per_s).",
         Kind::Counter,
         |s| s.rate_limited,
+    ),
+    ("ether_tls_handshakes_total", "TLS handshakes completed on the wss:// listener.", Kind::Counter, |s| {
+        s.tls_handshakes
+    }),
+    (
+        "ether_tls_handshake_failures_total",
+        "TLS handshakes failed, timed out or refused at limits.tls_handshakes_per_shard_max.",
+        Kind::Counter,
+        |s| s.tls_handshake_failures,
     ),
 ];
 
@@ -412,6 +421,8 @@ mod tests {
             parked_connections: 4,
             parks: 9,
             rate_limited: 2,
+            tls_handshakes: 30 + u64::from(n),
+            tls_handshake_failures: 1,
             closes,
             ack_latency: ack.snapshot(),
             push_latency: push.snapshot(),
@@ -523,6 +534,7 @@ mod tests {
         assert_eq!(info.labels["node"], "node \"a\"\\b\nc");
         assert_eq!(get(&samples, "ether_node_start_time_seconds", &[]).value, 1_700_000_000.123);
         assert_eq!(get(&samples, "ether_shards", &[]).value, 3.0);
+        assert_eq!(get(&samples, "ether_tls_handshakes_total", &[("shard", "2")]).value, 32.0);
         assert_eq!(get(&samples, "ether_events_dispatching", &[]).value, 1.0);
         assert_eq!(get(&samples, "ether_events_sent_total", &[]).value, 20.0);
         assert_eq!(get(&samples, "ether_events_failures_total", &[]).value, 3.0);

@@ -51,6 +51,8 @@ impl NodeStats {
             t.parked_connections += s.parked_connections;
             t.parks += s.parks;
             t.rate_limited += s.rate_limited;
+            t.tls_handshakes += s.tls_handshakes;
+            t.tls_handshake_failures += s.tls_handshake_failures;
             for (reason, n) in &s.closes {
                 *t.closes.entry(reason.clone()).or_default() += n;
             }
@@ -126,6 +128,12 @@ pub struct ShardStats {
     /// Terminal frames refused for going over a rate limit (`rate_limited`).
     #[serde(default)]
     pub rate_limited: u64,
+    /// TLS handshakes completed on the `wss://` listener.
+    #[serde(default)]
+    pub tls_handshakes: u64,
+    /// TLS handshakes that failed, timed out or were refused at the limit.
+    #[serde(default)]
+    pub tls_handshake_failures: u64,
     /// Connections closed, by close reason (`idle`, `kicked`, `slow_consumer`, ...).
     #[serde(default)]
     pub closes: BTreeMap<String, u64>,

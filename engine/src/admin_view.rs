@@ -140,6 +140,8 @@ impl ether_admin::NodeView for AdminView {
                     parked_connections: g(&c.parked),
                     parks: g(&c.parks),
                     rate_limited: g(&c.rate_limited),
+                    tls_handshakes: g(&c.tls_handshakes),
+                    tls_handshake_failures: g(&c.tls_handshake_failures),
                     closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
                     ack_latency: published.ack_latency,
                     push_latency: published.push_latency,

@@ -39,6 +39,11 @@ pub struct ShardCounters {
     pub parks: AtomicU64,
     /// Terminal frames refused for going over a rate limit.
     pub rate_limited: AtomicU64,
+    /// TLS handshakes completed on the `wss://` listener (then counted again as WebSocket
+    /// handshakes once upgraded).
+    pub tls_handshakes: AtomicU64,
+    /// TLS handshakes that failed, timed out or were refused at the limit.
+    pub tls_handshake_failures: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 

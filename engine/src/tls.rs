@@ -171,6 +171,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsA
         if in_flight.get() >= max {
             debug!(shard = shard.id, max, "TLS handshakes at their limit, closing a connection");
             ShardCounters::add(&shard.counters().handshake_failures, 1);
+            ShardCounters::add(&shard.counters().tls_handshake_failures, 1);
             return;
         }
         let guard = InFlight::enter(&in_flight);
@@ -205,10 +206,12 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, acceptor: TlsAcceptor, handshak
         Err(e) => {
             debug!(shard = shard.id, %remote, error = %e, "TLS handshake failed");
             ShardCounters::add(&shard.counters().handshake_failures, 1);
+            ShardCounters::add(&shard.counters().tls_handshake_failures, 1);
             return;
         }
     };
     drop(handshaking);
+    ShardCounters::add(&shard.counters().tls_handshakes, 1);
     let (engine_end, relay_end) = match std::os::unix::net::UnixStream::pair() {
         Ok(pair) => pair,
         Err(e) => {

@@ -119,9 +119,17 @@ fn clients_that_do_not_speak_or_trust_tls_are_refused_and_the_node_stays_up() {
     // Both ports still serve.
     TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "uma", "phone")).unwrap();
     node.terminal("uma", "web");
-    let failures: u64 =
-        node.shared().shards.iter().map(|s| s.handshake_failures.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let count = |f: fn(&ether_engine::stats::ShardCounters) -> &std::sync::atomic::AtomicU64| -> u64 {
+        node.shared().shards.iter().map(|s| f(s).load(std::sync::atomic::Ordering::Relaxed)).sum()
+    };
+    let failures = count(|s| &s.handshake_failures);
     assert!(failures >= 3, "failed TLS handshakes are counted: {failures}");
+    // The TLS counters apart: plain HTTP, the untrusted certificate and the silent client
+    // failed at TLS; the bad token passed TLS and failed at the upgrade.
+    assert_eq!(count(|s| &s.tls_handshake_failures), 3);
+    assert_eq!(count(|s| &s.tls_handshakes), 2);
+    let metrics = node.admin().request("GET", "/metrics", None).unwrap().text();
+    assert!(metrics.contains("ether_tls_handshakes_total{"), "{metrics}");
 }
 
 #[test]

@@ -122,6 +122,8 @@ impl FakeView {
                     parked_connections: connections / 2,
                     parks: 300 + calls,
                     rate_limited: n,
+                    tls_handshakes: 0,
+                    tls_handshake_failures: 0,
                     closes,
                     ack_latency: ack.snapshot(),
                     push_latency: push.snapshot(),
