@@ -281,6 +281,8 @@ raw_config! {
         webhook_url: String,
         /// `events.webhook_secret`: HMAC-SHA256 key of `X-Ether-Signature`.
         webhook_secret: Secret,
+        /// `events.webhook_ca_path`: PEM roots for an `https://` webhook (default: Mozilla's).
+        webhook_ca_path: PathBuf,
     }
     /// Raw `[retention]`: how long messages are kept.
     retention: RawRetention {
@@ -708,6 +710,9 @@ pub struct Webhook {
     pub url: String,
     /// HMAC-SHA256 key of `X-Ether-Signature`.
     pub secret: Secret,
+    /// PEM certificates to trust for an `https://` URL instead of the Mozilla roots (a
+    /// private CA).
+    pub ca_path: Option<PathBuf>,
 }
 
 /// Message retention.
@@ -1058,6 +1063,7 @@ impl Config {
             "events": {
                 "webhook_url": self.events.webhook.as_ref().map(|w| redact_userinfo(&w.url)),
                 "webhook_secret": self.events.webhook.as_ref().map(|_| "***"),
+                "webhook_ca_path": self.events.webhook.as_ref().and_then(|w| w.ca_path.as_ref()).map(|p| p.to_string_lossy().into_owned()),
             },
             "retention": { "days": self.retention.days },
             "limits": {
@@ -1237,6 +1243,12 @@ impl Prepared {
             (Some(url), Some(secret)) => Some(Webhook {
                 url: check.url("events.webhook_url", url, &["http://", "https://"])?,
                 secret: check.secret("events.webhook_secret", secret)?,
+                ca_path: match raw.events.webhook_ca_path {
+                    Some(p) if p.as_os_str().is_empty() => {
+                        return Err(check.invalid("events.webhook_ca_path", "must not be empty"))
+                    }
+                    other => other,
+                },
             }),
             (Some(_), None) => {
                 return Err(check.invalid(
@@ -1900,6 +1912,7 @@ mod tests {
             [events]
             webhook_url = "https://hooks.example.com/ether"
             webhook_secret = "0123456789abcdef0123"
+            webhook_ca_path = "/etc/ether/hooks-ca.pem"
             [retention]
             days = 30
             [limits]

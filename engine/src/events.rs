@@ -22,10 +22,10 @@
 //! mid-batch stops sending it and the next holder sends it again (at-least-once, as above).
 //!
 //! The HTTP side is [`ether_sdk::GatewayClient`] (blocking HTTP/1.1, one keep-alive
-//! connection, no TLS): the webhook URL is split here into `http://host:port` and the
-//! request target (path and query, sent as is), so path prefixes and query strings survive;
-//! `user:pass@` in the URL becomes `Authorization: Basic`. `https://` URLs are refused by
-//! [`EventDispatcher::spawn`].
+//! connection; `https://` over rustls with the Mozilla roots, or `events.webhook_ca_path`'s):
+//! the webhook URL is split here into `scheme://host:port` and the request target (path and
+//! query, sent as is), so path prefixes and query strings survive; `user:pass@` in the URL
+//! becomes `Authorization: Basic`.
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
@@ -299,15 +299,11 @@ fn percent_decode(s: &str) -> String {
 fn parse_target(url: &str) -> Result<Target, String> {
     let url = url.trim();
     let Some((scheme, rest)) = url.split_once("://") else {
-        return Err("webhook URL must start with http://".into());
+        return Err("webhook URL must start with http:// or https://".into());
     };
-    if scheme.eq_ignore_ascii_case("https") {
-        return Err("https:// webhooks are not supported (no TLS in this build): use http://, \
-                    e.g. through a local TLS-terminating proxy"
-            .into());
-    }
-    if !scheme.eq_ignore_ascii_case("http") {
-        return Err(format!("unsupported webhook URL scheme {scheme:?}: use http://"));
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("unsupported webhook URL scheme {scheme:?}: use http:// or https://"));
     }
     // No fragment is ever sent.
     let rest = rest.split('#').next().unwrap_or_default();
@@ -330,7 +326,7 @@ fn parse_target(url: &str) -> Result<Target, String> {
         Some(_) => format!("{scheme}://***@{host}{path}"),
         None => format!("{scheme}://{host}{path}"),
     };
-    Ok(Target { base: format!("http://{host}"), path, authorization, display })
+    Ok(Target { base: format!("{scheme}://{host}"), path, authorization, display })
 }
 
 #[derive(Default)]
@@ -418,8 +414,8 @@ impl fmt::Debug for EventDispatcher {
 impl EventDispatcher {
     /// Starts the `ether-events` thread delivering `store`'s outbox to `webhook`.
     ///
-    /// Fails with `InvalidInput` for a URL it cannot send to (`https://`, no host), or with
-    /// the error of spawning the thread.
+    /// Fails with `InvalidInput` for a URL it cannot send to (another scheme, no host) or an
+    /// unusable `ca_path`, or with the error of spawning the thread.
     /// `gate`: `None` delivers always (standalone); in cluster mode the cluster's lease.
     pub fn spawn(
         store: StoreHandle,
@@ -429,7 +425,18 @@ impl EventDispatcher {
     ) -> std::io::Result<EventDispatcher> {
         let target = parse_target(&webhook.url)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("events.webhook_url: {e}")))?;
-        let client = GatewayClient::new(&target.base, "").with_connect_timeout(opts.timeout).with_timeout(opts.timeout);
+        let mut client =
+            GatewayClient::new(&target.base, "").with_connect_timeout(opts.timeout).with_timeout(opts.timeout);
+        if let Some(ca) = &webhook.ca_path {
+            let invalid = |e: String| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("events.webhook_ca_path {}: {e}", ca.display()),
+                )
+            };
+            let pem = std::fs::read(ca).map_err(|e| invalid(e.to_string()))?;
+            client = client.with_tls(ether_sdk::tls_config_with_roots(&pem).map_err(|e| invalid(e.to_string()))?);
+        }
         let control = Arc::new(Control::default());
         let stats = Arc::new(DispatchStats::default());
         let grace = opts.timeout + Duration::from_secs(1);
@@ -663,7 +670,7 @@ impl Worker {
 mod tests {
     use std::collections::BTreeSet;
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::net::{TcpListener, TcpStream};
+    use std::net::TcpListener;
     use std::sync::atomic::AtomicBool;
 
     use ether_store::{NewEvent, SqliteBackend, SqliteOptions, StoreOptions, StoreThread};
@@ -759,7 +766,8 @@ mod tests {
         assert_eq!(t.authorization.as_deref(), Some(format!("Basic {}", BASE64.encode("us@er:hunter2")).as_str()));
         assert_eq!(t.display, "http://***@[::1]:9/e");
         assert!(!format!("{t:?}").contains("hunter2"));
-        assert!(parse_target("https://hooks.example/e").unwrap_err().contains("https"));
+        let t = parse_target("https://hooks.example/e").unwrap();
+        assert_eq!((t.base.as_str(), t.path.as_str()), ("https://hooks.example", "/e"));
         assert!(parse_target("ftp://x/").is_err());
         assert!(parse_target("http:///x").is_err());
         assert!(parse_target("hooks.example").is_err());
@@ -794,7 +802,7 @@ mod tests {
     }
 
     fn webhook(url: String) -> Webhook {
-        Webhook { url, secret: Secret::new(SECRET) }
+        Webhook { url, secret: Secret::new(SECRET), ca_path: None }
     }
 
     fn fast(timeout: Duration) -> DispatchOptions {
@@ -839,6 +847,11 @@ mod tests {
 
     impl Receiver {
         fn start(answer: fn(usize) -> Option<u16>) -> Receiver {
+            Receiver::start_with(answer, None)
+        }
+
+        /// With `tls`, every connection is a TLS server session with that configuration.
+        fn start_with(answer: fn(usize) -> Option<u16>, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             listener.set_nonblocking(true).unwrap();
             let port = listener.local_addr().unwrap().port();
@@ -849,8 +862,16 @@ mod tests {
                 while !s.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            let (p, s) = (p.clone(), s.clone());
-                            std::thread::spawn(move || serve(stream, answer, &p, &s));
+                            let (p, s, tls) = (p.clone(), s.clone(), tls.clone());
+                            stream.set_nonblocking(false).unwrap();
+                            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                            std::thread::spawn(move || match tls {
+                                None => serve(stream, answer, &p, &s),
+                                Some(config) => {
+                                    let session = rustls::ServerConnection::new(config).unwrap();
+                                    serve(rustls::StreamOwned::new(session, stream), answer, &p, &s)
+                                }
+                            });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
@@ -873,10 +894,12 @@ mod tests {
         }
     }
 
-    fn serve(stream: TcpStream, answer: fn(usize) -> Option<u16>, posts: &Mutex<Vec<Post>>, stop: &AtomicBool) {
-        stream.set_nonblocking(false).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut w = stream.try_clone().unwrap();
+    fn serve<S: Read + Write>(
+        stream: S,
+        answer: fn(usize) -> Option<u16>,
+        posts: &Mutex<Vec<Post>>,
+        stop: &AtomicBool,
+    ) {
         let mut r = BufReader::new(stream);
         loop {
             let mut line = String::new();
@@ -914,7 +937,8 @@ mod tests {
             match answer(n) {
                 Some(status) => {
                     let resp = format!("HTTP/1.1 {status} X\r\nContent-Length: 4\r\n\r\nnope");
-                    if w.write_all(resp.as_bytes()).is_err() {
+                    let w = r.get_mut();
+                    if w.write_all(resp.as_bytes()).and_then(|()| w.flush()).is_err() {
                         return;
                     }
                 }
@@ -1103,16 +1127,63 @@ mod tests {
     }
 
     #[test]
-    fn https_is_refused_at_spawn() {
+    fn an_unusable_url_or_ca_is_refused_at_spawn() {
         let (_dir, store) = store();
-        let err = EventDispatcher::spawn(
+        let spawn = |hook: Webhook| EventDispatcher::spawn(store.clone(), &hook, DispatchOptions::default(), None);
+        let err = spawn(webhook("ftp://hooks.example/e".into())).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        let mut hook = webhook("https://hooks.example/e".into());
+        hook.ca_path = Some("/nonexistent/ca.pem".into());
+        let err = spawn(hook).unwrap_err();
+        assert!(err.to_string().contains("events.webhook_ca_path"), "{err}");
+        store.shutdown();
+    }
+
+    /// A webhook receiver over TLS with the test certificate (`tests/fixtures/tls-cert.pem`).
+    fn tls_receiver(answer: fn(usize) -> Option<u16>) -> Receiver {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let files = crate::config::Tls {
+            cert_path: fixtures.join("tls-cert.pem"),
+            key_path: fixtures.join("tls-key.pem"),
+            reload_check: Duration::ZERO,
+        };
+        let config = crate::tls::server_config(crate::tls::CertStore::load(&files).unwrap()).unwrap();
+        Receiver::start_with(answer, Some(config))
+    }
+
+    #[test]
+    fn https_webhooks_get_the_events_when_their_certificate_is_trusted() {
+        let (_dir, store) = store();
+        append(&store, 3);
+        let rx = tls_receiver(|_| Some(200));
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        // The default (Mozilla) roots do not trust the test certificate: failures, nothing acked.
+        let d = EventDispatcher::spawn(
             store.clone(),
-            &webhook("https://hooks.example/e".into()),
-            DispatchOptions::default(),
+            &webhook(format!("https://localhost:{}/hooks", rx.port)),
+            fast(Duration::from_secs(5)),
             None,
         )
-        .unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        .unwrap();
+        let stats = d.stats();
+        wait_until("a certificate failure", || stats.failures.load(Ordering::Relaxed) >= 1);
+        let error = stats.last_error().unwrap_or_default().to_lowercase();
+        assert!(error.contains("certificate"), "{error}");
+        d.stop();
+        assert_eq!(outbox(&store).len(), 3);
+        // With the certificate as the root: delivered, signed, acked.
+        let mut hook = webhook(format!("https://localhost:{}/hooks", rx.port));
+        hook.ca_path = Some(fixtures.join("tls-cert.pem"));
+        let d = EventDispatcher::spawn(store.clone(), &hook, fast(Duration::from_secs(5)), None).unwrap();
+        wait_until("an empty outbox", || outbox(&store).is_empty());
+        let posts = rx.posts();
+        let seen: BTreeSet<String> = posts.iter().flat_map(event_ids).collect();
+        assert_eq!(seen, ["1", "2", "3"].map(String::from).into());
+        for p in &posts {
+            assert_eq!(p.target, "/hooks");
+            assert!(verify(SECRET.as_bytes(), &p.body, p.header(SIGNATURE_HEADER).unwrap()));
+        }
+        d.stop();
         store.shutdown();
     }
 }

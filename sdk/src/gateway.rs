@@ -23,6 +23,8 @@
 //! repeated send safe anyway. A fresh connection that fails is reported as is.
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+
+use crate::tls::Conn;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -198,18 +200,24 @@ struct Target {
     host: String,
     /// Path prefix from the base URL (`""` or `/prefix`, no trailing slash).
     prefix: String,
+    /// `https://`: the name the server's certificate must be for.
+    tls_name: Option<String>,
 }
 
 fn parse_base(base: &str) -> Result<Target, String> {
     let base = base.trim();
-    let rest = if let Some(i) = base.find("://") {
+    let (tls, rest) = if let Some(i) = base.find("://") {
         let scheme = &base[..i];
-        if !scheme.eq_ignore_ascii_case("http") {
-            return Err(format!("{base:?}: only plain http:// is supported (the api port has no TLS)"));
-        }
-        &base[i + 3..]
+        let tls = if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else {
+            return Err(format!("{base:?}: only http:// and https:// are supported"));
+        };
+        (tls, &base[i + 3..])
     } else {
-        base
+        (false, base)
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -223,8 +231,10 @@ fn parse_base(base: &str) -> Result<Target, String> {
         Some(i) => !authority[i..].contains(']'),
         None => false,
     };
-    let connect = if has_port { authority.to_owned() } else { format!("{authority}:80") };
-    Ok(Target { connect, host: authority.to_owned(), prefix: path.trim_end_matches('/').to_owned() })
+    let connect = if has_port { authority.to_owned() } else { format!("{authority}:{}", if tls { 443 } else { 80 }) };
+    let host_only = if has_port { &authority[..authority.rfind(':').unwrap_or(authority.len())] } else { authority };
+    let tls_name = tls.then(|| host_only.trim_start_matches('[').trim_end_matches(']').to_owned());
+    Ok(Target { connect, host: authority.to_owned(), prefix: path.trim_end_matches('/').to_owned(), tls_name })
 }
 
 /// A blocking client of the api port (business REST API).
@@ -240,8 +250,10 @@ pub struct GatewayClient {
     api_key: String,
     connect_timeout: Duration,
     io_timeout: Duration,
-    conn: Mutex<Option<BufReader<TcpStream>>>,
+    conn: Mutex<Option<BufReader<Conn>>>,
     connects: std::sync::atomic::AtomicU64,
+    /// TLS settings for an `https://` base (`None`: the Mozilla roots).
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// How one exchange on a connection failed.
@@ -254,10 +266,11 @@ enum Failure {
 }
 
 impl GatewayClient {
-    /// A client of the api port at `base` (`127.0.0.1:9001`, `http://127.0.0.1:9001`, or a URL
-    /// with a path prefix `http://gw.local:8080/ether`), authenticating with `api_key`.
+    /// A client of the api port at `base` (`127.0.0.1:9001`, `http://127.0.0.1:9001`, a URL
+    /// with a path prefix `http://gw.local:8080/ether`, or `https://…` behind a TLS proxy),
+    /// authenticating with `api_key`.
     ///
-    /// Nothing is connected yet; the first call connects. An unusable `base` (e.g. `https://`)
+    /// Nothing is connected yet; the first call connects. An unusable `base` (e.g. `ftp://`)
     /// makes every call fail with [`SdkError::InvalidUrl`].
     pub fn new(base: impl ToString, api_key: impl Into<String>) -> GatewayClient {
         GatewayClient {
@@ -267,7 +280,15 @@ impl GatewayClient {
             io_timeout: DEFAULT_IO_TIMEOUT,
             conn: Mutex::new(None),
             connects: std::sync::atomic::AtomicU64::new(0),
+            tls: None,
         }
+    }
+
+    /// TLS settings for an `https://` base (default: the Mozilla roots; see
+    /// [`crate::tls_config_with_roots`] for a private CA).
+    pub fn with_tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     /// Sets the connect timeout (default 10 s).
@@ -475,7 +496,7 @@ impl GatewayClient {
 
     // ---- plumbing --------------------------------------------------------------------------
 
-    fn connect(&self, target: &Target) -> Result<BufReader<TcpStream>, SdkError> {
+    fn connect(&self, target: &Target) -> Result<BufReader<Conn>, SdkError> {
         let mut last = None;
         for addr in target.connect.to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, self.connect_timeout) {
@@ -484,7 +505,15 @@ impl GatewayClient {
                     stream.set_read_timeout(Some(self.io_timeout))?;
                     stream.set_write_timeout(Some(self.io_timeout))?;
                     self.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(BufReader::new(stream));
+                    let conn = match &target.tls_name {
+                        None => Conn::Plain(stream),
+                        Some(name) => {
+                            let config = self.tls.clone().unwrap_or_else(crate::tls::default_tls_config);
+                            let session = crate::tls::client_session(config, name)?;
+                            Conn::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
+                        }
+                    };
+                    return Ok(BufReader::new(conn));
                 }
                 Err(e) => last = Some(e),
             }
@@ -547,7 +576,7 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 
 /// Writes `req` and reads one answer. Returns the answer and whether the connection may be
 /// reused.
-fn exchange(conn: &mut BufReader<TcpStream>, req: &[u8], head_only: bool) -> Result<(RawResponse, bool), Failure> {
+fn exchange(conn: &mut BufReader<Conn>, req: &[u8], head_only: bool) -> Result<(RawResponse, bool), Failure> {
     let written = {
         let stream = conn.get_mut();
         stream.write_all(req).and_then(|()| stream.flush())
@@ -595,7 +624,7 @@ fn protocol(msg: impl Into<String>) -> Failure {
     Failure::Fatal(SdkError::Protocol(msg.into()))
 }
 
-fn read_response(conn: &mut BufReader<TcpStream>, head_only: bool) -> Result<(RawResponse, bool), Failure> {
+fn read_response(conn: &mut BufReader<Conn>, head_only: bool) -> Result<(RawResponse, bool), Failure> {
     let mut head = Vec::with_capacity(512);
     loop {
         if !read_head(conn, &mut head)? {
@@ -688,7 +717,13 @@ mod tests {
         assert_eq!(t.connect, "[::1]:9001");
         let t = parse_base("[::1]").unwrap();
         assert_eq!(t.connect, "[::1]:80");
-        assert!(parse_base("https://x:1").is_err());
+        let t = parse_base("https://hooks.example.com/ether").unwrap();
+        assert_eq!((t.connect.as_str(), t.tls_name.as_deref()), ("hooks.example.com:443", Some("hooks.example.com")));
+        assert_eq!(t.prefix, "/ether");
+        let t = parse_base("HTTPS://[::1]:8443").unwrap();
+        assert_eq!((t.connect.as_str(), t.tls_name.as_deref()), ("[::1]:8443", Some("::1")));
+        assert_eq!(parse_base("http://x:1").unwrap().tls_name, None);
+        assert!(parse_base("ftp://x:1").is_err());
         assert!(parse_base("http:///x").is_err());
     }
 

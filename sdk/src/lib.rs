@@ -63,6 +63,7 @@
 pub mod error;
 pub mod gateway;
 pub mod terminal;
+pub mod tls;
 
 pub use ether_proto as proto;
 pub use tungstenite;
@@ -71,4 +72,5 @@ pub use error::SdkError;
 pub use gateway::{GatewayClient, HistoryQuery, RawResponse};
 /// rustls, for [`ConnectOptions::tls`] settings beyond [`tls_config_with_roots`].
 pub use rustls;
-pub use terminal::{tls_config_with_roots, ConnectOptions, TerminalClient, Welcome};
+pub use terminal::{ConnectOptions, TerminalClient, Welcome};
+pub use tls::tls_config_with_roots;

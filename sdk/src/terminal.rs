@@ -84,44 +84,9 @@ pub struct ConnectOptions {
     /// [`TerminalClient::connect_with`]) the `welcome` frame.
     pub timeout: Duration,
     /// TLS settings for `wss://` URLs; `None` trusts the Mozilla root certificates
-    /// (`webpki-roots`). See [`tls_config_with_roots`] for a private CA or a self-signed node.
+    /// (`webpki-roots`). See [`crate::tls_config_with_roots`] for a private CA or a
+    /// self-signed node.
     pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-/// A TLS client configuration trusting exactly the certificates in `pem` (PEM text: a private
-/// CA, or a node's self-signed certificate), for [`ConnectOptions::tls`].
-pub fn tls_config_with_roots(pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, SdkError> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| SdkError::Tls(format!("not a PEM certificate: {e}")))?;
-        roots.add(cert).map_err(|e| SdkError::Tls(format!("unusable root certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(SdkError::Tls("no CERTIFICATE block in the PEM text".into()));
-    }
-    Ok(client_config(roots))
-}
-
-fn client_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Arc::new(config)
-}
-
-/// The Mozilla roots, built once.
-fn default_tls_config() -> Arc<rustls::ClientConfig> {
-    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            client_config(roots)
-        })
-        .clone()
 }
 
 impl ConnectOptions {
@@ -402,11 +367,8 @@ impl TerminalClient {
         let tls = match tls_name {
             None => None,
             Some(name) => {
-                let name = rustls::pki_types::ServerName::try_from(name.clone())
-                    .map_err(|e| SdkError::InvalidUrl(format!("{name:?} is not a TLS server name: {e}")))?;
-                let config = opts.tls.clone().unwrap_or_else(default_tls_config);
-                let conn = rustls::ClientConnection::new(config, name).map_err(|e| SdkError::Tls(e.to_string()))?;
-                Some(Box::new(conn))
+                let config = opts.tls.clone().unwrap_or_else(crate::tls::default_tls_config);
+                Some(Box::new(crate::tls::client_session(config, &name)?))
             }
         };
         let stream = Stream { tcp, deadline: Some(Instant::now() + opts.timeout), tls };
@@ -760,12 +722,5 @@ mod tests {
         let t = build_url("WSS://[::1]:9443/ws", &none).unwrap();
         assert_eq!((t.connect.as_str(), t.tls_name.as_deref()), ("[::1]:9443", Some("::1")));
         assert!(matches!(build_url("https://h:1", &none), Err(SdkError::InvalidUrl(_))));
-    }
-
-    #[test]
-    fn tls_roots_from_pem() {
-        assert!(matches!(tls_config_with_roots(b"not pem"), Err(SdkError::Tls(_))));
-        let broken = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(matches!(tls_config_with_roots(broken), Err(SdkError::Tls(_))));
     }
 }

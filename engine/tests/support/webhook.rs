@@ -22,7 +22,11 @@ pub struct Receiver {
 
 /// The webhook config of a node that posts to `r`.
 pub fn webhook(r: &Receiver) -> ether_engine::config::Webhook {
-    ether_engine::config::Webhook { url: r.url.clone(), secret: ether_engine::secrets::Secret::new(SECRET) }
+    ether_engine::config::Webhook {
+        url: r.url.clone(),
+        secret: ether_engine::secrets::Secret::new(SECRET),
+        ca_path: None,
+    }
 }
 
 pub fn receiver(fail_first: usize) -> Receiver {
