@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Run a node (flags override env `ETHER_<SECTION>_<KEY>`, which overrides the file).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a terminal JWT signed with the node's secret.
     Token(TokenArgs),
     /// Call a node's admin port.
@@ -60,10 +60,13 @@ pub struct ServeArgs {
     /// Terminal WebSocket listener over TLS, `wss://` (`listen.client_tls`; default none).
     #[arg(long, value_name = "ADDR")]
     pub listen_client_tls: Option<SocketAddr>,
-    /// PEM certificate chain of the TLS listener (`tls.cert_path`).
+    /// Business REST listener over TLS, `https://` (`listen.api_tls`; default none).
+    #[arg(long, value_name = "ADDR")]
+    pub listen_api_tls: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listeners (`tls.cert_path`).
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key of the TLS listener (`tls.key_path`).
+    /// PEM private key of the TLS listeners (`tls.key_path`).
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Log format (`log.format`; default human).
@@ -281,7 +284,7 @@ mod tests {
         assert_eq!(args.config, None);
 
         let Command::Serve(empty) = parse(&["serve"]).unwrap().command else { panic!() };
-        assert_eq!(empty, ServeArgs::default());
+        assert_eq!(*empty, ServeArgs::default());
 
         assert!(parse(&["serve", "--log-format", "xml"]).is_err());
         assert!(parse(&["serve", "--listen-api", "localhost"]).is_err());

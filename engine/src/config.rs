@@ -29,6 +29,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("listen.api", "--listen-api"),
     ("listen.admin", "--listen-admin"),
     ("listen.client_tls", "--listen-client-tls"),
+    ("listen.api_tls", "--listen-api-tls"),
     ("tls.cert_path", "--tls-cert"),
     ("tls.key_path", "--tls-key"),
     ("node.shards", "--shards"),
@@ -240,8 +241,10 @@ raw_config! {
         admin: String,
         /// `listen.client_tls`: terminal WebSocket listener over TLS (`wss://`); unset: none.
         client_tls: String,
+        /// `listen.api_tls`: business REST listener over TLS (`https://`); unset: none.
+        api_tls: String,
     }
-    /// Raw `[tls]`: the certificate of the `listen.client_tls` listener.
+    /// Raw `[tls]`: the certificate of the `listen.client_tls` and `listen.api_tls` listeners.
     tls: RawTls {
         /// `tls.cert_path`: PEM certificate chain, leaf first.
         cert_path: PathBuf,
@@ -409,6 +412,7 @@ impl RawConfig {
         raw.listen.api = args.listen_api.map(|a| a.to_string());
         raw.listen.admin = args.listen_admin.map(|a| a.to_string());
         raw.listen.client_tls = args.listen_client_tls.map(|a| a.to_string());
+        raw.listen.api_tls = args.listen_api_tls.map(|a| a.to_string());
         raw.tls.cert_path = args.tls_cert.clone();
         raw.tls.key_path = args.tls_key.clone();
         raw.node.shards = args.shards;
@@ -665,6 +669,8 @@ pub struct Listen {
     pub admin: SocketAddr,
     /// Terminal WebSocket listener over TLS (`wss://`), when configured (with [`Tls`]).
     pub client_tls: Option<SocketAddr>,
+    /// Business REST listener over TLS (`https://`), when configured (with [`Tls`]).
+    pub api_tls: Option<SocketAddr>,
 }
 
 /// The certificate and key of the `listen.client_tls` listener (PEM files, read at start and
@@ -904,7 +910,7 @@ pub struct Config {
     pub cluster: Cluster,
     /// Event delivery.
     pub events: Events,
-    /// TLS for terminals: `Some` exactly when `listen.client_tls` is set.
+    /// TLS: `Some` exactly when `listen.client_tls` or `listen.api_tls` is set.
     pub tls: Option<Tls>,
     /// Message retention.
     pub retention: Retention,
@@ -982,7 +988,7 @@ impl Config {
     pub fn test_min(data_dir: PathBuf) -> Config {
         let any = Some("127.0.0.1:0".to_owned());
         let raw = RawConfig {
-            listen: RawListen { client: any.clone(), api: any.clone(), admin: any, client_tls: None },
+            listen: RawListen { client: any.clone(), api: any.clone(), admin: any, client_tls: None, api_tls: None },
             node: RawNode { shards: Some(2), data_dir: Some(data_dir), id: Some("test-node".into()) },
             auth: RawAuth {
                 jwt_secret: Some(Secret::new("test-jwt-secret-0123456789abcdef")),
@@ -1040,6 +1046,7 @@ impl Config {
                 "api": self.listen.api.to_string(),
                 "admin": self.listen.admin.to_string(),
                 "client_tls": self.listen.client_tls.map(|a| a.to_string()),
+                "api_tls": self.listen.api_tls.map(|a| a.to_string()),
             },
             "tls": {
                 "cert_path": self.tls.as_ref().map(|t| t.cert_path.to_string_lossy().into_owned()),
@@ -1188,8 +1195,12 @@ impl Prepared {
                 Some(text) => Some(check.addr("listen.client_tls", Some(text), "")?),
                 None => None,
             },
+            api_tls: match raw.listen.api_tls.as_deref() {
+                Some(text) => Some(check.addr("listen.api_tls", Some(text), "")?),
+                None => None,
+            },
         };
-        let tls = match (listen.client_tls, raw.tls.cert_path, raw.tls.key_path) {
+        let tls = match (listen.client_tls.or(listen.api_tls), raw.tls.cert_path, raw.tls.key_path) {
             (Some(_), Some(cert_path), Some(key_path)) => {
                 for (key, path) in [("tls.cert_path", &cert_path), ("tls.key_path", &key_path)] {
                     if path.as_os_str().is_empty() {
@@ -1204,16 +1215,22 @@ impl Prepared {
                 Some(Tls { cert_path, key_path, reload_check })
             }
             (Some(_), None, _) => {
-                return Err(check.invalid("tls.cert_path", "listen.client_tls is set: give the PEM certificate chain"))
+                return Err(check.invalid("tls.cert_path", "a TLS listener is set: give the PEM certificate chain"))
             }
             (Some(_), _, None) => {
-                return Err(check.invalid("tls.key_path", "listen.client_tls is set: give the PEM private key"))
+                return Err(check.invalid("tls.key_path", "a TLS listener is set: give the PEM private key"))
             }
             (None, Some(_), _) => {
-                return Err(check.invalid("tls.cert_path", "set, but listen.client_tls is not: set both, or neither"))
+                return Err(check.invalid(
+                    "tls.cert_path",
+                    "set, but neither listen.client_tls nor listen.api_tls is: set a TLS listener, or no files",
+                ))
             }
             (None, None, Some(_)) => {
-                return Err(check.invalid("tls.key_path", "set, but listen.client_tls is not: set both, or neither"))
+                return Err(check.invalid(
+                    "tls.key_path",
+                    "set, but neither listen.client_tls nor listen.api_tls is: set a TLS listener, or no files",
+                ))
             }
             (None, None, None) => None,
         };
@@ -1876,7 +1893,8 @@ mod tests {
                 "tls.key_path",
                 "give the PEM private key",
             ),
-            ("[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n", "tls.cert_path", "listen.client_tls is not"),
+            ("[listen]\napi_tls = \"127.0.0.1:9444\"\n[tls]\ncert_path = \"c.pem\"\n", "tls.key_path", "private key"),
+            ("[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n", "tls.cert_path", "neither listen.client_tls nor"),
             ("[listen]\nclient_tls = \"nope\"\n", "listen.client_tls", "expected IP:PORT"),
         ] {
             let (k, _, message) = invalid(check(toml).unwrap_err());
@@ -1894,6 +1912,7 @@ mod tests {
             api = "127.0.0.1:9001"
             admin = "127.0.0.1:9002"
             client_tls = "0.0.0.0:9443"
+            api_tls = "0.0.0.0:9444"
             [tls]
             cert_path = "/etc/ether/tls/fullchain.pem"
             key_path = "/etc/ether/tls/key.pem"
@@ -2106,7 +2125,7 @@ mod tests {
     fn test_min_is_tiny_and_valid() {
         let config = Config::test_min(PathBuf::from("/nonexistent/test-data"));
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        assert_eq!(config.listen, Listen { client: local, api: local, admin: local, client_tls: None });
+        assert_eq!(config.listen, Listen { client: local, api: local, admin: local, client_tls: None, api_tls: None });
         assert_eq!(config.node.shards, 2);
         let l = config.limits;
         assert_eq!(l.frame_bytes_max, 4096);
@@ -2232,7 +2251,7 @@ mod tests {
         assert_eq!(target.token.expose(), served.auth.admin_token.expose());
 
         let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
-        PortsFile { client: any, api: any, admin: "0.0.0.0:41234".parse().unwrap(), client_tls: None }
+        PortsFile { client: any, api: any, admin: "0.0.0.0:41234".parse().unwrap(), client_tls: None, api_tls: None }
             .write(&fx.data())
             .unwrap();
         assert_eq!(admin_target(&args, no_env()).unwrap().addr, "127.0.0.1:41234", "ports.json, made connectable");

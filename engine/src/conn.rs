@@ -44,20 +44,26 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts terminals until the node stops; each is upgraded in its own task.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
-    accept_terminals(shard, listener, stop, "client", |shard, stream| {
+    accept_connections(shard, listener, stop, "client", terminals_full, |shard, stream| {
         shard.spawn_terminal_task(upgrade(shard.clone(), stream))
     })
     .await;
 }
 
-/// The accept loop of a terminal listener (`what` names it in logs): refuses past
-/// `limits.connections_per_shard_max`, backs off on accept errors (EMFILE and friends must
-/// not spin), hands each connection to `serve`.
-pub(crate) async fn accept_terminals(
+/// Whether the shard holds `limits.connections_per_shard_max` terminals already.
+pub(crate) fn terminals_full(shard: &Shard) -> bool {
+    shard.live_sessions() >= shard.config.limits.connections_per_shard_max
+}
+
+/// The accept loop of a listener (`what` names it in logs): refuses while `full` says so,
+/// backs off on accept errors (EMFILE and friends must not spin), hands each connection to
+/// `serve`.
+pub(crate) async fn accept_connections(
     shard: Rc<Shard>,
     listener: TcpListener,
     stop: Stop,
     what: &'static str,
+    full: impl Fn(&Shard) -> bool,
     serve: impl Fn(&Rc<Shard>, TcpStream),
 ) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
@@ -71,8 +77,8 @@ pub(crate) async fn accept_terminals(
         match accepted {
             Ok(stream) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                if shard.live_sessions() >= shard.config.limits.connections_per_shard_max {
-                    debug!(shard = shard.id, listener = what, "connection cap reached, refusing a terminal");
+                if full(&shard) {
+                    debug!(shard = shard.id, listener = what, "connection cap reached, refusing a connection");
                     ShardCounters::add(&shard.counters().handshake_failures, 1);
                     continue;
                 }

@@ -63,6 +63,8 @@ pub struct BoundPorts {
     pub admin: SocketAddr,
     /// The `wss://` listener, when `listen.client_tls` is set.
     pub client_tls: Option<SocketAddr>,
+    /// The `https://` API listener, when `listen.api_tls` is set.
+    pub api_tls: Option<SocketAddr>,
 }
 
 /// A running node. Dropping it stops the node.
@@ -155,6 +157,8 @@ struct ShardStart {
     admin: Option<OwnedFd>,
     /// This shard's `wss://` listener and the TLS configuration, when there is one.
     client_tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
+    /// This shard's `https://` API listener and the TLS configuration, when there is one.
+    api_tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
 }
 
 /// Starts a node: listeners, mesh, shards. Returns once every listener is bound and
@@ -167,26 +171,33 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let (admin, mut admin_fds) = bind_group("admin", config.listen.admin, 1)?;
     // The TLS listener: its certificate is read before anything binds it.
     let mut tls_reload_stop = None;
-    let (client_tls, mut client_tls_fds, tls_config) = match (config.listen.client_tls, &config.tls) {
-        (Some(addr), Some(tls)) => {
+    let tls_config = match &config.tls {
+        Some(tls) => {
             let certs = crate::tls::CertStore::load(tls)?;
             let server_config = crate::tls::server_config(certs.clone())?;
-            let (bound, fds) = bind_group("client_tls", addr, shards)?;
             if !tls.reload_check.is_zero() {
                 let (stop, stopped) = std::sync::mpsc::channel();
                 certs.spawn_reloader(tls.reload_check, stopped)?;
                 tls_reload_stop = Some(stop);
             }
-            (Some(bound), fds, Some(server_config))
+            Some(server_config)
         }
-        _ => (None, Vec::new(), None),
+        None => None,
     };
-    let ports = BoundPorts { client, api, admin, client_tls };
-    PortsFile { client, api, admin, client_tls }.write(&config.node.data_dir).map_err(|e| NodeError::Ports {
-        path: config.node.data_dir.join("ports.json").display().to_string(),
-        source: std::io::Error::other(e.to_string()),
+    let tls_group = |what, addr: Option<SocketAddr>| match addr {
+        Some(addr) if tls_config.is_some() => bind_group(what, addr, shards).map(|(bound, fds)| (Some(bound), fds)),
+        _ => Ok((None, Vec::new())),
+    };
+    let (client_tls, mut client_tls_fds) = tls_group("client_tls", config.listen.client_tls)?;
+    let (api_tls, mut api_tls_fds) = tls_group("api_tls", config.listen.api_tls)?;
+    let ports = BoundPorts { client, api, admin, client_tls, api_tls };
+    PortsFile { client, api, admin, client_tls, api_tls }.write(&config.node.data_dir).map_err(|e| {
+        NodeError::Ports {
+            path: config.node.data_dir.join("ports.json").display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        }
     })?;
-    info!(client = %client, api = %api, admin = %admin, client_tls = ?client_tls, shards, "listening");
+    info!(client = %client, api = %api, admin = %admin, client_tls = ?client_tls, api_tls = ?api_tls, shards, "listening");
 
     let store = crate::storage::open(&config).map_err(|source| NodeError::Store {
         path: match &config.cluster.redis_url {
@@ -252,7 +263,8 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             client: client_fds.remove(0),
             api: api_fds.remove(0),
             admin: if id == 0 { admin_fds.pop() } else { None },
-            client_tls: tls_config.clone().map(|c| (client_tls_fds.remove(0), c)),
+            client_tls: (!client_tls_fds.is_empty()).then(|| client_tls_fds.remove(0)).zip(tls_config.clone()),
+            api_tls: (!api_tls_fds.is_empty()).then(|| api_tls_fds.remove(0)).zip(tls_config.clone()),
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("ether-shard-{id}"))
@@ -283,7 +295,7 @@ fn spin_before_park() -> Duration {
 }
 
 async fn run_shard(start: ShardStart) {
-    let ShardStart { id, config, keys, shared, ends, store, commits, client, api, admin, client_tls } = start;
+    let ShardStart { id, config, keys, shared, ends, store, commits, client, api, admin, client_tls, api_tls } = start;
     let (mesh, receivers) = ends.connect(id).await;
     let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh, store, commits));
     glommio::spawn_local(shard.clone().commit_loop()).detach();
@@ -307,7 +319,8 @@ async fn run_shard(start: ShardStart) {
         // SAFETY: as above.
         let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
         let acceptor = futures_rustls::TlsAcceptor::from(tls);
-        glommio::spawn_local(crate::tls::accept_loop(shard.clone(), listener, acceptor, stop.clone())).detach();
+        let behind = crate::tls::Behind::Terminals;
+        glommio::spawn_local(crate::tls::accept_loop(shard.clone(), listener, acceptor, behind, stop.clone())).detach();
     }
 
     let api_limits = Limits {
@@ -319,6 +332,25 @@ async fn run_shard(start: ShardStart) {
     let api = unsafe { TcpListener::from_raw_fd(api.into_raw_fd()) };
     let api_shard = shard.clone();
     let api_handler = Rc::new(move |req| crate::api::handle(api_shard.clone(), req));
+    if let Some((fd, tls)) = api_tls {
+        // SAFETY: as above.
+        let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+        let acceptor = futures_rustls::TlsAcceptor::from(tls);
+        let handler = api_handler.clone();
+        let serve_api: Rc<dyn Fn(glommio::net::TcpStream)> = Rc::new(move |stream| {
+            let handler = handler.clone();
+            glommio::spawn_local(async move {
+                let served =
+                    ether_http::server::serve_connection(stream, api_limits, API_IDLE_TIMEOUT, |req| handler(req));
+                if let Err(e) = served.await {
+                    tracing::debug!(error = %e, "api connection over TLS closed");
+                }
+            })
+            .detach();
+        });
+        let behind = crate::tls::Behind::Api(serve_api);
+        glommio::spawn_local(crate::tls::accept_loop(shard.clone(), listener, acceptor, behind, stop.clone())).detach();
+    }
     let api_task = glommio::spawn_local(ether_http::server::accept_loop(
         api,
         api_limits,

@@ -291,6 +291,9 @@ pub struct PortsFile {
     /// Bound address of the TLS client listener (`wss://`), when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_tls: Option<SocketAddr>,
+    /// Bound address of the TLS API listener (`https://`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tls: Option<SocketAddr>,
 }
 
 impl PortsFile {
@@ -545,6 +548,7 @@ mod tests {
 
         let ports = PortsFile {
             client_tls: None,
+            api_tls: None,
             client: "127.0.0.1:9000".parse().unwrap(),
             api: "127.0.0.1:43117".parse().unwrap(),
             admin: "[::1]:9002".parse().unwrap(),

@@ -161,26 +161,50 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(chain)
 }
 
-/// Accepts TLS terminals until the node stops; each gets its own task (handshake, then relay).
-/// Past `limits.tls_handshakes_per_shard_max` handshakes in progress, a new connection is
-/// closed at once (counted as a failed handshake).
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsAcceptor, stop: Stop) {
+/// Whether a listener is at its connection cap.
+type Full = dyn Fn(&Shard) -> bool;
+
+/// What a TLS listener serves behind the handshake.
+pub enum Behind {
+    /// Terminals: the plaintext end goes through the `ws://` upgrade (`conn`).
+    Terminals,
+    /// The business API: the plaintext end is served by this (`listen.api_tls`), at most
+    /// `limits.api_connections_max` at once per shard.
+    Api(Rc<dyn Fn(TcpStream)>),
+}
+
+/// Accepts TLS connections until the node stops; each gets its own task (handshake, then
+/// relay). Past `limits.tls_handshakes_per_shard_max` handshakes in progress, a new
+/// connection is closed at once (counted as a failed handshake).
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsAcceptor, behind: Behind, stop: Stop) {
     let in_flight = Rc::new(Cell::new(0usize));
     let max = shard.config.limits.tls_handshakes_per_shard_max;
-    crate::conn::accept_terminals(shard, listener, stop, "client_tls", |shard, stream| {
+    let api_live = Rc::new(Cell::new(0usize));
+    let api_max = shard.config.limits.api_connections_max;
+    let behind = Rc::new(behind);
+    let (what, full): (&'static str, Box<Full>) = match &*behind {
+        Behind::Terminals => ("client_tls", Box::new(crate::conn::terminals_full)),
+        Behind::Api(_) => {
+            let live = api_live.clone();
+            ("api_tls", Box::new(move |_: &Shard| live.get() >= api_max))
+        }
+    };
+    crate::conn::accept_connections(shard, listener, stop, what, full, |shard, stream| {
         if in_flight.get() >= max {
             debug!(shard = shard.id, max, "TLS handshakes at their limit, closing a connection");
             ShardCounters::add(&shard.counters().handshake_failures, 1);
             ShardCounters::add(&shard.counters().tls_handshake_failures, 1);
             return;
         }
-        let guard = InFlight::enter(&in_flight);
-        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone(), guard))
+        let handshaking = InFlight::enter(&in_flight);
+        let api_conn = matches!(&*behind, Behind::Api(_)).then(|| InFlight::enter(&api_live));
+        let behind = behind.clone();
+        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone(), handshaking, behind, api_conn))
     })
     .await;
 }
 
-/// One handshake in progress, counted until dropped.
+/// One handshake (or API connection) in progress, counted until dropped.
 struct InFlight(Rc<Cell<usize>>);
 
 impl InFlight {
@@ -197,8 +221,16 @@ impl Drop for InFlight {
     }
 }
 
-/// One TLS terminal: handshake, then the plaintext side goes to `conn` and this task relays.
-async fn serve(shard: Rc<Shard>, tcp: TcpStream, acceptor: TlsAcceptor, handshaking: InFlight) {
+/// One TLS connection: handshake, then the plaintext side goes to what is `behind` and this
+/// task relays. `_api_conn` counts an API connection until the relay ends.
+async fn serve(
+    shard: Rc<Shard>,
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    handshaking: InFlight,
+    behind: Rc<Behind>,
+    _api_conn: Option<InFlight>,
+) {
     let remote = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let limit = shard.config.limits.handshake_timeout;
     let tls = match glommio::timer::timeout(limit, async { acceptor.accept(tcp).await.map_err(Into::into) }).await {
@@ -228,9 +260,12 @@ async fn serve(shard: Rc<Shard>, tcp: TcpStream, acceptor: TlsAcceptor, handshak
     let engine_end = unsafe { TcpStream::from_raw_fd(engine_end.into_raw_fd()) };
     // SAFETY: as above.
     let relay_end = unsafe { UnixStream::from_raw_fd(relay_end.into_raw_fd()) };
-    shard.spawn_terminal_task(crate::conn::upgrade_from(shard.clone(), engine_end, remote));
+    match &*behind {
+        Behind::Terminals => shard.spawn_terminal_task(crate::conn::upgrade_from(shard.clone(), engine_end, remote)),
+        Behind::Api(serve_api) => serve_api(engine_end),
+    }
     if let Err(e) = relay(tls, relay_end).await {
-        debug!(shard = shard.id, %remote, error = %e, "TLS terminal relay ended");
+        debug!(shard = shard.id, %remote, error = %e, "TLS relay ended");
     }
 }
 

@@ -201,3 +201,35 @@ fn handshakes_past_the_limit_are_closed_at_once() {
     std::thread::sleep(node.config.limits.handshake_timeout);
     TerminalClient::connect_with(&wss_url(&node), &trusting(&node, "wes", "phone")).unwrap();
 }
+
+#[test]
+fn the_business_api_over_tls_works_like_the_plain_one() {
+    let node = TestNode::with(|c| {
+        c.listen.api_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls = Some(Tls {
+            cert_path: fixture("tls-cert.pem"),
+            key_path: fixture("tls-key.pem"),
+            reload_check: Duration::ZERO,
+        });
+    });
+    assert_eq!(node.ports.client_tls, None, "only the API listener asked for");
+    let base = format!("https://localhost:{}", node.ports.api_tls.expect("an https listener").port());
+    let roots = tls_config_with_roots(&std::fs::read(fixture("tls-cert.pem")).unwrap()).unwrap();
+    let gw = ether_sdk::GatewayClient::new(&base, node.api_key.clone()).with_tls(roots.clone());
+    let mut t = node.terminal("xia", "phone");
+    // Several requests on one keep-alive TLS connection.
+    for i in 0..5 {
+        gw.send_message(&text("ops", "xia", &format!("over https {i}"))).unwrap();
+    }
+    for i in 0..5 {
+        assert_eq!(next_msg(&mut t).body["text"], format!("over https {i}"));
+    }
+    assert_eq!(gw.connections_opened(), 1);
+    // The same errors as over http://.
+    let wrong = ether_sdk::GatewayClient::new(&base, "wrong-key").with_tls(roots);
+    assert_eq!(wrong.send_message(&text("ops", "xia", "x")).unwrap_err().status(), Some(401));
+    // A client that does not trust the certificate gets no answer.
+    let untrusting = ether_sdk::GatewayClient::new(&base, node.api_key.clone());
+    let err = untrusting.send_message(&text("ops", "xia", "x")).unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+}

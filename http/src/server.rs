@@ -226,7 +226,10 @@ where
     let timeout = (!idle_timeout.is_zero()).then_some(idle_timeout);
     stream.set_write_timeout(timeout)?;
     // Responses are written once per batch; Nagle would only delay a batch's last segment.
-    stream.set_nodelay(true)?;
+    // A local stream socket (the TLS relay's plaintext end) has no Nagle: nothing to set.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::trace!(error = %e, "TCP_NODELAY not set");
+    }
     let mut rx = ReadBuf::new(limits);
     let mut out: Vec<u8> = Vec::new();
     // When the request at the front of `rx` started to arrive (None: `rx` is empty).
