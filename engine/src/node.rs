@@ -337,11 +337,17 @@ async fn run_shard(start: ShardStart) {
         let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
         let acceptor = futures_rustls::TlsAcceptor::from(tls);
         let handler = api_handler.clone();
+        let api_stop = stop.clone();
         let serve_api: Rc<dyn Fn(glommio::net::TcpStream)> = Rc::new(move |stream| {
-            let handler = handler.clone();
+            let (handler, stop) = (handler.clone(), api_stop.clone());
             glommio::spawn_local(async move {
-                let served =
-                    ether_http::server::serve_connection(stream, api_limits, API_IDLE_TIMEOUT, |req| handler(req));
+                let served = ether_http::server::serve_connection_until(
+                    stream,
+                    api_limits,
+                    API_IDLE_TIMEOUT,
+                    |req| handler(req),
+                    &stop,
+                );
                 if let Err(e) = served.await {
                     tracing::debug!(error = %e, "api connection over TLS closed");
                 }

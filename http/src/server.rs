@@ -178,6 +178,22 @@ where
     serve(stream, limits, idle_timeout, &handler, None).await
 }
 
+/// [`serve_connection`] that also ends when `stop` fires, as [`accept_loop`]'s connections do:
+/// idle, it closes at once; busy, after its current batch (answered `Connection: close`).
+pub async fn serve_connection_until<H, F>(
+    stream: TcpStream,
+    limits: Limits,
+    idle_timeout: Duration,
+    handler: H,
+    stop: &Stop,
+) -> Result<CloseReason, ServeError>
+where
+    H: Fn(Request) -> F,
+    F: Future<Output = Response>,
+{
+    serve(stream, limits, idle_timeout, &handler, Some(stop)).await
+}
+
 /// Most pipelined requests handled concurrently in one round.
 const PIPELINE_BATCH_MAX: usize = 256;
 
