@@ -103,7 +103,7 @@ fn unreachable_address() {
     assert!(msg.contains("cannot reach the admin port at 127.0.0.1:"), "{msg}");
     assert!(msg.contains("ETHER_ADMIN_ADDR"), "{msg}");
 
-    let err = run("https://127.0.0.1:1", TOKEN, AdminCommand::Stats, false).unwrap_err();
+    let err = run("ftp://127.0.0.1:1", TOKEN, AdminCommand::Stats, false).unwrap_err();
     assert!(matches!(err, CliError::Usage(_)), "{err:?}");
 }
 
