@@ -168,7 +168,9 @@ fn new_terminals_and_heartbeats_park_at_once_other_frames_keep_the_task() {
 fn churning_between_parked_and_active_loses_nothing() {
     const USERS: usize = 12;
     const MESSAGES: usize = 240;
-    let node = TestNode::start();
+    // Most readers never ping: on a loaded machine their quiet spells could pass the test
+    // configuration's 3 s idle timeout, which is not what this test is about.
+    let node = TestNode::with(|c| c.limits.idle_timeout = Duration::from_secs(30));
     let mut readers = Vec::new();
     for u in 0..USERS {
         let mut t = node.terminal(&format!("churn{u}"), "phone");
