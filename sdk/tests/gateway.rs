@@ -382,8 +382,11 @@ fn unusable_addresses_fail_cleanly() {
     drop(listener);
     let api = GatewayClient::new(addr, "k").with_connect_timeout(Duration::from_secs(2));
     assert!(matches!(api.unread("a"), Err(SdkError::Io(_))));
-    let api = GatewayClient::new("https://127.0.0.1:9001", "k");
+    let api = GatewayClient::new("ftp://127.0.0.1:9001", "k");
     assert!(matches!(api.unread("a"), Err(SdkError::InvalidUrl(_))));
+    // https:// is usable; nothing listening there is an I/O error like for http://.
+    let api = GatewayClient::new(format!("https://{addr}"), "k").with_connect_timeout(Duration::from_secs(2));
+    assert!(matches!(api.unread("a"), Err(SdkError::Io(_))));
 }
 
 #[test]
