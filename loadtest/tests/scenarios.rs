@@ -387,31 +387,31 @@ fn chat_against_the_engine_and_the_wire_limit() {
     assert_recorded(&v, tmp.path(), "chat");
 }
 
+/// A small reconnect run: 100 terminals, about half dropped after 1 s and away for 1 s.
+const RECONNECT_SMALL: [&str; 17] = [
+    "reconnect",
+    "--connections",
+    "100",
+    "--rate",
+    "400",
+    "--api-conns",
+    "16",
+    "--pipeline",
+    "4",
+    "--duration",
+    "3s",
+    "--drop",
+    "0.5",
+    "--drop-after",
+    "1s",
+    "--away",
+    "1s",
+];
+
 #[test]
 fn reconnect_against_the_engine() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = run_engine(
-        &[
-            "reconnect",
-            "--connections",
-            "100",
-            "--rate",
-            "400",
-            "--api-conns",
-            "16",
-            "--pipeline",
-            "4",
-            "--duration",
-            "3s",
-            "--drop",
-            "0.5",
-            "--drop-after",
-            "1s",
-            "--away",
-            "1s",
-        ],
-        tmp.path(),
-    );
+    let v = run_engine(&RECONNECT_SMALL, tmp.path());
     assert_all_connected(&v, 100);
     let m = &v["runs"][0]["messages"];
     assert_eq!(m["sent"], 1200, "{v}");
@@ -498,27 +498,7 @@ fn idle_and_unicast_over_tls() {
     assert_no_loss(&v, 1000);
     assert_no_duplicates(&v);
     // Terminals dropped abruptly (RST through the TLS relay) come back over TLS and catch up.
-    let v = run_engine(
-        &[
-            "reconnect",
-            "--tls",
-            "--connections",
-            "100",
-            "--rate",
-            "400",
-            "--api-conns",
-            "16",
-            "--duration",
-            "3s",
-            "--drop",
-            "0.5",
-            "--drop-after",
-            "1s",
-            "--away",
-            "1s",
-        ],
-        tmp.path(),
-    );
+    let v = run_engine(&[&RECONNECT_SMALL[..], &["--tls"]].concat(), tmp.path());
     let x = &v["runs"][0]["messages"]["reconnect"];
     let to_drop = x["to_drop"].as_u64().unwrap();
     assert!(to_drop > 0, "{x}");
