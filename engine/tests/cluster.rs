@@ -13,11 +13,17 @@ use ether_store::redis::TestRedis;
 use support::*;
 
 fn cluster_node(redis: &TestRedis, id: &str) -> TestNode {
+    cluster_node_with(redis, id, |_| {})
+}
+
+/// A node of the cluster at `redis` with `edit` applied to its test configuration.
+fn cluster_node_with(redis: &TestRedis, id: &str, edit: impl FnOnce(&mut ether_engine::config::Config)) -> TestNode {
     let url = redis.url();
     let id = id.to_owned();
     TestNode::with(move |c| {
         c.cluster.redis_url = Some(url);
         c.node.id = id;
+        edit(c);
     })
 }
 
@@ -269,14 +275,7 @@ fn one_node_at_a_time_delivers_the_shared_outbox_to_the_webhook() {
     use support::webhook::{has, receiver, webhook};
     let Some(redis) = redis_or_skip() else { return };
     let hook = receiver(0);
-    let node = |id: &str| {
-        let (url, id, hook) = (redis.url(), id.to_owned(), webhook(&hook));
-        TestNode::with(move |c| {
-            c.cluster.redis_url = Some(url);
-            c.node.id = id;
-            c.events.webhook = Some(hook);
-        })
-    };
+    let node = |id: &str| cluster_node_with(&redis, id, |c| c.events.webhook = Some(webhook(&hook)));
     let a = node("node-a");
     let b = node("node-b");
     // Each node announced its webhook as a digest (never the URL itself), so a node
@@ -315,14 +314,7 @@ fn one_node_at_a_time_delivers_the_shared_outbox_to_the_webhook() {
 fn a_broadcast_reaches_and_counts_the_terminals_of_every_node() {
     let Some(redis) = redis_or_skip() else { return };
     // Terminals that stay (these do not ping; the test config drops silent ones after 3 s).
-    let node = |id: &str| {
-        let (url, id) = (redis.url(), id.to_owned());
-        TestNode::with(move |c| {
-            c.cluster.redis_url = Some(url);
-            c.node.id = id;
-            c.limits.idle_timeout = Duration::from_secs(60);
-        })
-    };
+    let node = |id: &str| cluster_node_with(&redis, id, |c| c.limits.idle_timeout = Duration::from_secs(60));
     let a = node("node-a");
     let b = node("node-b");
     let _on_a: Vec<_> = (0..2).map(|i| a.terminal(&format!("ava{i}"), "phone")).collect();
