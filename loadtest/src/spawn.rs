@@ -116,18 +116,11 @@ impl Target {
             None => find_ether_bin()?,
         };
         if opts.cluster >= 2 {
-            if opts.tls {
-                return Err("--tls with --cluster is not supported yet: drive one node".into());
-            }
             return Self::spawn_cluster(&bin, opts);
         }
         let (node, ports, secrets, log_path) = spawn_node(&bin, opts, &[], &[])?;
         let secrets = secrets.ok_or("ether serve wrote no secrets.toml")?;
-        let client = match (opts.tls, ports.client_tls) {
-            (false, _) => ports.client,
-            (true, Some(tls)) => tls,
-            (true, None) => return Err("the spawned node wrote no client_tls address".into()),
-        };
+        let client = client_of(opts, &ports)?;
         Ok(Target {
             kind: "engine",
             client,
@@ -140,7 +133,7 @@ impl Target {
             admin_token: secrets.admin_token,
             server_pids: vec![node.child.id()],
             log: Some(log_path),
-            tls: opts.tls.then(|| TlsSpec { ca_pem: SPAWN_CERT_PEM.into(), server_name: "localhost".into() }),
+            tls: opts.tls.then(spawn_tls),
             _guard: Some(Box::new(node)),
         })
     }
@@ -170,25 +163,40 @@ impl Target {
             all_ports.push(ports);
         }
         let (secrets, log) = first.ok_or("a cluster of no node")?;
+        let clients = all_ports.iter().map(|p| client_of(opts, p)).collect::<Result<Vec<_>, String>>()?;
         let mut pids: Vec<u32> = nodes.iter().map(|n| n.child.id()).collect();
         pids.push(redis.child.id());
         Ok(Target {
             kind: "engine",
-            client: all_ports[0].client,
+            client: clients[0],
             api: Some(all_ports[0].api),
             admin: Some(all_ports[0].admin),
-            more_clients: all_ports[1..].iter().map(|p| p.client).collect(),
+            more_clients: clients[1..].to_vec(),
             more_apis: all_ports[1..].iter().map(|p| p.api).collect(),
             jwt_secret: secrets.jwt_secret,
             api_key: secrets.api_key,
             admin_token: secrets.admin_token,
             server_pids: pids,
             log: Some(log),
-            tls: None,
+            tls: opts.tls.then(spawn_tls),
             // Nodes first, then Redis (dropped in this order).
             _guard: Some(Box::new((nodes, redis))),
         })
     }
+}
+
+/// The terminal address of a spawned node: its `wss://` listener with `--tls`.
+fn client_of(opts: &SpawnOptions, ports: &Ports) -> Result<SocketAddr, String> {
+    match (opts.tls, ports.client_tls) {
+        (false, _) => Ok(ports.client),
+        (true, Some(tls)) => Ok(tls),
+        (true, None) => Err("the spawned node wrote no client_tls address".into()),
+    }
+}
+
+/// What the terminals trust when they drive spawned nodes over TLS.
+fn spawn_tls() -> TlsSpec {
+    TlsSpec { ca_pem: SPAWN_CERT_PEM.into(), server_name: "localhost".into() }
 }
 
 /// Starts one `ether serve` with `args` and `env` added, and waits until it listens.

@@ -473,16 +473,20 @@ fn unicast_against_a_two_node_cluster() {
         "--ether-bin",
         &bin,
     ];
-    let v = run(&args, tmp.path());
-    assert_all_connected(&v, 100);
-    let m = &v["runs"][0]["messages"];
-    let sent = m["sent"].as_u64().unwrap();
-    assert!(sent > 0, "{v}");
-    assert_eq!(m["acked"], sent, "{v}");
-    assert_eq!(m["received"], sent, "{v}");
-    assert_eq!(m["lost"], 0, "{v}");
-    assert_eq!(m["misrouted"], 0, "{v}");
-    assert_no_duplicates(&v);
+    // Plain, then with the terminals over TLS (each node with its own TLS listener).
+    for tls in [false, true] {
+        let args: Vec<&str> = if tls { [&args[..], &["--tls"]].concat() } else { args.to_vec() };
+        let v = run(&args, tmp.path());
+        assert_all_connected(&v, 100);
+        let m = &v["runs"][0]["messages"];
+        let sent = m["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{v}");
+        assert_eq!(m["acked"], sent, "{v}");
+        assert_eq!(m["received"], sent, "{v}");
+        assert_eq!(m["lost"], 0, "{v}");
+        assert_eq!(m["misrouted"], 0, "{v}");
+        assert_no_duplicates(&v);
+    }
 }
 
 /// `--tls`: the spawned node gets a TLS listener and the terminals connect over `wss://`;
