@@ -55,14 +55,17 @@ pub enum TlsError {
     Reloader(#[from] io::Error),
 }
 
-/// The server configuration of the TLS listener: the certificate of `store`, TLS 1.2 and 1.3
-/// with rustls's safe defaults (ring), ALPN `http/1.1`.
+/// The server configuration of the TLS listeners: the certificate of `store`, TLS 1.2 and
+/// 1.3 with rustls's safe defaults (ring), ALPN `http/1.1`, and session tickets (keys made
+/// per process, rotated every 6 h), so a terminal reconnecting to the same node resumes
+/// its session without the key exchange and signature of a full handshake.
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(store.provider.clone())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(store);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))
 }
 

@@ -233,3 +233,34 @@ fn the_business_api_over_tls_works_like_the_plain_one() {
     let err = untrusting.send_message(&text("ops", "xia", "x")).unwrap_err();
     assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
 }
+
+#[test]
+fn a_client_coming_back_resumes_its_tls_session_however_many_came_between() {
+    use std::sync::Arc;
+    let node = tls_node();
+    let port = node.ports.client_tls.unwrap().port();
+    let config = tls_config_with_roots(&std::fs::read(fixture("tls-cert.pem")).unwrap()).unwrap();
+    // A plain rustls client (the SDK's hides its session): handshake, a byte each way, close.
+    let handshake = |config: &Arc<ether_sdk::rustls::ClientConfig>| {
+        let name = "localhost".try_into().unwrap();
+        let mut conn = ether_sdk::rustls::ClientConnection::new(config.clone(), name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        let mut tls = ether_sdk::rustls::Stream::new(&mut conn, &mut tcp);
+        // Any request: it is refused (not an upgrade), which is all this needs.
+        tls.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = [0u8; 10];
+        tls.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 4");
+        conn.handshake_kind()
+    };
+    use ether_sdk::rustls::HandshakeKind;
+    assert_eq!(handshake(&config), Some(HandshakeKind::Full));
+    // Many other clients in between (more than a server-side session cache of 256 holds):
+    // resumption must not depend on the node remembering each session (stateless tickets).
+    let pem = std::fs::read(fixture("tls-cert.pem")).unwrap();
+    for _ in 0..300 {
+        assert_eq!(handshake(&tls_config_with_roots(&pem).unwrap()), Some(HandshakeKind::Full));
+    }
+    assert_eq!(handshake(&config), Some(HandshakeKind::Resumed), "the first client resumes with its ticket");
+}
