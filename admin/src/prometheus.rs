@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 18] = [
+const SHARD_METRICS: [ShardMetric; 19] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -66,6 +66,12 @@ const SHARD_METRICS: [ShardMetric; 18] = [
         "TLS handshakes failed, timed out or refused at limits.tls_handshakes_per_shard_max.",
         Kind::Counter,
         |s| s.tls_handshake_failures,
+    ),
+    (
+        "ether_tls_resumptions_total",
+        "TLS handshakes that resumed an earlier session with a ticket (a subset of ether_tls_handshakes_total).",
+        Kind::Counter,
+        |s| s.tls_resumptions,
     ),
 ];
 
@@ -423,6 +429,7 @@ mod tests {
             rate_limited: 2,
             tls_handshakes: 30 + u64::from(n),
             tls_handshake_failures: 1,
+            tls_resumptions: 5,
             closes,
             ack_latency: ack.snapshot(),
             push_latency: push.snapshot(),

@@ -53,6 +53,7 @@ impl NodeStats {
             t.rate_limited += s.rate_limited;
             t.tls_handshakes += s.tls_handshakes;
             t.tls_handshake_failures += s.tls_handshake_failures;
+            t.tls_resumptions += s.tls_resumptions;
             for (reason, n) in &s.closes {
                 *t.closes.entry(reason.clone()).or_default() += n;
             }
@@ -134,6 +135,9 @@ pub struct ShardStats {
     /// TLS handshakes that failed, timed out or were refused at the limit.
     #[serde(default)]
     pub tls_handshake_failures: u64,
+    /// TLS handshakes that resumed an earlier session (a subset of `tls_handshakes`).
+    #[serde(default)]
+    pub tls_resumptions: u64,
     /// Connections closed, by close reason (`idle`, `kicked`, `slow_consumer`, ...).
     #[serde(default)]
     pub closes: BTreeMap<String, u64>,

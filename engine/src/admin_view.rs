@@ -142,6 +142,7 @@ impl ether_admin::NodeView for AdminView {
                     rate_limited: g(&c.rate_limited),
                     tls_handshakes: g(&c.tls_handshakes),
                     tls_handshake_failures: g(&c.tls_handshake_failures),
+                    tls_resumptions: g(&c.tls_resumptions),
                     closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
                     ack_latency: published.ack_latency,
                     push_latency: published.push_latency,

@@ -44,6 +44,8 @@ pub struct ShardCounters {
     pub tls_handshakes: AtomicU64,
     /// TLS handshakes that failed, timed out or were refused at the limit.
     pub tls_handshake_failures: AtomicU64,
+    /// TLS handshakes that resumed an earlier session (a subset of `tls_handshakes`).
+    pub tls_resumptions: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 

@@ -247,6 +247,9 @@ async fn serve(
     };
     drop(handshaking);
     ShardCounters::add(&shard.counters().tls_handshakes, 1);
+    if tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        ShardCounters::add(&shard.counters().tls_resumptions, 1);
+    }
     let (engine_end, relay_end) = match std::os::unix::net::UnixStream::pair() {
         Ok(pair) => pair,
         Err(e) => {

@@ -263,4 +263,7 @@ fn a_client_coming_back_resumes_its_tls_session_however_many_came_between() {
         assert_eq!(handshake(&tls_config_with_roots(&pem).unwrap()), Some(HandshakeKind::Full));
     }
     assert_eq!(handshake(&config), Some(HandshakeKind::Resumed), "the first client resumes with its ticket");
+    let resumed: u64 =
+        node.shared().shards.iter().map(|s| s.tls_resumptions.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    assert_eq!(resumed, 1, "counted");
 }

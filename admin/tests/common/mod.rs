@@ -124,6 +124,7 @@ impl FakeView {
                     rate_limited: n,
                     tls_handshakes: 0,
                     tls_handshake_failures: 0,
+                    tls_resumptions: 0,
                     closes,
                     ack_latency: ack.snapshot(),
                     push_latency: push.snapshot(),
