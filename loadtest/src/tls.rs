@@ -21,9 +21,6 @@ pub const SPAWN_CERT_PEM: &str = include_str!("../../engine/tests/fixtures/tls-c
 /// The key of [`SPAWN_CERT_PEM`].
 pub const SPAWN_KEY_PEM: &str = include_str!("../../engine/tests/fixtures/tls-key.pem");
 
-/// TLS sessions a fleet's terminals keep for resuming (one per terminal of a process).
-const SESSIONS_CACHED: usize = 20_000;
-
 /// What a fleet needs to speak TLS (sent to worker processes as is).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsSpec {
@@ -45,14 +42,14 @@ impl TlsSpec {
             return Err("--tls-ca: no CERTIFICATE block".into());
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        // rustls keeps resumable sessions per server name and uses each TLS 1.3 ticket once:
+        // the tool's terminals, which share this configuration and one name, share a few
+        // tickets, so most of their reconnects are full handshakes (a real device keeps its own).
+        let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        // Every real terminal keeps its own session to resume; the tool's terminals share one
-        // configuration, so its cache holds one per terminal (not rustls's default 256).
-        config.resumption = rustls::client::Resumption::in_memory_sessions(SESSIONS_CACHED);
         let name = ServerName::try_from(self.server_name.clone())
             .map_err(|e| format!("--tls-name {:?}: {e}", self.server_name))?;
         Ok((TlsConnector::from(Arc::new(config)), name))
