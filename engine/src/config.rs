@@ -797,8 +797,9 @@ pub struct Limits {
     pub api_requests_per_s: u32,
     /// API requests at once for the node (1 000).
     pub api_requests_burst: u32,
-    /// TLS handshakes in progress per shard (256); more connections to the TLS listener are
-    /// closed at once (each handshake costs key exchange and signature CPU).
+    /// TLS handshakes in progress per shard (256); more connections to the TLS listener wait
+    /// in its listen backlog until one ends (each handshake costs key exchange and signature
+    /// CPU).
     pub tls_handshakes_per_shard_max: usize,
 }
 

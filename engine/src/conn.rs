@@ -19,6 +19,7 @@ use ether_proto::pb::SUBPROTOCOL_PROTO;
 use ether_proto::{ApiError, ErrorCode};
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::{Semaphore, StaticPermit};
 use tracing::{debug, warn};
 
 use crate::mesh::{Handoff, ShardMsg};
@@ -44,7 +45,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts terminals until the node stops; each is upgraded in its own task.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
-    accept_connections(shard, listener, stop, "client", terminals_full, |shard, stream| {
+    accept_connections(shard, listener, stop, "client", terminals_full, None, |shard, stream, _| {
         shard.spawn_terminal_task(upgrade(shard.clone(), stream))
     })
     .await;
@@ -57,23 +58,36 @@ pub(crate) fn terminals_full(shard: &Shard) -> bool {
 
 /// The accept loop of a listener (`what` names it in logs): refuses while `full` says so,
 /// backs off on accept errors (EMFILE and friends must not spin), hands each connection to
-/// `serve`.
+/// `serve`. With `slots`, a connection is accepted only once a slot is free and `serve` gets
+/// it (held until dropped): while none is, new connections wait in the kernel's listen
+/// backlog instead of being refused, and the client only sees a slower connect.
 pub(crate) async fn accept_connections(
     shard: Rc<Shard>,
     listener: TcpListener,
     stop: Stop,
     what: &'static str,
     full: impl Fn(&Shard) -> bool,
-    serve: impl Fn(&Rc<Shard>, TcpStream),
+    slots: Option<Rc<Semaphore>>,
+    serve: impl Fn(&Rc<Shard>, TcpStream, Option<StaticPermit>),
 ) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
     while !stop.is_stopped() {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stop.stopped().await;
-            None
-        })
+        let accepted = futures_lite::future::or(
+            async {
+                let slot = match &slots {
+                    // The semaphore is never closed while the loop runs.
+                    Some(slots) => slots.acquire_static_permit(1).await.ok(),
+                    None => None,
+                };
+                Some((listener.accept().await, slot))
+            },
+            async {
+                stop.stopped().await;
+                None
+            },
+        )
         .await;
-        let Some(accepted) = accepted else { break };
+        let Some((accepted, slot)) = accepted else { break };
         match accepted {
             Ok(stream) => {
                 backoff = ACCEPT_BACKOFF_MIN;
@@ -82,7 +96,7 @@ pub(crate) async fn accept_connections(
                     ShardCounters::add(&shard.counters().handshake_failures, 1);
                     continue;
                 }
-                serve(&shard, stream);
+                serve(&shard, stream, slot);
             }
             Err(e) => {
                 warn!(shard = shard.id, listener = what, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");

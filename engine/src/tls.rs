@@ -26,6 +26,7 @@ use ether_http::server::Stop;
 use futures_lite::{AsyncRead, AsyncWrite};
 use futures_rustls::TlsAcceptor;
 use glommio::net::{TcpListener, TcpStream, UnixStream};
+use glommio::sync::{Semaphore, StaticPermit};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -177,11 +178,12 @@ pub enum Behind {
 }
 
 /// Accepts TLS connections until the node stops; each gets its own task (handshake, then
-/// relay). Past `limits.tls_handshakes_per_shard_max` handshakes in progress, a new
-/// connection is closed at once (counted as a failed handshake).
+/// relay). At most `limits.tls_handshakes_per_shard_max` handshakes are in progress at once
+/// per shard: past it, new connections wait in the listen backlog until one ends (each is
+/// bounded by `limits.handshake_timeout_ms`), so a burst of clients connects more slowly
+/// instead of being reset.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsAcceptor, behind: Behind, stop: Stop) {
-    let in_flight = Rc::new(Cell::new(0usize));
-    let max = shard.config.limits.tls_handshakes_per_shard_max;
+    let handshakes = Rc::new(Semaphore::new(shard.config.limits.tls_handshakes_per_shard_max as u64));
     let api_live = Rc::new(Cell::new(0usize));
     let api_max = shard.config.limits.api_connections_max;
     let behind = Rc::new(behind);
@@ -192,34 +194,27 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsA
             ("api_tls", Box::new(move |_: &Shard| live.get() >= api_max))
         }
     };
-    crate::conn::accept_connections(shard, listener, stop, what, full, |shard, stream| {
-        if in_flight.get() >= max {
-            debug!(shard = shard.id, max, "TLS handshakes at their limit, closing a connection");
-            ShardCounters::add(&shard.counters().handshake_failures, 1);
-            ShardCounters::add(&shard.counters().tls_handshake_failures, 1);
-            return;
-        }
-        let handshaking = InFlight::enter(&in_flight);
-        let api_conn = matches!(&*behind, Behind::Api(_)).then(|| InFlight::enter(&api_live));
+    crate::conn::accept_connections(shard, listener, stop, what, full, Some(handshakes), |shard, stream, slot| {
+        let api_conn = matches!(&*behind, Behind::Api(_)).then(|| ApiConnection::enter(&api_live));
         let behind = behind.clone();
-        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone(), handshaking, behind, api_conn))
+        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone(), slot, behind, api_conn))
     })
     .await;
 }
 
-/// One handshake (or API connection) in progress, counted until dropped.
-struct InFlight(Rc<Cell<usize>>);
+/// One API connection served over TLS, counted until dropped.
+struct ApiConnection(Rc<Cell<usize>>);
 
-impl InFlight {
-    fn enter(count: &Rc<Cell<usize>>) -> InFlight {
+impl ApiConnection {
+    fn enter(count: &Rc<Cell<usize>>) -> ApiConnection {
         count.set(count.get() + 1);
-        InFlight(count.clone())
+        ApiConnection(count.clone())
     }
 }
 
-impl Drop for InFlight {
+impl Drop for ApiConnection {
     fn drop(&mut self) {
-        debug_assert!(self.0.get() > 0, "handshake count underflow");
+        debug_assert!(self.0.get() > 0, "API connection count underflow");
         self.0.set(self.0.get().saturating_sub(1));
     }
 }
@@ -230,9 +225,9 @@ async fn serve(
     shard: Rc<Shard>,
     tcp: TcpStream,
     acceptor: TlsAcceptor,
-    handshaking: InFlight,
+    handshaking: Option<StaticPermit>,
     behind: Rc<Behind>,
-    _api_conn: Option<InFlight>,
+    _api_conn: Option<ApiConnection>,
 ) {
     let remote = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let limit = shard.config.limits.handshake_timeout;
