@@ -1,9 +1,20 @@
 //! Cluster mode (`cluster.redis_url`, `--redis`): the node's link to the other nodes through
-//! Redis. Owns what nodes tell each other (the bus: one Redis stream, `ether:bus`), the node
-//! registry (a key per node with a TTL), cluster-wide presence (a hash per user), and the two
-//! OS threads that talk to Redis: `ether-cluster-out` (registry heartbeat, presence writes and
-//! lookups, bus appends, batched) and `ether-cluster-in` (reads the bus). The message store
-//! itself is shared through `ether_store::RedisBackend` (see `storage`).
+//! Redis. Owns what nodes tell each other (the bus: Redis streams), the node registry (a key
+//! per node with a TTL), cluster-wide presence (a hash per user), and the two OS threads that
+//! talk to Redis: `ether-cluster-out` (registry heartbeat, presence writes and lookups, bus
+//! appends, batched) and `ether-cluster-in` (reads the bus). The message store itself is
+//! shared through `ether_store::RedisBackend` (see `storage`).
+//!
+//! The bus has two kinds of stream. What concerns one user (an inbox message, a receipt or
+//! read sync, a kick) goes only to the nodes holding that user's terminals: a script in Redis
+//! reads the user's presence and appends the entry to each such live node's own stream,
+//! `ether:bus:<node>` (none when the user has no terminal elsewhere), so a node reads only
+//! its own users' traffic however many nodes there are. What concerns everybody (group
+//! messages and membership, broadcasts) goes to the shared stream, `ether:bus`, which every
+//! node reads. A terminal's presence is written, and Redis has answered, before its node reads
+//! the user's inbox head for `welcome` (`conn::adopt`): a message committed before the other
+//! nodes could see the presence is within that head (the terminal syncs it), and every later
+//! one is routed here.
 //!
 //! Never touches shard state: what arrives on the bus is queued for the shards through
 //! `CommitQueues` (deliveries as for local commits, the rest as `Committed::Cluster`); shards and
@@ -59,6 +70,32 @@ type BusEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
 fn bus_key() -> String {
     format!("{KEY_PREFIX}bus")
 }
+
+/// The stream of what concerns only the users with terminals on `node`.
+fn node_bus_key(node: &str) -> String {
+    format!("{KEY_PREFIX}bus:{node}")
+}
+
+/// Appends a bus entry to the own stream of every live node, other than the sender, that
+/// holds a terminal of the user. KEYS[1]: the user's presence hash (fields `<node>/<device>`;
+/// node ids have no `/`). ARGV: the sending node, the entry, the streams' `MAXLEN ~`, the key
+/// prefix. Returns how many nodes got it. The streams and registry keys it touches are named
+/// from the presence (single Redis only, like the store's functions).
+const ROUTE_SCRIPT: &str = r"
+local nodes = {}
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local node = string.match(field, '^([^/]+)/')
+  if node and node ~= ARGV[1] then nodes[node] = true end
+end
+local n = 0
+for node, _ in pairs(nodes) do
+  if redis.call('EXISTS', ARGV[4] .. 'node:' .. node) == 1 then
+    redis.call('XADD', ARGV[4] .. 'bus:' .. node, 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
+    n = n + 1
+  end
+end
+return n
+";
 
 fn node_key(node: &str) -> String {
     format!("{KEY_PREFIX}node:{node}")
@@ -180,6 +217,21 @@ pub enum BusEvent {
     },
 }
 
+impl BusEvent {
+    /// The one user this event concerns, if it concerns only one: it then goes only to the
+    /// nodes holding that user's terminals (see the module doc).
+    fn addressee(&self) -> Option<&str> {
+        match self {
+            BusEvent::Inbox { owner, .. } => Some(owner),
+            BusEvent::UserFrame { user, .. } | BusEvent::Kick { user, .. } => Some(user),
+            BusEvent::Group { .. }
+            | BusEvent::Broadcast { .. }
+            | BusEvent::Membership { .. }
+            | BusEvent::GroupGone { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     /// The sending node (a node ignores its own).
@@ -204,10 +256,25 @@ pub type TerminalCount = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 enum Out {
     Publish(BusEvent),
-    Online { user: String, device: String, platform: String, since: u64 },
-    Offline { user: String, device: String },
-    Presence { user: String, reply: oneshot::Sender<Vec<TerminalInfo>> },
-    TerminalsElsewhere { reply: oneshot::Sender<u64> },
+    /// Answered once Redis has the entry (dropped unanswered if the write failed).
+    Online {
+        user: String,
+        device: String,
+        platform: String,
+        since: u64,
+        written: oneshot::Sender<()>,
+    },
+    Offline {
+        user: String,
+        device: String,
+    },
+    Presence {
+        user: String,
+        reply: oneshot::Sender<Vec<TerminalInfo>>,
+    },
+    TerminalsElsewhere {
+        reply: oneshot::Sender<u64>,
+    },
 }
 
 /// The node's cluster link; `None` in `NodeShared` on a standalone node.
@@ -370,6 +437,7 @@ impl Cluster {
                 generators: generator_base..generator_base + shards,
                 client: client.clone(),
                 con: Some(con),
+                route_sha: None,
                 rx,
                 entry,
                 terminals,
@@ -406,8 +474,13 @@ impl Cluster {
         self.send(Out::Publish(event));
     }
 
-    pub fn online(&self, user: &str, device: &str, platform: &str, since: u64) {
-        self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since });
+    /// Registers a terminal in the cluster's presence; returns once Redis has it (from then
+    /// on the other nodes route the user's traffic here), or once the write failed (logged
+    /// by the out thread; the terminal still works, reached through `sync`).
+    pub async fn online(&self, user: &str, device: &str, platform: &str, since: u64) {
+        let (written, rx) = oneshot::channel();
+        self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since, written });
+        let _ = rx.await;
     }
 
     pub fn offline(&self, user: &str, device: &str) {
@@ -458,6 +531,8 @@ struct OutWorker {
     generators: std::ops::Range<usize>,
     client: redis::Client,
     con: Option<redis::Connection>,
+    /// [`ROUTE_SCRIPT`]'s SHA1, loaded on each new connection.
+    route_sha: Option<String>,
     rx: Receiver<Out>,
     entry: NodeEntry,
     terminals: TerminalCount,
@@ -500,7 +575,7 @@ impl OutWorker {
                 }
             }
         }
-        let mut keys = vec![node_key(&self.node_id)];
+        let mut keys = vec![node_key(&self.node_id), node_bus_key(&self.node_id)];
         keys.extend(self.generators.clone().map(generator_key));
         if let Ok(con) = self.connection() {
             let _ = redis::cmd("DEL").arg(keys).query::<()>(con);
@@ -508,8 +583,14 @@ impl OutWorker {
     }
 
     fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
-        if self.con.is_none() {
-            self.con = Some(self.client.get_connection_with_timeout(Duration::from_secs(2))?);
+        if self.con.is_none() || self.route_sha.is_none() {
+            let mut con = match self.con.take() {
+                Some(con) => con,
+                None => self.client.get_connection_with_timeout(Duration::from_secs(2))?,
+            };
+            // Loaded on every new connection: a restarted Redis has forgotten it.
+            self.route_sha = Some(redis::cmd("SCRIPT").arg("LOAD").arg(ROUTE_SCRIPT).query(&mut con)?);
+            self.con = Some(con);
         }
         Ok(self.con.as_mut().expect("just set"))
     }
@@ -519,10 +600,13 @@ impl OutWorker {
         let entry = NodeEntry { terminals: (self.terminals)(), ..self.entry.clone() };
         let entry = serde_json::to_string(&entry).unwrap_or_default();
         let generators = self.generators.clone();
-        let con = self.connection()?;
+        self.connection()?;
+        let route_sha = self.route_sha.clone().unwrap_or_default();
+        let con = self.con.as_mut().expect("connected above");
         let mut pipe = redis::pipe();
         let mut lookups = Vec::new();
         let mut counts = Vec::new();
+        let mut present = Vec::new();
         if beat {
             let ttl = NODE_TTL.as_millis() as u64;
             pipe.cmd("SET").arg(node_key(&node_id)).arg(&entry).arg("PX").arg(ttl).ignore();
@@ -533,20 +617,37 @@ impl OutWorker {
         for item in batch.drain(..) {
             match item {
                 Out::Publish(event) => {
+                    let addressee = event.addressee().map(presence_key);
                     let text = serde_json::to_string(&Envelope { node: node_id.clone(), event }).unwrap_or_default();
-                    pipe.cmd("XADD")
-                        .arg(bus_key())
-                        .arg("MAXLEN")
-                        .arg("~")
-                        .arg(BUS_LEN)
-                        .arg("*")
-                        .arg("e")
-                        .arg(text)
-                        .ignore();
+                    match addressee {
+                        Some(presence) => {
+                            pipe.cmd("EVALSHA")
+                                .arg(&route_sha)
+                                .arg(1)
+                                .arg(presence)
+                                .arg(&node_id)
+                                .arg(text)
+                                .arg(BUS_LEN)
+                                .arg(KEY_PREFIX)
+                                .ignore();
+                        }
+                        None => {
+                            pipe.cmd("XADD")
+                                .arg(bus_key())
+                                .arg("MAXLEN")
+                                .arg("~")
+                                .arg(BUS_LEN)
+                                .arg("*")
+                                .arg("e")
+                                .arg(text)
+                                .ignore();
+                        }
+                    }
                 }
-                Out::Online { user, device, platform, since } => {
+                Out::Online { user, device, platform, since, written } => {
                     let value = serde_json::json!({ "platform": platform, "since": since }).to_string();
                     pipe.cmd("HSET").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).arg(value).ignore();
+                    present.push(written);
                 }
                 Out::Offline { user, device } => {
                     pipe.cmd("HDEL").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).ignore();
@@ -556,6 +657,9 @@ impl OutWorker {
             }
         }
         pipe.query::<()>(con)?;
+        for written in present {
+            let _ = written.send(());
+        }
         for (user, reply) in lookups {
             let _ = reply.send(presence_of(con, &node_id, &user)?);
         }
@@ -633,40 +737,47 @@ struct InWorker {
 
 impl InWorker {
     fn run(self) {
-        // From the bus's end when the node joins; from the last entry read after that, so a
-        // lost connection loses nothing.
-        let mut last: Option<String> = None;
+        // From the streams' ends when the node joins; from the last entry read after that, so
+        // a lost connection loses nothing.
+        let streams = [bus_key(), node_bus_key(&self.node_id)];
+        let mut last: Option<[String; 2]> = None;
         while !self.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.read_bus(&mut last) {
+            if let Err(e) = self.read_bus(&streams, &mut last) {
                 warn!(node = %self.node_id, error = %e, "cluster bus read failed; reading on from where it stopped");
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
     }
 
-    fn read_bus(&self, last: &mut Option<String>) -> redis::RedisResult<()> {
+    /// Reads the shared stream and this node's own, from `last` (each stream's last id seen).
+    fn read_bus(&self, streams: &[String; 2], last: &mut Option<[String; 2]>) -> redis::RedisResult<()> {
         let mut con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
         con.set_read_timeout(Some(Duration::from_millis(BUS_BLOCK_MS * 4)))?;
         if last.is_none() {
-            let newest: BusEntries =
-                redis::cmd("XREVRANGE").arg(bus_key()).arg("+").arg("-").arg("COUNT").arg(1).query(&mut con)?;
-            *last = Some(newest.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id));
+            let mut ends = [String::new(), String::new()];
+            for (end, stream) in ends.iter_mut().zip(streams) {
+                let newest: BusEntries =
+                    redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).query(&mut con)?;
+                *end = newest.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id);
+            }
+            *last = Some(ends);
         }
+        let last = last.as_mut().expect("set above");
         while !self.stop.load(Ordering::Acquire) {
-            let from = last.clone().unwrap_or_else(|| "0-0".to_owned());
             let reply: Option<Vec<(String, BusEntries)>> = redis::cmd("XREAD")
                 .arg("COUNT")
                 .arg(BUS_READ_MAX)
                 .arg("BLOCK")
                 .arg(BUS_BLOCK_MS)
                 .arg("STREAMS")
-                .arg(bus_key())
-                .arg(&from)
+                .arg(&streams[..])
+                .arg(&last[..])
                 .query(&mut con)?;
             self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
-            for (_, entries) in reply.into_iter().flatten() {
+            for (stream, entries) in reply.into_iter().flatten() {
+                let i = usize::from(stream != streams[0]);
                 for (id, fields) in entries {
-                    *last = Some(id);
+                    last[i] = id;
                     for (_, payload) in fields {
                         match serde_json::from_slice::<Envelope>(&payload) {
                             Ok(env) if env.node == self.node_id => {}

@@ -23,7 +23,7 @@ use glommio::sync::{Semaphore, StaticPermit};
 use tracing::{debug, warn};
 
 use crate::mesh::{Handoff, ShardMsg};
-use crate::message::Wire;
+use crate::message::{unix_now_ms, Wire};
 use crate::parking::Parking;
 use crate::session::{CloseReason, ParkState, Platform, Session};
 use crate::shard::{home_shard, AdoptError, FrameWeight, Shard};
@@ -301,6 +301,11 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         // The heads first (the store, once per user), so `welcome` is exact; deliveries that
         // commit meanwhile still move the user's head (the entry is pending).
         shard.pend_user(&user);
+        // Cluster mode: present (other nodes route the user's traffic here) before the heads
+        // are read, so whatever is not within them reaches this node (see `cluster`).
+        if let Some(cluster) = shard.node.cluster() {
+            cluster.online(&user, &device, platform.as_str(), unix_now_ms()).await;
+        }
         let delivered_op = ether_store::op::Op::GetDelivered { user: user.to_string(), device: device.to_string() };
         let (heads, delivered) = futures_lite::future::zip(shard.heads(&user), shard.store.call(delivered_op)).await;
         // The device's last acknowledged positions (best effort: a store hiccup only omits them).
@@ -313,6 +318,12 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             shard.add_session(&user, &device, platform, wire, remote).map(|session| (session, heads))
         });
         shard.unpend_user(&user);
+        if let (Err(_), Some(cluster)) = (&added, shard.node.cluster()) {
+            // Refused: its presence goes, unless the device is connected here already.
+            if !shard.sessions_of(&user).iter().any(|s| *s.device == *device) {
+                cluster.offline(&user, &device);
+            }
+        }
         match added {
             Ok((session, heads)) => {
                 let behind = behind(&heads, delivered.as_ref());

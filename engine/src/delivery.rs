@@ -394,7 +394,19 @@ impl Shard {
     pub async fn heads(self: &Rc<Self>, user: &Arc<str>) -> Result<Heads, EngineError> {
         let heads = self.store.call(Op::Heads { user: user.to_string() }).await?.heads()?;
         let mut users = self.users.borrow_mut();
+        let mut fill = false;
         let inbox_seq = match users.get_mut(user) {
+            // Cluster mode, terminals of the user already here: what the store has beyond
+            // what they were pushed may still be on its way over the bus, so they get it from
+            // the store (raising the position alone would make them skip it when it comes).
+            // The new terminal's `welcome` gives the position (what is pushed after it).
+            Some(entry) if entry.heads_known && !entry.sessions.is_empty() && self.node.cluster().is_some() => {
+                if heads.inbox_seq > entry.inbox_seq.max(entry.fill_to) {
+                    fill = entry.fill_to == 0;
+                    entry.fill_to = heads.inbox_seq;
+                }
+                heads.inbox_seq.max(entry.inbox_seq)
+            }
             Some(entry) => {
                 entry.inbox_seq = entry.inbox_seq.max(heads.inbox_seq);
                 entry.heads_known = true;
@@ -402,6 +414,11 @@ impl Shard {
             }
             None => heads.inbox_seq,
         };
+        drop(users);
+        if fill {
+            // After letting go of the index: the fill's task may start at once.
+            self.fill_inbox(user.clone());
+        }
         Ok(Heads { inbox_seq, groups: heads.groups })
     }
 

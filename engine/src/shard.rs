@@ -410,9 +410,6 @@ impl Shard {
                 serde_json::json!({ "user": &**user, "device": device, "platform": platform.as_str() }),
             );
         }
-        if let Some(cluster) = self.node.cluster() {
-            cluster.online(user, device, platform.as_str(), session.since_ms);
-        }
         Ok(session)
     }
 

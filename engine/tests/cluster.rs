@@ -339,3 +339,60 @@ fn a_broadcast_reaches_and_counts_the_terminals_of_every_node() {
         other => panic!("no broadcast on node B: {other:?}"),
     }
 }
+
+/// Entries in each of these bus streams (0 for one never written).
+fn bus_lengths(redis: &TestRedis, streams: &[&str]) -> Vec<u64> {
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    streams.iter().map(|s| redis::cmd("XLEN").arg(format!("ether:{s}")).query(&mut con).unwrap()).collect()
+}
+
+#[test]
+fn a_users_traffic_goes_only_to_the_nodes_holding_the_users_terminals() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let _c = cluster_node(&redis, "node-c");
+    let streams = ["bus", "bus:node-a", "bus:node-b", "bus:node-c"];
+    let mut fay = b.terminal("fay", "phone");
+    wait_for_presence(&a, "fay", "phone");
+    let before = bus_lengths(&redis, &streams);
+    // Accepted on A for a user whose only terminal is on B: B's own stream carries it (the
+    // sender, without terminals, gets no bus entry for its copy), nobody else's.
+    for i in 0..5 {
+        a.gateway().send_message(&text("gus", "fay", &format!("m{i}"))).unwrap();
+    }
+    assert_eq!(texts(&take(&mut fay, 5)), ["m0", "m1", "m2", "m3", "m4"]);
+    let after = bus_lengths(&redis, &streams);
+    let grew: Vec<u64> = after.iter().zip(&before).map(|(x, y)| x - y).collect();
+    assert_eq!(grew, [0, 0, 5, 0], "only node B's stream, once per message ({streams:?})");
+    // Accepted on B itself: delivered there, no bus entry at all.
+    b.gateway().send_message(&text("gus", "fay", "local")).unwrap();
+    assert_eq!(texts(&take(&mut fay, 1)), ["local"]);
+    assert_eq!(bus_lengths(&redis, &streams), after);
+}
+
+#[test]
+fn terminals_already_on_a_node_get_what_a_new_terminals_head_shows_they_missed() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut phone = b.terminal("hal", "phone");
+    wait_for_presence(&a, "hal", "phone");
+    // As if the bus had not brought it yet: A routes the message to nobody.
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("HDEL").arg("ether:presence:hal").arg("node-b/phone").query::<()>(&mut con).unwrap();
+    a.gateway().send_message(&text("ivy", "hal", "while unseen")).unwrap();
+    assert_silent(&mut phone, Duration::from_millis(300));
+    // Another terminal of hal's on B reads the head from the store: the phone, which would
+    // otherwise skip the message when (if) the bus brought it, gets it from the store.
+    let (mut web, welcome) = ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("hal"), "web", "web").unwrap();
+    assert_eq!(texts(&take(&mut phone, 1)), ["while unseen"]);
+    // Later messages reach both, in order, once each; the new terminal gets pushed exactly
+    // what its welcome did not count.
+    a.gateway().send_message(&text("ivy", "hal", "after")).unwrap();
+    assert_eq!(texts(&take(&mut phone, 1)), ["after"]);
+    let expected: &[&str] = if welcome.inbox_seq == 0 { &["while unseen", "after"] } else { &["after"] };
+    assert_eq!(texts(&take(&mut web, expected.len())), expected, "welcome said {}", welcome.inbox_seq);
+    assert_silent(&mut web, Duration::from_millis(300));
+    assert_silent(&mut phone, Duration::from_millis(300));
+}
