@@ -474,13 +474,14 @@ impl Cluster {
         self.send(Out::Publish(event));
     }
 
-    /// Registers a terminal in the cluster's presence; returns once Redis has it (from then
-    /// on the other nodes route the user's traffic here), or once the write failed (logged
-    /// by the out thread; the terminal still works, reached through `sync`).
-    pub async fn online(&self, user: &str, device: &str, platform: &str, since: u64) {
+    /// Registers a terminal in the cluster's presence. The answer comes once Redis has it
+    /// (from then on the other nodes route the user's traffic here), or is dropped if the
+    /// write failed (logged by the out thread; the terminal still works, reached through
+    /// `sync`).
+    pub fn online(&self, user: &str, device: &str, platform: &str, since: u64) -> oneshot::Receiver<()> {
         let (written, rx) = oneshot::channel();
         self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since, written });
-        let _ = rx.await;
+        rx
     }
 
     pub fn offline(&self, user: &str, device: &str) {

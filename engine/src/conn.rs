@@ -303,8 +303,9 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         shard.pend_user(&user);
         // Cluster mode: present (other nodes route the user's traffic here) before the heads
         // are read, so whatever is not within them reaches this node (see `cluster`).
+        let since = unix_now_ms();
         if let Some(cluster) = shard.node.cluster() {
-            cluster.online(&user, &device, platform.as_str(), unix_now_ms()).await;
+            let _ = cluster.online(&user, &device, platform.as_str(), since).await;
         }
         let delivered_op = ether_store::op::Op::GetDelivered { user: user.to_string(), device: device.to_string() };
         let (heads, delivered) = futures_lite::future::zip(shard.heads(&user), shard.store.call(delivered_op)).await;
@@ -318,9 +319,13 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             shard.add_session(&user, &device, platform, wire, remote).map(|session| (session, heads))
         });
         shard.unpend_user(&user);
-        if let (Err(_), Some(cluster)) = (&added, shard.node.cluster()) {
-            // Refused: its presence goes, unless the device is connected here already.
-            if !shard.sessions_of(&user).iter().any(|s| *s.device == *device) {
+        if let Some(cluster) = shard.node.cluster() {
+            if added.is_ok() {
+                // Again (not waited for): a connection of the same device that closed while
+                // this one was being taken on removed the entry written above.
+                drop(cluster.online(&user, &device, platform.as_str(), since));
+            } else if !shard.sessions_of(&user).iter().any(|s| *s.device == *device) {
+                // Refused: its presence goes, unless the device is connected here already.
                 cluster.offline(&user, &device);
             }
         }
