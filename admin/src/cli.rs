@@ -336,6 +336,35 @@ fn render_stats(r: &StatsReport) -> String {
         out.push_str(&t.render());
     }
 
+    if let Some(cl) = &r.stats.cluster {
+        let _ = writeln!(out, "\ncluster  node {}", cl.node_id);
+        let mut t = Table::new(&[
+            ("READ_SHARED", true),
+            ("READ_OWN", true),
+            ("PUB_SHARED", true),
+            ("PUB_ROUTED", true),
+            ("APPENDS", true),
+            ("PRESENCE", true),
+            ("QUEUED", true),
+            ("DROPPED", true),
+            ("REDIS_ERRORS", true),
+            ("REDIS_AGE", true),
+        ]);
+        t.row(vec![
+            cl.shared_entries_read.to_string(),
+            cl.own_entries_read.to_string(),
+            cl.published_shared.to_string(),
+            cl.published_routed.to_string(),
+            cl.routed_appends.to_string(),
+            cl.presence_writes.to_string(),
+            cl.queue_depth.to_string(),
+            cl.dropped.to_string(),
+            cl.redis_errors.to_string(),
+            format!("{:.1}s", cl.out_ok_age_ms.max(cl.in_ok_age_ms) as f64 / 1000.0),
+        ]);
+        out.push_str(&t.render());
+    }
+
     if !r.stats.api.is_empty() {
         out.push_str("\napi requests\n");
         let mut t = Table::new(&[("ROUTE", false), ("STATUS", true), ("COUNT", true)]);
@@ -564,7 +593,7 @@ mod tests {
 
     use super::*;
     use crate::histogram::Histogram;
-    use crate::view::{ClosedConn, EventStats, NodeInfo, NodeStats, ShardStats, StorageStats};
+    use crate::view::{ClosedConn, ClusterStats, EventStats, NodeInfo, NodeStats, ShardStats, StorageStats};
 
     fn resp(value: &impl serde::Serialize) -> RawResponse {
         RawResponse { status: 200, headers: vec![], body: serde_json::to_vec(value).unwrap() }
@@ -684,6 +713,13 @@ mod tests {
                 last_error: Some("HTTP 502".into()),
                 ..EventStats::default()
             }),
+            cluster: Some(ClusterStats {
+                node_id: "node-a".into(),
+                own_entries_read: 4321,
+                published_routed: 777,
+                in_ok_age_ms: 2500,
+                ..ClusterStats::default()
+            }),
         };
         let out = render(&AdminCommand::Stats, &resp(&StatsReport::from(stats)), NOW).unwrap();
         assert!(out.starts_with("node node-a  version 0.1.0  up 1h02m"), "{out}");
@@ -698,6 +734,9 @@ mod tests {
         assert!(out.contains("storage\nBATCHES"));
         assert!(out.contains("events  http://hooks.example/e  standing by"), "{out}");
         assert!(out.lines().any(|l| l.contains("31") && l.ends_with("HTTP 502")), "{out}");
+        assert!(out.contains("cluster  node node-a\nREAD_SHARED"), "{out}");
+        let row = out.lines().find(|l| l.contains("4321")).expect("cluster row");
+        assert!(row.contains("777") && row.ends_with("2.5s"), "{row}");
         for line in out.lines() {
             assert_eq!(line, line.trim_end(), "no trailing spaces");
         }

@@ -181,6 +181,46 @@ pub fn render(stats: &NodeStats) -> String {
         }
     }
 
+    if let Some(cl) = &stats.cluster {
+        let name = "ether_cluster_bus_entries_read_total";
+        out.family(name, "Bus entries read, from the stream every node reads and from this node's own.", Kind::Counter);
+        out.sample(name, &[("stream", "shared")], cl.shared_entries_read as f64);
+        out.sample(name, &[("stream", "own")], cl.own_entries_read as f64);
+        let name = "ether_cluster_published_total";
+        out.family(
+            name,
+            "Events published to the other nodes: shared, or routed by presence to one user's nodes.",
+            Kind::Counter,
+        );
+        out.sample(name, &[("bus", "shared")], cl.published_shared as f64);
+        out.sample(name, &[("bus", "routed")], cl.published_routed as f64);
+        let families: [(&str, &str, Kind, u64); 5] = [
+            (
+                "ether_cluster_routed_appends_total",
+                "Appends routed events made to other nodes' streams.",
+                Kind::Counter,
+                cl.routed_appends,
+            ),
+            ("ether_cluster_presence_writes_total", "Presence entries written.", Kind::Counter, cl.presence_writes),
+            (
+                "ether_cluster_dropped_total",
+                "Items dropped on the way to Redis (queue full or failed write).",
+                Kind::Counter,
+                cl.dropped,
+            ),
+            ("ether_cluster_redis_errors_total", "Failed Redis round trips.", Kind::Counter, cl.redis_errors),
+            ("ether_cluster_queue_depth", "Items waiting to be written to Redis.", Kind::Gauge, cl.queue_depth),
+        ];
+        for (name, help, kind, value) in families {
+            out.family(name, help, kind);
+            out.sample(name, &[], value as f64);
+        }
+        let name = "ether_cluster_redis_age_seconds";
+        out.family(name, "Seconds since Redis last answered each cluster thread.", Kind::Gauge);
+        out.sample(name, &[("thread", "out")], cl.out_ok_age_ms as f64 / 1000.0);
+        out.sample(name, &[("thread", "in")], cl.in_ok_age_ms as f64 / 1000.0);
+    }
+
     let name = "ether_api_requests_total";
     out.family(name, "Requests answered by the api port, by route and status.", Kind::Counter);
     for r in &stats.api {
@@ -269,7 +309,7 @@ mod tests {
 
     use super::*;
     use crate::histogram::Histogram;
-    use crate::view::{ApiRouteStats, EventStats, NodeInfo, StorageStats};
+    use crate::view::{ApiRouteStats, ClusterStats, EventStats, NodeInfo, StorageStats};
 
     /// One parsed sample.
     #[derive(Debug, Clone, PartialEq)]
@@ -469,6 +509,20 @@ mod tests {
                 acked_through: 20,
                 last_error: Some("HTTP 503".into()),
             }),
+            cluster: Some(ClusterStats {
+                node_id: "node-a".into(),
+                shared_entries_read: 5,
+                own_entries_read: 40,
+                published_shared: 2,
+                published_routed: 30,
+                routed_appends: 12,
+                presence_writes: 9,
+                dropped: 1,
+                redis_errors: 0,
+                queue_depth: 3,
+                out_ok_age_ms: 1500,
+                in_ok_age_ms: 250,
+            }),
             api: vec![
                 ApiRouteStats { route: "POST /v1/messages".into(), status: 200, count: 900 },
                 ApiRouteStats { route: "GET /v1/users/{uid}/unread".into(), status: 401, count: 3 },
@@ -545,6 +599,11 @@ mod tests {
         assert_eq!(get(&samples, "ether_events_dispatching", &[]).value, 1.0);
         assert_eq!(get(&samples, "ether_events_sent_total", &[]).value, 20.0);
         assert_eq!(get(&samples, "ether_events_failures_total", &[]).value, 3.0);
+        assert_eq!(get(&samples, "ether_cluster_bus_entries_read_total", &[("stream", "own")]).value, 40.0);
+        assert_eq!(get(&samples, "ether_cluster_published_total", &[("bus", "routed")]).value, 30.0);
+        assert_eq!(get(&samples, "ether_cluster_routed_appends_total", &[]).value, 12.0);
+        assert_eq!(get(&samples, "ether_cluster_dropped_total", &[]).value, 1.0);
+        assert_eq!(get(&samples, "ether_cluster_redis_age_seconds", &[("thread", "out")]).value, 1.5);
         assert!(text.contains("ether_outbound_bytes_queued{shard=\"0\"} 65536\n"));
     }
 
@@ -588,6 +647,7 @@ mod tests {
         assert!(types.contains_key("ether_connections"));
         assert!(!types.contains_key("ether_storage_ops_total"), "no store, no storage families");
         assert!(!types.contains_key("ether_events_sent_total"), "no webhook, no events families");
+        assert!(!types.contains_key("ether_cluster_published_total"), "standalone, no cluster families");
         assert_eq!(get(&samples, "ether_shards", &[]).value, 0.0);
         // A shard whose histograms were never set (no bounds) still has +Inf/_sum/_count.
         let stats = NodeStats { shards: vec![ShardStats::default()], ..NodeStats::default() };

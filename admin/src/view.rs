@@ -26,6 +26,9 @@ pub struct NodeStats {
     /// The webhook dispatcher; `None` when no webhook is configured.
     #[serde(default)]
     pub events: Option<EventStats>,
+    /// The link to the other nodes; `None` on a standalone node.
+    #[serde(default)]
+    pub cluster: Option<ClusterStats>,
 }
 
 impl NodeStats {
@@ -184,6 +187,34 @@ pub struct EventStats {
     pub acked_through: u64,
     /// The most recent failure.
     pub last_error: Option<String>,
+}
+
+/// The node's link to the cluster (cluster mode): its bus traffic and Redis health.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStats {
+    pub node_id: String,
+    /// Bus entries read from the stream every node reads (group traffic, broadcasts).
+    pub shared_entries_read: u64,
+    /// Bus entries read from this node's own stream (traffic of users with terminals here).
+    pub own_entries_read: u64,
+    /// Events this node published to the shared stream.
+    pub published_shared: u64,
+    /// Events this node published for one user (routed by presence).
+    pub published_routed: u64,
+    /// Appends those made to other nodes' streams (none for a user with no terminal elsewhere).
+    pub routed_appends: u64,
+    /// Presence entries written (terminals taken on).
+    pub presence_writes: u64,
+    /// Items dropped because the queue to Redis was full (the store still has every message).
+    pub dropped: u64,
+    /// Failed Redis round trips (each followed by a reconnect).
+    pub redis_errors: u64,
+    /// Gauge: items waiting to be written to Redis.
+    pub queue_depth: u64,
+    /// Gauge: milliseconds since Redis last answered the writing thread.
+    pub out_ok_age_ms: u64,
+    /// Gauge: milliseconds since Redis last answered the bus reader.
+    pub in_ok_age_ms: u64,
 }
 
 /// Requests the api port answered for one route template and status.
@@ -749,6 +780,7 @@ mod tests {
             storage: Some(StorageStats::default()),
             api: vec![],
             events: None,
+            cluster: None,
         };
         let report = StatsReport::from(stats);
         let v = serde_json::to_value(&report).unwrap();

@@ -8,8 +8,8 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use ether_admin::{
-    ApiRouteStats, ClosedConn, ConnInfo, ConnPage, ConnQuery, DrainReport, EventStats, HistogramSnapshot, NodeInfo,
-    NodeStats, ShardStats, StorageStats,
+    ApiRouteStats, ClosedConn, ClusterStats, ConnInfo, ConnPage, ConnQuery, DrainReport, EventStats, HistogramSnapshot,
+    NodeInfo, NodeStats, ShardStats, StorageStats,
 };
 use ether_proto::ApiError;
 
@@ -80,6 +80,26 @@ fn event_stats(url: &str, st: &crate::events::DispatchStats) -> EventStats {
         consecutive_failures: n(&st.consecutive_failures),
         acked_through: n(&st.acked_through),
         last_error: st.last_error(),
+    }
+}
+
+fn cluster_stats(c: &crate::cluster::Cluster) -> ClusterStats {
+    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let k = &c.counters;
+    let (out_ok_age_ms, in_ok_age_ms) = c.redis_ages_ms();
+    ClusterStats {
+        node_id: c.node_id.clone(),
+        shared_entries_read: n(&k.shared_entries_read),
+        own_entries_read: n(&k.own_entries_read),
+        published_shared: n(&k.published_shared),
+        published_routed: n(&k.published_routed),
+        routed_appends: n(&k.routed_appends),
+        presence_writes: n(&k.presence_writes),
+        dropped: n(&k.dropped),
+        redis_errors: n(&k.redis_errors),
+        queue_depth: c.queued() as u64,
+        out_ok_age_ms,
+        in_ok_age_ms,
     }
 }
 
@@ -160,6 +180,7 @@ impl ether_admin::NodeView for AdminView {
             shards,
             storage: Some(self.storage_stats()),
             events: node.events.as_ref().map(|(url, st)| event_stats(url, st)),
+            cluster: self.shard.node.cluster().map(|c| cluster_stats(c)),
             api: api
                 .into_iter()
                 .map(|((route, status), count)| ApiRouteStats { route: route.to_owned(), status, count })

@@ -277,10 +277,28 @@ enum Out {
     },
 }
 
+/// What the cluster threads count (for `/admin/v1/stats` and Prometheus).
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    pub shared_entries_read: AtomicU64,
+    pub own_entries_read: AtomicU64,
+    pub published_shared: AtomicU64,
+    pub published_routed: AtomicU64,
+    pub routed_appends: AtomicU64,
+    pub presence_writes: AtomicU64,
+    pub dropped: AtomicU64,
+    pub redis_errors: AtomicU64,
+}
+
+fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
 /// The node's cluster link; `None` in `NodeShared` on a standalone node.
 #[derive(Debug)]
 pub struct Cluster {
     pub node_id: String,
+    pub counters: Arc<ClusterCounters>,
     /// This node's shards make message ids as generators `generator_base + shard`.
     pub generator_base: usize,
     out: Sender<Out>,
@@ -427,6 +445,7 @@ impl Cluster {
             }
         };
         let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
+        let counters = Arc::new(ClusterCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let out_ok_ms = Arc::new(AtomicU64::new(unix_now_ms()));
         let in_ok_ms = Arc::new(AtomicU64::new(unix_now_ms()));
@@ -438,6 +457,7 @@ impl Cluster {
                 client: client.clone(),
                 con: Some(con),
                 route_sha: None,
+                counters: counters.clone(),
                 rx,
                 entry,
                 terminals,
@@ -449,6 +469,7 @@ impl Cluster {
         {
             let r = InWorker {
                 node_id: node_id.to_owned(),
+                counters: counters.clone(),
                 client,
                 commits,
                 shards,
@@ -460,6 +481,7 @@ impl Cluster {
         info!(node = node_id, generator_base, "joined the cluster");
         Ok(Arc::new(Cluster {
             node_id: node_id.to_owned(),
+            counters,
             generator_base,
             out: tx,
             out_ok_ms,
@@ -505,8 +527,21 @@ impl Cluster {
 
     fn send(&self, item: Out) {
         if self.out.try_send(item).is_err() {
+            add(&self.counters.dropped, 1);
             warn!(node = %self.node_id, "cluster queue full: a bus message was dropped (the store still has it)");
         }
+    }
+
+    /// Items waiting for the out thread.
+    pub fn queued(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Milliseconds since Redis last answered the out thread and the bus reader.
+    pub fn redis_ages_ms(&self) -> (u64, u64) {
+        let now = unix_now_ms();
+        let age = |ok: &AtomicU64| now.saturating_sub(ok.load(Ordering::Relaxed));
+        (age(&self.out_ok_ms), age(&self.in_ok_ms))
     }
 
     /// Why the node should not take traffic, if Redis has not answered lately.
@@ -534,6 +569,7 @@ struct OutWorker {
     con: Option<redis::Connection>,
     /// [`ROUTE_SCRIPT`]'s SHA1, loaded on each new connection.
     route_sha: Option<String>,
+    counters: Arc<ClusterCounters>,
     rx: Receiver<Out>,
     entry: NodeEntry,
     terminals: TerminalCount,
@@ -569,6 +605,8 @@ impl OutWorker {
                     }
                 }
                 Err(e) => {
+                    add(&self.counters.redis_errors, 1);
+                    add(&self.counters.dropped, batch.len() as u64);
                     warn!(node = %self.node_id, error = %e, dropped = batch.len(), "cluster write failed; reconnecting");
                     batch.clear();
                     self.con = None;
@@ -608,6 +646,7 @@ impl OutWorker {
         let mut lookups = Vec::new();
         let mut counts = Vec::new();
         let mut present = Vec::new();
+        let (mut shared, mut routed) = (0, 0);
         if beat {
             let ttl = NODE_TTL.as_millis() as u64;
             pipe.cmd("SET").arg(node_key(&node_id)).arg(&entry).arg("PX").arg(ttl).ignore();
@@ -622,6 +661,7 @@ impl OutWorker {
                     let text = serde_json::to_string(&Envelope { node: node_id.clone(), event }).unwrap_or_default();
                     match addressee {
                         Some(presence) => {
+                            // Not ignored: the pipeline's answer is each route's append count.
                             pipe.cmd("EVALSHA")
                                 .arg(&route_sha)
                                 .arg(1)
@@ -629,8 +669,8 @@ impl OutWorker {
                                 .arg(&node_id)
                                 .arg(text)
                                 .arg(BUS_LEN)
-                                .arg(KEY_PREFIX)
-                                .ignore();
+                                .arg(KEY_PREFIX);
+                            routed += 1;
                         }
                         None => {
                             pipe.cmd("XADD")
@@ -642,6 +682,7 @@ impl OutWorker {
                                 .arg("e")
                                 .arg(text)
                                 .ignore();
+                            shared += 1;
                         }
                     }
                 }
@@ -657,7 +698,12 @@ impl OutWorker {
                 Out::TerminalsElsewhere { reply } => counts.push(reply),
             }
         }
-        pipe.query::<()>(con)?;
+        let appends: Vec<u64> = pipe.query(con)?;
+        let c = &self.counters;
+        add(&c.published_shared, shared);
+        add(&c.published_routed, routed);
+        add(&c.routed_appends, appends.iter().sum());
+        add(&c.presence_writes, present.len() as u64);
         for written in present {
             let _ = written.send(());
         }
@@ -729,6 +775,7 @@ fn presence_of(con: &mut redis::Connection, me: &str, user: &str) -> redis::Redi
 /// `ether-cluster-in`: reads the bus; hands what other nodes say to this node's shards.
 struct InWorker {
     node_id: String,
+    counters: Arc<ClusterCounters>,
     client: redis::Client,
     commits: Arc<CommitQueues>,
     shards: usize,
@@ -744,6 +791,7 @@ impl InWorker {
         let mut last: Option<[String; 2]> = None;
         while !self.stop.load(Ordering::Acquire) {
             if let Err(e) = self.read_bus(&streams, &mut last) {
+                add(&self.counters.redis_errors, 1);
                 warn!(node = %self.node_id, error = %e, "cluster bus read failed; reading on from where it stopped");
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -777,6 +825,8 @@ impl InWorker {
             self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
             for (stream, entries) in reply.into_iter().flatten() {
                 let i = usize::from(stream != streams[0]);
+                let read = [&self.counters.shared_entries_read, &self.counters.own_entries_read][i];
+                add(read, entries.len() as u64);
                 for (id, fields) in entries {
                     last[i] = id;
                     for (_, payload) in fields {

@@ -369,6 +369,20 @@ fn a_users_traffic_goes_only_to_the_nodes_holding_the_users_terminals() {
     b.gateway().send_message(&text("gus", "fay", "local")).unwrap();
     assert_eq!(texts(&take(&mut fay, 1)), ["local"]);
     assert_eq!(bus_lengths(&redis, &streams), after);
+    // The nodes count it: A published 10 routed events (fay's copies and gus's) that made 5
+    // appends; B read 5 entries from its own stream and nothing from the shared one.
+    let (on_a, on_b) = (cluster_stats(&a), cluster_stats(&b));
+    assert_eq!((on_a["published_routed"].as_u64(), on_a["routed_appends"].as_u64()), (Some(10), Some(5)), "{on_a}");
+    assert_eq!((on_b["own_entries_read"].as_u64(), on_b["shared_entries_read"].as_u64()), (Some(5), Some(0)), "{on_b}");
+    assert_eq!(on_b["node_id"], "node-b");
+}
+
+/// `cluster` of `node`'s admin stats.
+fn cluster_stats(node: &TestNode) -> serde_json::Value {
+    let r = node.admin().request("GET", "/admin/v1/stats", None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["cluster"].clone()
 }
 
 #[test]

@@ -217,6 +217,7 @@
     renderShardTable(stats);
     renderReasons(totals.closes, stats.storage);
     renderEvents(stats.events);
+    renderCluster(stats.cluster);
     renderConnections(conns, t);
     renderCloses(conns.recent_closes);
     drawAll();
@@ -305,6 +306,25 @@
     }
     el.textContent = text + '.';
     el.className = events.consecutive_failures > 0 ? 'warn' : 'muted';
+  }
+
+  function renderCluster(cluster) {
+    const el = $('cluster');
+    if (!cluster) {
+      el.textContent = 'Cluster: standalone node.';
+      el.className = 'muted';
+      return;
+    }
+    const age = Math.max(cluster.out_ok_age_ms, cluster.in_ok_age_ms) / 1000;
+    let text = 'Cluster node ' + cluster.node_id + ': bus read ' + fmtInt(cluster.own_entries_read) + ' own + ' +
+      fmtInt(cluster.shared_entries_read) + ' shared, published ' + fmtInt(cluster.published_routed) + ' routed (' +
+      fmtInt(cluster.routed_appends) + ' appends) + ' + fmtInt(cluster.published_shared) + ' shared, queue ' +
+      fmtInt(cluster.queue_depth) + ', Redis answered ' + age.toFixed(1) + ' s ago';
+    if (cluster.dropped > 0 || cluster.redis_errors > 0) {
+      text += ', ' + fmtInt(cluster.dropped) + ' dropped, ' + fmtInt(cluster.redis_errors) + ' Redis errors';
+    }
+    el.textContent = text + '.';
+    el.className = age > 10 ? 'warn' : 'muted';
   }
 
   function renderConnections(conns, now) {

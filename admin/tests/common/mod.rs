@@ -155,6 +155,14 @@ impl FakeView {
             }),
             api: vec![ether_admin::ApiRouteStats { route: "POST /v1/messages".into(), status: 200, count: 4242 }],
             events: None,
+            cluster: Some(ether_admin::ClusterStats {
+                node_id: "node-test-1".into(),
+                own_entries_read: 5150,
+                shared_entries_read: 12,
+                published_routed: 4040,
+                routed_appends: 2020,
+                ..ether_admin::ClusterStats::default()
+            }),
         }
     }
 }
