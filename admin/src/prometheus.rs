@@ -194,7 +194,7 @@ pub fn render(stats: &NodeStats) -> String {
         );
         out.sample(name, &[("bus", "shared")], cl.published_shared as f64);
         out.sample(name, &[("bus", "routed")], cl.published_routed as f64);
-        let families: [(&str, &str, Kind, u64); 5] = [
+        let families: [(&str, &str, Kind, u64); 6] = [
             (
                 "ether_cluster_routed_appends_total",
                 "Appends routed events made to other nodes' streams.",
@@ -209,6 +209,12 @@ pub fn render(stats: &NodeStats) -> String {
                 cl.dropped,
             ),
             ("ether_cluster_redis_errors_total", "Failed Redis round trips.", Kind::Counter, cl.redis_errors),
+            (
+                "ether_cluster_resyncs_total",
+                "Checks of every local inbox against the store after bus entries were lost.",
+                Kind::Counter,
+                cl.resyncs,
+            ),
             ("ether_cluster_queue_depth", "Items waiting to be written to Redis.", Kind::Gauge, cl.queue_depth),
         ];
         for (name, help, kind, value) in families {
@@ -519,6 +525,7 @@ mod tests {
                 presence_writes: 9,
                 dropped: 1,
                 redis_errors: 0,
+                resyncs: 2,
                 queue_depth: 3,
                 out_ok_age_ms: 1500,
                 in_ok_age_ms: 250,
@@ -603,6 +610,7 @@ mod tests {
         assert_eq!(get(&samples, "ether_cluster_published_total", &[("bus", "routed")]).value, 30.0);
         assert_eq!(get(&samples, "ether_cluster_routed_appends_total", &[]).value, 12.0);
         assert_eq!(get(&samples, "ether_cluster_dropped_total", &[]).value, 1.0);
+        assert_eq!(get(&samples, "ether_cluster_resyncs_total", &[]).value, 2.0);
         assert_eq!(get(&samples, "ether_cluster_redis_age_seconds", &[("thread", "out")]).value, 1.5);
         assert!(text.contains("ether_outbound_bytes_queued{shard=\"0\"} 65536\n"));
     }

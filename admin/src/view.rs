@@ -209,6 +209,9 @@ pub struct ClusterStats {
     pub dropped: u64,
     /// Failed Redis round trips (each followed by a reconnect).
     pub redis_errors: u64,
+    /// Checks of every local inbox against the store, after bus entries were lost.
+    #[serde(default)]
+    pub resyncs: u64,
     /// Gauge: items waiting to be written to Redis.
     pub queue_depth: u64,
     /// Gauge: milliseconds since Redis last answered the writing thread.

@@ -97,6 +97,7 @@ fn cluster_stats(c: &crate::cluster::Cluster) -> ClusterStats {
         presence_writes: n(&k.presence_writes),
         dropped: n(&k.dropped),
         redis_errors: n(&k.redis_errors),
+        resyncs: n(&k.resyncs),
         queue_depth: c.queued() as u64,
         out_ok_age_ms,
         in_ok_age_ms,

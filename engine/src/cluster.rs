@@ -25,7 +25,10 @@
 //! concurrently, so a shard does not trust the bus for order or completeness. It pushes an inbox
 //! message at once only when it is the next seq it expects; anything else makes it read the
 //! missing range from the store first (`delivery`), so terminals always get their inbox in seq
-//! order, without gaps, and what a lost bus message carried comes from the store.
+//! order, without gaps, and what a lost bus message carried comes from the store. When entries
+//! may have been lost outright (trimmed while this node was away, or dropped by a node that
+//! could not publish), every shard checks its users' inbox heads against the store
+//! (`BusEvent::Resync`, `ClusterEvent::Resync`).
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -215,6 +218,9 @@ pub enum BusEvent {
     GroupGone {
         group: String,
     },
+    /// The sender lost bus entries it should have published (a failed write, a full queue):
+    /// every node checks its users' inboxes against the store (see [`ClusterEvent::Resync`]).
+    Resync,
 }
 
 impl BusEvent {
@@ -227,7 +233,8 @@ impl BusEvent {
             BusEvent::Group { .. }
             | BusEvent::Broadcast { .. }
             | BusEvent::Membership { .. }
-            | BusEvent::GroupGone { .. } => None,
+            | BusEvent::GroupGone { .. }
+            | BusEvent::Resync => None,
         }
     }
 }
@@ -288,6 +295,10 @@ pub struct ClusterCounters {
     pub presence_writes: AtomicU64,
     pub dropped: AtomicU64,
     pub redis_errors: AtomicU64,
+    /// Checks of every local inbox against the store (after bus entries were lost).
+    pub resyncs: AtomicU64,
+    /// Set when a publish was dropped: the next successful write asks every node to resync.
+    lost_publishes: AtomicBool,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -526,7 +537,10 @@ impl Cluster {
     }
 
     fn send(&self, item: Out) {
-        if self.out.try_send(item).is_err() {
+        if let Err(e) = self.out.try_send(item) {
+            if matches!(e.into_inner(), Out::Publish(_)) {
+                self.counters.lost_publishes.store(true, Ordering::Relaxed);
+            }
             add(&self.counters.dropped, 1);
             warn!(node = %self.node_id, "cluster queue full: a bus message was dropped (the store still has it)");
         }
@@ -593,10 +607,18 @@ impl OutWorker {
                     Err(_) => break,
                 }
             }
+            // Published entries were lost: every node checks its users against the store (the
+            // flag is set again if this write fails too).
+            if self.counters.lost_publishes.swap(false, Ordering::Relaxed) {
+                batch.push(Out::Publish(BusEvent::Resync));
+            }
             let beat = last_beat.elapsed() >= HEARTBEAT;
             if batch.is_empty() && !beat {
                 continue;
             }
+            // Counted before `write` drains the batch: a failed write loses all of it.
+            let items = batch.len();
+            let publishes = batch.iter().any(|item| matches!(item, Out::Publish(_)));
             match self.write(&mut batch, beat) {
                 Ok(()) => {
                     self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
@@ -606,8 +628,11 @@ impl OutWorker {
                 }
                 Err(e) => {
                     add(&self.counters.redis_errors, 1);
-                    add(&self.counters.dropped, batch.len() as u64);
-                    warn!(node = %self.node_id, error = %e, dropped = batch.len(), "cluster write failed; reconnecting");
+                    add(&self.counters.dropped, items as u64);
+                    if publishes {
+                        self.counters.lost_publishes.store(true, Ordering::Relaxed);
+                    }
+                    warn!(node = %self.node_id, error = %e, dropped = items, "cluster write failed; reconnecting");
                     batch.clear();
                     self.con = None;
                     std::thread::sleep(Duration::from_millis(200));
@@ -772,6 +797,30 @@ fn presence_of(con: &mut redis::Connection, me: &str, user: &str) -> redis::Redi
     Ok(out)
 }
 
+/// Whether `stream` may have lost entries after `seen` to trimming (`MAXLEN`, oldest first):
+/// `seen` itself is gone (then what followed it may be too: counted as lost, which costs a
+/// resync at worst), or, read from an empty stream (`0-0`), fewer entries are left than were
+/// ever added. A stream that does not exist lost nothing this node could have read.
+fn trimmed_past(con: &mut redis::Connection, stream: &str, seen: &str) -> redis::RedisResult<bool> {
+    let exists: bool = redis::cmd("EXISTS").arg(stream).query(con)?;
+    if !exists {
+        return Ok(false);
+    }
+    if stream_id(seen) == (0, 0) {
+        let info: HashMap<String, redis::Value> = redis::cmd("XINFO").arg("STREAM").arg(stream).query(con)?;
+        let field = |name: &str| info.get(name).and_then(|v| redis::from_redis_value::<u64>(v).ok()).unwrap_or(0);
+        return Ok(field("entries-added") > field("length"));
+    }
+    let still: BusEntries = redis::cmd("XRANGE").arg(stream).arg(seen).arg(seen).query(con)?;
+    Ok(still.is_empty())
+}
+
+/// A stream entry id (`<ms>-<seq>`) as a number pair, for comparing; 0-0 if malformed.
+fn stream_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
 /// `ether-cluster-in`: reads the bus; hands what other nodes say to this node's shards.
 struct InWorker {
     node_id: String,
@@ -802,6 +851,17 @@ impl InWorker {
     fn read_bus(&self, streams: &[String; 2], last: &mut Option<[String; 2]>) -> redis::RedisResult<()> {
         let mut con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
         con.set_read_timeout(Some(Duration::from_millis(BUS_BLOCK_MS * 4)))?;
+        if let Some(last) = last.as_ref() {
+            // Back after a failure: entries trimmed away meanwhile are lost to this node.
+            let mut lost = false;
+            for (stream, seen) in streams.iter().zip(last) {
+                lost |= trimmed_past(&mut con, stream, seen)?;
+            }
+            if lost {
+                warn!(node = %self.node_id, "cluster: the bus was trimmed past what this node read while it was away; checking every inbox against the store");
+                self.resync();
+            }
+        }
         if last.is_none() {
             let mut ends = [String::new(), String::new()];
             for (end, stream) in ends.iter_mut().zip(streams) {
@@ -909,6 +969,15 @@ impl InWorker {
                     self.commits.push(shard, Committed::Cluster(ClusterEvent::GroupGone(group.clone())));
                 }
             }
+            BusEvent::Resync => self.resync(),
+        }
+    }
+
+    /// Every shard checks its users' inboxes against the store.
+    fn resync(&self) {
+        add(&self.counters.resyncs, 1);
+        for shard in 0..self.shards {
+            self.commits.push(shard, Committed::Cluster(ClusterEvent::Resync));
         }
     }
 }
@@ -916,6 +985,34 @@ impl InWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_ids_compare_as_numbers() {
+        assert!(stream_id("1700000000010-0") > stream_id("1700000000009-7"));
+        assert!(stream_id("5-10") > stream_id("5-9"));
+        assert_eq!(stream_id("0-0"), (0, 0));
+        assert_eq!(stream_id("junk"), (0, 0));
+    }
+
+    #[test]
+    fn a_stream_trimmed_past_what_was_read_says_so() {
+        use ether_store::redis::TestRedis;
+        if !TestRedis::available() {
+            println!("skipped: redis-server not installed");
+            return;
+        }
+        let redis = TestRedis::start();
+        let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        assert!(!trimmed_past(&mut con, "ether:bus:none", "0-0").unwrap(), "no stream, nothing lost");
+        let ids: Vec<String> =
+            (0..3).map(|i| redis::cmd("XADD").arg("s").arg("*").arg("e").arg(i).query(&mut con).unwrap()).collect();
+        assert!(!trimmed_past(&mut con, "s", &ids[0]).unwrap(), "nothing trimmed yet");
+        assert!(!trimmed_past(&mut con, "s", "0-0").unwrap(), "read from empty, nothing trimmed yet");
+        redis::cmd("XTRIM").arg("s").arg("MAXLEN").arg(1).query::<u64>(&mut con).unwrap();
+        assert!(trimmed_past(&mut con, "s", &ids[0]).unwrap(), "the second entry is gone unread");
+        assert!(trimmed_past(&mut con, "s", "0-0").unwrap(), "read from empty: two are gone");
+        assert!(!trimmed_past(&mut con, "s", &ids[2]).unwrap(), "read up to the end: nothing lost");
+    }
 
     #[test]
     fn bus_messages_round_trip_with_their_body_as_is() {

@@ -20,7 +20,7 @@ use crate::error::EngineError;
 use crate::mesh::ShardMsg;
 use crate::message::{encode_for, frame_set, unix_now_ms, FrameSet, Message, NewMessage};
 use crate::session::{Session, SessionKey};
-use crate::shard::{home_shard, Shard};
+use crate::shard::{home_shard, Shard, UserEntry};
 use crate::stats::ShardCounters;
 use crate::storage::{message_of, Answer, ClusterEvent, Committed, InboxDelivery, TerminalAnswer};
 
@@ -274,7 +274,8 @@ impl Shard {
     }
 
     /// Cluster mode: reads the owner's inbox from what this shard pushed up to `fill_to` (and
-    /// whatever came meanwhile) from the store and pushes it, in seq order.
+    /// whatever came meanwhile) from the store and pushes it, in seq order. Call it without
+    /// holding the user index: the task may start at once.
     fn fill_inbox(self: &Rc<Self>, owner: Arc<str>) {
         let shard = self.clone();
         glommio::spawn_local(async move {
@@ -339,7 +340,7 @@ impl Shard {
     }
 
     /// What another node asks of this shard's terminals.
-    fn on_cluster_event(&self, e: ClusterEvent) {
+    fn on_cluster_event(self: &Rc<Self>, e: ClusterEvent) {
         match e {
             ClusterEvent::UserFrame { user, frame } => {
                 let mut frames = frame_set(&frame);
@@ -355,7 +356,40 @@ impl Shard {
             }
             ClusterEvent::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
             ClusterEvent::GroupGone(group) => self.group_gone_local(&group),
+            ClusterEvent::Resync => self.resync_inboxes(),
         }
+    }
+
+    /// Cluster mode, after bus entries may have been lost: reads the inbox head of every user
+    /// with terminals here, one after the other, and pushes what they were not pushed (the
+    /// same fill as for a gap). Without this they would get it only with the user's next
+    /// message or `sync`. Groups catch up with their next message (`order_group_run`).
+    fn resync_inboxes(self: &Rc<Self>) {
+        let users: Vec<Arc<str>> = self
+            .users
+            .borrow()
+            .iter()
+            .filter(|(_, e)| e.heads_known && !e.sessions.is_empty())
+            .map(|(u, _)| u.clone())
+            .collect();
+        debug!(shard = self.id, users = users.len(), "cluster: checking inboxes against the store");
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            for user in users {
+                let head = match shard.store.call(Op::Heads { user: user.to_string() }).await.and_then(Reply::heads) {
+                    Ok(heads) => heads.inbox_seq,
+                    Err(e) => {
+                        warn!(user = %user, shard = shard.id, error = %e, "cluster: cannot read an inbox head to resync");
+                        continue;
+                    }
+                };
+                let start = shard.users.borrow_mut().get_mut(&user).is_some_and(|e| want_fill(e, head));
+                if start {
+                    shard.fill_inbox(user);
+                }
+            }
+        })
+        .detach();
     }
 
     /// Remembers a pushed inbox message until the terminal acks it (for resends).
@@ -401,10 +435,7 @@ impl Shard {
             // the store (raising the position alone would make them skip it when it comes).
             // The new terminal's `welcome` gives the position (what is pushed after it).
             Some(entry) if entry.heads_known && !entry.sessions.is_empty() && self.node.cluster().is_some() => {
-                if heads.inbox_seq > entry.inbox_seq.max(entry.fill_to) {
-                    fill = entry.fill_to == 0;
-                    entry.fill_to = heads.inbox_seq;
-                }
+                fill = want_fill(entry, heads.inbox_seq);
                 heads.inbox_seq.max(entry.inbox_seq)
             }
             Some(entry) => {
@@ -416,7 +447,6 @@ impl Shard {
         };
         drop(users);
         if fill {
-            // After letting go of the index: the fill's task may start at once.
             self.fill_inbox(user.clone());
         }
         Ok(Heads { inbox_seq, groups: heads.groups })
@@ -636,4 +666,16 @@ impl Shard {
     pub fn events_enabled(&self) -> bool {
         self.config.events.webhook.is_some() || self.config.cluster.redis_url.is_some()
     }
+}
+
+/// Cluster mode: asks for a fill of the user's inbox up to the store's `head` if that is past
+/// what the user's terminals here were pushed (or are being filled to). True when the caller
+/// must start the fill (none is under way yet).
+fn want_fill(entry: &mut UserEntry, head: u64) -> bool {
+    if entry.sessions.is_empty() || head <= entry.inbox_seq.max(entry.fill_to) {
+        return false;
+    }
+    let start = entry.fill_to == 0;
+    entry.fill_to = head;
+    start
 }

@@ -55,6 +55,9 @@ pub enum ClusterEvent {
         joined: bool,
     },
     GroupGone(Arc<str>),
+    /// Bus entries may have been lost (this node read behind what the streams keep, or another
+    /// node failed to publish): check every local inbox against the store.
+    Resync,
 }
 
 /// Where a terminal's `send` is answered: its session, on the shard that submitted it.

@@ -410,3 +410,28 @@ fn terminals_already_on_a_node_get_what_a_new_terminals_head_shows_they_missed()
     assert_silent(&mut web, Duration::from_millis(300));
     assert_silent(&mut phone, Duration::from_millis(300));
 }
+
+#[test]
+fn a_resync_asked_on_the_bus_pushes_what_the_terminals_missed() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut phone = b.terminal("joy", "phone");
+    wait_for_presence(&a, "joy", "phone");
+    // As if A had failed to publish it: the message is stored, B never hears of it.
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("HDEL").arg("ether:presence:joy").arg("node-b/phone").query::<()>(&mut con).unwrap();
+    a.gateway().send_message(&text("kim", "joy", "lost on the bus")).unwrap();
+    assert_silent(&mut phone, Duration::from_millis(300));
+    // What a node that lost publishes sends once Redis takes writes again.
+    redis::cmd("XADD")
+        .arg("ether:bus")
+        .arg("*")
+        .arg("e")
+        .arg(r#"{"node":"node-a","event":"resync"}"#)
+        .query::<String>(&mut con)
+        .unwrap();
+    assert_eq!(texts(&take(&mut phone, 1)), ["lost on the bus"]);
+    assert_silent(&mut phone, Duration::from_millis(300));
+    assert_eq!(cluster_stats(&b)["resyncs"], 1);
+}
