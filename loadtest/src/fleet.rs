@@ -120,6 +120,8 @@ struct ThreadShared {
     interval: Hist,
     settled: u64,
     count: u64,
+    /// Times `publish` ran.
+    publishes: u64,
 }
 
 /// Orders for the threads of a fleet: a log every thread reads from its own position.
@@ -185,10 +187,11 @@ impl LocalFleet {
 
     /// Counters so far, and the message latency since the previous call.
     pub fn progress(&self) -> FleetProgress {
-        let mut p = FleetProgress { connect_done: true, ..Default::default() };
+        let mut p = FleetProgress { connect_done: true, published: u64::MAX, ..Default::default() };
         let mut interval = Hist::new();
         for sh in &self.shared {
             let mut s = sh.lock().unwrap_or_else(|e| e.into_inner());
+            p.published = p.published.min(s.publishes);
             p.counters.add(&s.counters);
             interval.add(&s.interval);
             s.interval.reset();
@@ -465,6 +468,7 @@ fn publish(state: &Rc<RefCell<ExecState>>, shared: &Arc<Mutex<ThreadShared>>) {
     sh.settled = st.settled;
     sh.interval.add(&st.interval_hist);
     st.interval_hist.reset();
+    sh.publishes += 1;
 }
 
 #[cfg(test)]

@@ -687,6 +687,8 @@ struct Monitor<'a> {
     unread_per_socket: Vec<f64>,
     /// Seconds ticked, for sampling the receive queues every `UNREAD_SAMPLE_EVERY`.
     unread_clock: u32,
+    /// Each fleet's publish count at the last point (see `FleetProgress::published`).
+    published_at_point: Vec<u64>,
 }
 
 #[derive(Default, Clone)]
@@ -701,12 +703,17 @@ struct Snapshot {
 impl<'a> Monitor<'a> {
     fn tick(&mut self, fleets: &[Fleet], api: Option<&ApiRun>, phase: &'static str) -> Snapshot {
         let mut s = Snapshot { connect_done: true, ..Default::default() };
+        let mut published = Vec::with_capacity(fleets.len());
         for f in fleets {
             let p = f.progress();
             s.counters.add(&p.counters);
             s.connect_done &= p.connect_done;
+            published.push(p.published);
             self.interval.add_data(&p.interval_latency);
         }
+        // Behind if some fleet has not published anew since the last point.
+        let stale = self.published_at_point.len() == published.len()
+            && published.iter().zip(&self.published_at_point).any(|(now, then)| now <= then);
         if let Some(a) = api {
             use std::sync::atomic::Ordering::SeqCst;
             s.sent = a.shared.sent.load(SeqCst);
@@ -719,7 +726,11 @@ impl<'a> Monitor<'a> {
             (s.sent, s.acked) = self.api_last;
         }
         let dt = self.last_point.elapsed();
-        if dt >= Duration::from_secs(1) {
+        // A point only from counters every fleet has published since the last one (or after
+        // STALE_POINT_MAX at the latest), so a late publish shows as a longer interval, not
+        // as a zero followed by a double.
+        if dt >= Duration::from_secs(1) && (!stale || dt >= STALE_POINT_MAX) {
+            self.published_at_point = published;
             let secs = dt.as_secs_f64();
             self.last_server_cpu = self.server_cpu.sample();
             self.last_tool_cpu = self.tool_cpu.sample();
@@ -861,6 +872,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         client_port: target.client.port(),
         unread_per_socket: Vec::new(),
         unread_clock: 0,
+        published_at_point: Vec::new(),
     };
 
     // Connect phase.
@@ -1408,6 +1420,8 @@ const TOOL_UNREAD_BEHIND_B: f64 = 4096.0;
 /// kernel format a line per socket: with 20,000 sockets that was about 6% of the tool's CPU
 /// when read every second (`perf`: `established_get_first`, `vsnprintf`).
 const UNREAD_SAMPLE_EVERY: u32 = 3;
+/// Longest wait for every fleet's fresh counters before a point is made anyway.
+const STALE_POINT_MAX: Duration = Duration::from_secs(5);
 
 /// Longest wait for the server's RSS to settle before the baseline of per-connection memory.
 const RSS_SETTLE_MAX: Duration = Duration::from_secs(3);

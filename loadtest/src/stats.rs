@@ -301,6 +301,11 @@ pub struct FleetProgress {
     pub interval_latency: HistData,
     /// Every terminal has either got its welcome or failed.
     pub connect_done: bool,
+    /// How many times the fleet's slowest thread has published its counters: a report whose
+    /// count has not moved since the last one carries counters that are behind (a thread's
+    /// timer ran late under load).
+    #[serde(default)]
+    pub published: u64,
 }
 
 /// How the members of a group saw one published message (`group`): how many got it and the
