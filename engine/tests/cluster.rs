@@ -385,18 +385,25 @@ fn cluster_stats(node: &TestNode) -> serde_json::Value {
     v["cluster"].clone()
 }
 
+/// `user`'s phone on B, and a message to `user` accepted on A that B never hears of (A finds
+/// no presence of the user's to route it to: the test removed it). Returns the phone.
+fn missed_on_b(redis: &TestRedis, a: &TestNode, b: &TestNode, user: &str, body: &str) -> ether_sdk::TerminalClient {
+    let mut phone = b.terminal(user, "phone");
+    wait_for_presence(a, user, "phone");
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("HDEL").arg(format!("ether:presence:{user}")).arg("node-b/phone").query::<()>(&mut con).unwrap();
+    a.gateway().send_message(&text("sender", user, body)).unwrap();
+    assert_silent(&mut phone, Duration::from_millis(300));
+    phone
+}
+
 #[test]
 fn terminals_already_on_a_node_get_what_a_new_terminals_head_shows_they_missed() {
     let Some(redis) = redis_or_skip() else { return };
     let a = cluster_node(&redis, "node-a");
     let b = cluster_node(&redis, "node-b");
-    let mut phone = b.terminal("hal", "phone");
-    wait_for_presence(&a, "hal", "phone");
-    // As if the bus had not brought it yet: A routes the message to nobody.
-    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    redis::cmd("HDEL").arg("ether:presence:hal").arg("node-b/phone").query::<()>(&mut con).unwrap();
-    a.gateway().send_message(&text("ivy", "hal", "while unseen")).unwrap();
-    assert_silent(&mut phone, Duration::from_millis(300));
+    // As if the bus had not brought it yet.
+    let mut phone = missed_on_b(&redis, &a, &b, "hal", "while unseen");
     // Another terminal of hal's on B reads the head from the store: the phone, which would
     // otherwise skip the message when (if) the bus brought it, gets it from the store.
     let (mut web, welcome) = ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("hal"), "web", "web").unwrap();
@@ -416,14 +423,10 @@ fn a_resync_asked_on_the_bus_pushes_what_the_terminals_missed() {
     let Some(redis) = redis_or_skip() else { return };
     let a = cluster_node(&redis, "node-a");
     let b = cluster_node(&redis, "node-b");
-    let mut phone = b.terminal("joy", "phone");
-    wait_for_presence(&a, "joy", "phone");
     // As if A had failed to publish it: the message is stored, B never hears of it.
-    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    redis::cmd("HDEL").arg("ether:presence:joy").arg("node-b/phone").query::<()>(&mut con).unwrap();
-    a.gateway().send_message(&text("kim", "joy", "lost on the bus")).unwrap();
-    assert_silent(&mut phone, Duration::from_millis(300));
+    let mut phone = missed_on_b(&redis, &a, &b, "joy", "lost on the bus");
     // What a node that lost publishes sends once Redis takes writes again.
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
     redis::cmd("XADD")
         .arg("ether:bus")
         .arg("*")
