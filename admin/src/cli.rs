@@ -98,7 +98,22 @@ pub fn resolve_target(
 /// Runs one admin call against `addr` with `token` and returns what to print: the answer's
 /// JSON as received when `json`, else readable tables.
 pub fn run(addr: &str, token: &str, cmd: AdminCommand, json: bool) -> Result<String, CliError> {
-    let client = GatewayClient::new(addr, token).with_connect_timeout(CONNECT_TIMEOUT).with_timeout(IO_TIMEOUT);
+    run_with_tls(addr, token, cmd, json, None)
+}
+
+/// [`run`] with the TLS client configuration for an `https://` address (`tls`: e.g. the
+/// roots of a private CA; `None`: the Mozilla roots).
+pub fn run_with_tls(
+    addr: &str,
+    token: &str,
+    cmd: AdminCommand,
+    json: bool,
+    tls: Option<std::sync::Arc<ether_sdk::rustls::ClientConfig>>,
+) -> Result<String, CliError> {
+    let mut client = GatewayClient::new(addr, token).with_connect_timeout(CONNECT_TIMEOUT).with_timeout(IO_TIMEOUT);
+    if let Some(tls) = tls {
+        client = client.with_tls(tls);
+    }
     let (method, path, body) = request_of(&cmd)?;
     let resp = client.request(method, &path, body.as_deref()).map_err(|e| match e {
         SdkError::Io(_) => CliError::Unreachable { addr: addr.to_owned(), source: e },

@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// Business REST listener over TLS, `https://` (`listen.api_tls`; default none).
     #[arg(long, value_name = "ADDR")]
     pub listen_api_tls: Option<SocketAddr>,
+    /// Admin/metrics listener over TLS, `https://` (`listen.admin_tls`; default none).
+    #[arg(long, value_name = "ADDR")]
+    pub listen_admin_tls: Option<SocketAddr>,
     /// PEM certificate chain of the TLS listeners (`tls.cert_path`).
     #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
@@ -106,6 +109,10 @@ pub struct AdminArgs {
     /// Admin bearer token (else `ETHER_AUTH_ADMIN_TOKEN`, else the local config/secrets).
     #[arg(long, value_name = "T", global = true)]
     pub token: Option<String>,
+    /// PEM certificate(s) to trust for an `https://` admin address (`listen.admin_tls`), e.g.
+    /// a private CA; default: the Mozilla roots.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub ca: Option<PathBuf>,
     /// Print the raw JSON answer.
     #[arg(long, global = true)]
     pub json: bool,

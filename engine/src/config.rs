@@ -30,6 +30,7 @@ pub const FLAGS: &[(&str, &str)] = &[
     ("listen.admin", "--listen-admin"),
     ("listen.client_tls", "--listen-client-tls"),
     ("listen.api_tls", "--listen-api-tls"),
+    ("listen.admin_tls", "--listen-admin-tls"),
     ("tls.cert_path", "--tls-cert"),
     ("tls.key_path", "--tls-key"),
     ("node.shards", "--shards"),
@@ -243,6 +244,8 @@ raw_config! {
         client_tls: String,
         /// `listen.api_tls`: business REST listener over TLS (`https://`); unset: none.
         api_tls: String,
+        /// `listen.admin_tls`: admin/metrics listener over TLS (`https://`); unset: none.
+        admin_tls: String,
     }
     /// Raw `[tls]`: the certificate of the `listen.client_tls` and `listen.api_tls` listeners.
     tls: RawTls {
@@ -413,6 +416,7 @@ impl RawConfig {
         raw.listen.admin = args.listen_admin.map(|a| a.to_string());
         raw.listen.client_tls = args.listen_client_tls.map(|a| a.to_string());
         raw.listen.api_tls = args.listen_api_tls.map(|a| a.to_string());
+        raw.listen.admin_tls = args.listen_admin_tls.map(|a| a.to_string());
         raw.tls.cert_path = args.tls_cert.clone();
         raw.tls.key_path = args.tls_key.clone();
         raw.node.shards = args.shards;
@@ -671,6 +675,8 @@ pub struct Listen {
     pub client_tls: Option<SocketAddr>,
     /// Business REST listener over TLS (`https://`), when configured (with [`Tls`]).
     pub api_tls: Option<SocketAddr>,
+    /// Admin/metrics listener over TLS (`https://`), when configured (with [`Tls`]).
+    pub admin_tls: Option<SocketAddr>,
 }
 
 /// The certificate and key of the `listen.client_tls` listener (PEM files, read at start and
@@ -911,7 +917,8 @@ pub struct Config {
     pub cluster: Cluster,
     /// Event delivery.
     pub events: Events,
-    /// TLS: `Some` exactly when `listen.client_tls` or `listen.api_tls` is set.
+    /// TLS: `Some` exactly when `listen.client_tls`, `listen.api_tls` or `listen.admin_tls` is
+    /// set.
     pub tls: Option<Tls>,
     /// Message retention.
     pub retention: Retention,
@@ -989,7 +996,14 @@ impl Config {
     pub fn test_min(data_dir: PathBuf) -> Config {
         let any = Some("127.0.0.1:0".to_owned());
         let raw = RawConfig {
-            listen: RawListen { client: any.clone(), api: any.clone(), admin: any, client_tls: None, api_tls: None },
+            listen: RawListen {
+                client: any.clone(),
+                api: any.clone(),
+                admin: any,
+                client_tls: None,
+                api_tls: None,
+                admin_tls: None,
+            },
             node: RawNode { shards: Some(2), data_dir: Some(data_dir), id: Some("test-node".into()) },
             auth: RawAuth {
                 jwt_secret: Some(Secret::new("test-jwt-secret-0123456789abcdef")),
@@ -1048,6 +1062,7 @@ impl Config {
                 "admin": self.listen.admin.to_string(),
                 "client_tls": self.listen.client_tls.map(|a| a.to_string()),
                 "api_tls": self.listen.api_tls.map(|a| a.to_string()),
+                "admin_tls": self.listen.admin_tls.map(|a| a.to_string()),
             },
             "tls": {
                 "cert_path": self.tls.as_ref().map(|t| t.cert_path.to_string_lossy().into_owned()),
@@ -1200,8 +1215,13 @@ impl Prepared {
                 Some(text) => Some(check.addr("listen.api_tls", Some(text), "")?),
                 None => None,
             },
+            admin_tls: match raw.listen.admin_tls.as_deref() {
+                Some(text) => Some(check.addr("listen.admin_tls", Some(text), "")?),
+                None => None,
+            },
         };
-        let tls = match (listen.client_tls.or(listen.api_tls), raw.tls.cert_path, raw.tls.key_path) {
+        let any_tls = listen.client_tls.or(listen.api_tls).or(listen.admin_tls);
+        let tls = match (any_tls, raw.tls.cert_path, raw.tls.key_path) {
             (Some(_), Some(cert_path), Some(key_path)) => {
                 for (key, path) in [("tls.cert_path", &cert_path), ("tls.key_path", &key_path)] {
                     if path.as_os_str().is_empty() {
@@ -1224,13 +1244,13 @@ impl Prepared {
             (None, Some(_), _) => {
                 return Err(check.invalid(
                     "tls.cert_path",
-                    "set, but neither listen.client_tls nor listen.api_tls is: set a TLS listener, or no files",
+                    "set, but no TLS listener is (listen.client_tls, listen.api_tls, listen.admin_tls): set one, or no files",
                 ))
             }
             (None, None, Some(_)) => {
                 return Err(check.invalid(
                     "tls.key_path",
-                    "set, but neither listen.client_tls nor listen.api_tls is: set a TLS listener, or no files",
+                    "set, but no TLS listener is (listen.client_tls, listen.api_tls, listen.admin_tls): set one, or no files",
                 ))
             }
             (None, None, None) => None,
@@ -1895,7 +1915,7 @@ mod tests {
                 "give the PEM private key",
             ),
             ("[listen]\napi_tls = \"127.0.0.1:9444\"\n[tls]\ncert_path = \"c.pem\"\n", "tls.key_path", "private key"),
-            ("[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n", "tls.cert_path", "neither listen.client_tls nor"),
+            ("[tls]\ncert_path = \"c.pem\"\nkey_path = \"k.pem\"\n", "tls.cert_path", "no TLS listener is"),
             ("[listen]\nclient_tls = \"nope\"\n", "listen.client_tls", "expected IP:PORT"),
         ] {
             let (k, _, message) = invalid(check(toml).unwrap_err());
@@ -1914,6 +1934,7 @@ mod tests {
             admin = "127.0.0.1:9002"
             client_tls = "0.0.0.0:9443"
             api_tls = "0.0.0.0:9444"
+            admin_tls = "127.0.0.1:9445"
             [tls]
             cert_path = "/etc/ether/tls/fullchain.pem"
             key_path = "/etc/ether/tls/key.pem"
@@ -2126,7 +2147,10 @@ mod tests {
     fn test_min_is_tiny_and_valid() {
         let config = Config::test_min(PathBuf::from("/nonexistent/test-data"));
         let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        assert_eq!(config.listen, Listen { client: local, api: local, admin: local, client_tls: None, api_tls: None });
+        assert_eq!(
+            config.listen,
+            Listen { client: local, api: local, admin: local, client_tls: None, api_tls: None, admin_tls: None }
+        );
         assert_eq!(config.node.shards, 2);
         let l = config.limits;
         assert_eq!(l.frame_bytes_max, 4096);
@@ -2236,6 +2260,7 @@ mod tests {
         let args = AdminArgs {
             addr: None,
             token: None,
+            ca: None,
             json: false,
             config: None,
             data: Some(fx.data()),
@@ -2252,9 +2277,16 @@ mod tests {
         assert_eq!(target.token.expose(), served.auth.admin_token.expose());
 
         let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
-        PortsFile { client: any, api: any, admin: "0.0.0.0:41234".parse().unwrap(), client_tls: None, api_tls: None }
-            .write(&fx.data())
-            .unwrap();
+        PortsFile {
+            client: any,
+            api: any,
+            admin: "0.0.0.0:41234".parse().unwrap(),
+            client_tls: None,
+            api_tls: None,
+            admin_tls: None,
+        }
+        .write(&fx.data())
+        .unwrap();
         assert_eq!(admin_target(&args, no_env()).unwrap().addr, "127.0.0.1:41234", "ports.json, made connectable");
 
         let env_addr = env(&[("ETHER_ADMIN_ADDR", "h:1"), ("ETHER_AUTH_ADMIN_TOKEN", "env-admin-token-01234")]);

@@ -132,7 +132,20 @@ fn admin(args: &AdminArgs) -> ExitCode {
         }
         AdminCommand::Drain => ether_admin::cli::AdminCommand::Drain,
     };
-    match ether_admin::cli::run(&target.addr, target.token.expose(), cmd, args.json) {
+    let tls = match &args.ca {
+        Some(path) => match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|pem| ether_sdk::tls_config_with_roots(&pem).map_err(|e| e.to_string()))
+        {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("ether admin: --ca {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    match ether_admin::cli::run_with_tls(&target.addr, target.token.expose(), cmd, args.json, tls) {
         Ok(out) => {
             println!("{out}");
             ExitCode::SUCCESS

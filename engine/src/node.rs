@@ -35,6 +35,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_GOODBYE_MAX: Duration = Duration::from_secs(3);
 /// Idle keep-alive connections on the api port are closed after this long.
 const API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections the admin port (and its TLS twin) serves at once.
+const ADMIN_CONNECTIONS_MAX: usize = 256;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,8 @@ pub struct BoundPorts {
     pub client_tls: Option<SocketAddr>,
     /// The `https://` API listener, when `listen.api_tls` is set.
     pub api_tls: Option<SocketAddr>,
+    /// The `https://` admin listener, when `listen.admin_tls` is set.
+    pub admin_tls: Option<SocketAddr>,
 }
 
 /// A running node. Dropping it stops the node.
@@ -159,6 +163,8 @@ struct ShardStart {
     client_tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
     /// This shard's `https://` API listener and the TLS configuration, when there is one.
     api_tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
+    /// The `https://` admin listener (shard 0 only) and the TLS configuration.
+    admin_tls: Option<(OwnedFd, Arc<rustls::ServerConfig>)>,
 }
 
 /// Starts a node: listeners, mesh, shards. Returns once every listener is bound and
@@ -184,20 +190,21 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         }
         None => None,
     };
-    let tls_group = |what, addr: Option<SocketAddr>| match addr {
-        Some(addr) if tls_config.is_some() => bind_group(what, addr, shards).map(|(bound, fds)| (Some(bound), fds)),
+    let tls_group = |what, addr: Option<SocketAddr>, n| match addr {
+        Some(addr) if tls_config.is_some() => bind_group(what, addr, n).map(|(bound, fds)| (Some(bound), fds)),
         _ => Ok((None, Vec::new())),
     };
-    let (client_tls, mut client_tls_fds) = tls_group("client_tls", config.listen.client_tls)?;
-    let (api_tls, mut api_tls_fds) = tls_group("api_tls", config.listen.api_tls)?;
-    let ports = BoundPorts { client, api, admin, client_tls, api_tls };
-    PortsFile { client, api, admin, client_tls, api_tls }.write(&config.node.data_dir).map_err(|e| {
+    let (client_tls, mut client_tls_fds) = tls_group("client_tls", config.listen.client_tls, shards)?;
+    let (api_tls, mut api_tls_fds) = tls_group("api_tls", config.listen.api_tls, shards)?;
+    let (admin_tls, mut admin_tls_fds) = tls_group("admin_tls", config.listen.admin_tls, 1)?;
+    let ports = BoundPorts { client, api, admin, client_tls, api_tls, admin_tls };
+    PortsFile { client, api, admin, client_tls, api_tls, admin_tls }.write(&config.node.data_dir).map_err(|e| {
         NodeError::Ports {
             path: config.node.data_dir.join("ports.json").display().to_string(),
             source: std::io::Error::other(e.to_string()),
         }
     })?;
-    info!(client = %client, api = %api, admin = %admin, client_tls = ?client_tls, api_tls = ?api_tls, shards, "listening");
+    info!(client = %client, api = %api, admin = %admin, client_tls = ?client_tls, api_tls = ?api_tls, admin_tls = ?admin_tls, shards, "listening");
 
     let store = crate::storage::open(&config).map_err(|source| NodeError::Store {
         path: match &config.cluster.redis_url {
@@ -265,6 +272,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             admin: if id == 0 { admin_fds.pop() } else { None },
             client_tls: (!client_tls_fds.is_empty()).then(|| client_tls_fds.remove(0)).zip(tls_config.clone()),
             api_tls: (!api_tls_fds.is_empty()).then(|| api_tls_fds.remove(0)).zip(tls_config.clone()),
+            admin_tls: if id == 0 { admin_tls_fds.pop() } else { None }.zip(tls_config.clone()),
         };
         let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
             .name(&format!("ether-shard-{id}"))
@@ -294,8 +302,42 @@ fn spin_before_park() -> Duration {
     Duration::from_micros(us)
 }
 
+/// What serves the plaintext end of an HTTP listener over TLS (`tls::Behind::Http`): the same
+/// keep-alive loop as the plain listener, with `handler`, until `stop`.
+fn serve_over_tls<H, F>(limits: Limits, handler: Rc<H>, stop: Stop) -> Rc<dyn Fn(glommio::net::TcpStream)>
+where
+    H: Fn(ether_http::request::Request) -> F + 'static,
+    F: std::future::Future<Output = ether_http::response::Response> + 'static,
+{
+    Rc::new(move |stream| {
+        let (handler, stop) = (handler.clone(), stop.clone());
+        glommio::spawn_local(async move {
+            let served =
+                ether_http::server::serve_connection_until(stream, limits, API_IDLE_TIMEOUT, |req| handler(req), &stop);
+            if let Err(e) = served.await {
+                tracing::debug!(error = %e, "HTTP connection over TLS closed");
+            }
+        })
+        .detach();
+    })
+}
+
 async fn run_shard(start: ShardStart) {
-    let ShardStart { id, config, keys, shared, ends, store, commits, client, api, admin, client_tls, api_tls } = start;
+    let ShardStart {
+        id,
+        config,
+        keys,
+        shared,
+        ends,
+        store,
+        commits,
+        client,
+        api,
+        admin,
+        client_tls,
+        api_tls,
+        admin_tls,
+    } = start;
     let (mesh, receivers) = ends.connect(id).await;
     let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh, store, commits));
     glommio::spawn_local(shard.clone().commit_loop()).detach();
@@ -336,25 +378,11 @@ async fn run_shard(start: ShardStart) {
         // SAFETY: as above.
         let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
         let acceptor = futures_rustls::TlsAcceptor::from(tls);
-        let handler = api_handler.clone();
-        let api_stop = stop.clone();
-        let serve_api: Rc<dyn Fn(glommio::net::TcpStream)> = Rc::new(move |stream| {
-            let (handler, stop) = (handler.clone(), api_stop.clone());
-            glommio::spawn_local(async move {
-                let served = ether_http::server::serve_connection_until(
-                    stream,
-                    api_limits,
-                    API_IDLE_TIMEOUT,
-                    |req| handler(req),
-                    &stop,
-                );
-                if let Err(e) = served.await {
-                    tracing::debug!(error = %e, "api connection over TLS closed");
-                }
-            })
-            .detach();
-        });
-        let behind = crate::tls::Behind::Api(serve_api);
+        let behind = crate::tls::Behind::Http {
+            what: "api_tls",
+            max: config.limits.api_connections_max,
+            serve: serve_over_tls(api_limits, api_handler.clone(), stop.clone()),
+        };
         glommio::spawn_local(crate::tls::accept_loop(shard.clone(), listener, acceptor, behind, stop.clone())).detach();
     }
     let api_task = glommio::spawn_local(ether_http::server::accept_loop(
@@ -370,11 +398,23 @@ async fn run_shard(start: ShardStart) {
         let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
         let view = Rc::new(crate::admin_view::AdminView::new(shard.clone()));
         let handler = Rc::new(move |req| ether_admin::handle(view.clone(), req));
+        if let Some((fd, tls)) = admin_tls {
+            // SAFETY: as above.
+            let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+            let behind = crate::tls::Behind::Http {
+                what: "admin_tls",
+                max: ADMIN_CONNECTIONS_MAX,
+                serve: serve_over_tls(Limits::default(), handler.clone(), stop.clone()),
+            };
+            let acceptor = futures_rustls::TlsAcceptor::from(tls);
+            glommio::spawn_local(crate::tls::accept_loop(shard.clone(), listener, acceptor, behind, stop.clone()))
+                .detach();
+        }
         glommio::spawn_local(ether_http::server::accept_loop(
             listener,
             Limits::default(),
             API_IDLE_TIMEOUT,
-            256,
+            ADMIN_CONNECTIONS_MAX,
             handler,
             stop.clone(),
         ))

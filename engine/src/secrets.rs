@@ -294,6 +294,9 @@ pub struct PortsFile {
     /// Bound address of the TLS API listener (`https://`), when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_tls: Option<SocketAddr>,
+    /// Bound address of the TLS admin listener (`https://`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_tls: Option<SocketAddr>,
 }
 
 impl PortsFile {
@@ -549,6 +552,7 @@ mod tests {
         let ports = PortsFile {
             client_tls: None,
             api_tls: None,
+            admin_tls: None,
             client: "127.0.0.1:9000".parse().unwrap(),
             api: "127.0.0.1:43117".parse().unwrap(),
             admin: "[::1]:9002".parse().unwrap(),

@@ -172,9 +172,9 @@ type Full = dyn Fn(&Shard) -> bool;
 pub enum Behind {
     /// Terminals: the plaintext end goes through the `ws://` upgrade (`conn`).
     Terminals,
-    /// The business API: the plaintext end is served by this (`listen.api_tls`), at most
-    /// `limits.api_connections_max` at once per shard.
-    Api(Rc<dyn Fn(TcpStream)>),
+    /// An HTTP port (`listen.api_tls`, `listen.admin_tls`, named by `what` in logs): the
+    /// plaintext end is served by `serve`, at most `max` connections at once per shard.
+    Http { what: &'static str, max: usize, serve: Rc<dyn Fn(TcpStream)> },
 }
 
 /// Accepts TLS connections until the node stops; each gets its own task (handshake, then
@@ -184,35 +184,34 @@ pub enum Behind {
 /// instead of being reset.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, acceptor: TlsAcceptor, behind: Behind, stop: Stop) {
     let handshakes = Rc::new(Semaphore::new(shard.config.limits.tls_handshakes_per_shard_max as u64));
-    let api_live = Rc::new(Cell::new(0usize));
-    let api_max = shard.config.limits.api_connections_max;
+    let http_live = Rc::new(Cell::new(0usize));
     let behind = Rc::new(behind);
     let (what, full): (&'static str, Box<Full>) = match &*behind {
         Behind::Terminals => ("client_tls", Box::new(crate::conn::terminals_full)),
-        Behind::Api(_) => {
-            let live = api_live.clone();
-            ("api_tls", Box::new(move |_: &Shard| live.get() >= api_max))
+        Behind::Http { what, max, .. } => {
+            let (live, max) = (http_live.clone(), *max);
+            (what, Box::new(move |_: &Shard| live.get() >= max))
         }
     };
     crate::conn::accept_connections(shard, listener, stop, what, full, Some(handshakes), |shard, stream, slot| {
-        let api_conn = matches!(&*behind, Behind::Api(_)).then(|| ApiConnection::enter(&api_live));
+        let http_conn = matches!(&*behind, Behind::Http { .. }).then(|| HttpConnection::enter(&http_live));
         let behind = behind.clone();
-        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone(), slot, behind, api_conn))
+        shard.spawn_terminal_task(serve(shard.clone(), stream, acceptor.clone(), slot, behind, http_conn))
     })
     .await;
 }
 
 /// One API connection served over TLS, counted until dropped.
-struct ApiConnection(Rc<Cell<usize>>);
+struct HttpConnection(Rc<Cell<usize>>);
 
-impl ApiConnection {
-    fn enter(count: &Rc<Cell<usize>>) -> ApiConnection {
+impl HttpConnection {
+    fn enter(count: &Rc<Cell<usize>>) -> HttpConnection {
         count.set(count.get() + 1);
-        ApiConnection(count.clone())
+        HttpConnection(count.clone())
     }
 }
 
-impl Drop for ApiConnection {
+impl Drop for HttpConnection {
     fn drop(&mut self) {
         debug_assert!(self.0.get() > 0, "API connection count underflow");
         self.0.set(self.0.get().saturating_sub(1));
@@ -220,14 +219,14 @@ impl Drop for ApiConnection {
 }
 
 /// One TLS connection: handshake, then the plaintext side goes to what is `behind` and this
-/// task relays. `_api_conn` counts an API connection until the relay ends.
+/// task relays. `_http_conn` counts an API connection until the relay ends.
 async fn serve(
     shard: Rc<Shard>,
     tcp: TcpStream,
     acceptor: TlsAcceptor,
     handshaking: Option<StaticPermit>,
     behind: Rc<Behind>,
-    _api_conn: Option<ApiConnection>,
+    _http_conn: Option<HttpConnection>,
 ) {
     let remote = tcp.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let limit = shard.config.limits.handshake_timeout;
@@ -263,7 +262,7 @@ async fn serve(
     let relay_end = unsafe { UnixStream::from_raw_fd(relay_end.into_raw_fd()) };
     match &*behind {
         Behind::Terminals => shard.spawn_terminal_task(crate::conn::upgrade_from(shard.clone(), engine_end, remote)),
-        Behind::Api(serve_api) => serve_api(engine_end),
+        Behind::Http { serve, .. } => serve(engine_end),
     }
     if let Err(e) = relay(tls, relay_end).await {
         debug!(shard = shard.id, %remote, error = %e, "TLS relay ended");

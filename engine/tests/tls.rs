@@ -279,3 +279,34 @@ fn a_client_coming_back_resumes_its_tls_session_however_many_came_between() {
         node.shared().shards.iter().map(|s| s.tls_resumptions.load(std::sync::atomic::Ordering::Relaxed)).sum();
     assert_eq!(resumed, 1, "counted");
 }
+
+#[test]
+fn the_admin_port_over_tls_serves_the_same_routes_and_the_cli_speaks_it() {
+    let node = TestNode::with(|c| {
+        c.listen.admin_tls = Some("127.0.0.1:0".parse().unwrap());
+        c.tls = Some(Tls {
+            cert_path: fixture("tls-cert.pem"),
+            key_path: fixture("tls-key.pem"),
+            reload_check: Duration::ZERO,
+        });
+    });
+    assert_eq!((node.ports.client_tls, node.ports.api_tls), (None, None), "only the admin listener asked for");
+    let base = format!("https://localhost:{}", node.ports.admin_tls.expect("an https admin listener").port());
+    let roots = tls_config_with_roots(&std::fs::read(fixture("tls-cert.pem")).unwrap()).unwrap();
+    let token = node.config.auth.admin_token.expose().to_owned();
+    let admin = ether_sdk::GatewayClient::new(&base, token.clone()).with_tls(roots.clone());
+    let stats = admin.request("GET", "/admin/v1/stats", None).unwrap();
+    assert_eq!(stats.status, 200, "{}", stats.text());
+    let v: serde_json::Value = serde_json::from_slice(&stats.body).unwrap();
+    assert_eq!(v["node"]["id"], node.config.node.id.as_str());
+    assert_eq!(admin.request("GET", "/metrics", None).unwrap().status, 200);
+    // The same refusals as over http://.
+    let wrong = ether_sdk::GatewayClient::new(&base, "wrong").with_tls(roots.clone());
+    assert_eq!(wrong.request("GET", "/admin/v1/stats", None).unwrap().status, 401);
+    // `ether admin` with the CA: readable stats; without it the certificate is not trusted.
+    let cmd = || ether_admin::cli::AdminCommand::Stats;
+    let out = ether_admin::cli::run_with_tls(&base, &token, cmd(), false, Some(roots)).unwrap();
+    assert!(out.starts_with(&format!("node {}", node.config.node.id)), "{out}");
+    let err = ether_admin::cli::run_with_tls(&base, &token, cmd(), false, None).unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+}
