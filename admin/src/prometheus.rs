@@ -211,7 +211,7 @@ pub fn render(stats: &NodeStats) -> String {
             ("ether_cluster_redis_errors_total", "Failed Redis round trips.", Kind::Counter, cl.redis_errors),
             (
                 "ether_cluster_resyncs_total",
-                "Checks of every local inbox against the store after bus entries were lost.",
+                "Checks of every local inbox and group against the store after bus entries were lost.",
                 Kind::Counter,
                 cl.resyncs,
             ),

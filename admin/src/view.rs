@@ -209,7 +209,7 @@ pub struct ClusterStats {
     pub dropped: u64,
     /// Failed Redis round trips (each followed by a reconnect).
     pub redis_errors: u64,
-    /// Checks of every local inbox against the store, after bus entries were lost.
+    /// Checks of every local inbox and group against the store, after bus entries were lost.
     #[serde(default)]
     pub resyncs: u64,
     /// Gauge: items waiting to be written to Redis.

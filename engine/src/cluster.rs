@@ -27,7 +27,7 @@
 //! missing range from the store first (`delivery`), so terminals always get their inbox in seq
 //! order, without gaps, and what a lost bus message carried comes from the store. When entries
 //! may have been lost outright (trimmed while this node was away, or dropped by a node that
-//! could not publish), every shard checks its users' inbox heads against the store
+//! could not publish), every shard checks its users' inbox and group heads against the store
 //! (`BusEvent::Resync`, `ClusterEvent::Resync`).
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -219,7 +219,8 @@ pub enum BusEvent {
         group: String,
     },
     /// The sender lost bus entries it should have published (a failed write, a full queue):
-    /// every node checks its users' inboxes against the store (see [`ClusterEvent::Resync`]).
+    /// every node checks its users' inboxes and groups against the store (see
+    /// [`ClusterEvent::Resync`]).
     Resync,
 }
 
@@ -295,7 +296,7 @@ pub struct ClusterCounters {
     pub presence_writes: AtomicU64,
     pub dropped: AtomicU64,
     pub redis_errors: AtomicU64,
-    /// Checks of every local inbox against the store (after bus entries were lost).
+    /// Checks of every local inbox and group against the store (after bus entries were lost).
     pub resyncs: AtomicU64,
     /// Set when a publish was dropped: the next successful write asks every node to resync.
     lost_publishes: AtomicBool,
@@ -858,7 +859,7 @@ impl InWorker {
                 lost |= trimmed_past(&mut con, stream, seen)?;
             }
             if lost {
-                warn!(node = %self.node_id, "cluster: the bus was trimmed past what this node read while it was away; checking every inbox against the store");
+                warn!(node = %self.node_id, "cluster: the bus was trimmed past what this node read while it was away; checking every inbox and group against the store");
                 self.resync();
             }
         }
@@ -973,7 +974,7 @@ impl InWorker {
         }
     }
 
-    /// Every shard checks its users' inboxes against the store.
+    /// Every shard checks its users' inboxes and groups against the store.
     fn resync(&self) {
         add(&self.counters.resyncs, 1);
         for shard in 0..self.shards {

@@ -356,15 +356,15 @@ impl Shard {
             }
             ClusterEvent::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
             ClusterEvent::GroupGone(group) => self.group_gone_local(&group),
-            ClusterEvent::Resync => self.resync_inboxes(),
+            ClusterEvent::Resync => self.resync(),
         }
     }
 
-    /// Cluster mode, after bus entries may have been lost: reads the inbox head of every user
-    /// with terminals here, one after the other, and pushes what they were not pushed (the
-    /// same fill as for a gap). Without this they would get it only with the user's next
-    /// message or `sync`. Groups catch up with their next message (`order_group_run`).
-    fn resync_inboxes(self: &Rc<Self>) {
+    /// Cluster mode, after bus entries may have been lost: reads the heads of every user with
+    /// terminals here, one user after the other, and pushes what they were not pushed: their
+    /// inbox (the same fill as for a gap) and each of their groups this shard delivers (once
+    /// per group). Without this they would get it only with the next message or `sync`.
+    fn resync(self: &Rc<Self>) {
         let users: Vec<Arc<str>> = self
             .users
             .borrow()
@@ -372,20 +372,26 @@ impl Shard {
             .filter(|(_, e)| e.heads_known && !e.sessions.is_empty())
             .map(|(u, _)| u.clone())
             .collect();
-        debug!(shard = self.id, users = users.len(), "cluster: checking inboxes against the store");
+        debug!(shard = self.id, users = users.len(), "cluster: checking inboxes and groups against the store");
         let shard = self.clone();
         glommio::spawn_local(async move {
+            let mut groups_checked = std::collections::HashSet::new();
             for user in users {
-                let head = match shard.store.call(Op::Heads { user: user.to_string() }).await.and_then(Reply::heads) {
-                    Ok(heads) => heads.inbox_seq,
+                let heads = match shard.store.call(Op::Heads { user: user.to_string() }).await.and_then(Reply::heads) {
+                    Ok(heads) => heads,
                     Err(e) => {
-                        warn!(user = %user, shard = shard.id, error = %e, "cluster: cannot read an inbox head to resync");
+                        warn!(user = %user, shard = shard.id, error = %e, "cluster: cannot read heads to resync");
                         continue;
                     }
                 };
-                let start = shard.users.borrow_mut().get_mut(&user).is_some_and(|e| want_fill(e, head));
+                let start = shard.users.borrow_mut().get_mut(&user).is_some_and(|e| want_fill(e, heads.inbox_seq));
                 if start {
                     shard.fill_inbox(user);
+                }
+                for (group, head) in heads.groups {
+                    if groups_checked.insert(group.clone()) {
+                        shard.catch_up_group(Arc::from(group), head).await;
+                    }
                 }
             }
         })

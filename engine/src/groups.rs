@@ -271,6 +271,51 @@ impl Shard {
         out
     }
 
+    /// Cluster mode, `resync`: the store's head of `group` is `head`; pushes to this shard's
+    /// members what it has not pushed up to it, page by page, through `order_group_run` (which
+    /// skips what arrives meanwhile). A group this shard has pushed nothing of yet is left to
+    /// its next message (the members' `welcome` heads cover what came before).
+    pub(crate) async fn catch_up_group(&self, group: Arc<str>, head: u64) {
+        loop {
+            let Some(known) = self.group_heads.borrow().get(&group).copied() else { return };
+            if head <= known || !self.group_index.borrow().contains_key(&group) {
+                return;
+            }
+            let limit = usize::try_from(head - known).unwrap_or(usize::MAX).min(self.config.limits.sync_page_max);
+            let op = Op::ReadGroup { group: group.to_string(), after_seq: known, limit };
+            let page = match self.store.call(op).await.and_then(Reply::page) {
+                Ok(page) => page,
+                Err(e) => {
+                    debug!(group = %group, shard = self.id, error = %e, "cluster: cannot read a group to resync");
+                    return;
+                }
+            };
+            let run: Vec<GroupDelivery> = page
+                .entries
+                .iter()
+                .filter(|e| e.seq > known && e.seq <= head)
+                .map(|e| {
+                    let msg = Arc::new(crate::storage::message_of(e));
+                    GroupDelivery {
+                        group: group.clone(),
+                        seq: e.seq,
+                        id: e.id,
+                        ts: e.ts,
+                        frame: msg.encode_frame(&e.chat, e.seq),
+                        msg,
+                    }
+                })
+                .collect();
+            if run.is_empty() {
+                // Purged or unreadable positions: nothing more to push.
+                return;
+            }
+            let run = self.order_group_run(&run).await;
+            let delivered = self.deliver_group_run(&run).await;
+            ShardCounters::add(&self.counters().deliveries, delivered);
+        }
+    }
+
     /// Submits a group message; when it commits, its frame is encoded once (on the storage
     /// thread) and queued for every shard, then `answer` gets the stored result.
     pub(crate) fn submit_group(&self, post: NewGroupPost, answer: Answer<GroupAppended>) -> Result<(), EngineError> {

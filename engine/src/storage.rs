@@ -56,7 +56,7 @@ pub enum ClusterEvent {
     },
     GroupGone(Arc<str>),
     /// Bus entries may have been lost (this node read behind what the streams keep, or another
-    /// node failed to publish): check every local inbox against the store.
+    /// node failed to publish): check every local inbox and group against the store.
     Resync,
 }
 

@@ -438,3 +438,46 @@ fn a_resync_asked_on_the_bus_pushes_what_the_terminals_missed() {
     assert_silent(&mut phone, Duration::from_millis(300));
     assert_eq!(cluster_stats(&b)["resyncs"], 1);
 }
+
+#[test]
+fn a_resync_also_pushes_group_messages_no_node_announced() {
+    use ether_store::op::{NewGroupMessage, Op};
+    use ether_store::StoreBackend;
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut hal = b.terminal("hal", "phone");
+    a.gateway().create_group(Some("crew"), "Crew", "carol", &["hal"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // membership crosses the bus
+    let post = |text: &str| {
+        a.gateway()
+            .send_group_message("crew", "carol", Kind::Text, &serde_json::json!({ "text": text }), None)
+            .unwrap();
+    };
+    post("announced");
+    assert_eq!(texts(&take(&mut hal, 1)), ["announced"]);
+    // Written straight into the shared store: no node tells the bus.
+    let options = ether_store::RedisOptions { prefix: "ether:store:".into(), events_stream: None, outbox: false };
+    let mut store = ether_store::RedisBackend::open(&redis.url(), options).unwrap();
+    let unannounced = NewGroupMessage {
+        id: 1 << 50,
+        ts: 1,
+        from: "carol".into(),
+        system: false,
+        group: "crew".into(),
+        kind: Kind::Text,
+        body: r#"{"text":"unannounced"}"#.into(),
+        cid: None,
+    };
+    store.apply(Op::AppendGroup(unannounced)).unwrap();
+    assert_silent(&mut hal, Duration::from_millis(300));
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let resync = r#"{"node":"node-a","event":"resync"}"#;
+    redis::cmd("XADD").arg("ether:bus").arg("*").arg("e").arg(resync).query::<String>(&mut con).unwrap();
+    let got = take(&mut hal, 1);
+    assert_eq!((texts(&got)[0].as_str(), got[0].chat.as_str(), got[0].seq), ("unannounced", "g:crew", 2));
+    // And the group goes on in order.
+    post("after");
+    assert_eq!(texts(&take(&mut hal, 1)), ["after"]);
+    assert_silent(&mut hal, Duration::from_millis(300));
+}
