@@ -122,7 +122,12 @@ struct ThreadShared {
     count: u64,
     /// Times `publish` ran.
     publishes: u64,
+    /// The longest the publish timer ran late, milliseconds.
+    timer_late_ms_max: u64,
 }
+
+/// How often a terminal thread publishes its counters for the monitor.
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 
 /// Orders for the threads of a fleet: a log every thread reads from its own position.
 pub type Control = Arc<Mutex<Vec<FleetCmd>>>;
@@ -192,6 +197,7 @@ impl LocalFleet {
         for sh in &self.shared {
             let mut s = sh.lock().unwrap_or_else(|e| e.into_inner());
             p.published = p.published.min(s.publishes);
+            p.timer_late_ms_max = p.timer_late_ms_max.max(s.timer_late_ms_max);
             p.counters.add(&s.counters);
             interval.add(&s.interval);
             s.interval.reset();
@@ -333,7 +339,12 @@ async fn thread_main(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        glommio::timer::sleep(Duration::from_millis(200)).await;
+        let asleep = Instant::now();
+        glommio::timer::sleep(PUBLISH_EVERY).await;
+        // How late the timer woke this task (reported with the run: see `scenario::saturation`).
+        let late = asleep.elapsed().saturating_sub(PUBLISH_EVERY).as_millis() as u64;
+        let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
+        sh.timer_late_ms_max = sh.timer_late_ms_max.max(late);
     }
     publish(&state, &shared);
     let up: Vec<bool> =

@@ -456,6 +456,7 @@ fn main() -> ExitCode {
                         "cpu": r.cpu,
                         "frames_per_write": r.frames_per_write,
                         "tool_unread_per_socket": r.tool_unread_per_socket,
+                        "tool_timer_late_ms_max": r.tool_timer_late_ms_max,
                         "saturation": r.saturation,
                     })).collect::<Vec<_>>(),
                     "ratios": out.ratios,

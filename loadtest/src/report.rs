@@ -230,6 +230,7 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
             r.tool_unread_per_socket.map_or_else(|| "-".into(), |b| format!("{b:.0} B"))
         });
     }
+    row("tool's timers late at most", &|r| format!("{} ms", r.tool_timer_late_ms_max));
     if out.runs.iter().any(|r| r.frames_per_write.is_some()) {
         row("frames per socket write (node's counters)", &|r| {
             r.frames_per_write.map_or_else(|| "-".into(), |f| format!("{f:.1}"))

@@ -436,6 +436,9 @@ pub struct RunResult {
     /// Bytes the tool's terminal sockets held unread in the kernel, per socket, averaged over
     /// the main phase's seconds: a tool that reads behind shows here even when its CPU does not.
     pub tool_unread_per_socket: Option<f64>,
+    /// The longest a terminal thread's 200 ms timer ran late, ms.
+    #[serde(default)]
+    pub tool_timer_late_ms_max: u64,
     /// Why the tool may have been the limit, or the machine.
     pub saturation: Vec<String>,
     /// What makes this run fail: lost or failed connections, lost messages, API errors.
@@ -689,6 +692,8 @@ struct Monitor<'a> {
     unread_clock: u32,
     /// Each fleet's publish count at the last point (see `FleetProgress::published`).
     published_at_point: Vec<u64>,
+    /// The latest the terminal threads' publish timers ran, over the fleets, milliseconds.
+    timer_late_ms_max: u64,
 }
 
 #[derive(Default, Clone)]
@@ -709,6 +714,7 @@ impl<'a> Monitor<'a> {
             s.counters.add(&p.counters);
             s.connect_done &= p.connect_done;
             published.push(p.published);
+            self.timer_late_ms_max = self.timer_late_ms_max.max(p.timer_late_ms_max);
             self.interval.add_data(&p.interval_latency);
         }
         // Behind if some fleet has not published anew since the last point.
@@ -873,6 +879,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         unread_per_socket: Vec::new(),
         unread_clock: 0,
         published_at_point: Vec::new(),
+        timer_late_ms_max: 0,
     };
 
     // Connect phase.
@@ -928,6 +935,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     let series = std::mem::take(&mut mon.series);
     let tool_unread_per_socket = (!mon.unread_per_socket.is_empty())
         .then(|| mon.unread_per_socket.iter().sum::<f64>() / mon.unread_per_socket.len() as f64);
+    let tool_timer_late_ms_max = mon.timer_late_ms_max;
     drop(mon);
     let fr = FleetReport::merge(fleets.into_iter().map(Fleet::stop).collect());
     live.finish();
@@ -1005,6 +1013,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         messages,
         frames_per_write,
         tool_unread_per_socket,
+        tool_timer_late_ms_max,
         saturation: Vec::new(),
         problems: Vec::new(),
         series,
@@ -1420,6 +1429,8 @@ const TOOL_UNREAD_BEHIND_B: f64 = 4096.0;
 /// kernel format a line per socket: with 20,000 sockets that was about 6% of the tool's CPU
 /// when read every second (`perf`: `established_get_first`, `vsnprintf`).
 const UNREAD_SAMPLE_EVERY: u32 = 3;
+/// A terminal thread's timer this late (ms) is reported with the run's saturation notes.
+const TOOL_TIMER_LATE_MS: u64 = 1000;
 /// Longest wait for every fleet's fresh counters before a point is made anyway.
 const STALE_POINT_MAX: Duration = Duration::from_secs(5);
 
@@ -1460,6 +1471,12 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
     if let Some(unread) = r.tool_unread_per_socket.filter(|u| *u >= TOOL_UNREAD_BEHIND_B) {
         out.push(format!(
             "the tool's terminals read behind: {unread:.0} B per socket waited unread on average (kernel receive queues): the tool may be the limit (try more --threads)"
+        ));
+    }
+    if r.tool_timer_late_ms_max >= TOOL_TIMER_LATE_MS {
+        out.push(format!(
+            "the tool's terminal threads ran their timers up to {} ms late: throughput points are sparser, and heartbeats and orders to the terminals came late (the receive queues above say whether reads fell behind too)",
+            r.tool_timer_late_ms_max
         ));
     }
     let c = &r.connections;
@@ -1585,6 +1602,7 @@ mod tests {
             }),
             frames_per_write: None,
             tool_unread_per_socket: None,
+            tool_timer_late_ms_max: 0,
             saturation: vec![],
             problems: vec![],
             series: vec![],

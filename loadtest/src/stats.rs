@@ -306,6 +306,9 @@ pub struct FleetProgress {
     /// timer ran late under load).
     #[serde(default)]
     pub published: u64,
+    /// The longest a thread's 200 ms publish timer has run late so far, milliseconds.
+    #[serde(default)]
+    pub timer_late_ms_max: u64,
 }
 
 /// How the members of a group saw one published message (`group`): how many got it and the
