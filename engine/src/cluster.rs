@@ -470,6 +470,9 @@ impl Cluster {
                 con: Some(con),
                 route_sha: None,
                 counters: counters.clone(),
+                commits: commits.clone(),
+                shards,
+                presence_lost: false,
                 rx,
                 entry,
                 terminals,
@@ -585,6 +588,12 @@ struct OutWorker {
     /// [`ROUTE_SCRIPT`]'s SHA1, loaded on each new connection.
     route_sha: Option<String>,
     counters: Arc<ClusterCounters>,
+    /// Where a lost presence write is reported (the shards write their terminals' again).
+    commits: Arc<CommitQueues>,
+    shards: usize,
+    /// A failed write lost presence entries: once Redis takes writes again, every shard
+    /// writes its terminals' presence again.
+    presence_lost: bool,
     rx: Receiver<Out>,
     entry: NodeEntry,
     terminals: TerminalCount,
@@ -596,6 +605,12 @@ impl OutWorker {
     fn run(mut self) {
         let mut last_beat = Instant::now();
         let mut batch = Vec::with_capacity(OUT_BATCH_MAX);
+        // Named and with the script loaded from the start (a failure is retried at the first
+        // write).
+        if let Err(e) = self.connection() {
+            warn!(node = %self.node_id, error = %e, "cluster: cannot prepare the connection to Redis yet");
+            self.con = None;
+        }
         while !self.stop.load(Ordering::Acquire) {
             match self.rx.recv_timeout(HEARTBEAT / 3) {
                 Ok(item) => batch.push(item),
@@ -620,11 +635,18 @@ impl OutWorker {
             // Counted before `write` drains the batch: a failed write loses all of it.
             let items = batch.len();
             let publishes = batch.iter().any(|item| matches!(item, Out::Publish(_)));
+            let presence = batch.iter().any(|item| matches!(item, Out::Online { .. }));
             match self.write(&mut batch, beat) {
                 Ok(()) => {
                     self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
                     if beat {
                         last_beat = Instant::now();
+                    }
+                    if std::mem::take(&mut self.presence_lost) {
+                        warn!(node = %self.node_id, "cluster: presence writes were lost; writing every terminal's again");
+                        for shard in 0..self.shards {
+                            self.commits.push(shard, Committed::Cluster(ClusterEvent::Present));
+                        }
                     }
                 }
                 Err(e) => {
@@ -633,6 +655,7 @@ impl OutWorker {
                     if publishes {
                         self.counters.lost_publishes.store(true, Ordering::Relaxed);
                     }
+                    self.presence_lost |= presence;
                     warn!(node = %self.node_id, error = %e, dropped = items, "cluster write failed; reconnecting");
                     batch.clear();
                     self.con = None;
@@ -653,7 +676,12 @@ impl OutWorker {
                 Some(con) => con,
                 None => self.client.get_connection_with_timeout(Duration::from_secs(2))?,
             };
-            // Loaded on every new connection: a restarted Redis has forgotten it.
+            // Named for operators (`CLIENT LIST`); the script is loaded on every new
+            // connection: a restarted Redis has forgotten it.
+            redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(format!("ether-cluster-out:{}", self.node_id))
+                .query::<()>(&mut con)?;
             self.route_sha = Some(redis::cmd("SCRIPT").arg("LOAD").arg(ROUTE_SCRIPT).query(&mut con)?);
             self.con = Some(con);
         }
@@ -852,6 +880,7 @@ impl InWorker {
     fn read_bus(&self, streams: &[String; 2], last: &mut Option<[String; 2]>) -> redis::RedisResult<()> {
         let mut con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
         con.set_read_timeout(Some(Duration::from_millis(BUS_BLOCK_MS * 4)))?;
+        redis::cmd("CLIENT").arg("SETNAME").arg(format!("ether-cluster-in:{}", self.node_id)).query::<()>(&mut con)?;
         if let Some(last) = last.as_ref() {
             // Back after a failure: entries trimmed away meanwhile are lost to this node.
             let mut lost = false;

@@ -357,7 +357,27 @@ impl Shard {
             ClusterEvent::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
             ClusterEvent::GroupGone(group) => self.group_gone_local(&group),
             ClusterEvent::Resync => self.resync(),
+            ClusterEvent::Present => self.present_again(),
         }
+    }
+
+    /// Cluster mode, after presence writes were lost: writes every terminal's presence here
+    /// again and, once Redis has them, resyncs (what was routed while they were missing).
+    fn present_again(self: &Rc<Self>) {
+        let Some(cluster) = self.node.cluster().cloned() else { return };
+        let written: Vec<_> = self
+            .all_sessions()
+            .iter()
+            .map(|s| cluster.online(&s.user, &s.device, s.platform.as_str(), s.since_ms))
+            .collect();
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            for w in written {
+                let _ = w.await;
+            }
+            shard.resync();
+        })
+        .detach();
     }
 
     /// Cluster mode, after bus entries may have been lost: reads the heads of every user with

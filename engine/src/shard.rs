@@ -508,6 +508,11 @@ impl Shard {
         }
     }
 
+    /// Every terminal session of this shard.
+    pub(crate) fn all_sessions(&self) -> Vec<Rc<Session>> {
+        self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect()
+    }
+
     pub(crate) fn sessions_of(&self, user: &str) -> Vec<Rc<Session>> {
         let users = self.users.borrow();
         let Some(entry) = users.get(user) else {
@@ -581,7 +586,7 @@ impl Shard {
     }
 
     pub(crate) fn broadcast_local(&self, frame: &ServerFrame) -> u64 {
-        let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
+        let sessions = self.all_sessions();
         let mut frames = frame_set(frame);
         let mut n = 0;
         for s in sessions {

@@ -58,6 +58,9 @@ pub enum ClusterEvent {
     /// Bus entries may have been lost (this node read behind what the streams keep, or another
     /// node failed to publish): check every local inbox and group against the store.
     Resync,
+    /// Presence writes were lost (a failed write to Redis): write every local terminal's
+    /// again, then resync (other nodes routed their users' traffic elsewhere meanwhile).
+    Present,
 }
 
 /// Where a terminal's `send` is answered: its session, on the shard that submitted it.

@@ -481,3 +481,61 @@ fn a_resync_also_pushes_group_messages_no_node_announced() {
     assert_eq!(texts(&take(&mut hal, 1)), ["after"]);
     assert_silent(&mut hal, Duration::from_millis(300));
 }
+
+#[test]
+fn a_terminal_whose_presence_writes_failed_becomes_reachable_once_redis_takes_them() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    // Node B's Redis user may read presence but not write it (an ACL mistake, say): every
+    // write batch carrying a presence entry fails; the others go through.
+    let mut acl = |presence: &str| {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("nodeb")
+            .arg("reset")
+            .arg("on")
+            .arg(">pw")
+            .arg("+@all")
+            .arg("~ether:store:*")
+            .arg("~ether:bus*")
+            .arg("~ether:node:*")
+            .arg("~ether:idgen:*")
+            .arg("~ether:secrets")
+            .arg("~ether:events*")
+            .arg(presence)
+            .query::<()>(&mut con)
+            .unwrap();
+    };
+    acl("%R~ether:presence:*");
+    let a = cluster_node(&redis, "node-a");
+    let b_url = format!("redis://nodeb:pw@127.0.0.1:{}/", redis.port());
+    let b = TestNode::with(move |c| {
+        c.cluster.redis_url = Some(b_url);
+        c.node.id = "node-b".into();
+        // The phone stays silent for the seconds this takes.
+        c.limits.idle_timeout = Duration::from_secs(60);
+    });
+    let mut phone = b.terminal("lea", "phone");
+    std::thread::sleep(Duration::from_millis(500));
+    let p = a.gateway().request("GET", "/v1/users/lea/presence", None).unwrap();
+    assert!(p.text().contains("\"online\":false"), "not written yet: {}", p.text());
+    // Writable again: B writes its terminals' presence again (after its next successful
+    // write, within a heartbeat), so A routes lea's messages there.
+    acl("~ether:presence:*");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = a.gateway().request("GET", "/v1/users/lea/presence", None).unwrap();
+        if p.text().contains("\"online\":true") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lea's presence never written again: {} (node B: {})",
+            p.text(),
+            cluster_stats(&b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.gateway().send_message(&text("max", "lea", "reachable")).unwrap();
+    assert_eq!(texts(&take(&mut phone, 1)), ["reachable"]);
+}
