@@ -243,15 +243,7 @@ impl Shard {
                     match self.store.call(op).await.and_then(Reply::page) {
                         Ok(page) => {
                             for e in page.entries.iter().filter(|e| e.seq > l && e.seq < g.seq) {
-                                let msg = Arc::new(crate::storage::message_of(e));
-                                out.push(GroupDelivery {
-                                    group: group.clone(),
-                                    seq: e.seq,
-                                    id: e.id,
-                                    ts: e.ts,
-                                    frame: msg.encode_frame(&e.chat, e.seq),
-                                    msg,
-                                });
+                                out.push(stored_delivery(&group, e));
                             }
                         }
                         Err(e) => {
@@ -294,17 +286,7 @@ impl Shard {
                 .entries
                 .iter()
                 .filter(|e| e.seq > known && e.seq <= head)
-                .map(|e| {
-                    let msg = Arc::new(crate::storage::message_of(e));
-                    GroupDelivery {
-                        group: group.clone(),
-                        seq: e.seq,
-                        id: e.id,
-                        ts: e.ts,
-                        frame: msg.encode_frame(&e.chat, e.seq),
-                        msg,
-                    }
-                })
+                .map(|e| stored_delivery(&group, e))
                 .collect();
             if run.is_empty() {
                 // Purged or unreadable positions: nothing more to push.
@@ -381,4 +363,10 @@ impl Shard {
         }
         Ok(GroupSent { id: a.id, seq: a.seq, ts: a.ts })
     }
+}
+
+/// A group message read back from the store, as a delivery of `group` (its frame encoded).
+fn stored_delivery(group: &Arc<str>, e: &ether_store::op::Entry) -> GroupDelivery {
+    let msg = Arc::new(crate::storage::message_of(e));
+    GroupDelivery { group: group.clone(), seq: e.seq, id: e.id, ts: e.ts, frame: msg.encode_frame(&e.chat, e.seq), msg }
 }

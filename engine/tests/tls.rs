@@ -17,14 +17,15 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// The bundled localhost certificate and key, never reloaded.
+fn bundled_tls() -> Tls {
+    Tls { cert_path: fixture("tls-cert.pem"), key_path: fixture("tls-key.pem"), reload_check: Duration::ZERO }
+}
+
 fn tls_node() -> TestNode {
     TestNode::with(|c| {
         c.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
-        c.tls = Some(Tls {
-            cert_path: fixture("tls-cert.pem"),
-            key_path: fixture("tls-key.pem"),
-            reload_check: Duration::ZERO,
-        });
+        c.tls = Some(bundled_tls());
     })
 }
 
@@ -183,11 +184,7 @@ fn handshakes_past_the_limit_wait_for_a_slot_instead_of_being_reset() {
         c.limits.tls_handshakes_per_shard_max = 1;
         c.limits.handshake_timeout = Duration::from_secs(1);
         c.listen.client_tls = Some("127.0.0.1:0".parse().unwrap());
-        c.tls = Some(Tls {
-            cert_path: fixture("tls-cert.pem"),
-            key_path: fixture("tls-key.pem"),
-            reload_check: Duration::ZERO,
-        });
+        c.tls = Some(bundled_tls());
     });
     let port = node.ports.client_tls.unwrap().port();
     // One client starts a handshake and stalls: it holds the only slot until the timeout.
@@ -218,11 +215,7 @@ fn handshakes_past_the_limit_wait_for_a_slot_instead_of_being_reset() {
 fn the_business_api_over_tls_works_like_the_plain_one() {
     let node = TestNode::with(|c| {
         c.listen.api_tls = Some("127.0.0.1:0".parse().unwrap());
-        c.tls = Some(Tls {
-            cert_path: fixture("tls-cert.pem"),
-            key_path: fixture("tls-key.pem"),
-            reload_check: Duration::ZERO,
-        });
+        c.tls = Some(bundled_tls());
     });
     assert_eq!(node.ports.client_tls, None, "only the API listener asked for");
     let base = format!("https://localhost:{}", node.ports.api_tls.expect("an https listener").port());
@@ -284,11 +277,7 @@ fn a_client_coming_back_resumes_its_tls_session_however_many_came_between() {
 fn the_admin_port_over_tls_serves_the_same_routes_and_the_cli_speaks_it() {
     let node = TestNode::with(|c| {
         c.listen.admin_tls = Some("127.0.0.1:0".parse().unwrap());
-        c.tls = Some(Tls {
-            cert_path: fixture("tls-cert.pem"),
-            key_path: fixture("tls-key.pem"),
-            reload_check: Duration::ZERO,
-        });
+        c.tls = Some(bundled_tls());
     });
     assert_eq!((node.ports.client_tls, node.ports.api_tls), (None, None), "only the admin listener asked for");
     let base = format!("https://localhost:{}", node.ports.admin_tls.expect("an https admin listener").port());
