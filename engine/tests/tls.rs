@@ -17,6 +17,14 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
+/// A shard counter of `node`, summed over its shards.
+fn shards_sum(
+    node: &TestNode,
+    counter: impl Fn(&ether_engine::stats::ShardCounters) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    node.shared().shards.iter().map(|s| counter(s).load(std::sync::atomic::Ordering::Relaxed)).sum()
+}
+
 /// The bundled localhost certificate and key, never reloaded.
 fn bundled_tls() -> Tls {
     Tls { cert_path: fixture("tls-cert.pem"), key_path: fixture("tls-key.pem"), reload_check: Duration::ZERO }
@@ -206,9 +214,7 @@ fn handshakes_past_the_limit_wait_for_a_slot_instead_of_being_reset() {
     stalled.set_read_timeout(Some(WAIT)).unwrap();
     assert_eq!(stalled.read(&mut [0u8; 16]).unwrap_or(0), 0, "the stalled handshake is closed");
     waiting.join().unwrap().expect("the waiting client connects once the slot is free");
-    let failures: u64 =
-        node.shared().shards.iter().map(|s| s.tls_handshake_failures.load(std::sync::atomic::Ordering::Relaxed)).sum();
-    assert_eq!(failures, 1, "only the stalled handshake failed");
+    assert_eq!(shards_sum(&node, |s| &s.tls_handshake_failures), 1, "only the stalled handshake failed");
 }
 
 #[test]
@@ -268,9 +274,7 @@ fn a_client_coming_back_resumes_its_tls_session_however_many_came_between() {
         assert_eq!(handshake(&tls_config_with_roots(&pem).unwrap()), Some(HandshakeKind::Full));
     }
     assert_eq!(handshake(&config), Some(HandshakeKind::Resumed), "the first client resumes with its ticket");
-    let resumed: u64 =
-        node.shared().shards.iter().map(|s| s.tls_resumptions.load(std::sync::atomic::Ordering::Relaxed)).sum();
-    assert_eq!(resumed, 1, "counted");
+    assert_eq!(shards_sum(&node, |s| &s.tls_resumptions), 1, "counted");
 }
 
 #[test]
