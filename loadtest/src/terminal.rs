@@ -12,7 +12,8 @@
 //! terminal does besides counting its inbox depends on the fleet's [`Role`]:
 //! - `group`: counts the group stream of its group by group `seq` (loss, duplicates,
 //!   reorders), keeps per message the latest arrival (publish to last member), and acks the
-//!   group cumulatively at most every `group_ack_ms`;
+//!   group cumulatively at most every `group_ack_ms`, each terminal on its own phase of that
+//!   period (a fleet acking in step would be a thundering herd no real fleet makes);
 //! - `chat`: sends `send` frames to random peers when the chat driver says so (a window of
 //!   unanswered sends per terminal), matches `sent` answers, tells a peer's messages from its
 //!   own coming back (multi-device echo), and sends `read` every `read_every` messages;
@@ -161,7 +162,9 @@ pub enum Role {
 pub struct GroupTrack {
     pub seq: SeqTracker,
     pub acked: u64,
-    pub last_ack: Option<Instant>,
+    /// When this terminal may ack next (set at its first chance, at a phase of
+    /// `group_ack_ms` of its own).
+    pub next_ack: Option<Instant>,
 }
 
 /// A `send` waiting for its `sent`.
@@ -453,7 +456,7 @@ pub async fn run(ctx: Rc<TermCtx>, slot: usize, global: u64, permit: StaticPermi
                 if ctx.spec.role == Role::Group {
                     let head = welcome.group_head.unwrap_or(0);
                     u.group =
-                        Some(Box::new(GroupTrack { seq: SeqTracker::starting_at(head), acked: head, last_ack: None }));
+                        Some(Box::new(GroupTrack { seq: SeqTracker::starting_at(head), acked: head, next_ack: None }));
                 }
             }
             u.heartbeat_s = welcome.heartbeat_s;
@@ -620,7 +623,8 @@ fn err_kind(e: &io::Error) -> String {
 /// Once a second on every thread: queues a heartbeat `{"type":"ping"}` for every connected
 /// terminal whose turn it is (terminal `slot` pings at ticks where
 /// `(slot + tick) % heartbeat_s == 0`, so a thread spreads its pings over the period without
-/// a timer per terminal), and the group acks held back by `group_ack_ms`.
+/// a timer per terminal), and the group acks that came due (the last messages of a group
+/// are acked this way when no more arrive).
 pub fn heartbeat_tick(ctx: &TermCtx, tick: u64) {
     let mut st = ctx.state.borrow_mut();
     let st = &mut *st;
@@ -637,7 +641,7 @@ pub fn heartbeat_tick(ctx: &TermCtx, tick: u64) {
             u.queue(br#"{"type":"ping"}"#);
             sent += 1;
         }
-        if group_ack(ctx, ctx.global(slot), u, true) {
+        if group_ack(ctx, ctx.global(slot), u) {
             acks += 1;
         }
     }
@@ -645,9 +649,11 @@ pub fn heartbeat_tick(ctx: &TermCtx, tick: u64) {
     st.counters.group_acks_sent += acks;
 }
 
-/// Queues a cumulative group ack when the group advanced and the last ack is old enough (or
-/// `flush`); returns whether one was queued.
-fn group_ack(ctx: &TermCtx, global: u64, u: &mut UserTrack, flush: bool) -> bool {
+/// Queues a cumulative group ack when the group advanced and the terminal's ack is due;
+/// returns whether one was queued. A terminal's first ack is due at its own phase of the
+/// period (`global` spread over it), then every `group_ack_ms`: the group's members ack at
+/// different instants instead of all on the same message or tick.
+fn group_ack(ctx: &TermCtx, global: u64, u: &mut UserTrack) -> bool {
     let Some(g) = u.group.as_mut() else {
         return false;
     };
@@ -656,15 +662,23 @@ fn group_ack(ctx: &TermCtx, global: u64, u: &mut UserTrack, flush: bool) -> bool
         return false;
     }
     let every = Duration::from_millis(ctx.spec.group_ack_ms);
-    if !flush && g.last_ack.is_some_and(|t| t.elapsed() < every) {
+    let now = Instant::now();
+    let due = *g.next_ack.get_or_insert_with(|| now + every.mul_f64(ack_phase(global)));
+    if now < due {
         return false;
     }
     g.acked = upto;
-    g.last_ack = Some(Instant::now());
+    g.next_ack = Some(now + every);
     let frame =
         format!("{{\"type\":\"ack\",\"group\":\"{}{}\",\"seq\":{upto}}}", ctx.spec.group_prefix, ctx.group_of(global));
     u.queue(frame.as_bytes());
     true
+}
+
+/// Terminal `global`'s phase in [0, 1): consecutive terminals land far apart (Fibonacci
+/// hashing), so any share of a fleet is spread evenly over the period.
+fn ack_phase(global: u64) -> f64 {
+    (global.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Queues a `send` to a random other terminal of the run on terminal `slot`; false when the
@@ -778,7 +792,7 @@ async fn serve(ctx: &TermCtx, slot: usize, global: u64, stream: &mut Conn, rx: &
                 wsframe::encode(&mut out, wsframe::OP_TEXT, ack.as_bytes(), Some(rand::random()));
                 st.counters.acks_sent += 1;
             }
-            if group_ack(ctx, global, u, false) {
+            if group_ack(ctx, global, u) {
                 st.counters.group_acks_sent += 1;
             }
             if !u.out.is_empty() {
@@ -1042,5 +1056,20 @@ mod tests {
         assert_eq!(source_ip(0, 0), None);
         assert_eq!(source_ip(0, 3), Some(Ipv4Addr::new(127, 0, 0, 1)));
         assert_eq!(source_ip(5, 3), Some(Ipv4Addr::new(127, 0, 0, 3)));
+    }
+
+    #[test]
+    fn ack_phases_spread_any_run_of_terminals_over_the_period() {
+        // 1,000 consecutive terminals (any offset) into 10 slices of the period: each slice
+        // holds close to a tenth, none is empty or crowded.
+        for first in [0u64, 1, 12_345] {
+            let mut slices = [0u32; 10];
+            for g in first..first + 1000 {
+                let p = ack_phase(g);
+                assert!((0.0..1.0).contains(&p), "{p}");
+                slices[(p * 10.0) as usize] += 1;
+            }
+            assert!(slices.iter().all(|&n| (80..=120).contains(&n)), "{slices:?}");
+        }
     }
 }
