@@ -29,7 +29,7 @@
 //! may have been lost outright (trimmed while this node was away, or dropped by a node that
 //! could not publish), every shard checks its users' inbox and group heads against the store
 //! (`BusEvent::Resync`, `ClusterEvent::Resync`).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -56,6 +56,9 @@ const NODE_TTL: Duration = Duration::from_secs(15);
 const HEARTBEAT: Duration = Duration::from_secs(3);
 /// Outgoing items written to Redis in one pipeline at most.
 const OUT_BATCH_MAX: usize = 512;
+/// Presence removals lost to failed writes kept for writing again (beyond it they are
+/// dropped, logged, and their entries stay stale until the device connects again).
+const LOST_REMOVALS_MAX: usize = 100_000;
 /// Outgoing items queued before `publish` drops (and logs) them: the store is the truth, so a
 /// dropped bus message only delays delivery until the next message or `sync`.
 const OUT_QUEUE_MAX: usize = 100_000;
@@ -473,6 +476,7 @@ impl Cluster {
                 commits: commits.clone(),
                 shards,
                 presence_lost: false,
+                lost_removals: LostRemovals::default(),
                 rx,
                 entry,
                 terminals,
@@ -579,6 +583,54 @@ impl Cluster {
     }
 }
 
+/// Presence removals `(user, device)` that failed writes lost, to be written again. Fed with
+/// each write's presence changes in order (`(online, user, device)`): a removal lost is
+/// kept; an entry of the same device written afterwards, or the removal itself written, ends
+/// it (the device came back, or it is done).
+#[derive(Debug, Default)]
+struct LostRemovals(HashSet<(String, String)>);
+
+impl LostRemovals {
+    /// A write failed with these changes; returns how many removals were not kept (past `max`).
+    fn lost(&mut self, changes: Vec<(bool, String, String)>, max: usize) -> usize {
+        let mut dropped = 0;
+        for (online, user, device) in changes {
+            let key = (user, device);
+            if online {
+                self.0.remove(&key);
+            } else if self.0.len() < max || self.0.contains(&key) {
+                self.0.insert(key);
+            } else {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// A write with these changes succeeded: each device's latest state is in Redis.
+    fn written(&mut self, changes: Vec<(bool, String, String)>) {
+        for (_, user, device) in changes {
+            self.0.remove(&(user, device));
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &(String, String)> {
+        self.0.iter()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
 /// `ether-cluster-out`: writes to Redis what the node queues, in pipelines.
 struct OutWorker {
     node_id: String,
@@ -594,6 +646,11 @@ struct OutWorker {
     /// A failed write lost presence entries: once Redis takes writes again, every shard
     /// writes its terminals' presence again.
     presence_lost: bool,
+    /// Presence removals (user, device) a failed write lost, written again at the next
+    /// heartbeat that Redis takes, unless the device came back here meanwhile (its new entry
+    /// supersedes the removal). Without this, a lost `HDEL` left the device listed in the
+    /// user's presence, and its messages routed to this node, until it connected again.
+    lost_removals: LostRemovals,
     rx: Receiver<Out>,
     entry: NodeEntry,
     terminals: TerminalCount,
@@ -636,11 +693,14 @@ impl OutWorker {
             let items = batch.len();
             let publishes = batch.iter().any(|item| matches!(item, Out::Publish(_)));
             let presence = batch.iter().any(|item| matches!(item, Out::Online { .. }));
+            let changes = self.presence_changes(&batch);
             match self.write(&mut batch, beat) {
                 Ok(()) => {
                     self.ok_ms.store(unix_now_ms(), Ordering::Relaxed);
+                    self.lost_removals.written(changes);
                     if beat {
                         last_beat = Instant::now();
+                        self.remove_lost();
                     }
                     if std::mem::take(&mut self.presence_lost) {
                         warn!(node = %self.node_id, "cluster: presence writes were lost; writing every terminal's again");
@@ -656,6 +716,10 @@ impl OutWorker {
                         self.counters.lost_publishes.store(true, Ordering::Relaxed);
                     }
                     self.presence_lost |= presence;
+                    let dropped = self.lost_removals.lost(changes, LOST_REMOVALS_MAX);
+                    if dropped > 0 {
+                        warn!(node = %self.node_id, dropped, "cluster: too many lost presence removals kept; these stay stale");
+                    }
                     warn!(node = %self.node_id, error = %e, dropped = items, "cluster write failed; reconnecting");
                     batch.clear();
                     self.con = None;
@@ -667,6 +731,52 @@ impl OutWorker {
         keys.extend(self.generators.clone().map(generator_key));
         if let Ok(con) = self.connection() {
             let _ = redis::cmd("DEL").arg(keys).query::<()>(con);
+        }
+    }
+
+    /// The batch's presence changes in order, `(online, user, device)`, when a lost removal
+    /// could concern them (the batch removes an entry, or removals are waiting): what
+    /// [`LostRemovals`] needs whether the write succeeds or fails. Empty otherwise (nothing copied).
+    fn presence_changes(&self, batch: &[Out]) -> Vec<(bool, String, String)> {
+        if self.lost_removals.is_empty() && !batch.iter().any(|item| matches!(item, Out::Offline { .. })) {
+            return Vec::new();
+        }
+        batch
+            .iter()
+            .filter_map(|item| match item {
+                Out::Online { user, device, .. } => Some((true, user.clone(), device.clone())),
+                Out::Offline { user, device } => Some((false, user.clone(), device.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Writes the lost presence removals again, in a pipeline of their own (one Redis keeps
+    /// refusing must not fail the node's other writes); kept for the next heartbeat if it
+    /// fails.
+    fn remove_lost(&mut self) {
+        if self.lost_removals.is_empty() {
+            return;
+        }
+        let node_id = self.node_id.clone();
+        let mut pipe = redis::pipe();
+        for (user, device) in self.lost_removals.iter() {
+            pipe.cmd("HDEL").arg(presence_key(user)).arg(format!("{node_id}/{device}")).ignore();
+        }
+        let result = self.connection().and_then(|con| pipe.query::<()>(con));
+        match result {
+            Ok(()) => {
+                info!(node = %node_id, removed = self.lost_removals.len(), "cluster: lost presence removals written again");
+                add(&self.counters.presence_writes, self.lost_removals.len() as u64);
+                self.lost_removals.clear();
+            }
+            Err(e) => {
+                add(&self.counters.redis_errors, 1);
+                warn!(node = %node_id, error = %e, waiting = self.lost_removals.len(), "cluster: lost presence removals not written yet");
+                if e.is_io_error() {
+                    self.con = None;
+                }
+            }
         }
     }
 
@@ -1015,6 +1125,38 @@ impl InWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn change(online: bool, user: &str, device: &str) -> (bool, String, String) {
+        (online, user.into(), device.into())
+    }
+
+    #[test]
+    fn lost_removals_keep_what_failed_until_written_or_superseded() {
+        let mut lost = LostRemovals::default();
+        // A failed batch: the phone left, the desk left then came back.
+        let failed = vec![change(false, "u", "phone"), change(false, "u", "desk"), change(true, "u", "desk")];
+        assert_eq!(lost.lost(failed, 10), 0);
+        assert_eq!(lost.iter().cloned().collect::<Vec<_>>(), vec![("u".to_string(), "phone".to_string())]);
+        // The phone came back in a batch that failed too: its removal is void.
+        lost.lost(vec![change(true, "u", "phone")], 10);
+        assert!(lost.is_empty());
+        // Lost again, then a successful batch writes the phone's entry: void as well.
+        lost.lost(vec![change(false, "u", "phone"), change(false, "v", "web")], 10);
+        lost.written(vec![change(true, "u", "phone")]);
+        assert_eq!(lost.iter().cloned().collect::<Vec<_>>(), vec![("v".to_string(), "web".to_string())]);
+    }
+
+    #[test]
+    fn lost_removals_are_bounded() {
+        let mut lost = LostRemovals::default();
+        let changes = (0..5).map(|i| change(false, &format!("u{i}"), "d")).collect();
+        assert_eq!(lost.lost(changes, 3), 2, "two past the bound are not kept");
+        assert_eq!(lost.len(), 3);
+        // One already kept, lost again, is no new entry.
+        assert_eq!(lost.lost(vec![change(false, "u0", "d")], 3), 0);
+        lost.clear();
+        assert!(lost.is_empty());
+    }
 
     #[test]
     fn stream_ids_compare_as_numbers() {

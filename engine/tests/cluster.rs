@@ -482,39 +482,49 @@ fn a_resync_also_pushes_group_messages_no_node_announced() {
     assert_silent(&mut hal, Duration::from_millis(300));
 }
 
+/// Sets the Redis user `nodeb` (node B's, in the ACL tests): everything of the engine's keys,
+/// and presence keys as `presence` says (`%R~…` read only, `~…` read and write).
+fn node_b_acl(con: &mut redis::Connection, presence: &str) {
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nodeb")
+        .arg("reset")
+        .arg("on")
+        .arg(">pw")
+        .arg("+@all")
+        .arg("~ether:store:*")
+        .arg("~ether:bus*")
+        .arg("~ether:node:*")
+        .arg("~ether:idgen:*")
+        .arg("~ether:secrets")
+        .arg("~ether:events*")
+        .arg(presence)
+        .query::<()>(con)
+        .unwrap();
+}
+
+/// Node B, logging in to `redis` as `nodeb` (see [`node_b_acl`]), its terminals silent-safe
+/// for a minute.
+fn node_b_as_acl_user(redis: &TestRedis) -> TestNode {
+    let b_url = format!("redis://nodeb:pw@127.0.0.1:{}/", redis.port());
+    TestNode::with(move |c| {
+        c.cluster.redis_url = Some(b_url);
+        c.node.id = "node-b".into();
+        // The terminals stay silent for the seconds these tests take.
+        c.limits.idle_timeout = Duration::from_secs(60);
+    })
+}
+
 #[test]
 fn a_terminal_whose_presence_writes_failed_becomes_reachable_once_redis_takes_them() {
     let Some(redis) = redis_or_skip() else { return };
     let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
     // Node B's Redis user may read presence but not write it (an ACL mistake, say): every
     // write batch carrying a presence entry fails; the others go through.
-    let mut acl = |presence: &str| {
-        redis::cmd("ACL")
-            .arg("SETUSER")
-            .arg("nodeb")
-            .arg("reset")
-            .arg("on")
-            .arg(">pw")
-            .arg("+@all")
-            .arg("~ether:store:*")
-            .arg("~ether:bus*")
-            .arg("~ether:node:*")
-            .arg("~ether:idgen:*")
-            .arg("~ether:secrets")
-            .arg("~ether:events*")
-            .arg(presence)
-            .query::<()>(&mut con)
-            .unwrap();
-    };
+    let mut acl = |presence: &str| node_b_acl(&mut con, presence);
     acl("%R~ether:presence:*");
     let a = cluster_node(&redis, "node-a");
-    let b_url = format!("redis://nodeb:pw@127.0.0.1:{}/", redis.port());
-    let b = TestNode::with(move |c| {
-        c.cluster.redis_url = Some(b_url);
-        c.node.id = "node-b".into();
-        // The phone stays silent for the seconds this takes.
-        c.limits.idle_timeout = Duration::from_secs(60);
-    });
+    let b = node_b_as_acl_user(&redis);
     let mut phone = b.terminal("lea", "phone");
     std::thread::sleep(Duration::from_millis(500));
     let p = a.gateway().request("GET", "/v1/users/lea/presence", None).unwrap();
@@ -538,4 +548,41 @@ fn a_terminal_whose_presence_writes_failed_becomes_reachable_once_redis_takes_th
     }
     a.gateway().send_message(&text("max", "lea", "reachable")).unwrap();
     assert_eq!(texts(&take(&mut phone, 1)), ["reachable"]);
+}
+
+#[test]
+fn a_presence_removal_a_failed_write_lost_is_written_again_once_redis_takes_it() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    node_b_acl(&mut con, "~ether:presence:*");
+    let a = cluster_node(&redis, "node-a");
+    let b = node_b_as_acl_user(&redis);
+    let mut phone = b.terminal("ivo", "phone");
+    let _desk = b.terminal("ivo", "desk");
+    wait_for_presence(&a, "ivo", "phone");
+    wait_for_presence(&a, "ivo", "desk");
+    let listed = |device: &str| {
+        let p = a.gateway().request("GET", "/v1/users/ivo/presence", None).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+        v["terminals"].as_array().is_some_and(|ts| ts.iter().any(|t| t["device"] == device))
+    };
+    // B may no longer write presence: the phone's removal fails with its batch.
+    node_b_acl(&mut con, "%R~ether:presence:*");
+    phone.close().unwrap();
+    let stats = || cluster_stats(&b);
+    let deadline = std::time::Instant::now() + WAIT;
+    while stats()["redis_errors"].as_u64() == Some(0) {
+        assert!(std::time::Instant::now() < deadline, "the removal never failed: {}", stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(listed("phone"), "the phone's entry stays while B cannot remove it");
+    // Writable again: the removal is written at B's next heartbeat; the desk, still here,
+    // stays listed.
+    node_b_acl(&mut con, "~ether:presence:*");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listed("phone") {
+        assert!(std::time::Instant::now() < deadline, "the phone's removal never written again: {}", stats());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(listed("desk"));
 }
