@@ -296,7 +296,10 @@ fn ring_depth() -> usize {
 const RING_DEPTH: usize = 4096;
 
 /// How long an idle shard spins before it parks (saves the wake-up of a parked thread when
-/// work arrives within it). `ETHER_SPIN_US` overrides it for experiments.
+/// work arrives within it). `ETHER_SPIN_US` overrides it for experiments. With the vendored
+/// glommio's `IORING_SETUP_COOP_TASKRUN` (see `vendor/README.md`) a spin sees only what was
+/// completed before it began (completions wait for a system call, and the spin makes none):
+/// set `GLOMMIO_COOP_TASKRUN=0` too when trying it.
 fn spin_before_park() -> Duration {
     let us = std::env::var("ETHER_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     Duration::from_micros(us)
