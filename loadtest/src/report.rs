@@ -306,6 +306,9 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
                     )
                 })
             });
+            row("slowest messages to the last member (publish number: time)", &|r| {
+                g(r, &|x| slowest(&x.last_member_by_message, 3))
+            });
         }
         let c = |r: &RunResult, f: &dyn Fn(&crate::scenario::ChatFigures) -> String| {
             r.messages.as_ref().and_then(|m| m.chat.as_ref()).map(f).unwrap_or_default()
@@ -641,9 +644,23 @@ fn plot_throughput(path: &Path, opts: &Options, out: &Outcome) -> Result<(), Str
     Ok(())
 }
 
+/// The `n` slowest of `[k, ms]`, slowest first: `#k: ms`, comma separated.
+fn slowest(by_message: &[(u64, f64)], n: usize) -> String {
+    let mut v = by_message.to_vec();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.iter().take(n).map(|&(k, t)| format!("#{k}: {}", ms(t))).collect::<Vec<_>>().join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slowest_messages_come_first() {
+        let by_message = [(0, 95.0), (1, 505.2), (2, 12.5), (3, 301.0)];
+        assert_eq!(slowest(&by_message, 2), "#1: 505 ms, #3: 301 ms");
+        assert_eq!(slowest(&[], 3), "");
+    }
 
     #[test]
     fn dates() {

@@ -23,7 +23,7 @@ use crate::fleet::{should_drop, FleetCmd, FleetSpec};
 use crate::live::{self, Live};
 use crate::procstat::{self, CpuMeter, SockStat};
 use crate::spawn::{SpawnOptions, Target};
-use crate::stats::{FleetReport, Hist, LatencySummary};
+use crate::stats::{FleetReport, Hist, LatencySummary, MsgSeen};
 use crate::terminal::Role;
 use crate::workers::Fleet;
 
@@ -361,8 +361,28 @@ pub struct GroupFigures {
     pub expected_deliveries: u64,
     /// Per message: publish to the last member's receipt (messages every member got).
     pub last_member: LatencySummary,
+    /// The same per message, `[k, ms]` in publish order (`k` from the payload), at most
+    /// [`PER_MESSAGE_MAX`]: where a tail comes from (one warm-up message, a period of some
+    /// other work) shows here, not in the percentiles.
+    pub last_member_by_message: Vec<(u64, f64)>,
     /// Accepted messages that some member never got.
     pub messages_incomplete: u64,
+}
+
+/// Most messages listed in [`GroupFigures::last_member_by_message`] (a hot run publishes
+/// thousands; the first ones are kept).
+pub const PER_MESSAGE_MAX: usize = 10_000;
+
+/// `[k, ms]` of each message every member got, in publish order, at most `max`.
+fn last_member_by_message(per_msg: &[MsgSeen], members: u64, max: usize) -> Vec<(u64, f64)> {
+    let mut v: Vec<(u64, f64)> = per_msg
+        .iter()
+        .filter(|m| m.count as u64 >= members)
+        .map(|m| (m.k, (m.last_us as f64 / 100.0).round() / 10.0))
+        .collect();
+    v.sort_by_key(|&(k, _)| k);
+    v.truncate(max);
+    v
 }
 
 /// `chat`: the terminals' own sending.
@@ -1348,6 +1368,7 @@ fn msg_figures(opts: &Options, main: &MainOut, fr: &FleetReport, latency: Latenc
                 published_per_s: f.sent_per_s,
                 expected_deliveries: a.messages_acked * opts.members,
                 last_member: last.summary(),
+                last_member_by_message: last_member_by_message(&fr.per_msg, opts.members, PER_MESSAGE_MAX),
                 messages_incomplete: a.messages_acked.saturating_sub(complete),
             });
         }
@@ -1584,6 +1605,15 @@ pub fn tally(m: &std::collections::BTreeMap<String, u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn last_member_by_message_lists_complete_messages_in_publish_order() {
+        let seen = |k, count, last_us| MsgSeen { k, count, last_us };
+        let per_msg = [seen(2, 3, 12_340), seen(0, 3, 5_000), seen(1, 2, 9_000), seen(3, 3, 1_050)];
+        // Message 1 reached only 2 of 3 members: not listed; ms to 0.1.
+        assert_eq!(last_member_by_message(&per_msg, 3, 10), vec![(0, 5.0), (2, 12.3), (3, 1.1)]);
+        assert_eq!(last_member_by_message(&per_msg, 3, 2), vec![(0, 5.0), (2, 12.3)], "the first ones kept");
+    }
 
     fn run(delivered_per_s: f64, p99_ms: f64) -> RunResult {
         RunResult {
