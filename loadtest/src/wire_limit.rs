@@ -247,7 +247,9 @@ async fn ws_conn(hub: Rc<Hub>, mut stream: TcpStream) {
 
 /// Writes what is queued for the connection, as the engine does: a plain non-blocking `send`
 /// first (one syscall, no ring round trip or extra wake per write), and glommio's write only
-/// for what the socket did not take. Two buffers swap so a write allocates nothing.
+/// for what the socket did not take. Two buffers swap so a small write allocates nothing; one
+/// grown past [`WRITE_BUF_KEEP`] by a burst is given back once written (idle connections hold
+/// no burst's memory).
 async fn writer<W: futures_lite::AsyncWrite + Unpin>(conn: Rc<Conn>, fd: RawFd, mut wr: W) {
     let mut buf = Vec::new();
     loop {
@@ -274,8 +276,14 @@ async fn writer<W: futures_lite::AsyncWrite + Unpin>(conn: Rc<Conn>, fd: RawFd, 
             return;
         }
         buf.clear();
+        if buf.capacity() > WRITE_BUF_KEEP {
+            buf = Vec::new();
+        }
     }
 }
+
+/// Capacity of a connection's spare write buffer kept between writes.
+const WRITE_BUF_KEEP: usize = 4096;
 
 /// How much of `bytes` the socket took at once without blocking (0 when full or on an error,
 /// which the awaited write that follows then reports).
