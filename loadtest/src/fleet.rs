@@ -2,7 +2,9 @@
 //!
 //! Thread `t` of `T` runs the fleet's terminals `t, t+T, t+2T, ...`, connecting them at its
 //! share of the connect rate with a bounded number of handshakes in flight (the io_uring rings
-//! are small). Every 200 ms each thread publishes its counters; the coordinator (or the
+//! are small). Terminal tasks run in a glommio task queue of their own, so the thread's timer
+//! tasks (publish, heartbeats, orders) are not queued behind every ready terminal. Every
+//! 200 ms each thread publishes its counters; the coordinator (or the
 //! worker's main thread) reads them with [`LocalFleet::progress`]. [`LocalFleet::command`]
 //! passes the coordinator's orders ([`FleetCmd`]: start or stop chatting, drop a share of the
 //! terminals, reconnect them), which every thread picks up within 5 ms. [`LocalFleet::stop`]
