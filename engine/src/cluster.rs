@@ -1168,12 +1168,7 @@ mod tests {
 
     #[test]
     fn a_stream_trimmed_past_what_was_read_says_so() {
-        use ether_store::redis::TestRedis;
-        if !TestRedis::available() {
-            println!("skipped: redis-server not installed");
-            return;
-        }
-        let redis = TestRedis::start();
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
         let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
         assert!(!trimmed_past(&mut con, "ether:bus:none", "0-0").unwrap(), "no stream, nothing lost");
         let ids: Vec<String> =

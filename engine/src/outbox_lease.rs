@@ -161,11 +161,7 @@ mod tests {
 
     #[test]
     fn one_holder_at_a_time_handed_over_on_release_and_on_expiry() {
-        if !TestRedis::available() {
-            println!("skipped: redis-server not installed");
-            return;
-        }
-        let redis = TestRedis::start();
+        let Some(redis) = TestRedis::start_or_skip() else { return };
         let mut a = lease(&redis, "node-a", 400);
         let mut b = lease(&redis, "node-b", 400);
         assert!(a.may_dispatch());

@@ -28,11 +28,7 @@ fn cluster_node_with(redis: &TestRedis, id: &str, edit: impl FnOnce(&mut ether_e
 }
 
 fn redis_or_skip() -> Option<TestRedis> {
-    if !TestRedis::available() {
-        println!("skipped: redis-server not installed");
-        return None;
-    }
-    Some(TestRedis::start())
+    TestRedis::start_or_skip()
 }
 
 /// The next `n` messages of `t` (other frames skipped), acked as they come.

@@ -12,12 +12,7 @@ use ether_store::*;
 static N: AtomicUsize = AtomicUsize::new(0);
 
 fn redis() -> Option<TestRedis> {
-    if TestRedis::available() {
-        Some(TestRedis::start())
-    } else {
-        eprintln!("skipped: redis-server not installed");
-        None
-    }
+    TestRedis::start_or_skip()
 }
 
 fn fresh(redis: &TestRedis) -> RedisBackend {

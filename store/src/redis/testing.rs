@@ -34,6 +34,16 @@ impl TestRedis {
             .is_ok_and(|s| s.success())
     }
 
+    /// A started server, or `None` after printing that the test is skipped when no
+    /// `redis-server` can be run here.
+    pub fn start_or_skip() -> Option<TestRedis> {
+        if !Self::available() {
+            println!("skipped: redis-server not installed");
+            return None;
+        }
+        Some(Self::start())
+    }
+
     /// Starts a server and waits until it answers `PING`. Panics with the reason if it cannot
     /// (no binary, no free port, the server exited or did not answer in time).
     pub fn start() -> TestRedis {
