@@ -26,6 +26,16 @@ use crate::storage::{message_of, Answer, ClusterEvent, Committed, InboxDelivery,
 
 /// Committed deliveries a shard handles before it lets its other tasks run.
 const COMMIT_BATCH_MAX: usize = 256;
+/// Longest a terminal's own ack timeout may stretch the wait before a resend (RFC 6298 allows
+/// an upper bound of 60 s): beyond it, even very late acks do not hold resends back further.
+const ACK_TIMEOUT_MAX_MS: u64 = 60_000;
+
+/// A session's own ack timeout ([`Session::ack_timeout_ms`], at most `ACK_TIMEOUT_MAX_MS`) in
+/// shard ticks, rounded up.
+fn ack_timeout_ticks(s: &Session) -> u64 {
+    let tick_ms = crate::shard::TICK.as_millis() as u64;
+    s.ack_timeout_ms().min(ACK_TIMEOUT_MAX_MS).div_ceil(tick_ms)
+}
 
 /// A message accepted (durable) for a sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,20 +431,23 @@ impl Shard {
     /// Remembers a pushed inbox message until the terminal acks it (for resends).
     pub(crate) fn track(&self, s: &Session, seq: u64, id: u64, frame: Bytes) {
         s.pushed_inbox.set(s.pushed_inbox.get().max(seq));
-        let due = self.now_tick() + self.resend_ticks();
+        let now = self.now_tick();
+        let due = now + self.resend_ticks();
         let pushed_ms = self.epoch.elapsed().as_millis() as u64;
-        if s.track_unacked(seq, id, frame, due, pushed_ms, self.config.limits.unacked_per_terminal_max) {
+        if s.track_unacked(seq, id, frame, now, pushed_ms, self.config.limits.unacked_per_terminal_max) {
             self.resend_wheel.borrow_mut().schedule(s.key, due);
         }
     }
 
-    /// Pushes again what is due on the sessions whose resend check came due.
+    /// Pushes again what is due on the sessions whose resend check came due, each after the
+    /// larger of `limits.resend_timeout_ms` and its terminal's own ack timeout.
     pub(crate) fn resend_due(&self, now: u64, due: &mut Vec<SessionKey>) {
         self.resend_wheel.borrow_mut().advance(now, due);
         let mut resent = 0;
         for key in due.drain(..) {
             let Some(s) = self.session(key) else { continue };
-            let (frames, next) = s.due_resends(now, self.resend_ticks(), self.config.limits.resend_attempts_max);
+            let timeout = self.resend_ticks().max(ack_timeout_ticks(&s));
+            let (frames, next) = s.due_resends(now, timeout, self.config.limits.resend_attempts_max);
             for f in frames {
                 if self.push(&s, f) {
                     resent += 1;
@@ -502,7 +515,7 @@ impl Shard {
             let mut delivered = Vec::new();
             {
                 let mut hist = self.ack_latency.borrow_mut();
-                s.ack_inbox(seq, |pushed_ms, id| {
+                s.ack_inbox(seq, self.now_tick(), now_ms, |pushed_ms, id| {
                     hist.record(now_ms.saturating_sub(pushed_ms) as f64 / 1000.0);
                     if events {
                         delivered.push(id);

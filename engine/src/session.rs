@@ -167,6 +167,8 @@ struct Unacked {
     id: u64,
     frame: Bytes,
     attempts: u32,
+    /// Shard tick it was first pushed at.
+    pushed_tick: u32,
     due_tick: u64,
     /// When it was first pushed, in ms of the shard's clock (for the ack latency).
     pushed_ms: u64,
@@ -200,6 +202,12 @@ pub struct Session {
     pub acked_inbox: Cell<u64>,
     /// Highest inbox seq pushed to the terminal.
     pub pushed_inbox: Cell<u64>,
+    /// Shard tick of the last ack that forgot tracked messages: resends wait while acks move.
+    last_ack_progress: Cell<u32>,
+    /// This terminal's push → ack time, smoothed, and its mean deviation, in ms (RFC 6298's
+    /// SRTT and RTTVAR; 0 before the first sample): see [`Session::ack_timeout_ms`].
+    ack_srtt_ms: Cell<u32>,
+    ack_rttvar_ms: Cell<u32>,
     /// The session is in its shard's list of unsaved ack positions (inbox or groups).
     pub ack_dirty: Cell<bool>,
     /// `acked_inbox` moved since it was last saved to the store.
@@ -278,6 +286,9 @@ impl Session {
             violations: Cell::new(0),
             acked_inbox: Cell::new(0),
             pushed_inbox: Cell::new(0),
+            last_ack_progress: Cell::new(0),
+            ack_srtt_ms: Cell::new(0),
+            ack_rttvar_ms: Cell::new(0),
             ack_dirty: Cell::new(false),
             inbox_dirty: Cell::new(false),
             unacked: RefCell::default(),
@@ -461,46 +472,98 @@ impl Session {
         self.pushed_inbox.get().saturating_sub(self.acked_inbox.get())
     }
 
-    /// Remembers a pushed inbox message until it is acked, due for a resend at `due_tick`.
-    /// Keeps at most `max` (the oldest are then left to `sync`). Returns whether the list was
-    /// empty before (the caller schedules a resend check then).
-    pub fn track_unacked(&self, seq: u64, id: u64, frame: Bytes, due_tick: u64, pushed_ms: u64, max: usize) -> bool {
+    /// Remembers an inbox message pushed at shard tick `now` until it is acked (its first
+    /// resend comes due a timeout after `now`, see [`Session::due_resends`]). Keeps at most
+    /// `max` (the oldest are then left to `sync`). Returns whether the list was empty before
+    /// (the caller schedules a resend check then).
+    pub fn track_unacked(&self, seq: u64, id: u64, frame: Bytes, now: u64, pushed_ms: u64, max: usize) -> bool {
         let mut u = self.unacked.borrow_mut();
         let was_empty = u.is_empty();
-        u.push_back(Unacked { seq, id, frame, attempts: 0, due_tick, pushed_ms });
+        u.push_back(Unacked { seq, id, frame, attempts: 0, pushed_tick: now as u32, due_tick: now, pushed_ms });
         while u.len() > max {
             u.pop_front();
         }
         was_empty
     }
 
-    /// A cumulative ack: forgets every tracked message up to `seq`, telling `acked` when each
-    /// was first pushed and its id; returns how many.
-    pub fn ack_inbox(&self, seq: u64, mut acked: impl FnMut(u64, u64)) -> usize {
+    /// A cumulative ack at shard tick `now` (`now_ms` on the shard's ms clock): forgets every
+    /// tracked message up to `seq`, telling `acked` when each was first pushed and its id;
+    /// returns how many. The oldest one forgotten is a sample of this terminal's ack time.
+    pub fn ack_inbox(&self, seq: u64, now: u64, now_ms: u64, mut acked: impl FnMut(u64, u64)) -> usize {
         if seq > self.acked_inbox.get() {
             self.acked_inbox.set(seq);
         }
         let mut u = self.unacked.borrow_mut();
         let before = u.len();
+        let mut oldest_pushed_ms = None;
         while u.front().is_some_and(|m| m.seq <= seq) {
             if let Some(m) = u.pop_front() {
+                oldest_pushed_ms.get_or_insert(m.pushed_ms);
                 acked(m.pushed_ms, m.id);
             }
+        }
+        if let Some(pushed_ms) = oldest_pushed_ms {
+            self.sample_ack_time(now_ms.saturating_sub(pushed_ms));
         }
         if u.is_empty() && u.capacity() > 16 {
             *u = VecDeque::new();
         }
-        before - u.len()
+        let forgot = before - u.len();
+        if forgot > 0 {
+            self.last_ack_progress.set(now as u32);
+        }
+        forgot
+    }
+
+    /// Folds one push → ack time into the smoothed estimate (RFC 6298, 2.2 and 2.3).
+    fn sample_ack_time(&self, ms: u64) {
+        let r = ms.min(u64::from(u32::MAX / 8)) as u32;
+        let (srtt, rttvar) = (self.ack_srtt_ms.get(), self.ack_rttvar_ms.get());
+        if srtt == 0 && rttvar == 0 {
+            self.ack_srtt_ms.set(r.max(1));
+            self.ack_rttvar_ms.set(r / 2);
+        } else {
+            self.ack_rttvar_ms.set(((3 * u64::from(rttvar) + u64::from(srtt.abs_diff(r))) / 4) as u32);
+            self.ack_srtt_ms.set(((7 * u64::from(srtt) + u64::from(r)) / 8).max(1) as u32);
+        }
+    }
+
+    /// How long this terminal's acks have been taking, as a retransmission timeout: smoothed
+    /// push → ack time plus four mean deviations (RFC 6298's RTO); 0 before the first ack. The
+    /// shard waits the larger of this and `limits.resend_timeout_ms` before a resend, so a
+    /// terminal whose acks take 5 s (a slow link, or a node behind under load) is not sent
+    /// every message twice.
+    pub fn ack_timeout_ms(&self) -> u64 {
+        u64::from(self.ack_srtt_ms.get()) + 4 * u64::from(self.ack_rttvar_ms.get())
     }
 
     /// Frames due for a resend at `now`: each is pushed again at most `attempts_max` times,
-    /// waiting `timeout_ticks << attempt` between pushes, then left to `sync`. Returns the
-    /// frames to push and the next tick a check is due, if any message is still tracked.
+    /// the first `timeout_ticks` after its push, then waiting `timeout_ticks << attempt`
+    /// between pushes, then left to `sync`. Returns the frames to push and the next tick a
+    /// check is due, if any message is still tracked. The caller gives the larger of its
+    /// configured timeout and [`Session::ack_timeout_ms`].
+    ///
+    /// While the terminal's acks move (one forgot a tracked message within the last
+    /// `timeout_ticks`), nothing is resent and no attempt is counted: the terminal is reading,
+    /// only behind, and its ack for a due message is on its way behind the frames before it.
+    /// Resending then would add to a backlog that is already the terminal's (or the node's)
+    /// limit; as TCP restarts its retransmission timer on every ack, due messages wait for
+    /// `timeout_ticks` without ack progress instead.
     pub fn due_resends(&self, now: u64, timeout_ticks: u64, attempts_max: u32) -> (Vec<Bytes>, Option<u64>) {
         let mut u = self.unacked.borrow_mut();
         let mut frames = Vec::new();
+        let acks_quiet_at = u64::from(self.last_ack_progress.get()) + timeout_ticks;
         u.retain_mut(|m| {
             if m.due_tick > now {
+                return true;
+            }
+            let wait_until = if m.attempts == 0 {
+                acks_quiet_at.max(u64::from(m.pushed_tick) + timeout_ticks)
+            } else {
+                acks_quiet_at
+            };
+            if wait_until > now {
+                m.due_tick = wait_until;
                 return true;
             }
             if m.attempts >= attempts_max {
@@ -646,8 +709,8 @@ mod tests {
     #[test]
     fn unacked_messages_are_resent_with_backoff_then_left_to_sync() {
         let s = session();
-        assert!(s.track_unacked(1, 11, Bytes::from_static(b"one"), 10, 0, 100));
-        assert!(!s.track_unacked(2, 12, Bytes::from_static(b"two"), 12, 0, 100));
+        assert!(s.track_unacked(1, 11, Bytes::from_static(b"one"), 0, 0, 100));
+        assert!(!s.track_unacked(2, 12, Bytes::from_static(b"two"), 2, 0, 100));
         assert_eq!(s.due_resends(9, 10, 2), (vec![], Some(10)));
         let (frames, next) = s.due_resends(10, 10, 2);
         assert_eq!(frames, vec![Bytes::from_static(b"one")]);
@@ -665,18 +728,68 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_resent_while_acks_move_and_resends_start_once_they_stop() {
+        let s = session();
+        // Pushed at tick 0 and 1, due at 10 and 11 (timeout 10 ticks).
+        s.track_unacked(1, 11, Bytes::from_static(b"one"), 0, 0, 100);
+        s.track_unacked(2, 12, Bytes::from_static(b"two"), 1, 0, 100);
+        s.track_unacked(3, 13, Bytes::from_static(b"three"), 1, 0, 100);
+        // The terminal is behind but reading: it acks 1 at tick 8.
+        assert_eq!(s.ack_inbox(1, 8, 2000, |_, _| ()), 1);
+        // 2 and 3 came due at 11, but acks moved within the last 10 ticks: no resend, no
+        // attempt counted; they wait until 10 ticks after that ack.
+        assert_eq!(s.due_resends(11, 10, 2), (vec![], Some(18)));
+        // An older or equal ack is not progress.
+        assert_eq!(s.ack_inbox(1, 15, 3750, |_, _| ()), 0);
+        // Acks stopped: at 18 both are resent (first attempt), the next check after 20 ticks.
+        let (frames, next) = s.due_resends(18, 10, 2);
+        assert_eq!(frames, vec![Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
+        assert_eq!(next, Some(38));
+        // The terminal acks 2 at 30: 3 is not resent at 38, but waits until 40.
+        assert_eq!(s.ack_inbox(2, 30, 7500, |_, _| ()), 1);
+        assert_eq!(s.due_resends(38, 10, 2), (vec![], Some(40)));
+        let (frames, next) = s.due_resends(40, 10, 2);
+        assert_eq!(
+            frames,
+            vec![Bytes::from_static(b"three")],
+            "second attempt: attempts were not used up while waiting"
+        );
+        assert_eq!(next, Some(80));
+        assert_eq!(s.due_resends(80, 10, 2), (vec![], None), "attempts used up: left to sync");
+    }
+
+    #[test]
+    fn the_ack_timeout_follows_the_terminals_own_ack_times() {
+        let s = session();
+        assert_eq!(s.ack_timeout_ms(), 0, "no sample yet: the configured timeout alone");
+        for seq in 1..=3 {
+            s.track_unacked(seq, seq, Bytes::from_static(b"m"), 0, 1_000 * seq, 100);
+        }
+        // One ack for 1 and 2: the oldest (pushed at 1,000 ms, acked at 5,000) is the sample.
+        assert_eq!(s.ack_inbox(2, 20, 5_000, |_, _| ()), 2);
+        assert_eq!(s.ack_timeout_ms(), 4_000 + 4 * 2_000, "first sample R: SRTT = R, RTTVAR = R/2");
+        assert_eq!(s.ack_inbox(3, 28, 7_000, |_, _| ()), 1);
+        assert_eq!(s.ack_timeout_ms(), 4_000 + 4 * 1_500, "same time again: the deviation shrinks");
+        // A terminal whose acks take 4 s: with a 3 s (12-tick) configured timeout the shard
+        // passes 40 ticks (10 s); a message pushed at 100 is not resent at 112 but at 140.
+        s.track_unacked(4, 4, Bytes::from_static(b"four"), 100, 25_000, 100);
+        assert_eq!(s.due_resends(112, 40, 3), (vec![], Some(140)));
+        assert_eq!(s.due_resends(140, 40, 3).0, vec![Bytes::from_static(b"four")]);
+    }
+
+    #[test]
     fn acks_are_cumulative_and_tracking_is_bounded() {
         let s = session();
         for seq in 1..=10 {
-            s.track_unacked(seq, seq, Bytes::from_static(b"m"), 5, seq, 4);
+            s.track_unacked(seq, seq, Bytes::from_static(b"m"), 0, seq, 4);
         }
         let mut pushed = Vec::new();
-        assert_eq!(s.ack_inbox(8, |p, _| pushed.push(p)), 2, "only 7 and 8 of the 4 kept were acked");
+        assert_eq!(s.ack_inbox(8, 0, 10, |p, _| pushed.push(p)), 2, "only 7 and 8 of the 4 kept were acked");
         assert_eq!(pushed, vec![7, 8]);
         assert_eq!(s.acked_inbox.get(), 8);
-        assert_eq!(s.ack_inbox(3, |_, _| ()), 0, "an older ack changes nothing");
+        assert_eq!(s.ack_inbox(3, 0, 10, |_, _| ()), 0, "an older ack changes nothing");
         assert_eq!(s.acked_inbox.get(), 8);
-        assert_eq!(s.ack_inbox(10, |_, _| ()), 2);
+        assert_eq!(s.ack_inbox(10, 0, 10, |_, _| ()), 2);
         assert_eq!(s.due_resends(100, 1, 3), (vec![], None));
     }
 

@@ -292,3 +292,63 @@ fn resends_stop_after_the_attempt_limit() {
     }
     assert_eq!(copies, 3, "the push and two resends, then left to sync");
 }
+
+#[test]
+fn a_terminal_that_acks_late_but_steadily_is_not_sent_its_messages_twice() {
+    // Every ack comes 600 ms after its message, past the 250 ms resend timeout: a slow link,
+    // or a node behind under load. Before any ack the first message may be resent once; after
+    // that the terminal's own ack times (and acks that keep moving) hold resends back.
+    let node = TestNode::with(|c| {
+        c.limits.resend_timeout = Duration::from_millis(250);
+        c.limits.resend_attempts_max = 3;
+        c.limits.idle_timeout = Duration::from_secs(30);
+    });
+    let mut t = node.terminal("eve", "phone");
+    let gw = node.gateway();
+    const COUNT: usize = 12;
+    const ACK_AFTER: Duration = Duration::from_millis(600);
+    let mut pending: std::collections::VecDeque<(u64, std::time::Instant)> = Default::default();
+    let mut seen = std::collections::BTreeMap::<u64, usize>::new();
+    let mut sent = 0;
+    let mut next_send = std::time::Instant::now();
+    let started = std::time::Instant::now();
+    loop {
+        let now = std::time::Instant::now();
+        if sent < COUNT && now >= next_send {
+            gw.send_message(&text("fay", "eve", &format!("m{sent}"))).unwrap();
+            sent += 1;
+            next_send = now + Duration::from_millis(100);
+        }
+        while pending.front().is_some_and(|(_, at)| *at <= now) {
+            let (seq, _) = pending.pop_front().unwrap();
+            t.ack(seq).unwrap();
+        }
+        let all_in = seen.len() == COUNT && pending.is_empty();
+        if all_in && now.duration_since(started) > Duration::from_secs(5) {
+            break;
+        }
+        assert!(now.duration_since(started) < Duration::from_secs(30), "messages missing: {seen:?}");
+        if let Some(f) = t.recv(Duration::from_millis(20)).unwrap() {
+            match f {
+                ServerFrame::Msg(m) => {
+                    let copies = seen.entry(m.seq).or_insert(0);
+                    *copies += 1;
+                    if *copies == 1 {
+                        pending.push_back((m.seq, std::time::Instant::now() + ACK_AFTER));
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Before its first ack (600 ms in) nothing tells the node the terminal is reading: what
+    // came due by then may be resent once. From then on its acks move and take ~600 ms, so
+    // the second half (pushed from 600 ms on) comes exactly once. Without ack-aware resends
+    // every message here came twice (acked 600 ms after its push, due after 250–500 ms).
+    let again: usize = seen.values().map(|c| c - 1).sum();
+    assert_eq!(seen.len(), COUNT);
+    assert!(seen.values().all(|&c| c <= 2), "{seen:?}");
+    assert!(again <= COUNT / 2, "{again} copies sent again to a terminal that acked everything: {seen:?}");
+    let second_half: Vec<_> = seen.iter().skip(COUNT / 2).filter(|(_, &c)| c > 1).collect();
+    assert!(second_half.is_empty(), "resent while the terminal's acks kept moving: {second_half:?}");
+}
