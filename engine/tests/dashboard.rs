@@ -16,7 +16,12 @@ fn dashboard_shows_the_live_node() {
         return;
     };
     let hook = support::webhook::receiver(0);
-    let node = TestNode::with(|c| c.events.webhook = Some(support::webhook::webhook(&hook)));
+    // The terminals send nothing while Chromium starts and polls (7 s and more on a slow
+    // machine): a long idle timeout keeps them connected (the test config's is 3 s).
+    let node = TestNode::with(|c| {
+        c.events.webhook = Some(support::webhook::webhook(&hook));
+        c.limits.idle_timeout = std::time::Duration::from_secs(60);
+    });
     let terminals: Vec<_> = (0..3).map(|i| node.terminal(&format!("viewer{i}"), "phone")).collect();
     for i in 0..4 {
         node.gateway().send_message(&text("ops", "viewer0", &format!("hello {i}"))).unwrap();
