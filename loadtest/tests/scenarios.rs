@@ -37,12 +37,21 @@ fn assert_all_connected(v: &Value, n: u64) {
     }
 }
 
-fn assert_no_loss(v: &Value, msgs: u64) {
+/// What a paced run sends: its plan (rate × duration), less what a slow or busy machine left
+/// behind schedule when the duration ran out (the tool says so in `saturation`). At least half
+/// the plan, so a tool that stopped sending still fails.
+fn assert_sent_about(m: &Value, planned: u64, r: &Value) -> u64 {
+    let sent = m["sent"].as_u64().unwrap_or(0);
+    assert!(sent <= planned && sent >= planned / 2, "sent {sent} of {planned} planned: {r}");
+    sent
+}
+
+fn assert_no_loss(v: &Value, planned: u64) {
     for r in v["runs"].as_array().unwrap() {
         let m = &r["messages"];
-        assert_eq!(m["sent"], msgs, "{r}");
-        assert_eq!(m["acked"], msgs, "{r}");
-        assert_eq!(m["received"], msgs, "{r}");
+        let sent = assert_sent_about(m, planned, r);
+        assert_eq!(m["acked"], sent, "{r}");
+        assert_eq!(m["received"], sent, "{r}");
         assert_eq!(m["lost"], 0, "{r}");
         assert_eq!(m["misrouted"], 0, "{r}");
         assert_eq!(m["failed"], 0, "{r}");
@@ -414,8 +423,8 @@ fn reconnect_against_the_engine() {
     let v = run_engine(&RECONNECT_SMALL, tmp.path());
     assert_all_connected(&v, 100);
     let m = &v["runs"][0]["messages"];
-    assert_eq!(m["sent"], 1200, "{v}");
-    assert_eq!(m["acked"], 1200, "{v}");
+    let sent = assert_sent_about(m, 1200, &v);
+    assert_eq!(m["acked"], sent, "{v}");
     assert_eq!(m["lost"], 0, "{v}");
     let x = &m["reconnect"];
     let to_drop = x["to_drop"].as_u64().unwrap();
@@ -426,8 +435,8 @@ fn reconnect_against_the_engine() {
     assert_eq!(x["reconnect_failed"], 0, "{x}");
     // Every id the API accepted arrived (duplicates are allowed: delivery is at least once,
     // terminals dedupe by id), and nothing else did.
-    assert_eq!(x["ids_accepted"], 1200, "{x}");
-    assert_eq!(x["ids_received"], 1200, "{x}");
+    assert_eq!(x["ids_accepted"], sent, "{x}");
+    assert_eq!(x["ids_received"], sent, "{x}");
     assert_eq!(x["ids_missing"], 0, "{x}");
     assert_eq!(x["ids_unexpected"], 0, "{x}");
     assert_recorded(&v, tmp.path(), "reconnect");
