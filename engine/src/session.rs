@@ -488,8 +488,7 @@ impl Session {
 
     /// A cumulative ack at shard tick `now` (`now_ms` on the shard's ms clock): forgets every
     /// tracked message up to `seq`, telling `acked` when each was first pushed and its id;
-    /// returns how many. The oldest one forgotten is a sample of this terminal's ack time,
-    /// unless it was resent (Karn's rule: which push the ack answers is unknown).
+    /// returns how many. The oldest one forgotten is a sample of this terminal's ack time.
     pub fn ack_inbox(&self, seq: u64, now: u64, now_ms: u64, mut acked: impl FnMut(u64, u64)) -> usize {
         if seq > self.acked_inbox.get() {
             self.acked_inbox.set(seq);
@@ -499,11 +498,11 @@ impl Session {
         let mut oldest_pushed_ms = None;
         while u.front().is_some_and(|m| m.seq <= seq) {
             if let Some(m) = u.pop_front() {
-                oldest_pushed_ms.get_or_insert((m.attempts == 0).then_some(m.pushed_ms));
+                oldest_pushed_ms.get_or_insert(m.pushed_ms);
                 acked(m.pushed_ms, m.id);
             }
         }
-        if let Some(Some(pushed_ms)) = oldest_pushed_ms {
+        if let Some(pushed_ms) = oldest_pushed_ms {
             self.sample_ack_time(now_ms.saturating_sub(pushed_ms));
         }
         if u.is_empty() && u.capacity() > 16 {
@@ -776,10 +775,6 @@ mod tests {
         s.track_unacked(4, 4, Bytes::from_static(b"four"), 100, 25_000, 100);
         assert_eq!(s.due_resends(112, 40, 3), (vec![], Some(140)));
         assert_eq!(s.due_resends(140, 40, 3).0, vec![Bytes::from_static(b"four")]);
-        // Acked after that resend: not a sample (the ack may answer either push).
-        let before = s.ack_timeout_ms();
-        assert_eq!(s.ack_inbox(4, 150, 90_000, |_, _| ()), 1);
-        assert_eq!(s.ack_timeout_ms(), before, "a resent message's ack is not an ack time");
     }
 
     #[test]
