@@ -296,8 +296,11 @@ fn resends_stop_after_the_attempt_limit() {
 #[test]
 fn a_terminal_that_acks_late_but_steadily_is_not_sent_its_messages_twice() {
     // Every ack comes 600 ms after its message, past the 250 ms resend timeout: a slow link,
-    // or a node behind under load. Before any ack the first message may be resent once; after
-    // that the terminal's own ack times (and acks that keep moving) hold resends back.
+    // or a node behind under load. Before any ack the node knows nothing of the terminal, so
+    // what comes due then is resent by the configured timeout (how many times depends on how
+    // late the first ack lands: on a loaded CI machine it came 250 ms later than planned).
+    // Once acks arrive, the terminal's own ack times (and acks that keep moving) hold resends
+    // back: everything pushed from 1 s on (400 ms after the first ack) comes exactly once.
     let node = TestNode::with(|c| {
         c.limits.resend_timeout = Duration::from_millis(250);
         c.limits.resend_attempts_max = 3;
@@ -305,7 +308,7 @@ fn a_terminal_that_acks_late_but_steadily_is_not_sent_its_messages_twice() {
     });
     let mut t = node.terminal("eve", "phone");
     let gw = node.gateway();
-    const COUNT: usize = 12;
+    const COUNT: usize = 20;
     const ACK_AFTER: Duration = Duration::from_millis(600);
     let mut pending: std::collections::VecDeque<(u64, std::time::Instant)> = Default::default();
     let mut seen = std::collections::BTreeMap::<u64, usize>::new();
@@ -342,13 +345,12 @@ fn a_terminal_that_acks_late_but_steadily_is_not_sent_its_messages_twice() {
         }
     }
     // Before its first ack (600 ms in) nothing tells the node the terminal is reading: what
-    // came due by then may be resent once. From then on its acks move and take ~600 ms, so
-    // the second half (pushed from 600 ms on) comes exactly once. Without ack-aware resends
-    // every message here came twice (acked 600 ms after its push, due after 250–500 ms).
-    let again: usize = seen.values().map(|c| c - 1).sum();
+    // came due by then is resent by the configured timeout and its backoff, within the attempt
+    // limit. From then on its acks move and take ~600 ms, so the second half (pushed from 1 s
+    // on) comes exactly once. Without ack-aware resends every message here came twice or more
+    // (acked 600 ms after its push, due after 250–500 ms).
     assert_eq!(seen.len(), COUNT);
-    assert!(seen.values().all(|&c| c <= 2), "{seen:?}");
-    assert!(again <= COUNT / 2, "{again} copies sent again to a terminal that acked everything: {seen:?}");
+    assert!(seen.values().all(|&c| c <= 4), "more than the push and 3 resends: {seen:?}");
     let second_half: Vec<_> = seen.iter().skip(COUNT / 2).filter(|(_, &c)| c > 1).collect();
     assert!(second_half.is_empty(), "resent while the terminal's acks kept moving: {second_half:?}");
 }
