@@ -488,7 +488,13 @@ impl Session {
 
     /// A cumulative ack at shard tick `now` (`now_ms` on the shard's ms clock): forgets every
     /// tracked message up to `seq`, telling `acked` when each was first pushed and its id;
-    /// returns how many. The oldest one forgotten is a sample of this terminal's ack time.
+    /// returns how many. The oldest one forgotten is a sample of this terminal's ack time,
+    /// measured from its first push even if it was resent. Karn's rule (skip resent segments'
+    /// samples) is not applied, on purpose: TCP's ambiguity is that a retransmitted segment's
+    /// ack may answer either copy, but on one WebSocket connection the first push is never lost
+    /// in transit, so the ack answers it and the sample is true. Skipping them starved the
+    /// estimate (tried in 874c13a: a terminal acking slower than the configured timeout had
+    /// every early message resent, so no sample ever came and every message went 2-3 times).
     pub fn ack_inbox(&self, seq: u64, now: u64, now_ms: u64, mut acked: impl FnMut(u64, u64)) -> usize {
         if seq > self.acked_inbox.get() {
             self.acked_inbox.set(seq);
