@@ -1016,7 +1016,10 @@ impl Config {
                 outbound_queue_bytes_max: Some(16 * KIB),
                 connections_per_shard_max: Some(64),
                 handshake_timeout_ms: Some(1000),
-                idle_timeout_s: Some(3),
+                // Long enough that no test's terminal is closed for idleness while a loaded CI
+                // machine runs it (3 s closed terminals in four tests that way); the tests of
+                // idle closing set their own.
+                idle_timeout_s: Some(30),
                 heartbeat_s: Some(1),
                 http_header_bytes_max: Some(2 * KIB),
                 http_body_bytes_max: Some(64 * KIB),
@@ -2157,7 +2160,7 @@ mod tests {
         assert_eq!(l.terminals_per_user_max, 3);
         assert_eq!(l.outbound_queue_bytes_max, 16 * 1024);
         assert_eq!(l.handshake_timeout, Duration::from_secs(1));
-        assert_eq!(l.idle_timeout, Duration::from_secs(3));
+        assert_eq!(l.idle_timeout, Duration::from_secs(30));
         assert_eq!(l.heartbeat_s, 1);
         assert_eq!(l.http_header_bytes_max, 2048);
         assert_eq!(l.http_body_bytes_max, 64 * 1024);

@@ -38,11 +38,7 @@ fn wait_parked(node: &TestNode, n: u64) -> Value {
 
 #[test]
 fn idle_terminals_park_and_get_everything_back() {
-    // A 30 s idle timeout instead of the test configuration's 3 s: the web terminal sends
-    // nothing from its last ack to the kick (the phone's resend, sync and parks in between),
-    // which took over 3 s on a loaded machine and closed it for idleness ("never 2 parked").
-    // Idle closing of parked terminals has its own test below.
-    let node = TestNode::with(|c| c.limits.idle_timeout = Duration::from_secs(30));
+    let node = TestNode::start();
     let mut phone = node.terminal("pia", "phone");
     let mut web = node.terminal("pia", "web");
     let t = wait_parked(&node, 2);
@@ -126,7 +122,7 @@ fn idle_terminals_park_and_get_everything_back() {
 
 #[test]
 fn parked_terminals_are_closed_when_idle_too_long() {
-    let node = TestNode::start(); // idle timeout 3 s in the test configuration
+    let node = TestNode::with(|c| c.limits.idle_timeout = Duration::from_secs(3));
     let mut t = node.terminal("quo", "phone");
     wait_parked(&node, 1);
     let started = Instant::now();
@@ -172,9 +168,7 @@ fn new_terminals_and_heartbeats_park_at_once_other_frames_keep_the_task() {
 fn churning_between_parked_and_active_loses_nothing() {
     const USERS: usize = 12;
     const MESSAGES: usize = 240;
-    // Most readers never ping: on a loaded machine their quiet spells could pass the test
-    // configuration's 3 s idle timeout, which is not what this test is about.
-    let node = TestNode::with(|c| c.limits.idle_timeout = Duration::from_secs(30));
+    let node = TestNode::start();
     let mut readers = Vec::new();
     for u in 0..USERS {
         let mut t = node.terminal(&format!("churn{u}"), "phone");
