@@ -388,6 +388,26 @@ fn render_stats(r: &StatsReport) -> String {
         }
         out.push_str(&t.render());
     }
+
+    if !r.stats.api_latency.is_empty() {
+        out.push_str(
+            "
+api answer time
+",
+        );
+        let mut t = Table::new(&[("ROUTE", false), ("P50", true), ("P90", true), ("P99", true), ("COUNT", true)]);
+        for a in &r.stats.api_latency {
+            let h = &a.latency;
+            t.row(vec![
+                a.route.clone(),
+                fmt_latency(h, h.p50),
+                fmt_latency(h, h.p90),
+                fmt_latency(h, h.p99),
+                h.count.to_string(),
+            ]);
+        }
+        out.push_str(&t.render());
+    }
     out
 }
 
@@ -608,7 +628,9 @@ mod tests {
 
     use super::*;
     use crate::histogram::Histogram;
-    use crate::view::{ClosedConn, ClusterStats, EventStats, NodeInfo, NodeStats, ShardStats, StorageStats};
+    use crate::view::{
+        ApiRouteLatency, ClosedConn, ClusterStats, EventStats, NodeInfo, NodeStats, ShardStats, StorageStats,
+    };
 
     fn resp(value: &impl serde::Serialize) -> RawResponse {
         RawResponse { status: 200, headers: vec![], body: serde_json::to_vec(value).unwrap() }
@@ -721,6 +743,7 @@ mod tests {
             shards: vec![shard.clone(), ShardStats { shard: 1, ..shard }],
             storage: Some(StorageStats::default()),
             api: vec![],
+            api_latency: vec![ApiRouteLatency { route: "POST /v1/messages".into(), latency: h.snapshot() }],
             events: Some(EventStats {
                 webhook_url: "http://hooks.example/e".into(),
                 dispatching: false,
@@ -742,6 +765,8 @@ mod tests {
         let total = out.lines().find(|l| l.starts_with("total") && l.contains("2468")).expect("totals row");
         assert!(total.contains("128.0 KiB"), "{total}");
         assert!(out.contains("ACK_P99"));
+        let api = out.lines().find(|l| l.starts_with("POST /v1/messages")).expect("api answer time row");
+        assert!(api.contains("2.00ms") && api.ends_with('1'), "{api}");
         // Reasons sorted by count, biggest first.
         let kicked = out.find("kicked").unwrap();
         let idle = out.find("idle ").unwrap();

@@ -48,8 +48,9 @@ pub mod view;
 pub use histogram::{BoundsMismatch, Histogram, HistogramSnapshot};
 pub use routes::handle;
 pub use view::{
-    ApiRouteStats, ClosedConn, ClusterStats, ConnInfo, ConnPage, ConnQuery, ConnSort, ConnectionsReport, DrainReport,
-    EventStats, KickReport, NodeInfo, NodeStats, ShardStats, SortOrder, StatsReport, StorageStats, UserReport,
+    ApiRouteLatency, ApiRouteStats, ClosedConn, ClusterStats, ConnInfo, ConnPage, ConnQuery, ConnSort,
+    ConnectionsReport, DrainReport, EventStats, KickReport, NodeInfo, NodeStats, ShardStats, SortOrder, StatsReport,
+    StorageStats, UserReport,
 };
 
 use ether_proto::{ApiError, ErrorCode};

@@ -233,6 +233,16 @@ pub fn render(stats: &NodeStats) -> String {
         let status = r.status.to_string();
         out.sample(name, &[("route", &r.route), ("status", &status)], r.count as f64);
     }
+
+    let name = "ether_api_latency_seconds";
+    out.family(
+        name,
+        "Seconds the api port took to answer, by route (handler start to answer; a message is answered once durable).",
+        Kind::Histogram,
+    );
+    for r in &stats.api_latency {
+        out.histogram(name, &[("route", &r.route)], &r.latency);
+    }
     out.0
 }
 
@@ -315,7 +325,7 @@ mod tests {
 
     use super::*;
     use crate::histogram::Histogram;
-    use crate::view::{ApiRouteStats, ClusterStats, EventStats, NodeInfo, StorageStats};
+    use crate::view::{ApiRouteLatency, ApiRouteStats, ClusterStats, EventStats, NodeInfo, StorageStats};
 
     /// One parsed sample.
     #[derive(Debug, Clone, PartialEq)]
@@ -534,6 +544,7 @@ mod tests {
                 ApiRouteStats { route: "POST /v1/messages".into(), status: 200, count: 900 },
                 ApiRouteStats { route: "GET /v1/users/{uid}/unread".into(), status: 401, count: 3 },
             ],
+            api_latency: vec![ApiRouteLatency { route: "POST /v1/messages".into(), latency: commit.snapshot() }],
         }
     }
 
@@ -579,6 +590,7 @@ mod tests {
             "ether_parks_total",
             "ether_connections_closed_total",
             "ether_api_requests_total",
+            "ether_api_latency_seconds",
         ] {
             assert!(types.contains_key(name), "missing {name}");
         }
@@ -597,6 +609,7 @@ mod tests {
                 .value,
             3.0
         );
+        assert_eq!(get(&samples, "ether_api_latency_seconds_count", &[("route", "POST /v1/messages")]).value, 49.0);
         // Escaped label values read back as the original.
         let info = get(&samples, "ether_node_info", &[]);
         assert_eq!(info.labels["node"], "node \"a\"\\b\nc");
@@ -644,8 +657,8 @@ mod tests {
                 checked += 1;
             }
         }
-        // 2 per-shard histograms x 3 shards + 2 storage histograms.
-        assert_eq!(checked, 8);
+        // 2 per-shard histograms x 3 shards + 2 storage histograms + 1 API route.
+        assert_eq!(checked, 9);
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub struct NodeStats {
     /// Requests answered by the api port, by route and status.
     #[serde(default)]
     pub api: Vec<ApiRouteStats>,
+    /// How long the api port took to answer, by route (every shard's requests merged).
+    #[serde(default)]
+    pub api_latency: Vec<ApiRouteLatency>,
     /// The webhook dispatcher; `None` when no webhook is configured.
     #[serde(default)]
     pub events: Option<EventStats>,
@@ -227,6 +230,14 @@ pub struct ApiRouteStats {
     pub route: String,
     pub status: u16,
     pub count: u64,
+}
+
+/// Seconds from a request reaching its route's handler to its answer, for one route
+/// template (a message is answered once it is durable, so this includes the store's commit).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ApiRouteLatency {
+    pub route: String,
+    pub latency: HistogramSnapshot,
 }
 
 /// One live terminal connection.
@@ -782,6 +793,7 @@ mod tests {
             shards: vec![ShardStats::default()],
             storage: Some(StorageStats::default()),
             api: vec![],
+            api_latency: vec![],
             events: None,
             cluster: None,
         };

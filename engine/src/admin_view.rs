@@ -8,8 +8,8 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use ether_admin::{
-    ApiRouteStats, ClosedConn, ClusterStats, ConnInfo, ConnPage, ConnQuery, DrainReport, EventStats, HistogramSnapshot,
-    NodeInfo, NodeStats, ShardStats, StorageStats,
+    ApiRouteLatency, ApiRouteStats, ClosedConn, ClusterStats, ConnInfo, ConnPage, ConnQuery, DrainReport, EventStats,
+    HistogramSnapshot, NodeInfo, NodeStats, ShardStats, StorageStats,
 };
 use ether_proto::ApiError;
 
@@ -133,6 +133,7 @@ impl ether_admin::NodeView for AdminView {
         let node = &self.shard.node;
         let now = crate::message::unix_now_ms();
         let mut api: BTreeMap<(&'static str, u16), u64> = BTreeMap::new();
+        let mut api_latency: BTreeMap<&'static str, HistogramSnapshot> = BTreeMap::new();
         let shards = node
             .shards
             .iter()
@@ -141,6 +142,17 @@ impl ether_admin::NodeView for AdminView {
                 let published = node.published(i);
                 for (route, status, n) in &published.api {
                     *api.entry((route, *status)).or_insert(0) += n;
+                }
+                for (route, h) in &published.api_latency {
+                    match api_latency.entry(route) {
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(h.clone());
+                        }
+                        // Every shard's histograms share their bounds (`Histogram::latency`).
+                        std::collections::btree_map::Entry::Occupied(mut o) => {
+                            let _ = o.get_mut().merge(h);
+                        }
+                    }
                 }
                 let g = ShardCounters::get;
                 ShardStats {
@@ -185,6 +197,10 @@ impl ether_admin::NodeView for AdminView {
             api: api
                 .into_iter()
                 .map(|((route, status), count)| ApiRouteStats { route: route.to_owned(), status, count })
+                .collect(),
+            api_latency: api_latency
+                .into_iter()
+                .map(|(route, latency)| ApiRouteLatency { route: route.to_owned(), latency })
                 .collect(),
         })
     }

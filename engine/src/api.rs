@@ -43,8 +43,9 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Response {
 pub async fn handle(shard: Rc<Shard>, req: Request) -> Response {
     let segments: Vec<&str> = req.path_segments().collect();
     let route = route_of(&req.method, &segments);
+    let started = std::time::Instant::now();
     let response = answer(&shard, &req, &segments).await;
-    shard.count_api(route, response.status);
+    shard.count_api(route, response.status, started.elapsed());
     response
 }
 

@@ -159,6 +159,8 @@ pub struct Shard {
     pub(crate) push_latency: RefCell<Histogram>,
     /// API requests answered, by route and status.
     api_counts: RefCell<HashMap<(&'static str, u16), u64>>,
+    /// Seconds to answer API requests, by route.
+    api_latency: RefCell<HashMap<&'static str, Histogram>>,
     /// The task queue terminal connections run in (see `spawn_terminal_task`).
     terminal_queue: TaskQueueHandle,
     /// Idle connections parked out of their tasks (None: `limits.park_idle_after_ms = 0`, or
@@ -228,6 +230,7 @@ impl Shard {
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
             api_counts: RefCell::new(HashMap::new()),
+            api_latency: RefCell::new(HashMap::new()),
             terminal_queue: glommio::executor().create_task_queue(
                 Shares::Static(TERMINAL_QUEUE_SHARES),
                 Latency::NotImportant,
@@ -837,20 +840,23 @@ impl Shard {
         }
     }
 
-    /// Counts an API answer.
-    pub fn count_api(&self, route: &'static str, status: u16) {
+    /// Counts an API answer and the time it took (from its handler's start).
+    pub fn count_api(&self, route: &'static str, status: u16, took: Duration) {
         *self.api_counts.borrow_mut().entry((route, status)).or_insert(0) += 1;
+        self.api_latency.borrow_mut().entry(route).or_insert_with(Histogram::latency).record_duration(took);
     }
 
     /// Publishes histograms and API counts for readers on other threads.
     fn publish(&self) {
         let api = self.api_counts.borrow().iter().map(|((r, s), n)| (*r, *s, *n)).collect();
+        let api_latency = self.api_latency.borrow().iter().map(|(r, h)| (*r, h.snapshot())).collect();
         self.node.publish(
             self.id,
             ShardPublished {
                 ack_latency: self.ack_latency.borrow().snapshot(),
                 push_latency: self.push_latency.borrow().snapshot(),
                 api,
+                api_latency,
             },
         );
     }

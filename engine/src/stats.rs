@@ -60,13 +60,15 @@ impl ShardCounters {
 }
 
 /// What a shard publishes every tick for readers on other threads: its latency histograms
-/// and its API request counts.
+/// and its API request counts and answer times.
 #[derive(Debug, Clone, Default)]
 pub struct ShardPublished {
     pub ack_latency: HistogramSnapshot,
     pub push_latency: HistogramSnapshot,
     /// `(route, status, count)`
     pub api: Vec<(&'static str, u16, u64)>,
+    /// Seconds to answer, by route.
+    pub api_latency: Vec<(&'static str, HistogramSnapshot)>,
 }
 
 /// A live terminal as operators see it.

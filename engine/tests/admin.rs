@@ -68,6 +68,10 @@ fn stats_and_metrics_move_with_traffic() {
     assert!(metric(&after, "ether_push_latency_seconds_count") >= 5.0);
     assert!(metric(&after, "ether_ack_latency_seconds_count") >= 5.0);
     assert!(after.contains("route=\"POST /v1/messages\""), "API requests by route");
+    // Each send's answer time, by route (the gateway's token request has its own).
+    let sends = "ether_api_latency_seconds_count{route=\"POST /v1/messages\"}";
+    assert_eq!(metric(&after, sends) - metric(&before, sends), 5.0, "{after}");
+    assert!(metric(&after, "ether_api_latency_seconds_sum{route=\"POST /v1/messages\"}") > 0.0);
 
     assert!(metric(&after, "ether_storage_batches_total") >= 1.0, "storage batches counted");
     assert!(metric(&after, "ether_storage_commit_latency_seconds_count") >= 1.0);
@@ -76,6 +80,8 @@ fn stats_and_metrics_move_with_traffic() {
     assert_eq!(stats["shards"].as_array().unwrap().len(), 2);
     assert_eq!(stats["totals"]["connections"], 1);
     assert_eq!(stats["totals"]["messages_accepted"], 5);
+    let sends = stats["api_latency"].as_array().unwrap().iter().find(|r| r["route"] == "POST /v1/messages");
+    assert_eq!(sends.expect("answer times of sends")["latency"]["count"], 5, "{}", stats["api_latency"]);
 }
 
 #[test]

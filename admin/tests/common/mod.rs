@@ -154,6 +154,10 @@ impl FakeView {
                 queue_depth: 3,
             }),
             api: vec![ether_admin::ApiRouteStats { route: "POST /v1/messages".into(), status: 200, count: 4242 }],
+            api_latency: vec![ether_admin::ApiRouteLatency {
+                route: "POST /v1/messages".into(),
+                latency: commit.snapshot(),
+            }],
             events: None,
             cluster: Some(ether_admin::ClusterStats {
                 node_id: "node-test-1".into(),
