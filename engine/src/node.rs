@@ -45,7 +45,11 @@ const TIME_SLICE: Duration = Duration::from_millis(100);
 /// commit loop, an API answer woken by the storage thread waited behind a whole group fan-out
 /// (5,000 socket writes per shard, up to the 100 ms slice and over): group publish to a
 /// 10,000-member group every 200 ms, answer p90 61-98 ms -> 14-18 ms, mean 19-26 -> 9 ms;
-/// answers over 25 ms in the node 22 of 75 -> 1-2 of 75 (the first message's).
+/// answers over 25 ms in the node 22 of 75 -> 1-2 of 75 (the first message's). The latency
+/// requirement is what does it: a queue of its own without one left p90 at 80-114 ms, 20 ms
+/// gave 27-28 ms. Its cost: while API work is pending every queue's slice is this short; hot
+/// group fan-out (API always busy) made 299-324k deliveries/s with 5 ms, 317-342k with 20 ms,
+/// 319-341k without (5, 2 and 3 runs, noise ±5%). `ETHER_API_QUEUE_LATENCY_MS` overrides it.
 const API_QUEUE_LATENCY: Duration = Duration::from_millis(5);
 /// Scheduler shares of the API queue: the default queue's (1000), as the terminal queue's.
 const API_QUEUE_SHARES: usize = 1000;
@@ -315,6 +319,16 @@ fn spawn_into<T: 'static>(
     glommio::spawn_local_into(task, queue).expect("the queue was made on this executor, which it outlives")
 }
 
+/// The API queue's latency requirement (see `API_QUEUE_LATENCY`); `ETHER_API_QUEUE_LATENCY_MS`
+/// overrides it for experiments (0: not latency-sensitive, a queue of its own only).
+fn api_queue_latency() -> Latency {
+    match std::env::var("ETHER_API_QUEUE_LATENCY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        Some(0) => Latency::NotImportant,
+        Some(ms) => Latency::Matters(Duration::from_millis(ms)),
+        None => Latency::Matters(API_QUEUE_LATENCY),
+    }
+}
+
 /// The shards' time slice (see `TIME_SLICE`).
 fn time_slice() -> Duration {
     std::env::var("ETHER_TIME_SLICE_MS").ok().and_then(|v| v.parse().ok()).map_or(TIME_SLICE, Duration::from_millis)
@@ -407,11 +421,7 @@ async fn run_shard(start: ShardStart) {
     let api_handler = Rc::new(move |req| crate::api::handle(api_shard.clone(), req));
     // The API's own task queue (see `API_QUEUE_LATENCY`); the accept loops' connection tasks
     // are spawned into the queue they run in, so every API request is served there.
-    let api_queue = glommio::executor().create_task_queue(
-        Shares::Static(API_QUEUE_SHARES),
-        Latency::Matters(API_QUEUE_LATENCY),
-        "api",
-    );
+    let api_queue = glommio::executor().create_task_queue(Shares::Static(API_QUEUE_SHARES), api_queue_latency(), "api");
     if let Some((fd, tls)) = api_tls {
         // SAFETY: as above.
         let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
