@@ -144,15 +144,8 @@ impl ether_admin::NodeView for AdminView {
                     *api.entry((route, *status)).or_insert(0) += n;
                 }
                 for (route, h) in &published.api_latency {
-                    match api_latency.entry(route) {
-                        std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert(h.clone());
-                        }
-                        // Every shard's histograms share their bounds (`Histogram::latency`).
-                        std::collections::btree_map::Entry::Occupied(mut o) => {
-                            let _ = o.get_mut().merge(h);
-                        }
-                    }
+                    // Every shard's histograms share their bounds (`Histogram::latency`).
+                    api_latency.entry(route).and_modify(|t| drop(t.merge(h))).or_insert_with(|| h.clone());
                 }
                 let g = ShardCounters::get;
                 ShardStats {
