@@ -390,11 +390,7 @@ fn render_stats(r: &StatsReport) -> String {
     }
 
     if !r.stats.api_latency.is_empty() {
-        out.push_str(
-            "
-api answer time
-",
-        );
+        out.push_str("\napi answer time\n");
         let mut t = Table::new(&[("ROUTE", false), ("P50", true), ("P90", true), ("P99", true), ("COUNT", true)]);
         for a in &r.stats.api_latency {
             let h = &a.latency;
