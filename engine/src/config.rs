@@ -289,6 +289,8 @@ raw_config! {
         webhook_secret: Secret,
         /// `events.webhook_ca_path`: PEM roots for an `https://` webhook (default: Mozilla's).
         webhook_ca_path: PathBuf,
+        /// `events.batch_wait_ms`: how long a shard gathers events before one outbox write.
+        batch_wait_ms: u64,
     }
     /// Raw `[retention]`: how long messages are kept.
     retention: RawRetention {
@@ -713,6 +715,12 @@ pub struct Cluster {
 pub struct Events {
     /// Where to POST event batches, if anywhere.
     pub webhook: Option<Webhook>,
+    /// `events.batch_wait_ms` (10): a shard gathers the events it makes for this long and
+    /// writes them to the outbox in one store command (at most
+    /// [`crate::event_batch::EVENTS_PER_WRITE_MAX`] at a time). Longer: fewer store writes per
+    /// event (one Redis call per batch in cluster mode), later webhook deliveries. 0 writes
+    /// each event at once.
+    pub batch_wait: Duration,
 }
 
 /// A webhook target and its signing key.
@@ -818,6 +826,8 @@ pub const STORE_INDEX_PENDING_MAX_DEFAULT: usize = 4_000_000;
 /// 2 ms in chat and a loss in unicast (bench-results/README.md); with `durability = "full"`
 /// (an fsync per commit) waiting may pay.
 pub const STORE_BATCH_WAIT_US_DEFAULT: u64 = 0;
+/// Default of `events.batch_wait_ms`.
+pub const EVENTS_BATCH_WAIT_MS_DEFAULT: u64 = 10;
 /// Default of `store.batch_wait_after_ops`.
 pub const STORE_BATCH_WAIT_AFTER_OPS_DEFAULT: usize = 64;
 /// Default of `store.position_saves_per_tick_max`.
@@ -850,6 +860,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.index_pending_max", 16, 100_000_000),
     ("store.batch_wait_us", 0, 100_000),
     ("store.batch_wait_after_ops", 0, 1_000_000),
+    ("events.batch_wait_ms", 0, 10_000),
     ("store.position_saves_per_tick_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
     ("limits.park_idle_after_ms", 0, 3_600_000),
@@ -1090,6 +1101,7 @@ impl Config {
                 "webhook_url": self.events.webhook.as_ref().map(|w| redact_userinfo(&w.url)),
                 "webhook_secret": self.events.webhook.as_ref().map(|_| "***"),
                 "webhook_ca_path": self.events.webhook.as_ref().and_then(|w| w.ca_path.as_ref()).map(|p| p.to_string_lossy().into_owned()),
+                "batch_wait_ms": u64::try_from(self.events.batch_wait.as_millis()).unwrap_or(u64::MAX),
             },
             "retention": { "days": self.retention.days },
             "limits": {
@@ -1482,7 +1494,14 @@ impl Prepared {
             listen,
             node,
             cluster,
-            events: Events { webhook },
+            events: Events {
+                webhook,
+                batch_wait: Duration::from_millis(check.bounded(
+                    "events.batch_wait_ms",
+                    raw.events.batch_wait_ms,
+                    EVENTS_BATCH_WAIT_MS_DEFAULT,
+                )?),
+            },
             tls,
             retention,
             limits,
@@ -1830,9 +1849,10 @@ mod tests {
                     "terminal.send_enabled" => "false",
                     "store.durability" => "full",
                     "store.index_flush_age_ms" | "store.index_pending_max" => "4096",
-                    "store.batch_wait_us" | "store.position_saves_per_tick_max" | "store.batch_wait_after_ops" => {
-                        "4096"
-                    }
+                    "store.batch_wait_us"
+                    | "store.position_saves_per_tick_max"
+                    | "store.batch_wait_after_ops"
+                    | "events.batch_wait_ms" => "4096",
                     k if k.starts_with("limits.") => "4096",
                     "tls.reload_check_s" => "30",
                     _ => "some-string-value-16",
@@ -1957,6 +1977,7 @@ mod tests {
             webhook_url = "https://hooks.example.com/ether"
             webhook_secret = "0123456789abcdef0123"
             webhook_ca_path = "/etc/ether/hooks-ca.pem"
+            batch_wait_ms = 20
             [retention]
             days = 30
             [limits]
@@ -2009,6 +2030,7 @@ mod tests {
         let p = Prepared::from_layers(&layers).unwrap();
         assert_eq!(p.node.id, "node-a");
         assert!(!p.terminal_send_enabled);
+        assert_eq!(p.events.batch_wait, Duration::from_millis(20));
         assert_eq!(p.events.webhook.unwrap().url, "https://hooks.example.com/ether");
         assert!(p.configured.complete().is_some());
     }

@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use crate::cluster::{BusEvent, BusMessage};
 use crate::error::EngineError;
+use crate::event_batch::AddOutcome;
 use crate::mesh::ShardMsg;
 use crate::message::{encode_for, frame_set, unix_now_ms, FrameSet, Message, NewMessage};
 use crate::session::{Session, SessionKey};
@@ -647,8 +648,13 @@ impl Shard {
         let shard = self.clone();
         let s = s.clone();
         glommio::spawn_local(async move {
-            let op =
-                Op::SetRead { user: s.user.to_string(), chat: chat.clone(), seq, emit_event: shard.events_enabled() };
+            let emit_event = shard.events_enabled();
+            if emit_event {
+                // The store writes this read's event itself: deliveries batched before it go
+                // first, so the outbox keeps this shard's order.
+                shard.write_events();
+            }
+            let op = Op::SetRead { user: s.user.to_string(), chat: chat.clone(), seq, emit_event };
             let moved = match shard.store.call(op).await.and_then(Reply::read) {
                 Ok(m) => m,
                 Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), None),
@@ -693,10 +699,34 @@ impl Shard {
         self.emit_all(vec![NewEvent { kind: kind.to_owned(), data: data.to_string(), ts: unix_now_ms() }]);
     }
 
+    /// Adds events to the shard's batch for the outbox (`event_batch`): written by
+    /// `event_flush_loop` after `events.batch_wait_ms`, at once when the batch is full.
     pub(crate) fn emit_all(&self, events: Vec<NewEvent>) {
+        if self.events_out.add(events) == AddOutcome::WriteNow {
+            self.write_events();
+        }
+    }
+
+    /// Submits the pending events as one outbox write (best effort: a full store queue drops
+    /// them, with a warning).
+    pub(crate) fn write_events(&self) {
+        let events = self.events_out.take();
+        if events.is_empty() {
+            return;
+        }
         let n = events.len();
         if let Err(e) = self.store.submit(StoreCmd::new(Op::OutboxAppend { events }, |_| ())) {
             tracing::warn!(shard = self.id, events = n, error = %e, "events not queued for the outbox");
+        }
+    }
+
+    /// Writes the event batch `events.batch_wait_ms` after its first event. Runs as long as
+    /// the shard's executor; what is pending when the shard stops is written by `run_shard`.
+    pub async fn event_flush_loop(self: Rc<Self>) {
+        let Some(signal) = self.events_out_signal.borrow_mut().take() else { return };
+        while signal.recv().await.is_some() {
+            glommio::timer::sleep(self.config.events.batch_wait).await;
+            self.write_events();
         }
     }
 

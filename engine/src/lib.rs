@@ -39,6 +39,7 @@ pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod error;
+pub mod event_batch;
 pub mod events;
 pub mod groups;
 pub mod mesh;

@@ -386,6 +386,7 @@ async fn run_shard(start: ShardStart) {
     let (mesh, receivers) = ends.connect(id).await;
     let shard = Rc::new(Shard::new(id, config.clone(), keys, shared, mesh, store, commits));
     glommio::spawn_local(shard.clone().commit_loop()).detach();
+    glommio::spawn_local(shard.clone().event_flush_loop()).detach();
     // Serving parked terminals is terminal work: it shares the terminal queue, not the API's.
     shard.spawn_terminal_task(crate::conn::unpark_loop(shard.clone()));
     for (_, rx) in receivers {
@@ -478,6 +479,8 @@ async fn run_shard(start: ShardStart) {
     while shard.live_sessions() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
+    // Events still gathering (`user.offline` of the terminals just closed, among others).
+    shard.write_events();
     if let Some(parking) = &shard.parking {
         parking.stop();
     }

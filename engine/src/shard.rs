@@ -19,6 +19,7 @@ use ether_proto::frame::{ClientFrameRef, ServerFrame};
 use ether_proto::ids::Chat;
 use ether_proto::{ApiError, ErrorCode, Kind};
 use futures_channel::oneshot;
+use glommio::channels::local_channel::LocalReceiver;
 use glommio::{Latency, Shares, TaskQueueHandle};
 use serde_json::value::RawValue;
 use slab::Slab;
@@ -27,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::error::EngineError;
+use crate::event_batch::EventBatch;
 use crate::mesh::{FanoutMesh, ShardMsg};
 use crate::message::{encode_for, frame_set, unix_now_ms, IdGen, NewMessage, Wire};
 use crate::parking::{Parking, WakeList};
@@ -177,6 +179,10 @@ pub struct Shard {
     /// This shard's even share of `limits.api_requests_per_s` / `_burst` (None: no limit).
     pub(crate) api_rate: Option<Rate>,
     pub(crate) api_gate: Gate,
+    /// Events on their way to the outbox (`events.batch_wait_ms`).
+    pub(crate) events_out: EventBatch,
+    /// What `event_flush_loop` waits on (taken by it when it starts).
+    pub(crate) events_out_signal: RefCell<Option<LocalReceiver<()>>>,
 }
 
 impl Shard {
@@ -201,6 +207,7 @@ impl Shard {
         let wake_list = parking.as_ref().map_or_else(|| Rc::new(WakeList::default()), |p| p.woken.clone());
         let park_ticks = park_ticks(&config);
         let generator_base = node.cluster().map_or(0, |c| c.generator_base);
+        let (events_out, events_out_signal) = EventBatch::new(!config.events.batch_wait.is_zero());
         Shard {
             id,
             shards: config.node.shards,
@@ -243,6 +250,8 @@ impl Shard {
             request_rate: Rate::new(config.limits.terminal_requests_per_s, config.limits.terminal_requests_burst),
             api_rate: api_share(&config),
             api_gate: Gate::default(),
+            events_out,
+            events_out_signal: RefCell::new(Some(events_out_signal)),
             config,
         }
     }

@@ -39,3 +39,49 @@ fn events_reach_the_webhook_signed_and_retried() {
     assert!(*hook.posts.lock().unwrap() >= 3, "the first two posts failed and were retried");
     assert_eq!(*hook.bad_signatures.lock().unwrap(), 0, "every batch is signed with the webhook secret");
 }
+
+/// Events wait in their shard's batch (`events.batch_wait_ms`), here for long enough that a
+/// read would overtake the delivery before it if the batch were not written first: the outbox
+/// keeps the order in which the terminal's actions happened.
+#[test]
+fn batched_events_keep_the_order_of_what_happened() {
+    let hook = receiver(0);
+    let node = TestNode::with(|c| {
+        c.events.webhook = Some(webhook(&hook));
+        c.events.batch_wait = Duration::from_millis(1500);
+    });
+    let gw = node.gateway();
+    let mut pat = node.terminal("pat", "phone");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(gw.send_message(&text("oli", "pat", &format!("m{i}"))).unwrap().id);
+    }
+    let mut last = 0;
+    for id in &sent {
+        let got = next_msg(&mut pat);
+        assert_eq!(&got.id, id);
+        pat.ack(got.seq).unwrap();
+        last = got.seq;
+    }
+    pat.send_frame(&ClientFrame::Read { chat: "u:oli".into(), seq: last }).unwrap();
+    pat.close().unwrap();
+    let all = hook.wait_for(|e| has(e, "message.read", "pat") && has(e, "user.offline", "pat"));
+    let seq_of = |e: &serde_json::Value| e["event_id"].as_str().and_then(|s| s.parse::<u64>().ok()).unwrap();
+    let mut order: Vec<(u64, String)> = all
+        .iter()
+        .filter(|e| e["user"] == "pat")
+        .map(|e| {
+            let what = match e["type"].as_str().unwrap() {
+                "message.delivered" => format!("delivered {}", e["id"].as_str().unwrap()),
+                other => other.to_owned(),
+            };
+            (seq_of(e), what)
+        })
+        .collect();
+    order.sort();
+    let order: Vec<String> = order.into_iter().map(|(_, w)| w).collect();
+    let mut want = vec!["user.online".to_owned()];
+    want.extend(sent.iter().map(|id| format!("delivered {id}")));
+    want.extend(["message.read".to_owned(), "user.offline".to_owned()]);
+    assert_eq!(order, want, "outbox order (by event_id)");
+}
