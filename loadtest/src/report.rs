@@ -222,6 +222,12 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
     row("tool CPU connect / main", &|r| {
         format!("{:.0}% / {:.0}% ({} threads)", r.cpu.tool_connect_pct, r.cpu.tool_main_pct, r.cpu.tool_threads)
     });
+    if out.runs.iter().any(|r| r.cpu.server_us_per_delivery.is_some()) {
+        row("CPU per delivered message, server / tool (main phase)", &|r| {
+            let us = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1} µs"));
+            format!("{} / {}", us(r.cpu.server_us_per_delivery), us(r.cpu.tool_us_per_delivery))
+        });
+    }
     row("other processes' CPU connect / main", &|r| {
         format!("{:.0}% / {:.0}%", r.cpu.others_connect_pct, r.cpu.others_main_pct)
     });

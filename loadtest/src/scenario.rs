@@ -312,6 +312,22 @@ pub struct CpuFigures {
     pub others_main_pct: f64,
     pub cores: usize,
     pub tool_threads: usize,
+    /// Main-phase CPU seconds per message received, in microseconds (scenarios that push):
+    /// what one delivery costs the server (all its processes) and the tool, a figure that
+    /// holds whether or not the machine was saturated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_us_per_delivery: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_us_per_delivery: Option<f64>,
+}
+
+impl CpuFigures {
+    /// Sets the per-delivery figures from the main phase's CPU seconds and its deliveries.
+    fn per_delivery(&mut self, received: u64) {
+        let per = |cpu_s: f64| (received > 0 && cpu_s > 0.0).then(|| cpu_s * 1e6 / received as f64);
+        self.server_us_per_delivery = per(self.server_cpu_s);
+        self.tool_us_per_delivery = per(self.tool_cpu_s);
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -552,6 +568,9 @@ fn ratios(engine: &RunResult, wire: &RunResult) -> serde_json::Value {
     });
     if let (Some(e), Some(w)) = (&engine.messages, &wire.messages) {
         v["delivered_per_s"] = ratio(e.delivered_per_s, w.delivered_per_s);
+        if let (Some(e), Some(w)) = (engine.cpu.server_us_per_delivery, wire.cpu.server_us_per_delivery) {
+            v["server_us_per_delivery"] = ratio(e, w);
+        }
         v["latency_p50"] = ratio(e.latency.p50_ms, w.latency.p50_ms);
         v["latency_p99"] = ratio(e.latency.p99_ms, w.latency.p99_ms);
         if let (Some(eg), Some(wg)) = (&e.group, &w.group) {
@@ -1019,8 +1038,14 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         others_main_pct: (machine_main_pct - server_main_pct - tool_main_pct).max(0.0),
         cores,
         tool_threads,
+        server_us_per_delivery: None,
+        tool_us_per_delivery: None,
     };
     let messages = opts.scenario.pushes().then(|| msg_figures(opts, &main, &fr, msg_hist.summary()));
+    let mut cpu = cpu;
+    if let Some(m) = &messages {
+        cpu.per_delivery(m.received);
+    }
     let mut result = RunResult {
         target: target.kind,
         client_addr: target.client.to_string(),

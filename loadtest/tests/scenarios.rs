@@ -391,7 +391,14 @@ fn chat_against_the_engine_and_the_wire_limit() {
         // The sender's own copy comes back on its inbox; reads bring receipts to the peer.
         assert_eq!(m["chat"]["echoes"], sent, "{r}");
         assert!(m["chat"]["reads_sent"].as_u64().unwrap() > 0, "{r}");
+        // What a delivery cost the server and the tool: main-phase CPU over deliveries.
+        let cpu = &r["cpu"];
+        let per = cpu["server_us_per_delivery"].as_f64().unwrap();
+        let want = cpu["server_cpu_s"].as_f64().unwrap() * 1e6 / sent as f64;
+        assert!((per - want).abs() <= want * 1e-9 + 1e-9, "{r}");
+        assert!(cpu["tool_us_per_delivery"].as_f64().unwrap() > 0.0, "{r}");
     }
+    assert!(v["ratios"]["server_us_per_delivery"].as_f64().unwrap() > 0.0, "{v}");
     assert_no_duplicates(&v);
     assert_recorded(&v, tmp.path(), "chat");
 }
