@@ -4,11 +4,11 @@
 //! outbox write (an SQLite insert loop, or one Redis function call in cluster mode) carries
 //! many events instead of one per acked message.
 //!
-//! Owns the pending events and the flush signal; must not touch sessions or the store's
-//! queue other than through [`EventBatch::take`]'s caller (the shard submits what it takes).
-//! Order is kept: events leave in the order they were added, and the shard takes whatever is
-//! pending before it submits a command that writes an event itself (`SetRead`), so the
-//! outbox never has a read before the deliveries made earlier on the same shard.
+//! Owns the pending events and the flush signal; never touches sessions or the store (the
+//! shard submits what [`EventBatch::take`] hands it). Order is kept: events leave in the
+//! order they were added, and the shard takes whatever is pending before it submits a command
+//! that writes an event itself (`SetRead`), so the outbox never has a read before the
+//! deliveries made earlier on the same shard.
 use std::cell::{Cell, RefCell};
 
 use ether_store::NewEvent;
