@@ -158,6 +158,7 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     history_orders(make());
     heads_and_sync(make());
     delivery_never_backwards(make());
+    delivery_positions_in_one_batch(make());
     read_never_backwards(make());
     unread_counts(make());
     outbox_in_order(make());
@@ -363,6 +364,57 @@ pub fn delivery_never_backwards<B: StoreBackend>(mut b: B) {
     assert_eq!(d.groups, BTreeMap::from([("dg".to_string(), 1)]));
     let d = ok(&mut b, Op::GetDelivered { user: "y".into(), device: "laptop".into() }).delivered().expect("delivered");
     assert_eq!(d.inbox_seq, 1);
+}
+
+/// Consecutive delivery positions in one batch (a shard's acks of one tick, which the Redis
+/// backend sends as one call) are answered each on its own and in order: a refused one (an
+/// unknown group) refuses only itself, a later position of the same device sees the earlier
+/// one, a message appended between two runs moves the head they are clamped to, and a run
+/// longer than one call holds is answered in full.
+pub fn delivery_positions_in_one_batch<B: StoreBackend>(mut b: B) {
+    for _ in 0..3 {
+        send(&mut b, "x", "y", "m");
+    }
+    create_group(&mut b, "dp", "y", &[]);
+    ok(&mut b, group_text("y", "dp", None, "g"));
+    let set = |user: &str, device: &str, group: Option<&str>, seq| Op::SetDelivered {
+        user: user.into(),
+        device: device.into(),
+        group: group.map(Into::into),
+        seq,
+    };
+    let r = b.apply_batch(&[
+        set("y", "phone", None, 2),
+        set("y", "phone", None, 1),
+        set("y", "phone", Some("nogroup"), 1),
+        set("y", "phone", Some("dp"), 5),
+        set("y", "phone", None, 9),
+        text("x", "y", None, "4"),
+        set("y", "phone", None, 9),
+        set("x", "web", None, 1),
+    ]);
+    let pos = |i: usize| r[i].clone().expect("a position");
+    assert_eq!(r.len(), 8);
+    assert_eq!(pos(0), Reply::Position { prev: 0, seq: 2 });
+    assert_eq!(pos(1), Reply::Position { prev: 2, seq: 2 });
+    assert!(matches!(r[2], Err(StoreError::NotFound)), "{:?}", r[2]);
+    assert_eq!(pos(3), Reply::Position { prev: 0, seq: 1 });
+    assert_eq!(pos(4), Reply::Position { prev: 2, seq: 3 });
+    assert_eq!(r[5].clone().and_then(Reply::appended).expect("appended").receiver_seq, 4);
+    assert_eq!(pos(6), Reply::Position { prev: 3, seq: 4 });
+    assert_eq!(pos(7), Reply::Position { prev: 0, seq: 1 });
+    let d = ok(&mut b, Op::GetDelivered { user: "y".into(), device: "phone".into() }).delivered().expect("delivered");
+    assert_eq!((d.inbox_seq, d.groups), (4, BTreeMap::from([("dp".to_string(), 1)])));
+
+    let devices: Vec<String> = (0..300).map(|i| format!("d{i}")).collect();
+    let run: Vec<Op> = devices.iter().enumerate().map(|(i, d)| set("y", d, None, 1 + i as u64 % 4)).collect();
+    let r = b.apply_batch(&run);
+    assert_eq!(r.len(), 300);
+    for (i, r) in r.into_iter().enumerate() {
+        assert_eq!(r.expect("a position"), Reply::Position { prev: 0, seq: 1 + i as u64 % 4 });
+    }
+    let d = ok(&mut b, Op::GetDelivered { user: "y".into(), device: "d299".into() }).delivered().expect("delivered");
+    assert_eq!(d.inbox_seq, 4);
 }
 
 /// Read positions never move backwards, are clamped to the head, name the newest message of

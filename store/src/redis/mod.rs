@@ -16,11 +16,14 @@
 //! is written and the rest of its batch is unaffected. Input the SQLite backend refuses as
 //! `Invalid` is refused here in Rust, before Redis is asked.
 //!
-//! A batch is one pipeline of `EVALSHA`s, applied by Redis in submission order. Scripts are
-//! loaded (`SCRIPT LOAD`) on every (re)connect; an op answered `NOSCRIPT` (the script cache
-//! was flushed) did not run and is run again once the scripts are loaded (only a flush in the
-//! middle of a pipeline, with another client loading the scripts at once, could let a later
-//! op of the batch run before it). A batch is not one transaction:
+//! A batch is one pipeline of calls, applied by Redis in submission order; a run of
+//! consecutive `SetDelivered` ops (a shard saves its terminals' ack positions together every
+//! tick) is one `set_delivered_many` call of at most `POSITIONS_PER_CALL_MAX` positions, each
+//! answered on its own. Scripts are loaded (`SCRIPT LOAD`) on every (re)connect; an op
+//! answered `NOSCRIPT` (the script cache was flushed) did not run and is run again once the
+//! scripts are loaded (only a flush in the middle of a pipeline, with another client loading
+//! the scripts at once, could let a later op of the batch run before it). A batch is not one
+//! transaction:
 //! ops are atomic one by one, which is what the [`StoreBackend`] contract needs (each op's
 //! failure isolated, results in order). A connection failure answers
 //! [`StoreError::Unavailable`] for every op of the pipeline it hit (some may have been
@@ -68,6 +71,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest seq, counter or limit handed to a script (exact in a Lua double).
 const NUM_MAX: u64 = 1 << 52;
+/// Most delivery positions in one `set_delivered_many` call (a run of consecutive
+/// `SetDelivered` ops of a batch; a longer run takes several calls).
+const POSITIONS_PER_CALL_MAX: usize = 256;
 
 /// How the Redis store is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,10 +126,12 @@ enum S {
     GroupsOf,
     GroupReads,
     Purge,
+    /// Several `SetDelivered` ops of a batch in one call (see [`RedisBackend::apply_batch`]).
+    SetDeliveredMany,
 }
 
 impl S {
-    const ALL: [S; 24] = [
+    const ALL: [S; 25] = [
         S::Append,
         S::AppendGroup,
         S::ReadInbox,
@@ -148,6 +156,7 @@ impl S {
         S::GroupsOf,
         S::GroupReads,
         S::Purge,
+        S::SetDeliveredMany,
     ];
 
     /// The function in `store.lua`.
@@ -177,6 +186,7 @@ impl S {
             S::GroupsOf => "groups_of",
             S::GroupReads => "group_reads",
             S::Purge => "purge",
+            S::SetDeliveredMany => "set_delivered_many",
         }
     }
 }
@@ -837,23 +847,56 @@ fn decode(op: &Op, v: Value) -> Result<Reply, StoreError> {
 }
 
 impl StoreBackend for RedisBackend {
+    /// One pipeline for the batch, one call per op, except that a run of consecutive
+    /// `SetDelivered` ops (a shard's ack positions, saved together every tick) goes as one
+    /// `set_delivered_many` call: order is kept, each position is answered on its own.
     fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Reply, StoreError>> {
         let now = unix_ms();
         let mut out: Vec<Option<Result<Reply, StoreError>>> = Vec::with_capacity(ops.len());
-        let mut calls: Vec<(usize, Call)> = Vec::with_capacity(ops.len());
+        // Each call with the ops it answers, in op order.
+        let mut calls: Vec<(Vec<usize>, Call)> = Vec::with_capacity(ops.len());
         for (i, op) in ops.iter().enumerate() {
             match self.prepare(op, now) {
                 Ok(c) => {
-                    calls.push((i, c));
                     out.push(None);
+                    if let Some((answers, last)) = calls.last_mut() {
+                        let run = c.script == S::SetDelivered
+                            && matches!(last.script, S::SetDelivered | S::SetDeliveredMany)
+                            && answers.last() == Some(&(i - 1))
+                            && answers.len() < POSITIONS_PER_CALL_MAX;
+                        if run {
+                            // The prefix is the first argument of both.
+                            last.script = S::SetDeliveredMany;
+                            last.args.extend(c.args.into_iter().skip(1));
+                            answers.push(i);
+                            continue;
+                        }
+                    }
+                    calls.push((vec![i], c));
                 }
                 Err(e) => out.push(Some(Err(e))),
             }
         }
         let refs: Vec<&Call> = calls.iter().map(|(_, c)| c).collect();
         let replies = self.run(&refs);
-        for ((i, _), r) in calls.iter().zip(replies) {
-            out[*i] = Some(r.and_then(|v| decode(&ops[*i], v)));
+        for ((answers, call), r) in calls.iter().zip(replies) {
+            if call.script != S::SetDeliveredMany {
+                let i = answers[0];
+                out[i] = Some(r.and_then(|v| decode(&ops[i], v)));
+                continue;
+            }
+            match r.and_then(outcome) {
+                Ok(mut each) => {
+                    for &i in answers {
+                        out[i] = Some(next(&mut each).and_then(|v| decode(&ops[i], v)));
+                    }
+                }
+                Err(e) => {
+                    for &i in answers {
+                        out[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
         }
         out.into_iter().map(|r| r.unwrap_or_else(|| Err(unavailable("no reply")))).collect()
     }

@@ -441,9 +441,8 @@ function OPS.group_history()
   return { 'ok', page(k('gl:', gid), group_head(gid), lo, hi, asc, limit, nil, group_entry(group)) }
 end
 
--- ARGV: P, user, device, group ('' = inbox), seq
-function OPS.set_delivered()
-  local user, device, group, seq = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+-- One delivery position (set_delivered and each of set_delivered_many): its reply.
+local function set_delivered(user, device, group, seq)
   local chat, head
   if group == '' then
     chat, head = 'i', inbox_head(user)
@@ -462,6 +461,22 @@ function OPS.set_delivered()
   end
   call('SADD', k('users'), user)
   return { 'ok', prev, new }
+end
+
+-- ARGV: P, user, device, group ('' = inbox), seq
+function OPS.set_delivered()
+  return set_delivered(ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]))
+end
+
+-- Several positions in one call (consecutive SetDelivered ops of a batch, in order).
+-- ARGV: P, then user, device, group, seq for each. Returns {'ok', reply1, reply2, ...}, each
+-- reply as set_delivered's (a refusal refuses only its own position).
+function OPS.set_delivered_many()
+  local out = { 'ok' }
+  for i = 2, #ARGV, 4 do
+    out[#out + 1] = set_delivered(ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3]))
+  end
+  return out
 end
 
 -- ARGV: P, user, device
