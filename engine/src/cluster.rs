@@ -82,26 +82,38 @@ fn node_bus_key(node: &str) -> String {
     format!("{KEY_PREFIX}bus:{node}")
 }
 
-/// Appends a bus entry to the own stream of every live node, other than the sender, that
-/// holds a terminal of the user. KEYS[1]: the user's presence hash (fields `<node>/<device>`;
-/// node ids have no `/`). ARGV: the sending node, the entry, the streams' `MAXLEN ~`, the key
-/// prefix. Returns how many nodes got it. The streams and registry keys it touches are named
-/// from the presence (single Redis only, like the store's functions).
+/// Appends bus entries to the own streams of the live nodes, other than the sender, that hold
+/// a terminal of each entry's user, in order. KEYS: the users' presence hashes (fields
+/// `<node>/<device>`; node ids have no `/`), one per entry. ARGV: the sending node, the
+/// streams' `MAXLEN ~`, the key prefix, then the entries (ARGV[3 + i] goes with KEYS[i]).
+/// Returns how many appends it made. The streams and registry keys it touches are named from
+/// the presence (single Redis only, like the store's functions). One call carries a run of
+/// consecutive routed publishes (at most [`ROUTES_PER_CALL_MAX`]): a message's two (receiver
+/// and sender) and those of the messages committed with it.
 const ROUTE_SCRIPT: &str = r"
-local nodes = {}
-for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local node = string.match(field, '^([^/]+)/')
-  if node and node ~= ARGV[1] then nodes[node] = true end
-end
+local alive = {}
 local n = 0
-for node, _ in pairs(nodes) do
-  if redis.call('EXISTS', ARGV[4] .. 'node:' .. node) == 1 then
-    redis.call('XADD', ARGV[4] .. 'bus:' .. node, 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
-    n = n + 1
+for i = 1, #KEYS do
+  local nodes = {}
+  for _, field in ipairs(redis.call('HKEYS', KEYS[i])) do
+    local node = string.match(field, '^([^/]+)/')
+    if node and node ~= ARGV[1] then nodes[node] = true end
+  end
+  for node, _ in pairs(nodes) do
+    if alive[node] == nil then
+      alive[node] = redis.call('EXISTS', ARGV[3] .. 'node:' .. node) == 1
+    end
+    if alive[node] then
+      redis.call('XADD', ARGV[3] .. 'bus:' .. node, 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3 + i])
+      n = n + 1
+    end
   end
 end
 return n
 ";
+
+/// Most routed publishes in one [`ROUTE_SCRIPT`] call.
+const ROUTES_PER_CALL_MAX: usize = 256;
 
 fn node_key(node: &str) -> String {
     format!("{KEY_PREFIX}node:{node}")
@@ -818,23 +830,24 @@ impl OutWorker {
                 pipe.cmd("SET").arg(generator_key(slot)).arg(&node_id).arg("PX").arg(ttl).ignore();
             }
         }
+        // Consecutive routed publishes, sent as one route call (order kept: any other item
+        // sends them first).
+        let mut routes: Vec<(String, String)> = Vec::new();
         for item in batch.drain(..) {
+            if !matches!(&item, Out::Publish(event) if event.addressee().is_some()) {
+                route_call(&mut pipe, &route_sha, &node_id, &mut routes);
+            }
             match item {
                 Out::Publish(event) => {
                     let addressee = event.addressee().map(presence_key);
                     let text = serde_json::to_string(&Envelope { node: node_id.clone(), event }).unwrap_or_default();
                     match addressee {
                         Some(presence) => {
-                            // Not ignored: the pipeline's answer is each route's append count.
-                            pipe.cmd("EVALSHA")
-                                .arg(&route_sha)
-                                .arg(1)
-                                .arg(presence)
-                                .arg(&node_id)
-                                .arg(text)
-                                .arg(BUS_LEN)
-                                .arg(KEY_PREFIX);
+                            routes.push((presence, text));
                             routed += 1;
+                            if routes.len() == ROUTES_PER_CALL_MAX {
+                                route_call(&mut pipe, &route_sha, &node_id, &mut routes);
+                            }
                         }
                         None => {
                             pipe.cmd("XADD")
@@ -862,6 +875,7 @@ impl OutWorker {
                 Out::TerminalsElsewhere { reply } => counts.push(reply),
             }
         }
+        route_call(&mut pipe, &route_sha, &node_id, &mut routes);
         let appends: Vec<u64> = pipe.query(con)?;
         let c = &self.counters;
         add(&c.published_shared, shared);
@@ -881,6 +895,22 @@ impl OutWorker {
             }
         }
         Ok(())
+    }
+}
+
+/// Adds one [`ROUTE_SCRIPT`] call for the pending routed publishes (none if there are none).
+/// Not ignored: the pipeline's answer is each route call's append count.
+fn route_call(pipe: &mut redis::Pipeline, sha: &str, node_id: &str, routes: &mut Vec<(String, String)>) {
+    if routes.is_empty() {
+        return;
+    }
+    pipe.cmd("EVALSHA").arg(sha).arg(routes.len());
+    for (presence, _) in routes.iter() {
+        pipe.arg(presence);
+    }
+    pipe.arg(node_id).arg(BUS_LEN).arg(KEY_PREFIX);
+    for (_, entry) in routes.drain(..) {
+        pipe.arg(entry);
     }
 }
 
@@ -1164,6 +1194,44 @@ mod tests {
         assert!(stream_id("5-10") > stream_id("5-9"));
         assert_eq!(stream_id("0-0"), (0, 0));
         assert_eq!(stream_id("junk"), (0, 0));
+    }
+
+    #[test]
+    fn one_route_call_takes_each_entry_to_the_nodes_of_its_own_user() {
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+        let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        let sha: String = redis::cmd("SCRIPT").arg("LOAD").arg(ROUTE_SCRIPT).query(&mut con).unwrap();
+        // b and c are live; d left terminals in presence but is gone; a sends.
+        for node in ["a", "b", "c"] {
+            redis::cmd("SET").arg(node_key(node)).arg("{}").query::<()>(&mut con).unwrap();
+        }
+        let present = |con: &mut redis::Connection, user: &str, field: &str| {
+            redis::cmd("HSET").arg(presence_key(user)).arg(field).arg("{}").query::<()>(con).unwrap();
+        };
+        present(&mut con, "u1", "b/phone");
+        present(&mut con, "u2", "c/phone");
+        present(&mut con, "u2", "b/desk");
+        present(&mut con, "u3", "a/phone"); // the sender's own: not routed
+        present(&mut con, "u4", "d/phone"); // a dead node: not routed
+        let entries = ["e1", "e2", "e3", "e4", "e5"];
+        let users = ["u1", "u2", "u3", "u4", "u1"];
+        let mut routes: Vec<(String, String)> =
+            users.iter().zip(entries).map(|(u, e)| (presence_key(u), e.to_string())).collect();
+        let mut pipe = redis::pipe();
+        route_call(&mut pipe, &sha, "a", &mut routes);
+        assert!(routes.is_empty());
+        route_call(&mut pipe, &sha, "a", &mut routes); // nothing pending: no call
+        let appends: Vec<u64> = pipe.query(&mut con).unwrap();
+        assert_eq!(appends, [4]);
+        let stream = |con: &mut redis::Connection, node: &str| -> Vec<String> {
+            let rows: Vec<(String, Vec<(String, String)>)> =
+                redis::cmd("XRANGE").arg(node_bus_key(node)).arg("-").arg("+").query(con).unwrap();
+            rows.into_iter().map(|(_, fields)| fields[0].1.clone()).collect()
+        };
+        assert_eq!(stream(&mut con, "b"), ["e1", "e2", "e5"]);
+        assert_eq!(stream(&mut con, "c"), ["e2"]);
+        assert!(stream(&mut con, "a").is_empty());
+        assert!(stream(&mut con, "d").is_empty());
     }
 
     #[test]
