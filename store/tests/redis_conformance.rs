@@ -361,6 +361,37 @@ fn outbox_events_reach_the_events_stream() {
     }
 }
 
+/// A read's `message.read` event takes the same way as the engine's other events: into the
+/// events stream, and into the outbox only when the outbox is on. (It used to go to the outbox
+/// always and never to the stream: in cluster mode without a webhook the stream missed every
+/// read and the outbox kept them forever, nobody fetching or acking them.)
+#[test]
+fn read_events_reach_the_events_stream_and_the_outbox_only_when_kept() {
+    let Some(redis) = redis() else { return };
+    for outbox in [true, false] {
+        let stream = format!("reads-{outbox}");
+        let prefix = format!("rd-{outbox}:");
+        let opts = RedisOptions { prefix: prefix.clone(), events_stream: Some(stream.clone()), outbox };
+        let mut b = RedisBackend::open(&redis.url(), opts).unwrap();
+        let m = b.apply(text("p", "r", None, "hi")).unwrap().appended().unwrap();
+        let read = Op::SetRead { user: "r".into(), chat: "u:p".into(), seq: m.receiver_seq, emit_event: true };
+        assert!(b.apply(read).unwrap().read().unwrap().moved);
+        let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        let entries: Vec<(String, Vec<(String, String)>)> =
+            ::redis::cmd("XRANGE").arg(&stream).arg("-").arg("+").query(&mut con).unwrap();
+        assert_eq!(entries.len(), 1, "outbox {outbox}: {entries:?}");
+        let fields = &entries[0].1;
+        assert_eq!(fields[0], ("event_id".to_owned(), "1".to_owned()));
+        assert_eq!(fields[1], ("type".to_owned(), "message.read".to_owned()));
+        let data: serde_json::Value = serde_json::from_str(&fields[3].1).unwrap();
+        assert_eq!((data["chat"].as_str(), data["user"].as_str()), (Some("u:p"), Some("r")));
+        let fetched = b.apply(Op::OutboxFetch { after: 0, limit: 10 }).unwrap().events().unwrap();
+        assert_eq!(fetched.len(), usize::from(outbox), "outbox kept: {outbox}");
+        let kept: Vec<String> = ::redis::cmd("KEYS").arg(format!("{prefix}ev:*")).query(&mut con).unwrap();
+        assert_eq!(kept.len(), usize::from(outbox), "outbox {outbox}: {kept:?}");
+    }
+}
+
 /// On Redis 7 the ops run as one loaded function library (not as scripts that define the whole
 /// library on every call), and a flushed library is loaded again.
 #[test]

@@ -565,7 +565,16 @@ impl RedisBackend {
                     Some(Chat::Group(g)) => ("g", g),
                     None => return Err(StoreError::Invalid("chat: expected u:<user> or g:<group>".into())),
                 };
-                Call::new(S::SetRead, p).s(user).s(kind).s(&id).n(*seq).flag(*emit_event).s(&now_ms.to_string())
+                Call::new(S::SetRead, p)
+                    .s(user)
+                    .s(kind)
+                    .s(&id)
+                    .n(*seq)
+                    .flag(*emit_event)
+                    .s(&now_ms.to_string())
+                    .s(self.events_stream.as_deref().unwrap_or(""))
+                    .n(EVENTS_STREAM_LEN)
+                    .flag(self.outbox)
             }
             Op::Unread { user } => Call::new(S::Unread, p).s(user),
             Op::OutboxAppend { events } => {

@@ -503,7 +503,24 @@ function OPS.get_delivered()
   return { 'ok', out }
 end
 
--- ARGV: P, user, chat kind ('u' | 'g'), chat id, seq, emit ('1'|'0'), now_ms
+-- One event: a new outbox seq, kept in the outbox (`keep`: someone fetches and acks it) and
+-- appended to the events stream (stream ~= ''), as the engine's configuration asks. Returns
+-- the seq.
+local function add_event(stream, stream_len, keep, ts, kind, data)
+  local s = call('INCR', k('obseq'))
+  if keep then
+    call('HSET', k('ev:', s), 'ts', ts, 'kind', kind, 'data', data)
+    call('ZADD', k('ob'), s, s)
+  end
+  if stream ~= '' then
+    call('XADD', stream, 'MAXLEN', '~', stream_len, '*', 'event_id', s, 'type', kind, 'ts', ts, 'data', data)
+  end
+  return s
+end
+
+-- ARGV: P, user, chat kind ('u' | 'g'), chat id, seq, emit ('1'|'0'), now_ms, then the event's
+-- destinations as outbox_append's: events stream ('' = none), its approximate length, keep in
+-- the outbox ('1'|'0')
 function OPS.set_read()
   local user, ck, cid, seq, emit, now = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
   local key, stream, head, peer
@@ -545,9 +562,7 @@ function OPS.set_read()
       end
       local chat = ck .. ':' .. cid
       local data = '{"chat":"' .. chat .. '","seq":' .. fmt(new) .. ',"up_to":' .. u .. ',"user":"' .. user .. '"}'
-      local s = call('INCR', k('obseq'))
-      call('HSET', k('ev:', s), 'ts', now, 'kind', 'message.read', 'data', data)
-      call('ZADD', k('ob'), s, s)
+      add_event(ARGV[8], ARGV[9], ARGV[10] == '1', now, 'message.read', data)
     end
   end
   call('SADD', k('users'), user)
@@ -611,15 +626,7 @@ function OPS.outbox_append()
   local first, last = 0, 0
   local stream, stream_len, keep = ARGV[2], ARGV[3], ARGV[4] == '1'
   for i = 5, #ARGV, 3 do
-    local s = call('INCR', k('obseq'))
-    if keep then
-      call('HSET', k('ev:', s), 'ts', ARGV[i], 'kind', ARGV[i + 1], 'data', ARGV[i + 2])
-      call('ZADD', k('ob'), s, s)
-    end
-    if stream ~= '' then
-      call('XADD', stream, 'MAXLEN', '~', stream_len, '*',
-        'event_id', s, 'type', ARGV[i + 1], 'ts', ARGV[i], 'data', ARGV[i + 2])
-    end
+    local s = add_event(stream, stream_len, keep, ARGV[i], ARGV[i + 1], ARGV[i + 2])
     if first == 0 then
       first = s
     end
