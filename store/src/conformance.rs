@@ -159,6 +159,7 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     heads_and_sync(make());
     delivery_never_backwards(make());
     delivery_positions_in_one_batch(make());
+    messages_in_one_batch(make());
     read_never_backwards(make());
     unread_counts(make());
     outbox_in_order(make());
@@ -415,6 +416,70 @@ pub fn delivery_positions_in_one_batch<B: StoreBackend>(mut b: B) {
     }
     let d = ok(&mut b, Op::GetDelivered { user: "y".into(), device: "d299".into() }).delivered().expect("delivered");
     assert_eq!(d.inbox_seq, 4);
+}
+
+/// Consecutive messages of one batch (which a backend may store in one call) are each
+/// answered on their own, in order: a later one sees the earlier ones (seqs, its cid), a
+/// refused one writes nothing and does not stop the rest, and a long run keeps every seq.
+pub fn messages_in_one_batch<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "mb", "x", &["y"]);
+    let appended = |r: &Result<Reply, StoreError>| r.clone().and_then(Reply::appended).expect("appended");
+    let in_group = |r: &Result<Reply, StoreError>| match r.clone().expect("group appended") {
+        Reply::GroupAppended(a) => a,
+        other => panic!("not a group append: {other:?}"),
+    };
+    let r = b.apply_batch(&[
+        text("x", "y", Some("c1"), "1"),
+        text("x", "y", Some("c1"), "1 again"),
+        text("y", "y", None, "to myself"),
+        text("x", "bad user", None, "refused in Rust"),
+        text("y", "x", None, "2"),
+        group_text("x", "mb", Some("g1"), "g1"),
+        group_text("z", "mb", None, "not a member"),
+        group_text("y", "nogroup", None, "no group"),
+        group_text("x", "mb", Some("g1"), "g1 again"),
+        group_text("y", "mb", None, "g2"),
+        text("x", "y", None, "3"),
+    ]);
+    assert_eq!(r.len(), 11);
+    let first = appended(&r[0]);
+    assert_eq!((first.receiver_seq, first.sender_seq, first.duplicate), (1, Some(1), false));
+    let again = appended(&r[1]);
+    assert_eq!((again.id, again.receiver_seq, again.duplicate), (first.id, 1, true), "same cid, same message");
+    let own = appended(&r[2]);
+    assert_eq!((own.receiver_seq, own.sender_seq), (2, None));
+    assert!(matches!(r[3], Err(StoreError::Invalid(_))), "{:?}", r[3]);
+    let back = appended(&r[4]);
+    assert_eq!((back.receiver_seq, back.sender_seq), (2, Some(3)));
+    let g1 = in_group(&r[5]);
+    assert_eq!((g1.seq, g1.duplicate), (1, false));
+    assert!(matches!(r[6], Err(StoreError::Forbidden(_))), "{:?}", r[6]);
+    assert!(matches!(r[7], Err(StoreError::NotFound)), "{:?}", r[7]);
+    let g1_again = in_group(&r[8]);
+    assert_eq!((g1_again.id, g1_again.seq, g1_again.duplicate), (g1.id, 1, true));
+    assert_eq!(in_group(&r[9]).seq, 2);
+    assert_eq!(appended(&r[10]).receiver_seq, 4);
+    let y: Vec<(u64, String)> = inbox(&mut b, "y").iter().map(|e| (e.seq, body_text(e))).collect();
+    let texts = |v: &[(u64, &str)]| v.iter().map(|(s, t)| (*s, t.to_string())).collect::<Vec<_>>();
+    assert_eq!(y, texts(&[(1, "1"), (2, "to myself"), (3, "2"), (4, "3")]));
+    let page = ok(&mut b, Op::ReadGroup { group: "mb".into(), after_seq: 0, limit: 10 }).page().expect("page");
+    assert_eq!(page.entries.iter().map(|e| (e.seq, body_text(e))).collect::<Vec<_>>(), texts(&[(1, "g1"), (2, "g2")]));
+
+    let run: Vec<Op> = (0..300).map(|i| text("s", &format!("r{}", i % 3), None, &i.to_string())).collect();
+    let r = b.apply_batch(&run);
+    assert_eq!(r.len(), 300);
+    for (i, r) in r.iter().enumerate() {
+        let a = appended(r);
+        assert_eq!((a.receiver_seq, a.sender_seq), (1 + i as u64 / 3, Some(1 + i as u64)), "message {i}");
+    }
+    let run: Vec<Op> = (0..300).map(|i| group_text(["x", "y"][i % 2], "mb", None, &i.to_string())).collect();
+    let r = b.apply_batch(&run);
+    for (i, r) in r.iter().enumerate() {
+        assert_eq!(in_group(r).seq, 3 + i as u64, "group message {i}");
+    }
+    let s = inbox(&mut b, "s");
+    assert_eq!(s.len(), 300);
+    assert!(s.iter().enumerate().all(|(i, e)| body_text(e) == i.to_string()), "stored in order");
 }
 
 /// Read positions never move backwards, are clamped to the head, name the newest message of

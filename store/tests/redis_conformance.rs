@@ -412,6 +412,48 @@ fn ops_run_as_a_function_library() {
     assert_eq!(a.receiver_seq, 2, "loaded again after FUNCTION FLUSH, nothing lost");
 }
 
+/// `FCALL` calls Redis has run so far (`INFO commandstats`).
+fn fcalls(con: &mut ::redis::Connection) -> u64 {
+    let info: String = ::redis::cmd("INFO").arg("commandstats").query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_fcall:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap_or("0").parse().unwrap())
+}
+
+/// A batch's runs of consecutive messages (and of delivery positions) each go to Redis as one
+/// call: 300 messages to users in 3 calls (128 at most per call), 200 group messages in 2,
+/// 10 positions in 1; ops between them break a run.
+#[test]
+fn runs_of_messages_are_one_call_each() {
+    let Some(redis) = redis() else { return };
+    let mut b = fresh(&redis);
+    b.apply(Op::CreateGroup {
+        id: Some("runs".into()),
+        name: "runs".into(),
+        owner: "ann".into(),
+        members: vec![],
+        created_ms: 1,
+        members_max: 10,
+        groups_per_user_max: 10,
+    })
+    .unwrap();
+    let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let before = fcalls(&mut con);
+    let ops: Vec<Op> = (0..300).map(|i| text("ann", &format!("u{}", i % 7), None, "hi")).collect();
+    assert!(b.apply_batch(&ops).iter().all(Result::is_ok));
+    assert_eq!(fcalls(&mut con) - before, 3, "300 messages in calls of at most 128");
+
+    let before = fcalls(&mut con);
+    let group = || conformance::group_text("ann", "runs", None, "all");
+    let set = |seq| Op::SetDelivered { user: "u1".into(), device: "d".into(), group: None, seq };
+    let mut ops: Vec<Op> = (0..200).map(|_| group()).collect();
+    ops.extend((1..=10).map(set));
+    ops.push(text("ann", "u1", None, "one"));
+    ops.push(group());
+    assert!(b.apply_batch(&ops).iter().all(Result::is_ok));
+    assert_eq!(fcalls(&mut con) - before, 2 + 1 + 1 + 1, "two group runs, one run of positions, two single ops");
+}
+
 /// Messages stored before the retention list `msgq` existed sit in the `msgs` sorted set:
 /// a purge takes those first, then the list, in bounded steps, and keeps what is younger.
 #[test]

@@ -18,8 +18,10 @@
 //!
 //! A batch is one pipeline of calls, applied by Redis in submission order; a run of
 //! consecutive `SetDelivered` ops (a shard saves its terminals' ack positions together every
-//! tick) is one `set_delivered_many` call of at most `POSITIONS_PER_CALL_MAX` positions, each
-//! answered on its own. Scripts are loaded (`SCRIPT LOAD`) on every (re)connect; an op
+//! tick) is one `set_delivered_many` call of at most `POSITIONS_PER_CALL_MAX` positions, and a
+//! run of consecutive `Append` (or `AppendGroup`) ops one `append_many` (`append_group_many`)
+//! call of at most `MESSAGES_PER_CALL_MAX` messages, each answered on its own (a refused one
+//! writes nothing; the others are applied). Scripts are loaded (`SCRIPT LOAD`) on every (re)connect; an op
 //! answered `NOSCRIPT` (the script cache was flushed) did not run and is run again once the
 //! scripts are loaded (only a flush in the middle of a pipeline, with another client loading
 //! the scripts at once, could let a later op of the batch run before it). A batch is not one
@@ -74,6 +76,10 @@ const NUM_MAX: u64 = 1 << 52;
 /// Most delivery positions in one `set_delivered_many` call (a run of consecutive
 /// `SetDelivered` ops of a batch; a longer run takes several calls).
 const POSITIONS_PER_CALL_MAX: usize = 256;
+/// Most messages in one `append_many` or `append_group_many` call (a run of consecutive
+/// `Append` or `AppendGroup` ops of a batch). Redis runs nothing else during a call: 128
+/// appends hold it about 3 ms.
+const MESSAGES_PER_CALL_MAX: usize = 128;
 
 /// How the Redis store is opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,10 +134,14 @@ enum S {
     Purge,
     /// Several `SetDelivered` ops of a batch in one call (see [`RedisBackend::apply_batch`]).
     SetDeliveredMany,
+    /// Several `Append` ops of a batch in one call.
+    AppendMany,
+    /// Several `AppendGroup` ops of a batch in one call.
+    AppendGroupMany,
 }
 
 impl S {
-    const ALL: [S; 25] = [
+    const ALL: [S; 27] = [
         S::Append,
         S::AppendGroup,
         S::ReadInbox,
@@ -157,6 +167,8 @@ impl S {
         S::GroupReads,
         S::Purge,
         S::SetDeliveredMany,
+        S::AppendMany,
+        S::AppendGroupMany,
     ];
 
     /// The function in `store.lua`.
@@ -187,6 +199,19 @@ impl S {
             S::GroupReads => "group_reads",
             S::Purge => "purge",
             S::SetDeliveredMany => "set_delivered_many",
+            S::AppendMany => "append_many",
+            S::AppendGroupMany => "append_group_many",
+        }
+    }
+
+    /// The script that takes a run of consecutive calls of this one (their arguments after
+    /// the prefix, one after the other; each answered on its own), and how many at most.
+    fn many(self) -> Option<(S, usize)> {
+        match self {
+            S::SetDelivered => Some((S::SetDeliveredMany, POSITIONS_PER_CALL_MAX)),
+            S::Append => Some((S::AppendMany, MESSAGES_PER_CALL_MAX)),
+            S::AppendGroup => Some((S::AppendGroupMany, MESSAGES_PER_CALL_MAX)),
+            _ => None,
         }
     }
 }
@@ -857,8 +882,9 @@ fn decode(op: &Op, v: Value) -> Result<Reply, StoreError> {
 
 impl StoreBackend for RedisBackend {
     /// One pipeline for the batch, one call per op, except that a run of consecutive
-    /// `SetDelivered` ops (a shard's ack positions, saved together every tick) goes as one
-    /// `set_delivered_many` call: order is kept, each position is answered on its own.
+    /// `SetDelivered` ops (a shard's ack positions, saved together every tick), `Append` ops
+    /// or `AppendGroup` ops goes as one call of its `*_many` script ([`S::many`]): order is
+    /// kept, each op is answered on its own.
     fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Reply, StoreError>> {
         let now = unix_ms();
         let mut out: Vec<Option<Result<Reply, StoreError>>> = Vec::with_capacity(ops.len());
@@ -868,14 +894,13 @@ impl StoreBackend for RedisBackend {
             match self.prepare(op, now) {
                 Ok(c) => {
                     out.push(None);
-                    if let Some((answers, last)) = calls.last_mut() {
-                        let run = c.script == S::SetDelivered
-                            && matches!(last.script, S::SetDelivered | S::SetDeliveredMany)
+                    if let (Some((answers, last)), Some((many, max))) = (calls.last_mut(), c.script.many()) {
+                        let run = (last.script == c.script || last.script == many)
                             && answers.last() == Some(&(i - 1))
-                            && answers.len() < POSITIONS_PER_CALL_MAX;
+                            && answers.len() < max;
                         if run {
                             // The prefix is the first argument of both.
-                            last.script = S::SetDeliveredMany;
+                            last.script = many;
                             last.args.extend(c.args.into_iter().skip(1));
                             answers.push(i);
                             continue;
@@ -889,7 +914,7 @@ impl StoreBackend for RedisBackend {
         let refs: Vec<&Call> = calls.iter().map(|(_, c)| c).collect();
         let replies = self.run(&refs);
         for ((answers, call), r) in calls.iter().zip(replies) {
-            if call.script != S::SetDeliveredMany {
+            if !matches!(call.script, S::SetDeliveredMany | S::AppendMany | S::AppendGroupMany) {
                 let i = answers[0];
                 out[i] = Some(r.and_then(|v| decode(&ops[i], v)));
                 continue;

@@ -249,9 +249,8 @@ local function need_gid(group)
   return gid
 end
 
--- ARGV: P, pid, ts, from, to, kind, body, cid ('' = none)
-function OPS.append()
-  local pid, ts, from, to, kind, body, cid = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+-- One message to a user (append and each of append_many): its reply.
+local function append(pid, ts, from, to, kind, body, cid)
   local first = find_cid(from, cid)
   if first then
     local fseq = -1
@@ -300,10 +299,26 @@ function OPS.append()
   return { 'ok', pid, ts, rseq, sseq, 0 }
 end
 
--- ARGV: P, pid, ts, from, group, system ('1'|'0'), kind, body, cid
-function OPS.append_group()
-  local pid, ts, from, group, system = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1'
-  local kind, body, cid = ARGV[7], ARGV[8], ARGV[9]
+-- ARGV: P, pid, ts, from, to, kind, body, cid ('' = none)
+function OPS.append()
+  return append(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+end
+
+-- Several messages in one call (consecutive Append ops of a batch, in order: a later one sees
+-- the earlier ones, its cid included). ARGV: P, then pid, ts, from, to, kind, body, cid for
+-- each. Returns {'ok', reply1, reply2, ...}, each reply as append's (a refusal refuses only
+-- its own message).
+function OPS.append_many()
+  local out = { 'ok' }
+  for i = 2, #ARGV, 7 do
+    local a = ARGV
+    out[#out + 1] = append(a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], a[i + 5], a[i + 6])
+  end
+  return out
+end
+
+-- One message to a group (append_group and each of append_group_many): its reply.
+local function append_group(pid, ts, from, group, system, kind, body, cid)
   local gid, missing = need_gid(group)
   if not gid then
     return missing
@@ -332,6 +347,23 @@ function OPS.append_group()
   call('RPUSH', k('msgq'), pid)
   call('SADD', k('users'), from)
   return { 'ok', pid, ts, seq, 0 }
+end
+
+-- ARGV: P, pid, ts, from, group, system ('1'|'0'), kind, body, cid
+function OPS.append_group()
+  return append_group(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1', ARGV[7], ARGV[8], ARGV[9])
+end
+
+-- Several group messages in one call (consecutive AppendGroup ops of a batch, in order).
+-- ARGV: P, then pid, ts, from, group, system, kind, body, cid for each. Returns {'ok', reply1,
+-- reply2, ...}, each reply as append_group's (a refusal refuses only its own message).
+function OPS.append_group_many()
+  local out = { 'ok' }
+  for i = 2, #ARGV, 8 do
+    local a = ARGV
+    out[#out + 1] = append_group(a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4] == '1', a[i + 5], a[i + 6], a[i + 7])
+  end
+  return out
 end
 
 -- ARGV: P, user, after, limit
