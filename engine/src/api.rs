@@ -18,7 +18,7 @@ use serde::Serialize;
 use subtle::ConstantTimeEq;
 
 use crate::error::EngineError;
-use crate::message::{unix_now_ms, NewMessage};
+use crate::message::NewMessage;
 use crate::shard::Shard;
 
 /// Token lifetime when a request names none.
@@ -163,18 +163,21 @@ async fn broadcast(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineE
     let b: Broadcast = api::parse_request(&req.body)?;
     ether_proto::body::validate("body", b.kind, &b.body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))?;
+    // A fresh id from the shard's generator, as a message's: terminals dedupe by id, so every
+    // broadcast needs its own. Not stored: no seq, nothing to ack.
+    let (id, ts) = shard.ids.next();
     let frame = std::sync::Arc::new(ServerFrame::Msg(Msg {
-        id: "0".into(),
+        id: id.to_string(),
         cid: None,
         chat: "broadcast".into(),
         from: "system".into(),
         seq: 0,
         kind: b.kind,
         body: b.body,
-        ts: unix_now_ms(),
+        ts,
     }));
     let terminals = shard.broadcast(frame).await?;
-    Ok(json(200, &BroadcastResult { terminals }))
+    Ok(json(200, &BroadcastResult { id: id.to_string(), terminals }))
 }
 
 fn token(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {

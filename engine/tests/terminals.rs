@@ -170,6 +170,17 @@ fn broadcast_reaches_every_online_terminal() {
         let m = next_msg(t);
         assert_eq!(m.body["text"], "maintenance at 5");
         assert_eq!(m.chat, "broadcast");
+        assert_eq!((m.id.as_str(), m.seq), (r.id.as_str(), 0));
+    }
+    // Terminals dedupe by id: a second broadcast must not look like the first.
+    let again = node
+        .gateway()
+        .broadcast(&Broadcast { kind: ether_proto::Kind::Text, body: serde_json::json!({"text": "moved to 6"}) })
+        .unwrap();
+    assert_ne!(again.id, r.id, "every broadcast has an id of its own");
+    assert!(again.id.parse::<u64>().unwrap() > r.id.parse::<u64>().unwrap(), "time-ordered");
+    for t in &mut terminals {
+        assert_eq!(next_msg(t).id, again.id);
     }
 }
 

@@ -103,6 +103,10 @@ pub struct Broadcast {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BroadcastResult {
+    /// The `id` the terminals got in the `msg` frame (unique per broadcast, time-ordered like
+    /// message ids; decimal string).
+    #[serde(default)]
+    pub id: String,
     pub terminals: u64,
 }
 
