@@ -61,6 +61,10 @@ impl TokenKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 5;
+        // Tokens minted by the business's own identity service often carry an `aud` (string
+        // or list): the node has no audience of its own, so it neither requires nor checks
+        // one (jsonwebtoken would refuse every token with an `aud` otherwise).
+        validation.validate_aud = false;
         TokenKeys {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
@@ -127,5 +131,23 @@ mod tests {
         let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &bad_sub, &keys.encoding).unwrap();
         assert!(matches!(keys.verify(&hs512), Err(AuthError::Invalid(_))));
         assert_eq!(keys.mint("x", Duration::ZERO, None), Err(AuthError::BadTtl));
+    }
+
+    /// Claims the node does not use (`aud` as a string or a list, `iss`, `jti`, custom ones)
+    /// do not make a token invalid.
+    #[test]
+    fn accepts_claims_it_does_not_use() {
+        let keys = TokenKeys::new("0123456789abcdef0123456789abcdef");
+        for aud in [serde_json::json!("my-app"), serde_json::json!(["my-app", "admin"])] {
+            let claims = serde_json::json!({
+                "sub": "alice", "exp": unix_now_s() + 60, "aud": aud, "iss": "https://id.example.com",
+                "jti": "x1", "roles": ["user"],
+            });
+            let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding).unwrap();
+            assert_eq!(keys.verify(&t).map(|c| c.sub), Ok("alice".to_owned()), "aud {aud}");
+        }
+        let no_exp = serde_json::json!({ "sub": "alice", "aud": "my-app" });
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_exp, &keys.encoding).unwrap();
+        assert!(matches!(keys.verify(&t), Err(AuthError::Invalid(_))), "exp is still required");
     }
 }

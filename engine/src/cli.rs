@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Longest `--ttl` accepted by `ether token`: one year and a day.
-pub const TOKEN_TTL_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+/// Longest `--ttl` accepted by `ether token`: what the node mints at most (365 days), so a
+/// ttl the command line takes is never refused afterwards.
+pub use crate::auth::TOKEN_TTL_MAX;
 
 /// The `ether` command line.
 #[derive(Debug, Clone, Parser)]
@@ -215,7 +216,7 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         return Err("ttl must be above zero".to_string());
     }
     if ttl > TOKEN_TTL_MAX {
-        return Err("ttl must be at most 366d".to_string());
+        return Err(format!("ttl must be at most {}d", TOKEN_TTL_MAX.as_secs() / 86_400));
     }
     Ok(ttl)
 }
@@ -317,6 +318,13 @@ mod tests {
         assert!(parse(&["token"]).is_err(), "--user is required");
         assert!(parse(&["token", "--user", "a", "--ttl", "0"]).is_err());
         assert!(parse(&["token", "--user", "a", "--ttl", "400d"]).is_err());
+        // What the command line takes, the node mints: the longest ttl of one is the other's.
+        let Command::Token(longest) = parse(&["token", "--user", "a", "--ttl", "365d"]).unwrap().command else {
+            panic!("not token")
+        };
+        let keys = crate::auth::TokenKeys::new("0123456789abcdef0123456789abcdef");
+        assert!(keys.mint("a", longest.ttl, None).is_ok(), "365d is taken and minted");
+        assert!(parse(&["token", "--user", "a", "--ttl", "366d"]).is_err(), "more is refused at parse time");
     }
 
     #[test]
