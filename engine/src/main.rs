@@ -45,9 +45,9 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     init_logs(&config);
-    let generated = config.secrets_generated;
+    let generated = config.secrets_generated.clone();
     let data_dir = config.node.data_dir.clone();
-    let api_key = config.auth.api_key.expose().to_owned();
+    let auth = config.auth.clone();
     let signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,
         Err(e) => {
@@ -65,13 +65,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let p = handle.ports;
     println!("ether: node up. client ws://{}/ws  api http://{}  admin http://{}", p.client, p.api, p.admin);
     println!("ether: data dir {} (ports in ports.json)", data_dir.display());
-    if generated {
-        println!(
-            "\nSecrets were generated and saved to {}/secrets.toml (mode 0600). They are shown once:\n  api_key = {api_key}\n\nTry it:\n  ether token --user bob --data {}\n  curl -s -H 'Authorization: Bearer {api_key}' -d '{{\"from\":\"alice\",\"to\":\"bob\",\"kind\":\"text\",\"body\":{{\"text\":\"hello\"}}}}' http://{}/v1/messages\n",
-            data_dir.display(),
-            data_dir.display(),
-            p.api
-        );
+    if let Some(note) = ether_engine::secrets::first_start_note(&generated, &auth, &data_dir, p.api) {
+        println!("{note}");
     }
     let mut signals = signals;
     if let Some(sig) = signals.forever().next() {

@@ -84,6 +84,13 @@ fn the_binary_serves_and_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
+    // The first start printed the secrets it generated, once, with a ready-to-copy example.
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut node.0.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(printed.contains(&format!("auth.api_key = {api_key}")), "{printed}");
+    let admin_token = secrets["admin_token"].as_str().unwrap();
+    assert!(printed.contains(&format!("auth.admin_token = {admin_token}")), "{printed}");
+    assert!(printed.contains("ether token --user bob --data") && printed.contains("/v1/messages"), "{printed}");
     match zoe.recv(Duration::from_secs(2)).unwrap() {
         Some(ServerFrame::Reconnect { after_ms }) => assert!(after_ms < 5000),
         other => panic!("expected reconnect, got {other:?}"),
