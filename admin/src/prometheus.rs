@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 19] = [
+const SHARD_METRICS: [ShardMetric; 21] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -72,6 +72,18 @@ const SHARD_METRICS: [ShardMetric; 19] = [
         "TLS handshakes that resumed an earlier session with a ticket (a subset of ether_tls_handshakes_total).",
         Kind::Counter,
         |s| s.tls_resumptions,
+    ),
+    (
+        "ether_events_retried_total",
+        "Events written to the outbox again after a failed write (the store's queue was full or it failed).",
+        Kind::Counter,
+        |s| s.events_retried,
+    ),
+    (
+        "ether_events_dropped_total",
+        "Events dropped past limits.events_pending_max while the store could not take them (lost to the webhook).",
+        Kind::Counter,
+        |s| s.events_dropped,
     ),
 ];
 
@@ -486,6 +498,8 @@ mod tests {
             tls_handshakes: 30 + u64::from(n),
             tls_handshake_failures: 1,
             tls_resumptions: 5,
+            events_retried: 6,
+            events_dropped: 0,
             closes,
             ack_latency: ack.snapshot(),
             push_latency: push.snapshot(),

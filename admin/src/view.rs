@@ -60,6 +60,8 @@ impl NodeStats {
             t.tls_handshakes += s.tls_handshakes;
             t.tls_handshake_failures += s.tls_handshake_failures;
             t.tls_resumptions += s.tls_resumptions;
+            t.events_retried += s.events_retried;
+            t.events_dropped += s.events_dropped;
             for (reason, n) in &s.closes {
                 *t.closes.entry(reason.clone()).or_default() += n;
             }
@@ -144,6 +146,12 @@ pub struct ShardStats {
     /// TLS handshakes that resumed an earlier session (a subset of `tls_handshakes`).
     #[serde(default)]
     pub tls_resumptions: u64,
+    /// Events written to the outbox again after a failed write (the store refused or failed).
+    #[serde(default)]
+    pub events_retried: u64,
+    /// Events dropped past `limits.events_pending_max` while the store could not take them.
+    #[serde(default)]
+    pub events_dropped: u64,
     /// Connections closed, by close reason (`idle`, `kicked`, `slow_consumer`, ...).
     #[serde(default)]
     pub closes: BTreeMap<String, u64>,

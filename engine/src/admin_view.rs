@@ -169,6 +169,8 @@ impl ether_admin::NodeView for AdminView {
                     tls_handshakes: g(&c.tls_handshakes),
                     tls_handshake_failures: g(&c.tls_handshake_failures),
                     tls_resumptions: g(&c.tls_resumptions),
+                    events_retried: g(&c.events_retried),
+                    events_dropped: g(&c.events_dropped),
                     closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
                     ack_latency: published.ack_latency,
                     push_latency: published.push_latency,

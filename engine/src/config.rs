@@ -329,6 +329,8 @@ raw_config! {
         resend_attempts_max: u32,
         /// `limits.unacked_per_terminal_max`: unacknowledged messages tracked per terminal.
         unacked_per_terminal_max: usize,
+        /// `limits.events_pending_max`: events a shard holds for the outbox at most.
+        events_pending_max: usize,
         /// `limits.drain_window_ms`: time a drain takes to close every terminal.
         drain_window_ms: u64,
         /// `limits.group_members_max`: members one group may have.
@@ -784,6 +786,10 @@ pub struct Limits {
     pub resend_attempts_max: u32,
     /// Unacknowledged messages tracked per terminal; older ones are left to `sync` (1024).
     pub unacked_per_terminal_max: usize,
+    /// Events a shard holds on their way to the outbox at most (100 000): while the store
+    /// cannot take them (a full disk, Redis away) they wait and are tried again; past this the
+    /// oldest are dropped, counted (`ether_events_dropped_total`) and logged.
+    pub events_pending_max: usize,
     /// A drain tells terminals to come back within this and closes them over it (5 s).
     pub drain_window: Duration,
     /// Members one group may have (100 000).
@@ -853,6 +859,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.resend_timeout_ms", 50, 600_000),
     ("limits.resend_attempts_max", 0, 100),
     ("limits.unacked_per_terminal_max", 1, 1_000_000),
+    ("limits.events_pending_max", 1, 100_000_000),
     ("limits.drain_window_ms", 0, 600_000),
     ("limits.group_members_max", 1, 10_000_000),
     ("limits.groups_per_user_max", 1, 1_000_000),
@@ -892,6 +899,7 @@ impl Default for Limits {
             resend_timeout: Duration::from_secs(3),
             resend_attempts_max: 3,
             unacked_per_terminal_max: 1024,
+            events_pending_max: 100_000,
             drain_window: Duration::from_secs(5),
             group_members_max: 100_000,
             groups_per_user_max: 1000,
@@ -1041,6 +1049,7 @@ impl Config {
                 resend_timeout_ms: Some(1000),
                 resend_attempts_max: Some(2),
                 unacked_per_terminal_max: Some(16),
+                events_pending_max: Some(64),
                 drain_window_ms: Some(1000),
                 group_members_max: Some(8),
                 groups_per_user_max: Some(4),
@@ -1121,6 +1130,7 @@ impl Config {
                 "resend_timeout_ms": u64::try_from(limits.resend_timeout.as_millis()).unwrap_or(u64::MAX),
                 "resend_attempts_max": limits.resend_attempts_max,
                 "unacked_per_terminal_max": limits.unacked_per_terminal_max,
+                "events_pending_max": limits.events_pending_max,
                 "drain_window_ms": u64::try_from(limits.drain_window.as_millis()).unwrap_or(u64::MAX),
                 "group_members_max": limits.group_members_max,
                 "groups_per_user_max": limits.groups_per_user_max,
@@ -1381,6 +1391,11 @@ impl Prepared {
                 "limits.unacked_per_terminal_max",
                 l.unacked_per_terminal_max,
                 d.unacked_per_terminal_max,
+            )?,
+            events_pending_max: check.bounded(
+                "limits.events_pending_max",
+                l.events_pending_max,
+                d.events_pending_max,
             )?,
             drain_window: Duration::from_millis(check.bounded(
                 "limits.drain_window_ms",
@@ -1997,6 +2012,7 @@ mod tests {
             resend_timeout_ms = 3000
             resend_attempts_max = 3
             unacked_per_terminal_max = 1024
+            events_pending_max = 100000
             drain_window_ms = 5000
             group_members_max = 100000
             groups_per_user_max = 1000

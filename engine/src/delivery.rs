@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use ether_proto::frame::ServerFrame;
@@ -193,6 +194,7 @@ impl Shard {
                     Committed::Group(g) => groups.push(g),
                     Committed::Answer(a) => self.answer_terminal(a),
                     Committed::Cluster(e) => self.on_cluster_event(e),
+                    Committed::EventsRetry(events) => self.requeue_events(&events),
                 }
             }
             if !groups.is_empty() {
@@ -561,6 +563,10 @@ impl Shard {
     }
 
     fn save_position(&self, s: &Session, group: Option<String>, seq: u64) {
+        // The `message.delivered` events of the acks this position covers go first: a crash
+        // that loses them loses the position too, so the messages come again and are acked
+        // (and reported) again; never a saved position whose events were lost.
+        self.write_events();
         let op = Op::SetDelivered { user: s.user.to_string(), device: s.device.to_string(), group, seq };
         // Best effort: a position not saved only means a few messages come again on `sync`.
         if let Err(e) = self.store.submit(StoreCmd::new(op, |_| ())) {
@@ -693,8 +699,7 @@ impl Shard {
         .detach();
     }
 
-    /// Appends one event to the durable outbox (best effort: a full store queue drops it, with
-    /// a warning).
+    /// Appends one event to the durable outbox (through the shard's batch: see `write_events`).
     pub(crate) fn emit(&self, kind: &str, data: serde_json::Value) {
         self.emit_all(vec![NewEvent { kind: kind.to_owned(), data: data.to_string(), ts: unix_now_ms() }]);
     }
@@ -707,25 +712,66 @@ impl Shard {
         }
     }
 
-    /// Submits the pending events as one outbox write (best effort: a full store queue drops
-    /// them, with a warning).
+    /// Submits the pending events as one outbox write, unless writes are held after a failure
+    /// (the flush task writes them when the hold ends). A write the store cannot take (its
+    /// queue full) or fails (a full disk, Redis away) brings the events back to this shard
+    /// (`requeue_events`): nothing is dropped short of `limits.events_pending_max`.
     pub(crate) fn write_events(&self) {
-        let events = self.events_out.take();
+        if self.events_out.holding(Instant::now()).is_some() {
+            return;
+        }
+        let events: Arc<[NewEvent]> = self.events_out.take().into();
         if events.is_empty() {
             return;
         }
-        let n = events.len();
-        if let Err(e) = self.store.submit(StoreCmd::new(Op::OutboxAppend { events }, |_| ())) {
-            tracing::warn!(shard = self.id, events = n, error = %e, "events not queued for the outbox");
+        let (commits, home, failed) = (self.commits.clone(), self.id, events.clone());
+        let cmd = StoreCmd::new(Op::OutboxAppend { events: events.clone() }, move |r| match r {
+            Ok(_) => {}
+            Err(StoreError::Closed) => {
+                tracing::warn!(shard = home, events = failed.len(), "store closed: events not written to the outbox")
+            }
+            Err(_) => commits.push(home, Committed::EventsRetry(failed)),
+        });
+        match self.store.submit(cmd) {
+            Ok(()) => {}
+            Err(StoreError::Closed) => {
+                tracing::warn!(shard = self.id, events = events.len(), "store closed: events not written to the outbox")
+            }
+            Err(_) => self.requeue_events(&events),
         }
     }
 
-    /// Writes the event batch `events.batch_wait_ms` after its first event. Runs as long as
-    /// the shard's executor; what is pending when the shard stops is written by `run_shard`.
+    /// Events a write could not store: pending again, ahead of newer ones, written after a
+    /// backoff.
+    pub(crate) fn requeue_events(&self, events: &[NewEvent]) {
+        let dropped = self.events_out.requeue(events, Instant::now());
+        let retry_in = self.events_out.holding(Instant::now()).unwrap_or_default();
+        tracing::warn!(
+            shard = self.id,
+            events = events.len(),
+            retry_in_ms = retry_in.as_millis() as u64,
+            "outbox write failed: events kept and tried again"
+        );
+        if dropped > 0 {
+            tracing::error!(
+                shard = self.id,
+                dropped,
+                max = self.config.limits.events_pending_max,
+                "events dropped: more pending than limits.events_pending_max while the store could not take them"
+            );
+        }
+    }
+
+    /// Writes the event batch `events.batch_wait_ms` after its first event (and, after a
+    /// failed write, once the backoff is over). Runs as long as the shard's executor; what is
+    /// pending when the shard stops is written by `run_shard`.
     pub async fn event_flush_loop(self: Rc<Self>) {
         let Some(signal) = self.events_out_signal.borrow_mut().take() else { return };
         while signal.recv().await.is_some() {
             glommio::timer::sleep(self.config.events.batch_wait).await;
+            while let Some(wait) = self.events_out.holding(Instant::now()) {
+                glommio::timer::sleep(wait).await;
+            }
             self.write_events();
         }
     }

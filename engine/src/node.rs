@@ -481,7 +481,9 @@ async fn run_shard(start: ShardStart) {
     while shard.live_sessions() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
-    // Events still gathering (`user.offline` of the terminals just closed, among others).
+    // Events still gathering (`user.offline` of the terminals just closed, among others),
+    // also those held after a failed write: this is their last chance.
+    shard.events_out.release();
     shard.write_events();
     if let Some(parking) = &shard.parking {
         parking.stop();

@@ -207,7 +207,8 @@ impl Shard {
         let wake_list = parking.as_ref().map_or_else(|| Rc::new(WakeList::default()), |p| p.woken.clone());
         let park_ticks = park_ticks(&config);
         let generator_base = node.cluster().map_or(0, |c| c.generator_base);
-        let (events_out, events_out_signal) = EventBatch::new(!config.events.batch_wait.is_zero());
+        let (events_out, events_out_signal) =
+            EventBatch::new(!config.events.batch_wait.is_zero(), config.limits.events_pending_max);
         Shard {
             id,
             shards: config.node.shards,
@@ -939,6 +940,8 @@ impl Shard {
             }
             let queued: usize = self.sessions.borrow().iter().map(|(_, s)| s.queued_bytes()).sum();
             self.counters().queued_bytes.store(queued as u64, Ordering::Relaxed);
+            self.counters().events_retried.store(self.events_out.retried(), Ordering::Relaxed);
+            self.counters().events_dropped.store(self.events_out.dropped(), Ordering::Relaxed);
         }
         // Stopping: close every terminal.
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();

@@ -46,6 +46,11 @@ pub struct ShardCounters {
     pub tls_handshake_failures: AtomicU64,
     /// TLS handshakes that resumed an earlier session (a subset of `tls_handshakes`).
     pub tls_resumptions: AtomicU64,
+    /// Events written to the outbox again after a failed write (refreshed every tick).
+    pub events_retried: AtomicU64,
+    /// Events dropped past `limits.events_pending_max` while the store could not take them
+    /// (refreshed every tick).
+    pub events_dropped: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 

@@ -32,6 +32,9 @@ pub enum Committed {
     Answer(TerminalAnswer),
     /// What another node asked this node's shards to do (cluster mode).
     Cluster(ClusterEvent),
+    /// Events whose outbox write failed, back to the shard that made them to be written again
+    /// (`EventBatch::requeue`).
+    EventsRetry(Arc<[ether_store::NewEvent]>),
 }
 
 /// What another node of the cluster asks a shard to do to its own terminals.
@@ -301,7 +304,7 @@ mod tests {
                     Committed::Inbox(d) => d.seq,
                     Committed::Group(g) => g.seq,
                     Committed::Answer(a) => a.result.as_ref().map_or(0, |a| a.seq),
-                    Committed::Cluster(_) => 0,
+                    Committed::Cluster(_) | Committed::EventsRetry(_) => 0,
                 })
                 .collect()
         };

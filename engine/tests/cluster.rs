@@ -582,3 +582,68 @@ fn a_presence_removal_a_failed_write_lost_is_written_again_once_redis_takes_it()
     }
     assert!(listed("desk"));
 }
+
+/// The `ether:events` entries of `kind` so far, as their `data` JSON.
+fn stream_events(con: &mut redis::Connection, kind: &str) -> Vec<serde_json::Value> {
+    let entries: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg("ether:events").arg("-").arg("+").query(con).unwrap();
+    entries
+        .into_iter()
+        .filter(|(_, fields)| fields.iter().any(|(k, v)| k == "type" && v == kind))
+        .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "data"))
+        .map(|(_, data)| serde_json::from_str(&data).unwrap())
+        .collect()
+}
+
+/// Events the store cannot take (here the node's Redis user may not write the events stream:
+/// an ACL mistake, say; every outbox write fails) are kept on their shard and written again,
+/// with a backoff, once it can: nothing is lost, and the node counts the retries.
+#[test]
+fn events_a_failed_write_could_not_store_are_written_once_redis_takes_them() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let acl = |con: &mut redis::Connection, events: bool| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("nodeb").arg("reset").arg("on").arg(">pw").arg("+@all");
+        // The dispatcher lease (`ether:events:dispatcher`) stays writable, the stream not.
+        let keys = ["~ether:store:*", "~ether:bus*", "~ether:node:*", "~ether:idgen:*", "~ether:secrets"];
+        cmd.arg(&keys[..]).arg("~ether:presence:*").arg("~ether:events:*");
+        if events {
+            cmd.arg("~ether:events");
+        }
+        cmd.query::<()>(con).unwrap();
+    };
+    acl(&mut con, false);
+    let b = node_b_as_acl_user(&redis);
+    let mut phone = b.terminal("eva", "phone");
+    let sent = b.gateway().send_message(&text("max", "eva", "reported")).unwrap();
+    assert_eq!(texts(&take(&mut phone, 1)), ["reported"], "acked: its message.delivered is made");
+    let retried = || {
+        let r = b.admin().request("GET", "/admin/v1/stats", None).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        v["totals"]["events_retried"].as_u64().unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while retried() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no outbox write failed and was retried");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(stream_events(&mut con, "message.delivered").is_empty(), "nothing could be written yet");
+
+    acl(&mut con, true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let delivered = stream_events(&mut con, "message.delivered");
+        let online = stream_events(&mut con, "user.online");
+        if delivered.iter().any(|d| d["id"] == sent.id.as_str() && d["user"] == "eva" && d["device"] == "phone")
+            && online.iter().any(|d| d["user"] == "eva")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events never written after Redis took writes again: delivered {delivered:?}, online {online:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

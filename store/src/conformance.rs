@@ -531,7 +531,7 @@ pub fn unread_counts<B: StoreBackend>(mut b: B) {
 /// The outbox hands events back in order, by increasing never-reused seq; acks delete.
 pub fn outbox_in_order<B: StoreBackend>(mut b: B) {
     let ev = |k: &str, i: u32| NewEvent { kind: k.into(), data: format!("{{\"i\":{i}}}"), ts: 1 };
-    let r = ok(&mut b, Op::OutboxAppend { events: vec![ev("user.online", 0), ev("user.offline", 1)] });
+    let r = ok(&mut b, Op::OutboxAppend { events: vec![ev("user.online", 0), ev("user.offline", 1)].into() });
     let Reply::OutboxAppended { first, last } = r else { panic!("{r:?}") };
     assert_eq!(last, first + 1);
     ok(&mut b, Op::OutboxAppend { events: (2..10).map(|i| ev("message.unreached", i)).collect() });
@@ -545,7 +545,7 @@ pub fn outbox_in_order<B: StoreBackend>(mut b: B) {
     let rest = ok(&mut b, Op::OutboxFetch { after: 0, limit: 100 }).events().expect("events");
     assert_eq!(rest, all[5..]);
     ok(&mut b, Op::OutboxAck { through: u64::MAX / 2 });
-    let r = ok(&mut b, Op::OutboxAppend { events: vec![ev("user.online", 11)] });
+    let r = ok(&mut b, Op::OutboxAppend { events: vec![ev("user.online", 11)].into() });
     let Reply::OutboxAppended { first, .. } = r else { panic!("{r:?}") };
     assert!(first > all[9].seq, "event ids are never reused");
 }

@@ -1,6 +1,7 @@
 //! Store operations and their replies: the typed vocabulary every backend speaks, and the
 //! input checks every backend makes the same way. Plain data, no I/O.
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ether_proto::ids::is_valid_id;
 use ether_proto::Kind;
@@ -96,8 +97,9 @@ pub enum Op {
     SetRead { user: String, chat: String, seq: u64, emit_event: bool },
     /// → [`Reply::Unread`]
     Unread { user: String },
-    /// → [`Reply::OutboxAppended`]
-    OutboxAppend { events: Vec<NewEvent> },
+    /// → [`Reply::OutboxAppended`]. Shared (`Arc`): a caller that must write the events again
+    /// after a failure keeps them without a copy.
+    OutboxAppend { events: Arc<[NewEvent]> },
     /// Events with `seq > after`, in order. → [`Reply::Events`]
     OutboxFetch { after: u64, limit: usize },
     /// Deletes every event with `seq <= through`. → [`Reply::Count`]

@@ -339,7 +339,7 @@ fn outbox_events_reach_the_events_stream() {
         let opts = RedisOptions { prefix: format!("ev-{outbox}:"), events_stream: Some(stream.clone()), outbox };
         let mut b = RedisBackend::open(&redis.url(), opts).unwrap();
         let events = vec![ev("user.online", r#"{"user":"a"}"#), ev("message.read", r#"{"chat":"u:b"}"#)];
-        let r = b.apply(Op::OutboxAppend { events }).unwrap();
+        let r = b.apply(Op::OutboxAppend { events: events.into() }).unwrap();
         assert_eq!(r, Reply::OutboxAppended { first: 1, last: 2 });
         let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
         let entries: Vec<(String, Vec<(String, String)>)> =

@@ -125,6 +125,8 @@ impl FakeView {
                     tls_handshakes: 0,
                     tls_handshake_failures: 0,
                     tls_resumptions: 0,
+                    events_retried: 0,
+                    events_dropped: 0,
                     closes,
                     ack_latency: ack.snapshot(),
                     push_latency: push.snapshot(),

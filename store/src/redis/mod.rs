@@ -610,7 +610,7 @@ impl RedisBackend {
                     .s(self.events_stream.as_deref().unwrap_or(""))
                     .n(EVENTS_STREAM_LEN)
                     .flag(self.outbox);
-                for e in events {
+                for e in events.iter() {
                     c = c.s(&e.ts.to_string()).s(&e.kind).s(&e.data);
                 }
                 c
