@@ -14,6 +14,10 @@ use ether_admin::{
 use ether_proto::ApiError;
 
 use crate::session::CloseReason;
+
+/// `/readyz` answers 503 for this long after the store failed a command as unavailable (a full
+/// disk, an I/O error, Redis away): while writes fail, traffic should go to another node.
+const STORE_FAILURE_NOT_READY: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::shard::Shard;
 use crate::stats::{self, ConnSnapshot, ShardCounters};
 
@@ -122,6 +126,9 @@ impl ether_admin::NodeView for AdminView {
         }
         if !self.shard.store.is_open() {
             return Err("store is not running".into());
+        }
+        if let Some(why) = self.shard.store.unavailable_within(STORE_FAILURE_NOT_READY) {
+            return Err(format!("store failed a command within {} s: {why}", STORE_FAILURE_NOT_READY.as_secs()));
         }
         if let Some(why) = self.shard.node.cluster().and_then(|c| c.not_ready()) {
             return Err(why);

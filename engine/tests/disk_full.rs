@@ -64,8 +64,12 @@ fn a_full_disk_is_unavailable_not_a_lie() {
     let refused = refused.expect("the disk never filled up");
     assert_eq!((refused.status(), refused.code()), (Some(503), Some(ErrorCode::Unavailable)), "{refused}");
     assert!(!stored.is_empty());
-    // Still serving: health, presence, tokens.
+    // Still serving: health, presence, tokens; not ready while writes fail (a load balancer
+    // sends new traffic elsewhere), and saying why.
     assert_eq!(node.admin().request("GET", "/healthz", None).unwrap().status, 200);
+    let ready = node.admin().request("GET", "/readyz", None).unwrap();
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("store failed a command"), "{}", ready.text());
     assert!(!gw.presence("dora").unwrap().online);
     // A terminal's send gets an error frame, not `sent`.
     let mut t = node.terminal("fil", "phone");

@@ -170,6 +170,10 @@ pub struct ThreadStats {
     pub commit_latency: AtomicHistogram,
     /// Commands per batch.
     pub batch_size: AtomicHistogram,
+    /// When a command last failed with [`StoreError::Unavailable`] (Unix ms; 0: never), and
+    /// why: what [`StoreHandle::unavailable_within`] reports for readiness.
+    pub unavailable_ms: AtomicU64,
+    pub unavailable_why: Mutex<String>,
 }
 
 impl Default for ThreadStats {
@@ -184,6 +188,8 @@ impl Default for ThreadStats {
             commit_ns_last: AtomicU64::new(0),
             commit_latency: AtomicHistogram::new(COMMIT_BOUNDS_S),
             batch_size: AtomicHistogram::new(BATCH_BOUNDS),
+            unavailable_ms: AtomicU64::new(0),
+            unavailable_why: Mutex::new(String::new()),
         }
     }
 }
@@ -274,6 +280,18 @@ impl StoreHandle {
     pub fn is_open(&self) -> bool {
         !self.shared.stopping.load(Ordering::Relaxed)
             && self.shared.thread.lock().map(|t| t.as_ref().is_some_and(|t| !t.is_finished())).unwrap_or(false)
+    }
+
+    /// Why the store failed a command as unavailable (a full disk, an I/O error, Redis away)
+    /// within the last `window`, if it did: readiness (`/readyz`) reports it, so a load
+    /// balancer sends traffic elsewhere while writes fail. With no traffic it reads ready
+    /// again after `window` (nothing tells otherwise).
+    pub fn unavailable_within(&self, window: std::time::Duration) -> Option<String> {
+        let at = self.shared.stats.unavailable_ms.load(Ordering::Relaxed);
+        if at == 0 || unix_ms().saturating_sub(at) > window.as_millis() as u64 {
+            return None;
+        }
+        Some(self.shared.stats.unavailable_why.lock().map(|w| w.clone()).unwrap_or_default())
     }
 
     /// Commands waiting in the queue.
@@ -375,8 +393,14 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         let mut results = results.into_iter();
         for done in dones.drain(..) {
             let r = results.next().unwrap_or_else(|| Err(StoreError::Unavailable("no result".into())));
-            if r.is_err() {
+            if let Err(e) = &r {
                 st.errors.fetch_add(1, Ordering::Relaxed);
+                if let StoreError::Unavailable(why) = e {
+                    st.unavailable_ms.store(unix_ms(), Ordering::Relaxed);
+                    if let Ok(mut w) = st.unavailable_why.lock() {
+                        w.clone_from(why);
+                    }
+                }
             }
             // A panicking completion must not take the store down with it.
             if catch_unwind(AssertUnwindSafe(move || done(r))).is_err() {
