@@ -79,6 +79,18 @@ pub struct ServeArgs {
     /// Log filter, e.g. `info` or `info,ether_engine=debug` (`log.level`; default info).
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Any configuration key, e.g. `--set limits.frame_bytes_max=131072` (repeatable; written
+    /// as its env var would be; over env and file, under the named flags above).
+    #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_set)]
+    pub set: Vec<(String, String)>,
+}
+
+/// `--set KEY=VALUE`: a dotted key and its value (checked against the keys by `config`).
+fn parse_set(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE with a dotted key like limits.frame_bytes_max, got {text:?}")),
+    }
 }
 
 /// Flags of `ether token`.
@@ -297,6 +309,21 @@ mod tests {
         assert!(parse(&["serve", "--log-format", "xml"]).is_err());
         assert!(parse(&["serve", "--listen-api", "localhost"]).is_err());
         assert!(parse(&["serve", "--shards", "many"]).is_err());
+    }
+
+    #[test]
+    fn set_flags_repeat_and_keep_the_value_whole() {
+        let Command::Serve(s) =
+            parse(&["serve", "--set", "limits.frame_bytes_max=1024", "--set", "events.webhook_url=http://h/x?a=b"])
+                .unwrap()
+                .command
+        else {
+            panic!("not serve")
+        };
+        let want = [("limits.frame_bytes_max", "1024"), ("events.webhook_url", "http://h/x?a=b")];
+        assert_eq!(s.set, want.map(|(k, v)| (k.to_owned(), v.to_owned())));
+        assert!(parse(&["serve", "--set", "no-equals"]).is_err());
+        assert!(parse(&["serve", "--set", "=value"]).is_err());
     }
 
     #[test]

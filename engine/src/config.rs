@@ -412,6 +412,25 @@ impl RawConfig {
         RawConfig::from_env_dyn(&lookup)
     }
 
+    /// The keys `--set KEY=VALUE` flags set, each value read as its env var would be; an
+    /// unknown key or a value that does not parse is refused, naming the flag.
+    pub fn from_set_flags(set: &[(String, String)]) -> Result<RawConfig, ConfigError> {
+        for (key, _) in set {
+            if !RawConfig::KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::UnknownSetKey { key: key.clone() });
+            }
+        }
+        let by_var: std::collections::HashMap<String, String> =
+            set.iter().map(|(k, v)| (env_var(k), v.clone())).collect();
+        RawConfig::from_env_dyn(&|var| by_var.get(var).cloned()).map_err(|e| match e {
+            ConfigError::Env { var, expected, got } => {
+                let key = set.iter().find(|(k, _)| env_var(k) == var).map_or(var, |(k, _)| k.clone());
+                ConfigError::Env { var: format!("--set {key}"), expected, got }
+            }
+            other => other,
+        })
+    }
+
     /// The keys `ether serve` flags set (see [`FLAGS`]); `--config` is not a key.
     pub fn from_serve_args(args: &ServeArgs) -> RawConfig {
         let mut raw = RawConfig::default();
@@ -541,6 +560,8 @@ impl fmt::Display for Source {
 enum LayerKind {
     File(PathBuf),
     Env,
+    /// `--set KEY=VALUE` flags.
+    Set,
     Flags,
     Code(&'static str),
 }
@@ -555,6 +576,7 @@ impl Layer {
         match &self.kind {
             LayerKind::File(path) => Source::File(path.clone()),
             LayerKind::Env => Source::Env(env_var(key)),
+            LayerKind::Set => Source::Flag("--set"),
             LayerKind::Flags => Source::Flag(FLAGS.iter().find(|(k, _)| *k == key).map_or("(flag)", |(_, flag)| *flag)),
             LayerKind::Code(name) => Source::Code(name),
         }
@@ -574,6 +596,9 @@ impl Layers {
             layers.push(Layer { kind: LayerKind::File(path), raw });
         }
         layers.push(Layer { kind: LayerKind::Env, raw: RawConfig::from_env_dyn(env)? });
+        if !args.set.is_empty() {
+            layers.push(Layer { kind: LayerKind::Set, raw: RawConfig::from_set_flags(&args.set)? });
+        }
         layers.push(Layer { kind: LayerKind::Flags, raw: RawConfig::from_serve_args(args) });
         Ok(Layers(layers))
     }
@@ -611,7 +636,13 @@ pub enum ConfigError {
         /// What is wrong, starting with the dotted key when there is one.
         message: String,
     },
-    /// An env var does not parse.
+    /// `--set` names a key this version does not have.
+    #[error("--set {key}: no such configuration key (keys look like limits.frame_bytes_max)")]
+    UnknownSetKey {
+        /// The key as given.
+        key: String,
+    },
+    /// An env var (or a `--set` value) does not parse.
     #[error("{var}: expected {expected}, got {got:?}")]
     Env {
         /// The variable.
@@ -2240,6 +2271,47 @@ mod tests {
         for (key, _) in FLAGS {
             assert!(RawConfig::KEYS.contains(key), "{key}");
         }
+    }
+
+    /// `--set KEY=VALUE` reaches every key (API.md: every key overridable by CLI flags): over
+    /// env and file, under the named flags; unknown keys and bad values are refused by name.
+    #[test]
+    fn set_flags_reach_every_key() {
+        let fx = Fixture::new();
+        let set = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let args = ServeArgs {
+            shards: Some(3),
+            set: set(&[
+                ("limits.frame_bytes_max", "131072"),
+                ("node.shards", "2"),
+                ("retention.days", "7"),
+                ("events.batch_wait_ms", "0"),
+                ("terminal.send_enabled", "false"),
+            ]),
+            ..fx.args()
+        };
+        let env = env(&[("ETHER_LIMITS_FRAME_BYTES_MAX", "16384"), ("ETHER_RETENTION_DAYS", "9")]);
+        let config = Config::load(&args, env).unwrap();
+        assert_eq!(config.limits.frame_bytes_max, 131_072, "--set beats env");
+        assert_eq!(config.retention.days, 7);
+        assert_eq!(config.events.batch_wait, Duration::ZERO);
+        assert!(!config.terminal_send_enabled);
+        assert_eq!(config.node.shards, 3, "a named flag beats --set");
+        let layers = Layers::gather(&args, &|_| None).unwrap();
+        assert_eq!(layers.origin("retention.days"), Source::Flag("--set"));
+        assert_eq!(layers.origin("node.shards"), Source::Flag("--shards"));
+
+        let unknown = ServeArgs { set: set(&[("limits.frame_bytes", "1")]), ..fx.args() };
+        let err = Config::load(&unknown, no_env()).unwrap_err();
+        assert!(matches!(&err, ConfigError::UnknownSetKey { key } if key == "limits.frame_bytes"), "{err}");
+        let bad = ServeArgs { set: set(&[("limits.frame_bytes_max", "lots")]), ..fx.args() };
+        let err = Config::load(&bad, no_env()).unwrap_err().to_string();
+        assert!(err.contains("--set limits.frame_bytes_max") && err.contains("lots"), "{err}");
+        let out_of_range = ServeArgs { set: set(&[("retention.days", "0")]), ..fx.args() };
+        let (key, origin, _) = invalid(Config::load(&out_of_range, no_env()).unwrap_err());
+        assert_eq!((key, origin), ("retention.days", Source::Flag("--set")));
     }
 
     #[test]
