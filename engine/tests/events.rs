@@ -35,6 +35,14 @@ fn events_reach_the_webhook_signed_and_retried() {
     assert_eq!(unreached_ev["id"], unreached.id);
     let delivered = all.iter().find(|e| e["type"] == "message.delivered").unwrap();
     assert_eq!((delivered["id"].as_str(), delivered["device"].as_str()), (Some(m.id.as_str()), Some("phone")));
+    // API.md: message.read {chat, user, up_to}: the chat from the reader's side, up to the
+    // newest message read (the one acked here).
+    let read = all.iter().find(|e| e["type"] == "message.read").unwrap();
+    assert_eq!(
+        (read["chat"].as_str(), read["user"].as_str(), read["up_to"].as_str()),
+        (Some("u:oli"), Some("pat"), Some(m.id.as_str())),
+        "{read}"
+    );
     assert!(all.iter().all(|e| e["ts"].as_u64().is_some() && e["event_id"].as_str().is_some()));
     assert!(*hook.posts.lock().unwrap() >= 3, "the first two posts failed and were retried");
     assert_eq!(*hook.bad_signatures.lock().unwrap(), 0, "every batch is signed with the webhook secret");

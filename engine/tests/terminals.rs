@@ -260,6 +260,49 @@ fn idle_terminals_are_closed() {
     assert_eq!(chatty.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
 }
 
+/// A terminal whose only traffic is WebSocket ping control frames (API.md: they count as
+/// heartbeats) outlives the idle timeout, gets its pongs, and still receives messages.
+#[test]
+fn websocket_pings_are_heartbeats_too() {
+    let node = TestNode::with(|c| {
+        c.limits.idle_timeout = Duration::from_millis(1500);
+        c.limits.heartbeat_s = 1;
+    });
+    let mut pinger = node.terminal("pia", "phone");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        pinger.ws_ping(b"hb").unwrap();
+        // Pongs are skipped by recv; a close would be an error here.
+        assert_eq!(pinger.recv(Duration::from_millis(300)).unwrap(), None, "nothing else arrives");
+    }
+    let sent = node.gateway().send_message(&text("max", "pia", "still here")).unwrap();
+    assert_eq!(next_msg(&mut pinger).id, sent.id, "served past the idle timeout");
+}
+
+/// With `terminal.send_enabled = false` only the business API sends: a terminal's `send` is
+/// refused `forbidden` (referring to its cid), nothing is stored or delivered, and the
+/// connection stays.
+#[test]
+fn terminal_sends_can_be_turned_off() {
+    let node = TestNode::with(|c| c.terminal_send_enabled = false);
+    let mut sender = node.terminal("sid", "phone");
+    let mut peer = node.terminal("pam", "phone");
+    sender.send("c-1", "pam", ether_proto::Kind::Text, serde_json::json!({"text": "may I?"})).unwrap();
+    match sender.recv(WAIT).unwrap() {
+        Some(ServerFrame::Error { code, reference, .. }) => {
+            assert_eq!((code, reference.as_deref()), (ether_proto::ErrorCode::Forbidden, Some("c-1")))
+        }
+        other => panic!("expected a forbidden error, got {other:?}"),
+    }
+    assert_eq!(peer.recv(Duration::from_millis(300)).unwrap(), None, "nothing delivered");
+    let page = node.gateway().request("GET", "/v1/users/pam/messages", None).unwrap();
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(!page.text().contains("may I?"), "nothing stored: {}", page.text());
+    // Still connected and served.
+    sender.ping().unwrap();
+    assert_eq!(sender.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+}
+
 #[test]
 fn unacked_messages_are_resent_until_acked() {
     let node = TestNode::with(|c| c.limits.resend_timeout = Duration::from_millis(250));
