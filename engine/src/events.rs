@@ -1072,6 +1072,27 @@ mod tests {
         store.shutdown();
     }
 
+    /// API.md: a timeout is retried like a non-2xx answer: the batch whose request hung is
+    /// sent again (the same events, first) and acked only once a later request is answered.
+    #[test]
+    fn a_timed_out_batch_is_sent_again_and_acked_once_answered() {
+        let (_dir, store) = store();
+        append(&store, 3);
+        // The first POST hangs (no answer at all); every later one is answered 200.
+        let rx = Receiver::start(|n| if n == 0 { None } else { Some(200) });
+        let url = format!("http://127.0.0.1:{}/", rx.port);
+        let d = EventDispatcher::spawn(store.clone(), &webhook(url), fast(Duration::from_millis(300)), None).unwrap();
+        wait_until("an empty outbox", || outbox(&store).is_empty());
+        let posts = rx.posts();
+        assert!(posts.len() >= 2, "the timed-out batch was sent again");
+        assert_eq!(event_ids(&posts[0]), event_ids(&posts[1]), "the same batch, first");
+        let seen: BTreeSet<String> = posts.iter().skip(1).flat_map(event_ids).collect();
+        assert_eq!(seen, ["1", "2", "3"].map(String::from).into());
+        assert!(d.stats().consecutive_failures.load(Ordering::Relaxed) == 0, "healthy again");
+        d.stop();
+        store.shutdown();
+    }
+
     #[test]
     fn stop_is_prompt_while_the_receiver_hangs_and_nothing_is_acked() {
         let (_dir, store) = store();
