@@ -138,6 +138,8 @@ fn drain_through_the_admin_port() {
 fn the_admin_command_line_against_a_live_node() {
     let node = TestNode::start();
     let _t = node.terminal("quin", "phone");
+    let mut web = node.terminal("quin", "web");
+    let mut desk = node.terminal("quin", "desk");
     let addr = node.ports.admin.to_string();
     let token = node.config.auth.admin_token.expose().to_owned();
     let run = |args: &[&str]| {
@@ -152,11 +154,22 @@ fn the_admin_command_line_against_a_live_node() {
     let table = run(&["stats"]);
     assert!(table.to_lowercase().contains("shard"), "{table}");
     let json: Value = serde_json::from_str(&run(&["stats", "--json"])).unwrap();
-    assert_eq!(json["totals"]["connections"], 1);
+    assert_eq!(json["totals"]["connections"], 3);
     assert!(run(&["connections"]).contains("quin"));
     assert!(run(&["user", "quin"]).contains("phone"));
+    // One device: only that terminal goes.
+    let kicked: Value = serde_json::from_str(&run(&["kick", "quin", "--device", "web", "--json"])).unwrap();
+    assert_eq!(kicked["kicked"], 1, "{kicked}");
+    assert!(matches!(web.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
     let kicked = run(&["kick", "quin"]);
-    assert!(kicked.contains('1'), "{kicked}");
+    assert!(kicked.contains('2'), "the phone and the desk: {kicked}");
+    assert!(matches!(desk.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
+    // Drain: the node stops being ready and tells its terminals to come back elsewhere.
+    let mut late = node.terminal("rue", "phone");
+    let drained = run(&["drain"]);
+    assert!(!drained.trim().is_empty(), "says what it did");
+    assert_eq!(node.admin().request("GET", "/readyz", None).unwrap().status, 503);
+    assert!(matches!(late.recv(WAIT).unwrap(), Some(ServerFrame::Reconnect { .. })));
     let out = Command::new(env!("CARGO_BIN_EXE_ether"))
         .args(["admin", "--addr", &addr, "--token", "wrong-token", "stats"])
         .output()
