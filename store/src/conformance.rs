@@ -764,6 +764,21 @@ pub fn retention_purge<B: StoreBackend>(mut b: B) {
     let again = ok(&mut b, text("old", "keeper", Some("old3"), "reuse")).appended().expect("appended");
     assert!(!again.duplicate);
     assert_eq!(again.receiver_seq, 13);
+    // The sender's own stream was purged whole (every position of it was old): the new
+    // positions after it are written out like any others, and the stream goes on.
+    while b.maintain(u64::MAX).expect("positions after a purged stream are written") {}
+    let mine: Vec<u64> = inbox(&mut b, "old").iter().map(|e| e.seq).collect();
+    assert_eq!(mine, [11, 12]);
+    let a = send(&mut b, "old", "keeper", "and again");
+    assert_eq!((a.receiver_seq, a.sender_seq), (14, Some(13)));
+    while b.maintain(u64::MAX).expect("maintain") {}
+    for _ in 0..3 {
+        let r = b.apply(Op::Purge { older_than_ms: cutoff, max_rows: 1000 });
+        assert!(r.is_ok(), "purge goes on: {r:?}");
+    }
+    let mine: Vec<u64> = inbox(&mut b, "old").iter().map(|e| e.seq).collect();
+    assert_eq!(mine, [11, 12, 13]);
+    assert_eq!(inbox(&mut b, "keeper").iter().map(|e| e.seq).collect::<Vec<_>>(), [11, 12, 13, 14]);
 }
 
 /// Random interleavings of senders, receivers and background steps: every inbox holds

@@ -1476,9 +1476,22 @@ impl SqliteBackend {
             for chunk in st.pending[..n].chunks(BLOCK_ENTRIES) {
                 buf.clear();
                 encode_items(&mut buf, chunk);
-                self.conn
-                    .prepare_cached("INSERT INTO entries(stream, first_seq, data) VALUES(?1, ?2, ?3)")?
+                // The one row a flush may meet at its key is the empty marker a purge sweep
+                // left at the head of a stream it emptied (`sweep_blocks`): it is replaced.
+                // Any other row there would be a bug: refused, never overwritten.
+                let written = self
+                    .conn
+                    .prepare_cached(
+                        "INSERT INTO entries(stream, first_seq, data) VALUES(?1, ?2, ?3)
+                         ON CONFLICT(stream, first_seq) DO UPDATE SET data = excluded.data
+                         WHERE length(entries.data) = 0",
+                    )?
                     .execute(params![stream, sq(next), buf])?;
+                if written != 1 {
+                    return Err(StoreError::Unavailable(format!(
+                        "index: positions {next}.. of stream {stream} are already written"
+                    )));
+                }
                 next += chunk.len() as u64;
             }
             let uid = stream / 2;
