@@ -48,6 +48,11 @@ pub struct Sent {
     pub sender_seq: u64,
 }
 
+/// How long `push_paced` waits at most for a terminal to read before pushing anyway.
+const PACED_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// How often `push_paced` looks at the queue again while it waits.
+const PACED_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl Shard {
     // ---- accepting -----------------------------------------------------------------------
 
@@ -624,7 +629,7 @@ impl Shard {
             };
             for e in &synced.entries {
                 let frame = message_of(e).encode_frame_for(s.wire, &e.chat, e.seq);
-                if !shard.push(&s, frame.clone()) {
+                if !shard.push_paced(&s, frame.clone()).await {
                     return;
                 }
                 if e.chat.starts_with("u:") {
@@ -642,6 +647,23 @@ impl Shard {
             shard.push(&s, encode_for(&done, s.wire));
         })
         .detach();
+    }
+
+    /// Pushes a frame of a long run (a `sync` page) at the pace the terminal reads: while its
+    /// outbound queue holds more than half of `limits.outbound_queue_bytes_max`, waits for it
+    /// to drain (at most `PACED_WAIT_MAX`, then pushes anyway). A page of 500 big messages
+    /// would otherwise overrun the queue at once and close a healthy terminal as a slow
+    /// consumer, again on every reconnect. False when the terminal is gone or closing.
+    pub(crate) async fn push_paced(&self, s: &Session, frame: Bytes) -> bool {
+        let budget = self.config.limits.outbound_queue_bytes_max / 2;
+        let deadline = Instant::now() + PACED_WAIT_MAX;
+        while s.queued_bytes() > 0 && s.queued_bytes() + frame.len() > budget && Instant::now() < deadline {
+            if s.close_reason().is_some() {
+                return false;
+            }
+            glommio::timer::sleep(PACED_POLL).await;
+        }
+        self.push(s, frame)
     }
 
     /// `read`: moves the user's read position in a chat; the peer's terminals get `receipt`,

@@ -408,3 +408,25 @@ fn a_terminal_that_acks_late_but_steadily_is_not_sent_its_messages_twice() {
     let second_half: Vec<_> = seen.iter().skip(COUNT / 2).filter(|(_, &c)| c > 1).collect();
     assert!(second_half.is_empty(), "resent while the terminal's acks kept moving: {second_half:?}");
 }
+
+/// A `sync` page of big messages larger than the terminal's outbound queue bound is written at
+/// the pace the terminal reads, not queued at once: the terminal gets the whole page and is
+/// not closed as a slow consumer (which, on every reconnect, would never let it catch up).
+#[test]
+fn a_sync_page_bigger_than_the_outbound_queue_arrives_whole() {
+    let node = TestNode::with(|c| {
+        c.limits.outbound_queue_bytes_max = 64 * 1024;
+        c.limits.sync_page_max = 500;
+    });
+    let gw = node.gateway();
+    let big = "y".repeat(4000);
+    let sent: Vec<String> =
+        (0..120).map(|i| gw.send_message(&text("zed", "una", &format!("{i}:{big}"))).unwrap().id).collect();
+    // 120 × ~4 KB ≈ 480 KB: one page, seven times the queue bound.
+    let mut una = node.terminal("una", "phone");
+    let (got, head) = sync_all(&mut una, 0);
+    assert_eq!(head, 120);
+    assert_eq!(got.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), sent, "every message, in order");
+    una.ping().unwrap();
+    assert_eq!(una.recv(WAIT).unwrap(), Some(ServerFrame::Pong), "still connected");
+}
