@@ -677,10 +677,15 @@ fn serve_parked(
     Ok(())
 }
 
-/// Sends the close frame (after what is queued) and closes the socket, bounded in time.
+/// Sends the close frame (after what is queued) and closes the socket, bounded in time. A
+/// slow consumer's backlog is dropped first, so its close (4002) goes next: the terminal
+/// learns why, and resumes with `sync` (nothing stored is lost).
 async fn say_goodbye(session: &Session, mut stream: TcpStream, reason: CloseReason) {
-    if matches!(reason, CloseReason::IoError | CloseReason::SlowConsumer) {
+    if reason == CloseReason::IoError {
         return; // nothing more can usefully be written
+    }
+    if reason == CloseReason::SlowConsumer {
+        session.drop_unstarted();
     }
     if let Some(code) = reason.close_code() {
         session.push_final(ws::close_frame(code, reason.as_str()));

@@ -588,6 +588,16 @@ impl Session {
         !self.out.borrow().frames.is_empty()
     }
 
+    /// Forgets every queued frame not started yet (a frame partly written stays, so the
+    /// stream stays well framed): a slow consumer's backlog, dropped so its close frame can
+    /// go next.
+    pub fn drop_unstarted(&self) {
+        let mut q = self.out.borrow_mut();
+        let keep = usize::from(q.front_offset > 0).min(q.frames.len());
+        q.frames.truncate(keep);
+        q.bytes = q.frames.front().map_or(0, |f| (f.len() - q.front_offset as usize) as u32);
+    }
+
     /// The unwritten part of the first queued frame (what to hand to a readiness-waiting write).
     pub fn with_front<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
         let q = self.out.borrow();
@@ -681,6 +691,24 @@ mod tests {
         assert_eq!(s.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(s.push(Bytes::from_static(&[3; 1]), 100), Pushed::Closing);
         assert_eq!(s.queued_bytes(), 100, "nothing queued after the overflow");
+    }
+
+    #[test]
+    fn a_dropped_backlog_keeps_the_frame_partly_written() {
+        let s = session();
+        s.push(Bytes::from_static(b"abc"), 100);
+        s.push(Bytes::from_static(b"defg"), 100);
+        s.drop_unstarted();
+        assert!(!s.has_queued(), "nothing started: everything goes");
+        assert_eq!(s.queued_bytes(), 0);
+        s.push(Bytes::from_static(b"abc"), 100);
+        s.push(Bytes::from_static(b"defg"), 100);
+        s.advance(1);
+        s.drop_unstarted();
+        assert_eq!(s.with_front(<[u8]>::to_vec), Some(b"bc".to_vec()), "the started frame is finished");
+        assert_eq!(s.queued_bytes(), 2);
+        s.advance(2);
+        assert!(!s.has_queued());
     }
 
     #[test]

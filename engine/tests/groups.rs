@@ -292,7 +292,31 @@ fn a_slow_member_is_cut_off_while_the_others_get_everything() {
         "/v1/groups",
         Some(json!({"id": "busy", "name": "Busy", "owner": "pub", "members": ["r1", "r2", "slow"]})),
     );
-    let _stalled = stalled_terminal(&node, "slow");
+    let mut stalled = stalled_terminal(&node, "slow");
+    // Once it is closed as a slow consumer, the stalled terminal reads what reached it: its
+    // backlog was dropped, so the close (4002, saying why) comes right after.
+    let admin = node.admin();
+    let goodbye = std::thread::spawn(move || {
+        use std::io::Read;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let metrics = admin.request("GET", "/metrics", None).unwrap().text();
+            let closed = metrics
+                .lines()
+                .filter(|l| l.starts_with("ether_connections_closed_total") && l.contains("slow_consumer"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+            if closed > 0.0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never closed as a slow consumer");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stalled.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut all = Vec::new();
+        let _ = stalled.read_to_end(&mut all);
+        all
+    });
     let readers: Vec<_> = ["r1", "r2"]
         .iter()
         .map(|u| {
@@ -327,6 +351,10 @@ fn a_slow_member_is_cut_off_while_the_others_get_everything() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(slow_closes, 1.0, "the stalled member was closed as a slow consumer");
+    let got = goodbye.join().unwrap();
+    // A close frame: FIN + opcode 8, unmasked, payload = code 4002 (0x0FA2) + reason.
+    let close = got.windows(4).rposition(|w| w[0] == 0x88 && w[1] < 126 && w[2] == 0x0F && w[3] == 0xA2);
+    assert!(close.is_some(), "no 4002 close frame in the last {} bytes", got.len().min(64));
     let closes: Value =
         serde_json::from_slice(&node.admin().request("GET", "/admin/v1/connections", None).unwrap().body).unwrap();
     assert!(closes["recent_closes"]
