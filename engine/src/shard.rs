@@ -720,7 +720,12 @@ impl Shard {
         kind: Kind,
         body: &RawValue,
     ) {
-        let reject = |code, msg: String| self.reject_frame(s, code, msg, Some(cid.to_owned()));
+        // A well-formed `send` refused for what it asks (sending disabled, a bad body or id)
+        // is answered, not counted as a protocol violation: an app bug or a policy must not
+        // cut the terminal off for good (1008 is final). Rate limits bound how often.
+        let reject = |code, msg: String| {
+            self.frame_error(s, &ApiError::new(code, msg), Some(cid.to_owned()));
+        };
         if !self.config.terminal_send_enabled {
             return reject(ErrorCode::Forbidden, "sending from terminals is disabled on this node".into());
         }

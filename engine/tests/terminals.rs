@@ -298,6 +298,19 @@ fn terminal_sends_can_be_turned_off() {
     let page = node.gateway().request("GET", "/v1/users/pam/messages", None).unwrap();
     assert_eq!(page.status, 200, "{}", page.text());
     assert!(!page.text().contains("may I?"), "nothing stored: {}", page.text());
+    // Refused sends are answers, not protocol violations: many more than
+    // limits.protocol_violations_max leave the terminal connected.
+    let max = node.config.limits.protocol_violations_max;
+    for i in 0..max + 5 {
+        let cid = format!("again-{i}");
+        sender.send(&cid, "pam", ether_proto::Kind::Text, serde_json::json!({"text": "please"})).unwrap();
+        match sender.recv(WAIT).unwrap() {
+            Some(ServerFrame::Error { code, reference, .. }) => {
+                assert_eq!((code, reference.as_deref()), (ether_proto::ErrorCode::Forbidden, Some(cid.as_str())))
+            }
+            other => panic!("expected a forbidden error, got {other:?}"),
+        }
+    }
     // Still connected and served.
     sender.ping().unwrap();
     assert_eq!(sender.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
