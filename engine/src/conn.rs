@@ -314,8 +314,11 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             .and_then(ether_store::Reply::delivered)
             .ok()
             .map(|d| ether_proto::frame::Positions { inbox_seq: d.inbox_seq, groups: d.groups });
-        let added = heads.map_err(|e| AdoptError::Store(e.to_api().message)).and_then(|heads| {
+        let added = heads.map_err(|e| AdoptError::Store(e.to_api().message)).and_then(|mut heads| {
             let wire = subprotocol.unwrap_or_default();
+            // Group messages committed since the heads were read reached no fan-out of this
+            // terminal: its welcome names them, so it syncs them (joined below, no await).
+            shard.heads_seen_while_adopting(&mut heads.groups);
             shard.add_session(&user, &device, platform, wire, remote).map(|session| (session, heads))
         });
         shard.unpend_user(&user);

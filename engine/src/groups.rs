@@ -203,6 +203,9 @@ impl Shard {
     /// Writes a batch of committed group messages: one run per group (each in seq order, as
     /// committed), so a member of a busy group gets everything of the batch in one write.
     pub(crate) async fn deliver_groups(&self, batch: &mut [GroupDelivery]) -> u64 {
+        for g in batch.iter() {
+            self.note_group_seq(&g.group, g.seq);
+        }
         let mut delivered = 0;
         if self.node.cluster().is_some() {
             // Several nodes commit to a group: order by seq and fill gaps from the store.

@@ -153,6 +153,12 @@ pub struct Shard {
     pub(crate) ack_dirty: RefCell<Vec<SessionKey>>,
     /// Group ack positions not saved yet, per session (at most `groups_per_user_max` each).
     pub(crate) group_acks_pending: RefCell<HashMap<SessionKey, Vec<(String, u64)>>>,
+    /// Terminals being taken on (between `pend_user` and `unpend_user`), and the newest seq of
+    /// each group committed here meanwhile: a group message committed after a terminal's heads
+    /// were read but before it joined the group's fan-out raises that group's head in its
+    /// `welcome`, so the terminal syncs it (see `Shard::heads_seen_while_adopting`).
+    adopting: Cell<u32>,
+    group_seqs_while_adopting: RefCell<HashMap<Arc<str>, u64>>,
     /// Connects plus closes counted at the last heap trim.
     churn_at_trim: Cell<u64>,
     /// From first push to the terminal's ack.
@@ -235,6 +241,8 @@ impl Shard {
             churn_at_trim: Cell::new(0),
             ack_dirty: RefCell::new(Vec::new()),
             group_acks_pending: RefCell::new(HashMap::new()),
+            adopting: Cell::new(0),
+            group_seqs_while_adopting: RefCell::new(HashMap::new()),
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
             api_counts: RefCell::new(HashMap::new()),
@@ -429,10 +437,40 @@ impl Shard {
     /// Marks a terminal of `user` as being taken on (see `UserEntry::pending`).
     pub fn pend_user(&self, user: &Arc<str>) {
         self.users.borrow_mut().entry(user.clone()).or_default().pending += 1;
+        self.adopting.set(self.adopting.get() + 1);
+    }
+
+    /// Notes a committed group message while terminals are being taken on (see `adopting`).
+    pub(crate) fn note_group_seq(&self, group: &Arc<str>, seq: u64) {
+        if self.adopting.get() > 0 {
+            let mut seen = self.group_seqs_while_adopting.borrow_mut();
+            let s = seen.entry(group.clone()).or_insert(0);
+            *s = (*s).max(seq);
+        }
+    }
+
+    /// Raises `heads` (read from the store for a terminal being taken on) to the group
+    /// messages committed since: call it when the terminal joins its groups' fan-out, before
+    /// its `welcome`, so what no fan-out pushed to it is within the heads it syncs to.
+    pub(crate) fn heads_seen_while_adopting(&self, groups: &mut std::collections::BTreeMap<String, u64>) {
+        let seen = self.group_seqs_while_adopting.borrow();
+        if seen.is_empty() {
+            return;
+        }
+        for (group, head) in groups.iter_mut() {
+            if let Some(&seq) = seen.get(group.as_str()) {
+                *head = (*head).max(seq);
+            }
+        }
     }
 
     /// The terminal marked by `pend_user` was taken on or refused.
     pub fn unpend_user(&self, user: &str) {
+        let left = self.adopting.get().saturating_sub(1);
+        self.adopting.set(left);
+        if left == 0 {
+            self.group_seqs_while_adopting.borrow_mut().clear();
+        }
         let mut users = self.users.borrow_mut();
         if let Some(entry) = users.get_mut(user) {
             entry.pending = entry.pending.saturating_sub(1);

@@ -398,3 +398,44 @@ fn the_business_sends_as_the_system_and_groups_per_user_are_limited() {
     let (_, mine) = call(&node, "GET", "/v1/users/ola/groups", None);
     assert_eq!(mine["groups"].as_array().unwrap().len(), 4);
 }
+
+/// A terminal that connects while its group is busy gets every message after its `welcome`
+/// heads: a message committed after its heads were read, but before it joined the group's
+/// fan-out, is within the heads (so the terminal syncs it), never silently skipped. Checked
+/// on many connects racing a steady stream of group messages.
+#[test]
+fn a_terminal_connecting_while_its_group_is_busy_misses_nothing() {
+    let node = std::sync::Arc::new(TestNode::start());
+    call(
+        &node,
+        "POST",
+        "/v1/groups",
+        Some(json!({"id": "busy2", "name": "Busy", "owner": "pub", "members": ["joiner"]})),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (node, stop) = (node.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, v) =
+                    call(&node, "POST", "/v1/groups/busy2/messages", Some(group_text("pub", &n.to_string())));
+                assert_eq!(status, 200, "{v}");
+                n += 1;
+            }
+            n
+        })
+    };
+    for i in 0..150 {
+        let (mut t, welcome) =
+            ether_sdk::TerminalClient::connect(&node.ws_url(), &node.token("joiner"), &format!("d{i}"), "web").unwrap();
+        let head = welcome.groups.get("busy2").copied().unwrap_or(0);
+        // The first live message of the group must be the one right after the head.
+        let m = next_msg(&mut t);
+        assert_eq!(m.chat, "g:busy2");
+        assert!(m.seq <= head + 1, "connect {i}: welcome head {head}, first live message {}: a gap", m.seq);
+        drop(t);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(publisher.join().unwrap() > 150);
+}
