@@ -220,6 +220,11 @@ pub enum BusEvent {
         user: String,
         device: Option<String>,
         reason: String,
+        /// Only terminals connected before this (Unix ms): a device that connected on another
+        /// node replaces the older connections of the same device, never a newer one (`None`,
+        /// an operator's kick, and from nodes before this field: all).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before_ms: Option<u64>,
     },
     Broadcast {
         frame: ServerFrame,
@@ -1112,9 +1117,9 @@ impl InWorker {
                     Committed::Cluster(ClusterEvent::UserFrame { user: Arc::from(user), frame: Arc::new(frame) }),
                 );
             }
-            BusEvent::Kick { user, device, reason } => {
+            BusEvent::Kick { user, device, reason, before_ms } => {
                 let to = home_shard(&user, shards);
-                self.commits.push(to, Committed::Cluster(ClusterEvent::Kick { user, device, reason }));
+                self.commits.push(to, Committed::Cluster(ClusterEvent::Kick { user, device, reason, before_ms }));
             }
             BusEvent::Broadcast { frame } => {
                 let frame = Arc::new(frame);

@@ -327,6 +327,15 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                 // Again (not waited for): a connection of the same device that closed while
                 // this one was being taken on removed the entry written above.
                 drop(cluster.online(&user, &device, platform.as_str(), since));
+                // A connection of this device on another node is replaced, as one here is
+                // (`add_session`): routed only to nodes holding the user's terminals, and
+                // only connections older than this one go.
+                cluster.publish(crate::cluster::BusEvent::Kick {
+                    user: user.to_string(),
+                    device: Some(device.to_string()),
+                    reason: "replaced".into(),
+                    before_ms: Some(since),
+                });
             } else if !shard.sessions_of(&user).iter().any(|s| *s.device == *device) {
                 // Refused: its presence goes, unless the device is connected here already.
                 cluster.offline(&user, &device);

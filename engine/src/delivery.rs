@@ -366,8 +366,8 @@ impl Shard {
                     self.push(&s, frames.get(s.wire));
                 }
             }
-            ClusterEvent::Kick { user, device, reason } => {
-                self.kick_local(&user, device.as_deref(), &reason);
+            ClusterEvent::Kick { user, device, reason, before_ms } => {
+                self.kick_local(&user, device.as_deref(), &reason, before_ms);
             }
             ClusterEvent::Broadcast(frame) => {
                 self.broadcast_local(&frame);

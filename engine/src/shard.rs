@@ -325,7 +325,7 @@ impl Shard {
                 let _ = reply.send(self.presence_local(&user));
             }
             ShardMsg::Kick { user, device, reason, reply } => {
-                let _ = reply.send(self.kick_local(&user, device.as_deref(), &reason));
+                let _ = reply.send(self.kick_local(&user, device.as_deref(), &reason, None));
             }
             ShardMsg::Connections { user, reply } => {
                 let _ = reply.send(self.connections_local(user.as_deref()));
@@ -601,10 +601,15 @@ impl Shard {
         Ok(here)
     }
 
-    pub(crate) fn kick_local(&self, user: &str, device: Option<&str>, reason: &str) -> u64 {
+    /// Kicks the user's terminals here (one device, or all; with `before_ms`, only those that
+    /// connected before it); returns how many.
+    pub(crate) fn kick_local(&self, user: &str, device: Option<&str>, reason: &str, before_ms: Option<u64>) -> u64 {
         let mut n = 0;
         for s in self.sessions_of(user) {
-            if device.is_some_and(|d| d != &*s.device) || s.close_reason().is_some() {
+            if device.is_some_and(|d| d != &*s.device)
+                || s.close_reason().is_some()
+                || before_ms.is_some_and(|t| s.since_ms >= t)
+            {
                 continue;
             }
             s.push_final(encode_for(&ServerFrame::Kicked { reason: reason.to_owned() }, s.wire));
@@ -626,6 +631,7 @@ impl Shard {
                 user: user.to_owned(),
                 device: device.map(str::to_owned),
                 reason: reason.to_owned(),
+                before_ms: None,
             });
         }
         let user: Arc<str> = Arc::from(user);

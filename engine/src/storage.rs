@@ -49,6 +49,8 @@ pub enum ClusterEvent {
         user: String,
         device: Option<String>,
         reason: String,
+        /// Only terminals connected before this (Unix ms); `None`: all.
+        before_ms: Option<u64>,
     },
     Broadcast(Arc<ServerFrame>),
     /// These users (who live on this shard) joined or left `group`.

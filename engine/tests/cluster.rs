@@ -145,6 +145,49 @@ fn a_replaced_connection_leaves_the_device_online_in_cluster_presence() {
     assert_eq!(v["terminals"][0]["device"], "phone", "{v}");
 }
 
+/// API.md: a new connection with the same `(user, device)` replaces the old one, wherever it
+/// is: a phone that reconnects through another node kicks its old connection there
+/// (`kicked {reason:"replaced"}`, close 4001), the new one stays, and presence lists the
+/// device once, on the new node.
+#[test]
+fn a_device_connecting_on_another_node_replaces_its_old_connection_there() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut old = a.terminal("rex", "phone");
+    let _desk = a.terminal("rex", "desk");
+    wait_for_presence(&b, "rex", "phone");
+    std::thread::sleep(Duration::from_millis(20)); // a later connection, by the clock
+    let mut new = b.terminal("rex", "phone");
+    match old.recv_until(|f| matches!(f, ServerFrame::Kicked { .. }), WAIT) {
+        Ok(ServerFrame::Kicked { reason }) => assert_eq!(reason, "replaced"),
+        other => panic!("the old connection on node A was not replaced: {other:?}"),
+    }
+    match old.recv(WAIT) {
+        Err(ether_sdk::SdkError::Closed { code, .. }) => assert_eq!(code, Some(4001)),
+        other => panic!("expected close 4001, got {other:?}"),
+    }
+    new.ping().unwrap();
+    assert_eq!(new.recv(WAIT).unwrap(), Some(ServerFrame::Pong), "the new connection stays");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let p = b.gateway().request("GET", "/v1/users/rex/presence", None).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+        let phones: Vec<&serde_json::Value> =
+            v["terminals"].as_array().unwrap().iter().filter(|t| t["device"] == "phone").collect();
+        let desks = v["terminals"].as_array().unwrap().iter().filter(|t| t["device"] == "desk").count();
+        if phones.len() == 1 && phones[0]["node"] == "node-b" {
+            assert_eq!(desks, 1, "the other device on node A is untouched: {v}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the phone is listed {} times: {v}", phones.len());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A message reaches the phone once, on its new connection.
+    let sent = a.gateway().send_message(&text("max", "rex", "to the phone")).unwrap();
+    assert_eq!(new.recv_msg(WAIT).unwrap().id, sent.id);
+}
+
 #[test]
 fn presence_kicks_groups_sends_and_receipts_cross_nodes() {
     let Some(redis) = redis_or_skip() else { return };
