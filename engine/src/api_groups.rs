@@ -224,7 +224,8 @@ async fn send(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Response, E
     Ok(json(200, &Sent { id: sent.id.to_string(), seq: sent.seq, ts: sent.ts }))
 }
 
-/// A page of stored entries as `{messages, more}`.
+/// A page of stored entries as `{messages, more, scanned_to}` (`scanned_to`: where to go on
+/// from, also when a filtered page found nothing in the positions it may scan).
 pub fn page_json(page: &ether_store::op::Page) -> Response {
     let bodies: Vec<Box<RawValue>> = page
         .entries
@@ -248,7 +249,7 @@ pub fn page_json(page: &ether_store::op::Page) -> Response {
             ts: e.ts,
         })
         .collect();
-    json(200, &json!({ "messages": messages, "more": page.more }))
+    json(200, &json!({ "messages": messages, "more": page.more, "scanned_to": page.scanned_to }))
 }
 
 async fn history(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Response, EngineError> {

@@ -729,10 +729,12 @@ fn main_answers_match_their_schemas() {
         p["messages"].as_array().expect("messages").iter().filter_map(|m| m["seq"].as_u64()).collect()
     };
     assert_eq!((seqs(&page), page["more"].as_bool()), (vec![3, 2], Some(true)));
+    assert_eq!(page["scanned_to"].as_u64(), Some(2), "where the next page starts: {page}");
     let page = check("groupHistory", "GET", "/v1/groups/crew/messages?limit=2&before_seq=2", None);
     assert_eq!((seqs(&page), page["more"].as_bool()), (vec![1], Some(false)));
     let page = check("groupHistory", "GET", "/v1/groups/crew/messages?limit=2&after_seq=0", None);
     assert_eq!((seqs(&page), page["more"].as_bool()), (vec![1, 2], Some(true)));
+    assert_eq!(page["scanned_to"].as_u64(), Some(2), "{page}");
     let page = check("groupHistory", "GET", "/v1/groups/crew/messages?limit=2&after_seq=2", None);
     assert_eq!((seqs(&page), page["more"].as_bool()), (vec![3], Some(false)));
     assert_eq!(check("kickUser", "POST", "/v1/users/bob/kick", None)["kicked"].as_u64(), Some(1));
