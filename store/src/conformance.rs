@@ -416,6 +416,20 @@ pub fn delivery_positions_in_one_batch<B: StoreBackend>(mut b: B) {
     }
     let d = ok(&mut b, Op::GetDelivered { user: "y".into(), device: "d299".into() }).delivered().expect("delivered");
     assert_eq!(d.inbox_seq, 4);
+
+    // A member removed from a group leaves no delivery position of it behind (a welcome
+    // would list a group the user is no longer in).
+    create_group(&mut b, "rm", "o", &["m"]);
+    ok(&mut b, group_text("o", "rm", None, "g"));
+    ok(&mut b, set("m", "phone", Some("rm"), 1));
+    ok(&mut b, set("m", "web", Some("rm"), 1));
+    let groups = |b: &mut B, device: &str| {
+        let op = Op::GetDelivered { user: "m".into(), device: device.into() };
+        ok(b, op).delivered().expect("delivered").groups
+    };
+    assert_eq!(groups(&mut b, "phone"), BTreeMap::from([("rm".to_string(), 1)]));
+    ok(&mut b, Op::RemoveMember { group: "rm".into(), user: "m".into() });
+    assert!(groups(&mut b, "phone").is_empty() && groups(&mut b, "web").is_empty(), "positions forgotten");
 }
 
 /// Consecutive messages of one batch (which a backend may store in one call) are each

@@ -741,6 +741,16 @@ function OPS.get_group()
   return { 'ok', f[1] or '', f[2] or '', f[3] or '0', call('ZCARD', k('gm:', gid)), group_head(gid) }
 end
 
+-- Forgets every device's delivery position of `chat` ('g:<gid>') for `u`.
+local function forget_delivered(u, chat)
+  local suffix = '|' .. chat
+  for _, f in ipairs(call('HKEYS', k('dl:', u))) do
+    if #f > #suffix and string.sub(f, -#suffix) == suffix then
+      call('HDEL', k('dl:', u), f)
+    end
+  end
+end
+
 -- ARGV: P, group
 function OPS.dissolve_group()
   local group = ARGV[2]
@@ -749,15 +759,10 @@ function OPS.dissolve_group()
     return missing
   end
   local chat = 'g:' .. gid
-  local suffix = '|' .. chat
   for _, u in ipairs(call('ZRANGE', k('gm:', gid), 0, -1)) do
     call('ZREM', k('ug:', u), gid)
     call('HDEL', k('rd:', u), chat)
-    for _, f in ipairs(call('HKEYS', k('dl:', u))) do
-      if #f > #suffix and string.sub(f, -#suffix) == suffix then
-        call('HDEL', k('dl:', u), f)
-      end
-    end
+    forget_delivered(u, chat)
   end
   call('DEL', k('gm:', gid), k('gr:', gid), k('gi:', group))
   return { 'ok' }
@@ -802,6 +807,7 @@ function OPS.remove_member()
   end
   call('ZREM', k('ug:', user), gid)
   call('HDEL', k('rd:', user), 'g:' .. gid)
+  forget_delivered(user, 'g:' .. gid)
   return { 'ok', 1 }
 end
 

@@ -1240,6 +1240,7 @@ impl SqliteBackend {
         let gs = group_stream(gid);
         self.conn.prepare_cached("DELETE FROM member_of WHERE uid=?1 AND gid=?2")?.execute([uid, gid])?;
         self.conn.prepare_cached("DELETE FROM read_pos WHERE owner=?1 AND chat=?2")?.execute([uid, gs])?;
+        self.conn.prepare_cached("DELETE FROM delivery WHERE owner=?1 AND chat=?2")?.execute([uid, gs])?;
         self.conn.prepare_cached("UPDATE groups SET members = members - 1 WHERE gid=?1")?.execute([gid])?;
         Ok(Reply::Count(1))
     }
