@@ -71,9 +71,18 @@ impl Shard {
                 keys.retain(|k| *k != s.key);
                 if keys.is_empty() {
                     index.remove(&g);
+                    self.forget_group_head(&g);
                 }
             }
         }
+    }
+
+    /// Cluster mode: the group has no member here any more, so this shard stops following its
+    /// seqs; the head it knew would go stale and make the next member's first message look
+    /// like a gap, pushing old messages live. A member who comes brings the head again (its
+    /// `welcome`), one added while online starts at the next message.
+    fn forget_group_head(&self, group: &Arc<str>) {
+        self.group_heads.borrow_mut().remove(group);
     }
 
     /// Mirrors a membership change for the given users' sessions on this shard.
@@ -92,6 +101,7 @@ impl Shard {
                         keys.retain(|k| *k != s.key);
                         if keys.is_empty() {
                             index.remove(group);
+                            self.forget_group_head(group);
                         }
                     }
                 }

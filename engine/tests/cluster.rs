@@ -690,3 +690,35 @@ fn events_a_failed_write_could_not_store_are_written_once_redis_takes_them() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Cluster mode: a shard whose last member of a group left stops following the group's seqs.
+/// A user added to the group later, while online there, gets the messages from then on,
+/// not the ones sent while nobody on that shard was a member pushed live as a "gap".
+#[test]
+fn a_member_added_while_online_gets_no_old_messages_pushed_live() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    // One shard on B: both users' terminals share it.
+    let b = cluster_node_with(&redis, "node-b", |c| c.node.shards = 1);
+    let gw = a.gateway();
+    gw.create_group(Some("stale"), "Stale", "owner", &["first"]).unwrap();
+    let mut first = b.terminal("first", "phone");
+    let mut later = b.terminal("later", "phone");
+    std::thread::sleep(Duration::from_millis(200)); // membership crosses the bus
+    let say = |text: &str| {
+        gw.send_group_message("stale", "owner", Kind::Text, &serde_json::json!({ "text": text }), None).unwrap();
+    };
+    say("one");
+    assert_eq!(texts(&take(&mut first, 1)), ["one"]);
+    // The only member on B leaves; the group goes on without anyone there.
+    first.close().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for i in 0..5 {
+        say(&format!("while nobody on B {i}"));
+    }
+    gw.add_members("stale", &["later"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // membership crosses the bus
+    say("welcome aboard");
+    assert_eq!(texts(&take(&mut later, 1)), ["welcome aboard"], "the first message pushed is the new one");
+    assert_eq!(later.recv(Duration::from_millis(300)).unwrap(), None, "and nothing else");
+}
