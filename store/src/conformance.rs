@@ -793,6 +793,10 @@ pub fn retention_purge<B: StoreBackend>(mut b: B) {
     let mine: Vec<u64> = inbox(&mut b, "old").iter().map(|e| e.seq).collect();
     assert_eq!(mine, [11, 12, 13]);
     assert_eq!(inbox(&mut b, "keeper").iter().map(|e| e.seq).collect::<Vec<_>>(), [11, 12, 13, 14]);
+    // Purged messages are gone, not unread (their positions may share an index block with
+    // live ones).
+    let unread = ok(&mut b, Op::Unread { user: "keeper".into() }).unread().expect("unread");
+    assert_eq!(unread, BTreeMap::from([("u:new".to_string(), 1), ("u:old".to_string(), 3)]));
 }
 
 /// Random interleavings of senders, receivers and background steps: every inbox holds

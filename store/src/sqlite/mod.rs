@@ -1011,12 +1011,16 @@ impl SqliteBackend {
                 .collect::<Result<_, _>>()?;
             r
         };
+        // Retention purges messages oldest id first; an index block keeps the positions of the
+        // purged ones until all of its messages are gone: those are not unread, they are gone.
+        let first_live: i64 =
+            self.conn.query_row("SELECT coalesce(min(id), ?1) FROM messages", [i64::MAX], |r| r.get(0))?;
         let mut counts: HashMap<i64, u64> = HashMap::new();
         // Newest first; a chat stops counting at its read position.
         self.scan(inbox_stream(uid), 0, u64::MAX, false, SCAN_ITEMS_MAX, |seq, it| {
             let peer = it.aux >> 1;
             let incoming = it.aux & 1 == 0;
-            if incoming && seq > reads.get(&(peer * 2)).copied().unwrap_or(0) {
+            if incoming && it.id >= first_live && seq > reads.get(&(peer * 2)).copied().unwrap_or(0) {
                 *counts.entry(peer).or_default() += 1;
             }
             true
@@ -1029,7 +1033,7 @@ impl SqliteBackend {
             let read = reads.get(&gs).copied().unwrap_or(0);
             let mut n = 0u64;
             self.scan(gs, read, u64::MAX, false, SCAN_ITEMS_MAX, |_, it| {
-                if it.aux >> 1 != uid {
+                if it.aux >> 1 != uid && it.id >= first_live {
                     n += 1;
                 }
                 true
