@@ -314,6 +314,14 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             .and_then(ether_store::Reply::delivered)
             .ok()
             .map(|d| ether_proto::frame::Positions { inbox_seq: d.inbox_seq, groups: d.groups });
+        // Positions of groups the user is not in (any more) are not this terminal's business.
+        let delivered = match (delivered, &heads) {
+            (Some(mut d), Ok(h)) => {
+                d.groups.retain(|g, _| h.groups.contains_key(g));
+                Some(d)
+            }
+            (d, _) => d,
+        };
         let added = heads.map_err(|e| AdoptError::Store(e.to_api().message)).and_then(|mut heads| {
             let wire = subprotocol.unwrap_or_default();
             // Group messages committed since the heads were read reached no fan-out of this

@@ -513,6 +513,12 @@ impl Shard {
             if let Err(e) = ether_proto::ids::check_id("group", g) {
                 return self.reject_frame(s, e.code, e.message, None);
             }
+            // Only a group this terminal is in: an ack of any other would store a position
+            // for it (a store write per ack, and its head told back in the next `welcome`).
+            if !s.groups.borrow().iter().any(|mine| **mine == **g) {
+                let e = ApiError::new(ErrorCode::Forbidden, format!("ack: not a member of group {g}"));
+                return self.frame_error(s, &e, None);
+            }
         }
         if group.is_none() {
             if seq <= s.acked_inbox.get() {
@@ -617,11 +623,26 @@ impl Shard {
         groups: BTreeMap<String, u64>,
         limit: Option<u32>,
     ) {
+        // One at a time: each holds a page (up to `sync_page_max` messages) until the terminal
+        // has read it, so unbounded concurrent syncs of a terminal that does not read would
+        // hold unbounded memory. A well-behaved terminal waits for `synced` anyway.
+        if s.sync_in_flight.replace(true) {
+            let e = ApiError::new(ErrorCode::RateLimited, "a sync is being answered: wait for its synced");
+            return self.frame_error(s, &e, None);
+        }
         let page_max = self.config.limits.sync_page_max;
         let limit = limit.map_or(page_max, |l| (l as usize).clamp(1, page_max));
         let shard = self.clone();
         let s = s.clone();
         glommio::spawn_local(async move {
+            /// Clears `sync_in_flight` however the answer ends.
+            struct InFlight<'a>(&'a Session);
+            impl Drop for InFlight<'_> {
+                fn drop(&mut self) {
+                    self.0.sync_in_flight.set(false);
+                }
+            }
+            let _in_flight = InFlight(&s);
             let op = Op::Sync { user: s.user.to_string(), inbox_after, groups, limit };
             let synced = match shard.store.call(op).await.and_then(Reply::synced) {
                 Ok(r) => r,

@@ -216,6 +216,8 @@ pub struct Session {
     unacked: RefCell<VecDeque<Unacked>>,
     /// The groups this session is indexed under on its shard.
     pub groups: RefCell<Vec<Arc<str>>>,
+    /// A `sync` of this terminal is being answered: one at a time (each holds a page).
+    pub sync_in_flight: Cell<bool>,
     /// Shard tick of the last write to the socket.
     last_write: Cell<u32>,
     park: Cell<ParkState>,
@@ -293,6 +295,7 @@ impl Session {
             inbox_dirty: Cell::new(false),
             unacked: RefCell::default(),
             groups: RefCell::default(),
+            sync_in_flight: Cell::new(false),
             last_write: Cell::new(now_tick as u32),
             park: Cell::new(ParkState::Active),
             parked_fd: Cell::new(None),

@@ -176,3 +176,84 @@ fn bad_send_frames_name_the_problem() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A text frame as a client sends it (masked; the zero key leaves the payload as is).
+fn client_text_frame(payload: &str) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut f = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    f.extend_from_slice(payload.as_bytes());
+    f
+}
+
+/// One `sync` at a time per terminal: each holds a page until the terminal has read it, so a
+/// second one sent before the first's `synced` is refused (`rate_limited`) instead of piling
+/// up pages in memory; the first is answered whole, and a sync after it works again.
+#[test]
+fn a_second_sync_before_the_first_is_answered_is_refused() {
+    let node = TestNode::start();
+    let gw = node.gateway();
+    for i in 0..5 {
+        gw.send_message(&text("pia", "quill", &format!("m{i}"))).unwrap();
+    }
+    let mut s = TcpStream::connect(node.ports.client).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let upgrade = format!(
+        "GET /ws?token={}&device=raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        node.token("quill")
+    );
+    s.write_all(upgrade.as_bytes()).unwrap();
+    let read_all = |s: &mut TcpStream| {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert!(read_all(&mut s).contains("\"type\":\"welcome\""));
+    // Both syncs in one write: the node reads them together.
+    let sync = r#"{"type":"sync","inbox_seq":0,"groups":{}}"#;
+    let mut two = client_text_frame(sync);
+    two.extend(client_text_frame(sync));
+    s.write_all(&two).unwrap();
+    let got = read_all(&mut s);
+    assert_eq!(got.matches("\"type\":\"synced\"").count(), 1, "{got}");
+    assert_eq!(got.matches("\"type\":\"msg\"").count(), 5, "{got}");
+    assert!(got.contains("rate_limited") && got.contains("a sync is being answered"), "{got}");
+    // Answered: the next one is served.
+    s.write_all(&client_text_frame(sync)).unwrap();
+    let again = read_all(&mut s);
+    assert_eq!(again.matches("\"type\":\"synced\"").count(), 1, "{again}");
+}
+
+/// A terminal acks only groups it is in: an ack of another group is refused (`forbidden`)
+/// and stores nothing, so neither floods the store with positions nor learns the group's
+/// head from its next `welcome`.
+#[test]
+fn acks_of_groups_the_terminal_is_not_in_are_refused() {
+    let node = TestNode::start();
+    let gw = node.gateway();
+    gw.create_group(Some("secret"), "Secret", "boss", &["aide"]).unwrap();
+    for _ in 0..3 {
+        gw.send_group_message("secret", "boss", ether_proto::Kind::Text, &serde_json::json!({"text": "hush"}), None)
+            .unwrap();
+    }
+    let mut nosy = node.terminal("nosy", "phone");
+    nosy.send_frame(&ether_proto::ClientFrame::Ack { seq: u64::MAX >> 12, group: Some("secret".into()) }).unwrap();
+    match nosy.recv(WAIT).unwrap() {
+        Some(ServerFrame::Error { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::Forbidden);
+            assert!(message.contains("secret"), "{message}");
+        }
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+    nosy.close().unwrap();
+    std::thread::sleep(Duration::from_millis(600)); // a position would be saved by now
+    let (_, welcome) = ether_sdk::TerminalClient::connect(&node.ws_url(), &node.token("nosy"), "phone", "web").unwrap();
+    let delivered = welcome.delivered.unwrap_or_default();
+    assert!(!delivered.groups.contains_key("secret"), "no position, no head: {delivered:?}");
+    assert!(!welcome.groups.contains_key("secret"));
+}
