@@ -258,6 +258,10 @@ impl DispatchStats {
     }
 }
 
+/// Largest webhook answer body read (its content is ignored; a bigger one fails the attempt,
+/// which is retried like any failure).
+const WEBHOOK_ANSWER_BYTES_MAX: usize = 64 * 1024;
+
 /// Where the POSTs go, split for [`GatewayClient`].
 #[derive(Clone, PartialEq, Eq)]
 struct Target {
@@ -425,8 +429,12 @@ impl EventDispatcher {
     ) -> std::io::Result<EventDispatcher> {
         let target = parse_target(&webhook.url)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("events.webhook_url: {e}")))?;
-        let mut client =
-            GatewayClient::new(&target.base, "").with_connect_timeout(opts.timeout).with_timeout(opts.timeout);
+        // The receiver's answer body is not used: a small bound, so a hostile or broken
+        // receiver cannot make the node buffer (or try to allocate) a huge one.
+        let mut client = GatewayClient::new(&target.base, "")
+            .with_connect_timeout(opts.timeout)
+            .with_timeout(opts.timeout)
+            .with_max_body_bytes(WEBHOOK_ANSWER_BYTES_MAX);
         if let Some(ca) = &webhook.ca_path {
             let invalid = |e: String| {
                 std::io::Error::new(

@@ -50,6 +50,11 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest response head accepted, in bytes.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Default bound of an answer's body: a node's largest answer (a history page of 1,000
+/// messages of 64 KiB) fits; a server sending more is refused, not buffered.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 80 * 1024 * 1024;
+/// Longest chunk-size or trailer line of a chunked body.
+const MAX_CHUNK_LINE_BYTES: usize = 4096;
 /// Most response headers accepted.
 const MAX_HEADERS: usize = 64;
 
@@ -254,6 +259,8 @@ pub struct GatewayClient {
     connects: std::sync::atomic::AtomicU64,
     /// TLS settings for an `https://` base (`None`: the Mozilla roots).
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// Largest answer body read; a bigger one fails the call (`SdkError::Protocol`).
+    max_body_bytes: usize,
 }
 
 /// How one exchange on a connection failed.
@@ -281,7 +288,15 @@ impl GatewayClient {
             conn: Mutex::new(None),
             connects: std::sync::atomic::AtomicU64::new(0),
             tls: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
         }
+    }
+
+    /// Sets the largest answer body this client reads (default [`DEFAULT_MAX_BODY_BYTES`]); a
+    /// server announcing or sending more fails the call instead of exhausting memory.
+    pub fn with_max_body_bytes(mut self, max: usize) -> Self {
+        self.max_body_bytes = max;
+        self
     }
 
     /// TLS settings for an `https://` base (default: the Mozilla roots; see
@@ -341,7 +356,7 @@ impl GatewayClient {
                 Some(c) => (c, true),
                 None => (self.connect(target)?, false),
             };
-            match exchange(&mut conn, &req, head_only) {
+            match exchange(&mut conn, &req, head_only, self.max_body_bytes) {
                 Ok((resp, keep_alive)) => {
                     if keep_alive {
                         *slot = Some(conn);
@@ -576,7 +591,12 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 
 /// Writes `req` and reads one answer. Returns the answer and whether the connection may be
 /// reused.
-fn exchange(conn: &mut BufReader<Conn>, req: &[u8], head_only: bool) -> Result<(RawResponse, bool), Failure> {
+fn exchange(
+    conn: &mut BufReader<Conn>,
+    req: &[u8],
+    head_only: bool,
+    max_body: usize,
+) -> Result<(RawResponse, bool), Failure> {
     let written = {
         let stream = conn.get_mut();
         stream.write_all(req).and_then(|()| stream.flush())
@@ -584,7 +604,7 @@ fn exchange(conn: &mut BufReader<Conn>, req: &[u8], head_only: bool) -> Result<(
     if let Err(e) = written {
         return Err(if is_disconnect(&e) { Failure::Stale(e.into()) } else { Failure::Fatal(e.into()) });
     }
-    read_response(conn, head_only)
+    read_response(conn, head_only, max_body)
 }
 
 /// Reads one response head into `buf`; `Ok(false)` when the connection ended before any byte.
@@ -592,7 +612,9 @@ fn read_head(conn: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<bool, Failure
     buf.clear();
     loop {
         let before = buf.len();
-        let n = match conn.read_until(b'\n', buf) {
+        // Bounded even within a line: a peer sending no newline cannot grow it past the limit.
+        let room = (MAX_HEAD_BYTES + 1).saturating_sub(before) as u64;
+        let n = match std::io::Read::take(&mut *conn, room).read_until(b'\n', buf) {
             Ok(n) => n,
             Err(e) if before == 0 && is_disconnect(&e) => return Err(Failure::Stale(e.into())),
             Err(e) => return Err(Failure::Fatal(e.into())),
@@ -624,7 +646,7 @@ fn protocol(msg: impl Into<String>) -> Failure {
     Failure::Fatal(SdkError::Protocol(msg.into()))
 }
 
-fn read_response(conn: &mut BufReader<Conn>, head_only: bool) -> Result<(RawResponse, bool), Failure> {
+fn read_response(conn: &mut BufReader<Conn>, head_only: bool, max_body: usize) -> Result<(RawResponse, bool), Failure> {
     let mut head = Vec::with_capacity(512);
     loop {
         if !read_head(conn, &mut head)? {
@@ -659,29 +681,46 @@ fn read_response(conn: &mut BufReader<Conn>, head_only: bool) -> Result<(RawResp
         if head_only || status == 204 || status == 304 {
             // No body.
         } else if chunked {
-            resp.body = read_chunked(conn)?;
+            resp.body = read_chunked(conn, max_body)?;
         } else if let Some(len) = resp.header("content-length") {
             let len: usize = len.parse().map_err(|_| protocol(format!("bad Content-Length {len:?}")))?;
+            if len > max_body {
+                return Err(too_big(max_body));
+            }
             resp.body = vec![0; len];
             conn.read_exact(&mut resp.body).map_err(|e| Failure::Fatal(e.into()))?;
         } else {
-            conn.read_to_end(&mut resp.body).map_err(|e| Failure::Fatal(e.into()))?;
+            std::io::Read::take(&mut *conn, max_body as u64 + 1)
+                .read_to_end(&mut resp.body)
+                .map_err(|e| Failure::Fatal(e.into()))?;
+            if resp.body.len() > max_body {
+                return Err(too_big(max_body));
+            }
             keep_alive = false;
         }
         return Ok((resp, keep_alive));
     }
 }
 
+fn too_big(max: usize) -> Failure {
+    protocol(format!("answer body larger than {max} bytes (GatewayClient::with_max_body_bytes)"))
+}
+
 fn read_line(conn: &mut impl BufRead) -> Result<String, Failure> {
     let mut line = Vec::new();
-    let n = conn.read_until(b'\n', &mut line).map_err(|e| Failure::Fatal(e.into()))?;
+    let n = std::io::Read::take(&mut *conn, MAX_CHUNK_LINE_BYTES as u64)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| Failure::Fatal(e.into()))?;
     if n == 0 {
         return Err(protocol("connection closed inside a chunked body"));
+    }
+    if !line.ends_with(b"\n") {
+        return Err(protocol(format!("chunked body line longer than {MAX_CHUNK_LINE_BYTES} bytes")));
     }
     Ok(String::from_utf8_lossy(&line).trim().to_owned())
 }
 
-fn read_chunked(conn: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
+fn read_chunked(conn: &mut impl BufRead, max_body: usize) -> Result<Vec<u8>, Failure> {
     let mut body = Vec::new();
     loop {
         let line = read_line(conn)?;
@@ -693,6 +732,9 @@ fn read_chunked(conn: &mut impl BufRead) -> Result<Vec<u8>, Failure> {
             return Ok(body);
         }
         let start = body.len();
+        if size > max_body.saturating_sub(start) {
+            return Err(too_big(max_body));
+        }
         body.resize(start + size, 0);
         conn.read_exact(&mut body[start..]).map_err(|e| Failure::Fatal(e.into()))?;
         if !read_line(conn)?.is_empty() {
@@ -741,10 +783,12 @@ mod tests {
     #[test]
     fn chunked_bodies() {
         let mut r: &[u8] = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nrest";
-        assert_eq!(read_chunked(&mut r).ok().unwrap(), b"Wikipedia");
+        assert_eq!(read_chunked(&mut r, 1024).ok().unwrap(), b"Wikipedia");
         assert_eq!(r, b"rest");
         let mut bad: &[u8] = b"zz\r\n";
-        assert!(read_chunked(&mut bad).is_err());
+        assert!(read_chunked(&mut bad, 1024).is_err());
+        let mut over: &[u8] = b"4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n";
+        assert!(read_chunked(&mut over, 8).is_err(), "9 bytes over a bound of 8");
     }
 
     #[test]

@@ -408,3 +408,48 @@ fn a_client_is_shared_across_threads() {
     }
     assert_eq!(fake.accepts.load(Ordering::SeqCst), 1);
 }
+
+/// A server answering `raw` bytes to every request on one connection (then closing).
+fn raw_server(raw: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                let mut reader = BufReader::new(stream);
+                if read_request(&mut reader, 0).is_some() {
+                    let _ = writer.write_all(raw);
+                    // Endless input for the bodies that have no end of their own.
+                    let filler = [b'x'; 65536];
+                    while writer.write_all(&filler).is_ok() {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Answers bigger than the client's bound are refused, not buffered: a huge Content-Length,
+/// a chunked body past the bound, an endless body without length, an endless header line.
+#[test]
+fn oversized_answers_fail_without_exhausting_memory() {
+    let cases: [&'static [u8]; 4] = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999999\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffff\r\n",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Long: ",
+    ];
+    for raw in cases {
+        let addr = raw_server(raw);
+        let client = GatewayClient::new(addr.to_string(), "k").with_max_body_bytes(1 << 20);
+        let err = client.request("GET", "/x", None).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("larger than") || text.contains("longer than"),
+            "{:?}: {text}",
+            String::from_utf8_lossy(raw)
+        );
+    }
+}
