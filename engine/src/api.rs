@@ -170,7 +170,7 @@ async fn broadcast(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineE
         id: id.to_string(),
         cid: None,
         chat: "broadcast".into(),
-        from: "system".into(),
+        from: crate::api_groups::SYSTEM_SENDER.into(),
         seq: 0,
         kind: b.kind,
         body: b.body,
@@ -187,10 +187,10 @@ fn token(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {
         check_id("device", d)?;
     }
     let ttl = t.ttl_s.map_or(TOKEN_TTL_DEFAULT, Duration::from_secs);
-    let (token, expires_at) = shard
-        .keys
-        .mint(&t.user, ttl, t.device.as_deref())
-        .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("ttl_s: {e}")))?;
+    let (token, expires_at) = shard.keys.mint(&t.user, ttl, t.device.as_deref()).map_err(|e| match e {
+        crate::auth::AuthError::BadTtl => ApiError::new(ErrorCode::InvalidBody, format!("ttl_s: {e}")),
+        other => ApiError::new(ErrorCode::InvalidBody, format!("user: {other}")),
+    })?;
     Ok(json(200, &TokenResponse { token, expires_at }))
 }
 

@@ -5,6 +5,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::api_groups::SYSTEM_SENDER;
+
 /// Longest token lifetime `mint` accepts.
 pub const TOKEN_TTL_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -34,6 +36,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("token subject is not a valid user id")]
     BadSubject,
+    #[error("user id {0:?} is reserved for the business's system messages")]
+    ReservedSubject(&'static str),
     #[error("ttl must be 1 s to {} s", TOKEN_TTL_MAX.as_secs())]
     BadTtl,
 }
@@ -77,6 +81,9 @@ impl TokenKeys {
         if !ether_proto::ids::is_valid_id(user) {
             return Err(AuthError::BadSubject);
         }
+        if user == SYSTEM_SENDER {
+            return Err(AuthError::ReservedSubject(SYSTEM_SENDER));
+        }
         if ttl.is_zero() || ttl > TOKEN_TTL_MAX {
             return Err(AuthError::BadTtl);
         }
@@ -98,6 +105,11 @@ impl TokenKeys {
             })?;
         if !ether_proto::ids::is_valid_id(&data.claims.sub) {
             return Err(AuthError::BadSubject);
+        }
+        // The sender of group posts and broadcasts the business makes without a `from`: no
+        // terminal may speak as it.
+        if data.claims.sub == SYSTEM_SENDER {
+            return Err(AuthError::ReservedSubject(SYSTEM_SENDER));
         }
         Ok(data.claims)
     }
@@ -146,6 +158,10 @@ mod tests {
             let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding).unwrap();
             assert_eq!(keys.verify(&t).map(|c| c.sub), Ok("alice".to_owned()), "aud {aud}");
         }
+        let system = serde_json::json!({ "sub": "system", "exp": unix_now_s() + 60 });
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &system, &keys.encoding).unwrap();
+        assert_eq!(keys.verify(&t), Err(AuthError::ReservedSubject("system")), "no terminal speaks as the system");
+        assert_eq!(keys.mint("system", Duration::from_secs(60), None), Err(AuthError::ReservedSubject("system")));
         let no_exp = serde_json::json!({ "sub": "alice", "aud": "my-app" });
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_exp, &keys.encoding).unwrap();
         assert!(matches!(keys.verify(&t), Err(AuthError::Invalid(_))), "exp is still required");

@@ -381,6 +381,10 @@ fn the_business_sends_as_the_system_and_groups_per_user_are_limited() {
         (m.from.as_str(), m.chat.as_str(), m.body["text"].as_str()),
         ("system", "g:news", Some("from the system"))
     );
+    // Nobody else speaks as the system: no terminal token is minted for it.
+    let (status, v) = call(&node, "POST", "/v1/tokens", Some(json!({"user": "system"})));
+    assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_body")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("reserved"), "{v}");
     // ola is in 1 group; 3 more are fine, the 5th is refused with a clear error.
     for i in 0..3 {
         let (status, _) =
