@@ -276,7 +276,7 @@ fn check_upgrade(shard: &Shard, req: &ether_http::request::Request) -> Result<Ch
 
 async fn refuse(shard: &Shard, mut stream: TcpStream, refusal: Refusal) {
     ShardCounters::add(&shard.counters().handshake_failures, 1);
-    debug!(shard = shard.id, status = refusal.status, error = %refusal.error, "upgrade refused");
+    debug!(shard = shard.id, status = refusal.status, error = ?refusal.error, "upgrade refused");
     let bytes = refusal.bytes();
     let _ = glommio::timer::timeout(CLOSE_FLUSH_TIMEOUT, async {
         stream.write_all(&bytes).await.map_err(glommio::GlommioError::IoError)?;
