@@ -357,6 +357,8 @@ raw_config! {
         api_requests_burst: u32,
         /// `limits.tls_handshakes_per_shard_max`: TLS handshakes in progress per shard.
         tls_handshakes_per_shard_max: usize,
+        /// `limits.handshakes_per_shard_max`: WebSocket handshakes in progress per shard.
+        handshakes_per_shard_max: usize,
     }
     /// Raw `[terminal]`: what terminals may do.
     terminal: RawTerminal {
@@ -852,6 +854,10 @@ pub struct Limits {
     /// in its listen backlog until one ends (each handshake costs key exchange and signature
     /// CPU).
     pub tls_handshakes_per_shard_max: usize,
+    /// WebSocket handshakes in progress per shard on the client listener (4096): beyond it new
+    /// connections wait in the kernel's listen backlog (holding no descriptor of the node)
+    /// until one ends, so clients that connect and say nothing cannot take every descriptor.
+    pub handshakes_per_shard_max: usize,
 }
 
 /// Default of `store.index_flush_age_ms`.
@@ -910,6 +916,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.api_requests_per_s", 0, 100_000_000),
     ("limits.api_requests_burst", 1, 100_000_000),
     ("limits.tls_handshakes_per_shard_max", 1, 1_000_000),
+    ("limits.handshakes_per_shard_max", 1, 1_000_000),
 ];
 
 impl Default for Limits {
@@ -943,6 +950,7 @@ impl Default for Limits {
             api_requests_per_s: 0,
             api_requests_burst: 1000,
             tls_handshakes_per_shard_max: 256,
+            handshakes_per_shard_max: 4096,
         }
     }
 }
@@ -1095,6 +1103,7 @@ impl Config {
                 api_requests_per_s: Some(0),
                 api_requests_burst: Some(1000),
                 tls_handshakes_per_shard_max: Some(64),
+                handshakes_per_shard_max: Some(256),
             },
             // Few position saves per tick, so the deferred ones run in tests too.
             store: RawStore { position_saves_per_tick_max: Some(2), ..RawStore::default() },
@@ -1174,6 +1183,7 @@ impl Config {
                 "api_requests_per_s": limits.api_requests_per_s,
                 "api_requests_burst": limits.api_requests_burst,
                 "tls_handshakes_per_shard_max": limits.tls_handshakes_per_shard_max,
+                "handshakes_per_shard_max": limits.handshakes_per_shard_max,
             },
             "terminal": { "send_enabled": self.terminal_send_enabled },
             "store": { "durability": match self.store_durability {
@@ -1483,6 +1493,11 @@ impl Prepared {
                 "limits.tls_handshakes_per_shard_max",
                 l.tls_handshakes_per_shard_max,
                 d.tls_handshakes_per_shard_max,
+            )?,
+            handshakes_per_shard_max: check.bounded(
+                "limits.handshakes_per_shard_max",
+                l.handshakes_per_shard_max,
+                d.handshakes_per_shard_max,
             )?,
         };
         if limits.idle_timeout.as_secs() <= limits.heartbeat_s {
@@ -2056,6 +2071,7 @@ mod tests {
             api_requests_per_s = 0
             api_requests_burst = 1000
             tls_handshakes_per_shard_max = 256
+            handshakes_per_shard_max = 4096
             [terminal]
             send_enabled = false
             [store]

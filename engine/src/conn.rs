@@ -44,9 +44,16 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts terminals until the node stops; each is upgraded in its own task.
+/// At most `limits.handshakes_per_shard_max` handshakes are in progress on a shard: each
+/// holds a slot from accept until it is refused or handed to its home shard.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, stop: Stop) {
-    accept_connections(shard, listener, stop, "client", terminals_full, None, |shard, stream, _| {
-        shard.spawn_terminal_task(upgrade(shard.clone(), stream))
+    let slots = Rc::new(Semaphore::new(shard.config.limits.handshakes_per_shard_max as u64));
+    accept_connections(shard, listener, stop, "client", terminals_full, Some(slots), |shard, stream, slot| {
+        let handshake = upgrade(shard.clone(), stream);
+        shard.spawn_terminal_task(async move {
+            let _slot = slot;
+            handshake.await;
+        })
     })
     .await;
 }

@@ -257,3 +257,30 @@ fn acks_of_groups_the_terminal_is_not_in_are_refused() {
     assert!(!delivered.groups.contains_key("secret"), "no position, no head: {delivered:?}");
     assert!(!welcome.groups.contains_key("secret"));
 }
+
+/// Descriptors this process holds now.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Clients that connect and say nothing hold at most `limits.handshakes_per_shard_max`
+/// descriptors of the node per shard: the rest wait in the kernel's listen backlog, holding
+/// none, so they cannot take every descriptor; once they go, terminals connect as usual.
+#[test]
+fn silent_connections_beyond_the_handshake_bound_hold_no_descriptor() {
+    let node = TestNode::with(|c| c.limits.handshakes_per_shard_max = 2); // 2 shards: 4 at most
+                                                                          // Warm: whatever the node opens lazily (store files, rings) is open before counting.
+    let mut warm = node.terminal("warm", "phone");
+    warm.ping().unwrap();
+    assert_eq!(warm.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = open_fds();
+    let silent: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(node.ports.client).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300)); // the node accepts what it will
+    let held_by_node = open_fds().saturating_sub(before + silent.len());
+    assert!(held_by_node <= 4 + 8, "the node holds {held_by_node} descriptors for 40 silent connections");
+    drop(silent);
+    let mut t = node.terminal("after", "phone");
+    t.ping().unwrap();
+    assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
+}
