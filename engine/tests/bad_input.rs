@@ -190,12 +190,23 @@ fn client_text_frame(payload: &str) -> Vec<u8> {
 /// up pages in memory; the first is answered whole, and a sync after it works again.
 #[test]
 fn a_second_sync_before_the_first_is_answered_is_refused() {
-    let node = TestNode::start();
+    // Small socket buffers on both sides and a terminal that does not read: the first sync's
+    // page (5 × 4 KB) cannot all be written, so it is still being answered when the second
+    // sync comes.
+    let node = TestNode::with(|c| {
+        c.limits.socket_send_buffer_bytes = 4096;
+        // No resend of the page while this raw terminal reads it (it acks at the end).
+        c.limits.resend_timeout = Duration::from_secs(30);
+    });
     let gw = node.gateway();
+    let big = "z".repeat(4000);
     for i in 0..5 {
-        gw.send_message(&text("pia", "quill", &format!("m{i}"))).unwrap();
+        gw.send_message(&text("pia", "quill", &format!("m{i} {big}"))).unwrap();
     }
-    let mut s = TcpStream::connect(node.ports.client).unwrap();
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&node.ports.client.into()).unwrap();
+    let mut s: TcpStream = socket.into();
     s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let upgrade = format!(
         "GET /ws?token={}&device=raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -214,16 +225,18 @@ fn a_second_sync_before_the_first_is_answered_is_refused() {
         String::from_utf8_lossy(&out).into_owned()
     };
     assert!(read_all(&mut s).contains("\"type\":\"welcome\""));
-    // Both syncs in one write: the node reads them together.
     let sync = r#"{"type":"sync","inbox_seq":0,"groups":{}}"#;
-    let mut two = client_text_frame(sync);
-    two.extend(client_text_frame(sync));
-    s.write_all(&two).unwrap();
+    s.write_all(&client_text_frame(sync)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(&client_text_frame(sync)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let got = read_all(&mut s);
     assert_eq!(got.matches("\"type\":\"synced\"").count(), 1, "{got}");
     assert_eq!(got.matches("\"type\":\"msg\"").count(), 5, "{got}");
     assert!(got.contains("rate_limited") && got.contains("a sync is being answered"), "{got}");
     // Answered: the next one is served.
+    // Acked (else the node pushes the page again after the resend timeout), synced again.
+    s.write_all(&client_text_frame(r#"{"type":"ack","seq":5}"#)).unwrap();
     s.write_all(&client_text_frame(sync)).unwrap();
     let again = read_all(&mut s);
     assert_eq!(again.matches("\"type\":\"synced\"").count(), 1, "{again}");
