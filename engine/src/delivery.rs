@@ -760,7 +760,7 @@ impl Shard {
     /// queue full) or fails (a full disk, Redis away) brings the events back to this shard
     /// (`requeue_events`): nothing is dropped short of `limits.events_pending_max`.
     pub(crate) fn write_events(&self) {
-        if self.events_out.holding(Instant::now()).is_some() {
+        if self.events_out.is_empty() || self.events_out.holding(Instant::now()).is_some() {
             return;
         }
         let events: Arc<[NewEvent]> = self.events_out.take().into();

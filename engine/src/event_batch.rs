@@ -85,7 +85,9 @@ impl EventBatch {
         let mut pending = self.pending.borrow_mut();
         pending.extend(events);
         self.bound(&mut pending);
-        if self.holding(Instant::now()).is_none() && (!self.wait_enabled || pending.len() >= EVENTS_PER_WRITE_MAX) {
+        // No clock read unless a failed write set a hold (an add per acked message).
+        let held = self.hold_until.get().is_some_and(|t| t > Instant::now());
+        if !held && (!self.wait_enabled || pending.len() >= EVENTS_PER_WRITE_MAX) {
             return AddOutcome::WriteNow;
         }
         drop(pending);
