@@ -576,7 +576,8 @@ impl Shard {
     fn save_position(&self, s: &Session, group: Option<String>, seq: u64) {
         // The `message.delivered` events of the acks this position covers go first: a crash
         // that loses them loses the position too, so the messages come again and are acked
-        // (and reported) again; never a saved position whose events were lost.
+        // (and reported) again. (While writes are held after a failed one, the events wait
+        // and the position goes ahead: a crash in that window can lose those events.)
         self.write_events();
         let op = Op::SetDelivered { user: s.user.to_string(), device: s.device.to_string(), group, seq };
         // Best effort: a position not saved only means a few messages come again on `sync`.
