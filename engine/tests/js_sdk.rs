@@ -83,6 +83,16 @@ fn run_scenario(node_bin: &str, node: &TestNode, ws_url: String, env: &[(&str, S
                 gw.send_message(&text("max", "bob", &format!("api{i}"))).expect("API send");
             }
             writeln!(stdin, "PUSHED").expect("tell the script");
+        } else if line == "GROUP" {
+            // Bob is away: a group "club" (as if created again after an older one of that id)
+            // with bob in it gets three messages.
+            let gw = node.gateway();
+            gw.create_group(Some("club"), "Club", "max", &["bob"]).expect("create the group");
+            for i in 0..3 {
+                let body = serde_json::json!({ "text": format!("c{i}") });
+                gw.send_group_message("club", "max", ether_proto::Kind::Text, &body, None).expect("group send");
+            }
+            writeln!(stdin, "GROUPED").expect("tell the script");
         } else if line.starts_with('{') {
             verdict = Some(line);
         }
@@ -95,7 +105,7 @@ fn run_scenario(node_bin: &str, node: &TestNode, ws_url: String, env: &[(&str, S
     let verdict = verdict.unwrap_or_else(|| panic!("no verdict from the script ({status:?}); stderr:\n{stderr}"));
     let v: serde_json::Value = serde_json::from_str(&verdict).expect("JSON verdict");
     assert_eq!(v["ok"], true, "the JS SDK scenario failed: {v:#}\nstderr:\n{stderr}");
-    assert_eq!(v["facts"]["bob_received"], 36, "20 + 15 after coming back + 1 idempotent send: {v}");
+    assert_eq!(v["facts"]["bob_received"], 39, "20 + 15 after coming back + 1 idempotent send + 3 of the club: {v}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 

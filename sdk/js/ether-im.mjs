@@ -263,9 +263,12 @@ export class EtherTerminal extends EventTarget {
         ? { inbox_seq: d.inbox_seq, groups: { ...d.groups } }
         : { inbox_seq: w.inbox_seq, groups: { ...w.groups } };
     }
-    // Groups joined since: start at their head (their history is on the REST API).
+    // Groups joined since: start at their head (their history is on the REST API). A position
+    // past a group's head belongs to an earlier group of that id (dissolved, then created
+    // again: a new stream from seq 1): start that one over.
     for (const [g, head] of Object.entries(w.groups)) {
       if (!(g in this.positions.groups)) this.positions.groups[g] = head;
+      else if (this.positions.groups[g] > head) this.positions.groups[g] = 0;
     }
     this._setState("online");
     this._emit("welcome", w);
