@@ -171,6 +171,7 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     batch_isolation(make());
     invalid_input(make());
     retention_purge(make());
+    token_revocations(make());
     random_interleavings(&make);
 }
 
@@ -731,6 +732,34 @@ pub fn invalid_input<B: StoreBackend>(mut b: B) {
         b.apply(Op::ListMembers { group: "nope".into(), cursor: None, limit: 1 }),
         Err(StoreError::NotFound)
     ));
+}
+
+/// Token revocations never move back (the later time wins), are kept for every device and
+/// per device apart, list back as written, and refuse invalid ids.
+pub fn token_revocations<B: StoreBackend>(mut b: B) {
+    let user = format!("rv{}", next_id());
+    let mut revoke = |device: Option<&str>, before_ms: u64| {
+        let op = Op::RevokeTokens { user: user.clone(), device: device.map(str::to_owned), before_ms };
+        ok(&mut b, op).count().expect("count")
+    };
+    assert_eq!(revoke(None, 1_000), 1_000);
+    assert_eq!(revoke(None, 500), 1_000, "a revocation never moves back");
+    assert_eq!(revoke(None, 2_000), 2_000);
+    assert_eq!(revoke(Some("phone"), 700), 700, "per device, apart from every device's");
+    let mut mine: Vec<Revocation> =
+        ok(&mut b, Op::Revocations).revocations().expect("list").into_iter().filter(|r| r.user == user).collect();
+    mine.sort_by(|x, y| x.device.cmp(&y.device));
+    assert_eq!(
+        mine,
+        vec![
+            Revocation { user: user.clone(), device: None, before_ms: 2_000 },
+            Revocation { user: user.clone(), device: Some("phone".into()), before_ms: 700 },
+        ]
+    );
+    for (u, d) in [("bad user", None), ("ok", Some("bad device"))] {
+        let op = Op::RevokeTokens { user: u.into(), device: d.map(str::to_owned), before_ms: 1 };
+        assert!(matches!(b.apply(op), Err(StoreError::Invalid(_))), "{u:?} {d:?}");
+    }
 }
 
 /// Retention: messages older than the cutoff go, in bounded steps; newer stay; seqs continue

@@ -133,6 +133,12 @@ pub enum Op {
     /// Deletes up to `max_rows` messages older than `older_than_ms`, oldest first.
     /// → [`Reply::Purged`]
     Purge { older_than_ms: u64, max_rows: usize },
+    /// Revokes the user's terminal tokens issued before `before_ms` (Unix ms): on one device,
+    /// or on all when `device` is `None`. Never moves back: the answer is the revocation in
+    /// force afterwards (the later of the stored one and `before_ms`). → [`Reply::Count`]
+    RevokeTokens { user: String, device: Option<String>, before_ms: u64 },
+    /// Every revocation, in no particular order. → [`Reply::Revocations`]
+    Revocations,
 }
 
 impl Op {
@@ -153,6 +159,7 @@ impl Op {
                 | Op::ListMembers { .. }
                 | Op::GroupsOf { .. }
                 | Op::GroupReads { .. }
+                | Op::Revocations
         )
     }
 }
@@ -278,7 +285,17 @@ pub enum Reply {
     Reads { read: u64, members: u64 },
     Purged { messages: u64, more: bool },
     Count(u64),
+    Revocations(Vec<Revocation>),
     Done,
+}
+
+/// Terminal tokens of `user` issued before `before_ms` (Unix ms) are no longer accepted: on
+/// `device`, or on every device when it is `None` (see [`Op::RevokeTokens`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub user: String,
+    pub device: Option<String>,
+    pub before_ms: u64,
 }
 
 macro_rules! reply_as {
@@ -306,6 +323,7 @@ impl Reply {
     reply_as!(group, Group, GroupInfo);
     reply_as!(groups, Groups, Vec<String>);
     reply_as!(count, Count, u64);
+    reply_as!(revocations, Revocations, Vec<Revocation>);
 }
 
 /// A user (or group) id field every backend checks the same way (`Invalid` otherwise).

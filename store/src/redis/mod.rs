@@ -138,10 +138,12 @@ enum S {
     AppendMany,
     /// Several `AppendGroup` ops of a batch in one call.
     AppendGroupMany,
+    RevokeTokens,
+    Revocations,
 }
 
 impl S {
-    const ALL: [S; 27] = [
+    const ALL: [S; 29] = [
         S::Append,
         S::AppendGroup,
         S::ReadInbox,
@@ -169,6 +171,8 @@ impl S {
         S::SetDeliveredMany,
         S::AppendMany,
         S::AppendGroupMany,
+        S::RevokeTokens,
+        S::Revocations,
     ];
 
     /// The function in `store.lua`.
@@ -201,6 +205,8 @@ impl S {
             S::SetDeliveredMany => "set_delivered_many",
             S::AppendMany => "append_many",
             S::AppendGroupMany => "append_group_many",
+            S::RevokeTokens => "revoke_tokens",
+            S::Revocations => "revocations",
         }
     }
 
@@ -673,6 +679,14 @@ impl RedisBackend {
             Op::Purge { older_than_ms, max_rows } => {
                 Call::new(S::Purge, p).n(*older_than_ms).n((*max_rows).max(1) as u64)
             }
+            Op::RevokeTokens { user, device, before_ms } => {
+                check_user("user", user)?;
+                if let Some(d) = device {
+                    check_user("device", d)?;
+                }
+                Call::new(S::RevokeTokens, p).s(user).s(device.as_deref().unwrap_or("")).n(*before_ms)
+            }
+            Op::Revocations => Call::new(S::Revocations, p),
         })
     }
 }
@@ -876,6 +890,22 @@ fn decode(op: &Op, v: Value) -> Result<Reply, StoreError> {
             let messages = int(&next(f)?)?;
             let more = int(&next(f)?)? != 0;
             Reply::Purged { messages, more }
+        }
+        Op::RevokeTokens { .. } => Reply::Count(int(&next(f)?)?),
+        Op::Revocations => {
+            let mut out = Vec::new();
+            let mut kv = items(next(f)?)?.into_iter();
+            while let Some(field) = kv.next() {
+                let field = text(field)?;
+                let before_ms = text(next(&mut kv)?)?.parse().map_err(|_| bad("revocation time"))?;
+                let (user, device) = field.split_once('|').ok_or_else(|| bad("revocation field"))?;
+                out.push(Revocation {
+                    user: user.to_owned(),
+                    device: (!device.is_empty()).then(|| device.to_owned()),
+                    before_ms,
+                });
+            }
+            Reply::Revocations(out)
         }
     })
 }

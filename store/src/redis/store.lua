@@ -27,6 +27,8 @@
 --   P ug:<user>          zset   the user's groups: score and member gid
 --   P gh:<gid>           string group log head (INCR)
 --   P gl:<gid>           zset   group log: score seq, member "<pid>|<from>"
+--   P revoked            hash   "<user>|<device>" (device '' = every device) -> ms: terminal
+--                               tokens issued before it are refused
 --   P obseq              string outbox seq counter (never reused)
 --   P ob                 zset   outbox seqs, score = member = seq
 --   P ev:<seq>           hash   ts, kind, data
@@ -829,6 +831,23 @@ function OPS.list_members()
     next_cursor = names[#names]
   end
   return { 'ok', names, next_cursor }
+end
+
+-- ARGV: P, user, device ('' = every device), before_ms. Never moves back.
+function OPS.revoke_tokens()
+  local field = ARGV[2] .. '|' .. ARGV[3]
+  local before = num(ARGV[4])
+  local cur = num(call('HGET', k('revoked'), field))
+  if before > cur then
+    call('HSET', k('revoked'), field, fmt(before))
+    cur = before
+  end
+  return { 'ok', cur }
+end
+
+-- ARGV: P
+function OPS.revocations()
+  return { 'ok', call('HGETALL', k('revoked')) }
 end
 
 -- ARGV: P, user

@@ -1410,7 +1410,39 @@ impl SqliteBackend {
             }
             Op::GroupReads { group, msg_id } => self.group_reads(group, *msg_id),
             Op::Purge { older_than_ms, max_rows } => self.purge(*older_than_ms, *max_rows),
+            Op::RevokeTokens { user, device, before_ms } => self.revoke_tokens(user, device.as_deref(), *before_ms),
+            Op::Revocations => self.revocations().map(Reply::Revocations),
         }
+    }
+
+    fn revoke_tokens(&mut self, user: &str, device: Option<&str>, before_ms: u64) -> Result<Reply, StoreError> {
+        check_user("user", user)?;
+        if let Some(d) = device {
+            check_user("device", d)?;
+        }
+        let in_force: i64 = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO revoked(name, device, before_ms) VALUES(?1, ?2, ?3) \
+                 ON CONFLICT(name, device) DO UPDATE SET before_ms = max(before_ms, excluded.before_ms) \
+                 RETURNING before_ms",
+            )?
+            .query_row(rusqlite::params![user, device.unwrap_or(""), sq(before_ms)], |r| r.get(0))?;
+        Ok(Reply::Count(in_force.max(0) as u64))
+    }
+
+    fn revocations(&mut self) -> Result<Vec<Revocation>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT name, device, before_ms FROM revoked")?;
+        let rows = stmt.query_map([], |r| {
+            let device: String = r.get(1)?;
+            let before_ms: i64 = r.get(2)?;
+            Ok(Revocation {
+                user: r.get(0)?,
+                device: (!device.is_empty()).then_some(device),
+                before_ms: before_ms.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     // ---- transactions ---------------------------------------------------------------------

@@ -76,6 +76,13 @@ CREATE TABLE IF NOT EXISTS member_of(
   gid INTEGER NOT NULL,
   PRIMARY KEY(uid, gid)
 ) WITHOUT ROWID;
+-- terminal tokens issued before before_ms no longer accepted; device '' = every device
+CREATE TABLE IF NOT EXISTS revoked(
+  name TEXT NOT NULL,
+  device TEXT NOT NULL,
+  before_ms INTEGER NOT NULL,
+  PRIMARY KEY(name, device)
+) WITHOUT ROWID;
 -- durable event outbox; AUTOINCREMENT: event ids are never reused after acks delete rows
 CREATE TABLE IF NOT EXISTS outbox(
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
