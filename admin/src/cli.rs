@@ -37,7 +37,7 @@ pub enum AdminCommand {
     /// `GET /admin/v1/users/{uid}`: one user's live connections.
     User { uid: String },
     /// `POST /admin/v1/users/{uid}/kick`.
-    Kick { uid: String, device: Option<String>, reason: Option<String> },
+    Kick { uid: String, device: Option<String>, reason: Option<String>, revoke: bool },
     /// `POST /admin/v1/drain`.
     Drain,
 }
@@ -142,9 +142,9 @@ fn request_of(cmd: &AdminCommand) -> Result<(&'static str, String, Option<Vec<u8
             check_uid(uid)?;
             ("GET", format!("/admin/v1/users/{}", percent_encode(uid)), None)
         }
-        AdminCommand::Kick { uid, device, reason } => {
+        AdminCommand::Kick { uid, device, reason, revoke } => {
             check_uid(uid)?;
-            let body = ether_proto::api::Kick { device: device.clone(), reason: reason.clone() };
+            let body = ether_proto::api::Kick { device: device.clone(), reason: reason.clone(), revoke: *revoke };
             let body = serde_json::to_vec(&body).map_err(|e| CliError::Usage(e.to_string()))?;
             ("POST", format!("/admin/v1/users/{}/kick", percent_encode(uid)), Some(body))
         }
@@ -196,7 +196,14 @@ fn render(cmd: &AdminCommand, resp: &RawResponse, now_ms: u64) -> Result<String,
                 Some(d) => format!("user {uid}, device {d}"),
                 None => format!("user {uid}"),
             };
-            format!("kicked {} terminal(s) of {which}\n", r.kicked)
+            match r.revoked_before_ms {
+                Some(t) => format!(
+                    "kicked {} terminal(s) of {which}; tokens issued before {} refused\n",
+                    r.kicked,
+                    fmt_time(t)
+                ),
+                None => format!("kicked {} terminal(s) of {which}\n", r.kicked),
+            }
         }
         AdminCommand::Drain => {
             let r: DrainReport = decode(resp)?;
@@ -706,9 +713,13 @@ mod tests {
         let q = ConnQuery::parse("sort=queued_bytes&limit=5").unwrap();
         let (_, p, _) = request_of(&AdminCommand::Connections(q)).unwrap();
         assert_eq!(p, "/admin/v1/connections?sort=queued_bytes&limit=5");
-        let (m, p, b) =
-            request_of(&AdminCommand::Kick { uid: "bob@x".into(), device: Some("web-1".into()), reason: None })
-                .unwrap();
+        let (m, p, b) = request_of(&AdminCommand::Kick {
+            uid: "bob@x".into(),
+            device: Some("web-1".into()),
+            reason: None,
+            revoke: false,
+        })
+        .unwrap();
         assert_eq!((m, p.as_str()), ("POST", "/admin/v1/users/bob@x/kick"));
         let body: serde_json::Value = serde_json::from_slice(&b.unwrap()).unwrap();
         assert_eq!(body["device"], "web-1");
@@ -814,8 +825,8 @@ mod tests {
 
     #[test]
     fn kick_and_drain_output() {
-        let cmd = AdminCommand::Kick { uid: "bob".into(), device: Some("web".into()), reason: None };
-        let out = render(&cmd, &resp(&KickReport { kicked: 1 }), NOW).unwrap();
+        let cmd = AdminCommand::Kick { uid: "bob".into(), device: Some("web".into()), reason: None, revoke: false };
+        let out = render(&cmd, &resp(&KickReport { kicked: 1, revoked_before_ms: None }), NOW).unwrap();
         assert_eq!(out, "kicked 1 terminal(s) of user bob, device web\n");
         let out = render(&AdminCommand::Drain, &resp(&DrainReport { started: true, connections: 7 }), NOW).unwrap();
         assert!(out.starts_with("drain started: 7 terminal(s)"));

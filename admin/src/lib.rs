@@ -104,6 +104,13 @@ pub trait NodeView {
         Err(not_provided("kick"))
     }
 
+    /// Refuses from now on `uid`'s terminal tokens (only those used on `device`, when given)
+    /// issued up to now; returns the time (Unix ms) before which they are refused.
+    async fn revoke_tokens(&self, uid: &str, device: Option<&str>) -> Result<u64, ApiError> {
+        let _ = (uid, device);
+        Err(not_provided("token revocation"))
+    }
+
     /// Starts draining: stop accepting, tell terminals to `reconnect` with jitter, close.
     /// Idempotent (`started: false` when already draining).
     async fn drain(&self) -> Result<DrainReport, ApiError> {

@@ -11,7 +11,7 @@
 //! | GET | `/admin/v1/stats` | bearer | [`StatsReport`] |
 //! | GET | `/admin/v1/connections` | bearer | [`ConnectionsReport`] ([`ConnQuery`] parameters) |
 //! | GET | `/admin/v1/users/{uid}` | bearer | [`UserReport`] |
-//! | POST | `/admin/v1/users/{uid}/kick` | bearer | body `{device?, reason?}` → [`KickReport`] |
+//! | POST | `/admin/v1/users/{uid}/kick` | bearer | body `{device?, reason?, revoke?}` → [`KickReport`] |
 //! | POST | `/admin/v1/drain` | bearer | [`DrainReport`] |
 //! | GET | `/admin/v1/config` | bearer | effective config, secrets redacted |
 //!
@@ -173,8 +173,13 @@ async fn route<V: NodeView>(view: &V, req: &Request) -> Result<Response, ApiErro
             check_uid(&uid)?;
             let kick = parse_kick(&req.body)?;
             let reason = kick.reason.as_deref().unwrap_or(KICK_REASON_DEFAULT);
+            // Revoked first: a kicked terminal coming straight back finds its token refused.
+            let revoked_before_ms = match kick.revoke {
+                true => Some(view.revoke_tokens(&uid, kick.device.as_deref()).await?),
+                false => None,
+            };
             let kicked = view.kick(&uid, kick.device.as_deref(), reason).await?;
-            Ok(private(json(200, &KickReport { kicked })))
+            Ok(private(json(200, &KickReport { kicked, revoked_before_ms })))
         }
         Route::Drain => {
             let report = view.drain().await?;

@@ -313,6 +313,9 @@ pub struct UserReport {
 pub struct KickReport {
     /// Terminals disconnected.
     pub kicked: u64,
+    /// With `revoke`: tokens issued before this time (Unix ms) are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_before_ms: Option<u64>,
 }
 
 /// The body of `POST /admin/v1/drain`.

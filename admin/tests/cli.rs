@@ -67,7 +67,7 @@ fn connections_user_kick_drain() {
     let out = run(&addr, TOKEN, AdminCommand::User { uid: "ghost".into() }, false).unwrap();
     assert_eq!(out, "user ghost is offline (no live connections)\n");
 
-    let kick = AdminCommand::Kick { uid: "alice".into(), device: Some("phone".into()), reason: None };
+    let kick = AdminCommand::Kick { uid: "alice".into(), device: Some("phone".into()), reason: None, revoke: false };
     let out = run(&addr, TOKEN, kick, false).unwrap();
     assert_eq!(out, "kicked 1 terminal(s) of user alice, device phone\n");
     assert_eq!(view.shared.kicks.lock().unwrap().last().unwrap().1.as_deref(), Some("phone"));

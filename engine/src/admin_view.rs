@@ -228,6 +228,11 @@ impl ether_admin::NodeView for AdminView {
         self.shard.kick(uid, device, reason).await.map_err(|e| e.to_api())
     }
 
+    async fn revoke_tokens(&self, uid: &str, device: Option<&str>) -> Result<u64, ApiError> {
+        ether_proto::ids::check_id("uid", uid)?;
+        self.shard.revoke_tokens(uid, device).await.map_err(|e| e.to_api())
+    }
+
     async fn drain(&self) -> Result<DrainReport, ApiError> {
         let node = &self.shard.node;
         let started = !node.draining();

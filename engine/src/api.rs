@@ -211,8 +211,13 @@ async fn kick(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response, E
     if reason.len() > 256 {
         return Err(ApiError::new(ErrorCode::InvalidBody, "reason: at most 256 bytes").into());
     }
+    // Revoked first: a kicked terminal coming straight back finds its token refused.
+    let revoked_before_ms = match k.revoke {
+        true => Some(shard.revoke_tokens(uid, k.device.as_deref()).await?),
+        false => None,
+    };
     let kicked = shard.kick(uid, k.device.as_deref(), reason).await?;
-    Ok(json(200, &Kicked { kicked }))
+    Ok(json(200, &Kicked { kicked, revoked_before_ms }))
 }
 
 /// Largest `limit` of a history page.

@@ -20,9 +20,21 @@ pub struct Claims {
     /// Issued at, Unix seconds.
     #[serde(default)]
     pub iat: u64,
+    /// Issued at, Unix ms (tokens this node mints; compared with revocations, see
+    /// `revocations`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat_ms: Option<u64>,
     /// When set, the token is only good for this device id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+}
+
+impl Claims {
+    /// When the token was issued, Unix ms: `iat_ms`, else the start of the `iat` second, else
+    /// 0 (see `revocations`).
+    pub fn issued_ms(&self) -> u64 {
+        self.iat_ms.unwrap_or(self.iat.saturating_mul(1000))
+    }
 }
 
 /// Why a token was refused.
@@ -87,9 +99,15 @@ impl TokenKeys {
         if ttl.is_zero() || ttl > TOKEN_TTL_MAX {
             return Err(AuthError::BadTtl);
         }
-        let now = unix_now_s();
-        let claims =
-            Claims { sub: user.to_owned(), exp: now + ttl.as_secs(), iat: now, device: device.map(str::to_owned) };
+        let now_ms = crate::message::unix_now_ms();
+        let now = now_ms / 1000;
+        let claims = Claims {
+            sub: user.to_owned(),
+            exp: now + ttl.as_secs(),
+            iat: now,
+            iat_ms: Some(now_ms),
+            device: device.map(str::to_owned),
+        };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
         Ok((token, claims.exp))
@@ -134,10 +152,10 @@ mod tests {
         let (t, _) = other.mint("alice", Duration::from_secs(60), None).unwrap();
         assert!(matches!(keys.verify(&t), Err(AuthError::Invalid(_))));
         assert!(matches!(keys.verify("garbage"), Err(AuthError::Invalid(_))));
-        let expired = Claims { sub: "a".into(), exp: unix_now_s() - 3600, iat: 0, device: None };
+        let expired = Claims { sub: "a".into(), exp: unix_now_s() - 3600, iat: 0, iat_ms: None, device: None };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &keys.encoding).unwrap();
         assert_eq!(keys.verify(&t), Err(AuthError::Expired));
-        let bad_sub = Claims { sub: "a b".into(), exp: unix_now_s() + 60, iat: 0, device: None };
+        let bad_sub = Claims { sub: "a b".into(), exp: unix_now_s() + 60, iat: 0, iat_ms: None, device: None };
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &bad_sub, &keys.encoding).unwrap();
         assert_eq!(keys.verify(&t), Err(AuthError::BadSubject));
         let hs512 = jsonwebtoken::encode(&Header::new(Algorithm::HS512), &bad_sub, &keys.encoding).unwrap();

@@ -159,6 +159,10 @@ pub enum AdminCommand {
         /// Only this device.
         #[arg(long, value_name = "D")]
         device: Option<String>,
+        /// Also refuse the tokens issued up to now (of this device only, with --device), so
+        /// the terminals cannot come back with the token they hold.
+        #[arg(long)]
+        revoke: bool,
     },
     /// Stop accepting, tell terminals to reconnect elsewhere, close.
     Drain,
@@ -363,7 +367,7 @@ mod tests {
         };
         assert_eq!(a.addr.as_deref(), Some("h:9002"));
         assert!(a.json);
-        assert_eq!(a.command, AdminCommand::Kick { uid: "bob".into(), device: Some("web".into()) });
+        assert_eq!(a.command, AdminCommand::Kick { uid: "bob".into(), device: Some("web".into()), revoke: false });
 
         let Command::Admin(a) = parse(&["admin", "stats", "--token", "t0ken", "--config", "e.toml"]).unwrap().command
         else {

@@ -10,8 +10,8 @@
 //! reads the user's presence and appends the entry to each such live node's own stream,
 //! `ether:bus:<node>` (none when the user has no terminal elsewhere), so a node reads only
 //! its own users' traffic however many nodes there are. What concerns everybody (group
-//! messages and membership, broadcasts) goes to the shared stream, `ether:bus`, which every
-//! node reads. A terminal's presence is written, and Redis has answered, before its node reads
+//! messages and membership, broadcasts, token revocations) goes to the shared stream,
+//! `ether:bus`, which every node reads. A terminal's presence is written, and Redis has answered, before its node reads
 //! the user's inbox head for `welcome` (`conn::adopt`): a message committed before the other
 //! nodes could see the presence is within that head (the terminal syncs it), and every later
 //! one is routed here.
@@ -229,6 +229,13 @@ pub enum BusEvent {
     Broadcast {
         frame: ServerFrame,
     },
+    /// The user's tokens (on `device` only, when set) issued before `before_ms` are refused
+    /// (already in the store): every node notes it, whether it holds the user or not.
+    Revoke {
+        user: String,
+        device: Option<String>,
+        before_ms: u64,
+    },
     /// These users joined or left `group`.
     Membership {
         group: String,
@@ -255,6 +262,7 @@ impl BusEvent {
             | BusEvent::Broadcast { .. }
             | BusEvent::Membership { .. }
             | BusEvent::GroupGone { .. }
+            | BusEvent::Revoke { .. }
             | BusEvent::Resync => None,
         }
     }
@@ -434,6 +442,8 @@ pub struct Joining<'a> {
     pub webhook_url: Option<&'a str>,
     /// How the node counts its terminals (reported at each heartbeat).
     pub terminals: TerminalCount,
+    /// The node's revoked tokens, raised by other nodes' revocations on the bus.
+    pub revocations: Arc<crate::revocations::TokenRevocations>,
 }
 
 impl Cluster {
@@ -445,7 +455,7 @@ impl Cluster {
         commits: Arc<CommitQueues>,
         shards: usize,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let Joining { node_id, addrs, secrets_digest, webhook_url, terminals } = joining;
+        let Joining { node_id, addrs, secrets_digest, webhook_url, terminals, revocations } = joining;
         let client = redis::Client::open(url)?;
         let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
         check_secrets(&mut con, secrets_digest)?;
@@ -509,6 +519,7 @@ impl Cluster {
                 client,
                 commits,
                 shards,
+                revocations,
                 stop: stop.clone(),
                 ok_ms: in_ok_ms.clone(),
             };
@@ -1002,6 +1013,7 @@ struct InWorker {
     client: redis::Client,
     commits: Arc<CommitQueues>,
     shards: usize,
+    revocations: Arc<crate::revocations::TokenRevocations>,
     stop: Arc<AtomicBool>,
     ok_ms: Arc<AtomicU64>,
 }
@@ -1120,6 +1132,9 @@ impl InWorker {
             BusEvent::Kick { user, device, reason, before_ms } => {
                 let to = home_shard(&user, shards);
                 self.commits.push(to, Committed::Cluster(ClusterEvent::Kick { user, device, reason, before_ms }));
+            }
+            BusEvent::Revoke { user, device, before_ms } => {
+                self.revocations.note(&user, device.as_deref(), before_ms);
             }
             BusEvent::Broadcast { frame } => {
                 let frame = Arc::new(frame);

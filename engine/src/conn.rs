@@ -272,6 +272,9 @@ fn check_upgrade(shard: &Shard, req: &ether_http::request::Request) -> Result<Ch
     if claims.device.as_deref().is_some_and(|d| d != device) {
         return Err(Refusal::new(401, ErrorCode::Unauthorized, "token is for another device"));
     }
+    if shard.node.revocations.refuses(&claims.sub, &device, claims.issued_ms()) {
+        return Err(Refusal::new(401, ErrorCode::Unauthorized, "token revoked: ask the business for a new one"));
+    }
     let platform = match req.query_param("platform") {
         None => Platform::Other,
         Some(p) => Platform::parse(&p).ok_or_else(|| {

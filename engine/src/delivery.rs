@@ -402,6 +402,7 @@ impl Shard {
     /// terminals here, one user after the other, and pushes what they were not pushed: their
     /// inbox (the same fill as for a gap) and each of their groups this shard delivers (once
     /// per group). Without this they would get it only with the next message or `sync`.
+    /// Shard 0 also reads the token revocations again (merged: never lowered).
     fn resync(self: &Rc<Self>) {
         let users: Vec<Arc<str>> = self
             .users
@@ -413,6 +414,13 @@ impl Shard {
         debug!(shard = self.id, users = users.len(), "cluster: checking inboxes and groups against the store");
         let shard = self.clone();
         glommio::spawn_local(async move {
+            // Revocations other nodes published may have been among what was lost.
+            if shard.id == 0 {
+                match shard.store.call(Op::Revocations).await.and_then(Reply::revocations) {
+                    Ok(list) => shard.node.revocations.merge(list),
+                    Err(e) => warn!(shard = shard.id, error = %e, "cluster: cannot read token revocations to resync"),
+                }
+            }
             let mut groups_checked = std::collections::HashSet::new();
             for user in users {
                 let heads = match shard.store.call(Op::Heads { user: user.to_string() }).await.and_then(Reply::heads) {

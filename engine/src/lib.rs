@@ -48,6 +48,7 @@ pub mod node;
 pub mod outbox_lease;
 pub mod parking;
 pub mod ratelimit;
+pub mod revocations;
 pub mod secrets;
 pub mod session;
 pub mod shard;

@@ -122,9 +122,12 @@ fn admin(args: &AdminArgs) -> ExitCode {
         AdminCommand::Stats => ether_admin::cli::AdminCommand::Stats,
         AdminCommand::Connections => ether_admin::cli::AdminCommand::Connections(Default::default()),
         AdminCommand::User { uid } => ether_admin::cli::AdminCommand::User { uid: uid.clone() },
-        AdminCommand::Kick { uid, device } => {
-            ether_admin::cli::AdminCommand::Kick { uid: uid.clone(), device: device.clone(), reason: None }
-        }
+        AdminCommand::Kick { uid, device, revoke } => ether_admin::cli::AdminCommand::Kick {
+            uid: uid.clone(),
+            device: device.clone(),
+            reason: None,
+            revoke: *revoke,
+        },
         AdminCommand::Drain => ether_admin::cli::AdminCommand::Drain,
     };
     let tls = match &args.ca {

@@ -25,7 +25,7 @@ use crate::secrets::PortsFile;
 use crate::shard::Shard;
 use crate::stats::NodeShared;
 use crate::storage::CommitQueues;
-use ether_store::StoreHandle;
+use ether_store::{Op, Reply, StoreHandle};
 
 /// Listen backlog of every listener (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: i32 = 4096;
@@ -226,13 +226,12 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     })?;
     info!(client = %client, api = %api, admin = %admin, client_tls = ?client_tls, api_tls = ?api_tls, admin_tls = ?admin_tls, shards, "listening");
 
-    let store = crate::storage::open(&config).map_err(|source| NodeError::Store {
-        path: match &config.cluster.redis_url {
-            Some(url) => crate::config::redact_userinfo(url),
-            None => config.node.data_dir.display().to_string(),
-        },
-        source,
-    })?;
+    let store_path = match &config.cluster.redis_url {
+        Some(url) => crate::config::redact_userinfo(url),
+        None => config.node.data_dir.display().to_string(),
+    };
+    let store_error = |source| NodeError::Store { path: store_path.clone(), source };
+    let store = crate::storage::open(&config).map_err(store_error)?;
     let commits = CommitQueues::new(shards);
     let events = match &config.events.webhook {
         Some(webhook) => {
@@ -255,6 +254,10 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
     let mut shared = NodeShared::new(config.node.id.clone(), shards);
     shared.events = events.as_ref().map(|e| (e.url().to_owned(), e.stats()));
+    // Revoked tokens are known before the first upgrade: a node that could not read them
+    // would take back terminals the business shut out.
+    let revoked = store.call_blocking(Op::Revocations).and_then(Reply::revocations).map_err(store_error)?;
+    shared.revocations = Arc::new(crate::revocations::TokenRevocations::new(revoked));
     let shared = Arc::new(shared);
     if let Some(url) = &config.cluster.redis_url {
         let addrs = crate::cluster::Addresses { client, api, admin };
@@ -270,6 +273,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             secrets_digest: &digest,
             webhook_url: config.events.webhook.as_ref().map(|w| w.url.as_str()),
             terminals,
+            revocations: shared.revocations.clone(),
         };
         let cluster = crate::cluster::Cluster::start(url, joining, commits.clone(), shards)
             .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;

@@ -38,7 +38,7 @@ use crate::stats::{ClosedConn, ConnSnapshot, NodeShared, ShardCounters, ShardPub
 use crate::storage::{Answer, CommitQueues, TerminalSend};
 use crate::wheel::TimerWheel;
 use ether_admin::Histogram;
-use ether_store::StoreHandle;
+use ether_store::{Op, StoreHandle};
 
 /// Length of one shard tick (clock and timer wheel granularity).
 pub const TICK: Duration = Duration::from_millis(250);
@@ -617,6 +617,27 @@ impl Shard {
             n += 1;
         }
         n
+    }
+
+    /// Refuses from now on the user's terminal tokens (used on `device` only, when given)
+    /// issued up to now: stored first (so it outlives a restart and reaches every node's
+    /// store reads), then known here and, in cluster mode, told to every node. Returns the
+    /// time (Unix ms) before which they are refused.
+    pub async fn revoke_tokens(self: &Rc<Self>, user: &str, device: Option<&str>) -> Result<u64, EngineError> {
+        // Tokens issued at or before now: the one in the terminal's hands was, at the latest.
+        let before_ms = crate::message::unix_now_ms() + 1;
+        let op = Op::RevokeTokens { user: user.to_owned(), device: device.map(str::to_owned), before_ms };
+        let in_force = self.store.call(op).await?.count()?;
+        self.node.revocations.note(user, device, in_force);
+        if let Some(cluster) = self.node.cluster() {
+            cluster.publish(crate::cluster::BusEvent::Revoke {
+                user: user.to_owned(),
+                device: device.map(str::to_owned),
+                before_ms: in_force,
+            });
+        }
+        info!(user, device, before_ms = in_force, shard = self.id, "terminal tokens revoked");
+        Ok(in_force)
     }
 
     /// Kicks the user's terminals (one device, or all); returns how many. In cluster mode the

@@ -118,6 +118,8 @@ pub struct NodeShared {
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// The webhook (URL redacted) and its dispatcher's counters, when one is configured.
     pub events: Option<(String, Arc<crate::events::DispatchStats>)>,
+    /// Revoked terminal tokens (loaded from the store before the shards start).
+    pub revocations: Arc<crate::revocations::TokenRevocations>,
 }
 
 impl NodeShared {
@@ -133,6 +135,7 @@ impl NodeShared {
             published: (0..shards).map(|_| Mutex::new(ShardPublished::default())).collect(),
             cluster: std::sync::OnceLock::new(),
             events: None,
+            revocations: Arc::default(),
         }
     }
 

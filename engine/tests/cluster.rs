@@ -722,3 +722,42 @@ fn a_member_added_while_online_gets_no_old_messages_pushed_live() {
     assert_eq!(texts(&take(&mut later, 1)), ["welcome aboard"], "the first message pushed is the new one");
     assert_eq!(later.recv(Duration::from_millis(300)).unwrap(), None, "and nothing else");
 }
+
+/// A revocation asked on one node refuses the old token on every node (the bus), including
+/// a node that joins later (it reads the store's); a token issued later is good everywhere.
+#[test]
+fn a_token_revoked_on_one_node_is_refused_on_every_node() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "rv-a");
+    let b = cluster_node(&redis, "rv-b");
+    let held = a.token("zed");
+    let refused_on = |node: &TestNode, token: &str| match ether_sdk::TerminalClient::connect(
+        &node.ws_url(),
+        token,
+        "phone",
+        "ios",
+    ) {
+        Ok(_) => false,
+        Err(e) => {
+            assert_eq!(e.status(), Some(401), "{e}");
+            true
+        }
+    };
+    assert!(!refused_on(&b, &held));
+    let r = a.gateway().request("POST", "/v1/users/zed/kick", Some(br#"{"revoke":true}"#)).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("revoked_before_ms"), "{}", r.text());
+    assert!(refused_on(&a, &held));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !refused_on(&b, &held) {
+        assert!(std::time::Instant::now() < deadline, "node B still takes the revoked token");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = cluster_node(&redis, "rv-c");
+    assert!(refused_on(&c, &held), "a node joining later reads the revocation from the store");
+    std::thread::sleep(Duration::from_millis(5));
+    let fresh = a.token("zed");
+    for node in [&a, &b, &c] {
+        assert!(!refused_on(node, &fresh));
+    }
+}

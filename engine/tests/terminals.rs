@@ -24,7 +24,7 @@ fn bad_tokens_get_401_before_the_upgrade() {
     opts.token = None;
     assert_eq!(TerminalClient::connect_with(&url, &opts).unwrap_err().status(), Some(401));
     // A well-signed token that has expired.
-    let claims = ether_engine::auth::Claims { sub: "alice".into(), exp: 1, iat: 0, device: None };
+    let claims = ether_engine::auth::Claims { sub: "alice".into(), exp: 1, iat: 0, iat_ms: None, device: None };
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
@@ -142,7 +142,8 @@ fn presence_and_kick() {
     devices.sort();
     assert_eq!(devices, ["phone", "web"]);
     assert_eq!(p.terminals[0].platform, "web");
-    let k = gw.kick("ivy", Kick { device: Some("phone".into()), reason: Some("security".into()) }).unwrap();
+    let k =
+        gw.kick("ivy", Kick { device: Some("phone".into()), reason: Some("security".into()), revoke: false }).unwrap();
     assert_eq!(k.kicked, 1);
     match phone.recv(WAIT).unwrap() {
         Some(ServerFrame::Kicked { reason }) => assert_eq!(reason, "security"),
@@ -442,4 +443,78 @@ fn a_sync_page_bigger_than_the_outbound_queue_arrives_whole() {
     assert_eq!(got.iter().map(|m| m.id.clone()).collect::<Vec<_>>(), sent, "every message, in order");
     una.ping().unwrap();
     assert_eq!(una.recv(WAIT).unwrap(), Some(ServerFrame::Pong), "still connected");
+}
+
+/// A terminal token carrying only `iat` in seconds (as a business's own identity service
+/// mints them), or no `iat` at all.
+fn token_with_iat(node: &TestNode, user: &str, iat: Option<u64>) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut claims = serde_json::json!({"sub": user, "exp": now + 600});
+    if let Some(iat) = iat {
+        claims["iat"] = iat.into();
+    }
+    let key = jsonwebtoken::EncodingKey::from_secret(node.jwt_secret.as_bytes());
+    jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
+}
+
+fn refused(node: &TestNode, token: &str, device: &str) -> bool {
+    match TerminalClient::connect(&node.ws_url(), token, device, "ios") {
+        Ok(_) => false,
+        Err(e) => {
+            assert_eq!(e.status(), Some(401), "{e}");
+            true
+        }
+    }
+}
+
+/// Logout, a lost phone, a banned account: a kick with `revoke` refuses the tokens already
+/// issued (on that device only, when one is named), before the upgrade and after a restart;
+/// tokens issued later are accepted. A token with `iat` in seconds only counts from the start
+/// of its second; one without `iat` is refused once its user has a revocation.
+#[test]
+fn revoked_tokens_are_refused_until_new_ones_are_issued() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::in_dir(dir.path(), |_| {});
+    let gw = node.gateway();
+    let held = node.token("kim");
+    let (mut phone, _) = TerminalClient::connect(&node.ws_url(), &held, "phone", "ios").unwrap();
+    let (mut web, _) = TerminalClient::connect(&node.ws_url(), &held, "web", "web").unwrap();
+
+    let lost = Kick { device: Some("phone".into()), reason: Some("lost phone".into()), revoke: true };
+    let k = gw.kick("kim", lost).unwrap();
+    assert_eq!(k.kicked, 1);
+    let phone_before = k.revoked_before_ms.expect("the revocation's time");
+    assert!(matches!(phone.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
+    assert!(refused(&node, &held, "phone"), "the phone came back with the token it held");
+    assert!(!refused(&node, &held, "tablet"), "only the phone's tokens were revoked");
+    std::thread::sleep(Duration::from_millis(5));
+    let (mut phone2, _) = TerminalClient::connect(&node.ws_url(), &node.token("kim"), "phone", "ios")
+        .expect("a token issued after the revocation");
+    assert_silent(&mut web, Duration::from_millis(50));
+
+    // Every device: the web terminal and the new phone go; neither comes back.
+    let k = gw.kick("kim", Kick { revoke: true, ..Kick::default() }).unwrap();
+    assert_eq!(k.kicked, 2);
+    let before = k.revoked_before_ms.expect("the revocation's time");
+    assert!(before >= phone_before);
+    for t in [&mut web, &mut phone2] {
+        assert!(matches!(t.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
+    }
+    assert!(refused(&node, &held, "web"));
+    // Seconds only: the revocation's own second is refused, the next one is not.
+    let second = (before - 1) / 1000;
+    assert!(refused(&node, &token_with_iat(&node, "kim", Some(second)), "web"));
+    assert!(!refused(&node, &token_with_iat(&node, "kim", Some(second + 1)), "web"));
+    assert!(refused(&node, &token_with_iat(&node, "kim", None), "web"), "no iat: no proof it is newer");
+    assert!(!refused(&node, &token_with_iat(&node, "lee", None), "web"), "other users untouched");
+    // Bad input is refused and revokes nothing.
+    let r = gw.request("POST", "/v1/users/kim/kick", Some(br#"{"revoke":"yes"}"#)).unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // The revocation outlives the node.
+    node.stop();
+    let node = TestNode::in_dir(dir.path(), |_| {});
+    assert!(refused(&node, &held, "web"));
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(!refused(&node, &node.token("kim"), "web"));
 }

@@ -135,11 +135,19 @@ pub struct Kick {
     pub device: Option<String>,
     #[serde(default)]
     pub reason: Option<String>,
+    /// Also refuse, from now on, every terminal token of the user (of `device` only, when
+    /// given) issued up to now, so the kicked terminals cannot come back with the token they
+    /// hold (logout, a stolen phone, a banned account). New tokens are accepted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoke: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kicked {
     pub kicked: u64,
+    /// With `revoke`: tokens issued before this time (Unix ms) are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_before_ms: Option<u64>,
 }
 
 /// `POST /v1/tokens`

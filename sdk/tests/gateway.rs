@@ -324,7 +324,7 @@ fn typed_calls_use_the_contract_paths() {
     assert_eq!((t.token.as_str(), t.expires_at), ("jwt", 99));
     assert_eq!(fake.next().json()["user"], "bob");
 
-    let k = api.kick("bob", Kick { device: Some("phone".into()), reason: None }).unwrap();
+    let k = api.kick("bob", Kick { device: Some("phone".into()), reason: None, revoke: false }).unwrap();
     assert_eq!(k.kicked, 2);
     assert_eq!(fake.next().json()["device"], "phone");
 
