@@ -723,6 +723,10 @@ mod tests {
         assert_eq!((m, p.as_str()), ("POST", "/admin/v1/users/bob@x/kick"));
         let body: serde_json::Value = serde_json::from_slice(&b.unwrap()).unwrap();
         assert_eq!(body["device"], "web-1");
+        assert_eq!(body.get("revoke"), None, "left out unless asked");
+        let kick = AdminCommand::Kick { uid: "bob".into(), device: None, reason: None, revoke: true };
+        let body: serde_json::Value = serde_json::from_slice(&request_of(&kick).unwrap().2.unwrap()).unwrap();
+        assert_eq!(body["revoke"], true);
         assert!(matches!(request_of(&AdminCommand::User { uid: "a b".into() }), Err(CliError::Usage(_))));
     }
 

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ether_proto::frame::ServerFrame;
+use ether_sdk::TerminalClient;
 use serde_json::Value;
 use support::*;
 
@@ -164,6 +165,14 @@ fn the_admin_command_line_against_a_live_node() {
     let kicked = run(&["kick", "quin"]);
     assert!(kicked.contains('2'), "the phone and the desk: {kicked}");
     assert!(matches!(desk.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
+    // With --revoke the token the terminal holds is refused from then on.
+    let held = node.token("quin");
+    let (mut back, _) = TerminalClient::connect(&node.ws_url(), &held, "desk", "desktop").unwrap();
+    let kicked = run(&["kick", "quin", "--revoke"]);
+    assert!(kicked.contains("refused"), "says the tokens are refused: {kicked}");
+    assert!(matches!(back.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
+    let err = TerminalClient::connect(&node.ws_url(), &held, "desk", "desktop").unwrap_err();
+    assert_eq!(err.status(), Some(401), "{err}");
     // Drain: the node stops being ready and tells its terminals to come back elsewhere.
     let mut late = node.terminal("rue", "phone");
     let drained = run(&["drain"]);
