@@ -168,6 +168,7 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     groups_per_user_limited(make());
     system_sends_to_a_group(make());
     group_reads(make());
+    late_joiners(make());
     batch_isolation(make());
     invalid_input(make());
     retention_purge(make());
@@ -682,6 +683,45 @@ pub fn group_reads<B: StoreBackend>(mut b: B) {
     assert_eq!(ok(&mut b, reads(m2.id)), Reply::Reads { read: 1, members: 3 });
     assert!(matches!(b.apply(reads(12345)), Err(StoreError::NotFound)));
     assert!(matches!(b.apply(read("outsider", 1)), Err(StoreError::Forbidden(_))));
+}
+
+/// A member added later counts as unread only what was posted after it joined, and read
+/// counts leave it out for what was posted before; removed and added again, it joins anew.
+/// Its history still holds the earlier messages.
+pub fn late_joiners<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "lj", "s", &["early"]);
+    for i in 0..3 {
+        ok(&mut b, group_text("s", "lj", None, &format!("before {i}")));
+    }
+    let add = |u: &str| Op::AddMembers {
+        group: "lj".into(),
+        users: vec![u.into()],
+        members_max: 100,
+        groups_per_user_max: 100,
+    };
+    ok(&mut b, add("late"));
+    let unread = |b: &mut B, u: &str| ok(b, Op::Unread { user: u.into() }).unread().expect("unread");
+    assert_eq!(unread(&mut b, "late"), BTreeMap::new(), "nothing posted since it joined");
+    assert_eq!(unread(&mut b, "early"), BTreeMap::from([("g:lj".to_string(), 3)]));
+    let after = ok(&mut b, group_text("s", "lj", None, "after")).group_appended().expect("ga");
+    let _ = b.maintain(u64::MAX);
+    assert_eq!(unread(&mut b, "late"), BTreeMap::from([("g:lj".to_string(), 1)]));
+    let page = ok(&mut b, Op::ReadGroup { group: "lj".into(), after_seq: 0, limit: 10 }).page().expect("page");
+    assert_eq!(page.entries.len(), 4, "the earlier messages are its history");
+
+    let reads = |id| Op::GroupReads { group: "lj".into(), msg_id: id };
+    let first = page.entries[0].id;
+    ok(&mut b, Op::SetRead { user: "late".into(), chat: "g:lj".into(), seq: after.seq, emit_event: false });
+    assert_eq!(ok(&mut b, reads(first)), Reply::Reads { read: 0, members: 1 }, "posted before it joined");
+    assert_eq!(ok(&mut b, reads(after.id)), Reply::Reads { read: 1, members: 2 });
+
+    // Out and in again: joined anew at the head then.
+    ok(&mut b, Op::RemoveMember { group: "lj".into(), user: "late".into() });
+    ok(&mut b, group_text("s", "lj", None, "while away"));
+    ok(&mut b, add("late"));
+    assert_eq!(unread(&mut b, "late"), BTreeMap::new());
+    ok(&mut b, group_text("s", "lj", None, "back"));
+    assert_eq!(unread(&mut b, "late"), BTreeMap::from([("g:lj".to_string(), 1)]));
 }
 
 /// A failing op in a batch fails alone; the others commit with the seqs they were given.

@@ -95,7 +95,8 @@ pub enum Op {
     /// With `emit_event`, a `message.read` event is appended in the same transaction when the
     /// position moved. → [`Reply::Read`]
     SetRead { user: String, chat: String, seq: u64, emit_event: bool },
-    /// → [`Reply::Unread`]
+    /// Per chat, the messages from others after the user's read position; in a group, only
+    /// those posted after the user joined it. → [`Reply::Unread`]
     Unread { user: String },
     /// → [`Reply::OutboxAppended`]. Shared (`Arc`): a caller that must write the events again
     /// after a failure keeps them without a copy.
@@ -128,7 +129,8 @@ pub enum Op {
     ListMembers { group: String, cursor: Option<String>, limit: usize },
     /// → [`Reply::Groups`]
     GroupsOf { user: String },
-    /// → [`Reply::Reads`]
+    /// How many of the members the message was posted to (members other than its sender
+    /// that were in the group when it was posted) have read it. → [`Reply::Reads`]
     GroupReads { group: String, msg_id: u64 },
     /// Deletes up to `max_rows` messages older than `older_than_ms`, oldest first.
     /// → [`Reply::Purged`]

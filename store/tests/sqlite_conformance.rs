@@ -346,3 +346,53 @@ fn recovering_a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
     let again = b.apply(conformance::group_text("una", "g1", Some("gc-1"), "to the group")).unwrap();
     assert!(again.group_appended().unwrap().duplicate);
 }
+
+/// A database an older build left at schema version 1 (no `members.joined`) opens with this
+/// one: migrated to version 2 in place, its groups, members and messages kept; its members
+/// count as joined at 0 (as version 1 counted every member), members added now join at the
+/// head.
+#[test]
+fn a_version_1_database_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    {
+        let mut b = SqliteBackend::open(&path, SqliteOptions::default()).expect("open");
+        let create = Op::CreateGroup {
+            id: Some("old".into()),
+            name: "old".into(),
+            owner: "a".into(),
+            members: vec!["b".into()],
+            created_ms: 1,
+            members_max: 100,
+            groups_per_user_max: 100,
+        };
+        b.apply(create).unwrap();
+        for t in ["1", "2"] {
+            b.apply(conformance::group_text("a", "old", None, t)).unwrap();
+        }
+    }
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE members DROP COLUMN joined; UPDATE meta SET v = 1 WHERE k = 'schema';")
+            .unwrap();
+    }
+    let mut b = SqliteBackend::open(&path, SqliteOptions::default()).expect("a version 1 database opens");
+    let unread = |b: &mut SqliteBackend, u: &str| b.apply(Op::Unread { user: u.into() }).unwrap().unread().unwrap();
+    assert_eq!(unread(&mut b, "b"), [("g:old".to_string(), 2)].into());
+    b.apply(Op::AddMembers {
+        group: "old".into(),
+        users: vec!["c".into()],
+        members_max: 100,
+        groups_per_user_max: 100,
+    })
+    .unwrap();
+    assert!(unread(&mut b, "c").is_empty());
+    b.apply(conformance::group_text("a", "old", None, "3")).unwrap();
+    assert_eq!(unread(&mut b, "c"), [("g:old".to_string(), 1)].into());
+    let page = b.apply(Op::ReadGroup { group: "old".into(), after_seq: 0, limit: 10 }).unwrap().page().unwrap();
+    assert_eq!(page.entries.len(), 3);
+    drop(b);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let v: i64 = conn.query_row("SELECT v FROM meta WHERE k = 'schema'", [], |r| r.get(0)).unwrap();
+    assert_eq!(v, 2);
+}

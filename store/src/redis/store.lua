@@ -18,7 +18,9 @@
 --   P msgq               list   every stored pid in the order stored (about time order): retention
 --   P msgs               zset   the same before msgq (score 0, lexical = id order); only purged
 --   P cid:<from>         hash   cid -> pid (idempotency, per sender, single and group alike)
---   P rd:<user>          hash   read positions: "u:<peer>" | "g:<gid>" -> seq
+--   P rd:<user>          hash   read positions: "u:<peer>" | "g:<gid>" -> seq; and "j:<gid>" ->
+--                               the group's head when the user joined it (absent: 0): what came
+--                               before is history, not unread, not counted in read counts
 --   P dl:<user>          hash   delivery positions: "<device>|i" | "<device>|g:<gid>" -> seq
 --   P gid                string group number counter; a recreated name gets a new number
 --   P gi:<name>          string group name -> gid (live groups only)
@@ -238,6 +240,10 @@ local function add_member(gid, u)
   call('ZADD', k('gm:', gid), 0, u)
   call('ZADD', k('ug:', u), gid, gid)
   call('SADD', k('users'), u)
+  local head = group_head(gid)
+  if head > 0 then
+    call('HSET', k('rd:', u), 'j:' .. gid, fmt(head))
+  end
 end
 
 -- ---- ops -----------------------------------------------------------------------------------
@@ -640,7 +646,8 @@ function OPS.unread()
   end
   for _, g in ipairs(user_groups(user)) do
     local n = 0
-    scan(k('gl:', g[1]), reads['g:' .. g[1]] or 0, MAXSEQ, false, SCAN_MAX, CHUNK, function(_, m)
+    local from = math.max(reads['g:' .. g[1]] or 0, reads['j:' .. g[1]] or 0)
+    scan(k('gl:', g[1]), from, MAXSEQ, false, SCAN_MAX, CHUNK, function(_, m)
       if group_from(m) ~= user then
         n = n + 1
       end
@@ -763,7 +770,7 @@ function OPS.dissolve_group()
   local chat = 'g:' .. gid
   for _, u in ipairs(call('ZRANGE', k('gm:', gid), 0, -1)) do
     call('ZREM', k('ug:', u), gid)
-    call('HDEL', k('rd:', u), chat)
+    call('HDEL', k('rd:', u), chat, 'j:' .. gid)
     forget_delivered(u, chat)
   end
   call('DEL', k('gm:', gid), k('gr:', gid), k('gi:', group))
@@ -808,7 +815,7 @@ function OPS.remove_member()
     return { 'ok', 0 }
   end
   call('ZREM', k('ug:', user), gid)
-  call('HDEL', k('rd:', user), 'g:' .. gid)
+  call('HDEL', k('rd:', user), 'g:' .. gid, 'j:' .. gid)
   forget_delivered(user, 'g:' .. gid)
   return { 'ok', 1 }
 end
@@ -874,9 +881,13 @@ function OPS.group_reads()
   local members, read = 0, 0
   for _, u in ipairs(call('ZRANGE', k('gm:', gid), 0, -1)) do
     if u ~= from then
-      members = members + 1
-      if num(call('HGET', k('rd:', u), chat)) >= seq then
-        read = read + 1
+      local pos = call('HMGET', k('rd:', u), chat, 'j:' .. gid)
+      -- Members who joined after the message was posted are not counted.
+      if num(pos[2]) < seq then
+        members = members + 1
+        if num(pos[1]) >= seq then
+          read = read + 1
+        end
       end
     end
   end

@@ -230,6 +230,7 @@ impl SqliteBackend {
                 conn.execute("INSERT INTO meta(k, v) VALUES('schema', ?1)", [schema::SCHEMA_VERSION])?;
             }
             Some(v) if v == schema::SCHEMA_VERSION => {}
+            Some(1) => conn.execute_batch(schema::MIGRATE_FROM_1)?,
             Some(v) => {
                 return Err(StoreError::Unavailable(format!(
                     "schema version {v}, this build knows {}",
@@ -1030,7 +1031,14 @@ impl SqliteBackend {
         }
         for gid in self.groups_of_uid(uid)? {
             let gs = group_stream(gid);
-            let read = reads.get(&gs).copied().unwrap_or(0);
+            // What came before the member joined is history, not unread.
+            let joined: i64 = self
+                .conn
+                .prepare_cached("SELECT joined FROM members WHERE gid=?1 AND uid=?2")?
+                .query_row([gid, uid], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let read = reads.get(&gs).copied().unwrap_or(0).max(joined.max(0) as u64);
             let mut n = 0u64;
             self.scan(gs, read, u64::MAX, false, SCAN_ITEMS_MAX, |_, it| {
                 if it.aux >> 1 != uid && it.id >= first_live {
@@ -1147,8 +1155,12 @@ impl SqliteBackend {
         Ok(())
     }
 
+    /// Adds a member, joined at the group's head now (see the schema's `members.joined`).
     fn insert_member(&mut self, gid: i64, uid: i64) -> Result<(), StoreError> {
-        self.conn.prepare_cached("INSERT INTO members(gid, uid) VALUES(?1, ?2)")?.execute([gid, uid])?;
+        let joined = sq(self.head(group_stream(gid))?);
+        self.conn
+            .prepare_cached("INSERT INTO members(gid, uid, joined) VALUES(?1, ?2, ?3)")?
+            .execute([gid, uid, joined])?;
         self.conn.prepare_cached("INSERT INTO member_of(uid, gid) VALUES(?1, ?2)")?.execute([uid, gid])?;
         Ok(())
     }
@@ -1280,7 +1292,7 @@ impl SqliteBackend {
             .prepare_cached(
                 "SELECT count(*), count(r.seq) FROM members m
                  LEFT JOIN read_pos r ON r.owner = m.uid AND r.chat = ?2 AND r.seq >= ?3
-                 WHERE m.gid = ?1 AND m.uid != ?4",
+                 WHERE m.gid = ?1 AND m.uid != ?4 AND m.joined < ?3",
             )?
             .query_row(params![gid, gs, m.seq, m.frm], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Reply::Reads { read: read as u64, members: members as u64 })

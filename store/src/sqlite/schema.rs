@@ -1,7 +1,16 @@
-//! The SQLite schema (version 1) and the connection settings. No state.
+//! The SQLite schema (version 2) and the connection settings. No state.
 
 /// Schema version kept in `meta('schema')`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// What takes a database of the version before to this one, in one transaction. Version 1 had
+/// no `members.joined` (its members count as joined at 0, as version 1 counted them).
+pub const MIGRATE_FROM_1: &str = "
+BEGIN IMMEDIATE;
+ALTER TABLE members ADD COLUMN joined INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET v = 2 WHERE k = 'schema';
+COMMIT;
+";
 
 /// Tables. Hot path per single-chat message: one `messages` row appended at the right edge
 /// of its B-tree (ids grow with time). The per-owner index (`entries`, `cids`) is written
@@ -66,9 +75,12 @@ CREATE TABLE IF NOT EXISTS groups(
   created INTEGER NOT NULL,
   members INTEGER NOT NULL
 );
+-- joined: the group's head when the member was added (its messages up to it are history to
+-- the member: not unread, not counted in read counts); 0 for members of schema version 1
 CREATE TABLE IF NOT EXISTS members(
   gid INTEGER NOT NULL,
   uid INTEGER NOT NULL,
+  joined INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY(gid, uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS member_of(
