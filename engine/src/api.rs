@@ -70,11 +70,32 @@ fn route_of(method: &Method, segments: &[&str]) -> &'static str {
     }
 }
 
-async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response {
+/// Whether the request carries the API key (compared in constant time).
+fn authorized(shard: &Shard, req: &Request) -> bool {
     let expected = shard.config.auth.api_key.as_bytes();
-    let authorized = req.bearer_token().is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected)));
-    if !authorized {
-        return fail(ErrorCode::Unauthorized, "missing or wrong API key: send Authorization: Bearer <api_key>");
+    req.bearer_token().is_some_and(|t| bool::from(t.as_bytes().ct_eq(expected)))
+}
+
+fn unauthorized() -> Response {
+    fail(ErrorCode::Unauthorized, "missing or wrong API key: send Authorization: Bearer <api_key>")
+}
+
+/// Refuses a request without the API key from its head, before its body is buffered (see
+/// `ether_http::server::HeadGate`); counted like any other answer.
+pub fn gate(shard: Rc<Shard>) -> ether_http::server::HeadGate {
+    Rc::new(move |head: &Request| {
+        if authorized(&shard, head) {
+            return None;
+        }
+        let segments: Vec<&str> = head.path_segments().collect();
+        shard.count_api(route_of(&head.method, &segments), 401, std::time::Duration::ZERO);
+        Some(unauthorized())
+    })
+}
+
+async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response {
+    if !authorized(shard, req) {
+        return unauthorized();
     }
     if let Some(rate) = shard.api_rate {
         let now = shard.now_us();

@@ -355,16 +355,27 @@ fn spin_before_park() -> Duration {
 
 /// What serves the plaintext end of an HTTP listener over TLS (`tls::Behind::Http`): the same
 /// keep-alive loop as the plain listener, with `handler`, until `stop`.
-fn serve_over_tls<H, F>(limits: Limits, handler: Rc<H>, stop: Stop) -> Rc<dyn Fn(glommio::net::TcpStream)>
+fn serve_over_tls<H, F>(
+    limits: Limits,
+    handler: Rc<H>,
+    gate: Option<ether_http::server::HeadGate>,
+    stop: Stop,
+) -> Rc<dyn Fn(glommio::net::TcpStream)>
 where
     H: Fn(ether_http::request::Request) -> F + 'static,
     F: std::future::Future<Output = ether_http::response::Response> + 'static,
 {
     Rc::new(move |stream| {
-        let (handler, stop) = (handler.clone(), stop.clone());
+        let (handler, gate, stop) = (handler.clone(), gate.clone(), stop.clone());
         glommio::spawn_local(async move {
-            let served =
-                ether_http::server::serve_connection_until(stream, limits, API_IDLE_TIMEOUT, |req| handler(req), &stop);
+            let served = ether_http::server::serve_connection_until(
+                stream,
+                limits,
+                API_IDLE_TIMEOUT,
+                |req| handler(req),
+                gate.as_ref(),
+                &stop,
+            );
             if let Err(e) = served.await {
                 tracing::debug!(error = %e, "HTTP connection over TLS closed");
             }
@@ -426,6 +437,7 @@ async fn run_shard(start: ShardStart) {
     let api = unsafe { TcpListener::from_raw_fd(api.into_raw_fd()) };
     let api_shard = shard.clone();
     let api_handler = Rc::new(move |req| crate::api::handle(api_shard.clone(), req));
+    let api_gate = crate::api::gate(shard.clone());
     // The API's own task queue (see `API_QUEUE_LATENCY`); the accept loops' connection tasks
     // are spawned into the queue they run in, so every API request is served there.
     let api_queue = glommio::executor().create_task_queue(Shares::Static(API_QUEUE_SHARES), api_queue_latency(), "api");
@@ -436,7 +448,7 @@ async fn run_shard(start: ShardStart) {
         let behind = crate::tls::Behind::Http {
             what: "api_tls",
             max: config.limits.api_connections_max,
-            serve: serve_over_tls(api_limits, api_handler.clone(), stop.clone()),
+            serve: serve_over_tls(api_limits, api_handler.clone(), Some(api_gate.clone()), stop.clone()),
         };
         spawn_into(api_queue, crate::tls::accept_loop(shard.clone(), listener, acceptor, behind, stop.clone()))
             .detach();
@@ -449,6 +461,7 @@ async fn run_shard(start: ShardStart) {
             API_IDLE_TIMEOUT,
             config.limits.api_connections_max,
             api_handler,
+            Some(api_gate),
             stop.clone(),
         ),
     );
@@ -463,7 +476,7 @@ async fn run_shard(start: ShardStart) {
             let behind = crate::tls::Behind::Http {
                 what: "admin_tls",
                 max: ADMIN_CONNECTIONS_MAX,
-                serve: serve_over_tls(Limits::default(), handler.clone(), stop.clone()),
+                serve: serve_over_tls(Limits::default(), handler.clone(), None, stop.clone()),
             };
             let acceptor = futures_rustls::TlsAcceptor::from(tls);
             glommio::spawn_local(crate::tls::accept_loop(shard.clone(), listener, acceptor, behind, stop.clone()))
@@ -475,6 +488,7 @@ async fn run_shard(start: ShardStart) {
             API_IDLE_TIMEOUT,
             ADMIN_CONNECTIONS_MAX,
             handler,
+            None,
             stop.clone(),
         ))
     });

@@ -43,6 +43,35 @@ fn api_port_rejects_malformed_http_and_oversize() {
     assert_eq!(status_of(&raw_exchange(api, big_body.as_bytes())), 413);
 }
 
+/// A request without the right API key is refused from its head: 401 and the connection
+/// closed without waiting for its body (nor holding it), and no `100 Continue` invites it;
+/// with the key, the body is awaited and the request answered as usual.
+#[test]
+fn api_requests_without_the_key_are_refused_before_their_body() {
+    let node = TestNode::start();
+    let api = node.ports.api;
+    let head = |key: &str| {
+        format!("POST /v1/messages HTTP/1.1\r\nHost: x\r\n{key}Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
+    };
+    for key in ["", "Authorization: Bearer wrong\r\n"] {
+        let r = raw_exchange(api, head(key).as_bytes());
+        assert_eq!(status_of(&r), 401, "{r}");
+        assert!(!r.contains("100 Continue") && r.contains("unauthorized"), "{r}");
+    }
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(head(&format!("Authorization: Bearer {}\r\n", node.api_key)).as_bytes()).unwrap();
+    let mut got = [0u8; 25];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"HTTP/1.1 100 Continue\r\n\r\n");
+    let mut body = serde_json::to_vec(&text("amy", "ben", "after the 100")).unwrap();
+    body.resize(1000, b' ');
+    s.write_all(&body).unwrap();
+    let mut answer = [0u8; 12];
+    s.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+}
+
 #[test]
 fn api_errors_have_the_contract_shape() {
     let node = TestNode::start();

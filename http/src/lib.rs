@@ -34,6 +34,6 @@ pub mod request;
 pub mod response;
 pub mod server;
 
-pub use request::{check, parse, HttpError, Limits, Method, Progress, Request};
+pub use request::{check, parse, parse_head, HttpError, Limits, Method, Progress, Request};
 pub use response::{error_response, reason_phrase, Response};
-pub use server::{accept_loop, read_request, serve_connection, CloseReason, ServeError, Stop, Stopped};
+pub use server::{accept_loop, read_request, serve_connection, CloseReason, HeadGate, ServeError, Stop, Stopped};

@@ -296,6 +296,23 @@ pub fn parse(buf: &[u8], limits: &Limits) -> Result<Option<(Request, usize)>, Ht
     }
 }
 
+/// The head of the request at the front of `buf` (its body empty, whether or not it has
+/// arrived), once the header section is complete: `Ok(None)` before that. For looking at
+/// a request (its credentials, say) before its body is read.
+pub fn parse_head(buf: &[u8], limits: &Limits) -> Result<Option<Request>, HttpError> {
+    let window = &buf[..buf.len().min(limits.header_bytes_max)];
+    with_header_slots(limits.headers_max, |slots| {
+        let mut raw = httparse::Request::new(slots);
+        match raw.parse(window) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(HttpError::Malformed(e.to_string())),
+        }
+        let head = inspect(&raw, limits)?;
+        build_request(&raw, &head, &[]).map(Some)
+    })
+}
+
 /// Shared walk behind [`check`] and [`parse`]: builds the owned request only when `build`
 /// and the request is complete.
 fn scan(buf: &[u8], limits: &Limits, build: bool) -> Result<(Progress, Option<Request>), HttpError> {
@@ -511,6 +528,18 @@ fn hex_pair(pair: &[u8]) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_head_is_read_before_the_body_arrives() {
+        let head = b"POST /v1/x?a=1 HTTP/1.1\r\nAuthorization: Bearer k\r\nContent-Length: 50\r\n\r\n";
+        assert_eq!(parse_head(&head[..20], &lim()).unwrap(), None, "header section not complete");
+        let mut buf = head.to_vec();
+        buf.extend_from_slice(b"partial body");
+        let r = parse_head(&buf, &lim()).unwrap().expect("the head");
+        assert_eq!((&r.method, r.path.as_str(), r.bearer_token()), (&Method::Post, "/v1/x", Some("k")));
+        assert!(r.body.is_empty());
+        assert!(parse_head(b"GET / HTTP/1.1\r\nbad header\r\n\r\n", &lim()).is_err());
+    }
 
     fn lim() -> Limits {
         Limits::default()

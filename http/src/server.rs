@@ -21,7 +21,7 @@ use futures_lite::future;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 
-use crate::request::{check, parse, HttpError, Limits, Method, Progress, Request};
+use crate::request::{check, parse, parse_head, HttpError, Limits, Method, Progress, Request};
 use crate::response::{error_response, Framing, Response};
 
 /// First size of a connection's read buffer, and the size it shrinks back to.
@@ -51,7 +51,16 @@ pub enum CloseReason {
     IdleTimeout,
     /// The [`Stop`] signal fired.
     Stopped,
+    /// The [`HeadGate`] refused a request before its body; its response was written.
+    RefusedBeforeBody,
 }
+
+/// Looks at a request's head before its body is read, when the body did not arrive with the
+/// head: `Some(response)` refuses the request then (the response goes out with `Connection:
+/// close` and the body is never buffered), so a request without credentials cannot make the
+/// server hold a large body. Requests that arrive whole go to the handler, which must check
+/// the same itself.
+pub type HeadGate = Rc<dyn Fn(&Request) -> Option<Response>>;
 
 /// Why a connection ended with an error.
 #[derive(Debug, thiserror::Error)]
@@ -175,23 +184,25 @@ where
     H: Fn(Request) -> F,
     F: Future<Output = Response>,
 {
-    serve(stream, limits, idle_timeout, &handler, None).await
+    serve(stream, limits, idle_timeout, &handler, None, None).await
 }
 
 /// [`serve_connection`] that also ends when `stop` fires, as [`accept_loop`]'s connections do:
 /// idle, it closes at once; busy, after its current batch (answered `Connection: close`).
+/// With a `gate`, requests whose body is still to come pass it first (see [`HeadGate`]).
 pub async fn serve_connection_until<H, F>(
     stream: TcpStream,
     limits: Limits,
     idle_timeout: Duration,
     handler: H,
+    gate: Option<&HeadGate>,
     stop: &Stop,
 ) -> Result<CloseReason, ServeError>
 where
     H: Fn(Request) -> F,
     F: Future<Output = Response>,
 {
-    serve(stream, limits, idle_timeout, &handler, Some(stop)).await
+    serve(stream, limits, idle_timeout, &handler, gate, Some(stop)).await
 }
 
 /// Most pipelined requests handled concurrently in one round.
@@ -233,6 +244,7 @@ async fn serve<H, F>(
     limits: Limits,
     idle_timeout: Duration,
     handler: &H,
+    gate: Option<&HeadGate>,
     stop: Option<&Stop>,
 ) -> Result<CloseReason, ServeError>
 where
@@ -251,6 +263,8 @@ where
     // When the request at the front of `rx` started to arrive (None: `rx` is empty).
     let mut request_started: Option<Instant> = None;
     let mut continue_sent = false;
+    // Whether the request at the front of `rx` passed the gate already.
+    let mut gated = false;
     loop {
         // 1. Answer every whole request at the front of the buffer (at most
         //    `PIPELINE_BATCH_MAX` per round). Their handlers run concurrently, each started in
@@ -264,6 +278,7 @@ where
                     rx.consume(used);
                     request_started = None;
                     continue_sent = false;
+                    gated = false;
                     let stopping = stop.is_some_and(Stop::is_stopped);
                     let framing = if !request.keep_alive || stopping {
                         Framing::Close
@@ -283,6 +298,20 @@ where
                     // Incomplete: note how much is needed before parsing again.
                     match check(rx.data(), &limits) {
                         Ok(Progress::NeedBody { total, expect_continue }) => {
+                            if let (Some(gate), false) = (gate, gated) {
+                                gated = true;
+                                let refusal = match parse_head(rx.data(), &limits) {
+                                    Ok(Some(head)) => gate(&head),
+                                    Ok(None) | Err(_) => None, // the full parse will answer
+                                };
+                                if let Some(response) = refusal {
+                                    answer_all(&mut batch, &mut out).await;
+                                    response.encode(Framing::Close, false, &mut out);
+                                    stream.write_all(&out).await?;
+                                    linger(&mut stream, &mut rx).await;
+                                    return Ok(CloseReason::RefusedBeforeBody);
+                                }
+                            }
                             rx.need_total(total);
                             if expect_continue && !continue_sent {
                                 // Earlier answers first: the 100 must follow them on the wire.
@@ -584,13 +613,15 @@ pub async fn read_request(
 /// sleeps, 5 ms doubling to 1 s, reset by the next successful accept.
 ///
 /// When `stop` fires the listener is dropped, idle connections close, busy ones close after
-/// their current batch, and the function returns once no connection is left.
+/// their current batch, and the function returns once no connection is left. With a `gate`,
+/// requests whose body is still to come pass it first (see [`HeadGate`]).
 pub async fn accept_loop<H, F>(
     listener: TcpListener,
     limits: Limits,
     idle_timeout: Duration,
     max_connections: usize,
     handler: Rc<H>,
+    gate: Option<HeadGate>,
     stop: Stop,
 ) where
     H: Fn(Request) -> F + 'static,
@@ -638,9 +669,10 @@ pub async fn accept_loop<H, F>(
         }
         let guard = LiveGuard::new(live.clone(), stop.clone(), drained.clone());
         let handler = handler.clone();
+        let gate = gate.clone();
         let stop = stop.clone();
         glommio::spawn_local(async move {
-            let result = serve(stream, limits, idle_timeout, &*handler, Some(&stop)).await;
+            let result = serve(stream, limits, idle_timeout, &*handler, gate.as_ref(), Some(&stop)).await;
             match result {
                 Ok(reason) => tracing::trace!(?reason, "connection closed"),
                 Err(err) => tracing::debug!(error = %err, "connection closed"),

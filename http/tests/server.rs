@@ -39,7 +39,7 @@ impl TestServer {
                         watcher.stop();
                     })
                     .detach();
-                    accept_loop(listener, limits, idle_timeout, max_connections, Rc::new(handle), stop).await;
+                    accept_loop(listener, limits, idle_timeout, max_connections, Rc::new(handle), None, stop).await;
                 })
                 .expect("spawn executor");
             ex.join().expect("executor thread");

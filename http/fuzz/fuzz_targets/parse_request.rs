@@ -1,9 +1,10 @@
 //! Fuzzes the sans-IO request parser: it must never panic, `check` and `parse` must agree,
 //! a parsed request must parse again identically from exactly its own bytes, and pipelined
-//! parsing must always make progress.
+//! parsing must always make progress; `parse_head` sees the same head as `parse` (with no
+//! body) and sees one whenever `check` says only the body is missing.
 #![no_main]
 
-use ether_http::{check, error_response, parse, Limits, Progress};
+use ether_http::{check, error_response, parse, parse_head, Limits, Progress};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some((req, used))) => {
                     assert!(used > 0 && used <= rest.len());
                     assert_eq!(checked, Ok(Progress::Complete { total: used }));
+                    let head = parse_head(rest, &limits).expect("a parsed request has a head").expect("complete");
+                    assert_eq!((&head.method, &head.path, &head.query), (&req.method, &req.path, &req.query));
+                    assert!(head.headers().eq(req.headers()) && head.body.is_empty());
                     let again = parse(&rest[..used], &limits);
                     assert_eq!(again, Ok(Some((req.clone(), used))));
                     assert!(req.body.len() <= limits.body_bytes_max);
@@ -30,6 +34,10 @@ fuzz_target!(|data: &[u8]| {
                         checked,
                         Ok(Progress::NeedHead | Progress::NeedBody { .. })
                     ));
+                    if let Ok(Progress::NeedBody { .. }) = checked {
+                        // only bad target escapes stop a head `check` accepted
+                        assert!(!matches!(parse_head(rest, &limits), Ok(None)));
+                    }
                     break;
                 }
                 Err(e) => {
