@@ -269,6 +269,16 @@ lazy_static! {
     static ref REACTOR_DISCONNECTED: Arc<SleepNotifier> = SleepNotifier::new(usize::MAX).unwrap();
 }
 
+/// ether-im patch: whether a reactor about to sleep issues `membarrier` (upstream's choice:
+/// `GLOMMIO_MEMBARRIER=1`) rather than a fence paired with one in [`SleepNotifier::notify`].
+/// The membarrier spares producers a fence, but each sleep interrupts every CPU running a
+/// thread of the process (an IPI each, a VM exit under a hypervisor), and a lightly loaded
+/// reactor sleeps thousands of times a second.
+pub(crate) fn membarrier_on_sleep() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GLOMMIO_MEMBARRIER").is_ok_and(|v| v == "1"))
+}
+
 pub(super) fn new_sleep_notifier() -> io::Result<Arc<SleepNotifier>> {
     let mut state = REACTOR_GLOBAL_STATE.write().unwrap();
     state.new_local_state()
@@ -306,6 +316,13 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // ether-im patch: unless the sleeper uses membarrier (see `membarrier_on_sleep`), a
+        // full fence between what the caller just published (a channel push, a queued waker)
+        // and this read of `should_notify`; it pairs with the sleeper's fence between its
+        // store of `should_notify` and its last look at the channels (uring.rs).
+        if !membarrier_on_sleep() {
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

@@ -1879,7 +1879,12 @@ impl Reactor {
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
             // details. This translates to `sys_membarrier()` /
             // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // ether-im patch: or a fence, paired with one in `SleepNotifier::notify`.
+            if super::membarrier_on_sleep() {
+                membarrier::heavy();
+            } else {
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            }
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
