@@ -572,6 +572,24 @@ impl Cluster {
         rx.await.unwrap_or_default()
     }
 
+    /// [`Self::presence_elsewhere`] of several users: every lookup is queued before the first
+    /// answer is awaited, so the out thread pipelines them.
+    pub async fn presence_elsewhere_many(&self, users: &[Arc<str>]) -> Vec<Vec<TerminalInfo>> {
+        let answers: Vec<_> = users
+            .iter()
+            .map(|u| {
+                let (tx, rx) = oneshot::channel();
+                self.send(Out::Presence { user: u.to_string(), reply: tx });
+                rx
+            })
+            .collect();
+        let mut out = Vec::with_capacity(answers.len());
+        for rx in answers {
+            out.push(rx.await.unwrap_or_default());
+        }
+        out
+    }
+
     fn send(&self, item: Out) {
         if let Err(e) = self.out.try_send(item) {
             if matches!(e.into_inner(), Out::Publish(_)) {

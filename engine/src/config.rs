@@ -291,6 +291,8 @@ raw_config! {
         webhook_ca_path: PathBuf,
         /// `events.batch_wait_ms`: how long a shard gathers events before one outbox write.
         batch_wait_ms: u64,
+        /// `events.group_unreached_members_max`: `group.unreached` for groups up to this size.
+        group_unreached_members_max: usize,
     }
     /// Raw `[retention]`: how long messages are kept.
     retention: RawRetention {
@@ -756,6 +758,12 @@ pub struct Events {
     /// event (one Redis call per batch in cluster mode), later webhook deliveries. 0 writes
     /// each event at once.
     pub batch_wait: Duration,
+    /// `events.group_unreached_members_max` (1000): a message posted to a group of at most
+    /// this many members makes one `group.unreached` event naming the members with no
+    /// terminal online (the hook for mobile push to a group); larger groups make none (the
+    /// business lists their members itself). 0: never. Each such message costs a member
+    /// list read and a presence check per member (a Redis lookup each in cluster mode).
+    pub group_unreached_members_max: usize,
 }
 
 /// A webhook target and its signing key.
@@ -871,6 +879,8 @@ pub const STORE_INDEX_PENDING_MAX_DEFAULT: usize = 4_000_000;
 pub const STORE_BATCH_WAIT_US_DEFAULT: u64 = 0;
 /// Default of `events.batch_wait_ms`.
 pub const EVENTS_BATCH_WAIT_MS_DEFAULT: u64 = 10;
+/// Default of `events.group_unreached_members_max`.
+pub const EVENTS_GROUP_UNREACHED_MEMBERS_MAX_DEFAULT: usize = 1000;
 /// Default of `store.batch_wait_after_ops`.
 pub const STORE_BATCH_WAIT_AFTER_OPS_DEFAULT: usize = 64;
 /// Default of `store.position_saves_per_tick_max`.
@@ -905,6 +915,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.batch_wait_us", 0, 100_000),
     ("store.batch_wait_after_ops", 0, 1_000_000),
     ("events.batch_wait_ms", 0, 10_000),
+    ("events.group_unreached_members_max", 0, 100_000),
     ("store.position_saves_per_tick_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
     ("limits.park_idle_after_ms", 0, 3_600_000),
@@ -1152,6 +1163,7 @@ impl Config {
                 "webhook_secret": self.events.webhook.as_ref().map(|_| "***"),
                 "webhook_ca_path": self.events.webhook.as_ref().and_then(|w| w.ca_path.as_ref()).map(|p| p.to_string_lossy().into_owned()),
                 "batch_wait_ms": u64::try_from(self.events.batch_wait.as_millis()).unwrap_or(u64::MAX),
+                "group_unreached_members_max": self.events.group_unreached_members_max,
             },
             "retention": { "days": self.retention.days },
             "limits": {
@@ -1563,6 +1575,11 @@ impl Prepared {
                     raw.events.batch_wait_ms,
                     EVENTS_BATCH_WAIT_MS_DEFAULT,
                 )?),
+                group_unreached_members_max: check.bounded(
+                    "events.group_unreached_members_max",
+                    raw.events.group_unreached_members_max,
+                    EVENTS_GROUP_UNREACHED_MEMBERS_MAX_DEFAULT,
+                )?,
             },
             tls,
             retention,
@@ -1914,7 +1931,8 @@ mod tests {
                     "store.batch_wait_us"
                     | "store.position_saves_per_tick_max"
                     | "store.batch_wait_after_ops"
-                    | "events.batch_wait_ms" => "4096",
+                    | "events.batch_wait_ms"
+                    | "events.group_unreached_members_max" => "4096",
                     k if k.starts_with("limits.") => "4096",
                     "tls.reload_check_s" => "30",
                     _ => "some-string-value-16",

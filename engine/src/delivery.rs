@@ -200,6 +200,7 @@ impl Shard {
                     Committed::Answer(a) => self.answer_terminal(a),
                     Committed::Cluster(e) => self.on_cluster_event(e),
                     Committed::EventsRetry(events) => self.requeue_events(&events),
+                    Committed::GroupPosted(p) => self.emit_group_unreached(p),
                 }
             }
             if !groups.is_empty() {

@@ -19,7 +19,10 @@ use crate::message::{Message, Wire};
 use crate::session::Session;
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
-use crate::storage::{Answer, Committed, GroupDelivery};
+use crate::storage::{Answer, Committed, GroupDelivery, GroupPosted};
+
+/// Members read per store call for a `group.unreached` event.
+const UNREACHED_MEMBERS_PAGE: usize = 1000;
 
 /// Pushes made in a fan-out loop before it lets the shard's other tasks run.
 const FANOUT_YIELD_EVERY: usize = 256;
@@ -334,9 +337,15 @@ impl Shard {
         let commits = self.commits.clone();
         let shards = self.shards;
         let cluster = self.node.cluster().cloned();
+        let tell_unreached = self.events_enabled() && self.config.events.group_unreached_members_max > 0;
+        let origin = self.id;
         self.store.submit(StoreCmd::new(op, move |result| {
             let result = result.and_then(Reply::group_appended);
             if let Ok(a) = &result {
+                if !a.duplicate && tell_unreached {
+                    let posted = GroupPosted { group: group.clone(), id: a.id, seq: a.seq, from: msg.from.clone() };
+                    commits.push(origin, Committed::GroupPosted(posted));
+                }
                 if !a.duplicate {
                     if let Some(cluster) = &cluster {
                         cluster.publish(BusEvent::Group {
@@ -364,6 +373,61 @@ impl Shard {
             answer.give(&commits, result);
         }))?;
         Ok(())
+    }
+
+    /// `group.unreached`: the members of a group this shard accepted a message for that have
+    /// no terminal online (here, on another shard, or in cluster mode on another node), for
+    /// the business's mobile push. Only for groups of at most
+    /// `events.group_unreached_members_max` members; the sender is left out. Read after the
+    /// message was stored: a member connecting meanwhile may be named and still get it (a
+    /// push too many, never one too few for those offline throughout).
+    pub(crate) fn emit_group_unreached(self: &Rc<Self>, posted: GroupPosted) {
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let GroupPosted { group, id, seq, from } = posted;
+            let max = shard.config.events.group_unreached_members_max;
+            let mut members: Vec<Arc<str>> = Vec::new();
+            let mut cursor = None;
+            loop {
+                let op = Op::ListMembers { group: group.to_string(), cursor, limit: UNREACHED_MEMBERS_PAGE };
+                let (page, next) = match shard.store.call(op).await {
+                    Ok(Reply::Members { members, next_cursor }) => (members, next_cursor),
+                    Ok(_) | Err(_) => return, // dissolved meanwhile, or the store failed: no event
+                };
+                members.extend(page.into_iter().filter(|m| **m != *from).map(Arc::from));
+                if members.len() > max {
+                    debug!(group = %group, max, "group.unreached: group larger than events.group_unreached_members_max");
+                    return;
+                }
+                match next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            let mut by_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); shard.shards];
+            for m in members {
+                by_shard[home_shard(&m, shard.shards)].push(m);
+            }
+            let mut offline = Vec::new();
+            for (to, users) in by_shard.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
+                match shard.ask(to, |reply| ShardMsg::Offline { users, reply }).await {
+                    Ok(o) => offline.extend(o),
+                    Err(_) => return,
+                }
+            }
+            if let Some(cluster) = shard.node.cluster().cloned() {
+                let elsewhere = cluster.presence_elsewhere_many(&offline).await;
+                offline = offline.into_iter().zip(elsewhere).filter(|(_, t)| t.is_empty()).map(|(u, _)| u).collect();
+            }
+            if offline.is_empty() {
+                return;
+            }
+            offline.sort();
+            let users: Vec<&str> = offline.iter().map(|u| &**u).collect();
+            let data = serde_json::json!({ "id": id.to_string(), "group": &*group, "seq": seq, "users": users });
+            shard.emit("group.unreached", data);
+        })
+        .detach();
     }
 
     /// Accepts a group message from a member; answers once it is durable.

@@ -46,6 +46,8 @@ pub enum ShardMsg {
     Connections { user: Option<Arc<str>>, reply: oneshot::Sender<Vec<crate::stats::ConnSnapshot>> },
     /// Write `frame` to every terminal on the shard; answers how many.
     Broadcast { frame: Arc<ServerFrame>, reply: oneshot::Sender<u64> },
+    /// Which of these users (who live here) have no terminal on this shard.
+    Offline { users: Vec<Arc<str>>, reply: oneshot::Sender<Vec<Arc<str>>> },
 }
 
 /// Capacity of each shard-to-shard queue, in messages.

@@ -333,6 +333,9 @@ impl Shard {
             ShardMsg::Broadcast { frame, reply } => {
                 let _ = reply.send(self.broadcast_local(&frame));
             }
+            ShardMsg::Offline { users, reply } => {
+                let _ = reply.send(self.offline_local(users));
+            }
         }
     }
 
@@ -350,7 +353,7 @@ impl Shard {
         }
     }
 
-    async fn ask<T>(
+    pub(crate) async fn ask<T>(
         self: &Rc<Self>,
         to: usize,
         make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
@@ -575,6 +578,11 @@ impl Shard {
     // ---- delivery ----------------------------------------------------------------------
 
     // ---- presence, kick, broadcast ---------------------------------------------------
+
+    /// Those of `users` (who live here) without a live terminal on this shard.
+    pub(crate) fn offline_local(&self, users: Vec<Arc<str>>) -> Vec<Arc<str>> {
+        users.into_iter().filter(|u| self.sessions_of(u).iter().all(|s| s.close_reason().is_some())).collect()
+    }
 
     fn presence_local(&self, user: &str) -> Vec<TerminalInfo> {
         self.sessions_of(user)

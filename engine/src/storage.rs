@@ -35,6 +35,20 @@ pub enum Committed {
     /// Events whose outbox write failed, back to the shard that made them to be written again
     /// (`EventBatch::requeue`).
     EventsRetry(Arc<[ether_store::NewEvent]>),
+    /// A group message this shard accepted was stored: it tells the business which members
+    /// it reached no terminal of (`group.unreached`).
+    GroupPosted(GroupPosted),
+}
+
+/// A group message made durable, for the `group.unreached` event of the shard that accepted
+/// it.
+#[derive(Debug)]
+pub struct GroupPosted {
+    pub group: Arc<str>,
+    pub id: u64,
+    pub seq: u64,
+    /// The sender (`system` for the business's own posts): not a member to reach.
+    pub from: Box<str>,
 }
 
 /// What another node of the cluster asks a shard to do to its own terminals.
@@ -306,7 +320,7 @@ mod tests {
                     Committed::Inbox(d) => d.seq,
                     Committed::Group(g) => g.seq,
                     Committed::Answer(a) => a.result.as_ref().map_or(0, |a| a.seq),
-                    Committed::Cluster(_) | Committed::EventsRetry(_) => 0,
+                    Committed::Cluster(_) | Committed::EventsRetry(_) | Committed::GroupPosted(_) => 0,
                 })
                 .collect()
         };

@@ -761,3 +761,24 @@ fn a_token_revoked_on_one_node_is_refused_on_every_node() {
         assert!(!refused_on(node, &fresh));
     }
 }
+
+/// `group.unreached` from the node that accepted the message leaves out members whose
+/// terminals are on another node (cluster presence), and names those offline everywhere.
+#[test]
+fn group_unreached_leaves_out_members_online_on_another_node() {
+    use support::webhook::{receiver, webhook};
+    let Some(redis) = redis_or_skip() else { return };
+    let hook = receiver(0);
+    let node = |id: &str| cluster_node_with(&redis, id, |c| c.events.webhook = Some(webhook(&hook)));
+    let a = node("gu-a");
+    let b = node("gu-b");
+    a.gateway().create_group(Some("pals"), "pals", "host", &["here", "there", "nowhere"]).unwrap();
+    let _here = a.terminal("here", "phone");
+    let _there = b.terminal("there", "phone");
+    wait_for_presence(&a, "there", "phone");
+    let sent =
+        a.gateway().send_group_message("pals", "host", Kind::Text, &serde_json::json!({"text": "yo"}), None).unwrap();
+    let all = hook.wait_for(|e| e.iter().any(|e| e["type"] == "group.unreached" && e["id"] == sent["id"]));
+    let ev = all.iter().find(|e| e["type"] == "group.unreached").unwrap();
+    assert_eq!(ev["users"], serde_json::json!(["nowhere"]), "{ev}");
+}

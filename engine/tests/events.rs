@@ -93,3 +93,37 @@ fn batched_events_keep_the_order_of_what_happened() {
     want.extend(["message.read".to_owned(), "user.offline".to_owned()]);
     assert_eq!(order, want, "outbox order (by event_id)");
 }
+
+/// A message to a group names, in one `group.unreached` event, the members no terminal of
+/// was online (the hook for mobile push to a group): not the sender, not members online on
+/// either shard. A group larger than `events.group_unreached_members_max` makes none.
+#[test]
+fn a_group_message_names_the_members_it_reached_no_terminal_of() {
+    let hook = receiver(0);
+    let node = TestNode::with(|c| {
+        c.events.webhook = Some(webhook(&hook));
+        c.events.group_unreached_members_max = 4;
+    });
+    let gw = node.gateway();
+    gw.create_group(Some("crew"), "crew", "ann", &["bo", "cy", "di", "ed"]).unwrap();
+    gw.create_group(Some("big"), "big", "ann", &["b1", "b2", "b3", "b4", "b5"]).unwrap();
+    let _bo = node.terminal("bo", "phone");
+    let _cy = node.terminal("cy", "phone");
+    let text = serde_json::json!({"text": "hi"});
+    let big = gw.send_group_message("big", "ann", ether_proto::Kind::Text, &text, None).unwrap();
+    let first = gw.send_group_message("crew", "ann", ether_proto::Kind::Text, &text, None).unwrap();
+    let unreached = |e: &[serde_json::Value], id: &serde_json::Value| {
+        e.iter().find(|e| e["type"] == "group.unreached" && e["id"] == *id).cloned()
+    };
+    let all = hook.wait_for(|e| unreached(e, &first["id"]).is_some());
+    let ev = unreached(&all, &first["id"]).unwrap();
+    assert_eq!((ev["group"].as_str(), ev["seq"].as_u64()), (Some("crew"), Some(1)), "{ev}");
+    assert_eq!(ev["users"], serde_json::json!(["di", "ed"]), "{ev}");
+    // Di comes online: the next message names only ed.
+    let _di = node.terminal("di", "web");
+    let second = gw.send_group_message("crew", "ann", ether_proto::Kind::Text, &text, None).unwrap();
+    let all = hook.wait_for(|e| unreached(e, &second["id"]).is_some());
+    assert_eq!(unreached(&all, &second["id"]).unwrap()["users"], serde_json::json!(["ed"]));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(unreached(&hook.wait_for(|_| true), &big["id"]).is_none(), "six members: past the bound");
+}
