@@ -386,6 +386,11 @@ impl Shard {
         glommio::spawn_local(async move {
             let GroupPosted { group, id, seq, from } = posted;
             let max = shard.config.events.group_unreached_members_max;
+            // The count first (one small read): a large group's members are never listed.
+            match shard.store.call(Op::GetGroup { group: group.to_string() }).await {
+                Ok(Reply::Group(info)) if info.member_count <= max as u64 + 1 => {}
+                Ok(_) | Err(_) => return, // past the bound (the sender may be one), or gone
+            }
             let mut members: Vec<Arc<str>> = Vec::new();
             let mut cursor = None;
             loop {
