@@ -2058,6 +2058,7 @@ mod tests {
             webhook_secret = "0123456789abcdef0123"
             webhook_ca_path = "/etc/ether/hooks-ca.pem"
             batch_wait_ms = 20
+            group_unreached_members_max = 500
             [retention]
             days = 30
             [limits]
@@ -2113,6 +2114,7 @@ mod tests {
         assert_eq!(p.node.id, "node-a");
         assert!(!p.terminal_send_enabled);
         assert_eq!(p.events.batch_wait, Duration::from_millis(20));
+        assert_eq!(p.events.group_unreached_members_max, 500);
         assert_eq!(p.events.webhook.unwrap().url, "https://hooks.example.com/ether");
         assert!(p.configured.complete().is_some());
     }
