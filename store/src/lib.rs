@@ -50,7 +50,11 @@
 //! - `read_pos(owner, chat, seq)`, `delivery(owner, device, chat, seq)`: chat key `2*peer` or
 //!   `2*gid+1` (0 = inbox for delivery). Never move backwards.
 //! - `groups(gid PK AUTOINCREMENT, name UNIQUE, title, owner, created, members)`,
-//!   `members(gid, uid)`, `member_of(uid, gid)`; the group log is stream `2*gid+1`.
+//!   `members(gid, uid, joined)`, `member_of(uid, gid)`; the group log is stream `2*gid+1`;
+//!   `joined` is the group's head when the member was added (what came before is history to
+//!   it: not unread, not in read counts; schema version 2, migrated in place from 1).
+//! - `revoked(name, device, before_ms) WITHOUT ROWID`: terminal tokens issued before
+//!   `before_ms` are refused (`device` '' = every device).
 //! - `outbox(seq PK AUTOINCREMENT, ts, kind, data)`: the durable event outbox.
 //! - `meta(k, v)`: schema version and the **watermark**.
 //!
