@@ -49,6 +49,7 @@ pub mod outbox_lease;
 pub mod parking;
 pub mod ratelimit;
 pub mod revocations;
+pub mod sched;
 pub mod secrets;
 pub mod session;
 pub mod shard;

@@ -191,6 +191,10 @@ struct ShardStart {
 /// `ports.json` is written.
 pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let config = Arc::new(config);
+    // Before any thread of the node exists: they inherit it.
+    if let Err(e) = crate::sched::request_slice(config.node.sched_slice) {
+        tracing::debug!(error = %e, "node.sched_slice_us not applied (kernel default slice)");
+    }
     let shards = config.node.shards;
     let (client, mut client_fds) = bind_group("client", config.listen.client, shards)?;
     let (api, mut api_fds) = bind_group("api", config.listen.api, shards)?;
