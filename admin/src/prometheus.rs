@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 21] = [
+const SHARD_METRICS: [ShardMetric; 22] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -84,6 +84,12 @@ const SHARD_METRICS: [ShardMetric; 21] = [
         "Events dropped past limits.events_pending_max while the store could not take them (lost to the webhook).",
         Kind::Counter,
         |s| s.events_dropped,
+    ),
+    (
+        "ether_group_unreached_events_total",
+        "group.unreached events made: group messages that found members with no terminal online.",
+        Kind::Counter,
+        |s| s.group_unreached_events,
     ),
 ];
 
@@ -500,6 +506,7 @@ mod tests {
             tls_resumptions: 5,
             events_retried: 6,
             events_dropped: 0,
+            group_unreached_events: 3,
             closes,
             ack_latency: ack.snapshot(),
             push_latency: push.snapshot(),

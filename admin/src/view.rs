@@ -62,6 +62,7 @@ impl NodeStats {
             t.tls_resumptions += s.tls_resumptions;
             t.events_retried += s.events_retried;
             t.events_dropped += s.events_dropped;
+            t.group_unreached_events += s.group_unreached_events;
             for (reason, n) in &s.closes {
                 *t.closes.entry(reason.clone()).or_default() += n;
             }
@@ -152,6 +153,9 @@ pub struct ShardStats {
     /// Events dropped past `limits.events_pending_max` while the store could not take them.
     #[serde(default)]
     pub events_dropped: u64,
+    /// `group.unreached` events made (one per group message that found members offline).
+    #[serde(default)]
+    pub group_unreached_events: u64,
     /// Connections closed, by close reason (`idle`, `kicked`, `slow_consumer`, ...).
     #[serde(default)]
     pub closes: BTreeMap<String, u64>,

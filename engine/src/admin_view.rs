@@ -178,6 +178,7 @@ impl ether_admin::NodeView for AdminView {
                     tls_resumptions: g(&c.tls_resumptions),
                     events_retried: g(&c.events_retried),
                     events_dropped: g(&c.events_dropped),
+                    group_unreached_events: g(&c.group_unreached_events),
                     closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
                     ack_latency: published.ack_latency,
                     push_latency: published.push_latency,

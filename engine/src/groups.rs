@@ -431,6 +431,7 @@ impl Shard {
             let users: Vec<&str> = offline.iter().map(|u| &**u).collect();
             let data = serde_json::json!({ "id": id.to_string(), "group": &*group, "seq": seq, "users": users });
             shard.emit("group.unreached", data);
+            ShardCounters::add(&shard.counters().group_unreached_events, 1);
         })
         .detach();
     }

@@ -51,6 +51,8 @@ pub struct ShardCounters {
     /// Events dropped past `limits.events_pending_max` while the store could not take them
     /// (refreshed every tick).
     pub events_dropped: AtomicU64,
+    /// `group.unreached` events made.
+    pub group_unreached_events: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 

@@ -126,4 +126,11 @@ fn a_group_message_names_the_members_it_reached_no_terminal_of() {
     assert_eq!(unreached(&all, &second["id"]).unwrap()["users"], serde_json::json!(["ed"]));
     std::thread::sleep(Duration::from_millis(300));
     assert!(unreached(&hook.wait_for(|_| true), &big["id"]).is_none(), "six members: past the bound");
+    let metrics = node.admin().request("GET", "/metrics", None).unwrap().text();
+    let made: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ether_group_unreached_events_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(made, 2, "{metrics}");
 }

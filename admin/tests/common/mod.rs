@@ -127,6 +127,7 @@ impl FakeView {
                     tls_resumptions: 0,
                     events_retried: 0,
                     events_dropped: 0,
+                    group_unreached_events: 0,
                     closes,
                     ack_latency: ack.snapshot(),
                     push_latency: push.snapshot(),
