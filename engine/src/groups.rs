@@ -21,6 +21,33 @@ use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
 use crate::storage::{Answer, Committed, GroupDelivery, GroupPosted};
 
+/// Messages of one group a `group.unreached` computation covers: how many, the latest one's
+/// `seq` and `id`, and their senders (left out of the event).
+#[derive(Debug)]
+pub(crate) struct UnreachedRun {
+    messages: u64,
+    seq: u64,
+    id: u64,
+    senders: Vec<Box<str>>,
+}
+
+impl UnreachedRun {
+    fn new(seq: u64, id: u64) -> Self {
+        UnreachedRun { messages: 0, seq, id, senders: Vec::new() }
+    }
+
+    fn add(&mut self, seq: u64, id: u64, from: Box<str>) {
+        self.messages += 1;
+        if seq >= self.seq {
+            self.seq = seq;
+            self.id = id;
+        }
+        if !self.senders.contains(&from) {
+            self.senders.push(from);
+        }
+    }
+}
+
 /// Members read per store call for a `group.unreached` event.
 const UNREACHED_MEMBERS_PAGE: usize = 1000;
 
@@ -338,13 +365,14 @@ impl Shard {
         let shards = self.shards;
         let cluster = self.node.cluster().cloned();
         let tell_unreached = self.events_enabled() && self.config.events.group_unreached_members_max > 0;
-        let origin = self.id;
+        // One shard per group tells it (it coalesces the group's busy spells).
+        let teller = home_shard(&group, shards);
         self.store.submit(StoreCmd::new(op, move |result| {
             let result = result.and_then(Reply::group_appended);
             if let Ok(a) = &result {
                 if !a.duplicate && tell_unreached {
                     let posted = GroupPosted { group: group.clone(), id: a.id, seq: a.seq, from: msg.from.clone() };
-                    commits.push(origin, Committed::GroupPosted(posted));
+                    commits.push(teller, Committed::GroupPosted(posted));
                 }
                 if !a.duplicate {
                     if let Some(cluster) = &cluster {
@@ -375,65 +403,109 @@ impl Shard {
         Ok(())
     }
 
-    /// `group.unreached`: the members of a group this shard accepted a message for that have
-    /// no terminal online (here, on another shard, or in cluster mode on another node), for
+    /// `group.unreached`: the members of a group (whose home shard this is) that the node's
+    /// latest messages to it reached no terminal of: none online (here, on another shard, or in cluster mode on another node), for
     /// the business's mobile push. Only for groups of at most
-    /// `events.group_unreached_members_max` members; the sender is left out. Read after the
-    /// message was stored: a member connecting meanwhile may be named and still get it (a
+    /// `events.group_unreached_members_max` members; the senders are left out. Read after the
+    /// messages were stored: a member connecting meanwhile may be named and still get them (a
     /// push too many, never one too few for those offline throughout).
+    ///
+    /// One computation per group at a time: messages stored while one runs are covered by
+    /// the next, together (`messages` of them, the latest `id`/`seq`), so a busy group costs a
+    /// member list and a presence check per computation, not per message (one event per
+    /// message when they come slower than a computation takes).
     pub(crate) fn emit_group_unreached(self: &Rc<Self>, posted: GroupPosted) {
+        let GroupPosted { group, id, seq, from } = posted;
+        {
+            let mut pending = self.unreached_pending.borrow_mut();
+            if let Some(waiting) = pending.get_mut(&group) {
+                // A computation runs for this group: the next one covers this message too.
+                let w = waiting.get_or_insert_with(|| UnreachedRun::new(seq, id));
+                w.add(seq, id, from);
+                return;
+            }
+            pending.insert(group.clone(), None);
+        }
+        let mut run = UnreachedRun::new(seq, id);
+        run.add(seq, id, from);
         let shard = self.clone();
         glommio::spawn_local(async move {
-            let GroupPosted { group, id, seq, from } = posted;
-            let max = shard.config.events.group_unreached_members_max;
-            // The count first (one small read): a large group's members are never listed.
-            match shard.store.call(Op::GetGroup { group: group.to_string() }).await {
-                Ok(Reply::Group(info)) if info.member_count <= max as u64 + 1 => {}
-                Ok(_) | Err(_) => return, // past the bound (the sender may be one), or gone
-            }
-            let mut members: Vec<Arc<str>> = Vec::new();
-            let mut cursor = None;
             loop {
-                let op = Op::ListMembers { group: group.to_string(), cursor, limit: UNREACHED_MEMBERS_PAGE };
-                let (page, next) = match shard.store.call(op).await {
-                    Ok(Reply::Members { members, next_cursor }) => (members, next_cursor),
-                    Ok(_) | Err(_) => return, // dissolved meanwhile, or the store failed: no event
+                shard.group_unreached_once(&group, &run).await;
+                let next = {
+                    let mut pending = shard.unreached_pending.borrow_mut();
+                    match pending.get_mut(&group).and_then(Option::take) {
+                        Some(next) => Some(next),
+                        None => {
+                            pending.remove(&group);
+                            None
+                        }
+                    }
                 };
-                members.extend(page.into_iter().filter(|m| **m != *from).map(Arc::from));
-                if members.len() > max {
-                    debug!(group = %group, max, "group.unreached: group larger than events.group_unreached_members_max");
-                    return;
-                }
                 match next {
-                    Some(c) => cursor = Some(c),
+                    Some(next) => run = next,
                     None => break,
                 }
             }
-            let mut by_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); shard.shards];
-            for m in members {
-                by_shard[home_shard(&m, shard.shards)].push(m);
-            }
-            let mut offline = Vec::new();
-            for (to, users) in by_shard.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
-                match shard.ask(to, |reply| ShardMsg::Offline { users, reply }).await {
-                    Ok(o) => offline.extend(o),
-                    Err(_) => return,
-                }
-            }
-            if let Some(cluster) = shard.node.cluster().cloned() {
-                let elsewhere = cluster.presence_elsewhere_many(&offline).await;
-                offline = offline.into_iter().zip(elsewhere).filter(|(_, t)| t.is_empty()).map(|(u, _)| u).collect();
-            }
-            if offline.is_empty() {
-                return;
-            }
-            offline.sort();
-            let users: Vec<&str> = offline.iter().map(|u| &**u).collect();
-            let data = serde_json::json!({ "id": id.to_string(), "group": &*group, "seq": seq, "users": users });
-            shard.emit("group.unreached", data);
-            ShardCounters::add(&shard.counters().group_unreached_events, 1);
         })
         .detach();
+    }
+
+    /// One `group.unreached` for the messages of `run` (see [`Self::emit_group_unreached`]).
+    async fn group_unreached_once(self: &Rc<Self>, group: &Arc<str>, run: &UnreachedRun) {
+        let max = self.config.events.group_unreached_members_max;
+        // The count first (one small read): a large group's members are never listed.
+        match self.store.call(Op::GetGroup { group: group.to_string() }).await {
+            Ok(Reply::Group(info)) if info.member_count <= max as u64 + 1 => {}
+            Ok(_) | Err(_) => return, // past the bound (a sender may be one), or gone
+        }
+        let mut members: Vec<Arc<str>> = Vec::new();
+        let mut cursor = None;
+        loop {
+            let op = Op::ListMembers { group: group.to_string(), cursor, limit: UNREACHED_MEMBERS_PAGE };
+            let (page, next) = match self.store.call(op).await {
+                Ok(Reply::Members { members, next_cursor }) => (members, next_cursor),
+                Ok(_) | Err(_) => return, // dissolved meanwhile, or the store failed: no event
+            };
+            members.extend(page.into_iter().filter(|m| !run.senders.iter().any(|s| **s == **m)).map(Arc::from));
+            if members.len() > max {
+                debug!(group = %group, max, "group.unreached: group larger than events.group_unreached_members_max");
+                return;
+            }
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut by_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); self.shards];
+        for m in members {
+            by_shard[home_shard(&m, self.shards)].push(m);
+        }
+        let mut offline = Vec::new();
+        for (to, users) in by_shard.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
+            match self.ask(to, |reply| ShardMsg::Offline { users, reply }).await {
+                Ok(o) => offline.extend(o),
+                Err(_) => return,
+            }
+        }
+        if let Some(cluster) = self.node.cluster().cloned() {
+            let elsewhere = cluster.presence_elsewhere_many(&offline).await;
+            offline = offline.into_iter().zip(elsewhere).filter(|(_, t)| t.is_empty()).map(|(u, _)| u).collect();
+        }
+        if offline.is_empty() {
+            return;
+        }
+        offline.sort();
+        let users: Vec<&str> = offline.iter().map(|u| &**u).collect();
+        let data = serde_json::json!({
+            "id": run.id.to_string(),
+            "group": &**group,
+            "seq": run.seq,
+            "messages": run.messages,
+            "users": users,
+        });
+        self.emit("group.unreached", data);
+        ShardCounters::add(&self.counters().group_unreached_events, 1);
     }
 
     /// Accepts a group message from a member; answers once it is durable.

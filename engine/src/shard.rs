@@ -137,6 +137,9 @@ pub struct Shard {
     /// Cluster mode: the last seq of each group pushed by this shard (see
     /// `groups::order_group_run`).
     pub(crate) group_heads: RefCell<HashMap<Arc<str>, u64>>,
+    /// Groups with a `group.unreached` computation running, and the messages stored since it
+    /// began (covered by the next one; see `groups::emit_group_unreached`).
+    pub(crate) unreached_pending: RefCell<HashMap<Arc<str>, Option<crate::groups::UnreachedRun>>>,
     wheel: RefCell<TimerWheel<SessionKey>>,
     /// Sessions with unacknowledged messages, keyed by when their next resend is due.
     pub(crate) resend_wheel: RefCell<TimerWheel<SessionKey>>,
@@ -228,6 +231,7 @@ impl Shard {
             users: RefCell::new(HashMap::new()),
             group_index: RefCell::new(HashMap::new()),
             group_heads: RefCell::new(HashMap::new()),
+            unreached_pending: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),
             resend_wheel: RefCell::new(TimerWheel::new(RESEND_WHEEL_SLOTS, 0)),
             epoch: Instant::now(),

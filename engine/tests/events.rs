@@ -117,7 +117,11 @@ fn a_group_message_names_the_members_it_reached_no_terminal_of() {
     };
     let all = hook.wait_for(|e| unreached(e, &first["id"]).is_some());
     let ev = unreached(&all, &first["id"]).unwrap();
-    assert_eq!((ev["group"].as_str(), ev["seq"].as_u64()), (Some("crew"), Some(1)), "{ev}");
+    assert_eq!(
+        (ev["group"].as_str(), ev["seq"].as_u64(), ev["messages"].as_u64()),
+        (Some("crew"), Some(1), Some(1)),
+        "{ev}"
+    );
     assert_eq!(ev["users"], serde_json::json!(["di", "ed"]), "{ev}");
     // Di comes online: the next message names only ed.
     let _di = node.terminal("di", "web");
@@ -133,4 +137,43 @@ fn a_group_message_names_the_members_it_reached_no_terminal_of() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert_eq!(made, 2, "{metrics}");
+}
+
+/// Messages posted (through both shards) to a group faster than its `group.unreached` is
+/// computed are covered together: the events' `messages` add up to every message once, the
+/// last one names the latest seq, each names the offline members.
+#[test]
+fn group_unreached_covers_every_message_of_a_burst_once() {
+    let hook = receiver(0);
+    let node = TestNode::with(|c| c.events.webhook = Some(webhook(&hook)));
+    let gw = node.gateway();
+    gw.create_group(Some("burst"), "burst", "ann", &["away1", "away2"]).unwrap();
+    let text = serde_json::json!({"text": "x"});
+    const N: u64 = 40;
+    let posts: Vec<std::thread::JoinHandle<()>> = (0..4)
+        .map(|_| {
+            let gw = node.gateway();
+            let text = text.clone();
+            std::thread::spawn(move || {
+                for _ in 0..N / 4 {
+                    gw.send_group_message("burst", "ann", ether_proto::Kind::Text, &text, None).unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in posts {
+        p.join().unwrap();
+    }
+    let covered = |e: &[serde_json::Value]| {
+        e.iter()
+            .filter(|e| e["type"] == "group.unreached" && e["group"] == "burst")
+            .map(|e| (e["messages"].as_u64().unwrap(), e["seq"].as_u64().unwrap(), e["users"].clone()))
+            .collect::<Vec<_>>()
+    };
+    hook.wait_for(|e| covered(e).iter().map(|r| r.0).sum::<u64>() >= N);
+    std::thread::sleep(Duration::from_millis(200));
+    let runs = covered(&hook.wait_for(|_| true));
+    assert_eq!(runs.iter().map(|r| r.0).sum::<u64>(), N, "every message covered once: {runs:?}");
+    assert!(runs.iter().all(|r| r.0 >= 1 && r.2 == serde_json::json!(["away1", "away2"])), "{runs:?}");
+    assert_eq!(runs.iter().map(|r| r.1).max(), Some(N), "{runs:?}");
 }
