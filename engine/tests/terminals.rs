@@ -460,10 +460,11 @@ fn token_with_iat(node: &TestNode, user: &str, iat: Option<u64>) -> String {
 fn refused(node: &TestNode, token: &str, device: &str) -> bool {
     match TerminalClient::connect(&node.ws_url(), token, device, "ios") {
         Ok(_) => false,
-        Err(e) => {
-            assert_eq!(e.status(), Some(401), "{e}");
+        Err(SdkError::Rejected { status: 401, message }) => {
+            assert!(message.contains("revoked"), "{message}");
             true
         }
+        Err(e) => panic!("{e}"),
     }
 }
 

@@ -282,8 +282,8 @@ fn run(args: Args) -> Result<(), SdkError> {
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(SdkError::Rejected { status }) => {
-            eprintln!("the node refused the connection: HTTP {status} (bad or expired token?)");
+        Err(SdkError::Rejected { status, message }) => {
+            eprintln!("the node refused the connection: HTTP {status}: {message}");
             ExitCode::FAILURE
         }
         Err(SdkError::Closed { code, reason }) => {

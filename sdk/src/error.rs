@@ -28,9 +28,10 @@ pub enum SdkError {
     /// A base URL or WebSocket URL that this client cannot use (e.g. `https://`).
     #[error("invalid url: {0}")]
     InvalidUrl(String),
-    /// The WebSocket upgrade was refused with this HTTP status (401 for a bad or expired token).
-    #[error("websocket upgrade rejected with HTTP {status}")]
-    Rejected { status: u16 },
+    /// The WebSocket upgrade was refused with this HTTP status (401 for a bad, expired or
+    /// revoked token) and the node's `error.message` (empty when the answer carried none).
+    #[error("websocket upgrade rejected with HTTP {status}: {message}")]
+    Rejected { status: u16, message: String },
     /// The WebSocket is closed: `code` is the server's close code when it sent a close frame
     /// (4001 after `kicked`, 1012 after `reconnect`), `None` when the connection just ended.
     #[error("websocket closed (code {code:?}): {reason}")]
@@ -51,7 +52,7 @@ impl SdkError {
     /// The HTTP status of an [`SdkError::Api`], [`SdkError::Http`] or [`SdkError::Rejected`].
     pub fn status(&self) -> Option<u16> {
         match self {
-            SdkError::Api { status, .. } | SdkError::Rejected { status } => Some(*status),
+            SdkError::Api { status, .. } | SdkError::Rejected { status, .. } => Some(*status),
             SdkError::Http(status, _) => Some(*status),
             _ => None,
         }
@@ -70,7 +71,16 @@ impl From<tungstenite::Error> for SdkError {
     fn from(e: tungstenite::Error) -> Self {
         match e {
             tungstenite::Error::Io(io) => SdkError::Io(io),
-            tungstenite::Error::Http(resp) => SdkError::Rejected { status: resp.status().as_u16() },
+            tungstenite::Error::Http(resp) => {
+                // The node answers refusals with `{"error":{"code","message"}}`.
+                let message = resp
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                SdkError::Rejected { status: resp.status().as_u16(), message }
+            }
             other => SdkError::Ws(Box::new(other)),
         }
     }

@@ -10,7 +10,7 @@
 //!   `std::net::TcpStream`) speaking the JSON frames of [`ether_proto::frame`]: connect and wait
 //!   for `welcome`, `recv` with a timeout (pings answered on the way), `ack`, `send_text`, ...
 //! - [`error`]: [`SdkError`], the one error type: API errors keep their HTTP status and public
-//!   code, a refused upgrade its status ([`SdkError::Rejected`]), a server close its code
+//!   code, a refused upgrade its status and the node's reason ([`SdkError::Rejected`]), a server close its code
 //!   ([`SdkError::Closed`]).
 //!
 //! The SDK holds no secret of the node: terminal tokens come from `POST /v1/tokens`

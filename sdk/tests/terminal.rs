@@ -1,6 +1,6 @@
 //! `TerminalClient` against a tiny tungstenite server in a thread: welcome first, the query and
 //! header token, pings answered, timeouts that keep the connection usable (even mid-frame),
-//! close codes surfaced, a refused upgrade surfaced as `Rejected{status}`.
+//! close codes surfaced, a refused upgrade surfaced as `Rejected{status, message}`.
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -192,7 +192,7 @@ fn header_token_and_subprotocol() {
 fn a_refused_upgrade_is_rejected_with_its_status() {
     let (addr, _ups, _rx, h) = server(Some(401), |_, _| {});
     match TerminalClient::connect(&format!("ws://{addr}"), "expired", "d", "web") {
-        Err(SdkError::Rejected { status: 401 }) => {}
+        Err(SdkError::Rejected { status: 401, message }) => assert!(!message.is_empty(), "the node says why"),
         other => panic!("expected Rejected{{401}}, got {:?}", other.map(|(_, w)| w)),
     }
     h.join().unwrap();
