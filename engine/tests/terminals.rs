@@ -457,17 +457,6 @@ fn token_with_iat(node: &TestNode, user: &str, iat: Option<u64>) -> String {
     jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
 }
 
-fn refused(node: &TestNode, token: &str, device: &str) -> bool {
-    match TerminalClient::connect(&node.ws_url(), token, device, "ios") {
-        Ok(_) => false,
-        Err(SdkError::Rejected { status: 401, message }) => {
-            assert!(message.contains("revoked"), "{message}");
-            true
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
 /// Logout, a lost phone, a banned account: a kick with `revoke` refuses the tokens already
 /// issued (on that device only, when one is named), before the upgrade and after a restart;
 /// tokens issued later are accepted. A token with `iat` in seconds only counts from the start
@@ -486,8 +475,8 @@ fn revoked_tokens_are_refused_until_new_ones_are_issued() {
     assert_eq!(k.kicked, 1);
     let phone_before = k.revoked_before_ms.expect("the revocation's time");
     assert!(matches!(phone.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
-    assert!(refused(&node, &held, "phone"), "the phone came back with the token it held");
-    assert!(!refused(&node, &held, "tablet"), "only the phone's tokens were revoked");
+    assert!(node.refuses_as_revoked(&held, "phone"), "the phone came back with the token it held");
+    assert!(!node.refuses_as_revoked(&held, "tablet"), "only the phone's tokens were revoked");
     std::thread::sleep(Duration::from_millis(5));
     let (mut phone2, _) = TerminalClient::connect(&node.ws_url(), &node.token("kim"), "phone", "ios")
         .expect("a token issued after the revocation");
@@ -501,13 +490,13 @@ fn revoked_tokens_are_refused_until_new_ones_are_issued() {
     for t in [&mut web, &mut phone2] {
         assert!(matches!(t.recv(WAIT).unwrap(), Some(ServerFrame::Kicked { .. })));
     }
-    assert!(refused(&node, &held, "web"));
+    assert!(node.refuses_as_revoked(&held, "web"));
     // Seconds only: the revocation's own second is refused, the next one is not.
     let second = (before - 1) / 1000;
-    assert!(refused(&node, &token_with_iat(&node, "kim", Some(second)), "web"));
-    assert!(!refused(&node, &token_with_iat(&node, "kim", Some(second + 1)), "web"));
-    assert!(refused(&node, &token_with_iat(&node, "kim", None), "web"), "no iat: no proof it is newer");
-    assert!(!refused(&node, &token_with_iat(&node, "lee", None), "web"), "other users untouched");
+    assert!(node.refuses_as_revoked(&token_with_iat(&node, "kim", Some(second)), "web"));
+    assert!(!node.refuses_as_revoked(&token_with_iat(&node, "kim", Some(second + 1)), "web"));
+    assert!(node.refuses_as_revoked(&token_with_iat(&node, "kim", None), "web"), "no iat: no proof it is newer");
+    assert!(!node.refuses_as_revoked(&token_with_iat(&node, "lee", None), "web"), "other users untouched");
     // Bad input is refused and revokes nothing.
     let r = gw.request("POST", "/v1/users/kim/kick", Some(br#"{"revoke":"yes"}"#)).unwrap();
     assert_eq!(r.status, 400, "{}", r.text());
@@ -515,7 +504,7 @@ fn revoked_tokens_are_refused_until_new_ones_are_issued() {
     // The revocation outlives the node.
     node.stop();
     let node = TestNode::in_dir(dir.path(), |_| {});
-    assert!(refused(&node, &held, "web"));
+    assert!(node.refuses_as_revoked(&held, "web"));
     std::thread::sleep(Duration::from_millis(5));
-    assert!(!refused(&node, &node.token("kim"), "web"));
+    assert!(!node.refuses_as_revoked(&node.token("kim"), "web"));
 }

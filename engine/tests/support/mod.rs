@@ -69,6 +69,16 @@ impl TestNode {
         t
     }
 
+    /// Whether the node refuses `token` on `device` as revoked (401 saying so); `false` when
+    /// it takes the terminal; any other refusal fails the test.
+    pub fn refuses_as_revoked(&self, token: &str, device: &str) -> bool {
+        match TerminalClient::connect(&self.ws_url(), token, device, "ios") {
+            Ok(_) => false,
+            Err(ether_sdk::SdkError::Rejected { status: 401, message }) if message.contains("revoked") => true,
+            Err(e) => panic!("refused, but not as revoked: {e}"),
+        }
+    }
+
     /// What the node's shards share (flags, counters).
     pub fn shared(&self) -> &ether_engine::stats::NodeShared {
         &self.handle.as_ref().expect("running").shared
