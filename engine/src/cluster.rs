@@ -298,7 +298,7 @@ enum Out {
         device: String,
         platform: String,
         since: u64,
-        written: oneshot::Sender<()>,
+        written: Written,
     },
     Offline {
         user: String,
@@ -311,6 +311,16 @@ enum Out {
     TerminalsElsewhere {
         reply: oneshot::Sender<u64>,
     },
+}
+
+/// How a presence write is answered.
+enum Written {
+    /// Once Redis has the entry.
+    Done(oneshot::Sender<()>),
+    /// With the user's terminals on the other live nodes, read just after the entry was
+    /// written (in the same pipeline, so two terminals connecting at once on two nodes each
+    /// see the other's entry, or one of them does).
+    WithOthers(oneshot::Sender<Vec<TerminalInfo>>),
 }
 
 /// What the cluster threads count (for `/admin/v1/stats` and Prometheus).
@@ -548,7 +558,24 @@ impl Cluster {
     /// write failed (logged by the out thread; the terminal still works, reached through
     /// `sync`).
     pub fn online(&self, user: &str, device: &str, platform: &str, since: u64) -> oneshot::Receiver<()> {
-        let (written, rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
+        let written = Written::Done(tx);
+        self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since, written });
+        rx
+    }
+
+    /// [`Self::online`], answered with the user's terminals on the other live nodes as Redis
+    /// had them just after this write (for `limits.terminals_per_user_max` across the
+    /// cluster).
+    pub fn online_with_others(
+        &self,
+        user: &str,
+        device: &str,
+        platform: &str,
+        since: u64,
+    ) -> oneshot::Receiver<Vec<TerminalInfo>> {
+        let (tx, rx) = oneshot::channel();
+        let written = Written::WithOthers(tx);
         self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since, written });
         rx
     }
@@ -856,6 +883,8 @@ impl OutWorker {
         let mut lookups = Vec::new();
         let mut counts = Vec::new();
         let mut present = Vec::new();
+        // What each answer of the pipeline that is not ignored is, in order.
+        let mut answers = Vec::new();
         let (mut shared, mut routed) = (0, 0);
         if beat {
             let ttl = NODE_TTL.as_millis() as u64;
@@ -869,7 +898,7 @@ impl OutWorker {
         let mut routes: Vec<(String, String)> = Vec::new();
         for item in batch.drain(..) {
             if !matches!(&item, Out::Publish(event) if event.addressee().is_some()) {
-                route_call(&mut pipe, &route_sha, &node_id, &mut routes);
+                route_call(&mut pipe, &route_sha, &node_id, &mut routes, &mut answers);
             }
             match item {
                 Out::Publish(event) => {
@@ -880,7 +909,7 @@ impl OutWorker {
                             routes.push((presence, text));
                             routed += 1;
                             if routes.len() == ROUTES_PER_CALL_MAX {
-                                route_call(&mut pipe, &route_sha, &node_id, &mut routes);
+                                route_call(&mut pipe, &route_sha, &node_id, &mut routes, &mut answers);
                             }
                         }
                         None => {
@@ -900,6 +929,10 @@ impl OutWorker {
                 Out::Online { user, device, platform, since, written } => {
                     let value = serde_json::json!({ "platform": platform, "since": since }).to_string();
                     pipe.cmd("HSET").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).arg(value).ignore();
+                    if matches!(written, Written::WithOthers(_)) {
+                        pipe.cmd("HGETALL").arg(presence_key(&user));
+                        answers.push(Answer::Presence(present.len()));
+                    }
                     present.push(written);
                 }
                 Out::Offline { user, device } => {
@@ -909,15 +942,34 @@ impl OutWorker {
                 Out::TerminalsElsewhere { reply } => counts.push(reply),
             }
         }
-        route_call(&mut pipe, &route_sha, &node_id, &mut routes);
-        let appends: Vec<u64> = pipe.query(con)?;
+        route_call(&mut pipe, &route_sha, &node_id, &mut routes, &mut answers);
+        let values: Vec<redis::Value> = pipe.query(con)?;
+        debug_assert_eq!(values.len(), answers.len(), "one answer per command not ignored");
+        let mut appends = 0;
+        let mut presences = Vec::new();
+        for (answer, value) in answers.into_iter().zip(values) {
+            match answer {
+                Answer::Appends => appends += redis::from_owned_redis_value::<u64>(value)?,
+                Answer::Presence(i) => {
+                    presences.push((i, redis::from_owned_redis_value::<HashMap<String, String>>(value)?))
+                }
+            }
+        }
         let c = &self.counters;
         add(&c.published_shared, shared);
         add(&c.published_routed, routed);
-        add(&c.routed_appends, appends.iter().sum());
+        add(&c.routed_appends, appends);
         add(&c.presence_writes, present.len() as u64);
-        for written in present {
-            let _ = written.send(());
+        let mut others: HashMap<usize, Vec<TerminalInfo>> = HashMap::new();
+        let mut alive = HashMap::new();
+        for (i, all) in presences {
+            others.insert(i, terminals_elsewhere_in(con, &node_id, all, &mut alive)?);
+        }
+        for (i, written) in present.into_iter().enumerate() {
+            match written {
+                Written::Done(tx) => drop(tx.send(())),
+                Written::WithOthers(tx) => drop(tx.send(others.remove(&i).unwrap_or_default())),
+            }
         }
         for (user, reply) in lookups {
             let _ = reply.send(presence_of(con, &node_id, &user)?);
@@ -932,12 +984,27 @@ impl OutWorker {
     }
 }
 
+/// What an answer of the out thread's pipeline is (the commands not ignored, in order).
+enum Answer {
+    /// A route call's append count.
+    Appends,
+    /// The presence hash read after the `present[i]` write.
+    Presence(usize),
+}
+
 /// Adds one [`ROUTE_SCRIPT`] call for the pending routed publishes (none if there are none).
-/// Not ignored: the pipeline's answer is each route call's append count.
-fn route_call(pipe: &mut redis::Pipeline, sha: &str, node_id: &str, routes: &mut Vec<(String, String)>) {
+/// Not ignored: its answer is the call's append count.
+fn route_call(
+    pipe: &mut redis::Pipeline,
+    sha: &str,
+    node_id: &str,
+    routes: &mut Vec<(String, String)>,
+    answers: &mut Vec<Answer>,
+) {
     if routes.is_empty() {
         return;
     }
+    answers.push(Answer::Appends);
     pipe.cmd("EVALSHA").arg(sha).arg(routes.len());
     for (presence, _) in routes.iter() {
         pipe.arg(presence);
@@ -971,7 +1038,17 @@ fn terminals_of_others(con: &mut redis::Connection, me: &str) -> redis::RedisRes
 /// The user's terminals registered by live nodes other than `me`.
 fn presence_of(con: &mut redis::Connection, me: &str, user: &str) -> redis::RedisResult<Vec<TerminalInfo>> {
     let all: HashMap<String, String> = redis::cmd("HGETALL").arg(presence_key(user)).query(con)?;
-    let mut alive: HashMap<String, bool> = HashMap::new();
+    terminals_elsewhere_in(con, me, all, &mut HashMap::new())
+}
+
+/// The terminals of a presence hash's entries (`all`) registered by live nodes other than
+/// `me`; `alive` caches which nodes are.
+fn terminals_elsewhere_in(
+    con: &mut redis::Connection,
+    me: &str,
+    all: HashMap<String, String>,
+    alive: &mut HashMap<String, bool>,
+) -> redis::RedisResult<Vec<TerminalInfo>> {
     let mut out = Vec::new();
     for (field, value) in all {
         let Some((node, device)) = field.split_once('/') else { continue };
@@ -1256,9 +1333,11 @@ mod tests {
         let mut routes: Vec<(String, String)> =
             users.iter().zip(entries).map(|(u, e)| (presence_key(u), e.to_string())).collect();
         let mut pipe = redis::pipe();
-        route_call(&mut pipe, &sha, "a", &mut routes);
+        let mut answers = Vec::new();
+        route_call(&mut pipe, &sha, "a", &mut routes, &mut answers);
         assert!(routes.is_empty());
-        route_call(&mut pipe, &sha, "a", &mut routes); // nothing pending: no call
+        route_call(&mut pipe, &sha, "a", &mut routes, &mut answers); // nothing pending: no call
+        assert!(matches!(answers[..], [Answer::Appends]), "one call, one answer");
         let appends: Vec<u64> = pipe.query(&mut con).unwrap();
         assert_eq!(appends, [4]);
         let stream = |con: &mut redis::Connection, node: &str| -> Vec<String> {

@@ -810,7 +810,8 @@ pub struct Log {
 pub struct Limits {
     /// Largest terminal WebSocket message, bytes (64 KiB; a 32 KiB custom body plus envelope).
     pub frame_bytes_max: usize,
-    /// Live connections per user (10).
+    /// Live connections per user (10), over every node of a cluster (devices on other nodes
+    /// as the user's presence lists them when the terminal's own entry is written).
     pub terminals_per_user_max: usize,
     /// Unsent bytes per connection before it is closed as slow (1 MiB; >= frame_bytes_max).
     pub outbound_queue_bytes_max: usize,

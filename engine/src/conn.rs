@@ -314,8 +314,13 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         // Cluster mode: present (other nodes route the user's traffic here) before the heads
         // are read, so whatever is not within them reaches this node (see `cluster`).
         let since = unix_now_ms();
+        // The user's devices on other nodes, as Redis had them just after this entry was
+        // written: with this node's, they count against `limits.terminals_per_user_max`. A
+        // failed write leaves them unknown (none counted: the terminal is not refused for
+        // Redis's trouble).
+        let mut elsewhere = Vec::new();
         if let Some(cluster) = shard.node.cluster() {
-            let _ = cluster.online(&user, &device, platform.as_str(), since).await;
+            elsewhere = cluster.online_with_others(&user, &device, platform.as_str(), since).await.unwrap_or_default();
         }
         let delivered_op = ether_store::op::Op::GetDelivered { user: user.to_string(), device: device.to_string() };
         let (heads, delivered) = futures_lite::future::zip(shard.heads(&user), shard.store.call(delivered_op)).await;
@@ -337,7 +342,8 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             // Group messages committed since the heads were read reached no fan-out of this
             // terminal: its welcome names them, so it syncs them (joined below, no await).
             shard.heads_seen_while_adopting(&mut heads.groups);
-            shard.add_session(&user, &device, platform, wire, remote).map(|session| (session, heads))
+            let elsewhere: Vec<&str> = elsewhere.iter().map(|t| t.device.as_str()).collect();
+            shard.add_session(&user, &device, platform, wire, remote, &elsewhere).map(|session| (session, heads))
         });
         shard.unpend_user(&user);
         if let Some(cluster) = shard.node.cluster() {

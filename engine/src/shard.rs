@@ -370,7 +370,8 @@ impl Shard {
     // ---- sessions ----------------------------------------------------------------------
 
     /// Registers a terminal whose user lives here; replaces an older connection of the same
-    /// device (which gets `kicked`).
+    /// device (which gets `kicked`). `elsewhere`: the user's devices connected to other nodes
+    /// (cluster mode), counted with this node's against `limits.terminals_per_user_max`.
     pub fn add_session(
         &self,
         user: &Arc<str>,
@@ -378,6 +379,7 @@ impl Shard {
         platform: Platform,
         wire: Wire,
         remote: SocketAddr,
+        elsewhere: &[&str],
     ) -> Result<Rc<Session>, AdoptError> {
         if self.node.stopping() {
             return Err(AdoptError::ShuttingDown);
@@ -394,8 +396,14 @@ impl Shard {
                 }
             }
         }
-        let others = entry.sessions.len() - usize::from(replaced.is_some());
-        if others >= max {
+        let here = entry.sessions.len() - usize::from(replaced.is_some());
+        // Devices on other nodes, each once: not this one (its connection there is replaced)
+        // nor one connected here as well (a replacement under way).
+        let mut there: Vec<&str> = elsewhere.iter().copied().filter(|d| *d != device).collect();
+        there.sort_unstable();
+        there.dedup();
+        there.retain(|d| !entry.sessions.iter().any(|k| self.session(*k).is_some_and(|s| &*s.device == *d)));
+        if here + there.len() >= max {
             return Err(AdoptError::TooManyTerminals(max));
         }
         if let Some(old) = replaced {

@@ -774,3 +774,50 @@ fn group_unreached_leaves_out_members_online_on_another_node() {
     let ev = all.iter().find(|e| e["type"] == "group.unreached").unwrap();
     assert_eq!(ev["users"], serde_json::json!(["nowhere"]), "{ev}");
 }
+
+/// `limits.terminals_per_user_max` counts the user's terminals on every node: with 3 (the
+/// test configuration), two on node A and one on node B leave no room for a fourth device on
+/// either node (403, saying why), a device already connected elsewhere may still move (its
+/// old connection is replaced), and once a terminal leaves a new device gets in. Before, each
+/// node counted only its own: a user could hold 3 terminals on every node.
+#[test]
+fn the_terminal_cap_per_user_counts_every_nodes_terminals() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    assert_eq!(a.config.limits.terminals_per_user_max, 3);
+    let phone = a.terminal("hal", "phone");
+    let _web = a.terminal("hal", "web");
+    let mut desk = b.terminal("hal", "desk");
+    for device in ["phone", "web", "desk"] {
+        wait_for_presence(&a, "hal", device);
+        wait_for_presence(&b, "hal", device);
+    }
+    for node in [&a, &b] {
+        match ether_sdk::TerminalClient::connect(&node.ws_url(), &node.token("hal"), "tablet", "ios") {
+            Err(ether_sdk::SdkError::Rejected { status: 403, message }) => {
+                assert!(message.contains("terminals_per_user_max"), "{message}")
+            }
+            Err(e) => panic!("refused, but not for the cap: {e}"),
+            Ok(_) => panic!("a fourth device got in: 2 on node A, 1 on node B"),
+        }
+    }
+    // The desk moves from node B to node A: not a fourth device.
+    let _desk_on_a = a.terminal("hal", "desk");
+    match desk.recv_until(|f| matches!(f, ServerFrame::Kicked { .. }), WAIT) {
+        Ok(ServerFrame::Kicked { reason }) => assert_eq!(reason, "replaced"),
+        other => panic!("the desk's old connection on node B was not replaced: {other:?}"),
+    }
+    // The phone leaves: room for the tablet, on node B.
+    drop(phone);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("hal"), "tablet", "ios") {
+            Ok(_) => break,
+            Err(ether_sdk::SdkError::Rejected { status: 403, .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50)); // the phone's close reaches Redis
+            }
+            Err(e) => panic!("the tablet was refused after the phone left: {e}"),
+        }
+    }
+}
