@@ -6,30 +6,10 @@
 //! [`BLOCK_ENTRIES`], `flushed+1..=head` live here. Everything here can be rebuilt from the
 //! `messages` rows at or after the durable watermark (see the crate docs).
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 
-/// A fast hash for internal integer keys (uids, stream keys): never fed user-chosen strings.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct IdHasher(u64);
-
-const K: u64 = 0x517c_c1b7_2722_0a95;
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
-        }
-    }
-    fn write_i64(&mut self, i: i64) {
-        self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(K);
-    }
-}
-
-/// `HashMap` keyed by internal integers.
-pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+/// `HashMap` keyed by internal integers (uids, stream keys: never user-chosen strings), with
+/// foldhash's fast fixed-seed hash instead of the standard library's SipHash.
+pub type IdMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 
 /// Pending messages are counted per id bucket (`id >> 20`: one millisecond of engine ids), so
 /// the map stays small and cache-resident; the watermark derived from it is conservative.
