@@ -39,6 +39,10 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long to wait for the peer's EOF after our close, so the close frame is not lost to a
 /// reset.
 const CLOSE_LINGER: Duration = Duration::from_millis(300);
+/// How many times a terminal being taken on reads its heads again because its user's group
+/// membership changed during the read (a user whose groups change without pause gets the
+/// last read's).
+const HEADS_REREADS_MAX: usize = 8;
 /// Accept-error back-off bounds (EMFILE and friends must not spin).
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -323,7 +327,20 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             elsewhere = cluster.online_with_others(&user, &device, platform.as_str(), since).await.unwrap_or_default();
         }
         let delivered_op = ether_store::op::Op::GetDelivered { user: user.to_string(), device: device.to_string() };
-        let (heads, delivered) = futures_lite::future::zip(shard.heads(&user), shard.store.call(delivered_op)).await;
+        let mut changes = shard.membership_changes(&user);
+        let (mut heads, delivered) =
+            futures_lite::future::zip(shard.heads(&user), shard.store.call(delivered_op)).await;
+        // A membership change mirrored on this shard while the heads were read reached no
+        // session of this terminal, and the heads may predate it: read them again, so the
+        // groups the terminal joins (and its `welcome`) are the membership as it stands.
+        for _ in 0..HEADS_REREADS_MAX {
+            let now = shard.membership_changes(&user);
+            if now == changes || heads.is_err() {
+                break;
+            }
+            changes = now;
+            heads = shard.heads(&user).await;
+        }
         // The device's last acknowledged positions (best effort: a store hiccup only omits them).
         let delivered = delivered
             .and_then(ether_store::Reply::delivered)

@@ -118,6 +118,13 @@ impl Shard {
     /// Mirrors a membership change for the given users' sessions on this shard.
     pub(crate) fn membership_local(&self, group: &Arc<str>, users: &[Arc<str>], joined: bool) {
         for user in users {
+            if let Some(entry) = self.users.borrow_mut().get_mut(user) {
+                if entry.pending > 0 {
+                    // A terminal being taken on may have read its heads before this change:
+                    // it reads them again (`conn::adopt`).
+                    entry.membership_changes = entry.membership_changes.wrapping_add(1);
+                }
+            }
             for s in self.sessions_of(user) {
                 let mut index = self.group_index.borrow_mut();
                 let mut mine = s.groups.borrow_mut();

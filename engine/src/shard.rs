@@ -105,6 +105,10 @@ pub(crate) struct UserEntry {
     /// Cluster mode: a read of the inbox from the store is under way up to this seq (0: none);
     /// deliveries meanwhile only raise it (see `delivery::fill_inbox`).
     pub(crate) fill_to: u64,
+    /// Membership changes of the user mirrored while `pending`: a terminal being taken on
+    /// reads its heads again when this moved during the read (`conn::adopt`), since the
+    /// change reached no session of it.
+    pub(crate) membership_changes: u32,
 }
 
 /// Why a terminal could not be taken on.
@@ -447,6 +451,12 @@ impl Shard {
             );
         }
         Ok(session)
+    }
+
+    /// How many membership changes of `user` were mirrored while a terminal of it was being
+    /// taken on (see `UserEntry::membership_changes`).
+    pub(crate) fn membership_changes(&self, user: &Arc<str>) -> u32 {
+        self.users.borrow().get(user).map_or(0, |e| e.membership_changes)
     }
 
     /// Marks a terminal of `user` as being taken on (see `UserEntry::pending`).

@@ -443,3 +443,61 @@ fn a_terminal_connecting_while_its_group_is_busy_misses_nothing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(publisher.join().unwrap() > 150);
 }
+
+/// A membership change racing a terminal's connect: the terminal's fan-out follows the
+/// membership as it stands once the terminal is connected. A member added after the store
+/// read the terminal's heads, but told to its home shard before the terminal joined its
+/// groups' fan-out, used to be left out of that group's pushes for the whole connection (and
+/// a member removed then kept getting the group's messages). Many connects, each with a
+/// member added to one group and removed from another at a different moment of the connect;
+/// then a message to each, and one to a third group as a marker: the marker must come after
+/// the added group's message, with nothing of the group it left.
+#[test]
+fn a_membership_change_racing_a_connect_applies_to_the_new_terminal() {
+    let node = std::sync::Arc::new(TestNode::start());
+    for i in 0..300 {
+        let user = format!("racer{i}");
+        let (added, left, marker) = (format!("add{i}"), format!("left{i}"), format!("mark{i}"));
+        let owner = format!("owner{i}");
+        let create = |id: &str, members: &[&str]| {
+            let body = json!({"id": id, "name": id, "owner": owner, "members": members});
+            let (status, v) = call(&node, "POST", "/v1/groups", Some(body));
+            assert_eq!(status, 201, "{v}");
+        };
+        create(&added, &[]);
+        create(&left, &[&user]);
+        create(&marker, &[&user]);
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let changer = {
+            let (node, start, user, added, left) =
+                (node.clone(), start.clone(), user.clone(), added.clone(), left.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                std::thread::sleep(Duration::from_micros(150 * (i % 24)));
+                let (status, v) =
+                    call(&node, "POST", &format!("/v1/groups/{added}/members"), Some(json!({"members": [user]})));
+                assert_eq!(status, 200, "{v}");
+                let (status, v) = call(&node, "DELETE", &format!("/v1/groups/{left}/members/{user}"), None);
+                assert_eq!(status, 200, "{v}");
+            })
+        };
+        start.wait();
+        let mut t = node.terminal(&user, "phone");
+        changer.join().unwrap();
+        for (group, text) in [(&added, "to the new member"), (&left, "after it left"), (&marker, "marker")] {
+            let (status, v) =
+                call(&node, "POST", &format!("/v1/groups/{group}/messages"), Some(group_text(&owner, text)));
+            assert_eq!(status, 200, "{v}");
+        }
+        let mut got = Vec::new();
+        loop {
+            let m = next_msg(&mut t);
+            assert_ne!(m.chat, format!("g:{left}"), "connect {i}: a message of the group it left: {got:?}");
+            got.push(m.chat.clone());
+            if m.chat == format!("g:{marker}") {
+                break;
+            }
+        }
+        assert_eq!(got, [format!("g:{added}"), format!("g:{marker}")], "connect {i}: the added group's message");
+    }
+}
