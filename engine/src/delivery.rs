@@ -293,8 +293,9 @@ impl Shard {
     }
 
     /// Cluster mode: reads the owner's inbox from what this shard pushed up to `fill_to` (and
-    /// whatever came meanwhile) from the store and pushes it, in seq order. Call it without
-    /// holding the user index: the task may start at once.
+    /// whatever came meanwhile) from the store and pushes it, in seq order, at the pace the
+    /// owner's terminals read (as a `sync` page: a run of big messages must not close them as
+    /// slow consumers). Call it without holding the user index: the task may start at once.
     fn fill_inbox(self: &Rc<Self>, owner: Arc<str>) {
         let shard = self.clone();
         glommio::spawn_local(async move {
@@ -309,26 +310,32 @@ impl Shard {
                 };
                 let limit = usize::try_from(to - after).unwrap_or(usize::MAX).min(shard.config.limits.sync_page_max);
                 let op = Op::ReadInbox { user: owner.to_string(), after_seq: after, limit };
-                let page = shard.store.call(op).await.and_then(Reply::page);
-                let mut users = shard.users.borrow_mut();
-                let Some(entry) = users.get_mut(&owner) else { return };
-                let page = match page {
+                let page = match shard.store.call(op).await.and_then(Reply::page) {
                     Ok(p) => p,
                     Err(e) => {
                         // The terminals catch up with `sync` (they see the gap in seqs).
                         warn!(user = %owner, shard = shard.id, error = %e, "cluster: cannot read the inbox to fill a gap");
-                        entry.fill_to = 0;
+                        if let Some(entry) = shard.users.borrow_mut().get_mut(&owner) {
+                            entry.fill_to = 0;
+                        }
                         return;
                     }
                 };
                 let mut delivered = 0;
                 for e in &page.entries {
+                    // Live deliveries meanwhile only raise `fill_to` (they are read next), so
+                    // waiting here keeps the seq order.
+                    shard.wait_for_room(&owner, e.body.len()).await;
+                    let mut users = shard.users.borrow_mut();
+                    let Some(entry) = users.get_mut(&owner) else { return };
                     if e.seq <= entry.inbox_seq {
                         continue;
                     }
                     entry.inbox_seq = e.seq;
                     delivered += shard.push_inbox(&entry.sessions, &message_of(e), &e.chat, e.seq);
                 }
+                let mut users = shard.users.borrow_mut();
+                let Some(entry) = users.get_mut(&owner) else { return };
                 // Purged or unreadable positions are skipped, never waited for.
                 entry.inbox_seq = entry.inbox_seq.max(page.scanned_to.min(to));
                 if page.entries.is_empty() && page.scanned_to <= after {
@@ -686,15 +693,32 @@ impl Shard {
     /// would otherwise overrun the queue at once and close a healthy terminal as a slow
     /// consumer, again on every reconnect. False when the terminal is gone or closing.
     pub(crate) async fn push_paced(&self, s: &Session, frame: Bytes) -> bool {
-        let budget = self.config.limits.outbound_queue_bytes_max / 2;
         let deadline = Instant::now() + PACED_WAIT_MAX;
-        while s.queued_bytes() > 0 && s.queued_bytes() + frame.len() > budget && Instant::now() < deadline {
+        while self.queue_too_full(s, frame.len()) && Instant::now() < deadline {
             if s.close_reason().is_some() {
                 return false;
             }
             glommio::timer::sleep(PACED_POLL).await;
         }
         self.push(s, frame)
+    }
+
+    /// [`Self::push_paced`]'s wait for every terminal of `user` on this shard, before a frame
+    /// of about `len` bytes is pushed to all of them.
+    async fn wait_for_room(&self, user: &Arc<str>, len: usize) {
+        let deadline = Instant::now() + PACED_WAIT_MAX;
+        while Instant::now() < deadline
+            && self.sessions_of(user).iter().any(|s| s.close_reason().is_none() && self.queue_too_full(s, len))
+        {
+            glommio::timer::sleep(PACED_POLL).await;
+        }
+    }
+
+    /// Whether a paced push of `len` bytes waits: the queue holds something and would then
+    /// hold more than half of `limits.outbound_queue_bytes_max`.
+    fn queue_too_full(&self, s: &Session, len: usize) -> bool {
+        let queued = s.queued_bytes();
+        queued > 0 && queued + len > self.config.limits.outbound_queue_bytes_max / 2
     }
 
     /// `read`: moves the user's read position in a chat; the peer's terminals get `receipt`,

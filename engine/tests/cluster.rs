@@ -821,3 +821,31 @@ fn the_terminal_cap_per_user_counts_every_nodes_terminals() {
         }
     }
 }
+
+/// What a node fills in from the store for its terminals (here after a resync: the bus lost
+/// eight big messages) is pushed at the pace the terminal reads, as a `sync` page is: the
+/// test node's outbound queue holds 16 KiB and the eight messages 25 KiB, which pushed at
+/// once closed the phone as a slow consumer (again at every such fill) though it was reading.
+#[test]
+fn a_fill_of_big_missed_messages_is_paced_not_a_slow_consumer_close() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    assert_eq!(b.config.limits.outbound_queue_bytes_max, 16 * 1024);
+    let big = |n: usize| format!("{n}:{}", "x".repeat(3200));
+    let mut phone = missed_on_b(&redis, &a, &b, "kim", &big(0));
+    for n in 1..8 {
+        a.gateway().send_message(&text("sender", "kim", &big(n))).unwrap();
+    }
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("XADD")
+        .arg("ether:bus")
+        .arg("*")
+        .arg("e")
+        .arg(r#"{"node":"node-a","event":"resync"}"#)
+        .query::<String>(&mut con)
+        .unwrap();
+    let got = take(&mut phone, 8);
+    assert_eq!(texts(&got), (0..8).map(big).collect::<Vec<_>>());
+    assert_silent(&mut phone, Duration::from_millis(300));
+}
