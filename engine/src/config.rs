@@ -327,9 +327,11 @@ raw_config! {
         protocol_violations_max: u32,
         /// `limits.sync_page_max`: messages per `sync` answer page.
         sync_page_max: usize,
-        /// `limits.resend_timeout_ms`: an unacknowledged message is pushed again after this.
+        /// `limits.resend_timeout_ms`: an unacknowledged message (inbox or group) is pushed
+        /// again after this.
         resend_timeout_ms: u64,
-        /// `limits.resend_attempts_max`: pushes again before leaving it to `sync`.
+        /// `limits.resend_attempts_max`: pushes again before leaving it to `sync` (per message
+        /// for the inbox, per ack position for a group).
         resend_attempts_max: u32,
         /// `limits.unacked_per_terminal_max`: unacknowledged messages tracked per terminal.
         unacked_per_terminal_max: usize,

@@ -34,7 +34,7 @@ const ACK_TIMEOUT_MAX_MS: u64 = 60_000;
 
 /// A session's own ack timeout ([`Session::ack_timeout_ms`], at most `ACK_TIMEOUT_MAX_MS`) in
 /// shard ticks, rounded up.
-fn ack_timeout_ticks(s: &Session) -> u64 {
+pub(crate) fn ack_timeout_ticks(s: &Session) -> u64 {
     let tick_ms = crate::shard::TICK.as_millis() as u64;
     s.ack_timeout_ms().min(ACK_TIMEOUT_MAX_MS).div_ceil(tick_ms)
 }
@@ -531,7 +531,7 @@ impl Shard {
             }
             // Only a group this terminal is in: an ack of any other would store a position
             // for it (a store write per ack, and its head told back in the next `welcome`).
-            if !s.groups.borrow().iter().any(|mine| **mine == **g) {
+            if !s.groups.borrow().iter().any(|mine| *mine.group == **g) {
                 let e = ApiError::new(ErrorCode::Forbidden, format!("ack: not a member of group {g}"));
                 return self.frame_error(s, &e, None);
             }
@@ -571,6 +571,10 @@ impl Shard {
         match group {
             None => s.inbox_dirty.set(true),
             Some(group) => {
+                let now = self.now_tick();
+                if let Some(c) = s.groups.borrow_mut().iter_mut().find(|c| *c.group == *group) {
+                    c.ack(seq, now);
+                }
                 let mut pending = self.group_acks_pending.borrow_mut();
                 let list = pending.entry(s.key).or_default();
                 if let Some(entry) = list.iter_mut().find(|(g, _)| *g == group) {

@@ -16,7 +16,7 @@ use crate::cluster::{BusEvent, BusMessage};
 use crate::error::EngineError;
 use crate::mesh::ShardMsg;
 use crate::message::{Message, Wire};
-use crate::session::Session;
+use crate::session::{GroupCursor, Session};
 use crate::shard::{home_shard, Shard};
 use crate::stats::ShardCounters;
 use crate::storage::{Answer, Committed, GroupDelivery, GroupPosted};
@@ -75,11 +75,13 @@ pub struct GroupSent {
 }
 
 impl Shard {
-    /// Puts a new session into the index of each of its user's groups.
+    /// Puts a new session into the index of each of its user's groups; its live pushes of
+    /// each begin after `head` (its `welcome` head: what came before it syncs).
     pub(crate) fn join_groups<'a>(&self, s: &Session, groups: impl Iterator<Item = (&'a String, &'a u64)>) {
         let mut index = self.group_index.borrow_mut();
         let mut mine = s.groups.borrow_mut();
         let cluster = self.node.cluster().is_some();
+        let now = self.now_tick();
         for (g, &head) in groups {
             let g: Arc<str> = Arc::from(g.as_str());
             if cluster {
@@ -89,14 +91,83 @@ impl Shard {
                 *known = (*known).max(head);
             }
             index.entry(g.clone()).or_default().push(s.key);
-            mine.push(g);
+            mine.push(GroupCursor::new(g, head, now));
         }
+    }
+
+    /// Pushes again, to each terminal whose acks of a group stood still for the resend
+    /// timeout, the group messages it was pushed live and did not acknowledge, read from the
+    /// store (a page of at most `limits.sync_page_max`, at the pace the terminal reads), as
+    /// inbox messages are (`limits.resend_timeout_ms`, then twice as long each time,
+    /// `limits.resend_attempts_max` times per ack position; the terminal's own ack time when
+    /// longer). One look per tick over the shard's sessions; nothing per message.
+    pub(crate) fn resend_groups_due(self: &Rc<Self>, now: u64) {
+        let attempts_max = self.config.limits.resend_attempts_max;
+        if attempts_max == 0 || self.group_pushed.borrow().is_empty() {
+            return;
+        }
+        let mut due: Vec<(Rc<Session>, Arc<str>, u64, u64)> = Vec::new();
+        {
+            let pushed = self.group_pushed.borrow();
+            for (_, s) in self.sessions.borrow().iter() {
+                if s.close_reason().is_some() {
+                    continue;
+                }
+                let mut mine = s.groups.borrow_mut();
+                if mine.is_empty() {
+                    continue;
+                }
+                let timeout = self.resend_ticks().max(crate::delivery::ack_timeout_ticks(s));
+                for c in mine.iter_mut() {
+                    let Some(&(first, head)) = pushed.get(&c.group) else { continue };
+                    if c.acked == GroupCursor::FROM_NEXT_PUSH {
+                        // Added while online before this shard fanned out anything of the
+                        // group: its live pushes began with the first.
+                        c.acked = first.saturating_sub(1);
+                    }
+                    if c.resend_due(head, now, timeout, attempts_max) {
+                        due.push((s.clone(), c.group.clone(), c.acked, head));
+                    }
+                }
+            }
+        }
+        for (s, group, after, head) in due {
+            self.resend_group(s, group, after, head);
+        }
+    }
+
+    /// Reads `(after, head]` of `group` from the store and pushes it to `s` again, paced.
+    fn resend_group(self: &Rc<Self>, s: Rc<Session>, group: Arc<str>, after: u64, head: u64) {
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let limit = usize::try_from(head - after).unwrap_or(usize::MAX).min(shard.config.limits.sync_page_max);
+            let op = Op::ReadGroup { group: group.to_string(), after_seq: after, limit };
+            let page = match shard.store.call(op).await.and_then(Reply::page) {
+                Ok(page) => page,
+                Err(e) => {
+                    // The terminal catches up with `sync` (it sees the gap in seqs).
+                    debug!(group = %group, shard = shard.id, error = %e, "cannot read a group to resend");
+                    return;
+                }
+            };
+            let chat = format!("g:{group}");
+            let mut resent = 0;
+            for e in page.entries.iter().filter(|e| e.seq > after && e.seq <= head) {
+                let frame = crate::storage::message_of(e).encode_frame_for(s.wire, &chat, e.seq);
+                if !shard.push_paced(&s, frame).await {
+                    break;
+                }
+                resent += 1;
+            }
+            ShardCounters::add(&shard.counters().resends, resent);
+        })
+        .detach();
     }
 
     /// Takes a closing session out of every group index it is in.
     pub(crate) fn leave_all_groups(&self, s: &Session) {
         let mut index = self.group_index.borrow_mut();
-        for g in s.groups.borrow_mut().drain(..) {
+        for GroupCursor { group: g, .. } in s.groups.borrow_mut().drain(..) {
             if let Some(keys) = index.get_mut(&g) {
                 keys.retain(|k| *k != s.key);
                 if keys.is_empty() {
@@ -113,6 +184,7 @@ impl Shard {
     /// `welcome`), one added while online starts at the next message.
     fn forget_group_head(&self, group: &Arc<str>) {
         self.group_heads.borrow_mut().remove(group);
+        self.group_pushed.borrow_mut().remove(group);
     }
 
     /// Mirrors a membership change for the given users' sessions on this shard.
@@ -128,12 +200,15 @@ impl Shard {
             for s in self.sessions_of(user) {
                 let mut index = self.group_index.borrow_mut();
                 let mut mine = s.groups.borrow_mut();
-                let present = mine.iter().any(|g| g == group);
+                let present = mine.iter().any(|c| c.group == *group);
                 if joined && !present {
                     index.entry(group.clone()).or_default().push(s.key);
-                    mine.push(group.clone());
+                    // Live pushes begin with the next message this shard fans out.
+                    let pushed = self.group_pushed.borrow().get(group).map(|&(_, last)| last);
+                    let acked = pushed.unwrap_or(GroupCursor::FROM_NEXT_PUSH);
+                    mine.push(GroupCursor::new(group.clone(), acked, self.now_tick()));
                 } else if !joined && present {
-                    mine.retain(|g| g != group);
+                    mine.retain(|c| c.group != *group);
                     if let Some(keys) = index.get_mut(group) {
                         keys.retain(|k| *k != s.key);
                         if keys.is_empty() {
@@ -149,10 +224,11 @@ impl Shard {
     /// Forgets a dissolved group on this shard.
     pub(crate) fn group_gone_local(&self, group: &str) {
         self.group_heads.borrow_mut().remove(group);
+        self.group_pushed.borrow_mut().remove(group);
         let keys = self.group_index.borrow_mut().remove(group).unwrap_or_default();
         for key in keys {
             if let Some(s) = self.session(key) {
-                s.groups.borrow_mut().retain(|g| &**g != group);
+                s.groups.borrow_mut().retain(|c| &*c.group != group);
             }
         }
     }
@@ -202,6 +278,12 @@ impl Shard {
         debug_assert!(run.windows(2).all(|w| w[0].seq < w[1].seq), "a run is in group seq order");
         if !self.group_index.borrow().contains_key(&first.group) {
             return 0;
+        }
+        if let Some(last) = run.last() {
+            // What the members are pushed up to: what a resend covers (`resend_groups_due`).
+            let mut pushed = self.group_pushed.borrow_mut();
+            let (_, p) = pushed.entry(first.group.clone()).or_insert((first.seq, 0));
+            *p = (*p).max(last.seq);
         }
         let now_ms = crate::message::unix_now_ms();
         {

@@ -174,6 +174,68 @@ struct Unacked {
     pushed_ms: u64,
 }
 
+/// A group a session is in, and how far its terminal acknowledged what this connection was
+/// pushed of it. Nothing per message: what is unacknowledged is the range from `acked` to
+/// the last seq its shard fanned out to the group's members (`Shard::group_pushed`).
+#[derive(Debug)]
+pub struct GroupCursor {
+    pub group: Arc<str>,
+    /// Group seq up to which nothing is pushed again: the terminal's cumulative ack, or the
+    /// last seq before this connection's live pushes of the group began;
+    /// [`GroupCursor::FROM_NEXT_PUSH`] until the shard knows that seq.
+    pub acked: u64,
+    /// Shard tick of the last ack that moved `acked` (or of the join).
+    pub acked_tick: u64,
+    /// Resends of the current unacknowledged range so far.
+    pub attempts: u32,
+    /// Shard tick before which no resend is due (0: nothing unacknowledged seen yet).
+    pub due_tick: u64,
+}
+
+impl GroupCursor {
+    /// `acked` of a member added while online to a group its shard has fanned out nothing
+    /// of yet: its live pushes begin with the first the shard fans out (set on its next look).
+    pub const FROM_NEXT_PUSH: u64 = u64::MAX;
+
+    pub fn new(group: Arc<str>, acked: u64, now_tick: u64) -> Self {
+        GroupCursor { group, acked, acked_tick: now_tick, attempts: 0, due_tick: 0 }
+    }
+
+    /// A cumulative ack of the group up to `seq`; true if it moved the position.
+    pub fn ack(&mut self, seq: u64, now_tick: u64) -> bool {
+        if self.acked != Self::FROM_NEXT_PUSH && seq <= self.acked {
+            return false;
+        }
+        self.acked = seq;
+        self.acked_tick = now_tick;
+        self.attempts = 0;
+        self.due_tick = 0;
+        true
+    }
+
+    /// Whether a resend of `(acked, pushed]` is due at `now` (and counts it): after
+    /// `timeout_ticks` without ack progress and from the first time the range was seen, then
+    /// after twice as long each time, at most `attempts_max` times per position. The range
+    /// to push again is the caller's to read from the store.
+    pub fn resend_due(&mut self, pushed: u64, now: u64, timeout_ticks: u64, attempts_max: u32) -> bool {
+        debug_assert_ne!(self.acked, Self::FROM_NEXT_PUSH, "resolved by the caller first");
+        if pushed <= self.acked {
+            self.due_tick = 0;
+            return false;
+        }
+        if self.due_tick == 0 {
+            self.due_tick = now + timeout_ticks;
+            return false;
+        }
+        if now < self.due_tick.max(self.acked_tick + timeout_ticks) || self.attempts >= attempts_max {
+            return false;
+        }
+        self.attempts += 1;
+        self.due_tick = now + (timeout_ticks << self.attempts.min(16));
+        true
+    }
+}
+
 /// Most frames gathered into one `sendmsg`.
 const IOV_MAX_PER_WRITE: usize = 64;
 
@@ -214,8 +276,9 @@ pub struct Session {
     pub inbox_dirty: Cell<bool>,
     /// Pushed inbox messages not yet acknowledged, oldest first (shared frame bytes).
     unacked: RefCell<VecDeque<Unacked>>,
-    /// The groups this session is indexed under on its shard.
-    pub groups: RefCell<Vec<Arc<str>>>,
+    /// The groups this session is indexed under on its shard, each with how far the terminal
+    /// acknowledged it (for group resends: `groups::Shard::resend_groups_due`).
+    pub groups: RefCell<Vec<GroupCursor>>,
     /// A `sync` of this terminal is being answered: one at a time (each holds a page).
     pub sync_in_flight: Cell<bool>,
     /// Shard tick of the last write to the socket.
@@ -875,6 +938,32 @@ mod tests {
         // With the `Rc` header (16 bytes) a session fits mimalloc's 320-byte size class; one
         // byte more and every terminal costs 64 bytes more (the 384-byte class).
         assert!(std::mem::size_of::<Session>() + 16 <= 320, "{}", std::mem::size_of::<Session>());
+    }
+
+    #[test]
+    fn a_group_cursor_resends_after_quiet_acks_with_backoff_and_a_bound() {
+        let mut c = GroupCursor::new("g".into(), 5, 0);
+        // Nothing beyond the ack position: nothing due.
+        assert!(!c.resend_due(5, 100, 4, 2));
+        // Seq 6 pushed, seen at tick 10: due a timeout (4 ticks) later, not before.
+        assert!(!c.resend_due(6, 10, 4, 2));
+        assert!(!c.resend_due(6, 13, 4, 2));
+        assert!(c.resend_due(6, 14, 4, 2), "first resend after the timeout");
+        assert!(!c.resend_due(6, 21, 4, 2), "the next waits twice as long");
+        assert!(c.resend_due(6, 22, 4, 2));
+        assert!(!c.resend_due(6, 1000, 4, 2), "at most attempts_max per position");
+        // An ack that moves the position starts over, and the resend waits for quiet acks.
+        assert!(c.ack(6, 1000));
+        assert!(!c.ack(6, 1001), "not moved");
+        assert!(!c.resend_due(7, 1001, 4, 2));
+        assert!(!c.resend_due(7, 1003, 4, 2), "acks moved within the timeout");
+        assert!(!c.resend_due(7, 1004, 4, 2), "due a timeout after it was seen");
+        assert!(c.resend_due(7, 1005, 4, 2));
+        // Caught up: nothing due, and the next range waits a full timeout again.
+        assert!(c.ack(7, 1006));
+        assert!(!c.resend_due(7, 1006, 4, 2));
+        assert!(!c.resend_due(8, 1020, 4, 2));
+        assert!(c.resend_due(8, 1024, 4, 2));
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub struct Shard {
     pub store: StoreHandle,
     /// Committed deliveries for every shard (this one drains its own).
     pub commits: Arc<CommitQueues>,
-    sessions: RefCell<Slab<Rc<Session>>>,
+    pub(crate) sessions: RefCell<Slab<Rc<Session>>>,
     generation: Cell<u32>,
     pub(crate) users: RefCell<HashMap<Arc<str>, UserEntry>>,
     /// Group → this shard's online sessions of its members.
@@ -141,6 +141,10 @@ pub struct Shard {
     /// Cluster mode: the last seq of each group pushed by this shard (see
     /// `groups::order_group_run`).
     pub(crate) group_heads: RefCell<HashMap<Arc<str>, u64>>,
+    /// The first and the last seq of each group fanned out to this shard's members since it
+    /// has had members here (both modes): a member's unacknowledged range runs to the last
+    /// (`groups::resend_groups_due`).
+    pub(crate) group_pushed: RefCell<HashMap<Arc<str>, (u64, u64)>>,
     /// Groups with a `group.unreached` computation running, and the messages stored since it
     /// began (covered by the next one; see `groups::emit_group_unreached`).
     pub(crate) unreached_pending: RefCell<HashMap<Arc<str>, Option<crate::groups::UnreachedRun>>>,
@@ -235,6 +239,7 @@ impl Shard {
             users: RefCell::new(HashMap::new()),
             group_index: RefCell::new(HashMap::new()),
             group_heads: RefCell::new(HashMap::new()),
+            group_pushed: RefCell::new(HashMap::new()),
             unreached_pending: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),
             resend_wheel: RefCell::new(TimerWheel::new(RESEND_WHEEL_SLOTS, 0)),
@@ -1029,6 +1034,7 @@ impl Shard {
                 }
             }
             self.resend_due(now, &mut due);
+            self.resend_groups_due(now);
             self.park_idle(now, &mut due);
             self.save_ack_positions();
             if self.node.draining() {

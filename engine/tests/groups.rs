@@ -501,3 +501,59 @@ fn a_membership_change_racing_a_connect_applies_to_the_new_terminal() {
         assert_eq!(got, [format!("g:{added}"), format!("g:{marker}")], "connect {i}: the added group's message");
     }
 }
+
+/// Group messages are acknowledged and pushed again like inbox ones: a member that does not
+/// ack gets what it was pushed live again after `limits.resend_timeout_ms` (1 s in tests),
+/// then after twice as long, at most `limits.resend_attempts_max` (2) times, and nothing more
+/// once it acks; a member that acks gets each message once; a member added while online is
+/// pushed again only what came after it joined. Before, group messages were never pushed
+/// again within a connection (only `sync` after a reconnect recovered them).
+#[test]
+fn group_messages_not_acked_are_pushed_again() {
+    use ether_engine::shard::home_shard;
+    let node = TestNode::start();
+    let shards = node.config.node.shards;
+    // The new member alone on its shard, so that shard fans out nothing of the group before
+    // it joins (its first push is where its live pushes begin).
+    let on = |shard: usize, stem: &str| {
+        (0..).map(|i| format!("{stem}{i}")).find(|u| home_shard(u, shards) == shard).unwrap()
+    };
+    let (slow, quick, late) = (on(0, "slow"), on(0, "quick"), on(1, "late"));
+    let (slow, quick, late) = (slow.as_str(), quick.as_str(), late.as_str());
+    let body = json!({"id": "rs", "name": "Rs", "owner": quick, "members": [slow, quick]});
+    let (status, v) = call(&node, "POST", "/v1/groups", Some(body));
+    assert_eq!(status, 201, "{v}");
+    let mut slow_t = node.terminal(slow, "phone");
+    let mut quick_t = node.terminal(quick, "phone");
+    let mut late_t = node.terminal(late, "phone");
+    let post = |text: &str| {
+        let (status, v) = call(&node, "POST", "/v1/groups/rs/messages", Some(group_text(quick, text)));
+        assert_eq!(status, 200, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    };
+    let first = post("one");
+    assert_eq!(next_msg(&mut slow_t).id, first);
+    let q = next_msg(&mut quick_t);
+    quick_t.ack_group("rs", q.seq).unwrap();
+    let (status, v) = call(&node, "POST", "/v1/groups/rs/members", Some(json!({"members": [late]})));
+    assert_eq!(status, 200, "{v}");
+    let second = post("two");
+    assert_eq!(next_msg(&mut slow_t).id, second);
+    assert_eq!(next_msg(&mut late_t).id, second, "the new member gets what came after it joined");
+    let q = next_msg(&mut quick_t);
+    quick_t.ack_group("rs", q.seq).unwrap();
+    // Neither `slow` nor `late` acks: both are pushed again what they were pushed live.
+    let again: Vec<String> = (0..2).map(|_| next_msg(&mut slow_t).id).collect();
+    assert_eq!(again, [first.clone(), second.clone()], "slow: both again, in order");
+    assert_eq!(next_msg(&mut late_t).id, second, "late: only what came after it joined");
+    // The second resend, twice the timeout later; then no more (2 attempts).
+    let again: Vec<String> = (0..2).map(|_| next_msg(&mut slow_t).id).collect();
+    assert_eq!(again, [first, second.clone()]);
+    // `late` acks: nothing more for it; `slow` has had its two resends.
+    let m = next_msg(&mut late_t);
+    assert_eq!(m.id, second);
+    late_t.ack_group("rs", m.seq).unwrap();
+    assert_silent(&mut slow_t, Duration::from_millis(4500));
+    assert_silent(&mut late_t, Duration::from_millis(500));
+    assert_silent(&mut quick_t, Duration::from_millis(100));
+}
