@@ -234,6 +234,12 @@ struct Common {
     /// Names the record `<date>-<scenario>-<label>` (and its own row in the README table).
     #[arg(long)]
     label: Option<String>,
+    /// Run the pattern this many times (each time the wire-limit twin first, if asked, then
+    /// the target: interleaved pairs): the record shows the median run by the scenario's
+    /// figure (rate, or the p99 a paced or sparse run is about) and lists every repeat. A
+    /// loss in any repeat fails the run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -336,6 +342,7 @@ fn options(scenario: Scenario, c: Common) -> Result<Options, String> {
     };
     o.command = std::env::args().collect();
     o.label = c.label;
+    o.repeat = c.repeat;
     Ok(o)
 }
 
@@ -461,6 +468,7 @@ fn main() -> ExitCode {
                     })).collect::<Vec<_>>(),
                     "ratios": out.ratios,
                     "targets": out.targets,
+                    "repeats": out.repeats,
                 }))
                 .unwrap_or_default()
             );

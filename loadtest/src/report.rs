@@ -47,6 +47,7 @@ pub fn record(opts: &Options, out: &Outcome) -> Result<PathBuf, String> {
         "runs": out.runs,
         "ratios_engine_to_wire_limit": out.ratios,
         "targets": out.targets,
+        "repeats": out.repeats,
         "problems": out.problems(),
         "passed": out.problems().is_empty(),
         "histograms": hists,
@@ -358,6 +359,9 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
     if let Some(r) = &out.ratios {
         let _ = writeln!(s, "\nEngine / wire-limit: `{r}`");
     }
+    if out.repeats.len() > 1 {
+        s.push_str(&repeats_table(&out.repeats));
+    }
     if !out.targets.is_empty() {
         let _ = writeln!(s, "\nTargets (issue 6), engine run:\n");
         let _ = writeln!(s, "| target | wanted | measured | |\n|---|---|---|---|");
@@ -390,6 +394,36 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
         }
     }
     let _ = writeln!(s, "\n![latency](latency.svg)\n\n![throughput](throughput.svg)");
+    s
+}
+
+/// The repeats of a `--repeat` run, in the order they ran, the one shown marked.
+fn repeats_table(repeats: &[crate::scenario::Repeat]) -> String {
+    let mut s = String::new();
+    let Some(first) = repeats.first() else { return s };
+    let chosen = repeats.iter().position(|r| r.chosen).map_or(0, |i| i + 1);
+    let _ = writeln!(
+        s,
+        "\nRepeats: the figures above are repeat {chosen} of {}, the median by `{}` ({} is better; of an even number, the worse middle one). Each repeat ran the wire-limit twin (if asked) and then the target, one after the other.\n",
+        repeats.len(),
+        first.metric,
+        if first.higher_is_better { "more" } else { "less" }
+    );
+    let _ = writeln!(s, "| repeat | wire-limit | engine | engine / wire-limit | |\n|---|---|---|---|---|");
+    for (i, r) in repeats.iter().enumerate() {
+        let fmt = |v: f64| if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") };
+        let ratio = r.wire_limit.filter(|w| *w > 0.0).map(|w| format!("{:.3}", r.engine / w)).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {}{} |",
+            i + 1,
+            r.wire_limit.map(fmt).unwrap_or_else(|| "-".into()),
+            fmt(r.engine),
+            ratio,
+            if r.chosen { "shown" } else { "" },
+            if r.passed { "" } else { " FAILED" }
+        );
+    }
     s
 }
 
@@ -467,7 +501,11 @@ fn table_row(opts: &Options, out: &Outcome, date: &str, dir: &str) -> String {
         "| {} | {date} | {} | {scale} | {} | {ratio} | {losses} | {status} | [{dir}]({dir}/summary.md) |",
         opts.record_name(),
         main.target,
-        headline(main)
+        if out.repeats.len() > 1 {
+            format!("{} (median of {} runs)", headline(main), out.repeats.len())
+        } else {
+            headline(main)
+        }
     )
 }
 

@@ -152,6 +152,9 @@ pub struct Options {
     pub drop_after: Duration,
     pub away: Duration,
     pub reconnect_timeout: Duration,
+    /// Runs of the pattern (each a wire-limit twin run, if asked, then the target's); the
+    /// record shows the median one by [`rank`] and lists them all.
+    pub repeat: u32,
 }
 
 impl Options {
@@ -197,6 +200,7 @@ impl Options {
             group_ack: Duration::from_secs(1),
             chat_window: 4,
             read_every: 10,
+            repeat: 1,
             drop_share: 0.5,
             drop_after: Duration::from_secs(2),
             away: Duration::from_secs(2),
@@ -486,7 +490,8 @@ pub struct RunResult {
     pub msg_hist: Hist,
 }
 
-/// The whole invocation: the engine's run and, with `--wire-limit`, the wire-limit run.
+/// The whole invocation: the engine's run and, with `--wire-limit`, the wire-limit run (with
+/// `--repeat`, the median repeat's).
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub scenario: Scenario,
@@ -495,13 +500,66 @@ pub struct Outcome {
     pub ratios: Option<serde_json::Value>,
     /// The targets for this scenario, met or missed (not a pass/fail criterion).
     pub targets: Vec<TargetCheck>,
+    /// Every repeat's ranking figure, in the order they ran (one entry without `--repeat`).
+    pub repeats: Vec<Repeat>,
+    /// What the other repeats' runs failed on: a loss in any repeat fails the invocation.
+    pub other_problems: Vec<String>,
     pub result_dir: Option<PathBuf>,
 }
 
 impl Outcome {
     pub fn problems(&self) -> Vec<String> {
-        self.runs.iter().flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.target))).collect()
+        let mut out: Vec<String> =
+            self.runs.iter().flat_map(|r| r.problems.iter().map(move |p| format!("{}: {p}", r.target))).collect();
+        out.extend(self.other_problems.iter().cloned());
+        out
     }
+}
+
+/// One repeat of the pattern: the figure repeats are ranked by ([`rank`]), of the target's
+/// run and of its wire-limit twin.
+#[derive(Debug, Clone, Serialize)]
+pub struct Repeat {
+    pub metric: &'static str,
+    pub higher_is_better: bool,
+    pub engine: f64,
+    pub wire_limit: Option<f64>,
+    pub passed: bool,
+    /// The repeat the record shows (the median).
+    pub chosen: bool,
+}
+
+/// The figure a run is ranked by among repeats, and whether more is better: the latency a
+/// paced or sparse pattern is about (p99; publish to last member for `group --mode sparse`),
+/// the time back and synced for `reconnect`, the rate otherwise (handshakes/s for `idle`).
+pub fn rank(r: &RunResult) -> (&'static str, f64, bool) {
+    match &r.messages {
+        Some(m) => match (&m.group, &m.reconnect) {
+            (Some(g), _) if g.mode == GroupMode::Sparse => ("last_member_p99_ms", g.last_member.p99_ms, false),
+            (_, Some(x)) => ("back_and_synced_s", x.back_and_synced_s, false),
+            (None, None) if m.chat.is_none() && m.target_rate > 0.0 => ("latency_p99_ms", m.latency.p99_ms, false),
+            _ => ("delivered_per_s", m.delivered_per_s, true),
+        },
+        None => ("handshakes_per_s", r.connections.handshakes_per_s, true),
+    }
+}
+
+/// Which of `runs` the record shows: the median by [`rank`] (of an even number, the worse of
+/// the two middle ones).
+pub fn median_index(runs: &[&RunResult]) -> usize {
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    // Worst first.
+    order.sort_by(|&a, &b| {
+        let (_, va, higher) = rank(runs[a]);
+        let (_, vb, _) = rank(runs[b]);
+        let o = va.partial_cmp(&vb).unwrap_or(std::cmp::Ordering::Equal);
+        if higher {
+            o
+        } else {
+            o.reverse()
+        }
+    });
+    order[(order.len().saturating_sub(1)) / 2]
 }
 
 fn make_target(spec: &TargetSpec, wire_processes: usize) -> Result<Target, String> {
@@ -535,16 +593,52 @@ pub fn run(opts: &Options) -> Result<Outcome, String> {
     if opts.scenario == Scenario::Reconnect && wire_involved {
         return Err("reconnect needs a node that stores messages (sync); the wire-limit server stores nothing".into());
     }
-    let mut runs = Vec::new();
-    if opts.wire_limit && !matches!(opts.target, TargetSpec::Wire) {
-        let t = Target::wire_limit(wire_processes, None)?;
-        runs.push(run_one(opts, &t)?);
+    let repeat = opts.repeat.max(1);
+    let mut pairs: Vec<(Option<RunResult>, RunResult)> = Vec::new();
+    for k in 0..repeat {
+        if repeat > 1 && opts.live != live::Mode::Quiet {
+            eprintln!("repeat {} of {repeat}", k + 1);
+        }
+        let twin = if opts.wire_limit && !matches!(opts.target, TargetSpec::Wire) {
+            let t = Target::wire_limit(wire_processes, None)?;
+            Some(run_one(opts, &t)?)
+        } else {
+            None
+        };
+        let t = make_target(&opts.target, wire_processes)?;
+        pairs.push((twin, run_one(opts, &t)?));
     }
-    let t = make_target(&opts.target, wire_processes)?;
-    runs.push(run_one(opts, &t)?);
+    let chosen = median_index(&pairs.iter().map(|(_, e)| e).collect::<Vec<_>>());
+    let repeats: Vec<Repeat> = pairs
+        .iter()
+        .enumerate()
+        .map(|(k, (twin, engine))| {
+            let (metric, value, higher_is_better) = rank(engine);
+            Repeat {
+                metric,
+                higher_is_better,
+                engine: value,
+                wire_limit: twin.as_ref().map(|t| rank(t).1),
+                passed: engine.problems.is_empty() && twin.as_ref().is_none_or(|t| t.problems.is_empty()),
+                chosen: k == chosen,
+            }
+        })
+        .collect();
+    let mut other_problems = Vec::new();
+    let mut runs = Vec::new();
+    for (k, (twin, engine)) in pairs.into_iter().enumerate() {
+        let pair: Vec<RunResult> = twin.into_iter().chain(Some(engine)).collect();
+        if k == chosen {
+            runs = pair;
+        } else {
+            for r in &pair {
+                other_problems.extend(r.problems.iter().map(|p| format!("repeat {}: {}: {p}", k + 1, r.target)));
+            }
+        }
+    }
     let ratios = (runs.len() == 2).then(|| ratios(&runs[1], &runs[0]));
     let targets = targets(opts, runs.last(), ratios.as_ref());
-    let mut out = Outcome { scenario: opts.scenario, runs, ratios, targets, result_dir: None };
+    let mut out = Outcome { scenario: opts.scenario, runs, ratios, targets, repeats, other_problems, result_dir: None };
     if opts.record {
         out.result_dir = Some(crate::report::record(opts, &out)?);
     }

@@ -121,6 +121,37 @@ fn unicast_and_batch_against_wire_limit() {
     assert_recorded(&v, tmp.path(), "batch");
 }
 
+/// `--repeat 3`: three runs, the record shows the median by the scenario's figure (here the
+/// delivery rate, more is better) and lists all three; every run is checked for losses.
+#[test]
+fn repeats_record_the_median_run_and_list_them_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = run(
+        &["chat", "--wire-only", "--connections", "40", "--rate", "400", "--duration", "1s", "--repeat", "3"],
+        tmp.path(),
+    );
+    assert_all_connected(&v, 40);
+    let repeats = v["repeats"].as_array().unwrap();
+    assert_eq!(repeats.len(), 3, "{v}");
+    assert_eq!(repeats.iter().filter(|r| r["chosen"] == true).count(), 1, "{v}");
+    assert!(repeats.iter().all(|r| r["metric"] == "delivered_per_s" && r["passed"] == true), "{v}");
+    let mut values: Vec<f64> = repeats.iter().map(|r| r["engine"].as_f64().unwrap()).collect();
+    let chosen = repeats.iter().find(|r| r["chosen"] == true).unwrap()["engine"].as_f64().unwrap();
+    values.sort_by(f64::total_cmp);
+    assert_eq!(chosen, values[1], "the median: {v}");
+    // The runs shown are the chosen repeat's.
+    let shown = v["runs"].as_array().unwrap().last().unwrap()["messages"]["delivered_per_s"].as_f64().unwrap();
+    assert_eq!(shown, chosen, "{v}");
+    assert_recorded(&v, tmp.path(), "chat");
+    let dir = Path::new(v["result_dir"].as_str().unwrap());
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("result.json")).unwrap()).unwrap();
+    assert_eq!(r["repeats"].as_array().unwrap().len(), 3);
+    let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(summary.contains("the median by `delivered_per_s`"), "{summary}");
+    let readme = std::fs::read_to_string(tmp.path().join("README.md")).unwrap();
+    assert!(readme.contains("(median of 3 runs)"), "{readme}");
+}
+
 /// A wire-limit server started by hand plays an "existing node": exercises --client/--api,
 /// the --wire-limit twin run and its ratios, and unicast through worker processes.
 struct Server(Child);
