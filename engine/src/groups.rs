@@ -6,7 +6,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use ether_proto::Kind;
-use ether_store::op::{GroupAppended, NewGroupMessage, Op, Reply};
+use ether_store::op::{GroupAppended, NewGroupMessage, Op, Page, Reply};
 use ether_store::{StoreCmd, StoreError};
 use futures_channel::oneshot;
 use serde_json::value::RawValue;
@@ -136,13 +136,19 @@ impl Shard {
         }
     }
 
+    /// One page of `group`'s log from the store: the positions after `after`, as far as `to`
+    /// (at most `limits.sync_page_max` of them).
+    async fn read_group_page(&self, group: &str, after: u64, to: u64) -> Result<Page, StoreError> {
+        let limit =
+            usize::try_from(to.saturating_sub(after)).unwrap_or(usize::MAX).min(self.config.limits.sync_page_max);
+        self.store.call(Op::ReadGroup { group: group.to_owned(), after_seq: after, limit }).await.and_then(Reply::page)
+    }
+
     /// Reads `(after, head]` of `group` from the store and pushes it to `s` again, paced.
     fn resend_group(self: &Rc<Self>, s: Rc<Session>, group: Arc<str>, after: u64, head: u64) {
         let shard = self.clone();
         glommio::spawn_local(async move {
-            let limit = usize::try_from(head - after).unwrap_or(usize::MAX).min(shard.config.limits.sync_page_max);
-            let op = Op::ReadGroup { group: group.to_string(), after_seq: after, limit };
-            let page = match shard.store.call(op).await.and_then(Reply::page) {
+            let page = match shard.read_group_page(&group, after, head).await {
                 Ok(page) => page,
                 Err(e) => {
                     // The terminal catches up with `sync` (it sees the gap in seqs).
@@ -369,10 +375,7 @@ impl Shard {
             match last {
                 Some(l) if g.seq <= l => continue,
                 Some(l) if g.seq > l + 1 => {
-                    let limit =
-                        usize::try_from(g.seq - l - 1).unwrap_or(usize::MAX).min(self.config.limits.sync_page_max);
-                    let op = Op::ReadGroup { group: group.to_string(), after_seq: l, limit };
-                    match self.store.call(op).await.and_then(Reply::page) {
+                    match self.read_group_page(&group, l, g.seq - 1).await {
                         Ok(page) => {
                             for e in page.entries.iter().filter(|e| e.seq > l && e.seq < g.seq) {
                                 out.push(stored_delivery(&group, e));
@@ -405,9 +408,7 @@ impl Shard {
             if head <= known || !self.group_index.borrow().contains_key(&group) {
                 return;
             }
-            let limit = usize::try_from(head - known).unwrap_or(usize::MAX).min(self.config.limits.sync_page_max);
-            let op = Op::ReadGroup { group: group.to_string(), after_seq: known, limit };
-            let page = match self.store.call(op).await.and_then(Reply::page) {
+            let page = match self.read_group_page(&group, known, head).await {
                 Ok(page) => page,
                 Err(e) => {
                     debug!(group = %group, shard = self.id, error = %e, "cluster: cannot read a group to resync");

@@ -441,6 +441,19 @@ fn missed_on_b(redis: &TestRedis, a: &TestNode, b: &TestNode, user: &str, body: 
     phone
 }
 
+/// What node A puts on the shared bus once Redis takes writes again after it dropped a
+/// publish: every node resyncs its terminals from the store.
+fn ask_every_node_to_resync(redis: &TestRedis) {
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("XADD")
+        .arg("ether:bus")
+        .arg("*")
+        .arg("e")
+        .arg(r#"{"node":"node-a","event":"resync"}"#)
+        .query::<String>(&mut con)
+        .unwrap();
+}
+
 #[test]
 fn terminals_already_on_a_node_get_what_a_new_terminals_head_shows_they_missed() {
     let Some(redis) = redis_or_skip() else { return };
@@ -469,15 +482,7 @@ fn a_resync_asked_on_the_bus_pushes_what_the_terminals_missed() {
     let b = cluster_node(&redis, "node-b");
     // As if A had failed to publish it: the message is stored, B never hears of it.
     let mut phone = missed_on_b(&redis, &a, &b, "joy", "lost on the bus");
-    // What a node that lost publishes sends once Redis takes writes again.
-    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    redis::cmd("XADD")
-        .arg("ether:bus")
-        .arg("*")
-        .arg("e")
-        .arg(r#"{"node":"node-a","event":"resync"}"#)
-        .query::<String>(&mut con)
-        .unwrap();
+    ask_every_node_to_resync(&redis);
     assert_eq!(texts(&take(&mut phone, 1)), ["lost on the bus"]);
     assert_silent(&mut phone, Duration::from_millis(300));
     assert_eq!(cluster_stats(&b)["resyncs"], 1);
@@ -837,14 +842,7 @@ fn a_fill_of_big_missed_messages_is_paced_not_a_slow_consumer_close() {
     for n in 1..8 {
         a.gateway().send_message(&text("sender", "kim", &big(n))).unwrap();
     }
-    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
-    redis::cmd("XADD")
-        .arg("ether:bus")
-        .arg("*")
-        .arg("e")
-        .arg(r#"{"node":"node-a","event":"resync"}"#)
-        .query::<String>(&mut con)
-        .unwrap();
+    ask_every_node_to_resync(&redis);
     let got = take(&mut phone, 8);
     assert_eq!(texts(&got), (0..8).map(big).collect::<Vec<_>>());
     assert_silent(&mut phone, Duration::from_millis(300));
