@@ -76,18 +76,41 @@ const HEADER_ROOM: usize = 10;
 /// Serializes `value` as JSON straight after room for a WebSocket text header, then writes the
 /// header in place: one allocation, no copy.
 pub fn encode_text_frame<T: Serialize>(value: &T, size_hint: usize) -> Bytes {
-    let mut buf = Vec::with_capacity(HEADER_ROOM + size_hint);
-    buf.resize(HEADER_ROOM, 0);
+    let mut buf = text_frame_buf(size_hint);
     if serde_json::to_writer(&mut buf, value).is_err() {
         debug_assert!(false, "frame shapes always serialize");
         return crate::ws::text_frame(b"{\"type\":\"error\",\"code\":\"internal\",\"message\":\"encode\"}");
     }
+    finish_text_frame(buf)
+}
+
+/// A buffer for one text frame: room for its header, then `size_hint` bytes of payload.
+fn text_frame_buf(size_hint: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER_ROOM + size_hint);
+    buf.resize(HEADER_ROOM, 0);
+    buf
+}
+
+/// Writes the header of the payload after [`HEADER_ROOM`] in place, just before it.
+fn finish_text_frame(mut buf: Vec<u8>) -> Bytes {
     let len = (buf.len() - HEADER_ROOM) as u64;
     let header = FrameHeader { opcode: OpCode::Data(Data::Text), ..FrameHeader::default() };
     let header_len = header.len(len);
     let start = HEADER_ROOM - header_len;
     let _ = header.format(len, &mut &mut buf[start..HEADER_ROOM]);
     Bytes::from(buf).slice(start..)
+}
+
+/// Appends `s` as a JSON string: copied as it is when nothing in it needs escaping (ids,
+/// chats, most cids), otherwise escaped by serde_json, byte for byte what it writes.
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else if serde_json::to_writer(&mut *buf, s).is_err() {
+        debug_assert!(false, "a str always serializes");
+    }
 }
 
 /// How a terminal's connection carries frames: the subprotocol it chose at the upgrade.
@@ -172,7 +195,39 @@ impl Message {
     }
 
     /// The `msg` frame for one inbox: `chat` as that inbox's reader names it, `seq` its position.
+    /// Written field by field (the frame of every delivery): the same bytes as serializing a
+    /// [`MessageView`] with serde_json, which the tests check, in about half the time.
     pub fn encode_frame(&self, chat: &str, seq: u64) -> Bytes {
+        let body = self.body.get();
+        let cid_len = self.cid.as_ref().map_or(0, |c| c.len() + 9);
+        let mut buf = text_frame_buf(96 + body.len() + self.from.len() + chat.len() + cid_len);
+        let mut n = itoa::Buffer::new();
+        buf.extend_from_slice(b"{\"type\":\"msg\",\"id\":\"");
+        buf.extend_from_slice(n.format(self.id).as_bytes());
+        buf.push(b'"');
+        if let Some(cid) = &self.cid {
+            buf.extend_from_slice(b",\"cid\":");
+            push_json_str(&mut buf, cid);
+        }
+        buf.extend_from_slice(b",\"chat\":");
+        push_json_str(&mut buf, chat);
+        buf.extend_from_slice(b",\"from\":");
+        push_json_str(&mut buf, &self.from);
+        buf.extend_from_slice(b",\"seq\":");
+        buf.extend_from_slice(n.format(seq).as_bytes());
+        buf.extend_from_slice(b",\"kind\":\"");
+        buf.extend_from_slice(self.kind.as_str().as_bytes());
+        buf.extend_from_slice(b"\",\"body\":");
+        buf.extend_from_slice(body.as_bytes());
+        buf.extend_from_slice(b",\"ts\":");
+        buf.extend_from_slice(n.format(self.ts).as_bytes());
+        buf.push(b'}');
+        finish_text_frame(buf)
+    }
+
+    /// The `msg` frame through serde_json: what [`Message::encode_frame`] must equal.
+    #[cfg(test)]
+    fn encode_frame_serde(&self, chat: &str, seq: u64) -> Bytes {
         let id = self.id.to_string();
         let out = MessageView {
             ty: Some("msg"),
@@ -185,7 +240,7 @@ impl Message {
             body: &self.body,
             ts: self.ts,
         };
-        encode_text_frame(&out, 96 + self.body.get().len() + self.from.len() + chat.len())
+        encode_text_frame(&out, 96)
     }
 }
 
@@ -273,6 +328,37 @@ mod tests {
             assert_eq!(v["chat"], "u:alice");
             assert_eq!(v["cid"], "c1");
             assert_eq!(v["body"]["text"].as_str().unwrap().len(), body_len);
+        }
+    }
+
+    fn kind_of(i: u8) -> Kind {
+        [Kind::Text, Kind::Image, Kind::File, Kind::Voice, Kind::Custom][usize::from(i % 5)]
+    }
+
+    proptest::proptest! {
+        /// The hand-written `msg` frame is byte for byte serde_json's, whatever the strings hold
+        /// (quotes, backslashes, control characters, non-ASCII) and however long the body is.
+        #[test]
+        fn the_msg_frame_is_serde_jsons_bytes(
+            id: u64,
+            ts: u64,
+            seq: u64,
+            kind in 0u8..5,
+            from in "\\PC{0,12}|[a-z0-9_.@-]{1,64}",
+            chat in "u:\\PC{0,12}|[ug]:[a-z0-9_-]{1,64}|\\\\\"\\u{1}\\u{1f}\\u{7f}\\u{e9}",
+            cid in proptest::option::of("\\PC{0,16}|[ -~]{0,32}"),
+            text in "[ -~]{0,300}",
+        ) {
+            let body = serde_json::to_string(&serde_json::json!({ "text": text })).unwrap();
+            let m = Message {
+                id,
+                ts,
+                from: from.into(),
+                kind: kind_of(kind),
+                body: RawValue::from_string(body).unwrap(),
+                cid: cid.map(Into::into),
+            };
+            proptest::prop_assert_eq!(&m.encode_frame(&chat, seq)[..], &m.encode_frame_serde(&chat, seq)[..]);
         }
     }
 
