@@ -11,6 +11,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 /// foldhash's fast fixed-seed hash instead of the standard library's SipHash.
 pub type IdMap<K, V> = HashMap<K, V, foldhash::fast::FixedState>;
 
+/// `HashMap` keyed by names (user and group ids, chosen by the business): foldhash seeded at
+/// random per process, so a crafted set of names cannot all land in one bucket.
+pub type NameMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
+
 /// Pending messages are counted per id bucket (`id >> 20`: one millisecond of engine ids), so
 /// the map stays small and cache-resident; the watermark derived from it is conservative.
 pub const BUCKET_SHIFT: u32 = 20;

@@ -18,7 +18,8 @@ use crate::op::*;
 use crate::StoreError;
 use checkpoint::Checkpointer;
 use index::{
-    decode_items, encode_items, group_stream, inbox_stream, IdMap, Index, Item, Undo, BLOCK_ENTRIES, ENTRY_BYTES,
+    decode_items, encode_items, group_stream, inbox_stream, IdMap, Index, Item, NameMap, Undo, BLOCK_ENTRIES,
+    ENTRY_BYTES,
 };
 
 /// How hard a commit waits for the disk (`PRAGMA synchronous`).
@@ -175,9 +176,9 @@ pub struct SqliteBackend {
     opts: SqliteOptions,
     ix: Index,
     undo: Vec<Undo>,
-    users: HashMap<Box<str>, i64>,
+    users: NameMap<i64>,
     names: IdMap<i64, Arc<str>>,
-    groups: HashMap<Box<str>, i64>,
+    groups: NameMap<i64>,
     group_names: IdMap<i64, Arc<str>>,
     /// The watermark stored in `meta`: every message with a smaller id is fully indexed in
     /// tables. Recovery rescans messages from here.
@@ -249,9 +250,9 @@ impl SqliteBackend {
             opts,
             ix: Index::default(),
             undo: Vec::new(),
-            users: HashMap::new(),
+            users: NameMap::default(),
             names: IdMap::default(),
-            groups: HashMap::new(),
+            groups: NameMap::default(),
             group_names: IdMap::default(),
             w_durable,
             sweep: None,
