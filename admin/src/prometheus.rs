@@ -20,7 +20,7 @@ type ShardMetric = (&'static str, &'static str, Kind, fn(&ShardStats) -> u64);
 /// A per-shard histogram: name, help, and how to read it from a shard.
 type ShardHistogram = (&'static str, &'static str, fn(&ShardStats) -> &HistogramSnapshot);
 
-const SHARD_METRICS: [ShardMetric; 22] = [
+const SHARD_METRICS: [ShardMetric; 23] = [
     ("ether_connections", "Live terminal connections.", Kind::Gauge, |s| s.connections),
     ("ether_handshakes_total", "WebSocket handshakes completed.", Kind::Counter, |s| s.handshakes),
     ("ether_handshake_failures_total", "WebSocket handshakes refused, for any reason.", Kind::Counter, |s| {
@@ -90,6 +90,12 @@ const SHARD_METRICS: [ShardMetric; 22] = [
         "group.unreached events made: group messages that found members with no terminal online.",
         Kind::Counter,
         |s| s.group_unreached_events,
+    ),
+    (
+        "ether_group_fanouts_total",
+        "Group messages handed to the shard to fan out (only shards with a member of the group online get them).",
+        Kind::Counter,
+        |s| s.group_fanouts,
     ),
 ];
 
@@ -507,6 +513,7 @@ mod tests {
             events_retried: 6,
             events_dropped: 0,
             group_unreached_events: 3,
+            group_fanouts: 11,
             closes,
             ack_latency: ack.snapshot(),
             push_latency: push.snapshot(),

@@ -63,6 +63,7 @@ impl NodeStats {
             t.events_retried += s.events_retried;
             t.events_dropped += s.events_dropped;
             t.group_unreached_events += s.group_unreached_events;
+            t.group_fanouts += s.group_fanouts;
             for (reason, n) in &s.closes {
                 *t.closes.entry(reason.clone()).or_default() += n;
             }
@@ -156,6 +157,10 @@ pub struct ShardStats {
     /// `group.unreached` events made (one per group message that found members offline).
     #[serde(default)]
     pub group_unreached_events: u64,
+    /// Group messages handed to this shard to fan out to its online members: only shards with
+    /// a member of the group online (or taking on a terminal) are handed a group's messages.
+    #[serde(default)]
+    pub group_fanouts: u64,
     /// Connections closed, by close reason (`idle`, `kicked`, `slow_consumer`, ...).
     #[serde(default)]
     pub closes: BTreeMap<String, u64>,

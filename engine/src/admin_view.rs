@@ -179,6 +179,7 @@ impl ether_admin::NodeView for AdminView {
                     events_retried: g(&c.events_retried),
                     events_dropped: g(&c.events_dropped),
                     group_unreached_events: g(&c.group_unreached_events),
+                    group_fanouts: g(&c.group_fanouts),
                     closes: CloseReason::ALL.iter().map(|r| (r.as_str().to_owned(), g(&c.closes[r.index()]))).collect(),
                     ack_latency: published.ack_latency,
                     push_latency: published.push_latency,

@@ -1203,19 +1203,14 @@ impl InWorker {
                 let msg = Arc::new(msg.into_message());
                 let frame = msg.encode_frame(&format!("g:{group}"), seq);
                 let group: Arc<str> = Arc::from(group);
-                for shard in 0..shards {
-                    self.commits.push(
-                        shard,
-                        Committed::Group(GroupDelivery {
-                            group: group.clone(),
-                            seq,
-                            id: msg.id,
-                            ts: msg.ts,
-                            frame: frame.clone(),
-                            msg: msg.clone(),
-                        }),
-                    );
-                }
+                self.commits.push_group(&group, || GroupDelivery {
+                    group: group.clone(),
+                    seq,
+                    id: msg.id,
+                    ts: msg.ts,
+                    frame: frame.clone(),
+                    msg: msg.clone(),
+                });
             }
             BusEvent::UserFrame { user, frame } => {
                 let to = home_shard(&user, shards);

@@ -204,6 +204,7 @@ impl Shard {
                 }
             }
             if !groups.is_empty() {
+                ShardCounters::add(&self.counters().group_fanouts, groups.len() as u64);
                 delivered += self.deliver_groups(&mut groups).await;
                 groups.clear();
             }

@@ -16,8 +16,8 @@ use crate::cluster::{BusEvent, BusMessage};
 use crate::error::EngineError;
 use crate::mesh::ShardMsg;
 use crate::message::{Message, Wire};
-use crate::session::{GroupCursor, Session};
-use crate::shard::{home_shard, Shard};
+use crate::session::{GroupCursor, Session, SessionKey};
+use crate::shard::{home_shard, GroupIndex, Shard};
 use crate::stats::ShardCounters;
 use crate::storage::{Answer, Committed, GroupDelivery, GroupPosted};
 
@@ -90,7 +90,7 @@ impl Shard {
                 let known = heads.entry(g.clone()).or_insert(head);
                 *known = (*known).max(head);
             }
-            index.entry(g.clone()).or_default().push(s.key);
+            self.index_join(&mut index, &g, s.key);
             mine.push(GroupCursor::new(g, head, now));
         }
     }
@@ -174,12 +174,31 @@ impl Shard {
     pub(crate) fn leave_all_groups(&self, s: &Session) {
         let mut index = self.group_index.borrow_mut();
         for GroupCursor { group: g, .. } in s.groups.borrow_mut().drain(..) {
-            if let Some(keys) = index.get_mut(&g) {
-                keys.retain(|k| *k != s.key);
-                if keys.is_empty() {
-                    index.remove(&g);
-                    self.forget_group_head(&g);
-                }
+            self.index_leave(&mut index, &g, s.key);
+        }
+    }
+
+    /// Puts a session into a group's fan-out index; the group's first member here makes the
+    /// shard one its committed messages are queued to (`GroupShards`).
+    fn index_join(&self, index: &mut GroupIndex, group: &Arc<str>, key: SessionKey) {
+        match index.entry(group.clone()) {
+            std::collections::hash_map::Entry::Occupied(mut keys) => keys.get_mut().push(key),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                self.commits.groups.join(group, self.id);
+                v.insert(vec![key]);
+            }
+        }
+    }
+
+    /// Takes a session out of a group's fan-out index; with the group's last member here gone,
+    /// the shard forgets the group and its messages are no longer queued to it.
+    fn index_leave(&self, index: &mut GroupIndex, group: &Arc<str>, key: SessionKey) {
+        if let Some(keys) = index.get_mut(group) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                index.remove(group);
+                self.commits.groups.leave(group, self.id);
+                self.forget_group_head(group);
             }
         }
     }
@@ -208,20 +227,14 @@ impl Shard {
                 let mut mine = s.groups.borrow_mut();
                 let present = mine.iter().any(|c| c.group == *group);
                 if joined && !present {
-                    index.entry(group.clone()).or_default().push(s.key);
+                    self.index_join(&mut index, group, s.key);
                     // Live pushes begin with the next message this shard fans out.
                     let pushed = self.group_pushed.borrow().get(group).map(|&(_, last)| last);
                     let acked = pushed.unwrap_or(GroupCursor::FROM_NEXT_PUSH);
                     mine.push(GroupCursor::new(group.clone(), acked, self.now_tick()));
                 } else if !joined && present {
                     mine.retain(|c| c.group != *group);
-                    if let Some(keys) = index.get_mut(group) {
-                        keys.retain(|k| *k != s.key);
-                        if keys.is_empty() {
-                            index.remove(group);
-                            self.forget_group_head(group);
-                        }
-                    }
+                    self.index_leave(&mut index, group, s.key);
                 }
             }
         }
@@ -232,6 +245,9 @@ impl Shard {
         self.group_heads.borrow_mut().remove(group);
         self.group_pushed.borrow_mut().remove(group);
         let keys = self.group_index.borrow_mut().remove(group).unwrap_or_default();
+        if !keys.is_empty() {
+            self.commits.groups.leave(group, self.id);
+        }
         for key in keys {
             if let Some(s) = self.session(key) {
                 s.groups.borrow_mut().retain(|c| &*c.group != group);
@@ -432,7 +448,8 @@ impl Shard {
     }
 
     /// Submits a group message; when it commits, its frame is encoded once (on the storage
-    /// thread) and queued for every shard, then `answer` gets the stored result.
+    /// thread) and queued for the shards with members of the group online (or taking on a
+    /// terminal: `GroupShards`), then `answer` gets the stored result.
     pub(crate) fn submit_group(&self, post: NewGroupPost, answer: Answer<GroupAppended>) -> Result<(), EngineError> {
         let NewGroupPost { from, system, group, kind, body, cid } = post;
         if self.node.stopping() || self.node.draining() {
@@ -473,19 +490,14 @@ impl Shard {
                         });
                     }
                     let frame = msg.encode_frame(&format!("g:{group}"), a.seq);
-                    for shard in 0..shards {
-                        commits.push(
-                            shard,
-                            Committed::Group(GroupDelivery {
-                                group: group.clone(),
-                                seq: a.seq,
-                                id: a.id,
-                                ts: a.ts,
-                                frame: frame.clone(),
-                                msg: msg.clone(),
-                            }),
-                        );
-                    }
+                    commits.push_group(&group, || GroupDelivery {
+                        group: group.clone(),
+                        seq: a.seq,
+                        id: a.id,
+                        ts: a.ts,
+                        frame: frame.clone(),
+                        msg: msg.clone(),
+                    });
                 }
             }
             answer.give(&commits, result);

@@ -10,7 +10,8 @@
 //!   wheel; delivery, presence, kick, broadcast; terminal frames.
 //! - [`delivery`]: messages made durable, then pushed in commit order; acks, resends, `sync`,
 //!   reads and receipts.
-//! - [`groups`]: the per-shard group index, encode-once fan-out, group sends.
+//! - [`groups`]: the per-shard group index, encode-once fan-out, group sends;
+//!   [`group_shards`]: which shards a committed group message is queued to.
 //! - [`mesh`]: `FanoutMesh`, bounded lock-free queues between shards, and `ShardMsg`.
 //! - [`conn`]: client-port sockets: accept, WebSocket upgrade and token check, hand-over to
 //!   the home shard, the connection task (reads frames, writes the session queue).
@@ -41,6 +42,7 @@ pub mod delivery;
 pub mod error;
 pub mod event_batch;
 pub mod events;
+pub mod group_shards;
 pub mod groups;
 pub mod mesh;
 pub mod message;

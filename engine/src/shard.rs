@@ -90,6 +90,9 @@ pub fn home_shard(user: &str, shards: usize) -> usize {
     (h.finish() % shards as u64) as usize
 }
 
+/// Group → this shard's online member sessions (the group fan-out index).
+pub(crate) type GroupIndex = HashMap<Arc<str>, Vec<SessionKey>>;
+
 /// A user known to this shard: its terminals here and its inbox head.
 #[derive(Debug, Default)]
 pub(crate) struct UserEntry {
@@ -137,7 +140,7 @@ pub struct Shard {
     generation: Cell<u32>,
     pub(crate) users: RefCell<HashMap<Arc<str>, UserEntry>>,
     /// Group → this shard's online sessions of its members.
-    pub(crate) group_index: RefCell<HashMap<Arc<str>, Vec<SessionKey>>>,
+    pub(crate) group_index: RefCell<GroupIndex>,
     /// Cluster mode: the last seq of each group pushed by this shard (see
     /// `groups::order_group_run`).
     pub(crate) group_heads: RefCell<HashMap<Arc<str>, u64>>,
@@ -170,6 +173,9 @@ pub struct Shard {
     /// `welcome`, so the terminal syncs it (see `Shard::heads_seen_while_adopting`).
     adopting: Cell<u32>,
     group_seqs_while_adopting: RefCell<HashMap<Arc<str>, u64>>,
+    /// This shard's taking-on bit is set in `commits.groups` (cleared by the tick after the
+    /// last terminal taken on joined its groups: `GroupShards`).
+    adopting_announced: Cell<bool>,
     /// Connects plus closes counted at the last heap trim.
     churn_at_trim: Cell<u64>,
     /// From first push to the terminal's ack.
@@ -256,6 +262,7 @@ impl Shard {
             group_acks_pending: RefCell::new(HashMap::new()),
             adopting: Cell::new(0),
             group_seqs_while_adopting: RefCell::new(HashMap::new()),
+            adopting_announced: Cell::new(false),
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
             api_counts: RefCell::new(HashMap::new()),
@@ -468,6 +475,18 @@ impl Shard {
     pub fn pend_user(&self, user: &Arc<str>) {
         self.users.borrow_mut().entry(user.clone()).or_default().pending += 1;
         self.adopting.set(self.adopting.get() + 1);
+        if !self.adopting_announced.replace(true) {
+            // Before the heads are read: every group's messages committed from now on come here.
+            self.commits.groups.set_adopting(self.id, true);
+        }
+    }
+
+    /// Every tick: with no terminal being taken on any more (each joined its groups' fan-out,
+    /// so the groups' own bits stand for it), group messages need not all come here.
+    fn unannounce_adopting(&self) {
+        if self.adopting.get() == 0 && self.adopting_announced.replace(false) {
+            self.commits.groups.set_adopting(self.id, false);
+        }
     }
 
     /// Notes a committed group message while terminals are being taken on (see `adopting`).
@@ -1035,6 +1054,7 @@ impl Shard {
             }
             self.resend_due(now, &mut due);
             self.resend_groups_due(now);
+            self.unannounce_adopting();
             self.park_idle(now, &mut due);
             self.save_ack_positions();
             if self.node.draining() {

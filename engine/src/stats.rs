@@ -53,6 +53,8 @@ pub struct ShardCounters {
     pub events_dropped: AtomicU64,
     /// `group.unreached` events made.
     pub group_unreached_events: AtomicU64,
+    /// Group messages handed to this shard to fan out (see `group_shards`).
+    pub group_fanouts: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
 }
 

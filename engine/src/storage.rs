@@ -17,6 +17,7 @@ use futures_channel::oneshot;
 use serde_json::value::RawValue;
 
 use crate::config::Config;
+use crate::group_shards::{shards_in, GroupShards};
 use crate::message::{Message, SharedMessage};
 use crate::session::SessionKey;
 use ether_proto::frame::ServerFrame;
@@ -187,13 +188,28 @@ struct ShardQueue {
 /// One queue of committed deliveries per shard, filled by store completions.
 pub struct CommitQueues {
     shards: Vec<ShardQueue>,
+    /// Which shards want which group's messages (shards keep their own bits).
+    pub groups: GroupShards,
 }
 
 impl CommitQueues {
     pub fn new(shards: usize) -> Arc<CommitQueues> {
+        debug_assert!(shards <= crate::message::SHARDS_MAX);
         Arc::new(CommitQueues {
             shards: (0..shards).map(|_| ShardQueue { items: SegQueue::new(), waker: AtomicWaker::new() }).collect(),
+            groups: GroupShards::default(),
         })
+    }
+
+    /// Queues a committed group message for the shards that want the group (see
+    /// [`GroupShards`]): `make` is called once per such shard. Returns how many.
+    pub fn push_group(&self, group: &str, mut make: impl FnMut() -> GroupDelivery) -> usize {
+        let mut queued = 0;
+        for shard in shards_in(self.groups.wanting(group)).filter(|&s| s < self.shards.len()) {
+            self.push(shard, Committed::Group(make()));
+            queued += 1;
+        }
+        queued
     }
 
     /// Queues a delivery for shard `shard` and wakes it (from any thread).

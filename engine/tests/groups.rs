@@ -557,3 +557,72 @@ fn group_messages_not_acked_are_pushed_again() {
     assert_silent(&mut late_t, Duration::from_millis(500));
     assert_silent(&mut quick_t, Duration::from_millis(100));
 }
+
+/// Each shard's `group_fanouts`: group messages it was handed to fan out.
+fn group_fanouts(node: &TestNode) -> Vec<u64> {
+    let r = node.admin().request("GET", "/admin/v1/stats", None).unwrap();
+    let stats: Value = serde_json::from_slice(&r.body).unwrap();
+    stats["shards"].as_array().unwrap().iter().map(|s| s["group_fanouts"].as_u64().unwrap()).collect()
+}
+
+/// The shard each connected terminal of `user` lives on.
+fn shard_of(node: &TestNode, user: &str) -> u64 {
+    let r = node.admin().request("GET", "/admin/v1/connections", None).unwrap();
+    let conns: Value = serde_json::from_slice(&r.body).unwrap();
+    let c = conns["connections"].as_array().unwrap().iter().find(|c| c["user"] == user).expect("connected");
+    c["shard"].as_u64().unwrap()
+}
+
+/// A group message is handed only to the shards with a member of the group online: a shard
+/// with none (only other users' terminals) is not handed the group's messages at all, while
+/// the member's shard fans out every one. Then a member comes online on the other shard: from
+/// then on both are handed them, and it gets everything after its welcome.
+#[test]
+fn group_messages_go_only_to_shards_with_members_online() {
+    let node = TestNode::start();
+    // Terminals on both shards; the group's one online member is on one of them.
+    let mut terminals: Vec<(String, _)> =
+        (0..8).map(|i| format!("fan{i}")).map(|u| (u.clone(), node.terminal(&u, "phone"))).collect();
+    let member = terminals[0].0.clone();
+    let member_shard = shard_of(&node, &member);
+    let other =
+        terminals.iter().position(|(u, _)| shard_of(&node, u) != member_shard).expect("a user on the other shard");
+    let (status, v) = call(
+        &node,
+        "POST",
+        "/v1/groups",
+        Some(json!({"id": "fan", "name": "Fan", "owner": "owner", "members": [member.clone(), "away"]})),
+    );
+    assert_eq!(status, 201, "{v}");
+    // The terminals were taken on a while ago (a shard taking one on is handed every group's
+    // messages until its next tick).
+    std::thread::sleep(Duration::from_millis(700));
+    let before = group_fanouts(&node);
+    for i in 0..20 {
+        let (status, v) = call(&node, "POST", "/v1/groups/fan/messages", Some(group_text("owner", &i.to_string())));
+        assert_eq!(status, 200, "{v}");
+    }
+    for i in 0..20u64 {
+        let m = next_msg(&mut terminals[0].1);
+        assert_eq!((m.chat.as_str(), m.seq), ("g:fan", i + 1));
+    }
+    let after = group_fanouts(&node);
+    let handed = |shard: u64| after[shard as usize] - before[shard as usize];
+    assert_eq!(handed(member_shard), 20, "the member's shard fans out every message");
+    assert_eq!(handed(1 - member_shard), 0, "the shard with no member online is handed none");
+
+    // The user on the other shard joins: its shard is handed the group's messages from now on.
+    let joiner = terminals[other].0.clone();
+    let (status, v) = call(&node, "POST", "/v1/groups/fan/members", Some(json!({"members": [joiner]})));
+    assert_eq!(status, 200, "{v}");
+    let before = group_fanouts(&node);
+    let (status, v) = call(&node, "POST", "/v1/groups/fan/messages", Some(group_text("owner", "both")));
+    assert_eq!(status, 200, "{v}");
+    for t in [0, other] {
+        let m = next_msg(&mut terminals[t].1);
+        assert_eq!((m.chat.as_str(), m.seq, m.body["text"].as_str()), ("g:fan", 21, Some("both")));
+    }
+    let after = group_fanouts(&node);
+    assert_eq!(after[0] - before[0], 1);
+    assert_eq!(after[1] - before[1], 1);
+}

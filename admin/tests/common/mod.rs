@@ -128,6 +128,7 @@ impl FakeView {
                     events_retried: 0,
                     events_dropped: 0,
                     group_unreached_events: 0,
+                    group_fanouts: 0,
                     closes,
                     ack_latency: ack.snapshot(),
                     push_latency: push.snapshot(),
