@@ -333,3 +333,51 @@ fn silent_connections_beyond_the_handshake_bound_hold_no_descriptor() {
     t.ping().unwrap();
     assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
 }
+
+/// Positions past any stored seq (up to u64::MAX) in history and `sync` read nothing: the
+/// storage thread used to panic on them (`after_seq=18446744073709551615`), and every later
+/// request of the node was refused 503.
+#[test]
+fn positions_as_big_as_u64_read_nothing_and_the_node_goes_on() {
+    let node = TestNode::start();
+    let api = node.gateway();
+    let send = |to: &str| {
+        let body = format!(r#"{{"from":"far","to":"{to}","kind":"text","body":{{"text":"hi"}}}}"#);
+        let r = api.request("POST", "/v1/messages", Some(body.as_bytes())).unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    };
+    send("near");
+    let r = api
+        .request("POST", "/v1/groups", Some(br#"{"id":"big","name":"Big","owner":"far","members":["near"]}"#))
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let max = u64::MAX;
+    for path in [
+        format!("/v1/users/near/messages?after_seq={max}"),
+        format!("/v1/users/near/messages?before_seq={max}&after_seq={max}"),
+        format!("/v1/users/near/messages?chat=u:far&after_seq={max}"),
+        format!("/v1/groups/big/messages?after_seq={max}"),
+        format!("/v1/groups/big/messages?before_seq={max}"),
+    ] {
+        let r = api.request("GET", &path, None).unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", String::from_utf8_lossy(&r.body));
+    }
+    let mut t = node.terminal("near", "phone");
+    t.welcome().unwrap();
+    t.send_frame(&ether_proto::ClientFrame::Sync {
+        inbox_seq: max,
+        groups: std::collections::BTreeMap::from([("big".to_string(), max)]),
+        limit: None,
+    })
+    .unwrap();
+    loop {
+        match t.recv(WAIT).unwrap() {
+            Some(ServerFrame::Synced { .. }) => break,
+            Some(ServerFrame::Msg(m)) => panic!("nothing is past u64::MAX: {m:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The store still works: a message sent now arrives.
+    send("near");
+    assert_eq!(next_msg(&mut t).seq, 2);
+}

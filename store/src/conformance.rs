@@ -156,6 +156,8 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     idempotent_cid(make());
     paging_concatenates(make());
     history_orders(make());
+    filtered_history_moves_past_a_scan_budget(make());
+    positions_past_any_seq(make());
     heads_and_sync(make());
     delivery_never_backwards(make());
     delivery_positions_in_one_batch(make());
@@ -291,6 +293,120 @@ pub fn history_orders<B: StoreBackend>(mut b: B) {
     let p = ok(&mut b, q(None, None, None, 3)).page().expect("page");
     assert!(p.more);
     assert!(matches!(b.apply(q(Some("x:bad"), None, None, 3)), Err(StoreError::Invalid(_))));
+}
+
+/// A filtered history page whose scan budget ([`crate::sqlite::SCAN_ITEMS_MAX`] positions) is
+/// spent on positions the filter does not keep answers `more` with a `scanned_to` past them
+/// all: following it reaches the older matching messages (it used to stay where it began, so
+/// the reader asked the same page forever).
+pub fn filtered_history_moves_past_a_scan_budget<B: StoreBackend>(mut b: B) {
+    let budget = crate::sqlite::SCAN_ITEMS_MAX as u64;
+    send(&mut b, "carol", "bob", "the old one");
+    let others = budget + budget / 2;
+    let mut ops = Vec::new();
+    for i in 0..others {
+        ops.push(text("alice", "bob", None, &i.to_string()));
+        if ops.len() == 1000 || i + 1 == others {
+            assert!(b.apply_batch(&ops).iter().all(Result::is_ok));
+            ops.clear();
+            let _ = b.maintain(u64::MAX);
+        }
+    }
+    let q = |before: Option<u64>, after: Option<u64>| {
+        Op::History(HistoryQuery {
+            user: "bob".into(),
+            chat: Some("u:carol".into()),
+            before_seq: before,
+            after_seq: after,
+            limit: 10,
+        })
+    };
+    // Newest first: pages follow `before_seq = scanned_to` until carol's message.
+    let (mut before, mut found, mut pages) = (None, Vec::new(), 0);
+    loop {
+        let p = ok(&mut b, q(before, None)).page().expect("page");
+        pages += 1;
+        assert!(pages <= 4, "the reader must get on: {pages} pages, scanned_to {}", p.scanned_to);
+        found.extend(p.entries.iter().map(|e| e.seq));
+        if !p.more {
+            break;
+        }
+        assert!(before.is_none_or(|b| p.scanned_to < b), "scanned_to {} moves down from {before:?}", p.scanned_to);
+        before = Some(p.scanned_to);
+    }
+    assert_eq!(found, [1]);
+    // Oldest first from carol's message: nothing more of carol's, and the reader gets to the end.
+    let (mut after, mut pages) = (1, 0);
+    loop {
+        let p = ok(&mut b, q(None, Some(after))).page().expect("page");
+        pages += 1;
+        assert!(pages <= 4, "the reader must get on: {pages} pages, scanned_to {}", p.scanned_to);
+        assert!(p.entries.is_empty());
+        if !p.more {
+            break;
+        }
+        assert!(p.scanned_to > after, "scanned_to {} moves up from {after}", p.scanned_to);
+        after = p.scanned_to;
+    }
+}
+
+/// Positions far past anything stored (up to `u64::MAX`, which the API and terminals may
+/// send) read nothing and move nothing past the head: never a panic or a backend failure.
+pub fn positions_past_any_seq<B: StoreBackend>(mut b: B) {
+    send(&mut b, "ann", "ben", "one");
+    create_group(&mut b, "far", "ann", &["ben"]);
+    ok(&mut b, group_text("ann", "far", None, "g"));
+    let _ = b.maintain(u64::MAX);
+    for big in [u64::MAX, u64::MAX - 1, i64::MAX as u64, 1 << 53] {
+        for user in ["ben", "nobody"] {
+            let p = ok(&mut b, Op::ReadInbox { user: user.into(), after_seq: big, limit: 10 }).page().expect("page");
+            assert!(p.entries.is_empty());
+            for (before, after) in [(Some(big), None), (None, Some(big)), (Some(big), Some(big)), (Some(2), Some(big))]
+            {
+                for chat in [None, Some("u:ann".to_string()), Some("g:far".to_string())] {
+                    let h = b.apply(Op::History(HistoryQuery {
+                        user: user.into(),
+                        chat: chat.clone(),
+                        before_seq: before,
+                        after_seq: after,
+                        limit: 10,
+                    }));
+                    match h {
+                        Ok(Reply::Page(p)) => {
+                            assert!(before.is_some() || p.entries.is_empty(), "{before:?} {after:?} {chat:?}")
+                        }
+                        Err(StoreError::Forbidden(_)) if user == "nobody" => {}
+                        other => panic!("{user} {before:?} {after:?} {chat:?}: {other:?}"),
+                    }
+                }
+            }
+            let s = ok(
+                &mut b,
+                Op::Sync {
+                    user: user.into(),
+                    inbox_after: big,
+                    groups: BTreeMap::from([("far".to_string(), big)]),
+                    limit: 10,
+                },
+            )
+            .synced()
+            .expect("synced");
+            assert!(s.entries.is_empty());
+        }
+        let p = ok(&mut b, Op::ReadGroup { group: "far".into(), after_seq: big, limit: 10 }).page().expect("page");
+        assert!(p.entries.is_empty());
+        for (before, after) in [(Some(big), None), (None, Some(big)), (Some(big), Some(big))] {
+            let p =
+                ok(&mut b, Op::GroupHistory { group: "far".into(), before_seq: before, after_seq: after, limit: 10 })
+                    .page()
+                    .expect("page");
+            assert_eq!(p.entries.len(), usize::from(after.is_none()), "{before:?} {after:?}");
+        }
+        let d = ok(&mut b, Op::SetDelivered { user: "ben".into(), device: "d".into(), group: None, seq: big });
+        assert!(matches!(d, Reply::Position { seq: 1, .. }), "{d:?}");
+        let r = ok(&mut b, Op::SetRead { user: "ben".into(), chat: "u:ann".into(), seq: big, emit_event: false });
+        assert!(matches!(r, Reply::Read(ReadMoved { seq: 1, .. })), "{r:?}");
+    }
 }
 
 /// `Heads` and `Sync`: inbox then each group after the given positions, bounded, `more` set.

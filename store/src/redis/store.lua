@@ -125,6 +125,7 @@ local function page(key, head, lo, hi, asc, limit, keep, entry)
   if keep == nil and limit + 1 < CHUNK then
     chunk = limit + 1
   end
+  local last_seen
   local stopped = scan(key, lo, hi, asc, SCAN_MAX, chunk, function(seq, m)
     if keep == nil or keep(m) then
       items[#items + 1] = { seq, m }
@@ -132,6 +133,7 @@ local function page(key, head, lo, hi, asc, limit, keep, entry)
         return false
       end
     end
+    last_seen = seq
     return true
   end)
   local extra = #items > limit
@@ -150,6 +152,10 @@ local function page(key, head, lo, hi, asc, limit, keep, entry)
     end
   end
   local more = 1
+  if stopped and not extra and last_seen then
+    -- The scan budget ran out: go on past every position looked at, kept or not.
+    scanned_to = last_seen
+  end
   if not extra and not stopped then
     more = 0
     if asc then

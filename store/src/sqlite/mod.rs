@@ -90,6 +90,9 @@ impl SqliteOptions {
 
 /// Rows scanned at most by a filtered history page, `unread`, or an `up_to` search.
 pub const SCAN_ITEMS_MAX: usize = 20_000;
+/// Positions a reader asks for are clamped to this (far past any stored seq), so the scans'
+/// `+ 1` never overflows whatever the API or a terminal sends.
+const SEQ_MAX: u64 = i64::MAX as u64;
 /// Rows examined per purge step of the `entries` table.
 const BLOCK_SWEEP_ROWS: usize = 512;
 
@@ -516,6 +519,9 @@ impl SqliteBackend {
         max: usize,
         mut visit: impl FnMut(u64, Item) -> bool,
     ) -> Result<bool, StoreError> {
+        // Positions from the API or a terminal may be anything up to u64::MAX: past `SEQ_MAX`
+        // nothing is stored, and `+ 1` below cannot overflow.
+        let (lo, hi) = (lo.min(SEQ_MAX), hi.min(SEQ_MAX));
         self.ensure_stream(stream)?;
         let (flushed, pend): (u64, Vec<Item>) = {
             let st = &self.ix.streams[&stream];
@@ -632,6 +638,7 @@ impl SqliteBackend {
     ) -> Result<Page, StoreError> {
         let limit = page_limit(limit);
         let head = self.head(stream)?;
+        (lo, hi) = (lo.min(SEQ_MAX), hi.min(SEQ_MAX));
         let mut entries = Vec::new();
         let mut budget = SCAN_ITEMS_MAX;
         let mut scanned_to = if ascending { lo } else { hi.min(head + 1) };
@@ -639,6 +646,7 @@ impl SqliteBackend {
             let want = limit - entries.len();
             let mut items = Vec::with_capacity(want + 1);
             let mut seen = 0usize;
+            let mut last_seen = None;
             let stopped = self.scan(stream, lo, hi, ascending, budget, |seq, it| {
                 if keep(it) {
                     if items.len() > want {
@@ -647,6 +655,7 @@ impl SqliteBackend {
                     items.push((seq, it));
                 }
                 seen += 1;
+                last_seen = Some(seq);
                 true
             })?;
             budget = budget.saturating_sub(seen);
@@ -659,7 +668,11 @@ impl SqliteBackend {
             }
             if !extra {
                 if stopped {
-                    break true; // scan budget spent: `scanned_to` says where to go on
+                    // Scan budget spent: `scanned_to` says where to go on, past every
+                    // position looked at (kept or not), so a filter that matched nothing in
+                    // a whole budget still moves the reader on.
+                    scanned_to = last_seen.unwrap_or(scanned_to);
+                    break true;
                 }
                 scanned_to = if ascending { hi.saturating_sub(1).min(head).max(lo) } else { lo + 1 };
                 break false;
