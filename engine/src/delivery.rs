@@ -472,8 +472,18 @@ impl Shard {
         for key in due.drain(..) {
             let Some(s) = self.session(key) else { continue };
             let timeout = self.resend_ticks().max(ack_timeout_ticks(&s));
+            if self.queue_too_full(&s, 0) {
+                // What was pushed is not even written yet: sending it again would only add
+                // to the backlog, and could overrun it (a reading terminal closed as a slow
+                // consumer by our own resends). Looked at again a timeout later.
+                self.resend_wheel.borrow_mut().schedule(key, now + timeout);
+                continue;
+            }
             let (frames, next) = s.due_resends(now, timeout, self.config.limits.resend_attempts_max);
             for f in frames {
+                if self.queue_too_full(&s, f.len()) {
+                    break; // the rest when their next attempt comes due
+                }
                 if self.push(&s, f) {
                     resent += 1;
                 }
@@ -538,7 +548,10 @@ impl Shard {
             }
         }
         if group.is_none() {
-            if seq <= s.acked_inbox.get() {
+            // An ack at or below the position still forgets what it covers (a `sync` from an
+            // older position pushed those seqs again); only a moved position is saved.
+            let moved = seq > s.acked_inbox.get();
+            if !moved && !s.tracks_inbox_up_to(seq) {
                 return;
             }
             let now_ms = self.epoch.elapsed().as_millis() as u64;
@@ -565,6 +578,9 @@ impl Shard {
                     })
                     .collect();
                 self.emit_all(batch);
+            }
+            if !moved {
+                return;
             }
         }
         // Positions are saved once per tick per terminal (`save_ack_positions`), however many

@@ -540,12 +540,23 @@ impl Session {
 
     /// Remembers an inbox message pushed at shard tick `now` until it is acked (its first
     /// resend comes due a timeout after `now`, see [`Session::due_resends`]). Keeps at most
-    /// `max` (the oldest are then left to `sync`). Returns whether the list was empty before
+    /// `max`, in seq order (the lowest are then left to `sync`). Returns whether the list was empty before
     /// (the caller schedules a resend check then).
     pub fn track_unacked(&self, seq: u64, id: u64, frame: Bytes, now: u64, pushed_ms: u64, max: usize) -> bool {
         let mut u = self.unacked.borrow_mut();
         let was_empty = u.is_empty();
-        u.push_back(Unacked { seq, id, frame, attempts: 0, pushed_tick: now as u32, due_tick: now, pushed_ms });
+        let m = Unacked { seq, id, frame, attempts: 0, pushed_tick: now as u32, due_tick: now, pushed_ms };
+        // Kept in seq order, once per seq, so a cumulative ack forgets a prefix: a `sync` page
+        // (older seqs) pushed after live messages goes before them, a seq pushed again (live,
+        // then by a `sync` from an older position) replaces its entry.
+        match u.back() {
+            Some(last) if last.seq >= seq => match u.binary_search_by_key(&seq, |m| m.seq) {
+                Ok(i) => u[i] = m,
+                Err(i) => u.insert(i, m),
+            },
+            _ => u.push_back(m),
+        }
+        debug_assert!(u.iter().zip(u.iter().skip(1)).all(|(a, b)| a.seq < b.seq), "tracked in seq order");
         while u.len() > max {
             u.pop_front();
         }
@@ -585,6 +596,11 @@ impl Session {
             self.last_ack_progress.set(now as u32);
         }
         forgot
+    }
+
+    /// Whether a tracked (pushed, not acked) inbox message is at or below `seq`.
+    pub fn tracks_inbox_up_to(&self, seq: u64) -> bool {
+        self.unacked.borrow().front().is_some_and(|m| m.seq <= seq)
     }
 
     /// Folds one push → ack time into the smoothed estimate (RFC 6298, 2.2 and 2.3).

@@ -508,3 +508,106 @@ fn revoked_tokens_are_refused_until_new_ones_are_issued() {
     std::thread::sleep(Duration::from_millis(5));
     assert!(!node.refuses_as_revoked(&node.token("kim"), "web"));
 }
+
+/// A `sync` page pushed after live messages (older seqs after newer ones) is forgotten by the
+/// acks that cover it, whatever their order: an ack of the live message first, then one of the
+/// page (below the terminal's position by then), leaves nothing to push again. The page used
+/// to stay tracked behind the live message (acks forget a prefix of what was pushed) and an
+/// ack at or below the position was ignored, so the whole page came again up to the attempt
+/// limit, and no `message.delivered` was made for it.
+#[test]
+fn acks_forget_a_sync_page_pushed_after_a_live_message() {
+    let node = TestNode::with(|c| c.limits.resend_timeout = Duration::from_millis(250));
+    for i in 0..5 {
+        node.gateway().send_message(&text("bo", "cy", &format!("stored {i}"))).unwrap();
+    }
+    let mut cy = node.terminal("cy", "phone");
+    assert_eq!(cy.welcome().unwrap().inbox_seq, 5);
+    node.gateway().send_message(&text("bo", "cy", "live")).unwrap();
+    let live = next_msg(&mut cy);
+    assert_eq!(live.seq, 6);
+    // The position moves to 6 (everything up to 6: the terminal says so), then it syncs from 0.
+    cy.ack(6).unwrap();
+    cy.send_frame(&ether_proto::ClientFrame::Sync { inbox_seq: 0, groups: Default::default(), limit: None }).unwrap();
+    let mut page = Vec::new();
+    loop {
+        match cy.recv(WAIT).unwrap() {
+            Some(ServerFrame::Msg(m)) => page.push(m.seq),
+            Some(ServerFrame::Synced { more: false, .. }) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(page, [1, 2, 3, 4, 5, 6]);
+    cy.ack(6).unwrap();
+    // Nothing comes again: every message pushed was acked.
+    assert_silent(&mut cy, Duration::from_millis(1500));
+}
+
+/// What a terminal was pushed is tracked in seq order: after a live message (seq 4) and a
+/// `sync` page (1..=4) pushed behind it, an ack of 3 forgets 1..=3, and only 4 comes again.
+#[test]
+fn an_ack_forgets_the_sync_page_below_it_not_only_what_was_pushed_first() {
+    let node = TestNode::with(|c| c.limits.resend_timeout = Duration::from_millis(250));
+    for i in 0..3 {
+        node.gateway().send_message(&text("bo", "dee", &format!("stored {i}"))).unwrap();
+    }
+    let mut dee = node.terminal("dee", "phone");
+    node.gateway().send_message(&text("bo", "dee", "live")).unwrap();
+    assert_eq!(next_msg(&mut dee).seq, 4);
+    dee.sync(0, Default::default(), None).unwrap();
+    let mut page = Vec::new();
+    loop {
+        match dee.recv(WAIT).unwrap() {
+            Some(ServerFrame::Msg(m)) => page.push(m.seq),
+            Some(ServerFrame::Synced { more: false, .. }) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(page, [1, 2, 3, 4]);
+    dee.ack(3).unwrap();
+    let again = next_msg(&mut dee);
+    assert_eq!(again.seq, 4, "only what the ack did not cover comes again");
+    dee.ack(4).unwrap();
+    assert_silent(&mut dee, Duration::from_millis(1500));
+}
+
+/// Resends wait while what was pushed is still queued unwritten: a terminal that stopped
+/// reading for a moment (its kernel buffers full) is not closed as a slow consumer by the
+/// node's own resends piling up copies of its backlog. It used to be: every resend round
+/// queued every unacked frame again, however much of the first push was still queued.
+#[test]
+fn resends_do_not_overrun_the_queue_of_a_terminal_that_has_not_read_yet() {
+    use std::io::{Read, Write};
+    let node = TestNode::with(|c| {
+        c.limits.resend_timeout = Duration::from_millis(250);
+        c.limits.outbound_queue_bytes_max = 16 * 1024;
+        c.limits.socket_send_buffer_bytes = 4096;
+    });
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&node.ports.client.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    let req = format!(
+        "GET /ws?token={}&device=stalled HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        node.token("eve")
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "upgrade refused");
+    // About 12 KiB pushed, never read: within the 16 KiB queue bound, but twice that is not.
+    let text = "x".repeat(1000);
+    for _ in 0..12 {
+        node.gateway().send_message(&support::text("bo", "eve", &text)).unwrap();
+    }
+    // Several resend rounds (250 ms, then 500 ms, 1 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    let metrics = node.admin().request("GET", "/metrics", None).unwrap().text();
+    let slow: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ether_connections_closed_total") && l.contains("slow_consumer"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(slow, 0.0, "closed as a slow consumer by its own resends");
+    drop(s);
+}
