@@ -776,6 +776,14 @@ impl Shard {
         };
         let frame = match parsed {
             Ok(f) => f,
+            // A well-formed `send` of a kind there is not: refused for what it asks, like a bad
+            // body (answered with its `cid`, within the send rate, not a violation).
+            Err(ether_proto::frame::FrameError::UnknownKind { cid, message }) => {
+                if self.admit(s, &s.send_gate, self.send_rate, "limits.terminal_sends_per_s", Some(&cid)) {
+                    self.frame_error(s, &ApiError::new(ErrorCode::InvalidBody, message), Some(cid));
+                }
+                return FrameWeight::Busy;
+            }
             Err(e) => {
                 self.reject_frame(s, e.code(), e.to_string(), None);
                 return FrameWeight::Busy;

@@ -203,6 +203,10 @@ struct SendBatchBorrowed<'a> {
 
 impl<'a> SendMessageRef<'a> {
     fn borrowed(bytes: &'a [u8]) -> Option<SendMessageRef<'a>> {
+        // An object only: the derived `Deserialize` would also read the fields from an array.
+        if !body::is_object_text(bytes) {
+            return None;
+        }
         let m: SendMessageBorrowed<'a> = serde_json::from_slice(bytes).ok()?;
         Some(SendMessageRef {
             from: Cow::Borrowed(m.from),
@@ -241,7 +245,7 @@ impl<'a> SendMessageRef<'a> {
         }
         let invalid = |e: serde_json::Error| ApiError::new(ErrorCode::InvalidBody, format!("messages[{i}]: {e}"));
         let value: Value = serde_json::from_str(raw.get()).map_err(invalid)?;
-        Self::owned(SendMessage::deserialize(&value).map_err(invalid)?)
+        Self::owned(send_message_entry(&value).map_err(invalid)?)
     }
 
     /// [`SendMessage::validate`], on the raw body.
@@ -252,11 +256,23 @@ impl<'a> SendMessageRef<'a> {
     }
 }
 
+/// A batch entry's [`SendMessage`]: an object, like a request (`SendMessage::deserialize` alone
+/// would also read its fields from an array); anything else is refused as serde refuses a
+/// string or a number there (`invalid type: sequence, expected struct SendMessage`).
+fn send_message_entry(value: &Value) -> Result<SendMessage, serde_json::Error> {
+    if value.is_array() {
+        return Err(serde::de::Error::invalid_type(serde::de::Unexpected::Seq, &"struct SendMessage"));
+    }
+    SendMessage::deserialize(value)
+}
+
 /// Parses a `POST /v1/messages/batch` body into its raw entries (errors as [`parse_request`]'s
 /// for a [`SendBatch`]); each entry is then read with [`SendMessageRef::parse_batch_entry`].
 pub fn parse_batch(bytes: &[u8]) -> Result<Vec<Cow<'_, RawValue>>, ApiError> {
-    if let Ok(b) = serde_json::from_slice::<SendBatchBorrowed>(bytes) {
-        return Ok(b.messages.into_iter().map(Cow::Borrowed).collect());
+    if body::is_object_text(bytes) {
+        if let Ok(b) = serde_json::from_slice::<SendBatchBorrowed>(bytes) {
+            return Ok(b.messages.into_iter().map(Cow::Borrowed).collect());
+        }
     }
     let batch: SendBatch = parse_request(bytes)?;
     batch
@@ -338,16 +354,32 @@ mod tests {
             Just(json!({"text": ""})),
             Just(json!({"url": "u"})),
             Just(json!([])),
+            Just(json!(["hi"])),
+            Just(json!([["hi"]])),
+            Just(json!(["u", 1, 2, 3])),
         ];
         let key = prop_oneof![Just("from"), Just("to"), Just("kind"), Just("body"), Just("cid"), Just("x")];
         let full = json!({"from": "a", "to": "b", "kind": "text", "body": {"text": "hi"}});
-        (proptest::collection::btree_map(key, value, 0..5), any::<bool>()).prop_map(move |(fields, base)| {
-            let mut m = if base { full.as_object().cloned().unwrap() } else { serde_json::Map::new() };
-            for (k, v) in fields {
-                m.insert(k.to_owned(), v);
-            }
-            Value::Object(m)
-        })
+        // 0: the object; 1: its fields' values in `SendMessage` order, as an array (what a
+        // derived `Deserialize` would take for the struct); 2: that array in an array.
+        let shape = prop_oneof![6 => Just(0u8), 2 => Just(1u8), 1 => Just(2u8)];
+        (proptest::collection::btree_map(key, value, 0..5), any::<bool>(), shape).prop_map(
+            move |(fields, base, shape)| {
+                let mut m = if base { full.as_object().cloned().unwrap() } else { serde_json::Map::new() };
+                for (k, v) in fields {
+                    m.insert(k.to_owned(), v);
+                }
+                let in_order = || {
+                    let order = ["from", "to", "kind", "body", "cid", "x"];
+                    Value::Array(order.iter().map_while(|k| m.get(*k).cloned()).collect())
+                };
+                match shape {
+                    0 => Value::Object(m.clone()),
+                    1 => in_order(),
+                    _ => Value::Array(vec![in_order()]),
+                }
+            },
+        )
     }
 
     proptest::proptest! {
@@ -363,11 +395,52 @@ mod tests {
             let batch = serde_json::to_vec(&json!({"messages": [v.clone()]})).unwrap();
             let raw = parse_batch(&batch).unwrap();
             let fast = SendMessageRef::parse_batch_entry(0, &raw[0]).and_then(|m| m.validate("messages[0].").map(|()| m));
-            let slow = SendMessage::deserialize(&v)
-                .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("messages[0]: {e}")))
+            // An entry is refused unless it is an object, as any other non-object is.
+            let slow = if v.is_array() {
+                Err(ApiError::new(ErrorCode::InvalidBody, "messages[0]: invalid type: sequence, expected struct SendMessage"))
+            } else {
+                SendMessage::deserialize(&v).map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("messages[0]: {e}")))
+            }
                 .and_then(|m| m.validate("messages[0].").map(|()| m));
             proptest::prop_assert_eq!(fast.map(|m| (m.from.into_owned(), m.kind)), slow.map(|m| (m.from, m.kind)));
         }
+    }
+
+    proptest::proptest! {
+        /// A batch body is read exactly as `parse_request::<SendBatch>` reads it, arrays
+        /// included (`[[…]]` holds a `SendBatch`'s fields in order).
+        #[test]
+        fn borrowed_batch_bodies_agree(v in requestish(), shape in 0u8..4) {
+            let body = match shape {
+                0 => json!({"messages": [v]}),
+                1 => json!([[v]]),
+                2 => json!([v]),
+                _ => json!({"messages": v}),
+            };
+            let bytes = serde_json::to_vec(&body).unwrap();
+            let fast = parse_batch(&bytes).map(|raw| raw.iter().map(|r| r.get().to_owned()).collect::<Vec<_>>());
+            let slow = parse_request::<SendBatch>(&bytes).map(|b| b.messages.iter().map(Value::to_string).collect());
+            proptest::prop_assert_eq!(fast, slow);
+        }
+    }
+
+    /// Requests and entries are objects on the fast path too: a derived `Deserialize` would
+    /// read the fields from an array in order.
+    #[test]
+    fn arrays_are_not_requests() {
+        for bytes in [&br#"["a","b","text",{"text":"hi"}]"#[..], br#" ["a","b","text",{"text":"hi"},"c"]"#] {
+            let e = SendMessageRef::parse(bytes).unwrap_err();
+            assert_eq!(e, ApiError::new(ErrorCode::InvalidBody, "request body must be a JSON object"));
+            assert_eq!(Err(e), slow(bytes));
+        }
+        let e = fast(br#"{"from":"a","to":"b","kind":"text","body":["hi"]}"#).unwrap_err();
+        assert_eq!(e, ApiError::new(ErrorCode::InvalidBody, "body: must be an object"));
+        let batch = br#"[[{"from":"a","to":"b","kind":"text","body":{"text":"hi"}}]]"#;
+        assert_eq!(parse_batch(batch).unwrap_err(), parse_request::<SendBatch>(batch).unwrap_err());
+        let raw = RawValue::from_string(r#"["a","b","text",{"text":"hi"}]"#.into()).unwrap();
+        let e = SendMessageRef::parse_batch_entry(3, &raw).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidBody);
+        assert_eq!(e.message, "messages[3]: invalid type: sequence, expected struct SendMessage");
     }
 
     #[test]

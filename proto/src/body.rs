@@ -214,8 +214,20 @@ struct VoiceRef<'a> {
     size: Option<u64>,
 }
 
+/// Whether `json` is (or at least begins as) a JSON object: its first byte past JSON whitespace
+/// is `{`. The borrowed fast paths check it first: serde's derived `Deserialize` fills a struct
+/// from a JSON array (its fields in order) as well as from an object, so without it `["hi"]`
+/// would pass for `{"text":"hi"}`, and a request for its fields in an array. Anything else is
+/// left to the slow path, which refuses it with its own error.
+pub(crate) fn is_object_text(json: &[u8]) -> bool {
+    json.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) == Some(&b'{')
+}
+
 /// Whether `raw` is certainly a valid body of `kind` (false means "ask [`validate`]").
 fn valid_borrowed(kind: Kind, raw: &str) -> bool {
+    if !is_object_text(raw.as_bytes()) {
+        return false;
+    }
     let url_ok = |u: &str| !u.is_empty() && u.len() <= MEDIA_STRING_BYTES_MAX;
     let string_ok = |s: &str| !s.is_empty() && s.len() <= MEDIA_STRING_BYTES_MAX;
     match kind {
@@ -293,10 +305,32 @@ mod tests {
             Just("data"),
             Just("other"),
         ];
+        let object = proptest::collection::btree_map(key, leaf.clone(), 0..4)
+            .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()));
+        // Arrays: of values (`["hi"]` has the fields of a text body in order, `["u", 1, 2, 3]`
+        // those of an image), of objects, and of arrays.
+        let element = prop_oneof![3 => leaf.clone(), 1 => object.clone()];
+        let array = proptest::collection::vec(element, 0..5).prop_map(Value::Array);
+        let nested = proptest::collection::vec(array.clone(), 1..3).prop_map(Value::Array);
         prop_oneof![
-            4 => proptest::collection::btree_map(key, leaf.clone(), 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            4 => object,
             1 => leaf,
+            2 => array,
+            1 => nested,
+            1 => fields_in_order(),
+        ]
+    }
+
+    /// Arrays holding a valid body's fields in order: what a derived `Deserialize` would take
+    /// for the body itself.
+    fn fields_in_order() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        prop_oneof![
+            "[a-z]{1,6}".prop_map(|t| json!([t])),
+            ("[a-z]{1,6}", proptest::option::of(0u32..9)).prop_map(|(u, n)| json!([u, n, n, n])),
+            ("[a-z]{1,6}", "[a-z]{1,6}").prop_map(|(u, n)| json!([u, n, null, null])),
+            ("[a-z]{1,6}", 0u64..9).prop_map(|(u, d)| json!([u, d, null])),
+            "[a-z]{1,6}".prop_map(|t| json!([[t]])),
         ]
     }
 
@@ -317,5 +351,27 @@ mod tests {
         validate_raw("body", Kind::File, &raw(r#"{"url":"u","name":"n","mime":"m","size":3}"#)).unwrap();
         let e = validate_raw("body", Kind::Text, &raw(r#"{"text":""}"#)).unwrap_err();
         assert_eq!(e.path, "body.text");
+    }
+
+    /// A body is an object on the fast path too: serde's derived `Deserialize` would read an
+    /// array as the struct's fields in order.
+    #[test]
+    fn raw_validation_refuses_arrays_like_validate() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        for (kind, body) in [
+            (Kind::Text, r#"["hi"]"#),
+            (Kind::Text, r#" ["hi"]"#),
+            (Kind::Text, r#"[["hi"]]"#),
+            (Kind::Image, r#"["https://x/y.png", 1, 2, 3]"#),
+            (Kind::File, r#"["u", "n", null, null]"#),
+            (Kind::Voice, r#"["u", 1200, null]"#),
+            (Kind::Custom, r#"[{"a": 1}]"#),
+        ] {
+            let e = validate_raw("body", kind, &raw(body)).unwrap_err();
+            assert_eq!(e, BodyError { path: "body".into(), reason: "must be an object".into() }, "{body}");
+            let value: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(Err(e), validate("body", kind, &value));
+        }
+        validate_raw("body", Kind::Text, &raw(" \n{\"text\": \"hi\"}")).unwrap();
     }
 }

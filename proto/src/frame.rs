@@ -143,6 +143,12 @@ pub enum FrameError {
     UnknownType(String),
     #[error("{0}")]
     Shape(String),
+    /// A well-formed `send` but for its `kind`, which is none of the kinds: not a malformed
+    /// frame but a send refused for what it asks, like one with a bad body (`invalid_body`,
+    /// answered with its `cid`, not a protocol violation; the REST API's answer to an unknown
+    /// kind too).
+    #[error("{message}")]
+    UnknownKind { cid: String, message: String },
 }
 
 impl FrameError {
@@ -150,7 +156,14 @@ impl FrameError {
         match self {
             FrameError::Json(_) => ErrorCode::InvalidJson,
             FrameError::UnknownType(_) | FrameError::Shape(_) => ErrorCode::InvalidFrame,
+            FrameError::UnknownKind { .. } => ErrorCode::InvalidBody,
         }
+    }
+
+    /// Whether the frame was not valid protocol (counted towards
+    /// `limits.protocol_violations_max`), rather than a well-formed request refused.
+    pub fn is_violation(&self) -> bool {
+        !matches!(self, FrameError::UnknownKind { .. })
     }
 }
 
@@ -169,9 +182,29 @@ impl ClientFrame {
             return Err(FrameError::UnknownType(ty));
         }
         serde_path_to_error::deserialize(&value).map_err(|e| {
+            if let Some(unknown) = Self::unknown_kind(&value) {
+                return unknown;
+            }
             let path = e.path().to_string();
             FrameError::Shape(format!("{ty} frame: {path}: {}", e.into_inner()))
         })
+    }
+
+    /// For a frame that did not parse: [`FrameError::UnknownKind`] if it is a `send` whose
+    /// `kind` is a string naming no kind and which would parse with a known one.
+    fn unknown_kind(value: &Value) -> Option<FrameError> {
+        if value.get("type")?.as_str()? != "send" {
+            return None;
+        }
+        let kind = value.get("kind")?;
+        kind.as_str()?;
+        let message = format!("kind: {}", Kind::deserialize(kind).err()?);
+        let mut known = value.clone();
+        known["kind"] = Value::from(Kind::Text.as_str());
+        match ClientFrame::deserialize(&known) {
+            Ok(ClientFrame::Send { cid, .. }) => Some(FrameError::UnknownKind { cid, message }),
+            _ => None,
+        }
     }
 
     pub fn to_json(&self) -> String {
@@ -271,6 +304,10 @@ impl<'a> ClientFrameRef<'a> {
 
     /// The frame if it is one of the usual valid shapes; `None` means "ask `ClientFrame`".
     fn parse_borrowed(bytes: &'a [u8]) -> Option<ClientFrameRef<'a>> {
+        // An object only: the derived `Deserialize` would also read the fields from an array.
+        if !crate::body::is_object_text(bytes) {
+            return None;
+        }
         let e: Envelope<'a> = serde_json::from_slice(bytes).ok()?;
         let Envelope { ty, seq, group, inbox_seq, groups, limit, cid, to, kind, body, chat } = e;
         // Which fields are there at all (`null` counts: `deny_unknown_fields` sees the key).
@@ -428,12 +465,14 @@ mod tests {
                 Just("read"),
                 Just("ping"),
                 Just("text"),
+                Just("video"),
                 Just("a\\b")
             ]
             .prop_map(Value::from),
             Just(json!({"text": "hi"})),
             Just(json!({"g1": 3})),
             Just(json!([1])),
+            Just(json!(["hi"])),
         ];
         let key = prop_oneof![
             Just("seq"),
@@ -449,13 +488,29 @@ mod tests {
             Just("extra"),
         ];
         let ty = prop_oneof![Just("ack"), Just("sync"), Just("send"), Just("read"), Just("ping"), Just("nope")];
-        (proptest::option::of(ty), proptest::collection::btree_map(key, value, 0..6)).prop_map(|(ty, fields)| {
-            let mut m: serde_json::Map<String, Value> = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-            if let Some(ty) = ty {
-                m.insert("type".into(), Value::from(ty));
-            }
-            Value::Object(m)
-        })
+        let object =
+            (proptest::option::of(ty), proptest::collection::btree_map(key, value, 0..6)).prop_map(|(ty, fields)| {
+                let mut m: serde_json::Map<String, Value> =
+                    fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                if let Some(ty) = ty {
+                    m.insert("type".into(), Value::from(ty));
+                }
+                Value::Object(m)
+            });
+        // Arrays: a frame's fields in the order of `Envelope` (what its derived `Deserialize`
+        // would take for the struct), valid frames' included, and arrays of those.
+        let in_order = prop_oneof![object.clone(), arb_client_frame().prop_map(|f| serde_json::to_value(f).unwrap())]
+            .prop_map(|v| {
+                let order =
+                    ["type", "seq", "group", "inbox_seq", "groups", "limit", "cid", "to", "kind", "body", "chat"];
+                let last = order.iter().rposition(|k| v.get(*k).is_some()).map_or(0, |i| i + 1);
+                Value::Array(order[..last].iter().map(|k| v.get(*k).cloned().unwrap_or(Value::Null)).collect())
+            });
+        prop_oneof![
+            6 => object,
+            2 => in_order.clone(),
+            1 => in_order.prop_map(|a| Value::Array(vec![a])),
+        ]
     }
 
     proptest! {
@@ -475,6 +530,56 @@ mod tests {
         #[test]
         fn borrowed_parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = ClientFrameRef::parse(&bytes);
+        }
+    }
+
+    /// A frame is an object: an array of a frame's fields in order is refused on the borrowed
+    /// path as on the `ClientFrame` one (the derived `Deserialize` of `Envelope` would read it).
+    #[test]
+    fn arrays_are_not_frames() {
+        for bytes in [
+            &br#"["ping"]"#[..],
+            br#" ["ack", 3]"#,
+            br#"["send",null,null,null,null,null,"c1","bob","text",{"text":"hi"}]"#,
+            br#"[["ping"]]"#,
+        ] {
+            let e = ClientFrameRef::parse(bytes).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidFrame, "{e}");
+            assert_eq!(Err(e), ClientFrame::parse(bytes));
+        }
+    }
+
+    /// A well-formed `send` of a kind there is not is refused for what it asks (`invalid_body`,
+    /// with its `cid`, as the REST API answers), not as a malformed frame; a malformed one
+    /// stays malformed whatever its kind.
+    #[test]
+    fn unknown_kinds_in_well_formed_sends_are_invalid_bodies() {
+        let unknown = |cid: &str, kind: &str| FrameError::UnknownKind {
+            cid: cid.into(),
+            message: format!(
+                "kind: unknown variant `{kind}`, expected one of `text`, `image`, `file`, `voice`, `custom`"
+            ),
+        };
+        for (bytes, expected) in [
+            (&br#"{"type":"send","cid":"c1","to":"bob","kind":"video","body":{}}"#[..], unknown("c1", "video")),
+            (br#"{"type":"send","cid":"c\u0032","group":"g","kind":"Text","body":5}"#, unknown("c2", "Text")),
+            (br#"{"kind":"gif","body":null,"type":"send","cid":"","to":null}"#, unknown("", "gif")),
+        ] {
+            let e = ClientFrameRef::parse(bytes).unwrap_err();
+            assert_eq!((e.code(), e.is_violation()), (ErrorCode::InvalidBody, false));
+            assert_eq!(e, expected);
+            assert_eq!(ClientFrame::parse(bytes).unwrap_err(), expected);
+        }
+        for bytes in [
+            &br#"{"type":"send","to":"bob","kind":"video","body":{}}"#[..],
+            br#"{"type":"send","cid":"c1","to":"bob","kind":"video"}"#,
+            br#"{"type":"send","cid":"c1","to":"bob","kind":"video","body":{},"x":1}"#,
+            br#"{"type":"send","cid":7,"to":"bob","kind":"video","body":{}}"#,
+            br#"{"type":"send","cid":"c1","to":"bob","kind":7,"body":{}}"#,
+            br#"{"type":"ack","seq":1,"kind":"video"}"#,
+        ] {
+            let e = ClientFrameRef::parse(bytes).unwrap_err();
+            assert_eq!((e.code(), e.is_violation()), (ErrorCode::InvalidFrame, true), "{e}");
         }
     }
 

@@ -197,16 +197,30 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrameRef<'static>, FrameError
     Ok(match oneof {
         ClientOneof::Ack(a) => ClientFrameRef::Ack { seq: a.seq, group: a.group.map(Cow::Owned) },
         ClientOneof::Sync(s) => ClientFrameRef::Sync { inbox_seq: s.inbox_seq, groups: s.groups, limit: s.limit },
-        ClientOneof::Send(s) => ClientFrameRef::Send {
-            kind: kind_of(s.kind, "send")?,
-            body: Cow::Owned(
-                RawValue::from_string(s.body_json)
-                    .map_err(|e| FrameError::Json(format!("send frame: body_json: {e}")))?,
-            ),
-            cid: Cow::Owned(s.cid),
-            to: s.to.map(Cow::Owned),
-            group: s.group.map(Cow::Owned),
-        },
+        ClientOneof::Send(s) => {
+            let kind = match kind_of(s.kind, "send") {
+                Ok(kind) => Some(kind),
+                // A number naming no kind, like an unknown `kind` string in JSON: once the rest
+                // of the frame is read, a send refused for what it asks (`invalid_body`).
+                Err(_) if v1::Kind::try_from(s.kind).is_err() => None,
+                Err(e) => return Err(e),
+            };
+            let body = RawValue::from_string(s.body_json)
+                .map_err(|e| FrameError::Json(format!("send frame: body_json: {e}")))?;
+            let Some(kind) = kind else {
+                return Err(FrameError::UnknownKind {
+                    cid: s.cid,
+                    message: format!("kind: {} is not one of text, image, file, voice, custom", s.kind),
+                });
+            };
+            ClientFrameRef::Send {
+                kind,
+                body: Cow::Owned(body),
+                cid: Cow::Owned(s.cid),
+                to: s.to.map(Cow::Owned),
+                group: s.group.map(Cow::Owned),
+            }
+        }
         ClientOneof::Read(r) => ClientFrameRef::Read { chat: Cow::Owned(r.chat), seq: r.seq },
         ClientOneof::Ping(_) => ClientFrameRef::Ping,
     })
@@ -374,5 +388,30 @@ mod tests {
         let e = decode_client(&send(v1::Kind::Unspecified, "{}")).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidFrame);
         assert!(e.to_string().contains("kind"), "{e}");
+    }
+
+    /// A kind number naming no kind is what an unknown `kind` string is in JSON: a send refused
+    /// for what it asks (`invalid_body` with its `cid`, not a violation).
+    #[test]
+    fn unknown_kind_numbers_are_invalid_bodies() {
+        let send = |kind: i32, body: &str| {
+            v1::ClientFrame {
+                frame: Some(ClientOneof::Send(v1::Send {
+                    cid: "c7".into(),
+                    to: Some("bob".into()),
+                    group: None,
+                    kind,
+                    body_json: body.into(),
+                })),
+            }
+            .encode_to_vec()
+        };
+        let e = decode_client(&send(99, "{}")).unwrap_err();
+        assert_eq!((e.code(), e.is_violation()), (ErrorCode::InvalidBody, false));
+        assert!(
+            matches!(&e, FrameError::UnknownKind { cid, message } if cid == "c7" && message.starts_with("kind: 99"))
+        );
+        // The rest of the frame is read first.
+        assert_eq!(decode_client(&send(99, "{not json")).unwrap_err().code(), ErrorCode::InvalidJson);
     }
 }
