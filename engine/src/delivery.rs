@@ -695,9 +695,10 @@ impl Shard {
                     shard.track(&s, e.seq, e.id, frame);
                 }
             }
-            if let Some(entry) = shard.users.borrow_mut().get_mut(&s.user) {
-                entry.inbox_seq = entry.inbox_seq.max(synced.heads.inbox_seq);
-            }
+            // The user's inbox position on this shard is what its terminals here were pushed
+            // live: a sync page (one terminal's, read from the store) does not move it. In
+            // cluster mode a head raised to the store's would make the other terminals skip
+            // what the bus has not brought yet (`deliver_committed` drops seqs at or below it).
             let done = ServerFrame::Synced {
                 inbox_seq: synced.heads.inbox_seq,
                 groups: synced.heads.groups,

@@ -847,3 +847,33 @@ fn a_fill_of_big_missed_messages_is_paced_not_a_slow_consumer_close() {
     assert_eq!(texts(&got), (0..8).map(big).collect::<Vec<_>>());
     assert_silent(&mut phone, Duration::from_millis(300));
 }
+
+/// A `sync` answered from the store does not stand for what the user's other terminals on the
+/// node were pushed: here the bus lost a message for both of jo's terminals on B, the phone
+/// got it by `sync`, and the web terminal still gets it (at the resync). The sync used to raise
+/// the node's inbox position for the user to the store's head, so the web terminal never got
+/// the message while connected (not pushed, not tracked, and no gap seen after it).
+#[test]
+fn a_sync_by_one_terminal_does_not_hide_a_missed_message_from_the_others() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut web = b.terminal("jo", "web");
+    let mut phone = b.terminal("jo", "phone");
+    wait_for_presence(&a, "jo", "web");
+    wait_for_presence(&a, "jo", "phone");
+    // As if the bus lost it: A does not know jo is on B.
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("HDEL").arg("ether:presence:jo").arg("node-b/phone").arg("node-b/web").query::<()>(&mut con).unwrap();
+    a.gateway().send_message(&text("sender", "jo", "while unseen")).unwrap();
+    assert_silent(&mut web, Duration::from_millis(300));
+    assert_silent(&mut phone, Duration::from_millis(10));
+    phone.sync(0, Default::default(), None).unwrap();
+    match phone.recv(WAIT).unwrap() {
+        Some(ServerFrame::Msg(m)) => assert_eq!(m.body["text"], "while unseen"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(phone.recv(WAIT).unwrap(), Some(ServerFrame::Synced { more: false, .. })));
+    ask_every_node_to_resync(&redis);
+    assert_eq!(texts(&take(&mut web, 1)), ["while unseen"]);
+}
