@@ -1,7 +1,9 @@
 //! The JavaScript terminal SDK (`sdk/js/ether-im.mjs`) against a real node, run by Node.js:
 //! `sdk/js/test/scenario.mjs` connects two terminals, sends, reads, goes offline while the
 //! business pushes (this test, through the REST API, when the script says so), comes back and
-//! catches up, and checks errors and `cid` idempotency. The script prints one JSON verdict.
+//! catches up, and checks errors and `cid` idempotency; `sync_race.mjs` has a live message
+//! overtake a paged `sync`; `positions.mjs` plays a scripted node (purged seqs, live gaps).
+//! Each script prints one JSON verdict.
 //!
 //! Needs `node` (20 with `--experimental-websocket`, or newer). Without it the test prints
 //! "skipped: node not installed" and passes.
@@ -52,6 +54,115 @@ fn the_js_sdk_works_over_tls() {
     let url = format!("wss://localhost:{}", node.ports.client_tls.expect("TLS listener").port());
     let ca = fixtures.join("tls-cert.pem").to_string_lossy().into_owned();
     run_scenario(node_bin, &node, url, &[("NODE_EXTRA_CA_CERTS", ca)]);
+}
+
+/// A live message that arrives while a `sync` is being paged must neither move the sync past
+/// the pages still to come nor be acknowledged before everything under it is there (the SDK
+/// once synced on from the live seq, losing the rest of the backlog, and acked it).
+/// `sdk/js/test/sync_race.mjs` holds bob's first `synced` back while the test pushes one live
+/// message to his inbox and one to his group, then checks every stored message arrived once
+/// and no ack covered a missing seq; here, the positions the node saved are the heads.
+#[test]
+fn the_js_sdk_syncs_every_page_when_a_live_message_overtakes_the_sync() {
+    let Some(node_bin) = node_with_websocket() else {
+        println!("skipped: node not installed (or without WebSocket)");
+        return;
+    };
+    const INBOX_N: u64 = 12;
+    const GROUP_N: u64 = 7;
+    let node = TestNode::with(|c| c.limits.sync_page_max = 5);
+    let gw = node.gateway();
+    gw.create_group(Some("club"), "Club", "max", &["bob"]).expect("create the group");
+    let group_post = |i: u64| {
+        let body = serde_json::json!({ "text": format!("c{i}") });
+        gw.send_group_message("club", "max", ether_proto::Kind::Text, &body, None).expect("group send");
+    };
+    for i in 0..INBOX_N {
+        gw.send_message(&text("dan", "bob", &format!("m{i}"))).expect("API send");
+    }
+    for i in 0..GROUP_N {
+        group_post(i);
+    }
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/js/test/sync_race.mjs");
+    let mut child = Command::new(node_bin)
+        .arg("--experimental-websocket")
+        .arg("--no-warnings")
+        .arg(&script)
+        .env("ETHER_WS", node.ws_url())
+        .env("TOKEN_BOB", node.token("bob"))
+        .env("INBOX_N", INBOX_N.to_string())
+        .env("GROUP_N", GROUP_N.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut verdict = None;
+    for line in stdout.lines() {
+        let line = line.expect("read the script's output");
+        if line == "PAGE" {
+            // Bob has the first page of his backlog; its `synced` is held: live messages now.
+            gw.send_message(&text("dan", "bob", "live")).expect("API send");
+            group_post(GROUP_N);
+            writeln!(stdin, "PUSHED").expect("tell the script");
+        } else if line.starts_with('{') {
+            verdict = Some(line);
+        }
+    }
+    let status = child.wait_timeout_or_kill(Duration::from_secs(40));
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    let verdict = verdict.unwrap_or_else(|| panic!("no verdict from the script ({status:?}); stderr:\n{stderr}"));
+    let v: serde_json::Value = serde_json::from_str(&verdict).expect("JSON verdict");
+    assert_eq!(v["ok"], true, "the JS SDK sync race failed: {v:#}\nstderr:\n{stderr}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    // What the node keeps as delivered to bob's device: everything, and not one seq more.
+    let want = ether_proto::frame::Positions {
+        inbox_seq: INBOX_N + 1,
+        groups: [("club".to_owned(), GROUP_N + 1)].into_iter().collect(),
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (mut t, w) =
+            ether_sdk::TerminalClient::connect(&node.ws_url(), &node.token("bob"), "web", "web").expect("connects");
+        let _ = t.close();
+        if w.delivered.as_ref() == Some(&want) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "delivered positions {:?}, want {want:?}", w.delivered);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The JS SDK's positions against a scripted node (`sdk/js/test/positions.mjs`, a fake
+/// WebSocket): sync pages that skip purged seqs move the positions past them, and a gap among
+/// live messages is not acked over but fetched by a `sync`.
+#[test]
+fn the_js_sdk_skips_purged_seqs_and_fetches_gaps_without_acking_over_them() {
+    let Some(node_bin) = node_with_websocket() else {
+        println!("skipped: node not installed (or without WebSocket)");
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/js/test/positions.mjs");
+    let out = Command::new(node_bin)
+        .arg("--experimental-websocket")
+        .arg("--no-warnings")
+        .arg(&script)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let verdict = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
+        panic!("no verdict from the script ({:?}); stderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+    });
+    let v: serde_json::Value = serde_json::from_str(verdict).expect("JSON verdict");
+    assert_eq!(v["ok"], true, "the JS SDK positions script failed: {v:#}");
+    assert!(out.status.success(), "{:?}", out.status);
 }
 
 /// Runs `sdk/js/test/scenario.mjs` against `node` at `ws_url`, pushing through the API when

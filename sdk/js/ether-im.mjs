@@ -8,8 +8,10 @@
 //   when a node drains, stops for good on `kicked`;
 // - after every `welcome`, catches up with `sync` (page by page) from the positions it has
 //   acknowledged, so nothing is missed across disconnects; acknowledges what it received
-//   (cumulative `ack` per stream) and hands each message to the app once (deduplicated by id:
-//   delivery is at least once);
+//   (cumulative `ack` per stream, never past a seq it has not received: a live message that
+//   overtakes a sync is handed to the app at once but acknowledged only once the sync got to
+//   it) and hands each message to the app once (deduplicated by id: delivery is at least
+//   once);
 // - sends with a `cid` and resolves when the node answers `sent` (the message is durable), or
 //   rejects with the node's `error`; a send still unanswered when the connection drops is sent
 //   again after reconnecting with the same `cid`, which the node deduplicates.
@@ -34,6 +36,9 @@ export class EtherError extends Error {
 const FINAL_CLOSE_CODES = new Set([4001, 1008]);
 /** Ids remembered to drop messages delivered again. */
 const SEEN_MAX = 10000;
+/** How long a gap in a stream (a seq missing before one received live) may last before a
+ * `sync` fetches it (live messages of a cluster may come slightly out of order). */
+const GAP_WAIT_MS = 1000;
 
 function randomCid() {
   const bytes = new Uint8Array(12);
@@ -73,10 +78,18 @@ export class EtherTerminal extends EventTarget {
     this.sendTimeoutMs = o.sendTimeoutMs ?? 15000;
     this.WebSocketImpl = o.WebSocket ?? globalThis.WebSocket;
     if (!this.WebSocketImpl) throw new Error("no WebSocket implementation: pass { WebSocket }");
-    /** Acknowledged positions: `inbox_seq` and one per group. */
+    /** Acknowledged positions: `inbox_seq` and one per group. Each one is a seq this terminal
+     * has everything of up to (what it acknowledges): a `sync` goes on from there. */
     this.positions = o.positions
       ? { inbox_seq: o.positions.inbox_seq ?? 0, groups: { ...(o.positions.groups ?? {}) } }
       : null;
+    // Per stream (`null`: the inbox, else a group id): seqs received past a gap (live
+    // messages that overtook a sync), held until what comes before them arrives; and those
+    // seqs once the position passed them (the sync brings them again: dropped).
+    this._ahead = new Map(); // stream -> Set of seqs
+    this._overtaken = new Map(); // stream -> Set of seqs
+    this._syncing = null; // the `sync` being answered: { inbox_seq, groups, low: Map stream -> seq }
+    this._gapCheck = false;
     this.welcome = null;
     this._state = "idle";
     this._ws = null;
@@ -268,8 +281,15 @@ export class EtherTerminal extends EventTarget {
     // again: a new stream from seq 1): start that one over.
     for (const [g, head] of Object.entries(w.groups)) {
       if (!(g in this.positions.groups)) this.positions.groups[g] = head;
-      else if (this.positions.groups[g] > head) this.positions.groups[g] = 0;
+      else if (this.positions.groups[g] > head) {
+        this.positions.groups[g] = 0;
+        this._ahead.delete(g);
+      }
     }
+    // A new connection: no sync of an earlier one is being answered any more.
+    this._syncing = null;
+    this._gapCheck = false;
+    this._overtaken.clear();
     this._setState("online");
     this._emit("welcome", w);
     this._startHeartbeat(w.heartbeat_s);
@@ -282,23 +302,108 @@ export class EtherTerminal extends EventTarget {
   }
 
   _sync() {
-    this._write({ type: "sync", inbox_seq: this.positions.inbox_seq, groups: { ...this.positions.groups } });
+    const from = { inbox_seq: this.positions.inbox_seq, groups: { ...this.positions.groups } };
+    if (this._write({ type: "sync", ...from })) this._syncing = { ...from, low: new Map() };
   }
 
   _onSynced(s) {
+    const answered = this._syncing;
+    this._syncing = null;
+    if (answered) this._skipPurged(answered, s);
     this._flushAcks();
-    if (s.more) this._sync();
-    else this._emit("synced", s); // caught up with everything stored
+    if (s.more) return this._sync(); // on from the positions: where the pages got to
+    this._overtaken.clear(); // every one of them came again by now
+    if (this._ahead.size > 0) this._gapCheckLater(); // live ones past what was stored then
+    this._emit("synced", s); // caught up with everything stored
+  }
+
+  /**
+   * Moves positions past the seqs that a `sync` answer shows are no longer stored (purged
+   * by retention: pages skip them). After the last page (`more: false`) everything of a
+   * stream it named up to its head was sent. After another page, only the first stream the
+   * node was behind on surely had room in it: the first seq of that stream received since
+   * (page or live: a live message is never below the page's first) was the first stored.
+   */
+  _skipPurged(answered, s) {
+    const streams = [[null, answered.inbox_seq, s.inbox_seq]];
+    for (const g of Object.keys(answered.groups).sort()) streams.push([g, answered.groups[g], s.groups?.[g]]);
+    for (const [stream, from, head] of streams) {
+      if (head === undefined || head <= from) continue; // not a member, or nothing was due
+      let to = head;
+      if (s.more) {
+        const low = answered.low.get(stream);
+        to = low !== undefined && low <= head ? low - 1 : from;
+      }
+      if (this._advance(stream, to)) this._ackLater(stream, this._pos(stream));
+      if (s.more) return;
+    }
+  }
+
+  _pos(stream) {
+    return stream === null ? this.positions.inbox_seq : (this.positions.groups[stream] ?? 0);
+  }
+
+  /** Moves `stream`'s position up to `seq`, then over the held seqs that follow it; true if
+   * it moved. */
+  _advance(stream, seq) {
+    const before = this._pos(stream);
+    let pos = Math.max(before, seq);
+    const ahead = this._ahead.get(stream);
+    if (ahead) {
+      // While a sync is answered, its pages may bring again the held seqs passed now.
+      let overtaken = this._syncing ? this._overtaken.get(stream) : null;
+      if (this._syncing && !overtaken) this._overtaken.set(stream, (overtaken = new Set()));
+      for (const s of ahead) if (s <= pos) ahead.delete(s);
+      while (ahead.delete(pos + 1)) {
+        pos += 1;
+        overtaken?.add(pos);
+      }
+      if (ahead.size === 0) this._ahead.delete(stream);
+    }
+    if (pos === before) return false;
+    if (stream === null) this.positions.inbox_seq = pos;
+    else this.positions.groups[stream] = pos;
+    return true;
+  }
+
+  _gapCheckLater() {
+    if (this._gapCheck) return;
+    this._gapCheck = true;
+    this._later(GAP_WAIT_MS, () => {
+      this._gapCheck = false;
+      if (this._ahead.size > 0 && !this._syncing) this._sync();
+    });
   }
 
   _onMsg(m) {
     if (m.chat === "broadcast") return this._emit("message", m); // not stored, no seq
     const group = m.chat.startsWith("g:") ? m.chat.slice(2) : null;
-    // Acknowledge what arrived (cumulative), even a duplicate: it is how resends stop.
-    if (group === null) this.positions.inbox_seq = Math.max(this.positions.inbox_seq, m.seq);
-    else this.positions.groups[group] = Math.max(this.positions.groups[group] ?? 0, m.seq);
-    this._ackLater(group, m.seq);
-    if (this._seen.has(m.id)) return;
+    // A group joined since the welcome starts at its first message (history: REST API).
+    if (group !== null && !(group in this.positions.groups)) this.positions.groups[group] = m.seq - 1;
+    const pos = this._pos(group);
+    let again = this._overtaken.get(group)?.delete(m.seq) ?? false;
+    if (this._syncing && m.seq > pos) {
+      const low = this._syncing.low.get(group);
+      if (low === undefined || m.seq < low) this._syncing.low.set(group, m.seq);
+    }
+    if (m.seq === pos + 1) {
+      this._advance(group, m.seq);
+      this._ackLater(group, this._pos(group));
+    } else if (m.seq <= pos) {
+      // Acknowledge what arrived (cumulative), even a duplicate: it is how resends stop.
+      this._ackLater(group, m.seq);
+    } else {
+      // Past a gap (a live message that overtook the sync, or one lost on the way): handed to
+      // the app, but acknowledged only once everything before it is here (a cumulative ack
+      // past the gap would say the missing ones were received, and the node would never send
+      // them again).
+      let ahead = this._ahead.get(group);
+      if (!ahead) this._ahead.set(group, (ahead = new Set()));
+      again = ahead.has(m.seq) || again;
+      ahead.add(m.seq);
+      if (!this._syncing) this._gapCheckLater();
+    }
+    if (again || this._seen.has(m.id)) return;
     this._seen.add(m.id);
     this._seenOrder.push(m.id);
     if (this._seenOrder.length > SEEN_MAX) this._seen.delete(this._seenOrder.shift());
