@@ -103,7 +103,9 @@ impl TokenKeys {
         let now = now_ms / 1000;
         let claims = Claims {
             sub: user.to_owned(),
-            exp: now + ttl.as_secs(),
+            // The first whole second at or after now + ttl: a token is good for at least its
+            // ttl (`ttl.as_secs()` made a sub-second ttl expire as it was made).
+            exp: (u128::from(now_ms) + ttl.as_millis()).div_ceil(1000).try_into().unwrap_or(u64::MAX),
             iat: now,
             iat_ms: Some(now_ms),
             device: device.map(str::to_owned),
@@ -143,6 +145,10 @@ mod tests {
         let (t, exp) = keys.mint("alice", Duration::from_secs(60), Some("phone")).unwrap();
         let c = keys.verify(&t).unwrap();
         assert_eq!((c.sub.as_str(), c.exp, c.device.as_deref()), ("alice", exp, Some("phone")));
+        // A sub-second ttl still lasts at least that long: exp is rounded up, never down.
+        let before_ms = crate::message::unix_now_ms();
+        let (_, exp) = keys.mint("alice", Duration::from_millis(500), None).unwrap();
+        assert!(exp * 1000 >= before_ms + 500, "exp {exp} s is before now + 500 ms ({before_ms} ms)");
     }
 
     #[test]

@@ -48,6 +48,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     let generated = config.secrets_generated.clone();
     let data_dir = config.node.data_dir.clone();
     let auth = config.auth.clone();
+    let drain_timeout = node::drain_timeout(&config);
     let signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,
         Err(e) => {
@@ -74,7 +75,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     }
     // Drain: terminals are told to reconnect elsewhere and closed within the drain window.
     handle.shared.start_drain();
-    let deadline = std::time::Instant::now() + node::DRAIN_TIMEOUT;
+    let deadline = std::time::Instant::now() + drain_timeout;
     while handle.shared.connections() > 0 && std::time::Instant::now() < deadline {
         if signals.pending().next().is_some() {
             tracing::warn!("second signal: stopping now");

@@ -29,8 +29,14 @@ use ether_store::{Op, Reply, StoreHandle};
 
 /// Listen backlog of every listener (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: i32 = 4096;
-/// How long a signalled node waits for its drain before stopping anyway.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long past `limits.drain_window_ms` a signalled node waits for its drain before
+/// stopping anyway (the last closes written, reconnects jittered up to the window's end).
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a signalled node waits for its drain: the configured window and a grace.
+pub fn drain_timeout(config: &Config) -> Duration {
+    config.limits.drain_window + DRAIN_GRACE
+}
 /// How long a stopping shard waits for its terminals to get their close frames.
 const STOP_GOODBYE_MAX: Duration = Duration::from_secs(3);
 /// Idle keep-alive connections on the api port are closed after this long.
@@ -63,6 +69,14 @@ const ADMIN_CONNECTIONS_MAX: usize = 256;
 pub enum NodeError {
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "cannot listen on {addr} ({what}): the port is taken (another ether node, or another listener of this one)"
+    )]
+    PortTaken { what: &'static str, addr: SocketAddr },
+    #[error("data directory {path} is in use by another ether node{holder}: one node per data directory")]
+    DataDirInUse { path: String, holder: String },
+    #[error("cannot lock data directory {path}: {source}")]
+    DataDirLock { path: String, source: std::io::Error },
     #[error("cannot start shard {shard}: {source}")]
     Executor { shard: usize, source: glommio::GlommioError<()> },
     #[error("cannot open the store in {path}: {source}")]
@@ -102,6 +116,45 @@ pub struct NodeHandle {
     threads: Vec<glommio::ExecutorJoinHandle<()>>,
     /// Dropping it stops the TLS certificate reloader.
     _tls_reload_stop: Option<std::sync::mpsc::Sender<()>>,
+    /// Held while the node runs (released when the handle, or the process, goes).
+    _data_dir_lock: DataDirLock,
+}
+
+/// `<data dir>/ether.lock`, locked (`flock`, exclusive) for as long as a node uses the
+/// directory: a second node on the same directory (an overlapping restart, a typo) would share
+/// the SQLite file with its own in-memory sequence heads and id generator and deliver the same
+/// outbox, so it is refused at start. The lock holds the holder's pid, for the message.
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    fn take(dir: &std::path::Path) -> Result<DataDirLock, NodeError> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = dir.join("ether.lock");
+        let shown = path.display().to_string();
+        let err = |source| NodeError::DataDirLock { path: shown.clone(), source };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let mut file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(err)?;
+        // SAFETY: flock on a descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(err(e));
+            }
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let holder = if pid.is_empty() { String::new() } else { format!(" (pid {pid})") };
+            return Err(NodeError::DataDirInUse { path: dir.display().to_string(), holder });
+        }
+        file.set_len(0).map_err(err)?;
+        file.rewind().map_err(err)?;
+        writeln!(file, "{}", std::process::id()).map_err(err)?;
+        Ok(DataDirLock { _file: file })
+    }
 }
 
 impl NodeHandle {
@@ -154,9 +207,25 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
     Ok(socket)
 }
 
+/// Whether another socket listens on `addr` already: SO_REUSEPORT would let this node's
+/// listeners join it (any process of the same user may), and the kernel would split the
+/// connections between the two, so the port is tried without it first (with SO_REUSEADDR, so a
+/// restart's TIME_WAIT connections do not count).
+fn port_taken(addr: SocketAddr) -> bool {
+    let Ok(probe) = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) else { return false };
+    if probe.set_reuse_address(true).is_err() {
+        return false;
+    }
+    matches!(probe.bind(&addr.into()), Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
 /// `count` listeners sharing one port through SO_REUSEPORT (port 0 picks one free port for all).
+/// A port some other socket listens on already is refused ([`NodeError::PortTaken`]).
 fn bind_group(what: &'static str, addr: SocketAddr, count: usize) -> Result<(SocketAddr, Vec<OwnedFd>), NodeError> {
     let err = |source| NodeError::Bind { what, addr, source };
+    if addr.port() != 0 && port_taken(addr) {
+        return Err(NodeError::PortTaken { what, addr });
+    }
     let first = bind_one(addr).map_err(err)?;
     let bound =
         first.local_addr().map_err(err)?.as_socket().ok_or_else(|| err(std::io::Error::other("not an inet socket")))?;
@@ -196,6 +265,7 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         tracing::debug!(error = %e, "node.sched_slice_us not applied (kernel default slice)");
     }
     let shards = config.node.shards;
+    let data_dir_lock = DataDirLock::take(&config.node.data_dir)?;
     let (client, mut client_fds) = bind_group("client", config.listen.client, shards)?;
     let (api, mut api_fds) = bind_group("api", config.listen.api, shards)?;
     let (admin, mut admin_fds) = bind_group("admin", config.listen.admin, 1)?;
@@ -311,7 +381,15 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
             .map_err(|source| NodeError::Executor { shard: id, source })?;
         threads.push(handle);
     }
-    Ok(NodeHandle { ports, shared, store, events, threads, _tls_reload_stop: tls_reload_stop })
+    Ok(NodeHandle {
+        ports,
+        shared,
+        store,
+        events,
+        threads,
+        _tls_reload_stop: tls_reload_stop,
+        _data_dir_lock: data_dir_lock,
+    })
 }
 
 /// Entries of each io_uring ring of a shard. The kernel sizes its table of armed polls from

@@ -368,14 +368,17 @@ impl Session {
         }
     }
 
-    /// Queues a frame unless that would put more than `queue_bytes_max` bytes in the queue.
+    /// Queues a frame unless that would put more than `queue_bytes_max` bytes in the queue. An
+    /// empty queue takes any one frame: a message bigger than the bound (a configured bound
+    /// below the largest message) goes out alone instead of closing its terminal at every push
+    /// and every `sync`, forever.
     pub fn push(&self, frame: Bytes, queue_bytes_max: usize) -> Pushed {
         if self.close.get().is_some() {
             return Pushed::Closing;
         }
         {
             let mut q = self.out.borrow_mut();
-            if q.bytes as usize + frame.len() > queue_bytes_max {
+            if q.bytes > 0 && q.bytes as usize + frame.len() > queue_bytes_max {
                 drop(q);
                 self.request_close(CloseReason::SlowConsumer);
                 return Pushed::Overflow;
@@ -773,6 +776,14 @@ mod tests {
         assert_eq!(s.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(s.push(Bytes::from_static(&[3; 1]), 100), Pushed::Closing);
         assert_eq!(s.queued_bytes(), 100, "nothing queued after the overflow");
+    }
+
+    #[test]
+    fn an_empty_queue_takes_one_frame_bigger_than_the_bound() {
+        let s = session();
+        assert_eq!(s.push(Bytes::from_static(&[1; 150]), 100), Pushed::Queued, "alone, it goes out");
+        assert_eq!(s.push(Bytes::from_static(&[2; 1]), 100), Pushed::Overflow, "nothing after it until written");
+        assert_eq!(s.close_reason(), Some(CloseReason::SlowConsumer));
     }
 
     #[test]

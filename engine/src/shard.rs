@@ -397,7 +397,9 @@ impl Shard {
         remote: SocketAddr,
         elsewhere: &[&str],
     ) -> Result<Rc<Session>, AdoptError> {
-        if self.node.stopping() {
+        // A terminal taken on once a drain began would miss its `reconnect` (told once, to
+        // the terminals there were) and be closed 1012 without it: refused, it reconnects.
+        if self.node.stopping() || self.node.draining() {
             return Err(AdoptError::ShuttingDown);
         }
         debug_assert_eq!(home_shard(user, self.shards), self.id, "terminal adopted away from its home shard");

@@ -611,3 +611,28 @@ fn resends_do_not_overrun_the_queue_of_a_terminal_that_has_not_read_yet() {
     assert_eq!(slow, 0.0, "closed as a slow consumer by its own resends");
     drop(s);
 }
+
+/// A message bigger than a terminal's whole outbound queue bound (16 KiB in tests; a custom
+/// body may hold 32 KiB) still reaches it: an empty queue takes any one frame. It used to close
+/// the terminal as a slow consumer at every push and every `sync`, so its inbox never got past
+/// that message.
+#[test]
+fn a_message_bigger_than_the_queue_bound_goes_out_alone() {
+    let node = TestNode::start();
+    assert_eq!(node.config.limits.outbound_queue_bytes_max, 16 * 1024);
+    let mut fay = node.terminal("fay", "phone");
+    let data = "y".repeat(20_000);
+    let big = ether_proto::api::SendMessage {
+        from: "bo".into(),
+        to: "fay".into(),
+        kind: ether_proto::Kind::Custom,
+        body: serde_json::json!({ "data": data }),
+        cid: None,
+    };
+    node.gateway().send_message(&big).unwrap();
+    let m = next_msg(&mut fay);
+    assert_eq!(m.body["data"].as_str().map(str::len), Some(20_000));
+    fay.ack(m.seq).unwrap();
+    node.gateway().send_message(&text("bo", "fay", "after")).unwrap();
+    assert_eq!(next_msg(&mut fay).body["text"], "after");
+}
