@@ -174,6 +174,14 @@ pub fn render(stats: &NodeStats) -> String {
         out.histogram("ether_storage_batch_size", &[], &st.batch_size);
         out.family("ether_storage_commit_latency_seconds", "Seconds per store commit.", Kind::Histogram);
         out.histogram("ether_storage_commit_latency_seconds", &[], &st.commit_latency);
+        out.family("ether_outbox_events", "Events in the durable outbox, waiting for the webhook.", Kind::Gauge);
+        out.sample("ether_outbox_events", &[], st.outbox_events as f64);
+        out.family(
+            "ether_outbox_dropped_total",
+            "Oldest outbox events dropped because the outbox was at events.outbox_max.",
+            Kind::Counter,
+        );
+        out.sample("ether_outbox_dropped_total", &[], st.outbox_dropped as f64);
     }
 
     if let Some(ev) = &stats.events {
@@ -542,6 +550,8 @@ mod tests {
                 batch_size: batch.snapshot(),
                 commit_latency: commit.snapshot(),
                 queue_depth: 2,
+                outbox_events: 1_000_000,
+                outbox_dropped: 4_096,
             }),
             events: Some(EventStats {
                 webhook_url: "http://hooks.example/ether".into(),
@@ -612,6 +622,8 @@ mod tests {
             "ether_push_latency_seconds",
             "ether_storage_batch_size",
             "ether_storage_commit_latency_seconds",
+            "ether_outbox_events",
+            "ether_outbox_dropped_total",
             "ether_mesh_queue_depth",
             "ether_outbound_bytes_queued",
             "ether_parked_connections",
@@ -624,6 +636,8 @@ mod tests {
         }
         assert_eq!(types["ether_ack_latency_seconds"], "histogram");
         assert_eq!(types["ether_connections"], "gauge");
+        assert_eq!(types["ether_outbox_events"], "gauge");
+        assert_eq!(types["ether_outbox_dropped_total"], "counter");
     }
 
     #[test]
@@ -647,6 +661,8 @@ mod tests {
         assert_eq!(get(&samples, "ether_events_dispatching", &[]).value, 1.0);
         assert_eq!(get(&samples, "ether_events_sent_total", &[]).value, 20.0);
         assert_eq!(get(&samples, "ether_events_failures_total", &[]).value, 3.0);
+        assert_eq!(get(&samples, "ether_outbox_events", &[]).value, 1_000_000.0);
+        assert_eq!(get(&samples, "ether_outbox_dropped_total", &[]).value, 4096.0);
         assert_eq!(get(&samples, "ether_cluster_bus_entries_read_total", &[("stream", "own")]).value, 40.0);
         assert_eq!(get(&samples, "ether_cluster_published_total", &[("bus", "routed")]).value, 30.0);
         assert_eq!(get(&samples, "ether_cluster_routed_appends_total", &[]).value, 12.0);

@@ -185,6 +185,14 @@ pub struct StorageStats {
     pub commit_latency: HistogramSnapshot,
     /// Gauge: operations waiting for the writer.
     pub queue_depth: u64,
+    /// Gauge: events in the durable outbox (in cluster mode the shared one), waiting for the
+    /// webhook to take them.
+    #[serde(default)]
+    pub outbox_events: u64,
+    /// Events `events.outbox_max` dropped from the outbox, oldest first, since the store was
+    /// created.
+    #[serde(default)]
+    pub outbox_dropped: u64,
 }
 
 /// The event dispatcher (business webhook, API.md section 4).

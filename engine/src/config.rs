@@ -295,6 +295,8 @@ raw_config! {
         batch_wait_ms: u64,
         /// `events.group_unreached_members_max`: `group.unreached` for groups up to this size.
         group_unreached_members_max: usize,
+        /// `events.outbox_max`: events the durable outbox keeps at most (past it the oldest go).
+        outbox_max: u64,
     }
     /// Raw `[retention]`: how long messages are kept.
     retention: RawRetention {
@@ -777,6 +779,13 @@ pub struct Events {
     /// hot group of 500 online members, session 12): 687k / 716k deliveries/s with it,
     /// 759k / 858k without.
     pub group_unreached_members_max: usize,
+    /// `events.outbox_max` (1,000,000): events the durable outbox keeps at most. While the
+    /// webhook is down the outbox grows; past this a write deletes the oldest events first
+    /// (the newest are the most useful) and counts them (`ether_outbox_dropped_total`, a
+    /// warning at most once a minute or per power of two), so the disk (standalone) or the
+    /// Redis that also holds the messages (cluster) is not filled. Events are at-least-once
+    /// while within it. A few hundred bytes per event: 1,000,000 is some hundreds of MB.
+    pub outbox_max: u64,
 }
 
 /// A webhook target and its signing key.
@@ -901,6 +910,8 @@ pub const EVENTS_BATCH_WAIT_MS_DEFAULT: u64 = 10;
 pub const NODE_SCHED_SLICE_US_DEFAULT: u64 = 100;
 /// Default of `events.group_unreached_members_max`.
 pub const EVENTS_GROUP_UNREACHED_MEMBERS_MAX_DEFAULT: usize = 1000;
+/// Default of `events.outbox_max`.
+pub const EVENTS_OUTBOX_MAX_DEFAULT: u64 = ether_store::OUTBOX_MAX_DEFAULT;
 /// Default of `store.batch_wait_after_ops`.
 pub const STORE_BATCH_WAIT_AFTER_OPS_DEFAULT: usize = 64;
 /// Default of `store.position_saves_per_tick_max`.
@@ -937,6 +948,7 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.batch_wait_after_ops", 0, 1_000_000),
     ("events.batch_wait_ms", 0, 10_000),
     ("events.group_unreached_members_max", 0, 100_000),
+    ("events.outbox_max", 1, 1_000_000_000),
     ("store.position_saves_per_tick_max", 1, 1_000_000),
     ("limits.socket_send_buffer_bytes", 0, 64 * 1024 * 1024),
     ("limits.park_idle_after_ms", 0, 3_600_000),
@@ -1191,6 +1203,7 @@ impl Config {
                 "webhook_ca_path": self.events.webhook.as_ref().and_then(|w| w.ca_path.as_ref()).map(|p| p.to_string_lossy().into_owned()),
                 "batch_wait_ms": u64::try_from(self.events.batch_wait.as_millis()).unwrap_or(u64::MAX),
                 "group_unreached_members_max": self.events.group_unreached_members_max,
+                "outbox_max": self.events.outbox_max,
             },
             "retention": { "days": self.retention.days },
             "limits": {
@@ -1612,6 +1625,7 @@ impl Prepared {
                     raw.events.group_unreached_members_max,
                     EVENTS_GROUP_UNREACHED_MEMBERS_MAX_DEFAULT,
                 )?,
+                outbox_max: check.bounded("events.outbox_max", raw.events.outbox_max, EVENTS_OUTBOX_MAX_DEFAULT)?,
             },
             tls,
             retention,
@@ -1965,7 +1979,8 @@ mod tests {
                     | "store.position_saves_per_tick_max"
                     | "store.batch_wait_after_ops"
                     | "events.batch_wait_ms"
-                    | "events.group_unreached_members_max" => "4096",
+                    | "events.group_unreached_members_max"
+                    | "events.outbox_max" => "4096",
                     k if k.starts_with("limits.") => "4096",
                     "tls.reload_check_s" => "30",
                     _ => "some-string-value-16",
@@ -2093,6 +2108,7 @@ mod tests {
             webhook_ca_path = "/etc/ether/hooks-ca.pem"
             batch_wait_ms = 20
             group_unreached_members_max = 500
+            outbox_max = 200000
             [retention]
             days = 30
             [limits]
@@ -2149,6 +2165,7 @@ mod tests {
         assert!(!p.terminal_send_enabled);
         assert_eq!(p.events.batch_wait, Duration::from_millis(20));
         assert_eq!(p.events.group_unreached_members_max, 500);
+        assert_eq!(p.events.outbox_max, 200_000);
         assert_eq!(p.events.webhook.unwrap().url, "https://hooks.example.com/ether");
         assert!(p.configured.complete().is_some());
     }

@@ -266,7 +266,8 @@ pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
             // Without a webhook nobody fetches the outbox: the stream alone carries events.
             outbox: config.events.webhook.is_some(),
         };
-        return StoreThread::spawn(ether_store::RedisBackend::open(url, options)?, opts);
+        let backend = ether_store::RedisBackend::open(url, options)?.with_outbox_max(config.events.outbox_max);
+        return StoreThread::spawn(backend, opts);
     }
     let backend = SqliteBackend::open_dir(
         &config.node.data_dir,
@@ -274,6 +275,7 @@ pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
             durability: config.store_durability,
             flush_age: config.store_index_flush_age,
             pending_entries_max: config.store_index_pending_max,
+            outbox_max: config.events.outbox_max,
             ..SqliteOptions::default()
         },
     )?;

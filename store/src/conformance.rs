@@ -154,6 +154,9 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     single_chat_both_inboxes(make());
     self_chat(make());
     idempotent_cid(make());
+    cid_of_a_single_chat_is_not_a_group_post(make());
+    system_posts_with_one_cid_reach_every_group(make());
+    group_cid_retry_is_the_first_post(make());
     paging_concatenates(make());
     history_orders(make());
     filtered_history_moves_past_a_scan_budget(make());
@@ -239,6 +242,115 @@ pub fn idempotent_cid<B: StoreBackend>(mut b: B) {
     assert_eq!(bob.len(), 3);
     assert_eq!(body_text(&bob[0]), "once");
     assert_eq!(bob[0].cid.as_deref(), Some("c1"));
+}
+
+/// A system (business) post to a group: `from` names the system, no membership needed.
+fn system_post(from: &str, group: &str, cid: Option<&str>, text: &str) -> Op {
+    let mut op = group_text(from, group, cid, text);
+    if let Op::AppendGroup(m) = &mut op {
+        m.system = true;
+    }
+    op
+}
+
+fn group_log<B: StoreBackend>(b: &mut B, group: &str) -> Vec<Entry> {
+    ok(b, Op::ReadGroup { group: group.into(), after_seq: 0, limit: 1000 }).page().expect("page").entries
+}
+
+/// A cid is scoped: a sender's single chats share one cid space, each group it posts to has
+/// its own. The same cid from the same sender in a single chat and then in a group (or the
+/// other way round) is two messages, each with its own stream's seq; before and after
+/// background index work.
+pub fn cid_of_a_single_chat_is_not_a_group_post<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "crew", "ann", &["bob"]);
+    for i in 0..3 {
+        send(&mut b, "ann", "bob", &format!("warm-up {i}"));
+    }
+    for (round, cid) in ["k1", "k2"].into_iter().enumerate() {
+        let single = ok(&mut b, text("ann", "bob", Some(cid), "single")).appended().expect("appended");
+        assert!(!single.duplicate, "{cid}");
+        if round == 1 {
+            while b.maintain(u64::MAX).unwrap_or(false) {}
+        }
+        let post = ok(&mut b, group_text("ann", "crew", Some(cid), "group")).group_appended().expect("group");
+        assert!(!post.duplicate, "{cid}: a group post is not the single message with the same cid");
+        assert_ne!(post.id, single.id);
+        assert_eq!(post.seq, round as u64 + 1, "{cid}: the group's own seq");
+        let log = group_log(&mut b, "crew");
+        assert_eq!(log.last().map(|e| (e.id, e.seq, body_text(e))), Some((post.id, post.seq, "group".into())));
+    }
+    // Group first, then a single chat with the same cid.
+    let post = ok(&mut b, group_text("ann", "crew", Some("k3"), "group first")).group_appended().expect("group");
+    let _ = b.maintain(u64::MAX);
+    let single = ok(&mut b, text("ann", "bob", Some("k3"), "then single")).appended().expect("appended");
+    assert!(!single.duplicate);
+    assert_ne!(single.id, post.id);
+    assert_eq!((single.receiver_seq, single.sender_seq), (6, Some(6)), "inbox seqs, not the group's");
+    // Each is still its own scope's retry.
+    let again = ok(&mut b, text("ann", "bob", Some("k3"), "retry")).appended().expect("appended");
+    assert!(again.duplicate && again.id == single.id && again.receiver_seq == 6);
+    let again = ok(&mut b, group_text("ann", "crew", Some("k3"), "retry")).group_appended().expect("group");
+    assert!(again.duplicate && again.id == post.id && again.seq == post.seq);
+    let bob = inbox(&mut b, "bob");
+    assert_eq!(bob.len(), 6);
+    assert_eq!(group_log(&mut b, "crew").len(), 3);
+}
+
+/// The business posting as the system to several groups with one cid (`notice-1` to each)
+/// stores one message in each group, each with that group's seq; one by one or in one batch.
+pub fn system_posts_with_one_cid_reach_every_group<B: StoreBackend>(mut b: B) {
+    for g in ["g1", "g2", "g3", "g4"] {
+        create_group(&mut b, g, "owner", &["member"]);
+    }
+    ok(&mut b, group_text("owner", "g2", None, "g2 is ahead by one"));
+    let p1 = ok(&mut b, system_post("biz", "g1", Some("notice-1"), "hello g1")).group_appended().expect("group");
+    let p2 = ok(&mut b, system_post("biz", "g2", Some("notice-1"), "hello g2")).group_appended().expect("group");
+    assert!(!p1.duplicate && !p2.duplicate, "g2 gets its own notice");
+    assert_ne!(p1.id, p2.id);
+    assert_eq!((p1.seq, p2.seq), (1, 2));
+    let g2 = group_log(&mut b, "g2");
+    assert_eq!(g2.last().map(|e| (e.id, e.from.as_str(), body_text(e))), Some((p2.id, "biz", "hello g2".into())));
+    let _ = b.maintain(u64::MAX);
+    let r = b.apply_batch(&[
+        system_post("biz", "g3", Some("notice-2"), "hello g3"),
+        system_post("biz", "g4", Some("notice-2"), "hello g4"),
+        system_post("biz", "g1", Some("notice-2"), "hello g1 again"),
+    ]);
+    let r: Vec<GroupAppended> = r.into_iter().map(|r| r.and_then(Reply::group_appended).expect("group")).collect();
+    assert!(r.iter().all(|p| !p.duplicate), "{r:?}");
+    assert_eq!(r.iter().map(|p| p.seq).collect::<Vec<_>>(), [1, 1, 2]);
+    for (g, n) in [("g1", 2), ("g2", 2), ("g3", 1), ("g4", 1)] {
+        assert_eq!(group_log(&mut b, g).len(), n, "{g}");
+    }
+}
+
+/// A retry in the same group (same sender, same group, same cid) is the first post again:
+/// its id, ts and seq, `duplicate`, nothing stored; in the same batch or later, before and
+/// after background index work, a member's and the system's alike.
+pub fn group_cid_retry_is_the_first_post<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "den", "ann", &["bob"]);
+    create_group(&mut b, "lab", "ann", &[]);
+    let first = ok(&mut b, group_text("ann", "den", Some("r1"), "once")).group_appended().expect("group");
+    let other = ok(&mut b, group_text("ann", "lab", Some("r1"), "elsewhere")).group_appended().expect("group");
+    assert!(!first.duplicate && !other.duplicate);
+    let r = b.apply_batch(&[
+        group_text("ann", "den", Some("r1"), "twice"),
+        group_text("bob", "den", Some("r1"), "bob's own r1"),
+        system_post("biz", "den", Some("r1"), "the system's own r1"),
+        system_post("biz", "den", Some("r1"), "the system's retry"),
+    ]);
+    let r: Vec<GroupAppended> = r.into_iter().map(|r| r.and_then(Reply::group_appended).expect("group")).collect();
+    assert_eq!((r[0].id, r[0].ts, r[0].seq, r[0].duplicate), (first.id, first.ts, first.seq, true));
+    assert_eq!((r[1].seq, r[1].duplicate), (2, false), "another sender's cid is its own");
+    assert_eq!((r[2].seq, r[2].duplicate), (3, false));
+    assert_eq!((r[3].id, r[3].seq, r[3].duplicate), (r[2].id, 3, true));
+    while b.maintain(u64::MAX).unwrap_or(false) {}
+    let later = ok(&mut b, group_text("ann", "den", Some("r1"), "thrice")).group_appended().expect("group");
+    assert_eq!((later.id, later.ts, later.seq, later.duplicate), (first.id, first.ts, first.seq, true));
+    let later = ok(&mut b, group_text("ann", "lab", Some("r1"), "again")).group_appended().expect("group");
+    assert_eq!((later.id, later.seq, later.duplicate), (other.id, other.seq, true));
+    let den = group_log(&mut b, "den");
+    assert_eq!(den.iter().map(body_text).collect::<Vec<_>>(), ["once", "bob's own r1", "the system's own r1"]);
 }
 
 /// Inbox pages (bounded) concatenate to the whole inbox, in order, without gaps.
@@ -669,6 +781,8 @@ pub fn outbox_in_order<B: StoreBackend>(mut b: B) {
     ok(&mut b, Op::OutboxAppend { events: (2..10).map(|i| ev("message.unreached", i)).collect() });
     let all = ok(&mut b, Op::OutboxFetch { after: 0, limit: 100 }).events().expect("events");
     assert_eq!(all.len(), 10);
+    let stats = ok(&mut b, Op::OutboxStats).outbox_stats().expect("stats");
+    assert_eq!(stats, OutboxStats { events: 10, dropped: 0 }, "within the cap nothing is dropped");
     assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
     assert_eq!(all[1].kind, "user.offline");
     let page = ok(&mut b, Op::OutboxFetch { after: all[2].seq, limit: 3 }).events().expect("events");
@@ -676,10 +790,67 @@ pub fn outbox_in_order<B: StoreBackend>(mut b: B) {
     assert_eq!(ok(&mut b, Op::OutboxAck { through: all[4].seq }), Reply::Count(5));
     let rest = ok(&mut b, Op::OutboxFetch { after: 0, limit: 100 }).events().expect("events");
     assert_eq!(rest, all[5..]);
+    assert_eq!(ok(&mut b, Op::OutboxStats), Reply::OutboxStats(OutboxStats { events: 5, dropped: 0 }));
     ok(&mut b, Op::OutboxAck { through: u64::MAX / 2 });
+    assert_eq!(ok(&mut b, Op::OutboxStats), Reply::OutboxStats(OutboxStats { events: 0, dropped: 0 }));
     let r = ok(&mut b, Op::OutboxAppend { events: vec![ev("user.online", 11)].into() });
     let Reply::OutboxAppended { first, .. } = r else { panic!("{r:?}") };
     assert!(first > all[9].seq, "event ids are never reused");
+}
+
+/// With the backend's outbox cap at `cap` (at least 2): every write that takes the outbox
+/// past it drops the oldest events first and counts them, so what is fetched is exactly the
+/// newest `cap` events, in order, seqs increasing, whether they came one per write, as a
+/// read's own `message.read`, or many in one write (even more than `cap`); acks shrink the
+/// outbox without counting drops.
+pub fn outbox_capped_keeps_the_newest<B: StoreBackend>(mut b: B, cap: u64) {
+    assert!(cap >= 2);
+    let ev = |i: u64| NewEvent { kind: "user.online".into(), data: format!("{{\"i\":{i}}}"), ts: i };
+    let i_of = |e: &Event| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&e.data).expect("json");
+        v["i"].as_u64().expect("i")
+    };
+    let fetch = |b: &mut B| ok(b, Op::OutboxFetch { after: 0, limit: 1000 }).events().expect("events");
+    let stats = |b: &mut B| ok(b, Op::OutboxStats).outbox_stats().expect("stats");
+    let mut seqs = Vec::new();
+    for i in 0..cap + 3 {
+        let r = ok(&mut b, Op::OutboxAppend { events: vec![ev(i)].into() });
+        let Reply::OutboxAppended { first, last } = r else { panic!("{r:?}") };
+        assert_eq!(first, last);
+        seqs.push(first);
+    }
+    let kept = fetch(&mut b);
+    assert_eq!(kept.iter().map(i_of).collect::<Vec<_>>(), (3..cap + 3).collect::<Vec<_>>(), "the newest {cap}");
+    assert_eq!(kept.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs[3..], "their own seqs, in order");
+    assert_eq!(stats(&mut b), OutboxStats { events: cap, dropped: 3 });
+
+    // A read's own event goes through the cap too.
+    let m = ok(&mut b, text("p", "r", None, "hi")).appended().expect("appended");
+    let read = Op::SetRead { user: "r".into(), chat: "u:p".into(), seq: m.receiver_seq, emit_event: true };
+    assert!(ok(&mut b, read).read().expect("read").moved);
+    let kept = fetch(&mut b);
+    assert_eq!(kept.len() as u64, cap);
+    assert_eq!(kept.last().map(|e| e.kind.as_str()), Some("message.read"));
+    assert_eq!(i_of(&kept[0]), 4);
+    assert!(kept.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(stats(&mut b), OutboxStats { events: cap, dropped: 4 });
+
+    // One write of more than the cap keeps its own newest `cap`.
+    let n = 2 * cap + 1;
+    let r = ok(&mut b, Op::OutboxAppend { events: (100..100 + n).map(ev).collect() });
+    let Reply::OutboxAppended { first, last } = r else { panic!("{r:?}") };
+    assert_eq!(last, first + n - 1);
+    let kept = fetch(&mut b);
+    assert_eq!(kept.iter().map(i_of).collect::<Vec<_>>(), (100 + n - cap..100 + n).collect::<Vec<_>>());
+    assert_eq!(kept.iter().map(|e| e.seq).collect::<Vec<_>>(), (last + 1 - cap..=last).collect::<Vec<_>>());
+    assert_eq!(stats(&mut b), OutboxStats { events: cap, dropped: 4 + n });
+
+    // Acks are not drops; below the cap nothing more is dropped.
+    assert_eq!(ok(&mut b, Op::OutboxAck { through: kept[cap as usize - 2].seq }), Reply::Count(cap - 1));
+    ok(&mut b, Op::OutboxAppend { events: vec![ev(900)].into() });
+    let kept = fetch(&mut b);
+    assert_eq!(kept.iter().map(i_of).collect::<Vec<_>>(), [99 + n, 900]);
+    assert_eq!(stats(&mut b), OutboxStats { events: 2, dropped: 4 + n });
 }
 
 /// Groups: create (conflict, limit, generated id), get, members add/remove/list with

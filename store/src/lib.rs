@@ -45,7 +45,9 @@
 //!   to 48 `(message id, aux)` pairs; `aux` is `peer*2 + outgoing` in inboxes, `sender*2` in
 //!   group logs. Written a stream at a time by the flush step, so one page write carries many
 //!   positions of one owner.
-//! - `cids(frm, h, id) WITHOUT ROWID`: `(sender, FNV-1a of cid)` → message id (idempotency);
+//! - `cids(frm, h, id) WITHOUT ROWID`: `(sender, FNV-1a of cid)` → message id (idempotency;
+//!   a group message's hash also takes its group: single chats share one cid space per
+//!   sender, each group has its own);
 //!   clustered by sender and flushed with the sender's inbox stream.
 //! - `read_pos(owner, chat, seq)`, `delivery(owner, device, chat, seq)`: chat key `2*peer` or
 //!   `2*gid+1` (0 = inbox for delivery). Never move backwards.
@@ -55,7 +57,9 @@
 //!   it: not unread, not in read counts; schema version 2, migrated in place from 1).
 //! - `revoked(name, device, before_ms) WITHOUT ROWID`: terminal tokens issued before
 //!   `before_ms` are refused (`device` '' = every device).
-//! - `outbox(seq PK AUTOINCREMENT, ts, kind, data)`: the durable event outbox.
+//! - `outbox(seq PK AUTOINCREMENT, ts, kind, data)`: the durable event outbox, capped at
+//!   `SqliteOptions::outbox_max` events (a write past it deletes the oldest, counted in
+//!   `meta('outbox_dropped')`; see [`OutboxStats`]).
 //! - `meta(k, v)`: schema version and the **watermark**.
 //!
 //! Seqs are assigned in memory at the durable write (the storage thread is the only writer)

@@ -14,6 +14,13 @@ pub const PAGE_LIMIT_MAX: usize = 1000;
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Longest `cid`, in bytes.
 pub const CID_BYTES_MAX: usize = 128;
+/// Default cap of the event outbox (`events.outbox_max`): events kept at most.
+pub const OUTBOX_MAX_DEFAULT: u64 = 1_000_000;
+/// Oldest events an outbox write drops at most beyond as many as it adds. Past the cap each
+/// write drops what it adds, so the cap holds exactly; an outbox already far past it (a
+/// lowered cap, an upgrade during a long webhook outage) shrinks by this much per write
+/// instead of in one long delete that would stall the store (Redis: every node).
+pub const OUTBOX_TRIM_STEP: u64 = 1000;
 
 /// A single-chat message to make durable. Written once, indexed into both inboxes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +112,9 @@ pub enum Op {
     OutboxFetch { after: u64, limit: usize },
     /// Deletes every event with `seq <= through`. → [`Reply::Count`]
     OutboxAck { through: u64 },
+    /// How many events the outbox holds and how many its cap has dropped (see
+    /// [`OutboxStats`]). → [`Reply::OutboxStats`]
+    OutboxStats,
     /// → [`Reply::GroupCreated`]; `Conflict` if `id` exists; the owner becomes a member.
     CreateGroup {
         id: Option<String>,
@@ -157,6 +167,7 @@ impl Op {
                 | Op::GetDelivered { .. }
                 | Op::Unread { .. }
                 | Op::OutboxFetch { .. }
+                | Op::OutboxStats
                 | Op::GetGroup { .. }
                 | Op::ListMembers { .. }
                 | Op::GroupsOf { .. }
@@ -175,7 +186,8 @@ pub struct Appended {
     pub receiver_seq: u64,
     /// Position in the sender's inbox; `None` when the sender wrote to themself.
     pub sender_seq: Option<u64>,
-    /// A repeated `(from, cid)`: these are the first message's values; nothing was written.
+    /// A repeated `(from, cid)` among the sender's single chats: these are the first
+    /// message's values; nothing was written.
     pub duplicate: bool,
 }
 
@@ -185,6 +197,8 @@ pub struct GroupAppended {
     pub id: u64,
     pub ts: u64,
     pub seq: u64,
+    /// A repeated `(from, group, cid)`: the first post's values; nothing was written. A cid is
+    /// scoped to its group: the sender's single chats and other groups are other scopes.
     pub duplicate: bool,
 }
 
@@ -255,6 +269,18 @@ pub struct Event {
     pub data: String,
 }
 
+/// The outbox's size and what its cap dropped. Every outbox write (`OutboxAppend`, a
+/// `SetRead`'s `message.read`) that takes the outbox past the backend's cap (`outbox_max`)
+/// deletes the oldest events first (the newest are the most useful to a business catching
+/// up) and counts them: events are at-least-once while within the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    /// Events held now (gauge).
+    pub events: u64,
+    /// Events the cap has dropped, in total since the store was created (counter).
+    pub dropped: u64,
+}
+
 /// A group's description.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupInfo {
@@ -280,6 +306,7 @@ pub enum Reply {
     Unread(BTreeMap<String, u64>),
     OutboxAppended { first: u64, last: u64 },
     Events(Vec<Event>),
+    OutboxStats(OutboxStats),
     GroupCreated { id: String },
     Group(GroupInfo),
     Members { members: Vec<String>, next_cursor: Option<String> },
@@ -322,6 +349,7 @@ impl Reply {
     reply_as!(read, Read, ReadMoved);
     reply_as!(unread, Unread, BTreeMap<String, u64>);
     reply_as!(events, Events, Vec<Event>);
+    reply_as!(outbox_stats, OutboxStats, OutboxStats);
     reply_as!(group, Group, GroupInfo);
     reply_as!(groups, Groups, Vec<String>);
     reply_as!(count, Count, u64);

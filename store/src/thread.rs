@@ -92,6 +92,13 @@ impl StoreOptions {
     }
 }
 
+/// How often the storage thread reads the outbox's size and drop count into [`ThreadStats`]
+/// (or every `purge_every`, if shorter).
+pub const OUTBOX_STATS_EVERY: Duration = Duration::from_secs(1);
+/// Drops by the outbox cap are logged at most this often, unless their total reached a new
+/// power of two.
+const OUTBOX_DROP_LOG_EVERY: Duration = Duration::from_secs(60);
+
 /// Bucket bounds of the commit latency histogram, seconds.
 pub const COMMIT_BOUNDS_S: &[f64] =
     &[0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -164,6 +171,12 @@ pub struct ThreadStats {
     pub batch_ops_last: AtomicU64,
     pub purged: AtomicU64,
     pub pending_entries: AtomicU64,
+    /// Gauge: events in the outbox (in cluster mode the shared one), read every
+    /// [`OUTBOX_STATS_EVERY`] at most.
+    pub outbox_events: AtomicU64,
+    /// Counter: events the outbox's cap (`events.outbox_max`) dropped, oldest first, since the
+    /// store was created; read with `outbox_events`.
+    pub outbox_dropped: AtomicU64,
     /// Nanoseconds spent applying and committing the last batch.
     pub commit_ns_last: AtomicU64,
     /// Seconds spent applying and committing each batch.
@@ -185,6 +198,8 @@ impl Default for ThreadStats {
             batch_ops_last: AtomicU64::new(0),
             purged: AtomicU64::new(0),
             pending_entries: AtomicU64::new(0),
+            outbox_events: AtomicU64::new(0),
+            outbox_dropped: AtomicU64::new(0),
             commit_ns_last: AtomicU64::new(0),
             commit_latency: AtomicHistogram::new(COMMIT_BOUNDS_S),
             batch_size: AtomicHistogram::new(BATCH_BOUNDS),
@@ -326,6 +341,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
     let mut ops: Vec<Op> = Vec::with_capacity(max);
     let mut dones: Vec<Completion> = Vec::with_capacity(max);
     let mut next_purge = Instant::now() + opts.purge_every;
+    let mut outbox = OutboxWatch::new(&opts);
     let mut stop = false;
     let mut last_batch = 0;
     while !stop {
@@ -334,6 +350,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 idle(&mut backend, &opts, &sh, &mut next_purge);
+                outbox.step(&mut backend, &sh.stats);
                 continue;
             }
         };
@@ -411,6 +428,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         if Instant::now() >= next_purge {
             purge_step(&mut backend, &opts, &sh, &mut next_purge);
         }
+        outbox.step(&mut backend, st);
         st.pending_entries.store(backend.stats().pending_entries, Ordering::Relaxed);
     }
     // Work still queued after a stop is answered, not dropped silently.
@@ -418,6 +436,76 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         if let Msg::Cmd(c) = m {
             (c.done)(Err(StoreError::Closed));
         }
+    }
+}
+
+/// Reads the outbox's size and what its cap dropped into the stats now and then, and warns
+/// when the cap dropped events (at most once a minute, or when their total reaches a new
+/// power of two).
+struct OutboxWatch {
+    every: Duration,
+    next: Instant,
+    /// The drop total last logged (or first read: drops from before this process are not
+    /// logged again); `None` until the first reading.
+    logged: Option<u64>,
+    logged_at: Option<Instant>,
+}
+
+impl OutboxWatch {
+    fn new(opts: &StoreOptions) -> Self {
+        OutboxWatch {
+            every: OUTBOX_STATS_EVERY.min(opts.purge_every).max(Duration::from_millis(1)),
+            next: Instant::now(),
+            logged: None,
+            logged_at: None,
+        }
+    }
+
+    fn step<B: StoreBackend>(&mut self, backend: &mut B, st: &ThreadStats) {
+        let now = Instant::now();
+        if now < self.next {
+            return;
+        }
+        self.next = now + self.every;
+        let s = match backend.apply(Op::OutboxStats) {
+            Ok(Reply::OutboxStats(s)) => s,
+            Ok(other) => {
+                tracing::warn!(reply = ?other, "outbox stats: unexpected reply");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "outbox stats not read");
+                return;
+            }
+        };
+        st.outbox_events.store(s.events, Ordering::Relaxed);
+        st.outbox_dropped.store(s.dropped, Ordering::Relaxed);
+        if self.should_log(s.dropped, now) {
+            tracing::warn!(
+                dropped_total = s.dropped,
+                outbox_events = s.events,
+                "event outbox over events.outbox_max: its oldest events were dropped (is the webhook down?)"
+            );
+        }
+    }
+
+    /// Whether a drop total read `now` is to be logged (and if so, remembers it).
+    fn should_log(&mut self, dropped: u64, now: Instant) -> bool {
+        let Some(logged) = self.logged else {
+            self.logged = Some(dropped);
+            return false;
+        };
+        if dropped <= logged {
+            return false;
+        }
+        let new_power = logged == 0 || dropped.ilog2() > logged.ilog2();
+        let quiet = self.logged_at.is_none_or(|t| now.duration_since(t) >= OUTBOX_DROP_LOG_EVERY);
+        if !(new_power || quiet) {
+            return false;
+        }
+        self.logged = Some(dropped);
+        self.logged_at = Some(now);
+        true
     }
 }
 
@@ -459,6 +547,20 @@ fn idle<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next
 #[cfg(test)]
 mod histogram_tests {
     use super::*;
+
+    #[test]
+    fn outbox_drops_are_logged_once_a_minute_or_per_power_of_two() {
+        let mut w = OutboxWatch::new(&StoreOptions::default());
+        let t0 = Instant::now();
+        assert!(!w.should_log(5, t0), "the first reading is the baseline");
+        assert!(!w.should_log(5, t0), "nothing new");
+        assert!(w.should_log(6, t0), "the first drops since start");
+        assert!(!w.should_log(7, t0 + Duration::from_secs(1)), "same power of two, within a minute");
+        assert!(w.should_log(8, t0 + Duration::from_secs(2)), "a new power of two");
+        assert!(!w.should_log(15, t0 + Duration::from_secs(59)));
+        assert!(w.should_log(15, t0 + Duration::from_secs(63)), "a minute later");
+        assert!(!w.should_log(15, t0 + Duration::from_secs(200)), "nothing new");
+    }
 
     #[test]
     fn atomic_histogram_counts_cumulatively() {

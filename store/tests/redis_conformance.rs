@@ -27,6 +27,80 @@ fn conformance_run_all() {
     conformance::run_all(|| fresh(&redis));
 }
 
+/// `with_outbox_max` caps the outbox: the newest events are kept, the oldest dropped and
+/// counted (the outbox shares Redis with the messages).
+#[test]
+fn outbox_capped_keeps_the_newest() {
+    let Some(redis) = redis() else { return };
+    conformance::outbox_capped_keeps_the_newest(fresh(&redis).with_outbox_max(5), 5);
+}
+
+/// An outbox far past a lowered cap shrinks by a bounded step per call (no single call that
+/// holds Redis for long), then holds exactly the cap.
+#[test]
+fn outbox_far_past_its_cap_shrinks_in_steps() {
+    let Some(redis) = redis() else { return };
+    let prefix = format!("cap{}:", N.fetch_add(1, Ordering::Relaxed));
+    let open = || {
+        RedisBackend::open(&redis.url(), RedisOptions { prefix: prefix.clone(), events_stream: None, outbox: true })
+            .unwrap()
+    };
+    let ev = |i: u64| NewEvent { kind: "user.online".into(), data: format!("{{\"i\":{i}}}"), ts: i };
+    let stats = |b: &mut RedisBackend| b.apply(Op::OutboxStats).unwrap().outbox_stats().unwrap();
+    let total = 3 * OUTBOX_TRIM_STEP;
+    let mut b = open();
+    b.apply(Op::OutboxAppend { events: (0..total).map(ev).collect() }).unwrap();
+    assert_eq!(stats(&mut b), OutboxStats { events: total, dropped: 0 });
+    let mut b = open().with_outbox_max(10);
+    b.apply(Op::OutboxAppend { events: vec![ev(total)].into() }).unwrap();
+    assert_eq!(stats(&mut b), OutboxStats { events: total - OUTBOX_TRIM_STEP, dropped: OUTBOX_TRIM_STEP + 1 });
+    for i in 1..=2 {
+        b.apply(Op::OutboxAppend { events: vec![ev(total + i)].into() }).unwrap();
+    }
+    assert_eq!(stats(&mut b), OutboxStats { events: 10, dropped: total + 3 - 10 });
+    let kept = b.apply(Op::OutboxFetch { after: 0, limit: 100 }).unwrap().events().unwrap();
+    assert_eq!(kept.first().map(|e| e.data.clone()), Some(format!("{{\"i\":{}}}", total - 7)));
+    let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let left: Vec<String> = ::redis::cmd("KEYS").arg(format!("{prefix}ev:*")).query(&mut con).unwrap();
+    assert_eq!(left.len(), 10, "dropped events leave no hash behind");
+}
+
+/// A group message's cid stored before group cids were scoped sits in `cid:<from>` under the
+/// cid alone: it answers neither a group retry (stored again, accepted across the upgrade)
+/// nor the sender's single chat with the same cid, whose retry is its own message again.
+#[test]
+fn a_group_cid_from_before_scoping_blocks_nothing() {
+    let Some(redis) = redis() else { return };
+    let mut b = fresh(&redis);
+    let prefix = b.prefix().to_owned();
+    b.apply(Op::CreateGroup {
+        id: Some("g1".into()),
+        name: "G".into(),
+        owner: "una".into(),
+        members: vec![],
+        created_ms: 1,
+        members_max: 10,
+        groups_per_user_max: 10,
+    })
+    .unwrap();
+    let post =
+        b.apply(conformance::group_text("una", "g1", Some("old-1"), "before")).unwrap().group_appended().unwrap();
+    let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    // As an older build stored it.
+    ::redis::cmd("DEL").arg(format!("{prefix}cidg:una")).query::<()>(&mut con).unwrap();
+    ::redis::cmd("HSET")
+        .arg(format!("{prefix}cid:una"))
+        .arg("old-1")
+        .arg(format!("{:020}", post.id))
+        .query::<()>(&mut con)
+        .unwrap();
+    let single = b.apply(text("una", "vic", Some("old-1"), "single")).unwrap().appended().unwrap();
+    assert!(!single.duplicate);
+    assert_eq!(single.receiver_seq, 1);
+    let again = b.apply(text("una", "vic", Some("old-1"), "retry")).unwrap().appended().unwrap();
+    assert!(again.duplicate && again.id == single.id);
+}
+
 #[test]
 fn thread_completions_in_order() {
     let Some(redis) = redis() else { return };

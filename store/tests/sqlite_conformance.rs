@@ -396,3 +396,109 @@ fn a_version_1_database_is_migrated_in_place() {
     let v: i64 = conn.query_row("SELECT v FROM meta WHERE k = 'schema'", [], |r| r.get(0)).unwrap();
     assert_eq!(v, 2);
 }
+
+/// `outbox_max` caps the outbox: the newest events are kept, the oldest dropped and counted.
+#[test]
+fn outbox_capped_keeps_the_newest() {
+    let dir = tempfile::tempdir().unwrap();
+    for opts in [SqliteOptions::test_min(), SqliteOptions::default()] {
+        conformance::outbox_capped_keeps_the_newest(open(dir.path(), SqliteOptions { outbox_max: 5, ..opts }), 5);
+    }
+}
+
+/// The drop count survives a restart; an outbox far past a lowered cap shrinks by a bounded
+/// step per write (no single long delete), then holds exactly the cap.
+#[test]
+fn outbox_far_past_its_cap_shrinks_in_steps_and_its_drops_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let ev = |i: u64| NewEvent { kind: "user.online".into(), data: format!("{{\"i\":{i}}}"), ts: i };
+    let stats = |b: &mut SqliteBackend| b.apply(Op::OutboxStats).unwrap().outbox_stats().unwrap();
+    let total = 3 * OUTBOX_TRIM_STEP;
+    {
+        let mut b = SqliteBackend::open(&path, SqliteOptions::default()).unwrap();
+        b.apply(Op::OutboxAppend { events: (0..total).map(ev).collect() }).unwrap();
+        assert_eq!(stats(&mut b), OutboxStats { events: total, dropped: 0 });
+    }
+    let mut b = SqliteBackend::open(&path, SqliteOptions { outbox_max: 10, ..SqliteOptions::default() }).unwrap();
+    b.apply(Op::OutboxAppend { events: vec![ev(total)].into() }).unwrap();
+    assert_eq!(
+        stats(&mut b),
+        OutboxStats { events: total + 1 - (OUTBOX_TRIM_STEP + 1), dropped: OUTBOX_TRIM_STEP + 1 }
+    );
+    for i in 1..=2 {
+        b.apply(Op::OutboxAppend { events: vec![ev(total + i)].into() }).unwrap();
+    }
+    assert_eq!(stats(&mut b), OutboxStats { events: 10, dropped: total + 3 - 10 });
+    drop(b);
+    let mut b = SqliteBackend::open(&path, SqliteOptions { outbox_max: 10, ..SqliteOptions::default() }).unwrap();
+    assert_eq!(stats(&mut b), OutboxStats { events: 10, dropped: total + 3 - 10 }, "kept across a restart");
+}
+
+/// FNV-1a of a cid alone: how a group message's cid row was keyed before group cids were
+/// scoped to their group (a copy of the store's hash, to write such a row by hand).
+fn legacy_cid_hash(cid: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in cid.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// A database written before group cids were scoped keeps a group message's cid row under
+/// the sender and the cid alone. It no longer answers for anything: not a group retry (stored
+/// again: accepted across the upgrade), not the sender's single chat with the same cid, which
+/// gets its own message and, retried, is that message again, after the index is written and
+/// after a restart.
+#[test]
+fn a_group_cid_row_from_before_scoping_stays_readable_and_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("legacy.db");
+    {
+        let mut b = SqliteBackend::open(&path, SqliteOptions::default()).unwrap();
+        b.apply(una_owns_g1()).unwrap();
+        b.apply(conformance::group_text("una", "g1", Some("old-1"), "before the upgrade")).unwrap();
+        b.flush_all().unwrap();
+    }
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let n = c.execute("UPDATE cids SET h = ?1", [legacy_cid_hash("old-1")]).unwrap();
+        assert_eq!(n, 1, "the group message's cid row, now as an older build keyed it");
+    }
+    let mut b = SqliteBackend::open(&path, SqliteOptions::default()).unwrap();
+    let log = b.apply(Op::ReadGroup { group: "g1".into(), after_seq: 0, limit: 10 }).unwrap().page().unwrap();
+    assert_eq!(log.entries.len(), 1, "stored data reads as before");
+    let single = b.apply(text("una", "vic", Some("old-1"), "single")).unwrap().appended().unwrap();
+    assert!(!single.duplicate);
+    assert_eq!(single.receiver_seq, 1);
+    b.flush_all().unwrap();
+    let again = b.apply(text("una", "vic", Some("old-1"), "retry")).unwrap().appended().unwrap();
+    assert!(again.duplicate && again.id == single.id, "{again:?}");
+    drop(b);
+    let mut b = SqliteBackend::open(&path, SqliteOptions::default()).unwrap();
+    let again = b.apply(text("una", "vic", Some("old-1"), "retry")).unwrap().appended().unwrap();
+    assert!(again.duplicate && again.id == single.id, "{again:?}");
+    let vic = b.apply(Op::ReadInbox { user: "vic".into(), after_seq: 0, limit: 10 }).unwrap().page().unwrap();
+    assert_eq!(vic.entries.len(), 1);
+}
+
+/// The storage thread reads the outbox's size and drop count into its stats (what the admin
+/// port shows as `ether_outbox_events` and `ether_outbox_dropped_total`).
+#[test]
+fn thread_stats_show_the_outbox_and_its_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(dir.path(), SqliteOptions { outbox_max: 3, ..SqliteOptions::test_min() });
+    let h = StoreThread::spawn(b, StoreOptions::test_min()).unwrap();
+    let ev = |i: u64| NewEvent { kind: "user.online".into(), data: format!("{{\"i\":{i}}}"), ts: i };
+    h.call_blocking(Op::OutboxAppend { events: (0..5).map(ev).collect() }).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let read = |h: &StoreHandle| {
+        (h.stats().outbox_events.load(Ordering::Relaxed), h.stats().outbox_dropped.load(Ordering::Relaxed))
+    };
+    while read(&h) != (3, 2) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(read(&h), (3, 2));
+    h.shutdown();
+}

@@ -156,6 +156,8 @@ impl FakeView {
                 batch_size: batch.snapshot(),
                 commit_latency: commit.snapshot(),
                 queue_depth: 3,
+                outbox_events: 0,
+                outbox_dropped: 0,
             }),
             api: vec![ether_admin::ApiRouteStats { route: "POST /v1/messages".into(), status: 200, count: 4242 }],
             api_latency: vec![ether_admin::ApiRouteLatency {

@@ -123,6 +123,7 @@ enum S {
     OutboxAppend,
     OutboxFetch,
     OutboxAck,
+    OutboxStats,
     CreateGroup,
     GetGroup,
     DissolveGroup,
@@ -143,7 +144,7 @@ enum S {
 }
 
 impl S {
-    const ALL: [S; 29] = [
+    const ALL: [S; 30] = [
         S::Append,
         S::AppendGroup,
         S::ReadInbox,
@@ -159,6 +160,7 @@ impl S {
         S::OutboxAppend,
         S::OutboxFetch,
         S::OutboxAck,
+        S::OutboxStats,
         S::CreateGroup,
         S::GetGroup,
         S::DissolveGroup,
@@ -193,6 +195,7 @@ impl S {
             S::OutboxAppend => "outbox_append",
             S::OutboxFetch => "outbox_fetch",
             S::OutboxAck => "outbox_ack",
+            S::OutboxStats => "outbox_stats",
             S::CreateGroup => "create_group",
             S::GetGroup => "get_group",
             S::DissolveGroup => "dissolve_group",
@@ -282,6 +285,8 @@ pub struct RedisBackend {
     prefix: String,
     events_stream: Option<String>,
     outbox: bool,
+    /// Events the outbox keeps at most ([`RedisBackend::with_outbox_max`]).
+    outbox_max: u64,
     /// The library as functions (used when the server has them: `functions`).
     library: FunctionLibrary,
     functions: bool,
@@ -359,6 +364,7 @@ impl RedisBackend {
             prefix: opts.prefix,
             events_stream: opts.events_stream,
             outbox: opts.outbox,
+            outbox_max: OUTBOX_MAX_DEFAULT,
             library: FunctionLibrary::new(),
             functions: false,
             scripts,
@@ -370,6 +376,17 @@ impl RedisBackend {
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Keeps at most `max` events in the outbox (`events.outbox_max`; default
+    /// [`OUTBOX_MAX_DEFAULT`]): a write that goes past it deletes the oldest first and counts
+    /// them (see [`OutboxStats`]). The outbox lives in the Redis that holds the messages, so
+    /// an outbox nobody acks (the webhook down for days) must not fill its memory. Nodes
+    /// sharing one Redis should agree on it; each enforces its own on its own writes.
+    /// (Not a field of [`RedisOptions`], which callers build field by field.)
+    pub fn with_outbox_max(mut self, max: u64) -> Self {
+        self.outbox_max = max.clamp(1, NUM_MAX);
+        self
     }
 
     fn script(&self, s: S) -> &Script {
@@ -606,6 +623,7 @@ impl RedisBackend {
                     .s(self.events_stream.as_deref().unwrap_or(""))
                     .n(EVENTS_STREAM_LEN)
                     .flag(self.outbox)
+                    .n(self.outbox_max)
             }
             Op::Unread { user } => Call::new(S::Unread, p).s(user),
             Op::OutboxAppend { events } => {
@@ -615,7 +633,8 @@ impl RedisBackend {
                 let mut c = Call::new(S::OutboxAppend, p)
                     .s(self.events_stream.as_deref().unwrap_or(""))
                     .n(EVENTS_STREAM_LEN)
-                    .flag(self.outbox);
+                    .flag(self.outbox)
+                    .n(self.outbox_max);
                 for e in events.iter() {
                     c = c.s(&e.ts.to_string()).s(&e.kind).s(&e.data);
                 }
@@ -623,6 +642,7 @@ impl RedisBackend {
             }
             Op::OutboxFetch { after, limit } => Call::new(S::OutboxFetch, p).n(*after).n(page_limit(*limit)),
             Op::OutboxAck { through } => Call::new(S::OutboxAck, p).n(*through),
+            Op::OutboxStats => Call::new(S::OutboxStats, p),
             Op::CreateGroup { id, name, owner, members, created_ms, members_max, groups_per_user_max } => {
                 check_user("owner", owner)?;
                 for (i, m) in members.iter().enumerate() {
@@ -865,6 +885,11 @@ fn decode(op: &Op, v: Value) -> Result<Reply, StoreError> {
             Reply::Events(out)
         }
         Op::OutboxAck { .. } | Op::AddMembers { .. } | Op::RemoveMember { .. } => Reply::Count(int(&next(f)?)?),
+        Op::OutboxStats => {
+            let events = int(&next(f)?)?;
+            let dropped = int(&next(f)?)?;
+            Reply::OutboxStats(OutboxStats { events, dropped })
+        }
         Op::CreateGroup { .. } => Reply::GroupCreated { id: text(next(f)?)? },
         Op::GetGroup { group } => {
             let name = text(next(f)?)?;

@@ -17,7 +17,12 @@
 --   P m:<pid>            hash   message: t (u|g), ts, from, to | gid, seq, fseq, kind, body, cid
 --   P msgq               list   every stored pid in the order stored (about time order): retention
 --   P msgs               zset   the same before msgq (score 0, lexical = id order); only purged
---   P cid:<from>         hash   cid -> pid (idempotency, per sender, single and group alike)
+--   P cid:<from>         hash   cid -> pid (idempotency of the sender's single chats); rows of
+--                               group messages stored before group cids were scoped are left
+--                               here, read by no group lookup (a retry straddling the upgrade
+--                               is stored again: accepted), dropped by the purge of their message
+--   P cidg:<from>        hash   "<gid>|<cid>" -> pid (idempotency of the sender's posts to one
+--                               group: the same cid in another group is another message)
 --   P rd:<user>          hash   read positions: "u:<peer>" | "g:<gid>" -> seq; and "j:<gid>" ->
 --                               the group's head when the user joined it (absent: 0): what came
 --                               before is history, not unread, not counted in read counts
@@ -34,11 +39,13 @@
 --   P obseq              string outbox seq counter (never reused)
 --   P ob                 zset   outbox seqs, score = member = seq
 --   P ev:<seq>           hash   ts, kind, data
+--   P obdropped          string events the outbox cap (events.outbox_max) dropped, in total
 local call = redis.call
 local P = ARGV[1]
 local SCAN_MAX = 20000 -- keep in step with sqlite::SCAN_ITEMS_MAX
 local CHUNK = 256
 local MAXSEQ = 4503599627370496 -- 2^52: "no bound" for seqs
+local OUTBOX_TRIM_STEP = 1000 -- keep in step with op::OUTBOX_TRIM_STEP
 
 local OPS = {}
 
@@ -215,17 +222,32 @@ local function heads(user)
   return r
 end
 
--- The first message a sender sent with this cid, if still stored: its hash fields.
-local function find_cid(from, cid)
+-- Where a sender's cid is kept: its single chats share one space (gid nil); each group it
+-- posts to has its own. Returns the hash key and field.
+local function cid_at(from, cid, gid)
+  if gid then
+    return k('cidg:', from), gid .. '|' .. cid
+  end
+  return k('cid:', from), cid
+end
+
+-- The first message a sender sent with this cid in this scope (gid: that group; nil: single
+-- chats), if still stored: its hash fields.
+local function find_cid(from, cid, gid)
   if cid == '' then
     return nil
   end
-  local pid = call('HGET', k('cid:', from), cid)
+  local key, field = cid_at(from, cid, gid)
+  local pid = call('HGET', key, field)
   if not pid then
     return nil
   end
-  local f = call('HMGET', k('m:', pid), 't', 'ts', 'seq', 'fseq', 'from', 'cid')
+  local f = call('HMGET', k('m:', pid), 't', 'ts', 'seq', 'fseq', 'from', 'cid', 'gid')
   if not f[1] or f[5] ~= from or f[6] ~= cid then
+    return nil
+  end
+  -- In `cid:` a group message's row from before group cids were scoped: not this scope.
+  if (gid and (f[1] ~= 'g' or f[7] ~= gid)) or (not gid and f[1] ~= 'u') then
     return nil
   end
   return { pid = pid, t = f[1], ts = f[2], seq = num(f[3]), fseq = f[4] }
@@ -265,10 +287,10 @@ end
 
 -- One message to a user (append and each of append_many): its reply.
 local function append(pid, ts, from, to, kind, body, cid)
-  local first = find_cid(from, cid)
+  local first = find_cid(from, cid, nil)
   if first then
     local fseq = -1
-    if first.t == 'u' and first.fseq then
+    if first.fseq then
       fseq = num(first.fseq)
     end
     return { 'ok', first.pid, first.ts, first.seq, fseq, 1 }
@@ -340,7 +362,7 @@ local function append_group(pid, ts, from, group, system, kind, body, cid)
   if not system and not is_member(gid, from) then
     return { 'forbidden', from .. ' is not a member' }
   end
-  local first = find_cid(from, cid)
+  local first = find_cid(from, cid, gid)
   if first then
     return { 'ok', first.pid, first.ts, first.seq, 1 }
   end
@@ -356,7 +378,8 @@ local function append_group(pid, ts, from, group, system, kind, body, cid)
   call('HSET', k('m:', pid), unpack(fields))
   call('ZADD', k('gl:', gid), seq, pid .. '|' .. from)
   if cid ~= '' then
-    call('HSET', k('cid:', from), cid, pid)
+    local key, field = cid_at(from, cid, gid)
+    call('HSET', key, field, pid)
   end
   call('RPUSH', k('msgq'), pid)
   call('SADD', k('users'), from)
@@ -549,9 +572,27 @@ function OPS.get_delivered()
   return { 'ok', out }
 end
 
+-- After a write that added `added` events to the outbox: deletes the oldest past `max`
+-- (events.outbox_max), at most `added + OUTBOX_TRIM_STEP` of them (an outbox already far past
+-- the cap shrinks over several writes instead of holding Redis in one long call), and counts
+-- them in `obdropped`. The newest are kept: they are the most useful to a business catching up.
+local function trim_outbox(max, added)
+  local excess = call('ZCARD', k('ob')) - max
+  if excess <= 0 then
+    return
+  end
+  excess = math.min(excess, added + OUTBOX_TRIM_STEP)
+  local seqs = call('ZRANGE', k('ob'), 0, excess - 1)
+  for _, s in ipairs(seqs) do
+    call('DEL', k('ev:', s))
+  end
+  call('ZREMRANGEBYRANK', k('ob'), 0, excess - 1)
+  call('INCRBY', k('obdropped'), #seqs)
+end
+
 -- One event: a new outbox seq, kept in the outbox (`keep`: someone fetches and acks it) and
 -- appended to the events stream (stream ~= ''), as the engine's configuration asks. Returns
--- the seq.
+-- the seq. The caller trims the outbox (`trim_outbox`) after its events.
 local function add_event(stream, stream_len, keep, ts, kind, data)
   local s = call('INCR', k('obseq'))
   if keep then
@@ -566,7 +607,7 @@ end
 
 -- ARGV: P, user, chat kind ('u' | 'g'), chat id, seq, emit ('1'|'0'), now_ms, then the event's
 -- destinations as outbox_append's: events stream ('' = none), its approximate length, keep in
--- the outbox ('1'|'0')
+-- the outbox ('1'|'0'), the outbox's cap
 function OPS.set_read()
   local user, ck, cid, seq, emit, now = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7]
   local key, stream, head, peer
@@ -609,6 +650,9 @@ function OPS.set_read()
       local chat = ck .. ':' .. cid
       local data = '{"chat":"' .. chat .. '","seq":' .. fmt(new) .. ',"up_to":' .. u .. ',"user":"' .. user .. '"}'
       add_event(ARGV[8], ARGV[9], ARGV[10] == '1', now, 'message.read', data)
+      if ARGV[10] == '1' then
+        trim_outbox(tonumber(ARGV[11]), 1)
+      end
     end
   end
   call('SADD', k('users'), user)
@@ -668,18 +712,27 @@ function OPS.unread()
 end
 
 -- ARGV: P, events stream ('' = none), its approximate length, keep in the outbox ('1'|'0'),
--- then (ts, kind, data) triples
+-- the outbox's cap, then (ts, kind, data) triples
 function OPS.outbox_append()
-  local first, last = 0, 0
-  local stream, stream_len, keep = ARGV[2], ARGV[3], ARGV[4] == '1'
-  for i = 5, #ARGV, 3 do
+  local first, last, n = 0, 0, 0
+  local stream, stream_len, keep, max = ARGV[2], ARGV[3], ARGV[4] == '1', tonumber(ARGV[5])
+  for i = 6, #ARGV, 3 do
     local s = add_event(stream, stream_len, keep, ARGV[i], ARGV[i + 1], ARGV[i + 2])
     if first == 0 then
       first = s
     end
     last = s
+    n = n + 1
+  end
+  if keep then
+    trim_outbox(max, n)
   end
   return { 'ok', first, last }
+end
+
+-- ARGV: P. {events held, events dropped by the cap in total}
+function OPS.outbox_stats()
+  return { 'ok', call('ZCARD', k('ob')), num(call('GET', k('obdropped'))) }
 end
 
 -- ARGV: P, after, limit
@@ -918,8 +971,18 @@ function OPS.purge()
     elseif f[2] == 'g' then
       call('ZREMRANGEBYSCORE', k('gl:', f[5]), f[6], f[6])
     end
-    if f[8] and call('HGET', k('cid:', f[3]), f[8]) == pid then
-      call('HDEL', k('cid:', f[3]), f[8])
+    if f[8] then
+      -- A group message's own row, and the one it has in `cid:` if stored before group cids
+      -- were scoped.
+      if f[2] == 'g' then
+        local key, field = cid_at(f[3], f[8], f[5])
+        if call('HGET', key, field) == pid then
+          call('HDEL', key, field)
+        end
+      end
+      if call('HGET', k('cid:', f[3]), f[8]) == pid then
+        call('HDEL', k('cid:', f[3]), f[8])
+      end
     end
     call('DEL', mk)
     return true

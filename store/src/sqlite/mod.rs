@@ -56,6 +56,9 @@ pub struct SqliteOptions {
     pub checkpoint_wal_bytes: u64,
     /// Test hook: `PRAGMA max_page_count` (a tiny value makes writes fail with SQLITE_FULL).
     pub max_page_count: Option<u64>,
+    /// Events the outbox keeps at most (`events.outbox_max`); a write that goes past it deletes
+    /// the oldest first and counts them (see [`OutboxStats`]).
+    pub outbox_max: u64,
 }
 
 impl Default for SqliteOptions {
@@ -69,6 +72,7 @@ impl Default for SqliteOptions {
             cache_entries_max: 1_000_000,
             checkpoint_wal_bytes: 64 << 20,
             max_page_count: None,
+            outbox_max: OUTBOX_MAX_DEFAULT,
         }
     }
 }
@@ -116,12 +120,54 @@ fn kind_of(c: i64) -> Kind {
     }
 }
 
-/// FNV-1a, 64 bits: a stable hash of a cid (stored, so it must never change).
-fn cid_hash(cid: &str) -> i64 {
+/// Where a cid names one message (API.md: a repeated `cid` from the same sender is the
+/// first message again): a sender's single chats share one cid space; each group the sender
+/// posts to has its own, so the same cid in a single chat, in another group, or from the
+/// business (as the system) to another group is another message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CidScope {
+    Single,
+    /// The group's internal number (never reused, so a group recreated under the same name
+    /// is another scope).
+    Group(i64),
+}
+
+impl CidScope {
+    /// The scope of a stored message, by its `messages.chat` stream.
+    fn of_chat(chat: i64) -> CidScope {
+        if chat % 2 == 0 {
+            CidScope::Single
+        } else {
+            CidScope::Group(chat >> 1)
+        }
+    }
+
+    /// Whether a stored message (its `messages.chat`) is in this scope.
+    fn holds(self, chat: i64) -> bool {
+        match self {
+            CidScope::Single => chat % 2 == 0,
+            CidScope::Group(gid) => chat == group_stream(gid),
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash of a cid in its scope (stored in `cids.h`, so it must never
+/// change). A single chat's is the hash of the cid alone, as it always was; a group's also
+/// takes a 0xFF byte (never in UTF-8 text) and the group's number, so it keys the same
+/// `cids(frm, h)` table without a schema change. Group cids stored before they were scoped
+/// (hash of the cid alone) no longer answer a group retry: a retry that straddles the upgrade
+/// is stored again (accepted); a single-chat lookup that meets such a row drops it
+/// ([`SqliteBackend::find_cid`]), and the purge of its message too.
+fn cid_hash(cid: &str, scope: CidScope) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in cid.bytes() {
+    let mut eat = |b: u8| {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    cid.bytes().for_each(&mut eat);
+    if let CidScope::Group(gid) = scope {
+        eat(0xFF);
+        gid.to_le_bytes().into_iter().for_each(&mut eat);
     }
     h as i64
 }
@@ -313,7 +359,7 @@ impl SqliteBackend {
                     per_stream.entry(chat).or_default().push((seq as u64, Item { id, aux: frm * 2 }));
                 }
                 if let Some(c) = cid {
-                    cids.push((frm, cid_hash(&c), id));
+                    cids.push((frm, cid_hash(&c, CidScope::of_chat(chat)), id));
                 }
             }
         }
@@ -480,9 +526,9 @@ impl SqliteBackend {
             .optional()?)
     }
 
-    /// The first message a sender sent with this cid, if any.
-    fn find_cid(&mut self, frm: i64, cid: &str) -> Result<Option<MsgRow>, StoreError> {
-        let h = cid_hash(cid);
+    /// The first message a sender sent with this cid in this scope, if any.
+    fn find_cid(&mut self, frm: i64, cid: &str, scope: CidScope) -> Result<Option<MsgRow>, StoreError> {
+        let h = cid_hash(cid, scope);
         let id = match self.ix.pending_cids.get(&(frm, h)) {
             Some(&id) => Some(id),
             None => self
@@ -493,7 +539,19 @@ impl SqliteBackend {
         };
         let Some(id) = id else { return Ok(None) };
         // A hash collision or a purged first message: not a duplicate.
-        Ok(self.message(id)?.filter(|m| m.frm == frm && m.cid.as_deref() == Some(cid)))
+        let Some(m) = self.message(id)?.filter(|m| m.frm == frm && m.cid.as_deref() == Some(cid)) else {
+            return Ok(None);
+        };
+        if scope.holds(m.chat) {
+            return Ok(Some(m));
+        }
+        if scope == CidScope::Single {
+            // A group message's row from before group cids were scoped (see `cid_hash`): no
+            // group lookup reads it any more, and left in place it would keep this sender's
+            // single-chat cid from being recorded (`INSERT OR IGNORE`).
+            self.conn.prepare_cached("DELETE FROM cids WHERE frm=?1 AND h=?2 AND id=?3")?.execute([frm, h, id])?;
+        }
+        Ok(None)
     }
 
     /// Keeps the durable watermark at or below a newly stored message's id.
@@ -700,13 +758,12 @@ impl SqliteBackend {
         let from = self.uid_or_create(&m.from)?;
         let to = if m.to == m.from { from } else { self.uid_or_create(&m.to)? };
         if let Some(cid) = &m.cid {
-            if let Some(first) = self.find_cid(from, cid)? {
-                let single = first.chat % 2 == 0;
+            if let Some(first) = self.find_cid(from, cid, CidScope::Single)? {
                 return Ok(Reply::Appended(Appended {
                     id: first.id as u64,
                     ts: first.ts as u64,
                     receiver_seq: first.seq as u64,
-                    sender_seq: if single { first.frm_seq.map(|s| s as u64) } else { None },
+                    sender_seq: first.frm_seq.map(|s| s as u64),
                     duplicate: true,
                 }));
             }
@@ -743,7 +800,7 @@ impl SqliteBackend {
             debug_assert_eq!(Some(s), sender_seq);
         }
         if let Some(cid) = &m.cid {
-            self.ix.push_cid(from, cid_hash(cid), id, now, &mut self.undo);
+            self.ix.push_cid(from, cid_hash(cid, CidScope::Single), id, now, &mut self.undo);
         }
         Ok(Reply::Appended(Appended { id: m.id, ts: m.ts, receiver_seq, sender_seq, duplicate: false }))
     }
@@ -760,7 +817,7 @@ impl SqliteBackend {
             _ => return Err(StoreError::Forbidden(format!("{} is not a member", m.from))),
         };
         if let Some(cid) = &m.cid {
-            if let Some(first) = self.find_cid(from, cid)? {
+            if let Some(first) = self.find_cid(from, cid, CidScope::Group(gid))? {
                 return Ok(Reply::GroupAppended(GroupAppended {
                     id: first.id as u64,
                     ts: first.ts as u64,
@@ -788,7 +845,7 @@ impl SqliteBackend {
             // fresh one (head 0) would stand in for it and the sender's next inbox seq would
             // be given again.
             self.ensure_stream(index::inbox_stream(from))?;
-            self.ix.push_cid(from, cid_hash(cid), id, now, &mut self.undo);
+            self.ix.push_cid(from, cid_hash(cid, CidScope::Group(gid)), id, now, &mut self.undo);
         }
         Ok(Reply::GroupAppended(GroupAppended { id: m.id, ts: m.ts, seq, duplicate: false }))
     }
@@ -1009,6 +1066,8 @@ impl SqliteBackend {
                     "message.read",
                     data
                 ])?;
+                let last = self.conn.last_insert_rowid();
+                self.outbox_trim(last, 1)?;
             }
         }
         Ok(Reply::Read(ReadMoved { chat: chat.to_owned(), prev, seq: new, up_to, moved }))
@@ -1073,15 +1132,70 @@ impl SqliteBackend {
         }
         let mut first = 0;
         let mut last = 0;
-        let mut st = self.conn.prepare_cached("INSERT INTO outbox(ts, kind, data) VALUES(?1, ?2, ?3)")?;
-        for (i, e) in events.iter().enumerate() {
-            st.execute(params![sq(e.ts), e.kind, e.data])?;
-            last = self.conn.last_insert_rowid() as u64;
-            if i == 0 {
-                first = last;
+        {
+            let mut st = self.conn.prepare_cached("INSERT INTO outbox(ts, kind, data) VALUES(?1, ?2, ?3)")?;
+            for (i, e) in events.iter().enumerate() {
+                st.execute(params![sq(e.ts), e.kind, e.data])?;
+                last = self.conn.last_insert_rowid() as u64;
+                if i == 0 {
+                    first = last;
+                }
             }
         }
+        self.outbox_trim(sq(last), events.len() as u64)?;
         Ok(Reply::OutboxAppended { first, last })
+    }
+
+    /// After a write that added `added` events, the last with seq `last`: deletes the oldest
+    /// events past `outbox_max` (at most `added + OUTBOX_TRIM_STEP`) and counts them in
+    /// `meta('outbox_dropped')`, in the write's transaction.
+    ///
+    /// The outbox's seqs have no holes: AUTOINCREMENT gives each insert the next one (a
+    /// rolled-back insert gives it back) and rows only ever leave from the oldest end (acks and
+    /// this), so the newest `outbox_max` are exactly those with `seq > last - outbox_max`.
+    fn outbox_trim(&mut self, last: i64, added: u64) -> Result<(), StoreError> {
+        let keep = sq(self.opts.outbox_max.max(1));
+        if last <= keep {
+            return Ok(());
+        }
+        let oldest: Option<i64> =
+            self.conn.prepare_cached("SELECT min(seq) FROM outbox")?.query_row([], |r| r.get(0))?;
+        let Some(oldest) = oldest else {
+            return Ok(());
+        };
+        let through = (last - keep).min(oldest.saturating_add(sq(added.saturating_add(OUTBOX_TRIM_STEP))) - 1);
+        if through < oldest {
+            return Ok(());
+        }
+        let dropped = self.conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?.execute([through])?;
+        if dropped > 0 {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO meta(k, v) VALUES('outbox_dropped', ?1)
+                     ON CONFLICT(k) DO UPDATE SET v = v + excluded.v",
+                )?
+                .execute([dropped as i64])?;
+        }
+        Ok(())
+    }
+
+    fn outbox_stats(&mut self) -> Result<OutboxStats, StoreError> {
+        // Two rowid lookups, not a count of every row (see `outbox_trim` on why it is exact).
+        let (newest, oldest): (Option<i64>, Option<i64>) = self
+            .conn
+            .prepare_cached("SELECT (SELECT max(seq) FROM outbox), (SELECT min(seq) FROM outbox)")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let events = match (newest, oldest) {
+            (Some(n), Some(o)) => (n - o + 1).max(0) as u64,
+            _ => 0,
+        };
+        let dropped: i64 = self
+            .conn
+            .prepare_cached("SELECT v FROM meta WHERE k='outbox_dropped'")?
+            .query_row([], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        Ok(OutboxStats { events, dropped: dropped.max(0) as u64 })
     }
 
     fn outbox_fetch(&mut self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
@@ -1318,28 +1432,33 @@ impl SqliteBackend {
         // Only messages below every pending index position: their positions are in tables.
         let limit_id = self.ix.min_pending_id();
         let max_rows = max_rows.max(1);
-        let old: Vec<(i64, i64, i64, Option<String>)> = {
-            let mut st =
-                self.conn.prepare_cached("SELECT id, ts, frm, cid FROM messages WHERE id < ?1 ORDER BY id LIMIT ?2")?;
+        let old: Vec<(i64, i64, i64, i64, Option<String>)> = {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT id, ts, frm, chat, cid FROM messages WHERE id < ?1 ORDER BY id LIMIT ?2")?;
             let r = st
-                .query_map(params![limit_id, max_rows as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                .query_map(params![limit_id, max_rows as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
                 .collect::<Result<_, _>>()?;
             r
         };
         let mut deleted = 0u64;
         let mut stopped = false;
-        for (id, ts, frm, cid) in &old {
+        for (id, ts, frm, chat, cid) in &old {
             if *ts as u64 >= older_than_ms {
                 stopped = true;
                 break;
             }
             self.conn.prepare_cached("DELETE FROM messages WHERE id=?1")?.execute([id])?;
             if let Some(c) = cid {
-                self.conn.prepare_cached("DELETE FROM cids WHERE frm=?1 AND h=?2 AND id=?3")?.execute([
-                    *frm,
-                    cid_hash(c),
-                    *id,
-                ])?;
+                let scope = CidScope::of_chat(*chat);
+                let mut del = self.conn.prepare_cached("DELETE FROM cids WHERE frm=?1 AND h=?2 AND id=?3")?;
+                del.execute([*frm, cid_hash(c, scope), *id])?;
+                if scope != CidScope::Single {
+                    // Its row from before group cids were scoped, if it has one.
+                    del.execute([*frm, cid_hash(c, CidScope::Single), *id])?;
+                }
             }
             deleted += 1;
         }
@@ -1415,6 +1534,7 @@ impl SqliteBackend {
                 let n = self.conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?.execute([sq(*through)])?;
                 Ok(Reply::Count(n as u64))
             }
+            Op::OutboxStats => self.outbox_stats().map(Reply::OutboxStats),
             Op::CreateGroup { id, name, owner, members, created_ms, members_max, groups_per_user_max } => self
                 .create_group(id.as_deref(), name, owner, members, *created_ms, (*members_max, *groups_per_user_max)),
             Op::GetGroup { group } => self.get_group(group).map(Reply::Group),
