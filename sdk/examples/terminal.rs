@@ -18,13 +18,18 @@
 //!   other kinds as `[image <url>]`, `[file <name> <url>]`, ...), and the other frames
 //!   (`sent`, `error`, `receipt`, `kicked`, ...) in a readable form; a message received again
 //!   (delivery is at-least-once) is not printed twice;
-//! - acks every message cumulatively, on its own stream (the inbox, or its group);
+//! - catches up: when the `welcome` shows messages stored while this device was away (its
+//!   heads past `delivered`, what the device last acknowledged), it `sync`s them page by page
+//!   and prints them like live ones;
+//! - acks cumulatively, on each stream (the inbox, or a group), only up to the seq it has
+//!   everything of: a live message that arrives past a gap is printed, but acked once the gap
+//!   is filled (by a `sync`; see `Positions`);
 //! - sends a `ping` frame every 20 s (`--ping-s`);
 //! - reads stdin: `@bob hello there` sends "hello there" to user bob, `#team hi all` to group
 //!   team, each with a random `cid` (the answer is a `sent` line);
 //! - exits cleanly, closing the WebSocket, on Ctrl-C or end of input (Ctrl-D); exits with
 //!   status 1 when the connection fails or the server closes it (e.g. `kicked`, close 4001).
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::BufRead;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +42,7 @@ use clap::Parser;
 use ether_sdk::proto::frame::Msg;
 use ether_sdk::proto::{Kind, ServerFrame};
 use ether_sdk::terminal::DEFAULT_WS_URL;
-use ether_sdk::{ConnectOptions, SdkError, TerminalClient};
+use ether_sdk::{ConnectOptions, SdkError, TerminalClient, Welcome};
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -145,25 +150,193 @@ fn new_cid() -> String {
     format!("cli-{:016x}", rand::random::<u64>())
 }
 
+/// A stream of messages: `None` is the user's inbox, `Some(gid)` group `gid`.
+type StreamId = Option<String>;
+
+/// What this terminal has of one stream.
+#[derive(Debug, Default)]
+struct Stream {
+    /// Every seq up to this one is here (printed now, or acked by this device before). An
+    /// `ack` is cumulative ("I have everything up to seq"), so this is the only seq it may
+    /// name: acking a seq past a missing one would tell the node the missing one arrived, and
+    /// it would never come.
+    have: u64,
+    /// Seqs received past a gap (e.g. a live message that overtook the `sync` of what came
+    /// before it): printed already, acked once the gap below them is filled.
+    ahead: BTreeSet<u64>,
+}
+
+impl Stream {
+    /// Moves `have` up to `seq`, then over the seqs held past it.
+    fn advance(&mut self, seq: u64) {
+        self.have = self.have.max(seq);
+        self.ahead = self.ahead.split_off(&(self.have + 1));
+        while self.ahead.remove(&(self.have + 1)) {
+            self.have += 1;
+        }
+    }
+}
+
+/// The `sync` being answered: where it started, and the lowest seq received since, per stream.
+#[derive(Debug)]
+struct Syncing {
+    from: BTreeMap<StreamId, u64>,
+    low: HashMap<StreamId, u64>,
+}
+
+/// The delivery rules of a terminal (docs/PROTOCOL.md, "Delivery"), without the I/O: what to
+/// print, what to ack, when to `sync`.
+#[derive(Debug)]
+struct Positions {
+    /// The inbox first, then the groups by id: the order of the messages of a `sync` page.
+    streams: BTreeMap<StreamId, Stream>,
+    syncing: Option<Syncing>,
+}
+
+impl Positions {
+    /// Starts from what the node says this device acknowledged (`welcome.delivered`; nothing
+    /// for a new device, which then gets the stored history); whether it is behind the heads.
+    fn from_welcome(w: &Welcome) -> (Positions, bool) {
+        let delivered = w.delivered.clone().unwrap_or_default();
+        let mut streams = BTreeMap::new();
+        streams.insert(None, Stream { have: delivered.inbox_seq, ahead: BTreeSet::new() });
+        let mut behind = w.inbox_seq > delivered.inbox_seq;
+        for (gid, &head) in &w.groups {
+            let mut have = delivered.groups.get(gid).copied().unwrap_or(0);
+            if have > head {
+                have = 0; // a group created again with this id: a new stream, from seq 1
+            }
+            behind |= head > have;
+            streams.insert(Some(gid.clone()), Stream { have, ahead: BTreeSet::new() });
+        }
+        (Positions { streams, syncing: None }, behind)
+    }
+
+    /// A `msg` with `seq` on `stream`: whether it is new (to print), and the ack to send.
+    fn on_msg(&mut self, stream: &StreamId, seq: u64) -> (bool, Option<u64>) {
+        if let Some(sync) = &mut self.syncing {
+            if sync.from.get(stream).is_some_and(|&from| seq > from) {
+                let low = sync.low.entry(stream.clone()).or_insert(seq);
+                *low = (*low).min(seq);
+            }
+        }
+        let s = self.streams.entry(stream.clone()).or_default();
+        if seq <= s.have {
+            // Here already (pushed again, or by both a page and live): ack again, which is how
+            // the node stops pushing it again.
+            return (false, Some(s.have));
+        }
+        if seq > s.have + 1 {
+            // Past a gap: print, do not ack (`needs_sync` fetches the gap).
+            return (s.ahead.insert(seq), None);
+        }
+        s.advance(seq);
+        (true, Some(s.have))
+    }
+
+    /// Starts a `sync` from the positions: `(inbox_seq, groups)` to send.
+    fn start_sync(&mut self) -> (u64, BTreeMap<String, u64>) {
+        let from: BTreeMap<StreamId, u64> = self.streams.iter().map(|(id, s)| (id.clone(), s.have)).collect();
+        let inbox = from.get(&None).copied().unwrap_or(0);
+        let groups = from.iter().filter_map(|(id, &seq)| Some((id.clone()?, seq))).collect();
+        self.syncing = Some(Syncing { from, low: HashMap::new() });
+        (inbox, groups)
+    }
+
+    /// A `synced` (the end of a page): the acks to send for the positions it moved.
+    ///
+    /// Pages skip messages no longer stored (purged by retention), which must not stay gaps.
+    /// After the last page (`more: false`) everything up to each head was sent, so each stream
+    /// has everything up to its head. After another page, only the first stream that was
+    /// behind surely had room in the page: the first seq it got since the `sync` (a live one
+    /// is never below it) is the first stored one.
+    fn on_synced(&mut self, inbox_seq: u64, groups: &BTreeMap<String, u64>, more: bool) -> Vec<(StreamId, u64)> {
+        // Groups the user is not in any more (removed, or dissolved) are not synced: forget them.
+        self.streams.retain(|id, _| id.as_ref().is_none_or(|gid| groups.contains_key(gid)));
+        let Some(sync) = self.syncing.take() else { return Vec::new() };
+        let mut acks = Vec::new();
+        for (id, from) in sync.from {
+            let head = match &id {
+                None => Some(inbox_seq),
+                Some(gid) => groups.get(gid).copied(),
+            };
+            let Some(head) = head.filter(|&head| head > from) else {
+                continue; // nothing was due (or not a member any more)
+            };
+            let to = match (more, sync.low.get(&id)) {
+                (false, _) | (true, None) => head,
+                (true, Some(&low)) => (low - 1).min(head), // low > from >= 0
+            };
+            let Some(s) = self.streams.get_mut(&id) else { continue };
+            let before = s.have;
+            s.advance(to);
+            if s.have > before {
+                acks.push((id, s.have));
+            }
+            if more {
+                break;
+            }
+        }
+        acks
+    }
+
+    /// Whether a gap waits for a `sync` that is not being answered: after `welcome`, a live
+    /// message past a missing seq, or a page that left one.
+    fn needs_sync(&self) -> bool {
+        self.syncing.is_none() && self.streams.values().any(|s| !s.ahead.is_empty())
+    }
+}
+
 struct Session {
     client: TerminalClient,
+    /// Ids of broadcasts (`chat: "broadcast"`, no seq) seen, to print each once.
     seen: Seen,
-    /// Highest seq acked per stream: `None` is the inbox, `Some(gid)` a group.
-    acked: HashMap<Option<String>, u64>,
+    positions: Positions,
 }
 
 impl Session {
+    /// Sends the next `sync`, from the positions.
+    fn sync(&mut self) -> Result<(), SdkError> {
+        let (inbox_seq, groups) = self.positions.start_sync();
+        self.client.sync(inbox_seq, groups, None)
+    }
+
+    fn ack(&mut self, stream: &StreamId, seq: u64) -> Result<(), SdkError> {
+        match stream {
+            None => self.client.ack(seq),
+            Some(gid) => self.client.ack_group(gid, seq),
+        }
+    }
+
     fn on_frame(&mut self, frame: ServerFrame) -> Result<(), SdkError> {
         match frame {
-            ServerFrame::Msg(m) => {
+            ServerFrame::Msg(m) if m.chat == "broadcast" => {
+                // Not stored, no seq, no ack.
                 if self.seen.insert(&m.id) {
                     println!("{}", format_msg(&m));
                 }
+            }
+            ServerFrame::Msg(m) => {
                 let stream = m.chat.strip_prefix("g:").map(str::to_owned);
-                let acked = self.acked.entry(stream).or_insert(0);
-                if m.seq > *acked {
-                    *acked = m.seq;
-                    self.client.ack_msg(&m)?;
+                let (new, ack) = self.positions.on_msg(&stream, m.seq);
+                if new {
+                    println!("{}", format_msg(&m));
+                }
+                if let Some(seq) = ack {
+                    self.ack(&stream, seq)?;
+                }
+                if self.positions.needs_sync() {
+                    self.sync()?;
+                }
+            }
+            ServerFrame::Synced { inbox_seq, groups, more } => {
+                println!("  (synced to inbox #{inbox_seq}{})", if more { ", more" } else { "" });
+                for (stream, seq) in self.positions.on_synced(inbox_seq, &groups, more) {
+                    self.ack(&stream, seq)?;
+                }
+                // Page by page until `more: false`; again if live messages left a gap meanwhile.
+                if more || self.positions.needs_sync() {
+                    self.sync()?;
                 }
             }
             ServerFrame::Sent { cid, id, seq, .. } => {
@@ -178,9 +351,6 @@ impl Session {
             }
             ServerFrame::ReadSync { chat, seq } => {
                 println!("[{chat}] read up to #{seq} on another device")
-            }
-            ServerFrame::Synced { inbox_seq, more, .. } => {
-                println!("  (synced to inbox #{inbox_seq}{})", if more { ", more" } else { "" })
             }
             ServerFrame::Kicked { reason } => println!("kicked: {reason}"),
             ServerFrame::Reconnect { after_ms } => {
@@ -252,7 +422,13 @@ fn run(args: Args) -> Result<(), SdkError> {
         let _ = tx.send(Input::Eof);
     });
 
-    let mut s = Session { client, seen: Seen::new(), acked: HashMap::new() };
+    // Behind (messages were stored while this device was away): fetch them first. Live
+    // messages arriving meanwhile are printed at once, and acked once the pages got to them.
+    let (positions, behind) = Positions::from_welcome(&w);
+    let mut s = Session { client, seen: Seen::new(), positions };
+    if behind {
+        s.sync()?;
+    }
     let ping_every = Duration::from_secs(args.ping_s.max(1));
     let mut next_ping = Instant::now() + ping_every;
     while !stop.load(Ordering::SeqCst) {
@@ -329,5 +505,103 @@ mod tests {
         let mut seen = Seen::new();
         assert!(seen.insert("a"));
         assert!(!seen.insert("a"));
+    }
+
+    fn welcome(inbox_seq: u64, groups: &[(&str, u64)], delivered: Option<(u64, &[(&str, u64)])>) -> Welcome {
+        let map = |g: &[(&str, u64)]| g.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>();
+        Welcome {
+            user: "bob".into(),
+            device: "cli".into(),
+            session: "s".into(),
+            heartbeat_s: 30,
+            inbox_seq,
+            groups: map(groups),
+            delivered: delivered.map(|(inbox_seq, g)| ether_sdk::proto::frame::Positions { inbox_seq, groups: map(g) }),
+        }
+    }
+
+    const INBOX: StreamId = None;
+
+    fn team() -> StreamId {
+        Some("team".into())
+    }
+
+    #[test]
+    fn a_device_behind_syncs_from_what_it_acked_and_acks_only_what_it_has() {
+        let (mut p, behind) = Positions::from_welcome(&welcome(5, &[("team", 3)], Some((2, &[("team", 1)]))));
+        assert!(behind);
+        assert_eq!(p.start_sync(), (2, [("team".to_owned(), 1)].into_iter().collect()));
+        // A live message overtakes the pages: printed, not acked (3..5 are missing).
+        assert_eq!(p.on_msg(&INBOX, 6), (true, None));
+        assert!(!p.needs_sync(), "the sync under way fills the gap");
+        assert_eq!(p.on_msg(&INBOX, 3), (true, Some(3)));
+        assert_eq!(p.on_msg(&INBOX, 4), (true, Some(4)));
+        assert_eq!(p.on_msg(&INBOX, 5), (true, Some(6)), "the gap is filled: acked up to the live one");
+        assert_eq!(p.on_msg(&team(), 2), (true, Some(2)));
+        assert_eq!(p.on_msg(&team(), 3), (true, Some(3)));
+        // Again (a page and live, or a resend): not printed twice, acked again.
+        assert_eq!(p.on_msg(&INBOX, 6), (false, Some(6)));
+        assert_eq!(p.on_msg(&team(), 2), (false, Some(3)));
+        let heads = [("team".to_owned(), 3)].into_iter().collect();
+        assert_eq!(p.on_synced(6, &heads, false), vec![]);
+        assert!(!p.needs_sync());
+    }
+
+    #[test]
+    fn up_to_date_devices_do_not_sync_and_new_ones_get_the_history() {
+        let (_, behind) = Positions::from_welcome(&welcome(5, &[("team", 3)], Some((5, &[("team", 3)]))));
+        assert!(!behind);
+        let (mut p, behind) = Positions::from_welcome(&welcome(5, &[("team", 3)], None));
+        assert!(behind);
+        assert_eq!(p.start_sync(), (0, [("team".to_owned(), 0)].into_iter().collect()));
+        // A group created again (its position is past its head) starts over.
+        let (mut p, behind) = Positions::from_welcome(&welcome(5, &[("team", 3)], Some((5, &[("team", 9)]))));
+        assert!(behind);
+        assert_eq!(p.start_sync().1["team"], 0);
+    }
+
+    #[test]
+    fn a_live_gap_is_not_acked_over_but_synced() {
+        let (mut p, behind) = Positions::from_welcome(&welcome(2, &[], Some((2, &[]))));
+        assert!(!behind);
+        assert_eq!(p.on_msg(&INBOX, 4), (true, None), "3 is missing");
+        assert!(p.needs_sync());
+        assert_eq!(p.start_sync().0, 2);
+        assert!(!p.needs_sync(), "one sync at a time");
+        assert_eq!(p.on_msg(&INBOX, 3), (true, Some(4)));
+        assert_eq!(p.on_msg(&INBOX, 4), (false, Some(4)));
+        assert_eq!(p.on_synced(4, &BTreeMap::new(), false), vec![]);
+        assert!(!p.needs_sync());
+    }
+
+    #[test]
+    fn seqs_purged_from_the_store_do_not_stay_gaps() {
+        let (mut p, _) = Positions::from_welcome(&welcome(20, &[("team", 9)], Some((0, &[("team", 0)]))));
+        let heads: BTreeMap<String, u64> = [("team".to_owned(), 9)].into_iter().collect();
+        p.start_sync();
+        // 1..10 were purged: the first page starts at 11.
+        for seq in 11..=14 {
+            assert_eq!(p.on_msg(&INBOX, seq), (true, None));
+        }
+        assert_eq!(p.on_synced(20, &heads, true), vec![(INBOX, 14)]);
+        assert!(!p.needs_sync());
+        assert_eq!(p.start_sync().0, 14);
+        for seq in 15..=20 {
+            assert_eq!(p.on_msg(&INBOX, seq), (true, Some(seq)));
+        }
+        // Of the group, only 8 and 9 are stored; the last page says everything was sent.
+        assert_eq!(p.on_msg(&team(), 8), (true, None));
+        assert_eq!(p.on_msg(&team(), 9), (true, None));
+        assert_eq!(p.on_synced(20, &heads, false), vec![(team(), 9)]);
+        assert!(!p.needs_sync());
+    }
+
+    #[test]
+    fn a_group_left_is_forgotten() {
+        let (mut p, _) = Positions::from_welcome(&welcome(0, &[("team", 3)], Some((0, &[("team", 1)]))));
+        p.start_sync();
+        assert_eq!(p.on_msg(&team(), 3), (true, None));
+        assert_eq!(p.on_synced(0, &BTreeMap::new(), false), vec![]);
+        assert!(!p.needs_sync(), "no sync loop for a group the user is not in");
     }
 }
