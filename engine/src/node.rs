@@ -307,15 +307,20 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let store_error = |source| NodeError::Store { path: store_path.clone(), source };
     let store = crate::storage::open(&config).map_err(store_error)?;
     let commits = CommitQueues::new(shards);
+    // Cluster: set once this node joined (its id checked as its own), the outbox lease is
+    // asked for only then (`OutboxLease::joined`).
+    let mut lease_joined = None;
     let events = match &config.events.webhook {
         Some(webhook) => {
             let events_error = |source| NodeError::Events { url: webhook.url.clone(), source };
             // Cluster: the outbox is shared; one node at a time delivers it.
             let gate = match &config.cluster.redis_url {
-                Some(url) => Some(Box::new(
-                    OutboxLease::new(url, &config.node.id)
-                        .map_err(|e| events_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?,
-                ) as Box<dyn DispatchGate>),
+                Some(url) => {
+                    let lease = OutboxLease::new(url, &config.node.id)
+                        .map_err(|e| events_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+                    lease_joined = Some(lease.joined());
+                    Some(Box::new(lease) as Box<dyn DispatchGate>)
+                }
                 None => None,
             };
             Some(
@@ -352,6 +357,9 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         let cluster = crate::cluster::Cluster::start(url, joining, commits.clone(), shards)
             .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
         let _ = shared.cluster.set(cluster);
+        if let Some(joined) = &lease_joined {
+            joined.store(true, Ordering::Release);
+        }
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut threads = Vec::with_capacity(shards);

@@ -7,6 +7,8 @@
 //! A holder that stops gives the lease up at once; one that dies (or loses Redis) keeps it
 //! until its TTL runs out, then another node takes over and re-sends what was not acked
 //! (at-least-once: receivers dedupe by `event_id`).
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -59,6 +61,11 @@ pub struct OutboxLease {
     held_since: Option<Instant>,
     /// When to ask Redis next while not holding it (or after an error).
     next_ask: Instant,
+    /// Set by the node once it joined the cluster (its id checked as its own): until then the
+    /// lease is not asked for. A node started with a live node's id would otherwise count as
+    /// that node's lease holder (the lease holds the id), deliver beside it, and on its failed
+    /// start release the live node's lease.
+    joined: Arc<AtomicBool>,
 }
 
 impl OutboxLease {
@@ -78,6 +85,7 @@ impl OutboxLease {
             renew_every,
             held_since: None,
             next_ask: Instant::now(),
+            joined: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -98,8 +106,18 @@ impl OutboxLease {
     }
 }
 
+impl OutboxLease {
+    /// The flag the node sets once it joined the cluster; the lease is asked for only then.
+    pub fn joined(&self) -> Arc<AtomicBool> {
+        self.joined.clone()
+    }
+}
+
 impl DispatchGate for OutboxLease {
     fn may_dispatch(&mut self) -> bool {
+        if !self.joined.load(Ordering::Acquire) {
+            return false;
+        }
         let now = Instant::now();
         if let Some(since) = self.held_since {
             if now.duration_since(since) < self.renew_every {
@@ -156,7 +174,33 @@ mod tests {
 
     fn lease(redis: &TestRedis, node: &str, ttl_ms: u64) -> OutboxLease {
         let ttl = Duration::from_millis(ttl_ms);
-        OutboxLease::with_timing(&redis.url(), node, ttl, ttl / 4).unwrap()
+        let l = OutboxLease::with_timing(&redis.url(), node, ttl, ttl / 4).unwrap();
+        l.joined().store(true, Ordering::Release);
+        l
+    }
+
+    /// Before its node joined the cluster (its id not yet checked as its own), a lease is never
+    /// taken, and one held by a live node of the same id is left alone: neither delivered beside
+    /// nor released when the second node's start fails.
+    #[test]
+    fn a_node_that_has_not_joined_never_takes_or_releases_the_lease() {
+        let Some(redis) = TestRedis::start_or_skip() else { return };
+        let ttl = Duration::from_millis(400);
+        let mut early = OutboxLease::with_timing(&redis.url(), "node-a", ttl, ttl / 4).unwrap();
+        assert!(!early.may_dispatch(), "not joined: no turn");
+        assert_eq!(holder(&redis), None, "not even asked for");
+        let mut live = lease(&redis, "node-a", 400);
+        assert!(live.may_dispatch());
+        // A second node started with the live node's id, whose start then fails.
+        let mut imposter = OutboxLease::with_timing(&redis.url(), "node-a", ttl, ttl / 4).unwrap();
+        assert!(!imposter.may_dispatch());
+        imposter.release();
+        assert_eq!(holder(&redis).as_deref(), Some("node-a"));
+        assert!(live.may_dispatch(), "the live node keeps its turn");
+        early.joined().store(true, Ordering::Release);
+        live.release();
+        early.next_ask = Instant::now();
+        assert!(early.may_dispatch(), "joined: it takes a free lease");
     }
 
     #[test]
