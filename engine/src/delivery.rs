@@ -811,6 +811,20 @@ impl Shard {
         }
     }
 
+    /// The shard's last outbox write, as it stops: waited for, since a failed write can no
+    /// longer come back to the shard's queue (its commit loop is gone): what it could not write
+    /// is said, not dropped in silence.
+    pub(crate) async fn write_events_at_stop(&self) {
+        let events: Arc<[NewEvent]> = self.events_out.take().into();
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len();
+        if let Err(e) = self.store.call(Op::OutboxAppend { events }).await {
+            tracing::error!(shard = self.id, events = n, error = %e, "stopping: events not written to the outbox, lost");
+        }
+    }
+
     /// Submits the pending events as one outbox write, unless writes are held after a failure
     /// (the flush task writes them when the hold ends). A write the store cannot take (its
     /// queue full) or fails (a full disk, Redis away) brings the events back to this shard

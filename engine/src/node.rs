@@ -592,7 +592,7 @@ async fn run_shard(start: ShardStart) {
     // Events still gathering (`user.offline` of the terminals just closed, among others),
     // also those held after a failed write: this is their last chance.
     shard.events_out.release();
-    shard.write_events();
+    shard.write_events_at_stop().await;
     if let Some(parking) = &shard.parking {
         parking.stop();
     }
