@@ -44,9 +44,24 @@ impl From<ether_proto::api::SendMessageRef<'_>> for NewMessage {
             from: m.from.into(),
             to: m.to.into(),
             kind: m.kind,
-            body: m.body.into_owned(),
+            body: stored_body(m.body.into_owned()),
             cid: m.cid.map(Into::into),
         }
+    }
+}
+
+/// A validated body as it is stored and pushed: the JSON text as it came (never serialized
+/// again), unless that text is longer than the store takes (`BODY_BYTES_MAX`) while the body
+/// itself is within its kind's limit (validated on its compact form): pretty-printed, or with
+/// every non-ASCII character escaped as `\uXXXX` (a 32 KiB `custom` body can take 96 KiB so).
+/// Such a body is written compactly instead of being refused.
+pub fn stored_body(raw: Box<RawValue>) -> Box<RawValue> {
+    if raw.get().len() <= ether_store::op::BODY_BYTES_MAX {
+        return raw;
+    }
+    match serde_json::from_str::<serde_json::Value>(raw.get()).and_then(|v| serde_json::value::to_raw_value(&v)) {
+        Ok(compact) => compact,
+        Err(_) => raw, // valid JSON by now; refused by the store if it cannot be compacted
     }
 }
 

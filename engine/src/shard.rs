@@ -875,7 +875,7 @@ impl Shard {
         }
         // The body is stored and pushed as the JSON text the terminal sent. The commit loop
         // answers (`sent`) when it is durable: no task waits for it.
-        let raw = body.to_owned();
+        let raw = crate::message::stored_body(body.to_owned());
         let from: Box<str> = (*s.user).into();
         let answer = TerminalSend { shard: self.id, session: s.key, cid: cid.into() };
         let submitted = match target {

@@ -133,3 +133,22 @@ fn unknown_kind_numbers_on_the_binary_subprotocol_are_invalid_bodies_too() {
     t.ping().unwrap();
     assert_eq!(t.recv(WAIT).unwrap(), Some(ServerFrame::Pong));
 }
+
+/// A body within its kind's limit (measured on its compact form) is stored and pushed even when
+/// the JSON text that carried it is longer than the store takes: 8,000 emoji as `\uXXXX`
+/// escapes are 96 KB of text for 32 KB of `custom` data. It was refused (400, "at most 65536
+/// bytes") on single sends while the same body to a group was taken.
+#[test]
+fn a_body_escaped_past_the_store_bound_is_stored_compactly() {
+    // The default request bound (4 MiB), not the tests' 64 KiB.
+    let node = TestNode::with(|c| c.limits.http_body_bytes_max = 4 << 20);
+    let mut gus = node.terminal("gus", "phone");
+    let escaped: String = "\\ud83d\\ude00".repeat(8000);
+    let request = format!(r#"{{"from":"bo","to":"gus","kind":"custom","body":{{"data":"{escaped}"}}}}"#);
+    assert!(request.len() > 65_536);
+    let r = node.gateway().request("POST", "/v1/messages", Some(request.as_bytes())).unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let m = next_msg(&mut gus);
+    assert_eq!(m.body["data"].as_str().map(|d| d.chars().count()), Some(8000));
+    assert!(m.body["data"].as_str().unwrap().chars().all(|c| c == '\u{1F600}'));
+}
