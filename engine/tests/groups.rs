@@ -264,25 +264,6 @@ fn group_ack_positions_come_back_in_welcome() {
     assert_eq!(delivered.groups.get("crew"), Some(&5));
 }
 
-/// A member whose terminal stops reading: a socket with a tiny receive window that never reads
-/// after the handshake.
-fn stalled_terminal(node: &TestNode, user: &str) -> std::net::TcpStream {
-    use std::io::{Read, Write};
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&node.ports.client.into()).unwrap();
-    let mut s: std::net::TcpStream = socket.into();
-    let req = format!(
-        "GET /ws?token={}&device=stalled HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        node.token(user)
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "upgrade refused");
-    s
-}
-
 #[test]
 fn a_slow_member_is_cut_off_while_the_others_get_everything() {
     let node = TestNode::start(); // test_min: 16 KiB outbound queue per terminal
@@ -344,13 +325,7 @@ fn a_slow_member_is_cut_off_while_the_others_get_everything() {
         assert_eq!(r.join().unwrap(), (1..=600).collect::<Vec<u64>>(), "every message, in order, to the readers");
     }
     std::thread::sleep(Duration::from_millis(600));
-    let metrics = node.admin().request("GET", "/metrics", None).unwrap().text();
-    let slow_closes: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("ether_connections_closed_total") && l.contains("slow_consumer"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(slow_closes, 1.0, "the stalled member was closed as a slow consumer");
+    assert_eq!(slow_consumer_closes(&node), 1.0, "the stalled member was closed as a slow consumer");
     let got = goodbye.join().unwrap();
     // A close frame: FIN + opcode 8, unmasked, payload = code 4002 (0x0FA2) + reason.
     let close = got.windows(4).rposition(|w| w[0] == 0x88 && w[1] < 126 && w[2] == 0x0F && w[3] == 0xA2);

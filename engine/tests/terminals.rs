@@ -577,24 +577,12 @@ fn an_ack_forgets_the_sync_page_below_it_not_only_what_was_pushed_first() {
 /// queued every unacked frame again, however much of the first push was still queued.
 #[test]
 fn resends_do_not_overrun_the_queue_of_a_terminal_that_has_not_read_yet() {
-    use std::io::{Read, Write};
     let node = TestNode::with(|c| {
         c.limits.resend_timeout = Duration::from_millis(250);
         c.limits.outbound_queue_bytes_max = 16 * 1024;
         c.limits.socket_send_buffer_bytes = 4096;
     });
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&node.ports.client.into()).unwrap();
-    let mut s: std::net::TcpStream = socket.into();
-    let req = format!(
-        "GET /ws?token={}&device=stalled HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        node.token("eve")
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = [0u8; 512];
-    let n = s.read(&mut buf).unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "upgrade refused");
+    let s = stalled_terminal(&node, "eve");
     // About 12 KiB pushed, never read: within the 16 KiB queue bound, but twice that is not.
     let text = "x".repeat(1000);
     for _ in 0..12 {
@@ -602,13 +590,7 @@ fn resends_do_not_overrun_the_queue_of_a_terminal_that_has_not_read_yet() {
     }
     // Several resend rounds (250 ms, then 500 ms, 1 s).
     std::thread::sleep(Duration::from_millis(2500));
-    let metrics = node.admin().request("GET", "/metrics", None).unwrap().text();
-    let slow: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("ether_connections_closed_total") && l.contains("slow_consumer"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert_eq!(slow, 0.0, "closed as a slow consumer by its own resends");
+    assert_eq!(slow_consumer_closes(&node), 0.0, "closed as a slow consumer by its own resends");
     drop(s);
 }
 

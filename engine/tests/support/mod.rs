@@ -152,3 +152,32 @@ pub fn text(from: &str, to: &str, text: &str) -> ether_proto::api::SendMessage {
         cid: None,
     }
 }
+
+/// A terminal that stops reading: a socket with a tiny receive window that never reads
+/// after the handshake.
+pub fn stalled_terminal(node: &TestNode, user: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&node.ports.client.into()).unwrap();
+    let mut s: std::net::TcpStream = socket.into();
+    let req = format!(
+        "GET /ws?token={}&device=stalled HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        node.token(user)
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"), "upgrade refused");
+    s
+}
+
+/// Connections the node closed as slow consumers (4002), from its metrics.
+pub fn slow_consumer_closes(node: &TestNode) -> f64 {
+    let metrics = node.admin().request("GET", "/metrics", None).unwrap().text();
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("ether_connections_closed_total") && l.contains("slow_consumer"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
