@@ -177,3 +177,34 @@ fn group_unreached_covers_every_message_of_a_burst_once() {
     assert!(runs.iter().all(|r| r.0 >= 1 && r.2 == serde_json::json!(["away1", "away2"])), "{runs:?}");
     assert_eq!(runs.iter().map(|r| r.1).max(), Some(N), "{runs:?}");
 }
+
+/// Terminals connected when the node stops go offline with it: `user.offline` is written to
+/// the outbox for each (here kept there: the webhook refuses everything), parked ones too.
+#[test]
+fn terminals_connected_at_a_stop_go_offline_in_the_outbox() {
+    let hook = receiver(usize::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::in_dir(dir.path(), |c| c.events.webhook = Some(webhook(&hook)));
+    let mut active = node.terminal("ida", "phone");
+    let _parked = node.terminal("jon", "phone");
+    // jon's connection parks (test config: after one tick); ida's keeps talking.
+    for _ in 0..8 {
+        active.ping().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.stop();
+    let mut store =
+        ether_store::SqliteBackend::open_dir(dir.path(), ether_store::SqliteOptions::default()).expect("store opens");
+    let events = match ether_store::StoreBackend::apply(
+        &mut store,
+        ether_store::op::Op::OutboxFetch { after: 0, limit: 1000 },
+    ) {
+        Ok(ether_store::Reply::Events(events)) => events,
+        other => panic!("{other:?}"),
+    };
+    let offline: Vec<serde_json::Value> =
+        events.iter().filter(|e| e.kind == "user.offline").map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+    for user in ["ida", "jon"] {
+        assert!(offline.iter().any(|d| d["user"] == user), "no user.offline for {user}: {offline:?}");
+    }
+}
