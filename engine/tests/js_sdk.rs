@@ -112,13 +112,7 @@ fn the_js_sdk_syncs_every_page_when_a_live_message_overtakes_the_sync() {
             verdict = Some(line);
         }
     }
-    let status = child.wait_timeout_or_kill(Duration::from_secs(40));
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
-    let verdict = verdict.unwrap_or_else(|| panic!("no verdict from the script ({status:?}); stderr:\n{stderr}"));
-    let v: serde_json::Value = serde_json::from_str(&verdict).expect("JSON verdict");
+    let (v, status, stderr) = script_verdict(&mut child, verdict);
     assert_eq!(v["ok"], true, "the JS SDK sync race failed: {v:#}\nstderr:\n{stderr}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
 
@@ -165,6 +159,21 @@ fn the_js_sdk_skips_purged_seqs_and_fetches_gaps_without_acking_over_them() {
     assert!(out.status.success(), "{:?}", out.status);
 }
 
+/// Waits for a script (at most 40 s) and parses the JSON verdict line it printed: the verdict,
+/// its exit status and what it wrote to stderr.
+fn script_verdict(
+    child: &mut std::process::Child,
+    verdict: Option<String>,
+) -> (serde_json::Value, Option<std::process::ExitStatus>, String) {
+    let status = child.wait_timeout_or_kill(Duration::from_secs(40));
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    let verdict = verdict.unwrap_or_else(|| panic!("no verdict from the script ({status:?}); stderr:\n{stderr}"));
+    (serde_json::from_str(&verdict).expect("JSON verdict"), status, stderr)
+}
+
 /// Runs `sdk/js/test/scenario.mjs` against `node` at `ws_url`, pushing through the API when
 /// the script says so, and checks its verdict.
 fn run_scenario(node_bin: &str, node: &TestNode, ws_url: String, env: &[(&str, String)]) {
@@ -208,13 +217,7 @@ fn run_scenario(node_bin: &str, node: &TestNode, ws_url: String, env: &[(&str, S
             verdict = Some(line);
         }
     }
-    let status = child.wait_timeout_or_kill(Duration::from_secs(40));
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
-    let verdict = verdict.unwrap_or_else(|| panic!("no verdict from the script ({status:?}); stderr:\n{stderr}"));
-    let v: serde_json::Value = serde_json::from_str(&verdict).expect("JSON verdict");
+    let (v, status, stderr) = script_verdict(&mut child, verdict);
     assert_eq!(v["ok"], true, "the JS SDK scenario failed: {v:#}\nstderr:\n{stderr}");
     assert_eq!(v["facts"]["bob_received"], 39, "20 + 15 after coming back + 1 idempotent send + 3 of the club: {v}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");

@@ -3,12 +3,8 @@
 // pages skip purged seqs (retention), and a gap among live messages. Prints one JSON line:
 // {"ok": true, ...} or {"ok": false, "failures": [...]}.
 import { EtherTerminal } from "../ether-im.mjs";
+import { check, facts, failures, finish } from "./verdict.mjs";
 
-const failures = [];
-const check = (cond, what) => {
-  if (!cond) failures.push(what);
-};
-const facts = {};
 
 /** The fake connection: what the SDK sends lands in `sent`; `feed` plays node frames. */
 let ws = null;
@@ -111,5 +107,4 @@ try {
 } catch (e) {
   failures.push(`exception: ${e.stack ?? e}`);
 }
-console.log(JSON.stringify({ ok: failures.length === 0, failures, facts }));
-process.exit(failures.length === 0 ? 0 : 1);
+finish();

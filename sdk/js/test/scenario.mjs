@@ -5,21 +5,10 @@
 //   ETHER_WS=ws://127.0.0.1:9000 TOKEN_ANN=.. TOKEN_BOB=.. node --experimental-websocket scenario.mjs
 import { createInterface } from "node:readline";
 import { EtherTerminal, EtherError } from "../ether-im.mjs";
+import { check, facts, failures, finish } from "./verdict.mjs";
 
-const failures = [];
-const check = (cond, what) => {
-  if (!cond) failures.push(what);
-};
-const deadline = setTimeout(() => finish("timed out"), 30000);
 
-function finish(fatal) {
-  clearTimeout(deadline);
-  if (fatal) failures.push(fatal);
-  console.log(JSON.stringify({ ok: failures.length === 0, failures, facts }));
-  process.exit(failures.length === 0 ? 0 : 1);
-}
 
-const facts = {};
 const lines = createInterface({ input: process.stdin });
 const stdinLines = [];
 let lineWaiter = null;

@@ -7,22 +7,11 @@
 // up to. Prints one JSON line: {"ok": true, ...} or {"ok": false, "failures": [...]}.
 import { createInterface } from "node:readline";
 import { EtherTerminal } from "../ether-im.mjs";
+import { check, facts, failures, finish } from "./verdict.mjs";
 
 const INBOX_N = Number(process.env.INBOX_N);
 const GROUP_N = Number(process.env.GROUP_N);
-const failures = [];
-const check = (cond, what) => {
-  if (!cond) failures.push(what);
-};
-const facts = {};
-const deadline = setTimeout(() => finish("timed out"), 30000);
 
-function finish(fatal) {
-  clearTimeout(deadline);
-  if (fatal) failures.push(fatal);
-  console.log(JSON.stringify({ ok: failures.length === 0, failures, facts }));
-  process.exit(failures.length === 0 ? 0 : 1);
-}
 
 const stdinLines = [];
 let lineWaiter = null;
