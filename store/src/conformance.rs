@@ -83,19 +83,22 @@ fn inbox<B: StoreBackend>(b: &mut B, user: &str) -> Vec<Entry> {
     }
 }
 
+/// The op creating group `id` (titled "`id` title") of `owner` with `members`, within roomy
+/// limits (100 members, 100 groups per user).
+pub fn group_op(id: &str, owner: &str, members: &[&str]) -> Op {
+    Op::CreateGroup {
+        id: Some(id.into()),
+        name: format!("{id} title"),
+        owner: owner.into(),
+        members: members.iter().map(|s| s.to_string()).collect(),
+        created_ms: 1,
+        members_max: 100,
+        groups_per_user_max: 100,
+    }
+}
+
 fn create_group<B: StoreBackend>(b: &mut B, id: &str, owner: &str, members: &[&str]) {
-    ok(
-        b,
-        Op::CreateGroup {
-            id: Some(id.into()),
-            name: format!("{id} title"),
-            owner: owner.into(),
-            members: members.iter().map(|s| s.to_string()).collect(),
-            created_ms: 1,
-            members_max: 100,
-            groups_per_user_max: 100,
-        },
-    );
+    ok(b, group_op(id, owner, members));
 }
 
 fn body_text(e: &Entry) -> String {

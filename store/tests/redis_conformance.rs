@@ -73,16 +73,7 @@ fn a_group_cid_from_before_scoping_blocks_nothing() {
     let Some(redis) = redis() else { return };
     let mut b = fresh(&redis);
     let prefix = b.prefix().to_owned();
-    b.apply(Op::CreateGroup {
-        id: Some("g1".into()),
-        name: "G".into(),
-        owner: "una".into(),
-        members: vec![],
-        created_ms: 1,
-        members_max: 10,
-        groups_per_user_max: 10,
-    })
-    .unwrap();
+    b.apply(conformance::group_op("g1", "una", &[])).unwrap();
     let post =
         b.apply(conformance::group_text("una", "g1", Some("old-1"), "before")).unwrap().group_appended().unwrap();
     let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
@@ -163,16 +154,7 @@ fn two_nodes_share_the_store() {
     assert!(!first.duplicate && again.duplicate);
     assert_eq!((again.id, again.receiver_seq, again.sender_seq), (first.id, first.receiver_seq, first.sender_seq));
     // A group made through one node takes messages through the other.
-    a.apply(Op::CreateGroup {
-        id: Some("both".into()),
-        name: "both".into(),
-        owner: "s0".into(),
-        members: vec!["s1".into()],
-        created_ms: 1,
-        members_max: 10,
-        groups_per_user_max: 10,
-    })
-    .unwrap();
+    a.apply(conformance::group_op("both", "s0", &["s1"])).unwrap();
     let g = b.apply(conformance::group_text("s1", "both", None, "hi")).unwrap().group_appended().unwrap();
     assert_eq!(g.seq, 1);
     let h = a.apply(Op::Heads { user: "s0".into() }).unwrap().heads().unwrap();
@@ -501,16 +483,7 @@ fn fcalls(con: &mut ::redis::Connection) -> u64 {
 fn runs_of_messages_are_one_call_each() {
     let Some(redis) = redis() else { return };
     let mut b = fresh(&redis);
-    b.apply(Op::CreateGroup {
-        id: Some("runs".into()),
-        name: "runs".into(),
-        owner: "ann".into(),
-        members: vec![],
-        created_ms: 1,
-        members_max: 10,
-        groups_per_user_max: 10,
-    })
-    .unwrap();
+    b.apply(conformance::group_op("runs", "ann", &[])).unwrap();
     let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
     let before = fcalls(&mut con);
     let ops: Vec<Op> = (0..300).map(|i| text("ann", &format!("u{}", i % 7), None, "hi")).collect();

@@ -281,19 +281,6 @@ fn thread_waits_for_more_only_when_busy() {
     h.shutdown();
 }
 
-/// Group `g1`, owned by `una`.
-fn una_owns_g1() -> Op {
-    Op::CreateGroup {
-        id: Some("g1".into()),
-        name: "G".into(),
-        owner: "una".into(),
-        members: vec![],
-        created_ms: 1,
-        members_max: 10,
-        groups_per_user_max: 10,
-    }
-}
-
 /// A group message with a `cid` from a user whose inbox is not in memory (its stream state
 /// was trimmed from the cache) must not reset that inbox's head: the user's next single-chat
 /// message still gets the next seq. It used to get seq 1 again (found by comparing random
@@ -305,7 +292,7 @@ fn a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
     for i in 0..3 {
         b.apply(text("una", "vic", None, &format!("m{i}"))).unwrap();
     }
-    b.apply(una_owns_g1()).unwrap();
+    b.apply(conformance::group_op("g1", "una", &[])).unwrap();
     // Flush every position, then touch more streams than the cache keeps (test_min: 8), so
     // una's clean inbox leaves memory.
     let far = u64::MAX / 4;
@@ -333,7 +320,7 @@ fn recovering_a_group_send_with_a_cid_keeps_the_senders_inbox_seqs() {
         for i in 0..3 {
             b.apply(text("una", "vic", None, &format!("m{i}"))).unwrap();
         }
-        b.apply(una_owns_g1()).unwrap();
+        b.apply(conformance::group_op("g1", "una", &[])).unwrap();
         // The inbox positions reach their table; the group message stays in the tail.
         let far = u64::MAX / 4;
         while b.maintain(far).unwrap() {}
@@ -457,7 +444,7 @@ fn a_group_cid_row_from_before_scoping_stays_readable_and_blocks_nothing() {
     let path = dir.path().join("legacy.db");
     {
         let mut b = SqliteBackend::open(&path, SqliteOptions::default()).unwrap();
-        b.apply(una_owns_g1()).unwrap();
+        b.apply(conformance::group_op("g1", "una", &[])).unwrap();
         b.apply(conformance::group_text("una", "g1", Some("old-1"), "before the upgrade")).unwrap();
         b.flush_all().unwrap();
     }
