@@ -54,6 +54,12 @@ pub const KEY_PREFIX: &str = "ether:";
 const NODE_TTL: Duration = Duration::from_secs(15);
 /// How often a node renews its registry key.
 const HEARTBEAT: Duration = Duration::from_secs(3);
+/// How long the out thread waits for Redis to take a pipeline and answer it. Without a bound
+/// a Redis that stops answering (paused, busy in a long script, or gone without a reset: a
+/// failover behind a moved address) held the thread until the kernel gave up on the socket,
+/// and with it every new terminal (`online_with_others`), every presence, kick and broadcast
+/// answer, and the node's stop.
+pub(crate) const REDIS_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Outgoing items written to Redis in one pipeline at most.
 const OUT_BATCH_MAX: usize = 512;
 /// Presence removals lost to failed writes kept for writing again (beyond it they are
@@ -503,6 +509,8 @@ impl Cluster {
         let in_ok_ms = Arc::new(AtomicU64::new(unix_now_ms()));
         let mut threads = Vec::new();
         {
+            con.set_read_timeout(Some(REDIS_IO_TIMEOUT))?;
+            con.set_write_timeout(Some(REDIS_IO_TIMEOUT))?;
             let w = OutWorker {
                 node_id: node_id.to_owned(),
                 generators: generator_base..generator_base + shards,
@@ -514,6 +522,7 @@ impl Cluster {
                 shards,
                 presence_lost: false,
                 lost_removals: LostRemovals::default(),
+                registry_lapsed: false,
                 rx,
                 entry,
                 terminals,
@@ -724,6 +733,10 @@ struct OutWorker {
     /// supersedes the removal). Without this, a lost `HDEL` left the device listed in the
     /// user's presence, and its messages routed to this node, until it connected again.
     lost_removals: LostRemovals,
+    /// A heartbeat found this node's registry key gone (it lapsed while Redis was out of
+    /// reach): once written again, every shard checks its users against the store, since the
+    /// other nodes routed nothing here meanwhile.
+    registry_lapsed: bool,
     rx: Receiver<Out>,
     entry: NodeEntry,
     terminals: TerminalCount,
@@ -774,6 +787,13 @@ impl OutWorker {
                     if beat {
                         last_beat = Instant::now();
                         self.remove_lost();
+                    }
+                    if std::mem::take(&mut self.registry_lapsed) {
+                        warn!(node = %self.node_id, "cluster: this node's registry entry had lapsed (the other nodes routed nothing here meanwhile); checking every inbox and group against the store");
+                        add(&self.counters.resyncs, 1);
+                        for shard in 0..self.shards {
+                            self.commits.push(shard, Committed::Cluster(ClusterEvent::Resync));
+                        }
                     }
                     if std::mem::take(&mut self.presence_lost) {
                         warn!(node = %self.node_id, "cluster: presence writes were lost; writing every terminal's again");
@@ -857,7 +877,12 @@ impl OutWorker {
         if self.con.is_none() || self.route_sha.is_none() {
             let mut con = match self.con.take() {
                 Some(con) => con,
-                None => self.client.get_connection_with_timeout(Duration::from_secs(2))?,
+                None => {
+                    let con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
+                    con.set_read_timeout(Some(REDIS_IO_TIMEOUT))?;
+                    con.set_write_timeout(Some(REDIS_IO_TIMEOUT))?;
+                    con
+                }
             };
             // Named for operators (`CLIENT LIST`); the script is loaded on every new
             // connection: a restarted Redis has forgotten it.
@@ -876,6 +901,7 @@ impl OutWorker {
         let entry = NodeEntry { terminals: (self.terminals)(), ..self.entry.clone() };
         let entry = serde_json::to_string(&entry).unwrap_or_default();
         let generators = self.generators.clone();
+        let started_ms = self.entry.started_ms;
         self.connection()?;
         let route_sha = self.route_sha.clone().unwrap_or_default();
         let con = self.con.as_mut().expect("connected above");
@@ -888,6 +914,11 @@ impl OutWorker {
         let (mut shared, mut routed) = (0, 0);
         if beat {
             let ttl = NODE_TTL.as_millis() as u64;
+            // Whether the registry key was still there: if it lapsed (no heartbeat for
+            // `NODE_TTL`: this node cut off from Redis while the others were not), the other
+            // nodes took this node for dead and routed its users' messages nowhere.
+            pipe.cmd("EXISTS").arg(node_key(&node_id));
+            answers.push(Answer::Registered);
             pipe.cmd("SET").arg(node_key(&node_id)).arg(&entry).arg("PX").arg(ttl).ignore();
             for slot in generators {
                 pipe.cmd("SET").arg(generator_key(slot)).arg(&node_id).arg("PX").arg(ttl).ignore();
@@ -927,11 +958,12 @@ impl OutWorker {
                     }
                 }
                 Out::Online { user, device, platform, since, written } => {
-                    let value = serde_json::json!({ "platform": platform, "since": since }).to_string();
+                    let value = serde_json::json!({ "platform": platform, "since": since, "node_started": started_ms })
+                        .to_string();
                     pipe.cmd("HSET").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).arg(value).ignore();
                     if matches!(written, Written::WithOthers(_)) {
                         pipe.cmd("HGETALL").arg(presence_key(&user));
-                        answers.push(Answer::Presence(present.len()));
+                        answers.push(Answer::Presence(present.len(), user));
                     }
                     present.push(written);
                 }
@@ -949,9 +981,12 @@ impl OutWorker {
         let mut presences = Vec::new();
         for (answer, value) in answers.into_iter().zip(values) {
             match answer {
+                Answer::Registered => {
+                    self.registry_lapsed |= !redis::from_owned_redis_value::<bool>(value)?;
+                }
                 Answer::Appends => appends += redis::from_owned_redis_value::<u64>(value)?,
-                Answer::Presence(i) => {
-                    presences.push((i, redis::from_owned_redis_value::<HashMap<String, String>>(value)?))
+                Answer::Presence(i, user) => {
+                    presences.push((i, user, redis::from_owned_redis_value::<HashMap<String, String>>(value)?))
                 }
             }
         }
@@ -962,8 +997,8 @@ impl OutWorker {
         add(&c.presence_writes, present.len() as u64);
         let mut others: HashMap<usize, Vec<TerminalInfo>> = HashMap::new();
         let mut alive = HashMap::new();
-        for (i, all) in presences {
-            others.insert(i, terminals_elsewhere_in(con, &node_id, all, &mut alive)?);
+        for (i, user, all) in presences {
+            others.insert(i, terminals_elsewhere_in(con, &node_id, &user, all, &mut alive)?);
         }
         for (i, written) in present.into_iter().enumerate() {
             match written {
@@ -986,10 +1021,12 @@ impl OutWorker {
 
 /// What an answer of the out thread's pipeline is (the commands not ignored, in order).
 enum Answer {
+    /// Whether this node's registry key still existed when the heartbeat renewed it.
+    Registered,
     /// A route call's append count.
     Appends,
-    /// The presence hash read after the `present[i]` write.
-    Presence(usize),
+    /// The presence hash (of this user) read after the `present[i]` write.
+    Presence(usize, String),
 }
 
 /// Adds one [`ROUTE_SCRIPT`] call for the pending routed publishes (none if there are none).
@@ -1038,16 +1075,42 @@ fn terminals_of_others(con: &mut redis::Connection, me: &str) -> redis::RedisRes
 /// The user's terminals registered by live nodes other than `me`.
 fn presence_of(con: &mut redis::Connection, me: &str, user: &str) -> redis::RedisResult<Vec<TerminalInfo>> {
     let all: HashMap<String, String> = redis::cmd("HGETALL").arg(presence_key(user)).query(con)?;
-    terminals_elsewhere_in(con, me, all, &mut HashMap::new())
+    terminals_elsewhere_in(con, me, user, all, &mut HashMap::new())
 }
 
-/// The terminals of a presence hash's entries (`all`) registered by live nodes other than
-/// `me`; `alive` caches which nodes are.
+/// Deletes a presence entry if it still holds `value` (KEYS[1] the hash, ARGV field, value):
+/// an entry of a node's earlier run, removed without touching one its current run wrote since.
+const REMOVE_STALE_PRESENCE: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+";
+
+/// Whether a presence entry (its JSON `value`) was written by the current run of a node
+/// started at `started_ms` (its registry entry's). Entries carry the run's start
+/// (`node_started`); older ones only their terminal's `since`, which a terminal of the current
+/// run has at or after the start. A node killed without removing its terminals' entries
+/// leaves them behind; when it comes back under the same id they are not its terminals.
+fn of_current_run(value: &serde_json::Value, started_ms: u64) -> bool {
+    if started_ms == 0 {
+        return true; // a registry entry this version cannot read: its terminals count
+    }
+    match value["node_started"].as_u64() {
+        Some(run) => run == started_ms,
+        None => value["since"].as_u64().unwrap_or(0) >= started_ms,
+    }
+}
+
+/// The terminals of `user`'s presence hash entries (`all`) registered by live nodes other
+/// than `me`, by their current runs; `alive` caches which nodes are live (the start of their
+/// run). Entries a live node's earlier run left behind are removed.
 fn terminals_elsewhere_in(
     con: &mut redis::Connection,
     me: &str,
+    user: &str,
     all: HashMap<String, String>,
-    alive: &mut HashMap<String, bool>,
+    alive: &mut HashMap<String, Option<u64>>,
 ) -> redis::RedisResult<Vec<TerminalInfo>> {
     let mut out = Vec::new();
     for (field, value) in all {
@@ -1055,18 +1118,32 @@ fn terminals_elsewhere_in(
         if node == me {
             continue; // this node answers for its own terminals
         }
-        let live = match alive.get(node) {
-            Some(l) => *l,
+        let started = match alive.get(node) {
+            Some(s) => *s,
             None => {
-                let l: bool = redis::cmd("EXISTS").arg(node_key(node)).query(con)?;
-                alive.insert(node.to_owned(), l);
-                l
+                let entry: Option<String> = redis::cmd("GET").arg(node_key(node)).query(con)?;
+                let s = entry.map(|e| serde_json::from_str::<NodeEntry>(&e).map_or(0, |e| e.started_ms));
+                alive.insert(node.to_owned(), s);
+                s
             }
         };
-        if !live {
+        let Some(started) = started else {
             continue; // a node that died with terminals registered
-        }
+        };
         let v: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+        if !of_current_run(&v, started) {
+            // Left by the node's run before this one (killed, or stopped before its removals
+            // were written): no terminal of it, and never again one (its `since` is past).
+            // Best effort: a refusal only leaves the entry to be skipped again.
+            if v["node_started"].is_u64() {
+                let _ = redis::Script::new(REMOVE_STALE_PRESENCE)
+                    .key(presence_key(user))
+                    .arg(&field)
+                    .arg(&value)
+                    .invoke::<i64>(con);
+            }
+            continue;
+        }
         out.push(TerminalInfo {
             device: device.to_owned(),
             platform: v["platform"].as_str().unwrap_or("other").to_owned(),

@@ -95,7 +95,12 @@ impl OutboxLease {
 
     fn connection(&mut self) -> redis::RedisResult<&mut redis::Connection> {
         if self.con.is_none() {
-            self.con = Some(self.client.get_connection_with_timeout(Duration::from_secs(2))?);
+            let con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
+            // A Redis that stops answering must cost the turn, not the events thread (and with
+            // it the node's stop): without a bound the call waited for as long as Redis did.
+            con.set_read_timeout(Some(crate::cluster::REDIS_IO_TIMEOUT))?;
+            con.set_write_timeout(Some(crate::cluster::REDIS_IO_TIMEOUT))?;
+            self.con = Some(con);
         }
         Ok(self.con.as_mut().expect("just set"))
     }
@@ -247,6 +252,25 @@ mod tests {
         let timeout = crate::events::DispatchOptions::default().timeout;
         let slowest_attempt = 2 * (timeout * 3);
         assert!(LEASE_TTL > slowest_attempt + RENEW_EVERY, "{LEASE_TTL:?} vs {slowest_attempt:?}");
+    }
+
+    /// A Redis that stops answering (paused here) costs the holder its turn within the I/O
+    /// timeout. Before, the renewal waited for as long as Redis did, and the events thread,
+    /// and the node's stop, with it.
+    #[test]
+    fn a_redis_that_stops_answering_costs_the_turn_not_the_thread() {
+        let Some(redis) = TestRedis::start_or_skip() else { return };
+        let mut a = lease(&redis, "node-a", 60_000);
+        assert!(a.may_dispatch());
+        let paused = redis.pause();
+        a.held_since = Some(Instant::now() - a.renew_every); // due for renewal
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(a.may_dispatch());
+        });
+        let answer = rx.recv_timeout(crate::cluster::REDIS_IO_TIMEOUT + Duration::from_secs(5));
+        drop(paused);
+        assert_eq!(answer, Ok(false), "no answer from Redis: no turn, and no thread stuck waiting");
     }
 
     #[test]

@@ -877,3 +877,87 @@ fn a_sync_by_one_terminal_does_not_hide_a_missed_message_from_the_others() {
     ask_every_node_to_resync(&redis);
     assert_eq!(texts(&take(&mut web, 1)), ["while unseen"]);
 }
+
+/// A Redis that stops answering (paused here: connections open, nothing answered, as when
+/// it hangs or a failover leaves the old address dropping packets) must not hold up what the
+/// node answers from the out thread: presence is answered within the out thread's I/O
+/// timeout, with the terminals this node has. Before, the out thread waited for Redis without
+/// a bound, and with it every presence lookup (and kick, broadcast, new terminal).
+#[test]
+fn presence_is_answered_while_redis_hangs() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let _phone = b.terminal("kim", "phone");
+    let _web = a.terminal("kim", "web");
+    wait_for_presence(&a, "kim", "phone");
+    let paused = redis.pause();
+    let gateway = a.gateway().with_timeout(Duration::from_secs(120));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(gateway.request("GET", "/v1/users/kim/presence", None));
+    });
+    let answer = rx.recv_timeout(Duration::from_secs(20));
+    drop(paused);
+    let r = answer.expect("no presence answer while Redis hangs").unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["online"], true, "{v}");
+    assert!(v["terminals"].as_array().unwrap().iter().any(|t| t["device"] == "web"), "{v}");
+}
+
+/// A node whose registry entry lapsed (cut off from Redis for longer than its TTL while the
+/// other nodes were not; here its key is deleted) was taken for dead: the others routed its
+/// users' messages nowhere. Once its heartbeat finds the entry gone it checks its users
+/// against the store, so its terminals get what they missed without waiting for another
+/// message. Before, they got nothing until the next message or a `sync`.
+#[test]
+fn a_node_whose_registry_entry_lapsed_catches_its_terminals_up() {
+    let Some(redis) = redis_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut phone = a.terminal("lou", "phone");
+    wait_for_presence(&b, "lou", "phone");
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("DEL").arg("ether:node:node-a").query::<()>(&mut con).unwrap();
+    b.gateway().send_message(&text("meg", "lou", "while you were away")).unwrap();
+    let m = phone.recv_msg(Duration::from_secs(12)).expect("the message committed on B never reached A's terminal");
+    assert_eq!(texts(&[m]), ["while you were away"]);
+}
+
+/// A node killed with terminals connected leaves their presence entries in Redis; when it
+/// comes back under the same id they are not its terminals: presence does not list them and
+/// `limits.terminals_per_user_max` (3 here) does not count them. Before, three such entries
+/// kept the user out of every node (403) and presence reported them online (so no
+/// `message.unreached`, the mobile push hook, for them either).
+#[test]
+fn terminals_a_node_had_before_it_was_killed_do_not_count_after_it_restarts() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    // What node B's previous run left behind: entries of this version and of older ones.
+    for (device, value) in [
+        ("tablet", r#"{"platform":"ios","since":1000,"node_started":900}"#),
+        ("desk", r#"{"platform":"desktop","since":1000}"#),
+        ("tv", r#"{"platform":"other","since":1200,"node_started":900}"#),
+    ] {
+        redis::cmd("HSET")
+            .arg("ether:presence:max")
+            .arg(format!("node-b/{device}"))
+            .arg(value)
+            .query::<()>(&mut con)
+            .unwrap();
+    }
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let _phone = a.terminal("max", "phone");
+    let _web = b.terminal("max", "web");
+    wait_for_presence(&a, "max", "web");
+    let p = a.gateway().request("GET", "/v1/users/max/presence", None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+    let mut devices: Vec<&str> =
+        v["terminals"].as_array().unwrap().iter().map(|t| t["device"].as_str().unwrap()).collect();
+    devices.sort_unstable();
+    assert_eq!(devices, ["phone", "web"], "{v}");
+    // Entries of an earlier run that name it are removed once looked at.
+    let left: Vec<String> = redis::cmd("HKEYS").arg("ether:presence:max").query(&mut con).unwrap();
+    assert!(!left.iter().any(|f| f == "node-b/tablet" || f == "node-b/tv"), "{left:?}");
+}

@@ -51,7 +51,7 @@
 mod testing;
 
 #[cfg(feature = "conformance")]
-pub use testing::TestRedis;
+pub use testing::{Paused, TestRedis};
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;

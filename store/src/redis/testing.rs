@@ -111,6 +111,31 @@ impl TestRedis {
     pub fn port(&self) -> u16 {
         self.port
     }
+
+    /// Stops the server (`SIGSTOP`) until the guard is dropped (`SIGCONT`): its connections
+    /// stay open and nothing is answered, as with a Redis that hangs or a link that drops
+    /// packets without a reset.
+    pub fn pause(&self) -> Paused {
+        let pid = self.child.id();
+        assert!(signal(pid, "-STOP"), "kill -STOP {pid} failed");
+        Paused { pid }
+    }
+}
+
+/// A paused [`TestRedis`] (see [`TestRedis::pause`]); resumed on drop.
+#[derive(Debug)]
+pub struct Paused {
+    pid: u32,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        let _ = signal(self.pid, "-CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill").arg(sig).arg(pid.to_string()).status().is_ok_and(|s| s.success())
 }
 
 impl Drop for TestRedis {
