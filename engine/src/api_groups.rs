@@ -57,10 +57,16 @@ struct GroupMessage {
 }
 
 fn check_members(path: &str, members: &[String], max: usize) -> Result<(), EngineError> {
-    if members.len() > max {
+    // Duplicates are ignored (the store adds each user once), so they do not count.
+    let distinct = if members.len() > max {
+        members.iter().map(String::as_str).collect::<std::collections::HashSet<_>>().len()
+    } else {
+        members.len()
+    };
+    if distinct > max {
         return Err(ApiError::new(
             ErrorCode::InvalidBody,
-            format!("{path}: at most {max} members (limits.group_members_max), got {}", members.len()),
+            format!("{path}: at most {max} members (limits.group_members_max), got {distinct}"),
         )
         .into());
     }
@@ -164,6 +170,18 @@ async fn add_members(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Resp
 async fn remove_member(shard: &Rc<Shard>, gid: &str, uid: &str) -> Result<Response, EngineError> {
     check_id("gid", gid)?;
     check_id("uid", uid)?;
+    // The owner is always a member (docs/openapi.json): a group without its owner in it would
+    // name as owner someone who can neither send to it nor read it. (No call changes a
+    // group's owner: only a dissolution and a new group of the same id between this look
+    // and the removal below could make them disagree.)
+    let g = shard.store.call(Op::GetGroup { group: gid.to_owned() }).await?.group()?;
+    if g.owner == uid {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("{uid} owns group {gid} and is always a member of it: dissolve the group instead"),
+        )
+        .into());
+    }
     let op = Op::RemoveMember { group: gid.to_owned(), user: uid.to_owned() };
     let removed = shard.store.call(op).await?.count()?;
     shard.announce_membership(gid, &[uid.to_owned()], false).await;

@@ -85,10 +85,13 @@ impl Shard {
         for (g, &head) in groups {
             let g: Arc<str> = Arc::from(g.as_str());
             if cluster {
-                // The store's head when this terminal came: what this shard pushes next.
-                let mut heads = self.group_heads.borrow_mut();
-                let known = heads.entry(g.clone()).or_insert(head);
-                *known = (*known).max(head);
+                // The first member here: the shard pushes what comes after the store's head
+                // when it came. With members here already, the shard goes on from what it
+                // pushed them: the store's head may be ahead of the bus (a message in flight,
+                // or lost and later filled from the store as a gap), and raising the shard's
+                // head to it would make them skip those messages. The new terminal may then
+                // be pushed some messages its `welcome` head counts; terminals dedupe by id.
+                self.group_heads.borrow_mut().entry(g.clone()).or_insert(head);
             }
             self.index_join(&mut index, &g, s.key);
             mine.push(GroupCursor::new(g, head, now));
@@ -242,6 +245,14 @@ impl Shard {
 
     /// Forgets a dissolved group on this shard.
     pub(crate) fn group_gone_local(&self, group: &str) {
+        // A terminal being taken on may have read its heads (this group among them) before
+        // the dissolution and join the group's fan-out after it, staying in it (a group made
+        // later under the same id would reach it): its user's terminals read their heads
+        // again (`conn::adopt`), as for a membership change. Its members are not known here,
+        // so every user with a terminal being taken on (dissolutions are rare).
+        for entry in self.users.borrow_mut().values_mut().filter(|e| e.pending > 0) {
+            entry.membership_changes = entry.membership_changes.wrapping_add(1);
+        }
         self.group_heads.borrow_mut().remove(group);
         self.group_pushed.borrow_mut().remove(group);
         let keys = self.group_index.borrow_mut().remove(group).unwrap_or_default();
@@ -255,7 +266,11 @@ impl Shard {
         }
     }
 
-    /// Tells the users' home shards that they joined or left `group`.
+    /// Tells the users' home shards that they joined or left `group`, and returns once they
+    /// mirrored it (this node's shards; other nodes learn it from the bus): a message the
+    /// business posts after the answer then reaches a member just added, and no longer one
+    /// just removed (a group's committed messages go to the shards whose fan-out index has
+    /// the group at commit time, `GroupShards`).
     pub async fn announce_membership(self: &Rc<Self>, group: &str, users: &[String], joined: bool) {
         if let Some(cluster) = self.node.cluster() {
             let e = BusEvent::Membership { group: group.to_owned(), users: users.to_vec(), joined };
@@ -266,27 +281,51 @@ impl Shard {
         for u in users {
             per_shard[home_shard(u, self.shards)].push(Arc::from(u.as_str()));
         }
+        let mut told = Vec::new();
         for (to, users) in per_shard.into_iter().enumerate() {
             if users.is_empty() {
                 continue;
             }
             let msg = ShardMsg::Membership { group: group.clone(), users, joined };
-            if let Err(e) = self.route(to, msg).await {
-                debug!(shard = self.id, to, error = %e, "membership change not mirrored");
+            match self.route(to, msg).await {
+                Ok(()) => told.push(to),
+                Err(e) => debug!(shard = self.id, to, error = %e, "membership change not mirrored"),
             }
+        }
+        for to in told {
+            self.handled_by(to).await;
         }
     }
 
-    /// Tells every shard that `group` is gone.
+    /// Tells every shard that `group` is gone, and returns once this node's shards forgot it
+    /// (see `announce_membership`): nothing the business posts afterwards (to a group made
+    /// again under the same id) reaches the old members through it.
     pub async fn announce_group_gone(self: &Rc<Self>, group: &str) {
         if let Some(cluster) = self.node.cluster() {
             cluster.publish(BusEvent::GroupGone { group: group.to_owned() });
         }
         let group: Arc<str> = Arc::from(group);
+        let mut told = Vec::new();
         for to in 0..self.shards {
-            if let Err(e) = self.route(to, ShardMsg::GroupGone { group: group.clone() }).await {
-                debug!(shard = self.id, to, error = %e, "dissolution not mirrored");
+            match self.route(to, ShardMsg::GroupGone { group: group.clone() }).await {
+                Ok(()) => told.push(to),
+                Err(e) => debug!(shard = self.id, to, error = %e, "dissolution not mirrored"),
             }
+        }
+        for to in told {
+            self.handled_by(to).await;
+        }
+    }
+
+    /// Waits until shard `to` has handled what this shard sent it so far: each pair of shards
+    /// has its own queue, handled in order, so the answer to a question asked now comes after
+    /// them. (A message to this shard itself is handled as it is sent.)
+    async fn handled_by(self: &Rc<Self>, to: usize) {
+        if to == self.id {
+            return;
+        }
+        if let Err(e) = self.ask(to, |reply| ShardMsg::Offline { users: Vec::new(), reply }).await {
+            debug!(shard = self.id, to, error = %e, "no answer from a shard");
         }
     }
 

@@ -95,6 +95,33 @@ fn membership_and_limits_are_enforced() {
     assert_eq!(status, 400);
 }
 
+/// The owner is always a member (docs/openapi.json): removing them is refused, so the group
+/// never names as owner someone who can no longer send to it. Duplicates in a member list
+/// are ignored, so they do not count against `limits.group_members_max`.
+#[test]
+fn the_owner_stays_a_member_and_duplicates_do_not_count() {
+    let node = TestNode::start(); // test_min: 8 members per group
+    call(&node, "POST", "/v1/groups", Some(json!({"id": "crew", "name": "Crew", "owner": "cap", "members": ["mate"]})));
+    let (status, v) = call(&node, "DELETE", "/v1/groups/crew/members/cap", None);
+    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("forbidden")), "{v}");
+    let (_, g) = call(&node, "GET", "/v1/groups/crew", None);
+    assert_eq!((g["owner"].as_str(), g["member_count"].as_u64()), (Some("cap"), Some(2)));
+    let (status, v) = call(&node, "POST", "/v1/groups/crew/messages", Some(group_text("cap", "still here")));
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = call(&node, "DELETE", "/v1/groups/crew/members/mate", None);
+    assert_eq!((status, v["removed"].as_u64()), (200, Some(1)), "others go as before");
+
+    // Nine entries, two users: within the bound of 8.
+    let twice: Vec<&str> = ["ann", "ben"].iter().cycle().take(9).copied().collect();
+    let (status, v) =
+        call(&node, "POST", "/v1/groups", Some(json!({"id": "dup", "name": "D", "owner": "cap", "members": twice})));
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = call(&node, "POST", "/v1/groups/dup/members", Some(json!({"members": twice})));
+    assert_eq!((status, v["added"].as_u64()), (200, Some(0)), "{v}");
+    let (_, g) = call(&node, "GET", "/v1/groups/dup", None);
+    assert_eq!(g["member_count"].as_u64(), Some(3));
+}
+
 #[test]
 fn every_online_member_on_both_shards_gets_each_message() {
     let node = TestNode::start();
@@ -477,6 +504,54 @@ fn a_membership_change_racing_a_connect_applies_to_the_new_terminal() {
     }
 }
 
+/// A group dissolved while a member's terminal connects: the terminal, whose heads may have
+/// been read before the dissolution, does not stay in the gone group's fan-out; and the
+/// dissolution's answer comes once the shards forgot the group. So a group created right
+/// after under the same id, without that member, sends it nothing. (Before, a terminal whose
+/// heads were read before the dissolution joined the gone group's fan-out for good, and a
+/// message posted right after the answer could still find the old fan-out on another shard.)
+#[test]
+fn a_dissolution_racing_a_connect_leaves_no_stale_membership() {
+    let node = std::sync::Arc::new(TestNode::start());
+    for i in 0..300 {
+        let (user, owner) = (format!("dracer{i}"), format!("downer{i}"));
+        let (gone, marker) = (format!("gone{i}"), format!("dmark{i}"));
+        for (id, members) in [(&gone, vec![user.as_str()]), (&marker, vec![user.as_str()])] {
+            let body = json!({"id": id, "name": id, "owner": owner, "members": members});
+            let (status, v) = call(&node, "POST", "/v1/groups", Some(body));
+            assert_eq!(status, 201, "{v}");
+        }
+        let start = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let dissolver = {
+            let (node, start, gone) = (node.clone(), start.clone(), gone.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                std::thread::sleep(Duration::from_micros(150 * (i % 24)));
+                let (status, v) = call(&node, "DELETE", &format!("/v1/groups/{gone}"), None);
+                assert_eq!(status, 200, "{v}");
+            })
+        };
+        start.wait();
+        let mut t = node.terminal(&user, "phone");
+        dissolver.join().unwrap();
+        // The id again, for others only.
+        let body = json!({"id": gone, "name": "new", "owner": owner, "members": []});
+        let (status, v) = call(&node, "POST", "/v1/groups", Some(body));
+        assert_eq!(status, 201, "{v}");
+        for (group, text) in [(&gone, "not for the old members"), (&marker, "marker")] {
+            let (status, v) =
+                call(&node, "POST", &format!("/v1/groups/{group}/messages"), Some(group_text(&owner, text)));
+            assert_eq!(status, 200, "{v}");
+        }
+        let m = next_msg(&mut t);
+        assert_eq!(
+            (m.chat.as_str(), m.body["text"].as_str()),
+            (format!("g:{marker}").as_str(), Some("marker")),
+            "connect {i}"
+        );
+    }
+}
+
 /// Group messages are acknowledged and pushed again like inbox ones: a member that does not
 /// ack gets what it was pushed live again after `limits.resend_timeout_ms` (1 s in tests),
 /// then after twice as long, at most `limits.resend_attempts_max` (2) times, and nothing more
@@ -600,4 +675,64 @@ fn group_messages_go_only_to_shards_with_members_online() {
     let after = group_fanouts(&node);
     assert_eq!(after[0] - before[0], 1);
     assert_eq!(after[1] - before[1], 1);
+}
+
+/// Cluster mode: a terminal that joins a shard where other members of a group are online must
+/// not make the shard skip what those members have not been pushed yet. Its `welcome` head
+/// comes from the shared store, which can be ahead of what the bus has brought this node (a
+/// message in flight, or one the bus lost): the shard goes on from what it pushed, so the
+/// members already here get those messages (here: with the group's next one, which shows the
+/// gap), and the new terminal at worst gets again what its head counts (terminals dedupe by id).
+#[test]
+fn cluster_a_member_connecting_does_not_make_the_others_skip_what_the_bus_has_not_brought() {
+    use ether_proto::Kind;
+    use ether_store::op::{NewGroupMessage, Op};
+    use ether_store::StoreBackend;
+    let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+    let node = |id: &str| {
+        let (url, id) = (redis.url(), id.to_owned());
+        TestNode::with(move |c| {
+            c.cluster.redis_url = Some(url);
+            c.node.id = id;
+        })
+    };
+    let (a, b) = (node("node-a"), node("node-b"));
+    let mut phone = b.terminal("hal", "phone");
+    a.gateway().create_group(Some("crew"), "Crew", "carol", &["hal"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200)); // membership crosses the bus
+    let post = |text: &str| {
+        a.gateway().send_group_message("crew", "carol", Kind::Text, &json!({ "text": text }), None).unwrap();
+    };
+    post("announced");
+    let m = next_msg(&mut phone);
+    assert_eq!((m.body["text"].as_str(), m.seq), (Some("announced"), 1));
+    phone.ack_msg(&m).unwrap();
+    // Stored, but not (yet) on the bus: as if in flight.
+    let options = ether_store::RedisOptions { prefix: "ether:store:".into(), events_stream: None, outbox: false };
+    let mut store = ether_store::RedisBackend::open(&redis.url(), options).unwrap();
+    let in_flight = NewGroupMessage {
+        id: 1 << 50,
+        ts: 1,
+        from: "carol".into(),
+        system: false,
+        group: "crew".into(),
+        kind: Kind::Text,
+        body: r#"{"text":"in flight"}"#.into(),
+        cid: None,
+    };
+    store.apply(Op::AppendGroup(in_flight)).unwrap();
+    // hal's second terminal, on the same shard (same user): its welcome counts seq 2.
+    let (mut web, welcome) = ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("hal"), "web", "web").unwrap();
+    assert_eq!(welcome.groups.get("crew"), Some(&2));
+    post("next");
+    let mut got: Vec<(u64, String)> = Vec::new();
+    while let Some(f) = phone.recv(Duration::from_secs(1)).unwrap() {
+        if let ServerFrame::Msg(m) = f {
+            phone.ack_msg(&m).unwrap();
+            got.push((m.seq, m.body["text"].as_str().unwrap_or("").to_owned()));
+        }
+    }
+    assert_eq!(got, [(2, "in flight".to_owned()), (3, "next".to_owned())], "the phone misses nothing");
+    let last = web.recv_until(|f| matches!(f, ServerFrame::Msg(m) if m.seq == 3), WAIT).unwrap();
+    assert!(matches!(last, ServerFrame::Msg(m) if m.body["text"] == "next"));
 }
