@@ -226,7 +226,7 @@ pub fn render(stats: &NodeStats) -> String {
         );
         out.sample(name, &[("bus", "shared")], cl.published_shared as f64);
         out.sample(name, &[("bus", "routed")], cl.published_routed as f64);
-        let families: [(&str, &str, Kind, u64); 6] = [
+        let families: [(&str, &str, Kind, u64); 7] = [
             (
                 "ether_cluster_routed_appends_total",
                 "Appends routed events made to other nodes' streams.",
@@ -246,6 +246,12 @@ pub fn render(stats: &NodeStats) -> String {
                 "Checks of every local inbox and group against the store after bus entries were lost.",
                 Kind::Counter,
                 cl.resyncs,
+            ),
+            (
+                "ether_cluster_idgen_slots_lost_total",
+                "Message-id generator slots found held by another node after this node's lease lapsed.",
+                Kind::Counter,
+                cl.idgen_slots_lost,
             ),
             ("ether_cluster_queue_depth", "Items waiting to be written to Redis.", Kind::Gauge, cl.queue_depth),
         ];
@@ -574,6 +580,7 @@ mod tests {
                 dropped: 1,
                 redis_errors: 0,
                 resyncs: 2,
+                idgen_slots_lost: 1,
                 queue_depth: 3,
                 out_ok_age_ms: 1500,
                 in_ok_age_ms: 250,
@@ -668,6 +675,7 @@ mod tests {
         assert_eq!(get(&samples, "ether_cluster_routed_appends_total", &[]).value, 12.0);
         assert_eq!(get(&samples, "ether_cluster_dropped_total", &[]).value, 1.0);
         assert_eq!(get(&samples, "ether_cluster_resyncs_total", &[]).value, 2.0);
+        assert_eq!(get(&samples, "ether_cluster_idgen_slots_lost_total", &[]).value, 1.0);
         assert_eq!(get(&samples, "ether_cluster_redis_age_seconds", &[("thread", "out")]).value, 1.5);
         assert!(text.contains("ether_outbound_bytes_queued{shard=\"0\"} 65536\n"));
     }

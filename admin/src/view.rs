@@ -240,6 +240,10 @@ pub struct ClusterStats {
     /// Checks of every local inbox and group against the store, after bus entries were lost.
     #[serde(default)]
     pub resyncs: u64,
+    /// Message-id generator slots found held by another node (this node's lease had lapsed):
+    /// the shard moved to a free one.
+    #[serde(default)]
+    pub idgen_slots_lost: u64,
     /// Gauge: items waiting to be written to Redis.
     pub queue_depth: u64,
     /// Gauge: milliseconds since Redis last answered the writing thread.

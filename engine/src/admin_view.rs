@@ -104,6 +104,7 @@ fn cluster_stats(c: &crate::cluster::Cluster) -> ClusterStats {
         dropped: n(&k.dropped),
         redis_errors: n(&k.redis_errors),
         resyncs: n(&k.resyncs),
+        idgen_slots_lost: n(&k.idgen_slots_lost),
         queue_depth: c.queued() as u64,
         out_ok_age_ms,
         in_ok_age_ms,

@@ -109,6 +109,18 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
             .with_header("Retry-After", secs.to_string());
         }
     }
+    // Cluster mode: no message ids while the shard holds no id-generator lease (lost to another
+    // node, none free yet): refused, never ids another node may make too.
+    let mints_ids = matches!(
+        (&req.method, segments),
+        (
+            Method::Post,
+            ["v1", "messages" | "broadcast"] | ["v1", "messages", "batch"] | ["v1", "groups", _, "messages"]
+        )
+    );
+    if mints_ids && !shard.ids.usable() {
+        return fail(ErrorCode::Unavailable, crate::cluster::NO_ID_LEASE);
+    }
     let result = match (&req.method, segments) {
         (Method::Post, ["v1", "messages"]) => send_message(shard, req).await,
         (Method::Post, ["v1", "messages", "batch"]) => send_batch(shard, req).await,

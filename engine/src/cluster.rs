@@ -159,6 +159,92 @@ fn claim_generators(con: &mut redis::Connection, node_id: &str, shards: usize) -
     Err(ClusterError::NoIdGenerators { shards })
 }
 
+/// Why a shard refuses new messages while it holds no id-generator lease.
+pub(crate) const NO_ID_LEASE: &str =
+    "this shard has no message-id generator right now (its cluster lease was lost); try again";
+
+/// How long before its Redis TTL runs out a shard stops making ids with a lease not renewed
+/// since (the two clocks, Redis's and this node's, may not agree to the millisecond).
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// Until when (Unix ms) a lease whose renewal was sent at `sent_ms` may be used.
+fn lease_deadline(sent_ms: u64) -> u64 {
+    sent_ms + NODE_TTL.as_millis() as u64 - LEASE_MARGIN.as_millis() as u64
+}
+
+/// One shard's lease on a message-id generator slot, as its `IdGen` sees it: the slot and
+/// until when it may make ids with it. Set by the out thread (at each renewal, and when the
+/// slot was lost to another node), read by the shard at each id (one atomic load).
+#[derive(Debug)]
+pub struct IdLease(AtomicU64);
+
+impl IdLease {
+    /// The slot field of a lease that has no slot.
+    const NO_SLOT: u64 = 0xff;
+
+    fn new(slot: Option<usize>, until_ms: u64) -> IdLease {
+        let lease = IdLease(AtomicU64::new(Self::NO_SLOT));
+        lease.set(slot, until_ms);
+        lease
+    }
+
+    fn set(&self, slot: Option<usize>, until_ms: u64) {
+        let slot = slot.filter(|s| *s < SHARDS_MAX).map_or(Self::NO_SLOT, |s| s as u64);
+        self.0.store(until_ms << 8 | slot, Ordering::Release);
+    }
+
+    /// The slot to make ids with at `now_ms`: none while the shard holds none, or once the
+    /// lease may have lapsed in Redis (not renewed for about `NODE_TTL`: another node may have
+    /// claimed the slot since).
+    pub fn slot_at(&self, now_ms: u64) -> Option<usize> {
+        let v = self.0.load(Ordering::Acquire);
+        let slot = v & 0xff;
+        (slot != Self::NO_SLOT && now_ms < v >> 8).then_some(slot as usize)
+    }
+}
+
+/// Renews id-generator leases held by this node. KEYS: the slots' keys; ARGV: the node id,
+/// the TTL (ms). A key absent (lapsed, nobody claimed it since) or holding this node's id is
+/// set again with the TTL; one another node holds is left alone. Returns, per key, `''`
+/// (renewed) or the holder's id.
+const RENEW_LEASES_SCRIPT: &str = r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local holder = redis.call('GET', key)
+  if holder == false or holder == ARGV[1] then
+    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+    out[i] = ''
+  else
+    out[i] = holder
+  end
+end
+return out
+";
+
+/// Deletes the keys (KEYS) that still hold ARGV[1]: this node's leases, never one another
+/// node has taken since.
+const RELEASE_LEASES_SCRIPT: &str = r"
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end
+end
+return n
+";
+
+/// Leases one free id-generator slot (the first, as at start), for a shard whose slot another
+/// node took. `None` when all are held.
+fn claim_slot(con: &mut redis::Connection, node_id: &str) -> redis::RedisResult<Option<usize>> {
+    let ttl = NODE_TTL.as_millis() as u64;
+    for slot in 0..SHARDS_MAX {
+        let set: Option<String> =
+            redis::cmd("SET").arg(generator_key(slot)).arg(node_id).arg("NX").arg("PX").arg(ttl).query(con)?;
+        if set.is_some() {
+            return Ok(Some(slot));
+        }
+    }
+    Ok(None)
+}
+
 fn presence_key(user: &str) -> String {
     format!("{KEY_PREFIX}presence:{user}")
 }
@@ -342,6 +428,9 @@ pub struct ClusterCounters {
     pub redis_errors: AtomicU64,
     /// Checks of every local inbox and group against the store (after bus entries were lost).
     pub resyncs: AtomicU64,
+    /// Message-id generator slots found held by another node at a renewal (this node's lease
+    /// had lapsed): the shard moved to a free slot.
+    pub idgen_slots_lost: AtomicU64,
     /// Set when a publish was dropped: the next successful write asks every node to resync.
     lost_publishes: AtomicBool,
 }
@@ -355,8 +444,8 @@ fn add(counter: &AtomicU64, n: u64) {
 pub struct Cluster {
     pub node_id: String,
     pub counters: Arc<ClusterCounters>,
-    /// This node's shards make message ids as generators `generator_base + shard`.
-    pub generator_base: usize,
+    /// Each shard's lease on its message-id generator slot (`IdGen::leased`).
+    id_leases: Vec<Arc<IdLease>>,
     out: Sender<Out>,
     /// Unix ms of the last successful Redis round trip of each thread (for `/readyz`).
     out_ok_ms: Arc<AtomicU64>,
@@ -495,6 +584,7 @@ impl Cluster {
         if registered.is_none() {
             return Err(ClusterError::NodeIdTaken { node_id: node_id.to_owned(), ttl_s: NODE_TTL.as_secs() });
         }
+        let claimed_ms = unix_now_ms();
         let generator_base = match claim_generators(&mut con, node_id, shards) {
             Ok(base) => base,
             Err(e) => {
@@ -502,6 +592,9 @@ impl Cluster {
                 return Err(e);
             }
         };
+        let id_leases: Vec<Arc<IdLease>> = (generator_base..generator_base + shards)
+            .map(|slot| Arc::new(IdLease::new(Some(slot), lease_deadline(claimed_ms))))
+            .collect();
         let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
         let counters = Arc::new(ClusterCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
@@ -513,7 +606,8 @@ impl Cluster {
             con.set_write_timeout(Some(REDIS_IO_TIMEOUT))?;
             let w = OutWorker {
                 node_id: node_id.to_owned(),
-                generators: generator_base..generator_base + shards,
+                held: (generator_base..generator_base + shards).map(Some).collect(),
+                leases: id_leases.clone(),
                 client: client.clone(),
                 con: Some(con),
                 route_sha: None,
@@ -548,13 +642,18 @@ impl Cluster {
         Ok(Arc::new(Cluster {
             node_id: node_id.to_owned(),
             counters,
-            generator_base,
+            id_leases,
             out: tx,
             out_ok_ms,
             in_ok_ms,
             stop,
             threads: Mutex::new(threads),
         }))
+    }
+
+    /// `shard`'s lease on its message-id generator slot.
+    pub fn id_lease(&self, shard: usize) -> Arc<IdLease> {
+        self.id_leases[shard].clone()
     }
 
     /// Tells the other nodes (never blocks; dropped with a warning if the queue is full).
@@ -716,7 +815,10 @@ impl LostRemovals {
 /// `ether-cluster-out`: writes to Redis what the node queues, in pipelines.
 struct OutWorker {
     node_id: String,
-    generators: std::ops::Range<usize>,
+    /// The id-generator slot each shard leases (`None`: lost to another node, none free yet).
+    held: Vec<Option<usize>>,
+    /// What the shards see of those leases (see [`IdLease`]).
+    leases: Vec<Arc<IdLease>>,
     client: redis::Client,
     con: Option<redis::Connection>,
     /// [`ROUTE_SCRIPT`]'s SHA1, loaded on each new connection.
@@ -820,10 +922,67 @@ impl OutWorker {
                 }
             }
         }
-        let mut keys = vec![node_key(&self.node_id), node_bus_key(&self.node_id)];
-        keys.extend(self.generators.clone().map(generator_key));
+        // What was queued while stopping (the presence removals of the terminals closed on the
+        // way out, above all), written once: best effort, within the I/O timeout.
+        batch.extend(self.rx.try_iter());
+        if !batch.is_empty() {
+            let items = batch.len();
+            if let Err(e) = self.write(&mut batch, false) {
+                warn!(node = %self.node_id, error = %e, dropped = items, "cluster: what was queued at the stop was not written");
+                self.con = None;
+            }
+        }
+        let slots: Vec<String> = self.held.iter().flatten().map(|slot| generator_key(*slot)).collect();
+        let node_id = self.node_id.clone();
         if let Ok(con) = self.connection() {
-            let _ = redis::cmd("DEL").arg(keys).query::<()>(con);
+            let _ = redis::cmd("DEL").arg(node_key(&node_id)).arg(node_bus_key(&node_id)).query::<()>(con);
+            if !slots.is_empty() {
+                let _ = redis::cmd("EVAL")
+                    .arg(RELEASE_LEASES_SCRIPT)
+                    .arg(slots.len())
+                    .arg(slots)
+                    .arg(&node_id)
+                    .query::<i64>(con);
+            }
+        }
+    }
+
+    /// After a heartbeat: extends the leases Redis renewed (`renewed[i]`, `(shard, slot)`,
+    /// answered `holders[i]`: `''`, or the id of the node that holds the slot now), takes
+    /// away at once those another node holds, and claims a free slot for every shard left
+    /// without one. `sent_ms`: when the renewal was sent (the TTL runs from after that).
+    fn settle_leases(&mut self, sent_ms: u64, renewed: Vec<(usize, usize)>, holders: Vec<String>) {
+        for ((shard, slot), holder) in renewed.into_iter().zip(holders) {
+            if holder.is_empty() {
+                self.leases[shard].set(Some(slot), lease_deadline(sent_ms));
+                continue;
+            }
+            self.leases[shard].set(None, 0);
+            self.held[shard] = None;
+            add(&self.counters.idgen_slots_lost, 1);
+            warn!(node = %self.node_id, shard, slot, holder = %holder, "cluster: another node holds this shard's message-id generator slot (this node's lease lapsed); the shard stops using it and moves to a free one");
+        }
+        for shard in 0..self.held.len() {
+            if self.held[shard].is_some() {
+                continue;
+            }
+            let Some(con) = self.con.as_mut() else { return };
+            let claimed_ms = unix_now_ms();
+            match claim_slot(con, &self.node_id) {
+                Ok(Some(slot)) => {
+                    self.held[shard] = Some(slot);
+                    self.leases[shard].set(Some(slot), lease_deadline(claimed_ms));
+                    warn!(node = %self.node_id, shard, slot, "cluster: the shard makes message ids with a new generator slot");
+                }
+                Ok(None) => {
+                    warn!(node = %self.node_id, shard, "cluster: no free message-id generator slot: the shard refuses new messages until one frees");
+                }
+                Err(e) => {
+                    add(&self.counters.redis_errors, 1);
+                    warn!(node = %self.node_id, shard, error = %e, "cluster: cannot claim a message-id generator slot yet; trying again at the next heartbeat");
+                    return;
+                }
+            }
         }
     }
 
@@ -900,7 +1059,11 @@ impl OutWorker {
         let node_id = self.node_id.clone();
         let entry = NodeEntry { terminals: (self.terminals)(), ..self.entry.clone() };
         let entry = serde_json::to_string(&entry).unwrap_or_default();
-        let generators = self.generators.clone();
+        let renewed: Vec<(usize, usize)> = if beat {
+            self.held.iter().enumerate().filter_map(|(shard, slot)| slot.map(|slot| (shard, slot))).collect()
+        } else {
+            Vec::new()
+        };
         let started_ms = self.entry.started_ms;
         self.connection()?;
         let route_sha = self.route_sha.clone().unwrap_or_default();
@@ -920,8 +1083,15 @@ impl OutWorker {
             pipe.cmd("EXISTS").arg(node_key(&node_id));
             answers.push(Answer::Registered);
             pipe.cmd("SET").arg(node_key(&node_id)).arg(&entry).arg("PX").arg(ttl).ignore();
-            for slot in generators {
-                pipe.cmd("SET").arg(generator_key(slot)).arg(&node_id).arg("PX").arg(ttl).ignore();
+            // Compare-and-renew: a slot another node claimed while this node's lease had
+            // lapsed stays that node's (see `settle_leases`).
+            if !renewed.is_empty() {
+                pipe.cmd("EVAL").arg(RENEW_LEASES_SCRIPT).arg(renewed.len());
+                for (_, slot) in &renewed {
+                    pipe.arg(generator_key(*slot));
+                }
+                pipe.arg(&node_id).arg(ttl);
+                answers.push(Answer::Leases);
             }
         }
         // Consecutive routed publishes, sent as one route call (order kept: any other item
@@ -975,21 +1145,29 @@ impl OutWorker {
             }
         }
         route_call(&mut pipe, &route_sha, &node_id, &mut routes, &mut answers);
+        let sent_ms = unix_now_ms();
         let values: Vec<redis::Value> = pipe.query(con)?;
         debug_assert_eq!(values.len(), answers.len(), "one answer per command not ignored");
         let mut appends = 0;
         let mut presences = Vec::new();
+        let mut holders = Vec::new();
         for (answer, value) in answers.into_iter().zip(values) {
             match answer {
                 Answer::Registered => {
                     self.registry_lapsed |= !redis::from_owned_redis_value::<bool>(value)?;
                 }
+                Answer::Leases => holders = redis::from_owned_redis_value::<Vec<String>>(value)?,
                 Answer::Appends => appends += redis::from_owned_redis_value::<u64>(value)?,
                 Answer::Presence(i, user) => {
                     presences.push((i, user, redis::from_owned_redis_value::<HashMap<String, String>>(value)?))
                 }
             }
         }
+        if beat {
+            self.settle_leases(sent_ms, renewed, holders);
+        }
+        let con =
+            self.con.as_mut().ok_or_else(|| redis::RedisError::from((redis::ErrorKind::IoError, "not connected")))?;
         let c = &self.counters;
         add(&c.published_shared, shared);
         add(&c.published_routed, routed);
@@ -1023,6 +1201,8 @@ impl OutWorker {
 enum Answer {
     /// Whether this node's registry key still existed when the heartbeat renewed it.
     Registered,
+    /// [`RENEW_LEASES_SCRIPT`]'s answer: per slot renewed, `''` or the node holding it.
+    Leases,
     /// A route call's append count.
     Appends,
     /// The presence hash (of this user) read after the `present[i]` write.
@@ -1436,6 +1616,147 @@ mod tests {
         assert!(trimmed_past(&mut con, "s", &ids[0]).unwrap(), "the second entry is gone unread");
         assert!(trimmed_past(&mut con, "s", "0-0").unwrap(), "read from empty: two are gone");
         assert!(!trimmed_past(&mut con, "s", &ids[2]).unwrap(), "read up to the end: nothing lost");
+    }
+
+    #[test]
+    fn leases_are_renewed_only_where_absent_or_still_this_nodes_and_released_likewise() {
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+        let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        // Slot 0 lapsed (nobody took it), 1 still this node's, 2 taken by another node.
+        redis::cmd("SET").arg(generator_key(1)).arg("me").query::<()>(&mut con).unwrap();
+        redis::cmd("SET").arg(generator_key(2)).arg("other").query::<()>(&mut con).unwrap();
+        let keys: Vec<String> = (0..3).map(generator_key).collect();
+        let holders: Vec<String> = redis::cmd("EVAL")
+            .arg(RENEW_LEASES_SCRIPT)
+            .arg(3)
+            .arg(&keys)
+            .arg("me")
+            .arg(15_000)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(holders, ["", "", "other"]);
+        for (key, holder, ttl) in [(&keys[0], "me", true), (&keys[1], "me", true), (&keys[2], "other", false)] {
+            let got: String = redis::cmd("GET").arg(key).query(&mut con).unwrap();
+            let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut con).unwrap();
+            assert_eq!((got.as_str(), pttl > 0), (holder, ttl), "{key}");
+        }
+        // The first free slot, as at start.
+        assert_eq!(claim_slot(&mut con, "me").unwrap(), Some(3));
+        let released: i64 =
+            redis::cmd("EVAL").arg(RELEASE_LEASES_SCRIPT).arg(3).arg(&keys).arg("me").query(&mut con).unwrap();
+        assert_eq!(released, 2);
+        let left: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut con).unwrap();
+        assert_eq!(left, [None, None, Some("other".to_string())], "another node's lease is not released");
+    }
+
+    #[test]
+    fn ids_come_from_the_leased_slot_only_while_the_lease_holds() {
+        use crate::message::IdGen;
+        let now = unix_now_ms();
+        let lease = Arc::new(IdLease::new(Some(5), now + 60_000));
+        assert_eq!(lease.slot_at(now), Some(5));
+        assert_eq!(lease.slot_at(now + 60_000), None, "past its deadline the lease may have lapsed");
+        let ids = IdGen::leased(lease.clone());
+        let slot = |id: u64| (id >> 14) & 63;
+        let (first, _) = ids.next();
+        assert_eq!(slot(first), 5);
+        // Lost to another node: no ids at all (0, which every store refuses), not slot 5's.
+        lease.set(None, 0);
+        assert!(!ids.usable());
+        assert_eq!(ids.next().0, 0);
+        // Moved to a free slot: ids from it, still increasing.
+        lease.set(Some(2), now + 60_000);
+        assert!(ids.usable());
+        let (moved, _) = ids.next();
+        assert_eq!(slot(moved), 2);
+        assert!(moved > first);
+        // A lease not renewed in time stops the ids just the same.
+        lease.set(Some(2), now.saturating_sub(1));
+        assert!(!ids.usable());
+        assert_eq!(ids.next().0, 0);
+        assert_eq!(
+            lease_deadline(1_000_000),
+            1_000_000 + NODE_TTL.as_millis() as u64 - LEASE_MARGIN.as_millis() as u64
+        );
+    }
+
+    /// An out thread of node `me` (two shards, holding slots 0 and 1) and its queue.
+    fn out_worker(redis: &ether_store::redis::TestRedis, me: &str) -> (OutWorker, Sender<Out>) {
+        let (tx, rx) = channel::bounded(OUT_QUEUE_MAX);
+        let entry = NodeEntry {
+            client: String::new(),
+            api: String::new(),
+            admin: String::new(),
+            started_ms: unix_now_ms(),
+            terminals: 0,
+        };
+        let w = OutWorker {
+            node_id: me.to_owned(),
+            held: vec![Some(0), Some(1)],
+            leases: (0..2).map(|slot| Arc::new(IdLease::new(Some(slot), unix_now_ms() + 60_000))).collect(),
+            client: redis::Client::open(redis.url()).unwrap(),
+            con: None,
+            route_sha: None,
+            counters: Arc::default(),
+            commits: CommitQueues::new(2),
+            shards: 2,
+            presence_lost: false,
+            lost_removals: LostRemovals::default(),
+            registry_lapsed: false,
+            rx,
+            entry,
+            terminals: Arc::new(|| 0),
+            stop: Arc::new(AtomicBool::new(false)),
+            ok_ms: Arc::default(),
+        };
+        (w, tx)
+    }
+
+    #[test]
+    fn a_heartbeat_moves_a_shard_off_a_slot_another_node_holds() {
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+        let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        let (mut w, _tx) = out_worker(&redis, "me");
+        redis::cmd("SET").arg(generator_key(0)).arg("other").query::<()>(&mut con).unwrap();
+        w.write(&mut Vec::new(), true).unwrap();
+        // Slot 1 still this node's: renewed. Slot 0 left to its holder; shard 0 took slot 2.
+        assert_eq!(w.held, [Some(2), Some(1)]);
+        let now = unix_now_ms();
+        assert_eq!((w.leases[0].slot_at(now), w.leases[1].slot_at(now)), (Some(2), Some(1)));
+        let holders: Vec<Option<String>> =
+            redis::cmd("MGET").arg((0..3).map(generator_key).collect::<Vec<_>>()).query(&mut con).unwrap();
+        assert_eq!(holders, [Some("other".into()), Some("me".into()), Some("me".into())]);
+        assert_eq!(w.counters.idgen_slots_lost.load(Ordering::Relaxed), 1);
+        // Nothing free: the shard has no slot (and makes no ids) until one frees.
+        for slot in 0..SHARDS_MAX {
+            redis::cmd("SET").arg(generator_key(slot)).arg("other").query::<()>(&mut con).unwrap();
+        }
+        w.write(&mut Vec::new(), true).unwrap();
+        assert_eq!(w.held, [None, None]);
+        assert_eq!(w.leases[0].slot_at(unix_now_ms()), None);
+        redis::cmd("DEL").arg(generator_key(9)).query::<()>(&mut con).unwrap();
+        w.write(&mut Vec::new(), true).unwrap();
+        assert_eq!(w.held, [Some(9), None]);
+    }
+
+    #[test]
+    fn what_is_queued_when_the_out_thread_stops_is_written_once() {
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+        let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        redis::cmd("HSET").arg(presence_key("u")).arg("me/phone").arg("{}").query::<()>(&mut con).unwrap();
+        redis::cmd("SET").arg(generator_key(0)).arg("me").query::<()>(&mut con).unwrap();
+        redis::cmd("SET").arg(generator_key(1)).arg("other").query::<()>(&mut con).unwrap();
+        let (w, tx) = out_worker(&redis, "me");
+        // A terminal closed while the node stops: its removal queued after the stop was asked.
+        w.stop.store(true, Ordering::Release);
+        tx.send(Out::Offline { user: "u".into(), device: "phone".into() }).unwrap();
+        w.run();
+        let left: Vec<String> = redis::cmd("HKEYS").arg(presence_key("u")).query(&mut con).unwrap();
+        assert!(left.is_empty(), "{left:?}");
+        // Its leases released, never another node's.
+        let holders: Vec<Option<String>> =
+            redis::cmd("MGET").arg(generator_key(0)).arg(generator_key(1)).query(&mut con).unwrap();
+        assert_eq!(holders, [None, Some("other".into())]);
     }
 
     #[test]

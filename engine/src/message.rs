@@ -273,7 +273,10 @@ pub const SHARDS_MAX: usize = 1 << SHARD_BITS;
 /// `milliseconds << 20 | shard << 14 | counter`.
 #[derive(Debug)]
 pub struct IdGen {
-    shard: u64,
+    shard: Cell<u64>,
+    /// Cluster mode: the generator slot this shard leases in Redis, kept by the cluster's out
+    /// thread (it may move to another slot, or have none for a while).
+    lease: Option<Arc<crate::cluster::IdLease>>,
     last_ms: Cell<u64>,
     counter: Cell<u64>,
 }
@@ -281,14 +284,35 @@ pub struct IdGen {
 impl IdGen {
     pub fn new(shard: usize) -> Self {
         assert!(shard < SHARDS_MAX, "shard index {shard} does not fit in a message id");
-        IdGen { shard: shard as u64, last_ms: Cell::new(0), counter: Cell::new(0) }
+        IdGen { shard: Cell::new(shard as u64), lease: None, last_ms: Cell::new(0), counter: Cell::new(0) }
     }
 
-    /// A fresh id and the timestamp (Unix ms) that goes with the message.
+    /// A generator making ids with the slot `lease` holds (cluster mode).
+    pub fn leased(lease: Arc<crate::cluster::IdLease>) -> Self {
+        let slot = lease.slot_at(unix_now_ms()).unwrap_or(0);
+        IdGen { lease: Some(lease), ..IdGen::new(slot) }
+    }
+
+    /// Whether ids can be made now (false in cluster mode while the shard holds no valid lease).
+    pub fn usable(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| l.slot_at(unix_now_ms()).is_some())
+    }
+
+    /// A fresh id and the timestamp (Unix ms) that goes with the message. Id 0, which every
+    /// store refuses, while the shard holds no valid lease (never an id of another node's slot).
     pub fn next(&self) -> (u64, u64) {
         let now = unix_now_ms();
         let mut ms = self.last_ms.get().max(now);
         let mut counter = if ms == self.last_ms.get() { self.counter.get() + 1 } else { 0 };
+        if let Some(lease) = &self.lease {
+            let Some(slot) = lease.slot_at(now) else { return (0, now) };
+            if slot as u64 != self.shard.get() {
+                // Another slot: from the next millisecond, so ids keep increasing.
+                ms = (self.last_ms.get() + 1).max(now);
+                counter = 0;
+                self.shard.set(slot as u64);
+            }
+        }
         if counter >= 1 << COUNTER_BITS {
             // More than 16384 ids in one millisecond: borrow the next millisecond.
             ms += 1;
@@ -296,7 +320,7 @@ impl IdGen {
         }
         self.last_ms.set(ms);
         self.counter.set(counter);
-        ((ms << (SHARD_BITS + COUNTER_BITS)) | (self.shard << COUNTER_BITS) | counter, now)
+        ((ms << (SHARD_BITS + COUNTER_BITS)) | (self.shard.get() << COUNTER_BITS) | counter, now)
     }
 }
 

@@ -229,7 +229,9 @@ impl Shard {
         };
         let wake_list = parking.as_ref().map_or_else(|| Rc::new(WakeList::default()), |p| p.woken.clone());
         let park_ticks = park_ticks(&config);
-        let generator_base = node.cluster().map_or(0, |c| c.generator_base);
+        // In cluster mode each shard makes ids with the generator slot (of the cluster's 64) it
+        // leases in Redis: ids stay unique across nodes.
+        let ids = node.cluster().map_or_else(|| IdGen::new(id), |c| IdGen::leased(c.id_lease(id)));
         let (events_out, events_out_signal) =
             EventBatch::new(!config.events.batch_wait.is_zero(), config.limits.events_pending_max);
         Shard {
@@ -251,9 +253,7 @@ impl Shard {
             resend_wheel: RefCell::new(TimerWheel::new(RESEND_WHEEL_SLOTS, 0)),
             epoch: Instant::now(),
             tick: Cell::new(0),
-            // In cluster mode this node's shards are generators `generator_base + id` of the
-            // cluster's 64 (leased in Redis): ids stay unique across nodes.
-            ids: IdGen::new(generator_base + id),
+            ids,
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             pong: [encode_for(&ServerFrame::Pong, Wire::Json), encode_for(&ServerFrame::Pong, Wire::Proto)],
             drain_started: Cell::new(false),
@@ -876,6 +876,9 @@ impl Shard {
         // The body is stored and pushed as the JSON text the terminal sent. The commit loop
         // answers (`sent`) when it is durable: no task waits for it.
         let raw = crate::message::stored_body(body.to_owned());
+        if !self.ids.usable() {
+            return reject(ErrorCode::Unavailable, crate::cluster::NO_ID_LEASE.into());
+        }
         let from: Box<str> = (*s.user).into();
         let answer = TerminalSend { shard: self.id, session: s.key, cid: cid.into() };
         let submitted = match target {

@@ -961,3 +961,115 @@ fn terminals_a_node_had_before_it_was_killed_do_not_count_after_it_restarts() {
     let left: Vec<String> = redis::cmd("HKEYS").arg("ether:presence:max").query(&mut con).unwrap();
     assert!(!left.iter().any(|f| f == "node-b/tablet" || f == "node-b/tv"), "{left:?}");
 }
+
+/// The slot (`IdGen`'s generator field) a message id was made with.
+fn id_slot(id: &str) -> u64 {
+    (id.parse::<u64>().unwrap() >> 14) & 63
+}
+
+fn idgen_holder(con: &mut redis::Connection, slot: u64) -> Option<String> {
+    redis::cmd("GET").arg(format!("ether:idgen:{slot}")).query(con).unwrap()
+}
+
+/// Waits until `node`'s stats count `n` id-generator slots lost to other nodes.
+fn wait_for_slots_lost(node: &TestNode, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let lost = cluster_stats(node)["idgen_slots_lost"].as_u64();
+        if lost == Some(n) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "idgen_slots_lost is {lost:?}, never {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node cut off from Redis longer than its TTL loses its id-generator leases; a node that
+/// joins meanwhile claims those slots (here: A's keys deleted, then C starts and takes them).
+/// A's next heartbeat finds them held by C: it leaves them to C and moves its shards to free
+/// slots, so the ids both nodes make stay distinct. Before, A's heartbeat overwrote C's leases
+/// and both made ids with the same slots (the second of two ids made in the same millisecond
+/// refused as `conflict: message id exists`, or worse).
+#[test]
+fn a_node_whose_id_leases_lapsed_moves_to_free_slots_and_ids_stay_unique() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let a = cluster_node(&redis, "node-a");
+    assert_eq!(idgen_holder(&mut con, 0).as_deref(), Some("node-a"));
+    assert_eq!(idgen_holder(&mut con, 1).as_deref(), Some("node-a"));
+    for key in ["ether:node:node-a", "ether:idgen:0", "ether:idgen:1"] {
+        redis::cmd("DEL").arg(key).query::<()>(&mut con).unwrap();
+    }
+    let c = cluster_node(&redis, "node-c");
+    assert_eq!(idgen_holder(&mut con, 0).as_deref(), Some("node-c"), "C took the first free slots");
+    // Until A's next heartbeat has either moved it or (before) overwritten C's leases.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let a_slots = loop {
+        let a_slots: Vec<u64> = (2..64).filter(|s| idgen_holder(&mut con, *s).as_deref() == Some("node-a")).collect();
+        let c_kept = (0..2).all(|s| idgen_holder(&mut con, s).as_deref() == Some("node-c"));
+        if a_slots.len() == 2 || !c_kept {
+            break a_slots;
+        }
+        assert!(std::time::Instant::now() < deadline, "A's heartbeat never looked at its leases");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // C keeps its leases; A holds two others.
+    assert_eq!(idgen_holder(&mut con, 0).as_deref(), Some("node-c"), "A overwrote C's lease");
+    assert_eq!(idgen_holder(&mut con, 1).as_deref(), Some("node-c"), "A overwrote C's lease");
+    assert_eq!(a_slots.len(), 2, "{a_slots:?}");
+    wait_for_slots_lost(&a, 2);
+    // Both nodes accept messages at once: every id distinct, each node's from its own slots.
+    let ga = a.gateway();
+    let on_a = std::thread::spawn(move || {
+        (0..100).map(|i| ga.send_message(&text("ann", "bo", &format!("a{i}"))).unwrap().id).collect::<Vec<_>>()
+    });
+    let on_c: Vec<String> =
+        (0..100).map(|i| c.gateway().send_message(&text("cy", "bo", &format!("c{i}"))).unwrap().id).collect();
+    let on_a = on_a.join().unwrap();
+    assert!(on_a.iter().all(|id| a_slots.contains(&id_slot(id))), "A's ids from A's new slots: {on_a:?}");
+    assert!(on_c.iter().all(|id| id_slot(id) < 2), "C's ids from C's slots: {on_c:?}");
+    let mut all: Vec<&String> = on_a.iter().chain(&on_c).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 200, "every id distinct");
+}
+
+/// A node whose id-generator slots were taken while no other slot is free makes no ids: its
+/// appends are refused as `unavailable` (never ids another node makes too) until a slot
+/// frees, then go on with the new slot.
+#[test]
+fn a_node_without_a_free_id_slot_refuses_messages_until_one_frees() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let a = cluster_node(&redis, "node-a");
+    // Every slot held by another node, A's own included (as after a lapse).
+    for slot in 0..64 {
+        redis::cmd("SET").arg(format!("ether:idgen:{slot}")).arg("node-x").query::<()>(&mut con).unwrap();
+    }
+    // From A's next heartbeat on, refused (before, A took the slots back and went on).
+    let body = serde_json::to_vec(&text("ann", "bo", "refused")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let r = loop {
+        let r = a.gateway().request("POST", "/v1/messages", Some(&body)).unwrap();
+        if r.status != 200 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r.status, 503, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], "unavailable", "{v}");
+    wait_for_slots_lost(&a, 2);
+    assert_eq!(idgen_holder(&mut con, 0).as_deref(), Some("node-x"), "A left the slot to its holder");
+    // Two slots free again: the next heartbeat takes them.
+    redis::cmd("DEL").arg("ether:idgen:40").arg("ether:idgen:41").query::<()>(&mut con).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while [40, 41].iter().any(|s| idgen_holder(&mut con, *s).as_deref() != Some("node-a")) {
+        assert!(std::time::Instant::now() < deadline, "A never took the freed slots");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for i in 0..10 {
+        let sent = a.gateway().send_message(&text("ann", "bo", &format!("m{i}"))).unwrap();
+        assert!([40, 41].contains(&id_slot(&sent.id)), "{}", sent.id);
+    }
+}
