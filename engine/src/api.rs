@@ -198,7 +198,8 @@ async fn broadcast(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineE
         .map_err(|e| ApiError::new(ErrorCode::InvalidBody, e.to_string()))?;
     // A fresh id from the shard's generator, as a message's: terminals dedupe by id, so every
     // broadcast needs its own. Not stored: no seq, nothing to ack.
-    let (id, ts) = shard.ids.next();
+    let (id, ts) =
+        shard.ids.next().ok_or_else(|| Shard::api_error(ErrorCode::Unavailable, crate::cluster::NO_ID_LEASE))?;
     let frame = std::sync::Arc::new(ServerFrame::Msg(Msg {
         id: id.to_string(),
         cid: None,

@@ -1658,22 +1658,22 @@ mod tests {
         assert_eq!(lease.slot_at(now + 60_000), None, "past its deadline the lease may have lapsed");
         let ids = IdGen::leased(lease.clone());
         let slot = |id: u64| (id >> 14) & 63;
-        let (first, _) = ids.next();
+        let (first, _) = ids.next().unwrap();
         assert_eq!(slot(first), 5);
         // Lost to another node: no ids at all (0, which every store refuses), not slot 5's.
         lease.set(None, 0);
         assert!(!ids.usable());
-        assert_eq!(ids.next().0, 0);
+        assert_eq!(ids.next(), None);
         // Moved to a free slot: ids from it, still increasing.
         lease.set(Some(2), now + 60_000);
         assert!(ids.usable());
-        let (moved, _) = ids.next();
+        let (moved, _) = ids.next().unwrap();
         assert_eq!(slot(moved), 2);
         assert!(moved > first);
         // A lease not renewed in time stops the ids just the same.
         lease.set(Some(2), now.saturating_sub(1));
         assert!(!ids.usable());
-        assert_eq!(ids.next().0, 0);
+        assert_eq!(ids.next(), None);
         assert_eq!(
             lease_deadline(1_000_000),
             1_000_000 + NODE_TTL.as_millis() as u64 - LEASE_MARGIN.as_millis() as u64

@@ -65,7 +65,8 @@ impl Shard {
         if self.node.stopping() || self.node.draining() {
             return Err(EngineError::ShuttingDown);
         }
-        let (id, ts) = self.ids.next();
+        let (id, ts) =
+            self.ids.next().ok_or_else(|| Shard::api_error(ErrorCode::Unavailable, crate::cluster::NO_ID_LEASE))?;
         let NewMessage { from, to, kind, body, cid } = new;
         let op = Op::Append(StoreMessage {
             id,

@@ -494,7 +494,10 @@ impl Shard {
         if self.node.stopping() || self.node.draining() {
             return Err(EngineError::ShuttingDown);
         }
-        let (id, ts) = self.ids.next();
+        let (id, ts) = self
+            .ids
+            .next()
+            .ok_or_else(|| Shard::api_error(ether_proto::ErrorCode::Unavailable, crate::cluster::NO_ID_LEASE))?;
         let op = Op::AppendGroup(NewGroupMessage {
             id,
             ts,

@@ -298,14 +298,14 @@ impl IdGen {
         self.lease.as_ref().is_none_or(|l| l.slot_at(unix_now_ms()).is_some())
     }
 
-    /// A fresh id and the timestamp (Unix ms) that goes with the message. Id 0, which every
-    /// store refuses, while the shard holds no valid lease (never an id of another node's slot).
-    pub fn next(&self) -> (u64, u64) {
+    /// A fresh id and the timestamp (Unix ms) that goes with the message; none while the
+    /// shard holds no valid lease (never an id of another node's slot).
+    pub fn next(&self) -> Option<(u64, u64)> {
         let now = unix_now_ms();
         let mut ms = self.last_ms.get().max(now);
         let mut counter = if ms == self.last_ms.get() { self.counter.get() + 1 } else { 0 };
         if let Some(lease) = &self.lease {
-            let Some(slot) = lease.slot_at(now) else { return (0, now) };
+            let slot = lease.slot_at(now)?;
             if slot as u64 != self.shard.get() {
                 // Another slot: from the next millisecond, so ids keep increasing.
                 ms = (self.last_ms.get() + 1).max(now);
@@ -320,7 +320,7 @@ impl IdGen {
         }
         self.last_ms.set(ms);
         self.counter.set(counter);
-        ((ms << (SHARD_BITS + COUNTER_BITS)) | (self.shard.get() << COUNTER_BITS) | counter, now)
+        Some(((ms << (SHARD_BITS + COUNTER_BITS)) | (self.shard.get() << COUNTER_BITS) | counter, now))
     }
 }
 
@@ -333,7 +333,7 @@ mod tests {
         let g = IdGen::new(3);
         let mut last = 0;
         for _ in 0..100_000 {
-            let (id, _) = g.next();
+            let (id, _) = g.next().unwrap();
             assert!(id > last);
             assert_eq!((id >> COUNTER_BITS) & ((1 << SHARD_BITS) - 1), 3);
             last = id;
