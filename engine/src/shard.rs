@@ -178,6 +178,11 @@ pub struct Shard {
     adopting_announced: Cell<bool>,
     /// Connects plus closes counted at the last heap trim.
     churn_at_trim: Cell<u64>,
+    /// Churn, deliveries and messages taken at the last trim check: unchanged means quiet
+    /// (heartbeats are not work).
+    work_at_trim: Cell<u64>,
+    /// Everything free was given back since the shard last did any work.
+    quiet_trimmed: Cell<bool>,
     /// From first push to the terminal's ack.
     pub(crate) ack_latency: RefCell<Histogram>,
     /// From a message's acceptance to its push to a terminal's queue.
@@ -258,6 +263,8 @@ impl Shard {
             pong: [encode_for(&ServerFrame::Pong, Wire::Json), encode_for(&ServerFrame::Pong, Wire::Proto)],
             drain_started: Cell::new(false),
             churn_at_trim: Cell::new(0),
+            work_at_trim: Cell::new(0),
+            quiet_trimmed: Cell::new(false),
             ack_dirty: RefCell::new(Vec::new()),
             group_acks_pending: RefCell::new(HashMap::new()),
             adopting: Cell::new(0),
@@ -973,16 +980,26 @@ impl Shard {
         }
     }
 
-    /// After a burst of connects, closes or parks, gives the freed heap back to the kernel: the
-    /// handshakes' transient buffers and parked connections' tasks would otherwise stay in the
-    /// process as idle RSS.
+    /// Gives freed heap back to the kernel: all of it after a burst of connects, closes or
+    /// parks (the handshakes' transient buffers and parked connections' tasks would otherwise
+    /// stay in the process as idle RSS) and once the shard turns quiet (what a burst of
+    /// messages freed, held for reuse while they came); meanwhile what has been free for the
+    /// purge delay (see `allocator`).
     fn trim_after_churn(&self) {
         let c = self.counters();
         let churn = ShardCounters::get(&c.handshakes)
             + c.closes.iter().map(ShardCounters::get).sum::<u64>()
             + ShardCounters::get(&c.handshake_failures)
             + ShardCounters::get(&c.parks);
+        let work = churn + ShardCounters::get(&c.deliveries) + ShardCounters::get(&c.messages_accepted);
+        let busy = work != self.work_at_trim.replace(work);
         if churn.abs_diff(self.churn_at_trim.replace(churn)) >= TRIM_CHURN_MIN {
+            crate::allocator::release_free_memory();
+            self.quiet_trimmed.set(false);
+        } else if busy {
+            crate::allocator::purge_expired();
+            self.quiet_trimmed.set(false);
+        } else if !self.quiet_trimmed.replace(true) {
             crate::allocator::release_free_memory();
         }
     }

@@ -253,6 +253,7 @@ impl CommitQueues {
 /// share (Redis, keys under `cluster::KEY_PREFIX`), else `<data>/ether.db` (SQLite).
 pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
     let opts = StoreOptions {
+        on_idle: Some(crate::allocator::release_when_idle),
         retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),
         batch_wait: config.store_batch_wait,
         batch_wait_after_ops: config.store_batch_wait_after_ops,

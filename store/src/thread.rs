@@ -59,6 +59,9 @@ pub struct StoreOptions {
     pub retention: Duration,
     /// How long the thread sleeps when idle before doing background work.
     pub idle_tick: Duration,
+    /// Called on the storage thread when it has been idle for `idle_tick` (and then every
+    /// `idle_tick` while it stays idle): the engine gives back freed memory there.
+    pub on_idle: Option<fn()>,
 }
 
 impl Default for StoreOptions {
@@ -72,6 +75,7 @@ impl Default for StoreOptions {
             purge_rows: 500,
             retention: Duration::from_secs(30 * 86_400),
             idle_tick: Duration::from_millis(50),
+            on_idle: None,
         }
     }
 }
@@ -542,6 +546,9 @@ fn idle<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next
         purge_step(backend, opts, sh, next_purge);
     }
     sh.stats.pending_entries.store(backend.stats().pending_entries, Ordering::Relaxed);
+    if let Some(on_idle) = opts.on_idle {
+        on_idle();
+    }
 }
 
 #[cfg(test)]
