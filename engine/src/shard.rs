@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -83,15 +83,17 @@ const TERMINAL_QUEUE_SHARES: usize = 1000;
 
 /// The home shard of `user`: every terminal of a user lives there.
 pub fn home_shard(user: &str, shards: usize) -> usize {
-    // SipHash with fixed keys: the same answer on every shard of this process.
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new();
-    user.hash(&mut h);
-    (h.finish() % shards as u64) as usize
+    // A fixed seed: the same answer on every shard (and thread) of this process.
+    const HOME: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x6574_6865_7220_696d);
+    (HOME.hash_one(user) % shards as u64) as usize
 }
 
+/// A map keyed by user or group id, on a shard's per-message path: foldhash, not SipHash
+/// (ids are the business's and its authenticated terminals', and the seed is random per run).
+pub(crate) type ByName<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
 /// Group → this shard's online member sessions (the group fan-out index).
-pub(crate) type GroupIndex = HashMap<Arc<str>, Vec<SessionKey>>;
+pub(crate) type GroupIndex = ByName<Vec<SessionKey>>;
 
 /// A user known to this shard: its terminals here and its inbox head.
 #[derive(Debug, Default)]
@@ -138,19 +140,19 @@ pub struct Shard {
     pub commits: Arc<CommitQueues>,
     pub(crate) sessions: RefCell<Slab<Rc<Session>>>,
     generation: Cell<u32>,
-    pub(crate) users: RefCell<HashMap<Arc<str>, UserEntry>>,
+    pub(crate) users: RefCell<ByName<UserEntry>>,
     /// Group → this shard's online sessions of its members.
     pub(crate) group_index: RefCell<GroupIndex>,
     /// Cluster mode: the last seq of each group pushed by this shard (see
     /// `groups::order_group_run`).
-    pub(crate) group_heads: RefCell<HashMap<Arc<str>, u64>>,
+    pub(crate) group_heads: RefCell<ByName<u64>>,
     /// The first and the last seq of each group fanned out to this shard's members since it
     /// has had members here (both modes): a member's unacknowledged range runs to the last
     /// (`groups::resend_groups_due`).
-    pub(crate) group_pushed: RefCell<HashMap<Arc<str>, (u64, u64)>>,
+    pub(crate) group_pushed: RefCell<ByName<(u64, u64)>>,
     /// Groups with a `group.unreached` computation running, and the messages stored since it
     /// began (covered by the next one; see `groups::emit_group_unreached`).
-    pub(crate) unreached_pending: RefCell<HashMap<Arc<str>, Option<crate::groups::UnreachedRun>>>,
+    pub(crate) unreached_pending: RefCell<ByName<Option<crate::groups::UnreachedRun>>>,
     wheel: RefCell<TimerWheel<SessionKey>>,
     /// Sessions with unacknowledged messages, keyed by when their next resend is due.
     pub(crate) resend_wheel: RefCell<TimerWheel<SessionKey>>,
@@ -172,7 +174,7 @@ pub struct Shard {
     /// were read but before it joined the group's fan-out raises that group's head in its
     /// `welcome`, so the terminal syncs it (see `Shard::heads_seen_while_adopting`).
     adopting: Cell<u32>,
-    group_seqs_while_adopting: RefCell<HashMap<Arc<str>, u64>>,
+    group_seqs_while_adopting: RefCell<ByName<u64>>,
     /// This shard's taking-on bit is set in `commits.groups` (cleared by the tick after the
     /// last terminal taken on joined its groups: `GroupShards`).
     adopting_announced: Cell<bool>,
@@ -249,11 +251,11 @@ impl Shard {
             commits,
             sessions: RefCell::new(Slab::new()),
             generation: Cell::new(0),
-            users: RefCell::new(HashMap::new()),
-            group_index: RefCell::new(HashMap::new()),
-            group_heads: RefCell::new(HashMap::new()),
-            group_pushed: RefCell::new(HashMap::new()),
-            unreached_pending: RefCell::new(HashMap::new()),
+            users: RefCell::new(ByName::default()),
+            group_index: RefCell::new(ByName::default()),
+            group_heads: RefCell::new(ByName::default()),
+            group_pushed: RefCell::new(ByName::default()),
+            unreached_pending: RefCell::new(ByName::default()),
             wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),
             resend_wheel: RefCell::new(TimerWheel::new(RESEND_WHEEL_SLOTS, 0)),
             epoch: Instant::now(),
@@ -268,7 +270,7 @@ impl Shard {
             ack_dirty: RefCell::new(Vec::new()),
             group_acks_pending: RefCell::new(HashMap::new()),
             adopting: Cell::new(0),
-            group_seqs_while_adopting: RefCell::new(HashMap::new()),
+            group_seqs_while_adopting: RefCell::new(ByName::default()),
             adopting_announced: Cell::new(false),
             ack_latency: RefCell::new(Histogram::latency()),
             push_latency: RefCell::new(Histogram::latency()),
