@@ -411,6 +411,9 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                         format!("user {user} already has {max} terminals connected (limits.terminals_per_user_max)"),
                     ),
                     AdoptError::ShuttingDown => Refusal::new(503, ErrorCode::Unavailable, "node is shutting down"),
+                    AdoptError::Draining => {
+                        Refusal::new(503, ErrorCode::Unavailable, "node is draining: connect to another node")
+                    }
                     AdoptError::Store(why) => Refusal::new(503, ErrorCode::Unavailable, why),
                 };
                 // SAFETY: as above.

@@ -122,6 +122,8 @@ pub enum AdoptError {
     /// The user has `terminals_per_user_max` terminals already.
     TooManyTerminals(usize),
     ShuttingDown,
+    /// The node drains: the terminal is to connect to another node.
+    Draining,
     /// The store could not tell the user's heads.
     Store(String),
 }
@@ -408,8 +410,11 @@ impl Shard {
     ) -> Result<Rc<Session>, AdoptError> {
         // A terminal taken on once a drain began would miss its `reconnect` (told once, to
         // the terminals there were) and be closed 1012 without it: refused, it reconnects.
-        if self.node.stopping() || self.node.draining() {
+        if self.node.stopping() {
             return Err(AdoptError::ShuttingDown);
+        }
+        if self.node.draining() {
+            return Err(AdoptError::Draining);
         }
         debug_assert_eq!(home_shard(user, self.shards), self.id, "terminal adopted away from its home shard");
         let max = self.config.limits.terminals_per_user_max;

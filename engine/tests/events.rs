@@ -208,3 +208,51 @@ fn terminals_connected_at_a_stop_go_offline_in_the_outbox() {
         assert!(offline.iter().any(|d| d["user"] == user), "no user.offline for {user}: {offline:?}");
     }
 }
+
+/// A terminal that does not answer its close (it reads nothing: its socket is full and its
+/// queue holds unacknowledged messages) still goes offline in the outbox when the node stops,
+/// as does one whose idle connection is parked and one kicked just before the stop, its
+/// goodbye still being written when the stop comes: each leaves the shard's indexes, and
+/// makes its `user.offline`, as soon as its close is asked for, not after its goodbye. The
+/// events wait in the shard's batch longer than the test runs, so only the shard's last
+/// outbox write at the stop can have written them.
+#[test]
+fn terminals_that_do_not_answer_their_close_at_a_stop_go_offline_in_the_outbox() {
+    let hook = receiver(usize::MAX);
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::in_dir(dir.path(), |c| {
+        c.events.webhook = Some(webhook(&hook));
+        c.events.batch_wait = Duration::from_secs(30);
+    });
+    let full = stalled_terminal(&node, "sam");
+    let idle = stalled_terminal(&node, "pia");
+    let kicked = stalled_terminal(&node, "kim");
+    let gw = node.gateway();
+    let filler = "x".repeat(1000);
+    for i in 0..14 {
+        gw.send_message(&text("ann", "sam", &format!("{i} {filler}"))).unwrap();
+        gw.send_message(&text("ann", "kim", &format!("{i} {filler}"))).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(node.shared().connections(), 3);
+    let kick = ether_proto::api::Kick { reason: Some("bye".into()), ..Default::default() };
+    assert_eq!(gw.kick("kim", kick).unwrap().kicked, 1);
+    node.stop();
+    let mut store =
+        ether_store::SqliteBackend::open_dir(dir.path(), ether_store::SqliteOptions::default()).expect("store opens");
+    let events = match ether_store::StoreBackend::apply(
+        &mut store,
+        ether_store::op::Op::OutboxFetch { after: 0, limit: 1000 },
+    ) {
+        Ok(ether_store::Reply::Events(events)) => events,
+        other => panic!("{other:?}"),
+    };
+    let offline: Vec<serde_json::Value> =
+        events.iter().filter(|e| e.kind == "user.offline").map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+    for (user, reason) in [("sam", "shutdown"), ("pia", "shutdown"), ("kim", "kicked")] {
+        let got: Vec<_> = offline.iter().filter(|d| d["user"] == user).collect();
+        assert_eq!(got.len(), 1, "one user.offline for {user}: {offline:?}");
+        assert_eq!(got[0]["reason"], reason, "{offline:?}");
+    }
+    drop((full, idle, kicked));
+}
