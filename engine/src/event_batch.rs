@@ -84,12 +84,16 @@ impl EventBatch {
     pub fn add(&self, events: impl IntoIterator<Item = NewEvent>) -> AddOutcome {
         let mut pending = self.pending.borrow_mut();
         pending.extend(events);
-        self.bound(&mut pending);
         // No clock read unless a failed write set a hold (an add per acked message).
         let held = self.hold_until.get().is_some_and(|t| t > Instant::now());
-        if !held && (!self.wait_enabled || pending.len() >= EVENTS_PER_WRITE_MAX) {
+        // Written at once when a write could not hold more, or the bound is reached: the bound
+        // is for while writes fail (a healthy store drops nothing, even with a bound below a
+        // full write, or a burst bigger than it in one add).
+        let full = pending.len() >= EVENTS_PER_WRITE_MAX.min(self.pending_max);
+        if !held && (!self.wait_enabled || full) {
             return AddOutcome::WriteNow;
         }
+        self.bound(&mut pending);
         drop(pending);
         self.signal_flush();
         AddOutcome::Held
@@ -200,6 +204,27 @@ mod tests {
                 assert_eq!(batch.add([ev(4)]), AddOutcome::Held);
                 assert_eq!(rx.recv().await, Some(()));
                 assert_eq!(batch.take().len(), 1);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// A bound below a full write (or a burst past it in one add) drops nothing while the
+    /// store takes writes: the batch is written at once instead.
+    #[test]
+    fn the_bound_drops_nothing_while_writes_succeed() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let (batch, _rx) = EventBatch::new(true, 64);
+                for i in 0..63 {
+                    assert_eq!(batch.add([ev(i)]), AddOutcome::Held);
+                }
+                assert_eq!(batch.add([ev(63)]), AddOutcome::WriteNow, "the bound is a full batch");
+                assert_eq!(batch.take().len(), 64);
+                assert_eq!(batch.add((0..100).map(ev)), AddOutcome::WriteNow);
+                assert_eq!(batch.take().len(), 100, "a burst bigger than the bound is written whole");
+                assert_eq!(batch.dropped(), 0);
             })
             .unwrap()
             .join()
