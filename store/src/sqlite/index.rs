@@ -23,6 +23,8 @@ pub const BUCKET_SHIFT: u32 = 20;
 pub const BLOCK_ENTRIES: usize = 48;
 /// Bytes per encoded entry: message id and `aux`, both little-endian i64.
 pub const ENTRY_BYTES: usize = 16;
+/// Capacity an emptied pending list keeps (beyond it, it is freed once written out).
+const RETAINED_MAX: usize = 8;
 
 /// One stream position's content: the message and, for inboxes, `peer * 2 + outgoing`
 /// (for group logs, `sender * 2`).
@@ -211,6 +213,15 @@ impl Index {
         let cids = cids.min(st.cids.len());
         let written: Vec<Item> = st.pending.drain(..items).collect();
         let written_cids: Vec<(i64, i64)> = st.cids.drain(..cids).collect();
+        // A written-out stream gives its buffers back: a burst's capacity kept by every cached
+        // stream (up to `cache_entries_max` of them) would add up to far more than what is
+        // pending at any time.
+        if st.pending.is_empty() && st.pending.capacity() > RETAINED_MAX {
+            st.pending = Vec::new();
+        }
+        if st.cids.is_empty() && st.cids.capacity() > RETAINED_MAX {
+            st.cids = Vec::new();
+        }
         st.flushed += items as u64;
         let uid = stream / 2;
         self.pending_total -= items + cids;
@@ -255,5 +266,24 @@ mod tests {
         assert_eq!(ix.streams[&2].flushed, 1);
         assert!(ix.pending_msgs.is_empty());
         assert_eq!(ix.pending_total, 0);
+    }
+
+    #[test]
+    fn a_written_out_burst_gives_its_memory_back() {
+        let mut ix = Index::default();
+        let mut undo = Vec::new();
+        ix.streams.insert(4, StreamState::default());
+        for id in 1..=10_000 {
+            ix.push_item(4, Item { id, aux: 0 }, 0, &mut undo);
+            ix.push_cid(2, id, id, 0, &mut undo);
+        }
+        ix.mark_flushed(4, 10_000, 0);
+        ix.mark_flushed(2 * 2, 0, 10_000);
+        let st = &ix.streams[&4];
+        assert_eq!((st.head(), st.pending.len(), st.cids.len()), (10_000, 0, 0));
+        assert!(st.pending.capacity() <= RETAINED_MAX, "{}", st.pending.capacity());
+        assert!(st.cids.capacity() <= RETAINED_MAX, "{}", st.cids.capacity());
+        assert_eq!(ix.pending_total, 0);
+        assert!(ix.pending_msgs.is_empty());
     }
 }

@@ -1600,16 +1600,29 @@ impl SqliteBackend {
                 Undo::User { name, uid } => {
                     self.users.remove(name);
                     self.names.remove(uid);
-                    self.ix.streams.remove(&inbox_stream(*uid));
+                    self.forget_stream(inbox_stream(*uid));
                 }
                 Undo::Group { name } => {
                     if let Some(g) = self.groups.remove(name) {
                         self.group_names.remove(&g);
-                        self.ix.streams.remove(&group_stream(g));
+                        self.forget_stream(group_stream(g));
                     }
                 }
                 Undo::Watermark(w) => self.w_durable = *w,
                 _ => self.ix.undo_one(&u),
+            }
+        }
+    }
+
+    /// Drops the state of a stream whose owner was made in a rolled-back transaction (its
+    /// pending lists were already cut back by the undo entries after it), with its place in the
+    /// flush queue: the ops applied again make it and queue it anew, and a second queue entry
+    /// would have one flush step write its positions twice (refused), failing every flush after.
+    fn forget_stream(&mut self, stream: i64) {
+        if let Some(st) = self.ix.streams.remove(&stream) {
+            debug_assert!(st.pending.is_empty() && st.cids.is_empty(), "a new stream keeps positions after undo");
+            if st.queued {
+                self.ix.queue.retain(|&(s, _)| s != stream);
             }
         }
     }
@@ -1629,11 +1642,18 @@ impl SqliteBackend {
         let over = self.ix.pending_total > self.opts.pending_entries_max;
         let mut plan = FlushPlan { streams: Vec::new(), new_watermark: self.ix.min_pending_id() };
         let step = if over { self.opts.flush_streams_max * 4 } else { self.opts.flush_streams_max };
+        let mut taken: HashSet<i64, foldhash::fast::FixedState> = HashSet::default();
         for &(stream, since) in self.ix.queue.iter().take(step) {
             if !force && !over && now.saturating_sub(since) < age {
                 break;
             }
-            let (n, c) = self.ix.streams.get(&stream).map_or((0, 0), |s| (s.pending.len(), s.cids.len()));
+            // A stream queued twice (never expected) is written once: its second entry only
+            // leaves the queue, or its positions would be written twice and refused.
+            let (n, c) = if taken.insert(stream) {
+                self.ix.streams.get(&stream).map_or((0, 0), |s| (s.pending.len(), s.cids.len()))
+            } else {
+                (0, 0)
+            };
             plan.streams.push((stream, n, c));
         }
         if plan.streams.is_empty() {
