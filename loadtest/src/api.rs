@@ -370,7 +370,14 @@ async fn connection(
         }
     }
     if broken.get() || shared.stop.load(Ordering::Relaxed) {
-        let n: u64 = mine.take_while(|&r| due(r) <= start + spec.duration).map(|r| msgs_in(&spec, r)).sum();
+        // Paced: what fell due within the duration. Unpaced, the count is open-ended (2^40:
+        // counting it would take hours and report nonsense): one request's worth, as when the
+        // connection could not be made.
+        let n: u64 = if spec.rate > 0.0 {
+            mine.take_while(|&r| due(r) <= start + spec.duration).map(|r| msgs_in(&spec, r)).sum()
+        } else {
+            mine.next().map(|r| msgs_in(&spec, r)).unwrap_or(0)
+        };
         if n > 0 {
             let why = if broken.get() { "not sent: api connection lost" } else { "not sent: stopped" };
             state.borrow_mut().fail(&shared, why, n);
@@ -634,6 +641,35 @@ mod tests {
             record_ids: false,
             gate: None,
         }
+    }
+
+    /// An unpaced run (`--rate 0`: the count is open-ended) whose API connection is closed by
+    /// the node: the driver ends, and says what failed, in a sane number.
+    #[test]
+    fn an_unpaced_run_survives_a_lost_api_connection() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = spec(0);
+        s.addr = l.local_addr().unwrap();
+        s.messages = 1 << 40;
+        s.duration = Duration::from_secs(2);
+        s.pipeline = 4;
+        // The node: reads the first request, answers nothing and closes.
+        let node = std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+        });
+        let run = ApiRun::start(s).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run.join());
+        });
+        let r = rx.recv_timeout(Duration::from_secs(20)).expect("the driver never ended");
+        node.join().unwrap();
+        assert_eq!(r.messages_acked, 0);
+        assert!(r.messages_failed >= 1, "{r:?}");
+        assert!(r.messages_failed <= r.messages_sent + 1, "failures beyond what was ever due: {r:?}");
     }
 
     #[test]

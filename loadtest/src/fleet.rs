@@ -225,29 +225,33 @@ impl LocalFleet {
                 }
             }
         }
-        interleave(parts, self.threads)
+        let total = self.shared.iter().map(|sh| sh.lock().unwrap_or_else(|e| e.into_inner()).count).sum::<u64>();
+        interleave(parts, self.threads, total as usize)
     }
 }
 
-/// Thread reports hold terminals `t, t+T, ...`; the fleet report lists them in order.
-fn interleave(mut parts: Vec<FleetReport>, threads: usize) -> FleetReport {
+/// Thread reports hold terminals `t, t+T, ...`; the fleet report lists its `total` terminals
+/// in order. A thread whose report is missing (its executor failed) lists its terminals as
+/// having received nothing and, where the others say whether theirs were up, as down.
+fn interleave(mut parts: Vec<FleetReport>, threads: usize, total: usize) -> FleetReport {
     let per: Vec<Vec<u32>> = parts.iter().map(|p| p.per_user_received.clone()).collect();
+    let with_ids = parts.iter().any(|p| !p.ids.is_empty());
+    let with_up = parts.iter().any(|p| !p.up.is_empty());
     let mut ids: Vec<std::vec::IntoIter<Vec<u64>>> =
         parts.iter_mut().map(|p| std::mem::take(&mut p.ids).into_iter()).collect();
     let mut up: Vec<std::vec::IntoIter<bool>> =
         parts.iter_mut().map(|p| std::mem::take(&mut p.up).into_iter()).collect();
     let mut up_order = Vec::new();
-    let total: usize = per.iter().map(|v| v.len()).sum();
     let mut order = Vec::with_capacity(total);
     let mut id_order = Vec::new();
     for i in 0..total {
         let (t, j) = (i % threads, i / threads);
         order.push(per.get(t).and_then(|v| v.get(j)).copied().unwrap_or(0));
-        if let Some(v) = ids.get_mut(t).and_then(|it| it.next()) {
-            id_order.push(v);
+        if with_ids {
+            id_order.push(ids.get_mut(t).and_then(|it| it.next()).unwrap_or_default());
         }
-        if let Some(v) = up.get_mut(t).and_then(|it| it.next()) {
-            up_order.push(v);
+        if with_up {
+            up_order.push(up.get_mut(t).and_then(|it| it.next()).unwrap_or(false));
         }
     }
     let mut merged = FleetReport::merge(parts);
@@ -509,9 +513,25 @@ mod tests {
             ..Default::default()
         };
         let b = FleetReport { per_user_received: vec![1, 3], ids: vec![vec![1], vec![3]], ..Default::default() };
-        let m = interleave(vec![a, b], 2);
+        let m = interleave(vec![a, b], 2, 5);
         assert_eq!(m.per_user_received, vec![0, 1, 2, 3, 4]);
         assert_eq!(m.ids, vec![vec![0], vec![1], vec![2], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn interleave_keeps_places_of_a_failed_thread() {
+        // Thread 1 of 2 failed (default report): its terminals 1 and 3 received nothing and are
+        // down; terminal 4 stays at its place.
+        let a = FleetReport {
+            per_user_received: vec![10, 12, 14],
+            ids: vec![vec![0], vec![2], vec![4]],
+            up: vec![true, true, true],
+            ..Default::default()
+        };
+        let m = interleave(vec![a, FleetReport::default()], 2, 5);
+        assert_eq!(m.per_user_received, vec![10, 0, 12, 0, 14]);
+        assert_eq!(m.ids, vec![vec![0], vec![], vec![2], vec![], vec![4]]);
+        assert_eq!(m.up, vec![true, false, true, false, true]);
     }
 
     #[test]

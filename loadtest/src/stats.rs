@@ -180,6 +180,24 @@ impl SeqTracker {
     }
 }
 
+/// Which numbers `0, 1, 2, ...` were seen, one bit each: bounded by the highest number,
+/// whatever the holes (a message the API refused leaves one for good).
+#[derive(Debug, Clone, Default)]
+pub struct BitSet(Vec<u64>);
+
+impl BitSet {
+    /// Marks `n` seen; false when it had been already.
+    pub fn insert(&mut self, n: u64) -> bool {
+        let (w, b) = ((n / 64) as usize, n % 64);
+        if w >= self.0.len() {
+            self.0.resize(w + 1, 0);
+        }
+        let first = self.0[w] & (1 << b) == 0;
+        self.0[w] |= 1 << b;
+        first
+    }
+}
+
 /// Counters of a fleet (or of one of its threads), cumulative since the fleet started.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -379,7 +397,12 @@ impl FleetReport {
         let mut sl = Hist::new();
         let mut yl = Hist::new();
         let mut seen = Vec::new();
+        // Per-terminal lists that some parts have (`up`, `ids`) are filled in for the parts
+        // without them (up, nothing received), so every terminal keeps its place.
+        let with_up = parts.iter().any(|p| !p.up.is_empty());
+        let with_ids = parts.iter().any(|p| !p.ids.is_empty());
         for p in parts {
+            let terminals = p.per_user_received.len();
             out.counters.add(&p.counters);
             for (k, v) in p.failures {
                 *out.failures.entry(k).or_default() += v;
@@ -403,8 +426,16 @@ impl FleetReport {
                 *out.send_errors.entry(k).or_default() += v;
             }
             seen.extend(p.per_msg);
-            out.ids.extend(p.ids);
-            out.up.extend(p.up);
+            if with_ids && p.ids.is_empty() {
+                out.ids.resize(out.ids.len() + terminals, Vec::new());
+            } else {
+                out.ids.extend(p.ids);
+            }
+            if with_up && p.up.is_empty() {
+                out.up.resize(out.up.len() + terminals, true);
+            } else {
+                out.up.extend(p.up);
+            }
         }
         out.connect_latency = cl.data();
         out.msg_latency = ml.data();

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Stamp;
 use crate::fleet::FleetSpec;
-use crate::stats::{Counters, Hist, Seen, SeqTracker};
+use crate::stats::{BitSet, Counters, Hist, Seen, SeqTracker};
 use crate::tls::Conn;
 use crate::token::Minter;
 use crate::wsframe::{self, Upgrade};
@@ -192,6 +192,11 @@ pub struct UserTrack {
     /// Distinct messages of this run received (the scenario's stream: inbox or group; for
     /// `chat`, the peers' messages).
     pub received: u32,
+    /// The API's messages to this terminal (or its group) seen, by their number among those
+    /// (`k / total`, `k / groups`): a message that comes again under another `seq` (stored
+    /// twice) is a copy, not one more message received; counted as one it would hide a lost
+    /// message of the same terminal (`lost` is accepted minus received).
+    pub msgs: BitSet,
     /// Highest inbox seq acked.
     pub acked: u64,
     /// Heartbeat period the server asked for in its welcome (0 = none).
@@ -966,6 +971,12 @@ fn on_msg(ctx: &TermCtx, slot: usize, global: u64, data: &[u8]) {
         match g.seq.observe(m.seq) {
             Seen::Duplicate => st.counters.duplicates += 1,
             seen => {
+                let groups = ctx.spec.groups;
+                if groups > 0 && stamp.k % groups == my_group && !u.msgs.insert(stamp.k / groups) {
+                    // The same message again under a new group seq: a copy.
+                    st.counters.duplicates += 1;
+                    return;
+                }
                 if seen == Seen::Reordered {
                     st.counters.reordered += 1;
                 }
@@ -1007,15 +1018,20 @@ fn on_msg(ctx: &TermCtx, slot: usize, global: u64, data: &[u8]) {
     match seen {
         Seen::Duplicate => st.counters.duplicates += 1,
         Seen::New | Seen::Reordered => {
+            let total = ctx.spec.total;
+            let to_me = if ctx.spec.role == Role::Chat { stamp.k == global } else { stamp.k % total.max(1) == global };
+            if ctx.spec.role != Role::Chat && total > 0 && to_me && !u.msgs.insert(stamp.k / total) {
+                // The same API message again under a new inbox seq: a copy.
+                st.counters.duplicates += 1;
+                return;
+            }
             if seen == Seen::Reordered {
                 st.counters.reordered += 1;
             }
             st.counters.received += 1;
             st.counters.note_recv(now);
             u.received += 1;
-            let to_me =
-                if ctx.spec.role == Role::Chat { stamp.k == global } else { stamp.k % ctx.spec.total == global };
-            if ctx.spec.total > 0 && !to_me {
+            if total > 0 && !to_me {
                 st.counters.misrouted += 1;
             }
             let lat = now.saturating_sub(stamp.t_ns);
@@ -1049,6 +1065,87 @@ mod tests {
         let m = scan_msg(f).unwrap();
         assert_eq!((m.id, m.seq, m.text), (1, 2, None));
         assert!(scan_msg(br#"{"type":"msg","chat":"u:a"}"#).is_none());
+    }
+
+    fn ctx(role: Role, total: u64, members: u64, groups: u64) -> TermCtx {
+        let spec = FleetSpec {
+            client: "127.0.0.1:1".parse().unwrap(),
+            more_clients: Vec::new(),
+            path: "/ws".into(),
+            jwt_secret: "s".into(),
+            token_ttl_s: 60,
+            user_prefix: "lt1u".into(),
+            device: "d".into(),
+            platform: "other".into(),
+            first: 0,
+            count: total,
+            total,
+            connect_rate: 0.0,
+            threads: 1,
+            source_ips: 0,
+            run_id: "r1".into(),
+            connect_timeout_ms: 1000,
+            max_inflight: 1,
+            pin: None,
+            role,
+            group_prefix: "lt1g".into(),
+            members,
+            groups,
+            group_ack_ms: 1000,
+            read_every: 0,
+            track_ids: false,
+            tls: None,
+        };
+        let mut users: Vec<UserTrack> = (0..total).map(|_| UserTrack::default()).collect();
+        if role == Role::Group {
+            for u in &mut users {
+                u.group = Some(Box::default());
+            }
+        }
+        TermCtx {
+            minter: Minter::new("s", 60),
+            host: "h".into(),
+            spec: Arc::new(spec),
+            state: Rc::new(RefCell::new(ExecState { users, ..Default::default() })),
+            connects: Rc::new(Semaphore::new(1)),
+            tls: None,
+            rejoin: Rc::new(Semaphore::new(0)),
+            live: Arc::default(),
+            thread: 0,
+            threads: 1,
+        }
+    }
+
+    fn msg(chat: &str, seq: u64, k: u64) -> Vec<u8> {
+        format!(
+            r#"{{"type":"msg","id":"{seq}","chat":"{chat}","from":"src","seq":{seq},"kind":"text","body":{{"text":"t=1;k={k};r=r1"}},"ts":1}}"#
+        )
+        .into_bytes()
+    }
+
+    /// Two messages accepted for terminal 1 (k = 1 and 3 of 2 terminals); the node delivers
+    /// the first twice under two seqs and never the second: one received, one copy, so the
+    /// lost one shows (accepted 2, received 1) instead of the copy making up for it.
+    #[test]
+    fn a_message_again_under_a_new_seq_is_a_copy_not_a_second_receipt() {
+        let c = ctx(Role::Inbox, 2, 0, 0);
+        on_msg(&c, 1, 1, &msg("u:lt1u1", 1, 1));
+        on_msg(&c, 1, 1, &msg("u:lt1u1", 2, 1));
+        on_msg(&c, 1, 1, &msg("u:lt1u1", 2, 1));
+        let st = c.state.borrow();
+        assert_eq!(st.users[1].received, 1);
+        assert_eq!((st.counters.received, st.counters.duplicates, st.counters.misrouted), (1, 2, 0));
+        assert_eq!(st.users[1].seq.contiguous(), 2, "both seqs are acked");
+        drop(st);
+        // A group member: message k = 0 of group 0 twice under two group seqs.
+        let c = ctx(Role::Group, 2, 2, 1);
+        on_msg(&c, 0, 0, &msg("g:lt1g0", 1, 0));
+        on_msg(&c, 0, 0, &msg("g:lt1g0", 2, 0));
+        on_msg(&c, 0, 0, &msg("g:lt1g0", 3, 1));
+        let st = c.state.borrow();
+        assert_eq!(st.users[0].received, 2);
+        assert_eq!((st.counters.received, st.counters.duplicates), (2, 1));
+        assert_eq!(st.per_msg.get(&0).map(|e| e.0), Some(1), "the copy is no second member");
     }
 
     #[test]

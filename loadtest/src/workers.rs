@@ -111,6 +111,8 @@ pub struct RemoteFleet {
     stdin: Mutex<Option<ChildStdin>>,
     state: Arc<Mutex<RemoteState>>,
     live: Arc<AtomicU64>,
+    /// The worker's terminals (its report lists them all, even when it is lost).
+    count: u64,
 }
 
 impl RemoteFleet {
@@ -148,7 +150,7 @@ impl RemoteFleet {
             }
             st.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
         })?;
-        Ok(RemoteFleet { child, stdin: Mutex::new(Some(stdin)), state, live })
+        Ok(RemoteFleet { child, stdin: Mutex::new(Some(stdin)), state, live, count: spec.count })
     }
 
     fn command(&self, cmd: &FleetCmd) {
@@ -181,8 +183,7 @@ impl RemoteFleet {
                 }
                 if s.ended || Instant::now() > deadline {
                     let why = s.error.clone().unwrap_or_else(|| "worker ended without a report".into());
-                    let mut r = FleetReport { counters: s.progress.counters.clone(), ..Default::default() };
-                    r.failures.insert(format!("worker lost: {why}"), 1);
+                    let r = lost_worker_report(&s.progress.counters, self.count, &why);
                     drop(s);
                     let _ = self.child.kill();
                     let _ = self.child.wait();
@@ -202,6 +203,33 @@ impl Drop for RemoteFleet {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The account of a worker that ended without its report: what its last progress said, and
+/// every terminal it held counted as dropped (those it had not settled as failed), so the run
+/// fails and says why. Its per-terminal accounts went with it: it lists `count` terminals
+/// received nothing and down at the end (their messages are unreachable, not counted lost or
+/// delivered), so the fleets after it keep their places in the merged report.
+fn lost_worker_report(last: &crate::stats::Counters, count: u64, why: &str) -> FleetReport {
+    let reason = format!("worker lost: {why}");
+    let mut r = FleetReport { counters: last.clone(), ..Default::default() };
+    let c = &mut r.counters;
+    if c.failed > 0 {
+        r.failures.insert("(reasons lost with the worker)".into(), c.failed);
+    }
+    let unsettled = count.saturating_sub(c.welcomed + c.failed);
+    if unsettled > 0 {
+        c.failed += unsettled;
+        r.failures.insert(reason.clone(), unsettled);
+    }
+    let open = c.open();
+    if open > 0 {
+        c.dropped += open;
+        r.drops.insert(reason, open);
+    }
+    r.per_user_received = vec![0; count as usize];
+    r.up = vec![false; count as usize];
+    r
 }
 
 /// Entry of `ether-loadtest worker`.
@@ -265,6 +293,31 @@ pub fn worker_main() -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_worker_counts_its_terminals_dropped_and_keeps_the_others_in_place() {
+        // The lost worker's last progress: 3 welcomed of 4 (one not settled yet), 5 received.
+        let last = crate::stats::Counters { welcomed: 3, received: 5, ..Default::default() };
+        let lost = lost_worker_report(&last, 4, "killed");
+        assert_eq!((lost.counters.dropped, lost.counters.failed), (3, 1));
+        assert_eq!(lost.drops.get("worker lost: killed"), Some(&3));
+        assert_eq!(lost.failures.get("worker lost: killed"), Some(&1));
+        // The next worker's terminals keep their global places; the lost ones are down.
+        let next = FleetReport {
+            per_user_received: vec![7, 8],
+            ids: vec![vec![1], vec![2]],
+            up: vec![true, true],
+            ..Default::default()
+        };
+        let m = FleetReport::merge(vec![lost, next]);
+        assert_eq!(m.per_user_received, vec![0, 0, 0, 0, 7, 8]);
+        assert_eq!(m.up, vec![false, false, false, false, true, true]);
+        assert_eq!(m.ids, vec![vec![], vec![], vec![], vec![], vec![1], vec![2]]);
+        // Without `up` from the others (not `reconnect`), theirs are up.
+        let other = FleetReport { per_user_received: vec![7], ..Default::default() };
+        let m = FleetReport::merge(vec![other, lost_worker_report(&last, 2, "killed")]);
+        assert_eq!(m.up, vec![true, false, false]);
+    }
 
     #[test]
     fn split_covers_every_terminal_once() {

@@ -235,6 +235,68 @@ fn unicast_against_an_existing_node_with_workers_and_wire_limit() {
     assert_no_loss(&v, 600);
 }
 
+/// The `worker` processes among the children of `pid`.
+fn worker_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            let cmd = std::fs::read(format!("/proc/{c}/cmdline")).unwrap_or_default();
+            if cmd.split(|&b| b == 0).any(|a| a == b"worker") && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// A worker process that dies mid-run takes its terminals' accounts with it: the run must fail
+/// and say so, not pass on the counters its last progress line carried.
+#[test]
+fn a_lost_worker_fails_the_run() {
+    let mut child = Command::new(BIN)
+        .args(["wire-server", "--heartbeat-s", "30"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let _server = Server(child);
+    let addrs: Value = serde_json::from_str(&line).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let tool = Command::new(BIN)
+        .args(["idle", "--client", addrs["client"].as_str().unwrap(), "--jwt-secret", "anything"])
+        .args(["--connections", "60", "--per-process-max", "30", "--hold", "4s", "--plain", "--results-dir"])
+        .arg(tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until both workers run and their terminals are connected, then kill one.
+    let t0 = std::time::Instant::now();
+    let mut workers = Vec::new();
+    while workers.len() < 2 && t0.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        workers = worker_children(tool.id());
+    }
+    assert_eq!(workers.len(), 2, "workers of {}", tool.id());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: a plain kill(2) of a process this test started (through the tool).
+    assert_eq!(unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) }, 0);
+    let out = tool.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a run that lost a worker passed:\n{stderr}\n{stdout}");
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["passed"], false, "{v}");
+    assert!(v["problems"].to_string().contains("worker lost"), "{v}");
+    assert_eq!(v["runs"][0]["dropped"], 30, "the lost worker's terminals: {v}");
+}
+
 #[test]
 fn failed_connections_fail_loudly() {
     // Nothing listens on this port: every terminal fails, the run exits non-zero and says why.
