@@ -947,8 +947,17 @@ pub fn group_membership_enforced<B: StoreBackend>(mut b: B) {
         .page()
         .expect("page");
     assert_eq!(h.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [13, 12]);
+    let set =
+        |user: &str, seq| Op::SetDelivered { user: user.into(), device: "d".into(), group: Some("club".into()), seq };
+    ok(&mut b, set("m2", 3));
     ok(&mut b, Op::RemoveMember { group: "club".into(), user: "m2".into() });
     assert!(matches!(b.apply(group_text("m2", "club", None, "gone")), Err(StoreError::Forbidden(_))));
+    // An ack position saved after the removal (a terminal's last acks, written a tick later)
+    // is refused: a stale row would show in `welcome.delivered` if the user came back.
+    assert!(matches!(b.apply(set("m2", 5)), Err(StoreError::Forbidden(_))));
+    let d = ok(&mut b, Op::GetDelivered { user: "m2".into(), device: "d".into() }).delivered().expect("delivered");
+    assert_eq!(d.groups.get("club"), None, "{d:?}");
+    ok(&mut b, set("m1", 5));
     assert!(matches!(
         b.apply(Op::History(HistoryQuery {
             user: "m2".into(),

@@ -520,6 +520,10 @@ local function set_delivered(user, device, group, seq)
     if not gid then
       return { 'not_found', 'group ' .. group }
     end
+    -- Acks of a member removed meanwhile: its positions went with it and must not come back.
+    if not is_member(gid, user) then
+      return { 'forbidden', user .. ' is not a member of ' .. group }
+    end
     chat, head = 'g:' .. gid, group_head(gid)
   end
   local field = device .. '|' .. chat

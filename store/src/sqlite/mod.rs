@@ -960,6 +960,11 @@ impl SqliteBackend {
             None => (0, self.head(inbox_stream(uid))?),
             Some(g) => {
                 let gid = self.need_gid(g)?;
+                // Acks of a member removed meanwhile (saved a tick later): its positions went
+                // with it and must not come back.
+                if !self.is_member(gid, uid)? {
+                    return Err(StoreError::Forbidden(format!("{user} is not a member of {g}")));
+                }
                 (group_stream(gid), self.head(group_stream(gid))?)
             }
         };
