@@ -24,8 +24,9 @@ pub trait StoreBackend: Send + 'static {
     /// takes the whole transaction down is reported as `Unavailable` on every write it hit.
     fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Reply, StoreError>>;
 
-    /// One bounded step of background work (index writes, compaction); `now_ms` is Unix ms.
-    /// Returns whether more work is waiting. Never required for correctness of reads.
+    /// One bounded step of background work (index writes, compaction); `now_ms` is
+    /// [`clock_ms`] (`u64::MAX`: everything is due). Returns whether more work is waiting.
+    /// Never required for correctness of reads.
     fn maintain(&mut self, now_ms: u64) -> Result<bool, StoreError>;
 
     /// A cheap snapshot of the backend's own state.
@@ -38,4 +39,13 @@ pub trait StoreBackend: Send + 'static {
         let mut r = self.apply_batch(std::slice::from_ref(&op));
         r.pop().unwrap_or_else(|| Err(StoreError::Unavailable("backend returned no result".into())))
     }
+}
+
+/// Milliseconds on the store's own monotonic clock (since its first reading in this process),
+/// for the ages of background work: a wall clock set back (NTP step, a VM resumed) made
+/// pending index positions look young, and their writes, the watermark and the retention
+/// purge stalled until it caught up.
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }

@@ -106,7 +106,7 @@ pub mod sqlite;
 pub mod thread;
 
 pub use crate::redis::{RedisBackend, RedisOptions};
-pub use backend::{BackendStats, StoreBackend, StoreBackend as Store};
+pub use backend::{clock_ms, BackendStats, StoreBackend, StoreBackend as Store};
 pub use error::StoreError;
 pub use op::*;
 pub use sqlite::{Durability, SqliteBackend, SqliteOptions};

@@ -533,7 +533,7 @@ fn purge_step<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared
 fn idle<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next_purge: &mut Instant) {
     // Bounded: a few index steps per tick, then back to the queue.
     for _ in 0..4 {
-        match backend.maintain(unix_ms()) {
+        match backend.maintain(crate::backend::clock_ms()) {
             Ok(true) => continue,
             Ok(false) => break,
             Err(e) => {

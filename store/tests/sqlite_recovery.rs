@@ -54,3 +54,22 @@ fn a_batch_rolled_back_for_a_full_disk_leaves_the_index_writable() {
     let again = b.apply(conformance::group_text("x", "g", Some("c1"), "to the group")).unwrap();
     assert!(again.group_appended().unwrap().duplicate);
 }
+
+/// Pending index positions age on the store's monotonic clock (`clock_ms`), the clock the
+/// storage thread gives `maintain`: stamped with the wall clock, a wall clock set back (an NTP
+/// step, a VM resumed) made them look young, and the index writes, the watermark and the
+/// retention purge stalled until it caught up.
+#[test]
+fn pending_positions_age_on_the_store_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let age = std::time::Duration::from_secs(20);
+    let opts = SqliteOptions { flush_age: age, ..SqliteOptions::default() };
+    let mut b = SqliteBackend::open(dir.path().join("clock.db"), opts).unwrap();
+    b.apply(text("a", "b", None, "hi")).unwrap();
+    assert!(b.stats().pending_entries > 0, "positions wait in memory first");
+    assert!(!b.maintain(clock_ms()).unwrap(), "not due yet");
+    assert!(b.stats().pending_entries > 0);
+    while b.maintain(clock_ms() + age.as_millis() as u64).unwrap() {}
+    assert_eq!(b.stats().pending_entries, 0, "due once flush_age passed on the store clock");
+    assert_eq!(inbox(&mut b, "b"), [1]);
+}

@@ -234,7 +234,11 @@ pub struct SqliteBackend {
     w_durable: i64,
     /// Purge sweep position over `entries`.
     sweep: Option<(i64, i64)>,
+    /// Unix ms of the batch being applied (stored timestamps).
     now_ms: u64,
+    /// [`crate::backend::clock_ms`] of the batch or maintenance step being applied: when
+    /// positions were queued for the index flush, and their age.
+    clock_ms: u64,
     _checkpointer: Option<Checkpointer>,
     path: PathBuf,
 }
@@ -306,6 +310,7 @@ impl SqliteBackend {
             w_durable,
             sweep: None,
             now_ms: unix_ms(),
+            clock_ms: crate::backend::clock_ms(),
             _checkpointer: checkpointer,
             path,
         };
@@ -364,7 +369,7 @@ impl SqliteBackend {
             }
         }
         let mut undo = Vec::new();
-        let now = self.now_ms;
+        let now = self.clock_ms;
         let mut streams: Vec<i64> = per_stream.keys().copied().collect();
         streams.sort_unstable();
         for s in streams {
@@ -791,7 +796,7 @@ impl SqliteBackend {
             ]);
         map_insert(inserted)?;
         self.lower_watermark(id)?;
-        let now = self.now_ms;
+        let now = self.clock_ms;
         let out = i64::from(to == from);
         let seq = self.ix.push_item(rs, Item { id, aux: from * 2 + out }, now, &mut self.undo);
         debug_assert_eq!(seq, receiver_seq);
@@ -837,7 +842,7 @@ impl SqliteBackend {
             .execute(params![id, sq(m.ts), from, gs, sq(seq), kind_code(m.kind), m.cid, m.body]);
         map_insert(inserted)?;
         self.lower_watermark(id)?;
-        let now = self.now_ms;
+        let now = self.clock_ms;
         let s = self.ix.push_item(gs, Item { id, aux: from * 2 }, now, &mut self.undo);
         debug_assert_eq!(s, seq);
         if let Some(cid) = &m.cid {
@@ -1642,7 +1647,7 @@ impl SqliteBackend {
     /// Writes the streams that are due (oldest first) inside the open transaction; memory is
     /// updated by [`Self::apply_flush`] once the transaction commits.
     fn flush_step(&mut self, force: bool) -> Result<Option<FlushPlan>, StoreError> {
-        let now = self.now_ms;
+        let now = self.clock_ms;
         let age = self.opts.flush_age.as_millis() as u64;
         let over = self.ix.pending_total > self.opts.pending_entries_max;
         let mut plan = FlushPlan { streams: Vec::new(), new_watermark: self.ix.min_pending_id() };
@@ -1736,7 +1741,7 @@ impl SqliteBackend {
                 st.queued = false;
                 if !st.pending.is_empty() || !st.cids.is_empty() {
                     st.queued = true;
-                    self.ix.queue.push_back((stream, self.now_ms));
+                    self.ix.queue.push_back((stream, self.clock_ms));
                 }
             }
         }
@@ -1811,6 +1816,7 @@ fn map_insert(r: rusqlite::Result<usize>) -> Result<(), StoreError> {
 impl StoreBackend for SqliteBackend {
     fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Reply, StoreError>> {
         self.now_ms = unix_ms();
+        self.clock_ms = crate::backend::clock_ms();
         self.undo.clear();
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             let e: StoreError = e.into();
@@ -1853,7 +1859,7 @@ impl StoreBackend for SqliteBackend {
     }
 
     fn maintain(&mut self, now_ms: u64) -> Result<bool, StoreError> {
-        self.now_ms = now_ms;
+        self.clock_ms = now_ms;
         let age = self.opts.flush_age.as_millis() as u64;
         let due = |ix: &Index, over: bool| {
             ix.queue.front().is_some_and(|&(_, since)| over || now_ms.saturating_sub(since) >= age)
