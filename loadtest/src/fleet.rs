@@ -7,7 +7,9 @@
 //! 200 ms each thread publishes its counters; the coordinator (or the
 //! worker's main thread) reads them with [`LocalFleet::progress`]. [`LocalFleet::command`]
 //! passes the coordinator's orders ([`FleetCmd`]: start or stop chatting, drop a share of the
-//! terminals, reconnect them), which every thread picks up within 5 ms. [`LocalFleet::stop`]
+//! terminals, reconnect them), which every thread picks up within 5 ms, publishing its
+//! counters at once; the progress says how many orders every thread had carried out when
+//! it published ([`FleetProgress::orders_applied`]). [`LocalFleet::stop`]
 //! ends the executors and returns the fleet's [`FleetReport`].
 use std::cell::RefCell;
 use std::io;
@@ -126,6 +128,8 @@ struct ThreadShared {
     publishes: u64,
     /// The longest the publish timer ran late, milliseconds.
     timer_late_ms_max: u64,
+    /// Orders carried out before these counters were taken (`ExecState::orders_applied`).
+    orders_applied: u64,
 }
 
 /// How often a terminal thread publishes its counters for the monitor.
@@ -177,9 +181,12 @@ impl LocalFleet {
         Ok(LocalFleet { stop, shared, handles, threads, control, live })
     }
 
-    /// Passes an order to every thread.
-    pub fn command(&self, cmd: FleetCmd) {
-        self.control.lock().unwrap_or_else(|e| e.into_inner()).push(cmd);
+    /// Passes an order to every thread; returns its number in the order log (from 1): the
+    /// fleet's progress reflects it once its `orders_applied` reaches that number.
+    pub fn command(&self, cmd: FleetCmd) -> u64 {
+        let mut log = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        log.push(cmd);
+        log.len() as u64
     }
 
     /// The order log (for a worker's stdin reader).
@@ -194,11 +201,13 @@ impl LocalFleet {
 
     /// Counters so far, and the message latency since the previous call.
     pub fn progress(&self) -> FleetProgress {
-        let mut p = FleetProgress { connect_done: true, published: u64::MAX, ..Default::default() };
+        let mut p =
+            FleetProgress { connect_done: true, published: u64::MAX, orders_applied: u64::MAX, ..Default::default() };
         let mut interval = Hist::new();
         for sh in &self.shared {
             let mut s = sh.lock().unwrap_or_else(|e| e.into_inner());
             p.published = p.published.min(s.publishes);
+            p.orders_applied = p.orders_applied.min(s.orders_applied);
             p.timer_late_ms_max = p.timer_late_ms_max.max(s.timer_late_ms_max);
             p.counters.add(&s.counters);
             interval.add(&s.interval);
@@ -337,6 +346,7 @@ async fn thread_main(
     .detach();
     let orders = ctx.clone();
     let stop3 = stop.clone();
+    let shared3 = shared.clone();
     glommio::spawn_local(async move {
         let mut seen = 0;
         while !stop3.load(Ordering::Relaxed) {
@@ -346,8 +356,15 @@ async fn thread_main(
                 seen = log.len();
                 v
             };
-            for cmd in new {
-                apply(&orders, cmd);
+            if !new.is_empty() {
+                for cmd in new {
+                    apply(&orders, cmd);
+                }
+                // Counters taken from here on reflect the orders (the coordinator's chat drain
+                // waits for them: see `scenario::chat_drained`); publish them now rather than
+                // up to a publish period later.
+                orders.state.borrow_mut().orders_applied = seen as u64;
+                publish(&orders.state, &shared3);
             }
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
@@ -496,6 +513,7 @@ fn publish(state: &Rc<RefCell<ExecState>>, shared: &Arc<Mutex<ThreadShared>>) {
     let mut sh = shared.lock().unwrap_or_else(|e| e.into_inner());
     sh.counters = st.counters.clone();
     sh.settled = st.settled;
+    sh.orders_applied = st.orders_applied;
     sh.interval.add(&st.interval_hist);
     st.interval_hist.reset();
     sh.publishes += 1;
@@ -542,6 +560,52 @@ mod tests {
         }
         assert!((0..100).all(|g| should_drop(g, 1.0)));
         assert!((0..100).all(|g| !should_drop(g, 0.0)));
+    }
+
+    #[test]
+    fn progress_says_which_orders_the_counters_reflect() {
+        // Nothing listens on port 1: the terminals fail at once; the orders still run.
+        let spec = FleetSpec {
+            client: "127.0.0.1:1".parse().unwrap(),
+            more_clients: Vec::new(),
+            path: "/ws".into(),
+            jwt_secret: "s".into(),
+            token_ttl_s: 60,
+            user_prefix: "u".into(),
+            device: "d".into(),
+            platform: "other".into(),
+            first: 0,
+            count: 2,
+            total: 2,
+            connect_rate: 0.0,
+            threads: 2,
+            source_ips: 0,
+            run_id: "r".into(),
+            connect_timeout_ms: 1000,
+            max_inflight: 8,
+            pin: None,
+            role: Role::Chat,
+            group_prefix: String::new(),
+            members: 0,
+            groups: 0,
+            group_ack_ms: 0,
+            read_every: 0,
+            track_ids: false,
+            tls: None,
+        };
+        let fleet = LocalFleet::start(spec).unwrap();
+        assert_eq!(fleet.command(FleetCmd::Chat { rate: 1.0, window: 1 }), 1);
+        assert_eq!(fleet.command(FleetCmd::StopSending), 2);
+        // Each thread publishes as soon as it has carried the orders out (not timed here: the
+        // machine may be busy).
+        let t0 = Instant::now();
+        let mut p = fleet.progress();
+        while p.orders_applied < 2 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+            p = fleet.progress();
+        }
+        assert_eq!(p.orders_applied, 2, "progress after {:?}", t0.elapsed());
+        fleet.stop();
     }
 
     #[test]

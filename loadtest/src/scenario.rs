@@ -836,6 +836,8 @@ struct Snapshot {
     sent: u64,
     acked: u64,
     api_failed: u64,
+    /// Per fleet: the orders its counters reflect (`FleetProgress::orders_applied`).
+    orders_applied: Vec<u64>,
 }
 
 impl<'a> Monitor<'a> {
@@ -847,6 +849,7 @@ impl<'a> Monitor<'a> {
             s.counters.add(&p.counters);
             s.connect_done &= p.connect_done;
             published.push(p.published);
+            s.orders_applied.push(p.orders_applied);
             self.timer_late_ms_max = self.timer_late_ms_max.max(p.timer_late_ms_max);
             self.interval.add_data(&p.interval_latency);
         }
@@ -1386,28 +1389,36 @@ fn chat_phase(opts: &Options, spec: &FleetSpec, fleets: &[Fleet], mon: &mut Moni
         mon.tick(fleets, None, "send");
         std::thread::sleep(Duration::from_millis(50));
     }
-    for f in fleets {
-        f.command(&FleetCmd::StopSending);
-    }
+    let stop: Vec<u64> = fleets.iter().map(|f| f.command(&FleetCmd::StopSending)).collect();
     let send_phase_s = main_start.elapsed().as_secs_f64();
     let deadline = Instant::now() + opts.drain_timeout;
-    // The stop reaches each fleet asynchronously: until it lands, answers still refill the
-    // window. So the drain ends only when everything is answered and received AND nothing
-    // moved between two snapshots 100 ms apart.
-    let mut last: Option<(u64, u64, u64)> = None;
     loop {
         let snap = mon.tick(fleets, None, "drain");
-        let c = &snap.counters;
-        let now = (c.sends, c.sends_answered + c.send_errors, c.received);
-        let answered = c.sends_answered + c.send_errors >= c.sends;
-        let settled = last == Some(now);
-        if (answered && c.received >= c.sends_answered && settled) || Instant::now() > deadline {
+        if chat_drained(&stop, &snap.orders_applied, &snap.counters) || Instant::now() > deadline {
             break;
         }
-        last = Some(now);
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
     MainOut { start_ns, send_phase_s, deliver_phase_s: main_start.elapsed().as_secs_f64(), ..Default::default() }
+}
+
+/// Whether the `chat` drain is over, from one reading of the fleets' counters: every send
+/// answered (`sent` or `error`) and every accepted message received.
+///
+/// The stop order reaches each thread (and each worker process) asynchronously, and the
+/// threads publish their counters every 200 ms: a reading may hold counters taken before a
+/// thread stopped sending, which can show everything answered while that thread still sends
+/// (answers refill the window, the rate driver goes on), and the sends after it would then
+/// be counted unanswered or lost. So only a reading in which every fleet's counters were
+/// published by threads that had all carried out the stop order (fleet `i`'s order number
+/// `stop[i]`, against its `orders_applied[i]`) can end the drain; two equal readings do not
+/// prove it, as both may predate the stop. From the stop on a thread's `sends` no longer
+/// grows and its other counters only grow, so one such reading that shows everything
+/// answered and received is final.
+fn chat_drained(stop: &[u64], orders_applied: &[u64], c: &crate::stats::Counters) -> bool {
+    let after_stop = stop.len() == orders_applied.len() && orders_applied.iter().zip(stop).all(|(a, s)| a >= s);
+    let answered = c.sends_answered + c.send_errors >= c.sends;
+    after_stop && answered && c.received >= c.sends_answered
 }
 
 /// Messages per second between two Unix-nano instants.
@@ -1732,6 +1743,43 @@ mod tests {
         // Message 1 reached only 2 of 3 members: not listed; ms to 0.1.
         assert_eq!(last_member_by_message(&per_msg, 3, 10), vec![(0, 5.0), (2, 12.3), (3, 1.1)]);
         assert_eq!(last_member_by_message(&per_msg, 3, 2), vec![(0, 5.0), (2, 12.3)], "the first ones kept");
+    }
+
+    /// The chat drain over a series of readings (fleets' `orders_applied`, counters): the
+    /// index of the reading that ends it, if any.
+    fn drain_ends_at(stop: &[u64], readings: &[(Vec<u64>, crate::stats::Counters)]) -> Option<usize> {
+        readings.iter().position(|(applied, c)| chat_drained(stop, applied, c))
+    }
+
+    #[test]
+    fn chat_drain_waits_for_counters_published_after_the_stop() {
+        use crate::stats::Counters;
+        let chat =
+            |sends, answered, received| Counters { sends, sends_answered: answered, received, ..Default::default() };
+        // Two fleets; the stop order is order 2 of each (after `chat`).
+        let stop = [2, 2];
+        // Before the stop landed, a low rate left a moment with nothing in flight, and the
+        // threads' 200 ms publishes made two readings 100 ms apart equal: both predate the
+        // stop (fleet 1 has only carried out order 1), so neither may end the drain. Then
+        // fleet 1's threads stop and publish: 3 more sends went out meanwhile, in flight.
+        let readings = vec![
+            (vec![2, 1], chat(10, 10, 10)),
+            (vec![2, 1], chat(10, 10, 10)),
+            (vec![2, 2], chat(13, 11, 10)),
+            (vec![2, 2], chat(13, 13, 12)),
+            (vec![2, 2], chat(13, 13, 13)),
+        ];
+        assert_eq!(
+            drain_ends_at(&stop, &readings),
+            Some(4),
+            "ends only on post-stop counters, all answered and received"
+        );
+        // A send answered by an error counts as answered; nothing to receive for it.
+        let c = Counters { sends: 5, sends_answered: 4, send_errors: 1, received: 4, ..Default::default() };
+        assert!(chat_drained(&stop, &[3, 2], &c));
+        // A fleet missing from the reading (or not reporting yet) is not past the stop.
+        assert!(!chat_drained(&stop, &[2], &c));
+        assert!(!chat_drained(&stop, &[0, 2], &c));
     }
 
     fn run(delivered_per_s: f64, p99_ms: f64) -> RunResult {

@@ -327,6 +327,12 @@ pub struct FleetProgress {
     /// The longest a thread's 200 ms publish timer has run late so far, milliseconds.
     #[serde(default)]
     pub timer_late_ms_max: u64,
+    /// How many of the fleet's orders (`Fleet::command`) every one of its threads had carried
+    /// out when it published these counters (the minimum over the threads): counters that
+    /// reflect order `n` (numbered from 1 as `Fleet::command` returns it) come with
+    /// `orders_applied >= n`.
+    #[serde(default)]
+    pub orders_applied: u64,
 }
 
 /// How the members of a group saw one published message (`group`): how many got it and the

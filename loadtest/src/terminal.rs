@@ -257,6 +257,9 @@ pub struct ExecState {
     pub stopping: bool,
     /// Terminal tasks still running.
     pub tasks: u64,
+    /// Orders of the fleet's log (`fleet::Control`) this thread has carried out: published
+    /// with the counters, so the coordinator knows which orders they reflect.
+    pub orders_applied: u64,
 }
 
 impl ExecState {

@@ -70,8 +70,10 @@ impl Fleet {
         }
     }
 
-    /// Passes an order to the fleet's threads.
-    pub fn command(&self, cmd: &FleetCmd) {
+    /// Passes an order to the fleet's threads; returns its number in the fleet's order log
+    /// (from 1): the fleet's progress reflects it once its `orders_applied` reaches that
+    /// number.
+    pub fn command(&self, cmd: &FleetCmd) -> u64 {
         match self {
             Fleet::Local(f) => f.command(cmd.clone()),
             Fleet::Remote(f) => f.command(cmd),
@@ -113,6 +115,8 @@ pub struct RemoteFleet {
     live: Arc<AtomicU64>,
     /// The worker's terminals (its report lists them all, even when it is lost).
     count: u64,
+    /// Orders written to the worker: its order log holds them in the same order.
+    orders: AtomicU64,
 }
 
 impl RemoteFleet {
@@ -150,15 +154,25 @@ impl RemoteFleet {
             }
             st.lock().unwrap_or_else(|e| e.into_inner()).ended = true;
         })?;
-        Ok(RemoteFleet { child, stdin: Mutex::new(Some(stdin)), state, live, count: spec.count })
+        Ok(RemoteFleet {
+            child,
+            stdin: Mutex::new(Some(stdin)),
+            state,
+            live,
+            count: spec.count,
+            orders: AtomicU64::new(0),
+        })
     }
 
-    fn command(&self, cmd: &FleetCmd) {
+    /// Writes an order to the worker; returns its number in the worker's order log (an order
+    /// the worker never gets keeps its number: its progress then never reflects it).
+    fn command(&self, cmd: &FleetCmd) -> u64 {
         let mut stdin = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = stdin.as_mut() {
             let _ = writeln!(s, "{}", serde_json::to_string(cmd).unwrap_or_default());
             let _ = s.flush();
         }
+        self.orders.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     fn progress(&self) -> FleetProgress {
