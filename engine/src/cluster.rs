@@ -896,6 +896,9 @@ impl OutWorker {
                         for shard in 0..self.shards {
                             self.commits.push(shard, Committed::Cluster(ClusterEvent::Resync));
                         }
+                        // The others may have removed its terminals' presence meanwhile (a
+                        // dead node's entries go when looked at): written again below.
+                        self.presence_lost = true;
                     }
                     if std::mem::take(&mut self.presence_lost) {
                         warn!(node = %self.node_id, "cluster: presence writes were lost; writing every terminal's again");
@@ -1284,7 +1287,7 @@ fn of_current_run(value: &serde_json::Value, started_ms: u64) -> bool {
 
 /// The terminals of `user`'s presence hash entries (`all`) registered by live nodes other
 /// than `me`, by their current runs; `alive` caches which nodes are live (the start of their
-/// run). Entries a live node's earlier run left behind are removed.
+/// run). Entries of dead nodes, and those a live node's earlier run left behind, are removed.
 fn terminals_elsewhere_in(
     con: &mut redis::Connection,
     me: &str,
@@ -1307,20 +1310,29 @@ fn terminals_elsewhere_in(
                 s
             }
         };
+        let remove = |con: &mut redis::Connection| {
+            // Best effort: a refusal only leaves the entry to be skipped again.
+            let _ = redis::Script::new(REMOVE_STALE_PRESENCE)
+                .key(presence_key(user))
+                .arg(&field)
+                .arg(&value)
+                .invoke::<i64>(con);
+        };
         let Some(started) = started else {
-            continue; // a node that died with terminals registered
+            // A node that died with terminals registered (killed; with node ids that change at
+            // every start, e.g. pods, it never comes back): its entries would pile up in the
+            // user's presence, each costing every later lookup a registry read. Removed; a
+            // node that was only cut off from Redis writes its terminals' entries again when
+            // it finds its registry entry lapsed.
+            remove(con);
+            continue;
         };
         let v: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
         if !of_current_run(&v, started) {
             // Left by the node's run before this one (killed, or stopped before its removals
             // were written): no terminal of it, and never again one (its `since` is past).
-            // Best effort: a refusal only leaves the entry to be skipped again.
             if v["node_started"].is_u64() {
-                let _ = redis::Script::new(REMOVE_STALE_PRESENCE)
-                    .key(presence_key(user))
-                    .arg(&field)
-                    .arg(&value)
-                    .invoke::<i64>(con);
+                remove(con);
             }
             continue;
         }

@@ -919,9 +919,39 @@ fn a_node_whose_registry_entry_lapsed_catches_its_terminals_up() {
     wait_for_presence(&b, "lou", "phone");
     let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
     redis::cmd("DEL").arg("ether:node:node-a").query::<()>(&mut con).unwrap();
+    // Taken for dead, its terminals' presence goes when another node looks at it.
+    let p = b.gateway().request("GET", "/v1/users/lou/presence", None).unwrap();
+    assert!(String::from_utf8_lossy(&p.body).contains(r#""terminals":[]"#), "{}", String::from_utf8_lossy(&p.body));
+    let left: Vec<String> = redis::cmd("HKEYS").arg("ether:presence:lou").query(&mut con).unwrap();
+    assert!(left.is_empty(), "a dead node's entry is removed when looked at: {left:?}");
     b.gateway().send_message(&text("meg", "lou", "while you were away")).unwrap();
     let m = phone.recv_msg(Duration::from_secs(12)).expect("the message committed on B never reached A's terminal");
     assert_eq!(texts(&[m]), ["while you were away"]);
+    // Back, A writes its terminals' presence again: B routes to it and lists the phone.
+    wait_for_presence(&b, "lou", "phone");
+    b.gateway().send_message(&text("meg", "lou", "and now")).unwrap();
+    let m = phone.recv_msg(Duration::from_secs(12)).expect("routed to A again");
+    assert_eq!(texts(&[m]), ["and now"]);
+}
+
+/// Presence entries of a node that died and never came back (killed; with node ids that
+/// change at every start, as pods have, it never does) are removed once looked at. Before,
+/// they piled up in the user's presence hash, each costing every later lookup a registry read.
+#[test]
+fn presence_entries_of_a_node_that_never_comes_back_are_removed() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    redis::cmd("HSET")
+        .arg("ether:presence:zed")
+        .arg("pod-7f9c/tablet")
+        .arg(r#"{"platform":"ios","since":1000,"node_started":900}"#)
+        .query::<()>(&mut con)
+        .unwrap();
+    let a = cluster_node(&redis, "node-a");
+    let p = a.gateway().request("GET", "/v1/users/zed/presence", None).unwrap();
+    assert!(String::from_utf8_lossy(&p.body).contains(r#""terminals":[]"#), "{}", String::from_utf8_lossy(&p.body));
+    let left: Vec<String> = redis::cmd("HKEYS").arg("ether:presence:zed").query(&mut con).unwrap();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// A node killed with terminals connected leaves their presence entries in Redis; when it
