@@ -10,12 +10,13 @@
 //! What a TLS terminal costs beyond a plain one: three descriptors instead of one (the TCP
 //! socket and both ends of the pair) and, for as long as it is connected, the relay task with
 //! its TLS state; the relay reads through one buffer per shard thread and keeps only what a
-//! full writer could not take yet. The plain `client`
+//! full writer could not take yet. Once the engine has closed its end, the relay delivers
+//! what it wrote and lingers for the terminal's end for at most `DRAIN_TIMEOUT`. The plain `client`
 //! listener is unchanged by it.
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -32,8 +33,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+use std::future::Future;
 use std::sync::{mpsc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Tls;
@@ -258,32 +260,128 @@ async fn serve(
     }
     // SAFETY: both are fresh, connected stream sockets owned only by the wrappers made here.
     let engine_end = unsafe { TcpStream::from_raw_fd(engine_end.into_raw_fd()) };
+    let fd = relay_end.as_raw_fd();
     // SAFETY: as above.
     let relay_end = unsafe { UnixStream::from_raw_fd(relay_end.into_raw_fd()) };
     match &*behind {
         Behind::Terminals => shard.spawn_terminal_task(crate::conn::upgrade_from(shard.clone(), engine_end, remote)),
         Behind::Http { serve, .. } => serve(engine_end),
     }
-    if let Err(e) = relay(tls, relay_end).await {
+    if let Err(e) = relay(tls, relay_end, move || hung_up(fd)).await {
         debug!(shard = shard.id, %remote, error = %e, "TLS relay ended");
     }
 }
 
+/// How long a relay goes on once the engine has ended its end (closed the session): enough to
+/// deliver what the engine wrote before (the last frames, the close frame) to a terminal that
+/// reads, not enough for one that stopped reading to hold the connection (its descriptors, TLS
+/// state and buffers, no longer counted as a session) for ever.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// While writing to the terminal is blocked, how often to look whether the engine's end has
+/// hung up meanwhile (then the rest is bounded by [`DRAIN_TIMEOUT`]).
+const HANGUP_CHECK: Duration = Duration::from_secs(1);
+
+/// Whether the engine's end of the pair behind `fd` has shut down or closed.
+fn hung_up(fd: RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: polls one descriptor, open for the duration of the call (the relay owns it).
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Copies both ways between the TLS stream and the plaintext end. An EOF is passed on as a
-/// write shutdown (a TLS `close_notify` towards the terminal). Ends when the engine's side has
-/// ended and that was passed on (the engine closes a session for good: whatever the terminal
-/// still sends could not be served, and a terminal that vanished without a FIN must not keep
-/// the relay alive), or when either direction fails.
-async fn relay<T, P>(mut tls: T, mut plain: P) -> io::Result<()>
+/// write shutdown (a TLS `close_notify` towards the terminal); a terminal's FIN without
+/// `close_notify` is an EOF too. Once the engine's side has ended (EOF, or `engine_hung_up`
+/// while the terminal is not taking bytes), what it wrote is still delivered, the
+/// `close_notify` follows, and the relay lingers for the terminal's end (reading and
+/// dropping what it still sends, so the close does not reset the connection and lose the end
+/// of what was sent), all within [`DRAIN_TIMEOUT`] (a terminal that stopped reading is then
+/// let go). What the terminal sends after the engine's end is gone is dropped, never an end
+/// of the delivery.
+/// Ends early when writing to the terminal fails or the terminal's TLS stream breaks.
+async fn relay<T, P>(mut tls: T, mut plain: P, engine_hung_up: impl Fn() -> bool) -> io::Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     P: AsyncRead + AsyncWrite + Unpin,
 {
     let mut inbound = Pump::new();
     let mut outbound = Pump::new();
-    std::future::poll_fn(|cx| {
-        let _ = inbound.poll(cx, &mut tls, &mut plain)?;
-        outbound.poll(cx, &mut plain, &mut tls)
+    // When the rest must be done by (from the engine's end), when to look for the engine's
+    // hang-up next, and the timer for the earlier of these.
+    let mut deadline: Option<Instant> = None;
+    let mut check_at: Option<Instant> = None;
+    let mut timer: Option<(Instant, glommio::timer::Timer)> = None;
+    std::future::poll_fn(|cx| loop {
+        let mut again = false;
+        match inbound.poll(cx, &mut tls, &mut plain) {
+            Poll::Ready(Err(Fault::Read(e))) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                inbound.eof = true;
+                again = true;
+            }
+            Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(Err(e)),
+            // The engine's end is gone: what the terminal still sends has no reader.
+            Poll::Ready(Err(Fault::Write(_))) => {
+                inbound.discard();
+                again = true;
+            }
+            _ => {}
+        }
+        match outbound.poll(cx, &mut plain, &mut tls) {
+            // The engine's end reset (closed with input unread): an end all the same.
+            Poll::Ready(Err(Fault::Read(_))) => {
+                outbound.eof = true;
+                again = true;
+            }
+            Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(Err(e)),
+            _ => {}
+        }
+        if again {
+            continue;
+        }
+        let now = Instant::now();
+        if outbound.eof && deadline.is_none() {
+            deadline = Some(now + DRAIN_TIMEOUT);
+        }
+        if outbound.done {
+            if inbound.done {
+                return Poll::Ready(Ok(()));
+            }
+            // Linger for the terminal's end (a client reading our close answers it at once):
+            // closing with its input unread would reset the connection, and bytes still in
+            // the socket's send queue (the last frames, the close) would be lost.
+            if deadline.is_some_and(|d| now >= d) {
+                return Poll::Ready(Ok(()));
+            }
+        } else if deadline.is_some_and(|d| now >= d) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the terminal did not take the end of its session in time",
+            )));
+        }
+        if deadline.is_none() && outbound.stalled {
+            let at = *check_at.get_or_insert(now + HANGUP_CHECK);
+            if now >= at {
+                check_at = None;
+                if engine_hung_up() {
+                    deadline = Some(now + DRAIN_TIMEOUT);
+                }
+                continue;
+            }
+        } else {
+            check_at = None;
+        }
+        let Some(wake) = deadline.or(check_at) else {
+            timer = None;
+            return Poll::Pending;
+        };
+        if timer.as_ref().is_none_or(|(at, _)| *at != wake) {
+            timer = Some((wake, glommio::timer::Timer::new(wake.saturating_duration_since(now))));
+        }
+        let (_, t) = timer.as_mut().expect("just set");
+        match Pin::new(t).poll(cx) {
+            Poll::Ready(_) => timer = None,
+            Poll::Pending => return Poll::Pending,
+        }
     })
     .await
 }
@@ -291,6 +389,13 @@ where
 thread_local! {
     /// Where every relay of the shard reads (one buffer per thread, not per connection).
     static RELAY_SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; RELAY_BUFFER_BYTES]);
+}
+
+/// What failed in a [`Pump`]: reading its source, or writing (or shutting down) its sink.
+#[derive(Debug)]
+enum Fault {
+    Read(io::Error),
+    Write(io::Error),
 }
 
 /// One direction of a relay: reads into the thread's scratch buffer and writes it straight
@@ -302,49 +407,76 @@ struct Pump {
     /// The reader ended: shut the writer down, then this direction is done.
     eof: bool,
     done: bool,
+    /// The writer is gone: what is read is dropped.
+    discarding: bool,
+    /// The last poll is waiting for the writer to take bytes (or a flush or shutdown).
+    stalled: bool,
 }
 
 impl Pump {
     fn new() -> Pump {
-        Pump { pending: Vec::new(), start: 0, eof: false, done: false }
+        Pump { pending: Vec::new(), start: 0, eof: false, done: false, discarding: false, stalled: false }
     }
 
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, from: &mut R, to: &mut W) -> Poll<io::Result<()>>
+    /// From now on, drop what is read (and what was kept), and end at the reader's EOF.
+    fn discard(&mut self) {
+        (self.pending, self.start, self.discarding, self.stalled) = (Vec::new(), 0, true, false);
+    }
+
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, from: &mut R, to: &mut W) -> Poll<Result<(), Fault>>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
         loop {
+            self.stalled = false;
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            while self.start < self.pending.len() {
-                match Pin::new(&mut *to).poll_write(cx, &self.pending[self.start..]) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                    Poll::Ready(Ok(n)) => self.start += n,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
+            if self.discarding {
+                if self.eof {
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+            } else {
+                while self.start < self.pending.len() {
+                    match Pin::new(&mut *to).poll_write(cx, &self.pending[self.start..]) {
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(Fault::Write(io::ErrorKind::WriteZero.into()))),
+                        Poll::Ready(Ok(n)) => self.start += n,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(Fault::Write(e))),
+                        Poll::Pending => {
+                            self.stalled = true;
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                if !self.pending.is_empty() {
+                    (self.pending, self.start) = (Vec::new(), 0);
+                }
+                // Written out: push it through (TLS records leave on flush).
+                match Pin::new(&mut *to).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Fault::Write(e))),
+                    Poll::Pending => {
+                        self.stalled = true;
+                        return Poll::Pending;
+                    }
+                }
+                if self.eof {
+                    return match Pin::new(&mut *to).poll_close(cx) {
+                        Poll::Ready(r) => {
+                            self.done = true;
+                            Poll::Ready(r.map_err(Fault::Write))
+                        }
+                        Poll::Pending => {
+                            self.stalled = true;
+                            Poll::Pending
+                        }
+                    };
                 }
             }
-            if !self.pending.is_empty() {
-                (self.pending, self.start) = (Vec::new(), 0);
-            }
-            // Written out: push it through (TLS records leave on flush).
-            match Pin::new(&mut *to).poll_flush(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-            if self.eof {
-                return match Pin::new(&mut *to).poll_close(cx) {
-                    Poll::Ready(r) => {
-                        self.done = true;
-                        Poll::Ready(r)
-                    }
-                    Poll::Pending => Poll::Pending,
-                };
-            }
-            let moved = RELAY_SCRATCH.with(|scratch| -> Poll<io::Result<()>> {
+            let discarding = self.discarding;
+            let moved = RELAY_SCRATCH.with(|scratch| -> Poll<Result<(), Fault>> {
                 let mut scratch = scratch.borrow_mut();
                 let n = match Pin::new(&mut *from).poll_read(cx, &mut scratch[..]) {
                     Poll::Ready(Ok(0)) => {
@@ -352,15 +484,18 @@ impl Pump {
                         return Poll::Ready(Ok(()));
                     }
                     Poll::Ready(Ok(n)) => n,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Fault::Read(e))),
                     Poll::Pending => return Poll::Pending,
                 };
+                if discarding {
+                    return Poll::Ready(Ok(()));
+                }
                 let mut off = 0;
                 while off < n {
                     match Pin::new(&mut *to).poll_write(cx, &scratch[off..n]) {
-                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                        Poll::Ready(Ok(0)) => return Poll::Ready(Err(Fault::Write(io::ErrorKind::WriteZero.into()))),
                         Poll::Ready(Ok(k)) => off += k,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(Fault::Write(e))),
                         Poll::Pending => break,
                     }
                 }
@@ -498,12 +633,37 @@ mod tests {
     }
 
     #[test]
+    fn what_the_engine_wrote_before_it_closed_is_delivered_though_the_terminal_still_sends() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                use futures_lite::{AsyncReadExt, AsyncWriteExt};
+                let (mut outside, tls_side) = UnixStream::pair().unwrap();
+                let (plain_side, mut inside) = UnixStream::pair().unwrap();
+                // The terminal sends (an ack) while the engine writes its last frame and
+                // closes its end for good: writing the ack inwards fails, which must not cut
+                // the delivery of the last frame.
+                outside.write_all(b"ack").await.unwrap();
+                inside.write_all(b"last frame").await.unwrap();
+                drop(inside);
+                let relay = glommio::spawn_local(relay(tls_side, plain_side, || false));
+                let mut got = Vec::new();
+                outside.read_to_end(&mut got).await.unwrap();
+                assert_eq!(got, b"last frame");
+                outside.close().await.unwrap();
+                relay.await.unwrap();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
     fn the_relay_copies_both_ways_and_passes_each_eof_on() {
         glommio::LocalExecutorBuilder::default()
             .spawn(|| async {
                 let (outside, tls_side) = UnixStream::pair().unwrap();
                 let (plain_side, inside) = UnixStream::pair().unwrap();
-                let relay = glommio::spawn_local(relay(tls_side, plain_side));
+                let relay = glommio::spawn_local(relay(tls_side, plain_side, || false));
                 use futures_lite::{AsyncReadExt, AsyncWriteExt};
                 let (mut outside, mut inside) = (outside, inside);
                 let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
