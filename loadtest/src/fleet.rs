@@ -519,6 +519,42 @@ fn publish(state: &Rc<RefCell<ExecState>>, shared: &Arc<Mutex<ThreadShared>>) {
     sh.publishes += 1;
 }
 
+/// A spec for unit tests: `count` terminals of user prefix `u` towards port 1 (where nothing
+/// listens), one thread, no groups, no TLS.
+#[cfg(test)]
+impl FleetSpec {
+    pub(crate) fn for_tests(count: u64) -> FleetSpec {
+        FleetSpec {
+            client: "127.0.0.1:1".parse().expect("an address"),
+            more_clients: Vec::new(),
+            path: "/ws".into(),
+            jwt_secret: "s".into(),
+            token_ttl_s: 60,
+            user_prefix: "u".into(),
+            device: "d".into(),
+            platform: "other".into(),
+            first: 0,
+            count,
+            total: count,
+            connect_rate: 0.0,
+            threads: 1,
+            source_ips: 0,
+            run_id: "r".into(),
+            connect_timeout_ms: 1000,
+            max_inflight: 8,
+            pin: None,
+            role: Role::default(),
+            group_prefix: String::new(),
+            members: 0,
+            groups: 0,
+            group_ack_ms: 0,
+            read_every: 0,
+            track_ids: false,
+            tls: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -565,34 +601,7 @@ mod tests {
     #[test]
     fn progress_says_which_orders_the_counters_reflect() {
         // Nothing listens on port 1: the terminals fail at once; the orders still run.
-        let spec = FleetSpec {
-            client: "127.0.0.1:1".parse().unwrap(),
-            more_clients: Vec::new(),
-            path: "/ws".into(),
-            jwt_secret: "s".into(),
-            token_ttl_s: 60,
-            user_prefix: "u".into(),
-            device: "d".into(),
-            platform: "other".into(),
-            first: 0,
-            count: 2,
-            total: 2,
-            connect_rate: 0.0,
-            threads: 2,
-            source_ips: 0,
-            run_id: "r".into(),
-            connect_timeout_ms: 1000,
-            max_inflight: 8,
-            pin: None,
-            role: Role::Chat,
-            group_prefix: String::new(),
-            members: 0,
-            groups: 0,
-            group_ack_ms: 0,
-            read_every: 0,
-            track_ids: false,
-            tls: None,
-        };
+        let spec = FleetSpec { threads: 2, role: Role::Chat, ..FleetSpec::for_tests(2) };
         let fleet = LocalFleet::start(spec).unwrap();
         assert_eq!(fleet.command(FleetCmd::Chat { rate: 1.0, window: 1 }), 1);
         assert_eq!(fleet.command(FleetCmd::StopSending), 2);

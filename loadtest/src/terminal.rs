@@ -1072,32 +1072,15 @@ mod tests {
 
     fn ctx(role: Role, total: u64, members: u64, groups: u64) -> TermCtx {
         let spec = FleetSpec {
-            client: "127.0.0.1:1".parse().unwrap(),
-            more_clients: Vec::new(),
-            path: "/ws".into(),
-            jwt_secret: "s".into(),
-            token_ttl_s: 60,
             user_prefix: "lt1u".into(),
-            device: "d".into(),
-            platform: "other".into(),
-            first: 0,
-            count: total,
-            total,
-            connect_rate: 0.0,
-            threads: 1,
-            source_ips: 0,
             run_id: "r1".into(),
-            connect_timeout_ms: 1000,
             max_inflight: 1,
-            pin: None,
             role,
             group_prefix: "lt1g".into(),
             members,
             groups,
             group_ack_ms: 1000,
-            read_every: 0,
-            track_ids: false,
-            tls: None,
+            ..FleetSpec::for_tests(total)
         };
         let mut users: Vec<UserTrack> = (0..total).map(|_| UserTrack::default()).collect();
         if role == Role::Group {

@@ -335,34 +335,7 @@ mod tests {
 
     #[test]
     fn split_covers_every_terminal_once() {
-        let spec = FleetSpec {
-            client: "127.0.0.1:1".parse().unwrap(),
-            more_clients: Vec::new(),
-            path: "/ws".into(),
-            jwt_secret: "s".into(),
-            token_ttl_s: 60,
-            user_prefix: "u".into(),
-            device: "d".into(),
-            platform: "other".into(),
-            first: 0,
-            count: 10,
-            total: 10,
-            connect_rate: 100.0,
-            threads: 1,
-            source_ips: 0,
-            run_id: "r".into(),
-            connect_timeout_ms: 1000,
-            max_inflight: 8,
-            pin: None,
-            role: Default::default(),
-            group_prefix: String::new(),
-            members: 0,
-            groups: 0,
-            group_ack_ms: 0,
-            read_every: 0,
-            track_ids: false,
-            tls: None,
-        };
+        let spec = FleetSpec { connect_rate: 100.0, ..FleetSpec::for_tests(10) };
         let parts = split(&spec, 3);
         assert_eq!(parts.iter().map(|p| (p.first, p.count)).collect::<Vec<_>>(), vec![(0, 4), (4, 3), (7, 3)]);
         let rate: f64 = parts.iter().map(|p| p.connect_rate).sum();
