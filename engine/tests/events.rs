@@ -193,8 +193,16 @@ fn terminals_connected_at_a_stop_go_offline_in_the_outbox() {
         std::thread::sleep(Duration::from_millis(100));
     }
     node.stop();
+    let offline = offline_in_outbox(dir.path());
+    for user in ["ida", "jon"] {
+        assert!(offline.iter().any(|d| d["user"] == user), "no user.offline for {user}: {offline:?}");
+    }
+}
+
+/// The `user.offline` events (their data) in the outbox of a stopped node's data dir.
+fn offline_in_outbox(dir: &std::path::Path) -> Vec<serde_json::Value> {
     let mut store =
-        ether_store::SqliteBackend::open_dir(dir.path(), ether_store::SqliteOptions::default()).expect("store opens");
+        ether_store::SqliteBackend::open_dir(dir, ether_store::SqliteOptions::default()).expect("store opens");
     let events = match ether_store::StoreBackend::apply(
         &mut store,
         ether_store::op::Op::OutboxFetch { after: 0, limit: 1000 },
@@ -202,11 +210,7 @@ fn terminals_connected_at_a_stop_go_offline_in_the_outbox() {
         Ok(ether_store::Reply::Events(events)) => events,
         other => panic!("{other:?}"),
     };
-    let offline: Vec<serde_json::Value> =
-        events.iter().filter(|e| e.kind == "user.offline").map(|e| serde_json::from_str(&e.data).unwrap()).collect();
-    for user in ["ida", "jon"] {
-        assert!(offline.iter().any(|d| d["user"] == user), "no user.offline for {user}: {offline:?}");
-    }
+    events.iter().filter(|e| e.kind == "user.offline").map(|e| serde_json::from_str(&e.data).unwrap()).collect()
 }
 
 /// A terminal that does not answer its close (it reads nothing: its socket is full and its
@@ -238,17 +242,7 @@ fn terminals_that_do_not_answer_their_close_at_a_stop_go_offline_in_the_outbox()
     let kick = ether_proto::api::Kick { reason: Some("bye".into()), ..Default::default() };
     assert_eq!(gw.kick("kim", kick).unwrap().kicked, 1);
     node.stop();
-    let mut store =
-        ether_store::SqliteBackend::open_dir(dir.path(), ether_store::SqliteOptions::default()).expect("store opens");
-    let events = match ether_store::StoreBackend::apply(
-        &mut store,
-        ether_store::op::Op::OutboxFetch { after: 0, limit: 1000 },
-    ) {
-        Ok(ether_store::Reply::Events(events)) => events,
-        other => panic!("{other:?}"),
-    };
-    let offline: Vec<serde_json::Value> =
-        events.iter().filter(|e| e.kind == "user.offline").map(|e| serde_json::from_str(&e.data).unwrap()).collect();
+    let offline = offline_in_outbox(dir.path());
     for (user, reason) in [("sam", "shutdown"), ("pia", "shutdown"), ("kim", "kicked")] {
         let got: Vec<_> = offline.iter().filter(|d| d["user"] == user).collect();
         assert_eq!(got.len(), 1, "one user.offline for {user}: {offline:?}");
