@@ -490,8 +490,6 @@ fn a_resync_asked_on_the_bus_pushes_what_the_terminals_missed() {
 
 #[test]
 fn a_resync_also_pushes_group_messages_no_node_announced() {
-    use ether_store::op::{NewGroupMessage, Op};
-    use ether_store::StoreBackend;
     let Some(redis) = redis_or_skip() else { return };
     let a = cluster_node(&redis, "node-a");
     let b = cluster_node(&redis, "node-b");
@@ -506,19 +504,7 @@ fn a_resync_also_pushes_group_messages_no_node_announced() {
     post("announced");
     assert_eq!(texts(&take(&mut hal, 1)), ["announced"]);
     // Written straight into the shared store: no node tells the bus.
-    let options = ether_store::RedisOptions { prefix: "ether:store:".into(), events_stream: None, outbox: false };
-    let mut store = ether_store::RedisBackend::open(&redis.url(), options).unwrap();
-    let unannounced = NewGroupMessage {
-        id: 1 << 50,
-        ts: 1,
-        from: "carol".into(),
-        system: false,
-        group: "crew".into(),
-        kind: Kind::Text,
-        body: r#"{"text":"unannounced"}"#.into(),
-        cid: None,
-    };
-    store.apply(Op::AppendGroup(unannounced)).unwrap();
+    store_group_text_behind_the_bus(&redis.url(), "crew", "carol", "unannounced");
     assert_silent(&mut hal, Duration::from_millis(300));
     let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
     let resync = r#"{"node":"node-a","event":"resync"}"#;

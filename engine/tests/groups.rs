@@ -686,8 +686,6 @@ fn group_messages_go_only_to_shards_with_members_online() {
 #[test]
 fn cluster_a_member_connecting_does_not_make_the_others_skip_what_the_bus_has_not_brought() {
     use ether_proto::Kind;
-    use ether_store::op::{NewGroupMessage, Op};
-    use ether_store::StoreBackend;
     let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
     let node = |id: &str| {
         let (url, id) = (redis.url(), id.to_owned());
@@ -708,19 +706,7 @@ fn cluster_a_member_connecting_does_not_make_the_others_skip_what_the_bus_has_no
     assert_eq!((m.body["text"].as_str(), m.seq), (Some("announced"), 1));
     phone.ack_msg(&m).unwrap();
     // Stored, but not (yet) on the bus: as if in flight.
-    let options = ether_store::RedisOptions { prefix: "ether:store:".into(), events_stream: None, outbox: false };
-    let mut store = ether_store::RedisBackend::open(&redis.url(), options).unwrap();
-    let in_flight = NewGroupMessage {
-        id: 1 << 50,
-        ts: 1,
-        from: "carol".into(),
-        system: false,
-        group: "crew".into(),
-        kind: Kind::Text,
-        body: r#"{"text":"in flight"}"#.into(),
-        cid: None,
-    };
-    store.apply(Op::AppendGroup(in_flight)).unwrap();
+    store_group_text_behind_the_bus(&redis.url(), "crew", "carol", "in flight");
     // hal's second terminal, on the same shard (same user): its welcome counts seq 2.
     let (mut web, welcome) = ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("hal"), "web", "web").unwrap();
     assert_eq!(welcome.groups.get("crew"), Some(&2));

@@ -154,6 +154,21 @@ fn repeats_record_the_median_run_and_list_them_all() {
 
 /// A wire-limit server started by hand plays an "existing node": exercises --client/--api,
 /// the --wire-limit twin run and its ratios, and unicast through worker processes.
+/// Starts the tool's wire-limit server (`heartbeat_s` asked of its terminals): the process,
+/// killed on drop, and the addresses it printed.
+fn wire_server(heartbeat_s: u32) -> (Server, Value) {
+    let mut child = Command::new(BIN)
+        .args(["wire-server", "--heartbeat-s", &heartbeat_s.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let server = Server(child);
+    (server, serde_json::from_str(&line).unwrap())
+}
+
 struct Server(Child);
 
 impl Drop for Server {
@@ -165,17 +180,8 @@ impl Drop for Server {
 
 #[test]
 fn unicast_against_an_existing_node_with_workers_and_wire_limit() {
-    let mut child = Command::new(BIN)
-        .args(["wire-server", "--heartbeat-s", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let pid = child.id().to_string();
-    let _server = Server(child);
-    let addrs: Value = serde_json::from_str(&line).unwrap();
+    let (server, addrs) = wire_server(1);
+    let pid = server.0.id().to_string();
     let tmp = tempfile::tempdir().unwrap();
     let v = run(
         &[
@@ -257,16 +263,7 @@ fn worker_children(pid: u32) -> Vec<u32> {
 /// and say so, not pass on the counters its last progress line carried.
 #[test]
 fn a_lost_worker_fails_the_run() {
-    let mut child = Command::new(BIN)
-        .args(["wire-server", "--heartbeat-s", "30"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let _server = Server(child);
-    let addrs: Value = serde_json::from_str(&line).unwrap();
+    let (_server, addrs) = wire_server(30);
     let tmp = tempfile::tempdir().unwrap();
     let tool = Command::new(BIN)
         .args(["idle", "--client", addrs["client"].as_str().unwrap(), "--jwt-secret", "anything"])

@@ -181,3 +181,22 @@ pub fn slow_consumer_closes(node: &TestNode) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Cluster mode: stores a text message from `from` in `group` straight into the nodes' shared
+/// Redis store, as a node would, without telling the bus: a message in flight, or lost on the
+/// way, as the other nodes see it.
+pub fn store_group_text_behind_the_bus(redis_url: &str, group: &str, from: &str, text: &str) {
+    let options = ether_store::RedisOptions { prefix: "ether:store:".into(), events_stream: None, outbox: false };
+    let mut store = ether_store::RedisBackend::open(redis_url, options).expect("the shared store");
+    let msg = ether_store::NewGroupMessage {
+        id: 1 << 50,
+        ts: 1,
+        from: from.into(),
+        system: false,
+        group: group.into(),
+        kind: ether_proto::Kind::Text,
+        body: serde_json::json!({ "text": text }).to_string(),
+        cid: None,
+    };
+    ether_store::StoreBackend::apply(&mut store, ether_store::Op::AppendGroup(msg)).expect("appended");
+}
