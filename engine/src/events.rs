@@ -258,8 +258,8 @@ impl DispatchStats {
     }
 }
 
-/// Largest webhook answer body read (its content is ignored; a bigger one fails the attempt,
-/// which is retried like any failure).
+/// Largest webhook answer body read (its content is ignored; a bigger one is not read: the
+/// answer counts by its status, and the connection is closed).
 const WEBHOOK_ANSWER_BYTES_MAX: usize = 64 * 1024;
 
 /// Where the POSTs go, split for [`GatewayClient`].
@@ -430,11 +430,13 @@ impl EventDispatcher {
         let target = parse_target(&webhook.url)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("events.webhook_url: {e}")))?;
         // The receiver's answer body is not used: a small bound, so a hostile or broken
-        // receiver cannot make the node buffer (or try to allocate) a huge one.
+        // receiver cannot make the node buffer (or try to allocate) a huge one; a 2xx with a
+        // bigger body (an echo, a page) still acknowledges the batch.
         let mut client = GatewayClient::new(&target.base, "")
             .with_connect_timeout(opts.timeout)
             .with_timeout(opts.timeout)
-            .with_max_body_bytes(WEBHOOK_ANSWER_BYTES_MAX);
+            .with_max_body_bytes(WEBHOOK_ANSWER_BYTES_MAX)
+            .with_oversized_body_discarded();
         if let Some(ca) = &webhook.ca_path {
             let invalid = |e: String| {
                 std::io::Error::new(

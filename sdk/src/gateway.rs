@@ -259,8 +259,21 @@ pub struct GatewayClient {
     connects: std::sync::atomic::AtomicU64,
     /// TLS settings for an `https://` base (`None`: the Mozilla roots).
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-    /// Largest answer body read; a bigger one fails the call (`SdkError::Protocol`).
+    /// Largest answer body read; a bigger one fails the call (`SdkError::Protocol`), or is
+    /// dropped unread with `discard_oversized_body`.
     max_body_bytes: usize,
+    /// An answer whose body is over `max_body_bytes` still counts by its status: the call
+    /// returns the status and headers with an empty body, and the connection (with the rest
+    /// of the body unread) is closed.
+    discard_oversized_body: bool,
+}
+
+/// How much of an answer's body is read, and what happens to a bigger one.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimit {
+    max: usize,
+    /// Return the answer with an empty body (and close the connection) instead of failing.
+    discard_over: bool,
 }
 
 /// How one exchange on a connection failed.
@@ -289,6 +302,7 @@ impl GatewayClient {
             connects: std::sync::atomic::AtomicU64::new(0),
             tls: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            discard_oversized_body: false,
         }
     }
 
@@ -296,6 +310,15 @@ impl GatewayClient {
     /// server announcing or sending more fails the call instead of exhausting memory.
     pub fn with_max_body_bytes(mut self, max: usize) -> Self {
         self.max_body_bytes = max;
+        self
+    }
+
+    /// Answers whose body is over the limit (see [`GatewayClient::with_max_body_bytes`]) are
+    /// returned with their status and headers and an empty body instead of failing the call:
+    /// for callers that only need the status (a webhook sender, whose receiver may echo the
+    /// request or answer with a page). The connection is closed after such an answer.
+    pub fn with_oversized_body_discarded(mut self) -> Self {
+        self.discard_oversized_body = true;
         self
     }
 
@@ -356,7 +379,8 @@ impl GatewayClient {
                 Some(c) => (c, true),
                 None => (self.connect(target)?, false),
             };
-            match exchange(&mut conn, &req, head_only, self.max_body_bytes) {
+            let limit = BodyLimit { max: self.max_body_bytes, discard_over: self.discard_oversized_body };
+            match exchange(&mut conn, &req, head_only, limit) {
                 Ok((resp, keep_alive)) => {
                     if keep_alive {
                         *slot = Some(conn);
@@ -595,7 +619,7 @@ fn exchange(
     conn: &mut BufReader<Conn>,
     req: &[u8],
     head_only: bool,
-    max_body: usize,
+    limit: BodyLimit,
 ) -> Result<(RawResponse, bool), Failure> {
     let written = {
         let stream = conn.get_mut();
@@ -604,7 +628,7 @@ fn exchange(
     if let Err(e) = written {
         return Err(if is_disconnect(&e) { Failure::Stale(e.into()) } else { Failure::Fatal(e.into()) });
     }
-    read_response(conn, head_only, max_body)
+    read_response(conn, head_only, limit)
 }
 
 /// Reads one response head into `buf`; `Ok(false)` when the connection ended before any byte.
@@ -646,7 +670,12 @@ fn protocol(msg: impl Into<String>) -> Failure {
     Failure::Fatal(SdkError::Protocol(msg.into()))
 }
 
-fn read_response(conn: &mut BufReader<Conn>, head_only: bool, max_body: usize) -> Result<(RawResponse, bool), Failure> {
+fn read_response(
+    conn: &mut BufReader<Conn>,
+    head_only: bool,
+    limit: BodyLimit,
+) -> Result<(RawResponse, bool), Failure> {
+    let max_body = limit.max;
     let mut head = Vec::with_capacity(512);
     loop {
         if !read_head(conn, &mut head)? {
@@ -678,14 +707,27 @@ fn read_response(conn: &mut BufReader<Conn>, head_only: bool, max_body: usize) -
         let mut keep_alive =
             if version == 0 { connection.contains("keep-alive") } else { !connection.contains("close") };
         let chunked = resp.header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"));
+        // A body over the limit: the call fails, or the answer counts by its status alone
+        // (the connection, its body unread, is not reused).
+        let over = |mut resp: RawResponse| {
+            if limit.discard_over {
+                resp.body = Vec::new();
+                Ok((resp, false))
+            } else {
+                Err(too_big(max_body))
+            }
+        };
         if head_only || status == 204 || status == 304 {
             // No body.
         } else if chunked {
-            resp.body = read_chunked(conn, max_body)?;
+            match read_chunked(conn, max_body)? {
+                Some(body) => resp.body = body,
+                None => return over(resp),
+            }
         } else if let Some(len) = resp.header("content-length") {
             let len: usize = len.parse().map_err(|_| protocol(format!("bad Content-Length {len:?}")))?;
             if len > max_body {
-                return Err(too_big(max_body));
+                return over(resp);
             }
             resp.body = vec![0; len];
             conn.read_exact(&mut resp.body).map_err(|e| Failure::Fatal(e.into()))?;
@@ -694,7 +736,7 @@ fn read_response(conn: &mut BufReader<Conn>, head_only: bool, max_body: usize) -
                 .read_to_end(&mut resp.body)
                 .map_err(|e| Failure::Fatal(e.into()))?;
             if resp.body.len() > max_body {
-                return Err(too_big(max_body));
+                return over(resp);
             }
             keep_alive = false;
         }
@@ -720,7 +762,8 @@ fn read_line(conn: &mut impl BufRead) -> Result<String, Failure> {
     Ok(String::from_utf8_lossy(&line).trim().to_owned())
 }
 
-fn read_chunked(conn: &mut impl BufRead, max_body: usize) -> Result<Vec<u8>, Failure> {
+/// Reads a chunked body; `None` as soon as it grows past `max_body` (the rest unread).
+fn read_chunked(conn: &mut impl BufRead, max_body: usize) -> Result<Option<Vec<u8>>, Failure> {
     let mut body = Vec::new();
     loop {
         let line = read_line(conn)?;
@@ -729,11 +772,11 @@ fn read_chunked(conn: &mut impl BufRead, max_body: usize) -> Result<Vec<u8>, Fai
         if size == 0 {
             // Trailers, up to the empty line.
             while !read_line(conn)?.is_empty() {}
-            return Ok(body);
+            return Ok(Some(body));
         }
         let start = body.len();
         if size > max_body.saturating_sub(start) {
-            return Err(too_big(max_body));
+            return Ok(None);
         }
         body.resize(start + size, 0);
         conn.read_exact(&mut body[start..]).map_err(|e| Failure::Fatal(e.into()))?;
@@ -783,12 +826,12 @@ mod tests {
     #[test]
     fn chunked_bodies() {
         let mut r: &[u8] = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nrest";
-        assert_eq!(read_chunked(&mut r, 1024).ok().unwrap(), b"Wikipedia");
+        assert_eq!(read_chunked(&mut r, 1024).ok().flatten().unwrap(), b"Wikipedia");
         assert_eq!(r, b"rest");
         let mut bad: &[u8] = b"zz\r\n";
         assert!(read_chunked(&mut bad, 1024).is_err());
         let mut over: &[u8] = b"4\r\nWiki\r\n5\r\npedia\r\n0\r\n\r\n";
-        assert!(read_chunked(&mut over, 8).is_err(), "9 bytes over a bound of 8");
+        assert!(matches!(read_chunked(&mut over, 8), Ok(None)), "9 bytes over a bound of 8");
     }
 
     #[test]
