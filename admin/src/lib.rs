@@ -91,6 +91,19 @@ pub trait NodeView {
         Err(not_provided("recent closes"))
     }
 
+    /// Up to `limit` most recently closed connections that pass `query`'s filters (user,
+    /// shard, platform), newest first, looked for through the whole ring of recent closes.
+    ///
+    /// The default keeps the matches among the newest [`ConnQuery::LIMIT_MAX`] closes that
+    /// [`NodeView::recent_closes`] gives; a view whose ring can hold more (the engine keeps
+    /// 256 per shard) overrides it, or a match older than those would be missed.
+    async fn recent_closes_matching(&self, query: &ConnQuery, limit: usize) -> Result<Vec<ClosedConn>, ApiError> {
+        let mut closes = self.recent_closes(ConnQuery::LIMIT_MAX).await?;
+        closes.retain(|c| query.matches(&c.conn));
+        closes.truncate(limit);
+        Ok(closes)
+    }
+
     /// The live connections of user `uid` (empty when offline).
     async fn user(&self, uid: &str) -> Result<Vec<ConnInfo>, ApiError> {
         let _ = uid;

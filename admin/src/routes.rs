@@ -143,14 +143,11 @@ async fn route<V: NodeView>(view: &V, req: &Request) -> Result<Response, ApiErro
             let page = view.connections(&query).await?;
             let recent_closes = if query.closed == 0 {
                 Vec::new()
+            } else if query.user.is_some() || query.shard.is_some() || query.platform.is_some() {
+                // With filters, the matches anywhere in the ring (not only among its newest).
+                view.recent_closes_matching(&query, query.closed).await?
             } else {
-                let filtered = query.user.is_some() || query.shard.is_some() || query.platform.is_some();
-                // With filters, look through the whole ring and keep the matches.
-                let want = if filtered { ConnQuery::LIMIT_MAX } else { query.closed };
-                let mut closes = view.recent_closes(want).await?;
-                closes.retain(|c| query.matches(&c.conn));
-                closes.truncate(query.closed);
-                closes
+                view.recent_closes(query.closed).await?
             };
             let report = ConnectionsReport {
                 total: page.total,

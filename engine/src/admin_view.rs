@@ -222,6 +222,12 @@ impl ether_admin::NodeView for AdminView {
         Ok(self.shard.node.recent_closes(limit).iter().map(closed_conn).collect())
     }
 
+    async fn recent_closes_matching(&self, query: &ConnQuery, limit: usize) -> Result<Vec<ClosedConn>, ApiError> {
+        // The whole ring (256 per shard: more than any one page on a node of 4 shards or more).
+        let all = self.shard.node.recent_closes(usize::MAX);
+        Ok(all.iter().map(closed_conn).filter(|c| query.matches(&c.conn)).take(limit).collect())
+    }
+
     async fn user(&self, uid: &str) -> Result<Vec<ConnInfo>, ApiError> {
         ether_proto::ids::check_id("uid", uid)?;
         let conns = self.shard.connections(Some(uid)).await.map_err(|e| e.to_api())?;
@@ -240,9 +246,12 @@ impl ether_admin::NodeView for AdminView {
 
     async fn drain(&self) -> Result<DrainReport, ApiError> {
         let node = &self.shard.node;
-        let started = !node.draining();
-        node.start_drain();
-        Ok(DrainReport { started, connections: node.connections() })
+        // One atomic step: a drain started meanwhile (SIGTERM) is not claimed by this call.
+        let started = node.start_drain();
+        // Terminals told to `reconnect` by this call: none when the node was already draining
+        // (the first drain told them all, and none was taken on since).
+        let connections = if started { node.connections() } else { 0 };
+        Ok(DrainReport { started, connections })
     }
 
     fn config_redacted(&self) -> Result<serde_json::Value, ApiError> {

@@ -157,8 +157,9 @@ impl NodeShared {
     }
 
     /// Asks every shard to drain: terminals get `reconnect`, then are closed gradually.
-    pub fn start_drain(&self) {
-        self.draining.store(true, Ordering::Release);
+    /// Returns whether this call started the drain (`false`: it was already draining).
+    pub fn start_drain(&self) -> bool {
+        !self.draining.swap(true, Ordering::AcqRel)
     }
 
     /// Live terminals on the whole node.
@@ -224,6 +225,14 @@ mod tests {
             closed_ms: ms,
             reason: CloseReason::Idle,
         }
+    }
+
+    #[test]
+    fn only_the_first_start_drain_starts_it() {
+        let n = NodeShared::new("n".into(), 1);
+        assert!(n.start_drain());
+        assert!(!n.start_drain(), "already draining");
+        assert!(n.draining());
     }
 
     #[test]
