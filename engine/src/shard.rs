@@ -167,6 +167,10 @@ pub struct Shard {
     pong: [Bytes; 2],
     /// Set once this shard has told its terminals to reconnect.
     drain_started: Cell<bool>,
+    /// Terminals the shard had when its drain began, and drain ticks since: the schedule of
+    /// closes over the window (see [`drain_closed_by`]).
+    drain_total: Cell<usize>,
+    drain_ticks: Cell<usize>,
     /// Sessions whose ack positions (inbox or groups) moved since they were last saved.
     pub(crate) ack_dirty: RefCell<Vec<SessionKey>>,
     /// Group ack positions not saved yet, per session (at most `groups_per_user_max` each).
@@ -266,6 +270,8 @@ impl Shard {
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             pong: [encode_for(&ServerFrame::Pong, Wire::Json), encode_for(&ServerFrame::Pong, Wire::Proto)],
             drain_started: Cell::new(false),
+            drain_total: Cell::new(0),
+            drain_ticks: Cell::new(0),
             churn_at_trim: Cell::new(0),
             work_at_trim: Cell::new(0),
             quiet_trimmed: Cell::new(false),
@@ -967,8 +973,9 @@ impl Shard {
     }
 
     /// One drain step per tick: first every terminal is told to `reconnect` after a jittered
-    /// delay within the drain window, then terminals are closed (1012) a slice per tick so the
-    /// whole shard is empty by the end of the window.
+    /// delay within the drain window, then terminals are closed (1012) on a schedule spread
+    /// evenly over the window (terminals that left on their own count as closed), so the shard
+    /// is empty by its end.
     fn drain_step(&self) {
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
         if !self.drain_started.replace(true) {
@@ -977,12 +984,18 @@ impl Shard {
                 let after_ms = rand::random::<u64>() % window_ms;
                 s.push_final(encode_for(&ServerFrame::Reconnect { after_ms }, s.wire));
             }
+            self.drain_total.set(sessions.len());
             info!(shard = self.id, terminals = sessions.len(), "draining");
             return;
         }
         let ticks = (self.config.limits.drain_window.as_millis() / TICK.as_millis()).max(1) as usize;
-        let per_tick = sessions.len().div_ceil(ticks).max(1);
-        for s in sessions.iter().filter(|s| s.close_reason().is_none()).take(per_tick) {
+        let tick = self.drain_ticks.get() + 1;
+        self.drain_ticks.set(tick);
+        let open: Vec<&Rc<Session>> = sessions.iter().filter(|s| s.close_reason().is_none()).collect();
+        let total = self.drain_total.get().max(open.len());
+        let gone = total - open.len();
+        let due = drain_closed_by(total, ticks, tick).saturating_sub(gone);
+        for s in open.into_iter().take(due) {
             s.request_close(CloseReason::Drain);
         }
     }
@@ -1119,9 +1132,38 @@ impl Shard {
     }
 }
 
+/// How many of a shard's `total` terminals at the start of a drain are to be closed after
+/// `tick` of the window's `ticks`: an even share per tick, all of them by the last.
+pub(crate) fn drain_closed_by(total: usize, ticks: usize, tick: usize) -> usize {
+    let ticks = ticks.max(1);
+    (total * tick.min(ticks)).div_ceil(ticks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Closes are spread over the whole window whatever the count: a few terminals are not
+    /// all closed in the first ticks, many are not left over at the end (a share of what is
+    /// left per tick would leave 1/e of them for the stop to close at once).
+    #[test]
+    fn drain_closes_are_spread_evenly_and_end_with_the_window() {
+        let ticks = 80; // a 20 s window of 250 ms ticks
+        for total in [0, 1, 12, 79, 80, 81, 10_000] {
+            let mut last = 0;
+            for tick in 0..=ticks + 5 {
+                let by = drain_closed_by(total, ticks, tick);
+                assert!(by >= last && by <= total, "monotonic, bounded: {total} {tick} {by}");
+                assert!(by - last <= total.div_ceil(ticks), "an even share per tick: {total} {tick}");
+                last = by;
+            }
+            assert_eq!(drain_closed_by(total, ticks, ticks), total, "all closed by the window's end");
+        }
+        assert_eq!(drain_closed_by(12, ticks, 40), 6, "half of them by half the window");
+        assert_eq!(drain_closed_by(10_000, ticks, 1), 125);
+        assert_eq!(drain_closed_by(5, 0, 0), 0, "a zero window closes nothing before its first tick");
+        assert_eq!(drain_closed_by(5, 0, 1), 5);
+    }
 
     #[test]
     fn home_shard_is_stable_and_spread() {

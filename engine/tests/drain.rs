@@ -41,6 +41,24 @@ fn drain_tells_every_terminal_to_reconnect_and_closes_them() {
     }
 }
 
+/// Many terminals that do not leave when told to reconnect are all closed by the end of the
+/// drain window (plus a second for ticks running late), not left for the stop to close at
+/// once: each tick closes an even share of the terminals the shard had when its drain began
+/// (a share of those still open, as before, leaves about a third open at the window's end).
+#[test]
+fn a_drain_closes_many_terminals_by_the_end_of_its_window() {
+    let node = TestNode::with(|c| {
+        c.node.shards = 1;
+        c.limits.drain_window = Duration::from_secs(2);
+    });
+    let terminals: Vec<_> = (0..60).map(|i| node.terminal(&format!("m{i}"), "phone")).collect();
+    assert_eq!(node.shared().connections(), 60);
+    node.shared().start_drain();
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(node.shared().connections(), 0, "terminals still open a second after the drain window");
+    drop(terminals);
+}
+
 /// A terminal whose upgrade request was read and checked before a drain began, and is taken
 /// on (its heads read from the store) only after it began, is refused as PROTOCOL.md says of
 /// a draining node: HTTP 503 `unavailable` before the upgrade, never a `welcome` it would then
