@@ -44,6 +44,8 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token not valid yet (its nbf is in the future)")]
+    NotYetValid,
     #[error("invalid token: {0}")]
     Invalid(String),
     #[error("token subject is not a valid user id")]
@@ -77,6 +79,10 @@ impl TokenKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 5;
+        // A token is not good before its `nbf` (RFC 7519 §4.1.5) when it has one: tokens the
+        // business's identity service issues ahead of time (jsonwebtoken skips the check
+        // unless asked).
+        validation.validate_nbf = true;
         // Tokens minted by the business's own identity service often carry an `aud` (string
         // or list): the node has no audience of its own, so it neither requires nor checks
         // one (jsonwebtoken would refuse every token with an `aud` otherwise).
@@ -121,6 +127,7 @@ impl TokenKeys {
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::Invalid(e.to_string()),
             })?;
         if !ether_proto::ids::is_valid_id(&data.claims.sub) {
@@ -189,5 +196,19 @@ mod tests {
         let no_exp = serde_json::json!({ "sub": "alice", "aud": "my-app" });
         let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &no_exp, &keys.encoding).unwrap();
         assert!(matches!(keys.verify(&t), Err(AuthError::Invalid(_))), "exp is still required");
+    }
+
+    /// A token with an `nbf` (not before) is refused until then (RFC 7519 §4.1.5), beyond the
+    /// leeway; one whose `nbf` is past is good.
+    #[test]
+    fn refuses_tokens_before_their_nbf() {
+        let keys = TokenKeys::new("0123456789abcdef0123456789abcdef");
+        let (now, exp) = (unix_now_s(), unix_now_s() + 7200);
+        let early = serde_json::json!({ "sub": "alice", "exp": exp, "nbf": now + 3600 });
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &early, &keys.encoding).unwrap();
+        assert_eq!(keys.verify(&t), Err(AuthError::NotYetValid), "not good before its nbf");
+        let started = serde_json::json!({ "sub": "alice", "exp": exp, "nbf": now - 60 });
+        let t = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &started, &keys.encoding).unwrap();
+        assert_eq!(keys.verify(&t).map(|c| c.sub), Ok("alice".to_owned()), "good once its nbf is past");
     }
 }
