@@ -98,9 +98,8 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
         return unauthorized();
     }
     if let Some(rate) = shard.api_rate {
-        let now = shard.now_us();
-        if !shard.api_gate.allow(&rate, now) {
-            let secs = rate.retry_after_us(&shard.api_gate, now).div_ceil(1_000_000).max(1);
+        if let Err(wait_us) = shard.node.api_gate.allow(&rate) {
+            let secs = wait_us.div_ceil(1_000_000).max(1);
             let limit = shard.config.limits.api_requests_per_s;
             return fail(
                 ErrorCode::RateLimited,

@@ -876,7 +876,7 @@ pub struct Limits {
     pub terminal_requests_per_s: u32,
     /// `sync` and `read` frames at once (50).
     pub terminal_requests_burst: u32,
-    /// API requests per second for the node, shared evenly by its shards (0: no limit, the
+    /// API requests per second for the node, one limit whichever shards serve them (0: no limit, the
     /// default: the business is trusted); more are answered 429 `rate_limited`.
     pub api_requests_per_s: u32,
     /// API requests at once for the node (1 000).

@@ -1,8 +1,11 @@
 //! Rate limits: a sustained rate with a burst allowance, kept as one timestamp per limited
 //! thing (GCRA, the generic cell rate algorithm: the "theoretical arrival time" of the next
-//! request). A terminal carries one per limit in its `Session` (8 bytes each), a shard one for
-//! its share of the API. Pure arithmetic on a caller-given clock: no I/O, no shard state.
+//! request). A terminal carries one per limit in its `Session` (8 bytes each); the node one for
+//! the API, shared by its shards ([`SharedGate`]). Pure arithmetic on a caller-given clock
+//! (the shared gate's own, for its callers on every shard): no I/O, no shard state.
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// A rate limit: `per_s` on average, up to `burst` at once after a quiet spell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +51,47 @@ impl Gate {
     }
 }
 
+/// A [`Gate`] that every shard of the node takes from at once (the node-wide API limit):
+/// the schedule in an atomic, on a clock of its own. One limit for the node, wherever its
+/// API connections landed: shares per shard would let `shards` times the rate through when
+/// it is below the shard count, and a node whose API connections sit on one shard only that
+/// shard's share.
+#[derive(Debug)]
+pub struct SharedGate {
+    epoch: Instant,
+    tat_us: AtomicU64,
+}
+
+impl Default for SharedGate {
+    fn default() -> Self {
+        SharedGate { epoch: Instant::now(), tat_us: AtomicU64::new(0) }
+    }
+}
+
+impl SharedGate {
+    /// Takes one request now if `rate` allows it; otherwise how long until one more would be
+    /// allowed, µs. A refused one uses up nothing.
+    pub fn allow(&self, rate: &Rate) -> Result<(), u64> {
+        let now_us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.allow_at(rate, now_us)
+    }
+
+    /// [`SharedGate::allow`] at `now_us` of the gate's clock.
+    pub fn allow_at(&self, rate: &Rate, now_us: u64) -> Result<(), u64> {
+        let mut seen = self.tat_us.load(Ordering::Acquire);
+        loop {
+            let tat = seen.max(now_us);
+            if tat - now_us > rate.tolerance_us {
+                return Err(tat - (now_us + rate.tolerance_us));
+            }
+            match self.tat_us.compare_exchange_weak(seen, tat + rate.interval_us, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(now_seen) => seen = now_seen,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +119,25 @@ mod tests {
         // After a quiet second the whole burst is back, and no more.
         let later = t0 + 3 * S;
         assert_eq!((0..20).filter(|_| gate.allow(&rate, later)).count(), 5);
+    }
+
+    /// Shards taking from one gate at once get the burst between them, not a burst each.
+    #[test]
+    fn a_shared_gate_lets_the_burst_through_once_across_threads() {
+        let rate = Rate::new(10, 50).unwrap();
+        let gate = std::sync::Arc::new(SharedGate::default());
+        let t0 = 100 * S;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let gate = gate.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| gate.allow_at(&rate, t0).is_ok()).count())
+            })
+            .collect();
+        let allowed: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(allowed, 50);
+        let wait = gate.allow_at(&rate, t0).unwrap_err();
+        assert!(wait > 0 && wait <= 100_000, "one interval at most: {wait}");
+        assert!(gate.allow_at(&rate, t0 + wait).is_ok(), "allowed once the wait is over");
     }
 
     proptest! {

@@ -57,17 +57,6 @@ pub enum FrameWeight {
 }
 
 /// Ticks without I/O after which a connection is parked (at least one).
-/// One shard's share of the node's API rate: API connections are spread evenly over the
-/// shards (SO_REUSEPORT), so each allows its part of the rate and of the burst.
-fn api_share(config: &Config) -> Option<Rate> {
-    let shards = u32::try_from(config.node.shards.max(1)).unwrap_or(u32::MAX);
-    let l = &config.limits;
-    if l.api_requests_per_s == 0 {
-        return None;
-    }
-    Rate::new((l.api_requests_per_s / shards).max(1), (l.api_requests_burst / shards).max(1))
-}
-
 pub(crate) fn park_ticks(config: &Config) -> u64 {
     (config.limits.park_idle_after.as_millis() as u64).div_ceil(TICK.as_millis() as u64).max(1)
 }
@@ -212,9 +201,9 @@ pub struct Shard {
     send_rate: Option<Rate>,
     /// `limits.terminal_requests_per_s` / `_burst` (`sync`, `read`; None: no limit).
     request_rate: Option<Rate>,
-    /// This shard's even share of `limits.api_requests_per_s` / `_burst` (None: no limit).
+    /// `limits.api_requests_per_s` / `_burst` for the whole node (None: no limit), taken from
+    /// the node's one gate (`NodeShared::api_gate`) by every shard.
     pub(crate) api_rate: Option<Rate>,
-    pub(crate) api_gate: Gate,
     /// Events on their way to the outbox (`events.batch_wait_ms`).
     pub(crate) events_out: EventBatch,
     /// What `event_flush_loop` waits on (taken by it when it starts).
@@ -294,8 +283,7 @@ impl Shard {
             park_wheel: RefCell::new(TimerWheel::new(park_ticks as usize + 2, 0)),
             send_rate: Rate::new(config.limits.terminal_sends_per_s, config.limits.terminal_sends_burst),
             request_rate: Rate::new(config.limits.terminal_requests_per_s, config.limits.terminal_requests_burst),
-            api_rate: api_share(&config),
-            api_gate: Gate::default(),
+            api_rate: Rate::new(config.limits.api_requests_per_s, config.limits.api_requests_burst),
             events_out,
             events_out_signal: RefCell::new(Some(events_out_signal)),
             config,

@@ -124,6 +124,8 @@ pub struct NodeShared {
     pub events: Option<(String, Arc<crate::events::DispatchStats>)>,
     /// Revoked terminal tokens (loaded from the store before the shards start).
     pub revocations: Arc<crate::revocations::TokenRevocations>,
+    /// The node's API rate limit (`limits.api_requests_per_s`), taken from by every shard.
+    pub api_gate: crate::ratelimit::SharedGate,
 }
 
 impl NodeShared {
@@ -140,6 +142,7 @@ impl NodeShared {
             cluster: std::sync::OnceLock::new(),
             events: None,
             revocations: Arc::default(),
+            api_gate: crate::ratelimit::SharedGate::default(),
         }
     }
 

@@ -35,3 +35,35 @@ fn tokens_are_refused_before_their_nbf() {
     let (_t, welcome) = TerminalClient::connect(&node.ws_url(), &started, "phone", "web").expect("nbf past: accepted");
     assert_eq!(welcome.user, "alice");
 }
+
+/// `limits.api_requests_per_s` is the node's, whichever shards the API connections land on:
+/// a limit below the shard count is not rounded up to one per shard (16 connections over two
+/// shards with a limit of 1/s and a burst of 1 got two requests through).
+#[test]
+fn the_api_rate_is_the_nodes_across_shards() {
+    use std::io::{Read, Write};
+    let node = TestNode::with(|c| {
+        c.node.shards = 2;
+        c.limits.api_requests_per_s = 1;
+        c.limits.api_requests_burst = 1;
+    });
+    // Connected first, then one request on each at once: all within the same second.
+    let mut conns: Vec<std::net::TcpStream> =
+        (0..16).map(|_| std::net::TcpStream::connect(node.ports.api).unwrap()).collect();
+    let req = format!(
+        "GET /v1/users/sam/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        node.api_key
+    );
+    for c in &mut conns {
+        c.write_all(req.as_bytes()).unwrap();
+    }
+    let mut statuses = Vec::new();
+    for c in &mut conns {
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        statuses.push(answer.split(' ').nth(1).unwrap_or("?").to_owned());
+    }
+    let ok = statuses.iter().filter(|s| *s == "200").count();
+    assert_eq!(ok, 1, "one request of the node's burst of 1: {statuses:?}");
+    assert!(statuses.iter().all(|s| s == "200" || s == "429"), "{statuses:?}");
+}

@@ -86,7 +86,8 @@ fn syncs_and_reads_over_the_rate_are_refused() {
 
 #[test]
 fn the_api_over_its_rate_answers_429_with_retry_after() {
-    // Two shards: each allows half, and one keep-alive connection stays on one shard.
+    // Two shards, one keep-alive connection (on one of them): it gets the node's whole burst,
+    // the limit being the node's, not a share per shard.
     let node = TestNode::with(|c| {
         c.limits.api_requests_per_s = 2;
         c.limits.api_requests_burst = 4;
@@ -103,7 +104,8 @@ fn the_api_over_its_rate_answers_429_with_retry_after() {
             s => panic!("unexpected {s}: {}", r.text()),
         }
     }
-    assert!((1..=4).contains(&ok), "the shard's share of the burst (2), at most the node's: {ok}");
+    // The burst, and one more only if the ten requests took over half a second (2/s).
+    assert!((4..=5).contains(&ok), "the node's burst (4) on one connection: {ok}");
     let r = limited.expect("requests over the rate are refused");
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["error"]["code"], "rate_limited", "{v}");
@@ -115,5 +117,5 @@ fn the_api_over_its_rate_answers_429_with_retry_after() {
     assert_eq!(stored.status, 200, "{}", stored.text());
     let n = serde_json::from_slice::<serde_json::Value>(&stored.body).unwrap()["messages"].as_array().unwrap().len();
     assert!(n >= ok, "everything answered 200 is stored ({n} stored, {ok} accepted)");
-    assert!(n <= 4, "nothing refused is stored ({n})");
+    assert!(n <= 5, "nothing refused is stored ({n})");
 }
