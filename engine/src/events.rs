@@ -262,6 +262,11 @@ impl DispatchStats {
 /// answer counts by its status, and the connection is closed).
 const WEBHOOK_ANSWER_BYTES_MAX: usize = 64 * 1024;
 
+/// One webhook attempt (connect, write, read, and its retry on a stale pooled connection) takes
+/// at most this many `DispatchOptions::timeout`s, however slowly the receiver trickles its
+/// answer: the cluster's outbox lease (`outbox_lease::LEASE_TTL`) is sized on it.
+pub const WEBHOOK_ATTEMPT_STEPS: u32 = 3;
+
 /// Where the POSTs go, split for [`GatewayClient`].
 #[derive(Clone, PartialEq, Eq)]
 struct Target {
@@ -436,7 +441,8 @@ impl EventDispatcher {
             .with_connect_timeout(opts.timeout)
             .with_timeout(opts.timeout)
             .with_max_body_bytes(WEBHOOK_ANSWER_BYTES_MAX)
-            .with_oversized_body_discarded();
+            .with_oversized_body_discarded()
+            .with_call_timeout(opts.timeout * WEBHOOK_ATTEMPT_STEPS);
         if let Some(ca) = &webhook.ca_path {
             let invalid = |e: String| {
                 std::io::Error::new(
@@ -1099,6 +1105,50 @@ mod tests {
         let seen: BTreeSet<String> = posts.iter().skip(1).flat_map(event_ids).collect();
         assert_eq!(seen, ["1", "2", "3"].map(String::from).into());
         assert!(d.stats().consecutive_failures.load(Ordering::Relaxed) == 0, "healthy again");
+        d.stop();
+        store.shutdown();
+    }
+
+    /// A receiver that answers a byte at a time never trips the per-read timeout; the attempt
+    /// is still cut after `WEBHOOK_ATTEMPT_STEPS` timeouts and tried again (in cluster mode a
+    /// longer one would outlast the outbox lease, and a second node would deliver beside it).
+    #[test]
+    fn an_answer_trickled_a_byte_at_a_time_is_cut_at_the_attempts_bound() {
+        use std::sync::atomic::AtomicUsize;
+        let (_dir, store) = store();
+        append(&store, 1);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let posts = Arc::new(AtomicUsize::new(0));
+        let seen = posts.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    if conn.read(&mut buf).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    // 1,000 bytes announced, one every 100 ms: 100 s if waited for.
+                    if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n").is_err() {
+                        return;
+                    }
+                    for _ in 0..1000 {
+                        std::thread::sleep(Duration::from_millis(100));
+                        if conn.write_all(b"x").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}/");
+        let d = EventDispatcher::spawn(store.clone(), &webhook(url), fast(Duration::from_millis(300)), None).unwrap();
+        // Attempts of 0.9 s at most: three within 4 s (one only, without the bound).
+        wait_until("a third attempt", || posts.load(Ordering::SeqCst) >= 3);
+        assert_eq!(outbox(&store).len(), 1, "nothing acked without a whole 2xx answer");
         d.stop();
         store.shutdown();
     }

@@ -17,10 +17,11 @@ use crate::cluster::KEY_PREFIX;
 use crate::events::DispatchGate;
 
 /// How long the lease outlives its holder's last renewal: longer than the holder can spend in
-/// one webhook attempt between two asks of the gate (connect, write and read each up to
-/// `DispatchOptions::timeout`, 5 s, and once more on a stale pooled connection: 30 s), so a
-/// slow attempt never lets a second node start delivering beside it (duplicates, and batches
-/// out of order). A node that dies holds the turn this long before another takes over.
+/// one webhook attempt between two asks of the gate (`events::WEBHOOK_ATTEMPT_STEPS` times
+/// `DispatchOptions::timeout`: 15 s, the retry on a stale pooled connection and a receiver
+/// trickling its answer included), so a slow attempt never lets a second node start
+/// delivering beside it (duplicates, and batches out of order). A node that dies holds the
+/// turn this long before another takes over.
 pub const LEASE_TTL: Duration = Duration::from_secs(40);
 /// How often the holder renews it (well inside the TTL; the dispatcher asks the gate before
 /// every fetch and every attempt, so a renewal is at most one webhook request late).
@@ -250,7 +251,7 @@ mod tests {
     #[test]
     fn the_lease_outlasts_the_slowest_webhook_attempt() {
         let timeout = crate::events::DispatchOptions::default().timeout;
-        let slowest_attempt = 2 * (timeout * 3);
+        let slowest_attempt = timeout * crate::events::WEBHOOK_ATTEMPT_STEPS;
         assert!(LEASE_TTL > slowest_attempt + RENEW_EVERY, "{LEASE_TTL:?} vs {slowest_attempt:?}");
     }
 

@@ -26,7 +26,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 
 use crate::tls::Conn;
 use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ether_proto::api::{
     BatchResults, Broadcast, BroadcastResult, Kick, Kicked, Presence, SendBatch, SendMessage, SentMessage,
@@ -255,10 +255,13 @@ pub struct GatewayClient {
     api_key: String,
     connect_timeout: Duration,
     io_timeout: Duration,
-    conn: Mutex<Option<BufReader<Conn>>>,
+    conn: Mutex<Option<BufReader<TimedConn>>>,
     connects: std::sync::atomic::AtomicU64,
     /// TLS settings for an `https://` base (`None`: the Mozilla roots).
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// The most one call may take, connecting, writing, reading and its retry on a stale
+    /// connection included (`None`: only the per-step timeouts bound it).
+    call_timeout: Option<Duration>,
     /// Largest answer body read; a bigger one fails the call (`SdkError::Protocol`), or is
     /// dropped unread with `discard_oversized_body`.
     max_body_bytes: usize,
@@ -266,6 +269,48 @@ pub struct GatewayClient {
     /// returns the status and headers with an empty body, and the connection (with the rest
     /// of the body unread) is closed.
     discard_oversized_body: bool,
+}
+
+/// A connection whose reads and writes stop at a call's deadline: each one's socket timeout is
+/// the per-step timeout or what is left of the call, whichever is less.
+#[derive(Debug)]
+struct TimedConn {
+    conn: Conn,
+    deadline: Option<Instant>,
+    io_timeout: Duration,
+}
+
+fn deadline_passed() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "the call took longer than its timeout (with_call_timeout)")
+}
+
+impl TimedConn {
+    /// Sets the socket's timeout for the next step with `set`; an error once the deadline passed.
+    fn arm(&self, set: fn(&TcpStream, Option<Duration>) -> std::io::Result<()>) -> std::io::Result<()> {
+        let Some(deadline) = self.deadline else { return Ok(()) };
+        match deadline.checked_duration_since(Instant::now()).filter(|left| !left.is_zero()) {
+            Some(left) => set(self.conn.tcp(), Some(left.min(self.io_timeout))),
+            None => Err(deadline_passed()),
+        }
+    }
+}
+
+impl Read for TimedConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm(TcpStream::set_read_timeout)?;
+        self.conn.read(buf)
+    }
+}
+
+impl Write for TimedConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm(TcpStream::set_write_timeout)?;
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 /// How much of an answer's body is read, and what happens to a bigger one.
@@ -303,6 +348,7 @@ impl GatewayClient {
             tls: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             discard_oversized_body: false,
+            call_timeout: None,
         }
     }
 
@@ -332,6 +378,15 @@ impl GatewayClient {
     /// Sets the connect timeout (default 10 s).
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bounds a whole call (default: none): connecting, writing the request, reading the
+    /// answer and the one retry on a stale pooled connection, however slowly the server
+    /// trickles its bytes (the per-read timeout restarts with each byte). Past it the call
+    /// fails with a timed-out I/O error. The host name lookup is not bounded.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = Some(timeout);
         self
     }
 
@@ -374,10 +429,14 @@ impl GatewayClient {
         let req = self.encode(target, method, path, headers, body);
         let head_only = method.eq_ignore_ascii_case("HEAD");
         let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let deadline = self.call_timeout.map(|t| Instant::now() + t);
         loop {
             let (mut conn, reused) = match slot.take() {
-                Some(c) => (c, true),
-                None => (self.connect(target)?, false),
+                Some(mut c) => {
+                    c.get_mut().deadline = deadline;
+                    (c, true)
+                }
+                None => (self.connect(target, deadline)?, false),
             };
             let limit = BodyLimit { max: self.max_body_bytes, discard_over: self.discard_oversized_body };
             match exchange(&mut conn, &req, head_only, limit) {
@@ -535,10 +594,17 @@ impl GatewayClient {
 
     // ---- plumbing --------------------------------------------------------------------------
 
-    fn connect(&self, target: &Target) -> Result<BufReader<Conn>, SdkError> {
+    fn connect(&self, target: &Target, deadline: Option<Instant>) -> Result<BufReader<TimedConn>, SdkError> {
         let mut last = None;
         for addr in target.connect.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, self.connect_timeout) {
+            let connect_timeout = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()).filter(|left| !left.is_zero()) {
+                    Some(left) => left.min(self.connect_timeout),
+                    None => return Err(SdkError::Io(deadline_passed())),
+                },
+                None => self.connect_timeout,
+            };
+            match TcpStream::connect_timeout(&addr, connect_timeout) {
                 Ok(stream) => {
                     stream.set_nodelay(true)?;
                     stream.set_read_timeout(Some(self.io_timeout))?;
@@ -552,7 +618,7 @@ impl GatewayClient {
                             Conn::Tls(Box::new(rustls::StreamOwned::new(session, stream)))
                         }
                     };
-                    return Ok(BufReader::new(conn));
+                    return Ok(BufReader::new(TimedConn { conn, deadline, io_timeout: self.io_timeout }));
                 }
                 Err(e) => last = Some(e),
             }
@@ -616,7 +682,7 @@ fn is_disconnect(e: &std::io::Error) -> bool {
 /// Writes `req` and reads one answer. Returns the answer and whether the connection may be
 /// reused.
 fn exchange(
-    conn: &mut BufReader<Conn>,
+    conn: &mut BufReader<TimedConn>,
     req: &[u8],
     head_only: bool,
     limit: BodyLimit,
@@ -671,7 +737,7 @@ fn protocol(msg: impl Into<String>) -> Failure {
 }
 
 fn read_response(
-    conn: &mut BufReader<Conn>,
+    conn: &mut BufReader<TimedConn>,
     head_only: bool,
     limit: BodyLimit,
 ) -> Result<(RawResponse, bool), Failure> {
