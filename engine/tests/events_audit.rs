@@ -4,7 +4,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,33 +46,7 @@ fn probe(answer: fn(usize) -> Answer) -> Probe {
 
 fn serve(stream: TcpStream, answer: fn(usize) -> Answer, posts: &Mutex<Vec<Vec<Value>>>) {
     let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let mut len = 0;
-        let mut signature = String::new();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end().to_owned();
-            if h.is_empty() {
-                break;
-            }
-            let (k, v) = h.split_once(':').unwrap();
-            match k.to_ascii_lowercase().as_str() {
-                "content-length" => len = v.trim().parse().unwrap(),
-                "x-ether-signature" => signature = v.trim().to_owned(),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+    while let Some((body, signature)) = support::webhook::read_post(&mut reader) {
         assert!(ether_engine::events::verify(SECRET.as_bytes(), &body, &signature), "bad signature");
         let v: Value = serde_json::from_slice(&body).unwrap();
         let n = {

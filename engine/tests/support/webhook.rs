@@ -60,33 +60,7 @@ fn serve(
     bd: &Mutex<usize>,
 ) {
     let mut reader = BufReader::new(stream);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        let mut len = 0;
-        let mut signature = String::new();
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end().to_owned();
-            if h.is_empty() {
-                break;
-            }
-            let (k, v) = h.split_once(':').unwrap();
-            match k.to_ascii_lowercase().as_str() {
-                "content-length" => len = v.trim().parse().unwrap(),
-                "x-ether-signature" => signature = v.trim().to_owned(),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; len];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
+    while let Some((body, signature)) = read_post(&mut reader) {
         let n = {
             let mut p = ps.lock().unwrap();
             *p += 1;
@@ -108,6 +82,36 @@ fn serve(
         let stream = reader.get_mut();
         let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
     }
+}
+
+/// Reads one POST from a webhook connection: its body and its `X-Ether-Signature`; `None`
+/// once the connection ends.
+pub fn read_post(reader: &mut BufReader<std::net::TcpStream>) -> Option<(Vec<u8>, String)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut len = 0;
+    let mut signature = String::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+            return None;
+        }
+        let h = h.trim_end().to_owned();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':').unwrap();
+        match k.to_ascii_lowercase().as_str() {
+            "content-length" => len = v.trim().parse().unwrap(),
+            "x-ether-signature" => signature = v.trim().to_owned(),
+            _ => {}
+        }
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some((body, signature))
 }
 
 impl Receiver {
