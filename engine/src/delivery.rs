@@ -816,24 +816,30 @@ impl Shard {
     /// longer come back to the shard's queue (its commit loop is gone): what it could not write
     /// is said, not dropped in silence.
     pub(crate) async fn write_events_at_stop(&self) {
-        let events: Arc<[NewEvent]> = self.events_out.take().into();
-        if events.is_empty() {
-            return;
-        }
-        let n = events.len();
-        if let Err(e) = self.store.call(Op::OutboxAppend { events }).await {
-            tracing::error!(shard = self.id, events = n, error = %e, "stopping: events not written to the outbox, lost");
+        while !self.events_out.is_empty() {
+            let events: Arc<[NewEvent]> = self.events_out.take().into();
+            let n = events.len();
+            if let Err(e) = self.store.call(Op::OutboxAppend { events }).await {
+                let lost = n + self.events_out.len();
+                tracing::error!(shard = self.id, events = lost, error = %e, "stopping: events not written to the outbox, lost");
+                return;
+            }
         }
     }
 
-    /// Submits the pending events as one outbox write, unless writes are held after a failure
-    /// (the flush task writes them when the hold ends). A write the store cannot take (its
-    /// queue full) or fails (a full disk, Redis away) brings the events back to this shard
-    /// (`requeue_events`): nothing is dropped short of `limits.events_pending_max`.
+    /// Submits the pending events in outbox writes of at most `EVENTS_PER_WRITE_MAX`, oldest
+    /// first, unless writes are held after a failure (the flush task writes them when the hold
+    /// ends). A write the store cannot take (its queue full) or fails (a full disk, Redis away)
+    /// brings the events back to this shard (`requeue_events`): nothing is dropped short of
+    /// `limits.events_pending_max`.
     pub(crate) fn write_events(&self) {
-        if self.events_out.is_empty() || self.events_out.holding(Instant::now()).is_some() {
-            return;
+        while !self.events_out.is_empty() && self.events_out.holding(Instant::now()).is_none() {
+            self.write_event_batch();
         }
+    }
+
+    /// One outbox write of the oldest pending events (at most `EVENTS_PER_WRITE_MAX`).
+    fn write_event_batch(&self) {
         let events: Arc<[NewEvent]> = self.events_out.take().into();
         if events.is_empty() {
             return;

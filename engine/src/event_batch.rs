@@ -5,7 +5,8 @@
 //! many events instead of one per acked message.
 //!
 //! Owns the pending events and the flush signal; never touches sessions or the store (the
-//! shard submits what [`EventBatch::take`] hands it). Order is kept: events leave in the
+//! shard submits what [`EventBatch::take`] hands it, at most [`EVENTS_PER_WRITE_MAX`] events a
+//! write, in order). Order is kept: events leave in the
 //! order they were added, and the shard takes whatever is pending before it submits a command
 //! that writes an event itself (`SetRead`), so the outbox never has a read before the
 //! deliveries made earlier on the same shard.
@@ -133,10 +134,19 @@ impl EventBatch {
         self.hold_until.set(None);
     }
 
-    /// Everything pending, oldest first (empty when nothing is).
+    /// The oldest pending events, at most [`EVENTS_PER_WRITE_MAX`] of them: one outbox write
+    /// (empty when nothing is pending). The caller takes again while [`EventBatch::len`] is not
+    /// zero: after a store outage the batch can hold up to `limits.events_pending_max`, and one
+    /// write of all of them would hold the storage thread (or Redis, one function call) for as
+    /// long as it takes.
     pub fn take(&self) -> Vec<NewEvent> {
         self.signalled.set(false);
-        std::mem::take(&mut *self.pending.borrow_mut())
+        let mut pending = self.pending.borrow_mut();
+        if pending.len() <= EVENTS_PER_WRITE_MAX {
+            return std::mem::take(&mut *pending);
+        }
+        let rest = pending.split_off(EVENTS_PER_WRITE_MAX);
+        std::mem::replace(&mut *pending, rest)
     }
 
     /// Events written again after a failed write, since start.
@@ -225,6 +235,32 @@ mod tests {
                 assert_eq!(batch.add((0..100).map(ev)), AddOutcome::WriteNow);
                 assert_eq!(batch.take().len(), 100, "a burst bigger than the bound is written whole");
                 assert_eq!(batch.dropped(), 0);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// What piled up through an outage leaves in writes of at most `EVENTS_PER_WRITE_MAX`,
+    /// oldest first, nothing lost or repeated.
+    #[test]
+    fn a_backlog_leaves_in_bounded_writes_in_order() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let (batch, _rx) = EventBatch::new(true, 100_000);
+                let failed: Vec<NewEvent> = (0..1_800).map(ev).collect();
+                batch.requeue(&failed, Instant::now());
+                assert_eq!(batch.add((1_800..2_000).map(ev)), AddOutcome::Held, "held for the backoff");
+                let mut sizes = Vec::new();
+                let mut got = Vec::new();
+                while !batch.is_empty() {
+                    let write = batch.take();
+                    sizes.push(write.len());
+                    got.extend(write.iter().map(|e| e.ts));
+                }
+                assert_eq!(sizes, [512, 512, 512, 464]);
+                assert_eq!(got, (0..2_000).collect::<Vec<u64>>());
+                assert!(batch.take().is_empty());
             })
             .unwrap()
             .join()
