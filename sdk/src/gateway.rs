@@ -22,7 +22,7 @@
 //! this is the usual idle keep-alive race, and the api port's `cid` idempotency makes a
 //! repeated send safe anyway. A fresh connection that fails is reported as is.
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 
 use crate::tls::Conn;
 use std::sync::{Mutex, PoisonError};
@@ -280,6 +280,30 @@ struct TimedConn {
     io_timeout: Duration,
 }
 
+/// The addresses of `host:port`: a literal address at once, a name through `lookup` on a
+/// thread of its own, given up after `timeout` (the system resolver has no timeout of its own
+/// to pass; a lookup given up on ends on its thread, its answer dropped).
+fn resolve<F>(connect: &str, timeout: Duration, lookup: F) -> std::io::Result<Vec<SocketAddr>>
+where
+    F: FnOnce(String) -> std::io::Result<Vec<SocketAddr>> + Send + 'static,
+{
+    if let Ok(addr) = connect.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let name = connect.to_owned();
+    std::thread::Builder::new().name("ether-sdk-lookup".into()).spawn(move || {
+        let _ = tx.send(lookup(name));
+    })?;
+    match rx.recv_timeout(timeout) {
+        Ok(found) => found,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("looking up {connect} took longer than {} ms", timeout.as_millis()),
+        )),
+    }
+}
+
 fn deadline_passed() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "the call took longer than its timeout (with_call_timeout)")
 }
@@ -375,16 +399,17 @@ impl GatewayClient {
         self
     }
 
-    /// Sets the connect timeout (default 10 s).
+    /// Sets the connect timeout (default 10 s). It bounds the host name lookup too, which the
+    /// system resolver otherwise lets run for as long as its own retries take.
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
 
-    /// Bounds a whole call (default: none): connecting, writing the request, reading the
-    /// answer and the one retry on a stale pooled connection, however slowly the server
-    /// trickles its bytes (the per-read timeout restarts with each byte). Past it the call
-    /// fails with a timed-out I/O error. The host name lookup is not bounded.
+    /// Bounds a whole call (default: none): looking the host name up, connecting, writing the
+    /// request, reading the answer and the one retry on a stale pooled connection, however
+    /// slowly the server trickles its bytes (the per-read timeout restarts with each byte).
+    /// Past it the call fails with a timed-out I/O error.
     pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = Some(timeout);
         self
@@ -596,7 +621,15 @@ impl GatewayClient {
 
     fn connect(&self, target: &Target, deadline: Option<Instant>) -> Result<BufReader<TimedConn>, SdkError> {
         let mut last = None;
-        for addr in target.connect.to_socket_addrs()? {
+        let lookup_timeout = match deadline {
+            Some(d) => match d.checked_duration_since(Instant::now()).filter(|left| !left.is_zero()) {
+                Some(left) => left.min(self.connect_timeout),
+                None => return Err(SdkError::Io(deadline_passed())),
+            },
+            None => self.connect_timeout,
+        };
+        let addrs = resolve(&target.connect, lookup_timeout, |name| Ok(name.to_socket_addrs()?.collect()))?;
+        for addr in addrs {
             let connect_timeout = match deadline {
                 Some(d) => match d.checked_duration_since(Instant::now()).filter(|left| !left.is_zero()) {
                     Some(left) => left.min(self.connect_timeout),
@@ -855,6 +888,34 @@ fn read_chunked(conn: &mut impl BufRead, max_body: usize) -> Result<Option<Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lookup that hangs (a resolver that does not answer) fails the connect after the
+    /// timeout with a timed-out error, instead of holding the caller for the resolver's own
+    /// retries; a literal address is never looked up; a quick lookup's answer is used.
+    #[test]
+    fn a_host_name_lookup_is_bounded() {
+        let started = Instant::now();
+        let slow = |_: String| -> std::io::Result<Vec<SocketAddr>> {
+            std::thread::sleep(Duration::from_secs(30));
+            Ok(Vec::new())
+        };
+        let e = resolve("hook.example:80", Duration::from_millis(100), slow).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("hook.example:80"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(20), "the lookup was waited for: {:?}", started.elapsed());
+
+        let never = |_: String| -> std::io::Result<Vec<SocketAddr>> { panic!("a literal address is not looked up") };
+        assert_eq!(resolve("127.0.0.1:9", Duration::from_millis(1), never).unwrap(), ["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(resolve("[::1]:9", Duration::from_millis(1), never).unwrap(), ["[::1]:9".parse().unwrap()]);
+
+        let quick = |name: String| -> std::io::Result<Vec<SocketAddr>> {
+            assert_eq!(name, "gw.local:81");
+            Ok(vec!["10.0.0.1:81".parse().unwrap()])
+        };
+        assert_eq!(resolve("gw.local:81", Duration::from_secs(10), quick).unwrap(), ["10.0.0.1:81".parse().unwrap()]);
+        let failing = |_: String| -> std::io::Result<Vec<SocketAddr>> { Err(std::io::Error::other("no such host")) };
+        assert_eq!(resolve("nx.local:1", Duration::from_secs(10), failing).unwrap_err().to_string(), "no such host");
+    }
 
     #[test]
     fn base_urls() {
