@@ -39,10 +39,33 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Response {
     error(&ApiError::new(code, message))
 }
 
+/// The method a request is routed by: `HEAD` is answered as `GET` (the HTTP server writes the
+/// head only, with the `Content-Length` the body would have).
+pub(crate) fn routed_method(method: &Method) -> &Method {
+    match method {
+        Method::Head => &Method::Get,
+        m => m,
+    }
+}
+
+/// The methods a path takes, for the `Allow` header of a 405; `None` when the path is no route.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    Some(match segments {
+        ["v1", "messages"] | ["v1", "messages", "batch"] | ["v1", "broadcast"] | ["v1", "tokens"] => "POST",
+        ["v1", "users", _, "kick"] | ["v1", "groups"] => "POST",
+        ["v1", "users", _, "presence" | "messages" | "unread" | "groups"] => "GET, HEAD",
+        ["v1", "groups", _, "messages", _, "reads"] => "GET, HEAD",
+        ["v1", "groups", _] => "GET, HEAD, DELETE",
+        ["v1", "groups", _, "members" | "messages"] => "GET, HEAD, POST",
+        ["v1", "groups", _, "members", _] => "DELETE",
+        _ => return None,
+    })
+}
+
 /// Answers one API request.
 pub async fn handle(shard: Rc<Shard>, req: Request) -> Response {
     let segments: Vec<&str> = req.path_segments().collect();
-    let route = route_of(&req.method, &segments);
+    let route = route_of(routed_method(&req.method), &segments);
     let started = std::time::Instant::now();
     let response = answer(&shard, &req, &segments).await;
     shard.count_api(route, response.status, started.elapsed());
@@ -88,7 +111,7 @@ pub fn gate(shard: Rc<Shard>) -> ether_http::server::HeadGate {
             return None;
         }
         let segments: Vec<&str> = head.path_segments().collect();
-        shard.count_api(route_of(&head.method, &segments), 401, std::time::Duration::ZERO);
+        shard.count_api(route_of(routed_method(&head.method), &segments), 401, std::time::Duration::ZERO);
         Some(unauthorized())
     })
 }
@@ -120,7 +143,19 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
     if mints_ids && !shard.ids.usable() {
         return fail(ErrorCode::Unavailable, crate::cluster::NO_ID_LEASE);
     }
-    let result = match (&req.method, segments) {
+    let response = match dispatch(shard, req, segments).await {
+        Ok(r) => r,
+        Err(e) => error(&e.to_api()),
+    };
+    match allowed_methods(segments) {
+        Some(allow) if response.status == 405 => response.with_header("Allow", allow),
+        _ => response,
+    }
+}
+
+/// The answer of the route a request names (errors for the caller to encode).
+async fn dispatch(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Result<Response, EngineError> {
+    match (routed_method(&req.method), segments) {
         (Method::Post, ["v1", "messages"]) => send_message(shard, req).await,
         (Method::Post, ["v1", "messages", "batch"]) => send_batch(shard, req).await,
         (Method::Post, ["v1", "broadcast"]) => broadcast(shard, req).await,
@@ -132,16 +167,15 @@ async fn answer(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Response
         (_, ["v1", "groups", ..]) | (_, ["v1", "users", _, "groups"]) => {
             match crate::api_groups::route(shard, req, segments).await {
                 Some(r) => r,
-                None => return fail(ErrorCode::NotFound, format!("no route {} {}", req.method, req.path)),
+                None => Err(ApiError::new(ErrorCode::NotFound, format!("no route {} {}", req.method, req.path)).into()),
             }
         }
-        (_, ["v1", "messages"] | ["v1", "messages", "batch"] | ["v1", "broadcast"] | ["v1", "tokens"])
-        | (_, ["v1", "users", _, "presence" | "kick" | "messages" | "unread"]) => {
-            return fail(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method, req.path));
+        _ if allowed_methods(segments).is_some() => {
+            Err(ApiError::new(ErrorCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method, req.path))
+                .into())
         }
-        _ => return fail(ErrorCode::NotFound, format!("no route {} {}", req.method, req.path)),
-    };
-    result.unwrap_or_else(|e| error(&e.to_api()))
+        _ => Err(ApiError::new(ErrorCode::NotFound, format!("no route {} {}", req.method, req.path)).into()),
+    }
 }
 
 async fn send_message(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineError> {

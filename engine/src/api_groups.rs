@@ -78,7 +78,7 @@ fn check_members(path: &str, members: &[String], max: usize) -> Result<(), Engin
 
 /// Routes `/v1/groups/...` and `GET /v1/users/{uid}/groups`; `None` when the path is not one.
 pub async fn route(shard: &Rc<Shard>, req: &Request, segments: &[&str]) -> Option<Result<Response, EngineError>> {
-    Some(match (&req.method, segments) {
+    Some(match (crate::api::routed_method(&req.method), segments) {
         (Method::Post, ["v1", "groups"]) => create(shard, req).await,
         (Method::Get, ["v1", "groups", gid]) => get(shard, gid).await,
         (Method::Delete, ["v1", "groups", gid]) => dissolve(shard, gid).await,

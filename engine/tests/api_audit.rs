@@ -2,6 +2,8 @@
 //! test pins a defect found by the audit and fails without its fix.
 mod support;
 
+use std::io::{Read, Write};
+
 use ether_sdk::{SdkError, TerminalClient};
 use serde_json::json;
 use support::*;
@@ -41,7 +43,6 @@ fn tokens_are_refused_before_their_nbf() {
 /// shards with a limit of 1/s and a burst of 1 got two requests through).
 #[test]
 fn the_api_rate_is_the_nodes_across_shards() {
-    use std::io::{Read, Write};
     let node = TestNode::with(|c| {
         c.node.shards = 2;
         c.limits.api_requests_per_s = 1;
@@ -66,4 +67,89 @@ fn the_api_rate_is_the_nodes_across_shards() {
     let ok = statuses.iter().filter(|s| *s == "200").count();
     assert_eq!(ok, 1, "one request of the node's burst of 1: {statuses:?}");
     assert!(statuses.iter().all(|s| s == "200" || s == "429"), "{statuses:?}");
+}
+
+/// Reads one response on a keep-alive connection: its head and the `Content-Length` body
+/// (`head_only`: the answer to a HEAD, which has none).
+fn read_response(conn: &mut std::io::BufReader<std::net::TcpStream>, head_only: bool) -> (String, Vec<u8>) {
+    use std::io::BufRead;
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(conn.read_line(&mut line).unwrap() > 0, "closed after {head:?}");
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; if head_only { 0 } else { length }];
+    conn.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// HEAD on a GET route answers like GET without the body (RFC 9110 §9.3.2): same status and
+/// Content-Length, and the keep-alive connection goes on with the next request. A method a
+/// route does not take is 405 with `Allow` naming those it does.
+#[test]
+fn head_is_answered_as_get_and_405_says_what_is_allowed() {
+    let node = TestNode::start();
+    node.gateway().create_group(Some("g1"), "team", "ann", &["ann", "bob"]).unwrap();
+    let stream = std::net::TcpStream::connect(node.ports.api).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut conn = std::io::BufReader::new(stream);
+    let key = node.api_key.clone();
+    let mut ask = |method: &str, path: &str| {
+        let req =
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Length: 0\r\n\r\n");
+        conn.get_mut().write_all(req.as_bytes()).unwrap();
+        read_response(&mut conn, method == "HEAD")
+    };
+    for path in [
+        "/v1/users/ann/unread",
+        "/v1/users/ann/presence",
+        "/v1/groups/g1",
+        "/v1/groups/g1/members",
+        "/v1/users/ann/groups",
+    ] {
+        let (get_head, get_body) = ask("GET", path);
+        assert!(get_head.starts_with("HTTP/1.1 200"), "GET {path}: {get_head}");
+        let (head_head, _) = ask("HEAD", path);
+        assert!(head_head.starts_with("HTTP/1.1 200"), "HEAD {path}: {head_head}");
+        assert_eq!(header(&head_head, "content-length"), Some(get_body.len().to_string().as_str()), "HEAD {path}");
+        assert_eq!(header(&head_head, "content-type"), header(&get_head, "content-type"), "HEAD {path}");
+    }
+    // Nothing of a HEAD's body was written: the next answer on the connection parses whole.
+    let (after, body) = ask("GET", "/v1/users/ann/unread");
+    assert!(after.starts_with("HTTP/1.1 200"), "{after}");
+    serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+
+    for (method, path, allow) in [
+        ("PUT", "/v1/messages", "POST"),
+        ("GET", "/v1/messages/batch", "POST"),
+        ("DELETE", "/v1/users/ann/unread", "GET, HEAD"),
+        ("HEAD", "/v1/users/ann/kick", "POST"),
+        ("PATCH", "/v1/groups/g1", "GET, HEAD, DELETE"),
+        ("PUT", "/v1/groups/g1/messages", "GET, HEAD, POST"),
+        ("GET", "/v1/groups/g1/members/ann", "DELETE"),
+    ] {
+        let (head, _) = ask(method, path);
+        assert!(head.starts_with("HTTP/1.1 405"), "{method} {path}: {head}");
+        assert_eq!(header(&head, "allow"), Some(allow), "{method} {path}: {head}");
+    }
+    let (missing, _) = ask("GET", "/v1/nothing");
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    assert_eq!(header(&missing, "allow"), None);
 }
