@@ -23,8 +23,10 @@
 //!   and prints them like live ones;
 //! - acks cumulatively, on each stream (the inbox, or a group), only up to the seq it has
 //!   everything of: a live message that arrives past a gap is printed, but acked once the gap
-//!   is filled (by a `sync`; see `Positions`);
-//! - sends a `ping` frame every 20 s (`--ping-s`);
+//!   is filled (by a `sync`; see `Positions`); a `sync` the node refuses (`rate_limited`,
+//!   `unavailable`) goes again a second later;
+//! - sends a `ping` frame every 20 s (`--ping-s`), or every `heartbeat_s / 2` when the node's
+//!   `welcome` asks for more often (a node closes a terminal silent for its idle timeout);
 //! - reads stdin: `@bob hello there` sends "hello there" to user bob, `#team hi all` to group
 //!   team, each with a random `cid` (the answer is a `sent` line);
 //! - exits cleanly, closing the WebSocket, on Ctrl-C or end of input (Ctrl-D); exits with
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use ether_sdk::proto::frame::Msg;
-use ether_sdk::proto::{Kind, ServerFrame};
+use ether_sdk::proto::{ErrorCode, Kind, ServerFrame};
 use ether_sdk::terminal::DEFAULT_WS_URL;
 use ether_sdk::{ConnectOptions, SdkError, TerminalClient, Welcome};
 use serde_json::Value;
@@ -66,7 +68,7 @@ struct Args {
     /// Speak `ether.v1.proto` (binary Protocol Buffers frames) instead of `ether.v1.json`.
     #[arg(long)]
     proto: bool,
-    /// Seconds between `ping` frames.
+    /// Seconds between `ping` frames (at most: more often if the node's `heartbeat_s` asks).
     #[arg(long, default_value_t = 20)]
     ping_s: u64,
     /// With a `wss://` URL: PEM certificate(s) to trust instead of the Mozilla roots (a
@@ -146,6 +148,13 @@ fn parse_line(line: &str) -> Option<(Option<&str>, Option<&str>, &str)> {
     None
 }
 
+/// How often to `ping`: every `ping_s` seconds, or every `heartbeat_s / 2` (what the node's
+/// `welcome` asks for) if that is more often; at least every 500 ms apart.
+fn ping_interval(ping_s: u64, heartbeat_s: u64) -> Duration {
+    let asked = Duration::from_millis(heartbeat_s.saturating_mul(500));
+    Duration::from_secs(ping_s).min(asked).max(Duration::from_millis(500))
+}
+
 fn new_cid() -> String {
     format!("cli-{:016x}", rand::random::<u64>())
 }
@@ -191,6 +200,8 @@ struct Positions {
     /// The inbox first, then the groups by id: the order of the messages of a `sync` page.
     streams: BTreeMap<StreamId, Stream>,
     syncing: Option<Syncing>,
+    /// How many `sync`s were started: tells whether the one being answered is still the same.
+    syncs: u64,
 }
 
 impl Positions {
@@ -209,7 +220,7 @@ impl Positions {
             behind |= head > have;
             streams.insert(Some(gid.clone()), Stream { have, ahead: BTreeSet::new() });
         }
-        (Positions { streams, syncing: None }, behind)
+        (Positions { streams, syncing: None, syncs: 0 }, behind)
     }
 
     /// A `msg` with `seq` on `stream`: whether it is new (to print), and the ack to send.
@@ -240,6 +251,7 @@ impl Positions {
         let inbox = from.get(&None).copied().unwrap_or(0);
         let groups = from.iter().filter_map(|(id, &seq)| Some((id.clone()?, seq))).collect();
         self.syncing = Some(Syncing { from, low: HashMap::new() });
+        self.syncs += 1;
         (inbox, groups)
     }
 
@@ -287,8 +299,14 @@ impl Positions {
     }
 }
 
+/// How long after a refused `sync` it is sent again.
+const SYNC_RETRY: Duration = Duration::from_secs(1);
+
 struct Session {
     client: TerminalClient,
+    /// A `sync` that may have been refused: when to send it again, if the same one (by
+    /// [`Positions::syncs`]) is still unanswered then.
+    sync_retry: Option<(Instant, u64)>,
     /// Ids of broadcasts (`chat: "broadcast"`, no seq) seen, to print each once.
     seen: Seen,
     positions: Positions,
@@ -344,7 +362,17 @@ impl Session {
             }
             ServerFrame::Error { code, message, reference } => match reference {
                 Some(r) => println!("! error {code} ({r}): {message}"),
-                None => println!("! error {code}: {message}"),
+                None => {
+                    println!("! error {code}: {message}");
+                    // Without a `ref`: a refused `sync`, `read` or `ack`. The `sync` being
+                    // answered may be the one the node was too busy for: again in a moment (if
+                    // it was not, the node answers that one is being answered, and it goes again).
+                    if self.positions.syncing.is_some()
+                        && matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable)
+                    {
+                        self.sync_retry = Some((Instant::now() + SYNC_RETRY, self.positions.syncs));
+                    }
+                }
             },
             ServerFrame::Receipt { chat, by, up_to } => {
                 println!("[{chat}] {by} read up to {up_to}")
@@ -362,6 +390,20 @@ impl Session {
             ServerFrame::Pong => {}
         }
         Ok(())
+    }
+
+    /// Sends the refused `sync` again once it is time, unless it was answered meanwhile.
+    fn retry_sync(&mut self) -> Result<(), SdkError> {
+        match self.sync_retry {
+            Some((at, syncs)) if Instant::now() >= at => {
+                self.sync_retry = None;
+                if self.positions.syncing.is_some() && self.positions.syncs == syncs {
+                    self.sync()?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     fn on_line(&mut self, line: &str) -> Result<(), SdkError> {
@@ -425,16 +467,17 @@ fn run(args: Args) -> Result<(), SdkError> {
     // Behind (messages were stored while this device was away): fetch them first. Live
     // messages arriving meanwhile are printed at once, and acked once the pages got to them.
     let (positions, behind) = Positions::from_welcome(&w);
-    let mut s = Session { client, seen: Seen::new(), positions };
+    let mut s = Session { client, sync_retry: None, seen: Seen::new(), positions };
     if behind {
         s.sync()?;
     }
-    let ping_every = Duration::from_secs(args.ping_s.max(1));
+    let ping_every = ping_interval(args.ping_s, w.heartbeat_s);
     let mut next_ping = Instant::now() + ping_every;
     while !stop.load(Ordering::SeqCst) {
         if let Some(frame) = s.client.recv(Duration::from_millis(100))? {
             s.on_frame(frame)?;
         }
+        s.retry_sync()?;
         loop {
             match rx.try_recv() {
                 Ok(Input::Line(l)) => s.on_line(&l)?,
@@ -505,6 +548,14 @@ mod tests {
         let mut seen = Seen::new();
         assert!(seen.insert("a"));
         assert!(!seen.insert("a"));
+    }
+
+    #[test]
+    fn pings_as_often_as_the_node_asks() {
+        assert_eq!(ping_interval(20, 30), Duration::from_secs(15));
+        assert_eq!(ping_interval(10, 30), Duration::from_secs(10));
+        assert_eq!(ping_interval(20, 1), Duration::from_millis(500));
+        assert_eq!(ping_interval(0, 0), Duration::from_millis(500));
     }
 
     fn welcome(inbox_seq: u64, groups: &[(&str, u64)], delivered: Option<(u64, &[(&str, u64)])>) -> Welcome {

@@ -14,7 +14,10 @@
 //   once);
 // - sends with a `cid` and resolves when the node answers `sent` (the message is durable), or
 //   rejects with the node's `error`; a send still unanswered when the connection drops is sent
-//   again after reconnecting with the same `cid`, which the node deduplicates.
+//   again after reconnecting with the same `cid`, which the node deduplicates; sends still
+//   unanswered when the node closes for good (kicked) are rejected then;
+// - marks chats read, also while offline: the last `read` of each chat goes once it is back;
+// - sends a `sync` the node refused (`rate_limited`, `unavailable`) again after a moment.
 //
 //   import { EtherTerminal } from "./ether-im.mjs";
 //   const t = new EtherTerminal({ url: "ws://127.0.0.1:9000", token: jwt, device: "web-1" });
@@ -39,6 +42,8 @@ const SEEN_MAX = 10000;
 /** How long a gap in a stream (a seq missing before one received live) may last before a
  * `sync` fetches it (live messages of a cluster may come slightly out of order). */
 const GAP_WAIT_MS = 1000;
+/** How long after a refused `sync` (`rate_limited` or `unavailable`) it is sent again. */
+const SYNC_RETRY_MS = 1000;
 
 function randomCid() {
   const bytes = new Uint8Array(12);
@@ -61,7 +66,8 @@ export class EtherTerminal extends EventTarget {
    * @param {string} [o.platform] `web`, `ios`, `android`, `desktop` or `other` (default `web`)
    * @param {{inbox_seq: number, groups: Object<string, number>}} [o.positions] what this
    *   device already has (e.g. kept from a previous run); default: what the node says this
-   *   device acknowledged, or else the current heads (history is on the REST API)
+   *   device acknowledged, or else the current heads (history is on the REST API); a group
+   *   missing from them (joined while away) is synced from its start
    * @param {number} [o.reconnectMinMs] first reconnect delay (default 500)
    * @param {number} [o.reconnectMaxMs] longest reconnect delay (default 30000)
    * @param {number} [o.sendTimeoutMs] how long a send waits for `sent` (default 15000)
@@ -100,6 +106,7 @@ export class EtherTerminal extends EventTarget {
     this._seen = new Set();
     this._seenOrder = [];
     this._ackDue = null; // { inbox: seq|null, groups: Map }
+    this._reads = new Map(); // chat -> seq: reads asked for while offline, sent after `welcome`
     this._lastFrameAt = 0;
   }
 
@@ -130,9 +137,17 @@ export class EtherTerminal extends EventTarget {
   close() {
     this._wanted = false;
     this._drop(1000, "closed");
-    for (const [cid, p] of this._pending) p.reject(new EtherError("unavailable", "terminal closed", cid));
-    this._pending.clear();
+    this._rejectPending("terminal closed");
     this._setState("closed");
+  }
+
+  /** Rejects every send still waiting for `sent`. */
+  _rejectPending(why) {
+    for (const [cid, p] of this._pending) {
+      clearTimeout(p.timer);
+      p.reject(new EtherError("unavailable", why, cid));
+    }
+    this._pending.clear();
   }
 
   /** Sends to a user; resolves `{id, seq, ts}` once durable. */
@@ -147,7 +162,8 @@ export class EtherTerminal extends EventTarget {
 
   /** Marks `chat` (`u:<user>` or `g:<group>`) read up to `seq` (the peer gets a receipt). */
   read(chat, seq) {
-    this._write({ type: "read", chat, seq });
+    // Offline: the latest read of each chat goes once the connection is back.
+    if (!this._write({ type: "read", chat, seq })) this._reads.set(chat, Math.max(this._reads.get(chat) ?? 0, seq));
   }
 
   // ---- connection ------------------------------------------------------------------------
@@ -186,8 +202,10 @@ export class EtherTerminal extends EventTarget {
       if (!this._wanted) return;
       if (FINAL_CLOSE_CODES.has(ev.code)) {
         // Kicked (4001: replaced by a newer connection of this device, or by the business),
-        // or refused for bad frames (1008): reconnecting would not help.
+        // or refused for bad frames (1008): reconnecting would not help, and the sends still
+        // waiting for `sent` would never be sent again.
         this._wanted = false;
+        this._rejectPending(`connection closed for good (${ev.code})`);
         this._setState("closed");
         return;
       }
@@ -251,6 +269,10 @@ export class EtherTerminal extends EventTarget {
           clearTimeout(p.timer);
           p.reject(err);
         } else {
+          // Without a `ref`: a refused `sync`, `read` or `ack`. A `sync` being answered when
+          // the node is too busy for it may be the one refused: it goes again in a moment
+          // (if it was not, the node answers that one is being answered, and it goes again).
+          if (this._syncing && (f.code === "rate_limited" || f.code === "unavailable")) this._syncRefused();
           this._emit("error", err);
         }
         return;
@@ -276,11 +298,12 @@ export class EtherTerminal extends EventTarget {
         ? { inbox_seq: d.inbox_seq, groups: { ...d.groups } }
         : { inbox_seq: w.inbox_seq, groups: { ...w.groups } };
     }
-    // Groups joined since: start at their head (their history is on the REST API). A position
-    // past a group's head belongs to an earlier group of that id (dissolved, then created
-    // again: a new stream from seq 1): start that one over.
+    // A group not in the positions (joined while away, or none of it was ever acknowledged):
+    // what was posted in it is synced from its start (a new device, without positions, starts
+    // at every head above). A position past a group's head belongs to an earlier group of
+    // that id (dissolved, then created again: a new stream from seq 1): start that one over.
     for (const [g, head] of Object.entries(w.groups)) {
-      if (!(g in this.positions.groups)) this.positions.groups[g] = head;
+      if (!(g in this.positions.groups)) this.positions.groups[g] = 0;
       else if (this.positions.groups[g] > head) {
         this.positions.groups[g] = 0;
         this._ahead.delete(g);
@@ -299,11 +322,26 @@ export class EtherTerminal extends EventTarget {
     if (behind) this._sync();
     // Sends not yet answered go again: the node answers a repeated cid with the first result.
     for (const p of this._pending.values()) this._write(p.frame);
+    // Reads asked for while offline.
+    const reads = this._reads;
+    this._reads = new Map();
+    for (const [chat, seq] of reads) this.read(chat, seq);
   }
 
   _sync() {
     const from = { inbox_seq: this.positions.inbox_seq, groups: { ...this.positions.groups } };
     if (this._write({ type: "sync", ...from })) this._syncing = { ...from, low: new Map() };
+  }
+
+  /** The `sync` being answered may have been refused: sent again later, from the positions,
+   * unless its `synced` (or another connection) came meanwhile. */
+  _syncRefused() {
+    const refused = this._syncing;
+    this._later(SYNC_RETRY_MS, () => {
+      if (this._syncing !== refused) return;
+      this._syncing = null;
+      this._sync();
+    });
   }
 
   _onSynced(s) {
@@ -376,7 +414,11 @@ export class EtherTerminal extends EventTarget {
   }
 
   _onMsg(m) {
-    if (m.chat === "broadcast") return this._emit("message", m); // not stored, no seq
+    if (m.chat === "broadcast") {
+      // Not stored, no seq, no ack; deduplicated by id like any message.
+      if (this._remember(m.id)) this._emit("message", m);
+      return;
+    }
     const group = m.chat.startsWith("g:") ? m.chat.slice(2) : null;
     // A group joined since the welcome starts at its first message (history: REST API).
     if (group !== null && !(group in this.positions.groups)) this.positions.groups[group] = m.seq - 1;
@@ -403,11 +445,17 @@ export class EtherTerminal extends EventTarget {
       ahead.add(m.seq);
       if (!this._syncing) this._gapCheckLater();
     }
-    if (again || this._seen.has(m.id)) return;
-    this._seen.add(m.id);
-    this._seenOrder.push(m.id);
-    if (this._seenOrder.length > SEEN_MAX) this._seen.delete(this._seenOrder.shift());
+    if (again || !this._remember(m.id)) return;
     this._emit("message", m);
+  }
+
+  /** Remembers a message id; false if it was seen already. */
+  _remember(id) {
+    if (this._seen.has(id)) return false;
+    this._seen.add(id);
+    this._seenOrder.push(id);
+    if (this._seenOrder.length > SEEN_MAX) this._seen.delete(this._seenOrder.shift());
+    return true;
   }
 
   // ---- acks and heartbeats ---------------------------------------------------------------

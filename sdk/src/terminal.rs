@@ -201,6 +201,27 @@ fn tcp_connect(addr: &str, timeout: Duration) -> Result<TcpStream, SdkError> {
     Err(SdkError::Io(last.unwrap_or_else(|| std::io::Error::new(ErrorKind::NotFound, format!("{addr}: no address")))))
 }
 
+/// The frame types of the protocol this SDK knows (the `type` of each [`ServerFrame`]).
+const KNOWN_TYPES: [&str; 10] =
+    ["welcome", "msg", "sent", "synced", "receipt", "read_sync", "pong", "error", "kicked", "reconnect"];
+
+/// What [`TerminalClient::recv`] made of one data message.
+enum Decoded {
+    Frame(ServerFrame),
+    /// A JSON object whose `type` is not one of [`KNOWN_TYPES`]: a frame of a later version.
+    Unknown,
+}
+
+/// Whether `text` is a JSON object with a string `type` this SDK does not know.
+fn is_unknown_type(text: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_str::<Typed<'_>>(text).is_ok_and(|t| !KNOWN_TYPES.contains(&t.kind.as_ref()))
+}
+
 fn is_timeout(e: &std::io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
@@ -486,16 +507,34 @@ impl TerminalClient {
     }
 
     /// The next server frame within `timeout`, `Ok(None)` if none came: a JSON text frame, or
-    /// on `ether.v1.proto` a binary one. A frame that is not a known [`ServerFrame`] is
-    /// [`SdkError::Decode`].
+    /// on `ether.v1.proto` a binary one. A JSON frame whose `type` this version does not know
+    /// (a node of a later version may send new frame types) is skipped; see
+    /// [`TerminalClient::recv_value`] to see those. A frame of a known type that does not
+    /// decode is [`SdkError::Decode`].
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, SdkError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv_one(left)? {
+                Some(Decoded::Frame(f)) => return Ok(Some(f)),
+                Some(Decoded::Unknown) if Instant::now() < deadline => {}
+                Some(Decoded::Unknown) | None => return Ok(None),
+            }
+        }
+    }
+
+    /// One data message as a [`ServerFrame`], or [`Decoded::Unknown`] for a JSON frame of a
+    /// type this version does not know.
+    fn recv_one(&mut self, timeout: Duration) -> Result<Option<Decoded>, SdkError> {
         match self.recv_message(timeout)? {
             None => Ok(None),
-            Some(Message::Text(t)) => serde_json::from_str(t.as_str())
-                .map(Some)
-                .map_err(|e| SdkError::Decode(format!("{e} in server frame {}", t.as_str()))),
+            Some(Message::Text(t)) => match serde_json::from_str(t.as_str()) {
+                Ok(f) => Ok(Some(Decoded::Frame(f))),
+                Err(_) if is_unknown_type(t.as_str()) => Ok(Some(Decoded::Unknown)),
+                Err(e) => Err(SdkError::Decode(format!("{e} in server frame {}", t.as_str()))),
+            },
             Some(Message::Binary(b)) if self.is_proto() => ether_proto::pb::decode_server(&b)
-                .map(Some)
+                .map(|f| Some(Decoded::Frame(f)))
                 .map_err(|e| SdkError::Decode(format!("{e} in a binary server frame of {} bytes", b.len()))),
             Some(other) => Err(SdkError::Decode(format!(
                 "a binary frame of {} bytes on a JSON connection (ask for `ether.v1.proto` to get those)",
@@ -700,6 +739,50 @@ impl TerminalClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_types_are_the_server_frames() {
+        let m = Msg {
+            id: "1".into(),
+            cid: None,
+            chat: "u:a".into(),
+            from: "a".into(),
+            seq: 1,
+            kind: Kind::Text,
+            body: json!({"text": "x"}),
+            ts: 0,
+        };
+        let s = String::new;
+        let frames = [
+            ServerFrame::Welcome {
+                user: s(),
+                device: s(),
+                session: s(),
+                heartbeat_s: 1,
+                inbox_seq: 0,
+                groups: BTreeMap::new(),
+                delivered: None,
+            },
+            ServerFrame::Msg(m),
+            ServerFrame::Sent { cid: s(), id: s(), seq: 1, ts: 0 },
+            ServerFrame::Synced { inbox_seq: 0, groups: BTreeMap::new(), more: false },
+            ServerFrame::Receipt { chat: s(), by: s(), up_to: s() },
+            ServerFrame::ReadSync { chat: s(), seq: 1 },
+            ServerFrame::Pong,
+            ServerFrame::Error { code: ether_proto::ErrorCode::NotFound, message: s(), reference: None },
+            ServerFrame::Kicked { reason: s() },
+            ServerFrame::Reconnect { after_ms: 1 },
+        ];
+        let types: Vec<String> =
+            frames.iter().map(|f| serde_json::to_value(f).unwrap()["type"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(types, KNOWN_TYPES);
+        for t in KNOWN_TYPES {
+            assert!(!is_unknown_type(&format!(r#"{{"type":"{t}"}}"#)), "{t}");
+        }
+        assert!(is_unknown_type(r#"{"type":"typing","chat":"u:a"}"#));
+        assert!(!is_unknown_type(r#"{"kind":"typing"}"#), "no type: broken, not new");
+        assert!(!is_unknown_type("not json"));
+    }
 
     #[test]
     fn urls() {
