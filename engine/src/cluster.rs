@@ -132,18 +132,19 @@ fn generator_key(slot: usize) -> String {
 
 /// Leases `shards` consecutive id-generator slots for this node (its shards make ids with
 /// `base + shard`), so no two live nodes make the same message ids. A restarted node may take
-/// back its own slots at once; others' expire with their node (`NODE_TTL`).
+/// back its own slots at once; others' expire with their node (`NODE_TTL`). Every slot taken,
+/// its own of an earlier run included, gets a whole TTL from now ([`RENEW_LEASES_SCRIPT`]):
+/// the shards use it until `lease_deadline` of now, and a slot left with the earlier run's
+/// remaining TTL could lapse before that and be claimed by another node meanwhile (two nodes
+/// making the same ids until the next heartbeat).
 fn claim_generators(con: &mut redis::Connection, node_id: &str, shards: usize) -> Result<usize, ClusterError> {
     let ttl = NODE_TTL.as_millis() as u64;
+    let take = redis::Script::new(RENEW_LEASES_SCRIPT);
     for base in 0..=SHARDS_MAX.saturating_sub(shards) {
         let mut taken = Vec::new();
         for slot in base..base + shards {
-            let set: Option<String> =
-                redis::cmd("SET").arg(generator_key(slot)).arg(node_id).arg("NX").arg("PX").arg(ttl).query(con)?;
-            let mine = set.is_some() || {
-                let holder: Option<String> = redis::cmd("GET").arg(generator_key(slot)).query(con)?;
-                holder.as_deref() == Some(node_id)
-            };
+            let holders: Vec<String> = take.key(generator_key(slot)).arg(node_id).arg(ttl).invoke(con)?;
+            let mine = holders.first().is_some_and(String::is_empty);
             if !mine {
                 break;
             }
@@ -1438,6 +1439,11 @@ impl InWorker {
                 let i = usize::from(stream != streams[0]);
                 let read = [&self.counters.shared_entries_read, &self.counters.own_entries_read][i];
                 add(read, entries.len() as u64);
+                // A full read may come from far behind: a reader that fell back (the node
+                // stalled) with its connection fine, while the stream was trimmed past what it
+                // had read. Trimming keeps at least `BUS_LEN` newer entries, so only a full read
+                // can follow a loss: then whether the last entry read is still there tells.
+                let behind = entries.len() >= BUS_READ_MAX && trimmed_past(&mut con, &streams[i], &last[i])?;
                 for (id, fields) in entries {
                     last[i] = id;
                     for (_, payload) in fields {
@@ -1447,6 +1453,10 @@ impl InWorker {
                             Err(e) => warn!(node = %self.node_id, error = %e, "unreadable bus entry ignored"),
                         }
                     }
+                }
+                if behind {
+                    warn!(node = %self.node_id, stream = %streams[i], "cluster: the bus was trimmed past what this node had read (it fell behind); checking every inbox and group against the store");
+                    self.resync();
                 }
             }
         }
@@ -1508,6 +1518,11 @@ impl InWorker {
                     per_shard[home_shard(&u, shards)].push(Arc::from(u));
                 }
                 for (shard, users) in per_shard.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
+                    if joined {
+                        // What was posted after the join follows it on the bus: it must reach
+                        // the shard even before the shard has handled the join.
+                        self.commits.groups.expect_join(&group, shard);
+                    }
                     let e = ClusterEvent::Membership { group: group.clone(), users, joined };
                     self.commits.push(shard, Committed::Cluster(e));
                 }
@@ -1659,6 +1674,34 @@ mod tests {
         assert_eq!(released, 2);
         let left: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut con).unwrap();
         assert_eq!(left, [None, None, Some("other".to_string())], "another node's lease is not released");
+    }
+
+    /// A node that comes back under its id finds its earlier run's slot leases still there,
+    /// about to lapse: taking them back gives them a whole TTL, as the shards assume (they make
+    /// ids until `lease_deadline` of the claim). Before, they kept the earlier run's remaining
+    /// TTL, lapsed, and another node could claim the same slot while this one still used it.
+    #[test]
+    fn slots_taken_back_from_an_earlier_run_get_a_whole_ttl() {
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+        let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        for slot in 0..2 {
+            redis::cmd("SET").arg(generator_key(slot)).arg("me").arg("PX").arg(300).query::<()>(&mut con).unwrap();
+        }
+        // Slot 2 belongs to another live node: the claim moves past it.
+        redis::cmd("SET").arg(generator_key(2)).arg("other").query::<()>(&mut con).unwrap();
+        assert_eq!(claim_generators(&mut con, "me", 2).unwrap(), 0);
+        for slot in 0..2 {
+            let pttl: i64 = redis::cmd("PTTL").arg(generator_key(slot)).query(&mut con).unwrap();
+            assert!(pttl > 10_000, "slot {slot} lapses in {pttl} ms, before the shards stop using it");
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(claim_slot(&mut con, "other").unwrap(), Some(3), "slots 0 and 1 are still this node's");
+        assert_eq!(claim_generators(&mut con, "third", 2).unwrap(), 4, "past every held slot");
+        let holders: Vec<Option<String>> =
+            redis::cmd("MGET").arg((0..6).map(generator_key).collect::<Vec<_>>()).query(&mut con).unwrap();
+        let me = Some("me".to_string());
+        let (other, third) = (Some("other".to_string()), Some("third".to_string()));
+        assert_eq!(holders, [me.clone(), me, other.clone(), other, third.clone(), third]);
     }
 
     #[test]

@@ -382,7 +382,14 @@ impl Shard {
             ClusterEvent::Broadcast(frame) => {
                 self.broadcast_local(&frame);
             }
-            ClusterEvent::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
+            ClusterEvent::Membership { group, users, joined } => {
+                self.membership_local(&group, &users, joined);
+                if joined {
+                    // The bus reader made this shard want the group until now (`expect_join`).
+                    let has_members = self.group_index.borrow().contains_key(&group);
+                    self.commits.groups.join_handled(&group, self.id, has_members);
+                }
+            }
             ClusterEvent::GroupGone(group) => self.group_gone_local(&group),
             ClusterEvent::Resync => self.resync(),
             ClusterEvent::Present => self.present_again(),

@@ -10,9 +10,16 @@
 //! before it clears the taking-on bit (at its next tick, not at once). A message committed
 //! before the heads were read is within them; one committed after is queued to the shard, whose
 //! bit the storage thread sees set (the heads read ran on that thread before the commit).
+//!
+//! In cluster mode a member added on another node reaches this node as a membership change on
+//! the bus, followed there by what was posted after it: the bus reader sets the member's home
+//! shard's bit before it queues the change (`expect_join`), so the messages it queues next go
+//! there too, and the shard settles the bit once it handled the change (`join_handled`: kept
+//! only if a member of the group is online there). Until then the last member there leaving
+//! does not clear it either.
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// The bits of `shards` shards, one per shard (shard ids are below `message::SHARDS_MAX`).
 fn bit(shard: usize) -> u64 {
@@ -20,13 +27,20 @@ fn bit(shard: usize) -> u64 {
     1 << shard
 }
 
+/// Group → a value, keyed by the group's id.
+type ByGroup<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
+
 /// Shards wanting each group's messages. See the module docs.
 #[derive(Debug, Default)]
 pub struct GroupShards {
     /// Bit `s`: shard `s` is taking on terminals (or was, until its next tick).
     adopting: AtomicU64,
-    /// Group → bits of the shards with an online member of it. No entry: none anywhere.
-    groups: RwLock<HashMap<Arc<str>, u64, foldhash::fast::RandomState>>,
+    /// Group → bits of the shards with an online member of it (or a join on its way: see the
+    /// module docs). No entry: none anywhere.
+    groups: RwLock<ByGroup<u64>>,
+    /// Cluster mode: membership joins queued to a shard by the bus reader and not handled by
+    /// it yet, per group: `(shard, how many)`. Changed with the `groups` lock held.
+    joins_pending: Mutex<ByGroup<Vec<(usize, u32)>>>,
 }
 
 impl GroupShards {
@@ -43,14 +57,53 @@ impl GroupShards {
         *groups.entry(group.clone()).or_insert(0) |= bit(shard);
     }
 
-    /// Shard `shard` has no online member of `group` any more.
+    /// Shard `shard` has no online member of `group` any more (its bit stays while a join
+    /// of the group is on its way to it).
     pub fn leave(&self, group: &str, shard: usize) {
         let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(bits) = groups.get_mut(group) {
-            *bits &= !bit(shard);
-            if *bits == 0 {
-                groups.remove(group);
+        if self.pending_joins(group, shard) == 0 {
+            clear(&mut groups, group, shard);
+        }
+    }
+
+    /// Joins of `group` on their way to shard `shard` ([`Self::expect_join`]).
+    fn pending_joins(&self, group: &str, shard: usize) -> u32 {
+        let pending = self.joins_pending.lock().unwrap_or_else(PoisonError::into_inner);
+        pending.get(group).and_then(|p| p.iter().find(|(s, _)| *s == shard)).map_or(0, |(_, n)| *n)
+    }
+
+    /// Cluster mode: the bus reader is about to queue a membership join of `group` to shard
+    /// `shard`: the group's messages it queues from now on go there too, until the shard
+    /// handled the join ([`Self::join_handled`]).
+    pub fn expect_join(&self, group: &Arc<str>, shard: usize) {
+        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
+        let mut pending = self.joins_pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = pending.entry(group.clone()).or_default();
+        match list.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, n)) => *n += 1,
+            None => list.push((shard, 1)),
+        }
+        *groups.entry(group.clone()).or_insert(0) |= bit(shard);
+    }
+
+    /// Shard `shard` handled a join [`Self::expect_join`] announced; `has_members`: it has an
+    /// online member of `group` now. Without one, and no other join on its way, its bit goes.
+    pub fn join_handled(&self, group: &str, shard: usize, has_members: bool) {
+        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
+        let left = {
+            let mut pending = self.joins_pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(list) = pending.get_mut(group) else { return };
+            let Some((_, n)) = list.iter_mut().find(|(s, _)| *s == shard) else { return };
+            *n -= 1;
+            let left = *n;
+            list.retain(|(_, n)| *n > 0);
+            if list.is_empty() {
+                pending.remove(group);
             }
+            left
+        };
+        if left == 0 && !has_members {
+            clear(&mut groups, group, shard);
         }
     }
 
@@ -67,6 +120,16 @@ impl GroupShards {
     /// Groups with an online member on some shard (for stats and tests).
     pub fn groups(&self) -> usize {
         self.groups.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+/// Clears shard `shard`'s bit of `group` (forgetting a group no shard wants).
+fn clear(groups: &mut ByGroup<u64>, group: &str, shard: usize) {
+    if let Some(bits) = groups.get_mut(group) {
+        *bits &= !bit(shard);
+        if *bits == 0 {
+            groups.remove(group);
+        }
     }
 }
 
@@ -112,6 +175,34 @@ mod tests {
         assert_eq!(g.groups(), 0, "a group no shard has a member of is forgotten");
         g.leave("never", 1);
         assert_eq!(g.groups(), 0);
+    }
+
+    #[test]
+    fn a_join_on_its_way_keeps_the_shard_wanting_the_group_until_handled() {
+        let g = GroupShards::default();
+        let team: Arc<str> = Arc::from("team");
+        g.expect_join(&team, 2);
+        assert_eq!(wanting(&g, "team"), [2], "messages after the join go to its shard");
+        // The shard's last member of the group leaves meanwhile: the join still comes.
+        g.join(&team, 2);
+        g.leave("team", 2);
+        assert_eq!(wanting(&g, "team"), [2]);
+        // Handled, the user not online there: the bit goes.
+        g.join_handled("team", 2, false);
+        assert!(wanting(&g, "team").is_empty());
+        assert_eq!(g.groups(), 0);
+        // Two joins on their way; the first handled without a member, the second with one.
+        g.expect_join(&team, 1);
+        g.expect_join(&team, 1);
+        g.join_handled("team", 1, false);
+        assert_eq!(wanting(&g, "team"), [1], "another join is still on its way");
+        g.join(&team, 1);
+        g.join_handled("team", 1, true);
+        assert_eq!(wanting(&g, "team"), [1]);
+        g.join_handled("team", 1, false); // none announced: changes nothing
+        assert_eq!(wanting(&g, "team"), [1]);
+        g.leave("team", 1);
+        assert!(wanting(&g, "team").is_empty());
     }
 
     #[test]

@@ -429,19 +429,7 @@ impl Shard {
         for g in run {
             match last {
                 Some(l) if g.seq <= l => continue,
-                Some(l) if g.seq > l + 1 => {
-                    match self.read_group_page(&group, l, g.seq - 1).await {
-                        Ok(page) => {
-                            for e in page.entries.iter().filter(|e| e.seq > l && e.seq < g.seq) {
-                                out.push(stored_delivery(&group, e));
-                            }
-                        }
-                        Err(e) => {
-                            // Members catch up with `sync` (they see the gap in seqs).
-                            debug!(group = %group, shard = self.id, error = %e, "cluster: cannot read a group gap");
-                        }
-                    }
-                }
+                Some(l) if g.seq > l + 1 => self.read_group_gap(&group, l, g.seq, &mut out).await,
                 _ => {}
             }
             out.push(g.clone());
@@ -451,6 +439,33 @@ impl Shard {
             self.group_heads.borrow_mut().insert(group, l);
         }
         out
+    }
+
+    /// Cluster mode: appends to `out` what the store has of `group` strictly between `after`
+    /// and `before` (a gap in what the bus brought), in seq order, page after page: a gap longer
+    /// than one page (`limits.sync_page_max`) is read whole, never pushed with its end missing.
+    async fn read_group_gap(&self, group: &Arc<str>, mut after: u64, before: u64, out: &mut Vec<GroupDelivery>) {
+        while after + 1 < before {
+            let page = match self.read_group_page(group, after, before - 1).await {
+                Ok(page) => page,
+                Err(e) => {
+                    // Members catch up with `sync` (they see the gap in seqs).
+                    debug!(group = %group, shard = self.id, error = %e, "cluster: cannot read a group gap");
+                    return;
+                }
+            };
+            let mut next = after;
+            for e in page.entries.iter().filter(|e| e.seq > after && e.seq < before) {
+                out.push(stored_delivery(group, e));
+                next = e.seq;
+            }
+            // Purged or unreadable positions are skipped, never waited for.
+            next = next.max(page.scanned_to.min(before - 1));
+            if next <= after {
+                return;
+            }
+            after = next;
+        }
     }
 
     /// Cluster mode, `resync`: the store's head of `group` is `head`; pushes to this shard's
