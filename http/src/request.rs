@@ -332,7 +332,7 @@ fn scan(buf: &[u8], limits: &Limits, build: bool) -> Result<(Progress, Option<Re
                 };
             }
             Err(httparse::Error::TooManyHeaders) => return Err(HttpError::HeaderTooLarge),
-            Err(httparse::Error::Version) => return Err(HttpError::VersionNotSupported),
+            Err(httparse::Error::Version) => return Err(version_error(window)),
             Err(e) => return Err(HttpError::Malformed(e.to_string())),
         };
         let head = inspect(&raw, limits)?;
@@ -358,6 +358,36 @@ fn with_header_slots<'b, R>(n: usize, f: impl FnOnce(&mut [httparse::Header<'b>]
     } else {
         let mut slots = vec![httparse::EMPTY_HEADER; n];
         f(&mut slots)
+    }
+}
+
+/// The error for a request line httparse refused where the version belongs. It says so for
+/// any unexpected byte there, so a space in the target (`GET /a b HTTP/1.1`: the version
+/// would be `b`) looks like a version error: only a real `HTTP/<digit>.<digit>` token (other
+/// than 1.0 and 1.1) after exactly a method and a target is 505; anything else is a malformed
+/// request line (400).
+fn version_error(buf: &[u8]) -> HttpError {
+    // httparse skips empty lines before the request line; it may still be incomplete.
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n').unwrap_or(buf.len());
+    let rest = &buf[start..];
+    let line = rest.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let version = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some(version), None) => version,
+        _ => b"",
+    };
+    // `HTTP/d.d`, possibly cut short by the end of what has arrived.
+    let looks_like_version = !version.is_empty()
+        && version.len() <= 8
+        && version.iter().zip(b"HTTP/0.0").all(|(&b, &p)| if p == b'0' { b.is_ascii_digit() } else { b == p });
+    if looks_like_version {
+        HttpError::VersionNotSupported
+    } else {
+        HttpError::Malformed(
+            "invalid request line: expected `METHOD TARGET HTTP/1.1` (spaces in the target must be sent as %20)"
+                .to_owned(),
+        )
     }
 }
 
@@ -783,6 +813,34 @@ mod tests {
             parse(b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n", &lim()),
             Err(HttpError::Malformed("header X is not UTF-8".to_owned()))
         );
+    }
+
+    /// httparse reports any bad byte where the version belongs as a version error: a space
+    /// in the target (a business system that forgot to percent-encode an id) must be a 400
+    /// naming the request line, not "505 HTTP version not supported".
+    #[test]
+    fn space_in_target_is_malformed_not_an_unsupported_version() {
+        for raw in [
+            &b"GET /v1/users/John Doe/presence HTTP/1.1\r\n\r\n"[..],
+            b"GET /v1/users/u1/messages?chat=u:a b HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /a b",
+            b"\r\nGET /a b HTTP/1.1\r\n\r\n",
+            b"GET / http/1.1\r\n\r\n",
+            b"GET / FTP/1.1\r\n\r\n",
+        ] {
+            let got = parse(raw, &lim());
+            assert!(
+                matches!(&got, Err(HttpError::Malformed(m)) if m.contains("request line")),
+                "{:?} gave {got:?}",
+                String::from_utf8_lossy(raw)
+            );
+            assert_eq!(check(raw, &lim()), got.map(|_| Progress::NeedHead));
+        }
+        for raw in
+            [&b"GET / HTTP/2.0\r\n\r\n"[..], b"GET / HTTP/1.2\r\n\r\n", b"GET / HTTP/3", b"GET /a?b HTTP/0.9\r\n"]
+        {
+            assert_eq!(parse(raw, &lim()), Err(HttpError::VersionNotSupported), "{:?}", String::from_utf8_lossy(raw));
+        }
     }
 
     #[test]

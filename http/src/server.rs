@@ -172,7 +172,10 @@ impl Drop for Stopped {
 /// `idle_timeout` bounds the wait for a new request, the time to receive a started request
 /// (408 past it), and each write; `Duration::ZERO` disables all three. A refused request
 /// gets its error response with `Connection: close`, then the connection closes
-/// (`Err(ServeError::Http)`). `HEAD` requests get the handler's head without the body.
+/// (`Err(ServeError::Http)`). A connection closed after a request that asked for it (or
+/// after the last batch of a stop) is half-closed and drained the same way as a refused one
+/// (bounded in bytes and time), so unread input cannot turn the close into a reset that
+/// destroys the response. `HEAD` requests get the handler's head without the body.
 /// `Expect: 100-continue` is answered with `100 Continue` before the body is read.
 pub async fn serve_connection<H, F>(
     stream: TcpStream,
@@ -353,6 +356,9 @@ where
             }
         }
         if let Some(reason) = close {
+            // The peer may have sent more (pipelined requests, a stray CRLF) that is unread:
+            // closing now would reset the connection and could destroy the response in flight.
+            linger(&mut stream, &mut rx).await;
             return Ok(reason);
         }
         if rx.is_empty() && stop.is_some_and(Stop::is_stopped) {
