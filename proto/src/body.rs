@@ -164,9 +164,16 @@ pub fn validate(prefix: &str, kind: Kind, body: &Value) -> Result<(), BodyError>
 /// Validates a body given as raw JSON text, as it arrived: the usual valid shapes are checked
 /// borrowed, without building a `Value` (no allocation for an unescaped text); anything the
 /// fast check does not accept goes through [`validate`], so every error is exactly its error.
+///
+/// A field given twice is refused (`body.text: duplicate field`): the text is stored and
+/// pushed as it came, and where a `Value` keeps only the last of the two (what [`validate`]
+/// would judge), a terminal's JSON parser may keep the first, or refuse the message outright.
 pub fn validate_raw(prefix: &str, kind: Kind, body: &RawValue) -> Result<(), BodyError> {
     if valid_borrowed(kind, body.get()) {
         return Ok(());
+    }
+    if let Some(key) = duplicate_key(body.get()) {
+        return Err(BodyError { path: format!("{prefix}.{key}"), reason: "duplicate field".into() });
     }
     let value: Value = serde_json::from_str(body.get())
         .map_err(|e| BodyError { path: prefix.to_owned(), reason: format!("invalid JSON: {e}") })?;
@@ -221,6 +228,47 @@ struct VoiceRef<'a> {
 /// left to the slow path, which refuses it with its own error.
 pub(crate) fn is_object_text(json: &[u8]) -> bool {
     json.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) == Some(&b'{')
+}
+
+/// The first key that appears twice at the top level of `raw`, when it is a JSON object
+/// (anything else, valid or not, is `None`: [`validate`] judges it). The derived
+/// `Deserialize` of the fast path's shapes refuses such a body already; a `Value` would
+/// silently keep the last one.
+fn duplicate_key(raw: &str) -> Option<String> {
+    struct Keys;
+
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Option<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+            let mut seen: Vec<String> = Vec::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if seen.contains(&key) {
+                    return Ok(Some(key));
+                }
+                seen.push(key);
+            }
+            Ok(None)
+        }
+    }
+
+    struct FirstDuplicate(Option<String>);
+
+    impl<'de> Deserialize<'de> for FirstDuplicate {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(Keys).map(FirstDuplicate)
+        }
+    }
+
+    if !is_object_text(raw.as_bytes()) {
+        return None;
+    }
+    serde_json::from_str::<FirstDuplicate>(raw).ok().and_then(|d| d.0)
 }
 
 /// Whether `raw` is certainly a valid body of `kind` (false means "ask [`validate`]").
@@ -351,6 +399,31 @@ mod tests {
         validate_raw("body", Kind::File, &raw(r#"{"url":"u","name":"n","mime":"m","size":3}"#)).unwrap();
         let e = validate_raw("body", Kind::Text, &raw(r#"{"text":""}"#)).unwrap_err();
         assert_eq!(e.path, "body.text");
+    }
+
+    /// A field given twice is refused where the body is kept as the text it came as: a
+    /// `Value` keeps the last (`validate` would pass `{"text":5,"text":"hi"}`), but that text
+    /// is what terminals get, and their parsers may keep the first or refuse it.
+    #[test]
+    fn raw_validation_refuses_duplicate_fields() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        let long = "x".repeat(TEXT_BYTES_MAX + 1);
+        for (kind, body, path) in [
+            (Kind::Text, r#"{"text":5,"text":"hi"}"#.to_owned(), "body.text"),
+            (Kind::Text, format!(r#"{{"text":"{long}","text":"hi"}}"#), "body.text"),
+            (Kind::Text, r#"{"text":"hi","text":"hi"}"#.to_owned(), "body.text"),
+            (Kind::Image, r#"{"url":"u","width":1,"width":-1}"#.to_owned(), "body.width"),
+            (Kind::File, r#"{"url":"u","name":"","name":"n"}"#.to_owned(), "body.name"),
+            (Kind::Voice, r#"{"url":"","duration_ms":1,"url":"u"}"#.to_owned(), "body.url"),
+            (Kind::Custom, format!(r#"{{"data":"{}","data":1}}"#, "x".repeat(CUSTOM_BYTES_MAX)), "body.data"),
+        ] {
+            let e = validate_raw("body", kind, &raw(&body)).unwrap_err();
+            assert_eq!((e.path.as_str(), e.reason.as_str()), (path, "duplicate field"), "{kind:?}");
+        }
+        // Nested objects are the data's own business; and a body with no repeat is unchanged.
+        validate_raw("body", Kind::Custom, &raw(r#"{"data":{"a":1,"a":2}}"#)).unwrap();
+        validate_raw("body", Kind::Custom, &raw(r#"{"data":{"text":1},"text":2}"#)).unwrap_err();
+        validate_raw("body", Kind::Text, &raw(r#"{"text":"a\u0062"}"#)).unwrap();
     }
 
     /// A body is an object on the fast path too: serde's derived `Deserialize` would read an

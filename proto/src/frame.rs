@@ -181,13 +181,21 @@ impl ClientFrame {
         if !CLIENT_TYPES.contains(&ty.as_str()) {
             return Err(FrameError::UnknownType(ty));
         }
-        serde_path_to_error::deserialize(&value).map_err(|e| {
+        let frame = serde_path_to_error::deserialize(&value).map_err(|e| {
             if let Some(unknown) = Self::unknown_kind(&value) {
                 return unknown;
             }
             let path = e.path().to_string();
             FrameError::Shape(format!("{ty} frame: {path}: {}", e.into_inner()))
-        })
+        })?;
+        // serde's `deny_unknown_fields` does not reach the unit variant of an internally tagged
+        // enum: `{"type":"ping","x":1}` would pass. A `ping` has no field but its `type`.
+        if frame == ClientFrame::Ping {
+            if let Some(extra) = value.as_object().and_then(|o| o.keys().find(|k| *k != "type")) {
+                return Err(FrameError::Shape(format!("ping frame: unknown field `{extra}`, there are no fields")));
+            }
+        }
+        Ok(frame)
     }
 
     /// For a frame that did not parse: [`FrameError::UnknownKind`] if it is a `send` whose
@@ -581,6 +589,25 @@ mod tests {
             let e = ClientFrameRef::parse(bytes).unwrap_err();
             assert_eq!((e.code(), e.is_violation()), (ErrorCode::InvalidFrame, true), "{e}");
         }
+    }
+
+    /// "Missing or extra fields" are `invalid_frame` for every type, `ping` included (serde's
+    /// `deny_unknown_fields` misses the unit variant of an internally tagged enum).
+    #[test]
+    fn ping_with_extra_fields_is_refused() {
+        for bytes in [
+            &br#"{"type":"ping","x":1}"#[..],
+            br#"{"type":"ping","seq":3}"#,
+            br#"{"seq":null,"type":"ping"}"#,
+            br#"{"type":"ping","t":"caf\u00e9"}"#,
+        ] {
+            let e = ClientFrame::parse(bytes).unwrap_err();
+            assert_eq!((e.code(), e.is_violation()), (ErrorCode::InvalidFrame, true), "{e}");
+            assert!(e.to_string().starts_with("ping frame: unknown field"), "{e}");
+            assert_eq!(ClientFrameRef::parse(bytes).map(owned), Err(e));
+        }
+        assert_eq!(ClientFrameRef::parse(br#" {"type":"ping"} "#).map(owned), Ok(ClientFrame::Ping));
+        assert_eq!(ClientFrame::parse(br#"{"type":"ping","type":"ping"}"#), Ok(ClientFrame::Ping));
     }
 
     #[test]
