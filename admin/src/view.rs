@@ -470,8 +470,8 @@ impl ConnQuery {
     pub const LIMIT_MAX: usize = 1000;
     pub const CLOSED_DEFAULT: usize = 20;
 
-    /// Parses the query of `req`. Unknown parameters and bad values are refused with
-    /// `invalid_body` naming the parameter (`query.limit: ...`), so a typo never silently
+    /// Parses the query of `req`. Unknown parameters, parameters given twice and bad values
+    /// are refused with `invalid_body` naming the parameter (`query.limit: ...`), so a typo never silently
     /// returns everything.
     pub fn from_request(req: &Request) -> Result<ConnQuery, ApiError> {
         ConnQuery::parse(&req.query)
@@ -482,14 +482,20 @@ impl ConnQuery {
         let req = Request::new(ether_http::Method::Get, &format!("/?{raw}")).map_err(|e| bad_query("", e))?;
         let mut q = ConnQuery::default();
         let mut order = None;
-        for pair in raw.split('&').filter(|p| !p.is_empty()) {
-            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            let known = ["sort", "order", "limit", "offset", "user", "shard", "platform", "closed"];
-            if !known.contains(&key) {
-                return Err(bad_query(key, format!("unknown parameter; expected one of {}", known.join(", "))));
+        // Names are decoded like values (`%73ort` is `sort`); a name given twice is refused,
+        // never resolved by taking one of them.
+        let known = ["sort", "order", "limit", "offset", "user", "shard", "platform", "closed"];
+        let mut given: [Option<String>; 8] = Default::default();
+        for (key, value) in req.query_pairs() {
+            let Some(i) = known.iter().position(|k| *k == key) else {
+                return Err(bad_query(&key, format!("unknown parameter; expected one of {}", known.join(", "))));
+            };
+            if given[i].is_some() {
+                return Err(bad_query(&key, "given more than once"));
             }
+            given[i] = Some(value.into_owned());
         }
-        let param = |name: &str| req.query_param(name);
+        let param = |name: &str| known.iter().position(|k| *k == name).and_then(|i| given[i].clone());
         if let Some(v) = param("sort") {
             q.sort = ConnSort::parse(&v).ok_or_else(|| {
                 let all: Vec<&str> = ConnSort::ALL.iter().map(|s| s.as_str()).collect();
@@ -715,6 +721,8 @@ mod tests {
         assert_eq!((q.sort, q.order, q.limit), (ConnSort::User, SortOrder::Desc, 1000));
         assert_eq!(ConnQuery::parse(&q.to_query_string()[1..]).unwrap(), q);
         assert_eq!(ConnQuery::parse("sort=last_activity").unwrap().sort, ConnSort::LastActivity);
+        // A name is decoded like a value.
+        assert_eq!(ConnQuery::parse("%73ort=user&li%6Dit=7").unwrap(), ConnQuery::parse("sort=user&limit=7").unwrap());
     }
 
     #[test]
@@ -734,6 +742,9 @@ mod tests {
             ("user=a%20b", "query.user"),
             ("user=", "query.user"),
             ("limt=5", "query.limt"),
+            ("limit=5&limit=500", "query.limit: given more than once"),
+            ("user=ann&sort=user&user=bob", "query.user: given more than once"),
+            ("%6Cimit=0", "query.limit"),
         ];
         for (raw, param) in cases {
             let err = ConnQuery::parse(raw).expect_err(raw);

@@ -235,6 +235,15 @@ impl Request {
         })
     }
 
+    /// Every `key=value` pair of the query in order, both decoded as in
+    /// [`Request::query_param`] (empty pairs skipped; a key without `=` has the value `""`).
+    pub fn query_pairs(&self) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+        self.query.split('&').filter(|pair| !pair.is_empty()).map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode_query_component(key), decode_query_component(value))
+        })
+    }
+
     /// The non-empty segments of the decoded path: `/v1//users/u1/` gives `v1`, `users`, `u1`.
     pub fn path_segments(&self) -> impl Iterator<Item = &str> {
         self.path.split('/').filter(|s| !s.is_empty())
