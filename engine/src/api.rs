@@ -292,6 +292,27 @@ pub const HISTORY_LIMIT_MAX: usize = 1000;
 /// `limit` of a history page when none is given.
 pub const HISTORY_LIMIT_DEFAULT: usize = 50;
 
+/// Refuses a query naming a parameter the route does not take, or one parameter twice: a
+/// typo (`befor_seq`) would otherwise answer the first page again, forever, to a client paging
+/// through history, and a repeated cursor would be resolved by picking one.
+pub(crate) fn check_query(req: &Request, known: &[&str]) -> Result<(), EngineError> {
+    let mut seen: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+    for (name, _) in req.query_pairs() {
+        if !known.contains(&name.as_ref()) {
+            return Err(ApiError::new(
+                ErrorCode::InvalidBody,
+                format!("query.{name}: unknown parameter; expected one of {}", known.join(", ")),
+            )
+            .into());
+        }
+        if seen.contains(&name) {
+            return Err(ApiError::new(ErrorCode::InvalidBody, format!("query.{name}: given more than once")).into());
+        }
+        seen.push(name);
+    }
+    Ok(())
+}
+
 pub(crate) fn query_u64(req: &Request, name: &str) -> Result<Option<u64>, EngineError> {
     match req.query_param(name) {
         None => Ok(None),
@@ -305,6 +326,7 @@ pub(crate) fn query_u64(req: &Request, name: &str) -> Result<Option<u64>, Engine
 /// `GET /v1/users/{uid}/messages?chat=&before_seq=&after_seq=&limit=`
 async fn history(shard: &Rc<Shard>, uid: &str, req: &Request) -> Result<Response, EngineError> {
     check_id("uid", uid)?;
+    check_query(req, &["chat", "before_seq", "after_seq", "limit"])?;
     let chat = req.query_param("chat");
     if let Some(c) = &chat {
         if ether_proto::ids::Chat::parse(c).is_none() {

@@ -190,6 +190,7 @@ async fn remove_member(shard: &Rc<Shard>, gid: &str, uid: &str) -> Result<Respon
 
 async fn list_members(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Response, EngineError> {
     check_id("gid", gid)?;
+    crate::api::check_query(req, &["cursor", "limit"])?;
     let limit = query_u64(req, "limit")?.map_or(MEMBERS_PAGE_DEFAULT, |l| l as usize);
     if limit == 0 || limit > MEMBERS_PAGE_MAX {
         return Err(ApiError::new(ErrorCode::InvalidBody, format!("query.limit: 1-{MEMBERS_PAGE_MAX}")).into());
@@ -272,6 +273,7 @@ pub fn page_json(page: &ether_store::op::Page) -> Response {
 
 async fn history(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Response, EngineError> {
     check_id("gid", gid)?;
+    crate::api::check_query(req, &["before_seq", "after_seq", "limit"])?;
     let limit = crate::api::history_limit(req)?;
     let op = Op::GroupHistory {
         group: gid.to_owned(),

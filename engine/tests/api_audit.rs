@@ -153,3 +153,41 @@ fn head_is_answered_as_get_and_405_says_what_is_allowed() {
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     assert_eq!(header(&missing, "allow"), None);
 }
+
+/// A history or member-list query naming a parameter the route does not take, or one twice,
+/// is refused naming it: a misspelt cursor (`befor_seq`) answered the newest page again, so a
+/// client paging back through history looped on it forever.
+#[test]
+fn history_queries_refuse_unknown_and_repeated_parameters() {
+    let node = TestNode::start();
+    let gw = node.gateway();
+    gw.create_group(Some("g1"), "team", "ann", &["ann", "bob"]).unwrap();
+    for path in [
+        "/v1/users/ann/messages?befor_seq=10",
+        "/v1/users/ann/messages?limit=5&limit=6",
+        "/v1/users/ann/messages?chat=u:bob&chat=u:eve",
+        "/v1/groups/g1/messages?chat=u:bob",
+        "/v1/groups/g1/messages?after_seq=1&after_seq=2",
+        "/v1/groups/g1/members?curser=x",
+    ] {
+        match gw.get_json::<serde_json::Value>(path) {
+            Err(SdkError::Api { status: 400, error }) => {
+                assert_eq!(error.code, ether_proto::ErrorCode::InvalidBody, "{path}");
+                assert!(error.message.starts_with("query."), "{path}: {}", error.message);
+                assert!(
+                    error.message.contains("unknown parameter") || error.message.contains("more than once"),
+                    "{path}: {}",
+                    error.message
+                );
+            }
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+    for path in [
+        "/v1/users/ann/messages?chat=u:bob&before_seq=10&after_seq=0&limit=5",
+        "/v1/groups/g1/messages?before_seq=10&limit=5",
+        "/v1/groups/g1/members?limit=1",
+    ] {
+        gw.get_json::<serde_json::Value>(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+}
