@@ -5,10 +5,14 @@
 //! one write, up to `--pipeline` unanswered requests) and a reader task that matches
 //! responses to requests in order. Message `k` goes to user `k % users` (or, publishing to
 //! groups, to group `k % groups` from its first member), its body carries the send time:
-//! `{"text":"t=<unix nanos>;k=<k>;r=<run>"}`. A [`Gate`] holds the sender back while too
-//! many published messages are not yet delivered at the terminals (`group --mode hot`: as
-//! fast as the node delivers, without overrunning the terminals' queues). [`call`] is a
-//! plain blocking request for set-up (creating groups).
+//! `{"text":"t=<unix nanos>;k=<k>;r=<run>"}`. A paced run stamps the time the request was
+//! due by its schedule when it left later than that (waiting for a free `--pipeline` slot
+//! behind slow answers, or for the tool's own thread): latency counts from when the business
+//! system meant to publish, so a node that answers slowly cannot hide its queueing delay in
+//! the sender's lag (coordinated omission); `send_lag` still says how late requests left.
+//! A [`Gate`] holds the sender back while too many published messages are not yet delivered
+//! at the terminals (`group --mode hot`: as fast as the node delivers, without overrunning the
+//! terminals' queues). [`call`] is a plain blocking request for set-up (creating groups).
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Write};
@@ -229,13 +233,15 @@ async fn drive(spec: ApiSpec, shared: Arc<ApiShared>) -> ApiReport {
         state.borrow_mut().report.per_user_ids = vec![Vec::new(); spec.users as usize];
     }
     let start = Instant::now();
+    let start_ns = crate::unix_nanos();
     let mut writers = Vec::new();
     let mut queues = Vec::new();
     for c in 0..spec.conns.max(1) {
         let q: Rc<RefCell<VecDeque<InFlight>>> = Rc::default();
         queues.push(q.clone());
         let (spec, state, shared) = (spec.clone(), state.clone(), shared.clone());
-        writers.push(glommio::spawn_local(async move { connection(c, start, spec, state, shared, q).await }));
+        writers
+            .push(glommio::spawn_local(async move { connection(c, (start, start_ns), spec, state, shared, q).await }));
     }
     for w in writers {
         w.await;
@@ -258,10 +264,11 @@ async fn drive(spec: ApiSpec, shared: Arc<ApiShared>) -> ApiReport {
 }
 
 /// One connection: writes its requests (`c, c+conns, ...`) on schedule; a reader task takes
-/// the answers. Returns when every request was written (or the connection broke).
+/// the answers. Returns when every request was written (or the connection broke). `start` is
+/// the schedule's origin, as an instant and in Unix nanos.
 async fn connection(
     c: usize,
-    start: Instant,
+    (start, start_ns): (Instant, u64),
     spec: Rc<ApiSpec>,
     state: Rc<RefCell<DriverState>>,
     shared: Arc<ApiShared>,
@@ -347,7 +354,8 @@ async fn connection(
             mine.next();
             let n = msgs_in(&spec, r);
             let first_k = r * spec.per_request();
-            build_request(&spec, first_k, n, &mut body, &mut buf);
+            let stamp = stamp_ns(&spec, start_ns, due(r).saturating_duration_since(start), crate::unix_nanos());
+            build_request(&spec, first_k, n, stamp, &mut body, &mut buf);
             let lag = now.saturating_duration_since(due(r));
             let mut st = state.borrow_mut();
             if spec.rate > 0.0 {
@@ -392,12 +400,23 @@ fn window_take(w: &glommio::sync::Semaphore) -> bool {
     w.try_acquire(1).unwrap_or(false)
 }
 
+/// The send time written into a request's messages: now, or in a paced run the time the
+/// request was due (`start_ns + due`) when that is earlier (it left late).
+fn stamp_ns(spec: &ApiSpec, start_ns: u64, due: Duration, now_ns: u64) -> u64 {
+    if spec.rate > 0.0 {
+        now_ns.min(start_ns.saturating_add(due.as_nanos() as u64))
+    } else {
+        now_ns
+    }
+}
+
 fn msgs_in(spec: &ApiSpec, r: u64) -> u64 {
     let b = spec.per_request();
     (spec.messages - r * b).min(b)
 }
 
-fn build_request(spec: &ApiSpec, first_k: u64, n: u64, body: &mut Vec<u8>, out: &mut Vec<u8>) {
+/// Appends the HTTP request for messages `first_k..first_k + n`, stamped `t_ns`.
+fn build_request(spec: &ApiSpec, first_k: u64, n: u64, t_ns: u64, body: &mut Vec<u8>, out: &mut Vec<u8>) {
     body.clear();
     let batch = spec.batch_size > 0;
     if batch {
@@ -407,7 +426,7 @@ fn build_request(spec: &ApiSpec, first_k: u64, n: u64, body: &mut Vec<u8>, out: 
         if k > first_k {
             body.push(b',');
         }
-        message_json(spec, k, body);
+        message_json(spec, k, t_ns, body);
     }
     if batch {
         body.extend_from_slice(b"]}");
@@ -428,8 +447,8 @@ fn build_request(spec: &ApiSpec, first_k: u64, n: u64, body: &mut Vec<u8>, out: 
 }
 
 /// `{"from","to","kind":"text","body":{"text":"t=..;k=..;r=.."}}` for message `k` (no `to`
-/// for a group: the path names it; `from` is the group's first member).
-fn message_json(spec: &ApiSpec, k: u64, out: &mut Vec<u8>) {
+/// for a group: the path names it; `from` is the group's first member), stamped `t_ns`.
+fn message_json(spec: &ApiSpec, k: u64, t_ns: u64, out: &mut Vec<u8>) {
     let to = if spec.users > 0 { k % spec.users } else { 0 };
     match &spec.group {
         Some(g) => {
@@ -448,7 +467,7 @@ fn message_json(spec: &ApiSpec, k: u64, out: &mut Vec<u8>) {
             );
         }
     }
-    Stamp { t_ns: crate::unix_nanos(), k, run: &spec.run_id }.write(out);
+    Stamp { t_ns, k, run: &spec.run_id }.write(out);
     out.extend_from_slice(b"\"}}");
 }
 
@@ -672,6 +691,62 @@ mod tests {
         assert!(r.messages_failed <= r.messages_sent + 1, "failures beyond what was ever due: {r:?}");
     }
 
+    /// A paced run (100 msgs/s: one due every 10 ms) against a node that answers each request
+    /// 60 ms late, one request in flight: requests leave 60 ms apart, behind schedule. The
+    /// stamps are the schedule's (10 ms apart), so the wait behind the slow answers counts in
+    /// the latency the terminals measure instead of being omitted; `send_lag` shows it too.
+    #[test]
+    fn a_paced_run_stamps_the_schedule_when_requests_leave_late() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = spec(0);
+        s.addr = l.local_addr().unwrap();
+        s.rate = 100.0;
+        s.messages = 4;
+        s.duration = Duration::from_secs(10);
+        s.pipeline = 1;
+        let node = std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut c, _) = l.accept().unwrap();
+            let (mut rx, mut buf, mut stamps) = (Vec::new(), [0u8; 4096], Vec::new());
+            while stamps.len() < 4 {
+                let n = c.read(&mut buf).unwrap();
+                assert!(n > 0, "the driver closed early");
+                rx.extend_from_slice(&buf[..n]);
+                while let Some((head, len)) = request_at(&rx) {
+                    let body = String::from_utf8(rx[head..head + len].to_vec()).unwrap();
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    let text = v["body"]["text"].as_str().unwrap().to_owned();
+                    stamps.push(Stamp::parse(&text).unwrap().t_ns);
+                    rx.drain(..head + len);
+                    std::thread::sleep(Duration::from_millis(60));
+                    c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{\"id\":\"1\"}").unwrap();
+                }
+            }
+            stamps
+        });
+        let r = ApiRun::start(s).unwrap().join();
+        let stamps = node.join().unwrap();
+        assert_eq!(r.messages_acked, 4, "{r:?}");
+        for w in stamps.windows(2) {
+            let gap = w[1] as i64 - w[0] as i64;
+            assert!((gap - 10_000_000).abs() < 100_000, "stamps {gap} ns apart, not the schedule's 10 ms: {stamps:?}");
+        }
+        assert!(r.send_lag.to_hist().q_ms(1.0) >= 100.0, "the lag is still reported: {r:?}");
+    }
+
+    /// (head length, body length) of a complete request at the start of `rx`.
+    fn request_at(rx: &[u8]) -> Option<(usize, usize)> {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut req = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(head) = req.parse(rx).ok()? else { return None };
+        let len: usize = req
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())?;
+        (rx.len() >= head + len).then_some((head, len))
+    }
+
     #[test]
     fn stamps_roundtrip() {
         let mut v = Vec::new();
@@ -685,7 +760,7 @@ mod tests {
     fn requests_are_valid_api_calls() {
         let s = spec(0);
         let (mut body, mut out) = (Vec::new(), Vec::new());
-        build_request(&s, 4, 1, &mut body, &mut out);
+        build_request(&s, 4, 1, 9, &mut body, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/messages HTTP/1.1\r\n"));
         let json = text.split("\r\n\r\n").nth(1).unwrap();
@@ -696,7 +771,7 @@ mod tests {
         assert_eq!(s.requests(), 3);
         assert_eq!(msgs_in(&s, 2), 1);
         let (mut body, mut out) = (Vec::new(), Vec::new());
-        build_request(&s, 2, 2, &mut body, &mut out);
+        build_request(&s, 2, 2, 9, &mut body, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/messages/batch HTTP/1.1\r\n"));
         let json = text.split("\r\n\r\n").nth(1).unwrap();
@@ -708,7 +783,7 @@ mod tests {
         s.group = Some(GroupTarget { prefix: "g".into(), members: 10 });
         s.users = 2;
         let (mut body, mut out) = (Vec::new(), Vec::new());
-        build_request(&s, 3, 1, &mut body, &mut out);
+        build_request(&s, 3, 1, 9, &mut body, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("POST /v1/groups/g1/messages HTTP/1.1\r\n"), "{text}");
         let json: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();

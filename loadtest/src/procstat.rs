@@ -187,6 +187,77 @@ fn pct(a: (Instant, u64), b: (Instant, u64), tck: u64) -> f64 {
     (b.1.saturating_sub(a.1)) as f64 / tck as f64 / dt * 100.0
 }
 
+/// CPU use of every thread of a set of processes (`/proc/PID/task/TID/stat`): the busiest
+/// one's share of a core. A process's total over its threads cannot tell a tool whose one
+/// terminal thread is pegged (100% of a core: the tool's limit) beside an idle API thread
+/// (130% of two threads' 200%) from one with room to spare.
+pub struct ThreadCpuMeter {
+    pids: Vec<u32>,
+    /// Per thread id: its name and CPU ticks at the mark.
+    at_mark: (Instant, std::collections::HashMap<u32, (String, u64)>),
+    tck: u64,
+}
+
+impl ThreadCpuMeter {
+    pub fn new(pids: Vec<u32>) -> ThreadCpuMeter {
+        let at_mark = (Instant::now(), thread_ticks(&pids));
+        ThreadCpuMeter { pids, at_mark, tck: clk_tck() }
+    }
+
+    /// Restarts the measurement.
+    pub fn mark(&mut self) {
+        self.at_mark = (Instant::now(), thread_ticks(&self.pids));
+    }
+
+    /// The busiest thread since the mark: its name and percent of one core.
+    pub fn busiest(&self) -> Option<(String, f64)> {
+        let dt = self.at_mark.0.elapsed().as_secs_f64();
+        busiest_thread(&self.at_mark.1, &thread_ticks(&self.pids), dt, self.tck)
+    }
+}
+
+/// Name and CPU ticks of every thread of `pids`, by thread id.
+fn thread_ticks(pids: &[u32]) -> std::collections::HashMap<u32, (String, u64)> {
+    let mut out = std::collections::HashMap::new();
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for e in dir.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+            if let (Some(name), Some(ticks)) = (parse_stat_comm(&stat), parse_stat_cpu(&stat)) {
+                out.insert(tid, (name.to_owned(), ticks));
+            }
+        }
+    }
+    out
+}
+
+/// The thread that used the most CPU between two readings `dt` seconds apart (a thread
+/// started since the first counts from zero): its name and percent of one core.
+fn busiest_thread(
+    before: &std::collections::HashMap<u32, (String, u64)>,
+    after: &std::collections::HashMap<u32, (String, u64)>,
+    dt: f64,
+    tck: u64,
+) -> Option<(String, f64)> {
+    if dt <= 0.0 {
+        return None;
+    }
+    after
+        .iter()
+        .map(|(tid, (name, ticks))| {
+            let was = before.get(tid).map_or(0, |b| b.1);
+            (name, ticks.saturating_sub(was) as f64 / tck as f64 / dt * 100.0)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(name, pct)| (name.clone(), pct))
+}
+
+/// The command (thread) name of a `stat` line: between the first '(' and the last ')'.
+fn parse_stat_comm(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
 /// Busy CPU ticks of the whole machine (all cores) from /proc/stat.
 pub fn machine_busy_ticks() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/stat").ok()?;
@@ -279,6 +350,25 @@ mod tests {
         assert_eq!(parse_machine_busy("cpu  10 1 5 100 7 1 1 0 0 0\ncpu0 1 1 1 1 1 1 1 1\n"), Some(18));
         let s = parse_sockstat(ss, 4096);
         assert_eq!((s.tcp_inuse, s.tcp_alloc, s.tcp_mem_bytes), (3, 7, 12 * 4096));
+    }
+
+    #[test]
+    fn the_busiest_thread_is_found_whatever_the_process_total() {
+        let t = |name: &str, ticks| (name.to_owned(), ticks);
+        // Over 2 s at 100 ticks/s: the terminal thread used 196 ticks (98% of a core), the
+        // API thread 40 (20%), a thread started meanwhile 10 (5%): 123% for the process, of
+        // its two main threads' 200%, yet one of them had no room left.
+        let before = [(10, t("lt-term-0", 1000)), (11, t("lt-api", 50))].into_iter().collect();
+        let after =
+            [(10, t("lt-term-0", 1196)), (11, t("lt-api", 90)), (12, t("lt-worker-rx", 10))].into_iter().collect();
+        let (name, pct) = busiest_thread(&before, &after, 2.0, 100).unwrap();
+        assert_eq!(name, "lt-term-0");
+        assert!((pct - 98.0).abs() < 1e-9, "{pct}");
+        assert_eq!(busiest_thread(&before, &after, 0.0, 100), None);
+        assert_eq!(parse_stat_comm("42 (lt-term-0) S 1 2"), Some("lt-term-0"));
+        assert_eq!(parse_stat_comm("42 (a (b) c) S 1 2"), Some("a (b) c"));
+        let me = ThreadCpuMeter::new(vec![std::process::id()]);
+        assert!(me.busiest().is_some(), "this process's threads are readable");
     }
 
     #[test]

@@ -221,7 +221,14 @@ fn summary(opts: &Options, out: &Outcome, git: &serde_json::Value, machine: &ser
     row("kernel slab per connection", &|r| format!("{:.0} B", r.memory.kernel_slab_per_conn));
     row("server CPU connect / main", &|r| format!("{:.0}% / {:.0}%", r.cpu.server_connect_pct, r.cpu.server_main_pct));
     row("tool CPU connect / main", &|r| {
-        format!("{:.0}% / {:.0}% ({} threads)", r.cpu.tool_connect_pct, r.cpu.tool_main_pct, r.cpu.tool_threads)
+        format!(
+            "{:.0}% / {:.0}% ({} threads; busiest thread {:.0}% / {:.0}%)",
+            r.cpu.tool_connect_pct,
+            r.cpu.tool_main_pct,
+            r.cpu.tool_threads,
+            r.cpu.tool_busiest_thread_connect_pct,
+            r.cpu.tool_busiest_thread_main_pct
+        )
     });
     if out.runs.iter().any(|r| r.cpu.server_us_per_delivery.is_some()) {
         row("CPU per delivered message, server / tool (main phase)", &|r| {

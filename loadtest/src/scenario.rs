@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::api::{ApiReport, ApiRun, ApiSpec, Gate, GroupTarget};
 use crate::fleet::{should_drop, FleetCmd, FleetSpec};
 use crate::live::{self, Live};
-use crate::procstat::{self, CpuMeter, SockStat};
+use crate::procstat::{self, CpuMeter, SockStat, ThreadCpuMeter};
 use crate::spawn::{SpawnOptions, Target};
 use crate::stats::{FleetReport, Hist, LatencySummary, MsgSeen};
 use crate::terminal::Role;
@@ -316,6 +316,13 @@ pub struct CpuFigures {
     pub others_main_pct: f64,
     pub cores: usize,
     pub tool_threads: usize,
+    /// The tool's busiest thread in each phase, percent of one core, and its name: one
+    /// pegged thread (a terminal thread, the API driver) limits the run even while the tool's
+    /// total stays below what all its threads could use.
+    pub tool_busiest_thread_connect_pct: f64,
+    pub tool_busiest_thread_main_pct: f64,
+    pub tool_busiest_thread_connect: String,
+    pub tool_busiest_thread_main: String,
     /// Main-phase CPU seconds per message received, in microseconds (scenarios that push):
     /// what one delivery costs the server (all its processes) and the tool, a figure that
     /// holds whether or not the machine was saturated.
@@ -353,8 +360,13 @@ pub struct MsgFigures {
     pub misrouted: u64,
     pub foreign: u64,
     pub send_phase_s: f64,
+    /// The main phase's start to the end of the drain as the coordinator saw it (every
+    /// accepted message delivered, or the drain timeout): seen only at the fleets' next
+    /// counter publish, so up to a publish period late.
+    pub drain_end_s: f64,
     pub sent_per_s: f64,
-    /// Messages received per second of the send phase plus its drain.
+    /// Messages received per second: the first API request (`chat`: the order to send) to
+    /// the last delivery, both as they happened (not as the coordinator later saw them).
     pub delivered_per_s: f64,
     pub latency: LatencySummary,
     /// API request to answer (for `chat`: `send` to `sent`).
@@ -993,6 +1005,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     let mut tool_pids = vec![std::process::id()];
     tool_pids.extend(&worker_pids);
     let tool_cpu = CpuMeter::new(tool_pids.clone());
+    let mut tool_thread_cpu = ThreadCpuMeter::new(tool_pids.clone());
     server_cpu.mark();
     let mut mon = Monitor {
         start: t_start,
@@ -1033,6 +1046,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     let connect_s = t_start.elapsed().as_secs_f64();
     let server_connect_pct = mon.server_cpu.average();
     let tool_connect_pct = mon.tool_cpu.average();
+    let tool_busiest_connect = tool_thread_cpu.busiest().unwrap_or_default();
     let machine_connect_pct = mon.machine_cpu.average();
     // Let the server settle its allocations before measuring memory.
     std::thread::sleep(Duration::from_millis(300));
@@ -1048,6 +1062,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     let writes_before = target.write_counters();
     mon.server_cpu.mark();
     mon.tool_cpu.mark();
+    tool_thread_cpu.mark();
     mon.machine_cpu.mark();
     let main = match opts.scenario {
         Scenario::Idle => {
@@ -1063,6 +1078,7 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
     };
     let server_main_pct = mon.server_cpu.average();
     let tool_main_pct = mon.tool_cpu.average();
+    let tool_busiest_main = tool_thread_cpu.busiest().unwrap_or_default();
     let machine_main_pct = mon.machine_cpu.average();
     let server_cpu_s = mon.server_cpu.seconds_since_mark();
     let tool_cpu_s = mon.tool_cpu.seconds_since_mark();
@@ -1135,6 +1151,10 @@ fn run_one(opts: &Options, target: &Target) -> Result<RunResult, String> {
         others_main_pct: (machine_main_pct - server_main_pct - tool_main_pct).max(0.0),
         cores,
         tool_threads,
+        tool_busiest_thread_connect_pct: tool_busiest_connect.1,
+        tool_busiest_thread_main_pct: tool_busiest_main.1,
+        tool_busiest_thread_connect: tool_busiest_connect.0,
+        tool_busiest_thread_main: tool_busiest_main.0,
         server_us_per_delivery: None,
         tool_us_per_delivery: None,
     };
@@ -1448,8 +1468,11 @@ fn msg_figures(opts: &Options, main: &MainOut, fr: &FleetReport, latency: Latenc
         misrouted: c.misrouted,
         foreign: c.foreign,
         send_phase_s: main.send_phase_s,
+        drain_end_s: main.deliver_phase_s,
         sent_per_s: per_s(a.messages_sent, a.first_send_ns, a.last_send_ns),
-        delivered_per_s: if main.deliver_phase_s > 0.0 { c.received as f64 / main.deliver_phase_s } else { 0.0 },
+        // Not over `deliver_phase_s`: that one starts before the API driver does and ends
+        // when the coordinator notices the last delivery, up to a counter publish later.
+        delivered_per_s: per_s(c.received, a.first_send_ns, c.last_recv_ns),
         latency,
         api_latency: a.api_latency.to_hist().summary(),
         send_lag: a.send_lag.to_hist().summary(),
@@ -1580,6 +1603,8 @@ const TOOL_UNREAD_BEHIND_B: f64 = 4096.0;
 /// kernel format a line per socket: with 20,000 sockets that was about 6% of the tool's CPU
 /// when read every second (`perf`: `established_get_first`, `vsnprintf`).
 const UNREAD_SAMPLE_EVERY: u32 = 3;
+/// One of the tool's threads this busy (percent of a core) is reported as a possible limit.
+const TOOL_THREAD_BUSY_PCT: f64 = 85.0;
 /// A terminal thread's timer this late (ms) is reported with the run's saturation notes.
 const TOOL_TIMER_LATE_MS: u64 = 1000;
 /// Longest wait for every fleet's fresh counters before a point is made anyway.
@@ -1592,13 +1617,20 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
     let mut out = Vec::new();
     let cpu = &r.cpu;
     let tool_cap = (cpu.tool_threads.min(cpu.cores) * 100) as f64;
-    for (phase, tool, server, others) in [
-        ("connect", cpu.tool_connect_pct, cpu.server_connect_pct, cpu.others_connect_pct),
+    for (phase, tool, server, others, (busiest, busiest_pct)) in [
+        (
+            "connect",
+            cpu.tool_connect_pct,
+            cpu.server_connect_pct,
+            cpu.others_connect_pct,
+            (&cpu.tool_busiest_thread_connect, cpu.tool_busiest_thread_connect_pct),
+        ),
         (
             if opts.scenario.pushes() { "send" } else { "hold" },
             cpu.tool_main_pct,
             cpu.server_main_pct,
             cpu.others_main_pct,
+            (&cpu.tool_busiest_thread_main, cpu.tool_busiest_thread_main_pct),
         ),
     ] {
         if others >= 30.0 {
@@ -1609,6 +1641,11 @@ fn saturation(opts: &Options, r: &RunResult) -> Vec<String> {
         if tool >= 0.85 * tool_cap {
             out.push(format!(
                 "{phase}: the tool used {tool:.0}% CPU of its {} thread(s): its own limit may be the figure",
+                cpu.tool_threads
+            ));
+        } else if busiest_pct >= TOOL_THREAD_BUSY_PCT {
+            out.push(format!(
+                "{phase}: the tool's thread {busiest} used {busiest_pct:.0}% of a core (the tool {tool:.0}% over its {} thread(s)): that thread's limit may be the figure",
                 cpu.tool_threads
             ));
         }
@@ -1806,6 +1843,65 @@ mod tests {
             connect_hist: Hist::new(),
             msg_hist: Hist::new(),
         }
+    }
+
+    /// A paced unicast run on 2 cores: the tool (one terminal thread, the API driver) used
+    /// 120% of its two threads' 200%, below the 85% the tool's total is judged by, but its
+    /// terminal thread used 98% of a core: that is the tool's limit, and the run says so.
+    #[test]
+    fn a_pegged_tool_thread_is_reported_though_the_tool_total_has_room() {
+        let mut r = run(19_000.0, 5.0);
+        r.cpu = CpuFigures {
+            tool_main_pct: 120.0,
+            server_main_pct: 40.0,
+            machine_main_pct: 160.0,
+            cores: 2,
+            tool_threads: 2,
+            tool_busiest_thread_main_pct: 98.0,
+            tool_busiest_thread_main: "lt-term-0".into(),
+            ..CpuFigures::default()
+        };
+        let opts = Options::new(Scenario::Unicast, TargetSpec::Wire);
+        let notes = saturation(&opts, &r);
+        assert!(
+            notes.iter().any(|n| n.starts_with("send: ") && n.contains("lt-term-0") && n.contains("98%")),
+            "{notes:?}"
+        );
+        // A thread with room left says nothing.
+        r.cpu.tool_busiest_thread_main_pct = 60.0;
+        assert!(saturation(&opts, &r).is_empty(), "{:?}", saturation(&opts, &r));
+    }
+
+    /// A unicast run: 100,000 messages, the first request at 1 s, the last delivery at 11 s
+    /// (10,000/s); the coordinator saw the drain end only at 12 s after the main phase
+    /// started (its start came before the API driver's, the counters' publish after the last
+    /// delivery). The rate is over the 10 s the deliveries took.
+    #[test]
+    fn delivered_per_s_spans_first_request_to_last_delivery() {
+        let mut opts = Options::new(Scenario::Unicast, TargetSpec::Wire);
+        opts.connections = 2;
+        let api = ApiReport {
+            messages_sent: 100_000,
+            messages_acked: 100_000,
+            per_user_acked: vec![50_000, 50_000],
+            first_send_ns: 1_000_000_000,
+            last_send_ns: 10_900_000_000,
+            ..ApiReport::default()
+        };
+        let main = MainOut { api: Some(api), send_phase_s: 11.0, deliver_phase_s: 12.0, ..MainOut::default() };
+        let fr = FleetReport {
+            counters: crate::stats::Counters {
+                received: 100_000,
+                first_recv_ns: 1_000_500_000,
+                last_recv_ns: 11_000_000_000,
+                ..Default::default()
+            },
+            per_user_received: vec![50_000, 50_000],
+            ..FleetReport::default()
+        };
+        let m = msg_figures(&opts, &main, &fr, LatencySummary::default());
+        assert!((m.delivered_per_s - 10_000.0).abs() < 1e-6, "{}", m.delivered_per_s);
+        assert_eq!((m.lost, m.drain_end_s), (0, 12.0));
     }
 
     fn checks(scenario: Scenario, rate: f64, r: &RunResult) -> Vec<(String, bool)> {

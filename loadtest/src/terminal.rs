@@ -16,13 +16,15 @@
 //!   period (a fleet acking in step would be a thundering herd no real fleet makes);
 //! - `chat`: sends `send` frames to random peers when the chat driver says so (a window of
 //!   unanswered sends per terminal), matches `sent` answers, tells a peer's messages from its
-//!   own coming back (multi-device echo), and sends `read` every `read_every` messages;
+//!   own coming back (multi-device echo), counts a peer's message once by its sender and
+//!   `cid` (the same message again under another inbox `seq` is a copy), and sends `read`
+//!   every `read_every` messages;
 //! - with `track_ids` (`reconnect`): keeps the id of every message received, and when told
 //!   to, closes abruptly, comes back on the coordinator's order and `sync`s from its last
 //!   acked seq, page by page, until `synced` says there is no more.
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -183,6 +185,10 @@ pub struct ChatTrack {
     pub pending: Vec<PendingSend>,
     /// Peer messages since the last `read`.
     pub since_read: u32,
+    /// Peer messages received, as `sender << 32 | cid`: a message that comes again under
+    /// another inbox `seq` (stored twice) is a copy; counted as one more received it would
+    /// hide a lost message to this terminal (`lost` is accepted minus received).
+    pub seen: HashSet<u64>,
 }
 
 /// What one terminal knows.
@@ -338,6 +344,8 @@ struct InFrame<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MsgView<'a> {
     pub id: u64,
+    /// The sender's `cid` (terminal sends), between `id` and `chat` when there is one.
+    pub cid: Option<&'a str>,
     pub chat: &'a str,
     pub from: &'a str,
     pub seq: u64,
@@ -358,10 +366,12 @@ fn num_field(d: &[u8], key: &[u8]) -> Option<u64> {
 
 /// Scans a `msg` frame (the payload starts with `{"type":"msg"`).
 pub fn scan_msg(d: &[u8]) -> Option<MsgView<'_>> {
-    // Keys are searched in the frame's own order (id, chat, from, seq before the body), so a
-    // key inside a custom body never shadows the real one.
+    // Keys are searched in the frame's own order (id, cid, chat, from, seq before the body),
+    // so a key inside a custom body never shadows the real one.
+    let chat_at = memchr::memmem::find(d, b"\"chat\":\"")?;
     Some(MsgView {
         id: str_field(d, b"\"id\":\"")?.parse().ok()?,
+        cid: str_field(&d[..chat_at], b"\"cid\":\""),
         chat: str_field(d, b"\"chat\":\"")?,
         from: str_field(d, b"\"from\":\"")?,
         seq: num_field(d, b"\"seq\":")?,
@@ -1017,6 +1027,14 @@ fn on_msg(ctx: &TermCtx, slot: usize, global: u64, data: &[u8]) {
             }
             return;
         }
+        let key = own.zip(m.cid.and_then(|c| c.parse::<u32>().ok())).map(|(from, n)| from << 32 | u64::from(n));
+        if let (Some(key), true) = (key, seen != Seen::Duplicate) {
+            if !u.chat.get_or_insert_with(Box::default).seen.insert(key) {
+                // The same send again under a new inbox seq: a copy.
+                st.counters.duplicates += 1;
+                return;
+            }
+        }
     }
     match seen {
         Seen::Duplicate => st.counters.duplicates += 1,
@@ -1062,11 +1080,14 @@ mod tests {
     fn msg_frames_scan_like_json() {
         let f = br#"{"type":"msg","id":"123","cid":"c9","chat":"g:lt1g0","from":"lt1u4","seq":17,"kind":"text","body":{"text":"t=5;k=2;r=ab"},"ts":9}"#;
         let m = scan_msg(f).unwrap();
-        assert_eq!(m, MsgView { id: 123, chat: "g:lt1g0", from: "lt1u4", seq: 17, text: Some("t=5;k=2;r=ab") });
+        assert_eq!(
+            m,
+            MsgView { id: 123, cid: Some("c9"), chat: "g:lt1g0", from: "lt1u4", seq: 17, text: Some("t=5;k=2;r=ab") }
+        );
         // A custom body with keys of the same names does not shadow the frame's own.
         let f = br#"{"type":"msg","id":"1","chat":"u:a","from":"a","seq":2,"kind":"custom","body":{"data":{"seq":99,"id":"7"}},"ts":9}"#;
         let m = scan_msg(f).unwrap();
-        assert_eq!((m.id, m.seq, m.text), (1, 2, None));
+        assert_eq!((m.id, m.cid, m.seq, m.text), (1, None, 2, None));
         assert!(scan_msg(br#"{"type":"msg","chat":"u:a"}"#).is_none());
     }
 
@@ -1132,6 +1153,28 @@ mod tests {
         assert_eq!(st.users[0].received, 2);
         assert_eq!((st.counters.received, st.counters.duplicates), (2, 1));
         assert_eq!(st.per_msg.get(&0).map(|e| e.0), Some(1), "the copy is no second member");
+    }
+
+    /// Chat: terminal 0 sends cid 5 to terminal 1 (accepted once); the node delivers it twice
+    /// under two inbox seqs and loses terminal 2's message to terminal 1 (cid 8): one peer
+    /// message received, one copy, so the lost one shows instead of the copy making up for it.
+    #[test]
+    fn a_chat_message_again_under_a_new_seq_is_a_copy_not_a_second_receipt() {
+        let c = ctx(Role::Chat, 3, 0, 0);
+        let chat = |from: u64, cid: u32, seq: u64| {
+            format!(
+                r#"{{"type":"msg","id":"{seq}","cid":"{cid}","chat":"u:lt1u{from}","from":"lt1u{from}","seq":{seq},"kind":"text","body":{{"text":"t=1;k=1;r=r1"}},"ts":1}}"#
+            )
+            .into_bytes()
+        };
+        on_msg(&c, 1, 1, &chat(0, 5, 1));
+        on_msg(&c, 1, 1, &chat(0, 5, 2));
+        // The same cid from another sender is another message.
+        on_msg(&c, 1, 1, &chat(2, 5, 3));
+        let st = c.state.borrow();
+        assert_eq!(st.users[1].received, 2);
+        assert_eq!((st.counters.received, st.counters.duplicates, st.counters.misrouted), (2, 1, 0));
+        assert_eq!(st.users[1].seq.contiguous(), 3, "every seq is acked");
     }
 
     #[test]

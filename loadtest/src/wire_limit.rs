@@ -324,17 +324,19 @@ struct WireBatch<'a> {
 }
 
 /// Writes the message to its addressee's socket, and a copy to the sender's if connected
-/// (chat `u:<to>`, the engine's multi-device copy): `Some((id, ts, sender seq))`, or `None`
-/// when the addressee is not connected here.
-fn deliver(hub: &Hub, m: &WireSend) -> Option<(u64, u64, u64)> {
+/// (chat `u:<to>`, the engine's multi-device copy), with the sender's `cid` as the engine
+/// writes it (terminal sends): `Some((id, ts, sender seq))`, or `None` when the addressee is
+/// not connected here.
+fn deliver(hub: &Hub, m: &WireSend, cid: Option<&str>) -> Option<(u64, u64, u64)> {
     let users = hub.users.borrow();
     let conn = users.get(m.to.as_ref())?;
     let id = hub.next_id.get() + 1;
     hub.next_id.set(id);
     let ts = crate::unix_nanos() / 1_000_000;
+    let cid = cid.map(|c| format!(",\"cid\":\"{c}\"")).unwrap_or_default();
     let frame = |chat: &str, seq: u64| {
         format!(
-            "{{\"type\":\"msg\",\"id\":\"{id}\",\"chat\":\"u:{chat}\",\"from\":\"{}\",\"seq\":{seq},\"kind\":\"{}\",\"body\":{},\"ts\":{ts}}}",
+            "{{\"type\":\"msg\",\"id\":\"{id}\"{cid},\"chat\":\"u:{chat}\",\"from\":\"{}\",\"seq\":{seq},\"kind\":\"{}\",\"body\":{},\"ts\":{ts}}}",
             m.from,
             m.kind,
             m.body.get()
@@ -381,7 +383,7 @@ fn terminal_send(hub: &Hub, user: &str, conn: &Conn, payload: &[u8]) {
         return;
     };
     let m = WireSend { from: Cow::Borrowed(user), to: s.to, kind: s.kind, body: s.body };
-    let answer = match deliver(hub, &m) {
+    let answer = match deliver(hub, &m, Some(&s.cid)) {
         Some((id, ts, seq)) => {
             format!("{{\"type\":\"sent\",\"cid\":\"{}\",\"id\":\"{id}\",\"seq\":{seq},\"ts\":{ts}}}", s.cid)
         }
@@ -528,7 +530,7 @@ fn respond(out: &mut Vec<u8>, status: &str, body: &str) {
 fn handle_api(hub: &Hub, method: &str, path: &str, body: &[u8], out: &mut Vec<u8>) {
     match (method, path) {
         ("POST", "/v1/messages") => match serde_json::from_slice::<WireSend>(body) {
-            Ok(m) => match deliver(hub, &m) {
+            Ok(m) => match deliver(hub, &m, None) {
                 Some((id, ts, _)) => respond(out, "200 OK", &format!("{{\"id\":\"{id}\",\"ts\":{ts}}}")),
                 None => respond(out, "404 Not Found", NOT_CONNECTED),
             },
@@ -543,7 +545,7 @@ fn handle_api(hub: &Hub, method: &str, path: &str, body: &[u8], out: &mut Vec<u8
                     if i > 0 {
                         s.push(',');
                     }
-                    match deliver(hub, m) {
+                    match deliver(hub, m, None) {
                         Some((id, ts, _)) => s.push_str(&format!("{{\"id\":\"{id}\",\"ts\":{ts}}}")),
                         None => s.push_str(NOT_CONNECTED),
                     }
