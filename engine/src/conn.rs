@@ -546,6 +546,7 @@ fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, 
         session.request_close(match e {
             WsError::TooBig { .. } => CloseReason::FrameTooBig,
             WsError::Protocol(_) => CloseReason::ProtocolError,
+            WsError::NotUtf8(_) => CloseReason::InvalidPayload,
         });
         return FrameWeight::Busy;
     }

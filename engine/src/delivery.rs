@@ -476,6 +476,10 @@ impl Shard {
     /// larger of `limits.resend_timeout_ms` and its terminal's own ack timeout.
     pub(crate) fn resend_due(&self, now: u64, due: &mut Vec<SessionKey>) {
         self.resend_wheel.borrow_mut().advance(now, due);
+        // A session may come due more than once at a tick (a check per tick of pushes, see
+        // `Session::track_unacked`): looked at once, so it is scheduled again once.
+        due.sort_unstable_by_key(|k| (k.slot, k.generation));
+        due.dedup();
         let mut resent = 0;
         for key in due.drain(..) {
             let Some(s) = self.session(key) else { continue };

@@ -76,6 +76,8 @@ pub enum CloseReason {
     FrameTooBig,
     /// Broken WebSocket framing.
     ProtocolError,
+    /// A text message (or a close reason) that is not UTF-8.
+    InvalidPayload,
     /// A socket error.
     IoError,
     /// The node is draining.
@@ -85,7 +87,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::PeerClosed,
         CloseReason::Idle,
         CloseReason::Kicked,
@@ -94,6 +96,7 @@ impl CloseReason {
         CloseReason::ProtocolViolation,
         CloseReason::FrameTooBig,
         CloseReason::ProtocolError,
+        CloseReason::InvalidPayload,
         CloseReason::IoError,
         CloseReason::Drain,
         CloseReason::Shutdown,
@@ -109,6 +112,7 @@ impl CloseReason {
             CloseReason::ProtocolViolation => "protocol_violation",
             CloseReason::FrameTooBig => "frame_too_big",
             CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidPayload => "invalid_payload",
             CloseReason::IoError => "io_error",
             CloseReason::Drain => "drain",
             CloseReason::Shutdown => "shutdown",
@@ -125,6 +129,7 @@ impl CloseReason {
             CloseReason::ProtocolViolation => Some(close_code::POLICY_VIOLATION),
             CloseReason::FrameTooBig => Some(close_code::TOO_BIG),
             CloseReason::ProtocolError => Some(close_code::PROTOCOL_ERROR),
+            CloseReason::InvalidPayload => Some(close_code::INVALID_PAYLOAD),
             CloseReason::IoError => None,
             CloseReason::Drain => Some(close_code::SERVICE_RESTART),
             CloseReason::Shutdown => Some(close_code::GOING_AWAY),
@@ -543,11 +548,14 @@ impl Session {
 
     /// Remembers an inbox message pushed at shard tick `now` until it is acked (its first
     /// resend comes due a timeout after `now`, see [`Session::due_resends`]). Keeps at most
-    /// `max`, in seq order (the lowest are then left to `sync`). Returns whether the list was empty before
-    /// (the caller schedules a resend check then).
+    /// `max`, in seq order (the lowest are then left to `sync`). Returns whether the caller
+    /// must schedule a resend check a timeout after `now`: when nothing was tracked, and when
+    /// nothing was tracked yet at this tick. The check already scheduled may be an older
+    /// message's backoff (up to `timeout << attempts` away): this one's first resend must not
+    /// wait for it. One check per tick of pushes, however many messages it pushed.
     pub fn track_unacked(&self, seq: u64, id: u64, frame: Bytes, now: u64, pushed_ms: u64, max: usize) -> bool {
         let mut u = self.unacked.borrow_mut();
-        let was_empty = u.is_empty();
+        let needs_check = u.back().is_none_or(|last| last.pushed_tick != now as u32);
         let m = Unacked { seq, id, frame, attempts: 0, pushed_tick: now as u32, due_tick: now, pushed_ms };
         // Kept in seq order, once per seq, so a cumulative ack forgets a prefix: a `sync` page
         // (older seqs) pushed after live messages goes before them, a seq pushed again (live,
@@ -563,7 +571,7 @@ impl Session {
         while u.len() > max {
             u.pop_front();
         }
-        was_empty
+        needs_check
     }
 
     /// A cumulative ack at shard tick `now` (`now_ms` on the shard's ms clock): forgets every
@@ -837,7 +845,7 @@ mod tests {
     fn unacked_messages_are_resent_with_backoff_then_left_to_sync() {
         let s = session();
         assert!(s.track_unacked(1, 11, Bytes::from_static(b"one"), 0, 0, 100));
-        assert!(!s.track_unacked(2, 12, Bytes::from_static(b"two"), 2, 0, 100));
+        assert!(s.track_unacked(2, 12, Bytes::from_static(b"two"), 2, 0, 100), "a check of its own");
         assert_eq!(s.due_resends(9, 10, 2), (vec![], Some(10)));
         let (frames, next) = s.due_resends(10, 10, 2);
         assert_eq!(frames, vec![Bytes::from_static(b"one")]);
@@ -852,6 +860,24 @@ mod tests {
         assert_eq!(frames, vec![Bytes::from_static(b"two")]);
         assert_eq!(s.due_resends(10_000, 10, 2), (vec![], None));
         assert_eq!(next, Some(1000 + 40));
+    }
+
+    #[test]
+    fn a_message_pushed_during_an_older_ones_backoff_asks_for_a_check_of_its_own() {
+        let s = session();
+        assert!(s.track_unacked(1, 11, Bytes::from_static(b"old"), 0, 0, 100), "the first: a check");
+        assert!(!s.track_unacked(2, 12, Bytes::from_static(b"same tick"), 0, 0, 100), "covered by that check");
+        // 1 and 2 resent at 10, 1 and 2 again at 30: the next check is due at 70.
+        assert_eq!(s.due_resends(10, 10, 5).1, Some(30));
+        assert_eq!(s.due_resends(30, 10, 5).1, Some(70));
+        // Pushed at 31, 3 is due at 41: the check at 70 is far too late for it.
+        assert!(s.track_unacked(3, 13, Bytes::from_static(b"new"), 31, 0, 100), "a check of its own");
+        assert!(!s.track_unacked(4, 14, Bytes::from_static(b"new too"), 31, 0, 100));
+        assert_eq!(
+            s.due_resends(41, 10, 5),
+            (vec![Bytes::from_static(b"new"), Bytes::from_static(b"new too")], Some(61)),
+            "resent a timeout after their push"
+        );
     }
 
     #[test]

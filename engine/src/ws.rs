@@ -14,6 +14,8 @@ pub mod close_code {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message (or a close reason) that is not UTF-8 (RFC 6455 §8.1).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const SERVICE_RESTART: u16 = 1012;
@@ -32,6 +34,9 @@ pub enum WsError {
     TooBig { len: u64, max: usize },
     #[error("protocol error: {0}")]
     Protocol(&'static str),
+    /// A text message or a close reason that is not UTF-8.
+    #[error("invalid payload: {0} is not UTF-8")]
+    NotUtf8(&'static str),
 }
 
 impl WsError {
@@ -40,20 +45,56 @@ impl WsError {
         match self {
             WsError::TooBig { .. } => close_code::TOO_BIG,
             WsError::Protocol(_) => close_code::PROTOCOL_ERROR,
+            WsError::NotUtf8(_) => close_code::INVALID_PAYLOAD,
         }
+    }
+}
+
+/// Whether a peer may send close code `code` (RFC 6455 §7.4): 1000-1003 and 1007-1014
+/// (1012-1014 as registered with IANA), and the registered and private ranges 3000-4999.
+/// 0-999 are not used, 1004-1006 and 1015 must never be sent, 1016-2999 are reserved for
+/// the protocol's future and codes from 5000 are undefined.
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// The status code of a peer's close frame payload (RFC 6455 §5.5.1): none when empty, else a
+/// valid code (see [`is_valid_close_code`]) followed by a UTF-8 reason.
+fn parse_close(payload: &[u8]) -> Result<Option<u16>, WsError> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(WsError::Protocol("close frame with a 1-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_close_code(code) {
+                return Err(WsError::Protocol("invalid close code"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(WsError::NotUtf8("the close reason"));
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
+/// A whole text message for `on_event`, once its bytes are known to be UTF-8.
+fn text_event(payload: &[u8]) -> Result<WsEvent<'_>, WsError> {
+    match std::str::from_utf8(payload) {
+        Ok(_) => Ok(WsEvent::Text(payload)),
+        Err(_) => Err(WsError::NotUtf8("a text message")),
     }
 }
 
 /// One complete client message or control frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WsEvent<'a> {
-    /// A whole text message (fragments joined).
+    /// A whole text message (fragments joined), valid UTF-8.
     Text(&'a [u8]),
     /// A whole binary message.
     Binary(&'a [u8]),
     Ping(&'a [u8]),
     Pong,
-    /// The peer's close, with its code if any.
+    /// The peer's close, with its code if any (a valid one: see [`is_valid_close_code`]).
     Close(Option<u16>),
 }
 
@@ -142,10 +183,7 @@ impl FrameReader {
                     match c {
                         Control::Ping => on_event(WsEvent::Ping(payload)),
                         Control::Pong => on_event(WsEvent::Pong),
-                        Control::Close => {
-                            let code = (len >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-                            on_event(WsEvent::Close(code))
-                        }
+                        Control::Close => on_event(WsEvent::Close(parse_close(payload)?)),
                         Control::Reserved(_) => return Err(WsError::Protocol("reserved opcode")),
                     }
                 }
@@ -155,7 +193,7 @@ impl FrameReader {
                 OpCode::Data(d @ (Data::Text | Data::Binary)) => {
                     let text = d == Data::Text;
                     if header.is_final {
-                        on_event(if text { WsEvent::Text(payload) } else { WsEvent::Binary(payload) })
+                        on_event(if text { text_event(payload)? } else { WsEvent::Binary(payload) })
                     } else {
                         self.fragments = Some((text, payload.to_vec()));
                         true
@@ -171,7 +209,7 @@ impl FrameReader {
                     acc.extend_from_slice(payload);
                     if header.is_final {
                         let (text, whole) = self.fragments.take().unwrap_or_default();
-                        on_event(if text { WsEvent::Text(&whole) } else { WsEvent::Binary(&whole) })
+                        on_event(if text { text_event(&whole)? } else { WsEvent::Binary(&whole) })
                     } else {
                         true
                     }
@@ -340,6 +378,51 @@ mod tests {
     fn close_with_code() {
         let bytes = client_frame(OpCode::Control(Control::Close), true, &1000u16.to_be_bytes(), M);
         assert_eq!(collect(&mut FrameReader::default(), &[&bytes], 64).unwrap(), vec![Owned::Close(Some(1000))]);
+    }
+
+    #[test]
+    fn close_frames_are_checked() {
+        let close = |payload: &[u8]| {
+            let bytes = client_frame(OpCode::Control(Control::Close), true, payload, M);
+            collect(&mut FrameReader::default(), &[&bytes], 64)
+        };
+        assert_eq!(close(b"").unwrap(), vec![Owned::Close(None)], "no code at all is fine");
+        // RFC 6455 §5.5.1: a body is a 2-byte code first; one byte is no close, but broken.
+        assert_eq!(close(&[0x03]).unwrap_err(), WsError::Protocol("close frame with a 1-byte payload"));
+        for code in [1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
+        {
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice("bye ✓".as_bytes());
+            assert_eq!(close(&payload).unwrap(), vec![Owned::Close(Some(code))], "{code}");
+        }
+        // RFC 6455 §7.4: never sent on the wire, reserved or undefined.
+        for code in [0u16, 1, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            let err = close(&code.to_be_bytes()).unwrap_err();
+            assert_eq!(err.close_code(), close_code::PROTOCOL_ERROR, "{code}");
+        }
+        // §8.1: a close reason that is not UTF-8 fails the connection like a text frame would.
+        let err = close(&[0x03, 0xe8, 0xff, 0xfe]).unwrap_err();
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+    }
+
+    #[test]
+    fn text_must_be_utf8() {
+        let bad = client_frame(OpCode::Data(Data::Text), true, b"{\"type\":\"p\xffing\"}", M);
+        let err = collect(&mut FrameReader::default(), &[&bad], 1024).unwrap_err();
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+        // Checked on the whole message: a character split across fragments is fine...
+        let euro = "€".as_bytes();
+        let mut split = client_frame(OpCode::Data(Data::Text), false, &euro[..1], M);
+        split.extend(client_frame(OpCode::Data(Data::Continue), true, &euro[1..], M));
+        assert_eq!(collect(&mut FrameReader::default(), &[&split], 1024).unwrap(), vec![Owned::Text(euro.to_vec())]);
+        // ...one that never completes is not.
+        let mut cut = client_frame(OpCode::Data(Data::Text), false, b"ok", M);
+        cut.extend(client_frame(OpCode::Data(Data::Continue), true, &euro[..2], M));
+        let err = collect(&mut FrameReader::default(), &[&cut], 1024).unwrap_err();
+        assert_eq!(err.close_code(), close_code::INVALID_PAYLOAD);
+        // Binary messages carry any bytes.
+        let bin = client_frame(OpCode::Data(Data::Binary), true, &[0xff, 0xfe], M);
+        assert_eq!(collect(&mut FrameReader::default(), &[&bin], 1024).unwrap(), vec![Owned::Binary(vec![0xff, 0xfe])]);
     }
 
     #[test]
