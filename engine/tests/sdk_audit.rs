@@ -8,7 +8,9 @@
 //!   the pace the node's `welcome` asks for, so a node with a short idle timeout keeps it.
 //! - The JS SDK against a scripted node (`sdk/js/test/audit.mjs`, a fake WebSocket): a refused
 //!   `sync` is sent again, a `read` made offline goes once back, a group joined while away is
-//!   synced, sends pending at a final close are rejected, broadcasts are deduplicated. Those
+//!   synced, sends pending at a final close are rejected, broadcasts are deduplicated, a kick
+//!   is final whatever the close code, a connection without `welcome` is given up, a refused
+//!   URL is reported, the backoff grows against a node closing right after `welcome`. Those
 //!   need `node` (20 with `--experimental-websocket`, or newer); without it they print
 //!   "skipped: node not installed" and pass.
 mod support;
@@ -285,4 +287,32 @@ fn the_js_sdk_rejects_pending_sends_when_closed_for_good() {
 #[test]
 fn the_js_sdk_deduplicates_broadcasts() {
     js_case("broadcasts_are_deduplicated_by_id");
+}
+
+/// A `kicked` frame followed by an abnormal close (1006) is final like a 4001: the SDK once
+/// reconnected, kicking the device's newer connection in turn.
+#[test]
+fn the_js_sdk_stays_closed_after_kicked_whatever_the_close_code() {
+    js_case("kicked_then_abnormal_close_stays_closed");
+}
+
+/// A connection that gets no `welcome` is given up after `welcomeTimeoutMs` and tried again
+/// (it stayed `connecting` for good).
+#[test]
+fn the_js_sdk_gives_up_a_connection_without_welcome() {
+    js_case("no_welcome_is_given_up_and_retried");
+}
+
+/// A URL the WebSocket API refuses closes the terminal with an `error` event (it was an
+/// unhandled rejection with the terminal left connecting).
+#[test]
+fn the_js_sdk_reports_a_refused_url() {
+    js_case("a_refused_url_closes_with_an_error");
+}
+
+/// Connections closed right after their `welcome` are retried with a growing backoff (reset
+/// only by a connection that stayed up `stableAfterMs`): it was reset at every `welcome`.
+#[test]
+fn the_js_sdk_backs_off_from_a_node_closing_right_after_welcome() {
+    js_case("the_backoff_grows_when_connections_close_right_after_welcome");
 }

@@ -5,7 +5,10 @@
 // does what every terminal must do, so an app only handles messages:
 // - connects (the token may be a function, called on every connect, to refresh it) and keeps
 //   the connection: heartbeats, reconnects with jittered backoff, honours `reconnect {after_ms}`
-//   when a node drains, stops for good on `kicked`;
+//   when a node drains, stops for good on `kicked` (whatever close follows it); gives up a
+//   connection that gets no `welcome` within `welcomeTimeoutMs` (10 s) and tries again; the
+//   backoff resets only after a connection stayed up `stableAfterMs` (10 s), so a node closing
+//   terminals right after `welcome` is not hammered;
 // - after every `welcome`, catches up with `sync` (page by page) from the positions it has
 //   acknowledged, so nothing is missed across disconnects; acknowledges what it received
 //   (cumulative `ack` per stream, never past a seq it has not received: a live message that
@@ -44,6 +47,9 @@ const SEEN_MAX = 10000;
 const GAP_WAIT_MS = 1000;
 /** How long after a refused `sync` (`rate_limited` or `unavailable`) it is sent again. */
 const SYNC_RETRY_MS = 1000;
+/** A connection that stayed up this long resets the reconnect backoff; one closed sooner
+ * (say a node closing every terminal right after `welcome`) backs off further each time. */
+const STABLE_AFTER_MS = 10000;
 
 function randomCid() {
   const bytes = new Uint8Array(12);
@@ -82,6 +88,10 @@ export class EtherTerminal extends EventTarget {
     this.reconnectMinMs = o.reconnectMinMs ?? 500;
     this.reconnectMaxMs = o.reconnectMaxMs ?? 30000;
     this.sendTimeoutMs = o.sendTimeoutMs ?? 15000;
+    /** How long a connection may take to get its `welcome` before it is given up and tried
+     * again (a node that accepts but never answers, a proxy holding the upgrade). */
+    this.welcomeTimeoutMs = o.welcomeTimeoutMs ?? 10000;
+    this.stableAfterMs = o.stableAfterMs ?? STABLE_AFTER_MS;
     this.WebSocketImpl = o.WebSocket ?? globalThis.WebSocket;
     if (!this.WebSocketImpl) throw new Error("no WebSocket implementation: pass { WebSocket }");
     /** Acknowledged positions: `inbox_seq` and one per group. Each one is a seq this terminal
@@ -101,6 +111,7 @@ export class EtherTerminal extends EventTarget {
     this._ws = null;
     this._wanted = false;
     this._attempt = 0;
+    this._kicked = false; // a `kicked` frame came: no reconnecting on our own
     this._timers = new Set();
     this._pending = new Map(); // cid -> { frame, resolve, reject, timer }
     this._seen = new Set();
@@ -118,6 +129,7 @@ export class EtherTerminal extends EventTarget {
   /** Connects, and keeps connecting until `close()` (or a kick). */
   start() {
     this._wanted = true;
+    this._kicked = false;
     if (!this._ws) this._connect();
   }
 
@@ -179,9 +191,32 @@ export class EtherTerminal extends EventTarget {
     }
     if (!this._wanted) return;
     const q = new URLSearchParams({ token, device: this.device, platform: this.platform });
-    const ws = new this.WebSocketImpl(`${this.url}/ws?${q}`, "ether.v1.json");
+    let ws;
+    try {
+      ws = new this.WebSocketImpl(`${this.url}/ws?${q}`, "ether.v1.json");
+    } catch (e) {
+      // A URL the WebSocket API refuses (bad syntax, a blocked port): trying again cannot help.
+      this._wanted = false;
+      this._emit("error", new EtherError("invalid_url", `cannot open ${this.url}/ws: ${e}`));
+      this._setState("closed");
+      return;
+    }
     this._ws = ws;
     let welcomed = false;
+    let welcomedAt = 0;
+    this._later(this.welcomeTimeoutMs, () => {
+      if (welcomed || this._ws !== ws) return;
+      // No `welcome`: given up (its close event, if any, is ignored) and tried again.
+      this._ws = null;
+      ws.onclose = ws.onmessage = null;
+      try {
+        ws.close(1000, "no welcome");
+      } catch {}
+      this._stopTimers();
+      this._emit("error", new EtherError("unavailable", `no welcome within ${this.welcomeTimeoutMs} ms`));
+      this._setState("offline");
+      this._retry();
+    });
     ws.onmessage = (ev) => {
       if (typeof ev.data !== "string") return; // JSON frames only on this subprotocol
       let frame;
@@ -191,7 +226,10 @@ export class EtherTerminal extends EventTarget {
         return;
       }
       this._lastFrameAt = Date.now();
-      if (frame.type === "welcome") welcomed = true;
+      if (frame.type === "welcome" && !welcomed) {
+        welcomed = true;
+        welcomedAt = Date.now();
+      }
       this._onFrame(frame);
     };
     ws.onclose = (ev) => {
@@ -200,7 +238,9 @@ export class EtherTerminal extends EventTarget {
       this._stopTimers();
       this._ackDue = null; // what was not acknowledged comes again after `sync`
       if (!this._wanted) return;
-      if (FINAL_CLOSE_CODES.has(ev.code)) {
+      // A `kicked` frame says it even when the close that follows is not 4001 (a proxy or a
+      // broken connection turns it into 1006): reconnecting would kick the newer device.
+      if (FINAL_CLOSE_CODES.has(ev.code) || this._kicked) {
         // Kicked (4001: replaced by a newer connection of this device, or by the business),
         // or refused for bad frames (1008): reconnecting would not help, and the sends still
         // waiting for `sent` would never be sent again.
@@ -210,7 +250,7 @@ export class EtherTerminal extends EventTarget {
         return;
       }
       this._setState("offline");
-      if (welcomed) this._attempt = 0;
+      if (welcomed && Date.now() - welcomedAt >= this.stableAfterMs) this._attempt = 0;
       this._retry(this._reconnectAfter);
       this._reconnectAfter = undefined;
     };
@@ -281,6 +321,7 @@ export class EtherTerminal extends EventTarget {
       case "read_sync":
         return this._emit(f.type, f);
       case "kicked":
+        this._kicked = true;
         return this._emit("kicked", f);
       case "reconnect":
         this._reconnectAfter = f.after_ms;

@@ -64,7 +64,7 @@ const msg = (seq, group, id) => ({
   ts: 1,
 });
 
-function terminal(positions) {
+function terminal(positions, options = {}) {
   const t = new EtherTerminal({
     url: "ws://fake",
     token: "t",
@@ -74,6 +74,7 @@ function terminal(positions) {
     sendTimeoutMs: 20000,
     positions,
     WebSocket: FakeWebSocket,
+    ...options,
   });
   t.got = [];
   t.errors = [];
@@ -191,6 +192,80 @@ const cases = {
     t.close();
   },
 };
+
+Object.assign(cases, {
+  /** A `kicked` frame followed by an abnormal close (1006: a proxy, a broken connection) is as
+   * final as a 4001: reconnecting would kick the device's newer connection in turn. */
+  async kicked_then_abnormal_close_stays_closed() {
+    nextWelcome = welcome(0, {});
+    const t = terminal({ inbox_seq: 0, groups: {} });
+    t.start();
+    await tick(5);
+    check(t.state === "online", `online (${t.state})`);
+    last().feed({ type: "kicked", reason: "replaced by a newer connection of this device" });
+    last().drop(1006);
+    await tick(100);
+    check(t.state === "closed", `closed for good (${t.state})`);
+    check(conns.length === 1, `no reconnect: ${conns.length} connections`);
+    t.close();
+  },
+
+  /** A node that accepts the connection but never sends `welcome` is given up after
+   * `welcomeTimeoutMs` and tried again, instead of leaving the terminal connecting forever. */
+  async no_welcome_is_given_up_and_retried() {
+    nextWelcome = null;
+    const t = terminal({ inbox_seq: 0, groups: {} }, { welcomeTimeoutMs: 50 });
+    t.start();
+    await tick(5);
+    check(conns.length === 1 && t.state === "connecting", `connecting (${t.state})`);
+    nextWelcome = welcome(0, {});
+    const end = Date.now() + 5000;
+    while (Date.now() < end && t.state !== "online") await tick(10);
+    check(t.state === "online", `online on a later connection (${t.state}, ${conns.length} connections)`);
+    check(conns.length >= 2, `tried again: ${conns.length} connections`);
+    check(t.errors.includes("unavailable"), `the app is told: ${show(t.errors)}`);
+    t.close();
+  },
+
+  /** A URL the WebSocket API refuses throws in its constructor: an `error` event and the
+   * terminal closed, not an unhandled rejection and a terminal stuck connecting. */
+  async a_refused_url_closes_with_an_error() {
+    class Refusing {
+      constructor(url) {
+        throw new SyntaxError(`invalid URL ${url}`);
+      }
+    }
+    const t = terminal({ inbox_seq: 0, groups: {} }, { WebSocket: Refusing });
+    t.start();
+    await tick(50);
+    check(t.state === "closed", `closed (${t.state})`);
+    check(show(t.errors) === show(["invalid_url"]), `told once: ${show(t.errors)}`);
+    t.close();
+  },
+
+  /** A node that closes every connection right after its `welcome` (a slow-consumer loop, a
+   * node refusing the user) is reconnected to with a growing backoff: the backoff reset at
+   * every `welcome` had each terminal reconnect at the shortest delay, forever. */
+  async the_backoff_grows_when_connections_close_right_after_welcome() {
+    nextWelcome = welcome(0, {});
+    const t = terminal({ inbox_seq: 0, groups: {} }, { reconnectMinMs: 10, reconnectMaxMs: 640 });
+    const opened = [];
+    t.addEventListener("welcome", () => {
+      opened.push(Date.now());
+      const ws = last();
+      setTimeout(() => ws.drop(4002));
+    });
+    t.start();
+    const end = Date.now() + 5000;
+    while (Date.now() < end && opened.length < 7) await tick(10);
+    t.close();
+    const gaps = opened.slice(1).map((at, i) => at - opened[i]);
+    facts.gaps = gaps;
+    check(gaps.length >= 6, `7 connections: ${show(gaps)}`);
+    // Attempt k waits 5..10 ms x 2^k: the 6th reconnect waits at least 160 ms.
+    check(gaps[5] >= 150, `the backoff grew: ${show(gaps)}`);
+  },
+});
 
 const name = process.argv[2];
 try {
