@@ -14,15 +14,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use support::js::node_with_websocket;
 use support::*;
-
-fn node_with_websocket() -> Option<&'static str> {
-    let out = Command::new("node")
-        .args(["--experimental-websocket", "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"])
-        .output()
-        .ok()?;
-    out.status.success().then_some("node")
-}
 
 #[test]
 fn the_js_sdk_sends_receives_and_catches_up_after_being_away() {
@@ -139,24 +132,7 @@ fn the_js_sdk_syncs_every_page_when_a_live_message_overtakes_the_sync() {
 /// live messages is not acked over but fetched by a `sync`.
 #[test]
 fn the_js_sdk_skips_purged_seqs_and_fetches_gaps_without_acking_over_them() {
-    let Some(node_bin) = node_with_websocket() else {
-        println!("skipped: node not installed (or without WebSocket)");
-        return;
-    };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/js/test/positions.mjs");
-    let out = Command::new(node_bin)
-        .arg("--experimental-websocket")
-        .arg("--no-warnings")
-        .arg(&script)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let verdict = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-        panic!("no verdict from the script ({:?}); stderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr))
-    });
-    let v: serde_json::Value = serde_json::from_str(verdict).expect("JSON verdict");
-    assert_eq!(v["ok"], true, "the JS SDK positions script failed: {v:#}");
-    assert!(out.status.success(), "{:?}", out.status);
+    support::js::assert_script_passes("positions.mjs", &[]);
 }
 
 /// Waits for a script (at most 40 s) and parses the JSON verdict line it printed: the verdict,

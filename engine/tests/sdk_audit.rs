@@ -17,7 +17,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -223,35 +223,9 @@ fn the_example_terminal_sends_a_refused_sync_again() {
 
 // ---- the JS SDK --------------------------------------------------------------------------
 
-fn node_with_websocket() -> Option<&'static str> {
-    let out = Command::new("node")
-        .args(["--experimental-websocket", "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"])
-        .output()
-        .ok()?;
-    out.status.success().then_some("node")
-}
-
 /// Runs one case of `sdk/js/test/audit.mjs` and checks its verdict.
 fn js_case(case: &str) {
-    let Some(node_bin) = node_with_websocket() else {
-        println!("skipped: node not installed (or without WebSocket)");
-        return;
-    };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk/js/test/audit.mjs");
-    let out = Command::new(node_bin)
-        .arg("--experimental-websocket")
-        .arg("--no-warnings")
-        .arg(&script)
-        .arg(case)
-        .output()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let verdict = stdout.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
-        panic!("no verdict from {case} ({:?}); stderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr))
-    });
-    let v: serde_json::Value = serde_json::from_str(verdict).expect("JSON verdict");
-    assert_eq!(v["ok"], true, "JS SDK case {case} failed: {v:#}");
-    assert!(out.status.success(), "{:?}", out.status);
+    support::js::assert_script_passes("audit.mjs", &[case]);
 }
 
 /// A `sync` answered `rate_limited` (or `unavailable`) instead of `synced` is sent again: the

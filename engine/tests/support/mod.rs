@@ -10,6 +10,7 @@ use ether_engine::node::{self, BoundPorts, NodeHandle};
 use ether_proto::frame::{Msg, ServerFrame};
 use ether_sdk::{GatewayClient, TerminalClient};
 
+pub mod js;
 pub mod webhook;
 
 pub const WAIT: Duration = Duration::from_secs(5);
