@@ -8,34 +8,12 @@
 //! Cargo gives tests the path of the workspace's binaries only.
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ether_proto::frame::Positions;
 use ether_sdk::TerminalClient;
+use support::example::ExampleTerminal;
 use support::*;
-
-/// Builds the example (a no-op when it is up to date) and returns the path of its binary.
-fn build_example() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "ether-sdk", "--example", "terminal", "--message-format=json"])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cargo runs");
-    assert!(out.status.success(), "cargo build of the example failed: {:?}", out.status);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "terminal")
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .expect("the example's executable in cargo's output")
-}
 
 /// What the node says `device` of bob acknowledged (a new terminal's `welcome.delivered`),
 /// once it is `want` (positions are saved once per tick); fails after 5 s.
@@ -59,7 +37,6 @@ fn positions(inbox_seq: u64, club: u64) -> Positions {
 
 #[test]
 fn the_example_terminal_catches_up_on_what_came_while_away_and_acks_only_what_it_has() {
-    let exe = build_example();
     // `Config::test_min`: sync pages of 8 messages, so the backlog takes several pages.
     let node = TestNode::start();
     let gw = node.gateway();
@@ -86,57 +63,19 @@ fn the_example_terminal_catches_up_on_what_came_while_away_and_acks_only_what_it
     (4..=18).for_each(inbox);
     (3..=12).for_each(club);
 
-    let mut child = Command::new(&exe)
-        .args(["--url", &node.ws_url(), "--device", "laptop"])
-        .env("ETHER_TOKEN", node.token("bob"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the example runs");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-
     let mut want: Vec<String> = (4..=19).map(|i| format!("[u:dan #{i}] dan: m{i}")).collect();
     want.extend((3..=13).map(|i| format!("[g:club #{i}] max: c{i}")));
-    let mut printed = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline && !want.iter().all(|w| printed.contains(w)) {
-        let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) else { continue };
+    let mut example = ExampleTerminal::start(&node, "laptop");
+    let on_line = |line: &str| {
         if line.starts_with("welcome ") {
             // Connected (and catching up): one live message on each stream now.
             inbox(19);
             club(13);
         }
-        printed.push(line);
-    }
-    // End of input: the example closes the connection and says bye.
-    writeln!(stdin).expect("write to the example");
-    drop(stdin);
-    let exit_by = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break Some(s);
-        }
-        if Instant::now() > exit_by {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     };
-    printed.extend(lines.try_iter());
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
+    example.read_until(Duration::from_secs(30), on_line, |p| want.iter().all(|w| p.contains(w)));
+    // End of input: the example closes the connection and says bye.
+    let (status, printed, stderr) = example.finish();
     let all = printed.join("\n");
     println!("{all}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}; output:\n{all}\nstderr:\n{stderr}");

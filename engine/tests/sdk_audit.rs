@@ -15,15 +15,12 @@
 //!   "skipped: node not installed" and pass.
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ether_sdk::tungstenite::{self, Message};
 use ether_sdk::{SdkError, TerminalClient};
+use support::example::ExampleTerminal;
 use support::*;
 
 // ---- the Rust TerminalClient -------------------------------------------------------------
@@ -68,86 +65,26 @@ fn the_rust_client_skips_frames_of_unknown_types() {
 
 // ---- the example terminal ----------------------------------------------------------------
 
-/// Builds the example (a no-op when it is up to date) and returns the path of its binary.
-fn build_example() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-    let out = Command::new(env!("CARGO"))
-        .args(["build", "-q", "-p", "ether-sdk", "--example", "terminal", "--message-format=json"])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("cargo runs");
-    assert!(out.status.success(), "cargo build of the example failed: {:?}", out.status);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "terminal")
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .expect("the example's executable in cargo's output")
-}
-
 /// "Send a heartbeat every `heartbeat_s / 2` seconds": a node whose idle timeout (here 3 s) is
 /// shorter than the example's default `--ping-s` (20 s) must not close it with 4003 while it
 /// sits idle; a message sent after that still reaches it.
 #[test]
 fn the_example_terminal_heartbeats_as_the_welcome_asks() {
-    let exe = build_example();
     let node = TestNode::with(|c| {
         c.limits.idle_timeout = Duration::from_secs(3);
         c.limits.heartbeat_s = 1;
     });
-    let mut child = Command::new(&exe)
-        .args(["--url", &node.ws_url(), "--device", "cli"])
-        .env("ETHER_TOKEN", node.token("bob"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the example runs");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut printed = Vec::new();
-    let welcome_by = Instant::now() + Duration::from_secs(20);
-    while !printed.iter().any(|l: &String| l.starts_with("welcome ")) {
-        assert!(Instant::now() < welcome_by, "no welcome: {printed:?}");
-        if let Ok(l) = lines.recv_timeout(Duration::from_millis(100)) {
-            printed.push(l);
-        }
-    }
+    let mut example = ExampleTerminal::start(&node, "cli");
+    let welcomed = example.read_until(Duration::from_secs(20), |_| {}, |p| p.iter().any(|l| l.starts_with("welcome ")));
+    assert!(welcomed, "no welcome: {:?}", example.printed);
     // Idle for well over the idle timeout.
     std::thread::sleep(Duration::from_secs(7));
-    let alive = child.try_wait().expect("wait").is_none();
+    let alive = example.is_running();
     if alive {
         node.gateway().send_message(&text("ann", "bob", "still there?")).expect("API send");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && !printed.iter().any(|l| l.ends_with("ann: still there?")) {
-            if let Ok(l) = lines.recv_timeout(Duration::from_millis(100)) {
-                printed.push(l);
-            }
-        }
+        example.read_until(Duration::from_secs(10), |_| {}, |p| p.iter().any(|l| l.ends_with("ann: still there?")));
     }
-    let _ = writeln!(stdin);
-    drop(stdin);
-    let exit_by = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() && Instant::now() < exit_by {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    printed.extend(lines.try_iter());
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
+    let (_, printed, stderr) = example.finish();
     let all = printed.join("\n");
     assert!(alive, "the example ended while idle; output:\n{all}\nstderr:\n{stderr}");
     assert!(printed.iter().any(|l| l.ends_with("ann: still there?")), "output:\n{all}\nstderr:\n{stderr}");
@@ -156,45 +93,9 @@ fn the_example_terminal_heartbeats_as_the_welcome_asks() {
 /// Runs the example as bob's `device` against `node` until every line of `want` is printed
 /// (at most `within`), then ends its input; what it printed, and its stderr.
 fn run_example_until(node: &TestNode, device: &str, want: &[String], within: Duration) -> (Vec<String>, String) {
-    let exe = build_example();
-    let mut child = Command::new(&exe)
-        .args(["--url", &node.ws_url(), "--device", device])
-        .env("ETHER_TOKEN", node.token("bob"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the example runs");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stdout.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut printed: Vec<String> = Vec::new();
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline && !want.iter().all(|w| printed.contains(w)) {
-        if let Ok(l) = lines.recv_timeout(Duration::from_millis(100)) {
-            printed.push(l);
-        }
-    }
-    let _ = writeln!(stdin);
-    drop(stdin);
-    let exit_by = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().expect("wait").is_none() && Instant::now() < exit_by {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    printed.extend(lines.try_iter());
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
-    }
+    let mut example = ExampleTerminal::start(node, device);
+    example.read_until(within, |_| {}, |p| want.iter().all(|w| p.contains(w)));
+    let (_, printed, stderr) = example.finish();
     (printed, stderr)
 }
 

@@ -10,6 +10,7 @@ use ether_engine::node::{self, BoundPorts, NodeHandle};
 use ether_proto::frame::{Msg, ServerFrame};
 use ether_sdk::{GatewayClient, TerminalClient};
 
+pub mod example;
 pub mod js;
 pub mod webhook;
 
