@@ -12,6 +12,9 @@ use ether_http::{accept_loop, Limits, Method, Request, Response, Stop};
 
 /// Generous for CI; every read in these tests is bounded by it.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/big`'s body: far more than loopback socket buffers hold, so the server is still writing
+/// it when a client's extra bytes arrive, and its last part is still queued when it closes.
+const BIG_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 /// A server on an ephemeral port; stopped and joined on drop.
 struct TestServer {
@@ -76,6 +79,9 @@ thread_local! {
 /// Echoes what it saw: `<METHOD> <path> q=<query param> body=<len>`; `/slow` takes 50 ms
 /// (so pipelined answers must wait for each other to stay in order).
 async fn handle(req: Request) -> Response {
+    if req.path == "/big" {
+        return Response::text(200, &"x".repeat(BIG_BODY_BYTES));
+    }
     if req.path == "/slow" {
         glommio::timer::sleep(Duration::from_millis(50)).await;
     }
@@ -412,4 +418,53 @@ fn stop_closes_idle_connections_and_ends_the_loop() {
     drop(srv); // stops and joins: returns only once the idle connection is gone
     assert!(started.elapsed() < Duration::from_secs(4), "stop waited for the idle timeout");
     assert_closed(&mut s, &pending);
+}
+
+/// Reads until EOF; an error (a reset) ends it too, with what arrived so far.
+fn read_to_end_or_reset(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut all = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return (all, None),
+            Ok(n) => all.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return (all, Some(e)),
+        }
+    }
+}
+
+/// A business system that forgot to percent-encode an id (`/v1/users/John Doe/presence`)
+/// gets a 400 that names the request line, not "505 HTTP version not supported".
+#[test]
+fn space_in_the_target_is_a_400_not_a_505() {
+    let srv = TestServer::start(Limits::default(), Duration::from_secs(5), 16);
+    let mut s = srv.connect();
+    s.write_all(b"GET /v1/users/John Doe/presence HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let (got, err) = read_to_end_or_reset(&mut s);
+    let text = String::from_utf8_lossy(&got);
+    assert!(err.is_none(), "{err:?}");
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert!(text.contains("request line"), "{text}");
+}
+
+/// A request with `Connection: close` followed by more bytes (a pipelining client, or the
+/// stray CRLF some clients send after a body): closing with those bytes unread makes the
+/// kernel reset the connection, and a reset throws away the part of the response still
+/// queued. The whole response must arrive, then a clean EOF.
+#[test]
+fn connection_close_with_more_input_pending_delivers_the_whole_response() {
+    let srv = TestServer::start(Limits::default(), Duration::from_secs(5), 16);
+    let mut s = srv.connect();
+    s.write_all(b"GET /big HTTP/1.1\r\nConnection: close\r\n\r\n").expect("write");
+    // The server is busy writing 32 MiB to a client that does not read yet: these bytes stay
+    // unread in its socket.
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(b"GET /next HTTP/1.1\r\n\r\n").expect("write");
+    let (got, err) = read_to_end_or_reset(&mut s);
+    assert!(err.is_none(), "connection reset after {} bytes: {err:?}", got.len());
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n") && head.contains("Connection: close\r\n"), "{head}");
+    assert_eq!(got.len() - head_end, BIG_BODY_BYTES, "the whole body, and nothing after it");
 }
