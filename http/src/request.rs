@@ -12,7 +12,10 @@
 //! `Content-Length`, and refusing is safer than guessing the framing (request smuggling).
 //! A request with neither header has an empty body (RFC 9112 §6.3).
 //!
-//! Not enforced, on purpose: the presence of `Host` (raw-socket tests and probes omit it).
+//! `Host` (RFC 9112 §3.2): a request with more than one `Host` field, or one whose value is
+//! not `host[:port]`, is refused with [`HttpError::Malformed`] (400), since the fields may be
+//! read differently by a proxy in front. Not enforced, on purpose: the presence of `Host`
+//! (raw-socket tests, probes and HTTP/1.0 clients omit it; nothing here routes by it).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -65,6 +68,13 @@ pub enum HttpError {
     /// fields. 431.
     #[error("request header section too large")]
     HeaderTooLarge,
+    /// The request line (method and target) alone does not end within `header_bytes_max`.
+    /// 414 (RFC 9110 §15.5.15).
+    #[error("request line (method and target) longer than {limit} bytes")]
+    UriTooLong {
+        /// The configured `header_bytes_max`.
+        limit: usize,
+    },
     /// `Content-Length` is above `body_bytes_max`; detected before the body arrives. 413.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge {
@@ -89,6 +99,7 @@ impl HttpError {
         match self {
             HttpError::Malformed(_) => 400,
             HttpError::HeaderTooLarge => 431,
+            HttpError::UriTooLong { .. } => 414,
             HttpError::BodyTooLarge { .. } => 413,
             HttpError::LengthRequired => 411,
             HttpError::VersionNotSupported => 505,
@@ -101,6 +112,7 @@ impl HttpError {
         match self {
             HttpError::Malformed(_) => "bad_request",
             HttpError::HeaderTooLarge => "header_too_large",
+            HttpError::UriTooLong { .. } => "uri_too_long",
             HttpError::BodyTooLarge { .. } => "payload_too_large",
             HttpError::LengthRequired => "length_required",
             HttpError::VersionNotSupported => "http_version_not_supported",
@@ -333,9 +345,10 @@ fn scan(buf: &[u8], limits: &Limits, build: bool) -> Result<(Progress, Option<Re
         let head_len = match raw.parse(window) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => {
-                // The window is full and the head is still open: it is longer than allowed.
+                // The window is full and the head is still open: it is longer than allowed,
+                // and if its first line is still open, that line is what overflowed.
                 return if buf.len() >= limits.header_bytes_max {
-                    Err(HttpError::HeaderTooLarge)
+                    Err(overflow_error(window, limits))
                 } else {
                     Ok((Progress::NeedHead, None))
                 };
@@ -367,6 +380,18 @@ fn with_header_slots<'b, R>(n: usize, f: impl FnOnce(&mut [httparse::Header<'b>]
     } else {
         let mut slots = vec![httparse::EMPTY_HEADER; n];
         f(&mut slots)
+    }
+}
+
+/// The error for a header section that does not end within `window` (a full
+/// `header_bytes_max`): 414 when the request line itself has not ended (a target too long,
+/// RFC 9110 §15.5.15), else 431. Empty lines before the request line (which httparse skips)
+/// are not a request line: a window of only those is 431.
+fn overflow_error(window: &[u8], limits: &Limits) -> HttpError {
+    let start = window.iter().position(|&b| b != b'\r' && b != b'\n');
+    match start {
+        Some(start) if !window[start..].contains(&b'\n') => HttpError::UriTooLong { limit: limits.header_bytes_max },
+        _ => HttpError::HeaderTooLarge,
     }
 }
 
@@ -414,6 +439,7 @@ fn inspect(raw: &httparse::Request<'_, '_>, limits: &Limits) -> Result<Head, Htt
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
+    let mut host_seen = false;
     for h in raw.headers.iter() {
         let value = std::str::from_utf8(h.value)
             .map_err(|_| HttpError::Malformed(format!("header {} is not UTF-8", h.name)))?
@@ -435,10 +461,53 @@ fn inspect(raw: &httparse::Request<'_, '_>, limits: &Limits) -> Result<Head, Htt
             }
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = version_minor >= 1 && value.eq_ignore_ascii_case("100-continue");
+        } else if h.name.eq_ignore_ascii_case("host") {
+            // RFC 9112 §3.2: more than one Host, or an invalid one, MUST be answered 400.
+            if std::mem::replace(&mut host_seen, true) {
+                return Err(HttpError::Malformed("more than one Host header".to_owned()));
+            }
+            if !valid_host(value) {
+                return Err(HttpError::Malformed(format!("invalid Host header {value:?}")));
+            }
         }
     }
     let keep_alive = !close && (version_minor >= 1 || keep_alive_token);
     Ok(Head { version_minor, content_length: content_length.unwrap_or(0), keep_alive, expect_continue })
+}
+
+/// Whether `value` is a `Host` field value (RFC 9110 §7.2): `uri-host [ ":" port ]`, where
+/// `uri-host` is a bracketed IP literal or a reg-name (unreserved, sub-delims, `%XX`). An empty
+/// value is valid (a target without an authority).
+fn valid_host(value: &str) -> bool {
+    fn unreserved_or_sub_delim(b: u8) -> bool {
+        b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)
+    }
+    let (host_ok, port) = if let Some(rest) = value.strip_prefix('[') {
+        let Some((literal, after)) = rest.split_once(']') else { return false };
+        // IPv6address or IPvFuture: hex digits, dots, colons, `v`, and for IPvFuture
+        // unreserved / sub-delims; checked for characters only.
+        let literal_ok = !literal.is_empty() && literal.bytes().all(|b| b == b':' || unreserved_or_sub_delim(b));
+        match after.strip_prefix(':') {
+            Some(port) => (literal_ok, port),
+            None => (literal_ok && after.is_empty(), ""),
+        }
+    } else {
+        let (host, port) = value.split_once(':').unwrap_or((value, ""));
+        let bytes = host.as_bytes();
+        let mut i = 0;
+        let mut ok = true;
+        while ok && i < bytes.len() {
+            if bytes[i] == b'%' {
+                ok = bytes.get(i + 1..i + 3).and_then(hex_pair).is_some();
+                i += 3;
+            } else {
+                ok = unreserved_or_sub_delim(bytes[i]);
+                i += 1;
+            }
+        }
+        (ok, port)
+    };
+    host_ok && port.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// `1*DIGIT`, refused as too large (not malformed) when it exceeds the limit or `usize`.
@@ -717,6 +786,59 @@ mod tests {
         assert_eq!(HttpError::HeaderTooLarge.status(), 431);
     }
 
+    /// RFC 9110 §15.5.15: a request line that alone overflows the header section is 414 URI
+    /// Too Long, not 431; a request line that ends in time followed by too many header bytes
+    /// stays 431.
+    #[test]
+    fn request_line_too_long_is_414_not_431() {
+        let limits = Limits { header_bytes_max: 64, ..Limits::default() };
+        let long_target = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(64));
+        let too_long = HttpError::UriTooLong { limit: 64 };
+        assert_eq!(parse(long_target.as_bytes(), &limits), Err(too_long.clone()));
+        assert_eq!(check(long_target.as_bytes(), &limits), Err(too_long.clone()));
+        // still arriving, already past the limit, after blank lines httparse skips
+        let open = format!("\r\nGET /?q={}", "a".repeat(80));
+        assert_eq!(parse(open.as_bytes(), &limits), Err(too_long));
+        assert_eq!(HttpError::UriTooLong { limit: 64 }.status(), 414);
+        assert_eq!(HttpError::UriTooLong { limit: 64 }.code(), "uri_too_long");
+        // the request line ended within the limit: the header fields overflowed
+        let long_header = format!("GET /{} HTTP/1.1\r\nX: {}", "a".repeat(30), "b".repeat(40));
+        assert_eq!(parse(long_header.as_bytes(), &limits), Err(HttpError::HeaderTooLarge));
+    }
+
+    /// RFC 9112 §3.2: more than one Host field, or an invalid one, is a 400.
+    #[test]
+    fn host_must_be_single_and_valid() {
+        for raw in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\nhost: b\r\n\r\n",
+            b"GET / HTTP/1.0\r\nHOST: a\r\nHost: \r\n\r\n",
+        ] {
+            let got = parse(raw, &lim());
+            assert_eq!(got, Err(HttpError::Malformed("more than one Host header".to_owned())), "{raw:?}");
+            assert_eq!(check(raw, &lim()), got.map(|_| Progress::NeedHead), "refused before any body");
+        }
+        // refused from the head, before the body arrives
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 5\r\n\r\n";
+        assert!(matches!(check(raw, &lim()), Err(HttpError::Malformed(_))));
+        assert!(matches!(parse_head(raw, &lim()), Err(HttpError::Malformed(_))));
+        for bad in ["a b", "a/b", "user@a", "a:80x", "a:1:2", "[::1", "[::1]x", "[]", "a%zz", "a\\b", "[::1]/p"] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert!(
+                matches!(parse(raw.as_bytes(), &lim()), Err(HttpError::Malformed(m)) if m.contains("invalid Host")),
+                "{bad:?}"
+            );
+        }
+        for good in ["", "x", "127.0.0.1:9000", "[::1]:9000", "[::1]", "chat.example.com", "a-b_c~d", "caf%C3%A9", "h:"]
+        {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            let (req, _) = parse_all(raw.as_bytes());
+            assert_eq!(req.header("host"), Some(good));
+        }
+        // no Host at all stays accepted (see the module doc)
+        assert!(matches!(parse(b"GET / HTTP/1.1\r\n\r\n", &lim()), Ok(Some(_))));
+    }
+
     #[test]
     fn header_count_limit() {
         let limits = Limits { headers_max: 3, ..Limits::default() };
@@ -951,7 +1073,8 @@ mod proptests {
 
     fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
         let name = "[a-zA-Z][a-zA-Z0-9-]{0,12}".prop_filter("framing headers are set apart", |n| {
-            !["content-length", "transfer-encoding", "connection", "expect"].contains(&n.to_ascii_lowercase().as_str())
+            !["content-length", "transfer-encoding", "connection", "expect", "host"]
+                .contains(&n.to_ascii_lowercase().as_str())
         });
         // visible ASCII, inner spaces allowed, no leading/trailing whitespace
         let value = "([!-~]([ !-~]{0,20}[!-~])?)?";

@@ -249,6 +249,7 @@ mod tests {
         let cases = [
             (HttpError::Malformed("x".into()), 400, "bad_request"),
             (HttpError::HeaderTooLarge, 431, "header_too_large"),
+            (HttpError::UriTooLong { limit: 8 }, 414, "uri_too_long"),
             (HttpError::BodyTooLarge { limit: 5 }, 413, "payload_too_large"),
             (HttpError::LengthRequired, 411, "length_required"),
             (HttpError::VersionNotSupported, 505, "http_version_not_supported"),

@@ -288,6 +288,67 @@ fn endless_header_gets_431_without_waiting_for_its_end() {
     assert_closed(&mut s, &pending);
 }
 
+/// RFC 9110 §15.5.15: a request line (method + target) longer than the limit is 414 URI Too
+/// Long, not 431; answered without waiting for the line to end, and the connection closed.
+#[test]
+fn overlong_request_line_gets_414_not_431() {
+    let srv = server();
+    let limit = Limits::default().header_bytes_max;
+    for raw in [
+        format!("GET /v1/users/{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(limit)),
+        // no end of line yet: the server must not wait for one
+        format!("GET /v1/users/u1/messages?chat={}", "a".repeat(limit + 1024)),
+    ] {
+        let mut s = srv.connect();
+        s.write_all(raw.as_bytes()).expect("write");
+        let mut pending = Vec::new();
+        let r = read_response(&mut s, &mut pending);
+        assert_eq!(r.status, 414, "{}", r.body);
+        assert_eq!(r.header("connection"), Some("close"));
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
+        assert_eq!(v["error"]["code"], "uri_too_long");
+        assert_closed(&mut s, &pending);
+    }
+    // a request line that ends in time, then too many header bytes: still 431
+    let mut s = srv.connect();
+    let raw = format!("GET /{} HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(100), "b".repeat(limit));
+    s.write_all(raw.as_bytes()).expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut s, &mut pending).status, 431);
+    assert_closed(&mut s, &pending);
+}
+
+/// RFC 9112 §3.2: a request with more than one Host field (or an invalid one) MUST be answered
+/// 400; the request never reaches the handler, and the connection closes.
+#[test]
+fn two_host_headers_or_a_bad_host_get_400() {
+    let srv = server();
+    for raw in [
+        &b"GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"[..],
+        b"GET /x HTTP/1.1\r\nHost: a.example\r\nhost: a.example\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nHOST: b\r\n\r\nabc",
+        b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: evil@a.example\r\n\r\n",
+    ] {
+        let mut s = srv.connect();
+        s.write_all(raw).expect("write");
+        let mut pending = Vec::new();
+        let r = read_response(&mut s, &mut pending);
+        assert_eq!(r.status, 400, "{:?} got {}", String::from_utf8_lossy(raw), r.body);
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
+        assert_eq!(v["error"]["code"], "bad_request");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("Host")), "{}", r.body);
+        assert_eq!(r.header("connection"), Some("close"));
+        assert_closed(&mut s, &pending);
+    }
+    // one valid Host (or none: see http/src/request.rs) is served as before
+    let mut s = srv.connect();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: [::1]:9001\r\n\r\nGET /y HTTP/1.1\r\n\r\n").expect("write");
+    let mut pending = Vec::new();
+    assert_eq!(read_response(&mut s, &mut pending).body, "GET /x q= body=0");
+    assert_eq!(read_response(&mut s, &mut pending).body, "GET /y q= body=0");
+}
+
 #[test]
 fn oversized_body_gets_413_before_the_body_is_sent() {
     let srv = server();
