@@ -20,8 +20,10 @@
 //! `CommitQueues` (deliveries as for local commits, the rest as `Committed::Cluster`); shards and
 //! store completions hand what goes out to [`Cluster::publish`] (a channel; never blocks).
 //!
-//! Order and loss: each node reads the bus from the last entry it saw, so a reconnect loses
-//! nothing still in the stream (trimmed to about `BUS_LEN` entries); nodes commit to the shared store
+//! Order and loss: each node reads the bus from the streams' ends as they were before it
+//! registered (the other nodes route to it from then on, and its terminals may connect before
+//! its reader's first read), then from the last entry it saw, so neither its start nor a
+//! reconnect loses anything still in the stream (trimmed to about `BUS_LEN` entries); nodes commit to the shared store
 //! concurrently, so a shard does not trust the bus for order or completeness. It pushes an inbox
 //! message at once only when it is the next seq it expects; anything else makes it read the
 //! missing range from the store first (`delivery`), so terminals always get their inbox in seq
@@ -566,6 +568,12 @@ impl Cluster {
         let mut con = client.get_connection_with_timeout(Duration::from_secs(5))?;
         check_secrets(&mut con, secrets_digest)?;
         check_webhook(&mut con, node_id, webhook_url)?;
+        // Where the bus reader starts, taken before the node is registered: from then on the
+        // other nodes route entries to it (its stream, and the shared one's for its members),
+        // and its terminals may connect before the reader's first read. Taken by the reader
+        // itself, at the streams' ends when it got round to it, it skipped what came between.
+        let streams = [bus_key(), node_bus_key(node_id)];
+        let bus_from = bus_ends(&mut con, &streams)?;
         let entry = NodeEntry {
             client: addrs.client.to_string(),
             api: addrs.api.to_string(),
@@ -629,6 +637,8 @@ impl Cluster {
         {
             let r = InWorker {
                 node_id: node_id.to_owned(),
+                streams,
+                from: bus_from,
                 counters: counters.clone(),
                 client,
                 commits,
@@ -1371,9 +1381,49 @@ fn stream_id(id: &str) -> (u64, u64) {
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
+/// The last entry of each stream now (`0-0` for one empty or absent): where a reader reading
+/// from here on starts.
+fn bus_ends(con: &mut redis::Connection, streams: &[String; 2]) -> redis::RedisResult<[String; 2]> {
+    let mut ends = [String::new(), String::new()];
+    for (end, stream) in ends.iter_mut().zip(streams) {
+        let newest: BusEntries =
+            redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).query(con)?;
+        *end = newest.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id);
+    }
+    Ok(ends)
+}
+
+/// Where members joined a group, read from the shared store (its layout: `store.lua` in
+/// `ether_store`, keys under `ARGV[1]`, the prefix `storage::open` gives it). ARGV: that
+/// prefix, the group's id, the users. Returns the group's head now, then for each user the
+/// group's head when it joined (`rd:<user>` field `j:<gid>`, absent: 0), or -1 when it is not
+/// a member (any more); nothing when the group is gone.
+const JOIN_HEADS_SCRIPT: &str = r"
+local P = ARGV[1]
+local gid = redis.call('GET', P .. 'gi:' .. ARGV[2])
+if not gid then return {} end
+local out = { tonumber(redis.call('GET', P .. 'gh:' .. gid) or '0') }
+for i = 3, #ARGV do
+  if redis.call('ZSCORE', P .. 'gm:' .. gid, ARGV[i]) then
+    out[#out + 1] = tonumber(redis.call('HGET', P .. 'rd:' .. ARGV[i], 'j:' .. gid) or '0')
+  else
+    out[#out + 1] = -1
+  end
+end
+return out
+";
+
+/// Most group messages a shard reads from the store to push new members what was posted
+/// since their join and the bus has not brought yet (see [`InWorker::join_heads`]).
+const JOIN_FILL_MAX: u64 = 1_000;
+
 /// `ether-cluster-in`: reads the bus; hands what other nodes say to this node's shards.
 struct InWorker {
     node_id: String,
+    /// The shared stream and this node's own.
+    streams: [String; 2],
+    /// Where it starts reading them: their ends before the node registered ([`bus_ends`]).
+    from: [String; 2],
     counters: Arc<ClusterCounters>,
     client: redis::Client,
     commits: Arc<CommitQueues>,
@@ -1385,12 +1435,13 @@ struct InWorker {
 
 impl InWorker {
     fn run(self) {
-        // From the streams' ends when the node joins; from the last entry read after that, so
-        // a lost connection loses nothing.
-        let streams = [bus_key(), node_bus_key(&self.node_id)];
-        let mut last: Option<[String; 2]> = None;
+        #[cfg(test)]
+        tests::held_reader(&self.node_id);
+        // From the streams' ends before the node registered; from the last entry read after
+        // that, so neither the start nor a lost connection loses anything.
+        let mut last = self.from.clone();
         while !self.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.read_bus(&streams, &mut last) {
+            if let Err(e) = self.read_bus(&self.streams, &mut last) {
                 add(&self.counters.redis_errors, 1);
                 warn!(node = %self.node_id, error = %e, "cluster bus read failed; reading on from where it stopped");
                 std::thread::sleep(Duration::from_millis(200));
@@ -1399,31 +1450,20 @@ impl InWorker {
     }
 
     /// Reads the shared stream and this node's own, from `last` (each stream's last id seen).
-    fn read_bus(&self, streams: &[String; 2], last: &mut Option<[String; 2]>) -> redis::RedisResult<()> {
+    fn read_bus(&self, streams: &[String; 2], last: &mut [String; 2]) -> redis::RedisResult<()> {
         let mut con = self.client.get_connection_with_timeout(Duration::from_secs(2))?;
         con.set_read_timeout(Some(Duration::from_millis(BUS_BLOCK_MS * 4)))?;
         redis::cmd("CLIENT").arg("SETNAME").arg(format!("ether-cluster-in:{}", self.node_id)).query::<()>(&mut con)?;
-        if let Some(last) = last.as_ref() {
-            // Back after a failure: entries trimmed away meanwhile are lost to this node.
-            let mut lost = false;
-            for (stream, seen) in streams.iter().zip(last) {
-                lost |= trimmed_past(&mut con, stream, seen)?;
-            }
-            if lost {
-                warn!(node = %self.node_id, "cluster: the bus was trimmed past what this node read while it was away; checking every inbox and group against the store");
-                self.resync();
-            }
+        // Back after a failure (or, at the start, since the node registered): entries trimmed
+        // away meanwhile are lost to this node.
+        let mut lost = false;
+        for (stream, seen) in streams.iter().zip(last.iter()) {
+            lost |= trimmed_past(&mut con, stream, seen)?;
         }
-        if last.is_none() {
-            let mut ends = [String::new(), String::new()];
-            for (end, stream) in ends.iter_mut().zip(streams) {
-                let newest: BusEntries =
-                    redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).query(&mut con)?;
-                *end = newest.into_iter().next().map_or_else(|| "0-0".to_owned(), |(id, _)| id);
-            }
-            *last = Some(ends);
+        if lost {
+            warn!(node = %self.node_id, "cluster: the bus was trimmed past what this node read while it was away; checking every inbox and group against the store");
+            self.resync();
         }
-        let last = last.as_mut().expect("set above");
         while !self.stop.load(Ordering::Acquire) {
             let reply: Option<Vec<(String, BusEntries)>> = redis::cmd("XREAD")
                 .arg("COUNT")
@@ -1449,7 +1489,7 @@ impl InWorker {
                     for (_, payload) in fields {
                         match serde_json::from_slice::<Envelope>(&payload) {
                             Ok(env) if env.node == self.node_id => {}
-                            Ok(env) => self.dispatch(env.event),
+                            Ok(env) => self.dispatch(&mut con, env.event),
                             Err(e) => warn!(node = %self.node_id, error = %e, "unreadable bus entry ignored"),
                         }
                     }
@@ -1463,7 +1503,7 @@ impl InWorker {
         Ok(())
     }
 
-    fn dispatch(&self, event: BusEvent) {
+    fn dispatch(&self, con: &mut redis::Connection, event: BusEvent) {
         let shards = self.shards;
         match event {
             BusEvent::Inbox { owner, chat, seq, msg } => {
@@ -1512,6 +1552,7 @@ impl InWorker {
                 }
             }
             BusEvent::Membership { group, users, joined } => {
+                let joined_at = if joined { self.join_heads(con, &group, &users) } else { HashMap::new() };
                 let group: Arc<str> = Arc::from(group);
                 let mut per_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); shards];
                 for u in users {
@@ -1520,8 +1561,11 @@ impl InWorker {
                 for (shard, users) in per_shard.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
                     if joined {
                         // What was posted after the join follows it on the bus: it must reach
-                        // the shard even before the shard has handled the join.
-                        self.commits.groups.expect_join(&group, shard);
+                        // the shard even before the shard has handled the join. And where the
+                        // members joined: the shard pushes them what came after it, in seq
+                        // order, however late the bus brings some of it.
+                        let at = users.iter().filter_map(|u| joined_at.get(&**u).copied()).min();
+                        self.commits.groups.expect_join(&group, shard, at);
                     }
                     let e = ClusterEvent::Membership { group: group.clone(), users, joined };
                     self.commits.push(shard, Committed::Cluster(e));
@@ -1537,6 +1581,34 @@ impl InWorker {
         }
     }
 
+    /// The group's head in the store when each of `users` joined `group` ([`JOIN_HEADS_SCRIPT`]):
+    /// only for users still members whose join is at most [`JOIN_FILL_MAX`] messages back (a
+    /// join read that late, or made by a node of an earlier version, which kept no join head,
+    /// is left out: the shard then starts at the first message it gets, as before). Empty if
+    /// Redis did not answer.
+    fn join_heads(&self, con: &mut redis::Connection, group: &str, users: &[String]) -> HashMap<String, u64> {
+        let store_prefix = format!("{KEY_PREFIX}store:");
+        let mut call = redis::cmd("EVAL");
+        call.arg(JOIN_HEADS_SCRIPT).arg(0).arg(store_prefix).arg(group).arg(users);
+        match call.query::<Vec<i64>>(con) {
+            Ok(answer) => {
+                let Some((&head, joined)) = answer.split_first() else { return HashMap::new() };
+                users
+                    .iter()
+                    .zip(joined)
+                    .filter_map(|(u, &at)| u64::try_from(at).ok().map(|at| (u, at)))
+                    .filter(|(_, at)| (head as u64).saturating_sub(*at) <= JOIN_FILL_MAX)
+                    .map(|(u, at)| (u.clone(), at))
+                    .collect()
+            }
+            Err(e) => {
+                add(&self.counters.redis_errors, 1);
+                warn!(node = %self.node_id, group, error = %e, "cluster: cannot read where members joined a group; its first message here starts their pushes");
+                HashMap::new()
+            }
+        }
+    }
+
     /// Every shard checks its users' inboxes and groups against the store.
     fn resync(&self) {
         add(&self.counters.resyncs, 1);
@@ -1549,6 +1621,110 @@ impl InWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Test builds only: bus readers to hold before their first read, by node id.
+    static HELD_READERS: Mutex<Vec<(String, Receiver<()>)>> = Mutex::new(Vec::new());
+
+    /// Test builds only: the bus reader of node `node` waits here, before it does anything, while
+    /// a test holds it ([`hold_reader`]; at most 30 s).
+    pub(super) fn held_reader(node: &str) {
+        let held = {
+            let mut held = HELD_READERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            held.iter().position(|(n, _)| n == node).map(|i| held.swap_remove(i).1)
+        };
+        if let Some(release) = held {
+            let _ = release.recv_timeout(Duration::from_secs(30));
+        }
+    }
+
+    /// Holds the bus reader of the next node started as `node` before its first read, until the
+    /// answer is sent to or dropped.
+    fn hold_reader(node: &str) -> Sender<()> {
+        let (tx, rx) = channel::bounded(1);
+        HELD_READERS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((node.to_owned(), rx));
+        tx
+    }
+
+    /// A node is reachable from the moment it registers: the other nodes route its users'
+    /// entries to its stream, and post on the shared one, while its bus reader may not have
+    /// read yet (its thread just started; its terminals may connect meanwhile). What came in
+    /// between reaches its shards. Before, the reader took the streams' ends as its start at
+    /// its first read, after the node had registered, and skipped it (the reader is held here
+    /// to make that window certain).
+    #[test]
+    fn what_the_bus_gets_between_registering_and_the_readers_first_read_is_read() {
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+        let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+        // Older entries of both streams (a restart): not read again.
+        let old = |event| serde_json::to_string(&Envelope { node: "other".into(), event }).unwrap();
+        for stream in [bus_key(), node_bus_key("late-reader")] {
+            let entry = old(BusEvent::GroupGone { group: "before".into() });
+            redis::cmd("XADD").arg(stream).arg("*").arg("e").arg(entry).query::<String>(&mut con).unwrap();
+        }
+        let release = hold_reader("late-reader");
+        let commits = CommitQueues::new(2);
+        let local: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let addrs = Addresses { client: local, api: local, admin: local };
+        let joining = Joining {
+            node_id: "late-reader",
+            addrs: &addrs,
+            secrets_digest: "digest",
+            webhook_url: None,
+            terminals: Arc::new(|| 0),
+            revocations: Arc::new(crate::revocations::TokenRevocations::new(Vec::new())),
+        };
+        let cluster = Cluster::start(&redis.url(), joining, commits.clone(), 2).unwrap();
+        // Registered, its reader not yet reading: node `other` routes a message to bob's
+        // terminal here and tells every node a group is gone.
+        redis::cmd("HSET").arg(presence_key("bob")).arg("late-reader/phone").arg("{}").query::<()>(&mut con).unwrap();
+        let msg = BusMessage {
+            id: 7,
+            ts: 1,
+            from: "ann".into(),
+            kind: Kind::Text,
+            body: RawValue::from_string(r#"{"text":"hi"}"#.into()).unwrap(),
+            cid: None,
+        };
+        let inbox = old(BusEvent::Inbox { owner: "bob".into(), chat: "u:ann".into(), seq: 1, msg });
+        let appends: u64 = redis::cmd("EVAL")
+            .arg(ROUTE_SCRIPT)
+            .arg(1)
+            .arg(presence_key("bob"))
+            .arg("other")
+            .arg(BUS_LEN)
+            .arg(KEY_PREFIX)
+            .arg(inbox)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(appends, 1, "a registered node is routed to");
+        let gone = old(BusEvent::GroupGone { group: "crew".into() });
+        redis::cmd("XADD").arg(bus_key()).arg("*").arg("e").arg(gone).query::<String>(&mut con).unwrap();
+        release.send(()).unwrap();
+        // Both reach the shards (the inbox message bob's home shard, the dissolution every
+        // shard), and nothing older does.
+        let mut inbox_seqs = Vec::new();
+        let mut gone_per_shard = [Vec::new(), Vec::new()];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (inbox_seqs.is_empty() || gone_per_shard.iter().any(Vec::is_empty)) && Instant::now() < deadline {
+            for (shard, gone) in gone_per_shard.iter_mut().enumerate() {
+                let mut batch = Vec::new();
+                while !commits.is_empty(shard) {
+                    futures_lite::future::block_on(commits.next_batch(shard, &mut batch, 64));
+                }
+                for item in batch {
+                    match item {
+                        Committed::Inbox(d) => inbox_seqs.push((shard, d.owner.to_string(), d.seq)),
+                        Committed::Cluster(ClusterEvent::GroupGone(group)) => gone.push(group.to_string()),
+                        _ => {}
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        cluster.stop();
+        assert_eq!(inbox_seqs, [(home_shard("bob", 2), "bob".to_string(), 1)]);
+        assert_eq!(gone_per_shard, [["crew"], ["crew"]], "the shared stream from before the node registered");
+    }
 
     fn change(online: bool, user: &str, device: &str) -> (bool, String, String) {
         (online, user.into(), device.into())

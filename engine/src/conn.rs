@@ -516,11 +516,12 @@ fn poll_io(
     }
 }
 
-/// Feeds read bytes through the frame reader and handles each frame. When they held only
-/// heartbeats, the session may park again as soon as the pong is written (a heartbeat is
-/// not activity that keeps a task).
+/// Feeds read bytes through the frame reader and handles each frame. Whole frames (data or
+/// control, a heartbeat too) keep the session from its idle timeout; bytes of a frame not
+/// complete yet do not, so a terminal dribbling a frame it never finishes is closed (4003).
+/// When they held only heartbeats, the session may park again as soon as the pong is
+/// written (a heartbeat is not activity that keeps a task).
 fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, bytes: &mut [u8]) -> FrameWeight {
-    session.touch(shard.now_tick());
     let max = shard.config.limits.frame_bytes_max;
     let mut weight = FrameWeight::Heartbeat;
     let result = reader.feed(bytes, max, |event| {
@@ -538,6 +539,9 @@ fn on_bytes(shard: &Rc<Shard>, session: &Rc<Session>, reader: &mut FrameReader, 
         }
         session.close_reason().is_none()
     });
+    if matches!(result, Ok(frames) if frames > 0) {
+        session.touch(shard.now_tick());
+    }
     if weight == FrameWeight::Heartbeat && shard.parking.is_some() && session.park_state() == ParkState::Active {
         session.request_park();
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use ether_proto::frame::ServerFrame;
+use ether_proto::frame::{FrameType, ServerFrame};
 use ether_proto::ids::Chat;
 use ether_proto::{ApiError, ErrorCode};
 use ether_store::op::{Appended, Heads, NewEvent, NewMessage as StoreMessage, Op, Reply};
@@ -226,7 +226,12 @@ impl Shard {
             }
             Err(e) => {
                 let e = EngineError::Store(e).to_api();
-                ServerFrame::Error { code: e.code, message: e.message, reference: Some(a.cid.into()) }
+                ServerFrame::Error {
+                    code: e.code,
+                    message: e.message,
+                    reference: Some(a.cid.into()),
+                    of: Some(FrameType::Send),
+                }
             }
         };
         if let Some(s) = self.session(a.session) {
@@ -235,24 +240,23 @@ impl Shard {
     }
 
     /// Pushes a committed message to its owner's terminals (the frame encoded once for the
-    /// inbox, shared by all of them); returns how many got it.
+    /// inbox, shared by all of them); returns how many got it. A message to a user without a
+    /// terminal online here makes `message.unreached` (see [`Shard::emit_unreached`]).
     fn deliver_committed(self: &Rc<Self>, c: &InboxDelivery) -> u64 {
         debug_assert_eq!(home_shard(&c.owner, self.shards), self.id, "delivery away from the owner's home shard");
+        if c.incoming && self.events_enabled() && !self.online_here(&c.owner) {
+            // The message waits in the store for `sync`; the business may push it.
+            self.emit_unreached(c.msg.id, c.owner.clone());
+        }
         let mut users = self.users.borrow_mut();
         let entry = match users.get_mut(&c.owner) {
             Some(entry) if !entry.sessions.is_empty() => entry,
             Some(entry) => {
+                // Only terminals being taken on: their `welcome` gives this head, they `sync`.
                 entry.inbox_seq = entry.inbox_seq.max(c.seq);
                 return 0;
             }
-            None => {
-                drop(users);
-                // Offline: the message waits in the store for `sync`; the business may push it.
-                if c.incoming && self.events_enabled() {
-                    self.emit_unreached(c.msg.id, c.owner.clone());
-                }
-                return 0;
-            }
+            None => return 0,
         };
         if self.node.cluster().is_some() && entry.heads_known {
             // Several nodes write this inbox and the bus may reorder or lose: push only the
@@ -349,8 +353,21 @@ impl Shard {
         .detach();
     }
 
-    /// `message.unreached` for a message to a user without a terminal here; in cluster mode
-    /// only if no other node holds one either.
+    /// Whether `user` (who lives here) has a terminal online on this shard: taken on (its
+    /// `welcome` is queued with its registration, in one step) and not closing. A terminal
+    /// still being taken on (between its upgrade and its `welcome`, `UserEntry::pending`) is
+    /// not: it may never be welcomed, and nothing is pushed to it.
+    fn online_here(&self, user: &str) -> bool {
+        self.users
+            .borrow()
+            .get(user)
+            .is_some_and(|e| e.sessions.iter().any(|k| self.session(*k).is_some_and(|s| s.close_reason().is_none())))
+    }
+
+    /// `message.unreached` for a message to a user without a terminal online here (see
+    /// `online_here`) when it is committed; in cluster mode only if no other node holds one
+    /// either. Made then, once per message: a terminal welcomed a moment later still gets the
+    /// message by `sync` (one push too many, never one too few).
     fn emit_unreached(self: &Rc<Self>, id: u64, user: Arc<str>) {
         let data = serde_json::json!({ "id": id.to_string(), "user": &*user });
         match self.node.cluster().cloned() {
@@ -387,7 +404,13 @@ impl Shard {
                 if joined {
                     // The bus reader made this shard want the group until now (`expect_join`).
                     let has_members = self.group_index.borrow().contains_key(&group);
-                    self.commits.groups.join_handled(&group, self.id, has_members);
+                    let joined_at = self.commits.groups.join_handled(&group, self.id, has_members);
+                    // The group's first members here: pushes start after their join (what the
+                    // bus brings late, or brought before the join reached it, is filled from
+                    // the store in seq order), not at whichever message comes first.
+                    if let Some(at) = joined_at.filter(|_| has_members) {
+                        self.group_heads.borrow_mut().entry(group.clone()).or_insert(at);
+                    }
                 }
             }
             ClusterEvent::GroupGone(group) => self.group_gone_local(&group),
@@ -540,8 +563,10 @@ impl Shard {
 
     // ---- terminal frames -----------------------------------------------------------------
 
-    pub(crate) fn frame_error(&self, s: &Session, e: &ApiError, reference: Option<String>) {
-        self.push(s, encode_for(&ServerFrame::Error { code: e.code, message: e.message.clone(), reference }, s.wire));
+    /// Answers a terminal's frame of type `of` with an `error` (`reference`: a `send`'s `cid`).
+    pub(crate) fn frame_error(&self, s: &Session, e: &ApiError, of: FrameType, reference: Option<String>) {
+        let frame = ServerFrame::Error { code: e.code, message: e.message.clone(), reference, of: Some(of) };
+        self.push(s, encode_for(&frame, s.wire));
     }
 
     /// A cumulative delivery ack: forgets what it covers, keeps the position durable.
@@ -550,13 +575,13 @@ impl Shard {
         if let Some(g) = &group {
             // Held until the next save (bounded per session), so it must be a real group id.
             if let Err(e) = ether_proto::ids::check_id("group", g) {
-                return self.reject_frame(s, e.code, e.message, None);
+                return self.reject_frame(s, e.code, e.message, Some(FrameType::Ack), None);
             }
             // Only a group this terminal is in: an ack of any other would store a position
             // for it (a store write per ack, and its head told back in the next `welcome`).
             if !s.groups.borrow().iter().any(|mine| *mine.group == **g) {
                 let e = ApiError::new(ErrorCode::Forbidden, format!("ack: not a member of group {g}"));
-                return self.frame_error(s, &e, None);
+                return self.frame_error(s, &e, FrameType::Ack, None);
             }
         }
         if group.is_none() {
@@ -678,7 +703,7 @@ impl Shard {
         // hold unbounded memory. A well-behaved terminal waits for `synced` anyway.
         if s.sync_in_flight.replace(true) {
             let e = ApiError::new(ErrorCode::RateLimited, "a sync is being answered: wait for its synced");
-            return self.frame_error(s, &e, None);
+            return self.frame_error(s, &e, FrameType::Sync, None);
         }
         let page_max = self.config.limits.sync_page_max;
         let limit = limit.map_or(page_max, |l| (l as usize).clamp(1, page_max));
@@ -696,7 +721,7 @@ impl Shard {
             let op = Op::Sync { user: s.user.to_string(), inbox_after, groups, limit };
             let synced = match shard.store.call(op).await.and_then(Reply::synced) {
                 Ok(r) => r,
-                Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), None),
+                Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), FrameType::Sync, None),
             };
             for e in &synced.entries {
                 let frame = message_of(e).encode_frame_for(s.wire, &e.chat, e.seq);
@@ -760,7 +785,7 @@ impl Shard {
     pub(crate) fn on_read(self: &Rc<Self>, s: &Rc<Session>, chat: String, seq: u64) {
         let Some(parsed) = Chat::parse(&chat) else {
             let e = ApiError::new(ErrorCode::InvalidBody, format!("chat: {chat:?} is not u:<user> or g:<group>"));
-            return self.reject_frame(s, e.code, e.message, None);
+            return self.reject_frame(s, e.code, e.message, Some(FrameType::Read), None);
         };
         let shard = self.clone();
         let s = s.clone();
@@ -774,7 +799,7 @@ impl Shard {
             let op = Op::SetRead { user: s.user.to_string(), chat: chat.clone(), seq, emit_event };
             let moved = match shard.store.call(op).await.and_then(Reply::read) {
                 Ok(m) => m,
-                Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), None),
+                Err(e) => return shard.frame_error(&s, &EngineError::Store(e).to_api(), FrameType::Read, None),
             };
             if !moved.moved {
                 return;

@@ -16,8 +16,11 @@
 //! shard's bit before it queues the change (`expect_join`), so the messages it queues next go
 //! there too, and the shard settles the bit once it handled the change (`join_handled`: kept
 //! only if a member of the group is online there). Until then the last member there leaving
-//! does not clear it either.
-use std::collections::HashMap;
+//! does not clear it either. The reader also notes where the group stood when the members
+//! joined (the store's join head), which `join_handled` hands back: a shard that had no member
+//! of the group starts its pushes right after it (filling from the store what the bus brings
+//! late), not at whichever of the group's messages happens to come first.
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -30,6 +33,10 @@ fn bit(shard: usize) -> u64 {
 /// Group → a value, keyed by the group's id.
 type ByGroup<V> = HashMap<Arc<str>, V, foldhash::fast::RandomState>;
 
+/// The joins of a group on their way to each shard: the shard and, in the order queued, each
+/// join's `joined_at` ([`GroupShards::expect_join`]).
+type PendingJoins = Vec<(usize, VecDeque<Option<u64>>)>;
+
 /// Shards wanting each group's messages. See the module docs.
 #[derive(Debug, Default)]
 pub struct GroupShards {
@@ -39,8 +46,8 @@ pub struct GroupShards {
     /// module docs). No entry: none anywhere.
     groups: RwLock<ByGroup<u64>>,
     /// Cluster mode: membership joins queued to a shard by the bus reader and not handled by
-    /// it yet, per group: `(shard, how many)`. Changed with the `groups` lock held.
-    joins_pending: Mutex<ByGroup<Vec<(usize, u32)>>>,
+    /// it yet, per group. Changed with the `groups` lock held.
+    joins_pending: Mutex<ByGroup<PendingJoins>>,
 }
 
 impl GroupShards {
@@ -67,44 +74,48 @@ impl GroupShards {
     }
 
     /// Joins of `group` on their way to shard `shard` ([`Self::expect_join`]).
-    fn pending_joins(&self, group: &str, shard: usize) -> u32 {
+    fn pending_joins(&self, group: &str, shard: usize) -> usize {
         let pending = self.joins_pending.lock().unwrap_or_else(PoisonError::into_inner);
-        pending.get(group).and_then(|p| p.iter().find(|(s, _)| *s == shard)).map_or(0, |(_, n)| *n)
+        pending.get(group).and_then(|p| p.iter().find(|(s, _)| *s == shard)).map_or(0, |(_, heads)| heads.len())
     }
 
     /// Cluster mode: the bus reader is about to queue a membership join of `group` to shard
     /// `shard`: the group's messages it queues from now on go there too, until the shard
-    /// handled the join ([`Self::join_handled`]).
-    pub fn expect_join(&self, group: &Arc<str>, shard: usize) {
+    /// handled the join ([`Self::join_handled`]). `joined_at`: the group's head when the
+    /// members joined (the lowest, for several), if known: what the shard pushes them starts
+    /// after it.
+    pub fn expect_join(&self, group: &Arc<str>, shard: usize, joined_at: Option<u64>) {
         let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
         let mut pending = self.joins_pending.lock().unwrap_or_else(PoisonError::into_inner);
         let list = pending.entry(group.clone()).or_default();
         match list.iter_mut().find(|(s, _)| *s == shard) {
-            Some((_, n)) => *n += 1,
-            None => list.push((shard, 1)),
+            Some((_, heads)) => heads.push_back(joined_at),
+            None => list.push((shard, VecDeque::from([joined_at]))),
         }
         *groups.entry(group.clone()).or_insert(0) |= bit(shard);
     }
 
-    /// Shard `shard` handled a join [`Self::expect_join`] announced; `has_members`: it has an
-    /// online member of `group` now. Without one, and no other join on its way, its bit goes.
-    pub fn join_handled(&self, group: &str, shard: usize, has_members: bool) {
+    /// Shard `shard` handled a join [`Self::expect_join`] announced (the joins of a group reach
+    /// a shard in the order announced); `has_members`: it has an online member of `group` now.
+    /// Without one, and no other join on its way, its bit goes. Returns the join's `joined_at`.
+    pub fn join_handled(&self, group: &str, shard: usize, has_members: bool) -> Option<u64> {
         let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
-        let left = {
+        let (left, joined_at) = {
             let mut pending = self.joins_pending.lock().unwrap_or_else(PoisonError::into_inner);
-            let Some(list) = pending.get_mut(group) else { return };
-            let Some((_, n)) = list.iter_mut().find(|(s, _)| *s == shard) else { return };
-            *n -= 1;
-            let left = *n;
-            list.retain(|(_, n)| *n > 0);
+            let list = pending.get_mut(group)?;
+            let (_, heads) = list.iter_mut().find(|(s, _)| *s == shard)?;
+            let joined_at = heads.pop_front().flatten();
+            let left = heads.len();
+            list.retain(|(_, heads)| !heads.is_empty());
             if list.is_empty() {
                 pending.remove(group);
             }
-            left
+            (left, joined_at)
         };
         if left == 0 && !has_members {
             clear(&mut groups, group, shard);
         }
+        joined_at
     }
 
     /// Shard `shard` starts taking on terminals (`true`), or took on all it had and joined
@@ -181,7 +192,7 @@ mod tests {
     fn a_join_on_its_way_keeps_the_shard_wanting_the_group_until_handled() {
         let g = GroupShards::default();
         let team: Arc<str> = Arc::from("team");
-        g.expect_join(&team, 2);
+        g.expect_join(&team, 2, None);
         assert_eq!(wanting(&g, "team"), [2], "messages after the join go to its shard");
         // The shard's last member of the group leaves meanwhile: the join still comes.
         g.join(&team, 2);
@@ -192,8 +203,8 @@ mod tests {
         assert!(wanting(&g, "team").is_empty());
         assert_eq!(g.groups(), 0);
         // Two joins on their way; the first handled without a member, the second with one.
-        g.expect_join(&team, 1);
-        g.expect_join(&team, 1);
+        g.expect_join(&team, 1, None);
+        g.expect_join(&team, 1, None);
         g.join_handled("team", 1, false);
         assert_eq!(wanting(&g, "team"), [1], "another join is still on its way");
         g.join(&team, 1);
@@ -203,6 +214,22 @@ mod tests {
         assert_eq!(wanting(&g, "team"), [1]);
         g.leave("team", 1);
         assert!(wanting(&g, "team").is_empty());
+    }
+
+    #[test]
+    fn each_join_handled_hands_back_where_its_members_joined_in_the_order_announced() {
+        let g = GroupShards::default();
+        let team: Arc<str> = Arc::from("team");
+        g.expect_join(&team, 1, Some(4));
+        g.expect_join(&team, 1, None);
+        g.expect_join(&team, 1, Some(9));
+        g.expect_join(&team, 2, Some(5));
+        assert_eq!(g.join_handled("team", 1, true), Some(4));
+        assert_eq!(g.join_handled("team", 2, true), Some(5));
+        assert_eq!(g.join_handled("team", 1, true), None, "not known for that one");
+        assert_eq!(g.join_handled("team", 1, true), Some(9));
+        assert_eq!(g.join_handled("team", 1, true), None, "none announced");
+        assert_eq!(wanting(&g, "team"), [1, 2]);
     }
 
     #[test]

@@ -422,6 +422,7 @@ impl Session {
         self.close.get()
     }
 
+    /// A whole frame was read at `tick` (bytes of an incomplete one are no activity).
     pub fn touch(&self, tick: u64) {
         self.last_active.set(tick as u32);
     }

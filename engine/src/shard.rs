@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ether_proto::api::TerminalInfo;
-use ether_proto::frame::{ClientFrameRef, ServerFrame};
+use ether_proto::frame::{ClientFrameRef, FrameType, ServerFrame};
 use ether_proto::ids::Chat;
 use ether_proto::{ApiError, ErrorCode, Kind};
 use futures_channel::oneshot;
@@ -154,12 +154,8 @@ pub struct Shard {
     pub scratch: RefCell<Vec<u8>>,
     /// The `pong` frame, per wire (index: `Wire as usize`).
     pong: [Bytes; 2],
-    /// Set once this shard has told its terminals to reconnect.
-    drain_started: Cell<bool>,
-    /// Terminals the shard had when its drain began, and drain ticks since: the schedule of
-    /// closes over the window (see [`drain_closed_by`]).
-    drain_total: Cell<usize>,
-    drain_ticks: Cell<usize>,
+    /// Set once this shard has told its terminals to reconnect: when each is to be closed.
+    drain: RefCell<Option<DrainPlan>>,
     /// Sessions whose ack positions (inbox or groups) moved since they were last saved.
     pub(crate) ack_dirty: RefCell<Vec<SessionKey>>,
     /// Group ack positions not saved yet, per session (at most `groups_per_user_max` each).
@@ -258,9 +254,7 @@ impl Shard {
             ids,
             scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
             pong: [encode_for(&ServerFrame::Pong, Wire::Json), encode_for(&ServerFrame::Pong, Wire::Proto)],
-            drain_started: Cell::new(false),
-            drain_total: Cell::new(0),
-            drain_ticks: Cell::new(0),
+            drain: RefCell::new(None),
             churn_at_trim: Cell::new(0),
             work_at_trim: Cell::new(0),
             quiet_trimmed: Cell::new(false),
@@ -762,8 +756,16 @@ impl Shard {
     // ---- terminal frames -------------------------------------------------------------
 
     /// Sends an `error` frame and counts a violation; too many close the connection (1008).
-    pub fn reject_frame(&self, s: &Session, code: ErrorCode, message: String, reference: Option<String>) {
-        self.push(s, encode_for(&ServerFrame::Error { code, message, reference }, s.wire));
+    /// `of` is the refused frame's type, when it could be read; `reference` a `send`'s `cid`.
+    pub fn reject_frame(
+        &self,
+        s: &Session,
+        code: ErrorCode,
+        message: String,
+        of: Option<FrameType>,
+        reference: Option<String>,
+    ) {
+        self.push(s, encode_for(&ServerFrame::Error { code, message, reference, of }, s.wire));
         let v = s.violation();
         if v > self.config.limits.protocol_violations_max {
             debug!(user = %s.user, device = %s.device, shard = self.id, violations = v, "closing for repeated invalid frames");
@@ -778,8 +780,9 @@ impl Shard {
         ShardCounters::add(&self.counters().frames_in, 1);
         let parsed = match (s.wire, binary) {
             (Wire::Proto, true) => ether_proto::pb::decode_client(bytes),
-            (Wire::Proto, false) => Err(ether_proto::frame::FrameError::Shape(
-                "this connection speaks ether.v1.proto: send binary frames".into(),
+            (Wire::Proto, false) => Err(ether_proto::frame::FrameError::shape(
+                None,
+                "this connection speaks ether.v1.proto: send binary frames",
             )),
             // JSON in text frames; a binary frame holding JSON is taken as it always was.
             (Wire::Json, _) => ClientFrameRef::parse(bytes),
@@ -789,13 +792,13 @@ impl Shard {
             // A well-formed `send` of a kind there is not: refused for what it asks, like a bad
             // body (answered with its `cid`, within the send rate, not a violation).
             Err(ether_proto::frame::FrameError::UnknownKind { cid, message }) => {
-                if self.admit(s, &s.send_gate, self.send_rate, "limits.terminal_sends_per_s", Some(&cid)) {
-                    self.frame_error(s, &ApiError::new(ErrorCode::InvalidBody, message), Some(cid));
+                if self.admit(s, FrameType::Send, Some(&cid)) {
+                    self.frame_error(s, &ApiError::new(ErrorCode::InvalidBody, message), FrameType::Send, Some(cid));
                 }
                 return FrameWeight::Busy;
             }
             Err(e) => {
-                self.reject_frame(s, e.code(), e.to_string(), None);
+                self.reject_frame(s, e.code(), e.to_string(), e.of(), None);
                 return FrameWeight::Busy;
             }
         };
@@ -809,17 +812,17 @@ impl Shard {
                 return FrameWeight::Ack;
             }
             ClientFrameRef::Send { cid, to, group, kind, body } => {
-                if self.admit(s, &s.send_gate, self.send_rate, "limits.terminal_sends_per_s", Some(&cid)) {
+                if self.admit(s, FrameType::Send, Some(&cid)) {
                     self.on_send(s, &cid, to, group, kind, &body);
                 }
             }
             ClientFrameRef::Sync { inbox_seq, groups, limit } => {
-                if self.admit(s, &s.request_gate, self.request_rate, "limits.terminal_requests_per_s", None) {
+                if self.admit(s, FrameType::Sync, None) {
                     self.on_sync(s, inbox_seq, groups, limit);
                 }
             }
             ClientFrameRef::Read { chat, seq } => {
-                if self.admit(s, &s.request_gate, self.request_rate, "limits.terminal_requests_per_s", None) {
+                if self.admit(s, FrameType::Read, None) {
                     self.on_read(s, chat.into_owned(), seq);
                 }
             }
@@ -832,10 +835,16 @@ impl Shard {
         u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Whether a terminal's frame keeps within `rate`; if not, it is answered `rate_limited`
-    /// (with `reference`, a send's `cid`), counted, and not handled. Not a protocol violation:
-    /// a client that waits may go on.
-    fn admit(&self, s: &Session, gate: &Gate, rate: Option<Rate>, limit: &str, reference: Option<&str>) -> bool {
+    /// Whether a terminal's frame of type `of` keeps within its rate (`send`s within the send
+    /// rate, `sync`s and `read`s within the request rate; acks and pings are never limited); if
+    /// not, it is answered `rate_limited` (with `reference`, a send's `cid`), counted, and not
+    /// handled. Not a protocol violation: a client that waits may go on.
+    fn admit(&self, s: &Session, of: FrameType, reference: Option<&str>) -> bool {
+        let (gate, rate, limit): (&Gate, _, _) = match of {
+            FrameType::Send => (&s.send_gate, self.send_rate, "limits.terminal_sends_per_s"),
+            FrameType::Sync | FrameType::Read => (&s.request_gate, self.request_rate, "limits.terminal_requests_per_s"),
+            FrameType::Ack | FrameType::Ping => return true,
+        };
         let Some(rate) = rate else { return true };
         let now = self.now_us();
         if gate.allow(&rate, now) {
@@ -844,7 +853,7 @@ impl Shard {
         ShardCounters::add(&self.counters().rate_limited, 1);
         let wait_ms = rate.retry_after_us(gate, now).div_ceil(1000).max(1);
         let e = ApiError::new(ErrorCode::RateLimited, format!("over {limit}: slow down, try again in {wait_ms} ms"));
-        self.frame_error(s, &e, reference.map(str::to_owned));
+        self.frame_error(s, &e, of, reference.map(str::to_owned));
         false
     }
 
@@ -861,7 +870,7 @@ impl Shard {
         // is answered, not counted as a protocol violation: an app bug or a policy must not
         // cut the terminal off for good (1008 is final). Rate limits bound how often.
         let reject = |code, msg: String| {
-            self.frame_error(s, &ApiError::new(code, msg), Some(cid.to_owned()));
+            self.frame_error(s, &ApiError::new(code, msg), FrameType::Send, Some(cid.to_owned()));
         };
         if !self.config.terminal_send_enabled {
             return reject(ErrorCode::Forbidden, "sending from terminals is disabled on this node".into());
@@ -909,7 +918,7 @@ impl Shard {
         if let Err(e) = submitted {
             // Not the terminal's fault (the node is stopping, the store overloaded): no
             // violation counted.
-            self.frame_error(s, &e.to_api(), Some(cid.to_owned()));
+            self.frame_error(s, &e.to_api(), FrameType::Send, Some(cid.to_owned()));
         }
     }
 
@@ -961,30 +970,41 @@ impl Shard {
     }
 
     /// One drain step per tick: first every terminal is told to `reconnect` after a jittered
-    /// delay within the drain window, then terminals are closed (1012) on a schedule spread
-    /// evenly over the window (terminals that left on their own count as closed), so the shard
-    /// is empty by its end.
+    /// delay within the drain window (`after_ms`), then each is closed (1012) on the first tick
+    /// at or past its own `after_ms` since then: the closes follow the jitter the terminals were
+    /// told, none is cut off before its time, and the shard is empty by the window's end.
     fn drain_step(&self) {
-        let sessions: Vec<Rc<Session>> = self.sessions.borrow().iter().map(|(_, s)| s.clone()).collect();
-        if !self.drain_started.replace(true) {
+        let now_us = self.now_us();
+        let mut guard = self.drain.borrow_mut();
+        let Some(plan) = guard.as_mut() else {
             let window_ms = (self.config.limits.drain_window.as_millis() as u64).max(1);
-            for s in &sessions {
-                let after_ms = rand::random::<u64>() % window_ms;
-                s.push_final(encode_for(&ServerFrame::Reconnect { after_ms }, s.wire));
-            }
-            self.drain_total.set(sessions.len());
+            let sessions = self.all_sessions();
+            let closes = sessions
+                .iter()
+                .map(|s| {
+                    let after_ms = rand::random::<u64>() % window_ms;
+                    s.push_final(encode_for(&ServerFrame::Reconnect { after_ms }, s.wire));
+                    (after_ms, s.key)
+                })
+                .collect();
+            *guard = Some(DrainPlan::new(now_us, window_ms, closes));
             info!(shard = self.id, terminals = sessions.len(), "draining");
             return;
+        };
+        let mut due = Vec::new();
+        let over = plan.due(now_us, &mut due);
+        drop(guard);
+        for key in due {
+            if let Some(s) = self.session(key) {
+                s.request_close(CloseReason::Drain);
+            }
         }
-        let ticks = (self.config.limits.drain_window.as_millis() / TICK.as_millis()).max(1) as usize;
-        let tick = self.drain_ticks.get() + 1;
-        self.drain_ticks.set(tick);
-        let open: Vec<&Rc<Session>> = sessions.iter().filter(|s| s.close_reason().is_none()).collect();
-        let total = self.drain_total.get().max(open.len());
-        let gone = total - open.len();
-        let due = drain_closed_by(total, ticks, tick).saturating_sub(gone);
-        for s in open.into_iter().take(due) {
-            s.request_close(CloseReason::Drain);
+        if over {
+            // Every terminal told was closed above; none is taken on while draining, but
+            // whatever is still open goes too.
+            for s in self.all_sessions() {
+                s.request_close(CloseReason::Drain);
+            }
         }
     }
 
@@ -1120,37 +1140,84 @@ impl Shard {
     }
 }
 
-/// How many of a shard's `total` terminals at the start of a drain are to be closed after
-/// `tick` of the window's `ticks`: an even share per tick, all of them by the last.
-pub(crate) fn drain_closed_by(total: usize, ticks: usize, tick: usize) -> usize {
-    let ticks = ticks.max(1);
-    (total * tick.min(ticks)).div_ceil(ticks)
+/// A shard's drain: when it told its terminals to `reconnect`, and the `after_ms` each was
+/// told, which is when it is closed.
+#[derive(Debug)]
+pub(crate) struct DrainPlan {
+    /// Shard clock (`Shard::now_us`) when the `reconnect`s were queued.
+    started_us: u64,
+    /// `limits.drain_window_ms` (at least 1): every `after_ms` is below it.
+    window_ms: u64,
+    /// `(after_ms, session)`, latest first: the next to close is the last.
+    closes: Vec<(u64, SessionKey)>,
+}
+
+impl DrainPlan {
+    pub(crate) fn new(started_us: u64, window_ms: u64, mut closes: Vec<(u64, SessionKey)>) -> DrainPlan {
+        closes.sort_unstable_by_key(|&(after_ms, _)| std::cmp::Reverse(after_ms));
+        DrainPlan { started_us, window_ms, closes }
+    }
+
+    /// Moves to `due`, in the order of their `after_ms`, the sessions whose `after_ms` has
+    /// passed at `now_us` (all of them once the window has); says whether the window has.
+    pub(crate) fn due(&mut self, now_us: u64, due: &mut Vec<SessionKey>) -> bool {
+        let elapsed_ms = now_us.saturating_sub(self.started_us) / 1000;
+        let over = elapsed_ms >= self.window_ms;
+        while let Some(&(after_ms, key)) = self.closes.last() {
+            if after_ms > elapsed_ms && !over {
+                break;
+            }
+            self.closes.pop();
+            due.push(key);
+        }
+        over
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Closes are spread over the whole window whatever the count: a few terminals are not
-    /// all closed in the first ticks, many are not left over at the end (a share of what is
-    /// left per tick would leave 1/e of them for the stop to close at once).
+    fn key(slot: u32) -> SessionKey {
+        SessionKey { slot, generation: 1 }
+    }
+
+    /// Each terminal is due once its own `after_ms` has passed, in that order (not in the
+    /// order the shard holds them), none before; all are due once the window has passed.
     #[test]
-    fn drain_closes_are_spread_evenly_and_end_with_the_window() {
-        let ticks = 80; // a 20 s window of 250 ms ticks
-        for total in [0, 1, 12, 79, 80, 81, 10_000] {
-            let mut last = 0;
-            for tick in 0..=ticks + 5 {
-                let by = drain_closed_by(total, ticks, tick);
-                assert!(by >= last && by <= total, "monotonic, bounded: {total} {tick} {by}");
-                assert!(by - last <= total.div_ceil(ticks), "an even share per tick: {total} {tick}");
-                last = by;
-            }
-            assert_eq!(drain_closed_by(total, ticks, ticks), total, "all closed by the window's end");
-        }
-        assert_eq!(drain_closed_by(12, ticks, 40), 6, "half of them by half the window");
-        assert_eq!(drain_closed_by(10_000, ticks, 1), 125);
-        assert_eq!(drain_closed_by(5, 0, 0), 0, "a zero window closes nothing before its first tick");
-        assert_eq!(drain_closed_by(5, 0, 1), 5);
+    fn drain_closes_each_terminal_at_its_own_after_ms() {
+        let told = vec![(1800, key(0)), (100, key(1)), (900, key(2)), (100, key(3)), (1999, key(4))];
+        let mut plan = DrainPlan::new(5_000_000, 2000, told);
+        let mut due = Vec::new();
+        let at = |ms: u64| 5_000_000 + ms * 1000;
+        assert!(!plan.due(at(0), &mut due));
+        assert!(due.is_empty(), "none before its after_ms: {due:?}");
+        assert!(!plan.due(at(99), &mut due));
+        assert!(due.is_empty(), "none before its after_ms: {due:?}");
+        assert!(!plan.due(at(250), &mut due));
+        due.sort_unstable_by_key(|k| k.slot);
+        assert_eq!(due, [key(1), key(3)], "the two told 100 ms");
+        due.clear();
+        assert!(!plan.due(at(1000), &mut due));
+        assert_eq!(due, [key(2)]);
+        due.clear();
+        assert!(!plan.due(at(1900), &mut due));
+        assert_eq!(due, [key(0)], "told 1800 ms, not the one told 1999 ms");
+        due.clear();
+        assert!(plan.due(at(2000), &mut due), "the window is over");
+        assert_eq!(due, [key(4)]);
+        due.clear();
+        assert!(plan.due(at(2250), &mut due));
+        assert!(due.is_empty(), "each is due once");
+    }
+
+    /// A tick late past the window closes whatever is left, in the order of their `after_ms`.
+    #[test]
+    fn a_late_tick_closes_what_is_due_in_after_ms_order() {
+        let mut plan = DrainPlan::new(0, 1000, vec![(700, key(0)), (20, key(1)), (400, key(2))]);
+        let mut due = Vec::new();
+        assert!(plan.due(5_000_000, &mut due));
+        assert_eq!(due, [key(1), key(2), key(0)]);
     }
 
     #[test]

@@ -118,36 +118,43 @@ impl FrameReader {
     }
 
     /// Feeds freshly read bytes (unmasked in place) and calls `on_event` for every complete
-    /// frame, in order. `max` bounds a frame and a reassembled message. Stops at the first
-    /// error, and when `on_event` returns `false` (the connection is closing).
+    /// message and control frame, in order. `max` bounds a frame and a reassembled message.
+    /// Stops at the first error, and when `on_event` returns `false` (the connection is
+    /// closing). Returns how many whole frames the bytes completed (control frames and each
+    /// fragment of a message included): what counts as the terminal's activity, where bytes of
+    /// a frame not complete yet do not.
     pub fn feed(
         &mut self,
         input: &mut [u8],
         max: usize,
         mut on_event: impl FnMut(WsEvent<'_>) -> bool,
-    ) -> Result<(), WsError> {
+    ) -> Result<usize, WsError> {
+        let mut frames = 0;
         if self.partial.is_empty() {
-            let used = self.parse_frames(input, max, &mut on_event)?;
+            let used = self.parse_frames(input, max, &mut on_event, &mut frames)?;
             if used < input.len() {
                 self.partial.extend_from_slice(&input[used..]);
             }
         } else {
             let mut buf = std::mem::take(&mut self.partial);
             buf.extend_from_slice(input);
-            let used = self.parse_frames(&mut buf, max, &mut on_event)?;
+            let used = self.parse_frames(&mut buf, max, &mut on_event, &mut frames)?;
             if used < buf.len() {
                 buf.drain(..used);
                 self.partial = buf;
             }
         }
-        Ok(())
+        Ok(frames)
     }
 
+    /// Parses the whole frames at the start of `buf`, counting them in `frames`; returns how
+    /// many bytes they took.
     fn parse_frames(
         &mut self,
         buf: &mut [u8],
         max: usize,
         on_event: &mut impl FnMut(WsEvent<'_>) -> bool,
+        frames: &mut usize,
     ) -> Result<usize, WsError> {
         let mut pos = 0;
         while pos < buf.len() {
@@ -168,6 +175,7 @@ impl FrameReader {
             let start = pos + header_len;
             let payload = &mut buf[start..start + len];
             pos = start + len;
+            *frames += 1;
             if header.rsv1 || header.rsv2 || header.rsv3 {
                 return Err(WsError::Protocol("reserved bits set"));
             }
@@ -343,6 +351,21 @@ mod tests {
             );
             assert_eq!(r.buffered_bytes(), 0, "nothing held once every frame is complete");
         }
+    }
+
+    /// `feed` counts whole frames (control frames and each fragment of a message too), not
+    /// bytes: the bytes of a frame not complete yet are no activity.
+    #[test]
+    fn counts_whole_frames_only() {
+        let mut bytes = client_frame(OpCode::Data(Data::Text), false, b"hel", M);
+        bytes.extend(client_frame(OpCode::Control(Control::Ping), true, b"", M));
+        bytes.extend(client_frame(OpCode::Data(Data::Continue), true, b"lo", M));
+        let mut r = FrameReader::default();
+        let mut feed = |chunk: &[u8]| r.feed(&mut chunk.to_vec(), 1024, |_| true).unwrap();
+        assert_eq!(feed(&bytes[..1]), 0);
+        assert_eq!(feed(&bytes[1..8]), 0, "a fragment's header and part of it");
+        assert_eq!(feed(&bytes[8..10]), 1, "the fragment is complete, the ping's header not");
+        assert_eq!(feed(&bytes[10..]), 2);
     }
 
     #[test]

@@ -197,7 +197,7 @@ fn bad_send_frames_name_the_problem() {
     let mut t = node.terminal("quin", "phone");
     t.raw_send(Message::text(r#"{"type":"send","cid":"c9","to":"rob","kind":"text","body":{"text":5}}"#)).unwrap();
     match t.recv(WAIT).unwrap() {
-        Some(ServerFrame::Error { code, message, reference }) => {
+        Some(ServerFrame::Error { code, message, reference, .. }) => {
             assert_eq!(code, ErrorCode::InvalidBody);
             assert!(message.starts_with("body.text"), "{message}");
             assert_eq!(reference.as_deref(), Some("c9"));

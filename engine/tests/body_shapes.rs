@@ -70,7 +70,7 @@ fn rest_bodies_and_requests_must_be_objects() {
 /// The next frame, which must be an `error`: its code, message and `ref`.
 fn next_error(t: &mut ether_sdk::TerminalClient) -> (ErrorCode, String, Option<String>) {
     match t.recv(WAIT).unwrap() {
-        Some(ServerFrame::Error { code, message, reference }) => (code, message, reference),
+        Some(ServerFrame::Error { code, message, reference, .. }) => (code, message, reference),
         other => panic!("expected an error frame, got {other:?}"),
     }
 }

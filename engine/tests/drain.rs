@@ -1,5 +1,6 @@
-//! Draining: every terminal gets `reconnect` with a jittered delay and is closed with 1012
-//! within the drain window; readiness turns 503 and new terminals are turned away.
+//! Draining: every terminal gets `reconnect` with a jittered delay and is closed with 1012 at
+//! about that delay, within the drain window; readiness turns 503 and new terminals are turned
+//! away.
 mod support;
 
 use std::time::{Duration, Instant};
@@ -43,8 +44,7 @@ fn drain_tells_every_terminal_to_reconnect_and_closes_them() {
 
 /// Many terminals that do not leave when told to reconnect are all closed by the end of the
 /// drain window (plus a second for ticks running late), not left for the stop to close at
-/// once: each tick closes an even share of the terminals the shard had when its drain began
-/// (a share of those still open, as before, leaves about a third open at the window's end).
+/// once: each is closed once its own `after_ms` (below the window) has passed.
 #[test]
 fn a_drain_closes_many_terminals_by_the_end_of_its_window() {
     let node = TestNode::with(|c| {
@@ -57,6 +57,54 @@ fn a_drain_closes_many_terminals_by_the_end_of_its_window() {
     std::thread::sleep(Duration::from_millis(3000));
     assert_eq!(node.shared().connections(), 0, "terminals still open a second after the drain window");
     drop(terminals);
+}
+
+/// Each terminal is closed (1012) at about the `after_ms` its `reconnect` named, never long
+/// before: the closes follow the jitter, so terminals come back to the other nodes spread as
+/// they were told. Two terminals told `after_ms` at least `APART_MS` apart (four shard ticks)
+/// are closed in that order; closer ones may be closed on the same tick, in any order.
+#[test]
+fn a_drain_closes_terminals_in_the_order_of_their_reconnect_delays() {
+    const WINDOW_MS: u64 = 4000;
+    const APART_MS: u64 = 1000;
+    let node = TestNode::with(|c| {
+        c.node.shards = 1;
+        c.limits.drain_window = Duration::from_millis(WINDOW_MS);
+    });
+    let terminals: Vec<_> = (0..16).map(|i| node.terminal(&format!("o{i}"), "phone")).collect();
+    node.shared().start_drain();
+    let readers: Vec<_> = terminals
+        .into_iter()
+        .map(|mut t| {
+            std::thread::spawn(move || {
+                let after_ms = match t.recv(WAIT).unwrap() {
+                    Some(ServerFrame::Reconnect { after_ms }) => after_ms,
+                    other => panic!("expected reconnect, got {other:?}"),
+                };
+                match t.recv(Duration::from_millis(WINDOW_MS) + WAIT) {
+                    Err(SdkError::Closed { code, .. }) => assert_eq!(code, Some(1012)),
+                    other => panic!("expected close 1012, got {other:?}"),
+                }
+                (after_ms, Instant::now())
+            })
+        })
+        .collect();
+    let mut seen: Vec<(u64, Instant)> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    seen.sort_by_key(|(_, closed)| *closed);
+    let told_in_close_order: Vec<u64> = seen.iter().map(|(after_ms, _)| *after_ms).collect();
+    let mut compared = 0;
+    for (after_a, closed_a) in &seen {
+        for (after_b, closed_b) in &seen {
+            if after_a + APART_MS <= *after_b {
+                compared += 1;
+                assert!(
+                    closed_a < closed_b,
+                    "told {after_a} ms, closed after the one told {after_b} ms; after_ms in close order: {told_in_close_order:?}"
+                );
+            }
+        }
+    }
+    assert!(compared > 0, "no two delays {APART_MS} ms apart: {told_in_close_order:?}");
 }
 
 /// A terminal whose upgrade request was read and checked before a drain began, and is taken

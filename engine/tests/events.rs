@@ -250,3 +250,77 @@ fn terminals_that_do_not_answer_their_close_at_a_stop_go_offline_in_the_outbox()
     }
     drop((full, idle, kicked));
 }
+
+/// A node whose store is held: an open write transaction on its database (another SQLite
+/// connection) makes the storage thread wait for the lock on the next write, and every command
+/// queued behind it (a terminal's heads) waits too. One shard: all events in one order.
+fn node_with_held_store(hook: &Receiver) -> (TestNode, rusqlite::Connection, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::in_dir(dir.path(), |c| {
+        c.node.shards = 1;
+        c.events.webhook = Some(webhook(hook));
+    });
+    let db = rusqlite::Connection::open(dir.path().join("ether.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    (node, db, dir)
+}
+
+/// The `message.unreached` events for message `id`.
+fn unreached_for(events: &[serde_json::Value], id: &str) -> usize {
+    events.iter().filter(|e| e["type"] == "message.unreached" && e["id"] == id).count()
+}
+
+/// A message stored while its user's only terminal is still being taken on (its upgrade read,
+/// its heads waiting behind the message's write) reached no terminal, and here none ever gets
+/// it: the node begins to drain meanwhile and refuses the terminal (503). The business hears
+/// it, once, by `message.unreached`.
+#[test]
+fn a_message_stored_while_the_only_terminal_connects_and_then_fails_is_unreached() {
+    let hook = receiver(0);
+    let (node, db, _dir) = node_with_held_store(&hook);
+    let gw = node.gateway();
+    let sent = std::thread::spawn(move || gw.send_message(&text("ann", "cat", "while you connect")));
+    std::thread::sleep(Duration::from_millis(200));
+    let (url, token) = (node.ws_url(), node.token("cat"));
+    let connect = std::thread::spawn(move || ether_sdk::TerminalClient::connect(&url, &token, "phone", "web"));
+    // The upgrade is read and handed to the home shard; its heads wait behind the write.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(node.admin().request("POST", "/admin/v1/drain", None).unwrap().status, 200);
+    db.execute_batch("ROLLBACK").unwrap();
+    let id = sent.join().unwrap().expect("stored once the lock went").id;
+    match connect.join().unwrap() {
+        Err(ether_sdk::SdkError::Rejected { status, .. }) => assert_eq!(status, 503),
+        Err(e) => panic!("expected 503, got {e}"),
+        Ok(_) => panic!("a terminal taken on while the node drains"),
+    }
+    let all = hook.wait_for(|e| unreached_for(e, &id) > 0);
+    assert_eq!(unreached_for(&all, &id), 1, "{all:?}");
+    assert!(!has(&all, "user.online", "cat"), "the terminal was never online: {all:?}");
+}
+
+/// The rule (PROTOCOL.md): `message.unreached` is made when the message is stored and no
+/// terminal of the user is online, a terminal still being taken on included. One welcomed a
+/// moment later gets the message by `sync` all the same (one push too many, never one too
+/// few), and the event is made once, not again when the terminal is welcomed.
+#[test]
+fn a_message_stored_while_the_only_terminal_connects_is_unreached_once_and_synced() {
+    let hook = receiver(0);
+    let (node, db, _dir) = node_with_held_store(&hook);
+    let gw = node.gateway();
+    let sent = std::thread::spawn(move || gw.send_message(&text("ann", "cat", "while you connect")));
+    std::thread::sleep(Duration::from_millis(200));
+    let (url, token) = (node.ws_url(), node.token("cat"));
+    let connect = std::thread::spawn(move || ether_sdk::TerminalClient::connect(&url, &token, "phone", "web"));
+    std::thread::sleep(Duration::from_millis(800));
+    db.execute_batch("ROLLBACK").unwrap();
+    let id = sent.join().unwrap().expect("stored once the lock went").id;
+    let (mut cat, welcome) = connect.join().unwrap().expect("taken on once its heads are read");
+    assert_eq!(welcome.inbox_seq, 1, "the welcome names the message");
+    let (got, _) = sync_all(&mut cat, 0);
+    assert_eq!(got.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
+    // A later event of the same shard: whatever it made for the message came before it.
+    let later = node.gateway().send_message(&text("ann", "zed", "away")).unwrap().id;
+    let all = hook.wait_for(|e| unreached_for(e, &later) > 0);
+    assert_eq!(unreached_for(&all, &id), 1, "{all:?}");
+    assert!(has(&all, "user.online", "cat"), "{all:?}");
+}

@@ -170,7 +170,7 @@ fn bad_binary_input_gets_the_documented_errors_and_the_connection_goes_on() {
     let node = TestNode::with(|c| c.limits.protocol_violations_max = 16);
     let mut t = proto_terminal(&node, "eve", "phone");
     let error = |t: &mut TerminalClient| match t.recv(WAIT).unwrap() {
-        Some(ServerFrame::Error { code, message, reference }) => (code, message, reference),
+        Some(ServerFrame::Error { code, message, reference, .. }) => (code, message, reference),
         other => panic!("expected an error frame, got {other:?}"),
     };
     // Not Protocol Buffers.

@@ -16,7 +16,7 @@ fn answers(t: &mut ether_sdk::TerminalClient, n: usize) -> (Vec<String>, Vec<Str
     while sent.len() + limited.len() < n {
         match t.recv(WAIT).unwrap() {
             Some(ServerFrame::Sent { cid, .. }) => sent.push(cid),
-            Some(ServerFrame::Error { code: ErrorCode::RateLimited, reference, message }) => {
+            Some(ServerFrame::Error { code: ErrorCode::RateLimited, reference, message, .. }) => {
                 assert!(message.contains("limits.terminal_sends_per_s"), "{message}");
                 limited.push(reference.expect("the cid of the refused send"));
             }
@@ -74,7 +74,7 @@ fn syncs_and_reads_over_the_rate_are_refused() {
     t.read("u:sam", 1).unwrap();
     for _ in 0..2 {
         match t.recv(WAIT).unwrap() {
-            Some(ServerFrame::Error { code: ErrorCode::RateLimited, reference: None, message }) => {
+            Some(ServerFrame::Error { code: ErrorCode::RateLimited, reference: None, message, .. }) => {
                 assert!(message.contains("limits.terminal_requests_per_s"), "{message}");
             }
             other => panic!("expected rate_limited, got {other:?}"),

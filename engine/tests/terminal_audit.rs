@@ -1,13 +1,16 @@
 //! An audit of the terminal-facing side of the node, over real sockets: WebSocket framing
-//! rules (RFC 6455) the node must enforce, and delivery to terminals (acks, resends, several
-//! terminals of a user, reads, sync pages, reconnects).
+//! rules (RFC 6455) the node must enforce, the idle timeout, error frames, and delivery to
+//! terminals (acks, resends, several terminals of a user, reads, sync pages, reconnects).
 mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use ether_proto::frame::ServerFrame;
+use ether_proto::frame::{FrameType, ServerFrame};
+use ether_proto::{ClientFrame, ErrorCode};
+use ether_sdk::tungstenite::Message;
+use ether_sdk::{ConnectOptions, TerminalClient};
 use support::*;
 
 /// A terminal speaking raw WebSocket frames, for what a well-behaved client library will not
@@ -15,6 +18,8 @@ use support::*;
 struct RawTerminal {
     s: TcpStream,
     buf: Vec<u8>,
+    /// The node closed the connection (or it broke): nothing more will come.
+    ended: bool,
 }
 
 impl RawTerminal {
@@ -27,7 +32,7 @@ impl RawTerminal {
             node.token(user)
         );
         s.write_all(upgrade.as_bytes()).unwrap();
-        let mut t = RawTerminal { s, buf: Vec::new() };
+        let mut t = RawTerminal { s, buf: Vec::new(), ended: false };
         let end = loop {
             if let Some(i) = t.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 break i + 4;
@@ -42,11 +47,18 @@ impl RawTerminal {
         t
     }
 
-    /// Reads more bytes; false on EOF (or an error, a timeout).
+    /// Reads more bytes; false on EOF (or an error, a timeout; `ended` tells them apart).
     fn fill(&mut self) -> bool {
         let mut chunk = [0u8; 4096];
         match self.s.read(&mut chunk) {
-            Ok(0) | Err(_) => false,
+            Ok(0) => {
+                self.ended = true;
+                false
+            }
+            Err(e) => {
+                self.ended |= !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+                false
+            }
             Ok(n) => {
                 self.buf.extend_from_slice(&chunk[..n]);
                 true
@@ -54,15 +66,20 @@ impl RawTerminal {
         }
     }
 
-    /// Writes one masked client frame.
-    fn send(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
+    /// One masked client frame's bytes.
+    fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
         assert!(payload.len() < 126);
         let mask = [0x37, 0xfa, 0x21, 0x3d];
         let mut f = vec![opcode | if fin { 0x80 } else { 0 }, 0x80 | payload.len() as u8];
         f.extend_from_slice(&mask);
         f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        f
+    }
+
+    /// Writes one masked client frame.
+    fn send(&mut self, opcode: u8, fin: bool, payload: &[u8]) {
         // The node may have closed already (a frame after its close is lost, as it should be).
-        let _ = self.s.write_all(&f);
+        let _ = self.s.write_all(&Self::frame(opcode, fin, payload));
     }
 
     /// The next server frame: (opcode, payload); None once the connection ends.
@@ -370,5 +387,146 @@ fn group_resends_follow_each_terminals_own_acks() {
     for t in [&mut phone, &mut mo] {
         let after = t.drain(Duration::from_millis(100)).unwrap();
         assert!(after.is_empty(), "after the ack: {after:?}");
+    }
+}
+
+/// Only whole frames keep a terminal from its idle timeout (4003, `limits.idle_timeout_s`):
+/// one that dribbles the bytes of a frame it never finishes is closed, where one whose frames
+/// (pings) arrive each in two pieces is served on. Any bytes used to count: a terminal sending
+/// a byte of a frame it never completed every few seconds was never closed.
+#[test]
+fn bytes_of_a_frame_never_finished_do_not_keep_a_terminal_from_its_idle_timeout() {
+    let node = TestNode::with(|c| {
+        c.limits.idle_timeout = Duration::from_millis(1500);
+        c.limits.heartbeat_s = 1;
+    });
+    let mut dribbler = RawTerminal::connect(&node, "dee", "a");
+    let mut splitter = RawTerminal::connect(&node, "ely", "a");
+    for t in [&dribbler, &splitter] {
+        t.s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    }
+    // A text frame of 125 bytes: its header now, then one byte of it at a time.
+    let unfinished = RawTerminal::frame(1, true, &[b' '; 125]);
+    dribbler.s.write_all(&unfinished[..6]).unwrap();
+    let ping = RawTerminal::frame(9, true, b"hb");
+    let started = Instant::now();
+    let mut next = 6;
+    let code = 'closed: loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a terminal that sent no whole frame for 10 idle timeouts is still open"
+        );
+        assert!(next < unfinished.len(), "the dribbled frame must never be complete");
+        let _ = dribbler.s.write_all(&unfinished[next..next + 1]);
+        next += 1;
+        // A whole ping, in two pieces: activity, however it arrives.
+        splitter.s.write_all(&ping[..3]).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        splitter.s.write_all(&ping[3..]).unwrap();
+        loop {
+            match splitter.next_frame() {
+                Some((0xa, payload)) => {
+                    assert_eq!(payload, b"hb");
+                    break;
+                }
+                Some((op, payload)) => panic!("the splitter got {op}: {}", String::from_utf8_lossy(&payload)),
+                None => assert!(!splitter.ended, "the terminal sending whole frames was closed"),
+            }
+        }
+        while let Some((op, payload)) = dribbler.next_frame() {
+            if op == 8 {
+                break 'closed (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+            }
+        }
+        assert!(!dribbler.ended, "closed without a close frame");
+    };
+    assert_eq!(code, Some(4003), "closed as idle");
+    // The terminal whose frames came in pieces is still served.
+    splitter.s.write_all(&ping).unwrap();
+    splitter.s.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(splitter.next_frame(), Some((0xa, b"hb".to_vec())));
+}
+
+/// The `of`s and `ref`s of the next `n` error frames (other frames skipped).
+fn refusals(t: &mut TerminalClient, n: usize) -> Vec<(ErrorCode, Option<FrameType>, Option<String>)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match t.recv(WAIT).unwrap() {
+            Some(ServerFrame::Error { code, of, reference, .. }) => got.push((code, of, reference)),
+            Some(_) => {}
+            None => panic!("no error frame within {WAIT:?}; so far {got:?}"),
+        }
+    }
+    got
+}
+
+/// Every `error` frame that answers a terminal frame names its type (`of`), on both
+/// subprotocols: a terminal that sent a `sync` and a `read` and got `rate_limited` for one of
+/// them can tell which to send again (neither is a `send`, so there is no `ref`). Before, only
+/// a `send`'s error said which frame it answered. A frame whose type could not be read gets
+/// no `of`.
+#[test]
+fn error_frames_name_the_frame_they_refuse() {
+    let node = TestNode::with(|c| {
+        c.limits.terminal_requests_per_s = 1;
+        c.limits.terminal_requests_burst = 1;
+        c.limits.protocol_violations_max = 20;
+    });
+    for (user, proto) in [("ona", false), ("oto", true)] {
+        let mut opts = ConnectOptions::new(&node.token(user), "phone", "web");
+        if proto {
+            opts = opts.subprotocol(ether_proto::pb::SUBPROTOCOL_PROTO);
+        }
+        let (mut t, _) = TerminalClient::connect_with(&node.ws_url(), &opts).unwrap();
+        assert_eq!(t.is_proto(), proto);
+        let sync = ClientFrame::Sync { inbox_seq: 0, groups: Default::default(), limit: None };
+        // The burst takes the first sync; the read and the second sync are over the rate.
+        t.send_frame(&sync).unwrap();
+        t.read("u:sam", 1).unwrap();
+        t.send_frame(&sync).unwrap();
+        assert_eq!(
+            refusals(&mut t, 2),
+            [
+                (ErrorCode::RateLimited, Some(FrameType::Read), None),
+                (ErrorCode::RateLimited, Some(FrameType::Sync), None)
+            ],
+            "proto: {proto}"
+        );
+        // Refused for what they ask, or malformed with a type that can be read.
+        t.ack_group("not-mine", 1).unwrap();
+        t.send("c-1", "sam", ether_proto::Kind::Text, serde_json::json!({"text": 5})).unwrap();
+        t.send_frame(&ClientFrame::Ack { seq: 1, group: Some("bad group!".into()) }).unwrap();
+        assert_eq!(
+            refusals(&mut t, 3),
+            [
+                (ErrorCode::Forbidden, Some(FrameType::Ack), None),
+                (ErrorCode::InvalidBody, Some(FrameType::Send), Some("c-1".into())),
+                (ErrorCode::InvalidBody, Some(FrameType::Ack), None),
+            ],
+            "proto: {proto}"
+        );
+        // Frames whose type cannot be read: no `of`.
+        if proto {
+            t.raw_send(Message::binary(vec![0xff, 0xff])).unwrap();
+            t.raw_send(Message::text(r#"{"type":"sync"}"#)).unwrap();
+            let got = refusals(&mut t, 2);
+            assert!(got.iter().all(|(code, of, _)| *code == ErrorCode::InvalidFrame && of.is_none()), "{got:?}");
+        } else {
+            t.raw_send(Message::text("{not json")).unwrap();
+            t.raw_send(Message::text(r#"{"type":"dance"}"#)).unwrap();
+            t.raw_send(Message::text(r#"{"type":"ping","x":1}"#)).unwrap();
+            assert_eq!(
+                refusals(&mut t, 3),
+                [
+                    (ErrorCode::InvalidJson, None, None),
+                    (ErrorCode::InvalidFrame, None, None),
+                    (ErrorCode::InvalidFrame, Some(FrameType::Ping), None),
+                ]
+            );
+            // On the wire: the key is `of`, its value the frame's `type`.
+            t.raw_send(Message::text(r#"{"type":"ack","group":"not-mine","seq":1}"#)).unwrap();
+            let v = t.recv_value(WAIT).unwrap().unwrap();
+            assert_eq!((v["type"].as_str(), v["of"].as_str()), (Some("error"), Some("ack")), "{v}");
+        }
     }
 }

@@ -15,6 +15,38 @@ use crate::error::ErrorCode;
 /// The default subprotocol: JSON text frames.
 pub const SUBPROTOCOL_JSON: &str = "ether.v1.json";
 
+/// The type of a terminal frame, as its `type` names it: what an `error` frame's `of` says it
+/// refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrameType {
+    Ack,
+    Sync,
+    Send,
+    Read,
+    Ping,
+}
+
+impl FrameType {
+    pub const ALL: [FrameType; 5] =
+        [FrameType::Ack, FrameType::Sync, FrameType::Send, FrameType::Read, FrameType::Ping];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameType::Ack => "ack",
+            FrameType::Sync => "sync",
+            FrameType::Send => "send",
+            FrameType::Read => "read",
+            FrameType::Ping => "ping",
+        }
+    }
+
+    /// The type a `type` value names, if any.
+    pub fn parse(name: &str) -> Option<FrameType> {
+        FrameType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+}
+
 /// A message as a terminal receives it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Msg {
@@ -75,11 +107,15 @@ pub enum ServerFrame {
         seq: u64,
     },
     Pong,
+    /// A terminal frame refused: `reference` is the `cid` of the `send` it answers, `of` the
+    /// type of the frame it answers (absent when that could not be read, e.g. bad JSON).
     Error {
         code: ErrorCode,
         message: String,
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        of: Option<FrameType>,
     },
     Kicked {
         reason: String,
@@ -134,15 +170,16 @@ pub enum ClientFrame {
     Ping,
 }
 
-/// Why a terminal frame could not be understood.
+/// Why a terminal frame could not be understood. `of` is the frame's type when it could be
+/// read (see [`FrameError::of`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("invalid JSON: {0}")]
-    Json(String),
+    #[error("invalid JSON: {message}")]
+    Json { of: Option<FrameType>, message: String },
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
-    #[error("{0}")]
-    Shape(String),
+    #[error("{message}")]
+    Shape { of: Option<FrameType>, message: String },
     /// A well-formed `send` but for its `kind`, which is none of the kinds: not a malformed
     /// frame but a send refused for what it asks, like one with a bad body (`invalid_body`,
     /// answered with its `cid`, not a protocol violation; the REST API's answer to an unknown
@@ -152,11 +189,32 @@ pub enum FrameError {
 }
 
 impl FrameError {
+    /// A frame without a string `type`, or not of the shape its type asks for.
+    pub fn shape(of: Option<FrameType>, message: impl Into<String>) -> FrameError {
+        FrameError::Shape { of, message: message.into() }
+    }
+
+    /// Text that is not JSON (the frame, or a JSON field of a binary frame).
+    pub fn json(of: Option<FrameType>, message: impl Into<String>) -> FrameError {
+        FrameError::Json { of, message: message.into() }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
-            FrameError::Json(_) => ErrorCode::InvalidJson,
-            FrameError::UnknownType(_) | FrameError::Shape(_) => ErrorCode::InvalidFrame,
+            FrameError::Json { .. } => ErrorCode::InvalidJson,
+            FrameError::UnknownType(_) | FrameError::Shape { .. } => ErrorCode::InvalidFrame,
             FrameError::UnknownKind { .. } => ErrorCode::InvalidBody,
+        }
+    }
+
+    /// The type of the refused frame, if it could be read (the `of` of the `error` frame that
+    /// answers it): none for text that is not JSON, a frame without a string `type` or with a
+    /// type there is not, a binary frame that does not decode.
+    pub fn of(&self) -> Option<FrameType> {
+        match self {
+            FrameError::Json { of, .. } | FrameError::Shape { of, .. } => *of,
+            FrameError::UnknownType(_) => None,
+            FrameError::UnknownKind { .. } => Some(FrameType::Send),
         }
     }
 
@@ -167,35 +225,46 @@ impl FrameError {
     }
 }
 
-const CLIENT_TYPES: [&str; 5] = ["ack", "sync", "send", "read", "ping"];
-
 impl ClientFrame {
     /// Parses one terminal frame, telling apart bad JSON, an unknown `type` and a bad shape.
     pub fn parse(bytes: &[u8]) -> Result<ClientFrame, FrameError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| FrameError::Json(e.to_string()))?;
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| FrameError::json(None, e.to_string()))?;
         let ty = match value.get("type") {
             Some(Value::String(t)) => t.clone(),
-            Some(_) => return Err(FrameError::Shape("type: must be a string".into())),
-            None => return Err(FrameError::Shape("type: missing".into())),
+            Some(_) => return Err(FrameError::shape(None, "type: must be a string")),
+            None => return Err(FrameError::shape(None, "type: missing")),
         };
-        if !CLIENT_TYPES.contains(&ty.as_str()) {
+        let Some(of) = FrameType::parse(&ty) else {
             return Err(FrameError::UnknownType(ty));
-        }
+        };
         let frame = serde_path_to_error::deserialize(&value).map_err(|e| {
             if let Some(unknown) = Self::unknown_kind(&value) {
                 return unknown;
             }
             let path = e.path().to_string();
-            FrameError::Shape(format!("{ty} frame: {path}: {}", e.into_inner()))
+            FrameError::shape(Some(of), format!("{ty} frame: {path}: {}", e.into_inner()))
         })?;
         // serde's `deny_unknown_fields` does not reach the unit variant of an internally tagged
         // enum: `{"type":"ping","x":1}` would pass. A `ping` has no field but its `type`.
         if frame == ClientFrame::Ping {
             if let Some(extra) = value.as_object().and_then(|o| o.keys().find(|k| *k != "type")) {
-                return Err(FrameError::Shape(format!("ping frame: unknown field `{extra}`, there are no fields")));
+                return Err(FrameError::shape(
+                    Some(FrameType::Ping),
+                    format!("ping frame: unknown field `{extra}`, there are no fields"),
+                ));
             }
         }
         Ok(frame)
+    }
+
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            ClientFrame::Ack { .. } => FrameType::Ack,
+            ClientFrame::Sync { .. } => FrameType::Sync,
+            ClientFrame::Send { .. } => FrameType::Send,
+            ClientFrame::Read { .. } => FrameType::Read,
+            ClientFrame::Ping => FrameType::Ping,
+        }
     }
 
     /// For a frame that did not parse: [`FrameError::UnknownKind`] if it is a `send` whose
@@ -302,12 +371,22 @@ impl<'a> ClientFrameRef<'a> {
                 kind,
                 body: Cow::Owned(
                     serde_json::value::to_raw_value(&body)
-                        .map_err(|e| FrameError::Shape(format!("send frame: body: {e}")))?,
+                        .map_err(|e| FrameError::shape(Some(FrameType::Send), format!("send frame: body: {e}")))?,
                 ),
             },
             ClientFrame::Read { chat, seq } => ClientFrameRef::Read { chat: Cow::Owned(chat), seq },
             ClientFrame::Ping => ClientFrameRef::Ping,
         })
+    }
+
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            ClientFrameRef::Ack { .. } => FrameType::Ack,
+            ClientFrameRef::Sync { .. } => FrameType::Sync,
+            ClientFrameRef::Send { .. } => FrameType::Send,
+            ClientFrameRef::Read { .. } => FrameType::Read,
+            ClientFrameRef::Ping => FrameType::Ping,
+        }
     }
 
     /// The frame if it is one of the usual valid shapes; `None` means "ask `ClientFrame`".
@@ -390,9 +469,17 @@ mod tests {
         let v: Value = serde_json::from_str(&w.to_json()).unwrap();
         assert_eq!(v["type"], "welcome");
         assert_eq!(v["inbox_seq"], 4);
-        let e = ServerFrame::Error { code: ErrorCode::InvalidJson, message: "m".into(), reference: Some("c1".into()) };
+        let e = ServerFrame::Error {
+            code: ErrorCode::InvalidBody,
+            message: "m".into(),
+            reference: Some("c1".into()),
+            of: Some(FrameType::Send),
+        };
         let v: Value = serde_json::from_str(&e.to_json()).unwrap();
-        assert_eq!(v, json!({"type":"error","code":"invalid_json","message":"m","ref":"c1"}));
+        assert_eq!(v, json!({"type":"error","code":"invalid_body","message":"m","ref":"c1","of":"send"}));
+        let e = ServerFrame::Error { code: ErrorCode::InvalidJson, message: "m".into(), reference: None, of: None };
+        let v: Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v, json!({"type":"error","code":"invalid_json","message":"m"}), "no `of` when none is known");
         let r = ServerFrame::ReadSync { chat: "u:b".into(), seq: 3 };
         assert_eq!(serde_json::from_str::<Value>(&r.to_json()).unwrap()["type"], "read_sync");
         assert_eq!(ServerFrame::Pong.to_json(), r#"{"type":"pong"}"#);
@@ -402,10 +489,10 @@ mod tests {
     fn client_frames_parse() {
         assert_eq!(ClientFrame::parse(br#"{"type":"ping"}"#).unwrap(), ClientFrame::Ping);
         assert_eq!(ClientFrame::parse(br#"{"type":"ack","seq":7}"#).unwrap(), ClientFrame::Ack { seq: 7, group: None });
-        assert!(matches!(ClientFrame::parse(b"{nope"), Err(FrameError::Json(_))));
+        assert!(matches!(ClientFrame::parse(b"{nope"), Err(FrameError::Json { .. })));
         assert!(matches!(ClientFrame::parse(br#"{"type":"dance"}"#), Err(FrameError::UnknownType(_))));
-        assert!(matches!(ClientFrame::parse(br#"{"type":"ack"}"#), Err(FrameError::Shape(_))));
-        assert!(matches!(ClientFrame::parse(br#"[1]"#), Err(FrameError::Shape(_))));
+        assert!(matches!(ClientFrame::parse(br#"{"type":"ack"}"#), Err(FrameError::Shape { .. })));
+        assert!(matches!(ClientFrame::parse(br#"[1]"#), Err(FrameError::Shape { .. })));
     }
 
     fn arb_client_frame() -> impl Strategy<Value = ClientFrame> {
@@ -608,6 +695,46 @@ mod tests {
         }
         assert_eq!(ClientFrameRef::parse(br#" {"type":"ping"} "#).map(owned), Ok(ClientFrame::Ping));
         assert_eq!(ClientFrame::parse(br#"{"type":"ping","type":"ping"}"#), Ok(ClientFrame::Ping));
+    }
+
+    /// An error names the type of the frame it refuses whenever that type could be read, on
+    /// both parsers; the names are the frames' `type`s.
+    #[test]
+    fn errors_name_the_refused_frame_type() {
+        for t in FrameType::ALL {
+            assert_eq!(serde_json::to_value(t).unwrap(), json!(t.as_str()));
+            assert_eq!(FrameType::parse(t.as_str()), Some(t));
+        }
+        for f in [
+            ClientFrame::Ack { seq: 1, group: None },
+            ClientFrame::Sync { inbox_seq: 0, groups: BTreeMap::new(), limit: None },
+            ClientFrame::Send { cid: "c".into(), to: Some("b".into()), group: None, kind: Kind::Text, body: json!({}) },
+            ClientFrame::Read { chat: "u:b".into(), seq: 1 },
+            ClientFrame::Ping,
+        ] {
+            let v: Value = serde_json::from_str(&f.to_json()).unwrap();
+            assert_eq!(v["type"], f.frame_type().as_str());
+            assert_eq!(ClientFrameRef::parse(f.to_json().as_bytes()).unwrap().frame_type(), f.frame_type());
+        }
+        for (bytes, of) in [
+            (&b"{nope"[..], None),
+            (br#"[{"type":"ack","seq":1}]"#, None),
+            (br#"{"seq":1}"#, None),
+            (br#"{"type":7}"#, None),
+            (br#"{"type":"dance"}"#, None),
+            (br#"{"type":"ack"}"#, Some(FrameType::Ack)),
+            (br#"{"type":"ack","seq":-1}"#, Some(FrameType::Ack)),
+            (br#"{"type":"sync","inbox_seq":"x"}"#, Some(FrameType::Sync)),
+            (br#"{"type":"sync","extra":1}"#, Some(FrameType::Sync)),
+            (br#"{"type":"read","chat":"u:b"}"#, Some(FrameType::Read)),
+            (br#"{"type":"send","cid":"c","to":"b","kind":"text"}"#, Some(FrameType::Send)),
+            (br#"{"type":"send","cid":"c","to":"b","kind":"gif","body":{}}"#, Some(FrameType::Send)),
+            (br#"{"type":"ping","x":1}"#, Some(FrameType::Ping)),
+        ] {
+            let e = ClientFrameRef::parse(bytes).unwrap_err();
+            assert_eq!(e.of(), of, "{}: {e}", String::from_utf8_lossy(bytes));
+            assert_eq!(ClientFrame::parse(bytes).unwrap_err().of(), of);
+        }
     }
 
     #[test]

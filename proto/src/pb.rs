@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::body::Kind;
 use crate::error::ErrorCode;
-use crate::frame::{ClientFrame, ClientFrameRef, FrameError, Msg, Positions, ServerFrame};
+use crate::frame::{ClientFrame, ClientFrameRef, FrameError, FrameType, Msg, Positions, ServerFrame};
 
 /// The binary subprotocol: one Protocol Buffers `ServerFrame`/`ClientFrame` per binary frame.
 pub const SUBPROTOCOL_PROTO: &str = "ether.v1.proto";
@@ -36,16 +36,18 @@ impl From<Kind> for v1::Kind {
     }
 }
 
-fn kind_of(raw: i32, frame: &str) -> Result<Kind, FrameError> {
+/// The kind numbered `raw` in a `frame` frame (`of`: a terminal's, or none for the node's).
+fn kind_of(raw: i32, frame: &str, of: Option<FrameType>) -> Result<Kind, FrameError> {
     match v1::Kind::try_from(raw) {
         Ok(v1::Kind::Text) => Ok(Kind::Text),
         Ok(v1::Kind::Image) => Ok(Kind::Image),
         Ok(v1::Kind::File) => Ok(Kind::File),
         Ok(v1::Kind::Voice) => Ok(Kind::Voice),
         Ok(v1::Kind::Custom) => Ok(Kind::Custom),
-        Ok(v1::Kind::Unspecified) | Err(_) => {
-            Err(FrameError::Shape(format!("{frame} frame: kind: {raw} is not one of text, image, file, voice, custom")))
-        }
+        Ok(v1::Kind::Unspecified) | Err(_) => Err(FrameError::shape(
+            of,
+            format!("{frame} frame: kind: {raw} is not one of text, image, file, voice, custom"),
+        )),
     }
 }
 
@@ -116,10 +118,11 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
         }
         ServerFrame::ReadSync { chat, seq } => ServerOneof::ReadSync(v1::ReadSync { chat: chat.clone(), seq: *seq }),
         ServerFrame::Pong => ServerOneof::Pong(v1::Pong {}),
-        ServerFrame::Error { code, message, reference } => ServerOneof::Error(v1::Error {
+        ServerFrame::Error { code, message, reference, of } => ServerOneof::Error(v1::Error {
             code: code.as_str().to_owned(),
             message: message.clone(),
             r#ref: reference.clone(),
+            of: of.map(|t| t.as_str().to_owned()),
         }),
         ServerFrame::Kicked { reason } => ServerOneof::Kicked(v1::Kicked { reason: reason.clone() }),
         ServerFrame::Reconnect { after_ms } => ServerOneof::Reconnect(v1::Reconnect { after_ms: *after_ms }),
@@ -127,10 +130,19 @@ pub fn encode_server(frame: &ServerFrame) -> Vec<u8> {
     v1::ServerFrame { frame: Some(oneof) }.encode_to_vec()
 }
 
+/// Whether `bytes` is a well-formed `ServerFrame` that holds no frame this version knows: a
+/// frame type a later version added to the `frame` oneof under a new field number (prost
+/// skips fields it does not know, so the oneof stays empty and [`decode_server`] refuses it).
+/// Terminals skip such frames, as JSON terminals skip an unknown `type`. Empty bytes hold no
+/// frame at all: broken, not new (`false`).
+pub fn is_unknown_server_frame(bytes: &[u8]) -> bool {
+    !bytes.is_empty() && v1::ServerFrame::decode(bytes).is_ok_and(|f| f.frame.is_none())
+}
+
 /// A server frame from Protocol Buffers bytes (terminals: the SDK, the load tester).
 pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, FrameError> {
-    let frame = v1::ServerFrame::decode(bytes).map_err(|e| FrameError::Shape(format!("protobuf: {e}")))?;
-    let Some(oneof) = frame.frame else { return Err(FrameError::Shape("frame: empty ServerFrame".into())) };
+    let frame = v1::ServerFrame::decode(bytes).map_err(|e| FrameError::shape(None, format!("protobuf: {e}")))?;
+    let Some(oneof) = frame.frame else { return Err(FrameError::shape(None, "frame: empty ServerFrame")) };
     Ok(match oneof {
         ServerOneof::Welcome(w) => ServerFrame::Welcome {
             user: w.user,
@@ -142,9 +154,9 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, FrameError> {
             delivered: w.delivered.map(|p| Positions { inbox_seq: p.inbox_seq, groups: p.groups }),
         },
         ServerOneof::Msg(m) => ServerFrame::Msg(Msg {
-            kind: kind_of(m.kind, "msg")?,
+            kind: kind_of(m.kind, "msg", None)?,
             body: serde_json::from_str::<Value>(&m.body_json)
-                .map_err(|e| FrameError::Json(format!("msg frame: body_json: {e}")))?,
+                .map_err(|e| FrameError::json(None, format!("msg frame: body_json: {e}")))?,
             id: m.id,
             cid: m.cid,
             chat: m.chat,
@@ -159,7 +171,14 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, FrameError> {
         ServerOneof::Pong(_) => ServerFrame::Pong,
         ServerOneof::Error(e) => ServerFrame::Error {
             code: serde_json::from_value::<ErrorCode>(Value::String(e.code.clone()))
-                .map_err(|_| FrameError::Shape(format!("error frame: code: unknown {:?}", e.code)))?,
+                .map_err(|_| FrameError::shape(None, format!("error frame: code: unknown {:?}", e.code)))?,
+            of: match e.of {
+                None => None,
+                Some(of) => Some(
+                    FrameType::parse(&of)
+                        .ok_or_else(|| FrameError::shape(None, format!("error frame: of: unknown {of:?}")))?,
+                ),
+            },
             message: e.message,
             reference: e.r#ref,
         },
@@ -192,13 +211,13 @@ pub fn encode_client(frame: &ClientFrame) -> Vec<u8> {
 /// a broken message or a missing frame is `invalid_frame`, a body that is not JSON text
 /// `invalid_json`.
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrameRef<'static>, FrameError> {
-    let frame = v1::ClientFrame::decode(bytes).map_err(|e| FrameError::Shape(format!("protobuf: {e}")))?;
-    let Some(oneof) = frame.frame else { return Err(FrameError::Shape("frame: empty ClientFrame".into())) };
+    let frame = v1::ClientFrame::decode(bytes).map_err(|e| FrameError::shape(None, format!("protobuf: {e}")))?;
+    let Some(oneof) = frame.frame else { return Err(FrameError::shape(None, "frame: empty ClientFrame")) };
     Ok(match oneof {
         ClientOneof::Ack(a) => ClientFrameRef::Ack { seq: a.seq, group: a.group.map(Cow::Owned) },
         ClientOneof::Sync(s) => ClientFrameRef::Sync { inbox_seq: s.inbox_seq, groups: s.groups, limit: s.limit },
         ClientOneof::Send(s) => {
-            let kind = match kind_of(s.kind, "send") {
+            let kind = match kind_of(s.kind, "send", Some(FrameType::Send)) {
                 Ok(kind) => Some(kind),
                 // A number naming no kind, like an unknown `kind` string in JSON: once the rest
                 // of the frame is read, a send refused for what it asks (`invalid_body`).
@@ -206,7 +225,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrameRef<'static>, FrameError
                 Err(e) => return Err(e),
             };
             let body = RawValue::from_string(s.body_json)
-                .map_err(|e| FrameError::Json(format!("send frame: body_json: {e}")))?;
+                .map_err(|e| FrameError::json(Some(FrameType::Send), format!("send frame: body_json: {e}")))?;
             let Some(kind) = kind else {
                 return Err(FrameError::UnknownKind {
                     cid: s.cid,
@@ -282,11 +301,13 @@ mod tests {
             (text, text).prop_map(|(chat, by)| ServerFrame::Receipt { chat, by, up_to: "9".into() }),
             (text, any::<u64>()).prop_map(|(chat, seq)| ServerFrame::ReadSync { chat, seq }),
             Just(ServerFrame::Pong),
-            (text, proptest::option::of(text)).prop_map(|(message, reference)| ServerFrame::Error {
-                code: ErrorCode::RateLimited,
-                message,
-                reference
-            }),
+            (text, proptest::option::of(text), proptest::option::of(proptest::sample::select(FrameType::ALL.to_vec())))
+                .prop_map(|(message, reference, of)| ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    message,
+                    reference,
+                    of
+                }),
             text.prop_map(|reason| ServerFrame::Kicked { reason }),
             any::<u64>().prop_map(|after_ms| ServerFrame::Reconnect { after_ms }),
         ]
@@ -349,6 +370,30 @@ mod tests {
         }
     }
 
+    /// A frame type of a later version (a new field number in the `frame` oneof) is told apart
+    /// from a broken frame, so terminals can skip it.
+    #[test]
+    fn unknown_server_frame_types_are_told_from_broken_frames() {
+        // field 15 (a later `typing`, say): length-delimited, holding field 1 = 1
+        let typing = [0x7a, 0x02, 0x08, 0x01];
+        // field 1000, a varint
+        let far = [0xc0, 0x3e, 0x05];
+        for bytes in [&typing[..], &far[..]] {
+            assert!(is_unknown_server_frame(bytes), "{bytes:?}");
+            assert!(decode_server(bytes).is_err(), "this version cannot decode it");
+        }
+        assert!(!is_unknown_server_frame(&[]), "no frame at all: broken, not new");
+        assert!(!is_unknown_server_frame(&[0xff, 0xff]), "not protobuf");
+        assert!(!is_unknown_server_frame(&[0x7a, 0x05, 0x08]), "truncated");
+        assert!(!is_unknown_server_frame(&encode_server(&ServerFrame::Pong)));
+        let bad_kind = v1::ServerFrame {
+            frame: Some(ServerOneof::Msg(v1::Msg { kind: 99, body_json: "{}".into(), ..Default::default() })),
+        }
+        .encode_to_vec();
+        assert!(decode_server(&bad_kind).is_err());
+        assert!(!is_unknown_server_frame(&bad_kind), "a known type that does not decode is broken");
+    }
+
     #[test]
     fn encode_msg_is_the_msg_frame() {
         let bytes = encode_msg(42, Some("c1"), "u:ann", "ann", 3, Kind::Text, r#"{"text":"hi"}"#, 1000);
@@ -369,7 +414,10 @@ mod tests {
     fn bad_client_frames_get_the_json_frames_errors() {
         assert_eq!(decode_client(&[0xff, 0xff]).unwrap_err().code(), ErrorCode::InvalidFrame);
         let empty = v1::ClientFrame { frame: None }.encode_to_vec();
-        assert!(matches!(decode_client(&empty), Err(FrameError::Shape(m)) if m.contains("empty")));
+        assert!(
+            matches!(decode_client(&empty), Err(FrameError::Shape { of: None, message }) if message.contains("empty"))
+        );
+        assert_eq!(decode_client(&[0xff, 0xff]).unwrap_err().of(), None);
         let send = |kind: v1::Kind, body: &str| {
             v1::ClientFrame {
                 frame: Some(ClientOneof::Send(v1::Send {
@@ -383,11 +431,34 @@ mod tests {
             .encode_to_vec()
         };
         let e = decode_client(&send(v1::Kind::Text, "{not json")).unwrap_err();
-        assert_eq!(e.code(), ErrorCode::InvalidJson);
+        assert_eq!((e.code(), e.of()), (ErrorCode::InvalidJson, Some(FrameType::Send)));
         assert!(e.to_string().contains("body_json"), "{e}");
         let e = decode_client(&send(v1::Kind::Unspecified, "{}")).unwrap_err();
-        assert_eq!(e.code(), ErrorCode::InvalidFrame);
+        assert_eq!((e.code(), e.of()), (ErrorCode::InvalidFrame, Some(FrameType::Send)));
         assert!(e.to_string().contains("kind"), "{e}");
+    }
+
+    /// An `error` frame names the frame it refuses (`of`) as its JSON does: the frame's type.
+    #[test]
+    fn error_frames_name_the_refused_frame() {
+        let frame = ServerFrame::Error {
+            code: ErrorCode::RateLimited,
+            message: "slow down".into(),
+            reference: None,
+            of: Some(FrameType::Sync),
+        };
+        let raw = v1::ServerFrame::decode(&encode_server(&frame)[..]).unwrap();
+        assert!(matches!(raw.frame, Some(ServerOneof::Error(v1::Error { of: Some(ref of), .. })) if of == "sync"));
+        assert_eq!(decode_server(&encode_server(&frame)).unwrap(), frame);
+        let unknown = v1::ServerFrame {
+            frame: Some(ServerOneof::Error(v1::Error {
+                code: "rate_limited".into(),
+                message: String::new(),
+                r#ref: None,
+                of: Some("dance".into()),
+            })),
+        };
+        assert!(decode_server(&unknown.encode_to_vec()).is_err());
     }
 
     /// A kind number naming no kind is what an unknown `kind` string is in JSON: a send refused

@@ -360,7 +360,7 @@ impl Session {
             ServerFrame::Sent { cid, id, seq, .. } => {
                 println!("  (sent {cid}: id {id}, #{seq})")
             }
-            ServerFrame::Error { code, message, reference } => match reference {
+            ServerFrame::Error { code, message, reference, .. } => match reference {
                 Some(r) => println!("! error {code} ({r}): {message}"),
                 None => {
                     println!("! error {code}: {message}");

@@ -28,13 +28,16 @@
 //   t.start();
 //   const { id, seq } = await t.send("bob", "text", { text: "hi" });
 
-/** An `error` frame or a failed send: `code` is the API's error code (`invalid_body`, ...). */
+/** An `error` frame or a failed send: `code` is the API's error code (`invalid_body`, ...);
+ * `of` the type of the frame the node refused (`sync`, `read`, `ack`, `send`, `ping`), when
+ * the node says (nodes of earlier versions do not). */
 export class EtherError extends Error {
-  constructor(code, message, ref) {
+  constructor(code, message, ref, of) {
     super(`${code}: ${message}`);
     this.name = "EtherError";
     this.code = code;
     this.ref = ref;
+    this.of = of;
   }
 }
 
@@ -303,16 +306,19 @@ export class EtherTerminal extends EventTarget {
       }
       case "error": {
         const p = f.ref != null ? this._pending.get(f.ref) : undefined;
-        const err = new EtherError(f.code, f.message, f.ref);
+        const err = new EtherError(f.code, f.message, f.ref, f.of);
         if (p) {
           this._pending.delete(f.ref);
           clearTimeout(p.timer);
           p.reject(err);
         } else {
-          // Without a `ref`: a refused `sync`, `read` or `ack`. A `sync` being answered when
-          // the node is too busy for it may be the one refused: it goes again in a moment
-          // (if it was not, the node answers that one is being answered, and it goes again).
-          if (this._syncing && (f.code === "rate_limited" || f.code === "unavailable")) this._syncRefused();
+          // Without a `ref`: a refused `sync`, `read` or `ack` (`of` says which). A refused
+          // `sync` goes again in a moment; a node without `of` may have refused the one being
+          // answered (if it did not, it answers that one is being answered, and it goes again).
+          const maybeSync = f.of === "sync" || f.of == null;
+          if (this._syncing && maybeSync && (f.code === "rate_limited" || f.code === "unavailable")) {
+            this._syncRefused();
+          }
           this._emit("error", err);
         }
         return;

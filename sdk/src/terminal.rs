@@ -208,7 +208,8 @@ const KNOWN_TYPES: [&str; 10] =
 /// What [`TerminalClient::recv`] made of one data message.
 enum Decoded {
     Frame(ServerFrame),
-    /// A JSON object whose `type` is not one of [`KNOWN_TYPES`]: a frame of a later version.
+    /// A frame of a later version: a JSON object whose `type` is not one of [`KNOWN_TYPES`], or
+    /// on `ether.v1.proto` a `ServerFrame` holding none of the oneof fields this version knows.
     Unknown,
 }
 
@@ -507,10 +508,11 @@ impl TerminalClient {
     }
 
     /// The next server frame within `timeout`, `Ok(None)` if none came: a JSON text frame, or
-    /// on `ether.v1.proto` a binary one. A JSON frame whose `type` this version does not know
-    /// (a node of a later version may send new frame types) is skipped; see
-    /// [`TerminalClient::recv_value`] to see those. A frame of a known type that does not
-    /// decode is [`SdkError::Decode`].
+    /// on `ether.v1.proto` a binary one. A frame of a type this version does not know (a node
+    /// of a later version may send new frame types) is skipped: in JSON an unknown `type` (see
+    /// [`TerminalClient::recv_value`] to see those), in binary a `ServerFrame` whose `frame`
+    /// oneof holds a field number this version does not know. A frame of a known type that
+    /// does not decode, or one that is no frame at all, is [`SdkError::Decode`].
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, SdkError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -523,8 +525,8 @@ impl TerminalClient {
         }
     }
 
-    /// One data message as a [`ServerFrame`], or [`Decoded::Unknown`] for a JSON frame of a
-    /// type this version does not know.
+    /// One data message as a [`ServerFrame`], or [`Decoded::Unknown`] for a frame (JSON or
+    /// binary) of a type this version does not know.
     fn recv_one(&mut self, timeout: Duration) -> Result<Option<Decoded>, SdkError> {
         match self.recv_message(timeout)? {
             None => Ok(None),
@@ -533,9 +535,11 @@ impl TerminalClient {
                 Err(_) if is_unknown_type(t.as_str()) => Ok(Some(Decoded::Unknown)),
                 Err(e) => Err(SdkError::Decode(format!("{e} in server frame {}", t.as_str()))),
             },
-            Some(Message::Binary(b)) if self.is_proto() => ether_proto::pb::decode_server(&b)
-                .map(|f| Some(Decoded::Frame(f)))
-                .map_err(|e| SdkError::Decode(format!("{e} in a binary server frame of {} bytes", b.len()))),
+            Some(Message::Binary(b)) if self.is_proto() => match ether_proto::pb::decode_server(&b) {
+                Ok(f) => Ok(Some(Decoded::Frame(f))),
+                Err(_) if ether_proto::pb::is_unknown_server_frame(&b) => Ok(Some(Decoded::Unknown)),
+                Err(e) => Err(SdkError::Decode(format!("{e} in a binary server frame of {} bytes", b.len()))),
+            },
             Some(other) => Err(SdkError::Decode(format!(
                 "a binary frame of {} bytes on a JSON connection (ask for `ether.v1.proto` to get those)",
                 other.len()
@@ -544,16 +548,22 @@ impl TerminalClient {
     }
 
     /// The next frame as JSON, without asking for a known shape (on `ether.v1.proto`, the
-    /// binary frame decoded, as its JSON twin).
+    /// binary frame decoded, as its JSON twin; a binary frame of a type this version does not
+    /// know has no JSON twin: [`SdkError::Decode`], and the connection stays usable).
     pub fn recv_value(&mut self, timeout: Duration) -> Result<Option<Value>, SdkError> {
         match self.recv_message(timeout)? {
             None => Ok(None),
             Some(Message::Text(t)) => serde_json::from_str(t.as_str())
                 .map(Some)
                 .map_err(|e| SdkError::Decode(format!("{e} in server frame {}", t.as_str()))),
-            Some(Message::Binary(b)) if self.is_proto() => ether_proto::pb::decode_server(&b)
-                .map(|f| serde_json::to_value(f).ok())
-                .map_err(|e| SdkError::Decode(format!("{e} in a binary server frame of {} bytes", b.len()))),
+            Some(Message::Binary(b)) if self.is_proto() => match ether_proto::pb::decode_server(&b) {
+                Ok(f) => Ok(serde_json::to_value(f).ok()),
+                Err(_) if ether_proto::pb::is_unknown_server_frame(&b) => Err(SdkError::Decode(format!(
+                    "a binary server frame of {} bytes of a type this version does not know",
+                    b.len()
+                ))),
+                Err(e) => Err(SdkError::Decode(format!("{e} in a binary server frame of {} bytes", b.len()))),
+            },
             Some(other) => {
                 Err(SdkError::Decode(format!("a binary frame of {} bytes where JSON was expected", other.len())))
             }
@@ -769,7 +779,7 @@ mod tests {
             ServerFrame::Receipt { chat: s(), by: s(), up_to: s() },
             ServerFrame::ReadSync { chat: s(), seq: 1 },
             ServerFrame::Pong,
-            ServerFrame::Error { code: ether_proto::ErrorCode::NotFound, message: s(), reference: None },
+            ServerFrame::Error { code: ether_proto::ErrorCode::NotFound, message: s(), reference: None, of: None },
             ServerFrame::Kicked { reason: s() },
             ServerFrame::Reconnect { after_ms: 1 },
         ];

@@ -358,6 +358,60 @@ fn a_dropped_connection_is_closed_without_code() {
     }
 }
 
+/// The binary twin of a text frame made by `welcome()` or `msg()`.
+fn binary(text: Message) -> Message {
+    let frame: ServerFrame = serde_json::from_str(text.to_text().unwrap()).unwrap();
+    Message::binary(ether_sdk::proto::pb::encode_server(&frame))
+}
+
+/// On `ether.v1.proto`, a `ServerFrame` whose oneof holds a field number this version does not
+/// know is a frame type of a later node: skipped like a JSON frame of an unknown `type`, not a
+/// decode error. Frames that are broken (no frame at all, not protobuf, a known type that does
+/// not decode) are still errors, and the connection stays usable after either.
+#[test]
+fn unknown_binary_frame_types_are_skipped() {
+    let (addr, _ups, rx, h) = server(None, |ws, tx| {
+        ws.send(binary(welcome())).unwrap();
+        // field 15 (a later `typing`, say), length-delimited, holding field 1 = 1
+        ws.send(Message::binary(vec![0x7a, 0x02, 0x08, 0x01])).unwrap();
+        // field 1000, a varint
+        ws.send(Message::binary(vec![0xc0, 0x3e, 0x05])).unwrap();
+        ws.send(binary(msg(5, "u:bob", "after the unknown ones"))).unwrap();
+        ws.send(Message::binary(vec![0x7a, 0x00])).unwrap();
+        ws.send(Message::binary(Vec::new())).unwrap();
+        ws.send(Message::binary(vec![0xff, 0xff])).unwrap();
+        ws.send(binary(Message::text(ServerFrame::Pong.to_json()))).unwrap();
+        forward_all(ws, tx);
+    });
+    let opts = ConnectOptions::new("t", "d", "web").subprotocol("ether.v1.proto");
+    let (mut c, w) = TerminalClient::connect_with(&format!("ws://{addr}"), &opts).unwrap();
+    assert!(c.is_proto());
+    assert_eq!(w.user, "alice");
+    let m = c.recv_msg(T).unwrap();
+    assert_eq!((m.seq, m.body["text"].as_str()), (5, Some("after the unknown ones")));
+    // recv_value has no JSON twin to show for an unknown binary type: a decode error, no close
+    match c.recv_value(T) {
+        Err(SdkError::Decode(e)) => assert!(e.contains("does not know"), "{e}"),
+        other => panic!("expected Decode, got {other:?}"),
+    }
+    for broken in ["empty", "not protobuf"] {
+        match c.recv(T) {
+            Err(SdkError::Decode(_)) => {}
+            other => panic!("{broken}: expected Decode, got {other:?}"),
+        }
+    }
+    assert_eq!(c.recv(T).unwrap(), Some(ServerFrame::Pong));
+    c.ack(5).unwrap();
+    match rx.recv_timeout(T).unwrap() {
+        Message::Binary(b) => {
+            assert_eq!(ether_sdk::proto::pb::encode_client(&ClientFrame::Ack { seq: 5, group: None }), b[..])
+        }
+        other => panic!("expected a binary ack, got {other:?}"),
+    }
+    c.close().unwrap();
+    h.join().unwrap();
+}
+
 #[test]
 fn the_first_frame_must_be_welcome() {
     let (addr, _ups, _rx, h) = server(None, |ws, _| {
@@ -382,7 +436,8 @@ fn raw_input_and_helpers() {
     let (addr, _ups, rx, h) = server(None, |ws, tx| {
         ws.send(welcome()).unwrap();
         ws.send(Message::text(
-            ServerFrame::Error { code: ErrorCode::InvalidJson, message: "bad".into(), reference: None }.to_json(),
+            ServerFrame::Error { code: ErrorCode::InvalidJson, message: "bad".into(), reference: None, of: None }
+                .to_json(),
         ))
         .unwrap();
         ws.send(msg(6, "u:bob", "x")).unwrap();
