@@ -140,6 +140,11 @@ fn the_js_sdk_sends_a_refused_sync_again() {
 /// `read()` while the connection is down (reconnecting) once vanished: no receipt for the
 /// peer, the chat stayed unread. It goes once the terminal is back.
 #[test]
+fn the_js_sdk_sends_again_only_a_sync_the_node_refused() {
+    js_case("only_a_refused_sync_is_sent_again");
+}
+
+#[test]
 fn the_js_sdk_sends_a_read_made_offline_after_reconnecting() {
     js_case("read_while_offline_is_sent_after_reconnecting");
 }

@@ -109,6 +109,33 @@ const cases = {
     t.close();
   },
 
+  /** An error naming another frame (`of`: a refused `read`) while a `sync` is answered does
+   * not send the sync again (it would be refused as one already being answered); one naming
+   * the `sync` does. */
+  async only_a_refused_sync_is_sent_again() {
+    nextWelcome = welcome(2, {});
+    const t = terminal({ inbox_seq: 0, groups: {} });
+    t.start();
+    await tick(5);
+    let out = last().take();
+    check(show(out) === show([{ type: "sync", inbox_seq: 0, groups: {} }]), `first sync: ${show(out)}`);
+    last().feed({ type: "error", code: "rate_limited", message: "slow down", of: "read" });
+    await tick(1500); // past the SDK's 1 s retry delay of a refused sync
+    out = last().take().filter((f) => f.type === "sync");
+    check(out.length === 0, `a refused read sends no sync: ${show(out)}`);
+    last().feed({ type: "error", code: "rate_limited", message: "slow down", of: "sync" });
+    const end = Date.now() + 5000;
+    while (Date.now() < end && !last().sent.some((f) => f.type === "sync")) await tick(20);
+    out = last().take().filter((f) => f.type === "sync");
+    check(show(out) === show([{ type: "sync", inbox_seq: 0, groups: {} }]), `the refused sync is sent again: ${show(out)}`);
+    last().feed(msg(1), msg(2), { type: "synced", inbox_seq: 2, groups: {}, more: false });
+    await tick();
+    check(t.got.length === 2, `every message once: ${show(t.got)}`);
+    check(show(t.errors) === show(["rate_limited", "rate_limited"]), `both errors told to the app: ${show(t.errors)}`);
+    facts.positions = t.positions;
+    t.close();
+  },
+
   /** A `read` while the connection is down reaches the node once it is back (receipts, unread
    * counts), instead of being dropped in silence. */
   async read_while_offline_is_sent_after_reconnecting() {
