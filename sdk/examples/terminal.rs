@@ -41,7 +41,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use ether_sdk::proto::frame::Msg;
+use ether_sdk::proto::frame::{FrameType, Msg};
 use ether_sdk::proto::{ErrorCode, Kind, ServerFrame};
 use ether_sdk::terminal::DEFAULT_WS_URL;
 use ether_sdk::{ConnectOptions, SdkError, TerminalClient, Welcome};
@@ -360,14 +360,16 @@ impl Session {
             ServerFrame::Sent { cid, id, seq, .. } => {
                 println!("  (sent {cid}: id {id}, #{seq})")
             }
-            ServerFrame::Error { code, message, reference, .. } => match reference {
+            ServerFrame::Error { code, message, reference, of } => match reference {
                 Some(r) => println!("! error {code} ({r}): {message}"),
                 None => {
                     println!("! error {code}: {message}");
-                    // Without a `ref`: a refused `sync`, `read` or `ack`. The `sync` being
-                    // answered may be the one the node was too busy for: again in a moment (if
-                    // it was not, the node answers that one is being answered, and it goes again).
+                    // Without a `ref`: a refused `sync`, `read` or `ack` (`of` says which; a
+                    // node of an earlier version does not). A refused `sync` goes again in a
+                    // moment (without `of` the one being answered may be it: if it was not, the
+                    // node answers that one is being answered, and it goes again).
                     if self.positions.syncing.is_some()
+                        && matches!(of, None | Some(FrameType::Sync))
                         && matches!(code, ErrorCode::RateLimited | ErrorCode::Unavailable)
                     {
                         self.sync_retry = Some((Instant::now() + SYNC_RETRY, self.positions.syncs));
