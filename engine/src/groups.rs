@@ -2,6 +2,10 @@
 //! connect, disconnect and membership change), the fan-out of committed group messages (one
 //! frame for every member, loops that yield), and group sends made durable through the store.
 //! Membership itself lives in the store; this module only mirrors it for online sessions.
+//! In cluster mode it also puts each group's messages in seq order per shard, whatever order
+//! the bus brings them in, filling gaps from the store: one task per shard and group at a time
+//! (`GroupWork`), so no message is pushed twice or out of order and the head never goes back.
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -17,7 +21,7 @@ use crate::error::EngineError;
 use crate::mesh::ShardMsg;
 use crate::message::{Message, Wire};
 use crate::session::{GroupCursor, Session, SessionKey};
-use crate::shard::{home_shard, GroupIndex, Shard};
+use crate::shard::{home_shard, ByName, GroupIndex, Shard};
 use crate::stats::ShardCounters;
 use crate::storage::{Answer, Committed, GroupDelivery, GroupPosted};
 
@@ -392,7 +396,7 @@ impl Shard {
 
     /// Writes a batch of committed group messages: one run per group (each in seq order, as
     /// committed), so a member of a busy group gets everything of the batch in one write.
-    pub(crate) async fn deliver_groups(&self, batch: &mut [GroupDelivery]) -> u64 {
+    pub(crate) async fn deliver_groups(self: &Rc<Self>, batch: &mut [GroupDelivery]) -> u64 {
         for g in batch.iter() {
             self.note_group_seq(&g.group, g.seq);
         }
@@ -405,8 +409,7 @@ impl Shard {
                 if !self.group_index.borrow().contains_key(&run[0].group) {
                     continue;
                 }
-                let run = self.order_group_run(run).await;
-                delivered += self.deliver_group_run(&run).await;
+                delivered += push_group_run(&**self, run).await;
             }
             return delivered;
         }
@@ -418,86 +421,20 @@ impl Shard {
         delivered
     }
 
-    /// Cluster mode: the run without what this shard already pushed, with what is missing
-    /// before it read from the store, in seq order. A group this shard has no head for yet
-    /// (no member came since it started) starts at the run.
-    async fn order_group_run(&self, run: &[GroupDelivery]) -> Vec<GroupDelivery> {
-        let Some(first) = run.first() else { return Vec::new() };
-        let group = first.group.clone();
-        let mut last = self.group_heads.borrow().get(&group).copied();
-        let mut out = Vec::with_capacity(run.len());
-        for g in run {
-            match last {
-                Some(l) if g.seq <= l => continue,
-                Some(l) if g.seq > l + 1 => self.read_group_gap(&group, l, g.seq, &mut out).await,
-                _ => {}
-            }
-            out.push(g.clone());
-            last = Some(g.seq);
-        }
-        if let Some(l) = last {
-            self.group_heads.borrow_mut().insert(group, l);
-        }
-        out
-    }
-
-    /// Cluster mode: appends to `out` what the store has of `group` strictly between `after`
-    /// and `before` (a gap in what the bus brought), in seq order, page after page: a gap longer
-    /// than one page (`limits.sync_page_max`) is read whole, never pushed with its end missing.
-    async fn read_group_gap(&self, group: &Arc<str>, mut after: u64, before: u64, out: &mut Vec<GroupDelivery>) {
-        while after + 1 < before {
-            let page = match self.read_group_page(group, after, before - 1).await {
-                Ok(page) => page,
-                Err(e) => {
-                    // Members catch up with `sync` (they see the gap in seqs).
-                    debug!(group = %group, shard = self.id, error = %e, "cluster: cannot read a group gap");
-                    return;
-                }
-            };
-            let mut next = after;
-            for e in page.entries.iter().filter(|e| e.seq > after && e.seq < before) {
-                out.push(stored_delivery(group, e));
-                next = e.seq;
-            }
-            // Purged or unreadable positions are skipped, never waited for.
-            next = next.max(page.scanned_to.min(before - 1));
-            if next <= after {
-                return;
-            }
-            after = next;
-        }
-    }
-
     /// Cluster mode, `resync`: the store's head of `group` is `head`; pushes to this shard's
-    /// members what it has not pushed up to it, page by page, through `order_group_run` (which
-    /// skips what arrives meanwhile). A group this shard has pushed nothing of yet is left to
-    /// its next message (the members' `welcome` heads cover what came before).
-    pub(crate) async fn catch_up_group(&self, group: Arc<str>, head: u64) {
-        loop {
-            let Some(known) = self.group_heads.borrow().get(&group).copied() else { return };
-            if head <= known || !self.group_index.borrow().contains_key(&group) {
-                return;
-            }
-            let page = match self.read_group_page(&group, known, head).await {
-                Ok(page) => page,
-                Err(e) => {
-                    debug!(group = %group, shard = self.id, error = %e, "cluster: cannot read a group to resync");
-                    return;
-                }
-            };
-            let run: Vec<GroupDelivery> = page
-                .entries
-                .iter()
-                .filter(|e| e.seq > known && e.seq <= head)
-                .map(|e| stored_delivery(&group, e))
-                .collect();
-            if run.is_empty() {
-                // Purged or unreadable positions: nothing more to push.
-                return;
-            }
-            let run = self.order_group_run(&run).await;
-            let delivered = self.deliver_group_run(&run).await;
-            ShardCounters::add(&self.counters().deliveries, delivered);
+    /// members what it has not pushed up to it, page by page (see [`catch_up_group_to`]). What
+    /// the bus brought for the group meanwhile is pushed after it by a task of its own, so the
+    /// resync goes on with its next group.
+    pub(crate) async fn catch_up_group(self: &Rc<Self>, group: Arc<str>, head: u64) {
+        let (delivered, left) = catch_up_group_to(&**self, &group, head).await;
+        ShardCounters::add(&self.counters().deliveries, delivered);
+        if let Some(left) = left {
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                let delivered = drain_group_work(&*shard, &group, left).await;
+                ShardCounters::add(&shard.counters().deliveries, delivered);
+            })
+            .detach();
         }
     }
 
@@ -679,8 +616,543 @@ impl Shard {
     }
 }
 
+// ---- cluster mode: each group's messages in seq order on a shard ----------------------------
+
+/// Deliveries of a group kept for the task ordering and pushing it on a shard; past these, only
+/// the highest seq is kept and the rest is read from the store when that task gets to it (as a
+/// gap is), so a group whose store reads are slow holds no unbounded list.
+const GROUP_WORK_RUNS_MAX: usize = 1024;
+
+/// Cluster mode: the work waiting for the task that orders and pushes a group on a shard.
+///
+/// At most one task per shard and group does so at a time: the first to come (the commit
+/// loop with a run the bus brought, or a `resync`) takes the group's turn (its entry in
+/// `Shard::group_work`) and keeps it, through every store read and fan-out yield, until no
+/// work is left for the group; others only leave their work here. Two of them ordering from
+/// the same head across such an await pushed the same messages twice, pushed an older one
+/// after a newer one, and set the head back when the slower finished.
+#[derive(Debug, Default)]
+pub(crate) struct GroupWork {
+    /// Deliveries the bus brought meanwhile, in any order (at most `GROUP_WORK_RUNS_MAX`).
+    runs: Vec<GroupDelivery>,
+    /// Push up to this seq, read from the store: a `resync`'s head, or the highest of the
+    /// deliveries past `GROUP_WORK_RUNS_MAX`. 0: nothing.
+    to: u64,
+}
+
+impl GroupWork {
+    fn add_run(&mut self, run: &[GroupDelivery]) {
+        for g in run {
+            if self.runs.len() < GROUP_WORK_RUNS_MAX {
+                self.runs.push(g.clone());
+            } else {
+                self.to = self.to.max(g.seq);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.to == 0
+    }
+}
+
+/// Cluster mode: what ordering a group's messages needs of a shard (a fake in the tests).
+pub(crate) trait GroupLine {
+    /// The shard's id (for logs).
+    fn shard(&self) -> usize;
+    /// The last seq of `group` this shard pushed (`Shard::group_heads`); none until a member
+    /// here brought one, or its first message came.
+    fn head(&self, group: &str) -> Option<u64>;
+    /// Sets the head of `group` (only ever forward: [`advance_group_head`]).
+    fn set_head(&self, group: &Arc<str>, seq: u64);
+    /// Whether a member of `group` is online here.
+    fn has_members(&self, group: &str) -> bool;
+    /// The groups whose turn a task holds, with the work left for it (see [`GroupWork`]).
+    fn work(&self) -> &RefCell<ByName<GroupWork>>;
+    /// A page of the group's log from the store: positions after `after`, as far as `to`.
+    async fn read_page(&self, group: &str, after: u64, to: u64) -> Result<Page, StoreError>;
+    /// Pushes a run of the group (seq order) to its members here; returns how many pushes.
+    async fn push_run(&self, run: &[GroupDelivery]) -> u64;
+}
+
+impl GroupLine for Shard {
+    fn shard(&self) -> usize {
+        self.id
+    }
+
+    fn head(&self, group: &str) -> Option<u64> {
+        self.group_heads.borrow().get(group).copied()
+    }
+
+    fn set_head(&self, group: &Arc<str>, seq: u64) {
+        self.group_heads.borrow_mut().insert(group.clone(), seq);
+    }
+
+    fn has_members(&self, group: &str) -> bool {
+        self.group_index.borrow().contains_key(group)
+    }
+
+    fn work(&self) -> &RefCell<ByName<GroupWork>> {
+        &self.group_work
+    }
+
+    async fn read_page(&self, group: &str, after: u64, to: u64) -> Result<Page, StoreError> {
+        self.read_group_page(group, after, to).await
+    }
+
+    async fn push_run(&self, run: &[GroupDelivery]) -> u64 {
+        self.deliver_group_run(run).await
+    }
+}
+
+/// Cluster mode: pushes a run of one group's committed deliveries (seq order) after what the
+/// shard pushed of the group, or, while a task holds the group's turn, leaves the run to it
+/// (it pushes it next, in order). Returns the pushes made here.
+async fn push_group_run<L: GroupLine>(line: &L, run: &[GroupDelivery]) -> u64 {
+    let Some(first) = run.first() else { return 0 };
+    let group = first.group.clone();
+    {
+        let mut work = line.work().borrow_mut();
+        if let Some(waiting) = work.get_mut(&group) {
+            waiting.add_run(run);
+            return 0;
+        }
+        work.insert(group.clone(), GroupWork::default());
+    }
+    drain_group_work(line, &group, GroupWork { runs: run.to_vec(), to: 0 }).await
+}
+
+/// Cluster mode, `resync`: pushes what the shard has not pushed of `group` up to `head` (the
+/// store's), or, while a task holds the group's turn, leaves that to it. Returns the pushes
+/// made and, if work was left for the group meanwhile, that work: the caller still holds the
+/// group's turn and hands both to [`drain_group_work`].
+async fn catch_up_group_to<L: GroupLine>(line: &L, group: &Arc<str>, head: u64) -> (u64, Option<GroupWork>) {
+    {
+        let mut work = line.work().borrow_mut();
+        if let Some(waiting) = work.get_mut(group) {
+            waiting.to = waiting.to.max(head);
+            return (0, None);
+        }
+        work.insert(group.clone(), GroupWork::default());
+    }
+    let delivered = catch_up(line, group, head).await;
+    let mut work = line.work().borrow_mut();
+    let left = work.get_mut(group).map(std::mem::take).unwrap_or_default();
+    if left.is_empty() {
+        work.remove(group);
+        (delivered, None)
+    } else {
+        (delivered, Some(left))
+    }
+}
+
+/// Cluster mode: orders and pushes `work` of `group`, then whatever was left for the group
+/// meanwhile, until nothing is; then gives the group's turn up. Only its holder calls this.
+async fn drain_group_work<L: GroupLine>(line: &L, group: &Arc<str>, mut work: GroupWork) -> u64 {
+    let mut delivered = 0;
+    loop {
+        if !work.runs.is_empty() {
+            // Runs left meanwhile come in any order, some maybe twice.
+            work.runs.sort_unstable_by_key(|g| g.seq);
+            work.runs.dedup_by_key(|g| g.seq);
+            let run = order_group_run(line, &work.runs).await;
+            delivered += line.push_run(&run).await;
+        }
+        if work.to > 0 {
+            delivered += catch_up(line, group, work.to).await;
+        }
+        let mut waiting = line.work().borrow_mut();
+        match waiting.get_mut(group) {
+            Some(next) if !next.is_empty() => work = std::mem::take(next),
+            _ => {
+                waiting.remove(group);
+                return delivered;
+            }
+        }
+    }
+}
+
+/// Cluster mode: the run without what the shard already pushed, with what is missing before
+/// it read from the store, in seq order; moves the group's head to its end. A group the shard
+/// has no head for yet (no member here brought one) starts at the run; one with no member here
+/// is left alone. If the group was forgotten here while the store was read (its last member
+/// here left, and maybe a new one came with a head of its own), what was read is dropped and
+/// the run ordered again from where the group stands now. Called with the group's turn held.
+async fn order_group_run<L: GroupLine>(line: &L, run: &[GroupDelivery]) -> Vec<GroupDelivery> {
+    let Some(first) = run.first() else { return Vec::new() };
+    let group = &first.group;
+    'order: loop {
+        if !line.has_members(group) {
+            return Vec::new();
+        }
+        let start = line.head(group);
+        let mut last = start;
+        let mut out = Vec::with_capacity(run.len());
+        for g in run {
+            match last {
+                Some(l) if g.seq <= l => continue,
+                Some(l) if g.seq > l + 1 => {
+                    read_group_gap(line, group, l, g.seq, &mut out).await;
+                    if line.head(group) != start {
+                        continue 'order;
+                    }
+                }
+                _ => {}
+            }
+            out.push(g.clone());
+            last = Some(g.seq);
+        }
+        if let Some(l) = last.filter(|&l| Some(l) != start) {
+            advance_group_head(line, group, l);
+        }
+        return out;
+    }
+}
+
+/// Moves the shard's head of `group` to `seq`, which is never behind it.
+fn advance_group_head<L: GroupLine>(line: &L, group: &Arc<str>, seq: u64) {
+    let head = line.head(group);
+    debug_assert!(head.is_none_or(|h| h <= seq), "the head of group {group} would move back from {head:?} to {seq}");
+    if head.is_none_or(|h| h < seq) {
+        line.set_head(group, seq);
+    }
+}
+
+/// Cluster mode: appends to `out` what the store has of `group` strictly between `after`
+/// and `before` (a gap in what the bus brought), in seq order, page after page: a gap longer
+/// than one page (`limits.sync_page_max`) is read whole, never pushed with its end missing.
+async fn read_group_gap<L: GroupLine>(
+    line: &L,
+    group: &Arc<str>,
+    mut after: u64,
+    before: u64,
+    out: &mut Vec<GroupDelivery>,
+) {
+    while after + 1 < before {
+        let page = match line.read_page(group, after, before - 1).await {
+            Ok(page) => page,
+            Err(e) => {
+                // Members catch up with `sync` (they see the gap in seqs).
+                debug!(group = %group, shard = line.shard(), error = %e, "cluster: cannot read a group gap");
+                return;
+            }
+        };
+        let mut next = after;
+        for e in page.entries.iter().filter(|e| e.seq > after && e.seq < before) {
+            out.push(stored_delivery(group, e));
+            next = e.seq;
+        }
+        // Purged or unreadable positions are skipped, never waited for.
+        next = next.max(page.scanned_to.min(before - 1));
+        if next <= after {
+            return;
+        }
+        after = next;
+    }
+}
+
+/// Cluster mode: pushes what the shard has not pushed of `group` up to `head`, read from the
+/// store page by page, through `order_group_run`. A group it has pushed nothing of yet is left
+/// to its next message (its members' `welcome` heads cover what came before). Called with the
+/// group's turn held.
+async fn catch_up<L: GroupLine>(line: &L, group: &Arc<str>, head: u64) -> u64 {
+    let mut delivered = 0;
+    loop {
+        let Some(known) = line.head(group) else { return delivered };
+        if head <= known || !line.has_members(group) {
+            return delivered;
+        }
+        let page = match line.read_page(group, known, head).await {
+            Ok(page) => page,
+            Err(e) => {
+                debug!(group = %group, shard = line.shard(), error = %e, "cluster: cannot read a group to resync");
+                return delivered;
+            }
+        };
+        if line.head(group) != Some(known) {
+            // Forgotten here meanwhile (and maybe taken up again): from where it stands now.
+            continue;
+        }
+        let run: Vec<GroupDelivery> =
+            page.entries.iter().filter(|e| e.seq > known && e.seq <= head).map(|e| stored_delivery(group, e)).collect();
+        if run.is_empty() {
+            // Purged or unreadable positions: nothing more to push.
+            return delivered;
+        }
+        let run = order_group_run(line, &run).await;
+        delivered += line.push_run(&run).await;
+    }
+}
+
 /// A group message read back from the store, as a delivery of `group` (its frame encoded).
 fn stored_delivery(group: &Arc<str>, e: &ether_store::op::Entry) -> GroupDelivery {
     let msg = Arc::new(crate::storage::message_of(e));
     GroupDelivery { group: group.clone(), seq: e.seq, id: e.id, ts: e.ts, frame: msg.encode_frame(&e.chat, e.seq), msg }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The ordering of a group's messages on a shard, against a store that answers each read
+    //! when the test says: two paths pushing the same group (a run the bus brought, whose gap
+    //! is being read, and a `resync`) used to overlap across those reads.
+    use std::cell::Cell;
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    /// Positions a store read returns at most.
+    const PAGE: u64 = 4;
+
+    /// A shard's side of group `crew`, which has one member online here (two terminals) while
+    /// `members` says so. The store's log of the group is seq `1..=store_head`; each read, and
+    /// each fan-out between the two terminals when `yield_in_fanout`, waits until the test lets
+    /// it go on (`waits`).
+    #[derive(Default)]
+    struct Line {
+        heads: RefCell<ByName<u64>>,
+        members: Cell<bool>,
+        work: RefCell<ByName<GroupWork>>,
+        store_head: Cell<u64>,
+        yield_in_fanout: Cell<bool>,
+        waits: RefCell<VecDeque<oneshot::Sender<()>>>,
+        /// What each terminal was pushed, in order.
+        pushed: [RefCell<Vec<u64>>; 2],
+    }
+
+    impl Line {
+        fn new(head: u64, store_head: u64) -> Line {
+            let line = Line::default();
+            line.heads.borrow_mut().insert(crew(), head);
+            line.members.set(true);
+            line.store_head.set(store_head);
+            line
+        }
+
+        async fn wait(&self) {
+            let (tx, rx) = oneshot::channel();
+            self.waits.borrow_mut().push_back(tx);
+            let _ = rx.await;
+        }
+
+        fn pushed(&self, terminal: usize) -> Vec<u64> {
+            self.pushed[terminal].borrow().clone()
+        }
+    }
+
+    impl GroupLine for Line {
+        fn shard(&self) -> usize {
+            0
+        }
+
+        fn head(&self, group: &str) -> Option<u64> {
+            self.heads.borrow().get(group).copied()
+        }
+
+        fn set_head(&self, group: &Arc<str>, seq: u64) {
+            self.heads.borrow_mut().insert(group.clone(), seq);
+        }
+
+        fn has_members(&self, _group: &str) -> bool {
+            self.members.get()
+        }
+
+        fn work(&self) -> &RefCell<ByName<GroupWork>> {
+            &self.work
+        }
+
+        async fn read_page(&self, _group: &str, after: u64, to: u64) -> Result<Page, StoreError> {
+            self.wait().await;
+            let head = self.store_head.get();
+            let last = to.min(after + PAGE).min(head);
+            let entries: Vec<_> = (after + 1..=last).map(entry).collect();
+            Ok(Page { entries, head, more: last < head, scanned_to: last.max(after) })
+        }
+
+        async fn push_run(&self, run: &[GroupDelivery]) -> u64 {
+            if !self.members.get() {
+                return 0;
+            }
+            self.pushed[0].borrow_mut().extend(run.iter().map(|g| g.seq));
+            if self.yield_in_fanout.get() {
+                self.wait().await;
+            }
+            self.pushed[1].borrow_mut().extend(run.iter().map(|g| g.seq));
+            2 * run.len() as u64
+        }
+    }
+
+    fn crew() -> Arc<str> {
+        Arc::from("crew")
+    }
+
+    fn entry(seq: u64) -> ether_store::op::Entry {
+        ether_store::op::Entry {
+            seq,
+            chat: "g:crew".into(),
+            id: 1000 + seq,
+            ts: 1,
+            from: "carol".into(),
+            kind: Kind::Text,
+            body: format!("{{\"n\":{seq}}}"),
+            cid: None,
+        }
+    }
+
+    /// Message `seq` of `crew` as the bus brings it.
+    fn delivery(seq: u64) -> GroupDelivery {
+        stored_delivery(&crew(), &entry(seq))
+    }
+
+    type Task<'a> = Pin<Box<dyn Future<Output = u64> + 'a>>;
+
+    /// A run the bus brought, as the commit loop pushes it.
+    fn bus<'a>(line: &'a Line, seqs: &[u64]) -> Task<'a> {
+        let run: Vec<GroupDelivery> = seqs.iter().map(|&s| delivery(s)).collect();
+        Box::pin(async move { push_group_run(line, &run).await })
+    }
+
+    /// A `resync` of `crew` to the store's head, as `Shard::catch_up_group` runs it (the work
+    /// left meanwhile drained here rather than by a task of its own).
+    fn resync(line: &Line) -> Task<'_> {
+        Box::pin(async move {
+            let group = crew();
+            let (delivered, left) = catch_up_group_to(line, &group, line.store_head.get()).await;
+            match left {
+                Some(left) => delivered + drain_group_work(line, &group, left).await,
+                None => delivered,
+            }
+        })
+    }
+
+    #[derive(Clone, Copy)]
+    enum Let {
+        OldestFirst,
+        NewestFirst,
+    }
+
+    /// Polls `tasks` (in that order, on one thread as a shard does) until all are done,
+    /// letting one waiting read or fan-out go on each time none can make progress.
+    fn run(line: &Line, mut tasks: Vec<Task<'_>>, order: Let) -> u64 {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut done: Vec<Option<u64>> = vec![None; tasks.len()];
+        for _ in 0..100_000 {
+            for (task, done) in tasks.iter_mut().zip(done.iter_mut()) {
+                if done.is_none() {
+                    if let Poll::Ready(n) = task.as_mut().poll(&mut cx) {
+                        *done = Some(n);
+                    }
+                }
+            }
+            if done.iter().all(Option::is_some) {
+                return done.into_iter().flatten().sum();
+            }
+            let next = match order {
+                Let::OldestFirst => line.waits.borrow_mut().pop_front(),
+                Let::NewestFirst => line.waits.borrow_mut().pop_back(),
+            };
+            let Some(go) = next else { panic!("tasks wait for nothing the test can let go on") };
+            let _ = go.send(());
+        }
+        panic!("the tasks never finished");
+    }
+
+    /// The bus brings seq 6 while the shard had pushed 1: the shard reads 2..5 from the store.
+    /// A `resync` comes meanwhile and its read is answered first. Each of 2..6 is pushed once,
+    /// in order. Before, the resync read from the same head and pushed 2..6, then the run
+    /// pushed 2..6 again.
+    #[test]
+    fn a_resync_while_a_gap_is_read_pushes_nothing_twice() {
+        let line = Line::new(1, 6);
+        let delivered = run(&line, vec![bus(&line, &[6]), resync(&line)], Let::NewestFirst);
+        assert_eq!(line.pushed(0), [2, 3, 4, 5, 6]);
+        assert_eq!(line.pushed(1), [2, 3, 4, 5, 6]);
+        assert_eq!(delivered, 10);
+        assert_eq!(line.head("crew"), Some(6));
+        assert!(line.work.borrow().is_empty(), "the group's turn was given up");
+    }
+
+    /// A `resync` reads the store to its head (10) while the bus brings seq 4; the resync's
+    /// reads are answered first. 2..10 are pushed once, in order, and the head stays at 10.
+    /// Before, the bus's run read its own gap (2..3) from the head the resync had not moved
+    /// yet, and pushed 2, 3, 4 again after 10, setting the head back to 4.
+    #[test]
+    fn a_run_the_bus_brings_during_a_resync_is_pushed_after_it_in_order() {
+        let line = Line::new(1, 10);
+        let delivered = run(&line, vec![resync(&line), bus(&line, &[4])], Let::OldestFirst);
+        assert_eq!(line.pushed(0), (2..=10).collect::<Vec<_>>());
+        assert_eq!(line.pushed(1), (2..=10).collect::<Vec<_>>());
+        assert_eq!(delivered, 18);
+        assert_eq!(line.head("crew"), Some(10));
+        assert!(line.work.borrow().is_empty());
+    }
+
+    /// A run is pushed to the first terminal and the fan-out yields before the second; a
+    /// `resync` comes meanwhile. The second terminal, too, gets the run before what the resync
+    /// reads. Before, the resync pushed 3 to both while the fan-out of 2 was halfway, so the
+    /// second terminal got 3 before 2.
+    #[test]
+    fn a_resync_waits_for_a_fan_out_halfway_through() {
+        let line = Line::new(1, 3);
+        line.yield_in_fanout.set(true);
+        run(&line, vec![bus(&line, &[2]), resync(&line)], Let::NewestFirst);
+        assert_eq!(line.pushed(0), [2, 3]);
+        assert_eq!(line.pushed(1), [2, 3]);
+        assert_eq!(line.head("crew"), Some(3));
+    }
+
+    /// Two runs the bus brings out of order while the first's gap is read: all of it pushed once, in
+    /// order, and the head never moves back.
+    #[test]
+    fn runs_left_for_the_group_are_pushed_in_seq_order() {
+        let line = Line::new(1, 9);
+        let tasks = vec![bus(&line, &[5]), bus(&line, &[9]), bus(&line, &[3, 7]), bus(&line, &[5, 6])];
+        run(&line, tasks, Let::NewestFirst);
+        assert_eq!(line.pushed(0), (2..=9).collect::<Vec<_>>());
+        assert_eq!(line.head("crew"), Some(9));
+    }
+
+    /// More deliveries than a group's waiting work keeps come while a gap is read: those past
+    /// it are read from the store; each is pushed once, in order.
+    #[test]
+    fn deliveries_past_the_waiting_bound_are_read_from_the_store() {
+        let last = GROUP_WORK_RUNS_MAX as u64 + 50;
+        let line = Line::new(1, last);
+        let mut tasks = vec![bus(&line, &[3])];
+        tasks.extend((4..=last).rev().map(|s| bus(&line, &[s])));
+        run(&line, tasks, Let::OldestFirst);
+        assert_eq!(line.pushed(0), (2..=last).collect::<Vec<_>>());
+        assert_eq!(line.head("crew"), Some(last));
+    }
+
+    /// The group's last member here leaves while its gap is read (the shard forgets the
+    /// group's head): nothing is pushed and no head is set. One comes back meanwhile with its
+    /// `welcome` head (8): the run is ordered from it. Before, the shard pushed what it read
+    /// and set the head to the run's end: a stale head for a group without members, and a head
+    /// moved back from 8 to 6 for the new member.
+    #[test]
+    fn a_group_forgotten_while_its_gap_is_read_is_ordered_from_where_it_stands_then() {
+        let line = Line::new(1, 10);
+        let mut task = bus(&line, &[6]);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(task.as_mut().poll(&mut cx).is_pending(), "reading 2..5");
+        line.members.set(false);
+        line.heads.borrow_mut().remove("crew");
+        let _ = line.waits.borrow_mut().pop_front().map(|go| go.send(()));
+        assert_eq!(task.as_mut().poll(&mut cx), Poll::Ready(0));
+        assert!(line.pushed(0).is_empty());
+        assert_eq!(line.head("crew"), None, "no head kept for a group without members here");
+
+        let line = Line::new(1, 10);
+        let mut task = bus(&line, &[6, 9]);
+        assert!(task.as_mut().poll(&mut cx).is_pending(), "reading 2..5");
+        line.heads.borrow_mut().insert(crew(), 8);
+        let _ = line.waits.borrow_mut().pop_front().map(|go| go.send(()));
+        assert_eq!(task.as_mut().poll(&mut cx), Poll::Ready(2));
+        assert_eq!(line.pushed(0), [9]);
+        assert_eq!(line.head("crew"), Some(9));
+        assert!(line.work.borrow().is_empty());
+    }
 }

@@ -137,6 +137,9 @@ pub struct Shard {
     /// Cluster mode: the last seq of each group pushed by this shard (see
     /// `groups::order_group_run`).
     pub(crate) group_heads: RefCell<ByName<u64>>,
+    /// Cluster mode: the groups a task is ordering and pushing, with the work left for it
+    /// (one task per group at a time: `groups::GroupWork`).
+    pub(crate) group_work: RefCell<ByName<crate::groups::GroupWork>>,
     /// The first and the last seq of each group fanned out to this shard's members since it
     /// has had members here (both modes): a member's unacknowledged range runs to the last
     /// (`groups::resend_groups_due`).
@@ -245,6 +248,7 @@ impl Shard {
             users: RefCell::new(ByName::default()),
             group_index: RefCell::new(ByName::default()),
             group_heads: RefCell::new(ByName::default()),
+            group_work: RefCell::new(ByName::default()),
             group_pushed: RefCell::new(ByName::default()),
             unreached_pending: RefCell::new(ByName::default()),
             wheel: RefCell::new(TimerWheel::new(idle_ticks as usize + 2, 0)),

@@ -1,8 +1,8 @@
 //! Cluster mode, audited edge cases on real nodes (a private `redis-server` each, skipped when
 //! none is installed): gaps in a group stream bigger than one store page, a bus reader that
-//! falls behind the stream's trimming without its connection failing, and group messages the
-//! bus brings out of order right after a member was added on another node. Each test was seen
-//! failing before its fix.
+//! falls behind the stream's trimming without its connection failing, group messages the
+//! bus brings out of order right after a member was added on another node, and a resync racing
+//! a gap fill of the same group. Each test was seen failing before its fix.
 mod support;
 
 use std::time::Duration;
@@ -286,5 +286,35 @@ fn messages_posted_right_after_a_cross_node_add_reach_the_new_member_in_seq_orde
     post(&a, "later");
     let got = take_group(&mut hal, "crew", 1);
     assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("later", 4));
+    assert_silent(&mut hal, Duration::from_millis(300));
+}
+
+/// A bus that lost entries: a `resync` and a group message after a gap longer than one store
+/// page come in one read. The member's shard reads the gap from the store for the message
+/// while its resync reads the same range for the group: each message is pushed once, in seq
+/// order. Before, both pushed from the head the shard had before either read, one after the
+/// other: the member got the gap twice (and the shard's head could be set back by the slower).
+#[test]
+fn a_resync_racing_a_gap_fill_pushes_each_group_message_once_in_order() {
+    let Some(redis) = TestRedis::start_or_skip() else { return };
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    let mut hal = member_on_b(&a, &b);
+    let missed: Vec<String> = (0..20).map(|i| format!("missed {i}")).collect();
+    assert_eq!(store_group_texts_behind_the_bus(&redis, "crew", "carol", &missed), (2..22).collect::<Vec<u64>>());
+    assert_eq!(store_group_texts_from(&redis, "crew", "carol", &["live".to_owned()], 20), [22]);
+    let resync = r#"{"node":"node-a","event":"resync"}"#.to_owned();
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    xadd(&mut con, &[resync, group_entry(22, 20, "live")]);
+    let got = take_group(&mut hal, "crew", 21);
+    assert_eq!(got.iter().map(|m| m.seq).collect::<Vec<_>>(), (2..23).collect::<Vec<u64>>(), "{:?}", texts(&got));
+    let mut expected = missed.clone();
+    expected.push("live".into());
+    assert_eq!(texts(&got), expected);
+    assert_silent(&mut hal, Duration::from_millis(500));
+    // And the group goes on in order.
+    post(&a, "later");
+    let got = take_group(&mut hal, "crew", 1);
+    assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("later", 23));
     assert_silent(&mut hal, Duration::from_millis(300));
 }
