@@ -14,7 +14,11 @@
 //! `ether:bus`, which every node reads. A terminal's presence is written, and Redis has answered, before its node reads
 //! the user's inbox head for `welcome` (`conn::adopt`): a message committed before the other
 //! nodes could see the presence is within that head (the terminal syncs it), and every later
-//! one is routed here.
+//! one is routed here. That first entry is marked connecting; once the terminal is taken on
+//! it is written again without the mark, and Redis has answered, before the terminal's
+//! socket gets its `welcome`. Only unmarked entries count as online for the other nodes
+//! (`message.unreached`, `group.unreached`, presence): a terminal that fails while connecting
+//! hid nobody's messages from the business.
 //!
 //! Never touches shard state: what arrives on the bus is queued for the shards through
 //! `CommitQueues` (deliveries as for local commits, the rest as `Committed::Cluster`); shards and
@@ -59,7 +63,7 @@ const HEARTBEAT: Duration = Duration::from_secs(3);
 /// How long the out thread waits for Redis to take a pipeline and answer it. Without a bound
 /// a Redis that stops answering (paused, busy in a long script, or gone without a reset: a
 /// failover behind a moved address) held the thread until the kernel gave up on the socket,
-/// and with it every new terminal (`online_with_others`), every presence, kick and broadcast
+/// and with it every new terminal (`connecting`), every presence, kick and broadcast
 /// answer, and the node's stop.
 pub(crate) const REDIS_IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Outgoing items written to Redis in one pipeline at most.
@@ -393,6 +397,8 @@ enum Out {
         device: String,
         platform: String,
         since: u64,
+        /// The terminal is still being taken on (see [`Cluster::connecting`]).
+        connecting: bool,
         written: Written,
     },
     Offline {
@@ -573,6 +579,8 @@ impl Cluster {
         // and its terminals may connect before the reader's first read. Taken by the reader
         // itself, at the streams' ends when it got round to it, it skipped what came between.
         let streams = [bus_key(), node_bus_key(node_id)];
+        #[cfg(test)]
+        tests::before_bus_position(node_id);
         let bus_from = bus_ends(&mut con, &streams)?;
         let entry = NodeEntry {
             client: addrs.client.to_string(),
@@ -672,21 +680,26 @@ impl Cluster {
         self.send(Out::Publish(event));
     }
 
-    /// Registers a terminal in the cluster's presence. The answer comes once Redis has it
-    /// (from then on the other nodes route the user's traffic here), or is dropped if the
-    /// write failed (logged by the out thread; the terminal still works, reached through
+    /// Registers a terminal taken on here (its `welcome` queued) in the cluster's presence:
+    /// online for the other nodes ([`Self::presence_elsewhere`]). The answer comes once Redis
+    /// has it (from then on the other nodes route the user's traffic here), or is dropped if
+    /// the write failed (logged by the out thread; the terminal still works, reached through
     /// `sync`).
     pub fn online(&self, user: &str, device: &str, platform: &str, since: u64) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         let written = Written::Done(tx);
-        self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since, written });
+        let (user, device, platform) = (user.into(), device.into(), platform.into());
+        self.send(Out::Online { user, device, platform, since, connecting: false, written });
         rx
     }
 
-    /// [`Self::online`], answered with the user's terminals on the other live nodes as Redis
-    /// had them just after this write (for `limits.terminals_per_user_max` across the
-    /// cluster).
-    pub fn online_with_others(
+    /// Registers a terminal still being taken on here (before its heads are read for its
+    /// `welcome`): the other nodes route the user's traffic here from then on, but do not
+    /// count it as online ([`Self::presence_elsewhere`]: it may never be welcomed) until
+    /// [`Self::online`] says so. Answered with the user's terminals on the other live nodes,
+    /// those still connecting included, as Redis had them just after this write (for
+    /// `limits.terminals_per_user_max` across the cluster).
+    pub fn connecting(
         &self,
         user: &str,
         device: &str,
@@ -695,7 +708,8 @@ impl Cluster {
     ) -> oneshot::Receiver<Vec<TerminalInfo>> {
         let (tx, rx) = oneshot::channel();
         let written = Written::WithOthers(tx);
-        self.send(Out::Online { user: user.into(), device: device.into(), platform: platform.into(), since, written });
+        let (user, device, platform) = (user.into(), device.into(), platform.into());
+        self.send(Out::Online { user, device, platform, since, connecting: true, written });
         rx
     }
 
@@ -711,7 +725,9 @@ impl Cluster {
         rx.await.unwrap_or_default()
     }
 
-    /// The user's terminals on the other live nodes.
+    /// The user's terminals online on the other live nodes: taken on there ([`Self::online`]),
+    /// not those still connecting ([`Self::connecting`]). What `message.unreached`,
+    /// `group.unreached`, presence and kick counts go by, as for this node's own terminals.
     pub async fn presence_elsewhere(&self, user: &str) -> Vec<TerminalInfo> {
         let (tx, rx) = oneshot::channel();
         self.send(Out::Presence { user: user.into(), reply: tx });
@@ -1141,9 +1157,13 @@ impl OutWorker {
                         }
                     }
                 }
-                Out::Online { user, device, platform, since, written } => {
-                    let value = serde_json::json!({ "platform": platform, "since": since, "node_started": started_ms })
-                        .to_string();
+                Out::Online { user, device, platform, since, connecting, written } => {
+                    let mut value =
+                        serde_json::json!({ "platform": platform, "since": since, "node_started": started_ms });
+                    if connecting {
+                        value["connecting"] = serde_json::Value::Bool(true);
+                    }
+                    let value = value.to_string();
                     pipe.cmd("HSET").arg(presence_key(&user)).arg(format!("{node_id}/{device}")).arg(value).ignore();
                     if matches!(written, Written::WithOthers(_)) {
                         pipe.cmd("HGETALL").arg(presence_key(&user));
@@ -1190,7 +1210,8 @@ impl OutWorker {
         let mut others: HashMap<usize, Vec<TerminalInfo>> = HashMap::new();
         let mut alive = HashMap::new();
         for (i, user, all) in presences {
-            others.insert(i, terminals_elsewhere_in(con, &node_id, &user, all, &mut alive)?);
+            // Those still connecting count against the cap too (they may be welcomed).
+            others.insert(i, terminals_elsewhere_in(con, &node_id, &user, all, &mut alive, true)?);
         }
         for (i, written) in present.into_iter().enumerate() {
             match written {
@@ -1266,10 +1287,10 @@ fn terminals_of_others(con: &mut redis::Connection, me: &str) -> redis::RedisRes
     Ok(entries.iter().flatten().filter_map(|e| serde_json::from_str::<NodeEntry>(e).ok()).map(|e| e.terminals).sum())
 }
 
-/// The user's terminals registered by live nodes other than `me`.
+/// The user's terminals online on live nodes other than `me` (taken on, not still connecting).
 fn presence_of(con: &mut redis::Connection, me: &str, user: &str) -> redis::RedisResult<Vec<TerminalInfo>> {
     let all: HashMap<String, String> = redis::cmd("HGETALL").arg(presence_key(user)).query(con)?;
-    terminals_elsewhere_in(con, me, user, all, &mut HashMap::new())
+    terminals_elsewhere_in(con, me, user, all, &mut HashMap::new(), false)
 }
 
 /// Deletes a presence entry if it still holds `value` (KEYS[1] the hash, ARGV field, value):
@@ -1297,14 +1318,17 @@ fn of_current_run(value: &serde_json::Value, started_ms: u64) -> bool {
 }
 
 /// The terminals of `user`'s presence hash entries (`all`) registered by live nodes other
-/// than `me`, by their current runs; `alive` caches which nodes are live (the start of their
-/// run). Entries of dead nodes, and those a live node's earlier run left behind, are removed.
+/// than `me`, by their current runs, those still connecting (`"connecting": true`, see
+/// [`Cluster::connecting`]) only if `connecting_too`; `alive` caches which nodes are live (the
+/// start of their run). Entries of dead nodes, and those a live node's earlier run left
+/// behind, are removed.
 fn terminals_elsewhere_in(
     con: &mut redis::Connection,
     me: &str,
     user: &str,
     all: HashMap<String, String>,
     alive: &mut HashMap<String, Option<u64>>,
+    connecting_too: bool,
 ) -> redis::RedisResult<Vec<TerminalInfo>> {
     let mut out = Vec::new();
     for (field, value) in all {
@@ -1345,6 +1369,10 @@ fn terminals_elsewhere_in(
             if v["node_started"].is_u64() {
                 remove(con);
             }
+            continue;
+        }
+        // Written by nodes of earlier versions without the mark: online, as they counted then.
+        if !connecting_too && v["connecting"].as_bool() == Some(true) {
             continue;
         }
         out.push(TerminalInfo {
@@ -1619,8 +1647,39 @@ impl InWorker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// What runs at a node's start just before it takes the bus reader's start, by node id.
+    type BeforeBusPosition = (String, Box<dyn FnOnce() + Send>);
+
+    /// Test builds only: see [`at_bus_position`].
+    static BEFORE_BUS_POSITION: Mutex<Vec<BeforeBusPosition>> = Mutex::new(Vec::new());
+
+    /// Test builds only: runs what a test left for node `node` ([`at_bus_position`]).
+    pub(super) fn before_bus_position(node: &str) {
+        let hook = {
+            let mut hooks = BEFORE_BUS_POSITION.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            hooks.iter().position(|(n, _)| n == node).map(|i| hooks.swap_remove(i).1)
+        };
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
+    /// Runs `hook` when the next node started as `node` is about to take its bus reader's
+    /// start (in `Cluster::start`, on the starting thread): what another node does at that
+    /// moment.
+    pub(crate) fn at_bus_position(node: &str, hook: impl FnOnce() + Send + 'static) {
+        let mut hooks = BEFORE_BUS_POSITION.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        hooks.push((node.to_owned(), Box::new(hook)));
+    }
+
+    /// Appends `event` to the shared bus stream as node `from` sends it.
+    pub(crate) fn publish_shared_as(con: &mut redis::Connection, from: &str, event: BusEvent) {
+        let entry = serde_json::to_string(&Envelope { node: from.into(), event }).unwrap();
+        redis::cmd("XADD").arg(bus_key()).arg("*").arg("e").arg(entry).query::<String>(con).unwrap();
+    }
 
     /// Test builds only: bus readers to hold before their first read, by node id.
     static HELD_READERS: Mutex<Vec<(String, Receiver<()>)>> = Mutex::new(Vec::new());

@@ -316,7 +316,8 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         // commit meanwhile still move the user's head (the entry is pending).
         shard.pend_user(&user);
         // Cluster mode: present (other nodes route the user's traffic here) before the heads
-        // are read, so whatever is not within them reaches this node (see `cluster`).
+        // are read, so whatever is not within them reaches this node (see `cluster`); marked
+        // connecting: not online for the other nodes until it is taken on (below).
         let since = unix_now_ms();
         // The user's devices on other nodes, as Redis had them just after this entry was
         // written: with this node's, they count against `limits.terminals_per_user_max`. A
@@ -324,7 +325,7 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
         // Redis's trouble).
         let mut elsewhere = Vec::new();
         if let Some(cluster) = shard.node.cluster() {
-            elsewhere = cluster.online_with_others(&user, &device, platform.as_str(), since).await.unwrap_or_default();
+            elsewhere = cluster.connecting(&user, &device, platform.as_str(), since).await.unwrap_or_default();
         }
         let delivered_op = ether_store::op::Op::GetDelivered { user: user.to_string(), device: device.to_string() };
         let mut changes = shard.membership_changes(&user);
@@ -363,11 +364,15 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
             shard.add_session(&user, &device, platform, wire, remote, &elsewhere).map(|session| (session, heads))
         });
         shard.unpend_user(&user);
+        // Cluster mode: the entry written again, now online (awaited below, before the
+        // terminal gets its welcome).
+        let mut online = None;
         if let Some(cluster) = shard.node.cluster() {
             if added.is_ok() {
-                // Again (not waited for): a connection of the same device that closed while
-                // this one was being taken on removed the entry written above.
-                drop(cluster.online(&user, &device, platform.as_str(), since));
+                // Online from now on for the other nodes; also written again in case a
+                // connection of the same device that closed while this one was being taken on
+                // removed the entry written above.
+                online = Some(cluster.online(&user, &device, platform.as_str(), since));
                 // A connection of this device on another node is replaced, as one here is
                 // (`add_session`): routed only to nodes holding the user's terminals, and
                 // only connections older than this one go.
@@ -377,8 +382,13 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                     reason: "replaced".into(),
                     before_ms: Some(since),
                 });
-            } else if !shard.sessions_of(&user).iter().any(|s| *s.device == *device) {
-                // Refused: its presence goes, unless the device is connected here already.
+            } else if let Some(s) = shard.sessions_of(&user).iter().find(|s| *s.device == *device) {
+                // Refused while the device is connected here already: that connection's entry
+                // is written back (this one marked it connecting). Its removal, if it is
+                // closing, comes later and takes the entry away.
+                drop(cluster.online(&user, &device, s.platform.as_str(), s.since_ms));
+            } else {
+                // Refused: its presence goes.
                 cluster.offline(&user, &device);
             }
         }
@@ -396,6 +406,12 @@ pub fn adopt(shard: &Rc<Shard>, h: Handoff) {
                     session.request_park();
                 }
                 ShardCounters::add(&shard.counters().handshakes, 1);
+                // Cluster mode: the terminal reads its welcome only once every node counts it
+                // as online (a message committed elsewhere from then on makes no
+                // `message.unreached`); a failed write is not waited for longer (logged).
+                if let Some(online) = online {
+                    let _ = online.await;
+                }
                 if let Err(fd) = park_fresh(&shard, &session, fd, leftover.is_empty()) {
                     // SAFETY: the connected TCP socket handed over by `upgrade`; the stream owns it.
                     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };

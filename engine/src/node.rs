@@ -333,10 +333,6 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let keys = Arc::new(TokenKeys::new(&config.auth.jwt_secret));
     let mut shared = NodeShared::new(config.node.id.clone(), shards);
     shared.events = events.as_ref().map(|e| (e.url().to_owned(), e.stats()));
-    // Revoked tokens are known before the first upgrade: a node that could not read them
-    // would take back terminals the business shut out.
-    let revoked = store.call_blocking(Op::Revocations).and_then(Reply::revocations).map_err(store_error)?;
-    shared.revocations = Arc::new(crate::revocations::TokenRevocations::new(revoked));
     let shared = Arc::new(shared);
     if let Some(url) = &config.cluster.redis_url {
         let addrs = crate::cluster::Addresses { client, api, admin };
@@ -357,9 +353,24 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
         let cluster = crate::cluster::Cluster::start(url, joining, commits.clone(), shards)
             .map_err(|source| NodeError::Cluster { url: crate::config::redact_userinfo(url), source })?;
         let _ = shared.cluster.set(cluster);
-        if let Some(joined) = &lease_joined {
-            joined.store(true, Ordering::Release);
+    }
+    // Revoked tokens are known before the first upgrade (the shards start below): a node that
+    // could not read them would take back terminals the business shut out. In cluster mode
+    // they are read only once the bus reader's start is taken (`Cluster::start`): a revocation
+    // stored after this read is announced on the bus after that start, so the reader notes
+    // it; one stored before is in the read. Read before the start, one stored and announced
+    // in between was in neither until a resync.
+    match store.call_blocking(Op::Revocations).and_then(Reply::revocations) {
+        Ok(revoked) => shared.revocations.merge(revoked),
+        Err(e) => {
+            if let Some(cluster) = shared.cluster() {
+                cluster.stop(); // leaves the cluster: registry entry and id generators released
+            }
+            return Err(store_error(e));
         }
+    }
+    if let Some(joined) = &lease_joined {
+        joined.store(true, Ordering::Release);
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut threads = Vec::with_capacity(shards);
@@ -599,5 +610,43 @@ async fn run_shard(start: ShardStart) {
     api_task.await;
     if let Some(t) = admin_task {
         t.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kick with `revoke` made on another node while this one joins the cluster: stored and
+    /// announced on the bus after the joining node read the store's revocations but before
+    /// it took its bus reader's start (the hook puts it exactly there). The node must refuse
+    /// the revoked token from its first upgrade on. Before, it read the revocations before
+    /// `Cluster::start` took the bus position, missed this one in both, and took the revoked
+    /// token back until some resync read the store again.
+    #[test]
+    fn a_revocation_made_while_the_node_joins_the_cluster_is_refused_from_the_start() {
+        let Some(redis) = ether_store::redis::TestRedis::start_or_skip() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::test_min(dir.path().to_path_buf());
+        config.cluster.redis_url = Some(redis.url());
+        config.node.id = "joining".into();
+        let url = redis.url();
+        let revoked_at = crate::message::unix_now_ms();
+        crate::cluster::tests::at_bus_position("joining", move || {
+            // Node `other` revokes ann's tokens: in the shared store first, then on the bus.
+            let prefix = format!("{}store:", crate::cluster::KEY_PREFIX);
+            let options = ether_store::RedisOptions { prefix, events_stream: None, outbox: false };
+            let mut store = ether_store::RedisBackend::open(&url, options).unwrap();
+            let op = Op::RevokeTokens { user: "ann".into(), device: None, before_ms: revoked_at };
+            ether_store::StoreBackend::apply(&mut store, op).unwrap();
+            let mut con = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+            let event = crate::cluster::BusEvent::Revoke { user: "ann".into(), device: None, before_ms: revoked_at };
+            crate::cluster::tests::publish_shared_as(&mut con, "other", event);
+        });
+        let node = start(config).unwrap();
+        let revocations = node.shared.revocations.clone();
+        node.stop();
+        assert!(revocations.refuses("ann", "phone", revoked_at - 1), "ann's earlier token is refused");
+        assert!(!revocations.refuses("bob", "phone", 0), "only ann's");
     }
 }

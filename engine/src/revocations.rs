@@ -1,9 +1,10 @@
 //! Revoked terminal tokens: the node's copy of which users' (or users' devices') tokens issued
 //! before a time are refused at the upgrade. Owns that in-memory copy only: it is loaded from
-//! the store when the node starts, raised by the API's `kick` with `revoke` (after the store
-//! has it) and, in cluster mode, by other nodes' revocations arriving on the bus (and
-//! reloaded from the store after bus entries may have been lost). Never touches the store,
-//! connections or shard state itself.
+//! the store when the node starts (in cluster mode once the bus reader's start is taken, so
+//! a revocation made meanwhile is in the load or on the bus after that start), raised by the
+//! API's `kick` with `revoke` (after the store has it) and, in cluster mode, by other nodes'
+//! revocations arriving on the bus (and reloaded from the store after bus entries may have
+//! been lost). Never touches the store, connections or shard state itself.
 //!
 //! A token's issue time is its `iat_ms` claim (tokens this node mints carry it), else its
 //! `iat` in seconds taken as the start of that second, else 0: a token without `iat` is

@@ -1089,3 +1089,90 @@ fn a_node_without_a_free_id_slot_refuses_messages_until_one_frees() {
         assert!([40, 41].contains(&id_slot(&sent.id)), "{}", sent.id);
     }
 }
+
+/// The `message.unreached` events made so far (in `ether:events`) for message `id`.
+fn unreached_events(con: &mut redis::Connection, id: &str) -> usize {
+    stream_events(con, "message.unreached").iter().filter(|e| e["id"] == id).count()
+}
+
+/// PROTOCOL.md: `message.unreached` counts a terminal on another node as online only once
+/// that node took it on, not while it is still connecting there (its presence written so its
+/// traffic is routed there, its heads not read yet): one that then fails hides nothing from
+/// the business. Here node B's terminal fails while connecting (B's Redis user may no longer
+/// read the store: its heads cannot be read, 503) and B cannot remove its presence entry
+/// either (no HDEL), so the entry B wrote while it connected stays, as it is while any
+/// terminal connects. A message to its user accepted on node A is unreached, and presence on
+/// A does not list it. Before, A counted that entry as a terminal online and made no event.
+/// A terminal B welcomed still counts: its user's message makes none.
+#[test]
+fn a_terminal_still_connecting_on_another_node_is_not_online_for_message_unreached() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    node_b_acl(&mut con, "~ether:presence:*");
+    let a = cluster_node(&redis, "node-a");
+    let b = node_b_as_acl_user(&redis);
+    let mut dee = b.terminal("dee", "phone");
+    // From here B's Redis user may neither read the store nor remove presence entries.
+    let keys = ["~ether:bus*", "~ether:node:*", "~ether:idgen:*", "~ether:secrets", "~ether:events*"];
+    let mut acl = redis::cmd("ACL");
+    acl.arg("SETUSER").arg("nodeb").arg("reset").arg("on").arg(">pw").arg("+@all").arg("-hdel");
+    acl.arg(&keys[..]).arg("~ether:presence:*").query::<()>(&mut con).unwrap();
+    match ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("cy"), "phone", "web") {
+        Err(ether_sdk::SdkError::Rejected { status, .. }) => assert_eq!(status, 503),
+        Err(e) => panic!("refused, but not for the store: {e}"),
+        Ok(_) => panic!("taken on without its heads"),
+    }
+    let entry: Option<String> =
+        redis::cmd("HGET").arg("ether:presence:cy").arg("node-b/phone").query(&mut con).unwrap();
+    assert!(entry.is_some(), "B's entry for the connection it was taking on stays");
+    let to_dee = a.gateway().send_message(&text("zed", "dee", "to a welcomed terminal")).unwrap();
+    let to_cy = a.gateway().send_message(&text("zed", "cy", "to a failed connection")).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while unreached_events(&mut con, &to_cy.id) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no message.unreached for cy's message");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let p = a.gateway().request("GET", "/v1/users/cy/presence", None).unwrap();
+    assert!(p.text().contains("\"online\":false"), "{}", p.text());
+    assert_eq!(dee.recv_msg(WAIT).unwrap().id, to_dee.id);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(unreached_events(&mut con, &to_dee.id), 0, "dee's terminal on B was online");
+    assert_eq!(unreached_events(&mut con, &to_cy.id), 1);
+}
+
+/// A second connection of a device already online on node B, refused while B takes it on
+/// (here B's Redis user may no longer read the store: 503), leaves the device online for the
+/// other nodes: its presence entry, marked connecting by the refused connection, is written
+/// back as the welcomed one's. Node A lists it and a message to it makes no
+/// `message.unreached`.
+#[test]
+fn a_refused_second_connection_leaves_the_device_online_for_the_other_nodes() {
+    let Some(redis) = redis_or_skip() else { return };
+    let mut con = redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    node_b_acl(&mut con, "~ether:presence:*");
+    let a = cluster_node(&redis, "node-a");
+    let b = node_b_as_acl_user(&redis);
+    let mut ada = b.terminal("ada", "phone");
+    wait_for_presence(&a, "ada", "phone");
+    // From here B's Redis user may no longer read the store.
+    let keys = ["~ether:bus*", "~ether:node:*", "~ether:idgen:*", "~ether:secrets", "~ether:events*"];
+    let mut acl = redis::cmd("ACL");
+    acl.arg("SETUSER").arg("nodeb").arg("reset").arg("on").arg(">pw").arg("+@all");
+    acl.arg(&keys[..]).arg("~ether:presence:*").query::<()>(&mut con).unwrap();
+    match ether_sdk::TerminalClient::connect(&b.ws_url(), &b.token("ada"), "phone", "web") {
+        Err(ether_sdk::SdkError::Rejected { status, .. }) => assert_eq!(status, 503),
+        Err(e) => panic!("refused, but not for the store: {e}"),
+        Ok(_) => panic!("taken on without its heads"),
+    }
+    wait_for_presence(&a, "ada", "phone");
+    let sent = a.gateway().send_message(&text("zed", "ada", "still here")).unwrap();
+    assert_eq!(ada.recv_msg(WAIT).unwrap().id, sent.id);
+    let marker = a.gateway().send_message(&text("zed", "nobody", "away")).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while unreached_events(&mut con, &marker.id) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no message.unreached for the marker");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(unreached_events(&mut con, &sent.id), 0, "ada's phone on B was online");
+}
