@@ -56,17 +56,21 @@ struct GroupMessage {
     cid: Option<String>,
 }
 
-fn check_members(path: &str, members: &[String], max: usize) -> Result<(), EngineError> {
+/// Checks a member list of a request: ids, and at most `max` distinct users together with
+/// `owner` (a new group's owner is one of its members).
+fn check_members(path: &str, members: &[String], owner: Option<&str>, max: usize) -> Result<(), EngineError> {
     // Duplicates are ignored (the store adds each user once), so they do not count.
-    let distinct = if members.len() > max {
-        members.iter().map(String::as_str).collect::<std::collections::HashSet<_>>().len()
+    let listed = members.len() + usize::from(owner.is_some());
+    let distinct = if listed > max {
+        members.iter().map(String::as_str).chain(owner).collect::<std::collections::HashSet<_>>().len()
     } else {
-        members.len()
+        listed
     };
     if distinct > max {
+        let owner_too = if owner.is_some() { ", the owner included" } else { "" };
         return Err(ApiError::new(
             ErrorCode::InvalidBody,
-            format!("{path}: at most {max} members (limits.group_members_max), got {distinct}"),
+            format!("{path}: at most {max} members{owner_too} (limits.group_members_max), got {distinct}"),
         )
         .into());
     }
@@ -74,6 +78,22 @@ fn check_members(path: &str, members: &[String], max: usize) -> Result<(), Engin
         check_id(&format!("{path}[{i}]"), m)?;
     }
     Ok(())
+}
+
+/// A membership limit the store refused a creation or an addition for, named by its
+/// configuration key (the store's message says only the number): the key to raise.
+fn name_the_limit(e: EngineError, members_max: usize, groups_per_user_max: usize) -> EngineError {
+    match e {
+        EngineError::Store(ether_store::StoreError::LimitExceeded(m)) => {
+            let key = if m.starts_with("groups per user") {
+                format!("limits.groups_per_user_max = {groups_per_user_max}")
+            } else {
+                format!("limits.group_members_max = {members_max}")
+            };
+            ApiError::new(ErrorCode::InvalidBody, format!("limit exceeded: {m} ({key})")).into()
+        }
+        other => other,
+    }
 }
 
 /// Routes `/v1/groups/...` and `GET /v1/users/{uid}/groups`; `None` when the path is not one.
@@ -113,7 +133,8 @@ async fn create(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineErro
         return Err(ApiError::new(ErrorCode::InvalidBody, format!("name: 1-{GROUP_NAME_BYTES_MAX} bytes")).into());
     }
     let max = shard.config.limits.group_members_max;
-    check_members("members", &c.members, max)?;
+    let groups_max = shard.config.limits.groups_per_user_max;
+    check_members("members", &c.members, Some(&c.owner), max)?;
     let op = Op::CreateGroup {
         id: c.id,
         name: c.name,
@@ -121,9 +142,10 @@ async fn create(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineErro
         members: c.members.clone(),
         created_ms: unix_now_ms(),
         members_max: max,
-        groups_per_user_max: shard.config.limits.groups_per_user_max,
+        groups_per_user_max: groups_max,
     };
-    let id = match shard.store.call(op).await? {
+    let created = shard.store.call(op).await.map_err(|e| name_the_limit(e.into(), max, groups_max));
+    let id = match created? {
         ether_store::Reply::GroupCreated { id } => id,
         other => return Err(EngineError::Store(ether_store::StoreError::Invalid(format!("unexpected {other:?}")))),
     };
@@ -155,14 +177,15 @@ async fn add_members(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Resp
     check_id("gid", gid)?;
     let a: AddMembers = parse_request(&req.body)?;
     let max = shard.config.limits.group_members_max;
-    check_members("members", &a.members, max)?;
+    let groups_max = shard.config.limits.groups_per_user_max;
+    check_members("members", &a.members, None, max)?;
     let op = Op::AddMembers {
         group: gid.to_owned(),
         users: a.members.clone(),
         members_max: max,
-        groups_per_user_max: shard.config.limits.groups_per_user_max,
+        groups_per_user_max: groups_max,
     };
-    let added = shard.store.call(op).await?.count()?;
+    let added = shard.store.call(op).await.map_err(|e| name_the_limit(e.into(), max, groups_max))?.count()?;
     shard.announce_membership(gid, &a.members, true).await;
     Ok(json(200, &json!({ "added": added })))
 }

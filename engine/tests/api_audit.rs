@@ -191,3 +191,59 @@ fn history_queries_refuse_unknown_and_repeated_parameters() {
         gw.get_json::<serde_json::Value>(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     }
 }
+
+/// POSTs `body` (JSON) to `path` on the api port: the status and the JSON answer.
+fn post_json(node: &TestNode, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = node.gateway().request("POST", path, Some(body.to_string().as_bytes())).unwrap();
+    (r.status, serde_json::from_slice(&r.body).unwrap())
+}
+
+/// A group over a membership limit is refused naming the configuration key to raise, whether
+/// the API or the store finds it: eight members and an owner (nine, over the bound of 8) were
+/// refused with the store's bare "limit exceeded: members: at most 8", while nine listed
+/// members got "(limits.group_members_max)"; an addition over the bound and a user over
+/// `limits.groups_per_user_max` likewise said only a number.
+#[test]
+fn membership_limits_are_named_by_their_keys() {
+    let node = TestNode::start(); // test_min: 8 members per group, 4 groups per user
+    let limit_error = |(status, v): (u16, serde_json::Value), key: &str| -> String {
+        assert_eq!((status, v["error"]["code"].as_str()), (400, Some("invalid_body")), "{v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default().to_owned();
+        assert!(message.contains(key), "names {key}: {message}");
+        message
+    };
+    // Eight listed members and the owner: nine in all.
+    let eight: Vec<String> = (0..8).map(|i| format!("m{i}")).collect();
+    let create = json!({"id": "nine", "name": "Nine", "owner": "own", "members": eight});
+    let m = limit_error(post_json(&node, "/v1/groups", &create), "limits.group_members_max");
+    assert!(m.contains("owner"), "{m}");
+    assert_eq!(node.gateway().request("GET", "/v1/groups/nine", None).unwrap().status, 404, "nothing made");
+    // The owner listed among the members counts once: eight in all is within the bound.
+    let mut with_owner = eight[..7].to_vec();
+    with_owner.push("own".into());
+    let create = json!({"id": "eight", "name": "Eight", "owner": "own", "members": with_owner});
+    assert_eq!(post_json(&node, "/v1/groups", &create).0, 201);
+    // Full: one more is refused by the store, named all the same, and nobody is added.
+    let add = json!({"members": ["late"]});
+    limit_error(post_json(&node, "/v1/groups/eight/members", &add), "limits.group_members_max = 8");
+    let (_, g) = post_json(&node, "/v1/groups/eight/members", &json!({"members": []}));
+    assert_eq!(g["added"], 0);
+    let r = node.gateway().request("GET", "/v1/groups/eight", None).unwrap();
+    let g: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(g["member_count"], 8, "{g}");
+    // `busy` in 4 groups: a fifth, by creation or by addition, names the user and the key.
+    for i in 0..4 {
+        let create = json!({"id": format!("b{i}"), "name": "B", "owner": "busy"});
+        assert_eq!(post_json(&node, "/v1/groups", &create).0, 201);
+    }
+    let create = json!({"id": "b4", "name": "B", "owner": "pam", "members": ["busy"]});
+    let m = limit_error(post_json(&node, "/v1/groups", &create), "limits.groups_per_user_max = 4");
+    assert!(m.contains("busy"), "{m}");
+    let create = json!({"id": "b5", "name": "B", "owner": "pam"});
+    assert_eq!(post_json(&node, "/v1/groups", &create).0, 201);
+    let m = limit_error(
+        post_json(&node, "/v1/groups/b5/members", &json!({"members": ["busy"]})),
+        "limits.groups_per_user_max = 4",
+    );
+    assert!(m.contains("busy"), "{m}");
+}
