@@ -23,6 +23,23 @@ pub const CONFIG_ENV: &str = "ETHER_CONFIG";
 pub const ADMIN_ADDR_ENV: &str = "ETHER_ADMIN_ADDR";
 /// Prefix of every env var we read.
 pub const ENV_PREFIX: &str = "ETHER_";
+/// `ETHER_*` variables that are not configuration keys but are read on purpose: the node's
+/// experiment knobs (`node.rs`) and the repository's tools (SDK example, load test, tests), so
+/// [`env_warnings`] does not call them typos.
+pub const OTHER_ENV_VARS: &[&str] = &[
+    CONFIG_ENV,
+    ADMIN_ADDR_ENV,
+    "ETHER_RING_DEPTH",
+    "ETHER_API_QUEUE_LATENCY_MS",
+    "ETHER_TIME_SLICE_MS",
+    "ETHER_SPIN_US",
+    "ETHER_TOKEN",
+    "ETHER_WS",
+    "ETHER_BIN",
+    "ETHER_REDIS_SERVER",
+    "ETHER_DASHBOARD_WINDOW",
+    "ETHER_STORE_CRASH_DIR",
+];
 /// `serve` flags and the key each one sets.
 pub const FLAGS: &[(&str, &str)] = &[
     ("listen.client", "--listen-client"),
@@ -50,6 +67,8 @@ pub const SHARDS_MAX: usize = 256;
 const URL_BYTES_MAX: usize = 2048;
 /// Longest node id.
 const NODE_ID_BYTES_MAX: usize = 64;
+/// Shortest `node.sched_slice_us` other than 0: the kernel raises shorter slices to this.
+const SCHED_SLICE_US_MIN: u64 = 100;
 /// Longest `log.level` filter.
 const LOG_LEVEL_BYTES_MAX: usize = 1024;
 
@@ -110,7 +129,7 @@ impl EnvValue for bool {
 macro_rules! env_integer {
     ($($ty:ty),*) => {$(
         impl EnvValue for $ty {
-            const EXPECTED: &'static str = "a positive integer";
+            const EXPECTED: &'static str = "a whole number";
             fn parse_env(text: &str) -> Option<Self> {
                 text.trim().parse().ok()
             }
@@ -119,6 +138,15 @@ macro_rules! env_integer {
 }
 env_integer!(u32, u64, usize);
 
+/// What a key's value must be, for a value that does not even parse: an integer key names
+/// its range (from [`LIMIT_BOUNDS`]), so `5000000000` or `-1` is answered with it.
+fn expected(key: &str, of_type: &'static str) -> String {
+    match LIMIT_BOUNDS.iter().find(|(k, _, _)| *k == key) {
+        Some((_, min, max)) => format!("an integer in {min}..={max}"),
+        None => of_type.to_owned(),
+    }
+}
+
 fn env_value<T: EnvValue>(lookup: &dyn Fn(&str) -> Option<String>, key: &str) -> Result<Option<T>, ConfigError> {
     let var = env_var(key);
     match lookup(&var) {
@@ -126,7 +154,7 @@ fn env_value<T: EnvValue>(lookup: &dyn Fn(&str) -> Option<String>, key: &str) ->
         Some(text) if text.is_empty() => Ok(None),
         Some(text) => match T::parse_env(&text) {
             Some(value) => Ok(Some(value)),
-            None => Err(ConfigError::Env { var, expected: T::EXPECTED, got: text }),
+            None => Err(ConfigError::Env { var, expected: expected(key, T::EXPECTED), got: text }),
         },
     }
 }
@@ -427,7 +455,11 @@ impl RawConfig {
     pub fn from_set_flags(set: &[(String, String)]) -> Result<RawConfig, ConfigError> {
         for (key, _) in set {
             if !RawConfig::KEYS.contains(&key.as_str()) {
-                return Err(ConfigError::UnknownSetKey { key: key.clone() });
+                let hint = match did_you_mean(key, RawConfig::KEYS) {
+                    hint if hint.is_empty() => " (keys look like limits.frame_bytes_max)".to_owned(),
+                    hint => hint,
+                };
+                return Err(ConfigError::UnknownSetKey { key: key.clone(), hint });
             }
         }
         let by_var: std::collections::HashMap<String, String> =
@@ -471,10 +503,35 @@ impl RawConfig {
             .into_iter()
             .map(|n| n.as_ref().to_owned())
             .filter(|n| n.starts_with(ENV_PREFIX))
-            .filter(|n| n != CONFIG_ENV && n != ADMIN_ADDR_ENV)
+            .filter(|n| !OTHER_ENV_VARS.contains(&n.as_str()))
             .filter(|n| !RawConfig::KEYS.iter().any(|k| env_var(k) == *n))
             .collect()
     }
+}
+
+/// One warning per `ETHER_*` variable among `names` that no command reads (a typo such as
+/// `ETHER_NODE_SHARD` would otherwise be ignored without a word), with the closest real name.
+pub fn env_warnings<I, S>(names: I) -> Vec<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    let known: Vec<String> = RawConfig::KEYS.iter().map(|k| env_var(k)).collect();
+    let known: Vec<&str> = known.iter().map(String::as_str).collect();
+    let mut unknown = RawConfig::unknown_env_vars(names);
+    unknown.sort();
+    unknown
+        .into_iter()
+        .map(|var| {
+            // `ETHER_LOG` was once read as the log filter; `ETHER_LOG_LEVEL` is `log.level`.
+            let hint = if var == "ETHER_LOG" {
+                " (did you mean `ETHER_LOG_LEVEL`?)".to_owned()
+            } else {
+                did_you_mean(&var, &known)
+            };
+            format!("{var} is not a configuration variable and is ignored{hint}")
+        })
+        .collect()
 }
 
 /// Finds which dotted key a TOML error is about (our own walk over the table); falls back to
@@ -503,7 +560,13 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
                         did_you_mean(key, keys)
                     )
                 }
-                Some(Err(problem)) => return format!("{section}.{key}: {problem}"),
+                Some(Err(problem)) => {
+                    let dotted = format!("{section}.{key}");
+                    return match LIMIT_BOUNDS.iter().find(|(k, _, _)| *k == dotted) {
+                        Some((_, min, max)) => format!("{dotted}: expected an integer in {min}..={max}, got {value}"),
+                        None => format!("{dotted}: {problem}"),
+                    };
+                }
                 Some(Ok(())) => {}
             }
         }
@@ -603,6 +666,7 @@ impl Layers {
         let file = args.config.clone().or_else(|| env(CONFIG_ENV).filter(|p| !p.is_empty()).map(PathBuf::from));
         if let Some(path) = file {
             let raw = RawConfig::from_file(&path)?;
+            warn_if_secrets_exposed(&path, &raw);
             layers.push(Layer { kind: LayerKind::File(path), raw });
         }
         layers.push(Layer { kind: LayerKind::Env, raw: RawConfig::from_env_dyn(env)? });
@@ -620,6 +684,28 @@ impl Layers {
     /// The source whose value of `key` won.
     fn origin(&self, key: &str) -> Source {
         self.0.iter().rev().find(|layer| layer.raw.is_set(key)).map_or(Source::Default, |layer| layer.source_of(key))
+    }
+}
+
+/// Warns when the config file holds a secret (`auth.*`, `events.webhook_secret`) and other
+/// users may read it, as `secrets.toml` is checked.
+fn warn_if_secrets_exposed(path: &Path, raw: &RawConfig) {
+    use std::os::unix::fs::PermissionsExt;
+    let secrets = ["auth.jwt_secret", "auth.api_key", "auth.admin_token", "events.webhook_secret"];
+    let held: Vec<&str> = secrets.into_iter().filter(|k| raw.is_set(k)).collect();
+    if held.is_empty() {
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format_args!("{mode:o}"),
+                secrets = %held.join(", "),
+                "config file holds secrets and is readable by others; run chmod 600 on it"
+            );
+        }
     }
 }
 
@@ -647,10 +733,12 @@ pub enum ConfigError {
         message: String,
     },
     /// `--set` names a key this version does not have.
-    #[error("--set {key}: no such configuration key (keys look like limits.frame_bytes_max)")]
+    #[error("--set {key}: no such configuration key{hint}")]
     UnknownSetKey {
         /// The key as given.
         key: String,
+        /// ` (did you mean …?)` with the closest key, else an example of one.
+        hint: String,
     },
     /// An env var (or a `--set` value) does not parse.
     #[error("{var}: expected {expected}, got {got:?}")]
@@ -658,7 +746,7 @@ pub enum ConfigError {
         /// The variable.
         var: String,
         /// What it should hold.
-        expected: &'static str,
+        expected: String,
         /// What it holds.
         got: String,
     },
@@ -746,7 +834,7 @@ pub struct Node {
     pub id: String,
     /// `node.sched_slice_us` (100): the time slice every thread of the node asks the Linux
     /// scheduler for (`sched_setattr`, EEVDF's custom slice, Linux 6.12+; the kernel keeps it
-    /// within 100 µs..100 ms). A short slice gives a thread woken with work an early
+    /// within 100 µs..100 ms, so 1..=99 is refused rather than raised unseen). A short slice gives a thread woken with work an early
     /// deadline, so it runs soon after the wake instead of waiting out another thread's
     /// slice. 0 leaves the kernel's default (about 3 ms).
     pub sched_slice: Duration,
@@ -1372,7 +1460,15 @@ impl Prepared {
                     "set, but no TLS listener is (listen.client_tls, listen.api_tls, listen.admin_tls): set one, or no files",
                 ))
             }
-            (None, None, None) => None,
+            (None, None, None) => {
+                if raw.tls.reload_check_s.is_some() {
+                    return Err(check.invalid(
+                        "tls.reload_check_s",
+                        "set, but no TLS listener is (listen.client_tls, listen.api_tls, listen.admin_tls): set one, or leave it out",
+                    ));
+                }
+                None
+            }
         };
 
         let node = Node {
@@ -1385,11 +1481,7 @@ impl Prepared {
                 None => PathBuf::from("./ether-data"),
             },
             id: node_id(layers)?,
-            sched_slice: Duration::from_micros(check.bounded(
-                "node.sched_slice_us",
-                raw.node.sched_slice_us,
-                NODE_SCHED_SLICE_US_DEFAULT,
-            )?),
+            sched_slice: Duration::from_micros(check.sched_slice_us(raw.node.sched_slice_us)?),
         };
 
         let cluster = Cluster {
@@ -1401,6 +1493,9 @@ impl Prepared {
             },
         };
 
+        if raw.events.webhook_url.is_none() && raw.events.webhook_ca_path.is_some() {
+            tracing::warn!("events.webhook_ca_path is set but events.webhook_url is not; it is not used");
+        }
         let webhook = match (raw.events.webhook_url, raw.events.webhook_secret) {
             (Some(url), Some(secret)) => Some(Webhook {
                 url: check.url("events.webhook_url", url, &["http://", "https://"])?,
@@ -1599,7 +1694,11 @@ impl Prepared {
                         format!("must be a filter like info or info,ether_engine=debug of at most {LOG_LEVEL_BYTES_MAX} bytes"),
                     ))
                 }
-                Some(level) => level.trim().to_owned(),
+                Some(level) => {
+                    let level = level.trim().to_owned();
+                    log_filter_problem(&level).map_or(Ok(()), |problem| Err(check.invalid("log.level", problem)))?;
+                    level
+                }
             },
         };
 
@@ -1732,6 +1831,23 @@ impl Check<'_> {
         Ok(value)
     }
 
+    /// `node.sched_slice_us`: 0 (the kernel's default) or a slice the kernel keeps as asked;
+    /// it raises anything under 100 µs to 100 µs without a word, so that is refused here.
+    fn sched_slice_us(&self, value: Option<u64>) -> Result<u64, ConfigError> {
+        const KEY: &str = "node.sched_slice_us";
+        let max = LIMIT_BOUNDS.iter().find(|(k, _, _)| *k == KEY).map_or(0, |(_, _, max)| *max);
+        let us = value.unwrap_or(NODE_SCHED_SLICE_US_DEFAULT);
+        if us != 0 && !(SCHED_SLICE_US_MIN..=max).contains(&us) {
+            return Err(self.invalid(
+                KEY,
+                format!(
+                    "must be 0 (the kernel's default) or in {SCHED_SLICE_US_MIN}..={max} (shorter slices the kernel raises to {SCHED_SLICE_US_MIN}), got {us}"
+                ),
+            ));
+        }
+        self.bounded(KEY, Some(us), NODE_SCHED_SLICE_US_DEFAULT)
+    }
+
     fn addr(&self, key: &'static str, value: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
         let text = value.unwrap_or(default);
         text.trim().parse().map_err(|_| {
@@ -1755,6 +1871,31 @@ impl Check<'_> {
         validate_secret(short, secret.expose()).map_err(|problem| self.invalid(key, problem))?;
         Ok(secret)
     }
+}
+
+/// Why `level` is not a log filter the node would apply as written, or `None`: a directive the
+/// filter parser refuses (it would be dropped with a note), or a bare word that is not a level
+/// (`warning` is read as a target name, leaving only errors logged).
+fn log_filter_problem(level: &str) -> Option<String> {
+    const LEVELS: &str = "off, error, warn, info, debug, trace";
+    const NAMES: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let is_level = directive.parse::<tracing::level_filters::LevelFilter>().is_ok();
+        if !is_level && !directive.contains(['=', '[']) {
+            let word = directive.to_ascii_lowercase();
+            let hint = match NAMES.iter().find(|n| word.starts_with(**n) || n.starts_with(word.as_str())) {
+                Some(name) => format!(" (did you mean `{name}`?)"),
+                None => did_you_mean(&word, &NAMES),
+            };
+            return Some(format!(
+                "{directive:?} is not a level: use one of {LEVELS}, or TARGET=LEVEL (e.g. info,ether_engine=debug){hint}"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(level)
+        .err()
+        .map(|e| format!("not a filter like info or info,ether_engine=debug ({e}); levels are {LEVELS}"))
 }
 
 /// Shards when nobody says: online CPUs, within 1..=SHARDS_MAX.
@@ -2000,9 +2141,17 @@ mod tests {
     #[test]
     fn bad_env_values_name_the_variable() {
         let err = RawConfig::from_env(env(&[("ETHER_NODE_SHARDS", "x")])).unwrap_err();
-        assert_eq!(err.to_string(), r#"ETHER_NODE_SHARDS: expected a positive integer, got "x""#);
+        assert_eq!(err.to_string(), r#"ETHER_NODE_SHARDS: expected an integer in 1..=256, got "x""#);
         let err = RawConfig::from_env(env(&[("ETHER_LIMITS_IDLE_TIMEOUT_S", "-3")])).unwrap_err();
-        assert_eq!(err.to_string(), r#"ETHER_LIMITS_IDLE_TIMEOUT_S: expected a positive integer, got "-3""#);
+        assert_eq!(err.to_string(), r#"ETHER_LIMITS_IDLE_TIMEOUT_S: expected an integer in 1..=86400, got "-3""#);
+        // Too large for the key's type: still the key's range, not "a positive integer".
+        let err = RawConfig::from_env(env(&[("ETHER_RETENTION_DAYS", "5000000000")])).unwrap_err();
+        assert_eq!(err.to_string(), r#"ETHER_RETENTION_DAYS: expected an integer in 1..=3650, got "5000000000""#);
+        let err = RawConfig::from_set_flags(&[("limits.frame_bytes_max".into(), "1e6".into())]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"--set limits.frame_bytes_max: expected an integer in 1024..=16777216, got "1e6""#
+        );
         let err = RawConfig::from_env(env(&[("ETHER_TERMINAL_SEND_ENABLED", "maybe")])).unwrap_err();
         assert_eq!(err.to_string(), r#"ETHER_TERMINAL_SEND_ENABLED: expected true or false, got "maybe""#);
         let fx = Fixture::new();
@@ -2020,8 +2169,11 @@ mod tests {
             ("[node]\nshardz = 3\n", "node.shardz: unknown key", "did you mean `shards`"),
             ("[limits]\nframe_byte_max = 1\n", "limits.frame_byte_max: unknown key", "`frame_bytes_max`"),
             ("[listn]\nclient = \"x\"\n", "listn: unknown section", "did you mean `listen`"),
-            ("[node]\nshards = \"x\"\n", "node.shards: invalid type: string \"x\"", ""),
-            ("[node]\nshards = -1\n", "node.shards: invalid value", ""),
+            ("[node]\nshards = \"x\"\n", "node.shards: expected an integer in 1..=256, got \"x\"", ""),
+            ("[node]\nshards = -1\n", "node.shards: expected an integer in 1..=256, got -1", ""),
+            ("[retention]\ndays = 5000000000\n", "retention.days: expected an integer in 1..=3650, got 5000000000", ""),
+            ("[limits]\nheartbeat_s = 1.5\n", "limits.heartbeat_s: expected an integer in 1..=3600, got 1.5", ""),
+            ("[terminal]\nsend_enabled = \"no\"\n", "terminal.send_enabled: invalid type: string \"no\"", ""),
             ("[auth]\napi_key = 5\n", "auth.api_key: invalid type", ""),
             ("node = 3\n", "node: expected a table", ""),
             ("shards = 3\n", "shards: unknown section", ""),
@@ -2392,7 +2544,11 @@ mod tests {
 
         let unknown = ServeArgs { set: set(&[("limits.frame_bytes", "1")]), ..fx.args() };
         let err = Config::load(&unknown, no_env()).unwrap_err();
-        assert!(matches!(&err, ConfigError::UnknownSetKey { key } if key == "limits.frame_bytes"), "{err}");
+        assert!(matches!(&err, ConfigError::UnknownSetKey { key, .. } if key == "limits.frame_bytes"), "{err}");
+        assert!(err.to_string().ends_with("(did you mean `limits.frame_bytes_max`?)"), "{err}");
+        let far = ServeArgs { set: set(&[("zzz.zzz", "1")]), ..fx.args() };
+        let err = Config::load(&far, no_env()).unwrap_err().to_string();
+        assert!(err.ends_with("(keys look like limits.frame_bytes_max)"), "{err}");
         let bad = ServeArgs { set: set(&[("limits.frame_bytes_max", "lots")]), ..fx.args() };
         let err = Config::load(&bad, no_env()).unwrap_err().to_string();
         assert!(err.contains("--set limits.frame_bytes_max") && err.contains("lots"), "{err}");
@@ -2426,6 +2582,73 @@ mod tests {
         assert_eq!(merged.node.shards, Some(8));
         assert_eq!(merged.node.id.as_deref(), Some("a"));
         assert_eq!(merged.log.level.as_deref(), Some("warn"));
+    }
+
+    /// A `log.level` the filter would not apply as written is refused, naming the key: a bare
+    /// word that is no level (`warning` filtered to errors only, silently) or a bad directive.
+    #[test]
+    fn log_level_is_a_filter_the_node_applies() {
+        let fx = Fixture::new();
+        let load = |level: &str| Config::load(&ServeArgs { log_level: Some(level.into()), ..fx.args() }, no_env());
+        for good in
+            ["info", "WARN", "off", "info,ether_engine=debug", "ether_engine::shard=trace", " debug ", "[conn]=debug"]
+        {
+            assert!(load(good).is_ok(), "{good:?} is a filter");
+        }
+        for (bad, says) in [
+            ("warning", "did you mean `warn`?"),
+            ("inf", "did you mean `info`?"),
+            ("verbose", "is not a level"),
+            ("info,ether_engine=loud", "not a filter"),
+            ("info,,errors", "did you mean `error`?"),
+        ] {
+            let (key, origin, message) = invalid(load(bad).unwrap_err());
+            assert_eq!((key, origin), ("log.level", Source::Flag("--log-level")), "{bad}");
+            assert!(message.contains(says), "{bad}: {message}");
+        }
+    }
+
+    /// `tls.reload_check_s` without a TLS listener is refused like the certificate paths are,
+    /// not dropped (an out-of-range value was not even checked).
+    #[test]
+    fn tls_reload_check_needs_a_tls_listener() {
+        let fx = Fixture::new();
+        for value in ["5", "999999"] {
+            let err = Config::load(&fx.args(), env(&[("ETHER_TLS_RELOAD_CHECK_S", value)])).unwrap_err();
+            let (key, origin, message) = invalid(err);
+            assert_eq!((key, origin), ("tls.reload_check_s", Source::Env("ETHER_TLS_RELOAD_CHECK_S".into())));
+            assert!(message.contains("no TLS listener"), "{message}");
+        }
+    }
+
+    /// The kernel raises a slice under 100 µs to 100 µs silently: such a value is refused.
+    #[test]
+    fn sched_slice_is_zero_or_what_the_kernel_keeps() {
+        let fx = Fixture::new();
+        let load = |us: &str| Config::load(&fx.args(), env(&[("ETHER_NODE_SCHED_SLICE_US", us)]));
+        for (us, want) in [("0", 0), ("100", 100), ("100000", 100_000)] {
+            assert_eq!(load(us).unwrap().node.sched_slice, Duration::from_micros(want), "{us}");
+        }
+        for us in ["1", "50", "99", "100001"] {
+            let (key, _, message) = invalid(load(us).unwrap_err());
+            assert_eq!(key, "node.sched_slice_us");
+            assert!(message.contains("100..=100000"), "{us}: {message}");
+        }
+    }
+
+    #[test]
+    fn env_typos_are_named_with_the_closest_variable() {
+        let names = ["ETHER_NODE_SHARD", "ETHER_LOG", "ETHER_LIMITS_FRAME_BYTES_MAX", "ETHER_RING_DEPTH", "HOME"];
+        let warnings = env_warnings(names);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("ETHER_LOG is not a configuration variable"), "{warnings:?}");
+        assert!(warnings[0].contains("`ETHER_LOG_LEVEL`"), "{warnings:?}");
+        assert!(
+            warnings[1].contains("ETHER_NODE_SHARD ") && warnings[1].contains("`ETHER_NODE_SHARDS`"),
+            "{warnings:?}"
+        );
+        assert!(env_warnings(["ETHER_ZZZZZZZZZZZZZZZZ"])[0].ends_with("is ignored"));
+        assert!(env_warnings(OTHER_ENV_VARS).is_empty(), "variables read on purpose are not typos");
     }
 
     #[test]

@@ -15,6 +15,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     ether_engine::allocator::setup();
     let cli = Cli::parse();
+    // A misspelt variable would otherwise be ignored without a word.
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for warning in ether_engine::config::env_warnings(names) {
+        eprintln!("ether: warning: {warning}");
+    }
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Token(args) => token(&args),
@@ -22,17 +27,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs `f` (reading the configuration, before the node's own logging is set up) with its
+/// warnings written to stderr, e.g. a secrets file others may read; without a subscriber
+/// they would be dropped.
+fn with_load_warnings<T>(f: impl FnOnce() -> T) -> T {
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish();
+    tracing::subscriber::with_default(subscriber, f)
+}
+
 fn load(args: &ServeArgs) -> Result<Config, ExitCode> {
-    Config::load(args, |k| std::env::var(k).ok()).map_err(|e| {
+    with_load_warnings(|| Config::load(args, |k| std::env::var(k).ok())).map_err(|e| {
         eprintln!("ether: configuration error: {e}");
         ExitCode::from(2)
     })
 }
 
 fn init_logs(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ETHER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // `log.level` only (validated by `config`; flag > env `ETHER_LOG_LEVEL` > file).
+    let filter = tracing_subscriber::EnvFilter::new(&config.log.level);
+    // Colours only for a terminal: a log file or journald would get escape codes.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),
@@ -91,7 +113,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
 fn token(args: &TokenArgs) -> ExitCode {
     // Reads the node's secret (configured or in <data>/secrets.toml); never creates one, so a
     // mistyped --data is an error instead of a token no node accepts.
-    let secret = match ether_engine::config::token_secret(args, |k| std::env::var(k).ok()) {
+    let secret = match with_load_warnings(|| ether_engine::config::token_secret(args, |k| std::env::var(k).ok())) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ether token: {e}");
@@ -112,7 +134,7 @@ fn token(args: &TokenArgs) -> ExitCode {
 }
 
 fn admin(args: &AdminArgs) -> ExitCode {
-    let target = match ether_engine::config::admin_target(args, |k| std::env::var(k).ok()) {
+    let target = match with_load_warnings(|| ether_engine::config::admin_target(args, |k| std::env::var(k).ok())) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("ether admin: {e}");
