@@ -4,8 +4,9 @@
 //!
 //! ```text
 //!  shard 0 ─┐  StoreHandle::submit(StoreCmd{op, done})       (never blocks: try_send on a
-//!  shard 1 ─┼──────────► bounded crossbeam queue ─────────┐   bounded queue; full = Overloaded)
-//!  api    ──┘                                             ▼
+//!  shard 1 ─┼──────────► bounded crossbeam queue ─────────┐   queue bounded in commands and
+//!  api    ──┘                                             │   bytes; full = Overloaded)
+//!                                                         ▼
 //!                          storage thread (std::thread "ether-store", owns the backend)
 //!                          collect ≤ batch_ops_max cmds / ≤ batch_wait (only after a big batch) → backend.apply_batch
 //!                          → one transaction → COMMIT → run every `done` in submission order
@@ -16,7 +17,8 @@
 //! - [`backend`]: the [`StoreBackend`] trait (alias [`Store`]): batches of ops applied in one
 //!   transaction, each op's failure isolated, plus bounded background work (`maintain`).
 //! - [`thread`]: [`StoreThread`], [`StoreHandle`], [`StoreCmd`], [`StoreOptions`]: group
-//!   commit on a plain OS thread; completions run after commit, in submission order, so the
+//!   commit on a plain OS thread; completions run after commit, in submission order, each
+//!   exactly once (`Closed` when the thread ends first, also by a backend panic), so the
 //!   engine can push committed messages to its shards in commit order (per-inbox order kept)
 //!   and complete `futures_channel::oneshot`s ([`StoreHandle::call`] does exactly that).
 //! - [`sqlite`]: [`SqliteBackend`], the standalone store (WAL, `prepare_cached` statements,

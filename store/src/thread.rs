@@ -1,8 +1,10 @@
 //! The storage thread: a plain OS thread that alone owns a [`StoreBackend`], takes commands
-//! from a bounded lock-free queue, applies them in batches (group commit) and runs each
-//! command's completion after its batch commits, in submission order. Touches no shard state.
+//! from a lock-free queue bounded in commands and in bytes, applies them in batches (group
+//! commit) and runs each command's completion once, after its batch commits, in submission
+//! order (`Closed` if the thread ends first, by a stop or a backend panic). Touches no shard
+//! state.
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -50,6 +52,11 @@ pub struct StoreOptions {
     pub batch_wait_after_ops: usize,
     /// Commands queued at most; beyond it `submit` answers `Overloaded`.
     pub queue_capacity: usize,
+    /// Payload bytes (bodies, ids, events: see [`payload_bytes`]) of the commands queued and
+    /// being applied, at most; a command that would go past it answers `Overloaded` (one
+    /// command is always taken when none is queued). `queue_capacity` alone let a slow disk
+    /// queue 65,536 bodies of 64 KiB (4 GiB) before shedding anything.
+    pub queue_bytes_max: usize,
     /// How often a retention purge step runs (steps repeat between batches while there is
     /// more to purge).
     pub purge_every: Duration,
@@ -71,6 +78,7 @@ impl Default for StoreOptions {
             batch_wait: Duration::from_millis(2),
             batch_wait_after_ops: 64,
             queue_capacity: 65_536,
+            queue_bytes_max: QUEUE_BYTES_MAX_DEFAULT,
             purge_every: Duration::from_secs(10),
             purge_rows: 500,
             retention: Duration::from_secs(30 * 86_400),
@@ -94,6 +102,28 @@ impl StoreOptions {
             ..StoreOptions::default()
         }
     }
+}
+
+/// Default of [`StoreOptions::queue_bytes_max`]: 256 MiB.
+pub const QUEUE_BYTES_MAX_DEFAULT: usize = 256 << 20;
+/// What a command counts for in [`StoreOptions::queue_bytes_max`] besides its payload.
+const COMMAND_OVERHEAD_BYTES: usize = 256;
+
+/// The bytes a command holds while queued, as [`StoreOptions::queue_bytes_max`] counts them:
+/// the strings it carries (a message's body and ids, events, member lists) and a fixed
+/// overhead.
+pub fn payload_bytes(op: &Op) -> usize {
+    let strs = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+    let payload = match op {
+        Op::Append(m) => m.from.len() + m.to.len() + m.body.len() + m.cid.as_ref().map_or(0, String::len),
+        Op::AppendGroup(m) => m.from.len() + m.group.len() + m.body.len() + m.cid.as_ref().map_or(0, String::len),
+        Op::OutboxAppend { events } => events.iter().map(|e| e.kind.len() + e.data.len()).sum(),
+        Op::CreateGroup { members, name, .. } => strs(members) + name.len(),
+        Op::AddMembers { users, .. } => strs(users),
+        Op::Sync { groups, .. } => groups.keys().map(String::len).sum(),
+        _ => 0,
+    };
+    payload + COMMAND_OVERHEAD_BYTES
 }
 
 /// How often the storage thread reads the outbox's size and drop count into [`ThreadStats`]
@@ -217,11 +247,56 @@ struct Shared {
     stats: ThreadStats,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
+    /// [`payload_bytes`] of the commands queued or in the batch being applied.
+    queued_bytes: AtomicUsize,
+    queue_bytes_max: usize,
 }
 
 enum Msg {
-    Cmd(StoreCmd),
+    Cmd(Queued),
     Stop,
+}
+
+/// A command on its way through the thread.
+struct Queued {
+    op: Op,
+    done: Once,
+    /// Its share of [`Shared::queued_bytes`].
+    bytes: usize,
+}
+
+/// A completion that runs exactly once: with the command's result, or with `Closed` when it
+/// is dropped unrun, so that no caller waits forever. That happens when the backend panics
+/// (the batch being applied and everything queued go with the thread), and when a command
+/// slips into the queue between the thread's last look at it and its end.
+struct Once(Option<Completion>);
+
+impl Once {
+    fn run(mut self, r: Result<Reply, StoreError>) {
+        if let Some(done) = self.0.take() {
+            // A panicking completion must not take the store down with it.
+            if catch_unwind(AssertUnwindSafe(move || done(r))).is_err() {
+                tracing::error!("store completion panicked");
+            }
+        }
+    }
+
+    /// Drops the completion unrun (the submitter answers the error itself).
+    fn forget(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Once {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            tracing::warn!("a store command ended unapplied (the storage thread stopped): answered closed");
+            // Also while unwinding from a backend panic: a second panic must not escape here.
+            if catch_unwind(AssertUnwindSafe(move || done(Err(StoreError::Closed)))).is_err() {
+                tracing::error!("store completion panicked");
+            }
+        }
+    }
 }
 
 /// Starts storage threads.
@@ -237,6 +312,8 @@ impl StoreThread {
             stats: ThreadStats::default(),
             thread: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            queued_bytes: AtomicUsize::new(0),
+            queue_bytes_max: opts.queue_bytes_max,
         });
         let sh = shared.clone();
         let t = std::thread::Builder::new()
@@ -265,16 +342,30 @@ impl std::fmt::Debug for StoreHandle {
 
 impl StoreHandle {
     /// Queues a command without blocking. On `Err` the command (and its completion) is
-    /// dropped unrun: the caller answers with the error itself.
+    /// dropped unrun: the caller answers with the error itself. `Overloaded` when the queue
+    /// holds `queue_capacity` commands or `queue_bytes_max` bytes ([`payload_bytes`]).
+    /// Once `Ok`, the completion runs exactly once (with `Closed` if the thread ends first).
     pub fn submit(&self, cmd: StoreCmd) -> Result<(), StoreError> {
         if self.shared.stopping.load(Ordering::Relaxed) {
             return Err(StoreError::Closed);
         }
-        match self.tx.try_send(Msg::Cmd(cmd)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(StoreError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => Err(StoreError::Closed),
+        let bytes = payload_bytes(&cmd.op);
+        let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before > 0 && before.saturating_add(bytes) > self.shared.queue_bytes_max {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            return Err(StoreError::Overloaded);
         }
+        let StoreCmd { op, done } = cmd;
+        let (err, msg) = match self.tx.try_send(Msg::Cmd(Queued { op, done: Once(Some(done)), bytes })) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Full(m)) => (StoreError::Overloaded, m),
+            Err(TrySendError::Disconnected(m)) => (StoreError::Closed, m),
+        };
+        self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        if let Msg::Cmd(q) = msg {
+            q.done.forget();
+        }
+        Err(err)
     }
 
     /// Submits `op` and waits (asynchronously) for its committed result.
@@ -318,6 +409,11 @@ impl StoreHandle {
         self.tx.len()
     }
 
+    /// [`payload_bytes`] of the commands queued or being applied.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> &ThreadStats {
         &self.shared.stats
     }
@@ -341,9 +437,12 @@ fn unix_ms() -> u64 {
 }
 
 fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, sh: Arc<Shared>) {
+    let _closing = Closing { rx: &rx, sh: &sh };
     let max = opts.batch_ops_max.max(1);
     let mut ops: Vec<Op> = Vec::with_capacity(max);
-    let mut dones: Vec<Completion> = Vec::with_capacity(max);
+    // Dropped unrun (a backend panic unwinding through here), each answers `Closed`.
+    let mut dones: Vec<Once> = Vec::with_capacity(max);
+    let mut batch_bytes = 0;
     let mut next_purge = Instant::now() + opts.purge_every;
     let mut outbox = OutboxWatch::new(&opts);
     let mut stop = false;
@@ -360,6 +459,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         };
         ops.push(first.op);
         dones.push(first.done);
+        batch_bytes += first.bytes;
         // Wait for more only while busy: the previous batch was big.
         let wait = if last_batch >= opts.batch_wait_after_ops { opts.batch_wait } else { Duration::ZERO };
         let deadline = Instant::now() + wait;
@@ -392,6 +492,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
                 Msg::Cmd(c) => {
                     ops.push(c.op);
                     dones.push(c.done);
+                    batch_bytes += c.bytes;
                 }
                 Msg::Stop => {
                     stop = true;
@@ -411,6 +512,9 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
         st.batch_ops_last.store(ops.len() as u64, Ordering::Relaxed);
         last_batch = ops.len();
         debug_assert_eq!(results.len(), ops.len());
+        // Applied: its commands' bytes are free before anyone hears of it.
+        ops.clear();
+        sh.queued_bytes.fetch_sub(std::mem::take(&mut batch_bytes), Ordering::Relaxed);
         let mut results = results.into_iter();
         for done in dones.drain(..) {
             let r = results.next().unwrap_or_else(|| Err(StoreError::Unavailable("no result".into())));
@@ -423,22 +527,34 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
                     }
                 }
             }
-            // A panicking completion must not take the store down with it.
-            if catch_unwind(AssertUnwindSafe(move || done(r))).is_err() {
-                tracing::error!("store completion panicked");
-            }
+            done.run(r);
         }
-        ops.clear();
         if Instant::now() >= next_purge {
             purge_step(&mut backend, &opts, &sh, &mut next_purge);
         }
         outbox.step(&mut backend, st);
         st.pending_entries.store(backend.stats().pending_entries, Ordering::Relaxed);
     }
-    // Work still queued after a stop is answered, not dropped silently.
-    while let Ok(m) = rx.try_recv() {
-        if let Msg::Cmd(c) = m {
-            (c.done)(Err(StoreError::Closed));
+    // `_closing` answers what is still queued.
+}
+
+/// Ends the thread's intake when the thread ends, also by a backend panic: later submits
+/// answer `Closed`, and the commands still queued are answered `Closed`, not dropped
+/// silently (a queue outlives its receiver while any handle lives: left there, their
+/// completions would wait for the last handle to go).
+struct Closing<'a> {
+    rx: &'a Receiver<Msg>,
+    sh: &'a Shared,
+}
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.sh.stopping.store(true, Ordering::Relaxed);
+        while let Ok(m) = self.rx.try_recv() {
+            if let Msg::Cmd(c) = m {
+                self.sh.queued_bytes.fetch_sub(c.bytes, Ordering::Relaxed);
+                c.done.run(Err(StoreError::Closed));
+            }
         }
     }
 }
@@ -580,5 +696,124 @@ mod histogram_tests {
         assert_eq!(r.count, 5);
         assert!((r.sum - 15.0).abs() < 1e-6);
         assert!((r.max - 9.0).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+    use crate::op::NewMessage;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A backend that holds its first batch until told, answers `Done` to everything, and
+    /// panics on a batch holding `Op::Revocations` (a bug in a backend, say).
+    struct Gated {
+        entered: channel::Sender<()>,
+        release: Receiver<()>,
+        first: bool,
+    }
+
+    impl StoreBackend for Gated {
+        fn apply_batch(&mut self, ops: &[Op]) -> Vec<Result<Reply, StoreError>> {
+            if std::mem::take(&mut self.first) {
+                let _ = self.entered.send(());
+                let _ = self.release.recv();
+            }
+            assert!(!ops.iter().any(|op| matches!(op, Op::Revocations)), "backend bug");
+            ops.iter().map(|_| Ok(Reply::Done)).collect()
+        }
+
+        fn maintain(&mut self, _now_ms: u64) -> Result<bool, StoreError> {
+            Ok(false)
+        }
+    }
+
+    /// A store whose first command is being applied (and held) when this returns.
+    fn held(opts: StoreOptions) -> (StoreHandle, channel::Sender<()>, Receiver<Result<Reply, StoreError>>) {
+        let (entered, entered_rx) = channel::unbounded();
+        let (release, release_rx) = channel::unbounded();
+        let h = StoreThread::spawn(Gated { entered, release: release_rx, first: true }, opts).unwrap();
+        let (first_tx, first_rx) = channel::unbounded();
+        h.submit(StoreCmd::new(Op::Heads { user: "u".into() }, move |r| {
+            let _ = first_tx.send(r);
+        }))
+        .unwrap();
+        entered_rx.recv().unwrap();
+        (h, release, first_rx)
+    }
+
+    fn append(body: usize) -> Op {
+        Op::Append(NewMessage {
+            id: 1,
+            ts: 1,
+            from: "a".into(),
+            to: "b".into(),
+            kind: ether_proto::Kind::Text,
+            body: "x".repeat(body),
+            cid: None,
+        })
+    }
+
+    /// The queue is bounded in bytes, not only in commands: with the store held, big bodies
+    /// are refused as `Overloaded` once `queue_bytes_max` is queued (before, all 1000 were
+    /// taken), every one taken is answered, and the bytes are given back after their batch.
+    #[test]
+    fn the_queue_is_bounded_in_bytes() {
+        let opts = StoreOptions { queue_capacity: 1000, queue_bytes_max: 256 << 10, ..StoreOptions::test_min() };
+        let (h, release, first) = held(opts);
+        let answered = Arc::new(AtomicUsize::new(0));
+        let mut taken = 0;
+        let mut refused = 0;
+        for _ in 0..1000 {
+            let answered = answered.clone();
+            match h.submit(StoreCmd::new(append(60_000), move |r| {
+                assert!(r.is_ok());
+                answered.fetch_add(1, Ordering::SeqCst);
+            })) {
+                Ok(()) => taken += 1,
+                Err(StoreError::Overloaded) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!((3..=4).contains(&taken), "{taken} bodies of 60 kB under a 256 KiB bound");
+        assert_eq!(refused, 1000 - taken);
+        assert!(h.queued_bytes() <= 256 << 10, "{}", h.queued_bytes());
+        release.send(()).unwrap();
+        assert!(first.recv().unwrap().is_ok());
+        // Commands behind the big ones are answered after them: all of those were answered.
+        assert!(h.call_blocking(Op::Heads { user: "u".into() }).is_ok());
+        assert_eq!(answered.load(Ordering::SeqCst), taken);
+        h.submit(StoreCmd::new(append(60_000), |_| ())).expect("room again once applied");
+        h.shutdown();
+        assert_eq!(h.queued_bytes(), 0);
+    }
+
+    /// A backend that panics takes its thread down, but every command it had taken (the
+    /// batch being applied, those queued behind it) is still answered, as `Closed`: before,
+    /// their completions were dropped unrun and a terminal's `send` never got its `sent` or
+    /// `error`.
+    #[test]
+    fn a_panicking_backend_answers_every_command_it_took() {
+        let (h, release, first) = held(StoreOptions::test_min());
+        let (tx, rx) = channel::unbounded();
+        let mut ops = vec![Op::Revocations];
+        ops.extend((0..20).map(|_| Op::Heads { user: "u".into() }));
+        for op in ops {
+            let tx = tx.clone();
+            h.submit(StoreCmd::new(op, move |r| {
+                let _ = tx.send(r);
+            }))
+            .unwrap();
+        }
+        drop(tx);
+        release.send(()).unwrap();
+        assert!(first.recv().unwrap().is_ok());
+        // A completion dropped unrun ends nothing: a queue outlives its receiver while a handle
+        // lives, so the wait needs a bound (a liveness bound, not a latency check).
+        let answers: Vec<_> = std::iter::from_fn(|| rx.recv_timeout(Duration::from_secs(10)).ok()).take(21).collect();
+        assert_eq!(answers.len(), 21, "{answers:?}");
+        assert!(answers.iter().all(|r| *r == Err(StoreError::Closed)), "{answers:?}");
+        assert_eq!(h.submit(StoreCmd::new(Op::Revocations, |_| ())).unwrap_err(), StoreError::Closed);
+        h.shutdown();
     }
 }

@@ -50,9 +50,13 @@ pub struct SqliteOptions {
     pub pending_entries_max: usize,
     /// Clean (nothing pending) cached streams/users beyond which caches are trimmed.
     pub cache_entries_max: usize,
-    /// The WAL is checkpointed by a background thread every 20 ms; the writer checkpoints
-    /// itself only past 8× this many bytes of WAL (the thread fell behind), and the WAL file
-    /// is truncated back to this size after a reset.
+    /// The WAL is checkpointed (PASSIVE) by a background thread every 20 ms, but a WAL starts
+    /// over only when a write begins with every frame copied, which a steady stream of commits
+    /// never allows: under sustained writes the WAL grows to 8× this many bytes, where the
+    /// writer's own checkpoint after a commit lets it start over, and the file is truncated
+    /// back to this size. So the WAL takes up to 8× this on disk (512 MiB by default) plus the
+    /// largest transaction (measured: ~550k appends/s of 200 B bodies, default settings, the
+    /// WAL went 0 → 515 MiB → 70–125 MiB every ~3 s).
     pub checkpoint_wal_bytes: u64,
     /// Test hook: `PRAGMA max_page_count` (a tiny value makes writes fail with SQLITE_FULL).
     pub max_page_count: Option<u64>,
