@@ -467,15 +467,20 @@ pub fn filtered_history_moves_past_a_scan_budget<B: StoreBackend>(mut b: B) {
 
 /// Positions far past anything stored (up to `u64::MAX`, which the API and terminals may
 /// send) read nothing and move nothing past the head: never a panic or a backend failure.
+/// A page read after such a position never sends the reader back below it (`scanned_to`
+/// at or past it, taken as at most `i64::MAX`: no seq is above that), whatever the backend
+/// can hold in its own numbers (the Redis one answered 2^52 for anything past it).
 pub fn positions_past_any_seq<B: StoreBackend>(mut b: B) {
     send(&mut b, "ann", "ben", "one");
     create_group(&mut b, "far", "ann", &["ben"]);
     ok(&mut b, group_text("ann", "far", None, "g"));
     let _ = b.maintain(u64::MAX);
-    for big in [u64::MAX, u64::MAX - 1, i64::MAX as u64, 1 << 53] {
+    for big in [u64::MAX, u64::MAX - 1, i64::MAX as u64, 1 << 53, (1 << 52) + 1] {
+        let floor = big.min(i64::MAX as u64);
         for user in ["ben", "nobody"] {
             let p = ok(&mut b, Op::ReadInbox { user: user.into(), after_seq: big, limit: 10 }).page().expect("page");
             assert!(p.entries.is_empty());
+            assert!(user == "nobody" || p.scanned_to >= floor, "after {big}: scanned_to {}", p.scanned_to);
             for (before, after) in [(Some(big), None), (None, Some(big)), (Some(big), Some(big)), (Some(2), Some(big))]
             {
                 for chat in [None, Some("u:ann".to_string()), Some("g:far".to_string())] {
@@ -488,7 +493,12 @@ pub fn positions_past_any_seq<B: StoreBackend>(mut b: B) {
                     }));
                     match h {
                         Ok(Reply::Page(p)) => {
-                            assert!(before.is_some() || p.entries.is_empty(), "{before:?} {after:?} {chat:?}")
+                            assert!(before.is_some() || p.entries.is_empty(), "{before:?} {after:?} {chat:?}");
+                            assert!(
+                                user == "nobody" || after.is_none() || p.scanned_to >= floor,
+                                "{before:?} {after:?} {chat:?}: scanned_to {}",
+                                p.scanned_to
+                            );
                         }
                         Err(StoreError::Forbidden(_)) if user == "nobody" => {}
                         other => panic!("{user} {before:?} {after:?} {chat:?}: {other:?}"),
@@ -510,12 +520,14 @@ pub fn positions_past_any_seq<B: StoreBackend>(mut b: B) {
         }
         let p = ok(&mut b, Op::ReadGroup { group: "far".into(), after_seq: big, limit: 10 }).page().expect("page");
         assert!(p.entries.is_empty());
+        assert!(p.scanned_to >= floor, "group after {big}: scanned_to {}", p.scanned_to);
         for (before, after) in [(Some(big), None), (None, Some(big)), (Some(big), Some(big))] {
             let p =
                 ok(&mut b, Op::GroupHistory { group: "far".into(), before_seq: before, after_seq: after, limit: 10 })
                     .page()
                     .expect("page");
             assert_eq!(p.entries.len(), usize::from(after.is_none()), "{before:?} {after:?}");
+            assert!(after.is_none() || p.scanned_to >= floor, "{before:?} {after:?}: scanned_to {}", p.scanned_to);
         }
         let d = ok(&mut b, Op::SetDelivered { user: "ben".into(), device: "d".into(), group: None, seq: big });
         assert!(matches!(d, Reply::Position { seq: 1, .. }), "{d:?}");
@@ -1074,7 +1086,8 @@ pub fn invalid_input<B: StoreBackend>(mut b: B) {
 }
 
 /// Token revocations never move back (the later time wins), are kept for every device and
-/// per device apart, list back as written, and refuse invalid ids.
+/// per device apart, list back as written (exactly, any time up to `i64::MAX`), and refuse
+/// invalid ids.
 pub fn token_revocations<B: StoreBackend>(mut b: B) {
     let user = format!("rv{}", next_id());
     let mut revoke = |device: Option<&str>, before_ms: u64| {
@@ -1085,14 +1098,26 @@ pub fn token_revocations<B: StoreBackend>(mut b: B) {
     assert_eq!(revoke(None, 500), 1_000, "a revocation never moves back");
     assert_eq!(revoke(None, 2_000), 2_000);
     assert_eq!(revoke(Some("phone"), 700), 700, "per device, apart from every device's");
+    // Times are kept exactly (past 2^53 too), at most `i64::MAX`; a first one of 0 is kept.
+    let exact = (1 << 53) + 1;
+    assert_eq!(revoke(Some("tablet"), exact), exact);
+    assert_eq!(revoke(Some("tablet"), exact - 1), exact, "never back, by one");
+    assert_eq!(revoke(Some("tablet"), exact + 1), exact + 1, "on, by one");
+    assert_eq!(revoke(Some("watch"), u64::MAX), i64::MAX as u64);
+    assert_eq!(revoke(Some("tv"), 0), 0);
     let mut mine: Vec<Revocation> =
         ok(&mut b, Op::Revocations).revocations().expect("list").into_iter().filter(|r| r.user == user).collect();
     mine.sort_by(|x, y| x.device.cmp(&y.device));
+    let r =
+        |device: Option<&str>, before_ms| Revocation { user: user.clone(), device: device.map(Into::into), before_ms };
     assert_eq!(
         mine,
         vec![
-            Revocation { user: user.clone(), device: None, before_ms: 2_000 },
-            Revocation { user: user.clone(), device: Some("phone".into()), before_ms: 700 },
+            r(None, 2_000),
+            r(Some("phone"), 700),
+            r(Some("tablet"), exact + 1),
+            r(Some("tv"), 0),
+            r(Some("watch"), i64::MAX as u64),
         ]
     );
     for (u, d) in [("bad user", None), ("ok", Some("bad device"))] {

@@ -552,3 +552,158 @@ fn purge_takes_messages_stored_in_the_older_layout_too() {
     let list: u64 = ::redis::cmd("LLEN").arg(format!("{prefix}msgq")).query(&mut con).unwrap();
     assert_eq!((zset, list), (0, 1));
 }
+
+/// A TCP forwarder standing in for an address that follows the primary (DNS, a managed
+/// endpoint): each new connection goes to the port in `target` at the time it is accepted.
+fn forwarder(target: std::sync::Arc<std::sync::atomic::AtomicU16>) -> u16 {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(("127.0.0.1", target.load(Ordering::SeqCst))) else { continue };
+            let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                });
+            };
+            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+            pipe(server, client);
+        }
+    });
+    port
+}
+
+fn redis_cmd(url: &str, args: &[&str]) -> ::redis::Value {
+    let mut con = ::redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut cmd = ::redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut con).unwrap()
+}
+
+/// A failover makes the server the backend is connected to a replica (every op, reads
+/// included, answers `READONLY` there) and its address now leads to the new primary: the op
+/// that met `READONLY` is `Unavailable`, the next batch connects again and goes on with the
+/// same data (it used to keep the connection to the replica and answer `Unavailable` for
+/// ever).
+#[test]
+fn a_failover_to_a_new_primary_is_followed() {
+    let Some(a) = redis() else { return };
+    let b = TestRedis::start();
+    let target = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(a.port()));
+    let url = format!("redis://127.0.0.1:{}/", forwarder(target.clone()));
+    let mut store =
+        RedisBackend::open(&url, RedisOptions { prefix: "fo:".into(), events_stream: None, outbox: true }).unwrap();
+    assert_eq!(store.apply(text("ann", "bob", None, "1")).unwrap().appended().unwrap().receiver_seq, 1);
+    // b follows a, then takes over: b primary, a its replica, the address leads to b.
+    redis_cmd(&a.url(), &["CONFIG", "SET", "repl-diskless-sync-delay", "0"]);
+    redis_cmd(&b.url(), &["REPLICAOF", "127.0.0.1", &a.port().to_string()]);
+    let synced = || {
+        let info: String = ::redis::from_redis_value(&redis_cmd(&b.url(), &["INFO", "replication"])).unwrap();
+        info.contains("master_link_status:up")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !synced() {
+        assert!(std::time::Instant::now() < deadline, "b did not sync from a");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    redis_cmd(&b.url(), &["REPLICAOF", "NO", "ONE"]);
+    redis_cmd(&a.url(), &["REPLICAOF", "127.0.0.1", &b.port().to_string()]);
+    target.store(b.port(), Ordering::SeqCst);
+    let r = store.apply(text("ann", "bob", None, "2"));
+    assert!(matches!(r, Err(StoreError::Unavailable(ref e)) if e.contains("READONLY")), "{r:?}");
+    let r = store.apply(text("ann", "bob", None, "3")).unwrap().appended().unwrap();
+    assert_eq!(r.receiver_seq, 2, "on the new primary, with the data it took over");
+    let p = store.apply(Op::ReadInbox { user: "bob".into(), after_seq: 0, limit: 10 }).unwrap().page().unwrap();
+    assert_eq!(p.entries.len(), 2);
+}
+
+/// Every key of a store, sorted.
+fn keys_of(redis: &TestRedis, prefix: &str) -> Vec<String> {
+    let mut con = ::redis::Client::open(redis.url()).unwrap().get_connection().unwrap();
+    let mut keys: Vec<String> = ::redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut con).unwrap();
+    keys.sort();
+    keys
+}
+
+/// A dissolved group leaves nothing behind once retention has taken its log: no head, no
+/// log, no members, no positions, no cids (its head used to stay for ever, one key per
+/// dissolved group).
+#[test]
+fn a_dissolved_group_leaves_no_key_after_retention() {
+    let Some(redis) = redis() else { return };
+    let mut b = fresh(&redis);
+    let prefix = b.prefix().to_owned();
+    let old = conformance::now_ms() - 40 * 86_400_000;
+    b.apply(conformance::group_op("gone", "ann", &["bob"])).unwrap();
+    for i in 0..3 {
+        let mut op = conformance::group_text("ann", "gone", Some(&format!("c{i}")), "x");
+        if let Op::AppendGroup(m) = &mut op {
+            m.ts = old;
+        }
+        b.apply(op).unwrap();
+    }
+    b.apply(Op::SetRead { user: "bob".into(), chat: "g:gone".into(), seq: 2, emit_event: false }).unwrap();
+    b.apply(Op::SetDelivered { user: "bob".into(), device: "d".into(), group: Some("gone".into()), seq: 2 }).unwrap();
+    b.apply(Op::DissolveGroup { group: "gone".into() }).unwrap();
+    let cutoff = conformance::now_ms() - 30 * 86_400_000;
+    while let Reply::Purged { more: true, .. } = b.apply(Op::Purge { older_than_ms: cutoff, max_rows: 2 }).unwrap() {}
+    let want: Vec<String> = ["gid", "users"].iter().map(|k| format!("{prefix}{k}")).collect();
+    assert_eq!(keys_of(&redis, &prefix), want, "only the group counter and the users set stay");
+    // The name starts a fresh group.
+    b.apply(conformance::group_op("gone", "ann", &[])).unwrap();
+    let g = b.apply(Op::GetGroup { group: "gone".into() }).unwrap().group().unwrap();
+    assert_eq!((g.seq, g.member_count), (0, 1));
+}
+
+/// An events stream write that fails (its key holds another type) fails the op without
+/// leaving half of it: the read position does not move and no event is kept in the outbox,
+/// so the op tried again (once the key is fixed) moves the position and emits its event once.
+/// (Redis keeps what a script wrote before a failing command: the position and the outbox
+/// event used to be written first, and the op's retry then emitted nothing.)
+#[test]
+fn a_failed_events_stream_write_leaves_nothing_half_done() {
+    let Some(redis) = redis() else { return };
+    let stream = "broken-events".to_owned();
+    let opts = RedisOptions { prefix: "half:".into(), events_stream: Some(stream.clone()), outbox: true };
+    let mut b = RedisBackend::open(&redis.url(), opts).unwrap();
+    let m = b.apply(text("p", "r", None, "hi")).unwrap().appended().unwrap();
+    redis_cmd(&redis.url(), &["SET", &stream, "not a stream"]);
+    let read = |emit_event| Op::SetRead { user: "r".into(), chat: "u:p".into(), seq: m.receiver_seq, emit_event };
+    assert!(matches!(b.apply(read(true)), Err(StoreError::Unavailable(_))));
+    let ev = NewEvent { kind: "user.online".into(), data: "{}".into(), ts: 1 };
+    assert!(matches!(b.apply(Op::OutboxAppend { events: vec![ev].into() }), Err(StoreError::Unavailable(_))));
+    let fetched = b.apply(Op::OutboxFetch { after: 0, limit: 10 }).unwrap().events().unwrap();
+    assert!(fetched.is_empty(), "no event of a failed op: {fetched:?}");
+    let unread = b.apply(Op::Unread { user: "r".into() }).unwrap().unread().unwrap();
+    assert_eq!(unread.get("u:p"), Some(&1), "the read position did not move");
+    redis_cmd(&redis.url(), &["DEL", &stream]);
+    let r = b.apply(read(true)).unwrap().read().unwrap();
+    assert!(r.moved && r.prev == 0, "{r:?}");
+    let fetched = b.apply(Op::OutboxFetch { after: 0, limit: 10 }).unwrap().events().unwrap();
+    assert_eq!(fetched.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), ["message.read"]);
+}
+
+/// A server that would evict the store's keys when its memory is full (a `maxmemory` with an
+/// `allkeys-*` policy: a seq counter or a cid map dropped gives seqs again, stores retries
+/// twice) is refused with a reason; `noeviction` is used.
+#[test]
+fn a_server_that_may_evict_the_store_is_refused() {
+    let Some(redis) = redis() else { return };
+    let open = || RedisBackend::open(&redis.url(), RedisOptions::default());
+    redis_cmd(&redis.url(), &["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    assert!(open().is_ok(), "no maxmemory: nothing is evicted");
+    redis_cmd(&redis.url(), &["CONFIG", "SET", "maxmemory", "1gb"]);
+    let r = open();
+    assert!(matches!(r, Err(StoreError::Unavailable(ref e)) if e.contains("maxmemory-policy")), "{r:?}");
+    redis_cmd(&redis.url(), &["CONFIG", "SET", "maxmemory-policy", "volatile-lru"]);
+    assert!(open().is_ok());
+    redis_cmd(&redis.url(), &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let mut b = open().unwrap();
+    assert_eq!(b.apply(text("a", "b", None, "x")).unwrap().appended().unwrap().receiver_seq, 1);
+}

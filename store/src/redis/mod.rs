@@ -29,7 +29,10 @@
 //! ops are atomic one by one, which is what the [`StoreBackend`] contract needs (each op's
 //! failure isolated, results in order). A connection failure answers
 //! [`StoreError::Unavailable`] for every op of the pipeline it hit (some may have been
-//! applied: Redis does not say) and the next batch reconnects.
+//! applied: Redis does not say) and the next batch reconnects. So does a `READONLY` answer
+//! (the server was made a replica by a failover; no op runs there, reads included): the op
+//! is `Unavailable` and the next batch connects again, to the new primary when the address
+//! follows it.
 //!
 //! Message ids travel and are stored as 20-digit zero-padded decimal strings (so lexical
 //! order is id order and no id is ever a Lua double); seqs and counters are integers, clamped
@@ -46,6 +49,10 @@
 //! Durability is Redis's: a reply means the write is in Redis's memory. Run Redis with
 //! `appendonly yes` and `appendfsync always` (every write on disk before the reply is sent)
 //! or `everysec` (up to a second lost on a power failure), and with replicas for failover.
+//! Its `maxmemory-policy` must not evict the store's keys (`noeviction`, or a `volatile-*`
+//! policy: the store sets no TTL): with a `maxmemory` and an `allkeys-*` policy the backend
+//! refuses to connect (`Unavailable`, checked at every connect), since a dropped seq counter
+//! or cid map would give seqs again and store retries twice.
 //! `maintain` has nothing to do; retention is the `Purge` op as with SQLite.
 #[cfg(feature = "conformance")]
 mod testing;
@@ -400,6 +407,7 @@ impl RedisBackend {
             let mut c = self.client.get_connection_with_timeout(CONNECT_TIMEOUT).map_err(unavailable)?;
             c.set_read_timeout(Some(IO_TIMEOUT)).map_err(unavailable)?;
             c.set_write_timeout(Some(IO_TIMEOUT)).map_err(unavailable)?;
+            Self::check_eviction(&mut c)?;
             let loaded = Self::load_functions(&mut c, &self.library);
             if let Err(e) = &loaded {
                 tracing::info!(error = %e, "redis: no function library (Redis before 7?): one script per op");
@@ -411,6 +419,29 @@ impl RedisBackend {
             self.conn = Some(c);
         }
         self.conn.as_mut().ok_or_else(|| unavailable("not connected"))
+    }
+
+    /// Refuses a server that may evict the store's keys: a `maxmemory` with an `allkeys-*`
+    /// policy drops any key once memory is full, a seq counter or a cid map included (seqs
+    /// given again, retries stored twice). The store's keys have no TTL, so `noeviction` and
+    /// the `volatile-*` policies never drop them. A server that does not say (`CONFIG`
+    /// renamed or refused, as some managed services do) is used as it is.
+    fn check_eviction(c: &mut Connection) -> Result<(), StoreError> {
+        let get = |c: &mut Connection, name: &str| -> Option<String> {
+            let kv: Vec<String> = ::redis::cmd("CONFIG").arg("GET").arg(name).query(c).ok()?;
+            kv.into_iter().nth(1)
+        };
+        let Some(policy) = get(c, "maxmemory-policy") else { return Ok(()) };
+        if !policy.starts_with("allkeys-") {
+            return Ok(());
+        }
+        if get(c, "maxmemory").is_some_and(|m| m != "0") {
+            return Err(unavailable(format!(
+                "maxmemory-policy {policy} would evict the store's keys: use noeviction (or a volatile-* policy)"
+            )));
+        }
+        tracing::warn!(policy, "redis: no maxmemory now, but this policy would evict the store's keys once one is set");
+        Ok(())
     }
 
     /// `FUNCTION LOAD REPLACE` of the library (fails on a server without functions).
@@ -478,6 +509,12 @@ impl RedisBackend {
                     }
                 }
             }
+        }
+        if out.iter().any(|r| matches!(r, Ok(Value::ServerError(e)) if e.code() == "READONLY")) {
+            // A replica now (a failover demoted the server this connection reached): no op
+            // can run here any more. The next batch connects again, and reaches the new
+            // primary when the address follows it (DNS, a proxy, a managed endpoint).
+            self.conn = None;
         }
         out.into_iter()
             .map(|r| match r {
@@ -704,7 +741,9 @@ impl RedisBackend {
                 if let Some(d) = device {
                     check_user("device", d)?;
                 }
-                Call::new(S::RevokeTokens, p).s(user).s(device.as_deref().unwrap_or("")).n(*before_ms)
+                // As text (a Lua number is a double), clamped as SQLite stores it.
+                let before_ms = (*before_ms).min(i64::MAX as u64).to_string();
+                Call::new(S::RevokeTokens, p).s(user).s(device.as_deref().unwrap_or("")).s(&before_ms)
             }
             Op::Revocations => Call::new(S::Revocations, p),
         })
@@ -806,6 +845,23 @@ fn page(v: Value) -> Result<Page, StoreError> {
     Ok(Page { entries, head, more, scanned_to })
 }
 
+/// A page read after a position past [`NUM_MAX`] (anything up to `u64::MAX` comes from the API
+/// and terminals), which the script saw clamped to it: its `scanned_to` is put back in terms
+/// of the position asked, clamped as the SQLite backend clamps (`i64::MAX`, past every seq),
+/// so a reader is never sent back below where it asked to start. Nothing is stored past
+/// `NUM_MAX`: a `scanned_to` there came from the clamped position (`lo`, or `lo + 1` when
+/// reading newest first).
+fn unclamped(mut p: Page, after: Option<u64>) -> Page {
+    let Some(after) = after.filter(|&a| a > NUM_MAX) else { return p };
+    let asked = after.min(i64::MAX as u64);
+    if p.scanned_to == NUM_MAX {
+        p.scanned_to = asked;
+    } else if p.scanned_to == NUM_MAX + 1 {
+        p.scanned_to = asked + 1;
+    }
+    p
+}
+
 /// `{inbox_seq, name, head, name, head, …}`.
 fn heads(v: Value) -> Result<Heads, StoreError> {
     let mut f = items(v)?.into_iter();
@@ -836,8 +892,11 @@ fn decode(op: &Op, v: Value) -> Result<Reply, StoreError> {
             let duplicate = int(&next(f)?)? != 0;
             Reply::GroupAppended(GroupAppended { id, ts, seq, duplicate })
         }
-        Op::ReadInbox { .. } | Op::ReadGroup { .. } | Op::History(_) | Op::GroupHistory { .. } => {
-            Reply::Page(page(next(f)?)?)
+        Op::ReadInbox { after_seq, .. } | Op::ReadGroup { after_seq, .. } => {
+            Reply::Page(unclamped(page(next(f)?)?, Some(*after_seq)))
+        }
+        Op::History(HistoryQuery { after_seq, .. }) | Op::GroupHistory { after_seq, .. } => {
+            Reply::Page(unclamped(page(next(f)?)?, *after_seq))
         }
         Op::Sync { .. } => {
             let heads = heads(next(f)?)?;

@@ -1,7 +1,9 @@
 -- The Redis backend's data model and every op (`OPS.<name>`), run atomically by Redis.
 -- Owns: the layout of every key under the prefix ARGV[1]. Must not touch: any key outside the
 -- prefix. Each op's script is this file followed by `return OPS.<name>()` (see mod.rs); an op
--- checks everything it needs before its first write, so a refused op writes nothing.
+-- checks everything it needs before its first write, so a refused op writes nothing, and runs
+-- a command that can fail (XADD to the events stream) before the writes that matter: Redis
+-- keeps what a failing script wrote.
 --
 -- Replies: {'ok', ...} on success, {'<error kind>', message} on refusal, where the kind is
 -- one of not_found, forbidden, conflict, limit, invalid.
@@ -32,8 +34,9 @@
 --   P gr:<gid>           hash   name, title, owner, created
 --   P gm:<gid>           zset   members, score 0 (lexical order: ListMembers' cursor)
 --   P ug:<user>          zset   the user's groups: score and member gid
---   P gh:<gid>           string group log head (INCR)
+--   P gh:<gid>           string group log head (INCR); deleted with the group
 --   P gl:<gid>           zset   group log: score seq, member "<pid>|<from>"
+--                               (a dissolved group's log is left to retention)
 --   P revoked            hash   "<user>|<device>" (device '' = every device) -> ms: terminal
 --                               tokens issued before it are refused
 --   P obseq              string outbox seq counter (never reused)
@@ -594,17 +597,20 @@ local function trim_outbox(max, added)
   call('INCRBY', k('obdropped'), #seqs)
 end
 
--- One event: a new outbox seq, kept in the outbox (`keep`: someone fetches and acks it) and
--- appended to the events stream (stream ~= ''), as the engine's configuration asks. Returns
--- the seq. The caller trims the outbox (`trim_outbox`) after its events.
+-- One event: a new outbox seq, appended to the events stream (stream ~= '') and kept in the
+-- outbox (`keep`: someone fetches and acks it), as the engine's configuration asks. Returns
+-- the seq. The caller trims the outbox (`trim_outbox`) after its events. The stream first:
+-- XADD is the one write that can fail (the key holds another type), and a failed script keeps
+-- what it wrote before the failure (Redis has no rollback), so it must come before any write
+-- that matters (only the seq counter has moved then: a seq is skipped, never reused).
 local function add_event(stream, stream_len, keep, ts, kind, data)
   local s = call('INCR', k('obseq'))
+  if stream ~= '' then
+    call('XADD', stream, 'MAXLEN', '~', stream_len, '*', 'event_id', s, 'type', kind, 'ts', ts, 'data', data)
+  end
   if keep then
     call('HSET', k('ev:', s), 'ts', ts, 'kind', kind, 'data', data)
     call('ZADD', k('ob'), s, s)
-  end
-  if stream ~= '' then
-    call('XADD', stream, 'MAXLEN', '~', stream_len, '*', 'event_id', s, 'type', kind, 'ts', ts, 'data', data)
   end
   return s
 end
@@ -644,7 +650,7 @@ function OPS.set_read()
     end)
   end
   if moved then
-    call('HSET', k('rd:', user), key, new)
+    -- The event before the position (see add_event: its stream write may fail).
     if emit then
       -- serde_json's object layout (keys sorted); ids need no escaping.
       local u = 'null'
@@ -658,6 +664,7 @@ function OPS.set_read()
         trim_outbox(tonumber(ARGV[11]), 1)
       end
     end
+    call('HSET', k('rd:', user), key, new)
   end
   call('SADD', k('users'), user)
   local mv = 0
@@ -836,7 +843,9 @@ function OPS.dissolve_group()
     call('HDEL', k('rd:', u), chat, 'j:' .. gid)
     forget_delivered(u, chat)
   end
-  call('DEL', k('gm:', gid), k('gr:', gid), k('gi:', group))
+  -- The head goes too: nothing names the group's number any more (a recreated name gets a
+  -- new one), and the log is read only by retention, which empties it (an empty log is no key).
+  call('DEL', k('gm:', gid), k('gr:', gid), k('gi:', group), k('gh:', gid))
   return { 'ok' }
 end
 
@@ -903,13 +912,21 @@ function OPS.list_members()
   return { 'ok', names, next_cursor }
 end
 
--- ARGV: P, user, device ('' = every device), before_ms. Never moves back.
+-- Whether decimal `a` is above decimal `b` (both without leading zeros): compared as text, so
+-- a time past 2^53 is exact (a Lua number is a double).
+local function dec_above(a, b)
+  return #a > #b or (#a == #b and a > b)
+end
+
+-- ARGV: P, user, device ('' = every device), before_ms (decimal, at most i64::MAX). Never
+-- moves back; a first revocation is kept whatever its time (as SQLite keeps it). Answers the
+-- time in force, as decimal text.
 function OPS.revoke_tokens()
   local field = ARGV[2] .. '|' .. ARGV[3]
-  local before = num(ARGV[4])
-  local cur = num(call('HGET', k('revoked'), field))
-  if before > cur then
-    call('HSET', k('revoked'), field, fmt(before))
+  local before = ARGV[4]
+  local cur = call('HGET', k('revoked'), field)
+  if not cur or dec_above(before, cur) then
+    call('HSET', k('revoked'), field, before)
     cur = before
   end
   return { 'ok', cur }
