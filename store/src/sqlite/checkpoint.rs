@@ -1,7 +1,8 @@
 //! The WAL checkpointer: a thread with its own connection that copies the WAL back into the
 //! database (PASSIVE: it never blocks the writer), so the storage thread rarely pays for it.
 //! Under sustained writes it cannot make the WAL start over (see
-//! `SqliteOptions::checkpoint_wal_bytes`): the writer's autocheckpoint bounds it.
+//! `SqliteOptions::checkpoint_wal_bytes`): the writer's autocheckpoint, past that size, copies
+//! what is left and lets the next commit start the WAL over.
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
