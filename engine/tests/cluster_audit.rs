@@ -84,6 +84,13 @@ fn post(node: &TestNode, text: &str) {
     node.gateway().send_group_message("crew", "carol", Kind::Text, &serde_json::json!({ "text": text }), None).unwrap();
 }
 
+/// The member gets exactly one group message next, `text` at `seq`, and then nothing more.
+fn expect_only(hal: &mut ether_sdk::TerminalClient, text: &str, seq: u64) {
+    let got = take_group(hal, "crew", 1);
+    assert_eq!((texts(&got)[0].as_str(), got[0].seq), (text, seq));
+    assert_silent(hal, Duration::from_millis(300));
+}
+
 /// A group message from node A arrives on B after a gap of more messages than one store page
 /// (`limits.sync_page_max`, 8 here) that B never heard of (lost on the bus): B fills the whole
 /// gap from the store, in order, before the new one. Before, it read one page of the gap and
@@ -150,9 +157,7 @@ fn a_bus_trimmed_past_a_reader_that_kept_its_connection_still_resyncs() {
     assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("trimmed away", 2));
     // And the group goes on in order.
     post(&a, "after");
-    let got = take_group(&mut hal, "crew", 1);
-    assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("after", 3));
-    assert_silent(&mut hal, Duration::from_millis(300));
+    expect_only(&mut hal, "after", 3);
 }
 
 /// A member added on node A, online on node B, where no other member of the group is online,
@@ -208,9 +213,7 @@ fn a_message_posted_right_after_an_add_reaches_the_new_member_on_another_node() 
         .ignore()
         .query::<()>(&mut con)
         .unwrap();
-    let got = take_group(&mut hal, "crew", 1);
-    assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("welcome aboard", 1));
-    assert_silent(&mut hal, Duration::from_millis(300));
+    expect_only(&mut hal, "welcome aboard", 1);
 }
 
 /// The shared store's `AddMembers`, as the node that adds members runs it.
@@ -284,9 +287,7 @@ fn messages_posted_right_after_a_cross_node_add_reach_the_new_member_in_seq_orde
     assert_silent(&mut hal, Duration::from_millis(500));
     // And the group goes on in order.
     post(&a, "later");
-    let got = take_group(&mut hal, "crew", 1);
-    assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("later", 4));
-    assert_silent(&mut hal, Duration::from_millis(300));
+    expect_only(&mut hal, "later", 4);
 }
 
 /// A bus that lost entries: a `resync` and a group message after a gap longer than one store
@@ -314,7 +315,5 @@ fn a_resync_racing_a_gap_fill_pushes_each_group_message_once_in_order() {
     assert_silent(&mut hal, Duration::from_millis(500));
     // And the group goes on in order.
     post(&a, "later");
-    let got = take_group(&mut hal, "crew", 1);
-    assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("later", 23));
-    assert_silent(&mut hal, Duration::from_millis(300));
+    expect_only(&mut hal, "later", 23);
 }

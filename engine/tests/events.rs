@@ -270,6 +270,23 @@ fn unreached_for(events: &[serde_json::Value], id: &str) -> usize {
     events.iter().filter(|e| e["type"] == "message.unreached" && e["id"] == id).count()
 }
 
+type Connecting = std::thread::JoinHandle<Result<(ether_sdk::TerminalClient, ether_sdk::Welcome), ether_sdk::SdkError>>;
+
+/// With the store held: a message to `cat` is sent (its write waits for the lock), then
+/// `cat`'s only terminal connects (its upgrade is read and handed to the home shard; its heads
+/// wait behind the write). Returns the send and the connect, both still waiting.
+fn send_then_connect(
+    node: &TestNode,
+) -> (std::thread::JoinHandle<Result<ether_proto::api::SentMessage, ether_sdk::SdkError>>, Connecting) {
+    let gw = node.gateway();
+    let sent = std::thread::spawn(move || gw.send_message(&text("ann", "cat", "while you connect")));
+    std::thread::sleep(Duration::from_millis(200));
+    let (url, token) = (node.ws_url(), node.token("cat"));
+    let connect = std::thread::spawn(move || ether_sdk::TerminalClient::connect(&url, &token, "phone", "web"));
+    std::thread::sleep(Duration::from_millis(800));
+    (sent, connect)
+}
+
 /// A message stored while its user's only terminal is still being taken on (its upgrade read,
 /// its heads waiting behind the message's write) reached no terminal, and here none ever gets
 /// it: the node begins to drain meanwhile and refuses the terminal (503). The business hears
@@ -278,13 +295,7 @@ fn unreached_for(events: &[serde_json::Value], id: &str) -> usize {
 fn a_message_stored_while_the_only_terminal_connects_and_then_fails_is_unreached() {
     let hook = receiver(0);
     let (node, db, _dir) = node_with_held_store(&hook);
-    let gw = node.gateway();
-    let sent = std::thread::spawn(move || gw.send_message(&text("ann", "cat", "while you connect")));
-    std::thread::sleep(Duration::from_millis(200));
-    let (url, token) = (node.ws_url(), node.token("cat"));
-    let connect = std::thread::spawn(move || ether_sdk::TerminalClient::connect(&url, &token, "phone", "web"));
-    // The upgrade is read and handed to the home shard; its heads wait behind the write.
-    std::thread::sleep(Duration::from_millis(800));
+    let (sent, connect) = send_then_connect(&node);
     assert_eq!(node.admin().request("POST", "/admin/v1/drain", None).unwrap().status, 200);
     db.execute_batch("ROLLBACK").unwrap();
     let id = sent.join().unwrap().expect("stored once the lock went").id;
@@ -306,12 +317,7 @@ fn a_message_stored_while_the_only_terminal_connects_and_then_fails_is_unreached
 fn a_message_stored_while_the_only_terminal_connects_is_unreached_once_and_synced() {
     let hook = receiver(0);
     let (node, db, _dir) = node_with_held_store(&hook);
-    let gw = node.gateway();
-    let sent = std::thread::spawn(move || gw.send_message(&text("ann", "cat", "while you connect")));
-    std::thread::sleep(Duration::from_millis(200));
-    let (url, token) = (node.ws_url(), node.token("cat"));
-    let connect = std::thread::spawn(move || ether_sdk::TerminalClient::connect(&url, &token, "phone", "web"));
-    std::thread::sleep(Duration::from_millis(800));
+    let (sent, connect) = send_then_connect(&node);
     db.execute_batch("ROLLBACK").unwrap();
     let id = sent.join().unwrap().expect("stored once the lock went").id;
     let (mut cat, welcome) = connect.join().unwrap().expect("taken on once its heads are read");
