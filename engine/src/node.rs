@@ -14,7 +14,7 @@ use ether_http::server::Stop;
 use glommio::net::TcpListener;
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
 use socket2::{Domain, Protocol, Socket, Type};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::auth::TokenKeys;
 use crate::config::Config;
@@ -415,7 +415,30 @@ pub fn start(config: Config) -> Result<NodeHandle, NodeError> {
 /// it: with thousands of idle connections each holding a poll, glommio's default of 128 makes
 /// every poll cancel walk long chains (`io_poll_find`). `ETHER_RING_DEPTH` overrides it.
 fn ring_depth() -> usize {
-    std::env::var("ETHER_RING_DEPTH").ok().and_then(|v| v.parse().ok()).unwrap_or(RING_DEPTH)
+    tuning_env("ETHER_RING_DEPTH", 16..=32_768).unwrap_or(RING_DEPTH)
+}
+
+/// An experiment knob from the environment (not configuration: see `config::OTHER_ENV_VARS`):
+/// its value if set, a number and within `range`; otherwise `None`, with a warning naming the
+/// variable and the range when it is set but refused (the default then holds).
+fn tuning_env<T>(name: &str, range: std::ops::RangeInclusive<T>) -> Option<T>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let raw = std::env::var(name).ok()?;
+    match raw.trim().parse::<T>() {
+        Ok(v) if range.contains(&v) => Some(v),
+        _ => {
+            warn!(
+                variable = name,
+                value = %raw,
+                "ignored: expected an integer in {}..={}; the default holds",
+                range.start(),
+                range.end()
+            );
+            None
+        }
+    }
 }
 
 /// Spawns `task` into `queue`, a task queue of this shard's executor.
@@ -429,7 +452,7 @@ fn spawn_into<T: 'static>(
 /// The API queue's latency requirement (see `API_QUEUE_LATENCY`); `ETHER_API_QUEUE_LATENCY_MS`
 /// overrides it for experiments (0: not latency-sensitive, a queue of its own only).
 fn api_queue_latency() -> Latency {
-    match std::env::var("ETHER_API_QUEUE_LATENCY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+    match tuning_env::<u64>("ETHER_API_QUEUE_LATENCY_MS", 0..=10_000) {
         Some(0) => Latency::NotImportant,
         Some(ms) => Latency::Matters(Duration::from_millis(ms)),
         None => Latency::Matters(API_QUEUE_LATENCY),
@@ -438,7 +461,7 @@ fn api_queue_latency() -> Latency {
 
 /// The shards' time slice (see `TIME_SLICE`).
 fn time_slice() -> Duration {
-    std::env::var("ETHER_TIME_SLICE_MS").ok().and_then(|v| v.parse().ok()).map_or(TIME_SLICE, Duration::from_millis)
+    tuning_env("ETHER_TIME_SLICE_MS", 1..=10_000).map_or(TIME_SLICE, Duration::from_millis)
 }
 
 /// Default ring depth (see `ring_depth`).
@@ -450,7 +473,7 @@ const RING_DEPTH: usize = 4096;
 /// completed before it began (completions wait for a system call, and the spin makes none):
 /// set `GLOMMIO_COOP_TASKRUN=0` too when trying it.
 fn spin_before_park() -> Duration {
-    let us = std::env::var("ETHER_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let us = tuning_env("ETHER_SPIN_US", 0..=100_000).unwrap_or(0);
     Duration::from_micros(us)
 }
 
@@ -616,6 +639,23 @@ async fn run_shard(start: ShardStart) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An experiment knob that is not a number, or out of its range, is refused (the default
+    /// holds), said in a warning: before, any value that parsed was used as is (a ring depth of
+    /// 0 went to glommio) and one that did not was dropped in silence.
+    #[test]
+    fn tuning_knobs_outside_their_range_are_refused() {
+        // Names of this test's own: the environment is the process's.
+        let knob = "ETHER_TEST_TUNING_KNOB";
+        std::env::set_var(knob, "64");
+        assert_eq!(tuning_env::<usize>(knob, 16..=32_768), Some(64));
+        for bad in ["0", "8", "40000", "-1", "lots", ""] {
+            std::env::set_var(knob, bad);
+            assert_eq!(tuning_env::<usize>(knob, 16..=32_768), None, "{bad:?}");
+        }
+        std::env::remove_var(knob);
+        assert_eq!(tuning_env::<usize>(knob, 16..=32_768), None);
+    }
 
     /// A kick with `revoke` made on another node while this one joins the cluster: stored and
     /// announced on the bus after the joining node read the store's revocations but before
