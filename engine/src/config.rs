@@ -358,7 +358,8 @@ raw_config! {
         /// `limits.sync_page_max`: messages per `sync` answer page.
         sync_page_max: usize,
         /// `limits.resend_timeout_ms`: an unacknowledged message (inbox or group) is pushed
-        /// again after this.
+        /// again after this (checked on the shards' 250 ms tick: at least 250, and counted in
+        /// whole ticks, rounded down).
         resend_timeout_ms: u64,
         /// `limits.resend_attempts_max`: pushes again before leaving it to `sync` (per message
         /// for the inbox, per ack position for a group).
@@ -1023,7 +1024,8 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("limits.api_connections_max", 1, 1_000_000),
     ("limits.protocol_violations_max", 1, 10_000),
     ("limits.sync_page_max", 1, 10_000),
-    ("limits.resend_timeout_ms", 50, 600_000),
+    // The resend check runs on the shard's 250 ms tick: a shorter timeout would mean 250 ms.
+    ("limits.resend_timeout_ms", 250, 600_000),
     ("limits.resend_attempts_max", 0, 100),
     ("limits.unacked_per_terminal_max", 1, 1_000_000),
     ("limits.events_pending_max", 1, 100_000_000),
@@ -2633,6 +2635,20 @@ mod tests {
             let (key, _, message) = invalid(load(us).unwrap_err());
             assert_eq!(key, "node.sched_slice_us");
             assert!(message.contains("100..=100000"), "{us}: {message}");
+        }
+    }
+
+    /// The resend check runs on the shards' 250 ms tick: a timeout under it is refused (it
+    /// was taken, and meant 250 ms).
+    #[test]
+    fn resend_timeout_is_at_least_a_tick() {
+        let fx = Fixture::new();
+        let load = |ms: &str| Config::load(&fx.args(), env(&[("ETHER_LIMITS_RESEND_TIMEOUT_MS", ms)]));
+        assert_eq!(load("250").unwrap().limits.resend_timeout, Duration::from_millis(250));
+        for ms in ["50", "249"] {
+            let (key, _, message) = invalid(load(ms).unwrap_err());
+            assert_eq!(key, "limits.resend_timeout_ms");
+            assert!(message.contains("250..=600000"), "{ms}: {message}");
         }
     }
 
