@@ -444,6 +444,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
     let mut dones: Vec<Once> = Vec::with_capacity(max);
     let mut batch_bytes = 0;
     let mut next_purge = Instant::now() + opts.purge_every;
+    let mut maintenance = MaintainBackoff::default();
     let mut outbox = OutboxWatch::new(&opts);
     let mut stop = false;
     let mut last_batch = 0;
@@ -452,7 +453,7 @@ fn run<B: StoreBackend>(mut backend: B, opts: StoreOptions, rx: Receiver<Msg>, s
             Ok(Msg::Cmd(c)) => c,
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
-                idle(&mut backend, &opts, &sh, &mut next_purge);
+                idle(&mut backend, &opts, &sh, &mut next_purge, &mut maintenance);
                 outbox.step(&mut backend, &sh.stats);
                 continue;
             }
@@ -646,15 +647,28 @@ fn purge_step<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared
     }
 }
 
-fn idle<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next_purge: &mut Instant) {
+fn idle<B: StoreBackend>(
+    backend: &mut B,
+    opts: &StoreOptions,
+    sh: &Shared,
+    next_purge: &mut Instant,
+    maintenance: &mut MaintainBackoff,
+) {
     // Bounded: a few index steps per tick, then back to the queue.
-    for _ in 0..4 {
-        match backend.maintain(crate::backend::clock_ms()) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "store maintenance failed");
-                break;
+    if maintenance.ready(Instant::now()) {
+        for _ in 0..4 {
+            match backend.maintain(crate::backend::clock_ms()) {
+                Ok(more) => {
+                    maintenance.succeeded();
+                    if !more {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let retry = maintenance.failed(Instant::now());
+                    tracing::warn!(error = %e, retry_in_ms = retry.as_millis() as u64, "store maintenance failed");
+                    break;
+                }
             }
         }
     }
@@ -667,9 +681,57 @@ fn idle<B: StoreBackend>(backend: &mut B, opts: &StoreOptions, sh: &Shared, next
     }
 }
 
+/// Idle maintenance (the index flush) after a failure: tried again after a delay doubling from
+/// `MAINTAIN_RETRY_MIN` to `MAINTAIN_RETRY_MAX`, so a full disk costs a write attempt and a
+/// log line every few seconds, not every idle tick (20 a second). A success resets it.
+#[derive(Debug, Default)]
+struct MaintainBackoff {
+    /// No attempt before this (none: attempt now).
+    next: Option<Instant>,
+    /// The delay after the next failure.
+    delay: Duration,
+}
+
+const MAINTAIN_RETRY_MIN: Duration = Duration::from_millis(100);
+const MAINTAIN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl MaintainBackoff {
+    fn ready(&self, now: Instant) -> bool {
+        self.next.is_none_or(|t| now >= t)
+    }
+
+    /// Records a failure at `now`; returns the delay before the next attempt.
+    fn failed(&mut self, now: Instant) -> Duration {
+        let delay = self.delay.clamp(MAINTAIN_RETRY_MIN, MAINTAIN_RETRY_MAX);
+        self.next = Some(now + delay);
+        self.delay = (delay * 2).min(MAINTAIN_RETRY_MAX);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        *self = MaintainBackoff::default();
+    }
+}
+
 #[cfg(test)]
 mod histogram_tests {
     use super::*;
+
+    /// A failing maintenance (a full disk) is tried again after 100 ms, 200 ms, … up to 5 s,
+    /// not at every idle tick (each time with a warning); a success resets the delay.
+    #[test]
+    fn failed_maintenance_backs_off() {
+        let mut m = MaintainBackoff::default();
+        let t0 = Instant::now();
+        assert!(m.ready(t0));
+        let delays: Vec<u128> = (0..8).map(|_| m.failed(t0).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert!(!m.ready(t0 + Duration::from_millis(4999)));
+        assert!(m.ready(t0 + Duration::from_secs(5)));
+        m.succeeded();
+        assert!(m.ready(t0));
+        assert_eq!(m.failed(t0), Duration::from_millis(100));
+    }
 
     #[test]
     fn outbox_drops_are_logged_once_a_minute_or_per_power_of_two() {
