@@ -247,3 +247,38 @@ fn membership_limits_are_named_by_their_keys() {
     );
     assert!(m.contains("busy"), "{m}");
 }
+
+/// A retry of a group post with the same `cid` is answered with the first `{id, seq, ts}`
+/// even when the sender left the group in between: it was refused with 403 "a1 is not a
+/// member", so an integrator whose first attempt timed out took the message as never sent.
+/// A new `cid` from the former member is still refused, and nothing is stored twice.
+#[test]
+fn a_group_retry_after_leaving_is_the_first_post() {
+    let node = TestNode::start();
+    let create = json!({"id": "g", "name": "G", "owner": "own", "members": ["a1"]});
+    assert_eq!(post_json(&node, "/v1/groups", &create).0, 201);
+    let post = |cid: &str, text: &str| {
+        post_json(
+            &node,
+            "/v1/groups/g/messages",
+            &json!({"from": "a1", "kind": "text", "body": {"text": text}, "cid": cid}),
+        )
+    };
+    let (status, first) = post("c1", "once");
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["seq"], 1, "{first}");
+    let gone = node.gateway().request("DELETE", "/v1/groups/g/members/a1", None).unwrap();
+    assert!((200..300).contains(&gone.status), "removed: {}", gone.status);
+    let (status, again) = post("c1", "retry");
+    assert_eq!(status, 200, "the retry is the first post: {again}");
+    for field in ["id", "seq", "ts"] {
+        assert_eq!(again[field], first[field], "{field}: {again} vs {first}");
+    }
+    let (status, refused) = post("c2", "new");
+    assert_eq!((status, refused["error"]["code"].as_str()), (403, Some("forbidden")), "{refused}");
+    let r = node.gateway().request("GET", "/v1/groups/g/messages", None).unwrap();
+    let log: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let texts: Vec<&str> =
+        log["messages"].as_array().unwrap().iter().filter_map(|m| m["body"]["text"].as_str()).collect();
+    assert_eq!(texts, ["once"], "{log}");
+}

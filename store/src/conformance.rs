@@ -160,6 +160,7 @@ pub fn run_all<B: StoreBackend>(make: impl Fn() -> B) {
     cid_of_a_single_chat_is_not_a_group_post(make());
     system_posts_with_one_cid_reach_every_group(make());
     group_cid_retry_is_the_first_post(make());
+    group_cid_retry_after_leaving_is_the_first_post(make());
     paging_concatenates(make());
     history_orders(make());
     filtered_history_moves_past_a_scan_budget(make());
@@ -354,6 +355,53 @@ pub fn group_cid_retry_is_the_first_post<B: StoreBackend>(mut b: B) {
     assert_eq!((later.id, later.seq, later.duplicate), (other.id, other.seq, true));
     let den = group_log(&mut b, "den");
     assert_eq!(den.iter().map(body_text).collect::<Vec<_>>(), ["once", "bob's own r1", "the system's own r1"]);
+}
+
+/// A retry after the sender left the group is still the first post (its id, ts and seq,
+/// `duplicate`, nothing stored): the cid is looked up before membership. A new cid from the
+/// former member is refused, and so is its cid in another group it never posted to; in a
+/// group dissolved and created again under the same name an old cid makes a new message.
+pub fn group_cid_retry_after_leaving_is_the_first_post<B: StoreBackend>(mut b: B) {
+    create_group(&mut b, "hall", "own", &["a1"]);
+    create_group(&mut b, "side", "own", &[]);
+    let first = ok(&mut b, group_text("a1", "hall", Some("c1"), "once")).group_appended().expect("group");
+    assert_eq!((first.seq, first.duplicate), (1, false));
+    ok(&mut b, Op::RemoveMember { group: "hall".into(), user: "a1".into() });
+    let again = ok(&mut b, group_text("a1", "hall", Some("c1"), "retry")).group_appended().expect("group");
+    assert_eq!((again.id, again.ts, again.seq, again.duplicate), (first.id, first.ts, first.seq, true));
+    let r = b.apply_batch(&[
+        group_text("a1", "hall", Some("c1"), "retry in a batch"),
+        group_text("a1", "hall", Some("c2"), "a new cid"),
+        group_text("a1", "hall", None, "no cid"),
+        group_text("a1", "side", Some("c1"), "its cid in another group"),
+    ]);
+    assert_eq!(r.len(), 4);
+    let mut r = r.into_iter();
+    let dup = r.next().expect("reply").and_then(Reply::group_appended).expect("group");
+    assert_eq!((dup.id, dup.seq, dup.duplicate), (first.id, first.seq, true));
+    for (i, refused) in r.enumerate() {
+        assert!(matches!(refused, Err(StoreError::Forbidden(_))), "{i}: {refused:?}");
+    }
+    while b.maintain(u64::MAX).unwrap_or(false) {}
+    let later = ok(&mut b, group_text("a1", "hall", Some("c1"), "retry later")).group_appended().expect("group");
+    assert_eq!((later.id, later.ts, later.seq, later.duplicate), (first.id, first.ts, first.seq, true));
+    assert!(matches!(b.apply(group_text("a1", "hall", Some("c3"), "new")), Err(StoreError::Forbidden(_))));
+    let hall = group_log(&mut b, "hall");
+    assert_eq!(hall.iter().map(body_text).collect::<Vec<_>>(), ["once"]);
+    // Dissolved and created again under the same name: another scope for the old cid.
+    ok(&mut b, Op::DissolveGroup { group: "hall".into() });
+    create_group(&mut b, "hall", "own", &[]);
+    assert!(
+        matches!(b.apply(group_text("a1", "hall", Some("c1"), "not a member")), Err(StoreError::Forbidden(_))),
+        "the old group's cid does not answer in the new one"
+    );
+    ok(
+        &mut b,
+        Op::AddMembers { group: "hall".into(), users: vec!["a1".into()], members_max: 100, groups_per_user_max: 100 },
+    );
+    let fresh = ok(&mut b, group_text("a1", "hall", Some("c1"), "new group")).group_appended().expect("group");
+    assert_eq!((fresh.seq, fresh.duplicate), (1, false));
+    assert_ne!(fresh.id, first.id);
 }
 
 /// Inbox pages (bounded) concatenate to the whole inbox, in order, without gaps.

@@ -362,12 +362,15 @@ local function append_group(pid, ts, from, group, system, kind, body, cid)
   if not gid then
     return missing
   end
-  if not system and not is_member(gid, from) then
-    return { 'forbidden', from .. ' is not a member' }
-  end
+  -- A retry answers the first result even if the sender has left the group since: the cid
+  -- is looked up before membership, in this group's scope (gids are never reused, so a group
+  -- recreated under the same name is another scope).
   local first = find_cid(from, cid, gid)
   if first then
     return { 'ok', first.pid, first.ts, first.seq, 1 }
+  end
+  if not system and not is_member(gid, from) then
+    return { 'forbidden', from .. ' is not a member' }
   end
   if call('EXISTS', k('m:', pid)) == 1 then
     return { 'conflict', 'message id exists' }

@@ -821,13 +821,12 @@ impl SqliteBackend {
         check_body(m.id, &m.body, &m.cid)?;
         let id = m.id as i64;
         let gid = self.need_gid(&m.group)?;
-        let from = match self.uid_of(&m.from)? {
-            Some(u) if m.system || self.is_member(gid, u)? => u,
-            None if m.system => self.uid_or_create(&m.from)?,
-            _ => return Err(StoreError::Forbidden(format!("{} is not a member", m.from))),
-        };
-        if let Some(cid) = &m.cid {
-            if let Some(first) = self.find_cid(from, cid, CidScope::Group(gid))? {
+        let known = self.uid_of(&m.from)?;
+        // A retry answers the first result even if the sender has left the group since:
+        // the cid is looked up before membership, in this group's scope (a group recreated
+        // under the same name has a new number, so an old cid makes a new message there).
+        if let (Some(u), Some(cid)) = (known, &m.cid) {
+            if let Some(first) = self.find_cid(u, cid, CidScope::Group(gid))? {
                 return Ok(Reply::GroupAppended(GroupAppended {
                     id: first.id as u64,
                     ts: first.ts as u64,
@@ -836,6 +835,11 @@ impl SqliteBackend {
                 }));
             }
         }
+        let from = match known {
+            Some(u) if m.system || self.is_member(gid, u)? => u,
+            None if m.system => self.uid_or_create(&m.from)?,
+            _ => return Err(StoreError::Forbidden(format!("{} is not a member", m.from))),
+        };
         let gs = group_stream(gid);
         let seq = self.head(gs)? + 1;
         let inserted = self
