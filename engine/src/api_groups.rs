@@ -1,6 +1,7 @@
 //! The group routes of the business REST API (API.md section 3): management, membership,
 //! group messages, history and read counts. Thin like `api`: requests in, store operations
-//! and shard announcements out, JSON back.
+//! out (membership changes with the announcement their completion queues to the shards,
+//! `Shard::change_membership`), JSON back.
 use std::rc::Rc;
 
 use ether_http::request::{Method, Request};
@@ -15,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::api::{json, query_u64};
 use crate::error::EngineError;
-use crate::groups::NewGroupPost;
+use crate::groups::{MembershipChange, NewGroupPost};
 use crate::message::unix_now_ms;
 use crate::message::MessageView;
 use crate::shard::Shard;
@@ -144,16 +145,21 @@ async fn create(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineErro
         members_max: max,
         groups_per_user_max: groups_max,
     };
-    let created = shard.store.call(op).await.map_err(|e| name_the_limit(e.into(), max, groups_max));
-    let id = match created? {
-        ether_store::Reply::GroupCreated { id } => id,
-        other => return Err(EngineError::Store(ether_store::StoreError::Invalid(format!("unexpected {other:?}")))),
-    };
     let mut joined = c.members;
     joined.push(c.owner);
     joined.sort();
     joined.dedup();
-    shard.announce_membership(&id, &joined, true).await;
+    let announce = move |reply: &ether_store::Reply| match reply {
+        ether_store::Reply::GroupCreated { id } => {
+            Some(MembershipChange::Members { group: id.clone(), users: joined, joined: true })
+        }
+        _ => None,
+    };
+    let created = shard.change_membership(op, announce).await.map_err(|e| name_the_limit(e.into(), max, groups_max));
+    let id = match created? {
+        ether_store::Reply::GroupCreated { id } => id,
+        other => return Err(EngineError::Store(ether_store::StoreError::Invalid(format!("unexpected {other:?}")))),
+    };
     Ok(json(201, &json!({ "id": id })))
 }
 
@@ -168,8 +174,8 @@ async fn get(shard: &Rc<Shard>, gid: &str) -> Result<Response, EngineError> {
 
 async fn dissolve(shard: &Rc<Shard>, gid: &str) -> Result<Response, EngineError> {
     check_id("gid", gid)?;
-    shard.store.call(Op::DissolveGroup { group: gid.to_owned() }).await?;
-    shard.announce_group_gone(gid).await;
+    let gone = MembershipChange::Gone { group: gid.to_owned() };
+    shard.change_membership(Op::DissolveGroup { group: gid.to_owned() }, |_| Some(gone)).await?;
     Ok(json(200, &json!({ "dissolved": true })))
 }
 
@@ -185,8 +191,12 @@ async fn add_members(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Resp
         members_max: max,
         groups_per_user_max: groups_max,
     };
-    let added = shard.store.call(op).await.map_err(|e| name_the_limit(e.into(), max, groups_max))?.count()?;
-    shard.announce_membership(gid, &a.members, true).await;
+    let change = MembershipChange::Members { group: gid.to_owned(), users: a.members, joined: true };
+    let added = shard
+        .change_membership(op, |_| Some(change))
+        .await
+        .map_err(|e| name_the_limit(e.into(), max, groups_max))?
+        .count()?;
     Ok(json(200, &json!({ "added": added })))
 }
 
@@ -206,8 +216,8 @@ async fn remove_member(shard: &Rc<Shard>, gid: &str, uid: &str) -> Result<Respon
         .into());
     }
     let op = Op::RemoveMember { group: gid.to_owned(), user: uid.to_owned() };
-    let removed = shard.store.call(op).await?.count()?;
-    shard.announce_membership(gid, &[uid.to_owned()], false).await;
+    let change = MembershipChange::Members { group: gid.to_owned(), users: vec![uid.to_owned()], joined: false };
+    let removed = shard.change_membership(op, |_| Some(change)).await?.count()?;
     Ok(json(200, &json!({ "removed": removed })))
 }
 

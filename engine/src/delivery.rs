@@ -202,13 +202,19 @@ impl Shard {
                     Committed::Cluster(e) => self.on_cluster_event(e),
                     Committed::EventsRetry(events) => self.requeue_events(&events),
                     Committed::GroupPosted(p) => self.emit_group_unreached(p),
+                    // In commit order with the group messages around it: those committed
+                    // before it are fanned out first, those after it find it applied.
+                    Committed::Membership { group, users, joined } => {
+                        delivered += self.fan_out_committed(&mut groups).await;
+                        self.membership_committed(&group, &users, joined);
+                    }
+                    Committed::GroupGone(group) => {
+                        delivered += self.fan_out_committed(&mut groups).await;
+                        self.group_gone_local(&group);
+                    }
                 }
             }
-            if !groups.is_empty() {
-                ShardCounters::add(&self.counters().group_fanouts, groups.len() as u64);
-                delivered += self.deliver_groups(&mut groups).await;
-                groups.clear();
-            }
+            delivered += self.fan_out_committed(&mut groups).await;
             ShardCounters::add(&self.counters().deliveries, delivered);
             glommio::yield_if_needed().await;
         }

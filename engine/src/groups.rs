@@ -1,7 +1,8 @@
 //! Groups on a shard: the index group → this shard's online member sessions (kept right on
 //! connect, disconnect and membership change), the fan-out of committed group messages (one
 //! frame for every member, loops that yield), and group sends made durable through the store.
-//! Membership itself lives in the store; this module only mirrors it for online sessions.
+//! Membership itself lives in the store; this module only mirrors it for online sessions,
+//! applying this node's changes as the storage thread queues them, in commit order.
 //! In cluster mode it also puts each group's messages in seq order per shard, whatever order
 //! the bus brings them in, filling gaps from the store: one task per shard and group at a time
 //! (`GroupWork`), so no message is pushed twice or out of order and the head never goes back.
@@ -24,6 +25,15 @@ use crate::session::{GroupCursor, Session, SessionKey};
 use crate::shard::{home_shard, ByName, GroupIndex, Shard};
 use crate::stats::ShardCounters;
 use crate::storage::{Answer, Committed, GroupDelivery, GroupPosted};
+
+/// A membership change a store operation made, as its completion announces it.
+#[derive(Debug)]
+pub(crate) enum MembershipChange {
+    /// `users` joined (`true`) or left `group`.
+    Members { group: String, users: Vec<String>, joined: bool },
+    /// `group` was dissolved.
+    Gone { group: String },
+}
 
 /// Messages of one group a `group.unreached` computation covers: how many, the latest one's
 /// `seq` and `id`, and their senders (left out of the event).
@@ -270,67 +280,71 @@ impl Shard {
         }
     }
 
-    /// Tells the users' home shards that they joined or left `group`, and returns once they
-    /// mirrored it (this node's shards; other nodes learn it from the bus): a message the
-    /// business posts after the answer then reaches a member just added, and no longer one
-    /// just removed (a group's committed messages go to the shards whose fan-out index has
-    /// the group at commit time, `GroupShards`).
-    pub async fn announce_membership(self: &Rc<Self>, group: &str, users: &[String], joined: bool) {
-        if let Some(cluster) = self.node.cluster() {
-            let e = BusEvent::Membership { group: group.to_owned(), users: users.to_vec(), joined };
-            cluster.publish(e);
-        }
-        let group: Arc<str> = Arc::from(group);
-        let mut per_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); self.shards];
-        for u in users {
-            per_shard[home_shard(u, self.shards)].push(Arc::from(u.as_str()));
-        }
-        let mut told = Vec::new();
-        for (to, users) in per_shard.into_iter().enumerate() {
-            if users.is_empty() {
-                continue;
+    /// Submits a membership operation (create, add, remove, dissolve) and returns the store's
+    /// result. When it commits, its completion (on the storage thread, in commit order) queues
+    /// what `change` makes of the reply to the home shards of the users concerned (every shard
+    /// for a dissolution), and in cluster mode publishes it on the bus, before the answer.
+    /// So each shard applies this node's membership changes in the order the store committed
+    /// them, however the requests were spread over the shards; and between the group messages
+    /// committed before and after each: a message posted after the answer reaches a member
+    /// just added (its home shard wants the group from the commit on, `push_membership`) and
+    /// no longer one just removed.
+    pub(crate) async fn change_membership(
+        &self,
+        op: Op,
+        change: impl FnOnce(&Reply) -> Option<MembershipChange> + Send + 'static,
+    ) -> Result<Reply, StoreError> {
+        let commits = self.commits.clone();
+        let cluster = self.node.cluster().cloned();
+        let (tx, rx) = oneshot::channel();
+        self.store.submit(StoreCmd::new(op, move |result| {
+            if let Some(change) = result.as_ref().ok().and_then(change) {
+                match change {
+                    MembershipChange::Members { group, users, joined } => {
+                        let shared: Arc<str> = Arc::from(group.as_str());
+                        commits.push_membership(&shared, &users, joined);
+                        if let Some(cluster) = &cluster {
+                            cluster.publish(BusEvent::Membership { group, users, joined });
+                        }
+                    }
+                    MembershipChange::Gone { group } => {
+                        commits.push_group_gone(&Arc::from(group.as_str()));
+                        if let Some(cluster) = &cluster {
+                            cluster.publish(BusEvent::GroupGone { group });
+                        }
+                    }
+                }
             }
-            let msg = ShardMsg::Membership { group: group.clone(), users, joined };
-            match self.route(to, msg).await {
-                Ok(()) => told.push(to),
-                Err(e) => debug!(shard = self.id, to, error = %e, "membership change not mirrored"),
+            let _ = tx.send(result);
+        }))?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Applies a membership change this node's API committed (`Committed::Membership`) to the
+    /// users' sessions here; a join settles the bit `push_membership` set (kept only while a
+    /// member of the group is online here) and, in cluster mode, takes the join head the bus
+    /// reader may have noted for a join queued at the same time (see the cluster arm).
+    pub(crate) fn membership_committed(&self, group: &Arc<str>, users: &[Arc<str>], joined: bool) {
+        self.membership_local(group, users, joined);
+        if joined {
+            let has_members = self.group_index.borrow().contains_key(group);
+            let joined_at = self.commits.groups.join_handled(group, self.id, has_members);
+            if let Some(at) = joined_at.filter(|_| has_members) {
+                self.group_heads.borrow_mut().entry(group.clone()).or_insert(at);
             }
-        }
-        for to in told {
-            self.handled_by(to).await;
         }
     }
 
-    /// Tells every shard that `group` is gone, and returns once this node's shards forgot it
-    /// (see `announce_membership`): nothing the business posts afterwards (to a group made
-    /// again under the same id) reaches the old members through it.
-    pub async fn announce_group_gone(self: &Rc<Self>, group: &str) {
-        if let Some(cluster) = self.node.cluster() {
-            cluster.publish(BusEvent::GroupGone { group: group.to_owned() });
+    /// The commit loop's group messages so far, fanned out and cleared (before a membership
+    /// change it applies, so each shard keeps the commit order between the two).
+    pub(crate) async fn fan_out_committed(self: &Rc<Self>, groups: &mut Vec<GroupDelivery>) -> u64 {
+        if groups.is_empty() {
+            return 0;
         }
-        let group: Arc<str> = Arc::from(group);
-        let mut told = Vec::new();
-        for to in 0..self.shards {
-            match self.route(to, ShardMsg::GroupGone { group: group.clone() }).await {
-                Ok(()) => told.push(to),
-                Err(e) => debug!(shard = self.id, to, error = %e, "dissolution not mirrored"),
-            }
-        }
-        for to in told {
-            self.handled_by(to).await;
-        }
-    }
-
-    /// Waits until shard `to` has handled what this shard sent it so far: each pair of shards
-    /// has its own queue, handled in order, so the answer to a question asked now comes after
-    /// them. (A message to this shard itself is handled as it is sent.)
-    async fn handled_by(self: &Rc<Self>, to: usize) {
-        if to == self.id {
-            return;
-        }
-        if let Err(e) = self.ask(to, |reply| ShardMsg::Offline { users: Vec::new(), reply }).await {
-            debug!(shard = self.id, to, error = %e, "no answer from a shard");
-        }
+        ShardCounters::add(&self.counters().group_fanouts, groups.len() as u64);
+        let delivered = self.deliver_groups(groups).await;
+        groups.clear();
+        delivered
     }
 
     /// Writes committed messages of one group (in seq order) to this shard's online members:

@@ -27,15 +27,13 @@ pub struct Handoff {
     pub leftover: Vec<u8>,
 }
 
-/// Everything one shard asks of another.
+/// Everything one shard asks of another. Not membership changes: two of them sent by two
+/// shards, each on its own queue, could reach a home shard in the other order than the store
+/// committed them; they go through the storage thread's commit queues (`storage::Committed`).
 #[derive(Debug)]
 pub enum ShardMsg {
     /// Take over a terminal of a user who lives here.
     Adopt(Box<Handoff>),
-    /// These users (who live here) joined or left `group`: mirror it in the group index.
-    Membership { group: Arc<str>, users: Vec<Arc<str>>, joined: bool },
-    /// `group` was dissolved.
-    GroupGone { group: Arc<str> },
     /// Push `frame` to every terminal of `user` (who lives here): receipts, read syncs.
     UserFrame { user: Arc<str>, frame: Arc<ServerFrame> },
     /// The user's terminals on this shard.

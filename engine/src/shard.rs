@@ -336,8 +336,6 @@ impl Shard {
     pub fn handle(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
             ShardMsg::Adopt(h) => crate::conn::adopt(self, *h),
-            ShardMsg::Membership { group, users, joined } => self.membership_local(&group, &users, joined),
-            ShardMsg::GroupGone { group } => self.group_gone_local(&group),
             ShardMsg::UserFrame { user, frame } => {
                 let mut frames = frame_set(&frame);
                 for s in self.sessions_of(&user) {

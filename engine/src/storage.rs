@@ -4,7 +4,9 @@
 //! Store completions run on the storage thread in commit order; they only push into these
 //! queues (lock-free) and wake the shard, which drains its queue on its own executor. So a
 //! message reaches a user's terminals only after it is durable, and in seq order per inbox.
-//! This module holds no shard state.
+//! Membership changes made through this node's API travel the same queues (`Membership`,
+//! `GroupGone`), so each shard applies them in commit order, between the group messages
+//! committed before and after them. This module holds no shard state.
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::task::Poll;
@@ -20,6 +22,7 @@ use crate::config::Config;
 use crate::group_shards::{shards_in, GroupShards};
 use crate::message::{Message, SharedMessage};
 use crate::session::SessionKey;
+use crate::shard::home_shard;
 use ether_proto::frame::ServerFrame;
 
 /// Something made durable that a shard pushes to its terminals.
@@ -39,6 +42,12 @@ pub enum Committed {
     /// A group message this shard accepted was stored: it tells the business which members
     /// it reached no terminal of (`group.unreached`).
     GroupPosted(GroupPosted),
+    /// These users (who live on this shard) joined or left `group` through this node's API:
+    /// queued by the change's store completion, so in commit order with every other
+    /// membership change and group message of this node ([`CommitQueues::push_membership`]).
+    Membership { group: Arc<str>, users: Vec<Arc<str>>, joined: bool },
+    /// `group` was dissolved through this node's API (queued to every shard, in commit order).
+    GroupGone(Arc<str>),
 }
 
 /// A group message made durable, for the `group.unreached` event of the shard that accepted
@@ -212,6 +221,32 @@ impl CommitQueues {
         queued
     }
 
+    /// Queues a committed membership change to the home shards of `users` (on the storage
+    /// thread, in commit order). A join makes each such shard want the group's messages at
+    /// once (`GroupShards::expect_join`), so one committed after the join reaches it even
+    /// before it handled the join; it settles the bit when it does (`join_handled`).
+    pub fn push_membership(&self, group: &Arc<str>, users: &[String], joined: bool) {
+        let shards = self.shards.len();
+        let mut per_shard: Vec<Vec<Arc<str>>> = vec![Vec::new(); shards];
+        for u in users {
+            per_shard[home_shard(u, shards)].push(Arc::from(u.as_str()));
+        }
+        for (shard, users) in per_shard.into_iter().enumerate().filter(|(_, u)| !u.is_empty()) {
+            if joined {
+                self.groups.expect_join(group, shard, None);
+            }
+            self.push(shard, Committed::Membership { group: group.clone(), users, joined });
+        }
+    }
+
+    /// Queues a committed dissolution of `group` to every shard (on the storage thread, in
+    /// commit order).
+    pub fn push_group_gone(&self, group: &Arc<str>) {
+        for shard in 0..self.shards.len() {
+            self.push(shard, Committed::GroupGone(group.clone()));
+        }
+    }
+
     /// Queues a delivery for shard `shard` and wakes it (from any thread).
     pub fn push(&self, shard: usize, item: Committed) {
         let q = &self.shards[shard];
@@ -339,7 +374,11 @@ mod tests {
                     Committed::Inbox(d) => d.seq,
                     Committed::Group(g) => g.seq,
                     Committed::Answer(a) => a.result.as_ref().map_or(0, |a| a.seq),
-                    Committed::Cluster(_) | Committed::EventsRetry(_) | Committed::GroupPosted(_) => 0,
+                    Committed::Cluster(_)
+                    | Committed::EventsRetry(_)
+                    | Committed::GroupPosted(_)
+                    | Committed::Membership { .. }
+                    | Committed::GroupGone(_) => 0,
                 })
                 .collect()
         };
@@ -347,6 +386,43 @@ mod tests {
         out.clear();
         futures_lite::future::block_on(q.next_batch(1, &mut out, 10));
         assert_eq!(seqs(&out), vec![4, 5]);
+    }
+
+    /// A committed join goes to each user's home shard only, which wants the group's messages
+    /// from then on (before it handled the join); a removal sets no bit; a dissolution goes to
+    /// every shard.
+    #[test]
+    fn membership_changes_go_to_the_home_shards_in_order() {
+        let q = CommitQueues::new(3);
+        let crew: Arc<str> = Arc::from("crew");
+        let users: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+        q.push_membership(&crew, &users, true);
+        q.push_membership(&crew, &users[..1], false);
+        q.push_group_gone(&crew);
+        let home = home_shard(&users[0], 3);
+        for shard in 0..3 {
+            let mine: Vec<&str> = users.iter().filter(|u| home_shard(u, 3) == shard).map(String::as_str).collect();
+            let mut out = Vec::new();
+            futures_lite::future::block_on(q.next_batch(shard, &mut out, 10));
+            let seen: Vec<String> = out
+                .iter()
+                .map(|c| match c {
+                    Committed::Membership { users, joined, .. } => format!("{joined}:{}", users.join(",")),
+                    Committed::GroupGone(g) => format!("gone:{g}"),
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            let mut want = Vec::new();
+            if !mine.is_empty() {
+                want.push(format!("true:{}", mine.join(",")));
+            }
+            if shard == home {
+                want.push(format!("false:{}", users[0]));
+            }
+            want.push("gone:crew".to_owned());
+            assert_eq!(seen, want, "shard {shard}");
+            assert_eq!(q.groups.wanting("crew") & (1 << shard) != 0, !mine.is_empty(), "shard {shard}");
+        }
     }
 
     #[test]
