@@ -158,7 +158,7 @@ async fn create(shard: &Rc<Shard>, req: &Request) -> Result<Response, EngineErro
     let created = shard.change_membership(op, announce).await.map_err(|e| name_the_limit(e.into(), max, groups_max));
     let id = match created? {
         ether_store::Reply::GroupCreated { id } => id,
-        other => return Err(EngineError::Store(ether_store::StoreError::Invalid(format!("unexpected {other:?}")))),
+        other => return Err(EngineError::Store(ether_store::StoreError::Internal(format!("unexpected {other:?}")))),
     };
     Ok(json(201, &json!({ "id": id })))
 }
@@ -233,7 +233,7 @@ async fn list_members(shard: &Rc<Shard>, gid: &str, req: &Request) -> Result<Res
         ether_store::Reply::Members { members, next_cursor } => {
             Ok(json(200, &json!({ "members": members, "next_cursor": next_cursor })))
         }
-        other => Err(EngineError::Store(ether_store::StoreError::Invalid(format!("unexpected {other:?}")))),
+        other => Err(EngineError::Store(ether_store::StoreError::Internal(format!("unexpected {other:?}")))),
     }
 }
 
@@ -324,6 +324,6 @@ async fn reads(shard: &Rc<Shard>, gid: &str, id: &str) -> Result<Response, Engin
         id.parse().map_err(|_| ApiError::new(ErrorCode::InvalidBody, format!("id: {id:?} is not a message id")))?;
     match shard.store.call(Op::GroupReads { group: gid.to_owned(), msg_id }).await? {
         ether_store::Reply::Reads { read, members } => Ok(json(200, &json!({ "read": read, "members": members }))),
-        other => Err(EngineError::Store(ether_store::StoreError::Invalid(format!("unexpected {other:?}")))),
+        other => Err(EngineError::Store(ether_store::StoreError::Internal(format!("unexpected {other:?}")))),
     }
 }

@@ -27,6 +27,10 @@ pub enum StoreError {
     /// The operation itself is malformed (bad id, too long, …).
     #[error("invalid: {0}")]
     Invalid(String),
+    /// A fault of this program, not of the request: e.g. a reply of another kind than its
+    /// operation's (`internal`, 500).
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl StoreError {
@@ -38,6 +42,7 @@ impl StoreError {
             StoreError::Forbidden(_) => ErrorCode::Forbidden,
             StoreError::Conflict(_) => ErrorCode::Conflict,
             StoreError::LimitExceeded(_) | StoreError::Invalid(_) => ErrorCode::InvalidBody,
+            StoreError::Internal(_) => ErrorCode::Internal,
         }
     }
 
@@ -64,5 +69,15 @@ mod tests {
         assert_eq!(StoreError::Forbidden("x".into()).code().http_status(), 403);
         assert_eq!(StoreError::NotFound.code().http_status(), 404);
         assert_eq!(StoreError::Conflict("g".into()).code().http_status(), 409);
+        assert_eq!(StoreError::Internal("x".into()).code().http_status(), 500);
+    }
+
+    /// A reply of another kind than asked is this program's fault: `internal` (500), not the
+    /// caller's `invalid_body` (400) it once was.
+    #[test]
+    fn a_reply_of_another_kind_is_internal() {
+        let e = crate::op::Reply::Done.page().unwrap_err();
+        assert!(matches!(e, StoreError::Internal(_)), "{e:?}");
+        assert_eq!(e.code().http_status(), 500);
     }
 }

@@ -329,11 +329,11 @@ pub struct Revocation {
 
 macro_rules! reply_as {
     ($name:ident, $variant:ident, $t:ty) => {
-        /// The payload, or `Invalid` if the reply is of another kind.
+        /// The payload, or `Internal` if the reply is of another kind.
         pub fn $name(self) -> Result<$t, crate::StoreError> {
             match self {
                 Reply::$variant(v) => Ok(v),
-                other => Err(crate::StoreError::Invalid(format!("unexpected reply {other:?}"))),
+                other => Err(crate::StoreError::Internal(format!("unexpected reply {other:?}"))),
             }
         }
     };
