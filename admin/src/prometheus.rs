@@ -170,6 +170,12 @@ pub fn render(stats: &NodeStats) -> String {
         out.sample("ether_storage_ops_total", &[], st.ops as f64);
         out.family("ether_storage_queue_depth", "Store operations waiting for the writer.", Kind::Gauge);
         out.sample("ether_storage_queue_depth", &[], st.queue_depth as f64);
+        out.family(
+            "ether_storage_queue_bytes",
+            "Payload bytes of the store operations queued or being applied (unavailable past 256 MiB).",
+            Kind::Gauge,
+        );
+        out.sample("ether_storage_queue_bytes", &[], st.queue_bytes as f64);
         out.family("ether_storage_batch_size", "Operations per committed store batch.", Kind::Histogram);
         out.histogram("ether_storage_batch_size", &[], &st.batch_size);
         out.family("ether_storage_commit_latency_seconds", "Seconds per store commit.", Kind::Histogram);

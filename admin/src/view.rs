@@ -185,6 +185,10 @@ pub struct StorageStats {
     pub commit_latency: HistogramSnapshot,
     /// Gauge: operations waiting for the writer.
     pub queue_depth: u64,
+    /// Gauge: payload bytes (bodies, ids, events) of the operations queued or being applied,
+    /// against `queue_bytes_max` (256 MiB), past which sends are `unavailable`.
+    #[serde(default)]
+    pub queue_bytes: u64,
     /// Gauge: events in the durable outbox (in cluster mode the shared one), waiting for the
     /// webhook to take them.
     #[serde(default)]

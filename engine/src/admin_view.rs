@@ -69,6 +69,7 @@ impl AdminView {
             batch_size: histogram(st.batch_size.read()),
             commit_latency: histogram(st.commit_latency.read()),
             queue_depth: self.shard.store.queued() as u64,
+            queue_bytes: self.shard.store.queued_bytes() as u64,
             outbox_events: st.outbox_events.load(Ordering::Relaxed),
             outbox_dropped: st.outbox_dropped.load(Ordering::Relaxed),
         }

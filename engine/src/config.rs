@@ -414,6 +414,8 @@ raw_config! {
         batch_wait_us: u64,
         /// `store.batch_wait_after_ops`: a batch waits only after one at least this big.
         batch_wait_after_ops: usize,
+        /// `store.queue_bytes_max`: payload bytes queued for the storage thread at most.
+        queue_bytes_max: usize,
         /// `store.position_saves_per_tick_max`: terminal ack positions saved per shard tick.
         position_saves_per_tick_max: usize,
     }
@@ -1003,6 +1005,8 @@ pub const EVENTS_GROUP_UNREACHED_MEMBERS_MAX_DEFAULT: usize = 1000;
 pub const EVENTS_OUTBOX_MAX_DEFAULT: u64 = ether_store::OUTBOX_MAX_DEFAULT;
 /// Default of `store.batch_wait_after_ops`.
 pub const STORE_BATCH_WAIT_AFTER_OPS_DEFAULT: usize = 64;
+/// Default of `store.queue_bytes_max` (256 MiB).
+pub const STORE_QUEUE_BYTES_MAX_DEFAULT: usize = ether_store::QUEUE_BYTES_MAX_DEFAULT;
 /// Default of `store.position_saves_per_tick_max`.
 pub const STORE_POSITION_SAVES_PER_TICK_MAX_DEFAULT: usize = 256;
 
@@ -1036,6 +1040,8 @@ pub const LIMIT_BOUNDS: &[(&str, u64, u64)] = &[
     ("store.index_pending_max", 16, 100_000_000),
     ("store.batch_wait_us", 0, 100_000),
     ("store.batch_wait_after_ops", 0, 1_000_000),
+    // At least one body at its largest (64 KiB) with its ids; at most 64 GiB.
+    ("store.queue_bytes_max", 128 * KIB as u64, 64 << 30),
     ("events.batch_wait_ms", 0, 10_000),
     ("events.group_unreached_members_max", 0, 100_000),
     ("events.outbox_max", 1, 1_000_000_000),
@@ -1133,6 +1139,10 @@ pub struct Config {
     /// `store.batch_wait_after_ops` (64): a batch waits only when the one before had at least
     /// this many commands, so light load commits at once (no latency added); 0 always waits.
     pub store_batch_wait_after_ops: usize,
+    /// `store.queue_bytes_max` (256 MiB): payload bytes (bodies, ids, events) of the commands
+    /// queued for the storage thread or being applied, at most; past it a send is
+    /// `unavailable` (a stalled disk sheds load instead of holding gigabytes of bodies).
+    pub store_queue_bytes_max: usize,
     /// `store.position_saves_per_tick_max` (256): terminals whose ack position is saved per
     /// shard tick (4 a second); the rest wait for a later tick. Bounds the burst of store
     /// writes that would otherwise queue messages behind every terminal's position.
@@ -1168,6 +1178,7 @@ struct Prepared {
     store_index_pending_max: usize,
     store_batch_wait: Duration,
     store_batch_wait_after_ops: usize,
+    store_queue_bytes_max: usize,
     store_position_saves_per_tick_max: usize,
     log: Log,
     configured: Secrets,
@@ -1336,6 +1347,7 @@ impl Config {
             "index_pending_max": self.store_index_pending_max,
             "batch_wait_us": u64::try_from(self.store_batch_wait.as_micros()).unwrap_or(u64::MAX),
             "batch_wait_after_ops": self.store_batch_wait_after_ops,
+            "queue_bytes_max": self.store_queue_bytes_max,
             "position_saves_per_tick_max": self.store_position_saves_per_tick_max },
             "log": { "format": self.log.format.as_str(), "level": self.log.level },
         })
@@ -1759,6 +1771,11 @@ impl Prepared {
                 raw.store.batch_wait_after_ops,
                 STORE_BATCH_WAIT_AFTER_OPS_DEFAULT,
             )?,
+            store_queue_bytes_max: check.bounded(
+                "store.queue_bytes_max",
+                raw.store.queue_bytes_max,
+                STORE_QUEUE_BYTES_MAX_DEFAULT,
+            )?,
             store_position_saves_per_tick_max: check.bounded(
                 "store.position_saves_per_tick_max",
                 raw.store.position_saves_per_tick_max,
@@ -1785,6 +1802,7 @@ impl Prepared {
             store_index_pending_max: self.store_index_pending_max,
             store_batch_wait: self.store_batch_wait,
             store_batch_wait_after_ops: self.store_batch_wait_after_ops,
+            store_queue_bytes_max: self.store_queue_bytes_max,
             store_position_saves_per_tick_max: self.store_position_saves_per_tick_max,
             log: self.log,
             secrets_generated,
@@ -2118,6 +2136,7 @@ mod tests {
                     "terminal.send_enabled" => "false",
                     "store.durability" => "full",
                     "store.index_flush_age_ms" | "store.index_pending_max" => "4096",
+                    "store.queue_bytes_max" => "1048576",
                     "store.batch_wait_us"
                     | "store.position_saves_per_tick_max"
                     | "store.batch_wait_after_ops"
@@ -2303,6 +2322,7 @@ mod tests {
             index_pending_max = 4000000
             batch_wait_us = 0
             batch_wait_after_ops = 64
+            queue_bytes_max = 268435456
             position_saves_per_tick_max = 256
             [log]
             format = "json"

@@ -292,6 +292,7 @@ pub fn open(config: &Config) -> Result<StoreHandle, ether_store::StoreError> {
         retention: std::time::Duration::from_secs(u64::from(config.retention.days) * 86_400),
         batch_wait: config.store_batch_wait,
         batch_wait_after_ops: config.store_batch_wait_after_ops,
+        queue_bytes_max: config.store_queue_bytes_max,
         ..StoreOptions::default()
     };
     if let Some(url) = &config.cluster.redis_url {

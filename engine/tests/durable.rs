@@ -177,3 +177,45 @@ fn a_reconnecting_device_learns_where_it_stopped() {
     let web = node.terminal("eli", "web");
     assert_eq!(web.welcome().unwrap().delivered.as_ref().map(|d| d.inbox_seq), Some(0));
 }
+
+/// `store.queue_bytes_max` reaches the storage thread: with the store held (an open write
+/// transaction on its database), sends queue up until their bodies pass the configured bytes,
+/// and the ones past it are refused at once with 503 `unavailable` instead of waiting; each
+/// one answered 200 is stored. With the default (256 MiB) none of these would be refused.
+#[test]
+fn the_store_queue_is_bounded_by_its_configured_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = TestNode::in_dir(dir.path(), |c| {
+        c.node.shards = 1;
+        c.store_queue_bytes_max = 128 * 1024;
+    });
+    let db = rusqlite::Connection::open(dir.path().join("ether.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = "q".repeat(16 * 1024);
+    let sends: Vec<_> = (0..16)
+        .map(|i| {
+            let (gw, body) = (node.gateway(), body.clone());
+            std::thread::spawn(move || gw.send_message(&text("ann", &format!("r{i}"), &body)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    db.execute_batch("ROLLBACK").unwrap();
+    let (mut stored, mut refused) = (Vec::new(), 0);
+    for (i, s) in sends.into_iter().enumerate() {
+        match s.join().unwrap() {
+            Ok(sent) => stored.push((i, sent.id)),
+            Err(ether_sdk::SdkError::Api { status, error }) => {
+                assert_eq!((status, error.code), (503, ether_proto::ErrorCode::Unavailable), "{}", error.message);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 1, "16 bodies of 16 KiB fit a 128 KiB queue: the limit did not reach the store");
+    assert!(stored.len() >= 4, "the queue took a few: {} stored", stored.len());
+    for (i, id) in stored {
+        let h = node.gateway().history(&format!("r{i}"), &Default::default()).unwrap();
+        let ids: Vec<&str> = h["messages"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+        assert_eq!(ids, [id.as_str()]);
+    }
+}

@@ -114,4 +114,5 @@ pub use op::*;
 pub use sqlite::{Durability, SqliteBackend, SqliteOptions};
 pub use thread::{
     AtomicHistogram, Completion, HistogramReading, StoreCmd, StoreHandle, StoreOptions, StoreThread, ThreadStats,
+    QUEUE_BYTES_MAX_DEFAULT,
 };
