@@ -562,6 +562,7 @@ mod tests {
                 batch_size: batch.snapshot(),
                 commit_latency: commit.snapshot(),
                 queue_depth: 2,
+                queue_bytes: 70_000,
                 outbox_events: 1_000_000,
                 outbox_dropped: 4_096,
             }),
@@ -637,6 +638,7 @@ mod tests {
             "ether_storage_commit_latency_seconds",
             "ether_outbox_events",
             "ether_outbox_dropped_total",
+            "ether_storage_queue_bytes",
             "ether_mesh_queue_depth",
             "ether_outbound_bytes_queued",
             "ether_parked_connections",
@@ -676,6 +678,7 @@ mod tests {
         assert_eq!(get(&samples, "ether_events_failures_total", &[]).value, 3.0);
         assert_eq!(get(&samples, "ether_outbox_events", &[]).value, 1_000_000.0);
         assert_eq!(get(&samples, "ether_outbox_dropped_total", &[]).value, 4096.0);
+        assert_eq!(get(&samples, "ether_storage_queue_bytes", &[]).value, 70_000.0);
         assert_eq!(get(&samples, "ether_cluster_bus_entries_read_total", &[("stream", "own")]).value, 40.0);
         assert_eq!(get(&samples, "ether_cluster_published_total", &[("bus", "routed")]).value, 30.0);
         assert_eq!(get(&samples, "ether_cluster_routed_appends_total", &[]).value, 12.0);

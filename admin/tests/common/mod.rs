@@ -156,6 +156,7 @@ impl FakeView {
                 batch_size: batch.snapshot(),
                 commit_latency: commit.snapshot(),
                 queue_depth: 3,
+                queue_bytes: 3 * 1024,
                 outbox_events: 0,
                 outbox_dropped: 0,
             }),
