@@ -22,6 +22,16 @@ fn cluster_node(redis: &TestRedis, id: &str) -> TestNode {
     })
 }
 
+/// A private redis-server and two nodes joined through it, `node-a` and `node-b` (none when
+/// no redis-server is installed: the test is skipped). Bind them in this order, so the nodes
+/// stop before their Redis.
+fn two_nodes() -> Option<(TestRedis, TestNode, TestNode)> {
+    let redis = TestRedis::start_or_skip()?;
+    let a = cluster_node(&redis, "node-a");
+    let b = cluster_node(&redis, "node-b");
+    Some((redis, a, b))
+}
+
 /// The next `n` group messages of `t` (other frames skipped), each acked in its group as it
 /// comes.
 fn take_group(t: &mut ether_sdk::TerminalClient, group: &str, n: usize) -> Vec<Msg> {
@@ -84,6 +94,12 @@ fn post(node: &TestNode, text: &str) {
     node.gateway().send_group_message("crew", "carol", Kind::Text, &serde_json::json!({ "text": text }), None).unwrap();
 }
 
+/// A message posted on A after what came before reaches the member next, in order, and alone.
+fn post_goes_on(a: &TestNode, hal: &mut ether_sdk::TerminalClient, text: &str, seq: u64) {
+    post(a, text);
+    expect_only(hal, text, seq);
+}
+
 /// The member gets exactly one group message next, `text` at `seq`, and then nothing more.
 fn expect_only(hal: &mut ether_sdk::TerminalClient, text: &str, seq: u64) {
     let got = take_group(hal, "crew", 1);
@@ -98,9 +114,7 @@ fn expect_only(hal: &mut ether_sdk::TerminalClient, text: &str, seq: u64) {
 /// protocol says never happens, and the terminal's cumulative ack then covered it for good).
 #[test]
 fn a_group_gap_longer_than_a_page_is_filled_whole() {
-    let Some(redis) = TestRedis::start_or_skip() else { return };
-    let a = cluster_node(&redis, "node-a");
-    let b = cluster_node(&redis, "node-b");
+    let Some((redis, a, b)) = two_nodes() else { return };
     let mut hal = member_on_b(&a, &b);
     let missed: Vec<String> = (0..20).map(|i| format!("missed {i}")).collect();
     let seqs = store_group_texts_behind_the_bus(&redis, "crew", "carol", &missed);
@@ -132,9 +146,7 @@ return redis.call('XTRIM', 'ether:bus', 'MAXLEN', ARGV[3])
 /// the entry was skipped without a word and the member never got the message live.
 #[test]
 fn a_bus_trimmed_past_a_reader_that_kept_its_connection_still_resyncs() {
-    let Some(redis) = TestRedis::start_or_skip() else { return };
-    let a = cluster_node(&redis, "node-a");
-    let b = cluster_node(&redis, "node-b");
+    let Some((redis, a, b)) = two_nodes() else { return };
     let mut hal = member_on_b(&a, &b);
     // Stored as node A would, and announced on the bus, where B's reader is blocked waiting.
     let seqs = store_group_texts_behind_the_bus(&redis, "crew", "carol", &["trimmed away".to_owned()]);
@@ -156,8 +168,7 @@ fn a_bus_trimmed_past_a_reader_that_kept_its_connection_still_resyncs() {
     let got = take_group(&mut hal, "crew", 1);
     assert_eq!((texts(&got)[0].as_str(), got[0].seq), ("trimmed away", 2));
     // And the group goes on in order.
-    post(&a, "after");
-    expect_only(&mut hal, "after", 3);
+    post_goes_on(&a, &mut hal, "after", 3);
 }
 
 /// A member added on node A, online on node B, where no other member of the group is online,
@@ -168,9 +179,7 @@ fn a_bus_trimmed_past_a_reader_that_kept_its_connection_still_resyncs() {
 /// handled the change yet, so the new member never got the message live.
 #[test]
 fn a_message_posted_right_after_an_add_reaches_the_new_member_on_another_node() {
-    let Some(redis) = TestRedis::start_or_skip() else { return };
-    let a = cluster_node(&redis, "node-a");
-    let b = cluster_node(&redis, "node-b");
+    let Some((redis, a, b)) = two_nodes() else { return };
     let mut hal = b.terminal("hal", "phone");
     a.gateway().create_group(Some("crew"), "Crew", "carol", &[] as &[&str]).unwrap();
     std::thread::sleep(Duration::from_millis(300)); // nothing of the group on B yet
@@ -259,9 +268,7 @@ fn xadd(con: &mut redis::Connection, entries: &[String]) {
 /// stream skipped it (its ack of 3 covered 2 for good).
 #[test]
 fn messages_posted_right_after_a_cross_node_add_reach_the_new_member_in_seq_order() {
-    let Some(redis) = TestRedis::start_or_skip() else { return };
-    let a = cluster_node(&redis, "node-a");
-    let b = cluster_node(&redis, "node-b");
+    let Some((redis, a, b)) = two_nodes() else { return };
     let mut hal = b.terminal("hal", "phone");
     a.gateway().create_group(Some("crew"), "Crew", "carol", &[] as &[&str]).unwrap();
     std::thread::sleep(Duration::from_millis(300)); // nothing of the group on B yet
@@ -286,8 +293,7 @@ fn messages_posted_right_after_a_cross_node_add_reach_the_new_member_in_seq_orde
     xadd(&mut con, &[group_entry(2, 1, "first after")]);
     assert_silent(&mut hal, Duration::from_millis(500));
     // And the group goes on in order.
-    post(&a, "later");
-    expect_only(&mut hal, "later", 4);
+    post_goes_on(&a, &mut hal, "later", 4);
 }
 
 /// A bus that lost entries: a `resync` and a group message after a gap longer than one store
@@ -297,9 +303,7 @@ fn messages_posted_right_after_a_cross_node_add_reach_the_new_member_in_seq_orde
 /// other: the member got the gap twice (and the shard's head could be set back by the slower).
 #[test]
 fn a_resync_racing_a_gap_fill_pushes_each_group_message_once_in_order() {
-    let Some(redis) = TestRedis::start_or_skip() else { return };
-    let a = cluster_node(&redis, "node-a");
-    let b = cluster_node(&redis, "node-b");
+    let Some((redis, a, b)) = two_nodes() else { return };
     let mut hal = member_on_b(&a, &b);
     let missed: Vec<String> = (0..20).map(|i| format!("missed {i}")).collect();
     assert_eq!(store_group_texts_behind_the_bus(&redis, "crew", "carol", &missed), (2..22).collect::<Vec<u64>>());
@@ -314,6 +318,5 @@ fn a_resync_racing_a_gap_fill_pushes_each_group_message_once_in_order() {
     assert_eq!(texts(&got), expected);
     assert_silent(&mut hal, Duration::from_millis(500));
     // And the group goes on in order.
-    post(&a, "later");
-    expect_only(&mut hal, "later", 23);
+    post_goes_on(&a, &mut hal, "later", 23);
 }

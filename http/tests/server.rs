@@ -177,6 +177,23 @@ fn server() -> TestServer {
     TestServer::start(Limits::default(), Duration::from_secs(5), 64)
 }
 
+/// Sends `raw` on a new connection and reads the one response, after which the server must
+/// have closed the connection.
+fn answered_then_closed(srv: &TestServer, raw: &[u8]) -> Got {
+    let mut s = srv.connect();
+    s.write_all(raw).expect("write");
+    let mut pending = Vec::new();
+    let r = read_response(&mut s, &mut pending);
+    assert_closed(&mut s, &pending);
+    r
+}
+
+/// The `error.code` of a JSON error body.
+fn error_code(r: &Got) -> String {
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
+    v["error"]["code"].as_str().expect("error.code").to_owned()
+}
+
 #[test]
 fn keep_alive_two_requests_on_one_connection() {
     let srv = server();
@@ -264,28 +281,16 @@ fn malformed_request_gets_400_and_close() {
 
 #[test]
 fn oversized_header_gets_431() {
-    let srv = server();
-    let mut s = srv.connect();
     let big = format!("GET / HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(Limits::default().header_bytes_max));
-    s.write_all(big.as_bytes()).expect("write");
-    let mut pending = Vec::new();
-    let r = read_response(&mut s, &mut pending);
-    assert_eq!(r.status, 431);
-    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
-    assert_eq!(v["error"]["code"], "header_too_large");
-    assert_closed(&mut s, &pending);
+    let r = answered_then_closed(&server(), big.as_bytes());
+    assert_eq!((r.status, error_code(&r).as_str()), (431, "header_too_large"));
 }
 
 #[test]
 fn endless_header_gets_431_without_waiting_for_its_end() {
-    let srv = server();
-    let mut s = srv.connect();
     // no terminating blank line: the server must not wait for one
     let open = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(9 * 1024));
-    s.write_all(open.as_bytes()).expect("write");
-    let mut pending = Vec::new();
-    assert_eq!(read_response(&mut s, &mut pending).status, 431);
-    assert_closed(&mut s, &pending);
+    assert_eq!(answered_then_closed(&server(), open.as_bytes()).status, 431);
 }
 
 /// RFC 9110 §15.5.15: a request line (method + target) longer than the limit is 414 URI Too
@@ -299,23 +304,14 @@ fn overlong_request_line_gets_414_not_431() {
         // no end of line yet: the server must not wait for one
         format!("GET /v1/users/u1/messages?chat={}", "a".repeat(limit + 1024)),
     ] {
-        let mut s = srv.connect();
-        s.write_all(raw.as_bytes()).expect("write");
-        let mut pending = Vec::new();
-        let r = read_response(&mut s, &mut pending);
+        let r = answered_then_closed(&srv, raw.as_bytes());
         assert_eq!(r.status, 414, "{}", r.body);
         assert_eq!(r.header("connection"), Some("close"));
-        let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
-        assert_eq!(v["error"]["code"], "uri_too_long");
-        assert_closed(&mut s, &pending);
+        assert_eq!(error_code(&r), "uri_too_long");
     }
     // a request line that ends in time, then too many header bytes: still 431
-    let mut s = srv.connect();
     let raw = format!("GET /{} HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(100), "b".repeat(limit));
-    s.write_all(raw.as_bytes()).expect("write");
-    let mut pending = Vec::new();
-    assert_eq!(read_response(&mut s, &mut pending).status, 431);
-    assert_closed(&mut s, &pending);
+    assert_eq!(answered_then_closed(&srv, raw.as_bytes()).status, 431);
 }
 
 /// RFC 9112 §3.2: a request with more than one Host field (or an invalid one) MUST be answered
@@ -330,16 +326,12 @@ fn two_host_headers_or_a_bad_host_get_400() {
         b"GET /x HTTP/1.1\r\nHost: a b\r\n\r\n",
         b"GET /x HTTP/1.1\r\nHost: evil@a.example\r\n\r\n",
     ] {
-        let mut s = srv.connect();
-        s.write_all(raw).expect("write");
-        let mut pending = Vec::new();
-        let r = read_response(&mut s, &mut pending);
+        let r = answered_then_closed(&srv, raw);
         assert_eq!(r.status, 400, "{:?} got {}", String::from_utf8_lossy(raw), r.body);
+        assert_eq!(error_code(&r), "bad_request");
         let v: serde_json::Value = serde_json::from_str(&r.body).expect("json body");
-        assert_eq!(v["error"]["code"], "bad_request");
         assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("Host")), "{}", r.body);
         assert_eq!(r.header("connection"), Some("close"));
-        assert_closed(&mut s, &pending);
     }
     // one valid Host (or none: see http/src/request.rs) is served as before
     let mut s = srv.connect();
@@ -427,11 +419,8 @@ fn idle_connection_is_closed_silently() {
 #[test]
 fn stalled_request_gets_408() {
     let srv = TestServer::start(Limits::default(), Duration::from_millis(200), 64);
-    let mut s = srv.connect();
-    s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc").expect("write");
-    let mut pending = Vec::new();
-    assert_eq!(read_response(&mut s, &mut pending).status, 408);
-    assert_closed(&mut s, &pending);
+    let r = answered_then_closed(&srv, b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc");
+    assert_eq!(r.status, 408);
 }
 
 #[test]
